@@ -1,0 +1,396 @@
+"""The cluster CA, node certificates and the TLS options built from them.
+
+One CA per cluster signs one certificate per node. Clients trust only that
+CA; peers talk mutual TLS, so a node accepts a peer connection only from a
+certificate the same CA signed, and learns which node it is from the
+certificate (`node_id_of`). `paxchat-certs` makes the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import os
+import re
+import sys
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.internet import ssl
+
+from paxchat import config as configmod
+
+__all__ = [
+    "CertificateFilesError", "CertificatesExist", "client_connection_options",
+    "client_options_for_ca", "client_server_options", "ensure_cluster_certs",
+    "load_ca", "load_node_certificate", "make_cluster_certs", "main", "node_id_of",
+    "node_name", "peer_client_options", "peer_server_options",
+]
+
+ORGANIZATION = "paxchat"
+NODE_UNIT = "paxchat node"
+CA_UNIT = "paxchat cluster CA"
+MINIMUM_TLS = ssl.TLSVersion.TLSv1_2
+_NODE_CN = re.compile(r"paxchat-node-([1-9][0-9]*)\Z")
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+class CertificatesExist(Exception):
+    """make_cluster_certs would overwrite files (pass force=True to replace them)."""
+
+
+class CertificateFilesError(Exception):
+    """A certificate or key file is missing or unreadable; the message says how to fix it."""
+
+
+def node_name(node_id) -> str:
+    """The DNS name in node ``node_id``'s certificate, e.g. ``paxchat-node-3``.
+
+    Passing it as ``peer_host`` to `peer_client_options` makes TLS itself
+    check that the peer is that node, not just any node of the cluster.
+    """
+    return f"paxchat-node-{int(node_id)}"
+
+
+# -- making certificates ------------------------------------------------------
+
+def _now():
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _new_key():
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _general_name(host):
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def _node_names(node):
+    """subjectAltName entries: the node's listening hosts and its node name."""
+    hosts = [node.client.host, node.peer.host]
+    if any(h in _WILDCARD_HOSTS for h in hosts):
+        hosts += ["localhost", "127.0.0.1", "::1"]
+    hosts = [h for h in hosts if h not in _WILDCARD_HOSTS]
+    names, seen = [], set()
+    for name in [_general_name(h) for h in hosts] + [x509.DNSName(node_name(node.id))]:
+        if name not in seen:
+            seen.add(name)
+            names.append(name)
+    return names
+
+
+def _make_ca():
+    key = _new_key()
+    name = x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, CA_UNIT),
+        x509.NameAttribute(NameOID.COMMON_NAME, f"paxchat CA {os.urandom(4).hex()}"),
+    ])
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=False, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _make_node_cert(node, ca_cert, ca_key):
+    key = _new_key()
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, NODE_UNIT),
+            x509.NameAttribute(NameOID.COMMON_NAME, node_name(node.id)),
+        ]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1825))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(
+            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(_node_names(node)), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _cert_pem(cert):
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _key_pem(key):
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _write(path: Path, data: bytes, mode: int, force: bool):
+    """Write atomically with ``mode`` from the start; never replace a file unless ``force``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        if force:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _node_files(config):
+    return [(n, config.node_cert_path(n), config.node_key_path(n)) for n in config.nodes]
+
+
+def _all_files(config):
+    files = [config.ca_path, config.ca_key_path]
+    for _, cert, key in _node_files(config):
+        files += [cert, key]
+    return files
+
+
+def make_cluster_certs(config, force=False) -> list[Path]:
+    """Make a new cluster CA and a key and certificate per node; return the paths written.
+
+    Refuses (CertificatesExist) if any of the files exists, unless ``force``.
+    """
+    existing = [p for p in _all_files(config) if p.exists()]
+    if existing and not force:
+        raise CertificatesExist(
+            f"{existing[0]} already exists; pass --force to replace the cluster certificates "
+            f"(every node and client must then get the new {config.ca_path.name})")
+    _make_tls_dir(config)
+    ca_cert, ca_key = _make_ca()
+    written = []
+    _write(config.ca_key_path, _key_pem(ca_key), 0o600, force)
+    _write(config.ca_path, _cert_pem(ca_cert), 0o644, force)
+    written += [config.ca_path, config.ca_key_path]
+    for node_id in config.nodes:
+        written += _write_node(config, node_id, ca_cert, ca_key, force)
+    return written
+
+
+def ensure_cluster_certs(config) -> list[Path]:
+    """Make only what is missing: nothing if all files exist, new node files under an existing CA.
+
+    A node added to cluster.ini gets its certificate from the existing CA, so
+    the running nodes and clients keep working.
+    """
+    files = _all_files(config)
+    if all(p.exists() for p in files):
+        return []
+    if not any(p.exists() for p in files):
+        return make_cluster_certs(config)
+    if not (config.ca_path.exists() and config.ca_key_path.exists()):
+        raise CertificatesExist(
+            f"{config.ca_path if not config.ca_path.exists() else config.ca_key_path} is missing "
+            f"but other certificate files exist in {config.tls_dir}; pass --force to make a new "
+            "cluster CA and node certificates")
+    for node_id, cert, key in _node_files(config):
+        if cert.exists() != key.exists():
+            raise CertificatesExist(
+                f"{key if cert.exists() else cert} is missing but {cert if cert.exists() else key} "
+                "exists; remove it or pass --force to make new cluster certificates")
+    ca_cert = _load_x509(config.ca_path, config)
+    ca_key = _load_key(config.ca_key_path, config)
+    written = []
+    for node_id, cert, key in _node_files(config):
+        if not cert.exists():
+            written += _write_node(config, node_id, ca_cert, ca_key, force=False)
+    return written
+
+
+def _write_node(config, node_id, ca_cert, ca_key, force):
+    cert, key = _make_node_cert(config.node(node_id), ca_cert, ca_key)
+    _write(config.node_key_path(node_id), _key_pem(key), 0o600, force)
+    _write(config.node_cert_path(node_id), _cert_pem(cert), 0o644, force)
+    return [config.node_cert_path(node_id), config.node_key_path(node_id)]
+
+
+def _make_tls_dir(config):
+    config.tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+# -- reading certificates -----------------------------------------------------
+
+def _how_to_fix(config):
+    where = f" --config {config.path}" if config is not None else ""
+    return f"run `paxchat-certs{where}` to make the cluster certificates"
+
+
+def _read(path: Path, config) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise CertificateFilesError(
+            f"cannot read {path} ({e.strerror or e}); {_how_to_fix(config)}") from None
+
+
+def _load_x509(path, config):
+    try:
+        return x509.load_pem_x509_certificate(_read(path, config))
+    except ValueError:
+        raise CertificateFilesError(
+            f"{path} is not a PEM certificate; {_how_to_fix(config)}") from None
+
+
+def _load_key(path, config):
+    try:
+        return serialization.load_pem_private_key(_read(path, config), password=None)
+    except (ValueError, TypeError):
+        raise CertificateFilesError(
+            f"{path} is not an unencrypted PEM private key; {_how_to_fix(config)}") from None
+
+
+def load_ca(config) -> ssl.Certificate:
+    """The cluster CA certificate, as Twisted's trust root."""
+    return ssl.Certificate.loadPEM(_cert_pem(_load_x509(config.ca_path, config)))
+
+
+def load_node_certificate(config, node_id) -> ssl.PrivateCertificate:
+    """Node ``node_id``'s certificate with its key, checked to belong together."""
+    cert_path, key_path = config.node_cert_path(node_id), config.node_key_path(node_id)
+    cert = _load_x509(cert_path, config)
+    key = _load_key(key_path, config)
+    if cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) != \
+            key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+        raise CertificateFilesError(
+            f"{key_path} is not the key of {cert_path}; {_how_to_fix(config)} --force")
+    return ssl.PrivateCertificate.loadPEM(_cert_pem(cert) + _key_pem(key))
+
+
+def node_id_of(certificate) -> int | None:
+    """The node id a certificate names (``CN=paxchat-node-N, OU=paxchat node``), or None.
+
+    Takes a pyOpenSSL X509 (``transport.getPeerCertificate()``), a Twisted
+    ``ssl.Certificate`` or a ``cryptography`` certificate. Only meaningful
+    for a certificate that TLS already verified against the cluster CA.
+    """
+    if certificate is None:
+        return None
+    if isinstance(certificate, ssl.Certificate):
+        certificate = certificate.original
+    if hasattr(certificate, "to_cryptography"):
+        certificate = certificate.to_cryptography()
+    subject = certificate.subject
+    units = [a.value for a in subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)]
+    names = [a.value for a in subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if units != [NODE_UNIT] or len(names) != 1:
+        return None
+    match = _NODE_CN.match(names[0])
+    return int(match.group(1)) if match else None
+
+
+# -- TLS options --------------------------------------------------------------
+
+def client_server_options(config, node_id) -> ssl.CertificateOptions:
+    """Server side of a node's client port: its certificate, no client certificate asked."""
+    own = load_node_certificate(config, node_id)
+    return ssl.CertificateOptions(
+        privateKey=own.privateKey.original, certificate=own.original,
+        raiseMinimumTo=MINIMUM_TLS)
+
+
+def client_options_for_ca(ca_path, host):
+    """Client side of the client port, trusting the CA at ``ca_path`` and checking ``host``."""
+    ca = ssl.Certificate.loadPEM(_cert_pem(_load_x509(ca_path, None)))
+    return ssl.optionsForClientTLS(
+        host, trustRoot=ca, extraCertificateOptions={"raiseMinimumTo": MINIMUM_TLS})
+
+
+def client_connection_options(config, host):
+    """Client side of the client port: trust the cluster CA, check the node's ``host``."""
+    return ssl.optionsForClientTLS(
+        host, trustRoot=load_ca(config), extraCertificateOptions={"raiseMinimumTo": MINIMUM_TLS})
+
+
+def peer_server_options(config, node_id) -> ssl.CertificateOptions:
+    """Server side of the peer port: mutual TLS, only certificates the cluster CA signed."""
+    own = load_node_certificate(config, node_id)
+    return ssl.CertificateOptions(
+        privateKey=own.privateKey.original, certificate=own.original,
+        verify=True, caCerts=[load_ca(config).original], requireCertificate=True,
+        raiseMinimumTo=MINIMUM_TLS)
+
+
+def peer_client_options(config, node_id, peer_host):
+    """Client side of a peer connection: present our certificate, verify the peer's.
+
+    ``peer_host`` is the host of the peer's address, or ``node_name(peer_id)``
+    to have TLS also check which node answers.
+    """
+    return ssl.optionsForClientTLS(
+        peer_host, trustRoot=load_ca(config),
+        clientCertificate=load_node_certificate(config, node_id),
+        extraCertificateOptions={"raiseMinimumTo": MINIMUM_TLS})
+
+
+# -- paxchat-certs ------------------------------------------------------------
+
+def main(argv=None):
+    """``paxchat-certs --config cluster.ini [--force | --if-missing]``."""
+    parser = argparse.ArgumentParser(
+        prog="paxchat-certs",
+        description="Make the cluster CA and one certificate per node of cluster.ini.")
+    parser.add_argument("--config", default="cluster.ini", help="cluster.ini (default: %(default)s)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--force", action="store_true",
+                       help="replace existing files with a new CA and node certificates")
+    group.add_argument("--if-missing", action="store_true",
+                       help="make only missing files; do nothing when all exist")
+    args = parser.parse_args(argv)
+    try:
+        config = configmod.load(args.config)
+        if args.if_missing:
+            written = ensure_cluster_certs(config)
+        else:
+            written = make_cluster_certs(config, force=args.force)
+    except (configmod.ConfigError, CertificatesExist, CertificateFilesError, OSError) as e:
+        print(f"paxchat-certs: {e}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"wrote {path}")
+    if not written:
+        print(f"paxchat-certs: every certificate already exists in {config.tls_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

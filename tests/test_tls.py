@@ -1,0 +1,324 @@
+"""Cluster certificates and the TLS options: files, checks, and real handshakes on loopback."""
+
+import stat
+
+import pytest
+import pytest_twisted
+from cryptography import x509
+from OpenSSL import SSL
+from twisted.internet.error import ConnectionDone
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtensionOID
+from twisted.internet import defer, endpoints, protocol
+from twisted.internet.interfaces import IHandshakeListener
+from zope.interface import implementer
+
+from paxchat import config as configmod
+from paxchat import tls
+
+INI = """\
+[cluster]
+data_dir = data
+tls_dir = {tls_dir}
+bcrypt_cost = 4
+[node.1]
+client = 127.0.0.1:7101
+peer = 127.0.0.1:7201
+[node.2]
+client = localhost:7102
+peer = 127.0.0.1:7202
+[node.3]
+client = 0.0.0.0:7103
+peer = 127.0.0.1:7203
+"""
+
+
+def make_config(directory, tls_dir="certs"):
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "cluster.ini"
+    path.write_text(INI.format(tls_dir=tls_dir))
+    return configmod.load(path)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cfg = make_config(tmp_path_factory.mktemp("cluster"))
+    tls.make_cluster_certs(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def other_cluster(tmp_path_factory):
+    cfg = make_config(tmp_path_factory.mktemp("other"))
+    tls.make_cluster_certs(cfg)
+    return cfg
+
+
+def load(path):
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def test_node_certificates_verify_against_the_ca(cluster):
+    ca = load(cluster.ca_path)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for node_id in cluster.nodes:
+        cert = load(cluster.node_cert_path(node_id))
+        cert.verify_directly_issued_by(ca)
+        assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        assert tls.node_id_of(cert) == node_id
+
+
+def test_certificates_do_not_verify_against_another_ca(cluster, other_cluster):
+    with pytest.raises((ValueError, TypeError, Exception)):
+        load(cluster.node_cert_path(1)).verify_directly_issued_by(load(other_cluster.ca_path))
+
+
+def test_subject_alt_names(cluster):
+    def sans(node_id):
+        ext = load(cluster.node_cert_path(node_id)).extensions.get_extension_for_oid(
+            ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        return ({str(ip) for ip in ext.value.get_values_for_type(x509.IPAddress)},
+                set(ext.value.get_values_for_type(x509.DNSName)))
+    assert sans(1) == ({"127.0.0.1"}, {"paxchat-node-1"})
+    assert sans(2) == ({"127.0.0.1"}, {"localhost", "paxchat-node-2"})
+    ips, names = sans(3)
+    assert "0.0.0.0" not in ips and "127.0.0.1" in ips and "localhost" in names
+
+
+def test_file_modes(cluster):
+    assert stat.S_IMODE(cluster.tls_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(cluster.ca_key_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(cluster.ca_path.stat().st_mode) == 0o644
+    for node_id in cluster.nodes:
+        assert stat.S_IMODE(cluster.node_key_path(node_id).stat().st_mode) == 0o600
+        assert stat.S_IMODE(cluster.node_cert_path(node_id).stat().st_mode) == 0o644
+    assert sorted(p.name for p in cluster.tls_dir.iterdir()) == sorted(
+        ["ca.pem", "ca.key"] + [f"node-{n}.{e}" for n in (1, 2, 3) for e in ("pem", "key")])
+
+
+def test_overwrite_refused_then_forced(tmp_path):
+    cfg = make_config(tmp_path)
+    tls.make_cluster_certs(cfg)
+    before = cfg.ca_path.read_bytes()
+    with pytest.raises(tls.CertificatesExist, match="--force"):
+        tls.make_cluster_certs(cfg)
+    assert cfg.ca_path.read_bytes() == before
+    tls.make_cluster_certs(cfg, force=True)
+    assert cfg.ca_path.read_bytes() != before
+    load(cfg.node_cert_path(1)).verify_directly_issued_by(load(cfg.ca_path))
+    assert stat.S_IMODE(cfg.node_key_path(1).stat().st_mode) == 0o600
+
+
+def test_if_missing_adds_only_missing_node_under_the_same_ca(tmp_path):
+    cfg = make_config(tmp_path)
+    assert len(tls.ensure_cluster_certs(cfg)) == 8
+    assert tls.ensure_cluster_certs(cfg) == []
+    node1 = cfg.node_cert_path(1).read_bytes()
+    cfg.node_cert_path(2).unlink()
+    cfg.node_key_path(2).unlink()
+    assert tls.ensure_cluster_certs(cfg) == [cfg.node_cert_path(2), cfg.node_key_path(2)]
+    assert cfg.node_cert_path(1).read_bytes() == node1
+    load(cfg.node_cert_path(2)).verify_directly_issued_by(load(cfg.ca_path))
+
+
+def test_if_missing_refuses_without_the_ca_key(tmp_path):
+    cfg = make_config(tmp_path)
+    tls.make_cluster_certs(cfg)
+    cfg.ca_key_path.unlink()
+    cfg.node_cert_path(3).unlink()
+    with pytest.raises(tls.CertificatesExist, match="ca.key is missing"):
+        tls.ensure_cluster_certs(cfg)
+
+
+def test_command_line(tmp_path, capsys):
+    cfg = make_config(tmp_path)
+    assert tls.main(["--config", str(cfg.path)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert tls.main(["--config", str(cfg.path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("paxchat-certs: ") and "--force" in err and err.count("\n") == 1
+    assert tls.main(["--config", str(cfg.path), "--if-missing"]) == 0
+    assert tls.main(["--config", str(cfg.path), "--force"]) == 0
+    assert tls.main(["--config", str(tmp_path / "nope.ini")]) == 1
+    assert "nope.ini: no such file" in capsys.readouterr().err
+
+
+def test_missing_files_name_the_file_and_the_fix(tmp_path):
+    cfg = make_config(tmp_path)
+    for load_it in (lambda: tls.load_ca(cfg), lambda: tls.peer_server_options(cfg, 1),
+                    lambda: tls.client_server_options(cfg, 2),
+                    lambda: tls.client_connection_options(cfg, "127.0.0.1")):
+        with pytest.raises(tls.CertificateFilesError) as info:
+            load_it()
+        message = str(info.value)
+        assert "paxchat-certs" in message and str(cfg.tls_dir) in message and "\n" not in message
+
+
+def test_garbage_and_mismatched_files(tmp_path):
+    cfg = make_config(tmp_path)
+    tls.make_cluster_certs(cfg)
+    cfg.node_key_path(2).write_bytes(cfg.node_key_path(1).read_bytes())
+    with pytest.raises(tls.CertificateFilesError, match="is not the key of"):
+        tls.load_node_certificate(cfg, 2)
+    cfg.ca_path.write_text("not a certificate")
+    with pytest.raises(tls.CertificateFilesError, match="ca.pem is not a PEM certificate"):
+        tls.load_ca(cfg)
+
+
+def test_node_id_of_other_certificates():
+    assert tls.node_id_of(None) is None
+    key = ec.generate_private_key(ec.SECP256R1())
+    import datetime
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "paxchat-node-3")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    assert tls.node_id_of(cert) is None  # no node unit: not a node certificate
+
+
+# -- real handshakes -------------------------------------------------------
+
+@implementer(IHandshakeListener)
+class Probe(protocol.Protocol):
+    """Records the TLS handshake, the peer's node id and what arrives."""
+
+    def __init__(self, greet=False):
+        self.greet = greet
+        self.handshake = defer.Deferred()
+        self.lost = defer.Deferred()
+        self.received = b""
+
+    def handshakeCompleted(self):
+        peer = self.transport.getPeerCertificate()
+        self.handshake.callback(tls.node_id_of(peer))
+        if self.greet:
+            self.transport.write(b"hello\n")
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.lost.callback(reason.value)
+
+
+def serve(reactor, options, servers):
+    factory = protocol.Factory()
+
+    def build(addr):
+        probe = Probe(greet=True)
+        servers.append(probe)
+        return probe
+    factory.buildProtocol = build
+    return endpoints.SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(factory)
+
+
+def connect(reactor, port, creator):
+    client = Probe()
+    endpoint = endpoints.wrapClientTLS(
+        creator, endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port, timeout=5))
+    return endpoints.connectProtocol(endpoint, client).addCallback(lambda _: client)
+
+
+def bounded(d, reactor, seconds=10):
+    return d.addTimeout(seconds, reactor)
+
+
+def reactor_():
+    from twisted.internet import reactor
+    return reactor
+
+
+@pytest_twisted.inlineCallbacks
+def test_peer_mutual_tls_handshake_names_both_nodes(cluster):
+    reactor = reactor_()
+    servers = []
+    port = yield serve(reactor, tls.peer_server_options(cluster, 1), servers)
+    try:
+        client = yield connect(reactor, port, tls.peer_client_options(cluster, 2, tls.node_name(1)))
+        assert (yield bounded(client.handshake, reactor)) == 1
+        assert (yield bounded(servers[0].handshake, reactor)) == 2
+        client.transport.loseConnection()
+        yield bounded(client.lost, reactor)
+    finally:
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_peer_with_a_certificate_from_another_ca_is_refused(cluster, other_cluster):
+    reactor = reactor_()
+    servers = []
+    port = yield serve(reactor, tls.peer_server_options(cluster, 1), servers)
+    try:
+        # Trusts our CA (so it would accept our server) but presents a foreign certificate.
+        creator = tls.ssl.optionsForClientTLS(
+            "127.0.0.1", trustRoot=tls.load_ca(cluster),
+            clientCertificate=tls.load_node_certificate(other_cluster, 2))
+        client = yield connect(reactor, port, creator)
+        assert isinstance((yield bounded(client.lost, reactor)), SSL.Error)
+        assert client.received == b""
+        assert servers and not servers[0].handshake.called
+    finally:
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_peer_without_a_client_certificate_is_refused(cluster):
+    reactor = reactor_()
+    servers = []
+    port = yield serve(reactor, tls.peer_server_options(cluster, 1), servers)
+    try:
+        client = yield connect(reactor, port, tls.client_connection_options(cluster, "127.0.0.1"))
+        assert isinstance((yield bounded(client.lost, reactor)), SSL.Error)
+        assert client.received == b""
+        assert servers and not servers[0].handshake.called
+    finally:
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_peer_client_checks_which_node_answers(cluster):
+    reactor = reactor_()
+    servers = []
+    port = yield serve(reactor, tls.peer_server_options(cluster, 1), servers)
+    try:
+        client = yield connect(reactor, port, tls.peer_client_options(cluster, 2, tls.node_name(3)))
+        assert not isinstance((yield bounded(client.lost, reactor)), ConnectionDone)
+        assert not client.handshake.called
+    finally:
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_tls_trusts_the_cluster_ca(cluster):
+    reactor = reactor_()
+    servers = []
+    port = yield serve(reactor, tls.client_server_options(cluster, 1), servers)
+    try:
+        client = yield connect(reactor, port, tls.client_connection_options(cluster, "127.0.0.1"))
+        assert (yield bounded(client.handshake, reactor)) == 1
+        yield bounded(servers[0].handshake, reactor)  # no client certificate asked: None
+        client.transport.loseConnection()
+        yield bounded(client.lost, reactor)
+        creator = tls.client_options_for_ca(cluster.ca_path, "127.0.0.1")
+        client = yield connect(reactor, port, creator)
+        assert (yield bounded(client.handshake, reactor)) == 1
+        client.transport.loseConnection()
+        yield bounded(client.lost, reactor)
+    finally:
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_refuses_a_server_from_another_ca(cluster, other_cluster):
+    reactor = reactor_()
+    servers = []
+    port = yield serve(reactor, tls.client_server_options(other_cluster, 1), servers)
+    try:
+        client = yield connect(reactor, port, tls.client_connection_options(cluster, "127.0.0.1"))
+        assert not isinstance((yield bounded(client.lost, reactor)), ConnectionDone)
+        assert not client.handshake.called and client.received == b""
+    finally:
+        yield port.stopListening()
