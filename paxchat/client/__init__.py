@@ -1,0 +1,11 @@
+"""The paxchat client: a Twisted library with failover, the ``paxchat`` CLI and the Tk app.
+
+``from paxchat.client import PaxchatClient, ServerError`` is all most programs need.
+"""
+
+from .api import PaxchatClient, Status
+from .errors import ClientError, ConnectionDropped, ServerError, Unreachable
+from .failover import FailoverPolicy
+
+__all__ = ["ClientError", "ConnectionDropped", "FailoverPolicy", "PaxchatClient", "ServerError",
+           "Status", "Unreachable"]

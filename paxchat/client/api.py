@@ -1,0 +1,464 @@
+"""``PaxchatClient``: the paxchat protocol as Deferred-returning methods, with failover.
+
+One object stands for "my connection to the cluster", not to one node. It
+knows every node; when its connection drops (a node crashed, a network cut,
+a node gone silent) it connects to another node, re-attaches its session
+with ``resume`` and sends again every request that had no answer yet. Sends
+carry a ``client_msg_id`` that stays the same across retries, so the server
+stores a message once however often it is sent; ``unavailable`` answers
+(no quorum in time) are retried the same way for a bounded time. Callers see
+one answer per call, or ``ServerError`` / ``Unreachable``.
+"""
+
+from __future__ import annotations
+
+import random as _random
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from .connection import ChatClientFactory
+from .errors import ClientError, ConnectionDropped, ServerError, Unreachable
+from .failover import FailoverPolicy, Rotation
+from .targets import NodeTarget, targets_from_addresses, targets_from_config
+
+__all__ = ["PaxchatClient", "Status", "RETRY_ON_UNAVAILABLE"]
+
+# Ops whose `unavailable` answer is retried automatically. create_account and
+# delete_account are left to the caller: they carry no client_msg_id, so a
+# retry of one that committed late would answer username_taken/bad_session
+# and mislead the user.
+RETRY_ON_UNAVAILABLE = frozenset({
+    "hello", "login", "resume", "logout", "list_accounts", "send_message",
+    "read_messages", "mark_read", "history", "delete_messages",
+})
+
+
+@dataclass(frozen=True)
+class Status:
+    """Where the client stands: ``state`` is connecting, connected, reconnecting, failed or closed."""
+
+    state: str
+    node: int | None = None
+    leader: int | None = None
+    detail: str = ""
+
+
+class _Request:
+    """One call the user is waiting on, kept until it has a final answer."""
+
+    __slots__ = ("op", "args", "deferred", "sent_on", "sends", "retry_until", "watchdog", "waiting")
+
+    def __init__(self, op, args, deferred):
+        self.op = op
+        self.args = args
+        self.deferred = deferred
+        self.sent_on = None      # the ChatClient it is in flight on, if any
+        self.sends = 0
+        self.retry_until = None  # deadline for `unavailable` retries
+        self.watchdog = None     # fires if the node stays silent
+        self.waiting = None      # a pending `unavailable` retry
+
+
+class PaxchatClient:
+    """A cluster connection with failover. Every op method returns a Deferred.
+
+    ``on_event(event)`` gets pushed events (``message``, ``session_ended``);
+    ``on_status(Status)`` hears about connecting/connected/reconnecting/failed.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, targets: Sequence[NodeTarget], *,
+                 on_event: Callable[[dict], None] | None = None,
+                 on_status: Callable[[Status], None] | None = None,
+                 policy: FailoverPolicy | None = None,
+                 prefer_node: int | None = None,
+                 random: Callable[[], float] = _random.random):
+        if not targets:
+            raise ValueError("a PaxchatClient needs at least one node")
+        self.reactor = reactor
+        self.targets = {t.node_id: t for t in targets}
+        self.on_event = on_event
+        self.on_status = on_status
+        self.policy = policy or FailoverPolicy()
+        self.prefer_node = prefer_node
+        self._random = random
+        self.username: str | None = None
+        self.session: str | None = None
+        self.node: int | None = None
+        self.leader: int | None = None
+        self.status = Status("idle")
+        self._proto = None
+        self._proto_node = None
+        self._ready = False
+        self._rotation: Rotation | None = None
+        self._attempt_call = None
+        self._handshake_watchdog = None
+        self._outstanding: list[_Request] = []
+        self._connect_waiters: list[defer.Deferred] = []
+        self._closed = False
+        self._close_waiters: list[defer.Deferred] = []
+        self._hello: dict | None = None
+        self._ever_connected = False
+
+    # -- construction helpers -------------------------------------------------
+
+    @classmethod
+    def from_config(cls, reactor, config, *, prefer_node=None, **kwargs) -> "PaxchatClient":
+        """A client for every node of a ``ClusterConfig`` (TLS as ``client_tls`` says)."""
+        policy = kwargs.get("policy") or FailoverPolicy()
+        targets = targets_from_config(reactor, config, timeout=policy.connect_timeout)
+        return cls(reactor, targets, prefer_node=prefer_node, **kwargs)
+
+    @classmethod
+    def from_addresses(cls, reactor, addresses, *, tls=None, **kwargs) -> "PaxchatClient":
+        """A client for ``{node_id: (host, port)}`` or a list of (host, port); ``tls(host)`` -> creator."""
+        policy = kwargs.get("policy") or FailoverPolicy()
+        return cls(reactor, targets_from_addresses(reactor, addresses, tls=tls,
+                                                   timeout=policy.connect_timeout), **kwargs)
+
+    # -- the protocol's operations ---------------------------------------------
+
+    def hello(self):
+        return self._call("hello", {})
+
+    def create_account(self, username: str, password: str):
+        return self._call("create_account", {"username": username, "password": password})
+
+    def login(self, username: str, password: str):
+        return self._call("login", {"username": username, "password": password})
+
+    def resume(self, session: str):
+        return self._call("resume", {"session": session})
+
+    def logout(self):
+        return self._call("logout", {})
+
+    def list_accounts(self, pattern: str = "*", limit: int = 100, after: str = ""):
+        return self._call("list_accounts", {"pattern": pattern, "limit": limit, "after": after})
+
+    def send_message(self, to: str, body: str, client_msg_id: str | None = None):
+        """Send; the same ``client_msg_id`` is used for every retry so it is stored once."""
+        if client_msg_id is None:
+            client_msg_id = uuid.uuid4().hex
+        return self._call("send_message", {"to": to, "body": body, "client_msg_id": client_msg_id})
+
+    def read_messages(self, limit: int = 10):
+        return self._call("read_messages", {"limit": limit})
+
+    def mark_read(self, ids):
+        return self._call("mark_read", {"ids": list(ids)})
+
+    def history(self, peer: str | None = None, before: int | None = None, limit: int = 50):
+        args = {"limit": limit}
+        if peer is not None:
+            args["peer"] = peer
+        if before is not None:
+            args["before"] = before
+        return self._call("history", args)
+
+    def delete_messages(self, ids):
+        return self._call("delete_messages", {"ids": list(ids)})
+
+    def delete_account(self, password: str):
+        return self._call("delete_account", {"password": password})
+
+    # -- connection lifecycle --------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._ready
+
+    def connect(self) -> defer.Deferred:
+        """Fires with the ``hello`` result once connected (and resumed), or fails with Unreachable."""
+        if self._closed:
+            return defer.fail(ClientError("the client is closed"))
+        if self._ready:
+            return defer.succeed(dict(self._hello or {}))
+        d = defer.Deferred()
+        self._connect_waiters.append(d)
+        self._ensure_connecting()
+        return d
+
+    def close(self) -> defer.Deferred:
+        """Stop for good: fail what is outstanding, close the connection, never reconnect."""
+        if self._closed:
+            return defer.succeed(None)
+        self._closed = True
+        self._rotation = None
+        for call in (self._attempt_call, self._handshake_watchdog):
+            if call is not None and call.active():
+                call.cancel()
+        outstanding, self._outstanding = self._outstanding, []
+        for req in outstanding:
+            self._stop_timers(req)
+            req.deferred.errback(ClientError("the client was closed before the answer came"))
+        self._fail_connect_waiters(ClientError("the client was closed"))
+        self._set_status(Status("closed"))
+        proto = self._proto
+        if proto is None or proto.lost:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._close_waiters.append(d)
+        proto.close()
+        return d
+
+    # -- requests ---------------------------------------------------------------
+
+    def _call(self, op, args) -> defer.Deferred:
+        if self._closed:
+            return defer.fail(ClientError("the client is closed"))
+        req = _Request(op, args, None)
+        req.deferred = defer.Deferred(lambda d: self._forget(req))
+        self._outstanding.append(req)
+        if self._ready:
+            self._send(req)
+        else:
+            self._ensure_connecting()
+        return req.deferred
+
+    def _forget(self, req):
+        """The caller cancelled: stop retrying (an answer already in flight is ignored)."""
+        self._stop_timers(req)
+        if req in self._outstanding:
+            self._outstanding.remove(req)
+
+    def _send(self, req):
+        proto = self._proto
+        req.sent_on = proto
+        req.sends += 1
+        d = proto.request(req.op, **req.args)
+        req.watchdog = self.reactor.callLater(self.policy.answer_timeout, self._silent, proto, req.op)
+        d.addCallbacks(self._answered, self._refused, callbackArgs=(req,), errbackArgs=(req,))
+
+    def _stop_timers(self, req):
+        for name in ("watchdog", "waiting"):
+            call = getattr(req, name)
+            if call is not None and call.active():
+                call.cancel()
+            setattr(req, name, None)
+
+    def _answered(self, result, req):
+        if req.watchdog is not None and req.watchdog.active():
+            req.watchdog.cancel()
+        req.watchdog = None
+        if req not in self._outstanding:
+            return  # cancelled or closed meanwhile
+        self._outstanding.remove(req)
+        self._learn(req, result)
+        req.deferred.callback(result)
+
+    def _refused(self, failure, req):
+        if req.watchdog is not None and req.watchdog.active():
+            req.watchdog.cancel()
+        req.watchdog = None
+        if req not in self._outstanding:
+            return None
+        req.sent_on = None
+        if failure.check(ConnectionDropped):
+            return None  # sent again once reconnected
+        if (failure.check(ServerError) and failure.value.code == "unavailable"
+                and req.op in RETRY_ON_UNAVAILABLE):
+            now = self.reactor.seconds()
+            if req.retry_until is None:
+                req.retry_until = now + self.policy.unavailable_window
+            if now < req.retry_until:
+                self.log.info("{op} answered unavailable; retrying", op=req.op)
+                req.waiting = self.reactor.callLater(self.policy.unavailable_delay, self._retry, req)
+                return None
+        self._outstanding.remove(req)
+        req.deferred.errback(failure)
+        return None
+
+    def _retry(self, req):
+        req.waiting = None
+        if req in self._outstanding and self._ready and req.sent_on is None:
+            self._send(req)
+
+    def _flush(self):
+        for req in list(self._outstanding):
+            if req.sent_on is None and req.waiting is None and self._ready:
+                self._send(req)
+
+    def _learn(self, req, result):
+        """Keep the session state in step with what the server said."""
+        if req.op == "login":
+            self.session = result.get("session")
+            self.username = req.args["username"]
+        elif req.op == "resume":
+            self.session = req.args["session"]
+            self.username = result.get("username")
+        elif req.op in ("logout", "delete_account"):
+            self.session = None
+            self.username = None
+        elif req.op == "hello":
+            self._hello = dict(result)
+            if result.get("leader") != self.leader:
+                self.leader = result.get("leader")
+                if self._ready:
+                    self._set_status(Status("connected", self.node, self.leader))
+
+    def _silent(self, proto, op):
+        self.log.warn("node {node} did not answer {op} in time; trying another node",
+                      node=self._proto_node, op=op)
+        proto.abort()
+
+    # -- connecting -------------------------------------------------------------
+
+    def _set_status(self, status: Status):
+        self.status = status
+        if self.on_status is not None:
+            try:
+                self.on_status(status)
+            except Exception:
+                self.log.failure("status callback failed")
+
+    def _ensure_connecting(self):
+        if self._closed or self._proto is not None or self._rotation is not None:
+            return
+        self._start_rotation(after=None)
+
+    def _start_rotation(self, after):
+        now = self.reactor.seconds()
+        first = self.prefer_node if after is None else None
+        self._rotation = Rotation(list(self.targets), self.policy, now, first=first, after=after,
+                                  random=self._random)
+        state = "reconnecting" if self._ever_connected else "connecting"
+        self._set_status(Status(state, None, self.leader))
+        self._next_attempt()
+
+    def _next_attempt(self):
+        if self._closed or self._rotation is None:
+            return
+        attempt = self._rotation.next_attempt(self.reactor.seconds())
+        if attempt is None:
+            self._give_up()
+            return
+        node_id, delay = attempt
+        self._attempt_call = self.reactor.callLater(delay, self._attempt, node_id)
+
+    def _attempt(self, node_id):
+        self._attempt_call = None
+        if self._closed:
+            return
+        target = self.targets[node_id]
+        self.log.debug("connecting to node {node} at {where}", node=node_id, where=target.label)
+        d = target.endpoint.connect(ChatClientFactory())
+        d.addTimeout(self.policy.connect_timeout, self.reactor)
+        d.addCallbacks(self._connected, self._attempt_failed, callbackArgs=(node_id,), errbackArgs=(node_id,))
+
+    def _attempt_failed(self, failure, node_id):
+        self.log.info("node {node} unreachable: {why}", node=node_id, why=failure.getErrorMessage())
+        self._next_attempt()
+
+    def _connected(self, proto, node_id):
+        if self._closed:
+            proto.close()
+            return
+        proto.on_event = self._event
+        proto.on_lost = lambda reason, proto=proto: self._lost(proto, reason)
+        self._proto = proto
+        self._proto_node = node_id
+        self._handshake_watchdog = self.reactor.callLater(
+            self.policy.answer_timeout, self._silent, proto, "hello")
+        d = proto.request("hello")
+        d.addCallback(self._hello_answered, proto, node_id)
+        d.addErrback(self._handshake_failed, proto)
+
+    @defer.inlineCallbacks
+    def _hello_answered(self, hello, proto, node_id):
+        self._hello = dict(hello)
+        if self.session is not None:
+            try:
+                resumed = yield proto.request("resume", session=self.session)
+            except ServerError as e:
+                if e.code != "bad_session":
+                    raise
+                self._session_lost(e)
+            else:
+                self.username = resumed.get("username", self.username)
+        if proto is not self._proto or proto.lost:
+            return
+        if self._handshake_watchdog is not None and self._handshake_watchdog.active():
+            self._handshake_watchdog.cancel()
+        self._handshake_watchdog = None
+        self.node = hello.get("node", node_id)
+        self.leader = hello.get("leader")
+        self._ready = True
+        self._ever_connected = True
+        self._rotation = None
+        self.log.info("connected to node {node}", node=self.node)
+        self._set_status(Status("connected", self.node, self.leader))
+        waiters, self._connect_waiters = self._connect_waiters, []
+        for d in waiters:
+            d.callback(dict(hello))
+        self._flush()
+
+    def _handshake_failed(self, failure, proto):
+        if not failure.check(ConnectionDropped):
+            self.log.info("handshake with node {node} failed: {why}", node=self._proto_node,
+                          why=failure.getErrorMessage())
+            proto.abort()  # _lost moves on to the next node
+        return None
+
+    def _session_lost(self, error):
+        """``resume`` said the session is gone (expired, logged out or account deleted)."""
+        self.session = None
+        self.username = None
+        for req in list(self._outstanding):
+            # A logout or delete_account that was sent before the drop evidently took effect.
+            if req.op in ("logout", "delete_account") and req.sends > 0:
+                self._outstanding.remove(req)
+                self._stop_timers(req)
+                req.deferred.callback({})
+        self._event({"event": "session_ended", "reason": "the session is no longer valid"})
+
+    def _event(self, event):
+        if event.get("event") == "session_ended":
+            self.session = None
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception:
+                self.log.failure("event callback failed")
+
+    def _lost(self, proto, reason):
+        if proto is not self._proto:
+            return
+        was_ready = self._ready
+        self._proto = None
+        self._ready = False
+        lost_node = self._proto_node
+        if self._handshake_watchdog is not None and self._handshake_watchdog.active():
+            self._handshake_watchdog.cancel()
+        self._handshake_watchdog = None
+        if self._closed:
+            waiters, self._close_waiters = self._close_waiters, []
+            for d in waiters:
+                d.callback(None)
+            return
+        self.log.info("connection to node {node} lost", node=lost_node)
+        if was_ready or self._rotation is None:
+            self._start_rotation(after=lost_node)
+        else:
+            self._next_attempt()
+
+    def _give_up(self):
+        self._rotation = None
+        error = Unreachable("no paxchat node could be reached: "
+                            + ", ".join(t.label for t in self.targets.values()))
+        self._set_status(Status("failed", None, self.leader, str(error)))
+        outstanding, self._outstanding = self._outstanding, []
+        for req in outstanding:
+            self._stop_timers(req)
+            req.deferred.errback(Unreachable(str(error)))
+        self._fail_connect_waiters(error)
+
+    def _fail_connect_waiters(self, error):
+        waiters, self._connect_waiters = self._connect_waiters, []
+        for d in waiters:
+            d.errback(error)

@@ -1,0 +1,149 @@
+"""One connection to one paxchat node: JSON lines in, Deferreds out.
+
+``ChatClient`` knows nothing of failover or sessions; it numbers requests,
+matches answers by ``id`` (they may come back out of order, and many may be
+in flight at once) and hands server-pushed events to a callback. The failover
+logic in ``api.PaxchatClient`` is built on top of it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+
+from .errors import ConnectionDropped, ServerError
+
+__all__ = ["ChatClient", "ChatClientFactory", "encode_request"]
+
+# Answers (history pages of long bodies) can be far bigger than the 64 KiB the
+# server accepts from us; this only guards against a runaway peer.
+MAX_ANSWER_BYTES = 32 * 1024 * 1024
+
+
+def encode_request(request_id, op: str, args: dict) -> bytes:
+    """One request line, exactly as the protocol frames it."""
+    body = {"id": request_id, "op": op}
+    body.update(args)
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+class ChatClient(LineOnlyReceiver):
+    """A client connection speaking the paxchat protocol.
+
+    ``on_event(event_dict)`` receives pushed events; ``on_lost(reason)`` is
+    called once when the connection ends, after every unanswered request has
+    failed with ``ConnectionDropped``.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_ANSWER_BYTES
+    log = Logger()
+
+    def __init__(self, on_event: Callable[[dict], None] | None = None,
+                 on_lost: Callable[[object], None] | None = None):
+        self.on_event = on_event
+        self.on_lost = on_lost
+        self._ids = itertools.count(1)
+        self._pending: dict[int, defer.Deferred] = {}
+        self.connected = False
+        self.lost = False
+
+    # -- requests -----------------------------------------------------------
+
+    def request(self, op: str, **args) -> defer.Deferred:
+        """Send one request; the Deferred fires with its ``result`` dict or fails with ServerError."""
+        if self.lost or self.transport is None:
+            return defer.fail(ConnectionDropped("not connected"))
+        request_id = next(self._ids)
+        d = defer.Deferred()
+        self._pending[request_id] = d
+        self.transport.write(encode_request(request_id, op, args))
+        return d
+
+    @property
+    def in_flight(self) -> int:
+        """How many requests are waiting for their answer."""
+        return len(self._pending)
+
+    def close(self):
+        """Close the connection; unanswered requests fail with ConnectionDropped."""
+        if self.transport is not None and not self.lost:
+            self.transport.loseConnection()
+
+    def abort(self):
+        """Drop the connection at once (a node that stopped answering)."""
+        if self.transport is not None and not self.lost:
+            self.transport.abortConnection()
+
+    # -- protocol -----------------------------------------------------------
+
+    def connectionMade(self):
+        self.connected = True
+
+    def lineReceived(self, line: bytes):
+        line = line.rstrip(b"\r")
+        if not line.strip():
+            return
+        try:
+            message = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            self.log.warn("ignoring a line from the server that is not JSON ({n} bytes)", n=len(line))
+            return
+        if not isinstance(message, dict):
+            self.log.warn("ignoring a JSON line from the server that is not an object")
+            return
+        if "id" not in message:
+            if "event" in message and self.on_event is not None:
+                try:
+                    self.on_event(message)
+                except Exception:
+                    self.log.failure("event handler failed on {event}", event=message.get("event"))
+            return
+        d = self._pending.pop(message["id"], None)
+        if d is None:
+            self.log.warn("answer for unknown request id {id!r}", id=message["id"])
+            return
+        if message.get("ok") is True:
+            result = message.get("result")
+            d.callback(result if isinstance(result, dict) else {})
+        else:
+            error = message.get("error")
+            if not isinstance(error, dict):
+                error = {}
+            d.errback(ServerError(str(error.get("code", "internal")), str(error.get("message", ""))))
+
+    def lineLengthExceeded(self, line):
+        self.log.warn("server sent a line over {n} bytes; closing", n=self.MAX_LENGTH)
+        self.abort()
+
+    def connectionLost(self, reason=None):
+        if self.lost:
+            return
+        self.lost = True
+        self.connected = False
+        pending, self._pending = self._pending, {}
+        for d in pending.values():
+            d.errback(ConnectionDropped("the connection closed before the answer came"))
+        if self.on_lost is not None:
+            self.on_lost(reason)
+
+
+class ChatClientFactory(Factory):
+    """Builds one ChatClient with the given callbacks (for endpoint.connect)."""
+
+    protocol = ChatClient
+
+    def __init__(self, on_event=None, on_lost=None):
+        self.on_event = on_event
+        self.on_lost = on_lost
+
+    def buildProtocol(self, addr):
+        proto = ChatClient(self.on_event, self.on_lost)
+        proto.factory = self
+        return proto

@@ -1,0 +1,75 @@
+"""When to try which node: the client's reconnection policy, with no I/O.
+
+After a connection drops the client tries the other nodes in turn, starting
+with the one after the node it lost, so a dead node is not hammered first.
+Each full round that fails waits a little longer (exponential backoff with a
+cap and some jitter, so many clients do not stampede a recovering cluster),
+and after ``deadline`` seconds without a node the client gives up. Kept apart
+from the sockets so the policy is tested by itself.
+"""
+
+from __future__ import annotations
+
+import random as _random
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+__all__ = ["FailoverPolicy", "Rotation"]
+
+
+@dataclass(frozen=True)
+class FailoverPolicy:
+    """Timing knobs of failover (seconds)."""
+
+    initial_delay: float = 0.2     # pause after the first failed round
+    max_delay: float = 3.0         # the longest pause between rounds
+    factor: float = 2.0            # growth of the pause per failed round
+    jitter: float = 0.2            # +- this fraction of each pause, at random
+    deadline: float = 60.0         # give up after this long without any node
+    connect_timeout: float = 5.0   # one TCP/TLS connection attempt
+    answer_timeout: float = 20.0   # a node silent this long on a request is treated as dead
+    unavailable_window: float = 30.0  # keep retrying `unavailable` answers this long
+    unavailable_delay: float = 0.5    # pause before retrying an `unavailable` answer
+
+
+class Rotation:
+    """One reconnection campaign: yields (node_id, delay) until the deadline passes."""
+
+    def __init__(self, node_ids: Sequence[int], policy: FailoverPolicy, now: float,
+                 first: int | None = None, after: int | None = None,
+                 random: Callable[[], float] = _random.random):
+        if not node_ids:
+            raise ValueError("no nodes to connect to")
+        ids = list(node_ids)
+        if first is not None and first in ids:
+            start = ids.index(first)
+        elif after is not None and after in ids:
+            start = (ids.index(after) + 1) % len(ids)
+        else:
+            start = 0
+        self.order = ids[start:] + ids[:start]
+        self.policy = policy
+        self.started = now
+        self._random = random
+        self._attempts = 0
+        self._delay = policy.initial_delay
+
+    def expired(self, now: float) -> bool:
+        """True once the deadline for finding a node has passed."""
+        return now - self.started >= self.policy.deadline
+
+    def next_attempt(self, now: float) -> tuple[int, float] | None:
+        """The next node to try and how long to wait before; None past the deadline."""
+        if self.expired(now):
+            return None
+        index = self._attempts % len(self.order)
+        delay = 0.0
+        if self._attempts and index == 0:
+            delay = self._delay
+            self._delay = min(self._delay * self.policy.factor, self.policy.max_delay)
+            if self.policy.jitter:
+                delay *= 1 + self.policy.jitter * (2 * self._random() - 1)
+            # Never sleep past the deadline; the attempt after it reports failure.
+            delay = max(0.0, min(delay, self.started + self.policy.deadline - now))
+        self._attempts += 1
+        return self.order[index], delay

@@ -1,0 +1,280 @@
+"""PaxchatClient against fake nodes: requests, failover, resume and safe retries."""
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+
+from paxchat.client.api import PaxchatClient
+from paxchat.client.errors import ServerError, Unreachable
+from paxchat.client.failover import FailoverPolicy
+from paxchat.client.targets import targets_from_addresses
+
+from .client_fakes import FakeNodes
+
+PORTS = {1: 7101, 2: 7102, 3: 7103}
+POLICY = FailoverPolicy(jitter=0, initial_delay=0.5, max_delay=2, deadline=10, connect_timeout=1,
+                        answer_timeout=5, unavailable_window=3, unavailable_delay=0.5)
+
+
+def make_client(**kwargs):
+    reactor = MemoryReactorClock()
+    targets = targets_from_addresses(reactor, {i: ("127.0.0.1", p) for i, p in PORTS.items()})
+    statuses, events = [], []
+    kwargs.setdefault("policy", POLICY)
+    client = PaxchatClient(reactor, targets, on_status=statuses.append, on_event=events.append, **kwargs)
+    return reactor, client, FakeNodes(reactor), statuses, events
+
+
+def results(d):
+    out = []
+    d.addBoth(out.append)
+    return out
+
+
+def logged_in(**kwargs):
+    reactor, client, nodes, statuses, events = make_client(**kwargs)
+    got = results(client.login("alice", "secret-pw"))
+    reactor.advance(0)
+    conn = nodes.accept()
+    [hello] = conn.requests()
+    conn.answer(hello, {"node": conn.port - 7100, "leader": 1, "nodes": [], "protocol": 1})
+    [login] = conn.requests()
+    assert login["op"] == "login" and login["username"] == "alice"
+    conn.answer(login, {"session": "tok-1", "unread": 2})
+    assert got == [{"session": "tok-1", "unread": 2}]
+    return reactor, client, nodes, conn, statuses, events
+
+
+def test_a_request_gets_its_answer_and_the_session_is_remembered():
+    reactor, client, nodes, conn, statuses, _ = logged_in()
+    assert client.session == "tok-1" and client.username == "alice"
+    assert client.node == 1 and client.leader == 1
+    assert [s.state for s in statuses] == ["connecting", "connected"]
+
+
+def test_answers_are_matched_by_id_even_out_of_order():
+    reactor, client, nodes, conn, _, _ = logged_in()
+    first = results(client.history(peer="bob"))
+    second = results(client.list_accounts("a*"))
+    h, la = conn.requests()
+    assert h["op"] == "history" and la["op"] == "list_accounts" and la["pattern"] == "a*"
+    conn.answer(la, {"accounts": ["alice"], "more": False})
+    conn.answer(h, {"messages": []})
+    assert first == [{"messages": []}]
+    assert second == [{"accounts": ["alice"], "more": False}]
+
+
+def test_server_errors_become_ServerError_with_code():
+    reactor, client, nodes, conn, _, _ = logged_in()
+    got = results(client.send_message("nobody", "hi"))
+    [req] = conn.requests()
+    conn.fail(req, "no_such_user", "there is no account nobody")
+    [failure] = got
+    assert failure.check(ServerError)
+    assert failure.value.code == "no_such_user"
+    assert "nobody" in failure.value.message
+
+
+def test_send_uses_a_fresh_client_msg_id_unless_given():
+    reactor, client, nodes, conn, _, _ = logged_in()
+    client.send_message("bob", "one")
+    client.send_message("bob", "two")
+    client.send_message("bob", "three", client_msg_id="mine")
+    a, b, c = conn.requests()
+    assert a["client_msg_id"] != b["client_msg_id"]
+    assert len(a["client_msg_id"]) >= 16
+    assert c["client_msg_id"] == "mine"
+
+
+def test_events_reach_the_callback():
+    reactor, client, nodes, conn, _, events = logged_in()
+    msg = {"id": 7, "from": "bob", "to": "alice", "body": "yo", "ts": 1.0, "read": False}
+    conn.push({"event": "message", "message": msg})
+    assert events == [{"event": "message", "message": msg}]
+
+
+def test_drop_mid_send_reconnects_to_another_node_resumes_and_resends_same_id():
+    reactor, client, nodes, conn, statuses, _ = logged_in()
+    sent = results(client.send_message("bob", "hello"))
+    [send] = conn.requests()
+    msg_id = send["client_msg_id"]
+    conn.drop()
+    assert sent == []
+    assert statuses[-1].state == "reconnecting"
+    reactor.advance(0)
+    assert nodes.pending_ports() == [7102]
+    conn2 = nodes.accept()
+    hello, = conn2.requests()
+    assert hello["op"] == "hello"
+    conn2.answer(hello, {"node": 2, "leader": 1, "nodes": [], "protocol": 1})
+    resume, = conn2.requests()
+    assert resume == {"id": resume["id"], "op": "resume", "session": "tok-1"}
+    conn2.answer(resume, {"username": "alice", "unread": 0})
+    resend, = conn2.requests()
+    assert resend["op"] == "send_message" and resend["client_msg_id"] == msg_id
+    assert resend["body"] == "hello" and resend["to"] == "bob"
+    conn2.answer(resend, {"message_id": 41, "ts": 12.5})
+    assert sent == [{"message_id": 41, "ts": 12.5}]
+    assert statuses[-1].state == "connected" and statuses[-1].node == 2
+    assert client.node == 2
+
+
+def test_rotation_skips_refusing_nodes_and_backs_off_between_rounds():
+    reactor, client, nodes, conn, statuses, _ = logged_in()
+    got = results(client.history())
+    conn.drop()
+    reactor.advance(0)
+    assert nodes.refuse() == 7102
+    reactor.advance(0)
+    assert nodes.refuse() == 7103
+    reactor.advance(0)
+    assert nodes.refuse() == 7101
+    # A whole round failed: the next attempt waits initial_delay.
+    reactor.advance(0.4)
+    assert nodes.pending_ports() == []
+    reactor.advance(0.1)
+    assert nodes.pending_ports() == [7102]
+    conn2 = nodes.accept()
+    conn2.handshake(node=2, resume_user="alice")
+    [h] = conn2.requests()
+    assert h["op"] == "history"
+    conn2.answer(h, {"messages": []})
+    assert got == [{"messages": []}]
+
+
+def test_gives_up_after_the_deadline_and_reports_failed():
+    reactor, client, nodes, conn, statuses, _ = logged_in()
+    got = results(client.history())
+    conn.drop()
+    for _ in range(200):
+        reactor.advance(0.25)
+        while nodes.pending_ports():
+            nodes.refuse()
+        if got:
+            break
+    [failure] = got
+    assert failure.check(Unreachable)
+    assert statuses[-1].state == "failed"
+    assert "127.0.0.1:7101" in statuses[-1].detail
+    # A later call starts connecting again.
+    again = results(client.hello())
+    reactor.advance(0)
+    conn2 = nodes.accept()
+    conn2.handshake(node=1, resume_user="alice")
+    [h] = conn2.requests()
+    conn2.answer(h, {"node": 1, "leader": 3, "nodes": [], "protocol": 1})
+    assert again[0]["leader"] == 3
+    assert statuses[-1].state == "connected" and statuses[-1].leader == 3
+
+
+def test_unavailable_is_retried_with_the_same_client_msg_id_for_a_bounded_time():
+    reactor, client, nodes, conn, _, _ = logged_in()
+    sent = results(client.send_message("bob", "hi"))
+    [first] = conn.requests()
+    conn.fail(first, "unavailable", "no quorum")
+    assert sent == []
+    reactor.advance(0.5)
+    [second] = conn.requests()
+    assert second["client_msg_id"] == first["client_msg_id"]
+    conn.fail(second, "unavailable")
+    reactor.advance(0.5)
+    [third] = conn.requests()
+    conn.answer(third, {"message_id": 3, "ts": 1.0})
+    assert sent == [{"message_id": 3, "ts": 1.0}]
+
+    again = results(client.send_message("bob", "later"))
+    for _ in range(10):
+        for req in conn.requests():
+            conn.fail(req, "unavailable")
+        reactor.advance(0.5)
+    [failure] = again
+    assert failure.value.code == "unavailable"
+
+
+def test_create_account_unavailable_is_not_retried():
+    reactor, client, nodes, conn, _, _ = logged_in()
+    got = results(client.create_account("carol", "password1"))
+    [req] = conn.requests()
+    conn.fail(req, "unavailable")
+    assert got[0].value.code == "unavailable"
+
+
+def test_a_silent_node_is_abandoned_for_another():
+    reactor, client, nodes, conn, statuses, _ = logged_in()
+    got = results(client.list_accounts())
+    conn.requests()
+    reactor.advance(POLICY.answer_timeout)
+    assert conn.transport.disconnecting or conn.transport.disconnected
+    conn.drop()
+    reactor.advance(0)
+    conn2 = nodes.accept()
+    conn2.handshake(node=2, resume_user="alice")
+    [req] = conn2.requests()
+    assert req["op"] == "list_accounts"
+    conn2.answer(req, {"accounts": [], "more": False})
+    assert got == [{"accounts": [], "more": False}]
+
+
+def test_expired_session_on_resume_clears_it_and_tells_the_caller():
+    reactor, client, nodes, conn, _, events = logged_in()
+    out = results(client.logout())
+    conn.requests()
+    conn.drop()
+    reactor.advance(0)
+    conn2 = nodes.accept()
+    [hello] = conn2.requests()
+    conn2.answer(hello, {"node": 2, "leader": 1, "nodes": [], "protocol": 1})
+    [resume] = conn2.requests()
+    conn2.fail(resume, "bad_session", "session ended")
+    assert out == [{}]
+    assert client.session is None
+    assert events[-1]["event"] == "session_ended"
+
+
+def test_requests_made_before_connecting_wait_for_the_handshake():
+    reactor, client, nodes, _, _ = make_client(prefer_node=3)
+    a = results(client.hello())
+    b = results(client.list_accounts())
+    reactor.advance(0)
+    conn = nodes.accept()
+    assert conn.port == 7103
+    [hello] = conn.requests()
+    conn.answer(hello, {"node": 3, "leader": 2, "nodes": [], "protocol": 1})
+    r1, r2 = conn.requests()
+    assert [r1["op"], r2["op"]] == ["hello", "list_accounts"]
+    conn.answer(r2, {"accounts": ["x"], "more": True})
+    conn.answer(r1, {"node": 3, "leader": 2, "nodes": [], "protocol": 1})
+    assert a[0]["node"] == 3 and b[0]["more"] is True
+
+
+def test_close_fails_outstanding_and_stops_reconnecting():
+    reactor, client, nodes, conn, statuses, _ = logged_in()
+    got = results(client.history())
+    closed = results(client.close())
+    assert got[0].check(Exception)
+    conn.drop()
+    assert closed == [None]
+    reactor.advance(5)
+    assert nodes.pending_ports() == []
+    assert statuses[-1].state == "closed"
+
+
+def test_cancelling_a_call_stops_its_retries():
+    reactor, client, nodes, conn, _, _ = logged_in()
+    d = client.send_message("bob", "x")
+    d.addErrback(lambda f: None)
+    [req] = conn.requests()
+    d.cancel()
+    conn.drop()
+    reactor.advance(0)
+    conn2 = nodes.accept()
+    conn2.handshake(node=2, resume_user="alice")
+    assert conn2.requests() == []
+
+
+def test_garbage_lines_from_a_server_are_ignored():
+    reactor, client, nodes, conn, _, events = logged_in()
+    conn.protocol.dataReceived(b"not json\n[1,2]\n{\"id\": 999, \"ok\": true}\n")
+    got = results(client.hello())
+    [req] = conn.requests()
+    conn.answer(req, {"node": 1, "leader": None, "nodes": [], "protocol": 1})
+    assert got[0]["leader"] is None

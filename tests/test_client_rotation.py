@@ -1,0 +1,36 @@
+"""The failover policy alone: which node next, how long to wait, when to give up."""
+
+from paxchat.client.failover import FailoverPolicy, Rotation
+
+POLICY = FailoverPolicy(jitter=0, initial_delay=1, factor=2, max_delay=3, deadline=20)
+
+
+def test_starts_after_the_node_that_was_lost_and_cycles():
+    r = Rotation([1, 2, 3], POLICY, now=0, after=2)
+    assert [r.next_attempt(0)[0] for _ in range(4)] == [3, 1, 2, 3]
+
+
+def test_prefers_a_chosen_first_node():
+    r = Rotation([1, 2, 3], POLICY, now=0, first=2)
+    assert r.next_attempt(0) == (2, 0.0)
+
+
+def test_backoff_grows_per_round_up_to_the_cap():
+    r = Rotation([1, 2], POLICY, now=0)
+    delays = [r.next_attempt(0)[1] for _ in range(10)]
+    assert delays == [0, 0, 1, 0, 2, 0, 3, 0, 3, 0]
+
+
+def test_deadline_ends_the_campaign_and_delays_never_pass_it():
+    r = Rotation([1], POLICY, now=100)
+    assert r.next_attempt(100) == (1, 0.0)
+    assert r.next_attempt(119.5) == (1, 0.5)
+    assert r.next_attempt(120) is None
+
+
+def test_jitter_stays_within_bounds():
+    policy = FailoverPolicy(jitter=0.5, initial_delay=2, deadline=100)
+    for value in (0.0, 1.0):
+        r = Rotation([1], policy, now=0, random=lambda: value)
+        r.next_attempt(0)
+        assert r.next_attempt(0)[1] in (1.0, 3.0)
