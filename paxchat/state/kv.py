@@ -1,0 +1,412 @@
+"""An ordered key-value store on SQLite for the replicated state.
+
+Why SQLite: durable (WAL, synchronous=FULL), ordered range scans on a
+clustered primary key, and transactions in which the applied log index
+moves together with the writes it covers, so replay after a crash applies
+every command exactly once.
+
+Keys are ``str`` (compared by code point, which is the byte order of their
+UTF-8 encoding that SQLite uses); values are ``bytes``. The store is not
+thread-safe: one thread uses it at a time (the StateWorker's). Snapshots
+read through their own connection, so a snapshot stays consistent while
+the owner keeps writing.
+"""
+
+import contextlib
+import hashlib
+import os
+import sqlite3
+import struct
+
+FORMAT_VERSION = 1
+SNAPSHOT_MAGIC = b"PAXCHAT-KV-SNAPSHOT\x01"
+SNAPSHOT_CHUNK_BYTES = 256 * 1024
+
+_RECORD = b"R"
+_END = b"E"
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    "INSERT OR IGNORE INTO meta (name, value) VALUES ('format', %d)" % FORMAT_VERSION,
+    "INSERT OR IGNORE INTO meta (name, value) VALUES ('applied_index', 0)",
+)
+
+
+class StoreError(Exception):
+    """The database file cannot be used; the message names the file."""
+
+
+class CorruptStore(StoreError):
+    """The database file is unreadable, damaged, or not a paxchat state."""
+
+
+class SnapshotError(ValueError):
+    """A snapshot stream is malformed; restoring it changed nothing."""
+
+
+def prefix_end(prefix):
+    """The smallest key above every key that starts with ``prefix`` (None: no bound)."""
+    chars = list(prefix)
+    while chars:
+        code = ord(chars[-1]) + 1
+        if code == 0xD800:  # skip surrogates: they have no UTF-8 form
+            code = 0xE000
+        if code <= 0x10FFFF:
+            chars[-1] = chr(code)
+            return "".join(chars)
+        chars.pop()
+    return None
+
+
+def _connect(path):
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    return conn
+
+
+class KVStore:
+    """An ordered str -> bytes map plus the applied log index, in one SQLite file."""
+
+    def __init__(self, path, conn):
+        self.path = path
+        self._conn = conn
+        self._savepoints = 0
+
+    @classmethod
+    def open(cls, path, check=False):
+        """Open or create the store at ``path``.
+
+        A file that is not a SQLite database, is damaged, or holds another
+        schema raises L{CorruptStore}; it is never reset. ``check=True``
+        also runs SQLite's quick_check (reads the whole file).
+        """
+        path = os.fspath(path)
+        existed = os.path.exists(path) and os.path.getsize(path) > 0
+        try:
+            conn = _connect(path)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open state database {path}: {e}") from e
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise StoreError(f"state database {path}: cannot use WAL (journal_mode={mode})")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA cache_size = -16384")
+            tables = {r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if existed and not {"kv", "meta"} <= tables:
+                raise CorruptStore(
+                    f"state database {path} is not a paxchat state (tables: {sorted(tables)})")
+            if check:
+                result = conn.execute("PRAGMA quick_check").fetchone()[0]
+                if result != "ok":
+                    raise CorruptStore(f"state database {path} is damaged: {result}")
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.execute("COMMIT")
+            version = conn.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()[0]
+            if version != FORMAT_VERSION:
+                raise CorruptStore(
+                    f"state database {path} has format {version}, expected {FORMAT_VERSION}")
+        except StoreError:
+            conn.close()
+            raise
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            raise CorruptStore(f"state database {path} is unreadable or damaged: {e}") from e
+        return cls(path, conn)
+
+    def close(self):
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    @property
+    def closed(self):
+        return self._conn is None
+
+    def error(self, exc):
+        """A L{StoreError} naming this store's file, for a SQLite failure."""
+        kind = CorruptStore if type(exc) is sqlite3.DatabaseError else StoreError
+        return kind(f"state database {self.path}: {exc}")
+
+    # -- transactions ---------------------------------------------------
+
+    @property
+    def in_transaction(self):
+        return self._conn.in_transaction
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """Run the block in one write transaction: all of it commits, or none."""
+        if self._conn.in_transaction:
+            raise RuntimeError("transactions do not nest; use savepoint()")
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        else:
+            self._conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def savepoint(self):
+        """Inside a transaction: if the block raises, undo only its own writes."""
+        if not self._conn.in_transaction:
+            raise RuntimeError("savepoint() needs an open transaction")
+        name = f"sp{self._savepoints}"
+        self._savepoints += 1
+        self._conn.execute(f"SAVEPOINT {name}")
+        try:
+            yield self
+        except BaseException:
+            self._conn.execute(f"ROLLBACK TO {name}")
+            self._conn.execute(f"RELEASE {name}")
+            raise
+        else:
+            self._conn.execute(f"RELEASE {name}")
+        finally:
+            self._savepoints -= 1
+
+    def _require_transaction(self):
+        if not self._conn.in_transaction:
+            raise RuntimeError("writes need an open transaction()")
+
+    # -- applied index --------------------------------------------------
+
+    def applied_index(self):
+        return self._conn.execute(
+            "SELECT value FROM meta WHERE name = 'applied_index'").fetchone()[0]
+
+    def set_applied_index(self, index):
+        self._require_transaction()
+        self._conn.execute("UPDATE meta SET value = ? WHERE name = 'applied_index'", (index,))
+
+    # -- point operations -----------------------------------------------
+
+    def get(self, key):
+        row = self._conn.execute("SELECT v FROM kv WHERE k = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def put(self, key, value):
+        self._require_transaction()
+        self._conn.execute("INSERT OR REPLACE INTO kv (k, v) VALUES (?, ?)", (key, value))
+
+    def put_many(self, items):
+        """``put`` every ``(key, value)`` pair, in one statement."""
+        self._require_transaction()
+        self._conn.executemany("INSERT OR REPLACE INTO kv (k, v) VALUES (?, ?)", items)
+
+    def delete(self, key):
+        """Remove ``key``; returns whether it existed."""
+        self._require_transaction()
+        return self._conn.execute("DELETE FROM kv WHERE k = ?", (key,)).rowcount > 0
+
+    def delete_prefix(self, prefix):
+        """Remove every key starting with ``prefix``; returns how many."""
+        self._require_transaction()
+        where, args = self._range(prefix, None, None)
+        return self._conn.execute(f"DELETE FROM kv WHERE {where}", args).rowcount
+
+    # -- range scans ----------------------------------------------------
+
+    @staticmethod
+    def _range(prefix, after, before):
+        clauses, args = ["k >= ?"], [prefix]
+        end = prefix_end(prefix)
+        if end is not None:
+            clauses.append("k < ?")
+            args.append(end)
+        if after is not None:
+            clauses.append("k > ?")
+            args.append(after)
+        if before is not None:
+            clauses.append("k < ?")
+            args.append(before)
+        return " AND ".join(clauses), args
+
+    def scan(self, prefix, after=None, before=None, limit=None, reverse=False):
+        """``[(key, value)]`` for keys starting with ``prefix``, in key order.
+
+        ``after``/``before`` are exclusive bounds on the whole key; ``reverse``
+        walks from the largest key down; ``limit`` caps the count.
+        """
+        where, args = self._range(prefix, after, before)
+        sql = f"SELECT k, v FROM kv WHERE {where} ORDER BY k {'DESC' if reverse else 'ASC'}"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return self._conn.execute(sql, args).fetchall()
+
+    def iter_scan(self, prefix, after=None, reverse=False):
+        """Like L{scan} without a limit, but lazily (for filters that skip many keys)."""
+        where, args = self._range(prefix, after, None)
+        sql = f"SELECT k, v FROM kv WHERE {where} ORDER BY k {'DESC' if reverse else 'ASC'}"
+        return iter(self._conn.execute(sql, args))
+
+    def dump(self):
+        """``(applied_index, [(key, value), ...])``: the whole state, for comparisons."""
+        return self.applied_index(), self._conn.execute("SELECT k, v FROM kv ORDER BY k").fetchall()
+
+    def digest(self):
+        """A sha256 hex digest of the applied index and every record."""
+        index, records = self.dump()
+        h = hashlib.sha256(_U64.pack(index))
+        for key, value in records:
+            h.update(_encode_record(key, value))
+        return h.hexdigest()
+
+    # -- snapshots ------------------------------------------------------
+
+    def snapshot(self, chunk_bytes=SNAPSHOT_CHUNK_BYTES):
+        """``(applied_index, chunks)``: a consistent copy of the store.
+
+        ``chunks`` is an iterator of ``bytes`` of at most ``chunk_bytes``
+        (unless one record is larger). It reads through its own connection
+        inside one read transaction, so writes made meanwhile do not show;
+        it may be consumed from another thread (never the reactor's).
+        Call ``chunks.close()`` when abandoning it early.
+        """
+        if self._conn.in_transaction:
+            raise RuntimeError("snapshot() inside a write transaction would not see it")
+        conn = _connect(self.path)
+        try:
+            conn.execute("BEGIN")
+            index = conn.execute(
+                "SELECT value FROM meta WHERE name = 'applied_index'").fetchone()[0]
+        except sqlite3.Error as e:
+            conn.close()
+            raise self.error(e) from e
+        return index, _SnapshotChunks(conn, index, chunk_bytes)
+
+    def restore(self, applied_index, chunks):
+        """Replace the whole store by a snapshot stream, atomically.
+
+        The stream is checked (header, index, record count and digest)
+        before anything commits; on any problem L{SnapshotError} is raised
+        and the store is unchanged.
+        """
+        reader = _SnapshotReader(chunks)
+        with self.transaction():
+            header_index = reader.header()
+            if header_index != applied_index:
+                raise SnapshotError(
+                    f"snapshot is of index {header_index}, expected {applied_index}")
+            self._conn.execute("DELETE FROM kv")
+            self._conn.executemany(
+                "INSERT INTO kv (k, v) VALUES (?, ?)", reader.records())
+            self.set_applied_index(applied_index)
+
+
+def _encode_record(key, value):
+    raw = key.encode("utf-8")
+    return b"".join((_RECORD, _U32.pack(len(raw)), raw, _U32.pack(len(value)), value))
+
+
+class _SnapshotChunks:
+    """Iterator of snapshot chunks over a private read transaction."""
+
+    def __init__(self, conn, index, chunk_bytes):
+        self._conn = conn
+        self._gen = self._generate(conn, index, chunk_bytes)
+
+    def _generate(self, conn, index, chunk_bytes):
+        pending = bytearray(SNAPSHOT_MAGIC + _U64.pack(index))
+        digest = hashlib.sha256()
+        count = 0
+        for key, value in conn.execute("SELECT k, v FROM kv ORDER BY k"):
+            record = _encode_record(key, bytes(value))
+            digest.update(record)
+            count += 1
+            if pending and len(pending) + len(record) > chunk_bytes:
+                yield bytes(pending)
+                pending = bytearray()
+            pending += record
+        trailer = _END + _U64.pack(count) + digest.digest()
+        if len(pending) + len(trailer) > chunk_bytes:
+            yield bytes(pending)
+            pending = bytearray()
+        pending += trailer
+        self._release()
+        yield bytes(pending)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._gen)
+
+    def close(self):
+        """Release the read transaction (safe to call twice); ends the iteration."""
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            self._gen.close()
+            conn.close()
+
+    def _release(self):
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __del__(self):
+        if self._conn is not None:
+            self._conn.close()
+
+
+class _SnapshotReader:
+    """Parses a chunk stream whatever its chunk boundaries."""
+
+    def __init__(self, chunks):
+        self._chunks = iter(chunks)
+        self._buf = bytearray()
+        self._pos = 0
+
+    def _take(self, n):
+        while len(self._buf) - self._pos < n:
+            try:
+                chunk = next(self._chunks)
+            except StopIteration:
+                raise SnapshotError("snapshot stream ends early") from None
+            if not isinstance(chunk, (bytes, bytearray, memoryview)):
+                raise SnapshotError(f"snapshot chunk is {type(chunk).__name__}, not bytes")
+            del self._buf[:self._pos]
+            self._pos = 0
+            self._buf += chunk
+        data = bytes(self._buf[self._pos:self._pos + n])
+        self._pos += n
+        return data
+
+    def header(self):
+        if self._take(len(SNAPSHOT_MAGIC)) != SNAPSHOT_MAGIC:
+            raise SnapshotError("not a paxchat state snapshot (bad magic)")
+        return _U64.unpack(self._take(_U64.size))[0]
+
+    def records(self):
+        digest = hashlib.sha256()
+        count = 0
+        while True:
+            tag = self._take(1)
+            if tag == _END:
+                expected_count = _U64.unpack(self._take(_U64.size))[0]
+                expected_digest = self._take(32)
+                if expected_count != count or expected_digest != digest.digest():
+                    raise SnapshotError("snapshot digest or record count mismatch")
+                if len(self._buf) > self._pos or next(self._chunks, None) is not None:
+                    raise SnapshotError("snapshot has data after its end")
+                return
+            if tag != _RECORD:
+                raise SnapshotError(f"bad record tag {tag!r} in snapshot")
+            raw_key = self._take(_U32.unpack(self._take(4))[0])
+            value = self._take(_U32.unpack(self._take(4))[0])
+            try:
+                key = raw_key.decode("utf-8")
+            except UnicodeDecodeError:
+                raise SnapshotError("snapshot key is not UTF-8") from None
+            digest.update(_encode_record(key, value))
+            count += 1
+            yield key, value

@@ -1,0 +1,328 @@
+"""The SQLite key-value store: ordering, transactions, snapshots, damage."""
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from paxchat.state.kv import (
+    SNAPSHOT_CHUNK_BYTES, CorruptStore, KVStore, SnapshotError, StoreError, prefix_end)
+
+
+@pytest.fixture
+def store(tmp_path):
+    kv = KVStore.open(tmp_path / "state.db")
+    yield kv
+    kv.close()
+
+
+def fill(kv, items, index=None):
+    with kv.transaction():
+        for key, value in items:
+            kv.put(key, value)
+        if index is not None:
+            kv.set_applied_index(index)
+
+
+def keys(rows):
+    return [k for k, _ in rows]
+
+
+def test_new_store_is_empty_at_index_zero(store):
+    assert store.applied_index() == 0
+    assert store.dump() == (0, [])
+
+
+def test_put_get_delete(store):
+    fill(store, [("a", b"1"), ("b", b"2")])
+    assert store.get("a") == b"1"
+    assert store.get("missing") is None
+    with store.transaction():
+        store.put("a", b"3")
+        assert store.delete("b") is True
+        assert store.delete("b") is False
+    assert store.dump() == (0, [("a", b"3")])
+
+
+def test_writes_need_a_transaction(store):
+    with pytest.raises(RuntimeError):
+        store.put("a", b"1")
+    with pytest.raises(RuntimeError):
+        store.set_applied_index(3)
+    with store.transaction():
+        with pytest.raises(RuntimeError):
+            with store.transaction():
+                pass
+
+
+def test_scan_by_prefix_is_ordered_and_bounded(store):
+    fill(store, [(k, b"") for k in ["u/a/1", "u/a/2", "u/a/3", "u/b/1", "u/a.x/1", "u/", "v"]])
+    assert keys(store.scan("u/a/")) == ["u/a/1", "u/a/2", "u/a/3"]
+    assert keys(store.scan("u/a/", after="u/a/1")) == ["u/a/2", "u/a/3"]
+    assert keys(store.scan("u/a/", limit=2)) == ["u/a/1", "u/a/2"]
+    assert keys(store.scan("u/a/", reverse=True, limit=2)) == ["u/a/3", "u/a/2"]
+    assert keys(store.scan("u/a/", before="u/a/3", reverse=True)) == ["u/a/2", "u/a/1"]
+    assert keys(store.scan("u/a")) == ["u/a.x/1", "u/a/1", "u/a/2", "u/a/3"]
+    assert keys(store.scan("")) == sorted(["u/a/1", "u/a/2", "u/a/3", "u/b/1", "u/a.x/1", "u/", "v"])
+    assert keys(store.iter_scan("u/a/", after="u/a/2")) == ["u/a/3"]
+
+
+def test_scan_order_is_code_point_order_beyond_ascii(store):
+    names = ["p/a", "p/\x7f", "p/\xe9", "p/\u20ac", "p/\U0001f600", "p/\U0010ffff"]
+    fill(store, [(k, b"") for k in names])
+    assert keys(store.scan("p/")) == sorted(names)
+    assert keys(store.scan("p/\U0010ffff")) == ["p/\U0010ffff"]
+
+
+def test_prefix_end():
+    assert prefix_end("a/") == "a0"
+    assert prefix_end("") is None
+    assert prefix_end("a\U0010ffff") == "b"
+    assert prefix_end("\ud7ff") == "\ue000"
+
+
+def test_delete_prefix(store):
+    fill(store, [("h/a/1", b""), ("h/a/2", b""), ("h/ab/1", b""), ("h/b/1", b"")])
+    with store.transaction():
+        assert store.delete_prefix("h/a/") == 2
+    assert keys(store.scan("")) == ["h/ab/1", "h/b/1"]
+
+
+def test_failed_transaction_changes_nothing(store):
+    fill(store, [("a", b"1")], index=4)
+    with pytest.raises(ZeroDivisionError):
+        with store.transaction():
+            store.put("a", b"2")
+            store.put("b", b"2")
+            store.set_applied_index(5)
+            1 / 0
+    assert store.dump() == (4, [("a", b"1")])
+
+
+def test_savepoint_rolls_back_only_its_own_writes(store):
+    with store.transaction():
+        store.put("a", b"1")
+        with pytest.raises(KeyError):
+            with store.savepoint():
+                store.put("b", b"2")
+                store.delete("a")
+                raise KeyError("x")
+        with store.savepoint():
+            store.put("c", b"3")
+            with pytest.raises(KeyError):
+                with store.savepoint():
+                    store.put("d", b"4")
+                    raise KeyError("y")
+    assert store.dump() == (0, [("a", b"1"), ("c", b"3")])
+
+
+def test_savepoint_needs_a_transaction(store):
+    with pytest.raises(RuntimeError):
+        with store.savepoint():
+            pass
+
+
+def test_reopen_keeps_data_and_index(tmp_path):
+    path = tmp_path / "s.db"
+    kv = KVStore.open(path)
+    fill(kv, [("k", b"v")], index=9)
+    kv.close()
+    kv = KVStore.open(path, check=True)
+    assert kv.dump() == (9, [("k", b"v")])
+    kv.close()
+
+
+def test_garbage_file_is_a_clear_error_and_left_alone(tmp_path):
+    path = tmp_path / "s.db"
+    path.write_bytes(b"this is not sqlite" * 500)
+    with pytest.raises(CorruptStore, match="s.db"):
+        KVStore.open(path)
+    assert path.read_bytes() == b"this is not sqlite" * 500
+
+
+def test_foreign_sqlite_database_is_refused(tmp_path):
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (x)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(CorruptStore, match="other.db.*not a paxchat state"):
+        KVStore.open(path)
+
+
+def test_damaged_pages_are_found_by_check(tmp_path):
+    path = tmp_path / "s.db"
+    kv = KVStore.open(path)
+    fill(kv, [("k%05d" % i, os.urandom(200)) for i in range(2000)], index=1)
+    kv.close()
+    data = bytearray(path.read_bytes())
+    for offset in range(8192, len(data) - 4096, 4096):
+        data[offset + 100:offset + 400] = b"\xff" * 300
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptStore, match="s.db"):
+        kv = KVStore.open(path, check=True)
+        kv.dump()
+
+
+def test_unopenable_path_names_the_file(tmp_path):
+    with pytest.raises(StoreError, match="nodir"):
+        KVStore.open(tmp_path / "nodir" / "s.db")
+
+
+def test_wal_and_full_sync(store):
+    conn = store._conn
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+
+
+# -- snapshots ----------------------------------------------------------------
+
+def test_snapshot_roundtrip_in_bounded_chunks(tmp_path, store):
+    fill(store, [("k/%05d" % i, bytes([i % 256]) * 700) for i in range(1500)], index=42)
+    index, chunks = store.snapshot()
+    chunks = list(chunks)
+    assert index == 42
+    assert len(chunks) > 1
+    assert all(len(c) <= SNAPSHOT_CHUNK_BYTES for c in chunks)
+    other = KVStore.open(tmp_path / "other.db")
+    fill(other, [("junk", b"x")], index=3)
+    other.restore(42, chunks)
+    assert other.dump() == store.dump()
+    assert other.digest() == store.digest()
+    other.close()
+
+
+def test_snapshot_of_empty_store(tmp_path, store):
+    index, chunks = store.snapshot()
+    other = KVStore.open(tmp_path / "other.db")
+    other.restore(index, chunks)
+    assert other.dump() == (0, [])
+    other.close()
+
+
+def test_snapshot_is_isolated_from_later_writes(tmp_path, store):
+    fill(store, [("a", b"1")], index=1)
+    index, chunks = store.snapshot(chunk_bytes=64)
+    first = next(chunks)
+    fill(store, [("b", b"2")], index=2)
+    rest = list(chunks)
+    other = KVStore.open(tmp_path / "other.db")
+    other.restore(index, [first] + rest)
+    assert other.dump() == (1, [("a", b"1")])
+    other.close()
+
+
+def test_snapshot_restore_accepts_any_chunking(tmp_path, store):
+    fill(store, [("k%d" % i, b"v" * i) for i in range(50)], index=7)
+    index, chunks = store.snapshot()
+    blob = b"".join(chunks)
+    other = KVStore.open(tmp_path / "other.db")
+    other.restore(index, [blob[i:i + 13] for i in range(0, len(blob), 13)])
+    assert other.dump() == store.dump()
+    other.close()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "extra", "wrong_index", "magic", "type"])
+def test_bad_snapshot_changes_nothing(tmp_path, store, damage):
+    fill(store, [("k%d" % i, b"v" * i) for i in range(50)], index=7)
+    index, chunks = store.snapshot()
+    blob = b"".join(chunks)
+    other = KVStore.open(tmp_path / "other.db")
+    fill(other, [("mine", b"x")], index=3)
+    before = other.dump()
+    chunks = [blob]
+    if damage == "truncate":
+        chunks = [blob[:-5]]
+    elif damage == "flip":
+        chunks = [blob[:200] + bytes([blob[200] ^ 1]) + blob[201:]]
+    elif damage == "extra":
+        chunks = [blob, b"more"]
+    elif damage == "wrong_index":
+        index += 1
+    elif damage == "magic":
+        chunks = [b"X" + blob[1:]]
+    elif damage == "type":
+        chunks = ["text"]
+    with pytest.raises(SnapshotError):
+        other.restore(index, chunks)
+    assert other.dump() == before
+    other.close()
+
+
+def test_abandoned_snapshot_releases_its_connection(store):
+    fill(store, [("a", b"1")], index=1)
+    _, chunks = store.snapshot(chunk_bytes=16)
+    next(chunks)
+    chunks.close()
+    chunks.close()
+    assert list(chunks) == []
+
+
+# -- crashes --------------------------------------------------------------------
+
+@settings(max_examples=30)
+@given(st.lists(st.tuples(st.sampled_from("abcdef"), st.binary(max_size=8)), max_size=20),
+       st.integers(min_value=0, max_value=20))
+def test_exception_mid_transaction_leaves_last_commit(tmp_path_factory, writes, cut):
+    path = tmp_path_factory.mktemp("kv") / "s.db"
+    kv = KVStore.open(path)
+    fill(kv, [("base", b"0")], index=1)
+    before = kv.dump()
+    with pytest.raises(RuntimeError):
+        with kv.transaction():
+            for key, value in writes[:cut]:
+                kv.put(key, value)
+            kv.set_applied_index(2)
+            raise RuntimeError("crash")
+    assert kv.dump() == before
+    kv.close()
+
+
+def test_copy_of_files_mid_transaction_recovers_last_commit(tmp_path):
+    """A copy taken while a big transaction is open (its pages spilled to the
+    WAL) is what a power cut leaves: it must open at the last commit."""
+    path = tmp_path / "s.db"
+    kv = KVStore.open(path)
+    fill(kv, [("k%05d" % i, b"a" * 100) for i in range(100)], index=5)
+    committed = kv.dump()
+    kv._conn.execute("PRAGMA cache_size = 10")  # force spills into the WAL
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    with kv.transaction():
+        for i in range(5000):
+            kv.put("z%05d" % i, os.urandom(300))
+        kv.set_applied_index(6)
+        assert os.path.getsize(str(path) + "-wal") > 0
+        for suffix in ("", "-wal"):
+            shutil.copy(str(path) + suffix, copy / ("s.db" + suffix))
+    kv.close()
+    recovered = KVStore.open(copy / "s.db", check=True)
+    assert recovered.dump() == committed
+    recovered.close()
+
+
+def test_killed_process_mid_transaction_recovers_last_commit(tmp_path):
+    path = tmp_path / "s.db"
+    script = textwrap.dedent(f"""
+        import os
+        from paxchat.state.kv import KVStore
+        kv = KVStore.open({str(path)!r})
+        with kv.transaction():
+            kv.put("a", b"1")
+            kv.set_applied_index(1)
+        kv._conn.execute("PRAGMA cache_size = 10")
+        with kv.transaction():
+            for i in range(3000):
+                kv.put("b%05d" % i, os.urandom(300))
+            kv.set_applied_index(2)
+            os._exit(0)
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    kv = KVStore.open(path, check=True)
+    assert kv.dump() == (1, [("a", b"1")])
+    kv.close()
