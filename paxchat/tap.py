@@ -1,0 +1,84 @@
+"""``twistd paxchat --config cluster.ini --node N``: one node as a twistd service.
+
+Mistakes a person can fix (a bad cluster.ini, an unknown node, missing
+certificates, a port in use) end twistd with one line saying what to fix,
+not a traceback.
+"""
+
+import sys
+
+from twisted.application import service
+from twisted.logger import Logger
+from twisted.python import usage
+
+from paxchat import config as configmod
+from paxchat import tls
+
+log = Logger()
+
+# What a person can fix from the message alone; anything else also gets its traceback logged.
+_PLAIN_ERRORS = (configmod.ConfigError, tls.CertificateFilesError, OSError)
+
+
+class Options(usage.Options):
+    synopsis = "--config cluster.ini --node N"
+    longdesc = "Run node N of the paxchat cluster that cluster.ini describes."
+    optParameters = [
+        ["config", "c", "cluster.ini", "The cluster's configuration file."],
+        ["node", None, None, "This node's id: the N of a [node.N] section (required).", int],
+    ]
+
+    def postOptions(self):
+        if self["node"] is None:
+            raise usage.UsageError("--node is required: which [node.N] of the cluster to run")
+        self["cluster"] = _load(self["config"], self["node"])
+
+
+def _load(path, node_id):
+    """The checked config, and the node's certificates readable if it serves TLS."""
+    try:
+        cluster = configmod.load(path)
+        cluster.node(node_id)
+        if cluster.client_tls:
+            tls.load_ca(cluster)
+            tls.load_node_certificate(cluster, node_id)
+        return cluster
+    except (configmod.ConfigError, tls.CertificateFilesError) as e:
+        raise usage.UsageError(str(e)) from None
+
+
+class _ExitOnStartupFailure(service.MultiService):
+    """Ends the process with one line on stderr if the node cannot start.
+
+    twistd starts services before the reactor runs; an exception there
+    would otherwise print a traceback, or leave a half-started node behind.
+    """
+
+    def __init__(self, node):
+        super().__init__()
+        self.node = node
+        node.setServiceParent(self)
+
+    def startService(self):
+        try:
+            super().startService()
+        except Exception as e:
+            if not isinstance(e, _PLAIN_ERRORS):
+                log.failure("node {node_id} failed to start", node_id=self.node.node_id)
+            print(f"paxchat node {self.node.node_id} could not start: {e}", file=sys.stderr)
+            sys.stderr.flush()
+            raise SystemExit(1) from None
+
+
+def makeService(options):
+    """The node service for ``options`` (config errors raise UsageError)."""
+    from twisted.internet import reactor
+
+    from paxchat.node import NodeService
+
+    cluster = options.get("cluster") or _load(options["config"], options["node"])
+    try:
+        node = NodeService(cluster, options["node"], reactor)
+    except _PLAIN_ERRORS as e:
+        raise usage.UsageError(str(e)) from None
+    return _ExitOnStartupFailure(node)

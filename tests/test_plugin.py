@@ -1,0 +1,186 @@
+"""The twistd plugin: listed by twistd, lazy, robust to a bad plugin cache, clean errors."""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from twisted.application.service import IService
+from twisted.python import usage
+
+from paxchat import tap
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+PLUGIN = REPO / "twisted" / "plugins" / "paxchat_plugin.py"
+
+INI = """\
+[cluster]
+data_dir = data
+tls_dir = certs
+client_tls = off
+bcrypt_cost = 4
+[node.1]
+client = 127.0.0.1:7101
+peer = 127.0.0.1:7201
+"""
+
+
+def run_twistd(args, cwd, plugin_dir=None, timeout=60):
+    """Run twistd in a fresh interpreter; with ``plugin_dir``, plugins come from there only.
+
+    The repository's own twisted/plugins is hidden from twisted.plugins so
+    that the copy in ``plugin_dir`` (with whatever cache sits beside it) is
+    the one twistd must find; the paxchat package stays importable.
+    """
+    code = textwrap.dedent(f"""
+        import os, sys
+        repo, plugins = {str(REPO)!r}, {str(plugin_dir) if plugin_dir else None!r}
+        if plugins:
+            sys.path = [p for p in sys.path if os.path.realpath(p or '.') != repo]
+            sys.path.insert(0, plugins)
+            import twisted.plugins
+            sys.path.append(repo)
+        from twisted.scripts.twistd import run
+        sys.argv = ['twistd'] + {list(args)!r}
+        run()
+    """)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_no_init_in_twisted_plugins():
+    assert PLUGIN.exists()
+    assert not (PLUGIN.parent / "__init__.py").exists()
+    assert not (PLUGIN.parent.parent / "__init__.py").exists()
+
+
+def test_twistd_help_lists_paxchat(tmp_path):
+    result = run_twistd(["--help"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "paxchat" in result.stdout
+
+
+def test_plugin_is_lazy(tmp_path):
+    code = ("import sys\nfrom twisted.plugins import paxchat_plugin\n"
+            "assert paxchat_plugin.paxchat.tapname == 'paxchat'\n"
+            "assert 'paxchat.tap' not in sys.modules, 'paxchat.tap imported'\n"
+            "assert 'twisted.internet.reactor' not in sys.modules, 'reactor imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def corrupt(cache):
+    cache.write_bytes(b"\x80\x04 this is not a pickle")
+
+
+def unwritable(cache):
+    # Root ignores file modes, so make the cache a directory: reading and
+    # rewriting it both fail.
+    cache.mkdir()
+
+
+def stale(cache):
+    # A cache written for an older version of the plugin file, with another
+    # plugin that no longer exists.
+    plugin = cache.parent / "paxchat_plugin.py"
+    gone = cache.parent / "gone_plugin.py"
+    gone.write_text(plugin.read_text().replace('"paxchat",', '"gone",', 1))
+    text = plugin.read_text()
+    plugin.write_text(text.replace("A paxchat node", "An old paxchat node"))
+    result = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; sys.path.insert(0, sys.argv[1]); from twisted.plugin import getPlugins, "
+         "IPlugin; import twisted.plugins as p; list(getPlugins(IPlugin, p))",
+         str(cache.parent.parent.parent)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert cache.is_file()
+    gone.unlink()
+    plugin.write_text(text)
+    later = cache.stat().st_mtime + 10
+    os.utime(plugin, (later, later))
+
+
+@pytest.mark.parametrize("spoil", [corrupt, unwritable, stale])
+def test_bad_plugin_cache_does_not_break_twistd(tmp_path, spoil):
+    plugin_dir = tmp_path / "path"
+    plugins = plugin_dir / "twisted" / "plugins"
+    plugins.mkdir(parents=True)
+    shutil.copy(PLUGIN, plugins)
+    spoil(plugins / "dropin.cache")
+
+    result = run_twistd(["--help"], cwd=tmp_path, plugin_dir=plugin_dir)
+    assert result.returncode == 0, result.stderr
+    assert "A paxchat node" in result.stdout and "old paxchat" not in result.stdout
+
+    # The plugin's service maker still reaches paxchat.tap: a config error, not a traceback.
+    result = run_twistd(["-n", "--pidfile=", "paxchat", "--config", "missing.ini", "--node", "1"],
+                        cwd=tmp_path, plugin_dir=plugin_dir)
+    assert result.returncode == 1
+    assert "missing.ini: no such file" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_twistd_config_error_is_one_line_without_traceback(tmp_path):
+    (tmp_path / "cluster.ini").write_text(INI.replace("127.0.0.1:7201", "127.0.0.1:99999"))
+    result = run_twistd(["-n", "--pidfile=", "paxchat", "--node", "1"], cwd=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "cluster.ini: [node.1] peer: '127.0.0.1:99999' is not a valid host:port" in out
+    assert "Traceback" not in out
+    assert not (tmp_path / "twistd.pid").exists()
+
+
+# -- Options, in process ---------------------------------------------------
+
+def write_ini(tmp_path, text=INI):
+    path = tmp_path / "cluster.ini"
+    path.write_text(text)
+    return path
+
+
+def test_options_need_a_node(tmp_path):
+    with pytest.raises(usage.UsageError, match="--node is required"):
+        tap.Options().parseOptions(["--config", str(write_ini(tmp_path))])
+
+
+def test_options_node_must_be_an_integer(tmp_path):
+    with pytest.raises(usage.UsageError):
+        tap.Options().parseOptions(["--config", str(write_ini(tmp_path)), "--node", "one"])
+
+
+def test_options_unknown_node(tmp_path):
+    with pytest.raises(usage.UsageError) as info:
+        tap.Options().parseOptions(["--config", str(write_ini(tmp_path)), "--node", "4"])
+    assert str(info.value).endswith("no [node.4] section for --node 4 (nodes are 1)")
+
+
+def test_options_default_config_is_cluster_ini(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_ini(tmp_path)
+    options = tap.Options()
+    options.parseOptions(["--node", "1"])
+    assert options["config"] == "cluster.ini"
+    assert options["cluster"].node(1).client.port == 7101
+
+
+def test_options_missing_certificates_with_client_tls(tmp_path):
+    path = write_ini(tmp_path, INI.replace("client_tls = off", "client_tls = on"))
+    with pytest.raises(usage.UsageError) as info:
+        tap.Options().parseOptions(["--config", str(path), "--node", "1"])
+    message = str(info.value)
+    assert str(tmp_path / "certs" / "ca.pem") in message and "paxchat-certs" in message
+    assert "\n" not in message
+
+
+def test_make_service_is_a_service(tmp_path):
+    pytest.importorskip("paxchat.node", exc_type=ImportError)
+    options = tap.Options()
+    options.parseOptions(["--config", str(write_ini(tmp_path)), "--node", "1"])
+    svc = tap.makeService(options)
+    assert IService.providedBy(svc)
+    assert svc.node.node_id == 1
+    assert not svc.running
