@@ -1,0 +1,358 @@
+"""Peer links between the nodes: length-prefixed frames over mutual TLS.
+
+Every node listens on its peer address and keeps one outbound connection to
+each other node (a ClientService, so it reconnects with backoff). A node
+sends on its own outbound connection and receives on the connections others
+opened to it, so no two nodes ever have to agree on which link to use.
+
+Who a frame comes from is taken from the peer's certificate, verified by
+TLS against the cluster CA and then mapped to a node id; nothing in a frame
+can claim another sender. Paxos tolerates lost messages, so ``send`` drops
+rather than queues: when the peer is not connected, or when the link's
+write buffer is already over its bound. Bad input from a peer (an oversize
+frame, a frame the receiver cannot decode) drops that connection only.
+
+A zero-length frame is a keepalive: each side sends one every
+``ping_interval`` seconds and drops a connection that has been silent for
+``idle_timeout``, so a peer that vanished without closing is noticed.
+"""
+
+from twisted.application import service
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import endpoints, interfaces
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
+
+__all__ = ["PeerTransport", "PeerProtocol", "MAX_FRAME_BYTES"]
+
+log = Logger(namespace="paxchat.paxos.transport")
+
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+PAUSED_WRITE_LIMIT = 8 * 1024 * 1024
+PING_INTERVAL = 1.0
+IDLE_TIMEOUT = 5.0
+HANDSHAKE_TIMEOUT = 10.0
+
+
+@implementer(interfaces.IHandshakeListener, interfaces.IPushProducer)
+class PeerProtocol(Int32StringReceiver):
+    """One authenticated peer link; frames in, frames out, nothing else.
+
+    ``expected_peer`` is the node an outbound connection dialled; None on the
+    listening side, where any other node of the cluster may connect.
+    """
+
+    MAX_LENGTH = MAX_FRAME_BYTES
+
+    def __init__(self, owner, expected_peer=None):
+        self._owner = owner
+        self.expected_peer = expected_peer
+        self.peer_id = None
+        self._paused = False
+        self._written_while_paused = 0
+        self._last_heard = None
+        self._timer = None
+        self._refused = None
+
+    @property
+    def direction(self):
+        return "inbound" if self.expected_peer is None else "outbound"
+
+    def _where(self):
+        try:
+            return str(self.transport.getPeer())
+        except Exception:
+            return "?"
+
+    def connectionMade(self):
+        self._last_heard = self._owner.clock.seconds()
+        self._timer = self._owner.clock.callLater(self._owner.handshake_timeout, self._handshake_late)
+        self.transport.registerProducer(self, True)
+
+    def _handshake_late(self):
+        self._timer = None
+        self.refuse(f"no TLS handshake within {self._owner.handshake_timeout} s")
+
+    def handshakeCompleted(self):
+        """TLS checked the CA (and, outbound, the host name); now check which node this is."""
+        try:
+            certificate = self.transport.getPeerCertificate()
+            peer_id = self._owner.identify(certificate)
+        except Exception as e:
+            peer_id, certificate = None, e
+        owner = self._owner
+        if peer_id is None or peer_id not in owner.peer_ids:
+            self.refuse(f"its certificate names no other node of the cluster ({peer_id!r})")
+        elif self.expected_peer is not None and peer_id != self.expected_peer:
+            self.refuse(f"it is node {peer_id}, not node {self.expected_peer}")
+        else:
+            self._authenticated(peer_id)
+
+    def _authenticated(self, peer_id):
+        self.peer_id = peer_id
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._owner.clock.callLater(self._owner.ping_interval, self._ping)
+        self._owner._peer_up(self)
+
+    def refuse(self, why):
+        """Drop this connection for a reason worth an operator's attention."""
+        if self._refused is None:
+            self._refused = why
+            log.warn("peer connection {direction} {where} dropped: {why}",
+                     direction=self.direction, where=self._where(), why=why)
+        self.transport.abortConnection()
+
+    def _ping(self):
+        self._timer = None
+        silent = self._owner.clock.seconds() - self._last_heard
+        if silent > self._owner.idle_timeout:
+            self.refuse(f"node {self.peer_id} silent for {silent:.1f} s")
+            return
+        self.sendString(b"")
+        self._timer = self._owner.clock.callLater(self._owner.ping_interval, self._ping)
+
+    def dataReceived(self, data):
+        self._last_heard = self._owner.clock.seconds()
+        super().dataReceived(data)
+
+    def stringReceived(self, frame):
+        if self.peer_id is None or self._refused is not None:
+            return
+        if not frame:
+            return                                  # keepalive
+        try:
+            self._owner._deliver(self.peer_id, frame)
+        except Exception:
+            log.failure("frame from node {peer} rejected; dropping the connection",
+                        peer=self.peer_id)
+            self.refuse("it sent a frame that could not be handled")
+
+    def lengthLimitExceeded(self, length):
+        self.refuse(f"it announced a {length}-byte frame (limit {self.MAX_LENGTH})")
+
+    def send(self, frame):
+        """Write ``frame`` unless the link is backed up; True if written."""
+        if self.peer_id is None or self._refused is not None:
+            return False
+        if self._paused:
+            if self._written_while_paused + len(frame) > self._owner.paused_write_limit:
+                return False
+            self._written_while_paused += len(frame) + 4
+        self.sendString(frame)
+        return True
+
+    # IPushProducer: the transport tells us when its buffer is full or drained.
+    def pauseProducing(self):
+        self._paused = True
+
+    def resumeProducing(self):
+        self._paused = False
+        self._written_while_paused = 0
+
+    def stopProducing(self):
+        pass
+
+    def connectionLost(self, reason):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self.peer_id is not None:
+            self._owner._peer_down(self, reason)
+        else:
+            if self._refused is None:
+                log.warn("peer connection {direction} {where} failed before it was"
+                         " authenticated: {why}", direction=self.direction,
+                         where=self._where(), why=reason.getErrorMessage())
+            self._owner._link_failed(self)
+
+
+class _PeerFactory(Factory):
+    def __init__(self, owner, expected_peer=None):
+        self._owner = owner
+        self._expected = expected_peer
+
+    def buildProtocol(self, addr):
+        return PeerProtocol(self._owner, self._expected)
+
+
+def _server_endpoint(reactor, address):
+    host, port = address
+    if ":" in host:
+        return endpoints.TCP6ServerEndpoint(reactor, port, interface=host)
+    return endpoints.TCP4ServerEndpoint(reactor, port, interface=host)
+
+
+class PeerTransport(service.MultiService):
+    """Links to every other node of the cluster; see the module docstring.
+
+    @param peers: ``{node_id: (host, port)}`` of every other node.
+    @param listen: this node's ``(host, port)``; port 0 picks a free one
+        (``listening`` fires with the port).
+    @param server_options: TLS context factory for accepted connections; it
+        must require a client certificate signed by the cluster CA.
+    @param client_options: ``client_options(peer_id)`` -> a client connection
+        creator that presents our certificate and verifies that peer.
+    @param identify: ``identify(certificate) -> node id | None``.
+    @param on_message: ``on_message(from_node_id, frame_bytes)``; an exception
+        from it drops that peer connection.
+    """
+
+    def __init__(self, reactor, node_id, peers, listen, server_options, client_options,
+                 identify, on_message, *, ping_interval=PING_INTERVAL, idle_timeout=IDLE_TIMEOUT,
+                 handshake_timeout=HANDSHAKE_TIMEOUT, paused_write_limit=PAUSED_WRITE_LIMIT,
+                 retry_policy=None):
+        super().__init__()
+        self.clock = reactor
+        self._reactor = reactor
+        self.node_id = node_id
+        self.peers = {int(n): (a[0], a[1]) for n, a in peers.items() if int(n) != node_id}
+        self.peer_ids = frozenset(self.peers)
+        self._listen_address = (listen[0], listen[1])
+        self._server_options = server_options
+        self._client_options = client_options
+        self.identify = identify
+        self.on_message = on_message
+        self.ping_interval = ping_interval
+        self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
+        self.paused_write_limit = paused_write_limit
+        self._retry_policy = retry_policy or backoffPolicy(initialDelay=0.1, maxDelay=5.0)
+        self._outbound = {}                  # peer id -> authenticated PeerProtocol
+        self._inbound = {}                   # peer id -> newest authenticated PeerProtocol
+        self._observers = []
+        self._failed_links = {}              # peer id -> outbound links that failed in a row
+        self._port = None
+        self.listening = Deferred()          # fires with the IListeningPort
+        self.sent = 0
+        self.dropped = 0
+        self.received = 0
+
+    @classmethod
+    def from_config(cls, reactor, config, node_id, on_message, **kwargs):
+        """The transport of node ``node_id`` of a ClusterConfig, with the cluster's certificates."""
+        from paxchat import tls
+        me = config.node(node_id)
+        peers = {n.id: (n.peer.host, n.peer.port) for n in config.peers_of(node_id)}
+        server = tls.peer_server_options(config, node_id)
+        creators = {peer: tls.peer_client_options(config, node_id, tls.node_name(peer))
+                    for peer in peers}
+        return cls(reactor, node_id, peers, (me.peer.host, me.peer.port), server,
+                   creators.__getitem__, tls.node_id_of, on_message, **kwargs)
+
+    def _client_service(self, peer_id):
+        host, port = self.peers[peer_id]
+        endpoint = endpoints.HostnameEndpoint(self._reactor, host, port, timeout=5)
+        factory = TLSMemoryBIOFactory(self._client_options(peer_id), True,
+                                      _PeerFactory(self, peer_id))
+
+        def retry_delay(attempt):
+            # ClientService counts only TCP connects as attempts; a link that
+            # connects but fails TLS or authentication backs off as well.
+            return self._retry_policy(attempt + self._failed_links.get(peer_id, 0))
+
+        client = ClientService(endpoint, factory, retryPolicy=retry_delay, clock=self._reactor)
+        client.setName(f"peer-{peer_id}")
+        return client
+
+    # -- service ------------------------------------------------------------
+
+    def startService(self):
+        endpoint = _server_endpoint(self._reactor, self._listen_address)
+        factory = TLSMemoryBIOFactory(self._server_options, False, _PeerFactory(self))
+        d = endpoint.listen(factory)
+
+        def listening(port):
+            self._port = port
+            log.info("node {node} listening for peers on {address}", node=self.node_id,
+                     address=port.getHost())
+            self.listening.callback(port)
+
+        def failed(failure):
+            log.failure("node {node} cannot listen for peers on {address}", failure,
+                        node=self.node_id, address=self._listen_address)
+            self.listening.errback(failure)
+
+        d.addCallbacks(listening, failed)
+        for peer_id in sorted(self.peers):
+            if f"peer-{peer_id}" not in self.namedServices:
+                self._client_service(peer_id).setServiceParent(self)
+        super().startService()
+
+    def stopService(self):
+        done = super().stopService()
+        if self._port is not None:
+            port, self._port = self._port, None
+            done.addBoth(lambda _: port.stopListening())
+        for protocol in list(self._inbound.values()):
+            protocol.transport.abortConnection()
+        return done
+
+    # -- sending, receiving, state -------------------------------------------
+
+    def send(self, to_node_id, frame):
+        """Send ``frame`` (non-empty bytes) to a node; False when it was dropped."""
+        if not frame:
+            raise ValueError("a peer frame is never empty (empty frames are keepalives)")
+        if len(frame) > MAX_FRAME_BYTES:
+            raise ValueError(f"a peer frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
+        for link in (self._outbound.get(to_node_id), self._inbound.get(to_node_id)):
+            if link is not None and link.send(frame):
+                self.sent += 1
+                return True
+        self.dropped += 1
+        return False
+
+    def connected_peers(self):
+        """Node ids with an authenticated outbound link."""
+        return set(self._outbound)
+
+    def peer_state(self, node_id):
+        """'connected' or 'disconnected', as our outbound link to ``node_id`` is."""
+        return "connected" if node_id in self._outbound else "disconnected"
+
+    def add_state_observer(self, observer):
+        """Call ``observer(node_id, direction, connected)`` on each link up or down."""
+        self._observers.append(observer)
+
+    def _deliver(self, peer_id, frame):
+        self.received += 1
+        self.on_message(peer_id, frame)
+
+    def _link_failed(self, protocol):
+        if protocol.expected_peer is not None:
+            peer = protocol.expected_peer
+            self._failed_links[peer] = self._failed_links.get(peer, 0) + 1
+
+    def _peer_up(self, protocol):
+        if protocol.direction == "outbound":
+            self._failed_links.pop(protocol.peer_id, None)
+        links = self._outbound if protocol.direction == "outbound" else self._inbound
+        old = links.get(protocol.peer_id)
+        links[protocol.peer_id] = protocol
+        if old is not None:
+            old.transport.loseConnection()
+        log.info("peer link {direction} with node {peer} up ({where})",
+                 direction=protocol.direction, peer=protocol.peer_id, where=protocol._where())
+        self._notify(protocol.peer_id, protocol.direction, True)
+
+    def _peer_down(self, protocol, reason):
+        links = self._outbound if protocol.direction == "outbound" else self._inbound
+        current = links.get(protocol.peer_id) is protocol
+        log.info("peer link {direction} with node {peer} down: {why}",
+                 direction=protocol.direction, peer=protocol.peer_id,
+                 why=protocol._refused or (reason.getErrorMessage() if current else "replaced"))
+        if current:
+            del links[protocol.peer_id]
+            self._notify(protocol.peer_id, protocol.direction, False)
+
+    def _notify(self, peer_id, direction, up):
+        for observer in list(self._observers):
+            try:
+                observer(peer_id, direction, up)
+            except Exception:
+                log.failure("peer state observer failed")

@@ -1,0 +1,452 @@
+"""Peer links: framing (StringTransport) and mutual TLS between real transports on 127.0.0.1."""
+
+import datetime
+import socket
+import struct
+
+import pytest
+import pytest_twisted
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import defer, endpoints, protocol, ssl
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from paxchat.paxos.transport import MAX_FRAME_BYTES, PeerTransport
+
+try:
+    from paxchat.tls import node_id_of
+except ImportError:                                   # paxchat.tls not there yet
+    def node_id_of(certificate):
+        if certificate is None:
+            return None
+        name = certificate.to_cryptography().subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        prefix = "paxchat-node-"
+        value = name[0].value if name else ""
+        return int(value[len(prefix):]) if value.startswith(prefix) else None
+
+
+def reactor():
+    from twisted.internet import reactor as global_reactor
+    return global_reactor
+
+
+# -- certificates -------------------------------------------------------------
+
+def _pem(cert, key):
+    return (cert.public_bytes(serialization.Encoding.PEM)
+            + key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()))
+
+
+class CA:
+    """A throwaway cluster CA issuing node certificates named as paxchat.tls names them."""
+
+    def __init__(self, label="test CA"):
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, label)])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.cert = (
+            x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(self.key, hashes.SHA256()))
+        self.trust = ssl.Certificate.loadPEM(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def node(self, node_id):
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "paxchat node"),
+                x509.NameAttribute(NameOID.COMMON_NAME, f"paxchat-node-{node_id}")]))
+            .issuer_name(self.cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName(f"paxchat-node-{node_id}")]), critical=False)
+            .sign(self.key, hashes.SHA256()))
+        return ssl.PrivateCertificate.loadPEM(_pem(cert, key))
+
+    def server_options(self, own):
+        return ssl.CertificateOptions(
+            privateKey=own.privateKey.original, certificate=own.original, verify=True,
+            caCerts=[self.trust.original], requireCertificate=True,
+            raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+
+    def client_options(self, own, peer_id):
+        return ssl.optionsForClientTLS(
+            f"paxchat-node-{peer_id}", trustRoot=self.trust, clientCertificate=own,
+            extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2})
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- helpers ------------------------------------------------------------------
+
+@pytest.fixture
+def captured_log():
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def texts(events):
+    return [formatEvent(e) for e in events if e.get("log_namespace", "").startswith("paxchat")]
+
+
+def poll_until(condition, timeout=10.0):
+    """A Deferred firing once ``condition()`` holds; fails after ``timeout`` seconds."""
+    r = reactor()
+    d = defer.Deferred()
+    deadline = r.seconds() + timeout
+
+    def check():
+        if condition():
+            d.callback(None)
+        elif r.seconds() > deadline:
+            d.errback(AssertionError("condition not met in time"))
+        else:
+            r.callLater(0.01, check)
+
+    check()
+    return d
+
+
+class Cluster:
+    """Real transports for node ids on 127.0.0.1, stopped at the end of the test."""
+
+    def __init__(self, ca, ids):
+        self.ca = ca
+        self.ports = {n: free_port() for n in ids}
+        self.certs = {n: ca.node(n) for n in ids}
+        self.inbox = {n: [] for n in ids}
+        self.running = {}
+
+    def start(self, node_id, on_message=None, **kwargs):
+        own = self.certs[node_id]
+        peers = {n: ("127.0.0.1", p) for n, p in self.ports.items() if n != node_id}
+        transport = PeerTransport(
+            reactor(), node_id, peers, ("127.0.0.1", self.ports[node_id]),
+            self.ca.server_options(own), lambda peer: self.ca.client_options(own, peer),
+            node_id_of,
+            on_message or (lambda sender, frame: self.inbox[node_id].append((sender, frame))),
+            retry_policy=lambda attempt: 0.05, **kwargs)
+        transport.startService()
+        self.running[node_id] = transport
+        return transport
+
+    @defer.inlineCallbacks
+    def stop(self, node_id):
+        yield self.running.pop(node_id).stopService()
+
+    @defer.inlineCallbacks
+    def stop_all(self):
+        for node_id in list(self.running):
+            yield self.stop(node_id)
+
+
+@pytest.fixture
+def cluster():
+    made = []
+
+    def make(ids, ca=None):
+        c = Cluster(ca or CA(), ids)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        pytest_twisted.blockon(c.stop_all())
+
+
+class RawPeer(protocol.Protocol):
+    """A TLS client that writes whatever the test says, to play a broken or hostile peer."""
+
+    def __init__(self):
+        self.lost = defer.Deferred()
+
+    def connectionLost(self, reason):
+        self.lost.callback(reason.getErrorMessage())
+
+
+@defer.inlineCallbacks
+def raw_connect(port, creator):
+    factory = protocol.Factory.forProtocol(RawPeer)
+    endpoint = endpoints.TCP4ClientEndpoint(reactor(), "127.0.0.1", port)
+    tls = yield endpoint.connect(TLSMemoryBIOFactory(creator, True, factory))
+    return tls.wrappedProtocol
+
+
+def frame(payload):
+    return struct.pack(">I", len(payload)) + payload
+
+
+# -- real reactor, real TLS ---------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_two_nodes_exchange_frames_over_mutual_tls(cluster):
+    c = cluster([1, 2])
+    a, b = c.start(1), c.start(2)
+    yield a.listening
+    yield b.listening
+    yield poll_until(lambda: a.peer_state(2) == "connected" and b.peer_state(1) == "connected")
+    assert a.send(2, b"prepare 1")
+    assert b.send(1, b"promise 1")
+    big = bytes(range(256)) * 8192                         # 2 MiB, several TLS records
+    assert a.send(2, big)
+    yield poll_until(lambda: len(c.inbox[2]) == 2 and len(c.inbox[1]) == 1)
+    assert c.inbox[2] == [(1, b"prepare 1"), (1, big)]
+    assert c.inbox[1] == [(2, b"promise 1")]
+    assert a.connected_peers() == {2}
+
+
+@pytest_twisted.inlineCallbacks
+def test_send_to_a_node_that_is_down_drops(cluster):
+    c = cluster([1, 2])
+    a = c.start(1)
+    yield a.listening
+    assert a.send(2, b"lost") is False
+    assert a.dropped == 1 and a.peer_state(2) == "disconnected"
+    with pytest.raises(ValueError):
+        a.send(2, b"")
+
+
+@pytest_twisted.inlineCallbacks
+def test_certificate_from_another_ca_is_refused_and_logged(cluster, captured_log):
+    c = cluster([1, 2])
+    a = c.start(1)
+    yield a.listening
+    stranger_ca = CA("another CA")
+    impostor = cluster([2], ca=stranger_ca)
+    impostor.ports = {1: c.ports[1], 2: free_port()}
+    impostor.certs = {2: stranger_ca.node(2)}
+    impostor.inbox = {2: []}
+    b = impostor.start(2)
+    yield b.listening
+    yield poll_until(lambda: any("failed before it was authenticated" in t
+                                 for t in texts(captured_log)))
+    assert a.peer_state(2) == "disconnected" and not a._inbound
+    assert not b.send(1, b"hello")
+    assert c.inbox[1] == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_peer_without_client_certificate_is_refused(cluster, captured_log):
+    c = cluster([1, 2])
+    a = c.start(1)
+    yield a.listening
+    creator = ssl.optionsForClientTLS("paxchat-node-1", trustRoot=c.ca.trust)
+    peer = yield raw_connect(c.ports[1], creator)
+    peer.transport.write(frame(b"let me in"))
+    yield peer.lost
+    assert not a._inbound and c.inbox[1] == []
+    yield poll_until(lambda: any("failed before it was authenticated" in t
+                                 for t in texts(captured_log)))
+
+
+@pytest_twisted.inlineCallbacks
+def test_node_of_no_cluster_is_refused(cluster, captured_log):
+    c = cluster([1, 2])
+    a = c.start(1)
+    yield a.listening
+    outsider = c.ca.node(9)                                    # signed, but not in the cluster
+    peer = yield raw_connect(c.ports[1], c.ca.client_options(outsider, 1))
+    peer.transport.write(frame(b"hi"))
+    yield peer.lost
+    yield poll_until(lambda: any("names no other node" in t for t in texts(captured_log)))
+    assert c.inbox[1] == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_refuses_a_server_that_is_another_node(cluster, captured_log):
+    c = cluster([1, 2, 3])
+    # Node 1 believes node 2 listens where node 3 does.
+    c.ports[2] = c.ports[3]
+    a = c.start(1)
+    three = c.start(3)
+    yield a.listening
+    yield three.listening
+    yield poll_until(lambda: three.peer_state(1) == "connected")
+    yield poll_until(lambda: any("outbound" in t and "failed before it was authenticated" in t
+                                 for t in texts(captured_log)))
+    assert a.peer_state(2) == "disconnected"
+    assert not a.send(2, b"to the wrong node")
+    assert a._failed_links.get(2, 0) >= 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_oversize_and_garbage_frames_drop_only_that_connection(cluster, captured_log):
+    c = cluster([1, 2, 3])
+
+    def on_message(sender, payload):
+        if payload == b"garbage":
+            raise ValueError("cannot decode")
+        c.inbox[1].append((sender, payload))
+
+    a = c.start(1, on_message=on_message)
+    b = c.start(2)
+    yield a.listening
+    yield b.listening
+    yield poll_until(lambda: b.peer_state(1) == "connected")
+
+    hostile = yield raw_connect(c.ports[1], c.ca.client_options(c.certs[3], 1))
+    hostile.transport.write(struct.pack(">I", MAX_FRAME_BYTES + 1) + b"x" * 100)
+    yield hostile.lost
+    assert any("announced a" in t for t in texts(captured_log))
+
+    garbled = yield raw_connect(c.ports[1], c.ca.client_options(c.certs[3], 1))
+    garbled.transport.write(frame(b"garbage") + frame(b"never delivered"))
+    yield garbled.lost
+    assert any("could not be handled" in t for t in texts(captured_log))
+
+    assert b.send(1, b"still serving")
+    yield poll_until(lambda: (2, b"still serving") in c.inbox[1])
+    assert (3, b"never delivered") not in c.inbox[1]
+    assert b.peer_state(1) == "connected"
+
+
+@pytest_twisted.inlineCallbacks
+def test_reconnects_after_the_peer_restarts(cluster):
+    c = cluster([1, 2])
+    states = []
+    a = c.start(1)
+    a.add_state_observer(lambda peer, direction, up: states.append((peer, direction, up)))
+    c.start(2)
+    yield poll_until(lambda: a.peer_state(2) == "connected")
+    yield c.stop(2)
+    yield poll_until(lambda: a.peer_state(2) == "disconnected")
+    assert not a.send(2, b"while down")
+    b = c.start(2)
+    yield b.listening
+    yield poll_until(lambda: a.peer_state(2) == "connected")
+    assert a.send(2, b"after restart")
+    yield poll_until(lambda: (1, b"after restart") in c.inbox[2])
+    assert (2, "outbound", True) in states and (2, "outbound", False) in states
+
+
+@pytest_twisted.inlineCallbacks
+def test_silent_peer_is_dropped(cluster, captured_log):
+    c = cluster([1, 2])
+    a = c.start(1, ping_interval=0.05, idle_timeout=0.3)
+    yield a.listening
+    mute = yield raw_connect(c.ports[1], c.ca.client_options(c.certs[2], 1))
+    # The raw peer completes TLS but never sends a keepalive.
+    yield poll_until(lambda: 2 in a._inbound)
+    reason = yield mute.lost
+    assert reason is not None
+    assert any("silent" in t for t in texts(captured_log))
+
+
+# -- framing, without sockets -------------------------------------------------
+
+class CertTransport(StringTransport):
+    def __init__(self, certificate):
+        super().__init__()
+        self.certificate = certificate
+        self.aborted = False
+
+    def getPeerCertificate(self):
+        return self.certificate
+
+    def abortConnection(self):
+        self.aborted = True
+        self.loseConnection()
+
+
+def unit_transport(on_message=None):
+    clock = MemoryReactorClock()
+    inbox = []
+    t = PeerTransport(clock, 1, {2: ("127.0.0.1", 1), 3: ("127.0.0.1", 2)}, ("127.0.0.1", 0),
+                      None, lambda peer: None, lambda cert: cert,
+                      on_message or (lambda s, f: inbox.append((s, f))))
+    return t, clock, inbox
+
+
+def connect(t, certificate, expected_peer=None):
+    from paxchat.paxos.transport import PeerProtocol
+    proto = PeerProtocol(t, expected_peer)
+    transport = CertTransport(certificate)
+    proto.makeConnection(transport)
+    proto.handshakeCompleted()
+    return proto, transport
+
+
+def test_frames_split_and_joined_are_delivered_whole():
+    t, clock, inbox = unit_transport()
+    proto, transport = connect(t, 2)
+    data = frame(b"one") + frame(b"") + frame(b"two" * 1000)
+    for i in range(len(data)):
+        proto.dataReceived(data[i:i + 1])
+    assert inbox == [(2, b"one"), (2, b"two" * 1000)]
+    assert t.peer_ids == {2, 3} and 2 in t._inbound
+
+
+def test_sending_writes_a_length_prefixed_frame():
+    t, clock, inbox = unit_transport()
+    proto, transport = connect(t, 3, expected_peer=3)
+    assert t.send(3, b"accept")
+    assert transport.value() == frame(b"accept")
+    clock.advance(t.ping_interval)
+    assert transport.value().endswith(frame(b""))           # keepalive
+
+
+def test_frames_before_authentication_are_ignored_and_unknown_nodes_refused():
+    t, clock, inbox = unit_transport()
+    proto, transport = connect(t, 7)                             # not a node of the cluster
+    assert transport.aborted and proto.peer_id is None
+    proto.dataReceived(frame(b"sneaky"))
+    assert inbox == []
+    proto, transport = connect(t, 2, expected_peer=3)            # the wrong node answered
+    assert transport.aborted and 2 not in t._outbound
+
+
+def test_oversize_length_prefix_aborts_without_reading_on():
+    t, clock, inbox = unit_transport()
+    proto, transport = connect(t, 2)
+    proto.dataReceived(struct.pack(">I", MAX_FRAME_BYTES + 1) + b"x" * 10 + frame(b"later"))
+    assert transport.aborted and inbox == []
+
+
+def test_decoder_error_drops_the_connection_not_the_node():
+    def picky(sender, payload):
+        raise ValueError("undecodable")
+
+    t, clock, inbox = unit_transport(on_message=picky)
+    proto, transport = connect(t, 2)
+    proto.dataReceived(frame(b"??"))
+    assert transport.aborted
+
+
+def test_backed_up_link_drops_instead_of_buffering():
+    t, clock, inbox = unit_transport()
+    t.paused_write_limit = 100
+    proto, transport = connect(t, 2, expected_peer=2)
+    proto.pauseProducing()
+    assert t.send(2, b"x" * 60)
+    assert not t.send(2, b"y" * 60)
+    assert t.dropped == 1
+    proto.resumeProducing()
+    assert t.send(2, b"z" * 60)
+
+
+def test_handshake_that_never_finishes_is_dropped():
+    from paxchat.paxos.transport import PeerProtocol
+    t, clock, inbox = unit_transport()
+    proto = PeerProtocol(t)
+    transport = CertTransport(None)
+    proto.makeConnection(transport)
+    clock.advance(t.handshake_timeout + 1)
+    assert transport.aborted
