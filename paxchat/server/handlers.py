@@ -1,0 +1,273 @@
+"""What each op of the protocol does, given a connection and a checked request.
+
+Handlers validate every argument before anything happens, check rate limits
+before anything is proposed, run bcrypt off the reactor thread, turn the
+request into a command for the log, and shape the state's answer into the
+contract's result. They raise ``ProtocolError`` for every answer that is not
+``ok``. Validation and the rate-limit check happen before the first
+``await``, so pipelined writes of one connection reach the log in the order
+they were sent.
+
+A write carries its session's hash, so the state rejects it with
+``bad_session`` if that session ended meanwhile on any node; the connection
+is then logged out and the client hears ``not_logged_in`` (the contract
+lists ``bad_session`` only for ``resume``).
+"""
+
+from twisted.internet import defer
+
+from paxchat.interfaces import Unavailable
+
+from . import validation as V
+from .errors import (
+    BAD_CREDENTIALS, BAD_SESSION, BODY_TOO_LARGE, INVALID_PASSWORD, INVALID_USERNAME,
+    NO_SUCH_USER, NOT_LOGGED_IN, RATE_LIMITED, UNAVAILABLE, UNKNOWN_OP, USERNAME_TAKEN,
+    ProtocolError,
+)
+from .sessions import Session, new_token, token_hash
+
+PROTOCOL_VERSION = 1
+
+# Ops that change which session a connection is in: later requests of the
+# same connection wait for them (see ChatProtocol).
+SESSION_OPS = frozenset({"login", "resume", "logout", "delete_account"})
+
+
+class Handlers:
+    def __init__(self, reactor, log, worker, settings, hasher, registry,
+                 login_per_account, writes_per_account):
+        self._reactor = reactor
+        self._log = log
+        self._worker = worker
+        self._settings = settings
+        self._hasher = hasher
+        self._registry = registry
+        self._login_per_account = login_per_account
+        self._writes_per_account = writes_per_account
+        self._ops = {
+            "hello": self.hello,
+            "create_account": self.create_account,
+            "login": self.login,
+            "resume": self.resume,
+            "logout": self.logout,
+            "list_accounts": self.list_accounts,
+            "send_message": self.send_message,
+            "read_messages": self.read_messages,
+            "mark_read": self.mark_read,
+            "history": self.history,
+            "delete_messages": self.delete_messages,
+            "delete_account": self.delete_account,
+        }
+
+    def dispatch(self, conn, op, request):
+        """Deferred[result dict] for ``request``, or failing with ProtocolError."""
+        handler = self._ops.get(op)
+        if handler is None:
+            raise ProtocolError(UNKNOWN_OP, f"no such op {op!r}"[:200])
+        return defer.ensureDeferred(handler(conn, request))
+
+    # Helpers
+
+    def _now(self):
+        return self._reactor.seconds()
+
+    def _session(self, conn):
+        session = conn.session
+        if session is None:
+            raise ProtocolError(NOT_LOGGED_IN, "log in or resume a session first")
+        if self._now() >= session.expires:
+            self._registry.detach(conn)
+            raise ProtocolError(NOT_LOGGED_IN, "the session expired; log in again")
+        return session
+
+    def _limit_login(self, conn, username=None):
+        if not conn.login_bucket.allow() or (
+                username is not None and not self._login_per_account.allow(username)):
+            raise ProtocolError(RATE_LIMITED, "too many password attempts; wait a little")
+
+    def _limit_write(self, conn, username):
+        if not conn.write_bucket.allow() or not self._writes_per_account.allow(username):
+            raise ProtocolError(RATE_LIMITED, "too many writes; slow down")
+
+    async def _submit(self, command):
+        try:
+            return await self._log.submit(command)
+        except Unavailable:
+            raise ProtocolError(UNAVAILABLE, "the cluster could not commit this in time; retry") from None
+
+    def _result(self, conn, response, session=None):
+        if response.get("ok"):
+            return response["result"]
+        error = response.get("error") or {}
+        code = error.get("code", "internal")
+        if code == BAD_SESSION:
+            if session is not None and conn.session == session:
+                self._registry.detach(conn)
+            raise ProtocolError(NOT_LOGGED_IN, "the session ended; log in again")
+        raise ProtocolError(code, error.get("message", code))
+
+    async def _write(self, conn, session, command):
+        return self._result(conn, await self._submit(command), session)
+
+    async def _read_barrier(self, conn=None):
+        """Wait until local state holds every acknowledged write; re-check the session."""
+        await self._log.read_barrier()
+        if conn is not None:
+            return self._session(conn)
+
+    # Ops without a session
+
+    async def hello(self, conn, request):
+        return {
+            "node": self._settings.node_id,
+            "leader": self._log.leader_id(),
+            "nodes": [dict(node) for node in self._settings.nodes],
+            "protocol": PROTOCOL_VERSION,
+        }
+
+    async def create_account(self, conn, request):
+        username = V.username(request, "username", INVALID_USERNAME)
+        password = V.password(request, "password", INVALID_PASSWORD)
+        self._limit_login(conn)
+        await self._read_barrier()
+        # Saves a bcrypt round for a name already taken; apply checks again.
+        if await self._worker.call("account", username) is not None:
+            raise ProtocolError(USERNAME_TAKEN, f"{username!r} is taken")
+        pw_hash = await self._hasher.hash(password)
+        command = {"op": "create_account", "username": username, "pw_hash": pw_hash, "ts": self._now()}
+        return self._result(conn, await self._submit(command))
+
+    async def login(self, conn, request):
+        username = V.username(request, "username", BAD_CREDENTIALS)
+        password = V.password(request, "password", BAD_CREDENTIALS)
+        self._limit_login(conn, username)
+        await self._read_barrier()
+        account = await self._worker.call("account", username)
+        pw_hash = account["pw_hash"] if account else None
+        if not await self._hasher.check(password, pw_hash):
+            raise ProtocolError(BAD_CREDENTIALS, "wrong username or password")
+        token = new_token()
+        now = self._now()
+        session = Session(username, token_hash(token), now + self._settings.session_ttl)
+        result = self._result(conn, await self._submit({
+            "op": "login", "username": username, "pw_hash": pw_hash,
+            "session": session.session_hash, "ts": now, "expires": session.expires,
+        }))
+        if conn.connected:
+            self._registry.attach(conn, session)
+        return {"session": token, "unread": result["unread"]}
+
+    async def resume(self, conn, request):
+        token = V.string(request, "session")
+        self._limit_login(conn)
+        if not token or len(token) > V.MAX_SESSION_TOKEN_CHARS:
+            raise ProtocolError(BAD_SESSION, "no such session")
+        await self._read_barrier()
+        session_hash = token_hash(token)
+        found = await self._worker.call("session", session_hash)
+        if found is None or found["expires"] <= self._now():
+            raise ProtocolError(BAD_SESSION, "no such session, or it ended")
+        unread = await self._worker.call("unread_count", found["username"])
+        if conn.connected:
+            self._registry.attach(conn, Session(found["username"], session_hash, found["expires"]))
+        return {"username": found["username"], "unread": unread}
+
+    # Ops of a logged-in connection
+
+    async def logout(self, conn, request):
+        session = self._session(conn)
+        self._limit_write(conn, session.username)
+        conn.ending_session = session.session_hash
+        try:
+            response = await self._submit({"op": "logout", "session": session.session_hash})
+        finally:
+            conn.ending_session = None
+        error = response.get("error") or {}
+        if response.get("ok") or error.get("code") == BAD_SESSION:
+            # Ended here or already ended elsewhere: either way it is over.
+            if conn.session == session:
+                self._registry.detach(conn)
+            return {}
+        return self._result(conn, response, session)
+
+    async def list_accounts(self, conn, request):
+        self._session(conn)
+        pattern = V.glob_pattern(request)
+        limit = V.limit(request, 100)
+        after = V.string(request, "after", "", max_chars=64)
+        await self._read_barrier(conn)
+        names, more = await self._worker.call("list_accounts", pattern, limit, after)
+        return {"accounts": list(names), "more": bool(more)}
+
+    async def send_message(self, conn, request):
+        session = self._session(conn)
+        to = V.username(request, "to", NO_SUCH_USER)
+        body = V.string(request, "body")
+        if len(body) > V.MAX_BODY_CHARS:
+            raise ProtocolError(BODY_TOO_LARGE, f"a body holds at most {V.MAX_BODY_CHARS} characters")
+        if not body:
+            raise V.invalid("'body' must not be empty")
+        client_msg_id = V.optional_string(request, "client_msg_id", V.MAX_CLIENT_MSG_ID_CHARS)
+        self._limit_write(conn, session.username)
+        return await self._write(conn, session, {
+            "op": "send_message", "session": session.session_hash, "from": session.username,
+            "to": to, "body": body, "ts": self._now(), "client_msg_id": client_msg_id,
+        })
+
+    async def read_messages(self, conn, request):
+        session = self._session(conn)
+        limit = V.limit(request, 10)
+        self._limit_write(conn, session.username)
+        return await self._write(conn, session, {
+            "op": "read_messages", "session": session.session_hash,
+            "username": session.username, "limit": limit,
+        })
+
+    async def mark_read(self, conn, request):
+        return await self._ids_write(conn, request, "mark_read")
+
+    async def delete_messages(self, conn, request):
+        return await self._ids_write(conn, request, "delete_messages")
+
+    async def _ids_write(self, conn, request, op):
+        session = self._session(conn)
+        ids = V.message_ids(request)
+        self._limit_write(conn, session.username)
+        return await self._write(conn, session, {
+            "op": op, "session": session.session_hash, "username": session.username, "ids": ids,
+        })
+
+    async def history(self, conn, request):
+        self._session(conn)
+        peer = request.get("peer")
+        if peer is not None:
+            peer = V.string(request, "peer")
+            if not V.is_username(peer):
+                raise V.invalid("'peer' is not a username")
+        before = V.optional_integer(request, "before", 1, V.MAX_MESSAGE_ID)
+        limit = V.limit(request, 50)
+        session = await self._read_barrier(conn)
+        messages = await self._worker.call("history", session.username, peer, before, limit)
+        return {"messages": list(messages)}
+
+    async def delete_account(self, conn, request):
+        session = self._session(conn)
+        password = V.password(request, "password", BAD_CREDENTIALS)
+        self._limit_login(conn, session.username)
+        session = await self._read_barrier(conn)
+        account = await self._worker.call("account", session.username)
+        pw_hash = account["pw_hash"] if account else None
+        if not await self._hasher.check(password, pw_hash):
+            raise ProtocolError(BAD_CREDENTIALS, "wrong password")
+        conn.ending_session = session.session_hash
+        try:
+            response = await self._submit({
+                "op": "delete_account", "session": session.session_hash,
+                "username": session.username, "pw_hash": pw_hash,
+            })
+        finally:
+            conn.ending_session = None
+        self._result(conn, response, session)
+        if conn.session == session:
+            self._registry.detach(conn)
+        return {}

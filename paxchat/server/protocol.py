@@ -1,0 +1,279 @@
+"""One client connection: JSON lines in, answers and events out, with bounded memory.
+
+Framing: lines end with ``\\n``; a line over 65,536 bytes (or that much
+data without a newline) gets ``frame_too_large`` and the connection closes.
+
+Backpressure, both ways:
+- At most ``max_pending_per_connection`` requests are in flight; past that
+  the server stops reading from the socket until answers drain, so any
+  number of pipelined requests is served in constant memory.
+- The connection registers as the producer of its transport's output. When
+  the transport's buffer fills (the client is not reading), the server
+  stops reading requests too. Events still get written, but once more than
+  ``max_output_backlog`` bytes went out since the buffer filled, the
+  connection is aborted: events are best effort and the client recovers
+  them with ``read_messages`` / ``history`` after it reconnects.
+
+Requests of one connection run concurrently, except that a request that
+changes the connection's session (login, resume, logout, delete_account)
+makes the requests after it wait until it is answered.
+"""
+
+import json
+from collections import deque
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .errors import FRAME_TOO_LARGE, INTERNAL, INVALID_REQUEST, ProtocolError
+from .handlers import SESSION_OPS
+from .ratelimit import TokenBucket
+
+log = Logger()
+
+MAX_LINE_BYTES = 65536
+# After frame_too_large, a client that does not read its error is cut off after this long.
+CLOSE_GRACE_SECONDS = 10.0
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def decode_request(line):
+    """The request object of one line, or ProtocolError(invalid_request)."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(INVALID_REQUEST, "a line must be UTF-8") from None
+    try:
+        request = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise ProtocolError(INVALID_REQUEST, "a line must be one JSON object") from None
+    if type(request) is not dict:
+        raise ProtocolError(INVALID_REQUEST, "a request must be a JSON object")
+    return request
+
+
+def valid_id(value):
+    return type(value) in (int, str)
+
+
+def encode(message):
+    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode("ascii") + b"\n"
+
+
+@implementer(IPushProducer)
+class _OutputGate:
+    """What the transport tells when its write buffer fills and drains."""
+
+    def __init__(self, protocol):
+        self._protocol = protocol
+
+    def pauseProducing(self):
+        self._protocol._output_full()
+
+    def resumeProducing(self):
+        self._protocol._output_drained()
+
+    def stopProducing(self):
+        pass
+
+
+class ChatProtocol(Protocol):
+    def __init__(self, reactor, settings, handlers, registry):
+        self._reactor = reactor
+        self._settings = settings
+        self._handlers = handlers
+        self._registry = registry
+        self.session = None  # set by the registry while logged in
+        self.ending_session = None  # the session this connection is logging out or deleting
+        self.login_bucket = TokenBucket(reactor, settings.login_per_connection)
+        self.write_bucket = TokenBucket(reactor, settings.writes_per_connection)
+        self._buffer = bytearray()
+        self._pos = 0
+        self._draining = False
+        self._closing = False
+        self._pauses = set()
+        self._in_flight = 0
+        self._session_op_running = False
+        self._waiting = deque()  # requests behind a session-changing one
+        self._output_paused = False
+        self._backlog = 0
+        self._close_timer = None
+
+    # Connection life
+
+    def connectionMade(self):
+        self.transport.registerProducer(_OutputGate(self), True)
+
+    def connectionLost(self, reason):
+        self.connected = False
+        self._closing = True
+        self._registry.detach(self)
+        self._waiting.clear()
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
+
+    @property
+    def in_flight(self):
+        return self._in_flight
+
+    @property
+    def reading_paused(self):
+        return bool(self._pauses)
+
+    # Reading
+
+    def dataReceived(self, data):
+        if self._closing:
+            return
+        self._buffer += data
+        self._drain()
+
+    def _drain(self):
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while not self._pauses and not self._closing:
+                end = self._buffer.find(b"\n", self._pos)
+                if end < 0:
+                    if len(self._buffer) - self._pos > MAX_LINE_BYTES:
+                        self._frame_too_large()
+                    break
+                if end - self._pos > MAX_LINE_BYTES:
+                    self._frame_too_large()
+                    break
+                line = bytes(self._buffer[self._pos:end])
+                self._pos = end + 1
+                self._line_received(line)
+            if self._pos:
+                del self._buffer[:self._pos]
+                self._pos = 0
+        finally:
+            self._draining = False
+
+    def _frame_too_large(self):
+        self._closing = True
+        self._buffer = bytearray()
+        self._pos = 0
+        self._write({"id": None, "ok": False, "error": {
+            "code": FRAME_TOO_LARGE, "message": f"a line may hold at most {MAX_LINE_BYTES} bytes"}})
+        self.transport.loseConnection()
+        self._close_timer = self._reactor.callLater(CLOSE_GRACE_SECONDS, self.transport.abortConnection)
+
+    def _pause(self, reason):
+        if not self._pauses:
+            self.transport.pauseProducing()
+        self._pauses.add(reason)
+
+    def _resume(self, reason):
+        if reason not in self._pauses:
+            return
+        self._pauses.discard(reason)
+        if not self._pauses and not self._closing:
+            self.transport.resumeProducing()
+            self._drain()
+
+    # Requests
+
+    def _line_received(self, line):
+        self._in_flight += 1
+        if self._in_flight >= self._settings.max_pending_per_connection:
+            self._pause("pipeline")
+        if not line.strip():
+            return self._answer_error(None, ProtocolError(INVALID_REQUEST, "empty line"))
+        try:
+            request = decode_request(line)
+        except ProtocolError as e:
+            return self._answer_error(None, e)
+        request_id = request.get("id")
+        if not valid_id(request_id):
+            return self._answer_error(None, ProtocolError(
+                INVALID_REQUEST, "a request needs an \"id\" that is an integer or a string"))
+        op = request.get("op")
+        if type(op) is not str:
+            return self._answer_error(request_id, ProtocolError(INVALID_REQUEST, "\"op\" must be a string"))
+        self._start(request_id, op, request)
+
+    def _start(self, request_id, op, request):
+        if self._session_op_running:
+            self._waiting.append((request_id, op, request))
+            return
+        d = defer.maybeDeferred(self._handlers.dispatch, self, op, request)
+        d.addCallbacks(self._answer_result, self._answer_failure,
+                       callbackArgs=(request_id,), errbackArgs=(request_id, op))
+        if op in SESSION_OPS and not d.called:
+            self._session_op_running = True
+            d.addBoth(self._session_op_done)
+        d.addErrback(self._answer_crashed, op)
+
+    def _answer_crashed(self, failure, op):
+        log.failure("answering {op} failed", failure, op=op)
+
+    def _session_op_done(self, passthrough):
+        self._session_op_running = False
+        while self._waiting and not self._session_op_running:
+            self._start(*self._waiting.popleft())
+        return passthrough
+
+    def _answer_result(self, result, request_id):
+        self._answer({"id": request_id, "ok": True, "result": result})
+
+    def _answer_failure(self, failure, request_id, op):
+        if failure.check(ProtocolError):
+            return self._answer_error(request_id, failure.value)
+        log.failure("request {op} failed", failure, op=op)
+        self._answer_error(request_id, ProtocolError(INTERNAL, "internal error; it has been logged"))
+
+    def _answer_error(self, request_id, error):
+        self._answer({"id": request_id, "ok": False, "error": error.as_error()})
+
+    def _answer(self, message):
+        try:
+            data = encode(message)
+        except (TypeError, ValueError):
+            log.failure("unencodable answer")
+            data = encode({"id": message.get("id"), "ok": False, "error": {
+                "code": INTERNAL, "message": "internal error; it has been logged"}})
+        self._in_flight -= 1
+        self._send(data)
+        if self._in_flight < self._settings.max_pending_per_connection:
+            self._resume("pipeline")
+
+    # Writing
+
+    def send_event(self, event):
+        """Push an event; never blocks (see the module docstring)."""
+        self._send(encode(event))
+
+    def _write(self, message):
+        self._send(encode(message))
+
+    def _send(self, data):
+        if not self.connected or self.transport is None:
+            return
+        if self._output_paused:
+            self._backlog += len(data)
+            if self._backlog > self._settings.max_output_backlog:
+                if not self._closing:
+                    log.warn("dropping a client that stopped reading ({backlog} bytes waiting)",
+                             backlog=self._backlog)
+                    self._closing = True
+                    self.transport.abortConnection()
+                return
+        self.transport.write(data)
+
+    def _output_full(self):
+        self._output_paused = True
+        self._backlog = 0
+        self._pause("output")
+
+    def _output_drained(self):
+        self._output_paused = False
+        self._backlog = 0
+        self._resume("output")

@@ -1,0 +1,51 @@
+"""What the client server can be tuned with, in one frozen object.
+
+The server never reads cluster.ini itself: ``ServerSettings.from_config``
+takes what it needs from a ``ClusterConfig`` and the rest keeps the defaults
+documented in docs/protocol.md.
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """A token bucket: ``burst`` requests at once, refilled at ``rate`` per second."""
+
+    rate: float
+    burst: float
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    node_id: int
+    # What ``hello`` lists: ({"id": int, "client": "host:port"}, ...), by id.
+    nodes: tuple = ()
+    bcrypt_cost: int = 12
+    # A session made by ``login`` lasts this many seconds unless it ends sooner.
+    session_ttl: float = 7 * 24 * 3600.0
+    # Password checks and hashes (login, resume, create_account, delete_account).
+    login_per_connection: RateLimit = field(default_factory=lambda: RateLimit(rate=1.0, burst=10))
+    login_per_account: RateLimit = field(default_factory=lambda: RateLimit(rate=0.2, burst=10))
+    # Replicated writes by a logged-in user.
+    writes_per_connection: RateLimit = field(default_factory=lambda: RateLimit(rate=200.0, burst=500))
+    writes_per_account: RateLimit = field(default_factory=lambda: RateLimit(rate=400.0, burst=1000))
+    # Requests one connection may have unanswered; past it the server stops reading.
+    max_pending_per_connection: int = 64
+    # Bytes the server may write to a connection whose client stopped reading
+    # before it drops that connection.
+    max_output_backlog: int = 1 << 20
+
+    @classmethod
+    def from_config(cls, config, node_id, **overrides):
+        """Settings for node ``node_id`` of a ``paxchat.config.ClusterConfig``."""
+        nodes = tuple(
+            {"id": nid, "client": str(node.client)} for nid, node in sorted(config.nodes.items())
+        )
+        return cls(
+            node_id=node_id,
+            nodes=nodes,
+            bcrypt_cost=config.bcrypt_cost,
+            session_ttl=config.session_ttl,
+            **overrides,
+        )

@@ -1,0 +1,320 @@
+"""Every op of the protocol and its errors, over StringTransport with a fake state."""
+
+import pytest
+
+from paxchat.interfaces import Unavailable
+from paxchat.server.sessions import token_hash
+
+from .server_support import Server
+
+PW = "correct horse"
+
+
+@pytest.fixture
+def server():
+    return Server()
+
+
+def account(server, name, password=PW):
+    client = server.connect()
+    assert client.ok("create_account", username=name, password=password) == {"username": name}
+    return client
+
+
+def logged_in(server, name, password=PW):
+    client = server.connect()
+    if name not in server.state.accounts:
+        client.ok("create_account", username=name, password=password)
+    result = client.ok("login", username=name, password=password)
+    client.token = result["session"]
+    return client
+
+
+def test_hello(server):
+    assert server.connect().ok("hello") == {
+        "node": 1, "leader": 1, "protocol": 1,
+        "nodes": [{"id": 1, "client": "127.0.0.1:7101"}, {"id": 2, "client": "127.0.0.1:7102"}],
+    }
+
+
+def test_answers_echo_string_and_int_ids(server):
+    client = server.connect()
+    assert client.answer(client.send(id="abc", op="hello"))["id"] == "abc"
+    assert client.answer(client.send(id=2**70, op="hello"))["id"] == 2**70
+
+
+def test_create_account_stores_a_bcrypt_hash_never_the_password(server):
+    account(server, "alice")
+    command = server.state.applied[0]
+    assert command["op"] == "create_account" and command["pw_hash"].startswith("$2b$04$")
+    assert PW not in repr(server.state.applied)
+
+
+@pytest.mark.parametrize("name", ["", "a" * 33, "bad name", "é", "a/b", "a*"])
+def test_create_account_rejects_bad_usernames(server, name):
+    assert server.connect().error("create_account", username=name, password=PW) == "invalid_username"
+
+
+@pytest.mark.parametrize("password", ["short", "x" * 1025, "é" * 513, "\ud800" * 8])
+def test_create_account_rejects_bad_passwords(server, password):
+    assert server.connect().error("create_account", username="bob", password=password) == "invalid_password"
+
+
+def test_long_passwords_work(server):
+    account(server, "bob", "é" * 512)
+    logged_in(server, "bob", "é" * 512)
+    assert server.connect().error("login", username="bob", password="é" * 511 + "e") == "bad_credentials"
+
+
+def test_create_account_rejects_a_taken_name(server):
+    account(server, "alice")
+    assert server.connect().error("create_account", username="alice", password=PW) == "username_taken"
+
+
+@pytest.mark.parametrize("args", [{}, {"username": "a"}, {"username": 1, "password": PW},
+                                  {"username": "alice", "password": None}, {"username": ["a"], "password": PW}])
+def test_create_account_mistyped_arguments(server, args):
+    assert server.connect().error("create_account", **args) == "invalid_request"
+
+
+def test_login_returns_a_token_and_unread_and_replicates_only_its_hash(server):
+    account(server, "alice")
+    client = server.connect()
+    result = client.ok("login", username="alice", password=PW)
+    assert set(result) == {"session", "unread"} and result["unread"] == 0
+    command = server.state.applied[-1]
+    assert command["op"] == "login" and command["session"] == token_hash(result["session"])
+    assert result["session"] not in repr(server.state.applied)
+    assert command["expires"] == command["ts"] + server.settings.session_ttl
+
+
+@pytest.mark.parametrize("name,password", [("alice", "wrong password"), ("nobody", PW),
+                                           ("not a name", PW), ("alice", "short")])
+def test_login_bad_credentials(server, name, password):
+    account(server, "alice")
+    assert server.connect().error("login", username=name, password=password) == "bad_credentials"
+
+
+def test_ops_needing_a_session_say_not_logged_in(server):
+    client = server.connect()
+    for op, args in [("logout", {}), ("list_accounts", {}), ("send_message", {"to": "a", "body": "x"}),
+                     ("read_messages", {}), ("mark_read", {"ids": []}), ("history", {}),
+                     ("delete_messages", {"ids": []}), ("delete_account", {"password": PW})]:
+        assert client.error(op, **args) == "not_logged_in", op
+
+
+def test_resume_attaches_a_new_connection_to_the_session(server):
+    alice = logged_in(server, "alice")
+    bob = logged_in(server, "bob")
+    bob.ok("send_message", to="alice", body="hi")
+    again = server.connect()
+    assert again.ok("resume", session=alice.token) == {"username": "alice", "unread": 1}
+    assert again.ok("read_messages")["messages"][0]["body"] == "hi"
+
+
+@pytest.mark.parametrize("token", ["nope", "", "x" * 300])
+def test_resume_unknown_session(server, token):
+    assert server.connect().error("resume", session=token) == "bad_session"
+
+
+def test_resume_mistyped(server):
+    assert server.connect().error("resume", session=5) == "invalid_request"
+    assert server.connect().error("resume") == "invalid_request"
+
+
+def test_resume_an_expired_session(server):
+    alice = logged_in(server, "alice")
+    server.clock.advance(server.settings.session_ttl + 1)
+    assert server.connect().error("resume", session=alice.token) == "bad_session"
+    # The connection that held it is logged out too.
+    assert alice.error("history") == "not_logged_in"
+
+
+def test_logout_ends_the_session_everywhere_and_tells_the_others(server):
+    alice = logged_in(server, "alice")
+    other = server.connect()
+    other.ok("resume", session=alice.token)
+    assert alice.ok("logout") == {}
+    assert alice.error("history") == "not_logged_in"
+    assert alice.events() == []
+    assert other.events() == [{"event": "session_ended", "reason": "logged_out"}]
+    assert other.error("history") == "not_logged_in"
+    assert server.connect().error("resume", session=alice.token) == "bad_session"
+
+
+def test_list_accounts(server):
+    viewer = logged_in(server, "viewer")
+    for name in ["anna", "anton", "bert", "a.b", "a-c"]:
+        account(server, name)
+    assert viewer.ok("list_accounts") == {"accounts": ["a-c", "a.b", "anna", "anton", "bert", "viewer"],
+                                          "more": False}
+    assert viewer.ok("list_accounts", pattern="an*", limit=1) == {"accounts": ["anna"], "more": True}
+    assert viewer.ok("list_accounts", pattern="an*", limit=1, after="anna") == {"accounts": ["anton"],
+                                                                                 "more": False}
+    assert viewer.ok("list_accounts", pattern="a?c")["accounts"] == ["a-c"]
+
+
+@pytest.mark.parametrize("args", [{"limit": 0}, {"limit": 1001}, {"limit": True}, {"limit": "5"},
+                                  {"pattern": 5}, {"pattern": ""}, {"pattern": "[a]"}, {"after": 3},
+                                  {"limit": 1.0}])
+def test_list_accounts_bad_arguments(server, args):
+    assert logged_in(server, "viewer").error("list_accounts", **args) == "invalid_request"
+
+
+def test_send_message_pushes_to_every_connection_of_the_recipient(server):
+    alice = logged_in(server, "alice")
+    alice2 = server.connect()
+    alice2.ok("resume", session=alice.token)
+    alice3 = logged_in(server, "alice")
+    bob = logged_in(server, "bob")
+    result = bob.ok("send_message", to="alice", body="hello")
+    assert set(result) == {"message_id", "ts"} and isinstance(result["ts"], float)
+    expected = {"event": "message", "message": {"id": result["message_id"], "from": "bob", "to": "alice",
+                                                "body": "hello", "ts": result["ts"], "read": False}}
+    for conn in (alice, alice2, alice3):
+        assert conn.events() == [expected]
+    assert bob.events() == []
+
+
+def test_send_message_with_client_msg_id_is_idempotent_and_pushed_once(server):
+    alice = logged_in(server, "alice")
+    bob = logged_in(server, "bob")
+    first = bob.ok("send_message", to="alice", body="once", client_msg_id="m1")
+    server.clock.advance(5)
+    assert bob.ok("send_message", to="alice", body="once", client_msg_id="m1") == first
+    assert len(alice.events()) == 1
+    assert alice.ok("read_messages")["unread"] == 0
+
+
+@pytest.mark.parametrize("args,code", [
+    ({"to": "ghost", "body": "x"}, "no_such_user"),
+    ({"to": "not a name", "body": "x"}, "no_such_user"),
+    ({"to": "alice", "body": "x" * 16385}, "body_too_large"),
+    ({"to": "alice", "body": ""}, "invalid_request"),
+    ({"to": "alice"}, "invalid_request"),
+    ({"to": 7, "body": "x"}, "invalid_request"),
+    ({"to": "alice", "body": ["x"]}, "invalid_request"),
+    ({"to": "alice", "body": "\udc80"}, "invalid_request"),
+    ({"to": "alice", "body": "x", "client_msg_id": 5}, "invalid_request"),
+    ({"to": "alice", "body": "x", "client_msg_id": "c" * 129}, "invalid_request"),
+])
+def test_send_message_errors(server, args, code):
+    logged_in(server, "alice")
+    assert logged_in(server, "bob").error("send_message", **args) == code
+
+
+def test_a_body_of_16384_characters_is_fine(server):
+    logged_in(server, "alice")
+    logged_in(server, "bob").ok("send_message", to="alice", body="é" * 16384)
+
+
+def test_read_messages_mark_read_history_delete_messages(server):
+    alice = logged_in(server, "alice")
+    bob = logged_in(server, "bob")
+    ids = [bob.ok("send_message", to="alice", body=f"m{n}")["message_id"] for n in range(5)]
+    alice.ok("send_message", to="bob", body="reply")
+    read = alice.ok("read_messages", limit=2)
+    assert [m["body"] for m in read["messages"]] == ["m0", "m1"] and read["unread"] == 3
+    assert alice.ok("mark_read", ids=ids[2:4] + [ids[2], 999]) == {"marked": 2}
+    last = alice.ok("read_messages")
+    assert last["unread"] == 0
+    assert [(m["id"], m["from"], m["to"], m["body"], m["read"]) for m in last["messages"]] == [
+        (ids[4], "bob", "alice", "m4", True)]
+    history = alice.ok("history")["messages"]
+    assert [m["body"] for m in history] == ["reply", "m4", "m3", "m2", "m1", "m0"]
+    assert [m["body"] for m in alice.ok("history", peer="bob", before=ids[3], limit=2)["messages"]] == ["m2", "m1"]
+    assert alice.ok("delete_messages", ids=ids[:2]) == {"deleted": 2}
+    assert alice.ok("delete_messages", ids=ids[:2]) == {"deleted": 0}
+    assert len(alice.ok("history")["messages"]) == 4
+
+
+@pytest.mark.parametrize("op,args", [
+    ("read_messages", {"limit": 0}), ("read_messages", {"limit": False}), ("read_messages", {"limit": 10**30}),
+    ("mark_read", {}), ("mark_read", {"ids": 1}), ("mark_read", {"ids": [True]}), ("mark_read", {"ids": ["1"]}),
+    ("mark_read", {"ids": [-1]}), ("mark_read", {"ids": [2**63]}), ("mark_read", {"ids": list(range(1001))}),
+    ("delete_messages", {"ids": [1.5]}), ("delete_messages", {"ids": {"a": 1}}),
+    ("history", {"peer": 3}), ("history", {"peer": "no way"}), ("history", {"before": "9"}),
+    ("history", {"before": 0}), ("history", {"limit": 5000}),
+])
+def test_message_ops_reject_bad_arguments(server, op, args):
+    assert logged_in(server, "alice").error(op, **args) == "invalid_request"
+
+
+def test_delete_account_needs_the_password_and_ends_every_session(server):
+    alice = logged_in(server, "alice")
+    other = logged_in(server, "alice")
+    third = server.connect()
+    third.ok("resume", session=alice.token)
+    assert alice.error("delete_account", password="not the one") == "bad_credentials"
+    assert alice.error("delete_account", password=7) == "invalid_request"
+    assert alice.ok("delete_account", password=PW) == {}
+    assert alice.events() == []
+    for conn in (other, third):
+        assert conn.events() == [{"event": "session_ended", "reason": "account_deleted"}]
+        assert conn.error("history") == "not_logged_in"
+    assert alice.error("history") == "not_logged_in"
+    assert server.connect().error("login", username="alice", password=PW) == "bad_credentials"
+    # The name can be taken again.
+    account(server, "alice", "another password")
+
+
+def test_a_write_whose_session_ended_underneath_logs_the_connection_out(server):
+    alice = logged_in(server, "alice")
+    # The session vanishes from the state without this node's connection hearing of it.
+    server.state.sessions.clear()
+    assert alice.error("send_message", to="alice", body="x") == "not_logged_in"
+    assert alice.proto.session is None
+
+
+def test_unknown_op_and_bad_op(server):
+    client = server.connect()
+    assert client.error("fly") == "unknown_op"
+    assert client.answer(client.send(op=5)) ["error"]["code"] == "invalid_request"
+    assert client.answer(client.send(op=None))["error"]["code"] == "invalid_request"
+
+
+def test_unavailable_when_the_log_cannot_commit(server):
+    client = logged_in(server, "alice")
+
+    def fail(command):
+        from twisted.internet import defer
+        return defer.fail(Unavailable("no quorum"))
+
+    server.log.submit = fail
+    assert client.error("send_message", to="alice", body="x") == "unavailable"
+    assert client.ok("hello")["protocol"] == 1
+
+
+def test_an_unexpected_exception_is_internal_and_the_server_keeps_serving(server):
+    client = logged_in(server, "alice")
+
+    def broken(*args):
+        raise KeyError("bug")
+
+    server.state.history = broken
+    assert client.error("history") == "internal"
+    assert client.ok("hello")["protocol"] == 1
+    assert server.connect().ok("hello")["protocol"] == 1
+
+
+def test_internal_errors_never_log_passwords_or_tokens(server):
+    from twisted.logger import globalLogPublisher
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        account(server, "alice")
+        token = logged_in(server, "alice").token
+
+        def broken(*args):
+            raise RuntimeError("bug")
+
+        server.state.account = broken
+        client = server.connect()
+        assert client.error("login", username="alice", password=PW) == "internal"
+        assert client.error("create_account", username="zed", password=PW) == "internal"
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert events, "the internal error was logged"
+    from twisted.logger import formatEvent
+    text = repr(events) + "".join(formatEvent(e) for e in events)
+    assert PW not in text and token not in text
