@@ -1,0 +1,256 @@
+"""``paxchat``: the command-line client, interactive or one command at a time.
+
+    paxchat --config cluster.ini [--node N] [--user U]          interactive prompt
+    paxchat --config cluster.ini create-account alice
+    paxchat --config cluster.ini --user alice send bob "hi"
+    paxchat --config cluster.ini --user alice read | history [--peer bob] | list 'a*'
+    paxchat --config cluster.ini --user alice delete 12 13 | delete-account | logout
+
+Every failure is one line on stderr (exit status 1; 2 for usage and config
+mistakes), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+from twisted.internet import defer
+
+from .cli_format import format_accounts, format_messages
+from .credentials import NoPassword, SessionCache, get_password
+from .errors import ServerError
+from .explain import explain
+
+__all__ = ["build_parser", "main", "run_command"]
+
+USER_ENV = "PAXCHAT_USER"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="paxchat", description="Chat on a paxchat cluster. Without a command: an interactive prompt.",
+        epilog="The password comes from $PAXCHAT_PASSWORD or is asked for without echo.")
+    parser.add_argument("--config", default=os.environ.get("PAXCHAT_CONFIG", "cluster.ini"),
+                        help="the cluster.ini naming the nodes (default: ./cluster.ini or $PAXCHAT_CONFIG)")
+    parser.add_argument("--node", type=int, help="try this node first (default: node order from the config)")
+    parser.add_argument("--user", default=os.environ.get(USER_ENV),
+                        help="your username (default: $PAXCHAT_USER)")
+    parser.add_argument("--no-session-cache", action="store_true",
+                        help="do not keep the session in ~/.config/paxchat between commands")
+    parser.add_argument("--timeout", type=float, default=15.0,
+                        help="give up when no node answers for this many seconds (default 15)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("create-account", help="create an account (password asked twice)")
+    p.add_argument("username")
+    p = sub.add_parser("send", help="send a message")
+    p.add_argument("to")
+    p.add_argument("body")
+    p = sub.add_parser("read", help="show unread messages (oldest first) and mark them read")
+    p.add_argument("--limit", type=_positive, default=10)
+    p = sub.add_parser("history", help="recent messages, sent and received (oldest first)")
+    p.add_argument("--peer", help="only the conversation with this user")
+    p.add_argument("--before", type=_positive, help="only messages older than this message id")
+    p.add_argument("--limit", type=_positive, default=50)
+    p = sub.add_parser("list", help="accounts matching a pattern with * and ?")
+    p.add_argument("pattern", nargs="?", default="*")
+    p.add_argument("--limit", type=_positive, default=100)
+    p.add_argument("--after", default="", help="continue after this name")
+    p = sub.add_parser("delete", help="delete messages by id")
+    p.add_argument("ids", nargs="+", type=_positive, metavar="ID")
+    sub.add_parser("delete-account", help="delete your account (asks for the password)")
+    sub.add_parser("logout", help="end the cached session")
+    return parser
+
+
+def _positive(text):
+    try:
+        value = int(str(text).lstrip("#"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+@dataclass
+class Console:
+    """Where output goes and where input comes from (swapped in tests)."""
+
+    out: Callable[[str], None] = field(default=lambda text: print(text, flush=True))
+    err: Callable[[str], None] = field(default=lambda text: print(text, file=sys.stderr, flush=True))
+    ask: Callable[[str], str] = field(default=None)
+    ask_name: Callable[[str], str] = field(default=input)
+    env: dict = field(default_factory=lambda: os.environ)
+
+    def __post_init__(self):
+        if self.ask is None:
+            import getpass
+            self.ask = getpass.getpass
+
+
+class CommandFailed(Exception):
+    """A failure already explained to the user; carries the exit status."""
+
+    def __init__(self, message, status=EXIT_FAILED):
+        super().__init__(message)
+        self.status = status
+
+
+# -- one-shot commands -----------------------------------------------------------
+
+NEEDS_SESSION = {"send", "read", "history", "list", "delete", "delete-account", "logout"}
+
+
+def _username(args, console) -> str:
+    if args.user:
+        return args.user
+    try:
+        name = console.ask_name("Username: ").strip()
+    except (EOFError, KeyboardInterrupt):
+        name = ""
+    if not name:
+        raise CommandFailed("give a username with --user or $PAXCHAT_USER", EXIT_USAGE)
+    return name
+
+
+def _password(console, prompt="Password: ", confirm=False) -> str:
+    try:
+        return get_password(prompt, confirm=confirm, env=console.env, ask=console.ask)
+    except NoPassword as e:
+        raise CommandFailed(f"{e} (set PAXCHAT_PASSWORD or run in a terminal)", EXIT_USAGE) from None
+
+
+@defer.inlineCallbacks
+def ensure_session(client, username, console, cache: SessionCache | None):
+    """Attach to the cached session if it still works, else log in with the password."""
+    token = cache.load(username) if cache is not None else None
+    if token:
+        try:
+            yield client.resume(token)
+            return
+        except ServerError as e:
+            if e.code != "bad_session":
+                raise
+            cache.forget(username)
+    password = _password(console, f"Password for {username}: ")
+    result = yield client.login(username, password)
+    if cache is not None and result.get("session"):
+        cache.save(username, result["session"])
+
+
+@defer.inlineCallbacks
+def run_command(client, args, console: Console, cache: SessionCache | None):
+    """Run one subcommand against a connected-or-connecting client; print its result."""
+    out = console.out
+    if args.command == "create-account":
+        password = _password(console, f"Choose a password for {args.username}: ", confirm=True)
+        yield client.create_account(args.username, password)
+        out(f"Account {args.username} created.")
+        return
+    username = _username(args, console)
+    if args.command == "delete-account":
+        # Always the password again, even with a cached session: this cannot be undone.
+        password = _password(console, f"Password to delete {username} for good: ")
+        yield ensure_session(client, username, console, cache)
+        yield client.delete_account(password)
+        if cache is not None:
+            cache.forget(username)
+        out(f"Account {username} deleted.")
+        return
+    yield ensure_session(client, username, console, cache)
+    if args.command == "send":
+        result = yield client.send_message(args.to, args.body)
+        out(f"Sent #{result.get('message_id')} to {args.to}.")
+    elif args.command == "read":
+        result = yield client.read_messages(args.limit)
+        out(format_messages(result.get("messages", []), username))
+        out(f"({result.get('unread', 0)} unread left)")
+    elif args.command == "history":
+        result = yield client.history(peer=args.peer, before=args.before, limit=args.limit)
+        out(format_messages(reversed(result.get("messages", [])), username))
+    elif args.command == "list":
+        result = yield client.list_accounts(args.pattern, args.limit, args.after)
+        out(format_accounts(result.get("accounts", []), result.get("more", False)))
+    elif args.command == "delete":
+        result = yield client.delete_messages(args.ids)
+        out(f"Deleted {result.get('deleted', 0)} message(s).")
+    elif args.command == "logout":
+        yield client.logout()
+        if cache is not None:
+            cache.forget(username)
+        out(f"Logged out {username}.")
+
+
+# -- entry point -------------------------------------------------------------------
+
+def _load_config(path):
+    from paxchat.config import ConfigError, load
+    try:
+        return load(path)
+    except ConfigError as e:
+        raise CommandFailed(str(e), EXIT_USAGE) from None
+
+
+def make_client(reactor, config, args, **kwargs):
+    """A PaxchatClient for the config, or CommandFailed when TLS files are missing."""
+    from .api import PaxchatClient
+    from .failover import FailoverPolicy
+    if args.node is not None and args.node not in config.nodes:
+        known = ", ".join(str(n) for n in config.nodes)
+        raise CommandFailed(f"--node {args.node}: no such node in {config.path} (nodes are {known})", EXIT_USAGE)
+    policy = FailoverPolicy(deadline=args.timeout, connect_timeout=min(5.0, args.timeout))
+    try:
+        return PaxchatClient.from_config(reactor, config, prefer_node=args.node, policy=policy, **kwargs)
+    except Exception as e:  # missing/unreadable CA certificate and the like
+        raise CommandFailed(f"cannot set up TLS: {e}", EXIT_USAGE) from None
+
+
+@defer.inlineCallbacks
+def run(reactor, args, console: Console | None = None):
+    """Everything main() does once arguments are parsed; fires with the exit status."""
+    console = console or Console()
+    client = None
+    try:
+        config = _load_config(args.config)
+        cache = None if args.no_session_cache else SessionCache()
+        if args.command is None:
+            from .interactive import run_interactive
+            status = yield run_interactive(reactor, config, args, console)
+            return status
+        client = make_client(reactor, config, args)
+        yield run_command(client, args, console, cache)
+        return EXIT_OK
+    except CommandFailed as e:
+        console.err(f"paxchat: {e}")
+        return e.status
+    except Exception as e:
+        console.err(f"paxchat: {explain(e)}")
+        return EXIT_FAILED
+    finally:
+        if client is not None:
+            yield client.close()
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from twisted.internet import task
+
+    def start(reactor):
+        d = run(reactor, args)
+
+        def finish(status):
+            if status:
+                raise SystemExit(status)
+        return d.addCallback(finish)
+
+    task.react(start)
+
+
+if __name__ == "__main__":
+    main()

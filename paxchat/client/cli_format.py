@@ -1,0 +1,62 @@
+"""How the command-line client prints things: messages, lists, results.
+
+Plain text meant for a terminal and for grep: one header line per message
+with its id (needed by ``delete``), then the body indented so multi-line
+bodies stay readable.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+__all__ = ["format_message", "format_messages", "format_accounts", "format_time", "HELP"]
+
+
+def format_time(ts, localtime: Callable = time.localtime) -> str:
+    """``2026-11-22 14:05`` in local time."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", localtime(float(ts)))
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "?"
+
+
+def format_message(message: dict, me: str | None = None, localtime: Callable = time.localtime) -> str:
+    """``#12 2026-11-22 14:05  bob -> alice`` then the body, indented."""
+    sender = message.get("from", "?")
+    to = message.get("to", "?")
+    unread = "  (new)" if (me is not None and to == me and not message.get("read", True)) else ""
+    head = f"#{message.get('id', '?')} {format_time(message.get('ts'), localtime)}  {sender} -> {to}{unread}"
+    body = str(message.get("body", ""))
+    lines = body.split("\n") or [""]
+    return "\n".join([head] + ["    " + line for line in lines])
+
+
+def format_messages(messages: Iterable[dict], me: str | None = None,
+                    localtime: Callable = time.localtime) -> str:
+    """Messages one after another, or a note that there are none."""
+    blocks = [format_message(m, me, localtime) for m in messages]
+    return "\n".join(blocks) if blocks else "(no messages)"
+
+
+def format_accounts(accounts: list[str], more: bool) -> str:
+    lines = list(accounts) or ["(no matching accounts)"]
+    if more and accounts:
+        lines.append(f"(more; continue with --after {accounts[-1]})")
+    return "\n".join(lines)
+
+
+HELP = """\
+Commands:
+  register USER             create an account (asks for a password)
+  login USER                log in (asks for the password)
+  send USER MESSAGE...      send a message
+  read [N]                  show up to N unread messages (default 10) and mark them read
+  history [PEER] [N]        the last N messages (default 20), with PEER or with everyone
+  list [PATTERN]            accounts matching a pattern with * and ? (default *)
+  delete ID...              delete messages by id
+  delete-account            delete your account (asks for the password again)
+  logout                    end the session
+  help                      this text
+  quit                      leave (also Ctrl-D)
+Messages sent to you are shown as they arrive."""

@@ -1,0 +1,82 @@
+"""Where the command-line client gets a password, and where it keeps a session.
+
+A password comes from ``PAXCHAT_PASSWORD`` (for scripts) or is asked for
+without echo; it is never written anywhere. A session token from ``login``
+may be kept in ``~/.config/paxchat/session-<user>`` (mode 0600, in a 0700
+directory) so that one-shot commands do not log in every time.
+"""
+
+from __future__ import annotations
+
+import getpass as _getpass
+import os
+from pathlib import Path
+from typing import Callable, Mapping
+
+__all__ = ["PASSWORD_ENV", "NoPassword", "SessionCache", "get_password"]
+
+PASSWORD_ENV = "PAXCHAT_PASSWORD"
+
+
+class NoPassword(Exception):
+    """No password in the environment and no terminal to ask on (or the user gave up)."""
+
+
+def get_password(prompt: str = "Password: ", confirm: bool = False,
+                 env: Mapping[str, str] = os.environ,
+                 ask: Callable[[str], str] = _getpass.getpass) -> str:
+    """The password from PAXCHAT_PASSWORD, else asked for (twice if ``confirm``)."""
+    if env.get(PASSWORD_ENV):
+        return env[PASSWORD_ENV]
+    try:
+        password = ask(prompt)
+        if confirm and ask("Repeat the password: ") != password:
+            raise NoPassword("the two passwords differ")
+    except (EOFError, KeyboardInterrupt):
+        raise NoPassword("no password given") from None
+    if not password:
+        raise NoPassword("no password given")
+    return password
+
+
+def default_cache_dir(env: Mapping[str, str] = os.environ) -> Path:
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "paxchat"
+
+
+class SessionCache:
+    """Session tokens by username, one private file each."""
+
+    def __init__(self, directory: Path | None = None):
+        self.directory = Path(directory) if directory is not None else default_cache_dir()
+
+    def _path(self, username: str) -> Path:
+        return self.directory / f"session-{username}"
+
+    def load(self, username: str) -> str | None:
+        try:
+            token = self._path(username).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return token or None
+
+    def save(self, username: str, token: str) -> bool:
+        """Keep the token; False (and nothing written) if the directory cannot be made private."""
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path = self._path(username)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.fchmod(fd, 0o600)
+                os.write(fd, token.encode("utf-8"))
+            finally:
+                os.close(fd)
+            return True
+        except OSError:
+            return False
+
+    def forget(self, username: str) -> None:
+        try:
+            self._path(username).unlink()
+        except OSError:
+            pass

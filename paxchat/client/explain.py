@@ -1,0 +1,58 @@
+"""Readable sentences for every way a client call can fail.
+
+The CLI and the desktop app both show failures to people, never
+tracebacks: each protocol error code gets a sentence that says what happened
+and, where there is one, what to do about it.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import error as net_error
+from twisted.python.failure import Failure
+
+from .errors import ClientError, ConnectionDropped, ServerError, Unreachable
+
+__all__ = ["ERROR_SENTENCES", "explain"]
+
+ERROR_SENTENCES = {
+    "invalid_username": "That username is not allowed: use 1 to 32 letters, digits, '_', '.' or '-'.",
+    "invalid_password": "That password is not allowed: use 8 to 1,024 bytes.",
+    "username_taken": "That username is already taken; pick another one.",
+    "bad_credentials": "The username or password is wrong.",
+    "bad_session": "Your session has ended; please log in again.",
+    "no_such_user": "There is no account with that name.",
+    "body_too_large": "That message is too long (at most 16,384 characters).",
+    "invalid_request": "The server did not understand the request.",
+    "unknown_op": "The server does not support this operation.",
+    "not_logged_in": "You need to log in first.",
+    "unavailable": "The cluster could not commit this in time (too few servers reachable). Try again shortly.",
+    "rate_limited": "Too many requests; wait a moment and try again.",
+    "frame_too_large": "The request was too large for the server.",
+    "internal": "The server hit an internal error; try again.",
+}
+
+
+def explain(reason) -> str:
+    """One sentence for a Failure or exception from the client library (or the network)."""
+    exc = reason.value if isinstance(reason, Failure) else reason
+    if isinstance(exc, ServerError):
+        sentence = ERROR_SENTENCES.get(exc.code)
+        if sentence is None:
+            return f"The server refused: {exc.message}"
+        if exc.code in ("no_such_user", "invalid_request", "internal") and exc.message not in ("", exc.code):
+            return f"{sentence} ({exc.message})"
+        return sentence
+    if isinstance(exc, Unreachable):
+        tried = str(exc).partition(": ")[2]
+        where = f" (tried {tried})" if tried else ""
+        return f"Cannot reach any paxchat server{where}. Check that the cluster is running."
+    if isinstance(exc, ConnectionDropped):
+        return "The connection to the server was lost."
+    if isinstance(exc, net_error.ConnectionRefusedError):
+        return "The server refused the connection (is it running?)."
+    if isinstance(exc, (net_error.TimeoutError, net_error.ConnectingCancelledError)):
+        return "Connecting to the server timed out."
+    if isinstance(exc, ClientError):
+        return str(exc) or exc.__class__.__name__
+    text = str(exc).strip()
+    return f"Unexpected error: {text}" if text else f"Unexpected error ({exc.__class__.__name__})."

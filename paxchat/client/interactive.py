@@ -1,0 +1,77 @@
+"""Wire the interactive prompt to the terminal and the cluster.
+
+Standard input and output go through ``twisted.internet.stdio`` so that
+messages pushed by the server are printed while the prompt waits; the
+program ends on ``quit`` or end of input.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer, stdio
+
+from .credentials import PASSWORD_ENV, SessionCache
+from .errors import ServerError
+from .explain import explain
+from .shell import Shell, ShellProtocol
+
+__all__ = ["run_interactive"]
+
+
+@defer.inlineCallbacks
+def startup_login(shell: Shell, username: str, env, cache: SessionCache | None):
+    """--user given: resume the cached session, or log in with the password."""
+    client = shell.client
+    token = cache.load(username) if cache is not None else None
+    try:
+        if token:
+            try:
+                result = yield client.resume(token)
+                shell.write(f"Logged in as {username}; {result.get('unread', 0)} unread message(s).")
+                return
+            except ServerError as e:
+                if e.code != "bad_session":
+                    raise
+                cache.forget(username)
+        password = env.get(PASSWORD_ENV) or (yield shell.ask_secret(f"Password for {username}: "))
+        result = yield client.login(username, password)
+        if cache is not None:
+            cache.save(username, result["session"])
+        shell.write(f"Logged in as {username}; {result.get('unread', 0)} unread message(s).")
+    except Exception as e:
+        shell.write("Error: " + explain(e))
+
+
+def run_interactive(reactor, config, args, console) -> defer.Deferred:
+    """Run the prompt until quit; fires with the exit status."""
+    from .cli import make_client
+
+    done = defer.Deferred()
+    holder = {}
+
+    def on_event(event):
+        if "shell" in holder:
+            holder["shell"].on_event(event)
+
+    def on_status(status):
+        if "shell" in holder:
+            holder["shell"].on_status(status)
+
+    client = make_client(reactor, config, args, on_event=on_event, on_status=on_status)
+    cache = None if args.no_session_cache else SessionCache()
+
+    def make_shell(proto):
+        shell = Shell(client, proto.write, proto.ask_secret, lambda: proto.transport.loseConnection())
+        holder["shell"] = shell
+        if args.user:
+            proto._queue.addCallback(lambda _: startup_login(shell, args.user, console.env, cache))
+        else:
+            proto._queue.addCallback(lambda _: client.connect().addErrback(
+                lambda f: shell.write("Error: " + explain(f))))
+        return shell
+
+    stdio.StandardIO(ShellProtocol(make_shell, done), reactor=reactor)
+
+    def finish(_):
+        return client.close().addCallback(lambda _: 0)
+
+    return done.addCallback(finish)

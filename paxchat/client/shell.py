@@ -1,0 +1,246 @@
+"""The interactive ``paxchat`` prompt, kept inside the reactor.
+
+``Shell`` interprets command lines against a PaxchatClient and prints
+through a ``write`` function, so it is tested without a terminal;
+``ShellProtocol`` connects it to ``twisted.internet.stdio`` so incoming
+messages can be printed while the prompt waits for input.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.protocols.basic import LineReceiver
+
+from .cli_format import HELP, format_accounts, format_message, format_messages
+from .explain import explain
+
+__all__ = ["Shell", "ShellProtocol"]
+
+
+class Shell:
+    """One interactive session: ``handle(line)`` runs a command and returns a Deferred.
+
+    ``ask_secret(prompt)`` returns a Deferred with a line typed without echo;
+    ``quit()`` ends the program.
+    """
+
+    def __init__(self, client, write: Callable[[str], None],
+                 ask_secret: Callable[[str], defer.Deferred], quit: Callable[[], None]):
+        self.client = client
+        self.write = write
+        self.ask_secret = ask_secret
+        self.quit = quit
+        self.commands = {
+            "register": self.do_register, "login": self.do_login, "send": self.do_send,
+            "read": self.do_read, "history": self.do_history, "list": self.do_list,
+            "delete": self.do_delete, "delete-account": self.do_delete_account,
+            "logout": self.do_logout, "help": self.do_help, "quit": self.do_quit, "exit": self.do_quit,
+        }
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.client.username or 'paxchat'}> "
+
+    def handle(self, line: str) -> defer.Deferred:
+        """Run one command line; errors are printed as sentences, never raised."""
+        line = line.strip()
+        if not line:
+            return defer.succeed(None)
+        name, _, rest = line.partition(" ")
+        command = self.commands.get(name.lower())
+        if command is None:
+            self.write(f"Unknown command {name!r}; type 'help' for the list.")
+            return defer.succeed(None)
+        d = defer.maybeDeferred(command, rest.strip())
+        d.addErrback(lambda f: self.write("Error: " + explain(f)))
+        return d
+
+    def on_event(self, event: dict):
+        """Print pushed messages as they arrive, and mark them read."""
+        if event.get("event") == "message" and isinstance(event.get("message"), dict):
+            message = event["message"]
+            self.write(format_message(message, self.client.username))
+            if message.get("to") == self.client.username and "id" in message:
+                self.client.mark_read([message["id"]]).addErrback(lambda f: None)
+        elif event.get("event") == "session_ended":
+            self.write(f"Your session ended ({event.get('reason', 'no reason given')}); log in again.")
+
+    def on_status(self, status):
+        if status.state == "reconnecting":
+            self.write("Connection lost; reconnecting to another server...")
+        elif status.state == "connected":
+            self.write(f"Connected to node {status.node}.")
+        elif status.state == "failed":
+            self.write("Cannot reach any server; commands will try again.")
+
+    # -- commands -------------------------------------------------------------
+
+    def _usage(self, text):
+        self.write("Usage: " + text)
+
+    @defer.inlineCallbacks
+    def do_register(self, rest):
+        if len(rest.split()) != 1:
+            return self._usage("register USER")
+        password = yield self.ask_secret("Choose a password: ")
+        again = yield self.ask_secret("Repeat the password: ")
+        if password != again:
+            self.write("The two passwords differ; nothing was created.")
+            return
+        yield self.client.create_account(rest, password)
+        self.write(f"Account {rest} created. Log in with: login {rest}")
+
+    @defer.inlineCallbacks
+    def do_login(self, rest):
+        if len(rest.split()) != 1:
+            return self._usage("login USER")
+        password = yield self.ask_secret("Password: ")
+        result = yield self.client.login(rest, password)
+        self.write(f"Logged in as {rest}; {result.get('unread', 0)} unread message(s).")
+
+    @defer.inlineCallbacks
+    def do_send(self, rest):
+        to, _, body = rest.partition(" ")
+        if not to or not body.strip():
+            return self._usage("send USER MESSAGE")
+        result = yield self.client.send_message(to, body)
+        self.write(f"Sent #{result.get('message_id')}.")
+
+    @defer.inlineCallbacks
+    def do_read(self, rest):
+        limit = _int_or(rest, 10)
+        if limit is None:
+            return self._usage("read [N]")
+        result = yield self.client.read_messages(limit)
+        self.write(format_messages(result.get("messages", []), self.client.username))
+        self.write(f"({result.get('unread', 0)} unread left)")
+
+    @defer.inlineCallbacks
+    def do_history(self, rest):
+        words = rest.split()
+        peer, limit = None, 20
+        if words and not words[0].isdigit():
+            peer = words.pop(0)
+        if words:
+            limit = _int_or(words.pop(0), None)
+        if limit is None or words:
+            return self._usage("history [PEER] [N]")
+        result = yield self.client.history(peer=peer, limit=limit)
+        self.write(format_messages(reversed(result.get("messages", [])), self.client.username))
+
+    @defer.inlineCallbacks
+    def do_list(self, rest):
+        result = yield self.client.list_accounts(rest or "*")
+        self.write(format_accounts(result.get("accounts", []), result.get("more", False)))
+
+    @defer.inlineCallbacks
+    def do_delete(self, rest):
+        ids = [w.lstrip("#") for w in rest.split()]
+        if not ids or not all(i.isdigit() for i in ids):
+            return self._usage("delete ID...")
+        result = yield self.client.delete_messages([int(i) for i in ids])
+        self.write(f"Deleted {result.get('deleted', 0)} message(s).")
+
+    @defer.inlineCallbacks
+    def do_delete_account(self, rest):
+        if self.client.username is None:
+            self.write("You need to log in first.")
+            return
+        name = self.client.username
+        password = yield self.ask_secret(f"This deletes {name} and every message sent to it. Password: ")
+        yield self.client.delete_account(password)
+        self.write(f"Account {name} deleted.")
+
+    @defer.inlineCallbacks
+    def do_logout(self, rest):
+        yield self.client.logout()
+        self.write("Logged out.")
+
+    def do_help(self, rest):
+        self.write(HELP)
+
+    def do_quit(self, rest):
+        self.quit()
+
+
+def _int_or(text, default):
+    text = text.strip()
+    if not text:
+        return default
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+class ShellProtocol(LineReceiver):
+    """stdin/stdout for a Shell: a prompt, no-echo password lines, output that does not mangle it."""
+
+    delimiter = os.linesep.encode()
+
+    def __init__(self, make_shell: Callable[["ShellProtocol"], Shell], done: defer.Deferred,
+                 stdin_fd: int | None = None):
+        self.make_shell = make_shell
+        self.done = done
+        self.stdin_fd = sys.stdin.fileno() if stdin_fd is None else stdin_fd
+        self.shell = None
+        self._secret: defer.Deferred | None = None
+        self._saved_tty = None
+        self._queue = defer.succeed(None)
+
+    def connectionMade(self):
+        self.shell = self.make_shell(self)
+        self.write("Type 'help' for commands.")
+        self._prompt()
+
+    def write(self, text: str):
+        if self.transport is None:
+            return
+        # Start on a clean line so pushed messages do not land after the prompt.
+        self.transport.write(("\r" + text.replace("\n", os.linesep) + os.linesep).encode("utf-8", "replace"))
+
+    def _prompt(self):
+        if self.transport is not None and self._secret is None:
+            self.transport.write(self.shell.prompt.encode("utf-8", "replace"))
+
+    def ask_secret(self, prompt: str) -> defer.Deferred:
+        self._echo(False)
+        self.transport.write(prompt.encode("utf-8", "replace"))
+        self._secret = defer.Deferred()
+        return self._secret
+
+    def _echo(self, on: bool):
+        try:
+            import termios
+            if not os.isatty(self.stdin_fd):
+                return
+            if not on:
+                self._saved_tty = termios.tcgetattr(self.stdin_fd)
+                quiet = termios.tcgetattr(self.stdin_fd)
+                quiet[3] &= ~termios.ECHO
+                termios.tcsetattr(self.stdin_fd, termios.TCSADRAIN, quiet)
+            elif self._saved_tty is not None:
+                termios.tcsetattr(self.stdin_fd, termios.TCSADRAIN, self._saved_tty)
+                self._saved_tty = None
+        except (ImportError, OSError, ValueError):
+            pass
+
+    def lineReceived(self, line: bytes):
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        if self._secret is not None:
+            d, self._secret = self._secret, None
+            self._echo(True)
+            self.transport.write(os.linesep.encode())
+            d.callback(text)
+            return
+        self._queue.addCallback(lambda _: self.shell.handle(text))
+        self._queue.addBoth(lambda _: self._prompt())
+
+    def connectionLost(self, reason=None):
+        self._echo(True)
+        if self._secret is not None:
+            d, self._secret = self._secret, None
+            d.errback(EOFError("input closed"))
+        if not self.done.called:
+            self.done.callback(None)

@@ -1,0 +1,277 @@
+"""The paxchat CLI without a network: parsing, output, credentials, the prompt."""
+
+import os
+import stat
+
+import pytest
+from twisted.internet import defer
+
+from paxchat.client import cli
+from paxchat.client.cli_format import format_accounts, format_message, format_messages
+from paxchat.client.credentials import NoPassword, SessionCache, get_password
+from paxchat.client.errors import ServerError, Unreachable
+from paxchat.client.explain import ERROR_SENTENCES, explain
+from paxchat.client.shell import Shell
+
+UTC = __import__("time").gmtime
+MSG = {"id": 12, "from": "bob", "to": "alice", "body": "hi\nthere", "ts": 0.0, "read": False}
+
+
+class StubClient:
+    """Answers every op from a table; records the calls."""
+
+    def __init__(self, answers=None):
+        self.answers = answers or {}
+        self.calls = []
+        self.username = None
+        self.session = None
+
+    def _op(self, op, *args, **kwargs):
+        self.calls.append((op, args, kwargs))
+        answer = self.answers.get(op, {})
+        if isinstance(answer, Exception):
+            return defer.fail(answer)
+        return defer.succeed(answer)
+
+    def __getattr__(self, op):
+        if op.startswith("_"):
+            raise AttributeError(op)
+        return lambda *a, **k: self._op(op, *a, **k)
+
+    def login(self, username, password):
+        self.username = username
+        return self._op("login", username, password)
+
+
+def parse(*argv):
+    return cli.build_parser().parse_args(list(argv))
+
+
+def console(env=None, answers=()):
+    out, err, asked = [], [], []
+    replies = list(answers)
+
+    def ask(prompt):
+        asked.append(prompt)
+        return replies.pop(0)
+    return cli.Console(out=out.append, err=err.append, ask=ask, ask_name=ask, env=env or {}), out, err, asked
+
+
+def run(client, args, con, cache=None):
+    results = []
+    cli.run_command(client, args, con, cache).addBoth(results.append)
+    assert results, "the command did not finish"
+    return results[0]
+
+
+# -- parsing -----------------------------------------------------------------------
+
+def test_parses_global_options_and_subcommands():
+    args = parse("--config", "c.ini", "--node", "2", "--user", "alice", "send", "bob", "hi there")
+    assert (args.config, args.node, args.user, args.command, args.to, args.body) == \
+        ("c.ini", 2, "alice", "send", "bob", "hi there")
+    assert parse("history", "--peer", "bob").peer == "bob"
+    assert parse("list", "a*").pattern == "a*"
+    assert parse("list").pattern == "*"
+    assert parse("delete", "3", "#4").ids == [3, 4]
+    assert parse().command is None
+
+
+@pytest.mark.parametrize("argv", [["delete"], ["delete", "x"], ["read", "--limit", "0"], ["send", "bob"]])
+def test_bad_arguments_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(*argv)
+    assert e.value.code == 2
+
+
+# -- formatting ----------------------------------------------------------------------
+
+def test_message_format_has_id_time_names_and_indented_body():
+    text = format_message(MSG, me="alice", localtime=UTC)
+    assert text == "#12 1970-01-01 00:00  bob -> alice  (new)\n    hi\n    there"
+    assert "(new)" not in format_message(MSG, me="bob", localtime=UTC)
+
+
+def test_empty_lists_say_so():
+    assert format_messages([]) == "(no messages)"
+    assert format_accounts([], False) == "(no matching accounts)"
+    assert format_accounts(["a", "b"], True).endswith("(more; continue with --after b)")
+
+
+def test_every_error_code_has_a_sentence_and_none_is_a_traceback():
+    for code in ("invalid_username", "invalid_password", "username_taken", "bad_credentials",
+                 "no_such_user", "body_too_large", "not_logged_in", "unavailable", "rate_limited",
+                 "invalid_request", "unknown_op", "frame_too_large", "internal", "bad_session"):
+        assert code in ERROR_SENTENCES
+        sentence = explain(ServerError(code, "details"))
+        assert sentence[0].isupper() and "Traceback" not in sentence
+    assert "7101" in explain(Unreachable("no paxchat node could be reached: 127.0.0.1:7101"))
+    assert explain(ServerError("brand_new", "odd thing")) == "The server refused: odd thing"
+
+
+# -- credentials ---------------------------------------------------------------------
+
+def test_password_from_env_else_asked_and_confirmed():
+    assert get_password(env={"PAXCHAT_PASSWORD": "from-env"}, ask=None) == "from-env"
+    assert get_password(env={}, ask=lambda p: "typed-pw") == "typed-pw"
+    answers = iter(["one-pass", "two-pass"])
+    with pytest.raises(NoPassword):
+        get_password(env={}, confirm=True, ask=lambda p: next(answers))
+
+    def eof(prompt):
+        raise EOFError
+    with pytest.raises(NoPassword):
+        get_password(env={}, ask=eof)
+
+
+def test_session_cache_is_private(tmp_path):
+    cache = SessionCache(tmp_path / "paxchat")
+    assert cache.load("alice") is None
+    assert cache.save("alice", "tok")
+    path = tmp_path / "paxchat" / "session-alice"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+    assert cache.load("alice") == "tok"
+    cache.forget("alice")
+    assert cache.load("alice") is None
+
+
+# -- one-shot commands ------------------------------------------------------------------
+
+def test_send_logs_in_with_env_password_and_caches_the_session(tmp_path):
+    client = StubClient({"login": {"session": "tok", "unread": 0}, "send_message": {"message_id": 41, "ts": 1}})
+    con, out, err, _ = console(env={"PAXCHAT_PASSWORD": "pw-123456"})
+    cache = SessionCache(tmp_path)
+    assert run(client, parse("--user", "alice", "send", "bob", "hi"), con, cache) is None
+    assert client.calls[0] == ("login", ("alice", "pw-123456"), {})
+    assert client.calls[1] == ("send_message", ("bob", "hi"), {})
+    assert out == ["Sent #41 to bob."]
+    assert cache.load("alice") == "tok"
+
+
+def test_cached_session_is_resumed_without_a_password(tmp_path):
+    cache = SessionCache(tmp_path)
+    cache.save("alice", "tok")
+    client = StubClient({"read_messages": {"messages": [MSG], "unread": 3}})
+    con, out, _, asked = console()
+    run(client, parse("--user", "alice", "read"), con, cache)
+    assert [c[0] for c in client.calls] == ["resume", "read_messages"]
+    assert asked == []
+    assert out[-1] == "(3 unread left)" and "#12" in out[0]
+
+
+def test_stale_cached_session_falls_back_to_the_prompted_password(tmp_path):
+    cache = SessionCache(tmp_path)
+    cache.save("alice", "old")
+    client = StubClient({"resume": ServerError("bad_session", "gone"), "login": {"session": "new"},
+                         "history": {"messages": [dict(MSG, id=2), dict(MSG, id=1)]}})
+    con, out, _, asked = console(answers=["typed-pw"])
+    run(client, parse("--user", "alice", "history", "--peer", "bob"), con, cache)
+    assert asked == ["Password for alice: "]
+    assert client.calls[-1] == ("history", (), {"peer": "bob", "before": None, "limit": 50})
+    assert out[0].index("#1 ") < out[0].index("#2 ")   # oldest first
+    assert cache.load("alice") == "new"
+
+
+def test_create_account_asks_twice_and_reports():
+    client = StubClient({"create_account": {"username": "carol"}})
+    con, out, _, asked = console(answers=["pw-123456", "pw-123456"])
+    run(client, parse("create-account", "carol"), con)
+    assert client.calls == [("create_account", ("carol", "pw-123456"), {})]
+    assert out == ["Account carol created."] and len(asked) == 2
+
+
+def test_delete_account_always_asks_for_the_password(tmp_path):
+    cache = SessionCache(tmp_path)
+    cache.save("alice", "tok")
+    client = StubClient()
+    con, out, _, asked = console(answers=["pw-123456"])
+    run(client, parse("--user", "alice", "delete-account"), con, cache)
+    assert client.calls[-1] == ("delete_account", ("pw-123456",), {})
+    assert cache.load("alice") is None and out == ["Account alice deleted."]
+
+
+def test_server_errors_propagate_for_main_to_explain():
+    client = StubClient({"login": {"session": "t"}, "send_message": ServerError("no_such_user", "no bob")})
+    con, out, err, _ = console(env={"PAXCHAT_PASSWORD": "pw-123456"})
+    failure = run(client, parse("--user", "alice", "send", "bob", "x"), con)
+    assert failure.value.code == "no_such_user"
+
+
+def test_a_bad_config_is_one_line_and_status_2(tmp_path):
+    bad = tmp_path / "cluster.ini"
+    bad.write_text("[cluster]\nbogus = 1\n")
+    con, out, err, _ = console()
+    status = []
+    cli.run(None, parse("--config", str(bad), "list"), con).addBoth(status.append)
+    assert status == [2]
+    assert len(err) == 1 and "bogus" in err[0] and err[0].startswith("paxchat: ")
+
+
+def test_main_exits_cleanly_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+    missing = tmp_path / "nope.ini"
+    proc = subprocess.run([sys.executable, "-m", "paxchat.client.cli", "--config", str(missing), "read"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"paxchat: {missing}: no such file"
+
+
+# -- the interactive shell ---------------------------------------------------------------
+
+def shell_with(client, secrets=()):
+    lines = []
+    replies = list(secrets)
+    shell = Shell(client, lines.append, lambda prompt: defer.succeed(replies.pop(0)), lambda: lines.append("<quit>"))
+    return shell, lines
+
+
+def test_shell_login_send_read_and_unknown_commands():
+    client = StubClient({"login": {"session": "t", "unread": 2}, "send_message": {"message_id": 5},
+                         "read_messages": {"messages": [MSG], "unread": 0}})
+    shell, lines = shell_with(client, ["pw-123456"])
+    shell.handle("login alice")
+    assert lines[-1] == "Logged in as alice; 2 unread message(s)."
+    assert shell.prompt == "alice> "
+    shell.handle("send bob  hello   world ")
+    assert client.calls[-1] == ("send_message", ("bob", " hello   world"), {})
+    shell.handle("read 5")
+    assert client.calls[-1] == ("read_messages", (5,), {})
+    shell.handle("frobnicate")
+    assert "Unknown command" in lines[-1]
+    shell.handle("send bob")
+    assert lines[-1].startswith("Usage:")
+    shell.handle("quit")
+    assert lines[-1] == "<quit>"
+
+
+def test_shell_prints_errors_as_sentences():
+    client = StubClient({"send_message": ServerError("body_too_large", "too big")})
+    shell, lines = shell_with(client)
+    shell.handle("send bob x")
+    assert lines[-1] == "Error: " + ERROR_SENTENCES["body_too_large"]
+
+
+def test_shell_prints_pushed_messages_and_marks_them_read():
+    client = StubClient()
+    client.username = "alice"
+    shell, lines = shell_with(client)
+    shell.on_event({"event": "message", "message": MSG})
+    assert lines[-1].startswith("#12 ") and "bob -> alice" in lines[-1]
+    assert client.calls == [("mark_read", ([12],), {})]
+
+
+def test_shell_history_list_delete_parsing():
+    client = StubClient({"history": {"messages": []}, "list_accounts": {"accounts": ["al"], "more": False},
+                         "delete_messages": {"deleted": 2}})
+    shell, lines = shell_with(client)
+    shell.handle("history bob 5")
+    assert client.calls[-1] == ("history", (), {"peer": "bob", "limit": 5})
+    shell.handle("history 7")
+    assert client.calls[-1] == ("history", (), {"peer": None, "limit": 7})
+    shell.handle("list a*")
+    assert client.calls[-1] == ("list_accounts", ("a*",), {}) and lines[-1] == "al"
+    shell.handle("delete #3 4")
+    assert client.calls[-1] == ("delete_messages", ([3, 4],), {})
+    assert lines[-1] == "Deleted 2 message(s)."
