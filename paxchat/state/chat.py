@@ -1,0 +1,554 @@
+"""The chat state machine: deterministic apply of replicated commands over kv.
+
+Every node applies the same commands in the same order and must reach the
+same bytes, so apply uses only what the command carries (timestamps,
+hashes) and the current state: no clock, no randomness, no dict-order
+surprises. Each command runs in its own savepoint inside the batch's
+transaction: a rejected command leaves no trace but still consumes its
+log index.
+
+Key layout (every read is one prefix range scan; ``<id>`` is a message id
+as 16 lowercase hex digits so key order is id order)::
+
+    #msgid                    last message id given out
+    a/<user>                  account: [pw_hash, created_ts]
+    n/<user>                  unread count (decimal), absent = 0
+    s/<session_hash>          session: [user, expires]
+    su/<user>/<session_hash>  sessions of a user
+    m/<id>                    message: [from, to, body, ts, read(0/1)]
+    h/<user>/<id>             history of a user: messages sent or received
+    p/<user>/<peer>/<id>      the same, per peer (history with a peer filter)
+    u/<user>/<id>             unread messages addressed to a user
+    d/<user>/m/<client_msg>   send dedup: [message_id, ts]
+    d/<user>/g/<dedup>        generic dedup: the first response
+
+Ownership of a message is the presence of its id in the owner's ``h/``
+index, not the name inside it: an account that is deleted loses its index,
+so a new account with the same name never sees the old one's messages.
+"""
+
+import json
+import math
+import re
+import sqlite3
+
+from twisted.logger import Logger
+
+from paxchat.state.kv import KVStore
+
+log = Logger()
+
+USERNAME = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
+MAX_BODY_CHARS = 16384
+MAX_MESSAGE_ID = 2 ** 63 - 1
+_PAGE = 1000
+
+
+def valid_username(name):
+    return isinstance(name, str) and USERNAME.fullmatch(name) is not None
+
+
+def ok(result):
+    return {"ok": True, "result": result}
+
+
+def error(code, message):
+    return {"ok": False, "error": {"code": code, "message": message}}
+
+
+class Rejected(Exception):
+    """A command that fails with a protocol error; its writes are rolled back."""
+
+    def __init__(self, code, message):
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+
+_json_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_decode = json.loads
+
+
+def _encode(value):
+    return _json_encode(value).encode("utf-8")
+
+
+def _mid(message_id):
+    return "%016x" % message_id
+
+
+def glob_regex(pattern):
+    """A compiled regex for a glob where only ``*`` and ``?`` are special."""
+    parts = []
+    for ch in pattern:
+        if ch == "*":
+            parts.append(".*")
+        elif ch == "?":
+            parts.append(".")
+        else:
+            parts.append(re.escape(ch))
+    return re.compile("".join(parts), re.DOTALL)
+
+
+def glob_literal_prefix(pattern):
+    """The part of a glob before its first wildcard: every match starts with it."""
+    match = re.match(r"[^*?]*", pattern)
+    return match.group(0)
+
+
+# -- command validation ------------------------------------------------------
+
+def _is_text(v):
+    if not isinstance(v, str):
+        return False
+    if v.isascii():
+        return True
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _is_count(v):
+    return _is_int(v) and v >= 0
+
+
+def _is_ids(v):
+    return isinstance(v, list) and all(_is_int(i) for i in v)
+
+
+def _is_opt_text(v):
+    return v is None or _is_text(v)
+
+
+_TYPE_NAMES = {
+    _is_text: "a string", _is_number: "a number", _is_count: "a non-negative integer",
+    _is_ids: "a list of integers", _is_opt_text: "a string or null",
+}
+
+# op -> {field: check}; fields listed with a default may be omitted.
+COMMANDS = {
+    "create_account": {"username": _is_text, "pw_hash": _is_text, "ts": _is_number},
+    "login": {"username": _is_text, "pw_hash": _is_text, "session": _is_text,
+              "ts": _is_number, "expires": _is_number},
+    "logout": {"session": _is_text, "username": _is_opt_text},
+    "send_message": {"session": _is_text, "from": _is_text, "to": _is_text,
+                     "body": _is_text, "ts": _is_number, "client_msg_id": _is_opt_text},
+    "read_messages": {"session": _is_text, "username": _is_text, "limit": _is_count},
+    "mark_read": {"session": _is_text, "username": _is_text, "ids": _is_ids},
+    "delete_messages": {"session": _is_text, "username": _is_text, "ids": _is_ids},
+    "delete_account": {"session": _is_text, "username": _is_text, "pw_hash": _is_text},
+}
+_OPTIONAL = {("logout", "username"), ("send_message", "client_msg_id")}
+
+
+def validate(command):
+    """Raise L{Rejected} unless ``command`` is well-formed; returns its op."""
+    if not isinstance(command, dict):
+        raise Rejected("invalid_request", "a command must be an object")
+    op = command.get("op")
+    if not isinstance(op, str):
+        raise Rejected("invalid_request", "missing or mistyped field 'op'")
+    fields = COMMANDS.get(op)
+    if fields is None:
+        raise Rejected("unknown_op", f"no such op: {op[:64]!r}")
+    for name, check in fields.items():
+        if name not in command:
+            if (op, name) in _OPTIONAL:
+                continue
+            raise Rejected("invalid_request", f"{op}: missing field '{name}'")
+        if not check(command[name]):
+            raise Rejected("invalid_request", f"{op}: field '{name}' must be {_TYPE_NAMES[check]}")
+    if "dedup" in command and not _is_text(command["dedup"]):
+        raise Rejected("invalid_request", f"{op}: field 'dedup' must be a string")
+    return op
+
+
+class ChatState:
+    """Accounts, sessions and messages, changed only by replicated commands.
+
+    Not thread-safe: use it from one thread (the StateWorker's).
+    """
+
+    def __init__(self, kv):
+        self.kv = kv
+        self._handlers = {op: getattr(self, "_op_" + op) for op in COMMANDS}
+
+    @classmethod
+    def open(cls, path, check=False):
+        """Open (or create) the state database at ``path``; see L{KVStore.open}."""
+        return cls(KVStore.open(path, check=check))
+
+    def close(self):
+        self.kv.close()
+
+    def applied_index(self):
+        return self.kv.applied_index()
+
+    # -- applying --------------------------------------------------------
+
+    def apply_entries(self, entries):
+        """Apply ``[(index, [command, ...]), ...]`` in one transaction.
+
+        Returns one list of responses per entry, or None for an entry whose
+        index is not above the applied index (already applied: skipped).
+        A SQLite failure rolls the whole batch back and raises L{StoreError}.
+        """
+        kv = self.kv
+        results = []
+        try:
+            with kv.transaction():
+                applied = start = kv.applied_index()
+                for index, commands in entries:
+                    if index <= applied:
+                        results.append(None)
+                        continue
+                    results.append([self._apply_one(command) for command in commands])
+                    applied = index
+                if applied != start:
+                    kv.set_applied_index(applied)
+        except sqlite3.Error as e:
+            raise kv.error(e) from e
+        return results
+
+    def apply(self, command):
+        """Apply one command as the next log index; returns its response."""
+        return self.apply_entries([(self.applied_index() + 1, [command])])[0][0]
+
+    def _apply_one(self, command):
+        try:
+            with self.kv.savepoint():
+                return ok(self._dispatch(command))
+        except Rejected as r:
+            return error(r.code, r.message)
+        except sqlite3.Error:
+            raise
+        except Exception:
+            # A bug, but a deterministic one: every node answers the same.
+            op = command.get("op") if isinstance(command, dict) else None
+            log.failure("applying a {op!r} command failed", op=op)
+            return error("internal", "internal error while applying the command")
+
+    def _dispatch(self, command):
+        op = validate(command)
+        dedup = command.get("dedup")
+        dedup_key = None
+        if dedup is not None:
+            owner = command.get("username") or command.get("from")
+            if owner is None:
+                owner = self._session_record(command["session"])[0]
+            if valid_username(owner):
+                dedup_key = f"d/{owner}/g/{dedup}"
+                stored = self.kv.get(dedup_key)
+                if stored is not None:
+                    return _decode(stored)["result"]
+        result = self._handlers[op](command)
+        if dedup_key is not None:
+            self.kv.put(dedup_key, _encode({"result": result}))
+        return result
+
+    # -- helpers ---------------------------------------------------------
+
+    def _account_record(self, username):
+        if not valid_username(username):
+            return None
+        raw = self.kv.get("a/" + username)
+        return None if raw is None else _decode(raw)
+
+    def _session_record(self, session_hash):
+        raw = self.kv.get("s/" + session_hash)
+        if raw is None:
+            raise Rejected("bad_session", "the session has ended")
+        return _decode(raw)
+
+    def _check_session(self, command, user_field):
+        user, _expires = self._session_record(command["session"])
+        claimed = command.get(user_field)
+        if claimed is not None and claimed != user:
+            raise Rejected("bad_session", "the session belongs to another account")
+        return user
+
+    def _add_unread(self, username, delta):
+        if delta == 0:
+            return
+        key = "n/" + username
+        raw = self.kv.get(key)
+        count = (int(raw) if raw is not None else 0) + delta
+        if count:
+            self.kv.put(key, str(count).encode())
+        else:
+            self.kv.delete(key)
+
+    def _next_message_id(self):
+        raw = self.kv.get("#msgid")
+        message_id = (int(raw) if raw is not None else 0) + 1
+        self.kv.put("#msgid", str(message_id).encode())
+        return message_id
+
+    def _message_record(self, message_id):
+        raw = self.kv.get("m/" + _mid(message_id))
+        return None if raw is None else _decode(raw)
+
+    @staticmethod
+    def _message(message_id, record):
+        sender, recipient, body, ts, read = record
+        return {"id": message_id, "from": sender, "to": recipient, "body": body,
+                "ts": ts, "read": bool(read)}
+
+    def _mark_read(self, message_id):
+        key = "m/" + _mid(message_id)
+        record = _decode(self.kv.get(key))
+        record[4] = 1
+        self.kv.put(key, _encode(record))
+        return record
+
+    def _unlink(self, message_id, record):
+        """Remove a message and every index entry that points at it."""
+        sender, recipient, _body, _ts, read = record
+        mid = _mid(message_id)
+        kv = self.kv
+        kv.delete("m/" + mid)
+        for user, peer in ((sender, recipient), (recipient, sender)):
+            kv.delete(f"h/{user}/{mid}")
+            kv.delete(f"p/{user}/{peer}/{mid}")
+        if not read and kv.delete(f"u/{recipient}/{mid}"):
+            self._add_unread(recipient, -1)
+
+    @staticmethod
+    def _unique_ids(ids):
+        seen = set()
+        for i in ids:
+            if 0 < i <= MAX_MESSAGE_ID and i not in seen:
+                seen.add(i)
+                yield i
+
+    # -- commands --------------------------------------------------------
+
+    def _op_create_account(self, c):
+        username = c["username"]
+        if not valid_username(username):
+            raise Rejected("invalid_username",
+                           "usernames are 1 to 32 characters of A-Z a-z 0-9 _ . -")
+        if self.kv.get("a/" + username) is not None:
+            raise Rejected("username_taken", f"the name {username} is taken")
+        self.kv.put("a/" + username, _encode([c["pw_hash"], c["ts"]]))
+        return {"username": username}
+
+    def _op_login(self, c):
+        username, session = c["username"], c["session"]
+        account = self._account_record(username)
+        if account is None or account[0] != c["pw_hash"]:
+            raise Rejected("bad_credentials", "wrong username or password")
+        kv = self.kv
+        # Sessions expired by this login's clock go: bounded per account.
+        for key, _ in kv.scan(f"su/{username}/"):
+            other = key[len(f"su/{username}/"):]
+            raw = kv.get("s/" + other)
+            if raw is None or _decode(raw)[1] <= c["ts"]:
+                kv.delete("s/" + other)
+                kv.delete(key)
+        raw = kv.get("s/" + session)
+        if raw is not None:
+            kv.delete(f"su/{_decode(raw)[0]}/{session}")
+        kv.put("s/" + session, _encode([username, c["expires"]]))
+        kv.put(f"su/{username}/{session}", b"")
+        return {"unread": self.unread_count(username)}
+
+    def _op_logout(self, c):
+        user = self._check_session(c, "username")
+        self.kv.delete("s/" + c["session"])
+        self.kv.delete(f"su/{user}/{c['session']}")
+        return {}
+
+    def _op_send_message(self, c):
+        sender, recipient, body, ts = c["from"], c["to"], c["body"], c["ts"]
+        cmid = c.get("client_msg_id")
+        kv = self.kv
+        dedup_key = f"d/{sender}/m/{cmid}" if cmid is not None and valid_username(sender) else None
+        if dedup_key is not None:
+            stored = kv.get(dedup_key)
+            if stored is not None:
+                message_id, first_ts = _decode(stored)
+                return {"message_id": message_id, "ts": first_ts}
+        self._check_session(c, "from")
+        if self._account_record(recipient) is None:
+            raise Rejected("no_such_user", f"no account named {recipient[:64]}")
+        if not body:
+            raise Rejected("invalid_request", "send_message: empty body")
+        if len(body) > MAX_BODY_CHARS:
+            raise Rejected("body_too_large", f"bodies are at most {MAX_BODY_CHARS} characters")
+        message_id = self._next_message_id()
+        mid = _mid(message_id)
+        rows = [("m/" + mid, _encode([sender, recipient, body, ts, 0])),
+                (f"h/{sender}/{mid}", b""), (f"p/{sender}/{recipient}/{mid}", b""),
+                (f"u/{recipient}/{mid}", b"")]
+        if recipient != sender:
+            rows += [(f"h/{recipient}/{mid}", b""), (f"p/{recipient}/{sender}/{mid}", b"")]
+        kv.put_many(rows)
+        self._add_unread(recipient, 1)
+        if dedup_key is not None:
+            kv.put(dedup_key, _encode([message_id, ts]))
+        return {"message_id": message_id, "ts": ts}
+
+    def _op_read_messages(self, c):
+        user = self._check_session(c, "username")
+        prefix = f"u/{user}/"
+        rows = self.kv.scan(prefix, limit=c["limit"]) if c["limit"] else []
+        messages = []
+        for key, _ in rows:
+            message_id = int(key[len(prefix):], 16)
+            record = self._mark_read(message_id)
+            self.kv.delete(key)
+            messages.append(self._message(message_id, record))
+        self._add_unread(user, -len(messages))
+        return {"messages": messages, "unread": self.unread_count(user)}
+
+    def _op_mark_read(self, c):
+        user = self._check_session(c, "username")
+        marked = 0
+        for message_id in self._unique_ids(c["ids"]):
+            if self.kv.delete(f"u/{user}/{_mid(message_id)}"):
+                self._mark_read(message_id)
+                marked += 1
+        self._add_unread(user, -marked)
+        return {"marked": marked}
+
+    def _op_delete_messages(self, c):
+        user = self._check_session(c, "username")
+        deleted = 0
+        for message_id in self._unique_ids(c["ids"]):
+            if self.kv.get(f"h/{user}/{_mid(message_id)}") is None:
+                continue
+            record = self._message_record(message_id)
+            if record is not None:
+                self._unlink(message_id, record)
+                deleted += 1
+        return {"deleted": deleted}
+
+    def _op_delete_account(self, c):
+        user = self._check_session(c, "username")
+        account = self._account_record(user)
+        if account is None or account[0] != c["pw_hash"]:
+            raise Rejected("bad_credentials", "wrong password")
+        kv = self.kv
+        prefix = f"h/{user}/"
+        after = None
+        while True:
+            rows = kv.scan(prefix, after=after, limit=_PAGE)
+            if not rows:
+                break
+            after = rows[-1][0]
+            for key, _ in rows:
+                message_id = int(key[len(prefix):], 16)
+                record = self._message_record(message_id)
+                if record is not None and record[1] == user:
+                    self._unlink(message_id, record)
+        for key, _ in kv.scan(f"su/{user}/"):
+            kv.delete("s/" + key[len(f"su/{user}/"):])
+        for p in (prefix, f"p/{user}/", f"u/{user}/", f"d/{user}/", f"su/{user}/"):
+            kv.delete_prefix(p)
+        kv.delete("a/" + user)
+        kv.delete("n/" + user)
+        return {}
+
+    # -- reads -----------------------------------------------------------
+
+    def account(self, username):
+        """``{"username", "pw_hash", "created"}`` or None."""
+        record = self._account_record(username)
+        if record is None:
+            return None
+        return {"username": username, "pw_hash": record[0], "created": record[1]}
+
+    def session(self, session_hash):
+        """``{"username", "expires"}`` or None. Expiry is the caller's to check."""
+        if not _is_text(session_hash):
+            return None
+        raw = self.kv.get("s/" + session_hash)
+        if raw is None:
+            return None
+        username, expires = _decode(raw)
+        return {"username": username, "expires": expires}
+
+    def sessions_of(self, username):
+        if not valid_username(username):
+            return []
+        prefix = f"su/{username}/"
+        return [key[len(prefix):] for key, _ in self.kv.scan(prefix)]
+
+    def unread_count(self, username):
+        if not valid_username(username):
+            return 0
+        raw = self.kv.get("n/" + username)
+        return int(raw) if raw is not None else 0
+
+    def message(self, message_id):
+        """One message as a protocol dict, or None."""
+        if not _is_int(message_id) or not 0 < message_id <= MAX_MESSAGE_ID:
+            return None
+        record = self._message_record(message_id)
+        return None if record is None else self._message(message_id, record)
+
+    def list_accounts(self, pattern="*", limit=100, after=""):
+        """``(names, more)``: sorted names matching the glob, after ``after``."""
+        regex = glob_regex(pattern)
+        prefix = "a/" + glob_literal_prefix(pattern)
+        names = []
+        more = False
+        for key, _ in self.kv.iter_scan(prefix, after=("a/" + after) if after else None):
+            name = key[2:]
+            if regex.fullmatch(name):
+                if len(names) >= limit:
+                    more = True
+                    break
+                names.append(name)
+        return names, more
+
+    def history(self, username, peer=None, before=None, limit=50):
+        """Messages ``username`` sent or received, newest first.
+
+        ``peer`` keeps only those exchanged with that name; ``before`` keeps
+        ids below it.
+        """
+        if not valid_username(username) or (peer is not None and not valid_username(peer)):
+            return []
+        prefix = f"h/{username}/" if peer is None else f"p/{username}/{peer}/"
+        bound = None
+        if before is not None:
+            if before <= 1:
+                return []
+            bound = prefix + _mid(min(before, MAX_MESSAGE_ID + 1))
+        messages = []
+        for key, _ in self.kv.scan(prefix, before=bound, limit=limit, reverse=True):
+            message_id = int(key[len(prefix):], 16)
+            record = self._message_record(message_id)
+            if record is not None:
+                messages.append(self._message(message_id, record))
+        return messages
+
+    # -- whole-state operations -----------------------------------------
+
+    def dump(self):
+        """``(applied_index, [(key, value), ...])`` for comparing replicas."""
+        return self.kv.dump()
+
+    def digest(self):
+        """A hash of the applied index and the whole state."""
+        return self.kv.digest()
+
+    def snapshot(self):
+        """``(applied_index, iterator of bytes chunks)``; see L{KVStore.snapshot}."""
+        return self.kv.snapshot()
+
+    def restore(self, applied_index, chunks):
+        """Replace the whole state by a snapshot, atomically."""
+        self.kv.restore(applied_index, chunks)
