@@ -1,0 +1,138 @@
+"""The client library and the CLI against a real node started in this process."""
+
+import socket
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+
+from paxchat.client import PaxchatClient, ServerError
+from paxchat.client import cli
+from paxchat.client.failover import FailoverPolicy
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_cluster(tmp_path, tls_on=True):
+    from paxchat.config import load
+    ini = tmp_path / "cluster.ini"
+    ini.write_text(f"""[cluster]
+client_tls = {"on" if tls_on else "off"}
+bcrypt_cost = 4
+[node.1]
+client = 127.0.0.1:{free_port()}
+peer = 127.0.0.1:{free_port()}
+""")
+    return load(ini)
+
+
+@pytest.fixture
+def node(tmp_path):
+    """One real node (LocalLog or whatever node.py wires) on a free port, with TLS."""
+    try:
+        from twisted.internet import reactor
+        from paxchat import tls
+        from paxchat.node import NodeService
+    except ImportError as e:
+        pytest.skip(f"the node is not available yet: {e}")
+    config = write_cluster(tmp_path)
+    tls.make_cluster_certs(config)
+    service = NodeService(config, 1, reactor)
+    service.startService()
+    try:
+        yield config
+    finally:
+        pytest_twisted.blockon(defer.maybeDeferred(service.stopService))
+
+
+def client_for(config, **kwargs):
+    from twisted.internet import reactor
+    policy = FailoverPolicy(deadline=5, connect_timeout=2, answer_timeout=10)
+    return PaxchatClient.from_config(reactor, config, policy=policy, **kwargs)
+
+
+@pytest_twisted.inlineCallbacks
+def test_two_clients_chat_through_a_real_node(node):
+    events = []
+    alice, bob = client_for(node), client_for(node, on_event=events.append)
+    try:
+        hello = yield alice.connect()
+        assert hello["node"] == 1 and hello["protocol"] == 1
+        yield alice.create_account("alice", "alice-password")
+        yield bob.create_account("bob", "bob-password")
+        with pytest.raises(ServerError) as e:
+            yield bob.create_account("bob", "bob-password")
+        assert e.value.code == "username_taken"
+        yield alice.login("alice", "alice-password")
+        yield bob.login("bob", "bob-password")
+        sent = yield alice.send_message("bob", "hi bob", client_msg_id="m1")
+        again = yield alice.send_message("bob", "hi bob", client_msg_id="m1")
+        assert again["message_id"] == sent["message_id"]
+        yield wait_for(lambda: events)
+        assert events[0]["event"] == "message" and events[0]["message"]["body"] == "hi bob"
+        listed = yield bob.list_accounts("a*")
+        assert listed["accounts"] == ["alice"]
+        history = yield bob.history(peer="alice")
+        assert [m["id"] for m in history["messages"]] == [sent["message_id"]]
+        with pytest.raises(ServerError) as e:
+            yield alice.send_message("nobody", "x")
+        assert e.value.code == "no_such_user"
+    finally:
+        yield alice.close()
+        yield bob.close()
+
+
+def wait_for(condition, timeout=5.0):
+    """Poll ``condition`` on the reactor until true; fail after ``timeout`` seconds."""
+    from twisted.internet import reactor, task
+    deadline = reactor.seconds() + timeout
+
+    def check():
+        if condition():
+            loop.stop()
+        elif reactor.seconds() > deadline:
+            loop.stop()
+            raise AssertionError("condition not met in time")
+    loop = task.LoopingCall(check)
+    loop.clock = reactor
+    return loop.start(0.02)
+
+
+@pytest_twisted.inlineCallbacks
+def test_cli_commands_against_a_real_node(node, tmp_path):
+    from twisted.internet import reactor
+    out, err = [], []
+    env = {"PAXCHAT_PASSWORD": "carol-password"}
+    con = cli.Console(out=out.append, err=err.append, ask=None, env=env)
+    base = ["--config", str(node.path), "--no-session-cache", "--timeout", "5"]
+    parse = cli.build_parser().parse_args
+    status = yield cli.run(reactor, parse(base + ["create-account", "carol"]), con)
+    assert (status, out, err) == (0, ["Account carol created."], [])
+    yield cli.run(reactor, parse(base + ["create-account", "dave"]), con)
+    status = yield cli.run(reactor, parse(base + ["--user", "carol", "send", "dave", "hello dave"]), con)
+    assert status == 0 and out[-1].startswith("Sent #")
+    env["PAXCHAT_PASSWORD"] = "carol-password"
+    status = yield cli.run(reactor, parse(base + ["--user", "dave", "read"]), con)
+    assert status == 0 and "carol -> dave" in out[-2] and "hello dave" in out[-2]
+    status = yield cli.run(reactor, parse(base + ["--user", "carol", "send", "nobody", "x"]), con)
+    assert status == 1 and err[-1].startswith("paxchat: There is no account with that name.")
+    env["PAXCHAT_PASSWORD"] = "wrong-password"
+    status = yield cli.run(reactor, parse(base + ["--user", "carol", "list"]), con)
+    assert status == 1 and err[-1] == "paxchat: The username or password is wrong."
+
+
+@pytest_twisted.inlineCallbacks
+def test_cli_reports_a_refused_connection(tmp_path):
+    from twisted.internet import reactor
+    config = write_cluster(tmp_path, tls_on=False)
+    out, err = [], []
+    con = cli.Console(out=out.append, err=err.append, ask=None, env={"PAXCHAT_PASSWORD": "x" * 8})
+    args = cli.build_parser().parse_args(
+        ["--config", str(config.path), "--no-session-cache", "--timeout", "0.5", "--user", "a", "read"])
+    status = yield cli.run(reactor, args, con)
+    assert status == 1
+    assert err[0].startswith("paxchat: Cannot reach any paxchat server (tried 127.0.0.1:")
