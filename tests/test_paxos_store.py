@@ -253,7 +253,7 @@ def test_full_disk_fails_appends_and_refuses_further_writes(tmp_path, captured_l
     with pytest.raises(StorageError):
         yield store.rewrite([b"x"])
     assert any("refuses further writes" in m for m in messages(captured_log))
-    yield store.close().addErrback(lambda _: None)
+    yield store.close()
     assert recover_log(tmp_path) == [b"kept"]
 
 
@@ -264,9 +264,11 @@ def test_fsync_error_fails_the_append(tmp_path):
 
     store, _ = yield DurableLog.open(reactor(), tmp_path)
     store._files._fsync = broken_fsync
+    first = store.append(b"x")
+    closing = store.close()                  # queued behind the failing append
     with pytest.raises(StorageError, match="I/O error"):
-        yield store.append(b"x")
-    yield store.close().addErrback(lambda _: None)
+        yield first
+    yield closing
 
 
 @pytest_twisted.inlineCallbacks

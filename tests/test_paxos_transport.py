@@ -372,6 +372,7 @@ def unit_transport(on_message=None):
     t = PeerTransport(clock, 1, {2: ("127.0.0.1", 1), 3: ("127.0.0.1", 2)}, ("127.0.0.1", 0),
                       None, lambda peer: None, lambda cert: cert,
                       on_message or (lambda s, f: inbox.append((s, f))))
+    t.running = True                      # as if started, without listening or dialling
     return t, clock, inbox
 
 
@@ -450,3 +451,31 @@ def test_handshake_that_never_finishes_is_dropped():
     proto.makeConnection(transport)
     clock.advance(t.handshake_timeout + 1)
     assert transport.aborted
+
+
+@pytest_twisted.inlineCallbacks
+def test_from_config_uses_the_cluster_certificates(tmp_path):
+    from paxchat import config as configmod
+    from paxchat import tls
+
+    ports = [free_port(), free_port()]
+    text = "[cluster]\ntls_dir = certs\ndata_dir = data\n" + "".join(
+        f"[node.{n}]\nclient = 127.0.0.1:{free_port()}\npeer = 127.0.0.1:{port}\n"
+        for n, port in zip((1, 2), ports))
+    config = configmod.loads(text, path=str(tmp_path / "cluster.ini"))
+    tls.make_cluster_certs(config)
+    inbox = []
+    nodes = [PeerTransport.from_config(reactor(), config, n,
+                                       lambda sender, payload: inbox.append((sender, payload)),
+                                       retry_policy=lambda attempt: 0.05)
+             for n in (1, 2)]
+    try:
+        for node in nodes:
+            node.startService()
+            yield node.listening
+        yield poll_until(lambda: nodes[0].peer_state(2) == "connected")
+        assert nodes[0].send(2, b"over the cluster's own TLS")
+        yield poll_until(lambda: inbox == [(1, b"over the cluster's own TLS")])
+    finally:
+        for node in nodes:
+            yield node.stopService()

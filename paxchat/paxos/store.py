@@ -487,13 +487,15 @@ class DurableLog:
             self._snapshot_failed, "load")
 
     def close(self):
-        """Finish what is queued, close the files and end the disk threads."""
+        """Finish what is queued, close the files and end the disk threads (even after a failure)."""
         if self._closed:
             return succeed(None)
-        d = self._enqueue("close", None)
         self._closed = True
-        d.addBoth(lambda _: self._snapshots.stop())
-        d.addBoth(lambda _: self._disk.stop())
+        d = Deferred()
+        self._queue.append(("close", None, d))
+        self._kick()
+        d.addBoth(lambda result: self._snapshots.stop().addCallback(lambda _: result))
+        d.addBoth(lambda result: self._disk.stop().addCallback(lambda _: result))
         return d
 
     def _enqueue(self, op, payload):
@@ -548,8 +550,9 @@ class DurableLog:
             " refusing further writes")
         self._error.__cause__ = error
         log.failure("log {op} failed; the store refuses further writes", failure, op=op)
-        waiting = batch + list(self._queue)
-        self._queue.clear()
+        closing = [item for item in self._queue if item[0] == "close"]
+        waiting = batch + [item for item in self._queue if item[0] != "close"]
+        self._queue = collections.deque(closing)
         for _, _, d in waiting:
             d.errback(Failure(self._error))
 

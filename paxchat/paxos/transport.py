@@ -69,6 +69,7 @@ class PeerProtocol(Int32StringReceiver):
             return "?"
 
     def connectionMade(self):
+        self._owner._connections.add(self)
         self._last_heard = self._owner.clock.seconds()
         self._timer = self._owner.clock.callLater(self._owner.handshake_timeout, self._handshake_late)
         self.transport.registerProducer(self, True)
@@ -85,7 +86,9 @@ class PeerProtocol(Int32StringReceiver):
         except Exception as e:
             peer_id, certificate = None, e
         owner = self._owner
-        if peer_id is None or peer_id not in owner.peer_ids:
+        if not owner.running:
+            self.refuse("the transport is stopping")
+        elif peer_id is None or peer_id not in owner.peer_ids:
             self.refuse(f"its certificate names no other node of the cluster ({peer_id!r})")
         elif self.expected_peer is not None and peer_id != self.expected_peer:
             self.refuse(f"it is node {peer_id}, not node {self.expected_peer}")
@@ -158,6 +161,7 @@ class PeerProtocol(Int32StringReceiver):
         pass
 
     def connectionLost(self, reason):
+        self._owner._connections.discard(self)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -226,6 +230,7 @@ class PeerTransport(service.MultiService):
         self._inbound = {}                   # peer id -> newest authenticated PeerProtocol
         self._observers = []
         self._failed_links = {}              # peer id -> outbound links that failed in a row
+        self._connections = set()            # every open PeerProtocol, authenticated or not
         self._port = None
         self.listening = Deferred()          # fires with the IListeningPort
         self.sent = 0
@@ -288,7 +293,7 @@ class PeerTransport(service.MultiService):
         if self._port is not None:
             port, self._port = self._port, None
             done.addBoth(lambda _: port.stopListening())
-        for protocol in list(self._inbound.values()):
+        for protocol in list(self._connections):
             protocol.transport.abortConnection()
         return done
 
