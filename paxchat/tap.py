@@ -5,9 +5,11 @@ certificates, a port in use) end twistd with one line saying what to fix,
 not a traceback.
 """
 
+import sqlite3
 import sys
 
 from twisted.application import service
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -17,7 +19,8 @@ from paxchat import tls
 log = Logger()
 
 # What a person can fix from the message alone; anything else also gets its traceback logged.
-_PLAIN_ERRORS = (configmod.ConfigError, tls.CertificateFilesError, OSError)
+_PLAIN_ERRORS = (configmod.ConfigError, tls.CertificateFilesError, OSError, CannotListenError,
+                 sqlite3.Error)
 
 
 class Options(usage.Options):
@@ -59,9 +62,15 @@ class _ExitOnStartupFailure(service.MultiService):
         self.node = node
         node.setServiceParent(self)
 
+    def privilegedStartService(self):
+        self._or_exit(super().privilegedStartService)
+
     def startService(self):
+        self._or_exit(super().startService)
+
+    def _or_exit(self, start):
         try:
-            super().startService()
+            start()
         except Exception as e:
             if not isinstance(e, _PLAIN_ERRORS):
                 log.failure("node {node_id} failed to start", node_id=self.node.node_id)
