@@ -1,0 +1,165 @@
+"""Bounded pipelining, clients that never read, and rate limits."""
+
+import json
+
+from paxchat.server import RateLimit
+from paxchat.server.ratelimit import KeyedRateLimiter, TokenBucket
+from twisted.internet.task import Clock
+
+from .server_support import HeldWorker, Server, test_settings
+
+PW = "password-1"
+
+
+def login(server, name):
+    client = server.connect()
+    client.ok("create_account", username=name, password=PW)
+    client.ok("login", username=name, password=PW)
+    return client
+
+
+def test_ten_thousand_pipelined_requests_are_all_answered():
+    server = Server()
+    client = login(server, "alice")
+    lines = b"".join(json.dumps({"id": n, "op": "hello" if n % 2 else "history", "limit": 1}).encode() + b"\n"
+                     for n in range(10_000))
+    client.send_line(lines)
+    answers = [m for m in client.received() if "id" in m]
+    assert len(answers) == 10_002  # two from login
+    assert all(a["ok"] for a in answers)
+    assert client.proto.in_flight == 0
+    assert not client.proto.reading_paused
+
+
+def test_reading_stops_at_the_in_flight_bound_and_resumes_as_answers_drain():
+    server = Server(settings=test_settings(max_pending_per_connection=8), worker_class=HeldWorker)
+    client = server.connect()
+    lines = b"".join(json.dumps({"id": n, "op": "list_accounts"}).encode() + b"\n" for n in range(100))
+    # Not logged in: every one is answered at once, never paused.
+    client.send_line(lines)
+    assert len(client.received()) == 100
+    assert not client.proto.reading_paused
+    # Log in by hand (the held worker keeps the state read pending).
+    client.send(op="create_account", username="alice", password=PW)
+    server.worker.release_all()
+    client.send(op="login", username="alice", password=PW)
+    server.worker.release_all()
+    assert client.received()[-1]["ok"] is True
+    seen = len(client.received())
+    writes = b"".join(json.dumps({"id": f"w{n}", "op": "send_message", "to": "alice", "body": str(n)}).encode()
+                      + b"\n" for n in range(1000))
+    client.send_line(writes)
+    # Writes go to the log in order; the first is being applied, so
+    # everything after it waits, and reading has stopped at the bound.
+    assert client.proto.in_flight == 8
+    assert client.proto.reading_paused
+    assert client.transport.producerState == "paused"
+    assert len(client.proto._buffer) < len(writes)
+    rounds = 0
+    while len([m for m in client.received()[seen:] if "id" in m]) < 1000:
+        server.worker.release_all()
+        assert client.proto.in_flight <= 8
+        rounds += 1
+        assert rounds < 1000
+    assert not client.proto.reading_paused
+    assert client.transport.producerState == "producing"
+    client.send(id="h", op="history", limit=1000)
+    server.worker.release_all()
+    bodies = [m["body"] for m in client.answer("h")["result"]["messages"]]
+    assert bodies == [str(n) for n in reversed(range(1000))]
+
+
+def test_a_client_that_never_reads_stops_being_read_and_is_dropped_past_the_backlog():
+    server = Server(settings=test_settings(max_output_backlog=10_000))
+    reader = login(server, "reader")
+    lazy = login(server, "lazy")
+    # The transport says its buffer is full: the client is not reading.
+    lazy.transport.producer.pauseProducing()
+    assert lazy.proto.reading_paused
+    lazy.send_line(b'{"id": "x", "op": "hello"}\n')
+    assert lazy.proto._buffer  # not read while output is stuck
+    for n in range(200):
+        reader.ok("send_message", to="lazy", body="spam " * 10)
+        if lazy.transport.disconnecting or lazy.transport.disconnected:
+            break
+    assert lazy.transport.disconnected  # aborted, not a polite close
+    assert n < 100
+    # Everybody else is fine.
+    assert reader.ok("hello")["protocol"] == 1
+    lazy.proto.connectionLost(None)
+    assert server.factory.registry.of_user("lazy") == []
+
+
+def test_a_client_that_reads_again_in_time_is_served():
+    server = Server()
+    reader = login(server, "reader")
+    slow = login(server, "slow")
+    slow.transport.producer.pauseProducing()
+    slow.send(op="hello", id="waiting")
+    reader.ok("send_message", to="slow", body="hi")
+    slow.transport.producer.resumeProducing()
+    assert not slow.proto.reading_paused
+    assert slow.answer("waiting")["ok"]
+    assert [e["message"]["body"] for e in slow.events()] == ["hi"]
+
+
+def test_token_bucket():
+    clock = Clock()
+    bucket = TokenBucket(clock, RateLimit(rate=2.0, burst=3))
+    assert [bucket.allow() for _ in range(4)] == [True, True, True, False]
+    clock.advance(0.5)
+    assert bucket.allow() and not bucket.allow()
+    clock.advance(100)
+    assert bucket.full()
+
+
+def test_keyed_limiter_forgets_idle_keys_to_stay_bounded():
+    clock = Clock()
+    limiter = KeyedRateLimiter(clock, RateLimit(rate=1.0, burst=1), max_keys=10)
+    assert limiter.allow("a") and not limiter.allow("a")
+    for n in range(100):
+        limiter.allow(f"k{n}")
+    assert len(limiter) <= 11
+    clock.advance(5)
+    for n in range(100, 200):
+        limiter.allow(f"k{n}")
+    assert len(limiter) <= 11
+
+
+def test_login_attempts_are_limited_per_connection():
+    server = Server(settings=test_settings(login_per_connection=RateLimit(rate=0.1, burst=3)))
+    server.connect().ok("create_account", username="alice", password=PW)
+    client = server.connect()
+    codes = [client.error("login", username="alice", password="wrong-pass") for _ in range(4)]
+    assert codes == ["bad_credentials"] * 3 + ["rate_limited"]
+    applied = len(server.state.applied)
+    assert client.error("login", username="alice", password=PW) == "rate_limited"
+    assert len(server.state.applied) == applied  # nothing proposed
+    server.clock.advance(10)
+    assert "session" in client.ok("login", username="alice", password=PW)
+
+
+def test_login_attempts_are_limited_per_account_across_connections():
+    server = Server(settings=test_settings(login_per_account=RateLimit(rate=0.1, burst=2)))
+    server.connect().ok("create_account", username="alice", password=PW)
+    codes = [server.connect().error("login", username="alice", password="wrong-pass") for _ in range(3)]
+    assert codes == ["bad_credentials", "bad_credentials", "rate_limited"]
+    # Another account is not affected.
+    server.connect().ok("create_account", username="bob", password=PW)
+    server.connect().ok("login", username="bob", password=PW)
+
+
+def test_writes_are_limited_per_connection_and_per_account():
+    server = Server(settings=test_settings(writes_per_connection=RateLimit(rate=1.0, burst=3),
+                                           writes_per_account=RateLimit(rate=1.0, burst=5)))
+    alice = login(server, "alice")
+    codes = [alice.call("send_message", to="alice", body="x")["ok"] for _ in range(4)]
+    assert codes == [True, True, True, False]
+    assert alice.error("send_message", to="alice", body="x") == "rate_limited"
+    second = server.connect()
+    second.ok("login", username="alice", password=PW)
+    assert [second.call("mark_read", ids=[])["ok"] for _ in range(3)] == [True, True, False]
+    # Reads are not writes.
+    assert alice.ok("history")["messages"]
+    server.clock.advance(3)
+    assert alice.ok("send_message", to="alice", body="later")
