@@ -197,7 +197,7 @@ class _LogFiles:
             self._create_segment(1, KIND_BASE, b"")
             return []
         contents = []
-        base = 0
+        base = None
         for i, (first_seq, path) in enumerate(segments):
             with open(path, "rb") as f:
                 data = f.read()
@@ -205,6 +205,10 @@ class _LogFiles:
             contents.append(data)
             if kind == KIND_BASE:
                 base = i
+        if base is None:
+            raise CorruptLogError(
+                f"{segments[0][1]}: no base segment (the log's first segment is missing);"
+                " refusing to start")
         if base:
             for _, path in segments[:base]:
                 os.unlink(path)
