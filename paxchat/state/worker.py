@@ -1,0 +1,126 @@
+"""Runs every ChatState call on one dedicated thread, in order.
+
+SQLite and fsync must never block the reactor, and the state is not
+thread-safe; a single worker thread gives both: calls leave the reactor
+thread, and they run one at a time in the order they were made.
+"""
+
+from functools import partial
+from threading import Thread
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+
+class StateWorkerStopped(Exception):
+    """The worker was stopped; the call did not run."""
+
+
+class _DaemonThreadPool(ThreadPool):
+    """A pool whose thread cannot keep the process alive if nobody stops it.
+
+    stop() still closes the state cleanly; this only guards against a
+    reactor that never runs again after the last call (SQLite's WAL makes
+    an abrupt end safe anyway).
+    """
+
+    threadFactory = partial(Thread, daemon=True)
+
+
+class StateWorker:
+    """``call(name, *args, **kw) -> Deferred`` for a state object's methods.
+
+    The thread starts at construction and stops (closing the state after
+    every queued call) on ``stop()`` or, at the latest, during reactor
+    shutdown, so a forgotten worker neither hangs the process nor leaves
+    the database open.
+    """
+
+    def __init__(self, reactor, state, name="paxchat-state"):
+        self._reactor = reactor
+        self.state = state
+        self._pool = _DaemonThreadPool(minthreads=1, maxthreads=1, name=name)
+        self._pool.start()
+        self._stopping = None
+        self._closed = None  # the close() outcome once known
+        self._waiters = []
+        # "during": after every service's stopService (a "before" trigger)
+        # has finished, so the node's own orderly stop() comes first.
+        self._trigger = reactor.addSystemEventTrigger("during", "shutdown", self._on_shutdown)
+
+    @property
+    def running(self):
+        return self._stopping is None
+
+    def call(self, fn, *args, **kwargs):
+        """Run ``state.<fn>(*args, **kwargs)`` on the worker thread.
+
+        ``fn`` is a method name of the state, or any callable (for work
+        that belongs on the state's thread, such as pulling snapshot
+        chunks). Returns a Deferred firing with the result, in call order.
+        """
+        if self._stopping is not None:
+            return fail(StateWorkerStopped("the state worker is stopped"))
+        try:
+            target = getattr(self.state, fn) if isinstance(fn, str) else fn
+        except AttributeError:
+            return fail()
+        return deferToThreadPool(self._reactor, self._pool, target, *args, **kwargs)
+
+    def stop(self):
+        """Close the state after the queued calls, then end the thread.
+
+        Returns a new Deferred on every call, firing once the state is
+        closed (or failing with the error closing it raised).
+        """
+        waiter = Deferred()
+        if self._closed is not None:
+            self._fire(waiter)
+            return waiter
+        self._waiters.append(waiter)
+        if self._stopping is not None:
+            return waiter
+        if self._trigger is not None:
+            self._reactor.removeSystemEventTrigger(self._trigger)
+            self._trigger = None
+        self._stopping = d = deferToThreadPool(self._reactor, self._pool, self.state.close)
+        d.addBoth(self._stopped)
+        return waiter
+
+    def _on_shutdown(self):
+        """Nobody stopped us and the reactor is going: finish the queue and
+        close the state now, blocking, since the reactor will not wait."""
+        self._trigger = None  # firing now: nothing to remove
+        if self._stopping is not None:
+            return
+        outcome = []
+
+        def close():
+            try:
+                outcome.append((self.state.close(),))
+            except BaseException:
+                outcome.append(Failure())
+
+        self._stopping = Deferred()
+        self._pool.callInThread(close)
+        self._pool.stop()  # joins: runs the queued calls, then close()
+        self._finish(outcome[0] if outcome else Failure(StateWorkerStopped("close did not run")))
+
+    def _stopped(self, result):
+        # close() was the last job, so the thread is idle and the join is immediate.
+        self._pool.stop()
+        self._finish(result if isinstance(result, Failure) else (result,))
+
+    def _finish(self, closed):
+        self._closed = closed
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            self._fire(waiter)
+
+    def _fire(self, waiter):
+        if isinstance(self._closed, Failure):
+            waiter.errback(self._closed)
+        else:
+            waiter.callback(None)

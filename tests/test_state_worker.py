@@ -1,0 +1,138 @@
+"""StateWorker: calls leave the reactor thread, run in order, stop cleanly."""
+
+import threading
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
+
+from paxchat.state.chat import ChatState
+from paxchat.state.worker import StateWorker, StateWorkerStopped
+
+
+class Recorder:
+    """A stand-in state that records which thread ran what, in which order."""
+
+    def __init__(self):
+        self.calls = []
+        self.closed = False
+
+    def note(self, value, extra=None):
+        self.calls.append((value, threading.get_ident()))
+        return value if extra is None else (value, extra)
+
+    def boom(self):
+        raise KeyError("boom")
+
+    def close(self):
+        self.closed = True
+
+
+@pytest_twisted.inlineCallbacks
+def test_calls_run_in_order_on_one_other_thread():
+    state = Recorder()
+    worker = StateWorker(reactor, state)
+    try:
+        results = yield gatherResults([worker.call("note", i) for i in range(50)])
+        assert results == list(range(50))
+        assert [v for v, _ in state.calls] == list(range(50))
+        threads = {t for _, t in state.calls}
+        assert len(threads) == 1
+        assert threads != {threading.get_ident()}
+        assert (yield worker.call("note", 1, extra=2)) == (1, 2)
+        assert (yield worker.call(lambda: threading.get_ident())) in threads
+    finally:
+        yield worker.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_errors_reach_the_caller_and_the_worker_goes_on():
+    worker = StateWorker(reactor, Recorder())
+    try:
+        with pytest.raises(KeyError):
+            yield worker.call("boom")
+        with pytest.raises(AttributeError):
+            yield worker.call("no_such_method")
+        assert (yield worker.call("note", 7)) == 7
+    finally:
+        yield worker.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_stop_closes_the_state_after_queued_calls():
+    state = Recorder()
+    worker = StateWorker(reactor, state)
+    pending = [worker.call("note", i) for i in range(5)]
+    threads = list(worker._pool.threads)
+    stopped = worker.stop()
+    assert not worker.running
+    again = worker.stop()
+    yield stopped
+    yield again
+    assert (yield gatherResults(pending)) == list(range(5))
+    assert state.closed
+    with pytest.raises(StateWorkerStopped):
+        yield worker.call("note", 1)
+    yield worker.stop()  # still fine once stopped
+    assert threads and not any(t.is_alive() for t in threads)
+
+
+@pytest_twisted.inlineCallbacks
+def test_stop_removes_the_shutdown_trigger():
+    worker = StateWorker(reactor, Recorder())
+    trigger = worker._trigger
+    yield worker.stop()
+    with pytest.raises(ValueError):
+        reactor.removeSystemEventTrigger(trigger)
+
+
+@pytest_twisted.inlineCallbacks
+def test_with_a_real_chat_state(tmp_path):
+    state = ChatState.open(tmp_path / "s.db")
+    worker = StateWorker(reactor, state)
+    try:
+        response = yield worker.call("apply", {"op": "create_account", "username": "alice",
+                                               "pw_hash": "h", "ts": 1.0})
+        assert response["ok"] is True
+        assert (yield worker.call("account", "alice"))["pw_hash"] == "h"
+        assert (yield worker.call("applied_index")) == 1
+        index, chunks = yield worker.call("snapshot")
+        pieces = []
+        while True:
+            chunk = yield worker.call(next, chunks, None)
+            if chunk is None:
+                break
+            pieces.append(chunk)
+        assert index == 1 and pieces
+    finally:
+        yield worker.stop()
+    assert state.kv.closed
+
+
+def test_process_with_a_forgotten_worker_exits(tmp_path):
+    """Reactor shutdown finishes the queue and closes the state; no hang."""
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent(f"""
+        from twisted.internet import reactor
+        from paxchat.state.chat import ChatState
+        from paxchat.state.worker import StateWorker
+        state = ChatState.open({str(tmp_path / "s.db")!r})
+        worker = StateWorker(reactor, state)
+        def go():
+            for name in ("a", "b", "c"):
+                worker.call("apply", {{"op": "create_account", "username": name,
+                                       "pw_hash": "h", "ts": 1.0}})
+            reactor.stop()  # without waiting: the queued calls still run
+        reactor.callWhenRunning(go)
+        reactor.run()
+        assert state.kv.closed, "shutdown did not close the state"
+        state = ChatState.open({str(tmp_path / "s.db")!r})
+        print(state.list_accounts())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(['a', 'b', 'c'], False)"
