@@ -275,3 +275,32 @@ def test_shell_history_list_delete_parsing():
     shell.handle("delete #3 4")
     assert client.calls[-1] == ("delete_messages", ([3, 4],), {})
     assert lines[-1] == "Deleted 2 message(s)."
+
+
+def test_typed_ahead_lines_go_to_password_prompts_in_order():
+    from twisted.internet.testing import StringTransport
+    from paxchat.client.shell import ShellProtocol
+    created, connecting = [], defer.Deferred()
+
+    class Client(StubClient):
+        def create_account(self, username, password):
+            created.append((username, password))
+            return defer.succeed({})
+
+    done = defer.Deferred()
+
+    def make_shell(proto):
+        shell = Shell(Client(), proto.write, proto.ask_secret, proto.transport.loseConnection)
+        proto.run_first(lambda: connecting)
+        return shell
+    proto = ShellProtocol(make_shell, done, stdin_fd=-1)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    # Everything arrives before the connection is even up.
+    proto.dataReceived(b"register carol\npw-123456\npw-123456\nlist\nquit\n")
+    assert created == []
+    connecting.callback(None)
+    assert created == [("carol", "pw-123456")]
+    output = transport.value().decode()
+    assert "Unknown command" not in output and "differ" not in output
+    assert transport.disconnecting

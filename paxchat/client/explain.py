@@ -39,7 +39,7 @@ def explain(reason) -> str:
         sentence = ERROR_SENTENCES.get(exc.code)
         if sentence is None:
             return f"The server refused: {exc.message}"
-        if exc.code in ("no_such_user", "invalid_request", "internal") and exc.message not in ("", exc.code):
+        if exc.code in ("invalid_request", "internal") and exc.message not in ("", exc.code):
             return f"{sentence} ({exc.message})"
         return sentence
     if isinstance(exc, Unreachable):

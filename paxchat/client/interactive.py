@@ -63,9 +63,9 @@ def run_interactive(reactor, config, args, console) -> defer.Deferred:
         shell = Shell(client, proto.write, proto.ask_secret, lambda: proto.transport.loseConnection())
         holder["shell"] = shell
         if args.user:
-            proto._queue.addCallback(lambda _: startup_login(shell, args.user, console.env, cache))
+            proto.run_first(lambda: startup_login(shell, args.user, console.env, cache))
         else:
-            proto._queue.addCallback(lambda _: client.connect().addErrback(
+            proto.run_first(lambda: client.connect().addErrback(
                 lambda f: shell.write("Error: " + explain(f))))
         return shell
 

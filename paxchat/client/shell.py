@@ -187,7 +187,14 @@ class ShellProtocol(LineReceiver):
         self.shell = None
         self._secret: defer.Deferred | None = None
         self._saved_tty = None
-        self._queue = defer.succeed(None)
+        self._lines: list[str] = []   # typed ahead, not consumed yet
+        self._busy = False            # a command (or start-up work) is running
+
+    def run_first(self, work: Callable[[], defer.Deferred]):
+        """Run start-up work (logging in) before the first typed command."""
+        self._busy = True
+        d = defer.maybeDeferred(work)
+        d.addBoth(self._finished)
 
     def connectionMade(self):
         self.shell = self.make_shell(self)
@@ -201,12 +208,16 @@ class ShellProtocol(LineReceiver):
         self.transport.write(("\r" + text.replace("\n", os.linesep) + os.linesep).encode("utf-8", "replace"))
 
     def _prompt(self):
-        if self.transport is not None and self._secret is None:
+        if (self.transport is not None and self._secret is None and not self._busy
+                and not self.transport.disconnecting):
             self.transport.write(self.shell.prompt.encode("utf-8", "replace"))
 
     def ask_secret(self, prompt: str) -> defer.Deferred:
-        self._echo(False)
         self.transport.write(prompt.encode("utf-8", "replace"))
+        if self._lines:  # typed ahead already
+            self.transport.write(os.linesep.encode())
+            return defer.succeed(self._lines.pop(0))
+        self._echo(False)
         self._secret = defer.Deferred()
         return self._secret
 
@@ -227,15 +238,29 @@ class ShellProtocol(LineReceiver):
             pass
 
     def lineReceived(self, line: bytes):
-        text = line.decode("utf-8", "replace").rstrip("\r")
-        if self._secret is not None:
-            d, self._secret = self._secret, None
-            self._echo(True)
-            self.transport.write(os.linesep.encode())
-            d.callback(text)
-            return
-        self._queue.addCallback(lambda _: self.shell.handle(text))
-        self._queue.addBoth(lambda _: self._prompt())
+        self._lines.append(line.decode("utf-8", "replace").rstrip("\r"))
+        self._pump()
+
+    def _pump(self):
+        """Hand typed-ahead lines out in order: to a password prompt first, else as the next command."""
+        while self._lines:
+            if self._secret is not None:
+                d, self._secret = self._secret, None
+                self._echo(True)
+                self.transport.write(os.linesep.encode())
+                d.callback(self._lines.pop(0))
+            elif not self._busy:
+                self._busy = True
+                d = self.shell.handle(self._lines.pop(0))
+                d.addBoth(self._finished)
+            else:
+                return
+
+    def _finished(self, _):
+        self._busy = False
+        if not self._lines:
+            self._prompt()
+        self._pump()
 
     def connectionLost(self, reason=None):
         self._echo(True)
