@@ -574,6 +574,19 @@ def test_entries_at_or_below_applied_index_are_skipped(state):
     assert state.applied_index() == 5
 
 
+def test_a_batch_is_one_transaction(state):
+    user(state, "alice")
+    statements = []
+    state.kv._conn.set_trace_callback(statements.append)
+    cmd = {"op": "send_message", "session": "s-alice", "from": "alice", "to": "alice",
+           "body": "x", "ts": 1.0, "client_msg_id": None}
+    state.apply_entries([(i, [cmd] * 3) for i in range(3, 13)])
+    state.kv._conn.set_trace_callback(None)
+    assert statements.count("BEGIN IMMEDIATE") == 1
+    assert statements.count("COMMIT") == 1
+    assert state.unread_count("alice") == 30
+
+
 def test_sqlite_failure_rolls_back_the_whole_batch(state, monkeypatch):
     user(state, "alice")
     dump = state.dump()
@@ -771,12 +784,22 @@ def test_interrupted_batch_leaves_a_consistent_prefix(tmp_path_factory, cmds, da
             budget[0] -= 1
             real(key, value)
 
+        real_many = crashed.kv.put_many
+
+        def failing_put_many(items):
+            items = list(items)
+            for key, value in items[:-1]:
+                failing_put(key, value)
+            failing_put(*items[-1])
+
         crashed.kv.put = failing_put
+        crashed.kv.put_many = failing_put_many
         try:
             crashed.apply_entries([(i + 1, [c]) for i, c in enumerate(cmds) if i >= committed])
         except StoreError:
             pass
         crashed.kv.put = real
+        crashed.kv.put_many = real_many
         index = crashed.applied_index()
         assert index in (committed, len(cmds))
         for i, c in enumerate(cmds[:index]):
@@ -809,3 +832,45 @@ def test_snapshot_restore_reproduces_state(tmp_path_factory, cmds):
     finally:
         source.close()
         target.close()
+
+
+def test_process_killed_mid_batch_restarts_at_the_last_commit(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+    path = tmp_path / "s.db"
+    script = textwrap.dedent(f"""
+        import os
+        from paxchat.state.chat import ChatState
+        state = ChatState.open({str(path)!r})
+        state.kv._conn.execute("PRAGMA cache_size = 10")  # spill pages to the WAL
+        setup = {SETUP!r}
+        state.apply_entries([(i + 1, [c]) for i, c in enumerate(setup)])
+        def send(i):
+            return {{"op": "send_message", "session": "s-alice", "from": "alice", "to": "bob",
+                     "body": "m%d" % i + "x" * 3000, "ts": float(i), "client_msg_id": None}}
+        state.apply_entries([(len(setup) + 1 + i, [send(i)]) for i in range(50)])
+        real = state.kv.put_many
+        calls = [0]
+        def dying(items):
+            calls[0] += 1
+            if calls[0] == 400:
+                os._exit(3)
+            real(items)
+        state.kv.put_many = dying
+        state.apply_entries([(len(setup) + 51 + i, [send(50 + i)]) for i in range(1000)])
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert out.returncode == 3, out.stderr
+    state = ChatState.open(path, check=True)
+    try:
+        assert state.applied_index() == len(SETUP) + 50
+        assert state.unread_count("bob") == 50
+        assert [m["body"][:3] for m in state.history("bob", limit=1)] == ["m49"]
+        # Replay from the start applies only the missing entries.
+        cmd = {"op": "send_message", "session": "s-alice", "from": "alice", "to": "bob",
+               "body": "next", "ts": 1.0, "client_msg_id": None}
+        result = state.apply_entries([(1, [cmd]), (len(SETUP) + 51, [cmd])])
+        assert result[0] is None and result[1][0]["result"]["message_id"] == 51
+    finally:
+        state.close()
