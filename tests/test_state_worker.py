@@ -136,3 +136,28 @@ def test_process_with_a_forgotten_worker_exits(tmp_path):
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(['a', 'b', 'c'], False)"
+
+
+@pytest_twisted.inlineCallbacks
+def test_opening_opens_the_state_off_the_reactor_thread(tmp_path):
+    opened_on = []
+
+    def open_state(path):
+        opened_on.append(threading.get_ident())
+        return ChatState.open(path)
+
+    worker = yield StateWorker.opening(reactor, open_state, tmp_path / "s.db")
+    try:
+        assert opened_on and opened_on[0] != threading.get_ident()
+        assert (yield worker.call("applied_index")) == 0
+    finally:
+        yield worker.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_opening_a_damaged_file_fails_and_stops_the_thread(tmp_path):
+    from paxchat.state.kv import CorruptStore
+    path = tmp_path / "s.db"
+    path.write_bytes(b"not a database" * 300)
+    with pytest.raises(CorruptStore, match="s.db"):
+        yield StateWorker.opening(reactor, ChatState.open, path)

@@ -50,6 +50,36 @@ class StateWorker:
         # has finished, so the node's own orderly stop() comes first.
         self._trigger = reactor.addSystemEventTrigger("during", "shutdown", self._on_shutdown)
 
+    @classmethod
+    def opening(cls, reactor, open_state, *args, **kwargs):
+        """Start a worker and open its state on the worker thread.
+
+        ``open_state(*args, **kwargs)`` (e.g. ``ChatState.open, path``) runs
+        off the reactor, since opening may recover a long WAL. Returns a
+        Deferred firing with the worker, or failing (thread stopped) with
+        the opener's error.
+        """
+        worker = cls(reactor, None)
+        d = worker.call(open_state, *args, **kwargs)
+
+        def opened(state):
+            worker.state = state
+            return worker
+
+        def failed(failure):
+            worker._finish_without_state()
+            return failure
+
+        return d.addCallbacks(opened, failed)
+
+    def _finish_without_state(self):
+        if self._trigger is not None:
+            self._reactor.removeSystemEventTrigger(self._trigger)
+            self._trigger = None
+        self._stopping = Deferred()
+        self._pool.stop()
+        self._finish((None,))
+
     @property
     def running(self):
         return self._stopping is None
