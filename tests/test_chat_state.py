@@ -536,6 +536,18 @@ def test_malformed_commands_are_invalid_requests_and_change_nothing(state, comma
     assert state.dump() == (index + 1, before)
 
 
+def test_commands_may_come_as_json_bytes(state):
+    responses = state.apply_entries([(1, [
+        b'{"op": "create_account", "username": "alice", "pw_hash": "h", "ts": 1.0}',
+        b'{"op": "create_account", "username": "al',
+        b"\xff\xfe\x00",
+        b"[1, 2]",
+        b"[" * 100000,
+    ])])[0]
+    assert ok(responses[0]) == {"username": "alice"}
+    assert [code(r) for r in responses[1:]] == ["invalid_request"] * 4
+
+
 def test_unknown_op(state):
     assert code(state.apply({"op": "drop_tables"})) == "unknown_op"
     assert code(state.apply({"op": "__init__"})) == "unknown_op"

@@ -199,8 +199,10 @@ class ChatState:
     def apply_entries(self, entries):
         """Apply ``[(index, [command, ...]), ...]`` in one transaction.
 
-        Returns one list of responses per entry, or None for an entry whose
-        index is not above the applied index (already applied: skipped).
+        A command is a dict, or its JSON encoding as bytes (as the log
+        carries it). Returns one list of responses per entry, or None for an
+        entry whose index is not above the applied index (already applied:
+        skipped).
         A SQLite failure rolls the whole batch back and raises L{StoreError}.
         """
         kv = self.kv
@@ -225,6 +227,11 @@ class ChatState:
         return self.apply_entries([(self.applied_index() + 1, [command])])[0][0]
 
     def _apply_one(self, command):
+        if isinstance(command, (bytes, bytearray)):
+            try:
+                command = _decode(command)
+            except (ValueError, RecursionError):
+                return error("invalid_request", "a command must be a JSON object")
         try:
             with self.kv.savepoint():
                 return ok(self._dispatch(command))
