@@ -1,0 +1,251 @@
+"""What the desktop app does when a person clicks: client calls in, model updates out.
+
+Sits between the widgets and ``PaxchatClient`` and owns no widget, so the
+whole app's behaviour (log in, open a conversation and mark it read, load
+older messages on scroll, send, search, delete, log out) is tested without
+a display. Every failure ends up as a sentence in the model, never raised.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Callable
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from .errors import ServerError
+from .gui_model import PAGE_SIZE, ChatModel, search_pattern
+
+__all__ = ["ChatController", "MAX_BODY"]
+
+MAX_BODY = 16384
+RECENT = 200            # messages fetched at login to build the conversation list
+RETRY_OFFLINE = 5.0     # seconds between reconnection campaigns when every node is down
+LEADER_REFRESH = 15.0   # how often the status bar's leader is refreshed
+
+
+class ChatController:
+    """Drives one PaxchatClient for the app; ``make_client(on_event, on_status)`` builds it."""
+
+    log = Logger()
+
+    def __init__(self, reactor, model: ChatModel, make_client: Callable):
+        self.reactor = reactor
+        self.model = model
+        self.client = None
+        self._keys = itertools.count(1)
+        self._to_mark: list[int] = []
+        self._mark_call = None
+        self._retry_call = None
+        self._refresh = None
+        self._stopped = False
+        try:
+            self.client = make_client(self.on_event, self.on_status)
+        except Exception as e:  # a broken config or missing certificates
+            model.show_error(str(e))
+
+    # -- connection --------------------------------------------------------------
+
+    def start(self):
+        """Connect in the background; keep the status bar's leader fresh."""
+        if self.client is None:
+            return
+        self.client.connect().addErrback(self._quiet)
+        self._refresh = task.LoopingCall(self._refresh_leader)
+        self._refresh.clock = self.reactor
+        self._refresh.start(LEADER_REFRESH, now=False)
+
+    def _refresh_leader(self):
+        if self.client is not None and self.client.connected:
+            self.client.hello().addErrback(self._quiet)
+
+    def _quiet(self, failure):
+        """Connection-level failures show in the status bar already."""
+        return None
+
+    def on_status(self, status):
+        self.model.set_status(status)
+        if status.state == "failed" and not self._stopped:
+            if self._retry_call is None or not self._retry_call.active():
+                self._retry_call = self.reactor.callLater(RETRY_OFFLINE, self._reconnect)
+
+    def _reconnect(self):
+        if not self._stopped and self.client is not None:
+            self.client.connect().addErrback(self._quiet)
+
+    def stop(self) -> defer.Deferred:
+        self._stopped = True
+        for call in (self._retry_call, self._mark_call):
+            if call is not None and call.active():
+                call.cancel()
+        if self._refresh is not None and self._refresh.running:
+            self._refresh.stop()
+        return self.client.close() if self.client is not None else defer.succeed(None)
+
+    # -- events --------------------------------------------------------------------
+
+    def on_event(self, event: dict):
+        kind = event.get("event")
+        if kind == "message" and isinstance(event.get("message"), dict):
+            self._mark(self.model.add_messages([event["message"]], live=True))
+        elif kind == "session_ended" and self.model.me is not None:
+            self.model.signed_out("Your session ended. Please log in again.")
+
+    def _mark(self, ids):
+        """Mark messages read in one request per reactor turn, however many arrive."""
+        if not ids:
+            return
+        self._to_mark.extend(ids)
+        if self._mark_call is None:
+            self._mark_call = self.reactor.callLater(0, self._flush_marks)
+
+    def _flush_marks(self):
+        self._mark_call = None
+        ids, self._to_mark = self._to_mark, []
+        if ids and self.client is not None:
+            self.client.mark_read(ids).addErrback(self._quiet)
+
+    # -- account ---------------------------------------------------------------------
+
+    def _guard(self, d: defer.Deferred) -> defer.Deferred:
+        """Show failures as sentences; the returned Deferred never fails."""
+        def failed(failure):
+            self.model.show_error(failure)
+            return None
+        return d.addErrback(failed)
+
+    def _busy(self, d):
+        self.model.set_busy(True)
+        self.model.clear_error()
+
+        def done(result):
+            self.model.set_busy(False)
+            return result
+        return self._guard(d).addBoth(done)
+
+    def log_in(self, username: str, password: str) -> defer.Deferred:
+        username = username.strip()
+        if not username or not password:
+            self.model.show_error("Enter your username and password.")
+            return defer.succeed(None)
+        if self.client is None:
+            return defer.succeed(None)
+
+        @defer.inlineCallbacks
+        def go():
+            result = yield self.client.login(username, password)
+            self.model.signed_in(username)
+            yield self.load_recent()
+            return result
+        return self._busy(go())
+
+    def create_account(self, username: str, password: str) -> defer.Deferred:
+        username = username.strip()
+        if not username or not password:
+            self.model.show_error("Choose a username and a password (at least 8 characters).")
+            return defer.succeed(None)
+        if self.client is None:
+            return defer.succeed(None)
+
+        @defer.inlineCallbacks
+        def go():
+            yield self.client.create_account(username, password)
+            result = yield self.client.login(username, password)
+            self.model.signed_in(username)
+            return result
+        return self._busy(go())
+
+    def load_recent(self) -> defer.Deferred:
+        """Fill the conversation list from recent history (newest first on the server)."""
+        d = self.client.history(limit=RECENT)
+        d.addCallback(lambda r: self.model.add_history_page(None, r.get("messages", []), RECENT, older=False))
+        return self._guard(d)
+
+    def log_out(self) -> defer.Deferred:
+        d = self.client.logout()
+        d.addCallback(lambda _: self.model.signed_out("You are logged out."))
+        return self._guard(d)
+
+    def delete_account(self, password: str) -> defer.Deferred:
+        if not password:
+            self.model.show_error("Enter your password to delete the account.")
+            return defer.succeed(None)
+        name = self.model.me
+        d = self.client.delete_account(password)
+        d.addCallback(lambda _: self.model.signed_out(f"The account {name} was deleted."))
+        return self._busy(d)
+
+    # -- conversations -----------------------------------------------------------------
+
+    def open(self, peer: str) -> defer.Deferred:
+        self._mark(self.model.open(peer))
+        conv = self.model.conversation(peer)
+        if conv.loaded_once:
+            return defer.succeed(None)
+        return self._load(peer, before=None)
+
+    def load_older(self) -> defer.Deferred:
+        """Scrolled to the top: fetch the page before the oldest message shown."""
+        peer = self.model.open_peer
+        if peer is None:
+            return defer.succeed(None)
+        conv = self.model.conversation(peer)
+        if not conv.more_before or conv.loading_older or conv.oldest_id is None:
+            return defer.succeed(None)
+        conv.loading_older = True
+        return self._load(peer, before=conv.oldest_id)
+
+    def _load(self, peer, before):
+        d = self.client.history(peer=peer, before=before, limit=PAGE_SIZE)
+
+        def loaded(result):
+            self._mark(self.model.add_history_page(peer, result.get("messages", []), PAGE_SIZE,
+                                                   older=before is not None))
+
+        def failed(failure):
+            self.model.conversation(peer).loading_older = False
+            return failure
+        d.addCallbacks(loaded, failed)
+        return self._guard(d)
+
+    def send(self, text: str) -> defer.Deferred:
+        """Send to the open conversation; the bubble shows 'sending…' until the answer."""
+        peer = self.model.open_peer
+        body = text.strip("\n")
+        if peer is None or not body.strip():
+            return defer.succeed(None)
+        if len(body) > MAX_BODY:
+            self.model.show_error(f"That message is too long ({len(body):,} characters; at most 16,384).")
+            return defer.succeed(None)
+        key = next(self._keys)
+        self.model.sending(peer, key, body)
+        d = self.client.send_message(peer, body)
+
+        def sent(result):
+            self.model.sent(peer, key, result["message_id"], result.get("ts", 0.0))
+
+        def failed(failure):
+            self.model.not_sent(peer, key)
+            self.model.show_error("Not sent: " + _sentence(failure))
+        return d.addCallbacks(sent, failed)
+
+    def search(self, text: str) -> defer.Deferred:
+        pattern = search_pattern(text)
+        d = self.client.list_accounts(pattern, limit=50)
+        d.addCallback(lambda r: self.model.set_search(pattern, r.get("accounts", []), r.get("more", False)))
+        return self._guard(d)
+
+    def delete_selected(self) -> defer.Deferred:
+        ids = sorted(self.model.selected)
+        if not ids:
+            return defer.succeed(None)
+        d = self.client.delete_messages(ids)
+        d.addCallback(lambda _: self.model.remove_messages(ids))
+        return self._guard(d)
+
+
+def _sentence(failure):
+    from .explain import explain
+    text = explain(failure)
+    return text[0].lower() + text[1:] if isinstance(failure.value, ServerError) else text

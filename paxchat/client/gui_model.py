@@ -1,0 +1,350 @@
+"""What the desktop app shows, as plain data: screens, conversations, badges, status.
+
+No Tk here. The widgets in ``gui.py`` only draw this model and forward
+clicks to the controller, so everything a person sees (which conversation
+has how many unread messages, what the status bar says, which sentence an
+error becomes) is decided here and tested without a display.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from .explain import explain
+
+__all__ = ["ChatModel", "Conversation", "Coalescer", "status_text", "PAGE_SIZE"]
+
+PAGE_SIZE = 50  # messages per history page when scrolling back
+
+
+def status_text(status) -> str:
+    """The status bar sentence for a client ``Status``."""
+    if status is None:
+        return ""
+    if status.state == "connected":
+        leader = f"leader {status.leader}" if status.leader is not None else "no leader yet"
+        return f"Connected to node {status.node} · {leader}"
+    if status.state == "reconnecting":
+        return "Reconnecting…"
+    if status.state == "connecting":
+        return "Connecting…"
+    if status.state == "failed":
+        return "Offline: cannot reach any server. Retrying…"
+    if status.state == "closed":
+        return "Disconnected"
+    return ""
+
+
+def time_label(ts, now: float | None = None, localtime=time.localtime) -> str:
+    """``14:05`` today, ``Mon 14:05`` this week, else ``2026-11-02``."""
+    try:
+        ts = float(ts)
+        now = time.time() if now is None else now
+        t, n = localtime(ts), localtime(now)
+    except (TypeError, ValueError, OverflowError, OSError):
+        return ""
+    if (t.tm_year, t.tm_yday) == (n.tm_year, n.tm_yday):
+        return time.strftime("%H:%M", t)
+    if 0 <= now - ts < 6 * 86400:
+        return time.strftime("%a %H:%M", t)
+    return time.strftime("%Y-%m-%d", t)
+
+
+@dataclass
+class Conversation:
+    """The messages exchanged with one peer that are loaded so far, oldest first."""
+
+    peer: str
+    messages: dict = field(default_factory=dict)   # id -> message
+    unread_ids: set = field(default_factory=set)
+    more_before: bool = True        # older history may exist on the server
+    loading_older: bool = False
+    loaded_once: bool = False       # the newest page was fetched
+    pending: dict = field(default_factory=dict)    # local key -> message being sent
+
+    @property
+    def unread(self) -> int:
+        return len(self.unread_ids)
+
+    def ordered(self) -> list[dict]:
+        return [self.messages[i] for i in sorted(self.messages)]
+
+    @property
+    def last(self) -> dict | None:
+        if self.pending:
+            return list(self.pending.values())[-1]
+        return self.messages[max(self.messages)] if self.messages else None
+
+    @property
+    def oldest_id(self) -> int | None:
+        return min(self.messages) if self.messages else None
+
+    @property
+    def last_ts(self) -> float:
+        last = self.last
+        return float(last.get("ts", 0)) if last else 0.0
+
+
+class ChatModel:
+    """Screens and conversations of one signed-in user; tells a listener what changed.
+
+    ``on_change(parts)`` receives a set naming what to redraw: ``screen``,
+    ``status``, ``list``, ``conversation``, ``error``, ``search``.
+    """
+
+    def __init__(self, on_change: Callable[[set], None] | None = None):
+        self.on_change = on_change
+        self.screen = "login"
+        self.me: str | None = None
+        self.status = ""
+        self.error = ""
+        self.notice = ""
+        self.conversations: dict[str, Conversation] = {}
+        self.open_peer: str | None = None
+        self.selected: set[int] = set()
+        self.search_pattern: str | None = None
+        self.search_results: list[str] = []
+        self.search_more = False
+        self.busy = False
+
+    def _changed(self, *parts):
+        if self.on_change is not None:
+            self.on_change(set(parts))
+
+    # -- connection and screens ----------------------------------------------------
+
+    def set_status(self, status):
+        self.status = status_text(status)
+        self._changed("status")
+
+    def show_error(self, reason):
+        """Show a failure (Failure, exception or sentence) as one readable sentence."""
+        self.error = reason if isinstance(reason, str) else explain(reason)
+        self._changed("error")
+
+    def clear_error(self):
+        if self.error:
+            self.error = ""
+            self._changed("error")
+
+    def set_busy(self, busy: bool):
+        self.busy = busy
+        self._changed("screen")
+
+    def signed_in(self, username: str):
+        self.me = username
+        self.screen = "chats"
+        self.error = ""
+        self.conversations.clear()
+        self.open_peer = None
+        self.selected.clear()
+        self.search_pattern = None
+        self._changed("screen", "list", "conversation", "error")
+
+    def signed_out(self, notice: str = ""):
+        self.me = None
+        self.screen = "login"
+        self.notice = notice
+        self.conversations.clear()
+        self.open_peer = None
+        self.selected.clear()
+        self.search_pattern = None
+        self._changed("screen", "list", "conversation")
+
+    # -- messages ------------------------------------------------------------------
+
+    def peer_of(self, message: dict) -> str:
+        return message.get("to") if message.get("from") == self.me else message.get("from")
+
+    def conversation(self, peer: str) -> Conversation:
+        conv = self.conversations.get(peer)
+        if conv is None:
+            conv = self.conversations[peer] = Conversation(peer)
+        return conv
+
+    def add_messages(self, messages: Iterable[dict], live: bool = False) -> list[int]:
+        """Merge messages (pushed or from history); returns ids to mark read now.
+
+        A received, unread message counts towards its conversation's badge
+        unless that conversation is open, in which case it is read at once.
+        """
+        to_mark, touched = [], set()
+        for message in messages:
+            if not isinstance(message, dict) or "id" not in message or self.me is None:
+                continue
+            peer = self.peer_of(message)
+            if not peer:
+                continue
+            conv = self.conversation(peer)
+            conv.messages[message["id"]] = message
+            touched.add(peer)
+            incoming = message.get("to") == self.me and message.get("from") != self.me
+            if incoming and not message.get("read", False):
+                if peer == self.open_peer:
+                    to_mark.append(message["id"])
+                    message["read"] = True
+                else:
+                    conv.unread_ids.add(message["id"])
+        if touched:
+            parts = {"list"}
+            if self.open_peer in touched:
+                parts.add("conversation")
+            self._changed(*parts)
+        return to_mark
+
+    def add_history_page(self, peer: str | None, messages: list[dict], limit: int, older: bool) -> list[int]:
+        """A page of ``history`` (newest first from the server); notes whether more remain."""
+        ids = self.add_messages(messages)
+        if peer is not None:
+            conv = self.conversation(peer)
+            conv.loading_older = False
+            conv.loaded_once = True
+            if older or len(messages) < limit:
+                conv.more_before = len(messages) >= limit
+            self._changed("conversation", "list")
+        return ids
+
+    def remove_messages(self, ids: Iterable[int]):
+        ids = set(ids)
+        for conv in self.conversations.values():
+            for i in ids & set(conv.messages):
+                del conv.messages[i]
+                conv.unread_ids.discard(i)
+        self.selected -= ids
+        self._changed("conversation", "list")
+
+    def open(self, peer: str) -> list[int]:
+        """Open a conversation; returns the ids its badge counted, to mark read."""
+        conv = self.conversation(peer)
+        self.open_peer = peer
+        self.selected.clear()
+        ids = sorted(conv.unread_ids)
+        for i in ids:
+            conv.messages[i]["read"] = True
+        conv.unread_ids.clear()
+        self.search_pattern = None
+        self._changed("list", "conversation", "search")
+        return ids
+
+    def toggle_selected(self, message_id: int):
+        if message_id in self.selected:
+            self.selected.discard(message_id)
+        else:
+            self.selected.add(message_id)
+        self._changed("conversation")
+
+    # -- what to draw ----------------------------------------------------------------
+
+    def conversation_rows(self) -> list[dict]:
+        """The sidebar: most recent conversation first, with preview, time and unread badge."""
+        rows = []
+        for conv in sorted(self.conversations.values(), key=lambda c: (-c.last_ts, c.peer)):
+            last = conv.last
+            preview = ""
+            if last is not None:
+                body = " ".join(str(last.get("body", "")).split())
+                preview = ("You: " if last.get("from") == self.me else "") + body
+                if len(preview) > 60:
+                    preview = preview[:59] + "…"
+            rows.append({"peer": conv.peer, "preview": preview, "unread": conv.unread,
+                         "time": time_label(conv.last_ts) if last else "", "open": conv.peer == self.open_peer})
+        return rows
+
+    @property
+    def total_unread(self) -> int:
+        return sum(c.unread for c in self.conversations.values())
+
+    def bubbles(self) -> list[dict]:
+        """The open conversation, oldest at the top, newest at the bottom, one dict per bubble."""
+        if self.open_peer is None:
+            return []
+        conv = self.conversation(self.open_peer)
+        out = []
+        for m in conv.ordered():
+            mine = m.get("from") == self.me
+            out.append({"id": m["id"], "mine": mine, "sender": "You" if mine else m.get("from", "?"),
+                        "body": str(m.get("body", "")), "time": time_label(m.get("ts")),
+                        "selected": m["id"] in self.selected})
+        for key, m in conv.pending.items():
+            out.append({"id": None, "key": key, "mine": True, "sender": "You", "body": m["body"],
+                        "time": "sending…", "selected": False})
+        return out
+
+    def sending(self, peer: str, key, body: str):
+        """Show a message as being sent until the server answers."""
+        self.conversation(peer).pending[key] = {"body": body, "ts": time.time(), "from": self.me, "to": peer}
+        self._changed("conversation", "list")
+
+    def sent(self, peer: str, key, message_id: int, ts: float):
+        conv = self.conversation(peer)
+        pending = conv.pending.pop(key, None)
+        if pending is not None:
+            conv.messages[message_id] = {"id": message_id, "from": self.me, "to": peer,
+                                         "body": pending["body"], "ts": ts, "read": True}
+        self._changed("conversation", "list")
+
+    def not_sent(self, peer: str, key) -> str | None:
+        """Drop a failed send; returns its text so it can go back into the compose box."""
+        pending = self.conversation(peer).pending.pop(key, None)
+        self._changed("conversation", "list")
+        return pending["body"] if pending else None
+
+    def set_search(self, pattern: str, accounts: list[str], more: bool):
+        self.search_pattern = pattern
+        self.search_results = [a for a in accounts if a != self.me]
+        self.search_more = more
+        self._changed("search")
+
+    def clear_search(self):
+        self.search_pattern = None
+        self.search_results = []
+        self._changed("search")
+
+    @property
+    def title(self) -> str:
+        unread = self.total_unread
+        base = f"paxchat — {self.me}" if self.me else "paxchat"
+        return f"({unread}) {base}" if unread else base
+
+
+def search_pattern(text: str) -> str:
+    """What the user typed -> a list_accounts pattern: wildcards as given, else a prefix search."""
+    text = text.strip()
+    if not text:
+        return "*"
+    if "*" in text or "?" in text:
+        return text
+    return text + "*"
+
+
+class Coalescer:
+    """Collect change notices and redraw once per reactor turn, however many arrived.
+
+    A burst of a thousand pushed messages becomes one redraw instead of a
+    thousand: ``notify(parts)`` only schedules ``redraw(all parts)`` with
+    ``call_later(0, ...)`` if one is not pending already.
+    """
+
+    def __init__(self, call_later: Callable, redraw: Callable[[set], None]):
+        self.call_later = call_later
+        self.redraw = redraw
+        self.dirty: set = set()
+        self._pending = None
+
+    def notify(self, parts: set):
+        self.dirty |= parts
+        if self._pending is None:
+            self._pending = self.call_later(0, self._flush)
+
+    def _flush(self):
+        self._pending = None
+        dirty, self.dirty = self.dirty, set()
+        if dirty:
+            self.redraw(dirty)
+
+    def cancel(self):
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = None

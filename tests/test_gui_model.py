@@ -1,0 +1,271 @@
+"""The desktop app's model and controller, without a display."""
+
+import time
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from paxchat.client.api import Status
+from paxchat.client.errors import ServerError, Unreachable
+from paxchat.client.gui_controller import ChatController
+from paxchat.client.gui_model import PAGE_SIZE, ChatModel, Coalescer, search_pattern, status_text, time_label
+
+
+def msg(i, frm, to, body="x", ts=None, read=False):
+    return {"id": i, "from": frm, "to": to, "body": body, "ts": ts if ts is not None else 1000.0 + i, "read": read}
+
+
+def model_for(me="alice"):
+    changes = []
+    model = ChatModel(on_change=changes.append)
+    model.signed_in(me)
+    changes.clear()
+    return model, changes
+
+
+def test_status_bar_sentences():
+    assert status_text(Status("connected", 2, 1)) == "Connected to node 2 · leader 1"
+    assert status_text(Status("connected", 3, None)) == "Connected to node 3 · no leader yet"
+    assert status_text(Status("reconnecting")) == "Reconnecting…"
+    assert status_text(Status("connecting")) == "Connecting…"
+    assert status_text(Status("failed")).startswith("Offline")
+
+
+def test_unread_badges_count_received_unread_messages_until_opened():
+    model, changes = model_for()
+    model.add_messages([msg(1, "bob", "alice"), msg(2, "bob", "alice"), msg(3, "alice", "bob"),
+                        msg(4, "carol", "alice", read=True)])
+    rows = {r["peer"]: r for r in model.conversation_rows()}
+    assert rows["bob"]["unread"] == 2 and rows["carol"]["unread"] == 0
+    assert model.total_unread == 2 and model.title == "(2) paxchat — alice"
+    assert model.open("bob") == [1, 2]
+    assert model.conversation_rows()[0]["unread"] == 0
+    # A message arriving in the open conversation is read at once.
+    assert model.add_messages([msg(5, "bob", "alice")], live=True) == [5]
+    assert model.conversation("bob").unread == 0
+    assert model.add_messages([msg(6, "carol", "alice")], live=True) == []
+
+
+def test_conversation_list_is_most_recent_first_with_previews():
+    model, _ = model_for()
+    model.add_messages([msg(1, "bob", "alice", "old", ts=10), msg(2, "alice", "carol", "new\nline", ts=20)])
+    rows = model.conversation_rows()
+    assert [r["peer"] for r in rows] == ["carol", "bob"]
+    assert rows[0]["preview"] == "You: new line"
+
+
+def test_bubbles_are_oldest_first_aligned_by_sender_with_pending_last():
+    model, _ = model_for()
+    model.add_messages([msg(3, "bob", "alice", "c"), msg(1, "alice", "bob", "a"), msg(2, "bob", "alice", "b")])
+    model.open("bob")
+    model.sending("bob", "k1", "on its way")
+    bubbles = model.bubbles()
+    assert [b["body"] for b in bubbles] == ["a", "b", "c", "on its way"]
+    assert [b["mine"] for b in bubbles] == [True, False, False, True]
+    assert bubbles[1]["sender"] == "bob" and bubbles[0]["sender"] == "You"
+    assert bubbles[-1]["time"] == "sending…"
+    model.sent("bob", "k1", 9, 2000.0)
+    assert model.bubbles()[-1]["id"] == 9
+
+
+def test_history_pages_tell_whether_older_messages_remain():
+    model, _ = model_for()
+    model.open("bob")
+    page = [msg(i, "bob", "alice", read=True) for i in range(100, 100 - PAGE_SIZE, -1)]
+    model.add_history_page("bob", page, PAGE_SIZE, older=False)
+    assert model.conversation("bob").more_before
+    model.add_history_page("bob", [msg(10, "bob", "alice", read=True)], PAGE_SIZE, older=True)
+    conv = model.conversation("bob")
+    assert not conv.more_before and conv.oldest_id == 10
+
+
+def test_selection_and_removal():
+    model, _ = model_for()
+    model.add_messages([msg(1, "bob", "alice"), msg(2, "bob", "alice")])
+    model.open("bob")
+    model.toggle_selected(1)
+    assert [b["selected"] for b in model.bubbles()] == [True, False]
+    model.remove_messages([1])
+    assert [b["id"] for b in model.bubbles()] == [2] and model.selected == set()
+
+
+def test_errors_become_sentences():
+    model, _ = model_for()
+    model.show_error(ServerError("bad_credentials", "nope"))
+    assert model.error == "The username or password is wrong."
+    model.show_error(Unreachable("no paxchat node could be reached: 127.0.0.1:7101"))
+    assert model.error.startswith("Cannot reach any paxchat server")
+
+
+def test_search_patterns():
+    assert search_pattern("al") == "al*"
+    assert search_pattern("a?c*") == "a?c*"
+    assert search_pattern("  ") == "*"
+
+
+def test_time_labels():
+    now = time.mktime((2026, 11, 22, 12, 0, 0, 0, 0, -1))
+    assert time_label(now - 60, now) == time.strftime("%H:%M", time.localtime(now - 60))
+    assert time_label(now - 3 * 86400, now).count(":") == 1
+    assert time_label(now - 30 * 86400, now).startswith("2026-10")
+
+
+def test_a_burst_of_a_thousand_messages_is_one_redraw():
+    clock = Clock()
+    redraws = []
+    coalescer = Coalescer(clock.callLater, redraws.append)
+    model = ChatModel(on_change=coalescer.notify)
+    model.signed_in("alice")
+    for i in range(1000):
+        model.add_messages([msg(i, "bob", "alice")], live=True)
+    assert redraws == []
+    clock.advance(0)
+    assert len(redraws) == 1 and {"list", "screen"} <= redraws[0]
+    assert model.conversation("bob").unread == 1000
+
+
+# -- the controller --------------------------------------------------------------------
+
+class FakeClient:
+    """Each op returns a Deferred the test fires; calls are recorded."""
+
+    def __init__(self):
+        self.calls = []
+        self.connected = True
+        self.auto = {}
+
+    def __getattr__(self, op):
+        if op.startswith("_"):
+            raise AttributeError(op)
+
+        def call(*args, **kwargs):
+            d = defer.Deferred()
+            self.calls.append((op, args, kwargs, d))
+            if op in self.auto:
+                answer = self.auto[op]
+                d.errback(answer) if isinstance(answer, Exception) else d.callback(answer)
+            return d
+        return call
+
+    def last(self, op):
+        return [c for c in self.calls if c[0] == op][-1]
+
+
+def controller():
+    clock = Clock()
+    model = ChatModel()
+    client = FakeClient()
+    ctl = ChatController(clock, model, lambda on_event, on_status: client)
+    return clock, model, client, ctl
+
+
+def test_login_loads_recent_history_into_the_list():
+    clock, model, client, ctl = controller()
+    client.auto = {"login": {"session": "t", "unread": 1},
+                   "history": {"messages": [msg(2, "bob", "alice"), msg(1, "alice", "bob", read=True)]}}
+    ctl.log_in("alice", "pw-123456")
+    assert model.screen == "chats" and model.me == "alice" and not model.busy
+    assert client.last("history")[2] == {"limit": 200}
+    assert model.conversation_rows()[0]["unread"] == 1
+
+
+def test_bad_login_shows_a_sentence_and_stays_on_the_login_screen():
+    clock, model, client, ctl = controller()
+    client.auto = {"login": ServerError("bad_credentials", "no")}
+    ctl.log_in("alice", "wrong-pass")
+    assert model.screen == "login" and model.error == "The username or password is wrong."
+    ctl.log_in("", "")
+    assert model.error == "Enter your username and password."
+
+
+def test_open_marks_read_in_one_batch_and_loads_the_newest_page():
+    clock, model, client, ctl = controller()
+    model.signed_in("alice")
+    model.add_messages([msg(1, "bob", "alice"), msg(2, "bob", "alice")])
+    ctl.open("bob")
+    assert client.last("history")[2] == {"peer": "bob", "before": None, "limit": PAGE_SIZE}
+    for i in range(3, 50):
+        ctl.on_event({"event": "message", "message": msg(i, "bob", "alice")})
+    clock.advance(0)
+    marks = [c for c in client.calls if c[0] == "mark_read"]
+    assert len(marks) == 1 and marks[0][1][0] == list(range(1, 50))
+
+
+def test_scrolling_up_loads_older_once_at_a_time():
+    clock, model, client, ctl = controller()
+    model.signed_in("alice")
+    ctl.open("bob")
+    client.last("history")[3].callback({"messages": [msg(i, "bob", "alice", read=True)
+                                                     for i in range(200, 150, -1)]})
+    ctl.load_older()
+    ctl.load_older()
+    older = [c for c in client.calls if c[0] == "history"]
+    assert len(older) == 2 and older[-1][2]["before"] == 151
+    older[-1][3].callback({"messages": [msg(5, "bob", "alice", read=True)]})
+    assert not model.conversation("bob").more_before
+    ctl.load_older()
+    assert len([c for c in client.calls if c[0] == "history"]) == 2
+
+
+def test_send_shows_pending_then_the_stored_message_or_an_error():
+    clock, model, client, ctl = controller()
+    model.signed_in("alice")
+    ctl.open("bob")
+    ctl.send("hello\n")
+    assert client.last("send_message")[1] == ("bob", "hello")
+    assert model.bubbles()[-1]["time"] == "sending…"
+    client.last("send_message")[3].callback({"message_id": 7, "ts": 5.0})
+    assert model.bubbles()[-1]["id"] == 7
+    ctl.send("again")
+    client.last("send_message")[3].errback(ServerError("no_such_user", "gone"))
+    assert model.error == "Not sent: there is no account with that name."
+    assert [b["body"] for b in model.bubbles()] == ["hello"]
+    ctl.send("x" * 16385)
+    assert "too long" in model.error
+
+
+def test_search_delete_logout_and_session_end():
+    clock, model, client, ctl = controller()
+    model.signed_in("alice")
+    client.auto = {"list_accounts": {"accounts": ["alice", "albert"], "more": False},
+                   "delete_messages": {"deleted": 1}, "logout": {}}
+    ctl.search("al")
+    assert client.last("list_accounts")[1] == ("al*",) and model.search_results == ["albert"]
+    model.add_messages([msg(1, "bob", "alice")])
+    ctl.open("bob")
+    model.toggle_selected(1)
+    ctl.delete_selected()
+    assert client.last("delete_messages")[1] == ([1],) and model.bubbles() == []
+    ctl.log_out()
+    assert model.screen == "login"
+    model.signed_in("alice")
+    ctl.on_event({"event": "session_ended", "reason": "deleted"})
+    assert model.screen == "login" and "session ended" in model.notice
+
+
+def test_delete_account_needs_the_password():
+    clock, model, client, ctl = controller()
+    model.signed_in("alice")
+    ctl.delete_account("")
+    assert "password" in model.error and not [c for c in client.calls if c[0] == "delete_account"]
+    client.auto = {"delete_account": {}}
+    ctl.delete_account("pw-123456")
+    assert model.screen == "login" and "alice was deleted" in model.notice
+
+
+def test_offline_retries_connecting_periodically():
+    clock, model, client, ctl = controller()
+    ctl.on_status(Status("failed"))
+    assert model.status.startswith("Offline")
+    clock.advance(5)
+    assert [c[0] for c in client.calls] == ["connect"]
+
+
+def test_a_broken_config_is_shown_not_raised():
+    model = ChatModel()
+
+    def broken(on_event, on_status):
+        raise ValueError("cluster.ini: [node.1] client: 'x' is not a valid host:port")
+    ctl = ChatController(Clock(), model, broken)
+    assert "not a valid host:port" in model.error
+    ctl.log_in("a", "b")
