@@ -269,6 +269,9 @@ class ChatProtocol(Protocol):
         self.transport.write(data)
 
     def _output_full(self):
+        # TCP transports say this again on every write while full.
+        if self._output_paused:
+            return
         self._output_paused = True
         self._backlog = 0
         self._pause("output")
