@@ -1,0 +1,121 @@
+"""NodeService: one paxchat node wired from its config.
+
+State on disk, the state worker thread, the command log and the client
+listener, started in that order and stopped in reverse, so no client
+request reaches a log or state that is already gone.
+"""
+
+from twisted.application import service
+from twisted.internet import defer, endpoints
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from paxchat import tls
+from paxchat.locallog import LocalLog
+from paxchat.server.factory import ChatServerFactory
+from paxchat.server.settings import ServerSettings
+from paxchat.state.chat import ChatState
+from paxchat.state.worker import StateWorker
+
+log = Logger()
+
+STATE_FILE = "state.sqlite3"
+
+
+class NodeService(service.MultiService):
+    """Node ``node_id`` of ``config``; everything it starts, it stops.
+
+    The constructor reads the certificates so that a missing file stops a
+    node before it starts; ``startService`` opens the state and listens,
+    raising if either fails. Child services (none yet) start once the log
+    exists and stop before it closes.
+    """
+
+    def __init__(self, config, node_id, reactor):
+        super().__init__()
+        self.config = config
+        self.node_id = node_id
+        self.node = config.node(node_id)
+        self.reactor = reactor
+        self.settings = ServerSettings.from_config(config, node_id)
+        self.client_tls_options = (
+            tls.client_server_options(config, node_id) if config.client_tls else None)
+        self.state = self.worker = self.log = self.factory = self.port = None
+
+    @property
+    def data_dir(self):
+        return self.config.node_data_dir(self.node_id)
+
+    def startService(self):
+        service.Service.startService(self)
+        try:
+            self.config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.data_dir.mkdir(mode=0o700, exist_ok=True)
+            # Opened once here before anything is served; from now on only the
+            # worker's thread touches it.
+            self.state = ChatState.open(str(self.data_dir / STATE_FILE))
+            self.worker = StateWorker(self.reactor, self.state)
+            self.log = self.make_command_log(self.worker)
+            self.factory = ChatServerFactory(self.reactor, self.log, self.worker, self.settings)
+            for child in self:
+                child.startService()
+            self.port = _listen_now(self.client_endpoint(), self.factory)
+        except BaseException:
+            self.running = 0
+            self._close_started()
+            raise
+        log.info("paxchat node {node_id} serving clients on {address} ({tls})",
+                 node_id=self.node_id, address=str(self.node.client),
+                 tls="TLS" if self.client_tls_options else "plain TCP")
+
+    def make_command_log(self, worker):
+        """The node's ICommandLog: a LocalLog until the replicated log takes its place."""
+        return LocalLog(self.reactor, worker, node_id=self.node_id)
+
+    def client_endpoint(self):
+        """Where clients connect: the node's ``client`` address, TLS when client_tls is on."""
+        address = self.node.client
+        if self.client_tls_options is not None:
+            return endpoints.SSL4ServerEndpoint(
+                self.reactor, address.port, self.client_tls_options, interface=address.host)
+        return endpoints.TCP4ServerEndpoint(self.reactor, address.port, interface=address.host)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        port, self.port = self.port, None
+        if port is not None:
+            yield port.stopListening()
+        yield super().stopService()
+        yield self._close_started()
+        log.info("paxchat node {node_id} stopped", node_id=self.node_id)
+
+    @defer.inlineCallbacks
+    def _close_started(self):
+        """Close the log, then the worker (which owns the state), whatever got started."""
+        if self.port is not None:
+            port, self.port = self.port, None
+            yield port.stopListening()
+        log_, self.log = self.log, None
+        if log_ is not None and hasattr(log_, "stop"):
+            yield log_.stop()
+        worker, self.worker = self.worker, None
+        state, self.state = self.state, None
+        if worker is not None:
+            yield worker.stop()
+        elif state is not None:
+            state.close()
+
+
+def _listen_now(endpoint, factory):
+    """Listen and return the port, raising at once if the address cannot be bound.
+
+    TCP and SSL endpoints bind synchronously; failing here, before the
+    reactor runs, is what lets twistd exit with the error.
+    """
+    result = []
+    endpoint.listen(factory).addBoth(result.append)
+    if not result:
+        raise RuntimeError(f"{endpoint!r} did not listen synchronously")
+    if isinstance(result[0], Failure):
+        result[0].raiseException()
+    return result[0]

@@ -1,0 +1,165 @@
+"""NodeService: one node's state, worker, log and client listener, on the real reactor."""
+
+import json
+import stat
+
+import pytest
+import pytest_twisted
+from twisted.application.service import IService
+from twisted.internet import defer, endpoints, error, protocol
+from twisted.protocols.basic import LineReceiver
+
+from paxchat import config as configmod
+from paxchat import tls
+from paxchat.devcluster import write_local_config
+from paxchat.node import STATE_FILE, NodeService
+
+
+def reactor_():
+    from twisted.internet import reactor
+    return reactor
+
+
+def make_cluster(tmp_path, client_tls):
+    path = write_local_config(tmp_path, nodes=2, client_tls="on" if client_tls else "off",
+                              bcrypt_cost=4)
+    cfg = configmod.load(path)
+    if client_tls:
+        tls.make_cluster_certs(cfg)
+    return cfg
+
+
+class JSONLines(LineReceiver):
+    delimiter = b"\n"
+
+    def __init__(self):
+        self.waiting = {}
+        self.next_id = 0
+
+    def lineReceived(self, line):
+        message = json.loads(line)
+        d = self.waiting.pop(message.get("id"), None)
+        if d is not None:
+            d.callback(message)
+
+    def request(self, op, **args):
+        self.next_id += 1
+        d = self.waiting[self.next_id] = defer.Deferred()
+        self.sendLine(json.dumps({"id": self.next_id, "op": op, **args}).encode())
+        return d.addTimeout(20, reactor_())
+
+
+def connect(cfg, node_id):
+    address = cfg.node(node_id).client
+    endpoint = endpoints.TCP4ClientEndpoint(reactor_(), address.host, address.port, timeout=5)
+    if cfg.client_tls:
+        endpoint = endpoints.wrapClientTLS(
+            tls.client_connection_options(cfg, address.host), endpoint)
+    return endpoints.connectProtocol(endpoint, JSONLines())
+
+
+@pytest_twisted.inlineCallbacks
+def run_session(cfg, node_id, body):
+    node = NodeService(cfg, node_id, reactor_())
+    node.startService()
+    client = None
+    try:
+        client = yield connect(cfg, node_id)
+        yield body(node, client)
+    finally:
+        if client is not None:
+            client.transport.loseConnection()
+        yield node.stopService()
+
+
+@pytest.mark.parametrize("client_tls", [True, False], ids=["tls", "tcp"])
+@pytest_twisted.inlineCallbacks
+def test_node_serves_clients_and_keeps_state_across_restarts(tmp_path, client_tls):
+    cfg = make_cluster(tmp_path, client_tls)
+
+    @defer.inlineCallbacks
+    def first(node, client):
+        assert IService.providedBy(node) and node.running
+        hello = yield client.request("hello")
+        assert hello["result"]["node"] == 2
+        assert [n["id"] for n in hello["result"]["nodes"]] == [1, 2]
+        created = yield client.request("create_account", username="alice", password="password1")
+        assert created["ok"], created
+
+    yield run_session(cfg, 2, first)
+    data_dir = cfg.node_data_dir(2)
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    assert (data_dir / STATE_FILE).is_file()
+
+    @defer.inlineCallbacks
+    def second(node, client):
+        again = yield client.request("create_account", username="alice", password="password1")
+        assert again["error"]["code"] == "username_taken"
+
+    yield run_session(cfg, 2, second)
+
+
+@pytest_twisted.inlineCallbacks
+def test_stop_closes_the_listener_and_the_state(tmp_path):
+    cfg = make_cluster(tmp_path, client_tls=False)
+    node = NodeService(cfg, 1, reactor_())
+    node.startService()
+    worker = node.worker
+    yield node.stopService()
+    assert not node.running and node.port is None and node.log is None
+    assert not worker.running
+    with pytest.raises(error.ConnectionRefusedError):
+        yield connect(cfg, 1)
+
+
+@pytest_twisted.inlineCallbacks
+def test_port_in_use_fails_start_and_releases_everything(tmp_path):
+    cfg = make_cluster(tmp_path, client_tls=False)
+    address = cfg.node(1).client
+    squatter = reactor_().listenTCP(address.port, protocol.Factory(), interface=address.host)
+    try:
+        node = NodeService(cfg, 1, reactor_())
+        with pytest.raises(error.CannotListenError):
+            node.startService()
+        assert not node.running and node.worker is None and node.state is None
+        # The state was closed, so another start on the same data dir works.
+        yield squatter.stopListening()
+        squatter = None
+        node.startService()
+        yield node.stopService()
+    finally:
+        if squatter is not None:
+            yield squatter.stopListening()
+
+
+def test_missing_certificates_stop_the_node_before_it_starts(tmp_path):
+    path = write_local_config(tmp_path, nodes=1, client_tls="on")
+    with pytest.raises(tls.CertificateFilesError, match="paxchat-certs"):
+        NodeService(configmod.load(path), 1, reactor_())
+
+
+def test_unknown_node(tmp_path):
+    cfg = make_cluster(tmp_path, client_tls=False)
+    with pytest.raises(configmod.ConfigError, match="no \\[node.3\\]"):
+        NodeService(cfg, 3, reactor_())
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_command_log_is_one_replaceable_method(tmp_path):
+    cfg = make_cluster(tmp_path, client_tls=False)
+    made = []
+
+    class Node(NodeService):
+        def make_command_log(self, worker):
+            log = super().make_command_log(worker)
+            made.append((log, worker))
+            return log
+
+    node = Node(cfg, 1, reactor_())
+    node.startService()
+    try:
+        assert made == [(node.log, node.worker)]
+        assert node.log.node_id == 1
+        assert node.factory.log is node.log
+    finally:
+        yield node.stopService()
