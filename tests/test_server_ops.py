@@ -1,5 +1,7 @@
 """Every op of the protocol and its errors, over StringTransport with a fake state."""
 
+import json
+
 import pytest
 
 from paxchat.interfaces import Unavailable
@@ -318,3 +320,53 @@ def test_internal_errors_never_log_passwords_or_tokens(server):
     from twisted.logger import formatEvent
     text = repr(events) + "".join(formatEvent(e) for e in events)
     assert PW not in text and token not in text
+
+
+def test_requests_after_a_login_wait_for_it(server):
+    from .server_support import HeldWorker
+    server = Server(worker_class=HeldWorker)
+    client = server.connect()
+    client.send(id="c", op="create_account", username="alice", password=PW)
+    server.worker.release_all()
+    lines = b"".join(json.dumps(r).encode() + b"\n" for r in [
+        {"id": "login", "op": "login", "username": "alice", "password": PW},
+        {"id": "send", "op": "send_message", "to": "alice", "body": "to myself"},
+        {"id": "hello", "op": "hello"},
+    ])
+    client.send_line(lines)
+    assert [m["id"] for m in client.received()] == ["c"]  # all three wait on the login
+    server.worker.release_all()
+    server.worker.release_all()
+    assert [m.get("id") for m in client.received()] == ["c", "login", "hello", None, "send"]
+    assert client.answer("send")["ok"] is True
+
+
+def test_login_on_a_logged_in_connection_switches_sessions(server):
+    alice = logged_in(server, "alice")
+    old = alice.token
+    logged_in(server, "bob")
+    bob_token = alice.ok("login", username="bob", password=PW)["session"]
+    assert alice.proto.session.username == "bob"
+    assert alice.proto not in server.factory.registry.of_user("alice")
+    assert server.connect().ok("resume", session=old)["username"] == "alice"
+    assert alice.ok("resume", session=old)["username"] == "alice"
+    assert alice.proto not in server.factory.registry.of_user("bob")
+    assert bob_token
+
+
+def test_hello_while_there_is_no_leader(server):
+    server.log.leader_id = lambda: None
+    assert server.connect().ok("hello")["leader"] is None
+
+
+def test_settings_from_a_cluster_config():
+    from paxchat.config import loads
+    from paxchat.server import ServerSettings
+    config = loads("[cluster]\nbcrypt_cost = 5\nsession_ttl = 60\n"
+                   "[node.2]\nclient = [::1]:7102\npeer = [::1]:7202\n"
+                   "[node.1]\nclient = 127.0.0.1:7101\npeer = 127.0.0.1:7201\n")
+    settings = ServerSettings.from_config(config, 2)
+    assert settings.node_id == 2
+    assert settings.nodes == ({"id": 1, "client": "127.0.0.1:7101"}, {"id": 2, "client": "[::1]:7102"})
+    assert settings.bcrypt_cost == 5 and settings.session_ttl == 60
+    assert ServerSettings.from_config(config, 1, max_pending_per_connection=3).max_pending_per_connection == 3
