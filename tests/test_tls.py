@@ -165,6 +165,11 @@ def test_garbage_and_mismatched_files(tmp_path):
         tls.load_ca(cfg)
 
 
+def test_node_id_of_twisted_certificates(cluster):
+    assert tls.node_id_of(tls.load_node_certificate(cluster, 3)) == 3
+    assert tls.node_id_of(tls.load_ca(cluster)) is None
+
+
 def test_node_id_of_other_certificates():
     assert tls.node_id_of(None) is None
     key = ec.generate_private_key(ec.SECP256R1())
