@@ -7,6 +7,7 @@ observer on the command log that pushes events to connections.
 
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 
 from .handlers import Handlers
 from .passwords import PasswordHasher
@@ -14,6 +15,8 @@ from .protocol import ChatProtocol
 from .push import EventPusher
 from .ratelimit import KeyedRateLimiter
 from .sessions import ConnectionRegistry
+
+_log = Logger()
 
 
 class ChatServerFactory(ServerFactory):
@@ -47,7 +50,8 @@ class ChatServerFactory(ServerFactory):
     def startFactory(self):
         if not self._warmed:
             self._warmed = True
-            self.hasher.warm_up()
+            self.hasher.warm_up().addErrback(
+                lambda failure: _log.failure("making the dummy password hash failed", failure))
 
     def buildProtocol(self, addr):
         protocol = ChatProtocol(self.reactor, self.settings, self.handlers, self.registry)
