@@ -1,16 +1,78 @@
 """The Multi-Paxos replica as a pure state machine (no clock, no I/O).
 
-API stub: see docs/internals.md "Paxos core API".
+One ``Replica`` per node plays proposer, acceptor and learner. The node glue
+feeds it time (``tick``), peer messages (``receive``), client commands
+(``propose``), read requests (``read``) and disk acknowledgements
+(``persisted``); ``ready()`` hands back, etcd-raft style, what to persist,
+what to send, what was decided, and which reads may be served. Because it
+never reads a clock, a socket or a disk, a whole cluster runs
+deterministically in one process (tests/sim/).
+
+Protocol outline
+- Ballots are ``(round, node)``. A node that has heard nothing from a leader
+  for a randomized election timeout first runs a *pre-vote*: peers grant it
+  only if they too have lost their leader for ``election_timeout`` and it
+  is not behind them. Only with a quorum of grants does it raise its ballot,
+  persist the promise to itself and send ``Prepare`` for every slot above
+  its chosen prefix at once (phase 1 runs once per leadership, not per slot).
+- With a quorum of promises it becomes the stable leader: slots that some
+  promise reports accepted get the value of the highest ballot (or a no-op
+  when none did), and new commands go to fresh slots. It keeps leading until
+  an acceptor rejects it with a higher ballot, or it loses touch with a
+  quorum for an election timeout (it then steps down on its own).
+- Phase 2: commands queued by ``propose`` are batched into one slot per
+  ``ready()`` (up to ``max_batch_commands`` / ``max_batch_bytes``), with up to
+  ``window`` slots in flight above the chosen prefix. Acceptors persist before
+  they answer; a slot is chosen when a quorum accepted it at the leader's
+  ballot. The leader's chosen prefix (``commit``) rides on every Accept and
+  Heartbeat; a follower marks slot ``s <= commit`` chosen when it accepted it at
+  that very ballot, and otherwise pulls the chosen values (``CatchupRequest``
+  -> ``Learn``), or the snapshot in ``snapshot_chunk_bytes`` chunks when the
+  peer compacted past it.
+- Reads: ``read(id)`` takes the read index (the end of everything this
+  leader recovered or chose) and confirms leadership with a heartbeat quorum
+  sent after the request, then releases the read once the prefix reaches the
+  index. ``read(id, lease=True)`` answers at once while the lease holds.
+
+Lease (clock assumption)
+  Clocks need not be synchronized, but every node's clock must advance at a
+  rate within ``1 +- max_clock_drift`` of real time, and the glue must call
+  ``tick`` at least every ``heartbeat_interval`` (or pass ``now`` to
+  ``receive``). An acceptor that hears from its leader refuses ``Prepare`` of
+  any other node for ``election_timeout`` after that (by its own clock; a
+  restarted node refuses for ``election_timeout`` after it starts). The
+  leader holds a lease until
+  ``send_time + election_timeout*(1-d)/(1+d) - heartbeat_interval`` for the
+  latest heartbeat acknowledged by a quorum, where ``send_time`` is its own
+  clock when that heartbeat was sent. Every quorum of promises for a new
+  leader therefore comes after the lease ended, so a lease read cannot miss
+  a write. A leadership transfer drops the lease first; only the acceptors of
+  the leader that asked for the transfer let the target's ``Prepare`` through.
+
+Persisted state: ``PromiseRecord``, ``AcceptRecord``, ``CompactRecord``
+(messages.py); ``DurableState.from_records`` folds them back for a restart.
 """
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
-from .messages import Ballot, ZERO_BALLOT, PromiseRecord, AcceptRecord, CompactRecord
+from .messages import (
+    ZERO_BALLOT, Accept, Accepted, AcceptedEntry, AcceptRecord, Ballot, CatchupRequest,
+    CompactRecord, Heartbeat, HeartbeatAck, Learn, Prepare, PreVote, PreVoteReply, Promise,
+    PromiseRecord, Reject, SnapshotChunk, TimeoutNow,
+)
+
+__all__ = ["NotLeader", "Config", "DurableState", "ReadState", "LeaderChange", "Ready", "Replica"]
+
+FOLLOWER, PRECANDIDATE, CANDIDATE, LEADER = "follower", "precandidate", "candidate", "leader"
 
 
 class NotLeader(Exception):
-    """propose()/read()/transfer_leadership() on a replica that does not lead."""
+    """propose()/read()/transfer_leadership() on a replica that does not lead.
+
+    ``leader_hint`` is the node believed to lead (or None): forward there.
+    """
 
     def __init__(self, leader_hint):
         super().__init__(f"not the leader (leader hint: {leader_hint})")
@@ -19,6 +81,7 @@ class NotLeader(Exception):
 
 @dataclass(frozen=True)
 class Config:
+    """Timing (seconds) and batching knobs; the same on every node."""
     heartbeat_interval: float = 0.05
     election_timeout: float = 0.5
     max_clock_drift: float = 0.05
@@ -28,20 +91,59 @@ class Config:
     catchup_slots: int = 256
     snapshot_chunk_bytes: int = 1 << 20
 
+    @property
+    def lease_duration(self):
+        d = self.max_clock_drift
+        return self.election_timeout * (1 - d) / (1 + d) - self.heartbeat_interval
+
 
 @dataclass(frozen=True)
 class DurableState:
+    """What an acceptor recovers from its records after a restart."""
     promised: Ballot = ZERO_BALLOT
-    accepted: Mapping = field(default_factory=dict)
+    accepted: Mapping = field(default_factory=dict)  # slot -> (Ballot, value)
     snapshot_index: int = 0
 
     @classmethod
     def from_records(cls, records, base=None):
-        raise NotImplementedError
+        """Fold records, oldest first, onto ``base`` (or an empty state)."""
+        base = base or cls()
+        promised, snap = base.promised, base.snapshot_index
+        accepted = dict(base.accepted)
+        for rec in records:
+            t = type(rec)
+            if t is AcceptRecord:
+                if rec.ballot > promised:
+                    promised = rec.ballot
+                for i, v in enumerate(rec.values):
+                    s = rec.first_slot + i
+                    if s > snap:
+                        accepted[s] = (rec.ballot, v)
+            elif t is PromiseRecord:
+                if rec.ballot > promised:
+                    promised = rec.ballot
+            elif t is CompactRecord:
+                if rec.index > snap:
+                    snap = rec.index
+                    accepted = {s: e for s, e in accepted.items() if s > snap}
+            else:
+                raise TypeError(f"not a paxos record: {rec!r}")
+        return cls(promised, accepted, snap)
+
+    def to_records(self):
+        """The shortest record list that folds back to this state (for store rewrites)."""
+        out = [PromiseRecord(self.promised)]
+        if self.snapshot_index:
+            out.append(CompactRecord(self.snapshot_index))
+        for s in sorted(self.accepted):
+            b, v = self.accepted[s]
+            out.append(AcceptRecord(b, s, (v,)))
+        return out
 
 
 @dataclass(frozen=True)
 class ReadState:
+    """Serve read ``read_id`` once every slot ``<= index`` is applied."""
     read_id: object
     index: int
 
@@ -54,27 +156,818 @@ class LeaderChange:
 
 @dataclass(frozen=True)
 class Ready:
-    messages: tuple = ()
-    records: tuple = ()
+    """Everything a replica asks of its glue since the previous ``ready()``."""
+    messages: tuple = ()       # ((to, msg), ...): send now
+    records: tuple = ()        # persist, fsync, then persisted(token)
     token: int = 0
-    snapshot: Optional[tuple] = None
-    decided: tuple = ()
+    snapshot: Optional[tuple] = None  # (index, data): restore before applying decided
+    decided: tuple = ()        # ((slot, (command, ...)), ...) in order
     leader: Optional[LeaderChange] = None
-    reads: tuple = ()
-    failed_reads: tuple = ()
-    dropped: tuple = ()
+    reads: tuple = ()          # (ReadState, ...)
+    failed_reads: tuple = ()   # (read_id, ...)
+    dropped: tuple = ()        # (command, ...) never given a slot
+
+    def __bool__(self):
+        return bool(self.messages or self.records or self.snapshot or self.decided
+                    or self.leader or self.reads or self.failed_reads or self.dropped)
+
+
+class _SplitMix:
+    """A tiny deterministic PRNG (splitmix64), for when no jitter is supplied."""
+
+    def __init__(self, seed):
+        self.state = seed & 0xFFFFFFFFFFFFFFFF
+
+    def __call__(self):
+        self.state = (self.state + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        return ((z ^ (z >> 31)) >> 11) / float(1 << 53)
+
+
+class _Slot:
+    __slots__ = ("value", "acks", "sent")
+
+    def __init__(self, value, sent):
+        self.value = value
+        self.acks = set()
+        self.sent = sent
 
 
 class Replica:
-    def __init__(self, node_id, members, *, now=0.0, config=Config(), jitter=None, seed=0, durable=None):
-        raise NotImplementedError
+    """One Multi-Paxos node: proposer, acceptor and learner (see module doc)."""
 
-    def tick(self, now): ...
-    def receive(self, msg, now=None): ...
-    def propose(self, command): ...
-    def read(self, read_id, *, lease=False): ...
-    def persisted(self, token): ...
-    def compact(self, index, data): ...
-    def transfer_leadership(self, target): ...
-    def ready(self): ...
-    def has_ready(self): ...
+    def __init__(self, node_id, members, *, now=0.0, config=Config(), jitter=None, seed=0,
+                 durable=None):
+        members = tuple(sorted(set(members)))
+        if node_id not in members:
+            raise ValueError(f"node {node_id} is not among the members {members}")
+        self.node_id = node_id
+        self.members = members
+        self.peers = tuple(m for m in members if m != node_id)
+        self.config = config
+        self._jitter = jitter if jitter is not None else _SplitMix(seed * 1000003 + node_id)
+        self._now = now
+        d = durable or DurableState()
+        # acceptor
+        self.promised = d.promised
+        self._accepted = {s: e for s, e in d.accepted.items() if s > d.snapshot_index}
+        # learner
+        self._snapshot_index = d.snapshot_index
+        self._snapshot_data = None
+        self._chosen = {}
+        self.commit_index = d.snapshot_index
+        self._decided_upto = d.snapshot_index
+        self._pending_snapshot = None
+        self._snap_rx = None           # [index, total, parts, received]
+        self._catchup_target = 0       # want chosen values up to here
+        self._catchup_peer = None
+        self._catchup_next = now
+        self._catchup_progress = False
+        # roles
+        self._role = FOLLOWER
+        self.leader_id = None
+        self._block_ballot = ZERO_BALLOT     # ballot of the leader whose lease we honour
+        self._block_until = now + config.election_timeout  # a restarted node keeps quiet
+        self._max_round = d.promised.round
+        self._election_deadline = now + self._timeout()
+        self._reported_leader = (None, None)
+        self._prevote_ballot = None
+        self._grants = set()
+        self._ballot = None            # the ballot we run or lead with
+        self._promises = {}
+        self._transfer_from = ZERO_BALLOT
+        # leader
+        self._next_slot = 0
+        self._phase1_end = 0
+        self._inflight = {}
+        self._queue = deque()
+        self._hb_seq = 0
+        self._hb_sent = {}
+        self._hb_acks = {}
+        self._hb_due = False
+        self._next_heartbeat = now
+        self._confirmed_seq = 0
+        self._lease_until = float("-inf")
+        self._lease_min_seq = 0
+        self._heard = {}
+        self._read_wait = []           # (read_id, index, seq) waiting for a heartbeat quorum
+        self._read_confirmed = deque()  # (read_id, index) waiting for commit
+        self._transfer = None          # (target, deadline, sent)
+        # outputs
+        self._out = []
+        self._records = []
+        self._token = 0
+        self._persisted = 0
+        self._held = deque()           # (token, kind, a, b)
+        self._reads_ready = []
+        self._failed_reads = []
+        self._dropped = []
+
+    # ---- public properties -------------------------------------------------
+    @property
+    def is_leader(self):
+        return self._role == LEADER
+
+    @property
+    def ballot(self):
+        return self.promised
+
+    @property
+    def role(self):
+        return self._role
+
+    @property
+    def snapshot_index(self):
+        return self._snapshot_index
+
+    def quorum(self):
+        """Nodes needed for a promise or pre-vote quorum."""
+        return len(self.members) // 2 + 1
+
+    def accept_quorum(self):
+        """Acceptances that make a value chosen (a learner's rule)."""
+        return len(self.members) // 2 + 1
+
+    # ---- inputs ------------------------------------------------------------
+    def tick(self, now):
+        if now > self._now:
+            self._now = now
+        now = self._now
+        cfg = self.config
+        if self._role == LEADER:
+            if self._transfer is not None and now >= self._transfer[1]:
+                # The target did not take over: our lease in this ballot is gone
+                # for good (its Prepare may still be in flight), so step down.
+                self._step_down(None)
+            elif self.peers and self._lost_quorum(now):
+                self._step_down(None)
+            else:
+                if now >= self._next_heartbeat:
+                    self._heartbeat()
+                    self._resend_accepts(now)
+        elif now >= self._election_deadline:
+            self._start_prevote()
+        if self._catchup_target > self.commit_index and now >= self._catchup_next:
+            if not self._catchup_progress:
+                self._rotate_catchup_peer()
+            self._request_catchup()
+
+    def receive(self, msg, now=None):
+        if now is not None and now > self._now:
+            self._now = now
+        handler = self._HANDLERS.get(type(msg))
+        if handler is None:
+            raise TypeError(f"not a paxos message: {msg!r}")
+        if msg.sender not in self.members or msg.sender == self.node_id:
+            return
+        handler(self, msg)
+
+    def propose(self, command):
+        """Queue ``command`` (bytes) for the next slot; ``NotLeader`` on a non-leader."""
+        if self._role != LEADER or self._transfer is not None:
+            raise NotLeader(self._transfer[0] if self._transfer else self.leader_id)
+        if not isinstance(command, bytes):
+            raise TypeError("a command is bytes")
+        self._queue.append(command)
+
+    def read(self, read_id, *, lease=False, now=None):
+        """Ask for a linearizable read; it comes back in ``Ready.reads``.
+
+        A lease read needs the current time: without ``now`` (or with an
+        expired lease) it runs a read-index round instead. Passing ``now``
+        matters after a stall: the last tick may be long past.
+        """
+        if self._role != LEADER or self._transfer is not None:
+            raise NotLeader(self._transfer[0] if self._transfer else self.leader_id)
+        if now is not None and now > self._now:
+            self._now = now
+        index = max(self.commit_index, self._phase1_end)
+        if (lease and now is not None and self._lease_valid(self._now)
+                and self.commit_index >= self._phase1_end):
+            self._reads_ready.append(ReadState(read_id, self.commit_index))
+            return
+        if not self.peers:
+            self._read_confirmed.append((read_id, index))
+            self._release_reads()
+            return
+        self._read_wait.append((read_id, index, self._hb_seq + 1))
+        self._hb_due = True
+
+    def persisted(self, token):
+        if token > self._token:
+            token = self._token
+        if token <= self._persisted:
+            return
+        self._persisted = token
+        held = self._held
+        while held and held[0][0] <= token:
+            _, kind, a, b = held.popleft()
+            if kind == "msg":
+                self._out.append((a, b))
+            else:
+                a(*b)
+
+    def compact(self, index, data):
+        """The application's snapshot at applied ``index``: drop the log up to there."""
+        if index > self._decided_upto:
+            raise ValueError(f"cannot compact at {index}: only {self._decided_upto} decided")
+        if index < self._snapshot_index:
+            return
+        self._snapshot_data = bytes(data)
+        if index == self._snapshot_index:
+            return
+        self._drop_log_upto(index)
+        self._records.append(CompactRecord(index))
+
+    def transfer_leadership(self, target):
+        if self._role != LEADER:
+            raise NotLeader(self.leader_id)
+        if target not in self.peers:
+            raise ValueError(f"cannot transfer leadership to {target}")
+        self._transfer = (target, self._now + self.config.election_timeout, False)
+        self._lease_until = float("-inf")
+        self._lease_min_seq = self._hb_seq + 1
+        self._hb_due = True
+
+    def has_ready(self):
+        return bool(self._out or self._records or self._queue and self._can_propose()
+                    or self._hb_due or self._decided_upto < self.commit_index
+                    or self._pending_snapshot or self._reads_ready or self._failed_reads
+                    or self._dropped or self._leader_changed())
+
+    def ready(self):
+        if self._role == LEADER:
+            self._flush_proposals()
+            if self._hb_due:
+                self._heartbeat()
+        token = 0
+        records = ()
+        if self._records:
+            self._token += 1
+            token = self._token
+            records = tuple(self._records)
+            self._records = []
+        decided = ()
+        if self._decided_upto < self.commit_index:
+            chosen = self._chosen
+            decided = tuple((s, chosen[s]) for s in range(self._decided_upto + 1, self.commit_index + 1))
+            self._decided_upto = self.commit_index
+        leader = None
+        if self._leader_changed():
+            self._reported_leader = self._leader_state()
+            leader = LeaderChange(*self._reported_leader)
+        r = Ready(tuple(self._out), records, token, self._pending_snapshot, decided, leader,
+                  tuple(self._reads_ready), tuple(self._failed_reads), tuple(self._dropped))
+        self._out = []
+        self._pending_snapshot = None
+        self._reads_ready = []
+        self._failed_reads = []
+        self._dropped = []
+        return r
+
+    # ---- helpers: persistence and sending ----------------------------------
+    def _send(self, to, msg):
+        self._out.append((to, msg))
+
+    def _send_durable(self, to, msg):
+        """Send once every record issued so far is persisted (a reply that reveals state)."""
+        if self._records:
+            self._held.append((self._token + 1, "msg", to, msg))
+        elif self._token > self._persisted:
+            self._held.append((self._token, "msg", to, msg))
+        else:
+            self._out.append((to, msg))
+
+    def _after_durable(self, fn, *args):
+        if self._records:
+            self._held.append((self._token + 1, "call", fn, args))
+        elif self._token > self._persisted:
+            self._held.append((self._token, "call", fn, args))
+        else:
+            fn(*args)
+
+    def _timeout(self):
+        e = self.config.election_timeout
+        return e + e * self._jitter()
+
+    def _leader_state(self):
+        return (self.leader_id, self._block_ballot if self.leader_id is not None else None)
+
+    def _leader_changed(self):
+        return self._reported_leader != self._leader_state()
+
+    def _see_round(self, ballot):
+        if ballot.round > self._max_round:
+            self._max_round = ballot.round
+
+    def _new_ballot(self):
+        return Ballot(max(self._max_round, self.promised.round) + 1, self.node_id)
+
+    def _lease_valid(self, now):
+        return now < self._lease_until
+
+    def _lost_quorum(self, now):
+        limit = now - self.config.election_timeout
+        fresh = 1 + sum(1 for p in self.peers if self._heard.get(p, limit) > limit)
+        return fresh < self.quorum()
+
+    # ---- elections ---------------------------------------------------------
+    def _start_prevote(self):
+        self._election_deadline = self._now + self._timeout()
+        if self._role != FOLLOWER:
+            self._become_follower()
+        self._role = PRECANDIDATE
+        self._prevote_ballot = self._new_ballot()
+        self._grants = {self.node_id}
+        if len(self._grants) >= self.quorum():
+            self._start_prepare(ZERO_BALLOT)
+            return
+        for p in self.peers:
+            self._send(p, PreVote(self.node_id, self._prevote_ballot, self.commit_index))
+
+    def _on_prevote(self, m):
+        granted = (self._role != LEADER and self._now >= self._block_until
+                   and m.commit >= self.commit_index)
+        # A refusal carries our promise, so a candidate learns how high to go.
+        b = m.ballot if granted else max(m.ballot, self.promised)
+        self._send(m.sender, PreVoteReply(self.node_id, b, granted))
+
+    def _on_prevote_reply(self, m):
+        self._see_round(m.ballot)
+        if self._role != PRECANDIDATE or m.ballot != self._prevote_ballot or not m.granted:
+            return
+        self._grants.add(m.sender)
+        if len(self._grants) >= self.quorum():
+            self._start_prepare(ZERO_BALLOT)
+
+    def _start_prepare(self, transfer_from):
+        b = self._new_ballot()
+        self._see_round(b)
+        self._role = CANDIDATE
+        self._ballot = b
+        self._transfer_from = transfer_from
+        self._promises = {}
+        self.promised = b
+        self.leader_id = None
+        self._election_deadline = self._now + self._timeout()
+        self._records.append(PromiseRecord(b))
+        self._after_durable(self._own_promise_durable, b)
+
+    def _own_promise_durable(self, b):
+        if self._role != CANDIDATE or self._ballot != b:
+            return
+        self._promises[self.node_id] = self._make_promise(b, self.commit_index + 1)
+        for p in self.peers:
+            self._send(p, Prepare(self.node_id, b, self.commit_index + 1, self._transfer_from))
+        self._maybe_lead()
+
+    def _make_promise(self, b, from_slot):
+        low = max(from_slot - 1, self.commit_index)
+        entries = tuple(AcceptedEntry(s, e[0], e[1]) for s, e in sorted(self._accepted.items())
+                        if s > low)
+        return Promise(self.node_id, b, self.commit_index, entries)
+
+    def _on_prepare(self, m):
+        self._see_round(m.ballot)
+        if m.ballot < self.promised:
+            self._send(m.sender, Reject(self.node_id, m.ballot, self.promised))
+            return
+        if m.ballot > self.promised:
+            authorized = (m.transfer_from != ZERO_BALLOT and m.transfer_from == self._block_ballot)
+            if not authorized:
+                if self._role == LEADER:
+                    return  # a live leader keeps its lease
+                if self._now < self._block_until and m.sender != self.leader_id:
+                    return  # we still hear from our leader: stickiness and lease
+            if self._role != FOLLOWER:
+                self._become_follower()
+            self.promised = m.ballot
+            self.leader_id = None
+            self._records.append(PromiseRecord(m.ballot))
+            self._election_deadline = self._now + self._timeout()
+        self._send_durable(m.sender, self._make_promise(m.ballot, m.from_slot))
+
+    def _on_promise(self, m):
+        if self._role != CANDIDATE or m.ballot != self._ballot:
+            return
+        self._promises[m.sender] = m
+        self._maybe_lead()
+
+    def _maybe_lead(self):
+        if self._role != CANDIDATE or len(self._promises) < self.quorum():
+            return
+        if self.node_id not in self._promises:
+            return
+        b = self._ballot
+        promises = list(self._promises.values())
+        known = max(p.chosen_upto for p in promises)
+        best = {}
+        for p in promises:
+            for e in p.accepted:
+                if e.slot > known:
+                    cur = best.get(e.slot)
+                    if cur is None or e.ballot > cur.ballot:
+                        best[e.slot] = e
+        top = max(best) if best else known
+        top = max(top, known)
+        self._role = LEADER
+        self.leader_id = self.node_id
+        self._block_ballot = b
+        self._promises = {}
+        self._inflight = {}
+        self._queue.clear()
+        self._phase1_end = top
+        self._next_slot = max(top, self.commit_index) + 1
+        self._hb_sent.clear()
+        self._hb_acks.clear()
+        self._lease_until = float("-inf")
+        self._lease_min_seq = self._hb_seq + 1
+        self._transfer = None
+        self._heard = {p: self._now for p in self.peers}
+        if known > self.commit_index:
+            peer = next(p.sender for p in promises if p.chosen_upto == known)
+            self._want_catchup(known, peer)
+        start = max(known, self.commit_index) + 1
+        if start <= top:
+            values = [self._recovered_value(s, best.get(s)) for s in range(start, top + 1)]
+            self._next_slot = start
+            self._propose_values(values)
+        self._heartbeat()
+
+    def _recovered_value(self, slot, entry):
+        """The value phase 2 must use for a slot phase 1 found (no-op when none)."""
+        if slot in self._chosen:
+            return self._chosen[slot]
+        return entry.value if entry is not None else ()
+
+    def _become_follower(self):
+        was_leader = self._role == LEADER
+        self._role = FOLLOWER
+        self._promises = {}
+        self._grants = set()
+        self._ballot = None
+        if was_leader:
+            self._inflight = {}
+            self._dropped.extend(self._queue)
+            self._queue.clear()
+            self._failed_reads.extend(r[0] for r in self._read_wait)
+            self._failed_reads.extend(r[0] for r in self._read_confirmed)
+            self._read_wait = []
+            self._read_confirmed.clear()
+            self._lease_until = float("-inf")
+            self._transfer = None
+            self._hb_due = False
+            self.leader_id = None
+
+    def _step_down(self, leader):
+        self._become_follower()
+        self.leader_id = leader
+        self._election_deadline = self._now + self._timeout()
+
+    def _follow(self, m):
+        """A message from the leader at m.ballot (>= promised): note it, extend its lease."""
+        if self._role != FOLLOWER and (self._role != LEADER or m.ballot != self._ballot):
+            self._become_follower()
+        self.leader_id = m.sender
+        self._block_ballot = m.ballot
+        self._block_until = self._now + self.config.election_timeout
+        self._election_deadline = self._now + self._timeout()
+
+    # ---- phase 2 -----------------------------------------------------------
+    def _can_propose(self):
+        return self._role == LEADER and self._next_slot - 1 - self.commit_index < self.config.window
+
+    def _flush_proposals(self):
+        cfg = self.config
+        q = self._queue
+        values = []
+        while q and self._next_slot + len(values) - 1 - self.commit_index < cfg.window:
+            batch = []
+            size = 0
+            while q and len(batch) < cfg.max_batch_commands:
+                c = q[0]
+                if batch and size + len(c) > cfg.max_batch_bytes:
+                    break
+                batch.append(q.popleft())
+                size += len(c)
+            values.append(tuple(batch))
+        if values:
+            self._propose_values(values)
+
+    def _propose_values(self, values):
+        """Phase 2a for ``values`` in slots from ``_next_slot`` at our ballot."""
+        b = self._ballot
+        first = self._next_slot
+        now = self._now
+        values = tuple(values)
+        for i, v in enumerate(values):
+            s = first + i
+            self._inflight[s] = _Slot(v, now)
+            self._accepted[s] = (b, v)
+        self._next_slot = first + len(values)
+        self._records.append(AcceptRecord(b, first, values))
+        self._after_durable(self._count_accepts, self.node_id, b, first, len(values))
+        msg = Accept(self.node_id, b, first, values, self.commit_index)
+        for p in self.peers:
+            self._send(p, msg)
+
+    def _resend_accepts(self, now):
+        if not self._inflight:
+            return
+        old = now - self.config.heartbeat_interval
+        b = self._ballot
+        slots = sorted(s for s, st in self._inflight.items() if st.sent <= old)
+        for p in self.peers:
+            run = []
+            for s in slots:
+                if p in self._inflight[s].acks:
+                    continue
+                if run and s != run[-1] + 1:
+                    self._send(p, Accept(self.node_id, b, run[0],
+                                         tuple(self._inflight[x].value for x in run), self.commit_index))
+                    run = []
+                run.append(s)
+            if run:
+                self._send(p, Accept(self.node_id, b, run[0],
+                                     tuple(self._inflight[x].value for x in run), self.commit_index))
+        for s in slots:
+            self._inflight[s].sent = now
+
+    def _on_accept(self, m):
+        self._see_round(m.ballot)
+        if m.ballot < self.promised:
+            self._send(m.sender, Reject(self.node_id, m.ballot, self.promised))
+            return
+        raised = m.ballot > self.promised
+        self.promised = m.ballot
+        self._follow(m)
+        commit = self.commit_index
+        first, values = m.first_slot, m.values
+        if first <= commit:
+            skip = commit + 1 - first
+            first, values = commit + 1, values[skip:]
+        if values:
+            b = m.ballot
+            acc = self._accepted
+            for i, v in enumerate(values):
+                acc[first + i] = (b, v)
+            self._records.append(AcceptRecord(b, first, values))
+        elif raised:
+            self._records.append(PromiseRecord(m.ballot))
+        self._send_durable(m.sender, Accepted(self.node_id, m.ballot, m.first_slot, len(m.values)))
+        self._learn_commit(m.commit, m.ballot, m.sender)
+
+    def _on_accepted(self, m):
+        if self._role != LEADER or m.ballot != self._ballot:
+            return
+        self._heard[m.sender] = self._now
+        self._count_accepts(m.sender, m.ballot, m.first_slot, m.count)
+
+    def _count_accepts(self, node, b, first, count):
+        if self._role != LEADER or b != self._ballot:
+            return
+        need = self.accept_quorum()
+        inflight = self._inflight
+        chosen_any = False
+        for s in range(first, first + count):
+            st = inflight.get(s)
+            if st is None:
+                continue
+            st.acks.add(node)
+            if len(st.acks) >= need:
+                self._chosen[s] = st.value
+                del inflight[s]
+                chosen_any = True
+        if chosen_any:
+            self._advance_commit()
+
+    def _on_reject(self, m):
+        self._see_round(m.promised)
+        if self._role in (LEADER, CANDIDATE) and m.ballot == self._ballot and m.promised > m.ballot:
+            self._step_down(None)
+
+    # ---- learning ----------------------------------------------------------
+    def _learn_commit(self, commit, b, peer):
+        s = self.commit_index + 1
+        chosen, acc = self._chosen, self._accepted
+        while s <= commit:
+            if s not in chosen:
+                e = acc.get(s)
+                if e is None or e[0] != b:
+                    break
+                chosen[s] = e[1]
+            s += 1
+        self._advance_commit()
+        if commit > self.commit_index:
+            self._want_catchup(commit, peer)
+
+    def _advance_commit(self):
+        s = self.commit_index
+        chosen, acc = self._chosen, self._accepted
+        while s + 1 in chosen:
+            s += 1
+            acc.pop(s, None)
+        if s != self.commit_index:
+            self.commit_index = s
+            self._catchup_progress = True
+            if self._read_confirmed:
+                self._release_reads()
+            if self._transfer is not None:
+                self._hb_due = True
+
+    def _want_catchup(self, upto, peer):
+        if upto > self._catchup_target:
+            self._catchup_target = upto
+        self._catchup_peer = peer
+        if self._now >= self._catchup_next:
+            self._request_catchup()
+
+    def _rotate_catchup_peer(self):
+        peers = self.peers
+        if not peers:
+            return
+        if self._catchup_peer in peers and self.leader_id is None:
+            i = peers.index(self._catchup_peer)
+            self._catchup_peer = peers[(i + 1) % len(peers)]
+        elif self.leader_id is not None and self.leader_id != self.node_id:
+            self._catchup_peer = self.leader_id
+
+    def _request_catchup(self):
+        peer = self._catchup_peer
+        if peer is None or peer == self.node_id:
+            return
+        self._catchup_next = self._now + self.config.heartbeat_interval
+        self._catchup_progress = False
+        rx = self._snap_rx
+        idx, off = (rx[0], rx[3]) if rx else (0, 0)
+        self._send(peer, CatchupRequest(self.node_id, self.commit_index + 1, idx, off))
+
+    def _on_catchup_request(self, m):
+        if m.from_slot <= self._snapshot_index:
+            data = self._snapshot_data
+            if data is None:
+                return
+            off = m.snapshot_offset if m.snapshot_index == self._snapshot_index else 0
+            if off > len(data):
+                off = 0
+            chunk = data[off:off + self.config.snapshot_chunk_bytes]
+            self._send(m.sender, SnapshotChunk(self.node_id, self._snapshot_index, off, len(data), chunk))
+            return
+        values = []
+        size = 0
+        s = m.from_slot
+        chosen = self._chosen
+        while s in chosen and len(values) < self.config.catchup_slots:
+            v = chosen[s]
+            values.append(v)
+            size += sum(len(c) for c in v)
+            s += 1
+            if size >= self.config.snapshot_chunk_bytes:
+                break
+        if values:
+            self._send(m.sender, Learn(self.node_id, m.from_slot, tuple(values)))
+
+    def _on_learn(self, m):
+        chosen = self._chosen
+        c = self.commit_index
+        for i, v in enumerate(m.values):
+            s = m.first_slot + i
+            if s > c and s not in chosen:
+                chosen[s] = v
+        before = self.commit_index
+        self._advance_commit()
+        if self.commit_index > before and self._catchup_target > self.commit_index:
+            self._catchup_peer = m.sender
+            self._request_catchup()
+
+    def _on_snapshot_chunk(self, m):
+        if m.index <= self.commit_index:
+            self._snap_rx = None
+            return
+        rx = self._snap_rx
+        if rx is None or rx[0] != m.index:
+            if m.offset != 0:
+                return
+            rx = self._snap_rx = [m.index, m.total, [], 0]
+        if m.offset != rx[3] or m.total != rx[1]:
+            return
+        rx[2].append(m.data)
+        rx[3] += len(m.data)
+        if rx[3] >= rx[1]:
+            self._snap_rx = None
+            self._install_snapshot(m.index, b"".join(rx[2]))
+            if self._catchup_target > self.commit_index:
+                self._request_catchup()
+        elif m.data:
+            self._catchup_peer = m.sender
+            self._request_catchup()
+
+    def _install_snapshot(self, index, data):
+        self._snapshot_data = data
+        self._drop_log_upto(index)
+        self.commit_index = index
+        self._decided_upto = index
+        self._pending_snapshot = (index, data)
+        self._records.append(CompactRecord(index))
+        for s in [s for s in self._inflight if s <= index]:
+            del self._inflight[s]
+        if self._role == LEADER and self._next_slot <= index:
+            self._next_slot = index + 1
+        self._advance_commit()
+        self._catchup_progress = True
+
+    def _drop_log_upto(self, index):
+        self._snapshot_index = index
+        self._chosen = {s: v for s, v in self._chosen.items() if s > index}
+        self._accepted = {s: e for s, e in self._accepted.items() if s > index}
+
+    # ---- heartbeats, reads, transfer ---------------------------------------
+    def _heartbeat(self):
+        self._hb_due = False
+        self._hb_seq += 1
+        seq = self._hb_seq
+        self._hb_sent[seq] = self._now
+        self._hb_acks[seq] = {self.node_id}
+        if len(self._hb_sent) > 64:
+            for old in sorted(self._hb_sent)[:-32]:
+                self._hb_sent.pop(old, None)
+                self._hb_acks.pop(old, None)
+        self._next_heartbeat = self._now + self.config.heartbeat_interval
+        msg = Heartbeat(self.node_id, self._ballot, self.commit_index, seq)
+        for p in self.peers:
+            self._send(p, msg)
+
+    def _on_heartbeat(self, m):
+        self._see_round(m.ballot)
+        if m.ballot < self.promised:
+            self._send(m.sender, Reject(self.node_id, m.ballot, self.promised))
+            return
+        self._follow(m)
+        self._send(m.sender, HeartbeatAck(self.node_id, m.ballot, m.seq, self.commit_index))
+        self._learn_commit(m.commit, m.ballot, m.sender)
+
+    def _on_heartbeat_ack(self, m):
+        if self._role != LEADER or m.ballot != self._ballot:
+            return
+        self._heard[m.sender] = self._now
+        acks = self._hb_acks.get(m.seq)
+        if acks is not None:
+            acks.add(m.sender)
+            if len(acks) >= self.quorum() and m.seq > self._confirmed_seq:
+                self._confirmed_seq = m.seq
+                if m.seq >= self._lease_min_seq and self._transfer is None:
+                    until = self._hb_sent[m.seq] + self.config.lease_duration
+                    if until > self._lease_until:
+                        self._lease_until = until
+                self._confirm_reads()
+        t = self._transfer
+        if t is not None and m.sender == t[0] and not t[2]:
+            if m.commit >= self.commit_index and not self._inflight and not self._queue:
+                self._transfer = (t[0], t[1], True)
+                self._send(t[0], TimeoutNow(self.node_id, self._ballot))
+
+    def _confirm_reads(self):
+        keep = []
+        for r in self._read_wait:
+            if r[2] <= self._confirmed_seq:
+                self._read_confirmed.append((r[0], r[1]))
+            else:
+                keep.append(r)
+        self._read_wait = keep
+        self._release_reads()
+
+    def _release_reads(self):
+        c = self.commit_index
+        pending = self._read_confirmed
+        if not pending:
+            return
+        keep = deque()
+        for rid, idx in pending:
+            if idx <= c:
+                self._reads_ready.append(ReadState(rid, idx))
+            else:
+                keep.append((rid, idx))
+        self._read_confirmed = keep
+
+    def _on_timeout_now(self, m):
+        if m.ballot != self._block_ballot or self.leader_id != m.sender or self._role != FOLLOWER:
+            return
+        self._start_prepare(m.ballot)
+
+    _HANDLERS = {
+        PreVote: _on_prevote,
+        PreVoteReply: _on_prevote_reply,
+        Prepare: _on_prepare,
+        Promise: _on_promise,
+        Accept: _on_accept,
+        Accepted: _on_accepted,
+        Reject: _on_reject,
+        Heartbeat: _on_heartbeat,
+        HeartbeatAck: _on_heartbeat_ack,
+        CatchupRequest: _on_catchup_request,
+        Learn: _on_learn,
+        SnapshotChunk: _on_snapshot_chunk,
+        TimeoutNow: _on_timeout_now,
+    }
