@@ -72,8 +72,7 @@ class ClusterConfig:
     heartbeat_interval: float = 0.1
     election_timeout_min: float = 1.0
     election_timeout_max: float = 2.0
-    lease_duration: float = 0.8
-    max_clock_drift: float = 0.1
+    max_clock_drift: float = 0.05
     request_timeout: float = 5.0
     snapshot_interval: int = 10000
     bcrypt_cost: int = 12
@@ -95,6 +94,16 @@ class ClusterConfig:
         """Every other node, by id."""
         self.node(node_id)
         return [n for i, n in self.nodes.items() if i != node_id]
+
+    @property
+    def lease_duration(self) -> float:
+        """How long a leader may serve reads on its own after a quorum heard it.
+
+        Derived, as the Paxos core does: it must end before any follower's
+        election timer can, even with clocks running ``max_clock_drift`` apart.
+        """
+        d = self.max_clock_drift
+        return self.election_timeout_min * (1 - d) / (1 + d) - self.heartbeat_interval
 
     @property
     def quorum(self) -> int:
@@ -160,8 +169,7 @@ _CLUSTER_KEYS = {
     "heartbeat_interval": _number(float, 0, low_open=True),
     "election_timeout_min": _number(float, 0, low_open=True),
     "election_timeout_max": _number(float, 0, low_open=True),
-    "lease_duration": _number(float, 0, low_open=True),
-    "max_clock_drift": _number(float, 0),
+    "max_clock_drift": _number(float, 0, 0.5),
     "request_timeout": _number(float, 0, low_open=True),
     "snapshot_interval": _number(int, 1),
     "bcrypt_cost": _number(int, 4, 31),
@@ -215,7 +223,8 @@ def loads(text, path="cluster.ini") -> ClusterConfig:
     """Parse cluster.ini text; relative paths resolve against ``path``'s directory."""
     path = Path(path)
     name = str(path)
-    parser = configparser.ConfigParser(interpolation=None, strict=True, empty_lines_in_values=False)
+    parser = configparser.ConfigParser(interpolation=None, strict=True, empty_lines_in_values=False,
+                                       inline_comment_prefixes=(";", "#"))
     try:
         parser.read_string(text, source=name)
     except configparser.DuplicateSectionError as e:
@@ -258,13 +267,13 @@ def loads(text, path="cluster.ini") -> ClusterConfig:
     if get("election_timeout_min") > get("election_timeout_max"):
         raise ConfigError(name, f"{get('election_timeout_min')} is above election_timeout_max "
                           f"{get('election_timeout_max')}", "cluster", "election_timeout_min")
-    if get("heartbeat_interval") >= get("election_timeout_min"):
-        raise ConfigError(name, f"{get('heartbeat_interval')} must be below election_timeout_min "
-                          f"{get('election_timeout_min')}", "cluster", "heartbeat_interval")
-    if get("lease_duration") + get("max_clock_drift") >= get("election_timeout_min"):
-        raise ConfigError(name, f"{get('lease_duration')} plus max_clock_drift {get('max_clock_drift')} "
-                          f"must be below election_timeout_min {get('election_timeout_min')}",
-                          "cluster", "lease_duration")
+    drift = get("max_clock_drift")
+    lease = get("election_timeout_min") * (1 - drift) / (1 + drift) - get("heartbeat_interval")
+    if lease <= 0:
+        raise ConfigError(name, f"{get('heartbeat_interval')} leaves no leader lease: it must be "
+                          f"below election_timeout_min * (1 - max_clock_drift) / (1 + max_clock_drift) "
+                          f"= {get('election_timeout_min') * (1 - drift) / (1 + drift):g}",
+                          "cluster", "heartbeat_interval")
 
     nodes = {}
     seen = {}

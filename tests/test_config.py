@@ -18,7 +18,7 @@ client_tls = off
 heartbeat_interval = 0.05
 election_timeout_min = 0.3
 election_timeout_max = 0.6
-lease_duration = 0.15
+max_clock_drift = 0.1
 request_timeout = 2
 bcrypt_cost = 4
 session_ttl = 60
@@ -93,6 +93,13 @@ def test_relative_paths_resolve_against_the_ini_not_the_cwd(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path / "elsewhere")
     cfg = config.load(os.path.relpath(path))
     assert cfg.data_dir == tmp_path / "state"
+
+
+def test_inline_comments(tmp_path):
+    cfg = config.load(write(tmp_path, replace("data_dir = state", "data_dir = state   ; per node")
+                            .replace("client = 127.0.0.1:7102", "client = 127.0.0.1:7102  # clients")))
+    assert cfg.data_dir == tmp_path / "state"
+    assert cfg.node(2).client == Address("127.0.0.1", 7102)
 
 
 def test_defaults(tmp_path):
@@ -200,6 +207,8 @@ def test_unknown_section(tmp_path, section):
     ("request_timeout", "nan", "not a finite number"),
     ("session_ttl", "-1", "must be above 0"),
     ("client_tls", "maybe", "'maybe' is not a valid boolean"),
+    ("max_clock_drift", "0.6", "must be at most 0.5"),
+    ("max_clock_drift", "-0.1", "must be at least 0"),
 ])
 def test_bad_value(tmp_path, key, value, says):
     text = "\n".join(
@@ -223,12 +232,21 @@ def test_election_timeout_min_above_max(tmp_path):
 
 def test_heartbeat_not_below_election_timeout(tmp_path):
     message = error_of(tmp_path, replace("heartbeat_interval = 0.05", "heartbeat_interval = 0.3"))
-    assert "[cluster] heartbeat_interval:" in message
+    assert "[cluster] heartbeat_interval: 0.3 leaves no leader lease" in message
 
 
-def test_lease_must_end_before_an_election(tmp_path):
-    message = error_of(tmp_path, replace("lease_duration = 0.15", "lease_duration = 0.25"))
-    assert "[cluster] lease_duration:" in message
+def test_clock_drift_can_eat_the_lease(tmp_path):
+    # 0.3 * 0.6 / 1.4 = 0.129 > 0.05 leaves a lease; 0.3 * 0.5 / 1.5 = 0.1 with a 0.15 heartbeat does not.
+    assert config.load(write(tmp_path, replace("max_clock_drift = 0.1", "max_clock_drift = 0.4")))
+    text = replace("max_clock_drift = 0.1", "max_clock_drift = 0.5").replace(
+        "heartbeat_interval = 0.05", "heartbeat_interval = 0.15")
+    assert "[cluster] heartbeat_interval: 0.15 leaves no leader lease" in error_of(tmp_path, text)
+
+
+def test_lease_duration_is_derived(tmp_path):
+    cfg = config.load(write(tmp_path, GOOD))
+    assert cfg.lease_duration == pytest.approx(0.3 * 0.9 / 1.1 - 0.05)
+    assert 0 < cfg.lease_duration < cfg.election_timeout_min
 
 
 @pytest.mark.parametrize("text,says", [
