@@ -63,7 +63,9 @@ class KeyedRateLimiter:
     def _shrink(self):
         for key in [k for k, b in self._buckets.items() if b.full()]:
             del self._buckets[key]
-        while len(self._buckets) > self._max_keys:
+        # Leave room so the next new keys do not each pay for a full scan.
+        target = int(self._max_keys * 0.9)
+        while len(self._buckets) > target:
             self._buckets.popitem(last=False)
 
     def __len__(self):
