@@ -58,10 +58,14 @@ class NodeService(service.MultiService):
             self.log = self.make_command_log(self.worker)
             self.factory = ChatServerFactory(self.reactor, self.log, self.worker, self.settings)
             for child in self:
-                child.startService()
+                if not child.running:  # one added while we run has started already
+                    child.startService()
             self.port = _listen_now(self.client_endpoint(), self.factory)
         except BaseException:
             self.running = 0
+            for child in reversed(list(self)):
+                if child.running:
+                    child.stopService()
             self._close_started()
             raise
         log.info("paxchat node {node_id} serving clients on {address} ({tls})",
@@ -69,7 +73,12 @@ class NodeService(service.MultiService):
                  tls="TLS" if self.client_tls_options else "plain TCP")
 
     def make_command_log(self, worker):
-        """The node's ICommandLog: a LocalLog until the replicated log takes its place."""
+        """The node's ICommandLog: a LocalLog until the replicated log takes its place.
+
+        A log that needs running parts (peer transport, timers) adds them
+        here with ``setServiceParent(self)``: they start right after, before
+        clients are served, and stop before the log's own ``stop()``.
+        """
         return LocalLog(self.reactor, worker, node_id=self.node_id)
 
     def client_endpoint(self):

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 import pytest_twisted
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
 from twisted.internet import defer, endpoints, error, protocol
 from twisted.protocols.basic import LineReceiver
 
@@ -163,3 +163,47 @@ def test_the_command_log_is_one_replaceable_method(tmp_path):
         assert node.factory.log is node.log
     finally:
         yield node.stopService()
+
+
+class Recorder(Service):
+    def __init__(self, events):
+        self.events = events
+
+    def startService(self):
+        super().startService()
+        self.events.append("child started")
+
+    def stopService(self):
+        super().stopService()
+        self.events.append("child stopped")
+
+
+@pytest_twisted.inlineCallbacks
+def test_log_services_start_before_clients_and_stop_before_the_log(tmp_path):
+    cfg = make_cluster(tmp_path, client_tls=False)
+    events = []
+
+    class Node(NodeService):
+        def make_command_log(self, worker):
+            log = super().make_command_log(worker)
+            log.stop = lambda: events.append("log stopped")
+            Recorder(events).setServiceParent(self)
+            return log
+
+    node = Node(cfg, 1, reactor_())
+    node.startService()
+    assert events == ["child started"] and node.port is not None
+    yield node.stopService()
+    assert events == ["child started", "child stopped", "log stopped"]
+
+    # A start that fails after the children started stops them again.
+    events.clear()
+    address = cfg.node(1).client
+    squatter = reactor_().listenTCP(address.port, protocol.Factory(), interface=address.host)
+    try:
+        node = Node(cfg, 1, reactor_())
+        with pytest.raises(error.CannotListenError):
+            node.startService()
+        assert events == ["child started", "child stopped", "log stopped"]
+    finally:
+        yield squatter.stopListening()
