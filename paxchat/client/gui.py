@@ -1,0 +1,595 @@
+"""``paxchat-gui``: the Tk desktop app, run inside the Twisted reactor.
+
+The widgets only draw ``gui_model.ChatModel`` and pass clicks and keys to
+``gui_controller.ChatController``; redraws are coalesced to one per reactor
+turn, so a burst of incoming messages never freezes the window. Tk runs in
+the reactor through ``twisted.internet.tksupport`` (installed in ``main``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tkinter as tk
+from tkinter import ttk
+from typing import Callable
+
+from twisted.logger import Logger
+
+from .gui_controller import ChatController
+from .gui_model import ChatModel, Coalescer
+from .gui_theme import COLORS, Fonts, apply_styles
+
+__all__ = ["ChatApp", "main"]
+
+ROW_HEIGHT = 66
+SIDEBAR_WIDTH = 290
+
+
+def rounded_rect(canvas, x0, y0, x1, y1, r, **kw):
+    """A rounded rectangle as one smoothed polygon (Tk has none built in)."""
+    r = min(r, (x1 - x0) / 2, (y1 - y0) / 2)
+    points = [x0 + r, y0, x1 - r, y0, x1, y0, x1, y0 + r, x1, y1 - r, x1, y1,
+              x1 - r, y1, x0 + r, y1, x0, y1, x0, y1 - r, x0, y0 + r, x0, y0]
+    return canvas.create_polygon(points, smooth=True, **kw)
+
+
+class ChatApp:
+    """The window: a login screen, then conversations on the left and one open on the right."""
+
+    log = Logger()
+
+    def __init__(self, root: tk.Tk, reactor, make_client: Callable, on_closed: Callable[[], None] | None = None):
+        self.root = root
+        self.reactor = reactor
+        self.on_closed = on_closed
+        self.fonts = Fonts(root)
+        apply_styles(root, self.fonts)
+        root.title("paxchat")
+        root.geometry("1000x680")
+        root.minsize(720, 480)
+        self.coalescer = Coalescer(reactor.callLater, self.redraw)
+        self.model = ChatModel(on_change=self.coalescer.notify)
+        self._closing = False
+        self._list_rows: list[tuple[int, int, str]] = []
+        self._last_drawn = (None, None, 0)   # (peer, oldest id, height) of the last conversation drawing
+        self._build()
+        root.protocol("WM_DELETE_WINDOW", self.close)
+        self.controller = ChatController(reactor, self.model, make_client)
+        self.redraw({"screen", "status", "error", "list", "conversation", "search"})
+        self.controller.start()
+
+    # -- building ------------------------------------------------------------------
+
+    def _build(self):
+        self.outer = ttk.Frame(self.root)
+        self.outer.pack(fill="both", expand=True)
+        self.status_bar = ttk.Frame(self.root, style="Panel.TFrame")
+        self.status_bar.pack(side="bottom", fill="x", before=self.outer)
+        tk.Frame(self.root, height=1, background=COLORS["line"]).pack(side="bottom", fill="x", before=self.status_bar)
+        self.status_dot = tk.Canvas(self.status_bar, width=10, height=10, highlightthickness=0,
+                                    background=COLORS["panel"])
+        self.status_dot.pack(side="left", padx=(12, 0))
+        self.status_label = ttk.Label(self.status_bar, style="Status.TLabel", text="")
+        self.status_label.pack(side="left")
+        self._build_login()
+        self._build_main()
+
+    def _build_login(self):
+        self.login = ttk.Frame(self.outer)
+        card = ttk.Frame(self.login, style="Panel.TFrame", padding=(36, 32))
+        card.place(relx=0.5, rely=0.45, anchor="center")
+        self.login_card = card
+        ttk.Label(card, text="paxchat", style="Title.TLabel").pack(anchor="w")
+        ttk.Label(card, text="Chat that keeps going when servers fail.", style="Muted.TLabel").pack(
+            anchor="w", pady=(2, 22))
+        ttk.Label(card, text="Username", style="Field.TLabel").pack(anchor="w")
+        self.user_entry = ttk.Entry(card, width=32, font=self.fonts.body)
+        self.user_entry.pack(fill="x", pady=(4, 12))
+        ttk.Label(card, text="Password", style="Field.TLabel").pack(anchor="w")
+        self.password_entry = ttk.Entry(card, width=32, show="•", font=self.fonts.body)
+        self.password_entry.pack(fill="x", pady=(4, 8))
+        self.login_error = ttk.Label(card, text="", style="CardError.TLabel", wraplength=300, justify="left")
+        self.login_error.pack(anchor="w", fill="x", pady=(0, 8))
+        buttons = ttk.Frame(card, style="Panel.TFrame")
+        buttons.pack(fill="x", pady=(4, 0))
+        self.login_button = ttk.Button(buttons, text="Log in", style="Accent.TButton", command=self._log_in)
+        self.login_button.pack(side="left", fill="x", expand=True)
+        self.create_button = ttk.Button(buttons, text="Create account", command=self._create_account)
+        self.create_button.pack(side="left", padx=(10, 0))
+        self.login_notice = ttk.Label(card, text="", style="Muted.TLabel", wraplength=300)
+        self.login_notice.pack(anchor="w", pady=(14, 0))
+        self.user_entry.bind("<Return>", lambda e: self.password_entry.focus_set())
+        self.password_entry.bind("<Return>", lambda e: self._log_in())
+
+    def _build_main(self):
+        c = COLORS
+        self.main = ttk.Frame(self.outer)
+        self.main.columnconfigure(2, weight=1)
+        self.main.rowconfigure(0, weight=1)
+
+        # Sidebar: who I am, search, conversations.
+        side = ttk.Frame(self.main, style="Panel.TFrame", width=SIDEBAR_WIDTH)
+        side.grid(row=0, column=0, sticky="nsew")
+        side.grid_propagate(False)
+        side.columnconfigure(0, weight=1)
+        side.rowconfigure(2, weight=1)
+        tk.Frame(self.main, width=1, background=c["line"]).grid(row=0, column=1, sticky="ns")
+        head = ttk.Frame(side, style="Panel.TFrame", padding=(16, 14, 10, 8))
+        head.grid(row=0, column=0, sticky="ew")
+        self.me_label = ttk.Label(head, text="", style="Heading.TLabel")
+        self.me_label.pack(side="left")
+        self.menu_button = tk.Menubutton(head, text="Account ▾", relief="flat", indicatoron=False,
+                                         background=c["panel"], activebackground=c["accent_soft"],
+                                         foreground=c["muted"], activeforeground=c["text"], font=self.fonts.small,
+                                         borderwidth=0, highlightthickness=0, padx=8, pady=4, cursor="hand2")
+        menu = tk.Menu(self.menu_button, tearoff=False, font=self.fonts.body, background=c["panel"],
+                       activebackground=c["accent_soft"], activeforeground=c["text"], relief="flat")
+        menu.add_command(label="Log out", command=self._log_out)
+        menu.add_separator()
+        menu.add_command(label="Delete account…", command=self._ask_delete_account, foreground=c["danger"])
+        self.menu_button["menu"] = menu
+        self.account_menu = menu
+        self.menu_button.pack(side="right")
+        search = ttk.Frame(side, style="Panel.TFrame", padding=(12, 0, 12, 10))
+        search.grid(row=1, column=0, sticky="ew")
+        self.search_entry = ttk.Entry(search, font=self.fonts.body)
+        self.search_entry.pack(fill="x")
+        self._placeholder(self.search_entry, "Find people  (al, a*, b?b)")
+        self.search_entry.bind("<Return>", lambda e: self._search())
+        self.search_entry.bind("<Escape>", lambda e: self._clear_search())
+        lists = ttk.Frame(side, style="Panel.TFrame")
+        lists.grid(row=2, column=0, sticky="nsew")
+        self.list_canvas = tk.Canvas(lists, background=c["panel"], highlightthickness=0, borderwidth=0)
+        list_scroll = ttk.Scrollbar(lists, orient="vertical", command=self.list_canvas.yview)
+        self.list_canvas.configure(yscrollcommand=list_scroll.set)
+        self.list_canvas.pack(side="left", fill="both", expand=True)
+        list_scroll.pack(side="right", fill="y")
+        self.list_canvas.bind("<Button-1>", self._list_clicked)
+        self.list_canvas.bind("<Configure>", lambda e: self.coalescer.notify({"list", "search"}))
+        self._wheel(self.list_canvas, self.list_canvas)
+
+        # Chat: header, error banner, messages, compose.
+        chat = ttk.Frame(self.main)
+        chat.grid(row=0, column=2, sticky="nsew")
+        chat.columnconfigure(0, weight=1)
+        chat.rowconfigure(2, weight=1)
+        self.chat = chat
+        header = ttk.Frame(chat, style="Panel.TFrame", padding=(20, 12))
+        header.grid(row=0, column=0, sticky="ew")
+        self.peer_label = ttk.Label(header, text="", style="Heading.TLabel")
+        self.peer_label.pack(side="left")
+        self.peer_hint = ttk.Label(header, text="", style="Muted.TLabel")
+        self.peer_hint.pack(side="left", padx=(10, 0), pady=(3, 0))
+        self.delete_button = ttk.Button(header, text="Delete", style="Danger.TButton",
+                                        command=self.controller_delete_selected)
+        tk.Frame(chat, height=1, background=c["line"]).grid(row=0, column=0, sticky="sew")
+        self.error_banner = ttk.Label(chat, text="", style="Error.TLabel", wraplength=600)
+        body = ttk.Frame(chat)
+        body.grid(row=2, column=0, sticky="nsew")
+        self.canvas = tk.Canvas(body, background=c["bg"], highlightthickness=0, borderwidth=0)
+        scroll = ttk.Scrollbar(body, orient="vertical", command=self.canvas.yview)
+        self.canvas.configure(yscrollcommand=lambda a, b: (scroll.set(a, b), self._scrolled(a, b)))
+        self.canvas.pack(side="left", fill="both", expand=True)
+        scroll.pack(side="right", fill="y")
+        self.canvas.bind("<Configure>", lambda e: self.coalescer.notify({"conversation"}))
+        self.canvas.tag_bind("bubble", "<Button-1>", self._bubble_clicked)
+        self._wheel(self.canvas, self.canvas)
+
+        compose = ttk.Frame(chat, style="Panel.TFrame", padding=(16, 10, 16, 8))
+        compose.grid(row=3, column=0, sticky="ew")
+        tk.Frame(chat, height=1, background=c["line"]).grid(row=3, column=0, sticky="new")
+        compose.columnconfigure(0, weight=1)
+        self.compose = tk.Text(compose, height=2, wrap="word", font=self.fonts.body, relief="flat",
+                               background=c["bg"], foreground=c["text"], insertbackground=c["text"],
+                               highlightthickness=1, highlightbackground=c["line"], highlightcolor=c["accent"],
+                               padx=10, pady=8, undo=True)
+        self.compose.grid(row=0, column=0, sticky="ew")
+        self.send_button = ttk.Button(compose, text="Send", style="Accent.TButton", command=self._send)
+        self.send_button.grid(row=0, column=1, sticky="s", padx=(10, 0))
+        ttk.Label(compose, text="Enter to send · Shift+Enter for a new line · click messages to select them",
+                  style="Hint.TLabel").grid(row=1, column=0, columnspan=2, sticky="w", pady=(6, 0))
+        self.compose.bind("<Return>", self._compose_return)
+        self.compose.bind("<KP_Enter>", self._compose_return)
+        self.compose.bind("<Shift-Return>", self._compose_newline)
+
+        # Asking for the password before deleting the account, over the chat.
+        self.danger = ttk.Frame(chat, style="Panel.TFrame", padding=(28, 24))
+        ttk.Label(self.danger, text="Delete your account?", style="Heading.TLabel").pack(anchor="w")
+        self.danger_text = ttk.Label(self.danger, text="", style="Muted.TLabel", wraplength=360, justify="left")
+        self.danger_text.pack(anchor="w", pady=(6, 14))
+        ttk.Label(self.danger, text="Password", style="Field.TLabel").pack(anchor="w")
+        self.danger_password = ttk.Entry(self.danger, show="•", width=34, font=self.fonts.body)
+        self.danger_password.pack(fill="x", pady=(4, 16))
+        row = ttk.Frame(self.danger, style="Panel.TFrame")
+        row.pack(fill="x")
+        ttk.Button(row, text="Cancel", command=self._hide_danger).pack(side="right")
+        self.danger_button = ttk.Button(row, text="Delete account", style="Danger.TButton",
+                                        command=self._delete_account)
+        self.danger_button.pack(side="right", padx=(0, 10))
+        self.danger_password.bind("<Return>", lambda e: self._delete_account())
+        self.danger_password.bind("<Escape>", lambda e: self._hide_danger())
+
+    def _placeholder(self, entry, text):
+        """Grey hint text in an empty entry, gone on focus."""
+        entry._placeholder = text
+        entry._showing_placeholder = False
+
+        def show(_=None):
+            if not entry.get():
+                entry.insert(0, text)
+                entry.configure(foreground=COLORS["muted"])
+                entry._showing_placeholder = True
+
+        def hide(_=None):
+            if entry._showing_placeholder:
+                entry.delete(0, "end")
+                entry.configure(foreground=COLORS["text"])
+                entry._showing_placeholder = False
+        entry.bind("<FocusIn>", hide, add=True)
+        entry.bind("<FocusOut>", show, add=True)
+        show()
+
+    def _entry_text(self, entry) -> str:
+        return "" if getattr(entry, "_showing_placeholder", False) else entry.get()
+
+    def _wheel(self, widget, canvas):
+        widget.bind("<MouseWheel>", lambda e: canvas.yview_scroll(-1 if e.delta > 0 else 1, "units"))
+        widget.bind("<Button-4>", lambda e: canvas.yview_scroll(-3, "units"))
+        widget.bind("<Button-5>", lambda e: canvas.yview_scroll(3, "units"))
+
+    # -- actions ----------------------------------------------------------------------
+
+    def _log_in(self):
+        self.controller.log_in(self.user_entry.get(), self.password_entry.get())
+        self.password_entry.delete(0, "end")
+
+    def _create_account(self):
+        self.controller.create_account(self.user_entry.get(), self.password_entry.get())
+        self.password_entry.delete(0, "end")
+
+    def _log_out(self):
+        self.controller.log_out()
+
+    def _ask_delete_account(self):
+        self.danger_text.configure(
+            text=f"This removes {self.model.me} and every message sent to it, on every server. "
+                 "It cannot be undone. Enter your password to confirm.")
+        self.danger_password.delete(0, "end")
+        self.danger.place(relx=0.5, rely=0.4, anchor="center")
+        self.danger.lift()
+        self.danger_password.focus_set()
+
+    def _hide_danger(self):
+        self.danger_password.delete(0, "end")
+        self.danger.place_forget()
+
+    def _delete_account(self):
+        password = self.danger_password.get()
+        self.danger_password.delete(0, "end")
+        d = self.controller.delete_account(password)
+        d.addCallback(lambda _: self.model.screen == "login" and self._hide_danger())
+
+    def _search(self):
+        self.controller.search(self._entry_text(self.search_entry))
+
+    def _clear_search(self):
+        self.search_entry.delete(0, "end")
+        self.model.clear_search()
+        self.list_canvas.focus_set()
+
+    def _compose_return(self, event):
+        self._send()
+        return "break"
+
+    def _compose_newline(self, event):
+        self.compose.insert("insert", "\n")
+        return "break"
+
+    def _send(self):
+        text = self.compose.get("1.0", "end-1c")
+        if not text.strip() or self.model.open_peer is None:
+            return
+        self.compose.delete("1.0", "end")
+        self.controller.send(text)
+
+    def controller_delete_selected(self):
+        self.controller.delete_selected()
+
+    def open_conversation(self, peer: str):
+        self.search_entry.delete(0, "end")
+        self._placeholder_restore()
+        self.controller.open(peer)
+        self.compose.focus_set()
+
+    def _placeholder_restore(self):
+        if not self.search_entry.get() and self.root.focus_get() is not self.search_entry:
+            self.search_entry.insert(0, self.search_entry._placeholder)
+            self.search_entry.configure(foreground=COLORS["muted"])
+            self.search_entry._showing_placeholder = True
+
+    def _list_clicked(self, event):
+        y = self.list_canvas.canvasy(event.y)
+        for top, bottom, peer in self._list_rows:
+            if top <= y < bottom and peer:
+                self.open_conversation(peer)
+                return
+
+    def _bubble_clicked(self, event):
+        item = self.canvas.find_withtag("current")
+        for tag in self.canvas.gettags(item[0]) if item else ():
+            if tag.startswith("msg") and tag[3:].isdigit():
+                self.model.toggle_selected(int(tag[3:]))
+                return
+
+    def _scrolled(self, first, last):
+        if float(first) <= 0.0 and float(last) < 1.0:
+            self.controller.load_older()
+
+    def close(self):
+        """Close the window: stop the client, then the reactor (in main)."""
+        if self._closing:
+            return
+        self._closing = True
+        self.coalescer.cancel()
+        d = self.controller.stop()
+        d.addBoth(lambda _: self.on_closed() if self.on_closed else None)
+        return d
+
+    # -- drawing ------------------------------------------------------------------------
+
+    def redraw(self, parts: set):
+        if self._closing:
+            return
+        try:
+            if "screen" in parts:
+                self._draw_screen()
+            if "status" in parts:
+                self._draw_status()
+            if "error" in parts or "screen" in parts:
+                self._draw_error()
+            if "list" in parts or "search" in parts:
+                self._draw_list()
+            if "conversation" in parts:
+                self._draw_conversation()
+        except tk.TclError:
+            pass  # the window is going away
+
+    def _draw_screen(self):
+        m = self.model
+        self.root.title(m.title)
+        if m.screen == "login":
+            self.main.pack_forget()
+            self.login.pack(fill="both", expand=True)
+            self.login_notice.configure(text=m.notice)
+            self._hide_danger()
+            if self.root.focus_get() is None or self.root.focus_get() not in (self.user_entry, self.password_entry):
+                (self.password_entry if self.user_entry.get() else self.user_entry).focus_set()
+        else:
+            self.login.pack_forget()
+            self.main.pack(fill="both", expand=True)
+            self.me_label.configure(text=m.me or "")
+        state = ["disabled"] if m.busy else ["!disabled"]
+        for button in (self.login_button, self.create_button, self.danger_button):
+            button.state(state)
+
+    def _draw_status(self):
+        text = self.model.status
+        self.status_label.configure(text=text)
+        color = COLORS["ok"] if text.startswith("Connected") else (
+            COLORS["danger"] if text.startswith("Offline") else COLORS["warn"])
+        self.status_dot.delete("all")
+        self.status_dot.create_oval(1, 1, 9, 9, fill=color, outline=color)
+
+    def _draw_error(self):
+        error = self.model.error
+        if self.model.screen == "login":
+            self.login_error.configure(text=error)
+            self.error_banner.grid_forget()
+        elif error:
+            self.error_banner.configure(text=error)
+            self.error_banner.grid(row=1, column=0, sticky="ew")
+            self.reactor.callLater(8, self._expire_error, error)
+        else:
+            self.error_banner.grid_forget()
+
+    def _expire_error(self, error):
+        if self.model.error == error and not self._closing:
+            self.model.clear_error()
+
+    def _draw_list(self):
+        c, f, canvas = COLORS, self.fonts, self.list_canvas
+        m = self.model
+        self.root.title(m.title)
+        canvas.delete("all")
+        width = max(canvas.winfo_width(), SIDEBAR_WIDTH - 16)
+        self._list_rows = []
+        y = 0
+        if m.search_pattern is not None:
+            canvas.create_text(16, y + 12, anchor="nw", font=f.small, fill=c["muted"],
+                               text=f"PEOPLE MATCHING {m.search_pattern}   ·   Esc to close")
+            y += 36
+            if not m.search_results:
+                canvas.create_text(16, y, anchor="nw", font=f.body, fill=c["muted"], text="No one found.")
+                y += 30
+            for name in m.search_results:
+                self._list_rows.append((y, y + 44, name))
+                canvas.create_oval(16, y + 8, 44, y + 36, fill=c["accent_soft"], outline="")
+                canvas.create_text(30, y + 22, text=name[:1].upper(), font=f.name, fill=c["accent"])
+                canvas.create_text(56, y + 22, anchor="w", text=name, font=f.name, fill=c["text"])
+                y += 44
+            if m.search_more:
+                canvas.create_text(16, y + 6, anchor="nw", font=f.small, fill=c["muted"],
+                                   text="More match; type more of the name.")
+                y += 30
+        else:
+            rows = m.conversation_rows()
+            if not rows:
+                canvas.create_text(width / 2, 40, anchor="n", width=width - 40, justify="center", font=f.body,
+                                   fill=c["muted"], text="No conversations yet.\nFind someone above to start one.")
+            for row in rows:
+                top = y
+                if row["open"]:
+                    canvas.create_rectangle(6, top + 2, width - 6, top + ROW_HEIGHT - 2,
+                                            fill=c["accent_soft"], outline="")
+                canvas.create_oval(16, top + 14, 54, top + 52, fill=c["accent"] if row["unread"] else c["line"],
+                                   outline="")
+                canvas.create_text(35, top + 33, text=row["peer"][:1].upper(), font=f.heading,
+                                   fill="#FFFFFF" if row["unread"] else c["muted"])
+                canvas.create_text(66, top + 16, anchor="nw", text=row["peer"], font=f.name, fill=c["text"])
+                canvas.create_text(width - 14, top + 17, anchor="ne", text=row["time"], font=f.small,
+                                   fill=c["accent"] if row["unread"] else c["muted"])
+                preview_width = width - 66 - (46 if row["unread"] else 16)
+                preview = self._clip(row["preview"], f.body if not row["unread"] else f.name, preview_width)
+                canvas.create_text(66, top + 38, anchor="nw", text=preview,
+                                   font=f.name if row["unread"] else f.body,
+                                   fill=c["text"] if row["unread"] else c["muted"])
+                if row["unread"]:
+                    label = str(row["unread"]) if row["unread"] < 1000 else "999+"
+                    w = max(20, f.badge.measure(label) + 12)
+                    rounded_rect(canvas, width - 14 - w, top + 38, width - 14, top + 58, 10,
+                                 fill=c["accent"], outline="")
+                    canvas.create_text(width - 14 - w / 2, top + 48, text=label, font=f.badge, fill="#FFFFFF")
+                self._list_rows.append((top, top + ROW_HEIGHT, row["peer"]))
+                y += ROW_HEIGHT
+        canvas.configure(scrollregion=(0, 0, width, max(y, 1)))
+
+    def _clip(self, text, font, width):
+        if font.measure(text) <= width:
+            return text
+        while text and font.measure(text + "…") > width:
+            text = text[:-1]
+        return text + "…"
+
+    def _draw_conversation(self):
+        c, f, canvas, m = COLORS, self.fonts, self.canvas, self.model
+        peer = m.open_peer
+        canvas.delete("all")
+        width = canvas.winfo_width()
+        height = canvas.winfo_height()
+        if peer is None:
+            self.peer_label.configure(text="")
+            self.peer_hint.configure(text="")
+            self.delete_button.pack_forget()
+            canvas.create_text(width / 2, height / 2 - 20, text="Select a conversation", font=f.heading,
+                               fill=c["muted"])
+            canvas.create_text(width / 2, height / 2 + 8, font=f.body, fill=c["muted"],
+                               text="or find someone on the left to start one.")
+            canvas.configure(scrollregion=(0, 0, width, height))
+            self._last_drawn = (None, None, 0)
+            return
+        conv = m.conversation(peer)
+        self.peer_label.configure(text=peer)
+        self.peer_hint.configure(text=f"{len(conv.messages)} message(s) loaded")
+        if m.selected:
+            self.delete_button.configure(text=f"Delete {len(m.selected)} selected")
+            self.delete_button.pack(side="right")
+        else:
+            self.delete_button.pack_forget()
+
+        old_peer, old_oldest, old_height = self._last_drawn
+        top_before = canvas.canvasy(0)
+        at_bottom = canvas.yview()[1] >= 0.999 or old_peer != peer
+
+        max_w = max(160, min(int(width * 0.66), 560))
+        pad_x, pad_y, margin = 14, 9, 20
+        y = 16
+        if conv.more_before and conv.messages:
+            canvas.create_text(width / 2, y, anchor="n", font=f.small, fill=c["muted"],
+                               text="Loading older messages…" if conv.loading_older else "Scroll up for older messages")
+            y += 28
+        elif conv.messages:
+            canvas.create_text(width / 2, y, anchor="n", font=f.small, fill=c["muted"],
+                               text=f"This is the beginning of your conversation with {peer}.")
+            y += 28
+        elif not conv.loaded_once:
+            canvas.create_text(width / 2, y + 20, anchor="n", font=f.body, fill=c["muted"], text="Loading…")
+        else:
+            canvas.create_text(width / 2, y + 20, anchor="n", font=f.body, fill=c["muted"],
+                               text=f"No messages with {peer} yet. Say hello!")
+        previous = None
+        for b in m.bubbles():
+            mine = b["mine"]
+            tag = f"msg{b['id']}" if b["id"] is not None else "pending"
+            tags = ("bubble", tag)
+            same_sender = previous is not None and previous == mine
+            y += 4 if same_sender else 12
+            text_fill = c["bubble_out_text"] if mine else c["text"]
+            meta_fill = "#DCE6FB" if mine else c["muted"]
+            body_id = canvas.create_text(0, 0, anchor="nw", text=b["body"], width=max_w - 2 * pad_x,
+                                         font=f.body, fill=text_fill, tags=tags)
+            meta = b["time"] if mine else f"{b['sender']}  ·  {b['time']}"
+            meta_id = canvas.create_text(0, 0, anchor="nw", text=meta, font=f.small, fill=meta_fill, tags=tags)
+            bx0, by0, bx1, by1 = canvas.bbox(body_id)
+            mx0, my0, mx1, my1 = canvas.bbox(meta_id)
+            inner_w = max(bx1 - bx0, mx1 - mx0)
+            bw, bh = inner_w + 2 * pad_x, (by1 - by0) + (my1 - my0) + 2 * pad_y + 2
+            x0 = width - margin - bw if mine else margin
+            outline = c["selected"] if b["selected"] else (c["accent"] if mine else c["bubble_in_line"])
+            bubble = rounded_rect(canvas, x0, y, x0 + bw, y + bh, 14,
+                                  fill=c["accent"] if mine else c["bubble_in"], outline=outline,
+                                  width=3 if b["selected"] else 1, tags=tags)
+            canvas.tag_lower(bubble, body_id)
+            if mine:
+                canvas.coords(body_id, x0 + pad_x, y + pad_y)
+                canvas.coords(meta_id, x0 + bw - pad_x - (mx1 - mx0), y + pad_y + (by1 - by0) + 2)
+            else:
+                canvas.coords(meta_id, x0 + pad_x, y + pad_y)
+                canvas.coords(body_id, x0 + pad_x, y + pad_y + (my1 - my0) + 2)
+            y += bh
+            previous = mine
+        y += 20
+        total = max(y, height)
+        canvas.configure(scrollregion=(0, 0, width, total))
+        if at_bottom:
+            canvas.yview_moveto(1.0)
+        elif old_peer == peer and conv.oldest_id != old_oldest and old_height:
+            # Older messages came in above: keep what the reader was looking at in place.
+            canvas.yview_moveto((top_before + total - old_height) / total)
+        self._last_drawn = (peer, conv.oldest_id, total)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="paxchat-gui", description="The paxchat desktop app.")
+    parser.add_argument("--config", default=os.environ.get("PAXCHAT_CONFIG", "cluster.ini"),
+                        help="the cluster.ini naming the nodes (default: ./cluster.ini or $PAXCHAT_CONFIG)")
+    parser.add_argument("--node", type=int, help="try this node first")
+    return parser
+
+
+def client_maker(reactor, config_path, prefer_node=None):
+    """``make_client(on_event, on_status)`` for ChatController; errors are one readable line."""
+    def make_client(on_event, on_status):
+        from paxchat.config import load
+        from .api import PaxchatClient
+        config = load(config_path)
+        try:
+            return PaxchatClient.from_config(reactor, config, prefer_node=prefer_node,
+                                             on_event=on_event, on_status=on_status)
+        except Exception as e:
+            raise RuntimeError(f"Cannot set up TLS: {e}") from None
+    return make_client
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        root = tk.Tk(className="paxchat")
+    except tk.TclError as e:
+        print(f"paxchat-gui: cannot open a window ({e}); is DISPLAY set?", file=sys.stderr)
+        raise SystemExit(2)
+    from twisted.internet import reactor, tksupport
+    tksupport.install(root)
+    app = ChatApp(root, reactor, client_maker(reactor, args.config, args.node), on_closed=reactor.stop)
+    app.user_entry.focus_set()
+    reactor.run()
+    tksupport.uninstall()
+    try:
+        root.destroy()
+    except tk.TclError:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The real Tk window under Xvfb against a real node: log in, find, send, receive, burst."""
+
+import os
+import shutil
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+
+from .test_client_e2e import client_for, node, wait_for  # noqa: F401  (node is a fixture)
+
+pytestmark = pytest.mark.skipif(shutil.which("Xvfb") is None, reason="Xvfb is not installed (apt-get install xvfb)")
+
+
+def canvas_texts(canvas):
+    return [canvas.itemcget(i, "text") for i in canvas.find_all() if canvas.type(i) == "text"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_chat_in_the_window(node, tmp_path):
+    import tkinter as tk
+    from twisted.internet import reactor, tksupport
+    from paxchat.client.gui import ChatApp, client_maker
+    from .xvfb import Xvfb, can_screenshot
+
+    with Xvfb(1000, 680) as x:
+        root = tk.Tk(screenName=x.display, className="paxchat")
+        tksupport.install(root)
+        app = None
+        bob = client_for(node)
+        bob_events = []
+        bob.on_event = bob_events.append
+        try:
+            app = ChatApp(root, reactor, client_maker(reactor, str(node.path)))
+            model = app.model
+            yield wait_for(lambda: model.status.startswith("Connected to node 1"), 10)
+            yield bob.create_account("bob", "bob-password")
+            yield bob.login("bob", "bob-password")
+
+            # Create an account from the login screen.
+            app.user_entry.insert(0, "alice")
+            app.password_entry.insert(0, "short")
+            app.create_button.invoke()
+            yield wait_for(lambda: model.error, 10)
+            assert app.login_error.cget("text") == "That password is not allowed: use 8 to 1,024 bytes."
+            app.password_entry.insert(0, "alice-password")
+            app.create_button.invoke()
+            yield wait_for(lambda: model.screen == "chats", 10)
+            assert app.me_label.cget("text") == "alice"
+
+            # Find bob by wildcard and open the conversation by clicking his row.
+            app.search_entry.focus_force()
+            root.update()
+            app.search_entry.insert(0, "b*")
+            app.search_entry.event_generate("<Return>")
+            yield wait_for(lambda: model.search_results == ["bob"], 10)
+            yield wait_for(lambda: app._list_rows, 5)
+            top, bottom, peer = app._list_rows[0]
+            app.list_canvas.event_generate("<Button-1>", x=60, y=(top + bottom) // 2)
+            yield wait_for(lambda: model.open_peer == "bob", 5)
+
+            # Enter sends, Shift+Enter makes a new line.
+            app.compose.focus_force()
+            root.update()
+            app.compose.insert("end", "Hi bob!")
+            app.compose.event_generate("<Shift-Return>")
+            app.compose.insert("end", "Second line.")
+            app.compose.event_generate("<Return>")
+            yield wait_for(lambda: bob_events, 10)
+            assert bob_events[0]["message"]["body"] == "Hi bob!\nSecond line."
+            assert app.compose.get("1.0", "end-1c") == ""
+
+            # bob answers: it shows up at once, aligned left with his name.
+            yield bob.send_message("alice", "Hey alice, good to see you here. How is the failover testing going?")
+            yield wait_for(lambda: any("failover" in t for t in canvas_texts(app.canvas)), 10)
+            yield wait_for(lambda: not model.conversation("bob").unread_ids, 5)
+
+            # A burst of messages is drawn in few redraws and the window keeps up.
+            redraws = []
+            original = app.redraw
+            app.redraw = lambda parts: (redraws.append(parts), original(parts))
+            app.coalescer.redraw = app.redraw
+            burst = [bob.send_message("alice", f"burst {i}") for i in range(300)]
+            yield defer.gatherResults(burst)
+            yield wait_for(lambda: len(model.conversation("bob").messages) >= 302, 20)
+            yield wait_for(lambda: "burst 299" in canvas_texts(app.canvas), 10)
+            assert len(redraws) < 150, f"{len(redraws)} redraws for 300 messages"
+            assert model.conversation("bob").unread == 0
+
+            # Select a message and delete it.
+            mine = [i for i, m in model.conversation("bob").messages.items() if m["from"] == "alice"][0]
+            model.toggle_selected(mine)
+            yield wait_for(lambda: app.delete_button.winfo_ismapped(), 5)
+            app.delete_button.invoke()
+            yield wait_for(lambda: mine not in model.conversation("bob").messages, 10)
+
+            # A friendly screen for the screenshot: the first exchange, at the bottom.
+            yield bob.send_message("alice", "Great, all three nodes agree.\nShip it! 🚀".replace("🚀", ""))
+            app.compose.insert("end", "Shipping it now. Thanks bob!")
+            app.compose.event_generate("<Return>")
+            yield wait_for(lambda: any("Shipping" in t for t in canvas_texts(app.canvas)), 10)
+            yield wait_for(lambda: not model.conversation("bob").pending, 10)
+            if can_screenshot():
+                yield wait_for(lambda: True, 0.3)
+                shot = tmp_path / "screenshot.png"
+                x.screenshot(shot)
+                assert shot.stat().st_size > 5000
+                target = os.environ.get("PAXCHAT_SCREENSHOT")
+                if target:
+                    shutil.copy(shot, target)
+
+            # Log out returns to the login screen.
+            app.account_menu.invoke(0)
+            yield wait_for(lambda: model.screen == "login", 10)
+        finally:
+            yield bob.close()
+            if app is not None:
+                yield app.close()
+            tksupport.uninstall()
+            root.destroy()
