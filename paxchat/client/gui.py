@@ -508,37 +508,43 @@ class ChatApp:
         else:
             canvas.create_text(width / 2, y + 20, anchor="n", font=f.body, fill=c["muted"],
                                text=f"No messages with {peer} yet. Say hello!")
-        previous = None
         for b in m.bubbles():
             mine = b["mine"]
             tag = f"msg{b['id']}" if b["id"] is not None else "pending"
             tags = ("bubble", tag)
-            same_sender = previous is not None and previous == mine
-            y += 4 if same_sender else 12
+            y += 14 if b["first_in_run"] else 4
+            if b["first_in_run"] and not mine:
+                canvas.create_text(margin + 4, y, anchor="nw", text=b["sender"], font=f.name, fill=c["text"])
+                y += f.name.metrics("linespace") + 4
             text_fill = c["bubble_out_text"] if mine else c["text"]
-            meta_fill = "#DCE6FB" if mine else c["muted"]
+            meta_fill = "#D5E1FA" if mine else c["muted"]
             body_id = canvas.create_text(0, 0, anchor="nw", text=b["body"], width=max_w - 2 * pad_x,
                                          font=f.body, fill=text_fill, tags=tags)
-            meta = b["time"] if mine else f"{b['sender']}  ·  {b['time']}"
-            meta_id = canvas.create_text(0, 0, anchor="nw", text=meta, font=f.small, fill=meta_fill, tags=tags)
+            meta_id = canvas.create_text(0, 0, anchor="nw", text=b["time"], font=f.small, fill=meta_fill,
+                                         tags=tags)
             bx0, by0, bx1, by1 = canvas.bbox(body_id)
             mx0, my0, mx1, my1 = canvas.bbox(meta_id)
-            inner_w = max(bx1 - bx0, mx1 - mx0)
-            bw, bh = inner_w + 2 * pad_x, (by1 - by0) + (my1 - my0) + 2 * pad_y + 2
+            body_w, meta_w, meta_h = bx1 - bx0, mx1 - mx0, my1 - my0
+            # The time sits after the last line when it fits there, else under the text.
+            last_line_w = f.body.measure(b["body"].split("\n")[-1]) if by1 - by0 < 2.2 * f.body.metrics(
+                "linespace") else max_w
+            inline = last_line_w + 12 + meta_w <= max_w - 2 * pad_x
+            if inline:
+                inner_w = max(body_w, last_line_w + 12 + meta_w)
+                inner_h = by1 - by0
+            else:
+                inner_w = max(body_w, meta_w)
+                inner_h = (by1 - by0) + meta_h + 2
+            bw, bh = inner_w + 2 * pad_x, inner_h + 2 * pad_y
             x0 = width - margin - bw if mine else margin
             outline = c["selected"] if b["selected"] else (c["accent"] if mine else c["bubble_in_line"])
-            bubble = rounded_rect(canvas, x0, y, x0 + bw, y + bh, 14,
+            bubble = rounded_rect(canvas, x0, y, x0 + bw, y + bh, 16,
                                   fill=c["accent"] if mine else c["bubble_in"], outline=outline,
                                   width=3 if b["selected"] else 1, tags=tags)
             canvas.tag_lower(bubble, body_id)
-            if mine:
-                canvas.coords(body_id, x0 + pad_x, y + pad_y)
-                canvas.coords(meta_id, x0 + bw - pad_x - (mx1 - mx0), y + pad_y + (by1 - by0) + 2)
-            else:
-                canvas.coords(meta_id, x0 + pad_x, y + pad_y)
-                canvas.coords(body_id, x0 + pad_x, y + pad_y + (my1 - my0) + 2)
+            canvas.coords(body_id, x0 + pad_x, y + pad_y)
+            canvas.coords(meta_id, x0 + bw - pad_x - meta_w, y + bh - pad_y - meta_h + (1 if inline else 0))
             y += bh
-            previous = mine
         y += 20
         total = max(y, height)
         canvas.configure(scrollregion=(0, 0, width, total))

@@ -17,6 +17,14 @@ from .explain import explain
 __all__ = ["ChatModel", "Conversation", "Coalescer", "status_text", "PAGE_SIZE"]
 
 PAGE_SIZE = 50  # messages per history page when scrolling back
+RUN_GAP = 300.0  # seconds: closer messages from one sender are drawn as one run
+
+
+def _float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def status_text(status) -> str:
@@ -262,14 +270,21 @@ class ChatModel:
             return []
         conv = self.conversation(self.open_peer)
         out = []
+        previous = None
         for m in conv.ordered():
             mine = m.get("from") == self.me
+            ts = _float(m.get("ts"))
+            # Messages from one sender within a few minutes form a run: one name on top.
+            first = previous is None or previous[0] != mine or ts - previous[1] > RUN_GAP
             out.append({"id": m["id"], "mine": mine, "sender": "You" if mine else m.get("from", "?"),
-                        "body": str(m.get("body", "")), "time": time_label(m.get("ts")),
-                        "selected": m["id"] in self.selected})
+                        "body": str(m.get("body", "")), "time": time_label(ts),
+                        "selected": m["id"] in self.selected, "first_in_run": first})
+            previous = (mine, ts)
         for key, m in conv.pending.items():
             out.append({"id": None, "key": key, "mine": True, "sender": "You", "body": m["body"],
-                        "time": "sending…", "selected": False})
+                        "time": "sending…", "selected": False,
+                        "first_in_run": previous is None or not previous[0]})
+            previous = (True, m["ts"])
         return out
 
     def sending(self, peer: str, key, body: str):
