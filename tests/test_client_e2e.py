@@ -136,3 +136,47 @@ def test_cli_reports_a_refused_connection(tmp_path):
     status = yield cli.run(reactor, args, con)
     assert status == 1
     assert err[0].startswith("paxchat: Cannot reach any paxchat server (tried 127.0.0.1:")
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_rides_out_a_node_restart(tmp_path):
+    """The node dies mid-session and comes back: the client reconnects, resumes and sends once."""
+    try:
+        from twisted.internet import reactor
+        from paxchat import tls
+        from paxchat.node import NodeService
+    except ImportError as e:
+        pytest.skip(f"the node is not available yet: {e}")
+    from paxchat.client.api import Status
+    config = write_cluster(tmp_path)
+    tls.make_cluster_certs(config)
+    service = NodeService(config, 1, reactor)
+    service.startService()
+    statuses = []
+    policy = FailoverPolicy(deadline=20, connect_timeout=2, answer_timeout=10, initial_delay=0.1, jitter=0)
+    alice = PaxchatClient.from_config(reactor, config, policy=policy, on_status=statuses.append)
+    bob = PaxchatClient.from_config(reactor, config, policy=policy)
+    try:
+        yield alice.create_account("alice", "alice-password")
+        yield bob.create_account("bob", "bob-password")
+        yield alice.login("alice", "alice-password")
+        yield service.stopService()
+        # The node is gone: its connections die with it.
+        alice._proto.transport.abortConnection()
+        bob._proto.transport.abortConnection()
+        sending = alice.send_message("bob", "sent while the node was down", client_msg_id="down-1")
+        yield wait_for(lambda: statuses[-1].state == "reconnecting", 5)
+        service = NodeService(config, 1, reactor)
+        service.startService()
+        sent = yield sending
+        assert statuses[-1] == Status("connected", 1, statuses[-1].leader)
+        assert alice.session is not None
+        again = yield alice.send_message("bob", "sent while the node was down", client_msg_id="down-1")
+        assert again["message_id"] == sent["message_id"]
+        yield bob.login("bob", "bob-password")
+        history = yield bob.history(peer="alice")
+        assert [m["body"] for m in history["messages"]] == ["sent while the node was down"]
+    finally:
+        yield alice.close()
+        yield bob.close()
+        yield defer.maybeDeferred(service.stopService)

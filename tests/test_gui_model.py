@@ -269,3 +269,11 @@ def test_a_broken_config_is_shown_not_raised():
     ctl = ChatController(Clock(), model, broken)
     assert "not a valid host:port" in model.error
     ctl.log_in("a", "b")
+
+
+def test_runs_of_one_sender_share_one_name():
+    model, _ = model_for()
+    model.add_messages([msg(1, "bob", "alice", ts=0), msg(2, "bob", "alice", ts=60), msg(3, "bob", "alice", ts=1000),
+                        msg(4, "alice", "bob", ts=1001), msg(5, "bob", "alice", ts=1002)])
+    model.open("bob")
+    assert [b["first_in_run"] for b in model.bubbles()] == [True, False, True, True, True]
