@@ -31,7 +31,8 @@ def test_chat_in_the_window(node, tmp_path):
         bob_events = []
         bob.on_event = bob_events.append
         try:
-            app = ChatApp(root, reactor, client_maker(reactor, str(node.path)))
+            closed = []
+            app = ChatApp(root, reactor, client_maker(reactor, str(node.path)), on_closed=lambda: closed.append(1))
             model = app.model
             yield wait_for(lambda: model.status.startswith("Connected to node 1"), 10)
             yield bob.create_account("bob", "bob-password")
@@ -112,6 +113,10 @@ def test_chat_in_the_window(node, tmp_path):
             # Log out returns to the login screen.
             app.account_menu.invoke(0)
             yield wait_for(lambda: model.screen == "login", 10)
+
+            # Closing the window (WM_DELETE_WINDOW) stops the client, then calls on_closed.
+            yield app.close()
+            assert closed == [1] and app.controller.client.status.state == "closed"
         finally:
             yield bob.close()
             if app is not None:
