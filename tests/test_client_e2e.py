@@ -180,3 +180,24 @@ def test_client_rides_out_a_node_restart(tmp_path):
         yield alice.close()
         yield bob.close()
         yield defer.maybeDeferred(service.stopService)
+
+
+@pytest_twisted.inlineCallbacks
+def test_from_addresses_with_the_cluster_ca(node):
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+    address = node.nodes[1].client
+    client = PaxchatClient.from_addresses(reactor, [(address.host, address.port)], ca_path=node.ca_path)
+    try:
+        hello = yield client.connect()
+        assert hello["node"] == 1
+    finally:
+        yield client.close()
+    # A plain endpoint to a TLS port does not get an answer it understands: it fails over and gives up.
+    plain = PaxchatClient(reactor, [TCP4ClientEndpoint(reactor, address.host, address.port)],
+                          policy=FailoverPolicy(deadline=1, connect_timeout=0.5, answer_timeout=0.5))
+    try:
+        with pytest.raises(Exception):
+            yield plain.connect()
+    finally:
+        yield plain.close()

@@ -66,13 +66,16 @@ class _Request:
 class PaxchatClient:
     """A cluster connection with failover. Every op method returns a Deferred.
 
+    ``targets`` are ``NodeTarget``s (see ``from_config`` / ``from_addresses``)
+    or plain client endpoints, numbered from 1.
+
     ``on_event(event)`` gets pushed events (``message``, ``session_ended``);
     ``on_status(Status)`` hears about connecting/connected/reconnecting/failed.
     """
 
     log = Logger()
 
-    def __init__(self, reactor, targets: Sequence[NodeTarget], *,
+    def __init__(self, reactor, targets: Sequence, *,
                  on_event: Callable[[dict], None] | None = None,
                  on_status: Callable[[Status], None] | None = None,
                  policy: FailoverPolicy | None = None,
@@ -81,6 +84,8 @@ class PaxchatClient:
         if not targets:
             raise ValueError("a PaxchatClient needs at least one node")
         self.reactor = reactor
+        # Plain endpoints are numbered from 1 in the order given.
+        targets = [t if isinstance(t, NodeTarget) else NodeTarget(i, t, repr(t)) for i, t in enumerate(targets, 1)]
         self.targets = {t.node_id: t for t in targets}
         self.on_event = on_event
         self.on_status = on_status
@@ -115,8 +120,17 @@ class PaxchatClient:
         return cls(reactor, targets, prefer_node=prefer_node, **kwargs)
 
     @classmethod
-    def from_addresses(cls, reactor, addresses, *, tls=None, **kwargs) -> "PaxchatClient":
-        """A client for ``{node_id: (host, port)}`` or a list of (host, port); ``tls(host)`` -> creator."""
+    def from_addresses(cls, reactor, addresses, *, tls=None, ca_path=None, **kwargs) -> "PaxchatClient":
+        """A client for ``{node_id: (host, port)}`` or a list of (host, port).
+
+        TLS: ``ca_path`` (the cluster CA; node certificates are checked against
+        each host) or ``tls(host)`` returning a client connection creator.
+        """
+        if ca_path is not None and tls is None:
+            from paxchat import tls as cluster_tls
+
+            def tls(host):
+                return cluster_tls.client_options_for_ca(ca_path, host)
         policy = kwargs.get("policy") or FailoverPolicy()
         return cls(reactor, targets_from_addresses(reactor, addresses, tls=tls,
                                                    timeout=policy.connect_timeout), **kwargs)
