@@ -221,10 +221,12 @@ class Replica:
         self._decided_upto = d.snapshot_index
         self._pending_snapshot = None
         self._snap_rx = None           # [index, total, parts, received]
+        self._snap_out = {}            # peer -> (index, data): the snapshot it is being sent
         self._catchup_target = 0       # want chosen values up to here
         self._catchup_peer = None
         self._catchup_next = now
         self._catchup_progress = False
+        self._last_advance = now
         # roles
         self._role = FOLLOWER
         self.leader_id = None
@@ -303,16 +305,21 @@ class Replica:
                 self._step_down(None)
             elif self.peers and self._lost_quorum(now):
                 self._step_down(None)
+            elif (self._catchup_target > self.commit_index
+                  and now - self._last_advance > cfg.election_timeout):
+                # Phase 1 said slots up to the target were chosen, but nobody
+                # reachable can tell us their values any more (the node that
+                # knew restarted). Their accepted values are still on a quorum
+                # of disks: run phase 1 again and re-propose them.
+                self._become_follower()
+                self._start_prepare(ZERO_BALLOT)
             else:
                 if now >= self._next_heartbeat:
                     self._heartbeat()
                     self._resend_accepts(now)
         elif now >= self._election_deadline:
             self._start_prevote()
-        if self._catchup_target > self.commit_index and now >= self._catchup_next:
-            if not self._catchup_progress:
-                self._rotate_catchup_peer()
-            self._request_catchup()
+        self._maybe_request_catchup()
 
     def receive(self, msg, now=None):
         if now is not None and now > self._now:
@@ -586,6 +593,7 @@ class Replica:
         self._lease_min_seq = self._hb_seq + 1
         self._transfer = None
         self._heard = {p: self._now for p in self.peers}
+        self._last_advance = self._now
         if known > self.commit_index:
             peer = next(p.sender for p in promises if p.chosen_upto == known)
             self._want_catchup(known, peer)
@@ -772,33 +780,44 @@ class Replica:
         if s != self.commit_index:
             self.commit_index = s
             self._catchup_progress = True
+            self._last_advance = self._now
             if self._read_confirmed:
                 self._release_reads()
             if self._transfer is not None:
                 self._hb_due = True
 
     def _want_catchup(self, upto, peer):
+        if self._catchup_target <= self.commit_index:
+            self._catchup_peer = peer      # a new episode starts with who told us
+            self._catchup_progress = True
         if upto > self._catchup_target:
             self._catchup_target = upto
-        self._catchup_peer = peer
-        if self._now >= self._catchup_next:
+        self._maybe_request_catchup()
+
+    def _maybe_request_catchup(self):
+        """Ask for missing chosen values, at most once per heartbeat interval;
+        a peer that gave us nothing since the last ask is skipped for the next."""
+        if self._catchup_target > self.commit_index and self._now >= self._catchup_next:
+            if not self._catchup_progress:
+                self._rotate_catchup_peer()
             self._request_catchup()
 
     def _rotate_catchup_peer(self):
+        """No progress from the peer we asked: try the next peer, in turn."""
         peers = self.peers
         if not peers:
             return
-        if self._catchup_peer in peers and self.leader_id is None:
+        if self._catchup_peer in peers:
             i = peers.index(self._catchup_peer)
             self._catchup_peer = peers[(i + 1) % len(peers)]
-        elif self.leader_id is not None and self.leader_id != self.node_id:
-            self._catchup_peer = self.leader_id
+        else:
+            self._catchup_peer = peers[0]
 
     def _request_catchup(self):
         peer = self._catchup_peer
         if peer is None or peer == self.node_id:
             return
-        self._catchup_next = self._now + self.config.heartbeat_interval
+        self._catchup_next = self._now + 2 * self.config.heartbeat_interval
         self._catchup_progress = False
         rx = self._snap_rx
         idx, off = (rx[0], rx[3]) if rx else (0, 0)
@@ -806,15 +825,24 @@ class Replica:
 
     def _on_catchup_request(self, m):
         if m.from_slot <= self._snapshot_index:
-            data = self._snapshot_data
-            if data is None:
-                return
-            off = m.snapshot_offset if m.snapshot_index == self._snapshot_index else 0
+            # A transfer keeps the snapshot it started with, even if we
+            # compact again meanwhile, so frequent compaction cannot starve it.
+            pinned = self._snap_out.get(m.sender)
+            if pinned is not None and pinned[0] == m.snapshot_index and m.snapshot_offset:
+                index, data = pinned
+                off = m.snapshot_offset
+            else:
+                index, data = self._snapshot_index, self._snapshot_data
+                off = 0
+                if data is None:
+                    return
+                self._snap_out[m.sender] = (index, data)
             if off > len(data):
                 off = 0
             chunk = data[off:off + self.config.snapshot_chunk_bytes]
-            self._send(m.sender, SnapshotChunk(self.node_id, self._snapshot_index, off, len(data), chunk))
+            self._send(m.sender, SnapshotChunk(self.node_id, index, off, len(data), chunk))
             return
+        self._snap_out.pop(m.sender, None)
         values = []
         size = 0
         s = m.from_slot
@@ -848,13 +876,16 @@ class Replica:
             return
         rx = self._snap_rx
         if rx is None or rx[0] != m.index:
-            if m.offset != 0:
+            # Start over only on the first chunk from the peer we now ask
+            # (late chunks from one we asked before must not reset the transfer).
+            if m.offset != 0 or (rx is not None and m.sender != self._catchup_peer):
                 return
             rx = self._snap_rx = [m.index, m.total, [], 0]
         if m.offset != rx[3] or m.total != rx[1]:
             return
         rx[2].append(m.data)
         rx[3] += len(m.data)
+        self._catchup_progress = True
         if rx[3] >= rx[1]:
             self._snap_rx = None
             self._install_snapshot(m.index, b"".join(rx[2]))

@@ -16,6 +16,8 @@ def _one(seed):
         sim = run_seed(seed)
     except SimFailure as e:
         return seed, str(e), None
+    except Exception as e:  # a crash of the replica or the simulator is a failure too
+        return seed, f"seed {seed}: {type(e).__name__}: {e}", None
     return seed, None, sim.stats
 
 

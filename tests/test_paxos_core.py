@@ -1,0 +1,323 @@
+"""The Multi-Paxos replica's behaviour, one feature at a time, over a reliable toy network.
+
+The deterministic simulator (tests/sim) hammers the same code with faults;
+these tests pin down the API contract the node glue relies on.
+"""
+
+import pytest
+
+from paxchat.paxos import messages as M
+from paxchat.paxos.core import Config, DurableState, NotLeader, ReadState, Replica
+
+CFG = Config(heartbeat_interval=0.05, election_timeout=0.3, window=8)
+
+
+class Net:
+    """Replicas on a lossless network; ``cut`` nodes hear and say nothing."""
+
+    def __init__(self, n=3, config=CFG, auto_persist=True):
+        self.ids = list(range(1, n + 1))
+        self.config = config
+        self.now = 0.0
+        self.reps = {i: Replica(i, self.ids, config=config, seed=3, now=0.0) for i in self.ids}
+        self.auto_persist = auto_persist
+        self.cut = set()
+        self.decided = {i: [] for i in self.ids}
+        self.snapshots = {i: [] for i in self.ids}
+        self.disk = {i: [] for i in self.ids}
+        self.tokens = {i: 0 for i in self.ids}
+        self.reads = {i: [] for i in self.ids}
+        self.sent = []
+
+    def handle(self, i, rd):
+        if rd.records:
+            self.disk[i].extend(rd.records)
+            self.tokens[i] = rd.token
+            if self.auto_persist:
+                self.reps[i].persisted(rd.token)
+        if rd.snapshot:
+            self.snapshots[i].append(rd.snapshot)
+        self.decided[i].extend(rd.decided)
+        self.reads[i].extend(rd.reads)
+        return list(rd.messages)
+
+    def pump(self):
+        for _ in range(1000):
+            queue = []
+            for i, r in self.reps.items():
+                for to, msg in self.handle(i, r.ready()):
+                    self.sent.append((i, to, msg))
+                    if i not in self.cut and to not in self.cut:
+                        queue.append((to, M.decode(M.encode(msg))))
+            if not queue and not any(r.has_ready() for r in self.reps.values()):
+                return
+            for to, msg in queue:
+                self.reps[to].receive(msg, self.now)
+        raise AssertionError("the network never went quiet")
+
+    def step(self, dt=0.01):
+        self.now += dt
+        for r in self.reps.values():
+            r.tick(self.now)
+        self.pump()
+
+    def run_until(self, cond, limit=10.0):
+        end = self.now + limit
+        while self.now < end:
+            if cond():
+                return
+            self.step()
+        raise AssertionError("condition not reached")
+
+    def leader(self):
+        leaders = [r for i, r in self.reps.items() if r.is_leader and i not in self.cut]
+        return leaders[0] if leaders else None
+
+    def elect(self):
+        self.run_until(lambda: self.leader() is not None)
+        self.step()
+        return self.leader()
+
+    def commands(self, i):
+        return [c for _, v in self.decided[i] for c in v]
+
+
+def test_single_node_cluster_decides_alone():
+    net = Net(1)
+    r = net.elect()
+    r.propose(b"x")
+    net.step()
+    assert net.commands(1) == [b"x"]
+
+
+def test_propose_on_a_follower_raises_not_leader_with_a_hint():
+    net = Net(3)
+    leader = net.elect()
+    follower = next(r for r in net.reps.values() if r is not leader)
+    with pytest.raises(NotLeader) as e:
+        follower.propose(b"x")
+    assert e.value.leader_hint == leader.node_id
+    with pytest.raises(NotLeader):
+        follower.read("r1")
+    with pytest.raises(TypeError):
+        leader.propose("not bytes")
+
+
+def test_three_nodes_elect_one_leader_and_agree():
+    net = Net(3)
+    leader = net.elect()
+    assert sum(r.is_leader for r in net.reps.values()) == 1
+    for k in range(20):
+        leader.propose(b"c%d" % k)
+        net.step()
+    net.step(0.1)
+    want = [b"c%d" % k for k in range(20)]
+    for i in net.ids:
+        assert net.commands(i) == want
+        slots = [s for s, _ in net.decided[i]]
+        assert slots == list(range(1, len(slots) + 1))
+
+
+def test_commands_proposed_together_share_one_slot():
+    net = Net(3)
+    leader = net.elect()
+    before = len(net.decided[leader.node_id])
+    for k in range(100):
+        leader.propose(b"c%d" % k)
+    net.step()
+    new = net.decided[leader.node_id][before:]
+    assert len(new) == 1 and len(new[0][1]) == 100
+
+
+def test_pipeline_window_bounds_slots_in_flight():
+    cfg = Config(heartbeat_interval=0.05, election_timeout=0.3, window=3, max_batch_commands=1)
+    net = Net(3, cfg)
+    leader = net.elect()
+    net.cut = set(leader.peers)            # nobody acknowledges
+    for k in range(10):
+        leader.propose(b"c%d" % k)
+    net.pump()
+    accepts = [m for _, _, m in net.sent if isinstance(m, M.Accept)]
+    slots = {m.first_slot + i for m in accepts for i in range(len(m.values))}
+    assert len(slots) == 3
+    net.cut = set()
+    net.run_until(lambda: len(net.commands(leader.node_id)) == 10)
+
+
+def test_acceptor_replies_only_after_its_record_is_persisted():
+    net = Net(3, auto_persist=False)
+    net.auto_persist = True
+    leader = net.elect()
+    net.auto_persist = False
+    leader.propose(b"x")
+    net.sent.clear()
+    net.pump()
+    assert not [m for _, _, m in net.sent if isinstance(m, M.Accepted)]
+    assert net.commands(leader.node_id) == []          # the leader's own vote waits for its disk too
+    follower = leader.peers[0]
+    assert any(isinstance(rec, M.AcceptRecord) for rec in net.disk[follower])
+    net.reps[follower].persisted(net.tokens[follower])
+    net.pump()
+    assert [m for _, _, m in net.sent if isinstance(m, M.Accepted)]
+    leader.persisted(net.tokens[leader.node_id])
+    net.pump()
+    assert net.commands(leader.node_id) == [b"x"]
+
+
+def test_restart_from_records_keeps_promise_and_accepted_values():
+    net = Net(3)
+    leader = net.elect()
+    leader.propose(b"x")
+    net.step()
+    i = leader.peers[0]
+    durable = DurableState.from_records(net.disk[i])
+    assert durable.promised == net.reps[i].promised
+    assert (durable.accepted[1][1]) == (b"x",)
+    again = DurableState.from_records(durable.to_records())
+    assert again == durable
+    r = Replica(i, net.ids, config=CFG, durable=durable, now=net.now)
+    assert r.promised == durable.promised and r.commit_index == 0
+    net.reps[i] = r
+    net.decided[i] = []
+    leader.propose(b"y")
+    net.run_until(lambda: net.commands(i) == [b"x", b"y"])
+
+
+def test_from_records_folds_compaction_and_rejects_junk():
+    b1, b2 = M.Ballot(1, 1), M.Ballot(2, 2)
+    recs = [M.PromiseRecord(b1), M.AcceptRecord(b1, 1, ((b"a",), (b"b",), (b"c",))),
+            M.AcceptRecord(b2, 3, ((b"C",),)), M.CompactRecord(1)]
+    d = DurableState.from_records(recs)
+    assert d.promised == b2 and d.snapshot_index == 1
+    assert d.accepted == {2: (b1, (b"b",)), 3: (b2, (b"C",))}
+    with pytest.raises(TypeError):
+        DurableState.from_records([b"junk"])
+
+
+def test_an_isolated_node_does_not_depose_a_live_leader():
+    net = Net(3)
+    leader = net.elect()
+    ballot = leader.promised
+    loner = leader.peers[0]
+    net.cut = {loner}
+    net.run_until(lambda: False if net.now < 3.0 else True, limit=4.0)
+    assert net.reps[loner].promised == ballot        # pre-vote kept it from raising its ballot
+    net.cut = set()
+    for _ in range(50):
+        net.step()
+    assert leader.is_leader and leader.promised == ballot
+
+
+def test_a_new_leader_is_elected_when_the_leader_is_cut_off_and_keeps_chosen_values():
+    net = Net(5)
+    leader = net.elect()
+    leader.propose(b"before")
+    net.step()
+    net.cut = {leader.node_id}
+    net.run_until(lambda: net.leader() is not None, limit=5.0)
+    new = net.leader()
+    assert new.promised > leader.promised
+    assert not leader.is_leader                        # stepped down: lost its quorum
+    new.propose(b"after")
+    net.run_until(lambda: b"after" in net.commands(new.node_id))
+    assert net.commands(new.node_id) == [b"before", b"after"]
+
+
+def test_read_index_waits_for_a_heartbeat_quorum():
+    net = Net(3)
+    leader = net.elect()
+    leader.propose(b"x")
+    net.step()
+    net.cut = set(leader.peers)
+    leader.read("r1")
+    for _ in range(3):
+        net.step()
+    assert net.reads[leader.node_id] == []
+    net.cut = set()
+    net.run_until(lambda: net.reads[leader.node_id], limit=0.2)   # the next heartbeat confirms it
+    assert net.reads[leader.node_id] == [ReadState("r1", 1)]
+
+
+def test_lease_reads_are_immediate_only_while_the_lease_holds():
+    net = Net(3)
+    leader = net.elect()
+    net.step(0.1)
+    leader.read("a", lease=True, now=net.now)
+    assert leader.ready().reads == (ReadState("a", leader.commit_index),)
+    leader.read("b", lease=True)                       # no time given: read-index instead
+    assert leader.ready().reads == ()
+    net.cut = set(leader.peers)
+    net.now += CFG.lease_duration + 0.01               # no tick since: only `now` tells
+    leader.read("c", lease=True, now=net.now)
+    assert leader.ready().reads == ()
+
+
+def test_lagging_follower_gets_the_snapshot_in_chunks_then_the_tail():
+    cfg = Config(heartbeat_interval=0.05, election_timeout=0.3, snapshot_chunk_bytes=10)
+    net = Net(3, cfg)
+    leader = net.elect()
+    lagger = leader.peers[0]
+    net.cut = {lagger}
+    for k in range(5):
+        leader.propose(b"c%d" % k)
+        net.step()
+    data = b"application snapshot bytes " * 3
+    for i in net.ids:
+        if i != lagger:
+            r = net.reps[i]
+            r.compact(r.commit_index, data)
+            with pytest.raises(ValueError):
+                r.compact(r.commit_index + 1, data)
+    leader.propose(b"tail")
+    net.step()
+    net.cut = set()
+    net.run_until(lambda: b"tail" in net.commands(lagger))
+    assert net.snapshots[lagger] == [(5, data)]
+    chunks = [m for s, to, m in net.sent if isinstance(m, M.SnapshotChunk) and to == lagger]
+    assert len({m.offset for m in chunks}) == 9 and all(len(m.data) <= 10 for m in chunks)
+    assert any(isinstance(rec, M.CompactRecord) and rec.index == 5 for rec in net.disk[lagger])
+    assert net.decided[lagger][-1] == (6, (b"tail",))
+
+
+def test_leadership_transfer_hands_over_to_the_target():
+    net = Net(3)
+    leader = net.elect()
+    leader.propose(b"x")
+    net.step()
+    target = leader.peers[1]
+    leader.transfer_leadership(target)
+    with pytest.raises(NotLeader) as e:
+        leader.propose(b"y")
+    assert e.value.leader_hint == target
+    net.run_until(lambda: net.reps[target].is_leader, limit=1.0)
+    assert not leader.is_leader
+    net.reps[target].propose(b"y")
+    net.run_until(lambda: net.commands(leader.node_id) == [b"x", b"y"])
+    with pytest.raises(ValueError):
+        net.reps[target].transfer_leadership(99)
+
+
+def test_leader_changes_are_reported():
+    net = Net(3)
+    leader = net.elect()
+    # Each node saw the change once, naming the leader and its ballot.
+    seen = []
+    r = Replica(1, [1], config=CFG)
+    r.tick(1.0)
+    rd = r.ready()
+    r.persisted(rd.token)
+    rd = r.ready()
+    seen.append(rd.leader)
+    assert seen[0].leader == 1 and seen[0].ballot == r.promised
+    assert not r.ready()
+    assert leader.leader_id == leader.node_id
+
+
+def test_receive_rejects_non_messages_and_ignores_strangers():
+    r = Replica(1, [1, 2, 3], config=CFG)
+    with pytest.raises(TypeError):
+        r.receive(object())
+    r.receive(M.Heartbeat(9, M.Ballot(5, 9), 3, 1))     # not a member
+    assert r.leader_id is None
+    with pytest.raises(ValueError):
+        Replica(4, [1, 2, 3])

@@ -1,0 +1,110 @@
+"""The deterministic simulator: the Paxos core passes CI's seeds, and planted bugs do not.
+
+``python -m tests.sim --seeds N`` runs many more (see docs/testing.md).
+"""
+
+import pytest
+
+from paxchat.paxos.core import Replica
+from tests.sim import __main__ as sim_cli
+from tests.sim.cluster import SimFailure, Simulation, run_seed
+
+CI_SEEDS = 500
+BLOCK = 50
+
+
+@pytest.mark.parametrize("start", range(0, CI_SEEDS, BLOCK))
+def test_seeds(start):
+    for seed in range(start, start + BLOCK):
+        run_seed(seed)
+
+
+def test_a_seed_replays_exactly():
+    lines_a, lines_b = [], []
+    a = run_seed(17, trace=lines_a.append)
+    b = run_seed(17, trace=lines_b.append)
+    assert lines_a == lines_b and a.stats == b.stats
+    assert len(lines_a) > 100
+
+
+def test_the_workload_exercises_faults_reads_and_snapshots():
+    totals = {}
+    kinds = set()
+    for seed in range(40):
+        lines = []
+        sim = run_seed(seed, trace=lines.append)
+        for k, v in sim.stats.items():
+            totals[k] = totals.get(k, 0) + v
+        for line in lines:
+            kinds.update(w for w in ("CRASH", "RESTART", "PARTITION", "PAUSE", "TRANSFER", "INSTALL")
+                         if w in line)
+        kinds.update(op[2][1][0] for op in sim.history if op[1] is not None)
+    assert kinds == {"CRASH", "RESTART", "PARTITION", "PAUSE", "TRANSFER", "INSTALL", "read", "append"}
+    assert totals["snapshots"] > 10 and totals["elections"] > 40
+
+
+# ---- planted bugs: each must be caught within the CI seed budget ------------
+
+class RepliesBeforePersist(Replica):
+    """An acceptor that answers before its promise or acceptance is on disk."""
+
+    def _send_durable(self, to, msg):
+        self._out.append((to, msg))
+
+
+class IgnoresAcceptedValues(Replica):
+    """A new leader that ignores the highest accepted value reported by its promises."""
+
+    def _recovered_value(self, slot, entry):
+        return ()
+
+
+class MinorityQuorum(Replica):
+    """A learner that counts a minority of acceptances as a quorum."""
+
+    def accept_quorum(self):
+        return len(self.members) // 2
+
+
+class StaleLease(Replica):
+    """A leader that keeps serving lease reads after its lease expired."""
+
+    def _lease_valid(self, now):
+        return self._lease_until > float("-inf")
+
+
+@pytest.mark.parametrize("mutant,symptom", [
+    (RepliesBeforePersist, ""),
+    (IgnoresAcceptedValues, ""),
+    (MinorityQuorum, ""),
+    (StaleLease, "not linearizable"),     # caught by the linearizability check itself
+])
+def test_planted_bug_is_found(mutant, symptom):
+    for seed in range(CI_SEEDS):
+        try:
+            run_seed(seed, replica_cls=mutant)
+        except SimFailure as e:
+            assert e.seed == seed
+            assert symptom in e.what, e.what
+            return
+    pytest.fail(f"{mutant.__name__} survived {CI_SEEDS} seeds")
+
+
+def test_cli_runs_seeds_and_replays_one(capsys):
+    assert sim_cli.main(["--seeds", "3", "--start", "5"]) == 0
+    assert "3 seeds from 5" in capsys.readouterr().out
+    assert sim_cli.main(["--seed", "5", "--trace"]) == 0
+    out = capsys.readouterr().out
+    assert "LEADER" in out and "seed 5 ok" in out
+
+
+def test_cli_reports_the_first_failing_seed(capsys, monkeypatch):
+    real = Simulation.__init__
+
+    def mutant_init(self, seed, replica_cls=Replica, trace=None, **kw):
+        real(self, seed, IgnoresAcceptedValues, trace, **kw)
+
+    monkeypatch.setattr(Simulation, "__init__", mutant_init)
+    assert sim_cli.main(["--seeds", "50"]) == 1
+    out = capsys.readouterr().out
+    assert "first failing seed:" in out and "replay: python -m tests.sim --seed" in out
