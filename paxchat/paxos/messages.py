@@ -83,11 +83,15 @@ class PreVoteReply:
 
 @dataclass(frozen=True, slots=True)
 class Prepare:
-    """Phase 1a for every slot >= ``from_slot`` at once. ``transfer``: sent on the leader's request."""
+    """Phase 1a for every slot >= ``from_slot`` at once.
+
+    ``transfer_from``: the ballot of the leader that asked for this election
+    (leadership transfer), else ``ZERO_BALLOT``. Only an acceptor that follows
+    exactly that leader lets it through its lease (see core.py)."""
     sender: int
     ballot: Ballot
     from_slot: int
-    transfer: bool
+    transfer_from: Ballot
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +215,7 @@ class CompactRecord:
 _SCHEMA = {
     PreVote: (1, (("sender", "node"), ("ballot", "ballot"), ("commit", "u64"))),
     PreVoteReply: (2, (("sender", "node"), ("ballot", "ballot"), ("granted", "bool"))),
-    Prepare: (3, (("sender", "node"), ("ballot", "ballot"), ("from_slot", "u64"), ("transfer", "bool"))),
+    Prepare: (3, (("sender", "node"), ("ballot", "ballot"), ("from_slot", "u64"), ("transfer_from", "ballot"))),
     Promise: (4, (("sender", "node"), ("ballot", "ballot"), ("chosen_upto", "u64"), ("accepted", "entries"))),
     Accept: (5, (("sender", "node"), ("ballot", "ballot"), ("first_slot", "u64"), ("values", "values"),
                  ("commit", "u64"))),
