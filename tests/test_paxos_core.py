@@ -321,3 +321,32 @@ def test_receive_rejects_non_messages_and_ignores_strangers():
     assert r.leader_id is None
     with pytest.raises(ValueError):
         Replica(4, [1, 2, 3])
+
+
+def test_big_batches_are_split_into_bounded_accept_messages(monkeypatch):
+    from paxchat.paxos import core
+    monkeypatch.setattr(core, "ACCEPT_MESSAGE_BYTES", 1000)
+    cfg = Config(heartbeat_interval=0.05, election_timeout=0.3, max_batch_commands=1)
+    net = Net(3, cfg)
+    leader = net.elect()
+    net.sent.clear()
+    for k in range(10):
+        leader.propose(bytes([k]) * 400)
+    net.pump()
+    accepts = [m for s, to, m in net.sent if isinstance(m, M.Accept) and to == leader.peers[0]]
+    assert [len(m.values) for m in accepts] == [2, 2, 2, 2, 2]
+    assert [m.first_slot for m in accepts] == [1, 3, 5, 7, 9]
+    net.run_until(lambda: len(net.commands(leader.peers[0])) == 10, limit=0.2)
+
+
+def test_config_and_command_size_are_checked():
+    with pytest.raises(ValueError):
+        Config(heartbeat_interval=1.0, election_timeout=0.5)
+    with pytest.raises(ValueError):
+        Config(window=1000, max_batch_bytes=1 << 20)
+    with pytest.raises(ValueError):
+        Config(max_clock_drift=0.6)
+    net = Net(1)
+    leader = net.elect()
+    with pytest.raises(ValueError):
+        leader.propose(b"x" * (M.MAX_COMMAND_BYTES + 1))

@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
 from .messages import (
-    ZERO_BALLOT, Accept, Accepted, AcceptedEntry, AcceptRecord, Ballot, CatchupRequest,
+    MAX_BATCH_COMMANDS, MAX_COMMAND_BYTES, MAX_ENCODED_BYTES, MAX_SLOTS_PER_MESSAGE, ZERO_BALLOT, Accept, Accepted, AcceptedEntry, AcceptRecord, Ballot, CatchupRequest,
     CompactRecord, Heartbeat, HeartbeatAck, Learn, Prepare, PreVote, PreVoteReply, Promise,
     PromiseRecord, Reject, SnapshotChunk, TimeoutNow,
 )
@@ -66,6 +66,10 @@ from .messages import (
 __all__ = ["NotLeader", "Config", "DurableState", "ReadState", "LeaderChange", "Ready", "Replica"]
 
 FOLLOWER, PRECANDIDATE, CANDIDATE, LEADER = "follower", "precandidate", "candidate", "leader"
+
+# An Accept (and its AcceptRecord) carries at most this many value bytes,
+# or one slot when a single slot is bigger.
+ACCEPT_MESSAGE_BYTES = 4 << 20
 
 
 class NotLeader(Exception):
@@ -87,9 +91,25 @@ class Config:
     max_clock_drift: float = 0.05
     window: int = 64
     max_batch_commands: int = 4096
-    max_batch_bytes: int = 1 << 20
+    max_batch_bytes: int = 256 << 10
     catchup_slots: int = 256
     snapshot_chunk_bytes: int = 1 << 20
+
+    def __post_init__(self):
+        if not 0 < self.heartbeat_interval < self.election_timeout:
+            raise ValueError("need 0 < heartbeat_interval < election_timeout")
+        if not 0 <= self.max_clock_drift < 0.5 or self.lease_duration <= 0:
+            raise ValueError("max_clock_drift too large for this election_timeout: no lease left")
+        if not 1 <= self.max_batch_commands <= MAX_BATCH_COMMANDS:
+            raise ValueError(f"max_batch_commands must be in [1, {MAX_BATCH_COMMANDS}]")
+        if not 1 <= self.window <= MAX_SLOTS_PER_MESSAGE // 2:
+            raise ValueError("window out of range")
+        # A promise reports up to a window of accepted slots in one message.
+        slot_bytes = max(self.max_batch_bytes, MAX_COMMAND_BYTES) + 4 * self.max_batch_commands + 64
+        if self.window * slot_bytes > MAX_ENCODED_BYTES // 2:
+            raise ValueError("window * max_batch_bytes too large for one Promise message")
+        if not 1 <= self.catchup_slots <= MAX_SLOTS_PER_MESSAGE or self.snapshot_chunk_bytes < 1:
+            raise ValueError("catchup_slots / snapshot_chunk_bytes out of range")
 
     @property
     def lease_duration(self):
@@ -184,6 +204,24 @@ class _SplitMix:
         z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
         return ((z ^ (z >> 31)) >> 11) / float(1 << 53)
+
+
+def _size_groups(first, values):
+    """Split consecutive slots' values into runs of at most ACCEPT_MESSAGE_BYTES."""
+    start = first
+    group = []
+    size = 0
+    for v in values:
+        n = sum(map(len, v))
+        if group and size + n > ACCEPT_MESSAGE_BYTES:
+            yield start, tuple(group)
+            start += len(group)
+            group = []
+            size = 0
+        group.append(v)
+        size += n
+    if group:
+        yield start, tuple(group)
 
 
 class _Slot:
@@ -306,7 +344,7 @@ class Replica:
             elif self.peers and self._lost_quorum(now):
                 self._step_down(None)
             elif (self._catchup_target > self.commit_index
-                  and now - self._last_advance > cfg.election_timeout):
+                  and now - self._last_advance > 2 * cfg.election_timeout):
                 # Phase 1 said slots up to the target were chosen, but nobody
                 # reachable can tell us their values any more (the node that
                 # knew restarted). Their accepted values are still on a quorum
@@ -337,6 +375,8 @@ class Replica:
             raise NotLeader(self._transfer[0] if self._transfer else self.leader_id)
         if not isinstance(command, bytes):
             raise TypeError("a command is bytes")
+        if len(command) > MAX_COMMAND_BYTES:
+            raise ValueError(f"a command is at most {MAX_COMMAND_BYTES} bytes")
         self._queue.append(command)
 
     def read(self, read_id, *, lease=False, now=None):
@@ -675,11 +715,12 @@ class Replica:
             self._inflight[s] = _Slot(v, now)
             self._accepted[s] = (b, v)
         self._next_slot = first + len(values)
-        self._records.append(AcceptRecord(b, first, values))
+        for start, group in _size_groups(first, values):
+            self._records.append(AcceptRecord(b, start, group))
+            msg = Accept(self.node_id, b, start, group, self.commit_index)
+            for p in self.peers:
+                self._send(p, msg)
         self._after_durable(self._count_accepts, self.node_id, b, first, len(values))
-        msg = Accept(self.node_id, b, first, values, self.commit_index)
-        for p in self.peers:
-            self._send(p, msg)
 
     def _resend_accepts(self, now):
         if not self._inflight:
@@ -687,19 +728,19 @@ class Replica:
         old = now - self.config.heartbeat_interval
         b = self._ballot
         slots = sorted(s for s, st in self._inflight.items() if st.sent <= old)
+        inflight = self._inflight
         for p in self.peers:
-            run = []
+            runs = []
             for s in slots:
-                if p in self._inflight[s].acks:
+                if p in inflight[s].acks:
                     continue
-                if run and s != run[-1] + 1:
-                    self._send(p, Accept(self.node_id, b, run[0],
-                                         tuple(self._inflight[x].value for x in run), self.commit_index))
-                    run = []
-                run.append(s)
-            if run:
-                self._send(p, Accept(self.node_id, b, run[0],
-                                     tuple(self._inflight[x].value for x in run), self.commit_index))
+                if runs and s == runs[-1][-1] + 1:
+                    runs[-1].append(s)
+                else:
+                    runs.append([s])
+            for run in runs:
+                for start, group in _size_groups(run[0], [inflight[x].value for x in run]):
+                    self._send(p, Accept(self.node_id, b, start, group, self.commit_index))
         for s in slots:
             self._inflight[s].sent = now
 
@@ -886,6 +927,7 @@ class Replica:
         rx[2].append(m.data)
         rx[3] += len(m.data)
         self._catchup_progress = True
+        self._last_advance = self._now
         if rx[3] >= rx[1]:
             self._snap_rx = None
             self._install_snapshot(m.index, b"".join(rx[2]))

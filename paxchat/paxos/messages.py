@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 # Bounds enforced on decode (a peer can never make us allocate more).
-MAX_COMMAND_BYTES = 1 << 20          # one command
+MAX_COMMAND_BYTES = 1 << 18          # one command (paxchat's are under 70 KiB)
 MAX_BATCH_COMMANDS = 1 << 16         # commands in one slot
 MAX_SLOTS_PER_MESSAGE = 1 << 16      # slots (or accepted entries) in one message
 MAX_CHUNK_BYTES = 1 << 22            # one snapshot chunk
