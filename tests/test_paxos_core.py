@@ -350,3 +350,38 @@ def test_config_and_command_size_are_checked():
     leader = net.elect()
     with pytest.raises(ValueError):
         leader.propose(b"x" * (M.MAX_COMMAND_BYTES + 1))
+
+
+def test_prevote_is_refused_while_the_leader_is_heard_or_by_a_node_that_knows_more():
+    r = Replica(2, [1, 2, 3], config=CFG, now=0.0)
+    r.receive(M.Heartbeat(1, M.Ballot(1, 1), 0, 1), 1.0)
+    r.ready()
+    r.receive(M.PreVote(3, M.Ballot(2, 3), 0), 1.1)
+    (to, reply), = r.ready().messages
+    assert to == 3 and not reply.granted
+    assert r.promised == M.ZERO_BALLOT             # a pre-vote changes nothing
+    r.tick(1.0 + CFG.election_timeout)
+    r.ready()
+    r.receive(M.Learn(1, 1, ((b"x",),)), 1.0 + CFG.election_timeout)
+    r.receive(M.PreVote(3, M.Ballot(2, 3), 0), 1.0 + CFG.election_timeout)
+    (_, reply), = [m for m in r.ready().messages if isinstance(m[1], M.PreVoteReply)]
+    assert not reply.granted                        # the candidate is behind us
+    r.receive(M.PreVote(3, M.Ballot(2, 3), 1), 1.0 + CFG.election_timeout)
+    (_, reply), = [m for m in r.ready().messages if isinstance(m[1], M.PreVoteReply)]
+    assert reply.granted
+
+
+def test_a_restarted_acceptor_promises_nobody_for_an_election_timeout():
+    durable = DurableState(M.Ballot(3, 1), {}, 0)
+    r = Replica(2, [1, 2, 3], config=CFG, durable=durable, now=10.0)
+    r.receive(M.Prepare(3, M.Ballot(4, 3), 1, M.ZERO_BALLOT), 10.1)
+    assert r.promised == M.Ballot(3, 1) and not r.ready()
+    r.receive(M.Prepare(3, M.Ballot(2, 3), 1, M.ZERO_BALLOT), 10.1)
+    (_, reject), = r.ready().messages                # below the promise: refused outright
+    assert reject == M.Reject(2, M.Ballot(2, 3), M.Ballot(3, 1))
+    r.receive(M.Prepare(3, M.Ballot(4, 3), 1, M.ZERO_BALLOT), 10.0 + CFG.election_timeout)
+    rd = r.ready()
+    assert rd.records == (M.PromiseRecord(M.Ballot(4, 3)),) and rd.messages == ()
+    r.persisted(rd.token)
+    (_, promise), = r.ready().messages               # released once durable
+    assert isinstance(promise, M.Promise) and promise.ballot == M.Ballot(4, 3)
