@@ -1,0 +1,71 @@
+"""sd_notify: READY=1 and STOPPING=1 reach a real unix datagram socket, as systemd's does."""
+
+import os
+import socket
+
+import pytest
+
+from paxchat import notify
+
+
+@pytest.fixture
+def listener(tmp_path):
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(5)
+    yield str(path), sock
+    sock.close()
+
+
+def test_ready_reaches_the_socket(listener):
+    path, sock = listener
+    assert notify.ready("serving clients on 127.0.0.1:7101", environ={"NOTIFY_SOCKET": path})
+    assert sock.recv(4096) == b"READY=1\nSTATUS=serving clients on 127.0.0.1:7101"
+
+
+def test_stopping_and_status(listener):
+    path, sock = listener
+    env = {"NOTIFY_SOCKET": path}
+    assert notify.stopping(environ=env)
+    assert sock.recv(4096) == b"STOPPING=1"
+    assert notify.status("two\nlines", environ=env)
+    assert sock.recv(4096) == b"STATUS=two lines"
+
+
+def test_reads_the_process_environment(listener, monkeypatch):
+    path, sock = listener
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    assert notify.ready()
+    assert sock.recv(4096) == b"READY=1"
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX") or os.uname().sysname != "Linux",
+                    reason="abstract unix socket names are a Linux feature")
+def test_abstract_namespace():
+    name = f"paxchat-test-{os.getpid()}-{os.urandom(4).hex()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(5)
+        assert notify.ready(environ={"NOTIFY_SOCKET": "@" + name})
+        assert sock.recv(4096) == b"READY=1"
+
+
+def test_no_socket_is_a_no_op(monkeypatch):
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert notify.ready() is False
+    assert notify.stopping(environ={}) is False
+    assert notify.notify("READY=1", environ={"NOTIFY_SOCKET": ""}) is False
+
+
+def test_unusable_socket_is_logged_not_raised(tmp_path):
+    from twisted.logger import LogLevel, globalLogPublisher
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        assert notify.ready(environ={"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")}) is False
+        assert notify.ready(environ={"NOTIFY_SOCKET": "vsock:2:1234"}) is False
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warnings = [e for e in events if e.get("log_namespace") == "paxchat.notify"]
+    assert len(warnings) == 2 and all(e["log_level"] == LogLevel.warn for e in warnings)
