@@ -19,7 +19,7 @@ __all__ = [
     "Ballot", "ZERO_BALLOT", "Value", "AcceptedEntry", "DecodeError",
     "PreVote", "PreVoteReply", "Prepare", "Promise", "Accept", "Accepted",
     "Reject", "Heartbeat", "HeartbeatAck", "CatchupRequest", "Learn",
-    "SnapshotChunk", "TimeoutNow",
+    "SnapshotChunk", "TimeoutNow", "ForwardProposals", "ReadIndexRequest", "ReadIndexReply",
     "PromiseRecord", "AcceptRecord", "CompactRecord",
     "MESSAGE_TYPES", "RECORD_TYPES", "encode", "decode",
     "MAX_COMMAND_BYTES", "MAX_BATCH_COMMANDS", "MAX_SLOTS_PER_MESSAGE",
@@ -185,6 +185,36 @@ class TimeoutNow:
     ballot: Ballot
 
 
+# ---- node glue messages -----------------------------------------------------
+# The replica core never sees these: the node handles them itself.
+
+@dataclass(frozen=True, slots=True)
+class ForwardProposals:
+    """A follower hands commands its clients submitted to the node it believes leads.
+
+    The receiver proposes them as its own; they were never given a slot, so a
+    receiver that does not lead may pass them on."""
+    sender: int
+    commands: Value
+
+
+@dataclass(frozen=True, slots=True)
+class ReadIndexRequest:
+    """A follower asks the leader for a read index (linearizable read)."""
+    sender: int
+    read_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadIndexReply:
+    """Answer to ``ReadIndexRequest`` ``read_id``: once the asker has applied every
+    slot ``<= index`` it may serve the read; ``granted`` False: ask again elsewhere."""
+    sender: int
+    read_id: int
+    index: int
+    granted: bool
+
+
 # ---- durable records --------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +239,7 @@ class CompactRecord:
 
 
 # ---- codec ------------------------------------------------------------------
-# Field kinds: u64 (slot, round, offset...), node (u32), bool, ballot, bytes,
+# Field kinds: u64 (slot, round, offset...), node (u32), bool, ballot, chunk (bytes),
 # value (batch), values (tuple of batches), entries (AcceptedEntry tuple).
 
 _SCHEMA = {
@@ -229,6 +259,9 @@ _SCHEMA = {
     SnapshotChunk: (12, (("sender", "node"), ("index", "u64"), ("offset", "u64"), ("total", "u64"),
                          ("data", "chunk"))),
     TimeoutNow: (13, (("sender", "node"), ("ballot", "ballot"))),
+    ForwardProposals: (14, (("sender", "node"), ("commands", "value"))),
+    ReadIndexRequest: (15, (("sender", "node"), ("read_id", "u64"))),
+    ReadIndexReply: (16, (("sender", "node"), ("read_id", "u64"), ("index", "u64"), ("granted", "bool"))),
     PromiseRecord: (64, (("ballot", "ballot"),)),
     AcceptRecord: (65, (("ballot", "ballot"), ("first_slot", "u64"), ("values", "values"))),
     CompactRecord: (66, (("index", "u64"),)),
@@ -283,6 +316,8 @@ def _enc_field(kind, v, name, out):
             raise ValueError(f"{name} must be bytes of at most {MAX_CHUNK_BYTES}")
         out.append(_U32.pack(len(v)))
         out.append(v)
+    elif kind == "value":
+        _enc_value(v, out)
     elif kind == "values":
         if not isinstance(v, tuple) or len(v) > MAX_SLOTS_PER_MESSAGE:
             raise ValueError(f"{name} must be a tuple of at most {MAX_SLOTS_PER_MESSAGE} values")
@@ -376,6 +411,8 @@ def _dec_field(kind, r, name):
     if kind == "chunk":
         size = r.count(MAX_CHUNK_BYTES, name + " length")
         return bytes(r.take(size, name))
+    if kind == "value":
+        return r.value()
     if kind == "values":
         n = r.count(MAX_SLOTS_PER_MESSAGE, name)
         return tuple(r.value() for _ in range(n))
