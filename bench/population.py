@@ -1,0 +1,65 @@
+"""Accounts and logged-in connections a benchmark needs before it measures anything."""
+
+from __future__ import annotations
+
+from . import load
+
+PASSWORD = "bench-password-1"
+SINKS = 16
+
+
+async def make_sinks(reactor, targets, node_ids, prefix="sink"):
+    """Recipients that never log in (no pushes), known on every node.
+
+    Created through each node: in a replicated cluster the second try is
+    ``username_taken``; independent single-node servers each get their own.
+    """
+    names = [f"{prefix}{i}" for i in range(SINKS)]
+    await load.bounded_gather(
+        [load.make_account(reactor, targets, node_id, name, PASSWORD)
+         for node_id in node_ids for name in names], limit=16)
+    return names
+
+
+async def logged_in_users(reactor, targets, homes, prefix, on_event=None, limit=32):
+    """One ``PaxchatUser`` per home node in ``homes``, connected there and logged in."""
+    users = [load.PaxchatUser(reactor, targets, f"{prefix}{i}", PASSWORD, on_event=on_event)
+             for i in range(len(homes))]
+
+    async def prepare(user, home):
+        await user.connect(home)
+        await user.ensure_account_and_login()
+
+    try:
+        await load.bounded_gather([prepare(u, h) for u, h in zip(users, homes)], limit=limit)
+    except Exception:
+        close_all(users)
+        raise
+    return users
+
+
+def close_all(users):
+    for user in users:
+        user.close()
+
+
+def writers(users, sinks, node_order):
+    return [load.PaxchatWriter(user, sinks[i % len(sinks)], node_order)
+            for i, user in enumerate(users)]
+
+
+async def etcd_writers(reactor, cluster, homes, prefix):
+    members = cluster.member_ids
+    result = []
+    for i, home in enumerate(homes):
+        order = [home] + [m for m in members if m != home]
+        writer = load.EtcdWriter(reactor, [cluster.address(m) for m in order], 0, f"{prefix}{i}")
+        result.append(writer)
+    await load.bounded_gather([w.connect() for w in result], limit=64)
+    return result
+
+
+def close_etcd(writers_):
+    for w in writers_:
+        if w.proto is not None and not w.proto.lost:
+            w.proto.transport.abortConnection()

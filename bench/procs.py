@@ -1,0 +1,97 @@
+"""Process plumbing shared by both clusters: death with the parent, RSS, fd limits.
+
+A benchmark that dies, or is killed by a test's timeout, must not leave
+nodes behind: every child gets SIGKILL from the kernel when we go
+(PR_SET_PDEATHSIG), on top of the explicit stop in each harness.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import sys
+
+
+def die_with_parent():
+    """In the child (preexec_fn): SIGKILL when the benchmark process dies, even by SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def raise_nofile(wanted=65536) -> int:
+    """Raise RLIMIT_NOFILE's soft limit towards ``wanted`` (children inherit it); returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def rss_bytes(pid) -> int | None:
+    """Resident set size of ``pid`` from /proc, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def free_ports(count, host="127.0.0.1") -> list[int]:
+    """``count`` distinct ports free right now (not reserved)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind((host, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def kill_hard(process):
+    """SIGKILL a Popen and reap it; quiet if it is gone already."""
+    if process is None:
+        return
+    if process.poll() is None:
+        try:
+            os.kill(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        process.wait(timeout=10)
+    except Exception:
+        pass
+
+
+def machine() -> dict:
+    """What the figures were measured on: cores, memory, load."""
+    info = {"nproc": os.cpu_count()}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    info["mem_gib"] = round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    try:
+        info["loadavg"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    return info

@@ -1,0 +1,34 @@
+"""``python -m bench.profiled_node --out FILE -- <twistd args>``: one node under pyinstrument.
+
+The profile is written when twistd returns (SIGTERM from the harness), so
+stop the cluster gracefully to get it.
+"""
+
+import argparse
+import sys
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    # The node command is [python, -c, TWISTD, ...twistd args]: keep what follows the -c code.
+    if rest[:1] == ["-c"]:
+        rest = rest[2:]
+    from pyinstrument import Profiler
+    from twisted.scripts.twistd import run
+    profiler = Profiler(interval=0.001)
+    sys.argv = ["twistd"] + rest
+    profiler.start()
+    try:
+        run()
+    finally:
+        profiler.stop()
+        with open(args.out, "w") as f:
+            f.write(profiler.output_text(unicode=True, color=False, show_all=False))
+
+
+if __name__ == "__main__":
+    main()
