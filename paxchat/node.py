@@ -10,7 +10,8 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from paxchat import tls
+from paxchat import notify, tls
+from paxchat.metrics import MetricsService, find_service
 from paxchat.locallog import LocalLog
 from paxchat.server.factory import ChatServerFactory
 from paxchat.server.settings import ServerSettings
@@ -41,6 +42,7 @@ class NodeService(service.MultiService):
         self.client_tls_options = (
             tls.client_server_options(config, node_id) if config.client_tls else None)
         self.state = self.worker = self.log = self.factory = self.port = None
+        self.add_operations()
 
     @property
     def data_dir(self):
@@ -71,6 +73,38 @@ class NodeService(service.MultiService):
         log.info("paxchat node {node_id} serving clients on {address} ({tls})",
                  node_id=self.node_id, address=str(self.node.client),
                  tls="TLS" if self.client_tls_options else "plain TCP")
+        self.announce_ready()
+
+    def add_operations(self):
+        """Metrics (and their HTTP endpoint when ``metrics`` is set): a child service.
+
+        Children start once the command log exists and before clients are
+        served; ``self.metrics`` takes ``observe_commit``/``observe_fsync``.
+        """
+        operations = MetricsService(self)
+        operations.setServiceParent(self)
+        self.metrics = operations.metrics
+
+    def announce_ready(self):
+        """Tell systemd READY=1 once every listener (clients, and peers if any) is up.
+
+        A no-op outside systemd. A peer transport that fails to listen
+        leaves the node unready; its own error handling stops the node.
+        """
+        transport = find_service(self, "listening")
+        waiting = getattr(transport, "listening", None)
+        status = f"node {self.node_id} serving clients on {self.node.client}"
+        if not isinstance(waiting, defer.Deferred):
+            notify.ready(status)
+            return
+        mine = defer.Deferred()
+        mine.addCallback(lambda _: notify.ready(status))
+        mine.addErrback(lambda _: None)
+
+        def forward(result):
+            (mine.errback if isinstance(result, Failure) else mine.callback)(result)
+            return result
+        waiting.addBoth(forward)
 
     def make_command_log(self, worker):
         """The node's ICommandLog: a LocalLog until the replicated log takes its place.
@@ -91,6 +125,7 @@ class NodeService(service.MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):
+        notify.stopping(f"node {self.node_id} stopping")
         port, self.port = self.port, None
         if port is not None:
             yield port.stopListening()

@@ -1,0 +1,336 @@
+"""Prometheus metrics of one node, served over HTTP on its ``metrics`` address.
+
+Most of what an operator watches (role, ballot, indexes, peers, clients)
+is read from the node when Prometheus scrapes, by a custom collector, so
+nothing has to be kept in step. What only a running count or a latency
+distribution can tell (proposals, commit latency, fsync latency) is
+observed as it happens, through three calls any layer may make:
+``observe_proposal()``, ``observe_commit(seconds)``, ``observe_fsync(seconds)``.
+
+The endpoint is off unless ``[node.N] metrics = host:port`` is set; bind it
+to 127.0.0.1 (or a private interface) since it has no authentication.
+Each node has its own registry, so several nodes can run in one process.
+"""
+
+import re
+from numbers import Real
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.process_collector import ProcessCollector
+from twisted.application import service
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+__all__ = ["MetricsService", "NodeMetrics", "node_status", "listen_http"]
+
+log = Logger()
+
+# Seconds: from sub-millisecond group commits to the request timeout.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0)
+ROLES = ("leader", "follower", "candidate", "standalone")
+# Numeric fields of the log's status() become gauges paxchat_<key>; these have their own.
+_NOT_GAUGES = {"node", "leader", "ballot", "clients", "running", "role", "peers"}
+_METRIC_NAME = re.compile(r"[a-z_][a-z0-9_]*\Z")
+_GAUGE_HELP = {
+    "commit_index": "Highest slot of the contiguous chosen prefix.",
+    "applied_index": "Last log index applied to the local state.",
+    "snapshot_index": "Index of the latest snapshot the log is compacted to.",
+    "pending_proposals": "Submits of this node waiting to be decided and applied.",
+    "held_commands": "Commands waiting for a leader to be known.",
+    "pending_reads": "Linearizable reads waiting for their read index.",
+    "log_bytes": "Size of the Paxos log's current segment, in bytes.",
+}
+
+
+def node_status(node):
+    """What the node knows about itself, as plain JSON-able values.
+
+    The command log's ``status()`` when it has one (the replicated log);
+    otherwise what a LocalLog tells: it is the only node, so it leads.
+    Adds ``clients`` (logged-in connections) and, from the peer transport,
+    ``peers`` when the log does not give them.
+    """
+    log_ = node.log
+    status = {}
+    if log_ is not None and callable(getattr(log_, "status", None)):
+        status = dict(log_.status())
+    elif log_ is not None:
+        leader = _call(getattr(log_, "leader_id", None))
+        applied = getattr(log_, "applied_index", None)
+        status = {"role": "standalone", "leader": leader, "ballot": None,
+                  "commit_index": applied, "applied_index": applied,
+                  "snapshot_index": None, "pending": None}
+    status.setdefault("node", node.node_id)
+    status["ballot"] = _plain_ballot(status.get("ballot"))
+    if not status.get("peers"):
+        transport = find_service(node, "peer_state")
+        if transport is not None:
+            status["peers"] = {str(peer): transport.peer_state(peer)
+                               for peer in sorted(getattr(transport, "peer_ids", ()))}
+    status["peers"] = {str(k): _peer_state(v) for k, v in _items(status.get("peers"))}
+    factory = getattr(node, "factory", None)
+    registry = getattr(factory, "registry", None)
+    status["clients"] = len(registry) if registry is not None else None
+    status["running"] = bool(node.running)
+    return status
+
+
+def find_service(parent, attribute):
+    """The first service under ``parent`` (depth first) that has ``attribute``."""
+    for child in parent:
+        if hasattr(child, attribute):
+            return child
+        if isinstance(child, service.MultiService):
+            found = find_service(child, attribute)
+            if found is not None:
+                return found
+    return None
+
+
+def _call(fn):
+    return fn() if callable(fn) else None
+
+
+def _plain_ballot(ballot):
+    """A ballot as ``[round, node]`` (or what it is, if already plain)."""
+    if ballot is None or isinstance(ballot, (int, float, str)):
+        return ballot
+    if hasattr(ballot, "round"):
+        return [ballot.round, getattr(ballot, "node", None)]
+    if isinstance(ballot, (tuple, list)):
+        return list(ballot)
+    return str(ballot)
+
+
+def _items(peers):
+    if isinstance(peers, dict):
+        return peers.items()
+    if isinstance(peers, (list, tuple)):
+        return [(p.get("id", p.get("node")), p) if isinstance(p, dict) else (p, "connected")
+                for p in peers]
+    return []
+
+
+def _peer_state(value):
+    """'connected' / 'disconnected' from whatever shape the log reports a peer in."""
+    if isinstance(value, dict):
+        for key in ("state", "connected", "up"):
+            if key in value:
+                return _peer_state(value[key])
+        return "unknown"
+    if isinstance(value, bool):
+        return "connected" if value else "disconnected"
+    return str(value)
+
+
+def _number(value):
+    return value if isinstance(value, Real) and not isinstance(value, bool) else None
+
+
+class _StatusCollector:
+    """Reads the node at scrape time: role, ballot, indexes, peers, clients."""
+
+    def __init__(self, node):
+        self._node = node
+
+    def describe(self):
+        return []  # collected lazily; nothing to check at registration
+
+    def collect(self):
+        node = self._node
+        try:
+            status = node_status(node)
+        except Exception:
+            log.failure("reading node {node} status for metrics failed", node=node.node_id)
+            return
+        up = GaugeMetricFamily("paxchat_node_running", "1 while the node serves.")
+        up.add_metric([], 1 if status["running"] else 0)
+        yield up
+        role = GaugeMetricFamily("paxchat_role", "1 for the role this node has now.",
+                                 labels=["role"])
+        current = status.get("role") or "unknown"
+        for name in sorted(set(ROLES) | {current}):
+            role.add_metric([name], 1 if name == current else 0)
+        yield role
+        leader = _number(status.get("leader"))
+        gauge = GaugeMetricFamily("paxchat_leader", "Node id of the known leader (0: none known).")
+        gauge.add_metric([], leader or 0)
+        yield gauge
+        ballot = status.get("ballot")
+        round_ = _number(ballot[0]) if isinstance(ballot, list) and ballot else _number(ballot)
+        if round_ is not None:
+            gauge = GaugeMetricFamily("paxchat_ballot_round", "Round of the highest ballot promised.")
+            gauge.add_metric([], round_)
+            yield gauge
+        for key in sorted(status):
+            value = _number(status[key])
+            if key in _NOT_GAUGES or value is None or not _METRIC_NAME.match(key):
+                continue
+            gauge = GaugeMetricFamily(f"paxchat_{key}", _GAUGE_HELP.get(
+                key, f"The command log's status()[{key!r}]."))
+            gauge.add_metric([], value)
+            yield gauge
+        clients = _number(status.get("clients"))
+        if clients is not None:
+            gauge = GaugeMetricFamily("paxchat_clients", "Client connections logged in on this node.")
+            gauge.add_metric([], clients)
+            yield gauge
+        if status["peers"]:
+            gauge = GaugeMetricFamily("paxchat_peer_up", "1 while the link to that peer is up.",
+                                      labels=["peer"])
+            for peer, state in sorted(status["peers"].items()):
+                gauge.add_metric([peer], 1 if state == "connected" else 0)
+            yield gauge
+
+
+class NodeMetrics:
+    """The metrics registry of one node, and the calls that feed it.
+
+    ``observe_*`` are cheap and safe to call from the reactor thread any
+    time (also with no endpoint configured).
+    """
+
+    def __init__(self, node, reactor):
+        self._reactor = reactor
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.proposals = Counter(
+            "paxchat_proposals", "Commands submitted to the log on this node.",
+            registry=self.registry)
+        self.proposal_failures = Counter(
+            "paxchat_proposal_failures", "Submitted commands that failed, by error type.",
+            ["error"], registry=self.registry)
+        self.commit_latency = Histogram(
+            "paxchat_commit_latency_seconds",
+            "From submit on this node to the command applied here (what a client waits).",
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.fsync_latency = Histogram(
+            "paxchat_fsync_latency_seconds", "One write+fsync of the Paxos log (group commit).",
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(_StatusCollector(node))
+        try:
+            ProcessCollector(registry=self.registry)
+        except Exception:  # no /proc: the process metrics are a bonus
+            pass
+
+    # The observer interface the command log and the store may call.
+
+    def observe_proposal(self, count=1):
+        self.proposals.inc(count)
+
+    def observe_commit(self, seconds):
+        self.commit_latency.observe(max(0.0, seconds))
+
+    def observe_fsync(self, seconds):
+        self.fsync_latency.observe(max(0.0, seconds))
+
+    def observe_failure(self, error):
+        self.proposal_failures.labels(error=error).inc()
+
+    def instrument(self, command_log):
+        """Count and time every ``submit`` of ``command_log`` (this one instance).
+
+        Commit latency is measured where clients feel it: from submit on
+        this node (forwarding to a leader included) until applied here.
+        A log that measures itself sets ``measures_commits = True`` and
+        calls ``observe_proposal`` / ``observe_commit`` on its own.
+        """
+        if command_log is None or getattr(command_log, "measures_commits", False):
+            return
+        submit = command_log.submit
+        seconds = self._reactor.seconds
+
+        def timed_submit(command):
+            self.proposals.inc()
+            started = seconds()
+            d = submit(command)
+
+            def applied(response):
+                self.observe_commit(seconds() - started)
+                return response
+
+            def failed(failure):
+                self.observe_failure(type(failure.value).__name__)
+                return failure
+
+            return d.addCallbacks(applied, failed)
+
+        timed_submit.__doc__ = submit.__doc__
+        command_log.submit = timed_submit
+
+    def exposition(self):
+        """The current metrics in Prometheus text format (bytes)."""
+        return generate_latest(self.registry)
+
+
+class MetricsResource(resource.Resource):
+    """``GET /metrics``: Prometheus text format, rendered on the reactor thread."""
+
+    isLeaf = True
+
+    def __init__(self, metrics):
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request):
+        if request.path not in (b"/metrics", b"/metrics/"):
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"not found: metrics are at /metrics\n"
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return self._metrics.exposition()
+
+
+class _QuietSite(server.Site):
+    """A Site that logs neither its start nor every request (scrapes come every few seconds)."""
+
+    noisy = False
+
+    def log(self, request):
+        pass
+
+
+def listen_http(reactor, address, root, context_factory=None):
+    """Listen at once (raising CannotListenError) on ``address`` with a quiet Site over ``root``."""
+    site = _QuietSite(root)
+    site.displayTracebacks = False
+    if context_factory is not None:
+        return reactor.listenSSL(address.port, site, context_factory, interface=address.host)
+    return reactor.listenTCP(address.port, site, interface=address.host)
+
+
+class MetricsService(service.Service):
+    """The node's metrics: always counted; served over HTTP when ``metrics`` is set.
+
+    A child of NodeService: it starts once the command log exists (so it
+    can instrument it) and before clients are served.
+    """
+
+    name = "metrics"
+
+    def __init__(self, node):
+        self.node = node
+        self.metrics = NodeMetrics(node, node.reactor)
+        self.port = None
+
+    @property
+    def address(self):
+        return self.node.node.metrics
+
+    def startService(self):
+        self.metrics.instrument(self.node.log)
+        if self.address is not None:
+            self.port = listen_http(self.node.reactor, self.address,
+                                    MetricsResource(self.metrics))
+            log.info("node {node} serving metrics on http://{address}/metrics",
+                     node=self.node.node_id, address=str(self.address))
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        return None

@@ -1,0 +1,215 @@
+"""Metrics: the collector reads any log's status at scrape time; submits are counted and timed."""
+
+import pytest
+import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer, task
+
+from paxchat.metrics import NodeMetrics, node_status
+from paxchat.node import NodeService
+from tests.ops_support import connect, http_get, reactor_, write_ops_config
+
+
+def samples(exposition):
+    """{(name, frozenset(labels.items())): value} of a Prometheus text exposition."""
+    found = {}
+    for family in text_string_to_metric_families(exposition.decode("utf-8")):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+def value(found, name, **labels):
+    return found[(name, frozenset(labels.items()))]
+
+
+class FakeNode(MultiService):
+    def __init__(self, log, node_id=1):
+        super().__init__()
+        self.node_id = node_id
+        self.log = log
+        self.factory = None
+        self.running = 1
+
+
+class StatusLog:
+    """What ReplicatedLog.status() gives."""
+
+    def __init__(self, **status):
+        self._status = {"node": 2, "role": "leader", "leader": 2, "ballot": (7, 2),
+                        "commit_index": 120, "applied_index": 118, "snapshot_index": 100,
+                        "peers": {1: "connected", 3: "disconnected"}, "pending_proposals": 4,
+                        "log_bytes": 4096, "Odd-Key": 1, **status}
+
+    def status(self):
+        return self._status
+
+
+class Bare:
+    """An ICommandLog with nothing to report but the basics (LocalLog's shape)."""
+
+    node_id = 1
+    applied_index = 5
+
+    def leader_id(self):
+        return 1
+
+
+def test_collector_reads_a_replicated_log_status():
+    node = FakeNode(StatusLog(), node_id=2)
+    found = samples(NodeMetrics(node, task.Clock()).exposition())
+    assert value(found, "paxchat_role", role="leader") == 1
+    assert value(found, "paxchat_role", role="follower") == 0
+    assert value(found, "paxchat_leader") == 2
+    assert value(found, "paxchat_ballot_round") == 7
+    assert value(found, "paxchat_commit_index") == 120
+    assert value(found, "paxchat_applied_index") == 118
+    assert value(found, "paxchat_snapshot_index") == 100
+    assert value(found, "paxchat_pending_proposals") == 4
+    assert value(found, "paxchat_log_bytes") == 4096
+    assert not any(name == "paxchat_Odd-Key" for name, _ in found)
+    assert value(found, "paxchat_peer_up", peer="1") == 1
+    assert value(found, "paxchat_peer_up", peer="3") == 0
+    assert value(found, "paxchat_node_running") == 1
+
+
+def test_collector_degrades_without_status():
+    node = FakeNode(Bare())
+    found = samples(NodeMetrics(node, task.Clock()).exposition())
+    assert value(found, "paxchat_role", role="standalone") == 1
+    assert value(found, "paxchat_applied_index") == 5
+    assert value(found, "paxchat_leader") == 1
+    assert not any(name == "paxchat_peer_up" for name, _ in found)
+    assert not any(name == "paxchat_ballot_round" for name, _ in found)
+
+
+def test_collector_survives_no_log_and_odd_shapes():
+    assert samples(NodeMetrics(FakeNode(None), task.Clock()).exposition())
+    odd = StatusLog(ballot=None, role=None, leader=None, commit_index="?",
+                    peers={3: {"state": "connected"}, 4: True, 5: {"match_index": 3}})
+    found = samples(NodeMetrics(FakeNode(odd), task.Clock()).exposition())
+    assert value(found, "paxchat_role", role="unknown") == 1
+    assert value(found, "paxchat_leader") == 0
+    assert ("paxchat_commit_index", frozenset()) not in found
+    assert value(found, "paxchat_peer_up", peer="3") == 1
+    assert value(found, "paxchat_peer_up", peer="4") == 1
+    assert value(found, "paxchat_peer_up", peer="5") == 0
+
+
+def test_a_broken_status_is_logged_and_scrapes_go_on():
+    class Broken:
+        def status(self):
+            raise RuntimeError("boom")
+
+    found = samples(NodeMetrics(FakeNode(Broken()), task.Clock()).exposition())
+    assert not any(name.startswith("paxchat_role") for name, _ in found)
+
+
+def test_peers_come_from_the_transport_when_the_log_has_none():
+    class Transport(Service):
+        peer_ids = frozenset({2, 3})
+        listening = None
+
+        def peer_state(self, peer):
+            return "connected" if peer == 3 else "disconnected"
+
+    node = FakeNode(Bare())
+    Transport().setServiceParent(node)
+    status = node_status(node)
+    assert status["peers"] == {"2": "disconnected", "3": "connected"}
+
+
+def test_submits_are_counted_and_timed():
+    clock = task.Clock()
+    pending = []
+
+    class Log(Bare):
+        def submit(self, command):
+            d = defer.Deferred()
+            pending.append(d)
+            return d
+
+    log = Log()
+    metrics = NodeMetrics(FakeNode(log), clock)
+    metrics.instrument(log)
+    results = []
+    log.submit({"op": "x"}).addBoth(results.append)
+    log.submit({"op": "y"}).addBoth(results.append)
+    clock.advance(0.3)
+    pending[0].callback({"ok": True})
+    clock.advance(0.2)
+    pending[1].errback(ValueError("unavailable"))
+    assert results[0] == {"ok": True}
+    assert results[1].check(ValueError)
+    found = samples(metrics.exposition())
+    assert value(found, "paxchat_proposals_total") == 2
+    assert value(found, "paxchat_commit_latency_seconds_count") == 1
+    assert value(found, "paxchat_commit_latency_seconds_sum") == pytest.approx(0.3)
+    assert value(found, "paxchat_commit_latency_seconds_bucket", le="0.5") == 1
+    assert value(found, "paxchat_commit_latency_seconds_bucket", le="0.25") == 0
+    assert value(found, "paxchat_proposal_failures_total", error="ValueError") == 1
+
+
+def test_a_log_that_measures_itself_is_left_alone():
+    class Log(Bare):
+        measures_commits = True
+
+        def submit(self, command):
+            return defer.succeed(None)
+
+    log = Log()
+    metrics = NodeMetrics(FakeNode(log), task.Clock())
+    metrics.instrument(log)
+    assert "submit" not in vars(log)
+    metrics.observe_proposal(3)
+    metrics.observe_commit(0.01)
+    metrics.observe_fsync(0.002)
+    found = samples(metrics.exposition())
+    assert value(found, "paxchat_proposals_total") == 3
+    assert value(found, "paxchat_fsync_latency_seconds_count") == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_real_node_serves_metrics_over_http(tmp_path):
+    cfg = write_ops_config(tmp_path, nodes=1, client_tls="off", bcrypt_cost=4)
+    node = NodeService(cfg, 1, reactor_())
+    node.startService()
+    client = None
+    try:
+        url = f"http://{cfg.node(1).metrics}/metrics"
+        client = yield connect(cfg, 1)
+        created = yield client.request("create_account", username="alice", password="password1")
+        assert created["ok"], created
+        logged = yield client.request("login", username="alice", password="password1")
+        assert logged["ok"], logged
+        code, body, headers = yield http_get(url)
+        assert code == 200
+        assert headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
+        found = samples(body)
+        assert value(found, "paxchat_proposals_total") >= 2
+        assert value(found, "paxchat_commit_latency_seconds_count") >= 2
+        assert value(found, "paxchat_applied_index") >= 2
+        roles = {dict(labels)["role"] for (name, labels), v in found.items()
+                 if name == "paxchat_role" and v == 1}
+        assert roles == {node_status(node)["role"]} and roles <= {"standalone", "leader"}
+        assert value(found, "paxchat_clients") == 1
+        code, body, _ = yield http_get(f"http://{cfg.node(1).metrics}/")
+        assert code == 404
+    finally:
+        if client is not None:
+            client.transport.loseConnection()
+        yield node.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_no_metrics_address_no_listener(tmp_path):
+    cfg = write_ops_config(tmp_path, nodes=1, keys=(), client_tls="off", bcrypt_cost=4)
+    node = NodeService(cfg, 1, reactor_())
+    node.startService()
+    try:
+        service = node.getServiceNamed("metrics")
+        assert service.port is None
+        assert node.metrics is service.metrics
+    finally:
+        yield node.stopService()
