@@ -5,16 +5,17 @@ certificates, a port in use) end twistd with one line saying what to fix,
 not a traceback.
 """
 
+import os
 import sqlite3
 import sys
 
 from twisted.application import service
 from twisted.internet.error import CannotListenError
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from paxchat import config as configmod
-from paxchat import tls
+from paxchat import logs, tls
 
 log = Logger()
 
@@ -29,12 +30,29 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", "cluster.ini", "The cluster's configuration file."],
         ["node", None, None, "This node's id: the N of a [node.N] section (required).", int],
+        ["log-format", None, None,
+         "One line per event: text or json (default: $PAXCHAT_LOG_FORMAT, else twistd's log)."],
+        ["log-level", None, None,
+         "debug, info, warn, error or critical (default: $PAXCHAT_LOG_LEVEL, else info)."],
     ]
 
     def postOptions(self):
         if self["node"] is None:
             raise usage.UsageError("--node is required: which [node.N] of the cluster to run")
         self["cluster"] = _load(self["config"], self["node"])
+        self["log_observer"] = _log_observer(self)
+
+
+def _log_observer(options):
+    """paxchat's one-line log observer if a format was asked for, else None (twistd's own)."""
+    fmt = options.get("log-format") or os.environ.get("PAXCHAT_LOG_FORMAT")
+    if not fmt:
+        return None
+    try:
+        return logs.observer_from_environment(
+            node=options["node"], fmt=fmt, level=options.get("log-level"))
+    except logs.LogFormatError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 def _load(path, node_id):
@@ -57,10 +75,18 @@ class _ExitOnStartupFailure(service.MultiService):
     would otherwise print a traceback, or leave a half-started node behind.
     """
 
-    def __init__(self, node):
+    def __init__(self, node, log_observer=None):
         super().__init__()
         self.node = node
+        self.log_observer = log_observer
         node.setServiceParent(self)
+
+    def setServiceParent(self, parent):
+        # twistd hands us its application before it starts logging, and logs
+        # to the ILogObserver component of it when one is set.
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
 
     def privilegedStartService(self):
         self._or_exit(super().privilegedStartService)
@@ -90,4 +116,4 @@ def makeService(options):
         node = NodeService(cluster, options["node"], reactor)
     except _PLAIN_ERRORS as e:
         raise usage.UsageError(str(e)) from None
-    return _ExitOnStartupFailure(node)
+    return _ExitOnStartupFailure(node, options.get("log_observer"))

@@ -1,0 +1,241 @@
+"""Logs: one line per event, text or JSON, and never a password, a session token or its hash."""
+
+import hashlib
+import io
+import json
+
+import pytest
+import pytest_twisted
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import (ILogObserver, LogLevel, Logger, eventAsJSON, globalLogPublisher)
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from paxchat import logs, tap
+from paxchat.node import NodeService
+from tests.cluster_support import HAS_REPLICATED_LOG, cluster_factory  # noqa: F401 (fixture)
+from tests.ops_support import connect, reactor_, write_ops_config
+
+
+def capture(fmt="text", level="info", journal=False, node=None):
+    out = io.StringIO()
+    observer = logs.make_observer(fmt, stream=out, level=level, journal=journal, node=node)
+    return Logger(namespace="paxchat.test", observer=observer), out
+
+
+def test_text_is_one_line_per_event():
+    log, out = capture()
+    log.info("peer {peer} says {what}", peer=3, what="two\nlines\r\x1b[31m")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1
+    assert lines[0].endswith("info [paxchat.test] peer 3 says two\\nlines\\r\\x1b[31m")
+    assert lines[0][:4].isdigit() and "Z info" in lines[0]
+
+
+def test_a_traceback_stays_on_one_line():
+    log, out = capture()
+    try:
+        raise RuntimeError("disk on fire")
+    except RuntimeError:
+        log.failure("snapshot failed")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1
+    assert "critical [paxchat.test] snapshot failed: Traceback" in lines[0]
+    assert "RuntimeError: disk on fire" in lines[0]
+
+
+def test_journal_lines_carry_the_priority_and_no_time():
+    log, out = capture(journal=True)
+    log.warn("slow fsync: {ms} ms", ms=250)
+    log.error("refused")
+    assert out.getvalue().splitlines() == [
+        "<4>warn [paxchat.test] slow fsync: 250 ms", "<3>error [paxchat.test] refused"]
+
+
+def test_json_is_one_object_per_line_with_only_named_fields():
+    log, out = capture("json", node=2)
+    log.info("node {node_id} leader is now {leader} via {address}", node_id=2, leader=3,
+             address=object(), secret="not named, never written")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["level"] == "info" and record["namespace"] == "paxchat.test"
+    assert record["node"] == 2 and record["node_id"] == 2 and record["leader"] == 3
+    assert record["message"].startswith("node 2 leader is now 3 via <object")
+    assert isinstance(record["address"], str)
+    assert "secret" not in record and "not named" not in lines[0]
+
+
+def test_json_failure():
+    log, out = capture("json")
+    log.failure("apply failed", Failure(ValueError("bad\nthing")))
+    record = json.loads(out.getvalue())
+    assert out.getvalue().count("\n") == 1
+    assert record["failure"]["type"] == "ValueError"
+    assert record["failure"]["message"] == "bad\nthing"
+    assert record["level"] == "critical"
+
+
+def test_level_filter():
+    log, out = capture(level="warn")
+    log.info("quiet")
+    log.debug("quieter")
+    log.warn("loud")
+    assert [line.split(" ", 1)[1] for line in out.getvalue().splitlines()] == [
+        "warn [paxchat.test] loud"]
+
+
+def test_bad_format_or_level():
+    with pytest.raises(logs.LogFormatError, match="text or json"):
+        logs.make_observer("xml")
+    with pytest.raises(logs.LogFormatError, match="debug, info"):
+        logs.make_observer("text", level="loud")
+
+
+def test_environment_chooses(monkeypatch):
+    out = io.StringIO()
+    observer = logs.observer_from_environment(
+        {"PAXCHAT_LOG_FORMAT": "JSON", "PAXCHAT_LOG_LEVEL": "error"}, stream=out, node=1)
+    Logger(namespace="x", observer=observer).info("dropped")
+    Logger(namespace="x", observer=observer).error("kept")
+    assert json.loads(out.getvalue())["message"] == "kept"
+
+
+def test_journal_is_detected_from_journal_stream(tmp_path, monkeypatch):
+    path = tmp_path / "out"
+    with open(path, "w") as stream:
+        import os
+        info = os.fstat(stream.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{info.st_dev}:{info.st_ino}")
+        Logger(namespace="x", observer=logs.make_observer(stream=stream)).info("hi")
+    assert path.read_text() == "<6>info [x] hi\n"
+    monkeypatch.setenv("JOURNAL_STREAM", "1:2")
+    out = io.StringIO()
+    Logger(namespace="x", observer=logs.make_observer(stream=out)).info("hi")
+    assert not out.getvalue().startswith("<")
+
+
+INI = "[cluster]\nclient_tls = off\n[node.1]\nclient = 127.0.0.1:7101\npeer = 127.0.0.1:7201\n"
+
+
+def test_tap_option_sets_the_applications_log_observer(tmp_path, monkeypatch):
+    monkeypatch.delenv("PAXCHAT_LOG_FORMAT", raising=False)
+    ini = tmp_path / "cluster.ini"
+    ini.write_text(INI)
+    options = tap.Options()
+    options.parseOptions(["--config", str(ini), "--node", "1", "--log-format", "json"])
+    application = service.Application("paxchat")
+    tap.makeService(options).setServiceParent(application)
+    assert ILogObserver.providedBy(application.getComponent(ILogObserver))
+
+    options = tap.Options()
+    options.parseOptions(["--config", str(ini), "--node", "1"])
+    application = service.Application("paxchat")
+    tap.makeService(options).setServiceParent(application)
+    assert application.getComponent(ILogObserver) is None  # twistd's own logging
+
+    monkeypatch.setenv("PAXCHAT_LOG_FORMAT", "text")
+    options = tap.Options()
+    options.parseOptions(["--config", str(ini), "--node", "1"])
+    assert options["log_observer"] is not None
+    with pytest.raises(usage.UsageError, match="unknown log format 'xml'"):
+        tap.Options().parseOptions(["--config", str(ini), "--node", "1", "--log-format", "xml"])
+
+
+# -- no secrets in the logs -----------------------------------------------------
+
+PASSWORD = "correct-horse-battery-42"
+NEW_PASSWORD = "other-secret-pw-77"
+
+
+def assert_no_secrets(text, tokens):
+    secrets = [PASSWORD, NEW_PASSWORD]
+    for token in tokens:
+        secrets += [token, hashlib.sha256(token.encode()).hexdigest()]
+    for secret in secrets:
+        assert secret not in text, f"{secret!r} appears in the log"
+
+
+@defer.inlineCallbacks
+def exercise(request):
+    """Every op that carries a password or a session, with both right and wrong values."""
+    tokens = []
+
+    def ok(answer):
+        assert answer["ok"], answer
+        return answer["result"]
+
+    ok((yield request("create_account", username="alice", password=PASSWORD)))
+    ok((yield request("create_account", username="bob", password=NEW_PASSWORD)))
+    bad = yield request("login", username="alice", password=NEW_PASSWORD)
+    assert bad["error"]["code"] == "bad_credentials"
+    session = ok((yield request("login", username="alice", password=PASSWORD)))["session"]
+    tokens.append(session)
+    ok((yield request("send_message", to="bob", body="hi bob", client_msg_id="m1")))
+    ok((yield request("resume", session=session)))
+    bad = yield request("resume", session=session[::-1])
+    assert bad["error"]["code"] == "bad_session"
+    tokens.append(session[::-1])
+    ok((yield request("logout")))
+    session = ok((yield request("login", username="alice", password=PASSWORD)))["session"]
+    tokens.append(session)
+    bad = yield request("delete_account", password=NEW_PASSWORD)
+    assert bad["error"]["code"] == "bad_credentials"
+    ok((yield request("delete_account", password=PASSWORD)))
+    bad = yield request("resume", session=session)
+    assert bad["error"]["code"] == "bad_session"
+    return tokens
+
+
+@pytest_twisted.inlineCallbacks
+def test_no_secret_in_any_log_event_of_an_in_process_node(tmp_path):
+    cfg = write_ops_config(tmp_path, nodes=1, client_tls="off", bcrypt_cost=4)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    node = NodeService(cfg, 1, reactor_())
+    client = None
+    try:
+        node.startService()
+        client = yield connect(cfg, 1)
+        tokens = yield exercise(client.request)
+    finally:
+        if client is not None:
+            client.transport.loseConnection()
+        yield node.stopService()
+        globalLogPublisher.removeObserver(events.append)
+    assert any(e.get("log_namespace") == "paxchat.node" for e in events)
+    rendered = []
+    for event in events:
+        rendered += [logs.format_text(event), logs.format_json(event), eventAsJSON(event),
+                     repr({k: v for k, v in event.items() if k != "log_source"})]
+    assert_no_secrets("\n".join(rendered), tokens)
+
+
+@pytest_twisted.inlineCallbacks
+def test_no_secret_in_the_complete_output_of_twistd_nodes(cluster_factory, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("PAXCHAT_LOG_FORMAT", "json")
+    monkeypatch.setenv("PAXCHAT_LOG_LEVEL", "debug")
+    cluster = cluster_factory(nodes=3)
+    cluster.start()
+    yield cluster.wait_ready()
+    if HAS_REPLICATED_LOG:
+        yield cluster.wait_leader()
+    client = cluster.client(only=1)  # node 1 forwards to the leader when it is not
+
+    def request(op, **args):
+        call = getattr(client, {"send_message": "send_message"}.get(op, op))
+        d = call(**args) if args else call()
+        return d.addCallbacks(lambda result: {"ok": True, "result": result},
+                              lambda f: {"ok": False, "error": {"code": getattr(
+                                  f.value, "code", repr(f.value))}})
+
+    tokens = yield exercise(request)
+    yield cluster.close_clients()
+    yield cluster.stop_gracefully()
+    output = "\n".join(cluster.output(n) for n in cluster.node_ids)
+    records = [json.loads(line) for line in output.splitlines()
+               if line.startswith("{")]
+    assert records and all(r["node"] in cluster.node_ids for r in records)
+    assert {r["node"] for r in records if r["namespace"] == "paxchat.node"} == {1, 2, 3}
+    assert_no_secrets(output, tokens)
