@@ -25,6 +25,7 @@ def parse(argv):
                         help=f"benchmarks to run ({', '.join(BENCHMARKS)}; default: all)")
     parser.add_argument("--tiny", action="store_true", help="seconds, not minutes: proves it works")
     parser.add_argument("--no-etcd", action="store_true", help="paxchat only")
+    parser.add_argument("--no-paxchat", action="store_true", help="etcd only (to check the peer)")
     parser.add_argument("--no-install", action="store_true",
                         help="do not apt-get install etcd-server when etcd is missing")
     parser.add_argument("--profile", choices=["py-spy", "pyinstrument"],
@@ -52,6 +53,7 @@ def main(argv=None):
     ctx = Context(tiny=args.tiny, etcd_binary=binary, etcd_reason=reason, etcd_version=version,
                   base_dir=args.workdir, keep=args.keep or bool(args.workdir), profile=args.profile)
     ctx.profile_clients = args.profile_clients
+    ctx.with_paxchat = not args.no_paxchat
     if args.profile:
         from . import profiling
         profiling.ensure_tool(args.profile)
@@ -90,6 +92,9 @@ def main(argv=None):
             ctx.write_json(args.json, meta)
         if not ctx.keep:
             shutil.rmtree(ctx.base_dir, ignore_errors=True)
+    from .load import PARSE_ERRORS
+    if PARSE_ERRORS:
+        ctx.say(f"bench: {len(PARSE_ERRORS)} HTTP answers could not be parsed; first: {PARSE_ERRORS[0]!r}")
     if failures:
         ctx.say(f"bench: failed: {', '.join(failures)}")
         return 1

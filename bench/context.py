@@ -24,6 +24,7 @@ class Context:
         self.profile = profile  # None, "py-spy" or "pyinstrument"
         self.out = out
         self.results = []
+        self.with_paxchat = True
 
     @property
     def with_etcd(self) -> bool:

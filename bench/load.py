@@ -48,8 +48,12 @@ def error_code(failure_or_exc) -> str:
 
 
 async def closed_loop(client, recorder, stop_at):
-    """One client: request after request until ``stop_at`` (monotonic), errors recovered from."""
-    while now() < stop_at:
+    """One client: request after request until ``stop_at``, errors recovered from.
+
+    ``stop_at`` is a monotonic time, or a callable that says when to stop.
+    """
+    done = stop_at if callable(stop_at) else (lambda: now() >= stop_at)
+    while not done():
         sent = now()
         try:
             await client.write()
@@ -68,6 +72,21 @@ async def run_clients(clients, recorder, warmup, duration):
         [defer.ensureDeferred(closed_loop(c, recorder, start + duration)) for c in clients],
         consumeErrors=True)
     return recorder.summary()
+
+
+def start_clients(clients, recorder, done):
+    """Run every client in the background until ``done()``; a Deferred of them all."""
+    return defer.gatherResults(
+        [defer.ensureDeferred(closed_loop(c, recorder, done)) for c in clients], consumeErrors=True)
+
+
+async def wait_until(reactor, condition, timeout, what, step=0.005):
+    """Poll ``condition()`` until true; TimeoutError naming ``what`` after ``timeout`` s."""
+    deadline = now() + timeout
+    while not condition():
+        if now() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        await sleep(reactor, step)
 
 
 async def bounded_gather(coroutines, limit=64):
@@ -222,7 +241,8 @@ BODY = "x" * 100
 class PaxchatWriter:
     """A closed-loop sender: ``send_message`` to ``recipient``; on a lost node, the next node."""
 
-    def __init__(self, user: PaxchatUser, recipient, node_order, body=BODY):
+    def __init__(self, user: PaxchatUser, recipient, node_order, body=BODY, timeout=REQUEST_TIMEOUT):
+        self.timeout = timeout
         self.user = user
         self.recipient = recipient
         self.node_order = list(node_order)
@@ -234,13 +254,15 @@ class PaxchatWriter:
             return defer.fail(ConnectionDropped("not connected"))
         d = user.proto.request("send_message", to=self.recipient, body=self.body,
                                client_msg_id=uuid.uuid4().hex)
-        return with_timeout(user.reactor, d, REQUEST_TIMEOUT)
+        return with_timeout(user.reactor, d, self.timeout)
 
     async def recover(self, exc):
         user = self.user
         if isinstance(exc, ServerError) and exc.code not in ("not_logged_in",):
             await sleep(user.reactor, 0.01)
             return
+        if isinstance(exc, defer.TimeoutError) and user.proto is not None and not user.proto.lost:
+            return  # give up on that answer, ask again on the same connection
         # Lost, timed out or logged out: try the nodes in turn from the next one.
         start = self.node_order.index(user.node) + 1 if user.node in self.node_order else 0
         for node_id in itertools.islice(itertools.cycle(self.node_order), start,
@@ -261,6 +283,9 @@ class EtcdError(Exception):
         super().__init__(f"HTTP {status}: {body[:200]!r}")
         self.status = status
         self.body = body
+
+
+PARSE_ERRORS = []  # raw heads of answers the client could not parse, for debugging
 
 
 class HTTPClient(Protocol):
@@ -284,7 +309,15 @@ class HTTPClient(Protocol):
     def dataReceived(self, data):
         self._buffer += data
         while self._waiting is not None:
-            parsed = self._parse()
+            try:
+                parsed = self._parse()
+            except (ValueError, IndexError, EtcdError) as e:
+                # Unparseable: fail the request and drop the connection, never misread.
+                d, self._waiting = self._waiting, None
+                PARSE_ERRORS.append(self._buffer[:400])
+                self.transport.abortConnection()
+                d.errback(EtcdError(0, b"unparseable answer: %r" % (e,)))
+                return
             if parsed is None:
                 return
             d, self._waiting = self._waiting, None
@@ -355,7 +388,8 @@ VALUE = b64(b"x" * 100)
 class EtcdWriter:
     """A closed-loop putter: ``/v3/kv/put`` of a new key with a 100-byte value each time."""
 
-    def __init__(self, reactor, members, first, name):
+    def __init__(self, reactor, members, first, name, timeout=REQUEST_TIMEOUT):
+        self.timeout = timeout
         self.reactor = reactor
         self.members = list(members)  # [(host, port)], the first is home
         self.index = 0
@@ -377,12 +411,19 @@ class EtcdWriter:
             return defer.fail(ConnectionDropped("not connected"))
         key = b64(f"bench/{self.name}/{next(self.seq)}".encode())
         return defer.ensureDeferred(etcd_call(self.reactor, self.proto, "/v3/kv/put",
-                                              {"key": key, "value": VALUE}))
+                                              {"key": key, "value": VALUE}, self.timeout))
 
     async def recover(self, exc):
-        if isinstance(exc, EtcdError):
+        if isinstance(exc, EtcdError) and exc.status != 0:
             await sleep(self.reactor, 0.01)
             return
+        if isinstance(exc, defer.TimeoutError):
+            # HTTP/1.1 cannot ask again while an answer is owed: a new connection, same member.
+            try:
+                await self.connect(self.index)
+                return
+            except Exception:
+                self.proto = None
         for step in range(1, len(self.members) + 1):
             try:
                 if self.proto is not None and not self.proto.lost:

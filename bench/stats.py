@@ -26,13 +26,24 @@ class Recorder:
         self.completed = 0
         self.errors = {}
         self.samples = []  # (sent_at, done_at, ok) when keep_samples
+        self._total_ok = 0
 
     keep_samples = False
+
+    def first_success_after(self, moment):
+        """When the first request sent after ``moment`` succeeded, or None."""
+        done = [d for sent, d, ok in self.samples if ok and sent > moment]
+        return min(done) if done else None
+
+    @property
+    def total_ok(self):
+        return self._total_ok
 
     def set_window(self, start, end):
         self.window = (start, end)
 
     def ok(self, sent_at, done_at):
+        self._total_ok += 1
         if self.keep_samples:
             self.samples.append((sent_at, done_at, True))
         if self.window is None:
@@ -49,6 +60,8 @@ class Recorder:
             self.samples.append((sent_at, done_at, False))
 
     def summary(self) -> dict:
+        if self.window is None:
+            return {"completed": self._total_ok, "errors": dict(self.errors)}
         start, end = self.window
         values = sorted(self.latencies)
         return {

@@ -31,7 +31,8 @@ def homes_for(placement, leader, node_ids, count):
 async def run(reactor, ctx):
     size = sizes(ctx.tiny)
     counts = size["counts"]
-    await run_paxchat(reactor, ctx, size)
+    if ctx.with_paxchat:
+        await run_paxchat(reactor, ctx, size)
     if not ctx.with_etcd:
         ctx.skip_etcd(NAME)
         return
