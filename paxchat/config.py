@@ -58,6 +58,7 @@ class NodeConfig:
     client: Address
     peer: Address
     metrics: Address | None = None
+    admin: Address | None = None
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ class ClusterConfig:
 
 _NODE_SECTION = re.compile(r"node\.([0-9]+)\Z")
 _HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?\Z")
-_NODE_KEYS = ("client", "peer", "metrics")
+_NODE_KEYS = ("client", "peer", "metrics", "admin")
 
 # key -> (parser, default); the defaults are ClusterConfig's own.
 _FIELDS = ClusterConfig.__dataclass_fields__
@@ -303,7 +304,8 @@ def loads(text, path="cluster.ini") -> ClusterConfig:
         for key in ("client", "peer"):
             if key not in addresses:
                 raise ConfigError(name, "missing key", section, key)
-        nodes[node_id] = NodeConfig(node_id, addresses["client"], addresses["peer"], addresses.get("metrics"))
+        nodes[node_id] = NodeConfig(node_id, addresses["client"], addresses["peer"],
+                                    addresses.get("metrics"), addresses.get("admin"))
     if not nodes:
         raise ConfigError(name, "no [node.N] sections: a cluster needs at least one node")
 

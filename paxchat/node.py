@@ -11,6 +11,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from paxchat import notify, tls
+from paxchat.admin import AdminService
 from paxchat.metrics import MetricsService, find_service
 from paxchat.locallog import LocalLog
 from paxchat.server.factory import ChatServerFactory
@@ -76,7 +77,7 @@ class NodeService(service.MultiService):
         self.announce_ready()
 
     def add_operations(self):
-        """Metrics (and their HTTP endpoint when ``metrics`` is set): a child service.
+        """Metrics and the admin API (listening when ``metrics``/``admin`` are set): children.
 
         Children start once the command log exists and before clients are
         served; ``self.metrics`` takes ``observe_commit``/``observe_fsync``.
@@ -84,6 +85,7 @@ class NodeService(service.MultiService):
         operations = MetricsService(self)
         operations.setServiceParent(self)
         self.metrics = operations.metrics
+        AdminService(self).setServiceParent(self)
 
     def announce_ready(self):
         """Tell systemd READY=1 once every listener (clients, and peers if any) is up.

@@ -25,7 +25,8 @@ from twisted.internet import ssl
 from paxchat import config as configmod
 
 __all__ = [
-    "CertificateFilesError", "CertificatesExist", "client_connection_options",
+    "CertificateFilesError", "CertificatesExist", "admin_name_of", "admin_server_options",
+    "admin_cert_path", "admin_key_path", "make_admin_certificate", "client_connection_options",
     "client_options_for_ca", "client_server_options", "ensure_cluster_certs",
     "load_ca", "load_node_certificate", "make_cluster_certs", "main", "node_id_of",
     "node_name", "peer_client_options", "peer_server_options",
@@ -34,6 +35,8 @@ __all__ = [
 ORGANIZATION = "paxchat"
 NODE_UNIT = "paxchat node"
 CA_UNIT = "paxchat cluster CA"
+ADMIN_UNIT = "paxchat admin"
+ADMIN_NAME = "paxchat-admin"
 MINIMUM_TLS = ssl.TLSVersion.TLSv1_2
 _NODE_CN = re.compile(r"paxchat-node-([1-9][0-9]*)\Z")
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -246,6 +249,83 @@ def _make_tls_dir(config):
     config.tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
+# -- the operator's certificate ------------------------------------------------
+
+def admin_cert_path(config) -> Path:
+    return config.tls_dir / "admin.pem"
+
+
+def admin_key_path(config) -> Path:
+    return config.tls_dir / "admin.key"
+
+
+def _make_admin_cert(ca_cert, ca_key, name):
+    key = _new_key()
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ADMIN_UNIT),
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+        ]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=825))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def make_admin_certificate(config, force=False, name=ADMIN_NAME) -> list[Path]:
+    """The operator's client certificate (``admin.pem``/``admin.key``) from the existing CA.
+
+    ``paxchat-admin`` presents it to a node's ``admin`` listener, which
+    accepts only certificates of this CA whose unit is ``paxchat admin``.
+    Returns the paths written: none if it exists and not ``force``.
+    """
+    cert_path, key_path = admin_cert_path(config), admin_key_path(config)
+    if cert_path.exists() and key_path.exists() and not force:
+        return []
+    ca_cert = _load_x509(config.ca_path, config)
+    ca_key = _load_key(config.ca_key_path, config)
+    cert, key = _make_admin_cert(ca_cert, ca_key, name)
+    replace = force or cert_path.exists() or key_path.exists()
+    _write(key_path, _key_pem(key), 0o600, replace)
+    _write(cert_path, _cert_pem(cert), 0o644, replace)
+    return [cert_path, key_path]
+
+
+def admin_name_of(certificate) -> str | None:
+    """The operator's name in an admin certificate (``OU=paxchat admin``), else None.
+
+    Only meaningful for a certificate TLS already verified against the
+    cluster CA; node certificates give None.
+    """
+    if certificate is None:
+        return None
+    if isinstance(certificate, ssl.Certificate):
+        certificate = certificate.original
+    if hasattr(certificate, "to_cryptography"):
+        certificate = certificate.to_cryptography()
+    subject = certificate.subject
+    units = [a.value for a in subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)]
+    names = [a.value for a in subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if units != [ADMIN_UNIT] or len(names) != 1:
+        return None
+    return names[0]
+
+
 # -- reading certificates -----------------------------------------------------
 
 def _how_to_fix(config):
@@ -350,6 +430,14 @@ def peer_server_options(config, node_id) -> ssl.CertificateOptions:
         raiseMinimumTo=MINIMUM_TLS)
 
 
+def admin_server_options(config, node_id) -> ssl.CertificateOptions:
+    """Server side of a node's admin port: mutual TLS with the cluster CA.
+
+    Which certificates may act is the admin service's check (`admin_name_of`).
+    """
+    return peer_server_options(config, node_id)
+
+
 def peer_client_options(config, node_id, peer_host):
     """Client side of a peer connection: present our certificate, verify the peer's.
 
@@ -375,13 +463,21 @@ def main(argv=None):
                        help="replace existing files with a new CA and node certificates")
     group.add_argument("--if-missing", action="store_true",
                        help="make only missing files; do nothing when all exist")
+    parser.add_argument("--admin", action="store_true",
+                        help="make the operator's certificate for paxchat-admin (admin.pem, "
+                             "admin.key) from the existing cluster CA; with --force or "
+                             "--if-missing, the cluster certificates too")
     args = parser.parse_args(argv)
     try:
         config = configmod.load(args.config)
         if args.if_missing:
             written = ensure_cluster_certs(config)
+        elif args.admin and not args.force:
+            written = []  # only the admin certificate, from the cluster CA as it is
         else:
             written = make_cluster_certs(config, force=args.force)
+        if args.admin:
+            written += make_admin_certificate(config, force=args.force)
     except (configmod.ConfigError, CertificatesExist, CertificateFilesError, OSError) as e:
         print(f"paxchat-certs: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,405 @@
+"""The operator's channel: each node's ``admin`` listener and ``paxchat-admin``.
+
+A node with ``[node.N] admin = host:port`` serves a small JSON-over-HTTPS
+API there, over mutual TLS with the cluster CA. Only a certificate whose
+unit is ``paxchat admin`` may use it (``paxchat-certs --admin`` makes one);
+a node's own certificate is refused, so a stolen node key cannot steer
+the cluster from this port. Every action is logged with the operator's name.
+
+    GET  /status                  the node's status (as ``metrics.node_status``)
+    POST /snapshot                snapshot the state and compact the log now
+    POST /transfer-leadership     {"target": N}: the leader hands over to N
+
+``paxchat-admin --config cluster.ini status|snapshot N|transfer-leadership N``
+talks to every node's admin address (blocking sockets; no reactor needed).
+"""
+
+import argparse
+import concurrent.futures
+import http.client
+import json
+import socket
+import ssl
+import sys
+import time
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from paxchat import config as configmod
+from paxchat import tls
+from paxchat.metrics import listen_http, node_status
+
+__all__ = ["AdminResource", "AdminService", "AdminError", "main"]
+
+log = Logger()
+
+MAX_BODY_BYTES = 4096
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+# -- the node's side ------------------------------------------------------------
+
+class _Refusal(Exception):
+    def __init__(self, code, error, message, **extra):
+        super().__init__(message)
+        self.code, self.error, self.extra = code, error, extra
+
+
+def _operator(request):
+    """The admin name of the verified client certificate, or None."""
+    transport = getattr(request.channel, "transport", None)
+    get = getattr(transport, "getPeerCertificate", None)
+    try:
+        return tls.admin_name_of(get() if get is not None else None)
+    except Exception:
+        return None
+
+
+class AdminResource(resource.Resource):
+    """The admin API of one node (see the module docstring)."""
+
+    isLeaf = True
+
+    def __init__(self, node):
+        super().__init__()
+        self.node = node
+
+    def render(self, request):
+        operator = _operator(request)
+        route = (request.method, request.path.rstrip(b"/") or b"/")
+        try:
+            if operator is None:
+                raise _Refusal(403, "forbidden", "an admin certificate of the cluster CA is needed "
+                               "(paxchat-certs --admin makes one)")
+            handler = {(b"GET", b"/status"): self.status,
+                       (b"POST", b"/snapshot"): self.snapshot,
+                       (b"POST", b"/transfer-leadership"): self.transfer}.get(route)
+            if handler is None:
+                raise _Refusal(404, "not_found", "no such admin call: GET /status, "
+                               "POST /snapshot, POST /transfer-leadership")
+            result = handler(request, operator)
+        except _Refusal as refusal:
+            return self._refuse(request, refusal)
+        except Exception:
+            log.failure("admin call {path} failed", path=route[1].decode("ascii", "replace"))
+            return self._refuse(request, _Refusal(500, "internal", "internal error; it is logged"))
+        if not isinstance(result, defer.Deferred):
+            return self._json(request, 200, result)
+
+        def answered(value):
+            if not request.finished and not getattr(request, "_disconnected", False):
+                request.write(self._json(request, 200, value))
+                request.finish()
+
+        def failed(failure):
+            if failure.check(_Refusal):
+                body = self._refuse(request, failure.value)
+            else:
+                log.failure("admin call {path} failed", failure,
+                            path=route[1].decode("ascii", "replace"))
+                body = self._refuse(request, _Refusal(500, "internal", failure.getErrorMessage()))
+            if not request.finished and not getattr(request, "_disconnected", False):
+                request.write(body)
+                request.finish()
+
+        result.addCallbacks(answered, failed)
+        return server.NOT_DONE_YET
+
+    @staticmethod
+    def _json(request, code, value):
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(value, default=str).encode("utf-8") + b"\n"
+
+    def _refuse(self, request, refusal):
+        body = {"error": refusal.error, "message": str(refusal), **refusal.extra}
+        return self._json(request, refusal.code, body)
+
+    def _log_ready(self):
+        log_ = self.node.log
+        if log_ is None:
+            raise _Refusal(503, "unavailable", f"node {self.node.node_id} is not running")
+        return log_
+
+    def status(self, request, operator):
+        return node_status(self.node)
+
+    def snapshot(self, request, operator):
+        take = getattr(self._log_ready(), "snapshot_now", None)
+        if take is None:
+            raise _Refusal(501, "not_supported", f"node {self.node.node_id}'s command log "
+                           "cannot take a snapshot on demand (it has no snapshot_now)")
+        log.info("admin {operator} asked node {node} for a snapshot now", operator=operator,
+                 node=self.node.node_id)
+        return defer.maybeDeferred(take).addCallback(lambda index: {"snapshot_index": index})
+
+    def transfer(self, request, operator):
+        try:
+            body = json.loads(request.content.read(MAX_BODY_BYTES + 1) or b"{}")
+        except ValueError:
+            raise _Refusal(400, "invalid_request", "the body must be JSON: {\"target\": N}")
+        target = body.get("target") if isinstance(body, dict) else None
+        if type(target) is not int or target not in self.node.config.nodes:
+            raise _Refusal(400, "invalid_request",
+                           f"target must be a node id of the cluster, not {target!r}")
+        if target == self.node.node_id:
+            raise _Refusal(400, "invalid_request", f"node {target} cannot hand over to itself")
+        transfer = getattr(self._log_ready(), "transfer_leadership", None)
+        if transfer is None:
+            raise _Refusal(501, "not_supported", f"node {self.node.node_id}'s command log has no "
+                           "leadership to transfer (it is not replicated)")
+        log.info("admin {operator} asked node {node} to hand leadership to node {target}",
+                 operator=operator, node=self.node.node_id, target=target)
+        try:
+            transfer(target)
+        except ValueError as e:
+            raise _Refusal(400, "invalid_request", str(e)) from None
+        except Exception as e:
+            if type(e).__name__ != "NotLeader":
+                raise
+            hint = getattr(e, "leader_hint", None)
+            raise _Refusal(409, "not_leader", f"node {self.node.node_id} does not lead"
+                           + (f"; node {hint} does" if hint else ""), leader=hint) from None
+        return {"transferring_to": target}
+
+
+class AdminService(service.Service):
+    """Listens on the node's ``admin`` address (mutual TLS) when it is set."""
+
+    name = "admin"
+
+    def __init__(self, node):
+        self.node = node
+        self.port = None
+
+    @property
+    def address(self):
+        return self.node.node.admin
+
+    def startService(self):
+        if self.address is not None:
+            options = tls.admin_server_options(self.node.config, self.node.node_id)
+            self.port = listen_http(self.node.reactor, self.address, AdminResource(self.node),
+                                    context_factory=options)
+            log.info("node {node} serving the admin API on https://{address}/ (mutual TLS)",
+                     node=self.node.node_id, address=str(self.address))
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        return None
+
+
+# -- paxchat-admin ------------------------------------------------------------------
+
+class AdminError(Exception):
+    """A node refused or could not be reached; the message says which and why."""
+
+    def __init__(self, message, code=None, body=None):
+        super().__init__(message)
+        self.code = code
+        self.body = body or {}
+
+
+class AdminClient:
+    """Blocking calls to the nodes' admin listeners with the operator's certificate."""
+
+    def __init__(self, config, cert=None, key=None, timeout=5.0):
+        self.config = config
+        self.timeout = timeout
+        cert = cert or tls.admin_cert_path(config)
+        key = key or tls.admin_key_path(config)
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(config.ca_path))
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(str(cert), str(key))
+        except (OSError, ssl.SSLError) as e:
+            raise AdminError(f"cannot load the admin certificate {cert} / {key} ({e}); run "
+                             f"`paxchat-certs --config {config.path} --admin`") from None
+        self.context = context
+
+    def address(self, node_id):
+        node = self.config.node(node_id)
+        if node.admin is None:
+            raise AdminError(f"node {node_id} has no admin address in {self.config.path} "
+                             f"([node.{node_id}] admin = host:port)")
+        host = node.admin.host
+        if host in _WILDCARD_HOSTS:
+            host = node.client.host if node.client.host not in _WILDCARD_HOSTS else "127.0.0.1"
+        return host, node.admin.port
+
+    def call(self, node_id, method, path, body=None):
+        host, port = self.address(node_id)
+        where = f"node {node_id} ({host}:{port})"
+        try:
+            raw = socket.create_connection((host, port), timeout=self.timeout)
+        except OSError as e:
+            raise AdminError(f"{where} is down: {e.strerror or e}") from None
+        try:
+            sock = self.context.wrap_socket(raw, server_hostname=tls.node_name(node_id))
+        except (OSError, ssl.SSLError) as e:
+            raw.close()
+            raise AdminError(f"{where}: TLS failed: {e}") from None
+        connection = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        connection.sock = sock
+        try:
+            data = json.dumps(body).encode() if body is not None else None
+            headers = {"Content-Type": "application/json"} if data is not None else {}
+            connection.request(method, path, body=data, headers=headers)
+            response = connection.getresponse()
+            text = response.read(1 << 20)
+            status = response.status
+        except (OSError, http.client.HTTPException) as e:
+            raise AdminError(f"{where}: {e}") from None
+        finally:
+            connection.close()
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            raise AdminError(f"{where} answered {status} with no JSON") from None
+        if status != 200:
+            raise AdminError(f"{where}: {answer.get('message', status)}", status, answer)
+        return answer
+
+    def statuses(self):
+        """{node id: status dict | AdminError}, asking every node at once."""
+        ids = list(self.config.nodes)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(ids))) as pool:
+            futures = {n: pool.submit(self.call, n, "GET", "/status") for n in ids}
+        results = {}
+        for n, future in futures.items():
+            try:
+                results[n] = future.result()
+            except AdminError as e:
+                results[n] = e
+        return results
+
+
+def _show(value, default="-"):
+    return default if value is None else str(value)
+
+
+def status_table(statuses):
+    """The ``status`` table: one row per node, then the reasons of the nodes that are down."""
+    up = {n: s for n, s in statuses.items() if not isinstance(s, Exception)}
+    reference = max([s.get("commit_index") or 0 for s in up.values()]
+                    + [s.get("applied_index") or 0 for s in up.values()] or [0])
+    header = ["NODE", "STATE", "ROLE", "LEADER", "BALLOT", "COMMIT", "APPLIED", "LAG",
+              "CLIENTS", "PEERS"]
+    rows = [header]
+    notes = []
+    for n, s in sorted(statuses.items()):
+        if isinstance(s, Exception):
+            rows.append([str(n), "down"] + ["-"] * (len(header) - 2))
+            notes.append(f"node {n}: {s}")
+            continue
+        ballot = s.get("ballot")
+        if isinstance(ballot, list):
+            ballot = ".".join(str(b) for b in ballot)
+        applied = s.get("applied_index")
+        lag = reference - applied if isinstance(applied, int) else None
+        peers = s.get("peers") or {}
+        connected = sum(1 for v in peers.values() if v == "connected")
+        rows.append([str(n), "up" if s.get("running", True) else "stopping",
+                     _show(s.get("role")), _show(s.get("leader")), _show(ballot),
+                     _show(s.get("commit_index")), _show(applied), _show(lag),
+                     _show(s.get("clients")), f"{connected}/{len(peers)}" if peers else "-"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines + notes)
+
+
+def _leader(statuses):
+    for n, s in statuses.items():
+        if not isinstance(s, Exception) and s.get("role") == "leader":
+            return n
+    named = [s.get("leader") for s in statuses.values() if not isinstance(s, Exception)]
+    named = [n for n in named if n is not None]
+    return max(set(named), key=named.count) if named else None
+
+
+def _status(client, args, out):
+    statuses = client.statuses()
+    if args.json:
+        print(json.dumps({str(n): (s if not isinstance(s, Exception) else {"down": str(s)})
+                          for n, s in statuses.items()}, indent=2, sort_keys=True), file=out)
+    else:
+        print(status_table(statuses), file=out)
+    return 0 if all(not isinstance(s, Exception) for s in statuses.values()) else 1
+
+
+def _snapshot(client, args, out):
+    answer = client.call(args.node, "POST", "/snapshot", {})
+    print(f"node {args.node} took a snapshot at index {answer.get('snapshot_index')}", file=out)
+    return 0
+
+
+def _transfer(client, args, out):
+    target = args.target
+    client.config.node(target)
+    statuses = client.statuses()
+    leader = _leader(statuses)
+    if leader is None:
+        raise AdminError("no node reports a leader; nothing to transfer")
+    if leader == target:
+        print(f"node {target} already leads", file=out)
+        return 0
+    client.call(leader, "POST", "/transfer-leadership", {"target": target})
+    print(f"node {leader} is handing leadership to node {target}...", file=out)
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        try:
+            status = client.call(target, "GET", "/status")
+        except AdminError:
+            status = {}
+        if status.get("role") == "leader":
+            print(f"node {target} leads now (ballot {status.get('ballot')})", file=out)
+            return 0
+        time.sleep(0.1)
+    raise AdminError(f"node {target} did not take over within {args.wait:g} s "
+                     f"(node {leader} keeps leading if the target lagged or was unreachable)")
+
+
+def main(argv=None, out=None, err=None):
+    """``paxchat-admin --config cluster.ini status|snapshot N|transfer-leadership N``."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    parser = argparse.ArgumentParser(
+        prog="paxchat-admin",
+        description="Look at and steer the nodes of a paxchat cluster through their admin "
+                    "listeners (mutual TLS with the admin certificate).")
+    parser.add_argument("--config", default="cluster.ini", help="cluster.ini (default: %(default)s)")
+    parser.add_argument("--cert", help="admin certificate (default: <tls_dir>/admin.pem)")
+    parser.add_argument("--key", help="its key (default: <tls_dir>/admin.key)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per call (default 5)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    status = commands.add_parser("status", help="a table of every node: up/down, role, indexes, "
+                                 "lag, clients; exit 1 if any node is down")
+    status.add_argument("--json", action="store_true", help="the raw statuses as JSON")
+    status.set_defaults(run=_status)
+    snapshot = commands.add_parser("snapshot", help="have node N snapshot its state now")
+    snapshot.add_argument("node", type=int)
+    snapshot.set_defaults(run=_snapshot)
+    transfer = commands.add_parser("transfer-leadership", help="have the leader hand over to N")
+    transfer.add_argument("target", type=int)
+    transfer.add_argument("--wait", type=float, default=10.0,
+                          help="seconds to wait for N to lead (default 10)")
+    transfer.set_defaults(run=_transfer)
+    args = parser.parse_args(argv)
+    try:
+        config = configmod.load(args.config)
+        client = AdminClient(config, args.cert, args.key, args.timeout)
+        return args.run(client, args, out)
+    except (configmod.ConfigError, AdminError, tls.CertificateFilesError) as e:
+        print(f"paxchat-admin: {e}", file=err)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

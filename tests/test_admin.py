@@ -1,0 +1,187 @@
+"""The admin channel: mutual TLS with an admin certificate, status table, snapshot, transfer."""
+
+import io
+import json
+import stat
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, threads
+
+from paxchat import admin, tls
+from paxchat.node import NodeService
+from tests.ops_support import reactor_, write_ops_config
+
+
+def make_cluster(tmp_path, nodes=2):
+    cfg = write_ops_config(tmp_path, nodes=nodes, keys=("metrics", "admin"), client_tls="off",
+                           bcrypt_cost=4)
+    tls.make_cluster_certs(cfg)
+    tls.make_admin_certificate(cfg)
+    return cfg
+
+
+def run_admin(cfg, *argv):
+    """paxchat-admin in a thread (it blocks; the node runs on this reactor): (code, out, err)."""
+    out, err = io.StringIO(), io.StringIO()
+    d = threads.deferToThread(admin.main, ["--config", str(cfg.path), "--timeout", "5", *argv],
+                              out=out, err=err)
+    return d.addCallback(lambda code: (code, out.getvalue(), err.getvalue()))
+
+
+@pytest.fixture
+def node_1(tmp_path):
+    """Node 1 of a two-node cluster, running in this process (node 2 stays down)."""
+    cfg = make_cluster(tmp_path)
+    node = NodeService(cfg, 1, reactor_())
+    node.startService()
+    yield cfg, node
+    pytest_twisted.blockon(defer.maybeDeferred(node.stopService))
+
+
+def test_admin_certificate(tmp_path):
+    cfg = make_cluster(tmp_path, nodes=1)
+    cert = tls.load_node_certificate  # node certificates are not admin ones
+    assert tls.admin_name_of(cert(cfg, 1)) is None
+    from cryptography import x509
+    admin_cert = x509.load_pem_x509_certificate(tls.admin_cert_path(cfg).read_bytes())
+    assert tls.admin_name_of(admin_cert) == "paxchat-admin"
+    assert tls.node_id_of(admin_cert) is None
+    assert stat.S_IMODE(tls.admin_key_path(cfg).stat().st_mode) == 0o600
+    assert tls.make_admin_certificate(cfg) == []  # exists: kept
+
+
+def test_paxchat_certs_admin(tmp_path, capsys):
+    cfg = write_ops_config(tmp_path, nodes=1)
+    assert tls.main(["--config", str(cfg.path), "--admin"]) == 1
+    assert "ca.pem" in capsys.readouterr().err  # no CA yet: says how to make it
+    assert tls.main(["--config", str(cfg.path), "--if-missing", "--admin"]) == 0
+    assert str(tls.admin_cert_path(cfg)) in capsys.readouterr().out
+    before = tls.admin_cert_path(cfg).read_bytes()
+    assert tls.main(["--config", str(cfg.path), "--admin"]) == 0
+    assert tls.admin_cert_path(cfg).read_bytes() == before
+
+
+def test_status_table():
+    statuses = {
+        1: {"role": "leader", "leader": 1, "ballot": [4, 1], "commit_index": 120,
+            "applied_index": 120, "clients": 3, "peers": {"2": "connected", "3": "disconnected"}},
+        2: {"role": "follower", "leader": 1, "ballot": [4, 1], "commit_index": 118,
+            "applied_index": 100, "clients": 0, "peers": {"1": "connected", "3": "disconnected"}},
+        3: admin.AdminError("node 3 (10.0.0.3:7401) is down: Connection refused"),
+    }
+    lines = admin.status_table(statuses).splitlines()
+    assert lines[0].split() == ["NODE", "STATE", "ROLE", "LEADER", "BALLOT", "COMMIT", "APPLIED",
+                                "LAG", "CLIENTS", "PEERS"]
+    assert lines[1].split() == ["1", "up", "leader", "1", "4.1", "120", "120", "0", "3", "1/2"]
+    assert lines[2].split() == ["2", "up", "follower", "1", "4.1", "118", "100", "20", "0", "1/2"]
+    assert lines[3].split()[:3] == ["3", "down", "-"]
+    assert lines[4] == "node 3: node 3 (10.0.0.3:7401) is down: Connection refused"
+
+
+@pytest_twisted.inlineCallbacks
+def test_status_of_a_live_and_a_down_node(node_1):
+    cfg, node = node_1
+    code, out, err = yield run_admin(cfg, "status")
+    assert code == 1, err  # node 2 is down
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:3]}
+    assert rows["1"][1] == "up" and rows["2"][1] == "down"
+    assert "node 2" in out and "is down" in out
+    code, out, err = yield run_admin(cfg, "status", "--json")
+    statuses = json.loads(out)
+    assert statuses["1"]["node"] == 1 and "down" in statuses["2"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_only_an_admin_certificate_is_let_in(node_1):
+    cfg, node = node_1
+    code, out, err = yield run_admin(cfg, "--cert", str(cfg.node_cert_path(1)),
+                                     "--key", str(cfg.node_key_path(1)), "status")
+    assert code == 1
+    assert "an admin certificate of the cluster CA is needed" in out
+
+    def without_certificate():
+        import socket
+        import ssl
+        context = ssl.create_default_context(cafile=str(cfg.ca_path))
+        address = cfg.node(1).admin
+        with socket.create_connection((address.host, address.port), timeout=5) as raw:
+            with context.wrap_socket(raw, server_hostname=tls.node_name(1)) as sock:
+                sock.sendall(b"GET /status HTTP/1.0\r\n\r\n")
+                return sock.recv(100)
+
+    with pytest.raises(OSError):
+        yield threads.deferToThread(without_certificate)
+
+
+@pytest_twisted.inlineCallbacks
+def test_snapshot(node_1):
+    cfg, node = node_1
+    if hasattr(node.log, "snapshot_now"):
+        pytest.skip("the log takes snapshots itself: tested with the replicated log")
+    code, out, err = yield run_admin(cfg, "snapshot", "1")
+    assert code == 1 and "cannot take a snapshot on demand" in err
+    node.log.snapshot_now = lambda: defer.succeed(42)
+    code, out, err = yield run_admin(cfg, "snapshot", "1")
+    assert (code, out) == (0, "node 1 took a snapshot at index 42\n"), err
+    code, out, err = yield run_admin(cfg, "snapshot", "2")
+    assert code == 1 and "node 2" in err and "down" in err
+    code, out, err = yield run_admin(cfg, "snapshot", "7")
+    assert code == 1 and "no [node.7]" in err
+
+
+@pytest_twisted.inlineCallbacks
+def test_transfer_leadership(node_1):
+    cfg, node = node_1
+    asked = []
+    node.log.status = lambda: {"role": "leader", "leader": 1, "ballot": [3, 1],
+                               "commit_index": 9, "applied_index": 9, "peers": {}}
+    node.log.transfer_leadership = asked.append
+    code, out, err = yield run_admin(cfg, "transfer-leadership", "2", "--wait", "0.3")
+    assert asked == [2]
+    assert code == 1 and "node 1 is handing leadership to node 2" in out
+    assert "did not take over" in err  # node 2 is down: it cannot
+    code, out, err = yield run_admin(cfg, "transfer-leadership", "1")
+    assert (code, out) == (0, "node 1 already leads\n")
+
+    client = admin.AdminClient(cfg)
+    for body in ({"target": 1}, {"target": "2"}, {"target": 99}, {}):
+        with pytest.raises(admin.AdminError) as info:
+            yield threads.deferToThread(client.call, 1, "POST", "/transfer-leadership", body)
+        assert info.value.code == 400
+    with pytest.raises(admin.AdminError) as info:
+        yield threads.deferToThread(client.call, 1, "GET", "/nothing")
+    assert info.value.code == 404
+
+
+@pytest_twisted.inlineCallbacks
+def test_transfer_refused_by_a_follower(node_1):
+    cfg, node = node_1
+
+    class NotLeader(Exception):
+        leader_hint = 2
+
+    def refuse(target):
+        raise NotLeader()
+
+    node.log.transfer_leadership = refuse
+    client = admin.AdminClient(cfg)
+    with pytest.raises(admin.AdminError) as info:
+        yield threads.deferToThread(client.call, 1, "POST", "/transfer-leadership", {"target": 2})
+    assert info.value.code == 409 and info.value.body["leader"] == 2
+
+
+def test_missing_admin_certificate_says_how_to_make_it(tmp_path, capsys):
+    cfg = write_ops_config(tmp_path, nodes=1, keys=("admin",))
+    tls.make_cluster_certs(cfg)
+    assert admin.main(["--config", str(cfg.path), "status"]) == 1
+    err = capsys.readouterr().err
+    assert "admin.pem" in err and "paxchat-certs" in err and "--admin" in err
+
+
+def test_node_without_admin_address(tmp_path):
+    cfg = write_ops_config(tmp_path, nodes=1, keys=())
+    tls.make_cluster_certs(cfg)
+    tls.make_admin_certificate(cfg)
+    statuses = admin.AdminClient(cfg).statuses()
+    assert "has no admin address" in str(statuses[1])
