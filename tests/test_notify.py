@@ -4,8 +4,11 @@ import os
 import socket
 
 import pytest
+import pytest_twisted
+from twisted.internet import defer
 
 from paxchat import notify
+from tests.cluster_support import cluster_factory, wait_until  # noqa: F401 (fixture)
 
 
 @pytest.fixture
@@ -69,3 +72,33 @@ def test_unusable_socket_is_logged_not_raised(tmp_path):
         globalLogPublisher.removeObserver(events.append)
     warnings = [e for e in events if e.get("log_namespace") == "paxchat.notify"]
     assert len(warnings) == 2 and all(e["log_level"] == LogLevel.warn for e in warnings)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_twistd_node_tells_systemd_it_is_ready_and_stopping(cluster_factory, tmp_path,  # noqa: F811
+                                                              monkeypatch):
+    from twisted.internet import protocol, reactor
+
+    received = []
+    ready = defer.Deferred()
+
+    class Systemd(protocol.DatagramProtocol):
+        def datagramReceived(self, data, address):
+            received.append(data)
+            if data.startswith(b"READY=1") and not ready.called:
+                ready.callback(data)
+
+    path = str(tmp_path / "notify.sock")
+    port = reactor.listenUNIXDatagram(path, Systemd())
+    try:
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        cluster = cluster_factory(nodes=1)
+        cluster.start(1)
+        message = yield ready.addTimeout(60, reactor)
+        assert message.startswith(b"READY=1\nSTATUS=node 1 serving clients on ")
+        yield cluster.wait_ready(1)  # READY=1 came once it could be served
+        yield cluster.stop_gracefully(1)
+        yield wait_until(reactor, lambda: any(m.startswith(b"STOPPING=1") for m in received),
+                         10, "STOPPING=1")
+    finally:
+        yield port.stopListening()
