@@ -14,6 +14,7 @@ test process itself die.
 from __future__ import annotations
 
 import atexit
+import collections
 import functools
 import importlib.util
 import itertools
@@ -39,7 +40,9 @@ from paxchat.devcluster import write_local_config
 
 __all__ = [
     "Cluster", "WaitTimeout", "HAS_REPLICATED_LOG", "cluster_factory", "fast_policy",
-    "requires_replicated_log", "wait_until", "within", "sleep", "Load", "all_history",
+    "requires_replicated_log", "wait_until", "within", "sleep", "Load", "Probes", "all_history",
+    "SINK", "password", "started", "create_accounts", "logged_in", "stored_on",
+    "check_exactly_once", "check_every_node",
 ]
 
 # Settings every process test starts from; a test overrides any of them.
@@ -496,3 +499,121 @@ def all_history(client, peer=None, page=1000):
         if len(batch) < page:
             return messages
         before = batch[-1]["id"]
+
+
+# -- scenario helpers ---------------------------------------------------------------
+
+SINK = "sink"   # the account the scenarios send to
+
+
+def password(name):
+    return f"{name}-password"
+
+
+@defer.inlineCallbacks
+def started(cluster_factory, nodes=3, **keys):
+    """A running replicated cluster and its leader (skips on a build that does not replicate)."""
+    cluster = cluster_factory(nodes, **keys)
+    yield cluster.start_and_wait()
+    yield cluster.require_replication()
+    leader = yield cluster.wait_leader()
+    return cluster, leader
+
+
+@defer.inlineCallbacks
+def create_accounts(cluster, *names):
+    admin = cluster.client()
+    for name in names:
+        yield admin.create_account(name, password(name))
+    yield admin.close()
+
+
+@defer.inlineCallbacks
+def logged_in(cluster, name, **client_kwargs):
+    client = cluster.client(**client_kwargs)
+    yield client.login(name, password(name))
+    return client
+
+
+@defer.inlineCallbacks
+def stored_on(cluster, node_id, user=SINK, peer=None):
+    """``user``'s whole history as node ``node_id`` serves it (a client pinned to that node)."""
+    reader = yield logged_in(cluster, user, only=node_id)
+    try:
+        messages = yield all_history(reader, peer=peer)
+    finally:
+        yield reader.close()
+    return messages
+
+
+def check_exactly_once(messages, acked, where):
+    """Every acknowledged send is in ``messages`` once, under the id it was acknowledged with."""
+    by_body = collections.Counter(m["body"] for m in messages)
+    duplicated = [body for body, n in by_body.items() if n > 1]
+    assert not duplicated, f"{where}: stored more than once: {duplicated[:5]}"
+    ids = {m["body"]: m["id"] for m in messages}
+    missing = [msg_id for msg_id in acked if msg_id not in ids]
+    assert not missing, f"{where}: {len(missing)} acknowledged sends missing, e.g. {missing[:5]}"
+    wrong = [(b, a["message_id"], ids[b]) for b, a in acked.items() if ids[b] != a["message_id"]]
+    assert not wrong, f"{where}: stored under another id than acknowledged: {wrong[:5]}"
+
+
+@defer.inlineCallbacks
+def check_every_node(cluster, nodes, acked, user=SINK):
+    """The same history, holding every acknowledged send exactly once, on each of ``nodes``."""
+    seen = {}
+    for node_id in nodes:
+        messages = yield stored_on(cluster, node_id, user)
+        check_exactly_once(messages, acked, f"node {node_id}")
+        seen[node_id] = [(m["id"], m["from"], m["body"]) for m in messages]
+    first = seen[nodes[0]]
+    for node_id in nodes[1:]:
+        assert seen[node_id] == first, f"nodes {nodes[0]} and {node_id} hold different histories"
+    return first
+
+
+class Probes:
+    """Fresh writes through several nodes every ``interval`` until one is acknowledged.
+
+    Measures when writes resume after a fault: start it right after the fault,
+    so only sends issued after it count.
+    """
+
+    def __init__(self, reactor, clients, to=SINK):
+        self.reactor = reactor
+        self.clients = clients
+        self.to = to
+        self.acked = {}
+        self.first_ack = None
+        self._pending = []
+        self._ids = itertools.count(1)
+        self._tag = uuid.uuid4().hex[:6]
+
+    def _fire(self):
+        for client in self.clients:
+            msg_id = f"probe-{self._tag}-{next(self._ids)}"
+            issued = self.reactor.seconds()
+            d = client.send_message(self.to, msg_id, client_msg_id=msg_id)
+
+            def ok(result, msg_id=msg_id, issued=issued):
+                now = self.reactor.seconds()
+                self.acked[msg_id] = {"message_id": result["message_id"], "issued_at": issued,
+                                      "acked_at": now}
+                if self.first_ack is None:
+                    self.first_ack = now
+            d.addCallbacks(ok, lambda failure: None)
+            self._pending.append(d)
+
+    @defer.inlineCallbacks
+    def until_acked(self, timeout, interval=0.1):
+        def check():
+            if self.first_ack is not None:
+                return True
+            self._fire()
+            return False
+        yield wait_until(self.reactor, check, timeout, "a write issued after the kill to be acknowledged",
+                         interval=interval)
+        return self.first_ack
+
+    def settled(self, timeout=30):
+        return defer.DeferredList(self._pending, consumeErrors=True).addTimeout(timeout, self.reactor)

@@ -1,0 +1,71 @@
+"""A follower that missed 20,000 writes catches up, through a snapshot once compaction passed it.
+
+The heaviest process test: 20,000 small messages pipelined through several
+connections while one follower is down, with ``snapshot_interval`` small so
+the others compact their logs past the point the follower stopped at. After
+its restart it must serve exactly what the others serve, and once every node
+is stopped their chat states on disk must be equal key for key.
+"""
+
+import pytest_twisted
+from twisted.internet import defer
+
+from tests.cluster_support import (  # noqa: F401 (cluster_factory is a fixture)
+    SINK, Load, check_exactly_once, cluster_factory, create_accounts, logged_in,
+    requires_replicated_log, started, stored_on, wait_until, within)
+
+pytestmark = requires_replicated_log
+
+MESSAGES = 20_000
+SENDERS = 8
+
+
+@within(240)
+@pytest_twisted.inlineCallbacks
+def test_a_follower_back_after_20000_writes_catches_up_through_a_snapshot(cluster_factory):
+    from twisted.internet import reactor
+    cluster, leader = yield started(cluster_factory, snapshot_interval=1000)
+    lagger = next(n for n in cluster.node_ids if n != leader)
+    others = [n for n in cluster.node_ids if n != lagger]
+    senders = [f"s{i}" for i in range(SENDERS)]
+    yield create_accounts(cluster, SINK, *senders)
+    yield stored_on(cluster, lagger)   # it has applied the accounts before it goes
+    cluster.kill(lagger)
+
+    clients = []
+    for i, name in enumerate(senders):
+        clients.append((yield logged_in(cluster, name, prefer=others[i % len(others)])))
+    load = Load(reactor, clients, SINK, pipeline=6)
+    began = reactor.seconds()
+    yield load.run(MESSAGES).addTimeout(150, reactor)
+    wrote = reactor.seconds() - began
+    assert not load.errors, load.errors[:5]
+    assert len(load.acked) == MESSAGES
+    yield cluster.close_clients()
+
+    restarted = reactor.seconds()
+    cluster.start(lagger)
+    yield cluster.wait_ready(lagger)
+    # A read through the lagger waits for it to apply everything acknowledged: its
+    # first full answer is the end of the catch-up.
+    messages = yield wait_until(reactor, lambda: stored_on(cluster, lagger), 60,
+                                f"node {lagger} to serve reads again")
+    caught_up = reactor.seconds() - restarted
+    check_exactly_once(messages, load.acked, f"node {lagger}")
+    reference = yield stored_on(cluster, leader)
+    assert messages == reference
+    run = cluster.output(lagger).rsplit("===== start #", 1)[-1]
+    print(f"\n{MESSAGES} sends in {wrote:.1f} s ({MESSAGES / wrote:.0f}/s) with node {lagger} down; "
+          f"it served all of them {caught_up:.1f} s after its restart; "
+          f"snapshot mentioned in its log: {'snapshot' in run.lower()}")
+    assert "snapshot" in run.lower(), f"node {lagger} caught up without a snapshot:\n{run[-3000:]}"
+
+    # Stopped, every node holds the same chat state, key for key.
+    yield cluster.stop_gracefully()
+    dumps = yield defer.gatherResults(
+        [defer.maybeDeferred(cluster.state_dump, n) for n in cluster.node_ids])
+    keys = {n: dict(items) for n, (_, items) in zip(cluster.node_ids, dumps)}
+    first = cluster.node_ids[0]
+    for n in cluster.node_ids[1:]:
+        differing = [k for k in set(keys[first]) | set(keys[n]) if keys[first].get(k) != keys[n].get(k)]
+        assert not differing, f"nodes {first} and {n} differ in {len(differing)} keys, e.g. {differing[:5]}"

@@ -1,0 +1,318 @@
+"""The replicated cluster as processes: real twistd nodes on 127.0.0.1 with TLS, killed -9.
+
+Each test starts its own cluster (tests/cluster_support.py), brings it to
+the fault it is about, and checks the promises of the protocol: pushes cross
+nodes, an acknowledged write survives any minority crash and is stored once,
+writes resume quickly after the leader dies, a minority answers
+``unavailable`` rather than stale data, peers must show the cluster CA.
+Timings worth knowing (failover, push latency) are printed (``pytest -s``).
+"""
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol, ssl
+from twisted.internet.endpoints import SSL4ClientEndpoint
+
+from paxchat import tls
+from paxchat.client import ServerError
+from tests.cluster_support import (  # noqa: F401 (cluster_factory is a fixture)
+    SINK, Cluster, Load, Probes, check_every_node, cluster_factory, create_accounts, fast_policy,
+    logged_in, requires_replicated_log, started, stored_on, wait_until, within)
+
+pytestmark = requires_replicated_log
+
+
+def reactor_():
+    from twisted.internet import reactor
+    return reactor
+
+
+# -- (a) ------------------------------------------------------------------------
+
+@within(90)
+@pytest_twisted.inlineCallbacks
+def test_a_message_sent_through_node_1_is_pushed_on_node_3(cluster_factory):
+    reactor = reactor_()
+    cluster, _ = yield started(cluster_factory)
+    yield create_accounts(cluster, "alice", "bob")
+    alice_events, bob_events = [], []
+    alice = yield logged_in(cluster, "alice", only=1, on_event=alice_events.append)
+    bob = yield logged_in(cluster, "bob", only=3, on_event=bob_events.append)
+    assert (alice.node, bob.node) == (1, 3)
+
+    sent_at = reactor.seconds()
+    sent = yield alice.send_message("bob", "hi bob, from node 1")
+    pushed = yield wait_until(reactor, lambda: [e for e in bob_events if e.get("event") == "message"],
+                              5, "the push on node 3")
+    latency = reactor.seconds() - sent_at
+    message = pushed[0]["message"]
+    assert (message["id"], message["from"], message["to"], message["body"]) == (
+        sent["message_id"], "alice", "bob", "hi bob, from node 1")
+
+    reply = yield bob.send_message("alice", "hello alice, from node 3")
+    pushed = yield wait_until(reactor, lambda: [e for e in alice_events if e.get("event") == "message"],
+                              5, "the push on node 1")
+    assert pushed[0]["message"]["id"] == reply["message_id"]
+    history = yield bob.history(peer="alice")
+    assert [m["body"] for m in history["messages"]] == ["hello alice, from node 3", "hi bob, from node 1"]
+    print(f"\npush latency node 1 -> node 3: {latency * 1000:.0f} ms (send to push)")
+
+
+# -- (b) ------------------------------------------------------------------------
+
+@within(150)
+@pytest_twisted.inlineCallbacks
+def test_killing_the_leader_under_load_loses_nothing_and_writes_resume_within_2s(cluster_factory):
+    reactor = reactor_()
+    cluster, leader = yield started(cluster_factory)
+    followers = [n for n in cluster.node_ids if n != leader]
+    senders = ["s1", "s2", "s3", "s4"]
+    yield create_accounts(cluster, SINK, "probe", *senders)
+    homes = [leader, followers[0], followers[1], leader]
+    clients = []
+    for name, home in zip(senders, homes):
+        clients.append((yield logged_in(cluster, name, prefer=home)))
+    probes = []
+    for node_id in followers:
+        probes.append((yield logged_in(cluster, "probe", only=node_id)))
+
+    load = Load(reactor, clients, SINK, pipeline=4)
+    running = load.run(1200)
+    yield wait_until(reactor, lambda: len(load.acked) >= 300 or running.called, 60, "300 acknowledged sends")
+    assert not running.called, "the load ended before the kill"
+    killed_at = reactor.seconds()
+    cluster.kill(leader)
+
+    probe = Probes(reactor, probes)
+    first = yield probe.until_acked(timeout=15)
+    resumed = first - killed_at
+    yield running.addTimeout(90, reactor)
+    yield probe.settled()
+    new_leader = yield cluster.wait_leader()
+    load_resumed = load.acked_after(killed_at)
+
+    print(f"\nleader {leader} killed after {len(load.acked) - len(load_resumed)} acks; new leader "
+          f"{new_leader}; first write issued after the kill acknowledged {resumed * 1000:.0f} ms after it; "
+          f"{len(load.acked)} sends acknowledged, {len(load.errors)} errors")
+    assert not load.errors, load.errors[:5]
+    assert len(load.acked) == 1200
+    acked = {**load.acked, **probe.acked}
+    yield check_every_node(cluster, followers, acked)
+    assert new_leader in followers
+    assert resumed < 2.0, f"writes resumed {resumed:.2f} s after the leader was killed"
+
+
+# -- (d) ------------------------------------------------------------------------
+
+@within(120)
+@pytest.mark.parametrize("survivor_role", ["follower", "leader"])
+@pytest_twisted.inlineCallbacks
+def test_a_minority_answers_unavailable_and_loses_nothing(cluster_factory, survivor_role):
+    reactor = reactor_()
+    cluster, leader = yield started(cluster_factory, request_timeout=2.0)
+    timeout = cluster.config.request_timeout
+    yield create_accounts(cluster, SINK, "writer")
+    survivor = leader if survivor_role == "leader" else next(n for n in cluster.node_ids if n != leader)
+    # Pinned to the survivor, no automatic retry of `unavailable`: we want to see it.
+    writer = yield logged_in(cluster, "writer", only=survivor,
+                             policy=fast_policy(unavailable_window=0, answer_timeout=timeout + 8))
+    sink = yield logged_in(cluster, SINK, only=survivor,
+                           policy=fast_policy(unavailable_window=0, answer_timeout=timeout + 8))
+    load = Load(reactor, [writer], SINK, pipeline=4)
+    yield load.run(100).addTimeout(30, reactor)
+    assert not load.errors and len(load.acked) == 100
+
+    cluster.kill(*[n for n in cluster.node_ids if n != survivor])
+    bound = timeout + 2.0
+    for attempt in range(2):
+        began = reactor.seconds()
+        with pytest.raises(ServerError) as e:
+            yield writer.send_message(SINK, f"lost-{attempt}", client_msg_id=f"lost-{attempt}").addTimeout(
+                bound, reactor)
+        assert e.value.code == "unavailable"
+        write_took = reactor.seconds() - began
+        began = reactor.seconds()
+        with pytest.raises(ServerError) as e:
+            yield sink.history(limit=5).addTimeout(bound, reactor)
+        assert e.value.code == "unavailable", "a minority served a read"
+        read_took = reactor.seconds() - began
+        print(f"\nsurvivor {survivor} ({survivor_role}): write unavailable after {write_took:.2f} s, "
+              f"read unavailable after {read_took:.2f} s")
+        assert write_took < bound and read_took < bound
+    hello = yield cluster.hello(survivor)
+    assert hello["node"] == survivor
+
+    cluster.start(*[n for n in cluster.node_ids if n != survivor])
+    yield cluster.wait_ready()
+    yield cluster.wait_leader()
+    # Retrying with the same client_msg_id stores each once, whether or not the first try got in.
+    for attempt in range(2):
+        msg_id = f"lost-{attempt}"
+        retried = yield writer.send_message(SINK, msg_id, client_msg_id=msg_id).addTimeout(30, reactor)
+        load.acked[msg_id] = {"message_id": retried["message_id"]}
+    yield check_every_node(cluster, cluster.node_ids, load.acked)
+
+
+# -- (e) ------------------------------------------------------------------------
+
+class _Recorder(protocol.Protocol):
+    def __init__(self):
+        self.received = b""
+        self.lost = defer.Deferred()
+        self.local_port = None
+
+    def connectionMade(self):
+        self.local_port = self.transport.getHost().port
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.why = reason.getErrorMessage()
+        self.lost.callback(None)
+
+
+@within(90)
+@pytest_twisted.inlineCallbacks
+def test_a_peer_without_a_cluster_certificate_is_refused_and_logged(cluster_factory, tmp_path):
+    reactor = reactor_()
+    cluster, leader = yield started(cluster_factory)
+    target = 1
+    peer = cluster.config.node(target).peer
+    ca = tls.load_ca(cluster.config)
+    foreign = Cluster(reactor, tmp_path / "foreign", nodes=3)  # its own CA, never started
+    attempts = {
+        "a certificate from another CA": tls.load_node_certificate(foreign.config, 2),
+        "no certificate": None,
+        "the node's own certificate": tls.load_node_certificate(cluster.config, target),
+    }
+    for what, certificate in attempts.items():
+        extra = {"clientCertificate": certificate} if certificate is not None else {}
+        options = ssl.optionsForClientTLS(tls.node_name(target), trustRoot=ca, **extra)
+        recorder = _Recorder()
+        endpoint = SSL4ClientEndpoint(reactor, peer.host, peer.port, options, timeout=5)
+        yield endpoint.connect(protocol.Factory.forProtocol(lambda: recorder))
+        recorder.transport.write(b"\x00\x00\x00\x00")  # a keepalive frame, if it ever got that far
+        yield recorder.lost.addTimeout(10, reactor)
+        assert recorder.received == b"", f"{what}: the node sent peer traffic"
+        port = recorder.local_port
+        lines = yield wait_until(
+            reactor, lambda: [line for line in cluster.output(target).splitlines()
+                              if "peer connection inbound" in line
+                              and (f"port={port}" in line or f":{port}" in line)],
+            5, f"node {target} to log the refused connection with {what}")
+        print(f"\n{what}: closed ({recorder.why}); node {target} logged: {lines[0]}")
+
+    # The cluster still serves, with the same leader.
+    yield create_accounts(cluster, SINK, "after")
+    client = yield logged_in(cluster, "after")
+    yield client.send_message(SINK, "still here")
+    still = yield cluster.wait_leader()
+    assert still == leader
+
+
+# -- (f) ------------------------------------------------------------------------
+
+@within(120)
+@pytest_twisted.inlineCallbacks
+def test_restarting_every_node_at_once_keeps_everything_acknowledged(cluster_factory):
+    reactor = reactor_()
+    cluster, leader = yield started(cluster_factory)
+    senders = ["s1", "s2", "s3"]
+    yield create_accounts(cluster, SINK, *senders)
+    clients = []
+    for name, home in zip(senders, cluster.node_ids):
+        clients.append((yield logged_in(cluster, name, prefer=home)))
+    load = Load(reactor, clients, SINK, pipeline=4)
+    running = load.run(100_000)
+    yield wait_until(reactor, lambda: len(load.acked) >= 400, 60, "400 acknowledged sends")
+    cluster.kill_all()
+    load.stop()
+    yield cluster.close_clients()
+    yield running.addTimeout(30, reactor)
+    acked = dict(load.acked)
+
+    began = reactor.seconds()
+    yield cluster.start_and_wait()
+    new_leader = yield cluster.wait_leader()
+    back = reactor.seconds() - began
+    print(f"\n{len(acked)} sends acknowledged before kill -9 of all; cluster back with leader "
+          f"{new_leader} {back:.1f} s after the restart")
+    yield check_every_node(cluster, cluster.node_ids, acked)
+    client = yield logged_in(cluster, "s1")
+    yield client.send_message(SINK, "after the restart")
+
+
+# -- (g) ------------------------------------------------------------------------
+
+def newest_segment(cluster, node_id):
+    segments = sorted(cluster.data_dir(node_id).rglob("wal-*.log"))
+    assert segments, f"no paxos log segment under {cluster.data_dir(node_id)}"
+    return segments[-1]
+
+
+@within(120)
+@pytest_twisted.inlineCallbacks
+def test_a_node_with_a_torn_last_record_restarts_and_catches_up(cluster_factory):
+    reactor = reactor_()
+    cluster, leader = yield started(cluster_factory)
+    victim = next(n for n in cluster.node_ids if n != leader)
+    yield create_accounts(cluster, SINK, "writer")
+    writer = yield logged_in(cluster, "writer", prefer=leader)
+    load = Load(reactor, [writer], SINK, pipeline=8)
+    yield load.run(300).addTimeout(60, reactor)
+    # Make sure the victim has written records of its own before it dies.
+    yield stored_on(cluster, victim)
+
+    cluster.kill(victim)
+    segment = newest_segment(cluster, victim)
+    size = segment.stat().st_size
+    with open(segment, "r+b") as f:
+        f.truncate(size - 5)
+    yield load.run(300).addTimeout(60, reactor)    # the victim misses these
+
+    began = reactor.seconds()
+    yield cluster.start_and_wait(victim)
+    yield wait_until(reactor, lambda: "cut a torn tail" in cluster.output(victim), 10,
+                     "the victim to log the torn tail it cut")
+    yield cluster.wait_leader()
+    assert not load.errors, load.errors[:5]
+    assert len(load.acked) == 600
+    yield check_every_node(cluster, [victim] + [n for n in cluster.node_ids if n != victim], load.acked)
+    print(f"\n{segment.name} cut from {size} to {size - 5} bytes; node {victim} rejoined and served "
+          f"all {len(load.acked)} messages {reactor.seconds() - began:.1f} s after its restart")
+
+
+# -- client failover --------------------------------------------------------------
+
+@within(120)
+@pytest_twisted.inlineCallbacks
+def test_a_client_on_the_killed_leader_fails_over_without_an_error(cluster_factory):
+    reactor = reactor_()
+    cluster, leader = yield started(cluster_factory)
+    yield create_accounts(cluster, SINK, "alice")
+    statuses = []
+    alice = yield logged_in(cluster, "alice", prefer=leader, on_status=statuses.append)
+    assert alice.node == leader
+    session = alice.session
+
+    load = Load(reactor, [alice], SINK, pipeline=2)
+    running = load.run(500)
+    yield wait_until(reactor, lambda: len(load.acked) >= 100 or running.called, 30, "100 acknowledged sends")
+    killed_at = reactor.seconds()
+    cluster.kill(leader)
+    yield running.addTimeout(60, reactor)
+
+    after = load.acked_after(killed_at)
+    states = [(s.state, s.node) for s in statuses]
+    assert not load.errors, f"errors reached the caller: {load.errors[:5]}"
+    assert len(load.acked) == 500
+    assert ("reconnecting", None) in states
+    assert alice.node != leader and alice.connected
+    assert alice.session == session, "the session was not resumed"
+    assert states[-1][0] == "connected"
+    gap = after[0] - killed_at
+    print(f"\nclient on leader {leader} moved to node {alice.node}; first ack {gap * 1000:.0f} ms "
+          f"after the kill; statuses {states}")
+    survivors = [n for n in cluster.node_ids if n != leader]
+    yield check_every_node(cluster, survivors, load.acked)
