@@ -28,6 +28,8 @@ from paxchat.client.errors import ConnectionDropped, ServerError
 now = time.monotonic
 
 REQUEST_TIMEOUT = 10.0
+# Password operations wait behind every bcrypt queued before them (cost 12: ~0.25 s each).
+PASSWORD_TIMEOUT = 180.0
 
 
 def sleep(reactor, seconds):
@@ -183,12 +185,12 @@ class PaxchatUser:
         self.proto = await self.targets.connect(node_id, on_event=self.on_event)
         self.node = node_id
 
-    async def ensure_account_and_login(self, timeout=60.0):
+    async def ensure_account_and_login(self, timeout=300.0):
         """Log in, creating the account first if this node does not know it."""
         deadline = now() + timeout
         while True:
             try:
-                result = await request(self.reactor, self.proto, "login",
+                result = await request(self.reactor, self.proto, "login", timeout=PASSWORD_TIMEOUT,
                                        username=self.username, password=self.password)
                 self.session = result["session"]
                 return
@@ -198,6 +200,7 @@ class PaxchatUser:
                 if e.code == "bad_credentials":
                     try:
                         await request(self.reactor, self.proto, "create_account",
+                                      timeout=PASSWORD_TIMEOUT,
                                       username=self.username, password=self.password)
                     except ServerError as e2:
                         if e2.code not in ("username_taken", "unavailable", "rate_limited"):
@@ -220,10 +223,11 @@ async def make_account(reactor, targets, node_id, username, password):
     """Create ``username`` via ``node_id`` (taken is fine); for recipients nobody logs in as."""
     proto = await targets.connect(node_id)
     try:
-        deadline = now() + 60
+        deadline = now() + 300
         while True:
             try:
-                await request(reactor, proto, "create_account", username=username, password=password)
+                await request(reactor, proto, "create_account", timeout=PASSWORD_TIMEOUT,
+                              username=username, password=password)
                 return
             except ServerError as e:
                 if e.code == "username_taken":

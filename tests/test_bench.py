@@ -46,6 +46,8 @@ EXPECTED = {
     "writes": "ops_per_s=",
     "failover": "p50_s=",
     "catchup": "current_s=",
+    "connections": "kib_per_connection=",
+    "loginstorm": "chat_p99_vs_quiet=",
 }
 # Benchmarks that measure etcd too and print the ratio.
 COMPARED = {"writes", "failover", "catchup"}
