@@ -86,27 +86,44 @@ async def finish(ctx, spy):
         ctx.say(f"[profile] {line}")
 
 
+# Leaf frames where a thread waits rather than works (epoll, queues, locks).
+IDLE_LEAVES = ("EPollReactor.doPoll", "Condition.wait", "Event.wait", "Thread.join",
+               "Queue.get", "select", "poll")
+
+
 def summarize(path, top=15):
-    """Top functions by own samples and by inclusive samples, from collapsed stacks."""
+    """Top functions by own samples and by inclusive samples, from collapsed stacks.
+
+    Samples whose leaf is a wait (see IDLE_LEAVES) are counted apart: the
+    percentages are of the samples where a thread was working.
+    """
+    with open(path) as f:
+        return summarize_lines(f, top)
+
+
+def summarize_lines(lines, top=15):
     own = collections.Counter()
     inclusive = collections.Counter()
-    total = 0
-    with open(path) as f:
-        for line in f:
-            stack, _, count = line.rstrip("\n").rpartition(" ")
-            if not stack or not count.isdigit():
-                continue
-            n = int(count)
-            total += n
-            frames = stack.split(";")
-            own[_short(frames[-1])] += n
-            for frame in set(_short(fr) for fr in frames):
-                inclusive[frame] += n
+    total = idle = 0
+    for line in lines:
+        stack, _, count = line.rstrip("\n").rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        leaf = _short(frames[-1])
+        if leaf.split(" (")[0] in IDLE_LEAVES:
+            idle += n
+            continue
+        total += n
+        own[leaf] += n
+        for frame in set(_short(fr) for fr in frames if "/paxchat/" in fr):
+            inclusive[frame] += n
     if not total:
-        return ["no samples"]
-    lines = [f"{total} samples; by own time:"]
+        return [f"no busy samples ({idle} idle)"]
+    lines = [f"{total} busy samples ({idle} idle left out); by own time:"]
     lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in own.most_common(top)]
-    lines.append("by total time (frame anywhere on the stack):")
+    lines.append("paxchat functions by total time (anywhere on the stack):")
     lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in inclusive.most_common(top)]
     return lines
 
