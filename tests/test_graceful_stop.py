@@ -1,0 +1,138 @@
+"""A planned stop (SIGTERM): turn clients away, pass leadership on, let writes finish; rolling restarts."""
+
+import pytest_twisted
+from twisted.internet import defer
+
+from paxchat.locallog import LocalLog
+from paxchat.node import NodeService
+from tests.cluster_support import (HAS_REPLICATED_LOG, Load, all_history, cluster_factory,  # noqa: F401
+                                   fast_policy, requires_replicated_log, wait_until, within)
+from tests.ops_support import reactor_, write_ops_config
+
+
+class SteppingLog(LocalLog):
+    """A LocalLog that leads, steps down on request and has writes in flight for a while."""
+
+    def __init__(self, node, events, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.node = node
+        self.events = events
+        self.leading = True
+        self.in_flight = 2
+
+    def leader_id(self):
+        return self.node_id if self.leading else self.node_id + 1
+
+    def step_down_gracefully(self):
+        self.events.append(("step down", self.node.port is None))
+        self.leading = False
+        reactor_().callLater(0.05, self._finish_one)
+        return defer.succeed(True)
+
+    def _finish_one(self):
+        self.in_flight -= 1
+        self.events.append(("write answered", self.in_flight))
+        if self.in_flight:
+            reactor_().callLater(0.05, self._finish_one)
+
+    def status(self):
+        return {"pending_proposals": self.in_flight, "held_commands": 0}
+
+    def stop(self):
+        self.events.append(("log stopped", self.in_flight))
+        return defer.succeed(None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_leader_hands_over_and_drains_before_it_stops(tmp_path):
+    cfg = write_ops_config(tmp_path, nodes=1, keys=(), client_tls="off", bcrypt_cost=4)
+    events = []
+
+    class Node(NodeService):
+        def make_command_log(self, worker):
+            return SteppingLog(self, events, self.reactor, worker, node_id=self.node_id)
+
+    node = Node(cfg, 1, reactor_())
+    node.startService()
+    yield node.stopService()
+    assert events == [("step down", True), ("write answered", 1), ("write answered", 0),
+                      ("log stopped", 0)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_draining_is_bounded_by_the_request_timeout(tmp_path):
+    cfg = write_ops_config(tmp_path, nodes=1, keys=(), client_tls="off", bcrypt_cost=4,
+                           request_timeout=0.3)
+    events = []
+
+    class Stuck(SteppingLog):
+        def step_down_gracefully(self):
+            self.leading = False
+            return defer.succeed(False)  # nobody took over
+
+    class Node(NodeService):
+        def make_command_log(self, worker):
+            return Stuck(self, events, self.reactor, worker, node_id=self.node_id)
+
+    node = Node(cfg, 1, reactor_())
+    node.startService()
+    began = reactor_().seconds()
+    yield node.stopService()
+    assert events == [("log stopped", 2)]
+    assert 0.25 <= reactor_().seconds() - began < 5
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_plain_local_log_stops_at_once(tmp_path):
+    cfg = write_ops_config(tmp_path, nodes=1, keys=(), client_tls="off", bcrypt_cost=4)
+    node = NodeService(cfg, 1, reactor_())
+    node.startService()
+    yield node.hand_over()
+    yield node.stopService()
+
+
+# -- a rolling restart of real nodes ------------------------------------------------------
+
+@requires_replicated_log
+@within(180)
+@pytest_twisted.inlineCallbacks
+def test_rolling_restart_under_load_loses_nothing(cluster_factory):  # noqa: F811
+    reactor = reactor_()
+    cluster = cluster_factory(3)
+    yield cluster.start_and_wait()
+    yield cluster.require_replication()
+    leader = yield cluster.wait_leader()
+
+    setup = cluster.client(policy=fast_policy())
+    for name in ("sink", "s1", "s2", "s3"):
+        yield setup.create_account(name, f"{name}-password")
+    clients = []
+    for name, home in zip(("s1", "s2", "s3"), cluster.node_ids):
+        client = cluster.client(prefer=home, policy=fast_policy())
+        yield client.login(name, f"{name}-password")
+        clients.append(client)
+    load = Load(reactor, clients, "sink", pipeline=2)
+    running = load.run(100_000)
+    yield wait_until(reactor, lambda: len(load.acked) >= 50, 60, "50 acknowledged sends")
+
+    # Followers first, the leader last, as docs/deploy.md says.
+    order = [n for n in cluster.node_ids if n != leader] + [leader]
+    for node_id in order:
+        acked_before = len(load.acked)
+        yield cluster.stop_gracefully(node_id, timeout=30)
+        cluster.start(node_id)
+        yield cluster.wait_ready(node_id)
+        yield wait_until(reactor, lambda: len(load.acked) >= acked_before + 30, 60,
+                         f"30 more sends acknowledged after node {node_id} restarted")
+    load.stop()
+    yield running.addTimeout(60, reactor)
+
+    assert "leadership passed to node" in cluster.output(leader), cluster.describe(80)
+    assert not load.errors, load.errors[:5]
+    for node_id in cluster.node_ids:
+        reader = cluster.client(only=node_id, policy=fast_policy())
+        yield reader.login("sink", "sink-password")
+        bodies = [m["body"] for m in (yield all_history(reader))]
+        missing = set(load.acked) - set(bodies)
+        assert not missing, f"node {node_id} lacks {len(missing)} acknowledged sends"
+        assert len(bodies) == len(set(bodies)), f"node {node_id} stored a send twice"
