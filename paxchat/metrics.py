@@ -16,7 +16,7 @@ import re
 from numbers import Real
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from twisted.application import service
@@ -184,6 +184,19 @@ class _StatusCollector:
             for peer, state in sorted(status["peers"].items()):
                 gauge.add_metric([peer], 1 if state == "connected" else 0)
             yield gauge
+        yield from self._store_counters()
+
+    def _store_counters(self):
+        """The Paxos store's own counts (DurableLog.batches, .records_written), if it has them."""
+        store = getattr(self._node.log, "store", None)
+        for attribute, name, doc in (
+                ("batches", "paxchat_log_fsyncs", "Write+fsync rounds of the Paxos log."),
+                ("records_written", "paxchat_log_records_written", "Records appended to the Paxos log.")):
+            value = _number(getattr(store, attribute, None))
+            if value is not None:
+                counter = CounterMetricFamily(name, doc)
+                counter.add_metric([], value)
+                yield counter
 
 
 class NodeMetrics:

@@ -42,6 +42,10 @@ class StatusLog:
                         "peers": {1: "connected", 3: "disconnected"}, "pending_proposals": 4,
                         "log_bytes": 4096, "Odd-Key": 1, **status}
 
+    class store:
+        batches = 17
+        records_written = 40
+
     def status(self):
         return self._status
 
@@ -72,6 +76,8 @@ def test_collector_reads_a_replicated_log_status():
     assert value(found, "paxchat_peer_up", peer="1") == 1
     assert value(found, "paxchat_peer_up", peer="3") == 0
     assert value(found, "paxchat_node_running") == 1
+    assert value(found, "paxchat_log_fsyncs_total") == 17
+    assert value(found, "paxchat_log_records_written_total") == 40
 
 
 def test_collector_degrades_without_status():
@@ -82,6 +88,7 @@ def test_collector_degrades_without_status():
     assert value(found, "paxchat_leader") == 1
     assert not any(name == "paxchat_peer_up" for name, _ in found)
     assert not any(name == "paxchat_ballot_round" for name, _ in found)
+    assert not any(name.startswith("paxchat_log_fsyncs") for name, _ in found)
 
 
 def test_collector_survives_no_log_and_odd_shapes():
