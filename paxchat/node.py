@@ -77,7 +77,7 @@ class NodeService(service.MultiService):
         self.announce_ready()
 
     def add_operations(self):
-        """Metrics and the admin API (listening when ``metrics``/``admin`` are set): children.
+        """Metrics, the admin API (when ``metrics``/``admin`` are set), systemd's watchdog: children.
 
         Children start once the command log exists and before clients are
         served; ``self.metrics`` takes ``observe_commit``/``observe_fsync``.
@@ -86,6 +86,7 @@ class NodeService(service.MultiService):
         operations.setServiceParent(self)
         self.metrics = operations.metrics
         AdminService(self).setServiceParent(self)
+        notify.WatchdogService(self.reactor).setServiceParent(self)
 
     def announce_ready(self):
         """Tell systemd READY=1 once every listener (clients, and peers if any) is up.

@@ -12,9 +12,11 @@ every call does nothing.
 import os
 import socket
 
+from twisted.application import service
+from twisted.internet import task
 from twisted.logger import Logger
 
-__all__ = ["notify", "ready", "status", "stopping"]
+__all__ = ["WatchdogService", "notify", "ready", "status", "stopping", "watchdog_interval"]
 
 log = Logger()
 
@@ -73,3 +75,51 @@ def status(status_text, environ=None):
 
 def _status_line(text):
     return "STATUS=" + " ".join(str(text).split())
+
+
+def watchdog_interval(environ=None):
+    """Seconds between WATCHDOG=1 pings (half of ``WatchdogSec=``), or None if not asked.
+
+    systemd sets ``$WATCHDOG_USEC`` (and ``$WATCHDOG_PID``, the process it
+    means) when the unit has ``WatchdogSec=``.
+    """
+    environ = os.environ if environ is None else environ
+    try:
+        usec = int(environ.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    pid = environ.get("WATCHDOG_PID", "")
+    if usec <= 0 or (pid and pid != str(os.getpid())):
+        return None
+    return usec / 2e6
+
+
+class WatchdogService(service.Service):
+    """Pings systemd's watchdog from the reactor, so a wedged reactor gets the node restarted.
+
+    The ping is a reactor timer: if the reactor stops turning (a blocking
+    call, a deadlock), pings stop and systemd kills and restarts the node
+    after ``WatchdogSec=``. Does nothing without ``$WATCHDOG_USEC``.
+    """
+
+    name = "systemd-watchdog"
+
+    def __init__(self, reactor, environ=None):
+        self._reactor = reactor
+        self._environ = environ
+        self._loop = None
+
+    def startService(self):
+        super().startService()
+        interval = watchdog_interval(self._environ)
+        if interval is None:
+            return
+        self._loop = task.LoopingCall(notify, "WATCHDOG=1", environ=self._environ)
+        self._loop.clock = self._reactor
+        self._loop.start(interval, now=True)
+
+    def stopService(self):
+        super().stopService()
+        loop, self._loop = self._loop, None
+        if loop is not None and loop.running:
+            loop.stop()

@@ -5,7 +5,7 @@ import socket
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, task
 
 from paxchat import notify
 from tests.cluster_support import cluster_factory, wait_until  # noqa: F401 (fixture)
@@ -74,6 +74,38 @@ def test_unusable_socket_is_logged_not_raised(tmp_path):
     assert len(warnings) == 2 and all(e["log_level"] == LogLevel.warn for e in warnings)
 
 
+def test_watchdog_interval():
+    assert notify.watchdog_interval({}) is None
+    assert notify.watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 15.0
+    assert notify.watchdog_interval({"WATCHDOG_USEC": "30000000",
+                                     "WATCHDOG_PID": str(os.getpid())}) == 15.0
+    assert notify.watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
+    assert notify.watchdog_interval({"WATCHDOG_USEC": "soon"}) is None
+
+
+def test_watchdog_pings_on_the_reactor(listener):
+    path, sock = listener
+    clock = task.Clock()
+    watchdog = notify.WatchdogService(clock, {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"})
+    watchdog.startService()
+    assert sock.recv(100) == b"WATCHDOG=1"
+    clock.advance(1.0)
+    assert sock.recv(100) == b"WATCHDOG=1"
+    watchdog.stopService()
+    clock.advance(5.0)
+    sock.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        sock.recv(100)
+
+
+def test_no_watchdog_without_systemd_asking():
+    clock = task.Clock()
+    watchdog = notify.WatchdogService(clock, {})
+    watchdog.startService()
+    assert not clock.getDelayedCalls()
+    watchdog.stopService()
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_twistd_node_tells_systemd_it_is_ready_and_stopping(cluster_factory, tmp_path,  # noqa: F811
                                                               monkeypatch):
@@ -92,11 +124,13 @@ def test_a_twistd_node_tells_systemd_it_is_ready_and_stopping(cluster_factory, t
     port = reactor.listenUNIXDatagram(path, Systemd())
     try:
         monkeypatch.setenv("NOTIFY_SOCKET", path)
+        monkeypatch.setenv("WATCHDOG_USEC", "400000")  # a ping every 0.2 s
         cluster = cluster_factory(nodes=1)
         cluster.start(1)
         message = yield ready.addTimeout(60, reactor)
         assert message.startswith(b"READY=1\nSTATUS=node 1 serving clients on ")
         yield cluster.wait_ready(1)  # READY=1 came once it could be served
+        yield wait_until(reactor, lambda: b"WATCHDOG=1" in received, 10, "a watchdog ping")
         yield cluster.stop_gracefully(1)
         yield wait_until(reactor, lambda: any(m.startswith(b"STOPPING=1") for m in received),
                          10, "STOPPING=1")

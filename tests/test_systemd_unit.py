@@ -63,6 +63,7 @@ def test_ready_and_restart_policy():
     assert one("Restart") == "on-failure"
     assert one("KillSignal") == "SIGTERM"
     assert float(one("TimeoutStopSec")) >= 10
+    assert float(one("WatchdogSec")) >= 10
 
 
 def test_sandbox():
