@@ -1,10 +1,11 @@
 """Each benchmark runs once at ``--tiny`` size and prints its figures.
 
-The harness's pure parts (percentiles, windows, the etcd HTTP client,
-profile summaries) have unit tests at the end. Not a timing test: it proves the harness still starts both clusters, drives
-them and reports, not how fast anything is. The paxchat side always runs;
+Not a timing test: it proves the harness still starts both clusters,
+drives them and reports, not how fast anything is. The paxchat side always runs;
 the etcd side only where an ``etcd`` binary is installed (the benchmark
-would apt-get it, a test never does).
+would apt-get it, a test never does). The harness's pure parts
+(percentiles, windows, the etcd HTTP client, profile summaries) have unit
+tests at the end.
 """
 
 import os
