@@ -1,9 +1,13 @@
 """NodeService: one paxchat node wired from its config.
 
-State on disk, the state worker thread, the command log and the client
-listener, started in that order and stopped in reverse, so no client
-request reaches a log or state that is already gone.
+State on disk, the state worker thread, the command log (the Multi-Paxos
+replicated log, with its peer links and ticker) and the client listener,
+started in that order and stopped in reverse, so no client request reaches
+a log or state that is already gone.
 """
+
+import os
+import sys
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
@@ -13,7 +17,7 @@ from twisted.python.failure import Failure
 from paxchat import notify, tls
 from paxchat.admin import AdminService
 from paxchat.metrics import MetricsService, find_service
-from paxchat.locallog import LocalLog
+from paxchat.replicatedlog import ReplicatedLog
 from paxchat.server.factory import ChatServerFactory
 from paxchat.server.settings import ServerSettings
 from paxchat.state.chat import ChatState
@@ -42,6 +46,10 @@ class NodeService(service.MultiService):
         self.settings = ServerSettings.from_config(config, node_id)
         self.client_tls_options = (
             tls.client_server_options(config, node_id) if config.client_tls else None)
+        if config.peers_of(node_id):
+            # Peer links are always mutual TLS: missing certificates stop us here.
+            tls.load_ca(config)
+            tls.load_node_certificate(config, node_id)
         self.state = self.worker = self.log = self.factory = self.port = None
         self.add_operations()
 
@@ -110,13 +118,53 @@ class NodeService(service.MultiService):
         waiting.addBoth(forward)
 
     def make_command_log(self, worker):
-        """The node's ICommandLog: a LocalLog until the replicated log takes its place.
+        """The node's ICommandLog: the replicated log, for a cluster of any size.
 
-        A log that needs running parts (peer transport, timers) adds them
-        here with ``setServiceParent(self)``: they start right after, before
-        clients are served, and stop before the log's own ``stop()``.
+        Its running parts (peer transport, ticker) become children of the
+        node here: they start right away, before clients are served, and stop
+        before the log's own ``stop()``. A peer port that cannot be bound
+        fails the start.
         """
-        return LocalLog(self.reactor, worker, node_id=self.node_id)
+        command_log = ReplicatedLog.from_config(
+            self.reactor, self.config, self.node_id, worker, on_fatal=self.fatal)
+        for part in command_log.services():
+            part.setServiceParent(self)
+        if command_log.transport is not None:
+            outcome = []
+
+            def listened(result):
+                if isinstance(result, Failure) and outcome == ["late"]:
+                    self.fatal(f"cannot listen for peers: {result.getErrorMessage()}")
+                outcome.append(result)
+
+            # TCP endpoints listen synchronously: a taken peer port fails the start here.
+            command_log.transport.listening.addBoth(listened)
+            if outcome and isinstance(outcome[0], Failure):
+                command_log.stop()
+                outcome[0].raiseException()
+            outcome.append("late")
+        command_log.start()
+        return command_log
+
+    def fatal(self, why):
+        """The node cannot go on (its storage failed): end the process with status 1.
+
+        Services stop first (the state is closed cleanly); then the process
+        exits non-zero so a supervisor notices and an operator looks.
+        """
+        if not self.running or getattr(self, "_stopping_for_fatal", False):
+            return  # already stopping (or stopped): nothing more to end
+        log.critical("paxchat node {node_id} is stopping: {why}", node_id=self.node_id, why=why)
+        self._stopping_for_fatal = True
+
+        def exit_failed():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+
+        self.reactor.addSystemEventTrigger("after", "shutdown", exit_failed)
+        if self.reactor.running:
+            self.reactor.stop()
 
     def client_endpoint(self):
         """Where clients connect: the node's ``client`` address, TLS when client_tls is on."""
@@ -185,11 +233,12 @@ class NodeService(service.MultiService):
         if self.port is not None:
             port, self.port = self.port, None
             yield port.stopListening()
+        # Forget them all at once: stopping the log may wait for its disk thread.
         log_, self.log = self.log, None
-        if log_ is not None and hasattr(log_, "stop"):
-            yield log_.stop()
         worker, self.worker = self.worker, None
         state, self.state = self.state, None
+        if log_ is not None and hasattr(log_, "stop"):
+            yield log_.stop()
         if worker is not None:
             yield worker.stop()
         elif state is not None:

@@ -108,6 +108,7 @@ def test_starts_every_node_and_stops_them_all_on_sigint(tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
 def test_nodes_die_with_a_killed_dev_cluster(tmp_path):
     cfg = configmod.load(write_local_config(tmp_path, nodes=2, client_tls="off", bcrypt_cost=4))
+    tls.make_cluster_certs(cfg)  # peer links are always TLS
     with Run("--config", str(cfg.path)) as run:
         wait_for(lambda: "cluster ready" in run.output or run.process.poll() is not None,
                  STARTUP, "the ready line")
@@ -120,6 +121,7 @@ def test_nodes_die_with_a_killed_dev_cluster(tmp_path):
 
 def test_only_the_nodes_asked_for(tmp_path):
     cfg = configmod.load(write_local_config(tmp_path, nodes=3, client_tls="off", bcrypt_cost=4))
+    tls.make_cluster_certs(cfg)  # peer links are always TLS
     with Run("--config", str(cfg.path), "--nodes", "2") as run:
         wait_for(lambda: accepts(cfg.node(2).client, 0.2) or run.process.poll() is not None,
                  STARTUP, "node 2 to accept clients")
@@ -132,6 +134,7 @@ def test_only_the_nodes_asked_for(tmp_path):
 
 def test_a_node_that_cannot_start_fails_the_run_with_its_error(tmp_path):
     cfg = configmod.load(write_local_config(tmp_path, nodes=2, client_tls="off", bcrypt_cost=4))
+    tls.make_cluster_certs(cfg)  # peer links are always TLS
     address = cfg.node(2).client
     squatter = socket.socket()
     try:

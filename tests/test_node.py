@@ -24,8 +24,7 @@ def make_cluster(tmp_path, client_tls):
     path = write_local_config(tmp_path, nodes=2, client_tls="on" if client_tls else "off",
                               bcrypt_cost=4)
     cfg = configmod.load(path)
-    if client_tls:
-        tls.make_cluster_certs(cfg)
+    tls.make_cluster_certs(cfg)  # peer links are always TLS
     return cfg
 
 
@@ -60,16 +59,19 @@ def connect(cfg, node_id):
 
 @pytest_twisted.inlineCallbacks
 def run_session(cfg, node_id, body):
-    node = NodeService(cfg, node_id, reactor_())
-    node.startService()
+    # Every node of the cluster runs, so that writes have a quorum.
+    nodes = {n: NodeService(cfg, n, reactor_()) for n in cfg.nodes}
+    for each in nodes.values():
+        each.startService()
     client = None
     try:
         client = yield connect(cfg, node_id)
-        yield body(node, client)
+        yield body(nodes[node_id], client)
     finally:
         if client is not None:
             client.transport.loseConnection()
-        yield node.stopService()
+        for each in nodes.values():
+            yield each.stopService()
 
 
 @pytest.mark.parametrize("client_tls", [True, False], ids=["tls", "tcp"])

@@ -111,7 +111,10 @@ class Handlers:
 
     async def _read_barrier(self, conn=None):
         """Wait until local state holds every acknowledged write; re-check the session."""
-        await self._log.read_barrier()
+        try:
+            await self._log.read_barrier()
+        except Unavailable:
+            raise ProtocolError(UNAVAILABLE, "the cluster could not confirm a read in time; retry") from None
         if conn is not None:
             return self._session(conn)
 

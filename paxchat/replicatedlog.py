@@ -1,0 +1,745 @@
+"""The command log of a cluster: the Multi-Paxos replica joined to the node.
+
+``ReplicatedLog`` is the ``ICommandLog`` of a node that is one of several.
+It feeds the pure replica (``paxos/core.py``) its inputs - time from a
+ticker, peer frames from the ``PeerTransport``, commands from ``submit``,
+fsync acknowledgements from the ``DurableLog`` - and after every input runs
+the replica's *Ready loop* in the documented order: persist records, send
+messages, restore a received snapshot, apply decided slots to the state
+(through the ``StateWorker``, one batch at a time, in order), note leader
+changes, release reads, and route dropped proposals to the new leader.
+
+How a write travels: ``submit`` tags the command with a request id
+(``rid``), encodes it to JSON bytes and proposes it when this node leads,
+else forwards it to the leader (``ForwardProposals``), which proposes it as
+its own. Every node applies every slot; the node that took the client's
+request answers it when *it* applies the command: observers first (they
+push events), then the submitter's Deferred. A command that is not applied
+within ``request_timeout`` fails with ``Unavailable`` and is never
+re-proposed here (only ``dropped`` proposals are, which the core guarantees
+were never given a slot): the client retries and the state dedups.
+
+How a read is made linearizable: the leader asks its replica for a read
+index (served from its lease when it holds one); a follower asks the leader
+(``ReadIndexRequest``) and waits until it has applied up to that index.
+Either way a node cut off from a quorum answers ``Unavailable`` in time
+instead of serving stale state.
+
+Every ``snapshot_interval`` applied slots the state's snapshot is handed to
+the replica (``compact``) and the durable log is rewritten to just what is
+needed above it. A storage failure stops the node: it must never answer
+from state it cannot trust.
+"""
+
+import heapq
+import itertools
+import json
+import os
+import random
+from collections import deque
+from dataclasses import dataclass
+
+from twisted.application.internet import TimerService
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from paxchat.interfaces import ICommandLog, Unavailable
+from paxchat.paxos import messages as M
+from paxchat.paxos.core import Config as CoreConfig
+from paxchat.paxos.core import DurableState, NotLeader, Replica
+from paxchat.paxos.transport import MAX_FRAME_BYTES
+from paxchat.state.worker import StateWorkerStopped
+
+__all__ = ["ReplicatedLog", "ReplicationSettings"]
+
+log = Logger()
+
+_CORE_MESSAGES = frozenset(M.MESSAGE_TYPES) - {
+    M.ForwardProposals, M.ReadIndexRequest, M.ReadIndexReply}
+_json_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+# Forwarded commands go in frames well under the transport's limit.
+FORWARD_BATCH_BYTES = 4 << 20
+FORWARD_BATCH_COMMANDS = 1024
+# Slots applied in one state transaction at most.
+APPLY_BATCH_SLOTS = 1024
+
+
+@dataclass(frozen=True)
+class ReplicationSettings:
+    """The knobs of the replicated log, from cluster.ini (see ``from_config``)."""
+
+    heartbeat_interval: float = 0.1
+    election_timeout: float = 1.0
+    max_clock_drift: float = 0.05
+    request_timeout: float = 5.0
+    snapshot_interval: int = 10000
+    compact_log_bytes: int = 32 << 20   # compact early when the log segment grows past this
+    max_held: int = 10000               # commands waiting for a leader to be known
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(heartbeat_interval=config.heartbeat_interval,
+                   election_timeout=config.election_timeout_min,
+                   max_clock_drift=config.max_clock_drift,
+                   request_timeout=config.request_timeout,
+                   snapshot_interval=config.snapshot_interval)
+
+    def core_config(self):
+        # A window of 32 full slots keeps a Promise under the peer frame limit.
+        return CoreConfig(heartbeat_interval=self.heartbeat_interval,
+                          election_timeout=self.election_timeout,
+                          max_clock_drift=self.max_clock_drift, window=32)
+
+
+class _Request:
+    """A local submit or read barrier waiting for its answer."""
+    __slots__ = ("deferred", "timer", "index", "asked", "asked_at")
+
+    def __init__(self, deferred, timer):
+        self.deferred = deferred
+        self.timer = timer
+        self.index = None      # reads: the read index once known
+        self.asked = None      # reads: who was asked (node id), or None
+        self.asked_at = 0.0
+
+
+def _decode_command(raw):
+    """(command for the state, request id) of a command as the log carries it.
+
+    Undecodable bytes go to the state as they are (it answers invalid_request,
+    the same on every node).
+    """
+    try:
+        command = json.loads(raw)
+    except (ValueError, RecursionError):
+        return raw, None
+    if not isinstance(command, dict):
+        return raw, None
+    rid = command.pop("rid", None)
+    return command, rid if isinstance(rid, str) else None
+
+
+@implementer(ICommandLog)
+class ReplicatedLog:
+    """An ``ICommandLog`` replicated by Multi-Paxos over the cluster's members.
+
+    @param open_store: ``() -> Deferred[(DurableLog, [record bytes])]``.
+    @param make_transport: ``make_transport(on_message) -> PeerTransport``-like
+        (``send(to, frame) -> bool``, ``peer_state(id)``, a service), or None
+        for a cluster of one node.
+    @param on_fatal: ``on_fatal(reason)`` once the node must stop (storage
+        failure); the node stops its process.
+    """
+
+    def __init__(self, reactor, node_id, members, worker, settings, *, open_store,
+                 make_transport=None, on_fatal=None, jitter=random.random):
+        self._reactor = reactor
+        self.node_id = node_id
+        self.members = tuple(sorted(set(members)))
+        self._worker = worker
+        self.settings = settings
+        self._core_config = settings.core_config()
+        self._open_store = open_store
+        self._on_fatal = on_fatal
+        self._jitter = jitter
+        self.transport = make_transport(self._on_frame) if make_transport else None
+        self.ticker = TimerService(settings.heartbeat_interval / 2, self._tick)
+        self.ticker.clock = reactor
+        # Request ids must never repeat across restarts: a replayed slot of
+        # an earlier run must not answer a request of this one.
+        self._incarnation = os.urandom(6).hex()
+        self._seq = itertools.count(1)
+        self.replica = None
+        self.store = None
+        self._starting = None
+        self._stopped = False
+        self.failed = None                 # why the node had to stop, once it did
+        self._observers = []
+        self._pending = {}                 # rid -> _Request (submits)
+        self._held = deque()               # (deadline, command bytes): waiting for a leader
+        self._reads = {}                   # read id -> _Request
+        self._read_ids = itertools.count(1)
+        self._read_waiting = []            # heap of (index, read id) waiting for apply
+        self._driving = False
+        self._drive_call = None
+        # applying
+        self._apply_queue = deque()        # ("restore", index, data) | ("apply", [(slot, cmds)])
+        self._applying = False
+        self.applied_index = None          # the state's applied index, once read
+        self._queued_upto = 0              # highest slot queued for the state (or in it)
+        self._decided_upto = 0             # highest slot the replica handed out
+        # compaction
+        self._durable = None               # DurableState folded at the last rewrite
+        self._unfolded = []                # records appended since
+        self._compacted = 0
+        self._snapshotting = False
+        self._need_snapshot = False
+
+    @classmethod
+    def from_config(cls, reactor, config, node_id, worker, on_fatal=None):
+        """The log of node ``node_id`` of a ClusterConfig (peer links only if it has peers)."""
+        from paxchat.paxos.store import DurableLog
+        from paxchat.paxos.transport import PeerTransport
+
+        directory = config.node_data_dir(node_id) / "paxos"
+        make_transport = None
+        if config.peers_of(node_id):
+            def make_transport(on_message):
+                return PeerTransport.from_config(reactor, config, node_id, on_message)
+        return cls(reactor, node_id, list(config.nodes), worker,
+                   ReplicationSettings.from_config(config),
+                   open_store=lambda: DurableLog.open(reactor, directory),
+                   make_transport=make_transport, on_fatal=on_fatal)
+
+    def services(self):
+        """The running parts the node must start (before clients) and stop (before ``stop``)."""
+        return [s for s in (self.transport, self.ticker) if s is not None]
+
+    # -- start and stop ---------------------------------------------------
+
+    def start(self):
+        """Recover the durable log and the applied index, then run the replica.
+
+        Submits and reads made before it finishes wait (they may time out).
+        Returns a Deferred; a failure has already stopped the node.
+        """
+        self._starting = d = self._start()
+        return d
+
+    @defer.inlineCallbacks
+    def _start(self):
+        try:
+            store, records = yield self._open_store()
+            if self._stopped:
+                yield store.close()
+                return
+            self.store = store
+            applied = yield self._worker.call("applied_index")
+            durable = DurableState.from_records([M.decode(r) for r in records])
+        except Exception as e:
+            if self._stopped or isinstance(e, StateWorkerStopped):
+                log.info("node {node} stopped while its replicated log started", node=self.node_id)
+            else:
+                self._fatal(f"cannot start the replicated log: {e}", e)
+            return
+        if self._stopped:
+            return
+        if applied < durable.snapshot_index:
+            # Crashed after persisting a received snapshot's CompactRecord but
+            # before the state restored it: claim only what the state holds,
+            # so the replica fetches the rest again.
+            log.warn("state applied index {applied} is below the log's snapshot index {index};"
+                     " catching up from peers", applied=applied, index=durable.snapshot_index)
+            durable = DurableState(durable.promised, durable.accepted, applied)
+        self._durable = durable
+        self.applied_index = applied
+        self._queued_upto = applied
+        self._decided_upto = self._compacted = durable.snapshot_index
+        # A compacted log has no snapshot in memory for lagging peers: make one
+        # once the replica has decided up to the state's index again.
+        self._need_snapshot = durable.snapshot_index > 0
+        now = self._reactor.seconds()
+        if len(self.members) == 1:
+            # Nobody else can hold a lease: elect ourselves at the first tick.
+            now -= 2 * self.settings.election_timeout
+        self.replica = Replica(self.node_id, self.members, now=now, config=self._core_config,
+                               jitter=self._jitter, durable=durable)
+        log.info("node {node} replicated log started: {count} log records, applied index"
+                 " {applied}, snapshot index {index}, members {members}", node=self.node_id,
+                 count=len(records), applied=applied, index=durable.snapshot_index,
+                 members=list(self.members))
+        self._tick()
+
+    @defer.inlineCallbacks
+    def stop(self):
+        """Stop ticking, fail what waits with Unavailable, close the transport and the log."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for svc in self.services():
+            if svc.running:
+                yield svc.stopService()
+            if svc.parent is not None:
+                svc.disownServiceParent()
+        if self._drive_call is not None and self._drive_call.active():
+            self._drive_call.cancel()
+        self._fail_waiting("the node is stopping")
+        if self._starting is not None:
+            yield self._starting
+        if self.store is not None:
+            yield self.store.close()
+
+    def _fatal(self, why, error=None):
+        """Storage (or state) failed us: stop answering, stop the node."""
+        if self.failed is not None:
+            return
+        self.failed = why
+        log.critical("node {node} stops: {why}", node=self.node_id, why=why)
+        if self.ticker.running:
+            self.ticker.stopService()
+        self._fail_waiting(why)
+        if self._on_fatal is not None:
+            self._on_fatal(why)
+
+    def _fail_waiting(self, why):
+        pending, self._pending = self._pending, {}
+        reads, self._reads = self._reads, {}
+        self._held.clear()
+        self._read_waiting = []
+        for request in list(pending.values()) + list(reads.values()):
+            if request.timer.active():
+                request.timer.cancel()
+            request.deferred.errback(Unavailable(why))
+
+    @property
+    def _live(self):
+        return self.replica is not None and not self._stopped and self.failed is None
+
+    # -- ICommandLog --------------------------------------------------------
+
+    def submit(self, command):
+        if self._stopped or self.failed is not None:
+            return defer.fail(Unavailable(self.failed or "the node is stopping"))
+        rid = f"{self.node_id}:{self._incarnation}:{next(self._seq)}"
+        data = _json_encode(dict(command, rid=rid)).encode("utf-8")
+        if len(data) > M.MAX_COMMAND_BYTES:
+            return defer.fail(ValueError(f"command of {len(data)} bytes is too large"))
+        if len(self._held) >= self.settings.max_held:
+            return defer.fail(Unavailable("too many commands are waiting for a leader"))
+        d = defer.Deferred()
+        timeout = self.settings.request_timeout
+        timer = self._reactor.callLater(timeout, self._submit_timed_out, rid)
+        self._pending[rid] = _Request(d, timer)
+        self._held.append((self._reactor.seconds() + timeout, data))
+        self._drive_soon()
+        return d
+
+    def read_barrier(self):
+        if self._stopped or self.failed is not None:
+            return defer.fail(Unavailable(self.failed or "the node is stopping"))
+        read_id = next(self._read_ids)
+        d = defer.Deferred()
+        timer = self._reactor.callLater(self.settings.request_timeout, self._read_timed_out, read_id)
+        self._reads[read_id] = _Request(d, timer)
+        self._ask_read(read_id)
+        self._drive_soon()
+        return d
+
+    def add_observer(self, observer):
+        self._observers.append(observer)
+
+    def leader_id(self):
+        return self.replica.leader_id if self.replica is not None else None
+
+    # -- operations -----------------------------------------------------------
+
+    def status(self):
+        """A snapshot of this node's replication, for operators and metrics."""
+        r = self.replica
+        peers = {}
+        if self.transport is not None:
+            peers = {n: self.transport.peer_state(n) for n in self.members if n != self.node_id}
+        return {
+            "node": self.node_id,
+            "role": "failed" if self.failed else (r.role if r is not None else "starting"),
+            "leader": self.leader_id(),
+            "ballot": [r.ballot.round, r.ballot.node] if r is not None else None,
+            "commit_index": r.commit_index if r is not None else None,
+            "applied_index": self.applied_index,
+            "snapshot_index": r.snapshot_index if r is not None else None,
+            "peers": peers,
+            "pending_proposals": len(self._pending),
+            "held_commands": len(self._held),
+            "pending_reads": len(self._reads),
+            "log_bytes": self.store.size_bytes if self.store is not None else None,
+        }
+
+    def transfer_leadership(self, target):
+        """Hand leadership to ``target`` (NotLeader / ValueError as the replica raises them)."""
+        if self.replica is None:
+            raise NotLeader(None)
+        self.replica.transfer_leadership(target)
+        self._drive()
+
+    def step_down_gracefully(self, timeout=None):
+        """Before a planned stop: transfer leadership to a connected peer and wait for it.
+
+        Fires True once another node leads (or this one did not lead), False
+        if none took over in ``timeout`` (default: two election timeouts).
+        """
+        r = self.replica
+        if not self._live or not r.is_leader or not r.peers:
+            return defer.succeed(True)
+        connected = self.transport.connected_peers() if self.transport is not None else set()
+        candidates = [p for p in r.peers if p in connected] or list(r.peers)
+        try:
+            self.transfer_leadership(candidates[0])
+        except (NotLeader, ValueError):
+            return defer.succeed(not r.is_leader)
+        deadline = self._reactor.seconds() + (timeout or 2 * self.settings.election_timeout)
+        done = defer.Deferred()
+
+        def check():
+            leader = self.leader_id()
+            if not self._live or (not self.replica.is_leader and leader not in (None, self.node_id)):
+                done.callback(True)
+            elif self._reactor.seconds() >= deadline:
+                done.callback(False)
+            else:
+                self._reactor.callLater(self.settings.heartbeat_interval, check)
+
+        check()
+        return done
+
+    # -- inputs -----------------------------------------------------------------
+
+    def _tick(self):
+        if not self._live:
+            return
+        self.replica.tick(self._reactor.seconds())
+        self._retry_reads()
+        self._drive()
+
+    def _on_frame(self, from_node_id, frame):
+        """A frame from an authenticated peer; bad ones are dropped, never raised."""
+        if not self._live:
+            return
+        try:
+            msg = M.decode(frame)
+        except M.DecodeError as e:
+            log.debug("undecodable frame from node {peer}: {why}", peer=from_node_id, why=e)
+            return
+        if getattr(msg, "sender", None) != from_node_id:
+            log.debug("frame from node {peer} claims sender {sender}; dropped",
+                      peer=from_node_id, sender=getattr(msg, "sender", None))
+            return
+        kind = type(msg)
+        if kind in _CORE_MESSAGES:
+            self.replica.receive(msg, self._reactor.seconds())
+        elif kind is M.ForwardProposals:
+            deadline = self._reactor.seconds() + self.settings.request_timeout
+            for command in msg.commands:
+                if len(self._held) < self.settings.max_held:
+                    self._held.append((deadline, command))
+                else:
+                    log.warn("dropped a command forwarded by node {peer}: too many held",
+                             peer=from_node_id)
+        elif kind is M.ReadIndexRequest:
+            self._remote_read(msg)
+        elif kind is M.ReadIndexReply:
+            self._read_reply(msg)
+        self._drive()
+
+    # -- the Ready loop ------------------------------------------------------------
+
+    def _drive_soon(self):
+        """Drive at the end of this reactor turn, so commands submitted together share a slot."""
+        if self._drive_call is None or not self._drive_call.active():
+            self._drive_call = self._reactor.callLater(0, self._drive)
+
+    def _drive(self):
+        if not self._live or self._driving:
+            return
+        self._driving = True
+        try:
+            self._route_held()
+            replica = self.replica
+            while self.failed is None and replica.has_ready():
+                self._handle(replica.ready())
+        finally:
+            self._driving = False
+
+    def _handle(self, ready):
+        if ready.records:
+            self._persist(ready.records, ready.token)
+        for to, msg in ready.messages:
+            self._send(to, msg)
+        if ready.snapshot is not None:
+            index, data = ready.snapshot
+            self._decided_upto = max(self._decided_upto, index)
+            if index > self._queued_upto:
+                self._queued_upto = index
+                self._apply_queue.append(("restore", index, data))
+        if ready.decided:
+            self._decided_upto = max(self._decided_upto, ready.decided[-1][0])
+            entries = [(slot, cmds) for slot, cmds in ready.decided if slot > self._queued_upto]
+            if entries:
+                self._queued_upto = entries[-1][0]
+                self._apply_queue.append(("apply", entries))
+        if ready.leader is not None:
+            log.info("node {node}: leader is now {leader} (ballot {ballot})", node=self.node_id,
+                     leader=ready.leader.leader, ballot=ready.leader.ballot)
+            for request in self._reads.values():
+                if request.index is None:
+                    request.asked = None
+        for state in ready.reads:
+            self._read_index_known(state.read_id, state.index)
+        for read_id in ready.failed_reads:
+            self._core_read_failed(read_id)
+        if ready.dropped:
+            deadline = self._reactor.seconds() + self.settings.request_timeout
+            self._held.extendleft((deadline, c) for c in reversed(ready.dropped))
+        if ready.leader is not None or ready.dropped:
+            self._route_held()
+            self._retry_reads()
+        self._kick_apply()
+
+    def _persist(self, records, token):
+        self._unfolded.extend(records)
+        store = self.store
+        last = None
+        for record in records:
+            if last is not None:
+                # The store fails every queued append with the first error;
+                # the last one's errback reports it.
+                last.addErrback(lambda f: None)
+            last = store.append(M.encode(record))
+        last.addCallbacks(self._persisted, self._storage_failed, callbackArgs=(token,))
+
+    def _persisted(self, _, token):
+        if self._live:
+            self.replica.persisted(token)
+            self._drive()
+
+    def _storage_failed(self, failure):
+        self._fatal(f"the Paxos log cannot be written: {failure.getErrorMessage()}", failure.value)
+
+    def _send(self, to, msg):
+        if self.transport is None or self._stopped or self.failed is not None:
+            return False
+        frame = M.encode(msg)
+        if len(frame) > MAX_FRAME_BYTES:
+            log.error("dropped a {kind} of {size} bytes to node {peer}: over the frame limit",
+                      kind=type(msg).__name__, size=len(frame), peer=to)
+            return False
+        return self.transport.send(to, frame)
+
+    # -- routing commands to the leader -------------------------------------------
+
+    def _route_held(self):
+        """Propose held commands when leading, else forward them to the leader."""
+        held = self._held
+        if not held or not self._live:
+            return
+        now = self._reactor.seconds()
+        while held and held[0][0] < now:
+            held.popleft()               # its submitter (if here) has timed out
+        replica = self.replica
+        if replica.is_leader:
+            while held:
+                try:
+                    replica.propose(held[0][1])
+                except NotLeader:
+                    return               # transferring: wait for the new leader
+                held.popleft()
+            return
+        leader = replica.leader_id
+        if leader is None or leader == self.node_id:
+            return
+        while held:
+            batch, size = [], 0
+            for _, command in held:
+                if batch and (len(batch) >= FORWARD_BATCH_COMMANDS
+                              or size + len(command) > FORWARD_BATCH_BYTES):
+                    break
+                batch.append(command)
+                size += len(command)
+            if not self._send(leader, M.ForwardProposals(self.node_id, tuple(batch))):
+                return                   # not connected: keep them for later
+            for _ in batch:
+                held.popleft()
+
+    def _submit_timed_out(self, rid):
+        request = self._pending.pop(rid, None)
+        if request is not None:
+            request.deferred.errback(Unavailable(
+                f"not committed within {self.settings.request_timeout:g} s"))
+
+    # -- reads ----------------------------------------------------------------------
+
+    def _ask_read(self, read_id):
+        request = self._reads.get(read_id)
+        if request is None or request.index is not None or not self._live:
+            return
+        replica = self.replica
+        if replica.is_leader:
+            try:
+                replica.read(("local", read_id), lease=True, now=self._reactor.seconds())
+            except NotLeader:
+                return
+            request.asked = self.node_id
+        elif replica.leader_id is not None and replica.leader_id != self.node_id:
+            if self._send(replica.leader_id, M.ReadIndexRequest(self.node_id, read_id)):
+                request.asked = replica.leader_id
+            else:
+                return
+        else:
+            return
+        request.asked_at = self._reactor.seconds()
+
+    def _retry_reads(self):
+        """Ask again for reads nobody was asked for, or whose answer is overdue."""
+        if not self._reads:
+            return
+        overdue = self._reactor.seconds() - self.settings.election_timeout
+        for read_id, request in list(self._reads.items()):
+            if request.index is None and (request.asked is None or request.asked_at < overdue):
+                request.asked = None
+                self._ask_read(read_id)
+
+    def _remote_read(self, msg):
+        try:
+            self.replica.read(("peer", msg.sender, msg.read_id), lease=True,
+                              now=self._reactor.seconds())
+        except NotLeader:
+            self._send(msg.sender, M.ReadIndexReply(self.node_id, msg.read_id, 0, False))
+
+    def _read_reply(self, msg):
+        request = self._reads.get(msg.read_id)
+        if request is None or request.index is not None or request.asked != msg.sender:
+            return
+        if msg.granted:
+            self._read_index_known(("local", msg.read_id), msg.index)
+        else:
+            request.asked = None         # asked again at the next tick
+
+    def _read_index_known(self, read_id, index):
+        if read_id[0] == "peer":
+            _, peer, remote_id = read_id
+            self._send(peer, M.ReadIndexReply(self.node_id, remote_id, index, True))
+            return
+        request = self._reads.get(read_id[1])
+        if request is None or request.index is not None:
+            return
+        request.index = index
+        heapq.heappush(self._read_waiting, (index, read_id[1]))
+        self._release_reads()
+
+    def _core_read_failed(self, read_id):
+        if read_id[0] == "peer":
+            self._send(read_id[1], M.ReadIndexReply(self.node_id, read_id[2], 0, False))
+        else:
+            request = self._reads.get(read_id[1])
+            if request is not None:
+                request.asked = None
+
+    def _release_reads(self):
+        waiting = self._read_waiting
+        applied = self.applied_index if self.applied_index is not None else -1
+        while waiting and waiting[0][0] <= applied:
+            _, read_id = heapq.heappop(waiting)
+            request = self._reads.pop(read_id, None)
+            if request is not None:
+                request.timer.cancel()
+                request.deferred.callback(None)
+
+    def _read_timed_out(self, read_id):
+        request = self._reads.pop(read_id, None)
+        if request is not None:
+            request.deferred.errback(Unavailable(
+                f"no read index from a quorum within {self.settings.request_timeout:g} s"))
+
+    # -- applying ---------------------------------------------------------------------
+
+    def _kick_apply(self):
+        if self._applying or not self._apply_queue or self.failed is not None:
+            return
+        self._applying = True
+        item = self._apply_queue.popleft()
+        if item[0] == "restore":
+            _, index, data = item
+            log.info("node {node} restoring the state from a snapshot at index {index}"
+                     " ({size} bytes)", node=self.node_id, index=index, size=len(data))
+            d = self._worker.call("restore", index, [data])
+            d.addCallback(self._restored, index)
+        else:
+            entries = list(item[1])
+            queue = self._apply_queue
+            while queue and queue[0][0] == "apply" and len(entries) < APPLY_BATCH_SLOTS:
+                entries.extend(queue.popleft()[1])
+            decoded = [(slot, [_decode_command(c) for c in cmds]) for slot, cmds in entries]
+            d = self._worker.call(
+                "apply_entries", [(slot, [c for c, _ in cmds]) for slot, cmds in decoded])
+            d.addCallback(self._applied, decoded)
+        d.addErrback(self._apply_failed)
+        d.addBoth(self._apply_done)
+
+    def _applied(self, results, decoded):
+        for (slot, commands), responses in zip(decoded, results):
+            if slot > self.applied_index:
+                self.applied_index = slot
+            if responses is None:
+                continue             # already in the state (replay after a restart)
+            for (command, rid), response in zip(commands, responses):
+                if isinstance(command, dict):
+                    self._notify(command, response)
+                if rid is not None:
+                    request = self._pending.pop(rid, None)
+                    if request is not None:
+                        request.timer.cancel()
+                        request.deferred.callback(response)
+
+    def _restored(self, _, index):
+        self.applied_index = max(self.applied_index, index)
+
+    def _notify(self, command, response):
+        for observer in self._observers:
+            try:
+                observer(command, response)
+            except Exception:
+                log.failure("log observer failed on {op}", op=command.get("op"))
+
+    def _apply_failed(self, failure):
+        self._fatal(f"the state could not apply the log: {failure.getErrorMessage()}",
+                    failure.value)
+
+    def _apply_done(self, _):
+        self._applying = False
+        if self.failed is not None:
+            return
+        self._release_reads()
+        self._maybe_snapshot()
+        self._kick_apply()
+
+    # -- snapshots and compaction -------------------------------------------------------
+
+    def _maybe_snapshot(self):
+        if self._snapshotting or not self._live or self.store is None:
+            return
+        applied = self.applied_index
+        if applied > self._decided_upto or applied <= self.replica.snapshot_index:
+            return
+        since = applied - self._compacted
+        if not (self._need_snapshot or since >= self.settings.snapshot_interval
+                or (since > 0 and self.store.size_bytes > self.settings.compact_log_bytes)):
+            return
+        self._snapshotting = True
+        worker = self._worker
+        d = worker.call("snapshot")
+        d.addCallback(lambda taken: worker.call(b"".join, taken[1]).addCallback(
+            lambda data: (taken[0], data)))
+        d.addCallback(self._compact)
+        d.addErrback(lambda f: log.failure("taking a snapshot failed; will retry", f))
+        d.addBoth(self._snapshot_done)
+
+    def _snapshot_done(self, _):
+        self._snapshotting = False
+
+    def _compact(self, taken):
+        index, data = taken
+        if not self._live or index > self._decided_upto or index <= self.replica.snapshot_index:
+            return
+        self.replica.compact(index, data)
+        self._compacted = index
+        self._need_snapshot = False
+        self._drive()                    # persists the CompactRecord first
+        # The state has applied ``index`` durably (SQLite synchronous=FULL), so
+        # the log may forget everything up to it.
+        self._durable = DurableState.from_records(self._unfolded, base=self._durable)
+        self._unfolded = []
+        records = [M.encode(r) for r in self._durable.to_records()]
+        self.store.rewrite(records).addErrback(self._storage_failed)
+        log.info("node {node} compacted its log at index {index} (snapshot of {size} bytes)",
+                 node=self.node_id, index=index, size=len(data))
