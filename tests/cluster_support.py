@@ -446,7 +446,13 @@ class Load:
         self._stop = True
 
     def acked_after(self, when):
+        """Acknowledgement times after ``when``, in order."""
         return sorted(a["acked_at"] for a in self.acked.values() if a["acked_at"] > when)
+
+    def first_ack_of_a_send_issued_after(self, when):
+        """When the first send issued after ``when`` was acknowledged (None if none was)."""
+        times = [a["acked_at"] for a in self.acked.values() if a["issued_at"] > when]
+        return min(times) if times else None
 
     @defer.inlineCallbacks
     def _send_one(self, client, msg_id):
