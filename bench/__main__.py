@@ -92,6 +92,9 @@ def main(argv=None):
             ctx.write_json(args.json, meta)
         if not ctx.keep:
             shutil.rmtree(ctx.base_dir, ignore_errors=True)
+    if ctx.results:
+        from .summary import markdown
+        ctx.say("bench: summary\n" + markdown(ctx.results))
     from .load import PARSE_ERRORS
     if PARSE_ERRORS:
         ctx.say(f"bench: {len(PARSE_ERRORS)} HTTP answers could not be parsed; first: {PARSE_ERRORS[0]!r}")
