@@ -1,0 +1,356 @@
+"""ReplicatedLog: three (or one) nodes in one process, on a Clock, over an in-memory network.
+
+Each node has a real ChatState (SQLite in tmp_path) behind a synchronous
+worker, an in-memory durable log that survives a "restart", and a transport
+that delivers frames after a small delay unless the link is cut.
+"""
+
+import pytest
+from twisted.application import service
+from twisted.internet import defer, task
+
+from paxchat.interfaces import ICommandLog, Unavailable
+from paxchat.paxos import messages as M
+from paxchat.replicatedlog import ReplicatedLog, ReplicationSettings
+from paxchat.state.chat import ChatState
+
+SETTINGS = ReplicationSettings(heartbeat_interval=0.05, election_timeout=0.5,
+                               request_timeout=2.0, snapshot_interval=10000)
+LATENCY = 0.002
+
+
+class SyncWorker:
+    """The StateWorker's interface, running each call at once (the Clock has no threads)."""
+
+    def __init__(self, state):
+        self.state = state
+        self.calls = []
+
+    def call(self, fn, *args, **kwargs):
+        self.calls.append(fn if isinstance(fn, str) else getattr(fn, "__name__", "?"))
+        target = getattr(self.state, fn) if isinstance(fn, str) else fn
+        return defer.maybeDeferred(target, *args, **kwargs)
+
+
+class MemoryStore:
+    """A DurableLog whose records live in a list that outlives the log object."""
+
+    def __init__(self, records):
+        self.records = records
+        self.failed = None
+
+    @property
+    def size_bytes(self):
+        return sum(map(len, self.records))
+
+    def append(self, record):
+        if self.failed is not None:
+            return defer.fail(self.failed)
+        self.records.append(bytes(record))
+        return defer.succeed(None)
+
+    def rewrite(self, records):
+        self.records[:] = [bytes(r) for r in records]
+        return defer.succeed(None)
+
+    def close(self):
+        return defer.succeed(None)
+
+
+class Network:
+    def __init__(self, clock):
+        self.clock = clock
+        self.nodes = {}       # node id -> on_message
+        self.cut = set()      # node ids cut off from everyone
+
+    def up(self, a, b):
+        return a in self.nodes and b in self.nodes and a not in self.cut and b not in self.cut
+
+    def transport(self, node_id):
+        return lambda on_message: MemoryTransport(self, node_id, on_message)
+
+
+class MemoryTransport(service.Service):
+    def __init__(self, network, node_id, on_message):
+        self.network = network
+        self.node_id = node_id
+        self.on_message = on_message
+        network.nodes[node_id] = on_message
+        self.sent = []
+
+    def send(self, to, frame):
+        net = self.network
+        if not self.running or not net.up(self.node_id, to):
+            return False
+        self.sent.append((to, M.decode(frame)))
+
+        def deliver():
+            if net.up(self.node_id, to):
+                net.nodes[to](self.node_id, frame)
+
+        net.clock.callLater(LATENCY, deliver)
+        return True
+
+    def peer_state(self, node_id):
+        return "connected" if self.network.up(self.node_id, node_id) else "disconnected"
+
+    def connected_peers(self):
+        return {n for n in self.network.nodes if n != self.node_id and self.network.up(self.node_id, n)}
+
+
+class Cluster:
+    def __init__(self, tmp_path, size=3, settings=SETTINGS):
+        self.clock = task.Clock()
+        self.clock.advance(1000)
+        self.network = Network(self.clock)
+        self.tmp_path = tmp_path
+        self.settings = settings
+        self.members = list(range(1, size + 1))
+        self.records = {n: [] for n in self.members}
+        self.states = {}
+        self.logs = {}
+        self.applied = {n: [] for n in self.members}   # (node, op, username) as observers saw them
+        self.fatal = []
+        for n in self.members:
+            self.start(n)
+
+    def start(self, n):
+        state = self.states.get(n) or ChatState.open(str(self.tmp_path / f"state-{n}.sqlite3"))
+        self.states[n] = state
+        worker = SyncWorker(state)
+        store = MemoryStore(self.records[n])
+        rl = ReplicatedLog(
+            self.clock, n, self.members, worker, self.settings,
+            open_store=lambda: defer.succeed((store, list(store.records))),
+            make_transport=self.network.transport(n) if len(self.members) > 1 else None,
+            on_fatal=self.fatal.append, jitter=lambda: (n * 0.37) % 1)
+        rl.worker = worker
+        rl.add_observer(lambda c, r, n=n: self.applied[n].append((c["op"], c.get("username"))))
+        for part in rl.services():
+            part.startService()
+        rl.start()
+        self.logs[n] = rl
+        return rl
+
+    def stop(self, n):
+        rl = self.logs.pop(n)
+        self.network.nodes.pop(n, None)
+        rl.stop()
+
+    def run(self, seconds):
+        end = self.clock.seconds() + seconds
+        while self.clock.seconds() < end:
+            self.clock.advance(0.005)
+
+    def until(self, condition, seconds=10.0, what="the condition"):
+        end = self.clock.seconds() + seconds
+        while not condition():
+            assert self.clock.seconds() < end, f"no {what} within {seconds} s"
+            self.clock.advance(0.005)
+
+    def leader(self):
+        leaders = [n for n, rl in self.logs.items() if rl.replica is not None and rl.replica.is_leader
+                   and n not in self.network.cut]
+        return leaders[0] if len(leaders) == 1 else None
+
+    def wait_leader(self):
+        self.until(lambda: self.leader() is not None
+                   and all(rl.leader_id() == self.leader() for n, rl in self.logs.items()
+                           if n not in self.network.cut), what="leader")
+        return self.leader()
+
+    def result(self, d, seconds=10.0):
+        out = []
+        d.addBoth(out.append)
+        self.until(lambda: out, seconds, "result")
+        return out[0]
+
+    def close(self):
+        for n in list(self.logs):
+            self.stop(n)
+        for state in self.states.values():
+            state.close()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path)
+    yield c
+    c.close()
+
+
+def create(name):
+    return {"op": "create_account", "username": name, "pw_hash": "h", "ts": 1.0}
+
+
+def test_is_a_command_log(cluster):
+    assert ICommandLog.providedBy(cluster.logs[1])
+
+
+def test_a_single_node_leads_at_once_and_applies(tmp_path):
+    c = Cluster(tmp_path, size=1)
+    try:
+        c.run(0.01)
+        assert c.logs[1].replica.is_leader
+        response = c.result(c.logs[1].submit(create("solo")))
+        assert response["ok"], response
+        assert c.result(c.logs[1].read_barrier()) is None
+        assert c.states[1].account("solo") is not None
+    finally:
+        c.close()
+
+
+def test_a_follower_forwards_and_answers_after_its_own_apply(cluster):
+    leader = cluster.wait_leader()
+    follower = next(n for n in cluster.members if n != leader)
+    rl = cluster.logs[follower]
+    seen = []
+    rl.add_observer(lambda c, r: seen.append("observer" if "rid" not in c else "rid leaked"))
+    d = rl.submit(create("alice"))
+    d.addCallback(lambda r: seen.append(("answer", r["ok"], cluster.states[follower].account("alice") is not None)))
+    cluster.until(lambda: ("answer", True, True) in seen, what="answer")
+    assert seen == ["observer", ("answer", True, True)]
+    assert any(isinstance(m, M.ForwardProposals) for _, m in rl.transport.sent)
+    cluster.until(lambda: all(("create_account", "alice") in cluster.applied[n] for n in cluster.members),
+                  what="every node to apply")
+    assert rl.status()["pending_proposals"] == 0
+    assert len({cluster.states[n].digest() for n in cluster.members}) == 1
+
+
+def test_observers_see_every_command_in_log_order_on_every_node(cluster):
+    cluster.wait_leader()
+    ds = [cluster.logs[1 + i % 3].submit(create(f"u{i}")) for i in range(30)]
+    for d in ds:
+        assert cluster.result(d)["ok"]
+    cluster.until(lambda: all(len(cluster.applied[n]) == 30 for n in cluster.members), what="apply")
+    assert cluster.applied[1] == cluster.applied[2] == cluster.applied[3]
+    assert len({cluster.states[n].digest() for n in cluster.members}) == 1
+
+
+def test_read_barrier_on_a_follower_waits_for_the_leaders_read_index(cluster):
+    leader = cluster.wait_leader()
+    follower = next(n for n in cluster.members if n != leader)
+    assert cluster.result(cluster.logs[leader].submit(create("bob")))["ok"]
+    # The write is acknowledged on the leader; the follower's barrier must
+    # not fire before the follower has applied it.
+    d = cluster.logs[follower].read_barrier()
+    cluster.result(d)
+    assert cluster.states[follower].account("bob") is not None
+    assert any(isinstance(m, M.ReadIndexRequest) for _, m in cluster.logs[follower].transport.sent)
+
+
+def test_a_cut_off_minority_answers_unavailable_in_time(cluster):
+    leader = cluster.wait_leader()
+    follower = next(n for n in cluster.members if n != leader)
+    cluster.network.cut.add(follower)
+    rl = cluster.logs[follower]
+    started = cluster.clock.seconds()
+    write = cluster.result(rl.submit(create("lost")))
+    read = cluster.result(rl.read_barrier())
+    assert isinstance(write.value, Unavailable) and isinstance(read.value, Unavailable)
+    assert cluster.clock.seconds() - started <= 2 * SETTINGS.request_timeout + 0.1
+    # The old leader, alone, can neither write nor read once its lease is gone.
+    cluster.network.cut = {leader}
+    cluster.run(SETTINGS.election_timeout * 2)
+    old = cluster.logs[leader]
+    assert isinstance(cluster.result(old.read_barrier()).value, Unavailable)
+    # The other two elect a leader and go on.
+    cluster.network.cut = {leader}
+    new = cluster.wait_leader()
+    assert new != leader
+    assert cluster.result(cluster.logs[new].submit(create("after")))["ok"]
+
+
+def test_a_restarted_node_recovers_from_its_store_and_catches_up(cluster):
+    cluster.wait_leader()
+    for i in range(5):
+        assert cluster.result(cluster.logs[1 + i % 3].submit(create(f"a{i}")))["ok"]
+    victim = 3 if cluster.leader() != 3 else 2
+    cluster.stop(victim)
+    for i in range(5):
+        alive = next(n for n in cluster.logs)
+        assert cluster.result(cluster.logs[alive].submit(create(f"b{i}")))["ok"]
+    rl = cluster.start(victim)
+    cluster.until(lambda: rl.applied_index is not None
+                  and rl.applied_index == cluster.logs[cluster.leader()].applied_index,
+                  what="catch-up")
+    assert cluster.result(rl.submit(create("back")))["ok"]
+    cluster.until(lambda: len({cluster.states[n].digest() for n in cluster.members}) == 1,
+                  what="equal states")
+
+
+def test_a_node_behind_the_compaction_point_is_restored_by_snapshot(tmp_path):
+    settings = ReplicationSettings(heartbeat_interval=0.05, election_timeout=0.5,
+                                   request_timeout=2.0, snapshot_interval=5)
+    c = Cluster(tmp_path, settings=settings)
+    try:
+        leader = c.wait_leader()
+        lagging = next(n for n in c.members if n != leader)
+        c.network.cut.add(lagging)
+        for i in range(40):
+            assert c.result(c.logs[leader].submit(create(f"s{i}")))["ok"]
+        lrl = c.logs[leader]
+        c.until(lambda: lrl.replica.snapshot_index >= 30, what="compaction")
+        # The leader's durable log was rewritten: nothing below the snapshot is left.
+        kept = [M.decode(r) for r in c.records[leader]]
+        assert any(isinstance(r, M.CompactRecord) for r in kept)
+        assert all(r.first_slot > lrl.replica.snapshot_index - 40 for r in kept
+                   if isinstance(r, M.AcceptRecord))
+        assert len(c.records[leader]) < 40
+        c.network.cut.clear()
+        c.until(lambda: c.logs[lagging].applied_index == lrl.applied_index, what="catch-up")
+        assert "restore" in c.logs[lagging].worker.calls
+        assert c.states[lagging].digest() == c.states[leader].digest()
+        # And it keeps applying new writes afterwards.
+        assert c.result(c.logs[lagging].submit(create("later")))["ok"]
+        c.until(lambda: len({c.states[n].digest() for n in c.members}) == 1, what="equal states")
+        assert not c.fatal
+    finally:
+        c.close()
+
+
+def test_a_storage_failure_stops_the_node_and_fails_what_waits(cluster):
+    leader = cluster.wait_leader()
+    rl = cluster.logs[leader]
+    rl.store.failed = OSError("disk on fire")
+    d = rl.submit(create("doomed"))
+    failure = cluster.result(d)
+    assert isinstance(failure.value, Unavailable)
+    assert cluster.fatal and "cannot be written" in cluster.fatal[0]
+    assert rl.status()["role"] == "failed"
+    assert isinstance(cluster.result(rl.submit(create("later"))).value, Unavailable)
+
+
+def test_bad_frames_and_forged_senders_are_dropped(cluster):
+    leader = cluster.wait_leader()
+    rl = cluster.logs[leader]
+    before = rl.replica.commit_index
+    rl._on_frame(2, b"\xff garbage")
+    rl._on_frame(2, M.encode(M.ForwardProposals(3, (b"{}",))))   # claims to be node 3
+    rl._on_frame(2, M.encode(M.CompactRecord(5)))                  # a record, not a message
+    cluster.run(0.2)
+    assert rl.status()["held_commands"] == 0 and rl.replica.is_leader
+    assert rl.replica.commit_index == before
+
+
+def test_step_down_gracefully_hands_leadership_over(cluster):
+    leader = cluster.wait_leader()
+    assert cluster.result(cluster.logs[leader].submit(create("x")))["ok"]
+    done = cluster.result(cluster.logs[leader].step_down_gracefully())
+    assert done is True
+    new = cluster.wait_leader()
+    assert new != leader
+    status = cluster.logs[new].status()
+    assert status["role"] == "leader" and status["leader"] == new
+    assert set(status["peers"]) == set(cluster.members) - {new}
+
+
+def test_stop_fails_pending_requests(cluster):
+    cluster.wait_leader()
+    cluster.network.cut = set(cluster.members)
+    rl = cluster.logs[1]
+    d = rl.submit(create("never"))
+    r = rl.read_barrier()
+    cluster.stop(1)
+    assert isinstance(cluster.result(d).value, Unavailable)
+    assert isinstance(cluster.result(r).value, Unavailable)
