@@ -40,7 +40,7 @@ from paxchat.devcluster import write_local_config
 
 __all__ = [
     "Cluster", "WaitTimeout", "HAS_REPLICATED_LOG", "cluster_factory", "fast_policy",
-    "requires_replicated_log", "wait_until", "within", "sleep", "Load", "Probes", "all_history",
+    "requires_replicated_log", "unread_bytes_at", "wait_until", "within", "sleep", "Load", "Probes", "all_history",
     "SINK", "password", "started", "create_accounts", "logged_in", "stored_on",
     "check_exactly_once", "check_every_node",
 ]
@@ -150,6 +150,18 @@ def fast_policy(**overrides) -> FailoverPolicy:
     return FailoverPolicy(**knobs)
 
 
+def unread_bytes_at(port):
+    """Bytes received but not yet read by the process on 127.0.0.1:``port`` (Linux /proc)."""
+    total = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local, state, queues = fields[1], fields[3], fields[4]
+            if int(local.rsplit(":", 1)[1], 16) == port and state == "01":  # ESTABLISHED
+                total += int(queues.split(":")[1], 16)
+    return total
+
+
 class Cluster:
     """A cluster.ini in ``directory`` and the twistd processes of its nodes.
 
@@ -240,6 +252,14 @@ class Cluster:
                 process.kill()
                 process.wait(10)
             _LIVE.pop(process.pid, None)
+
+    def pause(self, node_id):
+        """Freeze a node (SIGSTOP), as a long GC pause or a suspended VM would."""
+        self.processes[node_id].send_signal(signal.SIGSTOP)
+
+    def unpause(self, node_id):
+        """Let a frozen node run again (SIGCONT)."""
+        self.processes[node_id].send_signal(signal.SIGCONT)
 
     def kill_all(self, signum=signal.SIGKILL):
         self.kill(*list(self.processes), signum=signum)
@@ -385,6 +405,26 @@ class Cluster:
             return state.dump()
         finally:
             state.close()
+
+    @defer.inlineCallbacks
+    def check_equal_states(self):
+        """Stop every node (SIGTERM) and check their chat states on disk are equal key for key.
+
+        The applied index may differ by no-op slots; the data may not.
+        Returns the number of keys.
+        """
+        from twisted.internet import threads
+        yield self.stop_gracefully()
+        dumps = {}
+        for n in self.node_ids:
+            dumps[n] = dict((yield threads.deferToThread(self.state_dump, n))[1])
+        first = self.node_ids[0]
+        for n in self.node_ids[1:]:
+            differing = sorted(k for k in set(dumps[first]) | set(dumps[n])
+                               if dumps[first].get(k) != dumps[n].get(k))
+            assert not differing, (f"nodes {first} and {n} hold different states in "
+                                   f"{len(differing)} keys, e.g. {differing[:5]}")
+        return len(dumps[first])
 
     def paxos_dir(self, node_id) -> Path:
         return self.data_dir(node_id) / "paxos"
