@@ -206,9 +206,13 @@ class NodeService(service.MultiService):
             except Exception:
                 log.failure("node {node_id} could not hand over leadership", node_id=self.node_id)
             else:
-                log.info("node {node_id} stopping: leadership {outcome}", node_id=self.node_id,
-                         outcome=f"passed to node {command_log.leader_id()}" if handed
-                         else "not taken over in time; the others will elect a leader")
+                successor = command_log.leader_id()
+                if successor not in (None, self.node_id):
+                    log.info("node {node_id} stopping: leadership passed to node {successor}",
+                             node_id=self.node_id, successor=successor)
+                elif not handed:
+                    log.warn("node {node_id} stopping: no node took over leadership in time; "
+                             "the others will elect a leader", node_id=self.node_id)
         status = getattr(command_log, "status", None)
         if status is None:
             return
