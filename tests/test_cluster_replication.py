@@ -8,6 +8,9 @@ writes resume quickly after the leader dies, a minority answers
 Timings worth knowing (failover, push latency) are printed (``pytest -s``).
 """
 
+import itertools
+import random
+
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, ssl
@@ -369,3 +372,46 @@ def test_a_client_on_the_killed_leader_fails_over_without_an_error(cluster_facto
           f"kill was acknowledged {gap * 1000:.0f} ms after it; statuses {states}")
     survivors = [n for n in cluster.node_ids if n != leader]
     yield check_every_node(cluster, survivors, load.acked)
+
+
+# -- rolling crashes ----------------------------------------------------------------
+
+@within(150)
+@pytest_twisted.inlineCallbacks
+def test_rolling_kill_9_of_leaders_and_followers_under_load(cluster_factory):
+    """Five rounds: kill -9 a node (the leader every other round), write on, restart it."""
+    reactor = reactor_()
+    cluster, leader = yield started(cluster_factory, snapshot_interval=500)
+    senders = ["s1", "s2", "s3", "s4"]
+    yield create_accounts(cluster, SINK, *senders)
+    clients = []
+    for name, home in zip(senders, itertools.cycle(cluster.node_ids)):
+        clients.append((yield logged_in(cluster, name, prefer=home)))
+    load = Load(reactor, clients, SINK, pipeline=4)
+    running = load.run(100_000)
+    rng = random.Random(7)
+    timeline = []
+    try:
+        for round_ in range(5):
+            leader = yield cluster.wait_leader()
+            victim = leader if round_ % 2 == 0 else rng.choice([n for n in cluster.node_ids if n != leader])
+            target = len(load.acked) + 200
+            yield wait_until(reactor, lambda: len(load.acked) >= target or running.called, 30,
+                             f"200 more acknowledged sends before round {round_}")
+            killed_at = reactor.seconds()
+            cluster.kill(victim)
+            target = len(load.acked) + 200
+            yield wait_until(reactor, lambda: len(load.acked) >= target or running.called, 30,
+                             f"200 acknowledged sends with node {victim} down")
+            timeline.append((victim, victim == leader, reactor.seconds() - killed_at))
+            yield cluster.start_and_wait(victim)
+    finally:
+        load.stop()
+    yield running.addTimeout(60, reactor)
+    print("\nrounds (node killed, was leader, seconds until 200 more acks): "
+          + ", ".join(f"({v}, {was}, {s:.1f})" for v, was, s in timeline)
+          + f"; {len(load.acked)} acknowledged, {len(load.errors)} errors")
+    assert not load.errors, load.errors[:5]
+    yield cluster.wait_leader()
+    yield check_every_node(cluster, cluster.node_ids, load.acked)
+    yield cluster.check_equal_states()
