@@ -61,3 +61,49 @@ def test_a_follower_back_after_20000_writes_catches_up_through_a_snapshot(cluste
 
     # Stopped, every node holds the same chat state, key for key.
     yield cluster.check_equal_states()
+
+
+@within(150)
+@pytest_twisted.inlineCallbacks
+def test_a_follower_killed_while_it_restores_a_snapshot_still_catches_up(cluster_factory):
+    """kill -9 the lagger three times just as it restores the snapshot, then the leader too."""
+    from twisted.internet import reactor
+    cluster, leader = yield started(cluster_factory, snapshot_interval=300)
+    lagger = next(n for n in cluster.node_ids if n != leader)
+    others = [n for n in cluster.node_ids if n != lagger]
+    senders = [f"s{i}" for i in range(4)]
+    yield create_accounts(cluster, SINK, *senders)
+    yield stored_on(cluster, lagger)
+    cluster.kill(lagger)
+    clients = []
+    for i, name in enumerate(senders):
+        clients.append((yield logged_in(cluster, name, prefer=others[i % len(others)])))
+    load = Load(reactor, clients, SINK, pipeline=6)
+    yield load.run(5000).addTimeout(100, reactor)
+    assert not load.errors, load.errors[:5]
+
+    running = load.run(100_000)      # writes go on meanwhile
+    mark = "restoring the state from a snapshot"
+    try:
+        for _ in range(3):
+            seen = cluster.output(lagger).count(mark)
+            cluster.start(lagger)
+            yield wait_until(reactor, lambda: cluster.output(lagger).count(mark) > seen, 30,
+                             f"node {lagger} to start restoring a snapshot", interval=0.005)
+            cluster.kill(lagger)
+        cluster.start(lagger)
+        leader = yield cluster.wait_leader(among=others)
+        cluster.kill(leader)
+        yield cluster.start_and_wait(leader)
+        yield cluster.wait_ready(lagger)
+    finally:
+        load.stop()
+    yield running.addTimeout(60, reactor)
+    assert not load.errors, load.errors[:5]
+    yield cluster.wait_leader()
+    messages = yield wait_until(reactor, lambda: stored_on(cluster, lagger), 60,
+                                f"node {lagger} to serve reads again")
+    check_exactly_once(messages, load.acked, f"node {lagger}")
+    keys = yield cluster.check_equal_states()
+    print(f"\n{len(load.acked)} sends acknowledged; node {lagger} killed 3 times while restoring, "
+          f"leader {leader} killed once; {keys} equal keys on every node")
