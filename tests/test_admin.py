@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import stat
 
 import pytest
@@ -9,8 +10,11 @@ import pytest_twisted
 from twisted.internet import defer, threads
 
 from paxchat import admin, tls
+from paxchat import config as configmod
 from paxchat.node import NodeService
-from tests.ops_support import reactor_, write_ops_config
+from tests.cluster_support import (cluster_factory, requires_replicated_log,  # noqa: F401
+                                   wait_until, within)
+from tests.ops_support import free_ports, http_get, reactor_, write_ops_config
 
 
 def make_cluster(tmp_path, nodes=2):
@@ -185,3 +189,52 @@ def test_node_without_admin_address(tmp_path):
     tls.make_admin_certificate(cfg)
     statuses = admin.AdminClient(cfg).statuses()
     assert "has no admin address" in str(statuses[1])
+
+
+# -- a real replicated cluster of twistd nodes ------------------------------------------
+
+def add_ops_addresses(cluster):
+    """Give every node of a Cluster admin and metrics addresses, and make the admin certificate."""
+    path = cluster.config.path
+    ports = iter(free_ports(2 * len(cluster.node_ids)))
+    text = re.sub(r"^peer = .*$", lambda m: f"{m.group(0)}\nadmin = 127.0.0.1:{next(ports)}"
+                  f"\nmetrics = 127.0.0.1:{next(ports)}", path.read_text(), flags=re.M)
+    path.write_text(text)
+    cluster.config = configmod.load(path)
+    tls.make_admin_certificate(cluster.config)
+    return cluster.config
+
+
+@requires_replicated_log
+@within(120)
+@pytest_twisted.inlineCallbacks
+def test_status_and_transfer_on_a_replicated_cluster(cluster_factory):  # noqa: F811
+    cluster = cluster_factory(3)
+    cfg = add_ops_addresses(cluster)
+    yield cluster.start_and_wait()
+    leader = yield cluster.wait_leader()
+
+    seen = {}
+
+    @defer.inlineCallbacks
+    def every_link_up():
+        code, out, err = yield run_admin(cfg, "status")
+        assert code == 0, out + err
+        seen["rows"] = {int(line.split()[0]): line.split() for line in out.splitlines()[1:]}
+        return all(row[9] == "2/2" for row in seen["rows"].values())
+
+    yield wait_until(reactor_(), every_link_up, 20, "every peer link up in the status table")
+    rows = seen["rows"]
+    assert sorted(rows) == cluster.node_ids
+    assert all(row[1] == "up" for row in rows.values())
+    assert [n for n, row in rows.items() if row[2] == "leader"] == [leader]
+
+    target = next(n for n in cluster.node_ids if n != leader)
+    code, out, err = yield run_admin(cfg, "transfer-leadership", str(target))
+    assert code == 0, out + err
+    assert out.splitlines()[-1].startswith(f"node {target} leads now")
+    assert (yield cluster.wait_leader()) == target
+
+    code, body, _ = yield http_get(f"http://{cfg.node(target).metrics}/metrics")
+    assert code == 200 and b'paxchat_role{role="leader"} 1.0' in body
+    assert "asked node" in cluster.output(leader) and "hand leadership" in cluster.output(leader)
