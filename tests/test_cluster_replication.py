@@ -415,3 +415,41 @@ def test_rolling_kill_9_of_leaders_and_followers_under_load(cluster_factory):
     yield cluster.wait_leader()
     yield check_every_node(cluster, cluster.node_ids, load.acked)
     yield cluster.check_equal_states()
+
+
+# -- linearizable reads through other nodes ---------------------------------------------
+
+@within(90)
+@pytest_twisted.inlineCallbacks
+def test_a_write_acknowledged_on_one_node_is_read_at_once_on_every_other(cluster_factory):
+    """Send through one node, then read through each other node: the write is always there."""
+    reactor = reactor_()
+    cluster, leader = yield started(cluster_factory)
+    yield create_accounts(cluster, SINK, "writer", "noise")
+    writers = {}
+    for n in cluster.node_ids:
+        writers[n] = yield logged_in(cluster, "writer", only=n)
+    readers = {}
+    for n in cluster.node_ids:
+        readers[n] = yield logged_in(cluster, SINK, only=n)
+    noise = yield logged_in(cluster, "noise")
+    background = Load(reactor, [noise], SINK, pipeline=8)
+    running = background.run(100_000)
+    try:
+        for i in range(60):
+            via = cluster.node_ids[i % len(cluster.node_ids)]
+            sent = yield writers[via].send_message(SINK, f"rw-{i}", client_msg_id=f"rw-{i}")
+            for n, reader in readers.items():
+                if n == via:
+                    continue
+                page = yield reader.history(peer="writer", limit=1)
+                newest = page["messages"][0] if page["messages"] else None
+                assert newest is not None and newest["id"] == sent["message_id"], (
+                    f"read on node {n} after a write acknowledged on node {via} (leader {leader}) "
+                    f"missed it: newest is {newest}")
+    finally:
+        background.stop()
+    yield running.addTimeout(30, reactor)
+    assert not background.errors, background.errors[:5]
+    print(f"\n60 writes, each read back at once through the two other nodes, "
+          f"{len(background.acked)} background sends meanwhile")
