@@ -3,6 +3,7 @@
 import json
 import re
 import socket
+import warnings
 
 from twisted.internet import defer, endpoints
 from twisted.protocols.basic import LineReceiver
@@ -49,7 +50,11 @@ def http_get(url, timeout=10):
     """(status code, body bytes, headers) of a plain HTTP GET."""
     agent = Agent(reactor_(), connectTimeout=timeout)
     response = yield agent.request(b"GET", url.encode("ascii")).addTimeout(timeout, reactor_())
-    body = yield readBody(response)
+    with warnings.catch_warnings():
+        # Twisted warns when a response's transport lacks abortConnection; it is harmless here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        reading = readBody(response)
+    body = yield reading
     return response.code, body, response.headers
 
 
