@@ -340,6 +340,50 @@ def test_a_leader_frozen_while_the_others_move_on_serves_no_stale_read(cluster_f
         "before the stall": before, "during the stall": written})
 
 
+@within(90)
+@pytest_twisted.inlineCallbacks
+def test_leaders_frozen_under_load_step_aside_and_lose_nothing(cluster_factory):
+    """Three times: SIGSTOP the leader (clients attached), write on through a new one, SIGCONT."""
+    reactor = reactor_()
+    cluster, leader = yield started(cluster_factory)
+    others = [n for n in cluster.node_ids if n != leader]
+    senders = ["s1", "s2", "s3", "s4"]
+    yield create_accounts(cluster, SINK, *senders)
+    clients = []
+    for name, home in zip(senders, [leader, leader] + others):
+        clients.append((yield logged_in(cluster, name, prefer=home)))
+    load = Load(reactor, clients, SINK, pipeline=6)
+    running = load.run(100_000)
+    rounds = []
+    try:
+        for round_ in range(3):
+            leader = yield cluster.wait_leader()
+            target = len(load.acked) + 300
+            yield wait_until(reactor, lambda: len(load.acked) >= target or running.called, 30,
+                             f"300 more acknowledged sends before round {round_}")
+            cluster.pause(leader)
+            try:
+                frozen_at = reactor.seconds()
+                new_leader = yield cluster.wait_leader(among=[n for n in cluster.node_ids if n != leader])
+                elected = reactor.seconds() - frozen_at
+                target = len(load.acked) + 300
+                yield wait_until(reactor, lambda: len(load.acked) >= target or running.called, 30,
+                                 f"300 acknowledged sends while node {leader} is frozen")
+            finally:
+                cluster.unpause(leader)
+            rounds.append((leader, new_leader, elected))
+    finally:
+        load.stop()
+    yield running.addTimeout(60, reactor)
+    print("\nrounds (frozen leader, new leader, seconds to agree on it): "
+          + ", ".join(f"({a}, {b}, {s:.1f})" for a, b, s in rounds)
+          + f"; {len(load.acked)} acknowledged")
+    assert not load.errors, load.errors[:5]
+    yield cluster.wait_leader()
+    yield check_every_node(cluster, cluster.node_ids, load.acked)
+    yield cluster.check_equal_states()
+
+
 # -- client failover --------------------------------------------------------------
 
 @within(120)
