@@ -167,6 +167,7 @@ class ReplicatedLog:
         # applying
         self._apply_queue = deque()        # ("restore", index, data) | ("apply", [(slot, cmds)])
         self._applying = False
+        self._idle_waiters = []            # stop() waiting for the apply queue to drain
         self.applied_index = None          # the state's applied index, once read
         self._queued_upto = 0              # highest slot queued for the state (or in it)
         self._decided_upto = 0             # highest slot the replica handed out
@@ -268,6 +269,12 @@ class ReplicatedLog:
         self._fail_waiting("the node is stopping")
         if self._starting is not None:
             yield self._starting
+        if self._applying or self._apply_queue:
+            # Finish applying what was decided, so a stopped node's state is
+            # as far along as its log says.
+            idle = defer.Deferred()
+            self._idle_waiters.append(idle)
+            yield idle
         if self.store is not None:
             yield self.store.close()
 
@@ -697,11 +704,14 @@ class ReplicatedLog:
 
     def _apply_done(self, _):
         self._applying = False
-        if self.failed is not None:
-            return
-        self._release_reads()
-        self._maybe_snapshot()
-        self._kick_apply()
+        if self.failed is None:
+            self._release_reads()
+            self._maybe_snapshot()
+            self._kick_apply()
+        if not self._applying:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     # -- snapshots and compaction -------------------------------------------------------
 
