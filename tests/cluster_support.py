@@ -568,10 +568,14 @@ def started(cluster_factory, nodes=3, **keys):
 
 @defer.inlineCallbacks
 def create_accounts(cluster, *names):
-    admin = cluster.client()
-    for name in names:
-        yield admin.create_account(name, password(name))
-    yield admin.close()
+    """Create these accounts, a few per connection (account creation is rate limited per connection)."""
+    names = list(names)
+    while names:
+        batch, names = names[:8], names[8:]
+        admin = cluster.client()
+        for name in batch:
+            yield admin.create_account(name, password(name))
+        yield admin.close()
 
 
 @defer.inlineCallbacks

@@ -18,6 +18,7 @@ from twisted.internet.endpoints import SSL4ClientEndpoint
 
 from paxchat import tls
 from paxchat.client import ServerError
+from paxchat.client.failover import FailoverPolicy
 from tests.cluster_support import (  # noqa: F401 (cluster_factory is a fixture)
     SINK, Cluster, Load, Probes, check_every_node, cluster_factory, create_accounts, fast_policy,
     logged_in, requires_replicated_log, started, stored_on, unread_bytes_at, wait_until, within)
@@ -388,32 +389,38 @@ def test_leaders_frozen_under_load_step_aside_and_lose_nothing(cluster_factory):
 
 @within(120)
 @pytest_twisted.inlineCallbacks
-def test_a_client_on_the_killed_leader_fails_over_without_an_error(cluster_factory):
+def test_clients_on_the_killed_leader_fail_over_without_an_error(cluster_factory):
+    """Ten PaxchatClients with the library's default failover policy, all on the leader."""
     reactor = reactor_()
     cluster, leader = yield started(cluster_factory)
-    yield create_accounts(cluster, SINK, "alice")
+    names = [f"u{i}" for i in range(10)]
+    yield create_accounts(cluster, SINK, *names)
     statuses = []
-    alice = yield logged_in(cluster, "alice", prefer=leader, on_status=statuses.append)
-    assert alice.node == leader
-    session = alice.session
+    clients = []
+    for name in names:
+        clients.append((yield logged_in(cluster, name, prefer=leader, policy=FailoverPolicy(),
+                                        on_status=statuses.append if not clients else None)))
+    assert {c.node for c in clients} == {leader}
+    sessions = [c.session for c in clients]
 
-    load = Load(reactor, [alice], SINK, pipeline=4)
-    running = load.run(400)
-    yield wait_until(reactor, lambda: len(load.acked) >= 100 or running.called, 30, "100 acknowledged sends")
+    load = Load(reactor, clients, SINK, pipeline=2)
+    running = load.run(800)
+    yield wait_until(reactor, lambda: len(load.acked) >= 200 or running.called, 30, "200 acknowledged sends")
+    assert not running.called
     killed_at = reactor.seconds()
     cluster.kill(leader)
     yield running.addTimeout(60, reactor)
 
     states = [(s.state, s.node) for s in statuses]
-    assert not load.errors, f"errors reached the caller: {load.errors[:5]}"
-    assert len(load.acked) == 400
-    assert ("reconnecting", None) in states
-    assert alice.node != leader and alice.connected
-    assert alice.session == session, "the session was not resumed"
-    assert states[-1][0] == "connected"
+    assert not load.errors, f"errors reached the callers: {load.errors[:5]}"
+    assert len(load.acked) == 800
+    assert ("reconnecting", None) in states and states[-1][0] == "connected"
+    assert all(c.connected and c.node != leader for c in clients)
+    assert [c.session for c in clients] == sessions, "a session was not resumed"
     gap = load.first_ack_of_a_send_issued_after(killed_at) - killed_at
-    print(f"\nclient on leader {leader} moved to node {alice.node}; its first send issued after the "
-          f"kill was acknowledged {gap * 1000:.0f} ms after it; statuses {states}")
+    print(f"\n10 clients on leader {leader} moved to nodes {sorted(c.node for c in clients)}; the first "
+          f"send issued after the kill was acknowledged {gap * 1000:.0f} ms after it; one client's "
+          f"statuses: {states}")
     survivors = [n for n in cluster.node_ids if n != leader]
     yield check_every_node(cluster, survivors, load.acked)
 
