@@ -586,14 +586,18 @@ def logged_in(cluster, name, **client_kwargs):
 
 
 @defer.inlineCallbacks
-def stored_on(cluster, node_id, user=SINK, peer=None):
-    """``user``'s whole history as node ``node_id`` serves it (a client pinned to that node)."""
-    reader = yield logged_in(cluster, user, only=node_id)
+def stored_on(cluster, node_id, user=SINK, peer=None, with_unread=False):
+    """``user``'s whole history as node ``node_id`` serves it (a client pinned to that node).
+
+    ``with_unread``: return (messages, the unread count its login reported) instead.
+    """
+    reader = cluster.client(only=node_id)
     try:
+        login = yield reader.login(user, password(user))
         messages = yield all_history(reader, peer=peer)
     finally:
         yield reader.close()
-    return messages
+    return (messages, login["unread"]) if with_unread else messages
 
 
 def check_exactly_once(messages, acked, where):
@@ -610,12 +614,14 @@ def check_exactly_once(messages, acked, where):
 
 @defer.inlineCallbacks
 def check_every_node(cluster, nodes, acked, user=SINK):
-    """The same history, holding every acknowledged send exactly once, on each of ``nodes``."""
+    """The same history and unread count on each of ``nodes``, with every acknowledged send once."""
     seen = {}
     for node_id in nodes:
-        messages = yield stored_on(cluster, node_id, user)
+        messages, unread = yield stored_on(cluster, node_id, user, with_unread=True)
         check_exactly_once(messages, acked, f"node {node_id}")
-        seen[node_id] = [(m["id"], m["from"], m["body"]) for m in messages]
+        counted = sum(1 for m in messages if m["to"] == user and not m["read"])
+        assert unread == counted, f"node {node_id}: login says {unread} unread, history shows {counted}"
+        seen[node_id] = [(m["id"], m["from"], m["body"], m["read"]) for m in messages]
     first = seen[nodes[0]]
     for node_id in nodes[1:]:
         assert seen[node_id] == first, f"nodes {nodes[0]} and {node_id} hold different histories"
