@@ -20,6 +20,7 @@ import importlib.util
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -162,6 +163,39 @@ def unread_bytes_at(port):
     return total
 
 
+def _add_metrics_addresses(path, nodes):
+    """Give every ``[node.N]`` of ``path`` a free 127.0.0.1 metrics address (to read its indexes)."""
+    sockets = []
+    try:
+        for _ in range(nodes):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        ports = [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+    lines = []
+    for line in Path(path).read_text().splitlines():
+        lines.append(line)
+        if line.startswith("[node."):
+            lines.append(f"metrics = 127.0.0.1:{ports[int(line[6:-1]) - 1]}")
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def parse_gauges(text):
+    """``{name: value}`` of the unlabelled samples of a Prometheus text page."""
+    gauges = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, _, value = line.partition(" ")
+            try:
+                gauges[name] = float(value)
+            except ValueError:
+                pass
+    return gauges
+
+
 class Cluster:
     """A cluster.ini in ``directory`` and the twistd processes of its nodes.
 
@@ -172,7 +206,9 @@ class Cluster:
         self.reactor = reactor
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.config = configmod.load(write_local_config(self.directory, nodes, **{**DEFAULT_KEYS, **keys}))
+        path = write_local_config(self.directory, nodes, **{**DEFAULT_KEYS, **keys})
+        _add_metrics_addresses(path, nodes)
+        self.config = configmod.load(path)
         tls.make_cluster_certs(self.config)
         self.node_ids = list(self.config.nodes)
         self.processes: dict[int, subprocess.Popen] = {}
@@ -407,17 +443,54 @@ class Cluster:
             state.close()
 
     @defer.inlineCallbacks
-    def check_equal_states(self):
-        """Stop every node (SIGTERM) and check their chat states on disk are equal key for key.
+    def gauges(self, node_id, timeout=2.0):
+        """The node's metrics page as ``{name: value}`` (unlabelled samples only)."""
+        import urllib.request
+        from twisted.internet import threads
+        address = self.config.node(node_id).metrics
 
-        The applied index may differ by no-op slots; the data may not.
-        Returns the number of keys.
+        def fetch():
+            url = f"http://{address.host}:{address.port}/metrics"
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                return response.read()
+        body = yield threads.deferToThread(fetch)
+        return parse_gauges(body.decode("utf-8", "replace"))
+
+    @defer.inlineCallbacks
+    def wait_applied_everywhere(self, timeout=30.0):
+        """Wait until every live node has applied the same log index; return it.
+
+        Call it once no client writes any more: then every node holds every
+        acknowledged write (the node that answered applied it first).
+        """
+        nodes = self.live_nodes()
+
+        @defer.inlineCallbacks
+        def same():
+            self._check_alive(nodes)
+            indexes = set()
+            for n in nodes:
+                gauges = yield self.gauges(n)
+                indexes.add(gauges.get("paxchat_applied_index"))
+            return indexes.pop() if len(indexes) == 1 and None not in indexes else None
+        index = yield wait_until(self.reactor, same, timeout,
+                                 f"nodes {nodes} to have applied the same index")
+        return index
+
+    @defer.inlineCallbacks
+    def check_equal_states(self):
+        """Once every node applied the same index, stop them and compare their chat states on disk.
+
+        Equal key for key, at the same applied index. Returns the number of keys.
         """
         from twisted.internet import threads
+        index = yield self.wait_applied_everywhere()
         yield self.stop_gracefully()
         dumps = {}
         for n in self.node_ids:
-            dumps[n] = dict((yield threads.deferToThread(self.state_dump, n))[1])
+            applied, items = yield threads.deferToThread(self.state_dump, n)
+            assert applied == index, f"node {n} stopped at applied index {applied}, not {index}"
+            dumps[n] = dict(items)
         first = self.node_ids[0]
         for n in self.node_ids[1:]:
             differing = sorted(k for k in set(dumps[first]) | set(dumps[n])

@@ -12,7 +12,7 @@ from twisted.internet import defer
 
 from paxchat.client import ServerError
 from tests.cluster_support import (  # noqa: F401 (cluster_factory is a fixture)
-    Cluster, WaitTimeout, _LIVE, cluster_factory, wait_until, within)
+    Cluster, WaitTimeout, _LIVE, cluster_factory, parse_gauges, wait_until, within)
 
 
 def pid_alive(pid):
@@ -101,3 +101,12 @@ def test_wait_until_times_out_with_the_last_error():
     assert "the impossible" in str(e.value) and "not yet" in str(e.value)
     value = yield wait_until(reactor, lambda: defer.succeed(7), 1, "seven")
     assert value == 7
+
+
+def test_parse_gauges_reads_unlabelled_samples():
+    page = ('# HELP paxchat_applied_index Last log index applied.\n'
+            '# TYPE paxchat_applied_index gauge\n'
+            'paxchat_applied_index 1234.0\n'
+            'paxchat_peer_up{peer="2"} 1.0\n'
+            'paxchat_leader 3.0\n')
+    assert parse_gauges(page) == {"paxchat_applied_index": 1234.0, "paxchat_leader": 3.0}
