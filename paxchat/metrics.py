@@ -191,7 +191,9 @@ class _StatusCollector:
         store = getattr(self._node.log, "store", None)
         for attribute, name, doc in (
                 ("batches", "paxchat_log_fsyncs", "Write+fsync rounds of the Paxos log."),
-                ("records_written", "paxchat_log_records_written", "Records appended to the Paxos log.")):
+                ("records_written", "paxchat_log_records_written", "Records appended to the Paxos log."),
+                ("fsync_seconds_total", "paxchat_log_fsync_seconds",
+                 "Time spent in write+fsync of the Paxos log.")):
             value = _number(getattr(store, attribute, None))
             if value is not None:
                 counter = CounterMetricFamily(name, doc)
@@ -334,6 +336,9 @@ class MetricsService(service.Service):
 
     def startService(self):
         self.metrics.instrument(self.node.log)
+        if hasattr(self.node.log, "fsync_observer"):
+            # A log that can report each fsync of its store: feed the histogram.
+            self.node.log.fsync_observer = self.metrics.observe_fsync
         if self.address is not None:
             self.port = listen_http(self.node.reactor, self.address,
                                     MetricsResource(self.metrics))

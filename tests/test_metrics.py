@@ -45,6 +45,7 @@ class StatusLog:
     class store:
         batches = 17
         records_written = 40
+        fsync_seconds_total = 0.5
 
     def status(self):
         return self._status
@@ -78,6 +79,7 @@ def test_collector_reads_a_replicated_log_status():
     assert value(found, "paxchat_node_running") == 1
     assert value(found, "paxchat_log_fsyncs_total") == 17
     assert value(found, "paxchat_log_records_written_total") == 40
+    assert value(found, "paxchat_log_fsync_seconds_total") == 0.5
 
 
 def test_collector_degrades_without_status():
@@ -207,6 +209,30 @@ def test_a_real_node_serves_metrics_over_http(tmp_path):
         if client is not None:
             client.transport.loseConnection()
         yield node.stopService()
+
+
+def test_a_log_that_reports_fsyncs_feeds_the_histogram():
+    from paxchat.metrics import MetricsService
+
+    class Log(Bare):
+        fsync_observer = None
+
+        def submit(self, command):
+            return defer.succeed(None)
+
+    class Node(FakeNode):
+        reactor = task.Clock()
+        node = type("NodeConfig", (), {"metrics": None})()
+
+    node = Node(Log())
+    service = MetricsService(node)
+    service.startService()
+    node.log.fsync_observer(0.004)
+    node.log.fsync_observer(0.2)
+    found = samples(service.metrics.exposition())
+    assert value(found, "paxchat_fsync_latency_seconds_count") == 2
+    assert value(found, "paxchat_fsync_latency_seconds_bucket", le="0.005") == 1
+    service.stopService()
 
 
 @pytest_twisted.inlineCallbacks
