@@ -238,4 +238,9 @@ def test_no_secret_in_the_complete_output_of_twistd_nodes(cluster_factory, monke
                if line.startswith("{")]
     assert records and all(r["node"] in cluster.node_ids for r in records)
     assert {r["node"] for r in records if r["namespace"] == "paxchat.node"} == {1, 2, 3}
+    if HAS_REPLICATED_LOG:  # the events an operator needs, in plain words
+        messages = [r["message"] for r in records]
+        assert any(" leader is now " in m for m in messages)
+        assert any(m.startswith("peer link outbound with node") and " up " in m for m in messages)
+        assert any(m.startswith("peer link") and " down: " in m for m in messages)
     assert_no_secrets(output, tokens)
