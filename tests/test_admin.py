@@ -194,11 +194,13 @@ def test_node_without_admin_address(tmp_path):
 # -- a real replicated cluster of twistd nodes ------------------------------------------
 
 def add_ops_addresses(cluster):
-    """Give every node of a Cluster admin and metrics addresses, and make the admin certificate."""
+    """Give every node of a Cluster admin and metrics addresses (those it lacks) and the admin cert."""
     path = cluster.config.path
-    ports = iter(free_ports(2 * len(cluster.node_ids)))
-    text = re.sub(r"^peer = .*$", lambda m: f"{m.group(0)}\nadmin = 127.0.0.1:{next(ports)}"
-                  f"\nmetrics = 127.0.0.1:{next(ports)}", path.read_text(), flags=re.M)
+    missing = [key for key in ("admin", "metrics")
+               if any(getattr(n, key) is None for n in cluster.config.nodes.values())]
+    ports = iter(free_ports(len(missing) * len(cluster.node_ids)))
+    text = re.sub(r"^peer = .*$", lambda m: m.group(0) + "".join(
+        f"\n{key} = 127.0.0.1:{next(ports)}" for key in missing), path.read_text(), flags=re.M)
     path.write_text(text)
     cluster.config = configmod.load(path)
     tls.make_admin_certificate(cluster.config)
