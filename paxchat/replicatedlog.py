@@ -177,6 +177,7 @@ class ReplicatedLog:
         self._compacted = 0
         self._snapshotting = False
         self._need_snapshot = False
+        self._snapshot_waiters = []        # snapshot_now() callers
 
     @classmethod
     def from_config(cls, reactor, config, node_id, worker, on_fatal=None):
@@ -736,6 +737,27 @@ class ReplicatedLog:
 
     def _snapshot_done(self, _):
         self._snapshotting = False
+        waiters, self._snapshot_waiters = self._snapshot_waiters, []
+        for waiter in waiters:
+            waiter.callback(self.replica.snapshot_index)
+
+    def snapshot_now(self):
+        """Compact at the applied index now, for operators (``paxchat-admin snapshot``).
+
+        Fires with the snapshot index; at once when nothing was applied since
+        the last snapshot.
+        """
+        if not self._live:
+            return defer.fail(Unavailable(f"node {self.node_id} is not serving"))
+        if not self._snapshotting:
+            forced, self._need_snapshot = self._need_snapshot, True
+            self._maybe_snapshot()
+            if not self._snapshotting:
+                self._need_snapshot = forced
+                return defer.succeed(self.replica.snapshot_index)
+        waiter = defer.Deferred()
+        self._snapshot_waiters.append(waiter)
+        return waiter
 
     def _compact(self, taken):
         index, data = taken

@@ -309,6 +309,22 @@ def test_a_node_behind_the_compaction_point_is_restored_by_snapshot(tmp_path):
         c.close()
 
 
+def test_snapshot_now_compacts_at_the_applied_index(cluster):
+    leader = cluster.wait_leader()
+    rl = cluster.logs[leader]
+    for i in range(5):
+        assert cluster.result(rl.submit(create(f"n{i}")))["ok"]
+    applied = rl.applied_index
+    assert rl.replica.snapshot_index < applied
+    assert cluster.result(rl.snapshot_now()) == applied
+    assert rl.replica.snapshot_index == applied
+    assert any(isinstance(M.decode(r), M.CompactRecord) for r in cluster.records[leader])
+    # Nothing applied since: the same index again, without a new snapshot.
+    calls = rl.worker.calls.count("snapshot")
+    assert cluster.result(rl.snapshot_now()) == applied
+    assert rl.worker.calls.count("snapshot") == calls
+
+
 def test_a_storage_failure_stops_the_node_and_fails_what_waits(cluster):
     leader = cluster.wait_leader()
     rl = cluster.logs[leader]
