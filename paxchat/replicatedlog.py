@@ -153,6 +153,7 @@ class ReplicatedLog:
         self._seq = itertools.count(1)
         self.replica = None
         self.store = None
+        self.fsync_observer = None         # fn(seconds) per fsync of the store, for metrics
         self._starting = None
         self._stopped = False
         self.failed = None                 # why the node had to stop, once it did
@@ -218,6 +219,7 @@ class ReplicatedLog:
                 yield store.close()
                 return
             self.store = store
+            store.fsync_observer = self._observe_fsync
             applied = yield self._worker.call("applied_index")
             durable = DurableState.from_records([M.decode(r) for r in records])
         except Exception as e:
@@ -734,6 +736,10 @@ class ReplicatedLog:
         d.addCallback(self._compact)
         d.addErrback(lambda f: log.failure("taking a snapshot failed; will retry", f))
         d.addBoth(self._snapshot_done)
+
+    def _observe_fsync(self, seconds):
+        if self.fsync_observer is not None:
+            self.fsync_observer(seconds)
 
     def _snapshot_done(self, _):
         self._snapshotting = False

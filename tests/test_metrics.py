@@ -199,6 +199,8 @@ def test_a_real_node_serves_metrics_over_http(tmp_path):
         assert value(found, "paxchat_proposals_total") >= 2
         assert value(found, "paxchat_commit_latency_seconds_count") >= 2
         assert value(found, "paxchat_applied_index") >= 2
+        assert value(found, "paxchat_fsync_latency_seconds_count") >= 1
+        assert value(found, "paxchat_log_fsync_seconds_total") > 0
         roles = {dict(labels)["role"] for (name, labels), v in found.items()
                  if name == "paxchat_role" and v == 1}
         assert roles == {node_status(node)["role"]} and roles <= {"standalone", "leader"}

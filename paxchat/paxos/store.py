@@ -418,6 +418,8 @@ class DurableLog:
         self._closed = False
         self.batches = 0                     # write+fsync rounds, for metrics
         self.records_written = 0
+        self.fsync_seconds_total = 0.0
+        self.fsync_observer = None           # fn(seconds) per write+fsync round, for metrics
 
     @classmethod
     def open(cls, reactor, directory, *, segment_bytes=DEFAULT_SEGMENT_BYTES,
@@ -537,6 +539,9 @@ class DurableLog:
     def _batch_written(self, fsync_seconds, batch):
         self.batches += 1
         self.records_written += len(batch)
+        self.fsync_seconds_total += fsync_seconds
+        if self.fsync_observer is not None:
+            self.fsync_observer(fsync_seconds)
         if fsync_seconds > self._slow_fsync:
             log.warn("slow fsync: {ms:.0f} ms for {count} records", ms=fsync_seconds * 1000,
                      count=len(batch))
