@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 certs: $(STAMP)
-	$(VENV)/bin/paxchat-certs --config $(CONFIG) --if-missing
+	$(VENV)/bin/paxchat-certs --config $(CONFIG) --if-missing --admin
 
 run: certs
 	$(PY) -m paxchat.devcluster --config $(CONFIG)
