@@ -32,6 +32,7 @@ def parse(argv):
                         help="profile nodes during the write benchmark (installs the tool on demand)")
     parser.add_argument("--profile-clients", type=int, default=64,
                         help="with --profile py-spy: the client count to profile (default: %(default)s)")
+    parser.add_argument("--clients", help="writes: only these client counts, e.g. 64 or 1,64")
     parser.add_argument("--workdir", help="where clusters keep their data (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, data, profiles)")
     parser.add_argument("--json", help="also write every figure to this JSON file")
@@ -54,6 +55,7 @@ def main(argv=None):
                   base_dir=args.workdir, keep=args.keep or bool(args.workdir), profile=args.profile)
     ctx.profile_clients = args.profile_clients
     ctx.with_paxchat = not args.no_paxchat
+    ctx.clients = [int(c) for c in args.clients.split(",")] if args.clients else None
     if args.profile:
         from . import profiling
         profiling.ensure_tool(args.profile)

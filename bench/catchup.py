@@ -113,17 +113,24 @@ async def wait_current_paxchat(reactor, targets, node_id, session, marker_id, ti
     """When ``node_id`` first answers a read that includes message ``marker_id``."""
     deadline = load.now() + timeout
     proto = None
+    resumed = False
     try:
         while load.now() < deadline:
             try:
                 if proto is None or proto.lost:
-                    proto = await targets.connect(node_id)
+                    proto, resumed = await targets.connect(node_id), False
+                if not resumed:
                     await load.request(reactor, proto, "resume", session=session)
+                    resumed = True
                 page = await load.request(reactor, proto, "history", limit=1)
                 if page["messages"] and page["messages"][0]["id"] >= marker_id:
                     return load.now()
             except ServerError as e:
-                if e.code not in ("unavailable", "rate_limited"):
+                if e.code == "not_logged_in":
+                    resumed = False
+                elif e.code in ("unavailable", "rate_limited"):
+                    await load.sleep(reactor, 0.1)
+                else:
                     raise
             except Exception:
                 if proto is not None:

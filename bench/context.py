@@ -25,6 +25,7 @@ class Context:
         self.out = out
         self.results = []
         self.with_paxchat = True
+        self.clients = None  # writes: client counts instead of the size's own
 
     @property
     def with_etcd(self) -> bool:

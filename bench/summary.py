@@ -21,8 +21,18 @@ def _catchup(r):
 
 
 def _generic(r):
+    if "ops_per_s" in r:
+        return _writes(r)
+    if "current_s" in r:
+        return _catchup(r)
     skip = {"bench", "system", "label"}
-    return ", ".join(f"{k} {v}" for k, v in r.items() if k not in skip)
+    return ", ".join(f"{k} {_value(v)}" for k, v in r.items() if k not in skip)
+
+
+def _value(v):
+    if isinstance(v, float):
+        return f"{v:,.2f}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)
 
 
 SHOW = {"writes": _writes, "failover": _failover, "catchup": _catchup}

@@ -30,6 +30,8 @@ def homes_for(placement, leader, node_ids, count):
 
 async def run(reactor, ctx):
     size = sizes(ctx.tiny)
+    if ctx.clients:
+        size["counts"] = ctx.clients
     counts = size["counts"]
     if ctx.with_paxchat:
         await run_paxchat(reactor, ctx, size)
