@@ -26,6 +26,8 @@ from paxchat.state.worker import StateWorker
 log = Logger()
 
 STATE_FILE = "state.sqlite3"
+# The reason a planned stop gives clients in its node_stopping event.
+STOPPING_REASON = "shutdown"
 
 
 class NodeService(service.MultiService):
@@ -181,6 +183,7 @@ class NodeService(service.MultiService):
         if port is not None:
             yield port.stopListening()
         yield self.hand_over()
+        yield self.close_client_connections()
         yield super().stopService()
         yield self._close_started()
         log.info("paxchat node {node_id} stopped", node_id=self.node_id)
@@ -230,6 +233,19 @@ class NodeService(service.MultiService):
         if left:
             log.warn("node {node_id} stopping with {count} writes unanswered; clients retry them",
                      node_id=self.node_id, count=left)
+
+    def close_client_connections(self):
+        """Send every client ``node_stopping`` once its requests are answered, and close it.
+
+        Runs after ``hand_over`` and before the log and the state stop, so
+        each connection's last answers are real ones, not ``internal``
+        errors from a stopped state worker; its client then moves to
+        another node at once instead of waiting for this one to vanish.
+        Bounded by ``request_timeout`` (twice, then aborts).
+        """
+        if self.factory is None:
+            return defer.succeed(None)
+        return self.factory.close_all(STOPPING_REASON, grace=self.config.request_timeout)
 
     @defer.inlineCallbacks
     def _close_started(self):

@@ -1,13 +1,15 @@
 """A planned stop (SIGTERM): turn clients away, pass leadership on, let writes finish; rolling restarts."""
 
+import json
+
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, endpoints
 
 from paxchat.locallog import LocalLog
 from paxchat.node import NodeService
 from tests.cluster_support import (HAS_REPLICATED_LOG, Load, all_history, cluster_factory,  # noqa: F401
                                    fast_policy, requires_replicated_log, wait_until, within)
-from tests.ops_support import reactor_, write_ops_config
+from tests.ops_support import JSONLines, reactor_, write_ops_config
 
 
 class SteppingLog(LocalLog):
@@ -89,6 +91,58 @@ def test_a_plain_local_log_stops_at_once(tmp_path):
     node.startService()
     yield node.hand_over()
     yield node.stopService()
+
+
+class Listening(JSONLines):
+    """A bare client that also keeps the events it is pushed, and notices the close."""
+
+    def __init__(self, events):
+        super().__init__()
+        self.events = events
+        self.gone = defer.Deferred()
+
+    def lineReceived(self, line):
+        message = json.loads(line)
+        if "event" in message:
+            self.events.append(("client got", message))
+        super().lineReceived(line)
+
+    def connectionLost(self, reason):
+        self.events.append(("client closed", None))
+        self.gone.callback(None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_clients_are_told_and_closed_after_the_drain_and_before_the_log_stops(tmp_path):
+    cfg = write_ops_config(tmp_path, nodes=1, keys=(), client_tls="off", bcrypt_cost=4)
+    events = []
+
+    class Watching(SteppingLog):
+        def stop(self):
+            events.append(("open connections", len(self.node.factory.connections)))
+            return super().stop()
+
+    class Node(NodeService):
+        def make_command_log(self, worker):
+            return Watching(self, events, self.reactor, worker, node_id=self.node_id)
+
+    node = Node(cfg, 1, reactor_())
+    node.startService()
+    address = cfg.node(1).client
+    client = yield endpoints.connectProtocol(
+        endpoints.TCP4ClientEndpoint(reactor_(), address.host, address.port, timeout=5),
+        Listening(events))
+    answer = yield client.request("hello")
+    assert answer["ok"] is True
+    yield node.stopService()
+    yield client.gone.addTimeout(5, reactor_())
+    # The node closed the connection before its log stopped; the client hears it a moment later.
+    on_node = [e for e in events if not e[0].startswith("client")]
+    on_client = [e for e in events if e[0].startswith("client")]
+    assert on_node == [("step down", True), ("write answered", 1), ("write answered", 0),
+                       ("open connections", 0), ("log stopped", 0)]
+    assert on_client == [("client got", {"event": "node_stopping", "reason": "shutdown"}),
+                         ("client closed", None)]
 
 
 # -- a rolling restart of real nodes ------------------------------------------------------

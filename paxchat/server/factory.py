@@ -5,6 +5,7 @@ connections, the per-account rate limits, the password hasher, and the
 observer on the command log that pushes events to connections.
 """
 
+from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -17,6 +18,9 @@ from .ratelimit import KeyedRateLimiter
 from .sessions import ConnectionRegistry
 
 _log = Logger()
+
+# After aborting the last connections at a stop, how long to wait for them to be gone.
+ABORT_WAIT_SECONDS = 1.0
 
 
 class ChatServerFactory(ServerFactory):
@@ -45,6 +49,7 @@ class ChatServerFactory(ServerFactory):
             writes_per_account=KeyedRateLimiter(reactor, settings.writes_per_account),
         )
         log.add_observer(EventPusher(self.registry))
+        self.connections = set()  # every open ChatProtocol, logged in or not
         self._warmed = False
 
     def startFactory(self):
@@ -57,3 +62,45 @@ class ChatServerFactory(ServerFactory):
         protocol = ChatProtocol(self.reactor, self.settings, self.handlers, self.registry)
         protocol.factory = self
         return protocol
+
+    def close_all(self, reason, grace):
+        """Tell every client this node is stopping and close its connection; fires when all are gone.
+
+        Each connection first gets the answers to the requests it already
+        sent (for up to ``grace`` seconds), then ``{"event": "node_stopping",
+        "reason": reason}``, then a clean close, so its client moves to another
+        node and resends only what was never answered. A connection still
+        open ``grace`` seconds later gets the event and is closed anyway;
+        one that does not go away within another ``grace`` is aborted.
+        Never fails.
+        """
+        conns = list(self.connections)
+        if not conns:
+            return defer.succeed(None)
+        _log.info("telling {count} client connections that this node is stopping",
+                  count=len(conns))
+        for conn in conns:
+            conn.close_after_answers(reason)
+        finished = defer.Deferred()
+        timers = []
+
+        def finish(_=None):
+            for timer in timers:
+                if timer.active():
+                    timer.cancel()
+            if not finished.called:
+                finished.callback(None)
+
+        def answers_overdue():
+            for conn in list(self.connections):
+                conn.close_now()
+            timers.append(self.reactor.callLater(grace, close_overdue))
+
+        def close_overdue():
+            for conn in list(self.connections):
+                conn.transport.abortConnection()
+            timers.append(self.reactor.callLater(ABORT_WAIT_SECONDS, finish))  # never hang a stop
+
+        timers.append(self.reactor.callLater(grace, answers_overdue))
+        defer.DeferredList([conn.closed for conn in conns if conn.closed is not None]).addCallback(finish)
+        return finished

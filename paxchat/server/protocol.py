@@ -17,6 +17,10 @@ Backpressure, both ways:
 Requests of one connection run concurrently, except that a request that
 changes the connection's session (login, resume, logout, delete_account)
 makes the requests after it wait until it is answered.
+
+When its node stops, ``close_after_answers`` stops reading requests, lets
+those already read be answered, then sends a ``node_stopping`` event and
+closes: the client resends what it had not got an answer to elsewhere.
 """
 
 import json
@@ -104,11 +108,16 @@ class ChatProtocol(Protocol):
         self._output_paused = False
         self._backlog = 0
         self._close_timer = None
+        self._stopping_event = None  # the node_stopping event, once the node is stopping
+        self.closed = defer.Deferred()  # fires when the connection is gone
 
     # Connection life
 
     def connectionMade(self):
         self.transport.registerProducer(_OutputGate(self), True)
+        connections = getattr(self.factory, "connections", None)
+        if connections is not None:
+            connections.add(self)
 
     def connectionLost(self, reason):
         self.connected = False
@@ -117,6 +126,43 @@ class ChatProtocol(Protocol):
         self._waiting.clear()
         if self._close_timer is not None and self._close_timer.active():
             self._close_timer.cancel()
+        connections = getattr(self.factory, "connections", None)
+        if connections is not None:
+            connections.discard(self)
+        closed, self.closed = self.closed, None
+        if closed is not None:
+            closed.callback(None)
+
+    def close_after_answers(self, reason):
+        """The node is stopping: read nothing more, answer what was read, then say so and close.
+
+        Requests still unread are never started, so the client can safely
+        send them again to another node. ``close_now`` ends the wait early.
+        """
+        if self._stopping_event is not None or not self.connected:
+            return
+        self._stopping_event = {"event": "node_stopping", "reason": reason}
+        self._closing = True
+        self._pause("stopping")
+        self._waiting_done()
+
+    def close_now(self):
+        """Stop waiting for answers: send ``node_stopping`` and close at once."""
+        if self.connected:
+            self._send_stopping_and_close()
+
+    def _waiting_done(self):
+        if self._stopping_event is not None and self._in_flight == 0 and self.connected:
+            self._send_stopping_and_close()
+
+    def _send_stopping_and_close(self):
+        event, self._stopping_event = self._stopping_event, None
+        if event is None or self.transport is None:
+            return
+        self.send_event(event)
+        # A streaming producer that is paused would keep the transport open.
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
 
     @property
     def in_flight(self):
@@ -244,6 +290,7 @@ class ChatProtocol(Protocol):
         self._send(data)
         if self._in_flight < self._settings.max_pending_per_connection:
             self._resume("pipeline")
+        self._waiting_done()
 
     # Writing
 

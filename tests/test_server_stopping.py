@@ -1,0 +1,92 @@
+"""A stopping node answers what its clients already sent, then tells them (node_stopping) and closes."""
+
+import json
+
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+
+from .server_support import HeldWorker, Server
+
+PW = "password-1"
+
+
+def logged_in(server, name):
+    client = server.connect()
+    client.send(op="create_account", username=name, password=PW)
+    server.worker.release_all()
+    client.send(op="login", username=name, password=PW)
+    server.worker.release_all()
+    assert all(m["ok"] for m in client.received()), client.inbox
+    return client
+
+
+def gone(client):
+    """What the reactor does once the transport's loseConnection has flushed."""
+    client.proto.connectionLost(Failure(ConnectionDone()))
+
+
+def test_the_event_follows_the_pending_answers_and_the_connection_closes():
+    server = Server(worker_class=HeldWorker)
+    client = logged_in(server, "alice")
+    idle = server.connect()
+    first = client.send(op="send_message", to="alice", body="one")
+    second = client.send(op="history", limit=5)
+    done = server.factory.close_all("shutdown", grace=5)
+
+    # The idle connection has nothing to wait for.
+    assert idle.events() == [{"event": "node_stopping", "reason": "shutdown"}]
+    assert idle.transport.disconnecting
+    # The busy one waits for its answers; anything it sends now is not read.
+    assert not client.transport.disconnecting
+    client.send(id="late", op="hello")
+    server.worker.release_all()
+    server.worker.release_all()
+    ids = [m.get("id") for m in client.received()[-3:]]
+    assert ids[:2] == [first, second] or ids[:2] == [second, first]
+    assert client.inbox[-1] == {"event": "node_stopping", "reason": "shutdown"}
+    assert client.answer(first)["ok"] and client.answer(second)["ok"]
+    assert "late" not in [m.get("id") for m in client.inbox]
+    assert client.transport.disconnecting
+    assert client.transport.producer is None  # a paused output gate cannot keep it open
+
+    assert not done.called
+    gone(client)
+    gone(idle)
+    assert done.called
+    assert server.factory.connections == set()
+    assert not server.clock.getDelayedCalls()
+
+
+def test_answers_that_never_come_are_given_up_on_after_the_grace_period():
+    server = Server(worker_class=HeldWorker)
+    client = logged_in(server, "bob")
+    client.send(op="history", limit=5)  # held by the worker for good
+    done = server.factory.close_all("shutdown", grace=2)
+    assert client.events() == []
+    server.clock.advance(2)
+    assert client.events() == [{"event": "node_stopping", "reason": "shutdown"}]
+    assert client.transport.disconnecting
+    # A client that does not let the connection close is cut off, and the stop goes on.
+    server.clock.advance(2)
+    assert client.transport.disconnected
+    assert not done.called
+    server.clock.advance(1)
+    assert done.called
+
+
+def test_nothing_to_close():
+    server = Server()
+    assert server.factory.close_all("shutdown", grace=1).called
+
+
+def test_a_closed_connection_leaves_the_set():
+    server = Server()
+    client = server.connect()
+    assert server.factory.connections == {client.proto}
+    gone(client)
+    assert server.factory.connections == set()
+    # Encoded as one JSON line like every event.
+    other = server.connect()
+    server.factory.close_all("shutdown", grace=1)
+    assert other.transport.value().endswith(
+        json.dumps({"event": "node_stopping", "reason": "shutdown"}, separators=(",", ":")).encode() + b"\n")
