@@ -117,7 +117,7 @@ def summarize_lines(lines, top=15):
             continue
         total += n
         own[leaf] += n
-        for frame in set(_short(fr) for fr in frames if "/paxchat/" in fr):
+        for frame in set(_short(fr) for fr in frames if "paxchat/" in fr):
             inclusive[frame] += n
     if not total:
         return [f"no busy samples ({idle} idle)"]

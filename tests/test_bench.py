@@ -168,7 +168,7 @@ def test_profile_summary_leaves_out_waits_and_ranks_work():
     lines = [
         "<module> (<string>:1);run (twisted/app.py:3);doPoll (x) 1\n",
         "<module> (<string>:1);run (twisted/app.py:3);EPollReactor.doPoll (twisted/internet/epollreactor.py:9) 50\n",
-        "_bootstrap (threading.py:1);apply_entries (/w/paxchat/state/chat.py:10);KVStore.transaction (/w/paxchat/state/kv.py:3) 30\n",
+        "_bootstrap (threading.py:1);apply_entries (paxchat/state/chat.py:10);KVStore.transaction (/w/paxchat/state/kv.py:3) 30\n",
         "_bootstrap (threading.py:1);append_batch (/w/paxchat/paxos/store.py:7) 10\n",
     ]
     out = profiling.summarize_lines(lines)
