@@ -21,9 +21,9 @@ def test_chat_in_the_window(node, tmp_path):
     import tkinter as tk
     from twisted.internet import reactor, tksupport
     from paxchat.client.gui import ChatApp, client_maker
-    from .xvfb import Xvfb, can_screenshot
+    from .xvfb import can_screenshot, shared_xvfb
 
-    with Xvfb(1000, 680) as x:
+    with shared_xvfb(1000, 680) as x:
         root = tk.Tk(screenName=x.display, className="paxchat")
         tksupport.install(root)
         app = None

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import select
 import shutil
 import struct
 import subprocess
+import sys
 import time
 import zlib
+
+
+# Exec Xvfb so that it dies with this process (PR_SET_PDEATHSIG, Linux), even on kill -9 or exit from C.
+EXEC_DYING_WITH_PARENT = """\
+import os, signal, sys
+try:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+except Exception:
+    pass
+if os.getppid() == int(sys.argv[1]):
+    os.execvp(sys.argv[2], sys.argv[2:])
+"""
 
 
 class Xvfb:
@@ -24,7 +39,8 @@ class Xvfb:
         try:
             # -displayfd: the server picks a free display and writes its number once it is ready.
             self.proc = subprocess.Popen(
-                ["Xvfb", "-displayfd", str(write_fd), "-screen", "0", f"{self.width}x{self.height}x24",
+                [sys.executable, "-c", EXEC_DYING_WITH_PARENT, str(os.getpid()),
+                 "Xvfb", "-displayfd", str(write_fd), "-screen", "0", f"{self.width}x{self.height}x24",
                  "-nolisten", "tcp", "-noreset"],
                 pass_fds=(write_fd,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             os.close(write_fd)
@@ -61,6 +77,34 @@ class Xvfb:
         data = subprocess.run(["xwd", "-silent", "-display", self.display] + target,
                               capture_output=True, check=True, timeout=30).stdout
         write_png(path, *xwd_to_rgb(data))
+
+
+_shared: Xvfb | None = None
+
+
+class shared_xvfb:
+    """``with shared_xvfb() as x:`` one Xvfb for every GUI test of this process, stopped at exit.
+
+    Tk keeps its connection to a display until the process ends, and Xlib
+    ends the whole process ("XIO: fatal IO error") when such a connection
+    breaks; so a display must outlive every Tk that used it, and GUI tests
+    share one instead of killing theirs.
+    """
+
+    def __init__(self, width=1000, height=680):
+        self.size = (width, height)
+
+    def __enter__(self) -> Xvfb:
+        global _shared
+        if _shared is None or _shared.proc.poll() is not None:
+            _shared = Xvfb(*self.size).__enter__()
+            atexit.register(_shared.__exit__, None, None, None)
+        if (_shared.width, _shared.height) != self.size:
+            raise ValueError(f"the shared Xvfb is {_shared.width}x{_shared.height}, not {self.size}")
+        return _shared
+
+    def __exit__(self, *exc):
+        return None
 
 
 def can_screenshot() -> bool:
