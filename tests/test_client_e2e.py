@@ -161,9 +161,7 @@ def test_client_rides_out_a_node_restart(tmp_path):
         yield bob.create_account("bob", "bob-password")
         yield alice.login("alice", "alice-password")
         yield service.stopService()
-        # The node is gone: its connections die with it.
-        alice._proto.transport.abortConnection()
-        bob._proto.transport.abortConnection()
+        # The node told its clients it was stopping (node_stopping) and closed their connections.
         sending = alice.send_message("bob", "sent while the node was down", client_msg_id="down-1")
         yield wait_for(lambda: statuses[-1].state == "reconnecting", 5)
         service = NodeService(config, 1, reactor)

@@ -7,7 +7,9 @@ with ``resume`` and sends again every request that had no answer yet. Sends
 carry a ``client_msg_id`` that stays the same across retries, so the server
 stores a message once however often it is sent; ``unavailable`` answers
 (no quorum in time) are retried the same way for a bounded time. Callers see
-one answer per call, or ``ServerError`` / ``Unreachable``.
+one answer per call, or ``ServerError`` / ``Unreachable``. A node that is
+stopping says so (``node_stopping``): the client leaves it at once, trying
+it last, as it would after a drop.
 """
 
 from __future__ import annotations
@@ -69,8 +71,10 @@ class PaxchatClient:
     ``targets`` are ``NodeTarget``s (see ``from_config`` / ``from_addresses``)
     or plain client endpoints, numbered from 1.
 
-    ``on_event(event)`` gets pushed events (``message``, ``session_ended``);
-    ``on_status(Status)`` hears about connecting/connected/reconnecting/failed.
+    ``on_event(event)`` gets pushed events (``message``, ``session_ended``,
+    ``node_stopping``); ``on_status(Status)`` hears about
+    connecting/connected/reconnecting/failed (a ``reconnecting`` whose
+    ``detail`` names the node when it left one that is stopping).
     """
 
     log = Logger()
@@ -109,6 +113,7 @@ class PaxchatClient:
         self._close_waiters: list[defer.Deferred] = []
         self._hello: dict | None = None
         self._ever_connected = False
+        self._leaving = ""  # why the client left its node on purpose, for the next status
 
     # -- construction helpers -------------------------------------------------
 
@@ -342,7 +347,8 @@ class PaxchatClient:
         self._rotation = Rotation(list(self.targets), self.policy, now, first=first, after=after,
                                   random=self._random)
         state = "reconnecting" if self._ever_connected else "connecting"
-        self._set_status(Status(state, None, self.leader))
+        detail, self._leaving = self._leaving, ""
+        self._set_status(Status(state, None, self.leader, detail))
         self._next_attempt()
 
     def _next_attempt(self):
@@ -373,7 +379,7 @@ class PaxchatClient:
         if self._closed:
             proto.close()
             return
-        proto.on_event = self._event
+        proto.on_event = lambda event, proto=proto: self._event(event, proto)
         proto.on_lost = lambda reason, proto=proto: self._lost(proto, reason)
         self._proto = proto
         self._proto_node = node_id
@@ -431,7 +437,7 @@ class PaxchatClient:
                 req.deferred.callback({})
         self._event({"event": "session_ended", "reason": "the session is no longer valid"})
 
-    def _event(self, event):
+    def _event(self, event, proto=None):
         if event.get("event") == "session_ended":
             self.session = None
         if self.on_event is not None:
@@ -439,6 +445,25 @@ class PaxchatClient:
                 self.on_event(event)
             except Exception:
                 self.log.failure("event callback failed")
+        if event.get("event") == "node_stopping" and proto is not None:
+            self._leave_stopping_node(proto, event.get("reason"))
+
+    def _leave_stopping_node(self, proto, reason):
+        """The node said it is stopping: close now; ``_lost`` moves on, this node tried last.
+
+        It sent this after answering what it had read; whatever is still
+        unanswered fails with ConnectionDropped and is sent again on the
+        next node, as after any drop (sends keep their client_msg_id).
+        """
+        if proto is not self._proto or proto.lost:
+            return
+        node = self._proto_node
+        self.log.info("node {node} is stopping ({reason}); moving to another node",
+                      node=node, reason=reason)
+        if self._rotation is None:  # else a rotation is under way and goes on
+            self._leaving = f"node {node} is stopping"
+        self._ready = False  # calls from now on wait for the next node
+        proto.close()
 
     def _lost(self, proto, reason):
         if proto is not self._proto:
@@ -457,6 +482,7 @@ class PaxchatClient:
             return
         self.log.info("connection to node {node} lost", node=lost_node)
         if was_ready or self._rotation is None:
+            # Starts with the node after the lost one, so the lost one comes last.
             self._start_rotation(after=lost_node)
         else:
             self._next_attempt()
