@@ -5,9 +5,10 @@
 
 import pytest
 
+from paxchat.paxos import messages as M
 from paxchat.paxos.core import Replica
 from tests.sim import __main__ as sim_cli
-from tests.sim.cluster import SimFailure, Simulation, run_seed
+from tests.sim.cluster import FAULT_TIME, LIVENESS_BOUND, SimFailure, Simulation, run_seed
 
 CI_SEEDS = 500
 BLOCK = 50
@@ -43,6 +44,16 @@ def test_the_workload_exercises_faults_reads_and_snapshots():
     assert totals["snapshots"] > 10 and totals["elections"] > 40
 
 
+def test_a_slow_snapshot_recovery_gets_its_transfer_allowance():
+    # Seed 55273: 50-byte chunks, compaction every 4 slots; the new leader
+    # fetches two snapshots in a row, then a laggard two more (each ~75
+    # round trips). Every chunk is progress, but it converges 0.12 s after
+    # the flat 8 s bound: the bound now adds the transfers' time.
+    sim = run_seed(55273)
+    assert sim.config.snapshot_chunk_bytes == 50
+    assert FAULT_TIME + LIVENESS_BOUND < sim.now < sim.end_time
+
+
 # ---- planted bugs: each must be caught within the CI seed budget ------------
 
 class RepliesBeforePersist(Replica):
@@ -73,11 +84,24 @@ class StaleLease(Replica):
         return self._lease_until > float("-inf")
 
 
+class RestartsSnapshotTransfers(Replica):
+    """A peer that sends every snapshot chunk request the first chunk again."""
+
+    def _on_catchup_request(self, m):
+        if m.from_slot <= self._snapshot_index:
+            m = M.CatchupRequest(m.sender, m.from_slot, 0, 0)
+        Replica._on_catchup_request(self, m)
+
+    _HANDLERS = {**Replica._HANDLERS, M.CatchupRequest: _on_catchup_request}
+
+
 @pytest.mark.parametrize("mutant,symptom", [
     (RepliesBeforePersist, ""),
     (IgnoresAcceptedValues, ""),
     (MinorityQuorum, ""),
     (StaleLease, "not linearizable"),     # caught by the linearizability check itself
+    # The snapshot-transfer allowance must not hide a transfer that never ends.
+    (RestartsSnapshotTransfers, "after faults stopped"),
 ])
 def test_planted_bug_is_found(mutant, symptom):
     for seed in range(CI_SEEDS):

@@ -12,8 +12,9 @@ A run has two phases. During the *fault* phase clients write and read while
 the network misbehaves and nodes crash (losing whatever their disk had not
 fsynced) and restart from their durable records. Then faults stop: the
 network heals and every node but a random minority restarts; every
-outstanding client operation must complete within ``LIVENESS_BOUND`` and all
-live nodes must converge.
+outstanding client operation must complete within ``LIVENESS_BOUND`` (plus
+the time the drawn world needs for snapshot transfers, see
+``Simulation.transfer_allowance``) and all live nodes must converge.
 
 Checked during and after the run (``SimFailure`` says which and when):
 - no slot is decided two ways, on any node, ever (across restarts);
@@ -42,6 +43,10 @@ __all__ = ["SimFailure", "Simulation", "run_seed"]
 
 FAULT_TIME = 6.0            # seconds of simulated time with faults
 LIVENESS_BOUND = 8.0        # after faults stop, everything pending completes within this
+# ... plus this many full snapshot transfers at the world's slowest chunk round
+# trip: the leader may finish a transfer pinned during the faults, then fetch
+# the chosen prefix, and only then can a laggard fetch the final state.
+TRANSFERS_ALLOWED = 3
 KEYS = ("a", "b", "c")
 
 
@@ -216,10 +221,15 @@ class Simulation:
         self.schedule_faults()
         self.at(self.fault_time, self.stop_faults)
         events = self.events
+        extended = False
         while events:
+            if events[0][0] > self.end_time:
+                if extended:
+                    break
+                extended = True
+                self.end_time += self.transfer_allowance()
+                continue
             t, _, fn, args = heapq.heappop(events)
-            if t > self.end_time:
-                break
             self.now = t
             fn(*args)
             if self.done_after_faults():
@@ -299,6 +309,23 @@ class Simulation:
             elif node.replica is not None and nid in keep_down:
                 self.crash(nid, None)
         self.stop_time = self.now
+
+    def transfer_allowance(self):
+        """Extra time after ``LIVENESS_BOUND`` for snapshot transfers still under way.
+
+        A transfer is stop-and-wait, one chunk per round trip, so with 50-byte
+        chunks a few-KiB state takes ~75 round trips (~3 s here), and a
+        recovery may need several in a row (``TRANSFERS_ALLOWED``). Sized from
+        the largest state now held, at the slowest round trip after the
+        faults; a node that is stuck or restarts its transfer forever still
+        fails, it only gets longer to show it.
+        """
+        if self.compact_every >= 10 ** 9:
+            return 0.0
+        size = max((len(n.app.snapshot()) for n in self.nodes.values() if n.replica), default=0)
+        chunks = -(-size // self.config.snapshot_chunk_bytes)
+        round_trip = 2 * (self.delay[1] + self.flush_delay)
+        return TRANSFERS_ALLOWED * chunks * round_trip
 
     def done_after_faults(self):
         if self.faults or not all(c.done for c in self.clients):
@@ -677,7 +704,7 @@ class Simulation:
         from .linearizability import OrderedAppendModel, Op, SearchTooLarge, check_by_key
         pending = [c.id for c in self.clients if not c.done]
         if pending:
-            self.fail(f"clients {pending} still waiting {LIVENESS_BOUND}s after faults stopped "
+            self.fail(f"clients {pending} still waiting {self.end_time - self.fault_time:.1f}s after faults stopped "
                       f"(leaders: {[n.id for n in self.nodes.values() if n.replica and n.replica.is_leader]})")
         top = max(self.decided, default=0)
         live = [n for n in self.nodes.values() if n.replica is not None]
