@@ -277,3 +277,20 @@ def test_runs_of_one_sender_share_one_name():
                         msg(4, "alice", "bob", ts=1001), msg(5, "bob", "alice", ts=1002)])
     model.open("bob")
     assert [b["first_in_run"] for b in model.bubbles()] == [True, False, True, True, True]
+
+
+def test_after_a_failover_the_leader_is_asked_again_soon_a_few_times():
+    clock, model, client, ctl = controller()
+    hellos = lambda: len([c for c in client.calls if c[0] == "hello"])  # noqa: E731
+    ctl.on_status(Status("connected", 1, 1))
+    clock.advance(10)
+    assert hellos() == 0
+    ctl.on_status(Status("reconnecting", None, 1))
+    ctl.on_status(Status("connected", 2, 1))
+    assert model.status == "Connected to node 2 · leader 1"
+    clock.advance(1)
+    assert hellos() == 1
+    clock.pump([1] * 10)
+    assert hellos() == 5
+    ctl.stop()
+    assert not clock.getDelayedCalls()

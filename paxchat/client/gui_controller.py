@@ -23,6 +23,8 @@ MAX_BODY = 16384
 RECENT = 200            # messages fetched at login to build the conversation list
 RETRY_OFFLINE = 5.0     # seconds between reconnection campaigns when every node is down
 LEADER_REFRESH = 15.0   # how often the status bar's leader is refreshed
+FAILOVER_REFRESH = 1.0  # after a failover the leader is often being elected: ask again this often...
+FAILOVER_REFRESHES = 5  # ...this many times
 
 
 class ChatController:
@@ -39,6 +41,8 @@ class ChatController:
         self._mark_call = None
         self._retry_call = None
         self._refresh = None
+        self._soon_call = None
+        self._failing_over = False
         self._stopped = False
         try:
             self.client = make_client(self.on_event, self.on_status)
@@ -66,9 +70,27 @@ class ChatController:
 
     def on_status(self, status):
         self.model.set_status(status)
+        if status.state in ("reconnecting", "failed"):
+            self._failing_over = True
+        elif status.state == "connected" and self._failing_over:
+            # The new node answered hello before it noticed the old leader died:
+            # without this the status bar would name a dead leader for a while.
+            self._failing_over = False
+            self._refresh_soon(FAILOVER_REFRESHES)
         if status.state == "failed" and not self._stopped:
             if self._retry_call is None or not self._retry_call.active():
                 self._retry_call = self.reactor.callLater(RETRY_OFFLINE, self._reconnect)
+
+    def _refresh_soon(self, times):
+        if self._soon_call is not None and self._soon_call.active():
+            self._soon_call.cancel()
+        self._soon_call = self.reactor.callLater(FAILOVER_REFRESH, self._refreshed_soon, times)
+
+    def _refreshed_soon(self, times):
+        self._soon_call = None
+        self._refresh_leader()
+        if times > 1 and not self._stopped:
+            self._refresh_soon(times - 1)
 
     def _reconnect(self):
         if not self._stopped and self.client is not None:
@@ -76,7 +98,7 @@ class ChatController:
 
     def stop(self) -> defer.Deferred:
         self._stopped = True
-        for call in (self._retry_call, self._mark_call):
+        for call in (self._retry_call, self._mark_call, self._soon_call):
             if call is not None and call.active():
                 call.cancel()
         if self._refresh is not None and self._refresh.running:
