@@ -190,3 +190,45 @@ def test_rolling_restart_under_load_loses_nothing(cluster_factory):  # noqa: F81
         missing = set(load.acked) - set(bodies)
         assert not missing, f"node {node_id} lacks {len(missing)} acknowledged sends"
         assert len(bodies) == len(set(bodies)), f"node {node_id} stored a send twice"
+
+
+@requires_replicated_log
+@within(120)
+@pytest_twisted.inlineCallbacks
+def test_a_client_of_a_stopping_node_is_told_moves_on_and_keeps_writing(cluster_factory):  # noqa: F811
+    reactor = reactor_()
+    cluster = cluster_factory(3)
+    yield cluster.start_and_wait()
+    yield cluster.require_replication()
+    leader = yield cluster.wait_leader()
+
+    setup = cluster.client(policy=fast_policy())
+    for name in ("sink", "writer"):
+        yield setup.create_account(name, f"{name}-password")
+    events, statuses = [], []
+    client = cluster.client(prefer=leader, policy=fast_policy(),
+                            on_event=events.append, on_status=statuses.append)
+    yield client.login("writer", "writer-password")
+    assert client.node == leader
+    load = Load(reactor, [client], "sink", pipeline=4)
+    running = load.run(100_000)
+    yield wait_until(reactor, lambda: len(load.acked) >= 30, 60, "30 acknowledged sends")
+
+    yield cluster.stop_gracefully(leader, timeout=30)
+    assert {"event": "node_stopping", "reason": "shutdown"} in events
+    assert any(s.state == "reconnecting" and s.detail == f"node {leader} is stopping"
+               for s in statuses), statuses
+    acked_before = len(load.acked)
+    yield wait_until(reactor, lambda: len(load.acked) >= acked_before + 30, 60,
+                     "30 more sends acknowledged after the stop")
+    assert client.node != leader
+    load.stop()
+    yield running.addTimeout(60, reactor)
+
+    assert not load.errors, load.errors[:5]
+    reader = cluster.client(policy=fast_policy())
+    yield reader.login("sink", "sink-password")
+    bodies = [m["body"] for m in (yield all_history(reader))]
+    assert not set(load.acked) - set(bodies), "an acknowledged send is missing"
+    assert len(bodies) == len(set(bodies)), "a send was stored twice"
+    assert "Traceback" not in cluster.output(leader), cluster.describe(60)
