@@ -27,7 +27,7 @@ WRITERS = 64
 
 
 def sizes(tiny):
-    return [200, 1000] if tiny else [20_000, 200_000]
+    return [100, 400] if tiny else [20_000, 200_000]
 
 
 async def run(reactor, ctx):

@@ -27,7 +27,7 @@ PING_EVERY = 0.02
 
 def sizes(tiny):
     if tiny:
-        return {"clients": 200, "quiet": 1.0, "chat": 1.5}
+        return {"clients": 100, "quiet": 0.5, "chat": 1.0}
     return {"clients": 5000, "quiet": 5.0, "chat": 15.0}
 
 

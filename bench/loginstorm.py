@@ -19,7 +19,7 @@ CHATTERS = 16
 
 def sizes(tiny):
     if tiny:
-        return {"logins": 6, "quiet": 1.5, "chatters": 4}
+        return {"logins": 4, "quiet": 1.0, "chatters": 2}
     return {"logins": 200, "quiet": 10.0, "chatters": CHATTERS}
 
 
@@ -37,7 +37,7 @@ async def run(reactor, ctx):
         leader, replicated = await load.wait_for_leader(reactor, targets, node_ids)
         node = leader if replicated else node_ids[0]
         chatters_n = size["chatters"]
-        sinks = await population.make_sinks(reactor, targets, node_ids, count=4)
+        sinks = await population.make_sinks(reactor, targets, node_ids, count=2)
         names = [f"storm{i}" for i in range(size["logins"])]
         await population.create_accounts(reactor, targets, node, names)
         chatters = await population.logged_in_users(reactor, targets, [node] * chatters_n, "talk")

@@ -18,7 +18,7 @@ NAME = "writes"
 
 def sizes(tiny):
     if tiny:
-        return {"counts": [1, 4], "warmup": 0.5, "duration": 1.5}
+        return {"counts": [1, 4], "warmup": 0.3, "duration": 1.0}
     return {"counts": [1, 16, 64, 256], "warmup": 3.0, "duration": 12.0}
 
 
