@@ -79,7 +79,7 @@ def test_a_follower_killed_while_it_restores_a_snapshot_still_catches_up(cluster
     for i, name in enumerate(senders):
         clients.append((yield logged_in(cluster, name, prefer=others[i % len(others)])))
     load = Load(reactor, clients, SINK, pipeline=6)
-    yield load.run(5000).addTimeout(100, reactor)
+    yield load.run(3000).addTimeout(100, reactor)
     assert not load.errors, load.errors[:5]
 
     running = load.run(100_000)      # writes go on meanwhile

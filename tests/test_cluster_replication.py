@@ -116,7 +116,7 @@ def test_killing_the_leader_under_load_loses_nothing_and_writes_resume_within_2s
 # -- (d) ------------------------------------------------------------------------
 
 @within(120)
-@pytest.mark.parametrize("nodes,survivor_role", [(3, "follower"), (3, "leader"), (5, "follower")])
+@pytest.mark.parametrize("nodes,survivor_role", [(3, "leader"), (5, "follower")])
 @pytest_twisted.inlineCallbacks
 def test_a_minority_answers_unavailable_and_loses_nothing(cluster_factory, nodes, survivor_role):
     """Kill a majority (2 of 3, 3 of 5); the survivors answer `unavailable`, not old data."""
@@ -348,7 +348,7 @@ def test_a_leader_frozen_while_the_others_move_on_serves_no_stale_read(cluster_f
 @within(90)
 @pytest_twisted.inlineCallbacks
 def test_leaders_frozen_under_load_step_aside_and_lose_nothing(cluster_factory):
-    """Three times: SIGSTOP the leader (clients attached), write on through a new one, SIGCONT."""
+    """Twice: SIGSTOP the leader (clients attached), write on through a new one, SIGCONT."""
     reactor = reactor_()
     cluster, leader = yield started(cluster_factory)
     others = [n for n in cluster.node_ids if n != leader]
@@ -361,7 +361,7 @@ def test_leaders_frozen_under_load_step_aside_and_lose_nothing(cluster_factory):
     running = load.run(100_000)
     rounds = []
     try:
-        for round_ in range(3):
+        for round_ in range(2):
             leader = yield cluster.wait_leader()
             target = len(load.acked) + 300
             yield wait_until(reactor, lambda: len(load.acked) >= target or running.called, 30,
@@ -434,7 +434,7 @@ def test_clients_on_the_killed_leader_fail_over_without_an_error(cluster_factory
 @within(150)
 @pytest_twisted.inlineCallbacks
 def test_rolling_kill_9_of_leaders_and_followers_under_load(cluster_factory):
-    """Five rounds: kill -9 a node (the leader every other round), write on, restart it."""
+    """Four rounds: kill -9 a node (the leader every other round), write on, restart it."""
     reactor = reactor_()
     cluster, leader = yield started(cluster_factory, snapshot_interval=500)
     senders = ["s1", "s2", "s3", "s4"]
@@ -447,7 +447,7 @@ def test_rolling_kill_9_of_leaders_and_followers_under_load(cluster_factory):
     rng = random.Random(7)
     timeline = []
     try:
-        for round_ in range(5):
+        for round_ in range(4):
             leader = yield cluster.wait_leader()
             victim = leader if round_ % 2 == 0 else rng.choice([n for n in cluster.node_ids if n != leader])
             target = len(load.acked) + 200
@@ -491,7 +491,7 @@ def test_a_write_acknowledged_on_one_node_is_read_at_once_on_every_other(cluster
     background = Load(reactor, [noise], SINK, pipeline=8)
     running = background.run(100_000)
     try:
-        for i in range(60):
+        for i in range(30):
             via = cluster.node_ids[i % len(cluster.node_ids)]
             sent = yield writers[via].send_message(SINK, f"rw-{i}", client_msg_id=f"rw-{i}")
             for n, reader in readers.items():
@@ -506,5 +506,5 @@ def test_a_write_acknowledged_on_one_node_is_read_at_once_on_every_other(cluster
         background.stop()
     yield running.addTimeout(30, reactor)
     assert not background.errors, background.errors[:5]
-    print(f"\n60 writes, each read back at once through the two other nodes, "
+    print(f"\n30 writes, each read back at once through the two other nodes, "
           f"{len(background.acked)} background sends meanwhile")
