@@ -306,6 +306,17 @@ def make_admin_certificate(config, force=False, name=ADMIN_NAME) -> list[Path]:
     return [cert_path, key_path]
 
 
+def _subject_names(certificate):
+    """The (OU values, CN values) of a pyOpenSSL, Twisted or cryptography certificate."""
+    if isinstance(certificate, ssl.Certificate):
+        certificate = certificate.original
+    if hasattr(certificate, "to_cryptography"):
+        certificate = certificate.to_cryptography()
+    subject = certificate.subject
+    return ([a.value for a in subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)],
+            [a.value for a in subject.get_attributes_for_oid(NameOID.COMMON_NAME)])
+
+
 def admin_name_of(certificate) -> str | None:
     """The operator's name in an admin certificate (``OU=paxchat admin``), else None.
 
@@ -314,13 +325,7 @@ def admin_name_of(certificate) -> str | None:
     """
     if certificate is None:
         return None
-    if isinstance(certificate, ssl.Certificate):
-        certificate = certificate.original
-    if hasattr(certificate, "to_cryptography"):
-        certificate = certificate.to_cryptography()
-    subject = certificate.subject
-    units = [a.value for a in subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)]
-    names = [a.value for a in subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    units, names = _subject_names(certificate)
     if units != [ADMIN_UNIT] or len(names) != 1:
         return None
     return names[0]
@@ -385,13 +390,7 @@ def node_id_of(certificate) -> int | None:
     """
     if certificate is None:
         return None
-    if isinstance(certificate, ssl.Certificate):
-        certificate = certificate.original
-    if hasattr(certificate, "to_cryptography"):
-        certificate = certificate.to_cryptography()
-    subject = certificate.subject
-    units = [a.value for a in subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)]
-    names = [a.value for a in subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    units, names = _subject_names(certificate)
     if units != [NODE_UNIT] or len(names) != 1:
         return None
     match = _NODE_CN.match(names[0])
