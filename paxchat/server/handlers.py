@@ -12,6 +12,11 @@ A write carries its session's hash, so the state rejects it with
 ``bad_session`` if that session ended meanwhile on any node; the connection
 is then logged out and the client hears ``not_logged_in`` (the contract
 lists ``bad_session`` only for ``resume``).
+
+Every write may carry a ``client_msg_id``; it goes into the command as
+``dedup``, so a client that resends a write whose answer it lost (after a
+failover) gets the first answer again instead of a second effect
+(``send_message`` keeps its own per-message dedup).
 """
 
 from twisted.internet import defer
@@ -106,6 +111,12 @@ class Handlers:
             raise ProtocolError(NOT_LOGGED_IN, "the session ended; log in again")
         raise ProtocolError(code, error.get("message", code))
 
+    @staticmethod
+    def _with_dedup(command, client_msg_id):
+        if client_msg_id is not None:
+            command["dedup"] = client_msg_id
+        return command
+
     async def _write(self, conn, session, command):
         return self._result(conn, await self._submit(command), session)
 
@@ -131,14 +142,23 @@ class Handlers:
     async def create_account(self, conn, request):
         username = V.username(request, "username", INVALID_USERNAME)
         password = V.password(request, "password", INVALID_PASSWORD)
+        client_msg_id = V.client_msg_id(request)
         self._limit_login(conn)
         await self._read_barrier()
         # Saves a bcrypt round for a name already taken; apply checks again.
-        if await self._worker.call("account", username) is not None:
-            raise ProtocolError(USERNAME_TAKEN, f"{username!r} is taken")
-        pw_hash = await self._hasher.hash(password)
+        account = await self._worker.call("account", username)
+        if account is not None:
+            # A resend of our own create that committed has the same password:
+            # propose it again with its key so the state answers the first
+            # result. The hash checked here is one of the caller's password,
+            # so even if the name is freed meanwhile nothing foreign is stored.
+            if client_msg_id is None or not await self._hasher.check(password, account["pw_hash"]):
+                raise ProtocolError(USERNAME_TAKEN, f"{username!r} is taken")
+            pw_hash = account["pw_hash"]
+        else:
+            pw_hash = await self._hasher.hash(password)
         command = {"op": "create_account", "username": username, "pw_hash": pw_hash, "ts": self._now()}
-        return self._result(conn, await self._submit(command))
+        return self._result(conn, await self._submit(self._with_dedup(command, client_msg_id)))
 
     async def login(self, conn, request):
         username = V.username(request, "username", BAD_CREDENTIALS)
@@ -179,10 +199,13 @@ class Handlers:
 
     async def logout(self, conn, request):
         session = self._session(conn)
+        client_msg_id = V.client_msg_id(request)
         self._limit_write(conn, session.username)
         conn.ending_session = session.session_hash
         try:
-            response = await self._submit({"op": "logout", "session": session.session_hash})
+            response = await self._submit(self._with_dedup(
+                {"op": "logout", "session": session.session_hash, "username": session.username},
+                client_msg_id))
         finally:
             conn.ending_session = None
         error = response.get("error") or {}
@@ -220,11 +243,12 @@ class Handlers:
     async def read_messages(self, conn, request):
         session = self._session(conn)
         limit = V.limit(request, 10)
+        client_msg_id = V.client_msg_id(request)
         self._limit_write(conn, session.username)
-        return await self._write(conn, session, {
+        return await self._write(conn, session, self._with_dedup({
             "op": "read_messages", "session": session.session_hash,
             "username": session.username, "limit": limit,
-        })
+        }, client_msg_id))
 
     async def mark_read(self, conn, request):
         return await self._ids_write(conn, request, "mark_read")
@@ -235,10 +259,11 @@ class Handlers:
     async def _ids_write(self, conn, request, op):
         session = self._session(conn)
         ids = V.message_ids(request)
+        client_msg_id = V.client_msg_id(request)
         self._limit_write(conn, session.username)
-        return await self._write(conn, session, {
+        return await self._write(conn, session, self._with_dedup({
             "op": op, "session": session.session_hash, "username": session.username, "ids": ids,
-        })
+        }, client_msg_id))
 
     async def history(self, conn, request):
         self._session(conn)
@@ -256,18 +281,23 @@ class Handlers:
     async def delete_account(self, conn, request):
         session = self._session(conn)
         password = V.password(request, "password", BAD_CREDENTIALS)
+        client_msg_id = V.client_msg_id(request)
         self._limit_login(conn, session.username)
         session = await self._read_barrier(conn)
         account = await self._worker.call("account", session.username)
         pw_hash = account["pw_hash"] if account else None
-        if not await self._hasher.check(password, pw_hash):
+        if account is None and client_msg_id is not None:
+            # Perhaps our own delete, resent: the state answers its first
+            # result for the key, or fails (the account is gone) changing nothing.
+            pw_hash = ""
+        elif not await self._hasher.check(password, pw_hash):
             raise ProtocolError(BAD_CREDENTIALS, "wrong password")
         conn.ending_session = session.session_hash
         try:
-            response = await self._submit({
+            response = await self._submit(self._with_dedup({
                 "op": "delete_account", "session": session.session_hash,
                 "username": session.username, "pw_hash": pw_hash,
-            })
+            }, client_msg_id))
         finally:
             conn.ending_session = None
         self._result(conn, response, session)

@@ -70,6 +70,11 @@ def optional_string(request, name, max_chars):
     return string(request, name, max_chars=max_chars)
 
 
+def client_msg_id(request):
+    """The optional key a client gives a write so a resend of it is applied once."""
+    return optional_string(request, "client_msg_id", MAX_CLIENT_MSG_ID_CHARS)
+
+
 def integer(request, name, low, high, default=_MISSING):
     value = _get(request, name, default)
     if not is_int(value):
