@@ -190,12 +190,57 @@ def test_unavailable_is_retried_with_the_same_client_msg_id_for_a_bounded_time()
     assert failure.value.code == "unavailable"
 
 
-def test_create_account_unavailable_is_not_retried():
+@pytest.mark.parametrize("op, args", [
+    ("create_account", ("carol", "password1")), ("delete_account", ("password1",)),
+])
+def test_create_and_delete_account_unavailable_are_retried_with_the_same_key(op, args):
     reactor, client, nodes, conn, _, _ = logged_in()
-    got = results(client.create_account("carol", "password1"))
+    got = results(getattr(client, op)(*args))
     [req] = conn.requests()
     conn.fail(req, "unavailable")
-    assert got[0].value.code == "unavailable"
+    assert got == []
+    reactor.advance(POLICY.unavailable_delay)
+    [again] = conn.requests()
+    assert again["op"] == op and again["client_msg_id"] == req["client_msg_id"]
+    conn.answer(again, {})
+    assert got == [{}]
+
+
+@pytest.mark.parametrize("op, args", [
+    ("create_account", ("carol", "password1")), ("logout", ()), ("read_messages", ()),
+    ("mark_read", ([1],)), ("delete_messages", ([1],)), ("delete_account", ("password1",)),
+    ("send_message", ("bob", "hi")),
+])
+def test_every_write_carries_a_fresh_client_msg_id_unless_given(op, args):
+    reactor, client, nodes, conn, _, _ = logged_in()
+    getattr(client, op)(*args)
+    getattr(client, op)(*args, client_msg_id="mine")
+    a, b = conn.requests()
+    assert len(a["client_msg_id"]) >= 16 and b["client_msg_id"] == "mine"
+
+
+def test_reads_carry_no_client_msg_id():
+    reactor, client, nodes, conn, _, _ = logged_in()
+    client.history()
+    client.list_accounts()
+    assert all("client_msg_id" not in req for req in conn.requests())
+
+
+def test_read_messages_resent_after_a_drop_carries_the_same_client_msg_id():
+    reactor, client, nodes, conn, _, _ = logged_in()
+    got = results(client.read_messages(limit=5))
+    [first] = conn.requests()
+    conn.drop()  # committed on the server, but the answer is lost
+    reactor.advance(0)
+    conn2 = nodes.accept()
+    conn2.handshake(node=2, resume_user="alice")
+    [resent] = conn2.requests()
+    assert resent["op"] == "read_messages" and resent["limit"] == 5
+    assert resent["client_msg_id"] == first["client_msg_id"]
+    answer = {"messages": [{"id": 1, "from": "bob", "to": "alice", "body": "hi", "ts": 1.0, "read": True}],
+              "unread": 0}
+    conn2.answer(resent, answer)
+    assert got == [answer]
 
 
 def test_a_silent_node_is_abandoned_for_another():

@@ -3,9 +3,11 @@
 One object stands for "my connection to the cluster", not to one node. It
 knows every node; when its connection drops (a node crashed, a network cut,
 a node gone silent) it connects to another node, re-attaches its session
-with ``resume`` and sends again every request that had no answer yet. Sends
-carry a ``client_msg_id`` that stays the same across retries, so the server
-stores a message once however often it is sent; ``unavailable`` answers
+with ``resume`` and sends again every request that had no answer yet. Every
+write carries a ``client_msg_id`` that stays the same across retries, so the
+server applies it once however often it is sent and answers a resend as it
+answered the first (a retried ``read_messages`` gets the messages the lost
+answer held); ``unavailable`` answers
 (no quorum in time) are retried the same way for a bounded time. Callers see
 one answer per call, or ``ServerError`` / ``Unreachable``. A node that is
 stopping says so (``node_stopping``): the client leaves it at once, trying
@@ -27,16 +29,19 @@ from .errors import ClientError, ConnectionDropped, ServerError, Unreachable
 from .failover import FailoverPolicy, Rotation
 from .targets import NodeTarget, targets_from_addresses, targets_from_config
 
-__all__ = ["PaxchatClient", "Status", "RETRY_ON_UNAVAILABLE"]
+__all__ = ["PaxchatClient", "Status", "RETRY_ON_UNAVAILABLE", "WRITE_OPS"]
 
-# Ops whose `unavailable` answer is retried automatically. create_account and
-# delete_account are left to the caller: they carry no client_msg_id, so a
-# retry of one that committed late would answer username_taken/bad_session
-# and mislead the user.
-RETRY_ON_UNAVAILABLE = frozenset({
-    "hello", "login", "resume", "logout", "list_accounts", "send_message",
-    "read_messages", "mark_read", "history", "delete_messages",
+# Writes: each call gets one client_msg_id, kept across every resend, so a
+# write that committed but whose answer was lost is not applied twice.
+WRITE_OPS = frozenset({
+    "create_account", "logout", "send_message", "read_messages", "mark_read",
+    "delete_messages", "delete_account",
 })
+
+# Ops whose `unavailable` answer is retried automatically: every op, since
+# reads are harmless to repeat and writes carry their client_msg_id (a late
+# commit of the first try answers the retry with the first result).
+RETRY_ON_UNAVAILABLE = WRITE_OPS | frozenset({"hello", "login", "resume", "list_accounts", "history"})
 
 
 @dataclass(frozen=True)
@@ -145,8 +150,9 @@ class PaxchatClient:
     def hello(self):
         return self._call("hello", {})
 
-    def create_account(self, username: str, password: str):
-        return self._call("create_account", {"username": username, "password": password})
+    def create_account(self, username: str, password: str, client_msg_id: str | None = None):
+        return self._call("create_account", {"username": username, "password": password},
+                          client_msg_id)
 
     def login(self, username: str, password: str):
         return self._call("login", {"username": username, "password": password})
@@ -154,23 +160,21 @@ class PaxchatClient:
     def resume(self, session: str):
         return self._call("resume", {"session": session})
 
-    def logout(self):
-        return self._call("logout", {})
+    def logout(self, client_msg_id: str | None = None):
+        return self._call("logout", {}, client_msg_id)
 
     def list_accounts(self, pattern: str = "*", limit: int = 100, after: str = ""):
         return self._call("list_accounts", {"pattern": pattern, "limit": limit, "after": after})
 
     def send_message(self, to: str, body: str, client_msg_id: str | None = None):
         """Send; the same ``client_msg_id`` is used for every retry so it is stored once."""
-        if client_msg_id is None:
-            client_msg_id = uuid.uuid4().hex
-        return self._call("send_message", {"to": to, "body": body, "client_msg_id": client_msg_id})
+        return self._call("send_message", {"to": to, "body": body}, client_msg_id)
 
-    def read_messages(self, limit: int = 10):
-        return self._call("read_messages", {"limit": limit})
+    def read_messages(self, limit: int = 10, client_msg_id: str | None = None):
+        return self._call("read_messages", {"limit": limit}, client_msg_id)
 
-    def mark_read(self, ids):
-        return self._call("mark_read", {"ids": list(ids)})
+    def mark_read(self, ids, client_msg_id: str | None = None):
+        return self._call("mark_read", {"ids": list(ids)}, client_msg_id)
 
     def history(self, peer: str | None = None, before: int | None = None, limit: int = 50):
         args = {"limit": limit}
@@ -180,11 +184,11 @@ class PaxchatClient:
             args["before"] = before
         return self._call("history", args)
 
-    def delete_messages(self, ids):
-        return self._call("delete_messages", {"ids": list(ids)})
+    def delete_messages(self, ids, client_msg_id: str | None = None):
+        return self._call("delete_messages", {"ids": list(ids)}, client_msg_id)
 
-    def delete_account(self, password: str):
-        return self._call("delete_account", {"password": password})
+    def delete_account(self, password: str, client_msg_id: str | None = None):
+        return self._call("delete_account", {"password": password}, client_msg_id)
 
     # -- connection lifecycle --------------------------------------------------
 
@@ -228,9 +232,12 @@ class PaxchatClient:
 
     # -- requests ---------------------------------------------------------------
 
-    def _call(self, op, args) -> defer.Deferred:
+    def _call(self, op, args, client_msg_id=None) -> defer.Deferred:
         if self._closed:
             return defer.fail(ClientError("the client is closed"))
+        if op in WRITE_OPS:
+            # Chosen once per call: every resend of this request carries it.
+            args = dict(args, client_msg_id=uuid.uuid4().hex if client_msg_id is None else client_msg_id)
         req = _Request(op, args, None)
         req.deferred = defer.Deferred(lambda d: self._forget(req))
         self._outstanding.append(req)
