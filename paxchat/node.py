@@ -66,7 +66,9 @@ class NodeService(service.MultiService):
             self.data_dir.mkdir(mode=0o700, exist_ok=True)
             # Opened once here before anything is served; from now on only the
             # worker's thread touches it.
-            self.state = ChatState.open(str(self.data_dir / STATE_FILE))
+            # The Paxos log is the durable record: the state commits without
+            # an fsync and is synced before the log is compacted past it.
+            self.state = ChatState.open(str(self.data_dir / STATE_FILE), durable=False)
             self.worker = StateWorker(self.reactor, self.state)
             self.log = self.make_command_log(self.worker)
             self.factory = ChatServerFactory(self.reactor, self.log, self.worker, self.settings)

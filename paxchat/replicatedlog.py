@@ -733,6 +733,9 @@ class ReplicatedLog:
         d = worker.call("snapshot")
         d.addCallback(lambda taken: worker.call(b"".join, taken[1]).addCallback(
             lambda data: (taken[0], data)))
+        # The state commits without fsyncs (the log is the durable record):
+        # make it durable before the log forgets what it covers.
+        d.addCallback(lambda taken: worker.call("sync").addCallback(lambda _: taken))
         d.addCallback(self._compact)
         d.addErrback(lambda f: log.failure("taking a snapshot failed; will retry", f))
         d.addBoth(self._snapshot_done)
@@ -773,8 +776,8 @@ class ReplicatedLog:
         self._compacted = index
         self._need_snapshot = False
         self._drive()                    # persists the CompactRecord first
-        # The state has applied ``index`` durably (SQLite synchronous=FULL), so
-        # the log may forget everything up to it.
+        # The state has applied ``index`` durably (synced above), so the log
+        # may forget everything up to it.
         self._durable = DurableState.from_records(self._unfolded, base=self._durable)
         self._unfolded = []
         records = [M.encode(r) for r in self._durable.to_records()]

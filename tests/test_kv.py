@@ -33,6 +33,31 @@ def keys(rows):
     return [k for k, _ in rows]
 
 
+def synchronous(kv):
+    return kv._conn.execute("PRAGMA synchronous").fetchone()[0]
+
+
+def test_a_store_fed_by_a_durable_log_commits_without_fsync_until_synced(tmp_path):
+    durable = KVStore.open(tmp_path / "own.db")
+    assert synchronous(durable) == 2                      # FULL: fsync per commit
+    durable.sync()                                        # nothing to do
+    assert synchronous(durable) == 2
+    durable.close()
+    kv = KVStore.open(tmp_path / "fed.db", durable=False)
+    try:
+        assert synchronous(kv) == 1                       # NORMAL: no fsync per commit
+        fill(kv, [("a", b"1")], index=7)
+        kv.sync()
+        assert synchronous(kv) == 1
+        assert kv.dump() == (7, [("a", b"1")])
+        with kv.transaction():
+            with pytest.raises(RuntimeError):
+                kv.sync()                                 # not inside a transaction
+        assert synchronous(kv) == 1
+    finally:
+        kv.close()
+
+
 def test_new_store_is_empty_at_index_zero(store):
     assert store.applied_index() == 0
     assert store.dump() == (0, [])

@@ -319,6 +319,9 @@ def test_snapshot_now_compacts_at_the_applied_index(cluster):
     assert cluster.result(rl.snapshot_now()) == applied
     assert rl.replica.snapshot_index == applied
     assert any(isinstance(M.decode(r), M.CompactRecord) for r in cluster.records[leader])
+    # The state was made durable after the snapshot and before the log forgot it.
+    calls = rl.worker.calls
+    assert "sync" in calls[calls.index("snapshot"):]
     # Nothing applied since: the same index again, without a new snapshot.
     calls = rl.worker.calls.count("snapshot")
     assert cluster.result(rl.snapshot_now()) == applied

@@ -184,9 +184,13 @@ class ChatState:
         self._handlers = {op: getattr(self, "_op_" + op) for op in COMMANDS}
 
     @classmethod
-    def open(cls, path, check=False):
+    def open(cls, path, check=False, durable=True):
         """Open (or create) the state database at ``path``; see L{KVStore.open}."""
-        return cls(KVStore.open(path, check=check))
+        return cls(KVStore.open(path, check=check, durable=durable))
+
+    def sync(self):
+        """Make everything applied so far durable (before the log is compacted past it)."""
+        self.kv.sync()
 
     def close(self):
         self.kv.close()

@@ -1,9 +1,17 @@
 """An ordered key-value store on SQLite for the replicated state.
 
-Why SQLite: durable (WAL, synchronous=FULL), ordered range scans on a
-clustered primary key, and transactions in which the applied log index
-moves together with the writes it covers, so replay after a crash applies
-every command exactly once.
+Why SQLite: durable (WAL), ordered range scans on a clustered primary key,
+and transactions in which the applied log index moves together with the
+writes it covers, so replay after a crash applies every command exactly
+once.
+
+Two durability modes. ``durable=True`` (synchronous=FULL) fsyncs every
+commit: for a store that is its own record of what was acknowledged.
+``durable=False`` (synchronous=NORMAL) commits without an fsync: for a
+store fed from a log that is already durable (the Paxos log), where a
+crash may lose the last commits but never tears one, and the log replays
+what was lost. Such a store is made durable with ``sync()`` before the log
+forgets anything it covers.
 
 Keys are ``str`` (compared by code point, which is the byte order of their
 UTF-8 encoding that SQLite uses); values are ``bytes``. The store is not
@@ -70,18 +78,20 @@ def _connect(path):
 class KVStore:
     """An ordered str -> bytes map plus the applied log index, in one SQLite file."""
 
-    def __init__(self, path, conn):
+    def __init__(self, path, conn, durable=True):
         self.path = path
         self._conn = conn
+        self.durable = durable
         self._savepoints = 0
 
     @classmethod
-    def open(cls, path, check=False):
+    def open(cls, path, check=False, durable=True):
         """Open or create the store at ``path``.
 
         A file that is not a SQLite database, is damaged, or holds another
         schema raises L{CorruptStore}; it is never reset. ``check=True``
-        also runs SQLite's quick_check (reads the whole file).
+        also runs SQLite's quick_check (reads the whole file). ``durable``:
+        fsync each commit (see the module docstring).
         """
         path = os.fspath(path)
         existed = os.path.exists(path) and os.path.getsize(path) > 0
@@ -93,7 +103,7 @@ class KVStore:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise StoreError(f"state database {path}: cannot use WAL (journal_mode={mode})")
-            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
             conn.execute("PRAGMA cache_size = -16384")
             tables = {r[0] for r in conn.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -118,7 +128,23 @@ class KVStore:
         except sqlite3.DatabaseError as e:
             conn.close()
             raise CorruptStore(f"state database {path} is unreadable or damaged: {e}") from e
-        return cls(path, conn)
+        return cls(path, conn, durable)
+
+    def sync(self):
+        """Make every commit so far durable (an fsync of the WAL), whatever the mode."""
+        if self._conn.in_transaction:
+            raise RuntimeError("sync() makes committed work durable: not inside a transaction")
+        if self.durable:
+            return
+        conn = self._conn
+        conn.execute("PRAGMA synchronous = FULL")
+        try:
+            # In WAL mode a FULL commit fsyncs the WAL, and with it every
+            # earlier commit in it; rewriting the applied index gives it a page to write.
+            with self.transaction():
+                self.set_applied_index(self.applied_index())
+        finally:
+            conn.execute("PRAGMA synchronous = NORMAL")
 
     def close(self):
         if self._conn is not None:
@@ -301,6 +327,8 @@ class KVStore:
             self._conn.executemany(
                 "INSERT INTO kv (k, v) VALUES (?, ?)", reader.records())
             self.set_applied_index(applied_index)
+        # The log is compacted up to the snapshot once it is restored.
+        self.sync()
 
 
 def _encode_record(key, value):
