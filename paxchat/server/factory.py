@@ -7,11 +7,10 @@ observer on the command log that pushes events to connections.
 
 from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from .handlers import Handlers
-from .passwords import PasswordHasher
+from .passwords import HashPool, PasswordHasher
 from .protocol import ChatProtocol
 from .push import EventPusher
 from .ratelimit import KeyedRateLimiter
@@ -30,7 +29,7 @@ class ChatServerFactory(ServerFactory):
     @param worker: a ``StateWorker`` for reads of the local ``ChatState``.
     @param settings: a ``ServerSettings``.
     @param run_in_thread: ``f(fn, *args) -> Deferred`` for bcrypt; by default
-        the reactor's thread pool.
+        a L{HashPool}.
     """
 
     def __init__(self, reactor, log, worker, settings, run_in_thread=None):
@@ -39,8 +38,7 @@ class ChatServerFactory(ServerFactory):
         self.worker = worker
         self.settings = settings
         if run_in_thread is None:
-            def run_in_thread(fn, *args):
-                return deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args)
+            run_in_thread = HashPool(reactor).run
         self.hasher = PasswordHasher(settings.bcrypt_cost, run_in_thread)
         self.registry = ConnectionRegistry()
         self.handlers = Handlers(

@@ -8,10 +8,13 @@ hashes. Every node does the same, so any node can check any stored hash.
 
 import base64
 import hashlib
+import os
 import threading
 
 import bcrypt
 from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
 
 
 def prehash(password: bytes) -> bytes:
@@ -62,6 +65,32 @@ class PasswordHasher:
         except (ValueError, UnicodeEncodeError, AttributeError):
             # A stored hash we cannot read matches nothing.
             return False
+
+
+class HashPool:
+    """The threads bcrypt runs in: one fewer than the machine's cores.
+
+    A storm of logins then queues for those threads instead of taking every
+    core from the reactor thread, which keeps serving chat meanwhile. The
+    pool starts on first use and stops with the reactor.
+    """
+
+    def __init__(self, reactor, threads=None):
+        self._reactor = reactor
+        self.threads = threads or max(1, (os.cpu_count() or 2) - 1)
+        self._pool = None
+
+    def run(self, fn, *args):
+        if self._pool is None:
+            self._pool = ThreadPool(minthreads=0, maxthreads=self.threads, name="paxchat-bcrypt")
+            self._pool.start()
+            self._reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+        return deferToThreadPool(self._reactor, self._pool, fn, *args)
+
+    def stop(self):
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
 
 
 def run_synchronously(fn, *args):
