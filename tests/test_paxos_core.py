@@ -129,6 +129,22 @@ def test_commands_proposed_together_share_one_slot():
     assert len(new) == 1 and len(new[0][1]) == 100
 
 
+def test_followers_learn_a_commit_at_once_not_at_the_next_heartbeat():
+    # A node answers the clients it took a write from once it applies the
+    # write, so a follower must hear of the commit without waiting for a tick.
+    net = Net(3)
+    leader = net.elect()
+    leader.propose(b"only")
+    net.pump()                       # no time passes: no periodic heartbeat
+    for i in net.ids:
+        assert net.commands(i)[-1:] == [b"only"]
+    heartbeats = [m for f, _, m in net.sent if f == leader.node_id and isinstance(m, M.Heartbeat)]
+    assert heartbeats and heartbeats[-1].commit == leader.commit_index
+    sent = len(net.sent)
+    net.pump()
+    assert len(net.sent) == sent     # told once: nothing more to say
+
+
 def test_pipeline_window_bounds_slots_in_flight():
     cfg = Config(heartbeat_interval=0.05, election_timeout=0.3, window=3, max_batch_commands=1)
     net = Net(3, cfg)

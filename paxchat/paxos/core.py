@@ -287,6 +287,7 @@ class Replica:
         self._hb_sent = {}
         self._hb_acks = {}
         self._hb_due = False
+        self._commit_told = 0          # the commit index last sent to the peers
         self._next_heartbeat = now
         self._confirmed_seq = 0
         self._lease_until = float("-inf")
@@ -442,12 +443,12 @@ class Replica:
         return bool(self._out or self._records or self._queue and self._can_propose()
                     or self._hb_due or self._decided_upto < self.commit_index
                     or self._pending_snapshot or self._reads_ready or self._failed_reads
-                    or self._dropped or self._leader_changed())
+                    or self._dropped or self._leader_changed() or self._commit_untold())
 
     def ready(self):
         if self._role == LEADER:
             self._flush_proposals()
-            if self._hb_due:
+            if self._hb_due or self._commit_untold():
                 self._heartbeat()
         token = 0
         records = ()
@@ -494,6 +495,13 @@ class Replica:
             self._held.append((self._token, "call", fn, args))
         else:
             fn(*args)
+
+    def _commit_untold(self):
+        # Followers learn the commit index from Accepts and heartbeats. When no
+        # Accept is about to carry a new one, a heartbeat goes at once: a
+        # follower answers its clients only once it applies, and must not
+        # wait for the next periodic heartbeat to do so.
+        return self._role == LEADER and self.peers and self.commit_index > self._commit_told
 
     def _timeout(self):
         e = self.config.election_timeout
@@ -715,6 +723,7 @@ class Replica:
             self._inflight[s] = _Slot(v, now)
             self._accepted[s] = (b, v)
         self._next_slot = first + len(values)
+        self._commit_told = self.commit_index
         for start, group in _size_groups(first, values):
             self._records.append(AcceptRecord(b, start, group))
             msg = Accept(self.node_id, b, start, group, self.commit_index)
@@ -969,6 +978,7 @@ class Replica:
                 self._hb_acks.pop(old, None)
         self._next_heartbeat = self._now + self.config.heartbeat_interval
         msg = Heartbeat(self.node_id, self._ballot, self.commit_index, seq)
+        self._commit_told = self.commit_index
         for p in self.peers:
             self._send(p, msg)
 
