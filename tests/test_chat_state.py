@@ -5,7 +5,7 @@ import sqlite3
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from paxchat.state.chat import ChatState, glob_literal_prefix, glob_regex
+from paxchat.state.chat import DEDUP_WINDOW_SECONDS, ChatState, glob_literal_prefix, glob_regex
 from paxchat.state.kv import SNAPSHOT_CHUNK_BYTES, SnapshotError, StoreError
 
 
@@ -364,8 +364,11 @@ def test_delete_account_removes_account_sessions_and_received_messages(state):
     assert ids(state.history("bob")) == [4, 2]
     assert ids(state.history("bob", peer="alice")) == [4, 2]
     assert state.unread_count("bob") == 2
+    # What is left: bob's index of what alice sent him, and the time index of
+    # alice's send dedup entry, which goes when it expires.
     leftovers = [k for k, _ in state.dump()[1] if "/alice/" in k or k.endswith("/alice")]
-    assert leftovers == ["p/bob/alice/0000000000000002", "p/bob/alice/0000000000000004"]
+    assert leftovers == ["p/bob/alice/0000000000000002", "p/bob/alice/0000000000000004",
+                         "x/000000000bb8/alice/m/c9"]
 
 
 def test_name_reuse_does_not_inherit_old_messages(state):
@@ -432,6 +435,50 @@ def test_failed_command_records_no_dedup(state):
     assert code(state.apply(command)) == "no_such_user"
     ok(create(state, "bob"))
     assert ok(state.apply(command))["message_id"] == 1
+
+
+DAY = DEDUP_WINDOW_SECONDS
+
+
+def dedup_keys(state):
+    return sorted(k for k, _ in state.dump()[1] if k.startswith(("d/", "x/")))
+
+
+def test_a_resend_is_recognized_for_the_whole_window_then_forgotten(state):
+    user(state, "alice")
+    user(state, "bob")
+    first = ok(send(state, "alice", "bob", ts=10.0, cmid="m1"))
+    read = {"op": "read_messages", "session": "s-alice", "username": "alice", "limit": 5,
+            "dedup": "r1", "ts": 10.0}
+    answer = ok(state.apply(read))
+    # Still recognized just before the window ends, whatever else happened.
+    ok(send(state, "alice", "bob", ts=10.0 + DAY - 1, cmid="m2"))
+    assert ok(send(state, "alice", "bob", ts=10.0 + DAY - 1, cmid="m1")) == first
+    assert ok(state.apply(dict(read, ts=10.0 + DAY - 1))) == answer
+    # A keyed write past the window expires both entries: a resend is a new write.
+    ok(send(state, "alice", "bob", ts=10.0 + DAY + 1, cmid="m3"))
+    assert not any(k.endswith(("/m1", "/r1")) for k in dedup_keys(state))
+    again = ok(send(state, "alice", "bob", ts=10.0 + DAY + 2, cmid="m1"))
+    assert again["message_id"] > first["message_id"]
+
+
+def test_dedup_entries_stay_bounded_by_the_window(state):
+    user(state, "alice")
+    user(state, "bob")
+    # One keyed write an hour for ten days: only about a day's worth is kept.
+    for hour in range(240):
+        ok(send(state, "alice", "bob", ts=3600.0 * hour, cmid=f"c{hour}"))
+    kept = dedup_keys(state)
+    assert len([k for k in kept if k.startswith("d/")]) <= 26
+    assert len([k for k in kept if k.startswith("x/")]) <= 26
+    assert "d/alice/m/c239" in kept and "d/alice/m/c100" not in kept
+
+
+def test_a_keyed_write_without_a_time_is_kept_for_good(state):
+    user(state, "alice")
+    command = {"op": "logout", "session": "s-alice", "username": "alice", "dedup": "l"}
+    ok(state.apply(command))
+    assert dedup_keys(state) == ["d/alice/g/l"]
 
 
 # -- list_accounts -------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 import pytest
 
-from paxchat.state.chat import ChatState
+from paxchat.state.chat import DEDUP_WINDOW_SECONDS, ChatState
 
 from .server_support import Server
 
@@ -99,3 +99,14 @@ def test_create_account_with_a_mistyped_key_is_rejected(server, bad):
     assert server.connect().error("create_account", username="gina", password=PW,
                                   client_msg_id=bad) == "invalid_request"
     assert server.state.account("gina") is None
+
+
+def test_a_keyed_write_is_recognized_for_a_day_of_the_servers_clock(server):
+    logged_in(server, "alice")
+    bob = logged_in(server, "bob")
+    bob.ok("mark_read", ids=[], client_msg_id="old")
+    server.clock.advance(DEDUP_WINDOW_SECONDS + 1)
+    alice = logged_in_again(server, "alice")
+    alice.ok("send_message", to="bob", body="hi", client_msg_id="new")   # expires "old"
+    keys = [k for k, _ in server.state.dump()[1] if k.startswith("d/")]
+    assert keys == ["d/alice/m/new"]

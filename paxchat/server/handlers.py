@@ -111,10 +111,11 @@ class Handlers:
             raise ProtocolError(NOT_LOGGED_IN, "the session ended; log in again")
         raise ProtocolError(code, error.get("message", code))
 
-    @staticmethod
-    def _with_dedup(command, client_msg_id):
+    def _with_dedup(self, command, client_msg_id):
         if client_msg_id is not None:
             command["dedup"] = client_msg_id
+            # The state keeps the answer for a while after this time.
+            command.setdefault("ts", self._now())
         return command
 
     async def _write(self, conn, session, command):

@@ -21,6 +21,12 @@ as 16 lowercase hex digits so key order is id order)::
     u/<user>/<id>             unread messages addressed to a user
     d/<user>/m/<client_msg>   send dedup: [message_id, ts]
     d/<user>/g/<dedup>        generic dedup: the first response
+    x/<ms>/<user>/<m|g>/<key> when a dedup entry was made (ms: 12 hex digits)
+
+Dedup entries are kept for ``DEDUP_WINDOW_SECONDS`` after the write that
+made them (by the command's ``ts``): each keyed write removes a few of
+those older than its own ``ts`` minus the window, so they cannot pile up.
+A command without a ``ts`` makes an entry that is never expired.
 
 Ownership of a message is the presence of its id in the owner's ``h/``
 index, not the name inside it: an account that is deleted loses its index,
@@ -42,6 +48,12 @@ USERNAME = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
 MAX_BODY_CHARS = 16384
 MAX_MESSAGE_ID = 2 ** 63 - 1
 _PAGE = 1000
+# A resend is recognized this long after the first write (clients resend
+# within seconds or minutes: after a failover, or a laptop waking up).
+DEDUP_WINDOW_SECONDS = 24 * 3600
+# Expired dedup entries one keyed write removes at most: more than it adds.
+_EXPIRE_BATCH = 16
+_MAX_MS = 16 ** 12 - 1
 
 
 def valid_username(name):
@@ -264,8 +276,23 @@ class ChatState:
                     return _decode(stored)["result"]
         result = self._handlers[op](command)
         if dedup_key is not None:
-            self.kv.put(dedup_key, _encode({"result": result}))
+            self._remember(dedup_key, _encode({"result": result}), command.get("ts"))
         return result
+
+    def _remember(self, dedup_key, value, ts):
+        """Store a dedup entry, and expire some older than the window before ``ts``."""
+        kv = self.kv
+        kv.put(dedup_key, value)
+        if not _is_number(ts):
+            return
+        ms = min(max(int(ts * 1000), 0), _MAX_MS)
+        kv.put(f"x/{ms:012x}/{dedup_key[2:]}", b"")
+        cutoff = ms - DEDUP_WINDOW_SECONDS * 1000
+        if cutoff <= 0:
+            return
+        for key, _ in kv.scan("x/", before=f"x/{cutoff:012x}", limit=_EXPIRE_BATCH):
+            kv.delete("d/" + key[15:])
+            kv.delete(key)
 
     # -- helpers ---------------------------------------------------------
 
@@ -407,7 +434,7 @@ class ChatState:
         kv.put_many(rows)
         self._add_unread(recipient, 1)
         if dedup_key is not None:
-            kv.put(dedup_key, _encode([message_id, ts]))
+            self._remember(dedup_key, _encode([message_id, ts]), ts)
         return {"message_id": message_id, "ts": ts}
 
     def _op_read_messages(self, c):
