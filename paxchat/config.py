@@ -70,9 +70,9 @@ class ClusterConfig:
     tls_dir: Path
     nodes: Mapping[int, NodeConfig]
     client_tls: bool = True
-    heartbeat_interval: float = 0.1
-    election_timeout_min: float = 1.0
-    election_timeout_max: float = 2.0
+    heartbeat_interval: float = 0.05
+    election_timeout_min: float = 0.3
+    election_timeout_max: float = 0.6
     max_clock_drift: float = 0.05
     request_timeout: float = 5.0
     snapshot_interval: int = 10000
