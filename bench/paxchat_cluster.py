@@ -76,6 +76,11 @@ class PaxchatCluster:
         self.nodes = nodes
         self.bcrypt_cost = bcrypt_cost
         self.wrap = wrap
+        # The write limits guard against runaway clients (200/s per connection
+        # by default); a load generator is one on purpose: measure the write
+        # path, not the limit.
+        cluster_keys.setdefault("writes_per_connection", 1000000)
+        cluster_keys.setdefault("writes_per_account", 1000000)
         self.cluster_keys = cluster_keys
         self.config = None
         self.dev = None

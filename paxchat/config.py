@@ -78,6 +78,10 @@ class ClusterConfig:
     snapshot_interval: int = 10000
     bcrypt_cost: int = 12
     session_ttl: float = 7 * 24 * 3600.0
+    # Replicated writes a client may make per second, per connection and per
+    # account (bursts of 2.5 s worth pass): a guard against runaway clients.
+    writes_per_connection: float = 200.0
+    writes_per_account: float = 400.0
     source_name: str = field(default="", repr=False)
 
     def node(self, node_id) -> NodeConfig:
@@ -175,6 +179,8 @@ _CLUSTER_KEYS = {
     "snapshot_interval": _number(int, 1),
     "bcrypt_cost": _number(int, 4, 31),
     "session_ttl": _number(float, 0, low_open=True),
+    "writes_per_connection": _number(float, 0, low_open=True),
+    "writes_per_account": _number(float, 0, low_open=True),
 }
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from paxchat import config
 from paxchat.config import Address, ConfigError
+from paxchat.server.settings import RateLimit, ServerSettings
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -22,6 +23,7 @@ max_clock_drift = 0.1
 request_timeout = 2
 bcrypt_cost = 4
 session_ttl = 60
+writes_per_connection = 50
 
 [node.2]
 client = 127.0.0.1:7102
@@ -74,6 +76,10 @@ def test_values_paths_and_node_order(tmp_path):
     assert cfg.client_tls is False
     assert (cfg.heartbeat_interval, cfg.election_timeout_min, cfg.election_timeout_max) == (0.05, 0.3, 0.6)
     assert cfg.request_timeout == 2.0 and cfg.bcrypt_cost == 4 and cfg.session_ttl == 60
+    assert (cfg.writes_per_connection, cfg.writes_per_account) == (50, 400)
+    settings = ServerSettings.from_config(cfg, 1)
+    assert settings.writes_per_connection == RateLimit(rate=50, burst=125)
+    assert settings.writes_per_account == RateLimit(rate=400, burst=1000)
     assert list(cfg.nodes) == [1, 2]
     assert cfg.node(1).client == Address("localhost", 7101)
     assert cfg.node(1).peer == Address("::1", 7201)
@@ -206,6 +212,7 @@ def test_unknown_section(tmp_path, section):
     ("request_timeout", "0", "must be above 0"),
     ("request_timeout", "nan", "not a finite number"),
     ("session_ttl", "-1", "must be above 0"),
+    ("writes_per_connection", "0", "must be above 0"),
     ("client_tls", "maybe", "'maybe' is not a valid boolean"),
     ("max_clock_drift", "0.6", "must be at most 0.5"),
     ("max_clock_drift", "-0.1", "must be at least 0"),

@@ -16,6 +16,11 @@ class RateLimit:
     burst: float
 
 
+def _writes(rate):
+    """A write limit of ``rate`` per second that lets 2.5 s worth through at once."""
+    return RateLimit(rate=rate, burst=2.5 * rate)
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     node_id: int
@@ -47,5 +52,7 @@ class ServerSettings:
             nodes=nodes,
             bcrypt_cost=config.bcrypt_cost,
             session_ttl=config.session_ttl,
+            writes_per_connection=_writes(config.writes_per_connection),
+            writes_per_account=_writes(config.writes_per_account),
             **overrides,
         )
