@@ -35,11 +35,14 @@ class EventPusher:
         if message_id <= self._last_message_id:
             return
         self._last_message_id = message_id
+        conns = self._registry.of_user(command["to"])
+        if not conns:
+            return                   # most messages, on most nodes
         event = {"event": "message", "message": {
             "id": message_id, "from": command["from"], "to": command["to"],
             "body": command["body"], "ts": result["ts"], "read": False,
         }}
-        for conn in self._registry.of_user(command["to"]):
+        for conn in conns:
             conn.send_event(event)
 
     def _end(self, conns, command, reason):
