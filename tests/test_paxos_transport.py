@@ -12,6 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import defer, endpoints, protocol, ssl
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -479,3 +481,28 @@ def test_from_config_uses_the_cluster_certificates(tmp_path):
     finally:
         for node in nodes:
             yield node.stopService()
+
+
+def test_strangers_waiting_for_their_handshake_are_capped(captured_log):
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.ssl import CertificateOptions
+
+    from paxchat.paxos.transport import PeerProtocol, _InboundFactory
+    t, clock, inbox = unit_transport()
+    t._server_options = CertificateOptions()
+    t.max_unauthenticated = 2
+    factory = _InboundFactory(t)
+    addr = IPv4Address("TCP", "127.0.0.1", 50000)
+    strangers = [PeerProtocol(t) for _ in range(2)]
+    for proto in strangers:
+        proto.makeConnection(CertTransport(None))                 # handshakes under way
+    assert factory.buildProtocol(addr) is None                    # the third is closed at once
+    assert factory.turned_away == 1
+    assert any("waiting for their TLS handshake" in line for line in texts(captured_log))
+    connect(t, 2)                                                 # a peer that did authenticate
+    assert factory.buildProtocol(addr) is None                    # does not count: still two waiting
+    clock.advance(t.handshake_timeout + 1)                        # the strangers time out
+    for proto in strangers:
+        assert proto.transport.aborted
+        proto.connectionLost(Failure(ConnectionDone()))
+    assert factory.buildProtocol(addr) is not None

@@ -36,6 +36,10 @@ PAUSED_WRITE_LIMIT = 8 * 1024 * 1024
 PING_INTERVAL = 1.0
 IDLE_TIMEOUT = 5.0
 HANDSHAKE_TIMEOUT = 10.0
+# Inbound connections still in their TLS handshake, at most: past it a new
+# one is closed at once, so a flood of strangers cannot exhaust memory or
+# file descriptors (the handshake timeout clears the ones already open).
+MAX_UNAUTHENTICATED_INBOUND = 32
 
 
 @implementer(interfaces.IHandshakeListener, interfaces.IPushProducer)
@@ -175,6 +179,27 @@ class PeerProtocol(Int32StringReceiver):
             self._owner._link_failed(self)
 
 
+class _InboundFactory(TLSMemoryBIOFactory):
+    """The listening side: TLS first, but not for more than a bounded number of strangers."""
+
+    def __init__(self, owner):
+        super().__init__(owner._server_options, False, _PeerFactory(owner))
+        self._owner = owner
+        self.turned_away = 0
+
+    def buildProtocol(self, addr):
+        owner = self._owner
+        waiting = sum(1 for c in owner._connections if c.peer_id is None and c.expected_peer is None)
+        if waiting >= owner.max_unauthenticated:
+            self.turned_away += 1
+            if self.turned_away % 100 == 1:
+                log.warn("peer connection from {where} closed: {waiting} inbound connections are"
+                         " already waiting for their TLS handshake ({count} turned away so far)",
+                         where=str(addr), waiting=waiting, count=self.turned_away)
+            return None
+        return super().buildProtocol(addr)
+
+
 class _PeerFactory(Factory):
     def __init__(self, owner, expected_peer=None):
         self._owner = owner
@@ -209,7 +234,7 @@ class PeerTransport(service.MultiService):
     def __init__(self, reactor, node_id, peers, listen, server_options, client_options,
                  identify, on_message, *, ping_interval=PING_INTERVAL, idle_timeout=IDLE_TIMEOUT,
                  handshake_timeout=HANDSHAKE_TIMEOUT, paused_write_limit=PAUSED_WRITE_LIMIT,
-                 retry_policy=None):
+                 max_unauthenticated=MAX_UNAUTHENTICATED_INBOUND, retry_policy=None):
         super().__init__()
         self.clock = reactor
         self._reactor = reactor
@@ -224,6 +249,7 @@ class PeerTransport(service.MultiService):
         self.ping_interval = ping_interval
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
+        self.max_unauthenticated = max_unauthenticated
         self.paused_write_limit = paused_write_limit
         self._retry_policy = retry_policy or backoffPolicy(initialDelay=0.1, maxDelay=5.0)
         self._outbound = {}                  # peer id -> authenticated PeerProtocol
@@ -268,7 +294,7 @@ class PeerTransport(service.MultiService):
 
     def startService(self):
         endpoint = _server_endpoint(self._reactor, self._listen_address)
-        factory = TLSMemoryBIOFactory(self._server_options, False, _PeerFactory(self))
+        self.inbound_factory = factory = _InboundFactory(self)
         d = endpoint.listen(factory)
 
         def listening(port):
