@@ -159,7 +159,11 @@ class ReplicatedLog:
         self.failed = None                 # why the node had to stop, once it did
         self._observers = []
         self._pending = {}                 # rid -> _Request (submits)
-        self._held = deque()               # (deadline, command bytes): waiting for a leader
+        # (deadline, command bytes, guard): waiting for a leader. ``guard`` is
+        # (node, ballot) for commands a peer forwarded to us: they are not sent
+        # back to that node while we still follow the same ballot, so two
+        # nodes that each think the other leads do not bounce them.
+        self._held = deque()
         self._reads = {}                   # read id -> _Request
         self._read_ids = itertools.count(1)
         self._read_waiting = []            # heap of (index, read id) waiting for apply
@@ -322,7 +326,7 @@ class ReplicatedLog:
         timeout = self.settings.request_timeout
         timer = self._reactor.callLater(timeout, self._submit_timed_out, rid)
         self._pending[rid] = _Request(d, timer)
-        self._held.append((self._reactor.seconds() + timeout, data))
+        self._held.append((self._reactor.seconds() + timeout, data, None))
         self._drive_soon()
         return d
 
@@ -430,9 +434,10 @@ class ReplicatedLog:
             self.replica.receive(msg, self._reactor.seconds())
         elif kind is M.ForwardProposals:
             deadline = self._reactor.seconds() + self.settings.request_timeout
+            guard = (from_node_id, self.replica.ballot)
             for command in msg.commands:
                 if len(self._held) < self.settings.max_held:
-                    self._held.append((deadline, command))
+                    self._held.append((deadline, command, guard))
                 else:
                     log.warn("dropped a command forwarded by node {peer}: too many held",
                              peer=from_node_id)
@@ -490,7 +495,7 @@ class ReplicatedLog:
             self._core_read_failed(read_id)
         if ready.dropped:
             deadline = self._reactor.seconds() + self.settings.request_timeout
-            self._held.extendleft((deadline, c) for c in reversed(ready.dropped))
+            self._held.extendleft((deadline, c, None) for c in reversed(ready.dropped))
         if ready.leader is not None or ready.dropped:
             self._route_held()
             self._retry_reads()
@@ -548,18 +553,25 @@ class ReplicatedLog:
         leader = replica.leader_id
         if leader is None or leader == self.node_id:
             return
+        bounced = (leader, replica.ballot)
+        kept = []                        # came from that leader under this ballot: wait
         while held:
             batch, size = [], 0
-            for _, command in held:
-                if batch and (len(batch) >= FORWARD_BATCH_COMMANDS
-                              or size + len(command) > FORWARD_BATCH_BYTES):
+            while held and len(batch) < FORWARD_BATCH_COMMANDS:
+                entry = held[0]
+                if entry[2] == bounced:
+                    kept.append(held.popleft())
+                    continue
+                if batch and size + len(entry[1]) > FORWARD_BATCH_BYTES:
                     break
-                batch.append(command)
-                size += len(command)
-            if not self._send(leader, M.ForwardProposals(self.node_id, tuple(batch))):
-                return                   # not connected: keep them for later
-            for _ in batch:
-                held.popleft()
+                batch.append(held.popleft())
+                size += len(entry[1])
+            if not batch:
+                break
+            if not self._send(leader, M.ForwardProposals(self.node_id, tuple(e[1] for e in batch))):
+                held.extendleft(reversed(batch))   # not connected: keep them for later
+                break
+        held.extendleft(reversed(kept))
 
     def _submit_timed_out(self, rid):
         request = self._pending.pop(rid, None)

@@ -5,6 +5,8 @@ worker, an in-memory durable log that survives a "restart", and a transport
 that delivers frames after a small delay unless the link is cut.
 """
 
+import json
+
 import pytest
 from twisted.application import service
 from twisted.internet import defer, task
@@ -373,3 +375,24 @@ def test_stop_fails_pending_requests(cluster):
     cluster.stop(1)
     assert isinstance(cluster.result(d).value, Unavailable)
     assert isinstance(cluster.result(r).value, Unavailable)
+
+
+def test_commands_forwarded_by_the_leader_we_follow_are_not_sent_back(cluster):
+    # Two nodes that each think the other leads must not bounce commands
+    # between them: they wait for the leadership to change.
+    leader = cluster.wait_leader()
+    follower, other = [n for n in cluster.members if n != leader]
+    rl = cluster.logs[follower]
+    sent = []
+    send = rl.transport.send
+    rl.transport.send = lambda to, frame: sent.append((to, type(M.decode(frame)))) or send(to, frame)
+    command = json.dumps(dict(create("bounced"), rid="x:y:1")).encode()
+    rl._on_frame(leader, M.encode(M.ForwardProposals(leader, (command,))))
+    cluster.run(0.3)
+    assert (leader, M.ForwardProposals) not in sent
+    assert rl.status()["held_commands"] == 1
+    # Once another ballot leads, the command goes there and is applied everywhere.
+    cluster.logs[leader].transfer_leadership(other)
+    cluster.until(lambda: all(s.account("bounced") for s in cluster.states.values()),
+                  what="the held command applied")
+    assert rl.status()["held_commands"] == 0
