@@ -97,6 +97,33 @@ def test_scan_by_prefix_is_ordered_and_bounded(store):
     assert keys(store.iter_scan("u/a/", after="u/a/2")) == ["u/a/3"]
 
 
+def test_scan_bounds_match_a_filter_of_the_whole_prefix(store):
+    all_keys = ["a", "p/", "p/0", "p/1", "p/2", "p/3", "p0", "q"]
+    fill(store, [(k, b"") for k in all_keys])
+    bounds = [None, "", "a", "p/", "p/1", "p/15", "p/3", "p/9", "p0", "q", "z"]
+    for after in bounds:
+        for before in bounds:
+            for reverse in (False, True):
+                want = [k for k in sorted(all_keys) if k.startswith("p/")
+                        and (after is None or k > after) and (before is None or k < before)]
+                got = keys(store.scan("p/", after=after, before=before, reverse=reverse))
+                assert got == (want[::-1] if reverse else want), (after, before, reverse)
+
+
+def test_a_bounded_scan_reads_only_its_range(store):
+    # Two bounds on one side must not make SQLite walk the whole prefix.
+    fill(store, [(f"x/{i:06d}", b"") for i in range(20000)])
+    steps = []
+    store._conn.set_progress_handler(lambda: steps.append(1), 100)
+    try:
+        assert keys(store.scan("x/", before="x/000002", limit=16)) == ["x/000000", "x/000001"]
+        assert keys(store.scan("x/", after="x/019997", limit=16)) == ["x/019998", "x/019999"]
+        assert keys(store.scan("x/", before="x/000002", reverse=True)) == ["x/000001", "x/000000"]
+    finally:
+        store._conn.set_progress_handler(None, 0)
+    assert len(steps) < 20                  # a full walk of the prefix takes thousands
+
+
 def test_scan_order_is_code_point_order_beyond_ascii(store):
     names = ["p/a", "p/\x7f", "p/\xe9", "p/\u20ac", "p/\U0001f600", "p/\U0010ffff"]
     fill(store, [(k, b"") for k in names])

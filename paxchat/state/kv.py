@@ -243,17 +243,20 @@ class KVStore:
 
     @staticmethod
     def _range(prefix, after, before):
-        clauses, args = ["k >= ?"], [prefix]
+        # One lower and one upper bound, the tighter of each pair: given two
+        # bounds on the same side, SQLite seeks with one and tests the other
+        # on every row, which walks the whole prefix.
+        if after is not None and after >= prefix:
+            clauses, args = ["k > ?"], [after]
+        else:
+            clauses, args = ["k >= ?"], [prefix]
         end = prefix_end(prefix)
-        if end is not None:
-            clauses.append("k < ?")
-            args.append(end)
-        if after is not None:
-            clauses.append("k > ?")
-            args.append(after)
-        if before is not None:
+        if before is not None and (end is None or before <= end):
             clauses.append("k < ?")
             args.append(before)
+        elif end is not None:
+            clauses.append("k < ?")
+            args.append(end)
         return " AND ".join(clauses), args
 
     def scan(self, prefix, after=None, before=None, limit=None, reverse=False):
