@@ -24,6 +24,7 @@ from twisted.internet.protocol import Protocol
 from paxchat import tls as paxchat_tls
 from paxchat.client.connection import ChatClientFactory
 from paxchat.client.errors import ConnectionDropped, ServerError
+from paxchat.tcp import no_delay
 
 now = time.monotonic
 
@@ -300,6 +301,9 @@ class HTTPClient(Protocol):
         self._buffer = b""
         self._waiting = None
         self.lost = False
+
+    def connectionMade(self):
+        no_delay(self.transport)         # as paxchat's client does (Go's server side does too)
 
     def post(self, path, body: bytes) -> defer.Deferred:
         if self.lost or self._waiting is not None:

@@ -17,6 +17,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
+from paxchat.tcp import no_delay
+
 from .errors import ConnectionDropped, ServerError
 
 __all__ = ["ChatClient", "ChatClientFactory", "encode_request"]
@@ -85,6 +87,7 @@ class ChatClient(LineOnlyReceiver):
 
     def connectionMade(self):
         self.connected = True
+        no_delay(self.transport)
 
     def lineReceived(self, line: bytes):
         line = line.rstrip(b"\r")

@@ -27,6 +27,8 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from paxchat.tcp import no_delay
+
 __all__ = ["PeerTransport", "PeerProtocol", "MAX_FRAME_BYTES"]
 
 log = Logger(namespace="paxchat.paxos.transport")
@@ -73,6 +75,7 @@ class PeerProtocol(Int32StringReceiver):
             return "?"
 
     def connectionMade(self):
+        no_delay(self.transport)
         self._owner._connections.add(self)
         self._last_heard = self._owner.clock.seconds()
         self._timer = self._owner.clock.callLater(self._owner.handshake_timeout, self._handshake_late)

@@ -32,6 +32,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from paxchat.tcp import no_delay
+
 from .errors import FRAME_TOO_LARGE, INTERNAL, INVALID_REQUEST, ProtocolError
 from .handlers import SESSION_OPS
 from .ratelimit import TokenBucket
@@ -114,6 +116,7 @@ class ChatProtocol(Protocol):
     # Connection life
 
     def connectionMade(self):
+        no_delay(self.transport)
         self.transport.registerProducer(_OutputGate(self), True)
         connections = getattr(self.factory, "connections", None)
         if connections is not None:
