@@ -182,6 +182,7 @@ class ReplicatedLog:
         self._compacted = 0
         self._snapshotting = False
         self._need_snapshot = False
+        self._snapshot_missing = False     # restarted from a compacted log: no snapshot in memory
         self._snapshot_waiters = []        # snapshot_now() callers
 
     @classmethod
@@ -246,8 +247,9 @@ class ReplicatedLog:
         self._queued_upto = applied
         self._decided_upto = self._compacted = durable.snapshot_index
         # A compacted log has no snapshot in memory for lagging peers: make one
-        # once the replica has decided up to the state's index again.
-        self._need_snapshot = durable.snapshot_index > 0
+        # once the replica has decided up to the state's index again (even if
+        # that index is the log's own snapshot index).
+        self._snapshot_missing = durable.snapshot_index > 0
         now = self._reactor.seconds()
         if len(self.members) == 1:
             # Nobody else can hold a lease: elect ourselves at the first tick.
@@ -259,6 +261,7 @@ class ReplicatedLog:
                  count=len(records), applied=applied, index=durable.snapshot_index,
                  members=list(self.members))
         self._tick()
+        self._maybe_snapshot()
 
     @defer.inlineCallbacks
     def stop(self):
@@ -500,6 +503,10 @@ class ReplicatedLog:
             self._route_held()
             self._retry_reads()
         self._kick_apply()
+        if self._snapshot_missing and (ready.decided or ready.snapshot is not None):
+            # Slots the state already holds are not applied again, so no apply
+            # would come round to make the snapshot that peers may be waiting for.
+            self._maybe_snapshot()
 
     def _persist(self, records, token):
         self._unfolded.extend(records)
@@ -734,10 +741,14 @@ class ReplicatedLog:
         if self._snapshotting or not self._live or self.store is None:
             return
         applied = self.applied_index
-        if applied > self._decided_upto or applied <= self.replica.snapshot_index:
+        index = self.replica.snapshot_index
+        if applied > self._decided_upto or applied < index:
+            return
+        if applied == index and not self._snapshot_missing:
             return
         since = applied - self._compacted
-        if not (self._need_snapshot or since >= self.settings.snapshot_interval
+        if not (self._need_snapshot or self._snapshot_missing
+                or since >= self.settings.snapshot_interval
                 or (since > 0 and self.store.size_bytes > self.settings.compact_log_bytes)):
             return
         self._snapshotting = True
@@ -782,11 +793,13 @@ class ReplicatedLog:
 
     def _compact(self, taken):
         index, data = taken
-        if not self._live or index > self._decided_upto or index <= self.replica.snapshot_index:
+        current = self.replica.snapshot_index
+        if (not self._live or index > self._decided_upto or index < current
+                or (index == current and not self._snapshot_missing)):
             return
         self.replica.compact(index, data)
         self._compacted = index
-        self._need_snapshot = False
+        self._need_snapshot = self._snapshot_missing = False
         self._drive()                    # persists the CompactRecord first
         # The state has applied ``index`` durably (synced above), so the log
         # may forget everything up to it.

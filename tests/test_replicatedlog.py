@@ -396,3 +396,36 @@ def test_commands_forwarded_by_the_leader_we_follow_are_not_sent_back(cluster):
     cluster.until(lambda: all(s.account("bounced") for s in cluster.states.values()),
                   what="the held command applied")
     assert rl.status()["held_commands"] == 0
+
+
+def test_after_a_full_restart_nodes_snapshot_what_their_state_holds_without_new_writes(tmp_path):
+    # A restarted node has no snapshot in memory. Slots its state already
+    # holds are not applied again, so it must make one once it has decided
+    # that far, or a peer that needs a slot below the log's snapshot index
+    # (which only that snapshot holds) waits for ever: a whole cluster
+    # restarted at once did, with nodes compacted at different indexes.
+    settings = ReplicationSettings(heartbeat_interval=0.05, election_timeout=0.5,
+                                   request_timeout=2.0, snapshot_interval=5)
+    c = Cluster(tmp_path, settings=settings)
+    try:
+        leader = c.wait_leader()
+        for i in range(12):
+            assert c.result(c.logs[leader].submit(create(f"s{i}")))["ok"]
+        c.until(lambda: len({rl.applied_index for rl in c.logs.values()}) == 1, what="applied")
+        for n in c.members:
+            c.stop(n)
+        for n in c.members:
+            c.start(n)
+        c.wait_leader()
+        c.until(lambda: all(rl.replica.snapshot_index == rl.applied_index and not rl._snapshot_missing
+                            for rl in c.logs.values()), what="snapshots of the restored states")
+        # A node whose log lost its tail catches up from them.
+        lagging = next(n for n in c.members if n != c.leader())
+        c.stop(lagging)
+        c.records[lagging][:] = [r for r in c.records[lagging]
+                                 if not isinstance(M.decode(r), M.AcceptRecord)]
+        c.start(lagging)
+        c.until(lambda: c.states[lagging].digest() == c.states[c.leader()].digest(), what="catch-up")
+        assert not c.fatal
+    finally:
+        c.close()
