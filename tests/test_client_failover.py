@@ -20,6 +20,8 @@ def make_client(**kwargs):
     targets = targets_from_addresses(reactor, {i: ("127.0.0.1", p) for i, p in PORTS.items()})
     statuses, events = [], []
     kwargs.setdefault("policy", POLICY)
+    # After losing a node, start at the first other one (it is random otherwise).
+    kwargs.setdefault("random", lambda: 0.0)
     client = PaxchatClient(reactor, targets, on_status=statuses.append, on_event=events.append, **kwargs)
     return reactor, client, FakeNodes(reactor), statuses, events
 

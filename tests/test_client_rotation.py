@@ -5,9 +5,20 @@ from paxchat.client.failover import FailoverPolicy, Rotation
 POLICY = FailoverPolicy(jitter=0, initial_delay=1, factor=2, max_delay=3, deadline=20)
 
 
-def test_starts_after_the_node_that_was_lost_and_cycles():
-    r = Rotation([1, 2, 3], POLICY, now=0, after=2)
+def test_starts_at_a_random_other_node_tries_the_lost_one_last_and_cycles():
+    r = Rotation([1, 2, 3], POLICY, now=0, after=2, random=lambda: 0.0)
+    assert [r.next_attempt(0)[0] for _ in range(4)] == [1, 3, 2, 1]
+    r = Rotation([1, 2, 3], POLICY, now=0, after=2, random=lambda: 0.99)
     assert [r.next_attempt(0)[0] for _ in range(4)] == [3, 1, 2, 3]
+
+
+def test_the_clients_of_a_lost_node_spread_over_the_others():
+    import random
+    rng = random.Random(7)
+    firsts = [Rotation([1, 2, 3, 4, 5], POLICY, now=0, after=3, random=rng.random).next_attempt(0)[0]
+              for _ in range(400)]
+    counts = {n: firsts.count(n) for n in (1, 2, 4, 5)}
+    assert 3 not in firsts and all(60 < c < 140 for c in counts.values()), counts
 
 
 def test_prefers_a_chosen_first_node():

@@ -43,11 +43,19 @@ class Rotation:
         ids = list(node_ids)
         if first is not None and first in ids:
             start = ids.index(first)
-        elif after is not None and after in ids:
-            start = (ids.index(after) + 1) % len(ids)
+        elif after is not None and after in ids and len(ids) > 1:
+            # Start at a random other node, so the clients of a lost node
+            # spread over the rest instead of all landing on its neighbour;
+            # the lost node is tried last.
+            others = [i for i in ids if i != after]
+            start = ids.index(others[min(int(random() * len(others)), len(others) - 1)])
         else:
             start = 0
-        self.order = ids[start:] + ids[:start]
+        order = ids[start:] + ids[:start]
+        if after is not None and after in order and first is None:
+            order.remove(after)
+            order.append(after)
+        self.order = order
         self.policy = policy
         self.started = now
         self._random = random
