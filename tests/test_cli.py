@@ -304,3 +304,12 @@ def test_typed_ahead_lines_go_to_password_prompts_in_order():
     output = transport.value().decode()
     assert "Unknown command" not in output and "differ" not in output
     assert transport.disconnecting
+
+
+def test_shell_says_why_it_reconnects():
+    from paxchat.client.api import Status
+    shell, lines = shell_with(StubClient({}))
+    shell.on_status(Status("reconnecting", detail="node 2 is stopping"))
+    shell.on_status(Status("reconnecting"))
+    assert lines == ["Connection lost (node 2 is stopping); reconnecting to another server...",
+                     "Connection lost; reconnecting to another server..."]

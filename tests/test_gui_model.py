@@ -27,6 +27,8 @@ def test_status_bar_sentences():
     assert status_text(Status("connected", 2, 1)) == "Connected to node 2 · leader 1"
     assert status_text(Status("connected", 3, None)) == "Connected to node 3 · no leader yet"
     assert status_text(Status("reconnecting")) == "Reconnecting…"
+    assert status_text(Status("reconnecting", detail="node 2 is stopping")) == \
+        "Reconnecting (node 2 is stopping)…"
     assert status_text(Status("connecting")) == "Connecting…"
     assert status_text(Status("failed")).startswith("Offline")
 

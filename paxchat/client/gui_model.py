@@ -35,7 +35,9 @@ def status_text(status) -> str:
         leader = f"leader {status.leader}" if status.leader is not None else "no leader yet"
         return f"Connected to node {status.node} · {leader}"
     if status.state == "reconnecting":
-        return "Reconnecting…"
+        # e.g. "node 2 is stopping": say why, when the server told us.
+        detail = getattr(status, "detail", "")
+        return f"Reconnecting ({detail})…" if detail else "Reconnecting…"
     if status.state == "connecting":
         return "Connecting…"
     if status.state == "failed":

@@ -71,7 +71,8 @@ class Shell:
 
     def on_status(self, status):
         if status.state == "reconnecting":
-            self.write("Connection lost; reconnecting to another server...")
+            why = f" ({status.detail})" if status.detail else ""
+            self.write(f"Connection lost{why}; reconnecting to another server...")
         elif status.state == "connected":
             self.write(f"Connected to node {status.node}.")
         elif status.state == "failed":
