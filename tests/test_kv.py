@@ -378,3 +378,14 @@ def test_killed_process_mid_transaction_recovers_last_commit(tmp_path):
     kv = KVStore.open(path, check=True)
     assert kv.dump() == (1, [("a", b"1")])
     kv.close()
+
+
+def test_add_count_stores_the_same_bytes_as_a_put_of_the_sum(store):
+    with store.transaction():
+        store.add_count("n/a", 1)
+        store.add_count("n/a", 9)
+        store.add_count("n/b", 3)
+        store.put("n/c", b"10")
+    assert store.get("n/a") == b"10" and store.get("n/a") == store.get("n/c")
+    assert store.get("n/b") == b"3"
+    assert isinstance(store.dump()[1][0][1], bytes)

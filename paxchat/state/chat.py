@@ -193,6 +193,7 @@ class ChatState:
 
     def __init__(self, kv):
         self.kv = kv
+        self._last_message_id = None       # cache of "#msgid" (see _next_message_id)
         self._handlers = {op: getattr(self, "_op_" + op) for op in COMMANDS}
 
     @classmethod
@@ -235,7 +236,11 @@ class ChatState:
                 if applied != start:
                     kv.set_applied_index(applied)
         except sqlite3.Error as e:
+            self._last_message_id = None   # the whole batch was rolled back
             raise kv.error(e) from e
+        except BaseException:
+            self._last_message_id = None
+            raise
         return results
 
     def apply(self, command):
@@ -252,10 +257,13 @@ class ChatState:
             with self.kv.savepoint():
                 return ok(self._dispatch(command))
         except Rejected as r:
+            self._last_message_id = None   # the savepoint undid what the command wrote
             return error(r.code, r.message)
         except sqlite3.Error:
+            self._last_message_id = None
             raise
         except Exception:
+            self._last_message_id = None
             # A bug, but a deterministic one: every node answers the same.
             op = command.get("op") if isinstance(command, dict) else None
             log.failure("applying a {op!r} command failed", op=op)
@@ -279,14 +287,17 @@ class ChatState:
             self._remember(dedup_key, _encode({"result": result}), command.get("ts"))
         return result
 
-    def _remember(self, dedup_key, value, ts):
-        """Store a dedup entry, and expire some older than the window before ``ts``."""
+    def _remember(self, dedup_key, value, ts, rows=()):
+        """Store a dedup entry (with ``rows`` of the command, in one statement),
+        and expire some entries older than the window before ``ts``."""
         kv = self.kv
-        kv.put(dedup_key, value)
+        rows = [*rows, (dedup_key, value)]
         if not _is_number(ts):
+            kv.put_many(rows)
             return
         ms = min(max(int(ts * 1000), 0), _MAX_MS)
-        kv.put(f"x/{ms:012x}/{dedup_key[2:]}", b"")
+        rows.append((f"x/{ms:012x}/{dedup_key[2:]}", b""))
+        kv.put_many(rows)
         cutoff = ms - DEDUP_WINDOW_SECONDS * 1000
         if cutoff <= 0:
             return
@@ -319,6 +330,9 @@ class ChatState:
         if delta == 0:
             return
         key = "n/" + username
+        if delta > 0:
+            self.kv.add_count(key, delta)       # one statement; never reaches 0
+            return
         raw = self.kv.get(key)
         count = (int(raw) if raw is not None else 0) + delta
         if count:
@@ -327,9 +341,15 @@ class ChatState:
             self.kv.delete(key)
 
     def _next_message_id(self):
-        raw = self.kv.get("#msgid")
-        message_id = (int(raw) if raw is not None else 0) + 1
+        # The last id is read once and kept; anything that may have undone
+        # its write (a rollback, a restore) forgets it.
+        last = self._last_message_id
+        if last is None:
+            raw = self.kv.get("#msgid")
+            last = int(raw) if raw is not None else 0
+        message_id = last + 1
         self.kv.put("#msgid", str(message_id).encode())
+        self._last_message_id = message_id
         return message_id
 
     def _message_record(self, message_id):
@@ -431,10 +451,11 @@ class ChatState:
                 (f"u/{recipient}/{mid}", b"")]
         if recipient != sender:
             rows += [(f"h/{recipient}/{mid}", b""), (f"p/{recipient}/{sender}/{mid}", b"")]
-        kv.put_many(rows)
-        self._add_unread(recipient, 1)
         if dedup_key is not None:
-            self._remember(dedup_key, _encode([message_id, ts]), ts)
+            self._remember(dedup_key, _encode([message_id, ts]), ts, rows)
+        else:
+            kv.put_many(rows)
+        self._add_unread(recipient, 1)
         return {"message_id": message_id, "ts": ts}
 
     def _op_read_messages(self, c):
@@ -589,4 +610,5 @@ class ChatState:
 
     def restore(self, applied_index, chunks):
         """Replace the whole state by a snapshot, atomically."""
+        self._last_message_id = None
         self.kv.restore(applied_index, chunks)

@@ -223,6 +223,13 @@ class KVStore:
         self._require_transaction()
         self._conn.execute("INSERT OR REPLACE INTO kv (k, v) VALUES (?, ?)", (key, value))
 
+    def add_count(self, key, delta):
+        """Add ``delta`` to the decimal count stored at ``key`` (absent = 0), in one statement."""
+        self._require_transaction()
+        self._conn.execute(
+            "INSERT INTO kv (k, v) VALUES (?, CAST(? AS BLOB)) ON CONFLICT (k) DO UPDATE"
+            " SET v = CAST(CAST(CAST(v AS TEXT) AS INTEGER) + ? AS BLOB)", (key, str(delta), delta))
+
     def put_many(self, items):
         """``put`` every ``(key, value)`` pair, in one statement."""
         self._require_transaction()
