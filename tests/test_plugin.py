@@ -180,7 +180,13 @@ def test_make_service_is_a_service(tmp_path):
     pytest.importorskip("paxchat.node", exc_type=ImportError)
     options = tap.Options()
     options.parseOptions(["--config", str(write_ini(tmp_path)), "--node", "1"])
-    svc = tap.makeService(options)
+    before = sys.getswitchinterval()
+    try:
+        svc = tap.makeService(options)
+        # The reactor thread gets the GIL back quickly from the apply and disk threads.
+        assert sys.getswitchinterval() == pytest.approx(tap.GIL_SWITCH_INTERVAL)
+    finally:
+        sys.setswitchinterval(before)
     assert IService.providedBy(svc)
     assert svc.node.node_id == 1
     assert not svc.running
