@@ -72,6 +72,7 @@ class ReplicationSettings:
 
     heartbeat_interval: float = 0.1
     election_timeout: float = 1.0
+    election_timeout_max: float | None = None   # None: 2 x election_timeout
     max_clock_drift: float = 0.05
     request_timeout: float = 5.0
     snapshot_interval: int = 10000
@@ -82,6 +83,7 @@ class ReplicationSettings:
     def from_config(cls, config):
         return cls(heartbeat_interval=config.heartbeat_interval,
                    election_timeout=config.election_timeout_min,
+                   election_timeout_max=config.election_timeout_max,
                    max_clock_drift=config.max_clock_drift,
                    request_timeout=config.request_timeout,
                    snapshot_interval=config.snapshot_interval)
@@ -90,6 +92,7 @@ class ReplicationSettings:
         # A window of 32 full slots keeps a Promise under the peer frame limit.
         return CoreConfig(heartbeat_interval=self.heartbeat_interval,
                           election_timeout=self.election_timeout,
+                          election_timeout_max=self.election_timeout_max,
                           max_clock_drift=self.max_clock_drift, window=32)
 
 

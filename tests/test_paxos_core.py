@@ -401,3 +401,14 @@ def test_a_restarted_acceptor_promises_nobody_for_an_election_timeout():
     r.persisted(rd.token)
     (_, promise), = r.ready().messages               # released once durable
     assert isinstance(promise, M.Promise) and promise.ballot == M.Ballot(4, 3)
+
+
+def test_election_timeouts_are_drawn_from_the_configured_range():
+    for top, want in ((None, (0.3, 0.6)), (0.45, (0.3, 0.45))):
+        config = Config(heartbeat_interval=0.05, election_timeout=0.3, election_timeout_max=top)
+        seen = [Replica(1, [1, 2, 3], config=config, jitter=lambda j=j: j)._timeout()
+                for j in (0.0, 0.5, 1.0)]
+        assert seen[0] == pytest.approx(want[0]) and seen[-1] == pytest.approx(want[1])
+        assert want[0] < seen[1] < want[1]
+    with pytest.raises(ValueError):
+        Config(heartbeat_interval=0.05, election_timeout=0.3, election_timeout_max=0.2)

@@ -429,3 +429,12 @@ def test_after_a_full_restart_nodes_snapshot_what_their_state_holds_without_new_
         assert not c.fatal
     finally:
         c.close()
+
+
+def test_settings_carry_the_election_timeout_range_of_cluster_ini(tmp_path):
+    from paxchat import config as configmod
+    from paxchat.devcluster import write_local_config
+    cfg = configmod.load(write_local_config(tmp_path, nodes=3, election_timeout_min=0.4,
+                                            election_timeout_max=1.5))
+    core = ReplicationSettings.from_config(cfg).core_config()
+    assert (core.election_timeout, core.election_timeout_max) == (0.4, 1.5)

@@ -88,6 +88,9 @@ class Config:
     """Timing (seconds) and batching knobs; the same on every node."""
     heartbeat_interval: float = 0.05
     election_timeout: float = 0.5
+    # Followers start an election after a random time in [election_timeout,
+    # election_timeout_max]; None means 2 x election_timeout.
+    election_timeout_max: float | None = None
     max_clock_drift: float = 0.05
     window: int = 64
     max_batch_commands: int = 4096
@@ -98,6 +101,9 @@ class Config:
     def __post_init__(self):
         if not 0 < self.heartbeat_interval < self.election_timeout:
             raise ValueError("need 0 < heartbeat_interval < election_timeout")
+        if self.election_timeout_max is not None and not (
+                self.election_timeout <= self.election_timeout_max < float("inf")):
+            raise ValueError("need election_timeout <= election_timeout_max")
         if not 0 <= self.max_clock_drift < 0.5 or self.lease_duration <= 0:
             raise ValueError("max_clock_drift too large for this election_timeout: no lease left")
         if not 1 <= self.max_batch_commands <= MAX_BATCH_COMMANDS:
@@ -505,7 +511,8 @@ class Replica:
 
     def _timeout(self):
         e = self.config.election_timeout
-        return e + e * self._jitter()
+        top = self.config.election_timeout_max
+        return e + (e if top is None else top - e) * self._jitter()
 
     def _leader_state(self):
         return (self.leader_id, self._block_ballot if self.leader_id is not None else None)
