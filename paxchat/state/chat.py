@@ -193,7 +193,6 @@ class ChatState:
 
     def __init__(self, kv):
         self.kv = kv
-        self._last_message_id = None       # cache of "#msgid" (see _next_message_id)
         self._handlers = {op: getattr(self, "_op_" + op) for op in COMMANDS}
 
     @classmethod
@@ -236,11 +235,7 @@ class ChatState:
                 if applied != start:
                     kv.set_applied_index(applied)
         except sqlite3.Error as e:
-            self._last_message_id = None   # the whole batch was rolled back
             raise kv.error(e) from e
-        except BaseException:
-            self._last_message_id = None
-            raise
         return results
 
     def apply(self, command):
@@ -257,13 +252,10 @@ class ChatState:
             with self.kv.savepoint():
                 return ok(self._dispatch(command))
         except Rejected as r:
-            self._last_message_id = None   # the savepoint undid what the command wrote
             return error(r.code, r.message)
         except sqlite3.Error:
-            self._last_message_id = None
             raise
         except Exception:
-            self._last_message_id = None
             # A bug, but a deterministic one: every node answers the same.
             op = command.get("op") if isinstance(command, dict) else None
             log.failure("applying a {op!r} command failed", op=op)
@@ -341,15 +333,9 @@ class ChatState:
             self.kv.delete(key)
 
     def _next_message_id(self):
-        # The last id is read once and kept; anything that may have undone
-        # its write (a rollback, a restore) forgets it.
-        last = self._last_message_id
-        if last is None:
-            raw = self.kv.get("#msgid")
-            last = int(raw) if raw is not None else 0
-        message_id = last + 1
+        raw = self.kv.get("#msgid")
+        message_id = (int(raw) if raw is not None else 0) + 1
         self.kv.put("#msgid", str(message_id).encode())
-        self._last_message_id = message_id
         return message_id
 
     def _message_record(self, message_id):
@@ -610,5 +596,4 @@ class ChatState:
 
     def restore(self, applied_index, chunks):
         """Replace the whole state by a snapshot, atomically."""
-        self._last_message_id = None
         self.kv.restore(applied_index, chunks)
