@@ -5,6 +5,7 @@ worker, an in-memory durable log that survives a "restart", and a transport
 that delivers frames after a small delay unless the link is cut.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -18,6 +19,8 @@ from paxchat.state.chat import ChatState
 
 SETTINGS = ReplicationSettings(heartbeat_interval=0.05, election_timeout=0.5,
                                request_timeout=2.0, snapshot_interval=10000)
+# The same, compacting every 5 applied slots.
+COMPACTING = dataclasses.replace(SETTINGS, snapshot_interval=5)
 LATENCY = 0.002
 
 
@@ -282,9 +285,7 @@ def test_a_restarted_node_recovers_from_its_store_and_catches_up(cluster):
 
 
 def test_a_node_behind_the_compaction_point_is_restored_by_snapshot(tmp_path):
-    settings = ReplicationSettings(heartbeat_interval=0.05, election_timeout=0.5,
-                                   request_timeout=2.0, snapshot_interval=5)
-    c = Cluster(tmp_path, settings=settings)
+    c = Cluster(tmp_path, settings=COMPACTING)
     try:
         leader = c.wait_leader()
         lagging = next(n for n in c.members if n != leader)
@@ -404,9 +405,7 @@ def test_after_a_full_restart_nodes_snapshot_what_their_state_holds_without_new_
     # that far, or a peer that needs a slot below the log's snapshot index
     # (which only that snapshot holds) waits for ever: a whole cluster
     # restarted at once did, with nodes compacted at different indexes.
-    settings = ReplicationSettings(heartbeat_interval=0.05, election_timeout=0.5,
-                                   request_timeout=2.0, snapshot_interval=5)
-    c = Cluster(tmp_path, settings=settings)
+    c = Cluster(tmp_path, settings=COMPACTING)
     try:
         leader = c.wait_leader()
         for i in range(12):

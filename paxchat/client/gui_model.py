@@ -36,8 +36,7 @@ def status_text(status) -> str:
         return f"Connected to node {status.node} · {leader}"
     if status.state == "reconnecting":
         # e.g. "node 2 is stopping": say why, when the server told us.
-        detail = getattr(status, "detail", "")
-        return f"Reconnecting ({detail})…" if detail else "Reconnecting…"
+        return f"Reconnecting ({status.detail})…" if status.detail else "Reconnecting…"
     if status.state == "connecting":
         return "Connecting…"
     if status.state == "failed":

@@ -297,8 +297,7 @@ class PeerTransport(service.MultiService):
 
     def startService(self):
         endpoint = _server_endpoint(self._reactor, self._listen_address)
-        self.inbound_factory = factory = _InboundFactory(self)
-        d = endpoint.listen(factory)
+        d = endpoint.listen(_InboundFactory(self))
 
         def listening(port):
             self._port = port
