@@ -151,29 +151,32 @@ class DevCluster:
             reader.join(timeout=5)
 
 
-def write_local_config(directory, nodes=3, host="127.0.0.1", **cluster) -> Path:
+def write_local_config(directory, nodes=3, host="127.0.0.1", node_keys=(), **cluster) -> Path:
     """Write ``directory/cluster.ini`` for ``nodes`` nodes on free ports of ``host``.
 
     Keyword arguments become ``[cluster]`` keys (``client_tls="off"``,
-    ``bcrypt_cost=4``...). The ports are free when chosen, not reserved.
+    ``bcrypt_cost=4``...); ``node_keys`` (``("metrics", "admin")``) are more
+    addresses per node besides ``client`` and ``peer``. Every port of the
+    file is chosen while all the others are still bound, so none repeats;
+    they are free when chosen, not reserved.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    keys = ("client", "peer", *node_keys)
     sockets = []
     try:
-        for _ in range(2 * nodes):
+        for _ in range(len(keys) * nodes):
             s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
             s.bind((host, 0))
             sockets.append(s)
-        ports = [s.getsockname()[1] for s in sockets]
+        ports = iter([s.getsockname()[1] for s in sockets])
     finally:
         for s in sockets:
             s.close()
     shown = f"[{host}]" if ":" in host else host
     lines = ["[cluster]"] + [f"{k} = {v}" for k, v in cluster.items()]
     for i in range(nodes):
-        lines += ["", f"[node.{i + 1}]", f"client = {shown}:{ports[2 * i]}",
-                  f"peer = {shown}:{ports[2 * i + 1]}"]
+        lines += ["", f"[node.{i + 1}]"] + [f"{key} = {shown}:{next(ports)}" for key in keys]
     path = directory / "cluster.ini"
     path.write_text("\n".join(lines) + "\n")
     return path

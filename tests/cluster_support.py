@@ -20,7 +20,6 @@ import importlib.util
 import itertools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -163,26 +162,6 @@ def unread_bytes_at(port):
     return total
 
 
-def _add_metrics_addresses(path, nodes):
-    """Give every ``[node.N]`` of ``path`` a free 127.0.0.1 metrics address (to read its indexes)."""
-    sockets = []
-    try:
-        for _ in range(nodes):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        ports = [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-    lines = []
-    for line in Path(path).read_text().splitlines():
-        lines.append(line)
-        if line.startswith("[node."):
-            lines.append(f"metrics = 127.0.0.1:{ports[int(line[6:-1]) - 1]}")
-    Path(path).write_text("\n".join(lines) + "\n")
-
-
 def parse_gauges(text):
     """``{name: value}`` of the unlabelled samples of a Prometheus text page."""
     gauges = {}
@@ -206,8 +185,9 @@ class Cluster:
         self.reactor = reactor
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = write_local_config(self.directory, nodes, **{**DEFAULT_KEYS, **keys})
-        _add_metrics_addresses(path, nodes)
+        # Every node serves metrics, to read its indexes.
+        path = write_local_config(self.directory, nodes, node_keys=("metrics",),
+                                  **{**DEFAULT_KEYS, **keys})
         self.config = configmod.load(path)
         tls.make_cluster_certs(self.config)
         self.node_ids = list(self.config.nodes)

@@ -1,7 +1,6 @@
 """Helpers for the operations tests: a cluster.ini with metrics and admin ports, HTTP GETs."""
 
 import json
-import re
 import socket
 import warnings
 
@@ -34,15 +33,7 @@ def free_ports(count, host="127.0.0.1"):
 
 def write_ops_config(directory, nodes=1, keys=("metrics",), **cluster):
     """write_local_config, plus ``metrics`` (and ``admin``...) = 127.0.0.1:<free port> per node."""
-    path = write_local_config(directory, nodes=nodes, **cluster)
-    ports = iter(free_ports(nodes * len(keys)))
-
-    def add(match):
-        extra = "".join(f"\n{key} = 127.0.0.1:{next(ports)}" for key in keys)
-        return match.group(0) + extra
-
-    path.write_text(re.sub(r"^peer = .*$", add, path.read_text(), flags=re.M))
-    return configmod.load(path)
+    return configmod.load(write_local_config(directory, nodes=nodes, node_keys=keys, **cluster))
 
 
 @defer.inlineCallbacks

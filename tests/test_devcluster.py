@@ -176,3 +176,9 @@ def test_write_local_config(tmp_path, nodes, host):
     assert cfg.client_tls is False
     ports = {a.port for n in cfg.nodes.values() for a in (n.client, n.peer)}
     assert len(ports) == 2 * nodes
+
+
+def test_write_local_config_gives_every_address_its_own_port(tmp_path):
+    cfg = configmod.load(write_local_config(tmp_path, nodes=5, node_keys=("metrics", "admin")))
+    ports = [a.port for n in cfg.nodes.values() for a in (n.client, n.peer, n.metrics, n.admin)]
+    assert len(set(ports)) == len(ports) == 20
