@@ -519,8 +519,9 @@ class Load:
     Each client sends to ``to`` with at most ``pipeline`` sends in flight;
     every send has a unique ``client_msg_id`` that is also its body, so a
     duplicate stored message is visible in history. ``rate_limited`` answers
-    are retried with the same id after a short pause; any other error is
-    recorded in ``errors``.
+    are retried with the same id after a short pause (or, once stopping,
+    dropped: such a send was refused before anything was proposed); any
+    other error is recorded in ``errors``.
     """
 
     def __init__(self, reactor, clients, to, pipeline=4, prefix=None):
@@ -554,7 +555,9 @@ class Load:
             try:
                 result = yield client.send_message(self.to, msg_id, client_msg_id=msg_id)
             except ServerError as e:
-                if e.code == "rate_limited" and not self._stop:
+                if e.code == "rate_limited":
+                    if self._stop:
+                        return           # refused before anything was proposed: never sent
                     yield sleep(self.reactor, 0.2)
                     continue
                 self.errors.append((msg_id, f"{e.code}: {e}"))
