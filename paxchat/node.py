@@ -14,7 +14,7 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from paxchat import notify, tls
+from paxchat import clienttls, notify, tls
 from paxchat.admin import AdminService
 from paxchat.metrics import MetricsService, find_service
 from paxchat.replicatedlog import ReplicatedLog
@@ -46,8 +46,8 @@ class NodeService(service.MultiService):
         self.node = config.node(node_id)
         self.reactor = reactor
         self.settings = ServerSettings.from_config(config, node_id)
-        self.client_tls_options = (
-            tls.client_server_options(config, node_id) if config.client_tls else None)
+        self.client_tls_context = (
+            tls.client_server_context(config, node_id) if config.client_tls else None)
         if config.peers_of(node_id):
             # Peer links are always mutual TLS: missing certificates stop us here.
             tls.load_ca(config)
@@ -75,7 +75,7 @@ class NodeService(service.MultiService):
             for child in self:
                 if not child.running:  # one added while we run has started already
                     child.startService()
-            self.port = _listen_now(self.client_endpoint(), self.factory)
+            self.port = _listen_now(self.client_endpoint(), self.client_factory())
         except BaseException:
             self.running = 0
             for child in reversed(list(self)):
@@ -85,7 +85,7 @@ class NodeService(service.MultiService):
             raise
         log.info("paxchat node {node_id} serving clients on {address} ({tls})",
                  node_id=self.node_id, address=str(self.node.client),
-                 tls="TLS" if self.client_tls_options else "plain TCP")
+                 tls="TLS" if self.client_tls_context else "plain TCP")
         self.announce_ready()
 
     def add_operations(self):
@@ -171,12 +171,15 @@ class NodeService(service.MultiService):
             self.reactor.stop()
 
     def client_endpoint(self):
-        """Where clients connect: the node's ``client`` address, TLS when client_tls is on."""
+        """Where clients connect: the node's ``client`` address (TCP; see client_factory)."""
         address = self.node.client
-        if self.client_tls_options is not None:
-            return endpoints.SSL4ServerEndpoint(
-                self.reactor, address.port, self.client_tls_options, interface=address.host)
         return endpoints.TCP4ServerEndpoint(self.reactor, address.port, interface=address.host)
+
+    def client_factory(self):
+        """The chat factory, wrapped in TLS (L{clienttls}) when client_tls is on."""
+        if self.client_tls_context is None:
+            return self.factory
+        return clienttls.TLSServerFactory(self.client_tls_context, self.factory)
 
     @defer.inlineCallbacks
     def stopService(self):

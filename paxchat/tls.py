@@ -22,12 +22,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import ssl
 
+from paxchat import clienttls
 from paxchat import config as configmod
 
 __all__ = [
     "CertificateFilesError", "CertificatesExist", "admin_name_of", "admin_server_options",
     "admin_cert_path", "admin_key_path", "make_admin_certificate", "client_connection_options",
-    "client_options_for_ca", "client_server_options", "ensure_cluster_certs",
+    "client_options_for_ca", "client_server_context", "ensure_cluster_certs",
     "load_ca", "load_node_certificate", "make_cluster_certs", "main", "node_id_of",
     "node_name", "peer_client_options", "peer_server_options",
 ]
@@ -399,12 +400,11 @@ def node_id_of(certificate) -> int | None:
 
 # -- TLS options --------------------------------------------------------------
 
-def client_server_options(config, node_id) -> ssl.CertificateOptions:
-    """Server side of a node's client port: its certificate, no client certificate asked."""
-    own = load_node_certificate(config, node_id)
-    return ssl.CertificateOptions(
-        privateKey=own.privateKey.original, certificate=own.original,
-        raiseMinimumTo=MINIMUM_TLS)
+def client_server_context(config, node_id):
+    """Server side of a node's client port (L{paxchat.clienttls}): its certificate, no client
+    certificate asked; a stdlib ``ssl.SSLContext``."""
+    load_node_certificate(config, node_id)  # the checks, and the errors that say how to fix them
+    return clienttls.server_context(config.node_cert_path(node_id), config.node_key_path(node_id))
 
 
 def client_options_for_ca(ca_path, host):

@@ -87,7 +87,7 @@ def server_overrides():
 def server(request, tmp_path, server_overrides):
     """A one-node server on a free port; yields a coroutine-free connect() helper."""
     from twisted.internet import reactor
-    from twisted.internet.endpoints import SSL4ClientEndpoint, SSL4ServerEndpoint, TCP4ClientEndpoint, \
+    from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, \
         TCP4ServerEndpoint
     state = ChatState.open(str(tmp_path / "state.db"))
     worker = StateWorker(reactor, state)
@@ -98,20 +98,22 @@ def server(request, tmp_path, server_overrides):
     factory = ChatServerFactory(reactor, log, worker, settings)
     if request.param == "tls":
         from paxchat import tls
+        from paxchat.clienttls import TLSServerFactory
         from paxchat.config import load
         ini = tmp_path / "cluster.ini"
         ini.write_text(f"[cluster]\nbcrypt_cost = 4\n[node.1]\nclient = 127.0.0.1:{port_number}\n"
                        f"peer = 127.0.0.1:{free_port()}\n")
         config = load(ini)
         tls.make_cluster_certs(config)
-        listen = SSL4ServerEndpoint(reactor, port_number, tls.client_server_options(config, 1),
-                                    interface="127.0.0.1")
+        listen = TCP4ServerEndpoint(reactor, port_number, interface="127.0.0.1")
+        served = TLSServerFactory(tls.client_server_context(config, 1), factory)
         dial = SSL4ClientEndpoint(reactor, "127.0.0.1", port_number,
                                   tls.client_connection_options(config, "127.0.0.1"))
     else:
         listen = TCP4ServerEndpoint(reactor, port_number, interface="127.0.0.1")
         dial = TCP4ClientEndpoint(reactor, "127.0.0.1", port_number)
-    port = pytest_twisted.blockon(listen.listen(factory))
+        served = factory
+    port = pytest_twisted.blockon(listen.listen(served))
     clients = []
 
     def connect():

@@ -1,5 +1,6 @@
 """Cluster certificates and the TLS options: files, checks, and real handshakes on loopback."""
 
+import ssl as stdlib_ssl
 import stat
 
 import pytest
@@ -13,6 +14,7 @@ from twisted.internet import defer, endpoints, protocol
 from twisted.internet.interfaces import IHandshakeListener
 from zope.interface import implementer
 
+from paxchat import clienttls
 from paxchat import config as configmod
 from paxchat import tls
 
@@ -146,7 +148,7 @@ def test_command_line(tmp_path, capsys):
 def test_missing_files_name_the_file_and_the_fix(tmp_path):
     cfg = make_config(tmp_path)
     for load_it in (lambda: tls.load_ca(cfg), lambda: tls.peer_server_options(cfg, 1),
-                    lambda: tls.client_server_options(cfg, 2),
+                    lambda: tls.client_server_context(cfg, 2),
                     lambda: tls.client_connection_options(cfg, "127.0.0.1")):
         with pytest.raises(tls.CertificateFilesError) as info:
             load_it()
@@ -210,6 +212,7 @@ class Probe(protocol.Protocol):
 
 
 def serve(reactor, options, servers):
+    """Listen with ``options``: Twisted TLS options (peer port) or a stdlib context (client port)."""
     factory = protocol.Factory()
 
     def build(addr):
@@ -217,6 +220,9 @@ def serve(reactor, options, servers):
         servers.append(probe)
         return probe
     factory.buildProtocol = build
+    if isinstance(options, stdlib_ssl.SSLContext):
+        return endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            clienttls.TLSServerFactory(options, factory))
     return endpoints.SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(factory)
 
 
@@ -300,7 +306,7 @@ def test_peer_client_checks_which_node_answers(cluster):
 def test_client_tls_trusts_the_cluster_ca(cluster):
     reactor = reactor_()
     servers = []
-    port = yield serve(reactor, tls.client_server_options(cluster, 1), servers)
+    port = yield serve(reactor, tls.client_server_context(cluster, 1), servers)
     try:
         client = yield connect(reactor, port, tls.client_connection_options(cluster, "127.0.0.1"))
         assert (yield bounded(client.handshake, reactor)) == 1
@@ -320,7 +326,7 @@ def test_client_tls_trusts_the_cluster_ca(cluster):
 def test_client_refuses_a_server_from_another_ca(cluster, other_cluster):
     reactor = reactor_()
     servers = []
-    port = yield serve(reactor, tls.client_server_options(other_cluster, 1), servers)
+    port = yield serve(reactor, tls.client_server_context(other_cluster, 1), servers)
     try:
         client = yield connect(reactor, port, tls.client_connection_options(cluster, "127.0.0.1"))
         assert not isinstance((yield bounded(client.lost, reactor)), ConnectionDone)
