@@ -232,6 +232,14 @@ def test_wal_and_full_sync(store):
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
 
 
+def test_savepoint_journals_stay_in_memory(store):
+    # 2 = MEMORY: a command's savepoint writes no temp file.
+    assert store._conn.execute("PRAGMA temp_store").fetchone()[0] == 2
+    with store.transaction(), store.savepoint():
+        store.put("a", b"1")
+    assert store.get("a") == b"1"
+
+
 # -- snapshots ----------------------------------------------------------------
 
 def test_snapshot_roundtrip_in_bounded_chunks(tmp_path, store):
