@@ -54,6 +54,7 @@ EXPECTED = {
     "catchup": "current_s=",
     "connections": "kib_per_connection=",
     "loginstorm": "chat_p99_vs_quiet=",
+    "apply": "us_per_command=",
 }
 # Benchmarks that measure etcd too and print the ratio.
 COMPARED = {"writes", "failover", "catchup"}
