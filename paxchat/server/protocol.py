@@ -68,8 +68,11 @@ def valid_id(value):
     return type(value) in (int, str)
 
 
+_json_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode  # built once
+
+
 def encode(message):
-    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode("ascii") + b"\n"
+    return _json_encode(message).encode("ascii") + b"\n"
 
 
 @implementer(IPushProducer)
