@@ -49,6 +49,7 @@ from paxchat.paxos import messages as M
 from paxchat.paxos.core import Config as CoreConfig
 from paxchat.paxos.core import DurableState, NotLeader, Replica
 from paxchat.paxos.transport import MAX_FRAME_BYTES
+from paxchat.state.kv import GROUP_SECONDS
 from paxchat.state.worker import StateWorkerStopped
 
 __all__ = ["ReplicatedLog", "ReplicationSettings"]
@@ -175,6 +176,7 @@ class ReplicatedLog:
         # applying
         self._apply_queue = deque()        # ("restore", index, data) | ("apply", [(slot, cmds)])
         self._applying = False
+        self._commit_call = None           # commits the state's open group once applies stop
         self._idle_waiters = []            # stop() waiting for the apply queue to drain
         self.applied_index = None          # the state's applied index, once read
         self._queued_upto = 0              # highest slot queued for the state (or in it)
@@ -279,6 +281,8 @@ class ReplicatedLog:
                 svc.disownServiceParent()
         if self._drive_call is not None and self._drive_call.active():
             self._drive_call.cancel()
+        if self._commit_call is not None and self._commit_call.active():
+            self._commit_call.cancel()    # closing the state commits
         self._fail_waiting("the node is stopping")
         if self._starting is not None:
             yield self._starting
@@ -693,10 +697,25 @@ class ReplicatedLog:
                 entries.extend(queue.popleft()[1])
             decoded = [(slot, [_decode_command(c) for c in cmds]) for slot, cmds in entries]
             d = self._worker.call(
-                "apply_entries", [(slot, [c for c, _ in cmds]) for slot, cmds in decoded])
+                "apply_entries", [(slot, [c for c, _ in cmds]) for slot, cmds in decoded],
+                grouped=True)
             d.addCallback(self._applied, decoded)
         d.addErrback(self._apply_failed)
         d.addBoth(self._apply_done)
+
+    def _schedule_idle_commit(self):
+        """Applies join the state's group transaction (L{KVStore.group}), which
+        commits by size or age as applies come; once they stop, commit it."""
+        if self._commit_call is None or not self._commit_call.active():
+            self._commit_call = self._reactor.callLater(GROUP_SECONDS, self._commit_idle)
+
+    def _commit_idle(self):
+        self._commit_call = None
+        if self._applying or self.failed is not None or self._stopped:
+            return                   # a later apply schedules it again
+        d = self._worker.call("commit_applied")
+        d.addErrback(lambda failure: failure.trap(StateWorkerStopped))
+        d.addErrback(self._apply_failed)
 
     def _applied(self, results, decoded):
         for (slot, commands), responses in zip(decoded, results):
@@ -733,6 +752,8 @@ class ReplicatedLog:
             self._release_reads()
             self._maybe_snapshot()
             self._kick_apply()
+            if not self._applying and not self._stopped:
+                self._schedule_idle_commit()
         if not self._applying:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:

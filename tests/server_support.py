@@ -39,7 +39,7 @@ class FakeChatState:
     def applied_index(self):
         return self.index
 
-    def apply_entries(self, entries):
+    def apply_entries(self, entries, grouped=False):
         out = []
         for index, commands in entries:
             if index <= self.index:
@@ -48,6 +48,9 @@ class FakeChatState:
             out.append([self._apply(c) for c in commands])
             self.index = index
         return out
+
+    def commit_applied(self):
+        pass
 
     def _apply(self, c):
         self.applied.append(c)

@@ -665,6 +665,41 @@ def test_sqlite_failure_rolls_back_the_whole_batch(state, monkeypatch):
     assert ok(state.apply({"op": "logout", "session": "s-alice"})) == {}
 
 
+def test_grouped_batches_share_one_transaction_until_committed(state):
+    user(state, "alice")
+    statements = []
+    state.kv._conn.set_trace_callback(statements.append)
+    cmd = {"op": "send_message", "session": "s-alice", "from": "alice", "to": "alice",
+           "body": "x", "ts": 1.0, "client_msg_id": None}
+    for i in range(3, 13):
+        state.apply_entries([(i, [cmd])], grouped=True)
+    assert state.unread_count("alice") == 10 and state.applied_index() == 12
+    state.commit_applied()
+    state.kv._conn.set_trace_callback(None)
+    assert statements.count("BEGIN IMMEDIATE") == 1
+    assert statements.count("COMMIT") == 1
+
+
+def test_a_failing_grouped_batch_is_undone_and_earlier_ones_stay(state, monkeypatch):
+    user(state, "alice")
+    ok(state.apply_entries([(3, [{"op": "create_account", "username": "bob", "pw_hash": "h",
+                                  "ts": 1.0}])], grouped=True)[0][0])
+    dump = state.dump()
+
+    def disk_full(command):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setitem(state._handlers, "logout", disk_full)
+    with pytest.raises(StoreError, match="disk is full"):
+        state.apply_entries([
+            (4, [{"op": "create_account", "username": "carol", "pw_hash": "h", "ts": 1.0}]),
+            (5, [{"op": "logout", "session": "s-alice"}]),
+        ], grouped=True)
+    assert state.dump() == dump and state.applied_index() == 3
+    state.commit_applied()
+    assert state.dump() == dump
+
+
 def test_snapshot_and_restore(tmp_path, state):
     user(state, "alice")
     user(state, "bob")

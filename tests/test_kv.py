@@ -10,8 +10,10 @@ import textwrap
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from paxchat.state import kv as kvmodule
 from paxchat.state.kv import (
-    SNAPSHOT_CHUNK_BYTES, CorruptStore, KVStore, SnapshotError, StoreError, prefix_end)
+    GROUP_SECONDS, GROUP_SLOTS, SNAPSHOT_CHUNK_BYTES, CorruptStore, KVStore, SnapshotError,
+    StoreError, prefix_end)
 
 
 @pytest.fixture
@@ -238,6 +240,94 @@ def test_savepoint_journals_stay_in_memory(store):
     with store.transaction(), store.savepoint():
         store.put("a", b"1")
     assert store.get("a") == b"1"
+
+
+# -- group commit ---------------------------------------------------------------
+
+def committed(kv):
+    """The keys another connection sees: what has committed."""
+    reader = sqlite3.connect(kv.path)
+    try:
+        return {k for (k,) in reader.execute("SELECT k FROM kv")}
+    finally:
+        reader.close()
+
+
+def test_a_group_commits_once_it_holds_enough_slots(tmp_path):
+    kv = KVStore.open(tmp_path / "fed.db", durable=False)
+    try:
+        for i in range(GROUP_SLOTS - 2):
+            with kv.group():
+                kv.put(f"k{i:03d}", b"v")
+        assert kv.get("k000") == b"v" and kv.group_open    # seen here, not committed
+        assert committed(kv) == set()
+        with kv.group(slots=2):
+            kv.put("last", b"v")
+        assert not kv.group_open
+        assert len(committed(kv)) == GROUP_SLOTS - 1
+    finally:
+        kv.close()
+
+
+def test_a_group_commits_once_it_is_old_enough(store, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(kvmodule.time, "monotonic", lambda: now[0])
+    with store.group():
+        store.put("a", b"1")
+    now[0] += GROUP_SECONDS / 2
+    with store.group():
+        store.put("b", b"1")
+    assert store.group_open and committed(store) == set()
+    now[0] += GROUP_SECONDS / 2
+    with store.group():
+        store.put("c", b"1")
+    assert not store.group_open and committed(store) == {"a", "b", "c"}
+
+
+def test_a_failing_block_undoes_only_its_own_writes_and_the_group_goes_on(store):
+    with store.group():
+        store.put("kept", b"1")
+    with pytest.raises(ValueError):
+        with store.group():
+            store.put("undone", b"2")
+            raise ValueError("boom")
+    assert store.group_open
+    assert store.get("undone") is None and store.get("kept") == b"1"
+    store.commit_group()
+    assert committed(store) == {"kept"}
+    store.commit_group()  # nothing open: nothing to do
+
+
+@pytest.mark.parametrize("action", ["transaction", "sync", "snapshot", "close"])
+def test_anything_that_needs_committed_state_commits_an_open_group_first(tmp_path, action):
+    kv = KVStore.open(tmp_path / "fed.db", durable=False)
+    with kv.group():
+        kv.put("grouped", b"1")
+        kv.set_applied_index(3)
+    if action == "transaction":
+        with kv.transaction():
+            kv.put("after", b"1")
+        assert committed(kv) == {"grouped", "after"}
+    elif action == "sync":
+        kv.sync()
+        assert committed(kv) == {"grouped"}
+    elif action == "snapshot":
+        index, chunks = kv.snapshot()
+        chunks.close()
+        assert index == 3 and committed(kv) == {"grouped"}
+    else:
+        kv.close()
+        reopened = KVStore.open(tmp_path / "fed.db")
+        assert reopened.get("grouped") == b"1" and reopened.applied_index() == 3
+        reopened.close()
+    kv.close()
+
+
+def test_a_group_does_not_nest_in_a_transaction(store):
+    with store.transaction():
+        with pytest.raises(RuntimeError):
+            with store.group():
+                pass
 
 
 # -- snapshots ----------------------------------------------------------------

@@ -7,6 +7,7 @@ that delivers frames after a small delay unless the link is cut.
 
 import dataclasses
 import json
+import sqlite3
 
 import pytest
 from twisted.application import service
@@ -16,6 +17,7 @@ from paxchat.interfaces import ICommandLog, Unavailable
 from paxchat.paxos import messages as M
 from paxchat.replicatedlog import ReplicatedLog, ReplicationSettings
 from paxchat.state.chat import ChatState
+from paxchat.state.kv import GROUP_SECONDS
 
 SETTINGS = ReplicationSettings(heartbeat_interval=0.05, election_timeout=0.5,
                                request_timeout=2.0, snapshot_interval=10000)
@@ -203,6 +205,20 @@ def test_a_single_node_leads_at_once_and_applies(tmp_path):
         assert c.states[1].account("solo") is not None
     finally:
         c.close()
+
+
+def test_applies_share_a_state_transaction_committed_once_the_log_is_quiet(cluster):
+    leader = cluster.wait_leader()
+    assert cluster.result(cluster.logs[leader].submit(create("grouped")))["ok"]
+    state = cluster.states[leader]
+    assert state.kv.group_open                      # applied and readable, not committed yet
+    assert state.account("grouped") is not None
+    cluster.run(GROUP_SECONDS + 0.05)
+    for n, other in cluster.states.items():
+        assert not other.kv.group_open, n
+        reader = sqlite3.connect(other.kv.path)     # what a crash would keep
+        assert reader.execute("SELECT count(*) FROM kv WHERE k = 'a/grouped'").fetchone()[0] == 1
+        reader.close()
 
 
 def test_a_follower_forwards_and_answers_after_its_own_apply(cluster):

@@ -212,7 +212,7 @@ class ChatState:
 
     # -- applying --------------------------------------------------------
 
-    def apply_entries(self, entries):
+    def apply_entries(self, entries, grouped=False):
         """Apply ``[(index, [command, ...]), ...]`` in one transaction.
 
         A command is a dict, or its JSON encoding as bytes (as the log
@@ -220,11 +220,14 @@ class ChatState:
         entry whose index is not above the applied index (already applied:
         skipped).
         A SQLite failure rolls the whole batch back and raises L{StoreError}.
+        ``grouped``: the batch joins the store's group transaction
+        (L{KVStore.group}), for a state fed from a durable log; see
+        ``commit_applied``.
         """
         kv = self.kv
         results = []
         try:
-            with kv.transaction():
+            with (kv.group(len(entries)) if grouped else kv.transaction()):
                 applied = start = kv.applied_index()
                 for index, commands in entries:
                     if index <= applied:
@@ -237,6 +240,13 @@ class ChatState:
         except sqlite3.Error as e:
             raise kv.error(e) from e
         return results
+
+    def commit_applied(self):
+        """Commit what grouped applies left open (the log is idle, or about to stop)."""
+        try:
+            self.kv.commit_group()
+        except sqlite3.Error as e:
+            raise self.kv.error(e) from e
 
     def apply(self, command):
         """Apply one command as the next log index; returns its response."""

@@ -13,6 +13,15 @@ crash may lose the last commits but never tears one, and the log replays
 what was lost. Such a store is made durable with ``sync()`` before the log
 forgets anything it covers.
 
+Such a store may also commit in groups (``group()``): the applies of many
+log slots share one transaction, committed once it covers ``GROUP_SLOTS``
+slots or is ``GROUP_SECONDS`` old. Every commit writes each page it
+changed to the WAL, and a slot's messages touch pages all over the tree
+(each user's history, conversations, unread list), so committing 64 slots
+at once writes the shared pages once instead of 64 times. Reads on this
+connection see the open group; a crash loses at most the group, which the
+log replays like any other lost commit.
+
 Keys are ``str`` (compared by code point, which is the byte order of their
 UTF-8 encoding that SQLite uses); values are ``bytes``. The store is not
 thread-safe: one thread uses it at a time (the StateWorker's). Snapshots
@@ -25,10 +34,13 @@ import hashlib
 import os
 import sqlite3
 import struct
+import time
 
 FORMAT_VERSION = 1
 SNAPSHOT_MAGIC = b"PAXCHAT-KV-SNAPSHOT\x01"
 SNAPSHOT_CHUNK_BYTES = 256 * 1024
+GROUP_SLOTS = 64
+GROUP_SECONDS = 0.2
 
 _RECORD = b"R"
 _END = b"E"
@@ -83,6 +95,7 @@ class KVStore:
         self._conn = conn
         self.durable = durable
         self._savepoints = 0
+        self._group = None  # [monotonic start, slots] while a group transaction is open
 
     @classmethod
     def open(cls, path, check=False, durable=True):
@@ -135,7 +148,8 @@ class KVStore:
         return cls(path, conn, durable)
 
     def sync(self):
-        """Make every commit so far durable (an fsync of the WAL), whatever the mode."""
+        """Commit an open group, and make every commit so far durable (an fsync of the WAL)."""
+        self.commit_group()
         if self._conn.in_transaction:
             raise RuntimeError("sync() makes committed work durable: not inside a transaction")
         if self.durable:
@@ -152,8 +166,11 @@ class KVStore:
 
     def close(self):
         if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+            try:
+                self.commit_group()
+            finally:
+                self._conn.close()
+                self._conn = None
 
     @property
     def closed(self):
@@ -172,17 +189,67 @@ class KVStore:
 
     @contextlib.contextmanager
     def transaction(self):
-        """Run the block in one write transaction: all of it commits, or none."""
+        """Run the block in one write transaction: all of it commits, or none.
+
+        An open group commits first."""
+        self.commit_group()
         if self._conn.in_transaction:
             raise RuntimeError("transactions do not nest; use savepoint()")
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield self
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
             raise
         else:
             self._conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def group(self, slots=1):
+        """Run the block in the open group transaction, opening one if needed.
+
+        If the block raises, its own writes are undone and the group goes
+        on. The group commits after the block once it holds ``GROUP_SLOTS``
+        slots (``slots`` is what this block adds) or is ``GROUP_SECONDS``
+        old; ``commit_group()`` commits it at once. Only for a store fed
+        from a durable log (see the module docstring).
+        """
+        conn = self._conn
+        if self._group is None:
+            if conn.in_transaction:
+                raise RuntimeError("transactions do not nest; use savepoint()")
+            conn.execute("BEGIN IMMEDIATE")
+            self._group = [time.monotonic(), 0]
+        try:
+            with self.savepoint():
+                yield self
+        except BaseException:
+            if not conn.in_transaction:
+                # SQLite gave up the whole transaction (an I/O error, a full
+                # disk): earlier blocks of the group are gone too.
+                self._group = None
+            raise
+        group = self._group
+        group[1] += slots
+        if group[1] >= GROUP_SLOTS or time.monotonic() - group[0] >= GROUP_SECONDS:
+            self.commit_group()
+
+    def commit_group(self):
+        """Commit the open group transaction, if any."""
+        if self._group is None:
+            return
+        self._group = None
+        try:
+            self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
+
+    @property
+    def group_open(self):
+        return self._group is not None
 
     @contextlib.contextmanager
     def savepoint(self):
@@ -195,8 +262,9 @@ class KVStore:
         try:
             yield self
         except BaseException:
-            self._conn.execute(f"ROLLBACK TO {name}")
-            self._conn.execute(f"RELEASE {name}")
+            if self._conn.in_transaction:  # else SQLite already rolled everything back
+                self._conn.execute(f"ROLLBACK TO {name}")
+                self._conn.execute(f"RELEASE {name}")
             raise
         else:
             self._conn.execute(f"RELEASE {name}")
@@ -310,8 +378,10 @@ class KVStore:
         (unless one record is larger). It reads through its own connection
         inside one read transaction, so writes made meanwhile do not show;
         it may be consumed from another thread (never the reactor's).
-        Call ``chunks.close()`` when abandoning it early.
+        Call ``chunks.close()`` when abandoning it early. An open group
+        commits first.
         """
+        self.commit_group()
         if self._conn.in_transaction:
             raise RuntimeError("snapshot() inside a write transaction would not see it")
         conn = _connect(self.path)
