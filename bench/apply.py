@@ -3,9 +3,10 @@
 Every node applies every command, and a follower that catches up applies
 thousands in a row, so this cost bounds both write throughput and
 catch-up. Commands are applied the way the replicated log hands them over:
-slots of 7 commands (what 64 clients fill a slot with), either one slot per
-SQLite transaction (a node keeping up with live writes) or 1,024 (a
-follower catching up). The peer, measured in the same run on the same
+slots of 7 commands (what 64 clients fill a slot with), one slot per call,
+either each in its own SQLite transaction or grouped as the replicated log
+applies them (``grouped=True``: one transaction per 64 slots), and 1,024
+slots per call (a follower catching up). The peer, measured in the same run on the same
 kind of file, is SQLite inserting the same rows with nothing else: the
 floor of the schema, so the ratio says how much of the cost is ours.
 Figures: CPU microseconds per command and bytes written per command
@@ -24,6 +25,7 @@ import uuid
 from twisted.internet import threads
 
 from paxchat.state.chat import ChatState
+from paxchat.state.kv import GROUP_SLOTS
 
 NAME = "apply"
 PER_SLOT = 7
@@ -40,24 +42,30 @@ async def run(reactor, ctx):
         return
     count = sizes(ctx.tiny)["commands"]
     ctx.say(f"[{NAME}] etcd    not compared: the peer is SQLite writing the same rows")
-    for slots_per_txn, label in ((1, "one slot per transaction (live)"),
-                                 (1024, "1,024 slots per transaction (catch-up)")):
-        figures = await threads.deferToThread(measure, ctx.workdir(NAME), count, slots_per_txn)
+    for slots_per_call, grouped, label in (
+            (1, False, "one slot per transaction"),
+            (1, True, "one slot per call, grouped (live)"),
+            (1024, False, "1,024 slots per transaction (catch-up)")):
+        figures = await threads.deferToThread(measure, ctx.workdir(NAME), count, slots_per_call, grouped)
         ctx.record(NAME, "paxchat", f"{count} send_message, {label}", **figures)
 
 
-def measure(directory, count, slots_per_txn):
+def measure(directory, count, slots_per_txn, grouped=False):
     os.makedirs(directory, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         state = ChatState.open(os.path.join(tmp, "state.db"), durable=False)
         try:
             _populate(state)
             entries = _slots(state.applied_index(), [_send(i) for i in range(count)])
-            ours = _timed(lambda: [state.apply_entries(entries[i:i + slots_per_txn])
-                                   for i in range(0, len(entries), slots_per_txn)])
+            def apply_all():
+                for i in range(0, len(entries), slots_per_txn):
+                    state.apply_entries(entries[i:i + slots_per_txn], grouped=grouped)
+                state.commit_applied()
+            ours = _timed(apply_all)
         finally:
             state.close()
-        floor = _rows_floor(os.path.join(tmp, "rows.db"), count, slots_per_txn)
+        floor = _rows_floor(os.path.join(tmp, "rows.db"), count,
+                            GROUP_SLOTS if grouped else slots_per_txn)
     return {"us_per_command": ours[0] / count * 1e6, "kib_written_per_command": ours[1] / count / 1024,
             "sqlite_rows_us_per_command": floor[0] / count * 1e6,
             "vs_rows": floor[0] / ours[0] if ours[0] else None}
