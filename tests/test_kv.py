@@ -284,18 +284,22 @@ def test_a_group_commits_once_it_is_old_enough(store, monkeypatch):
     assert not store.group_open and committed(store) == {"a", "b", "c"}
 
 
-def test_a_failing_block_undoes_only_its_own_writes_and_the_group_goes_on(store):
+def test_a_failing_block_rolls_the_whole_group_back(store):
+    fill(store, [("committed", b"0")])
     with store.group():
-        store.put("kept", b"1")
+        store.put("grouped", b"1")
     with pytest.raises(ValueError):
         with store.group():
-            store.put("undone", b"2")
+            store.put("failing", b"2")
             raise ValueError("boom")
-    assert store.group_open
-    assert store.get("undone") is None and store.get("kept") == b"1"
-    store.commit_group()
-    assert committed(store) == {"kept"}
+    assert not store.group_open and not store.in_transaction
+    assert store.get("grouped") is None and store.get("failing") is None
+    assert committed(store) == {"committed"}
     store.commit_group()  # nothing open: nothing to do
+    with store.group():   # and the store goes on
+        store.put("next", b"3")
+    store.commit_group()
+    assert committed(store) == {"committed", "next"}
 
 
 @pytest.mark.parametrize("action", ["transaction", "sync", "snapshot", "close"])

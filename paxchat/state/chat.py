@@ -221,8 +221,9 @@ class ChatState:
         skipped).
         A SQLite failure rolls the whole batch back and raises L{StoreError}.
         ``grouped``: the batch joins the store's group transaction
-        (L{KVStore.group}), for a state fed from a durable log; see
-        ``commit_applied``.
+        (L{KVStore.group}; see ``commit_applied``), for a state fed from a
+        durable log: a failure then rolls back the whole group, back to
+        the last commit, and the caller must stop and replay from its log.
         """
         kv = self.kv
         results = []
