@@ -778,7 +778,8 @@ class ReplicatedLog:
         self._snapshotting = True
         worker = self._worker
         d = worker.call("snapshot")
-        d.addCallback(lambda taken: worker.call(b"".join, taken[1]).addCallback(
+        # Reading the whole state takes a while: beside the worker, so applies go on.
+        d.addCallback(lambda taken: worker.call_aside(b"".join, taken[1]).addCallback(
             lambda data: (taken[0], data)))
         # The state commits without fsyncs (the log is the durable record):
         # make it durable before the log forgets what it covers.

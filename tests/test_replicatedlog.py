@@ -38,6 +38,10 @@ class SyncWorker:
         target = getattr(self.state, fn) if isinstance(fn, str) else fn
         return defer.maybeDeferred(target, *args, **kwargs)
 
+    def call_aside(self, fn, *args, **kwargs):
+        self.calls.append(("aside", getattr(fn, "__name__", "?")))
+        return defer.maybeDeferred(fn, *args, **kwargs)
+
 
 class MemoryStore:
     """A DurableLog whose records live in a list that outlives the log object."""
@@ -337,6 +341,8 @@ def test_snapshot_now_compacts_at_the_applied_index(cluster):
     assert rl.replica.snapshot_index < applied
     assert cluster.result(rl.snapshot_now()) == applied
     assert rl.replica.snapshot_index == applied
+    # The state was read beside the worker's queue, not in it: applies go on meanwhile.
+    assert ("aside", "join") in rl.worker.calls
     assert any(isinstance(M.decode(r), M.CompactRecord) for r in cluster.records[leader])
     # The state was made durable after the snapshot and before the log forgot it.
     calls = rl.worker.calls

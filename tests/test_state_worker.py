@@ -47,6 +47,24 @@ def test_calls_run_in_order_on_one_other_thread():
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_call_aside_runs_beside_the_queue():
+    state = Recorder()
+    worker = StateWorker(reactor, state)
+    released = threading.Event()
+    try:
+        # Waits for a queued call to run: it could not if both shared one thread.
+        aside = worker.call_aside(lambda: (released.wait(10), threading.get_ident()))
+        queued = worker.call(lambda: (released.set(), threading.get_ident())[1])
+        (waited, aside_thread), queued_thread = yield gatherResults([aside, queued])
+        assert waited and aside_thread != queued_thread
+    finally:
+        released.set()
+        yield worker.stop()
+    with pytest.raises(StateWorkerStopped):
+        yield worker.call_aside(lambda: None)
+
+
+@pytest_twisted.inlineCallbacks
 def test_errors_reach_the_caller_and_the_worker_goes_on():
     worker = StateWorker(reactor, Recorder())
     try:

@@ -43,6 +43,8 @@ class StateWorker:
         self.state = state
         self._pool = _DaemonThreadPool(minthreads=1, maxthreads=1, name=name)
         self._pool.start()
+        self._aside = _DaemonThreadPool(minthreads=0, maxthreads=1, name=name + "-aside")
+        self._aside.start()
         self._stopping = None
         self._closed = None  # the close() outcome once known
         self._waiters = []
@@ -77,7 +79,7 @@ class StateWorker:
             self._reactor.removeSystemEventTrigger(self._trigger)
             self._trigger = None
         self._stopping = Deferred()
-        self._pool.stop()
+        self._stop_pools()
         self._finish((None,))
 
     @property
@@ -98,6 +100,22 @@ class StateWorker:
         except AttributeError:
             return fail()
         return deferToThreadPool(self._reactor, self._pool, target, *args, **kwargs)
+
+    def call_aside(self, fn, *args, **kwargs):
+        """Run ``fn(*args, **kwargs)`` on a second thread, beside the ordered calls.
+
+        For long work that reads through its own SQLite connection, such
+        as pulling the chunks of a snapshot (``KVStore.snapshot``): on the
+        worker's thread every apply would wait for it. One at a time, in
+        call order; stopping the worker waits for them.
+        """
+        if self._stopping is not None:
+            return fail(StateWorkerStopped("the state worker is stopped"))
+        return deferToThreadPool(self._reactor, self._aside, fn, *args, **kwargs)
+
+    def _stop_pools(self):
+        self._aside.stop()
+        self._pool.stop()
 
     def stop(self):
         """Close the state after the queued calls, then end the thread.
@@ -134,13 +152,14 @@ class StateWorker:
                 outcome.append(Failure())
 
         self._stopping = Deferred()
+        self._aside.stop()  # joins: a snapshot being read finishes first
         self._pool.callInThread(close)
         self._pool.stop()  # joins: runs the queued calls, then close()
         self._finish(outcome[0] if outcome else Failure(StateWorkerStopped("close did not run")))
 
     def _stopped(self, result):
         # close() was the last job, so the thread is idle and the join is immediate.
-        self._pool.stop()
+        self._stop_pools()
         self._finish(result if isinstance(result, Failure) else (result,))
 
     def _finish(self, closed):
