@@ -1,7 +1,9 @@
-"""Shared test settings: deterministic hypothesis profiles for CI."""
+"""Shared test settings: deterministic hypothesis profiles for CI; no frozen objects left behind."""
 
+import gc
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -10,3 +12,11 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze_the_collector():
+    """``tap.makeService`` freezes what exists (right for a node process); the
+    test process must keep collecting it."""
+    yield
+    gc.unfreeze()
