@@ -65,6 +65,21 @@ def test_a_call_aside_runs_beside_the_queue():
 
 
 @pytest_twisted.inlineCallbacks
+def test_stop_closes_after_what_runs_aside_without_blocking_the_reactor():
+    state = Recorder()
+    worker = StateWorker(reactor, state)
+    release = threading.Event()
+    aside = worker.call_aside(lambda: release.wait(10))
+    stopped = worker.stop()
+    # stop() returned while the aside call still runs; the state is not closed under it.
+    assert not stopped.called and not state.closed
+    release.set()
+    assert (yield aside) is True
+    yield stopped
+    assert state.closed
+
+
+@pytest_twisted.inlineCallbacks
 def test_errors_reach_the_caller_and_the_worker_goes_on():
     worker = StateWorker(reactor, Recorder())
     try:

@@ -118,7 +118,7 @@ class StateWorker:
         self._pool.stop()
 
     def stop(self):
-        """Close the state after the queued calls, then end the thread.
+        """Close the state after the queued calls (and those aside), then end the threads.
 
         Returns a new Deferred on every call, firing once the state is
         closed (or failing with the error closing it raised).
@@ -133,7 +133,10 @@ class StateWorker:
         if self._trigger is not None:
             self._reactor.removeSystemEventTrigger(self._trigger)
             self._trigger = None
-        self._stopping = d = deferToThreadPool(self._reactor, self._pool, self.state.close)
+        # After what runs aside (without blocking the reactor on its thread's
+        # join), then after the queued calls: close.
+        self._stopping = d = deferToThreadPool(self._reactor, self._aside, lambda: None)
+        d.addBoth(lambda _: deferToThreadPool(self._reactor, self._pool, self.state.close))
         d.addBoth(self._stopped)
         return waiter
 
@@ -158,7 +161,7 @@ class StateWorker:
         self._finish(outcome[0] if outcome else Failure(StateWorkerStopped("close did not run")))
 
     def _stopped(self, result):
-        # close() was the last job, so the thread is idle and the join is immediate.
+        # close() was the last job of both threads, so they are idle and the joins immediate.
         self._stop_pools()
         self._finish(result if isinstance(result, Failure) else (result,))
 
