@@ -25,11 +25,13 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 
-__all__ = ["TLSServerFactory", "server_context"]
+__all__ = ["HANDSHAKE_TIMEOUT_SECONDS", "TLSError", "TLSServerFactory", "server_context"]
 
 log = Logger()
 
 _READ_CHUNK = 64 * 1024
+# A client that connects and never finishes its handshake is dropped after this long.
+HANDSHAKE_TIMEOUT_SECONDS = 10.0
 
 
 def server_context(cert_path, key_path, minimum=ssl.TLSVersion.TLSv1_2) -> ssl.SSLContext:
@@ -56,8 +58,15 @@ class _TLSServerProtocol(ProtocolWrapper):
         self._early = []            # written by the chat protocol before the handshake finished
         self._lose_after_handshake = False
         self._reason = None         # why the TLS layer closed the connection
+        self._handshake_timer = None
 
     # -- from TCP ----------------------------------------------------------------
+
+    def makeConnection(self, transport):
+        factory = self.factory
+        self._handshake_timer = factory.reactor.callLater(
+            factory.handshake_timeout, self._handshake_timed_out)
+        super().makeConnection(transport)
 
     def dataReceived(self, data):
         self._incoming.write(data)
@@ -66,10 +75,24 @@ class _TLSServerProtocol(ProtocolWrapper):
         self._read()
 
     def connectionLost(self, reason):
+        self._cancel_handshake_timer()
         if self._reason is not None:
             reason = self._reason
         self._early = []
         super().connectionLost(reason)
+
+    def _cancel_handshake_timer(self):
+        timer, self._handshake_timer = self._handshake_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _handshake_timed_out(self):
+        self._handshake_timer = None
+        if self._handshaken or self.transport is None:
+            return
+        self._reason = Failure(TLSError(
+            f"TLS: no handshake within {self.factory.handshake_timeout:g} s"))
+        self.transport.abortConnection()
 
     # -- TLS ---------------------------------------------------------------------
 
@@ -83,6 +106,7 @@ class _TLSServerProtocol(ProtocolWrapper):
             self._fail(e)
             return False
         self._handshaken = True
+        self._cancel_handshake_timer()
         self._flush()
         if IHandshakeListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.handshakeCompleted()
@@ -163,13 +187,20 @@ class _TLSServerProtocol(ProtocolWrapper):
 
 
 class TLSServerFactory(WrappingFactory):
-    """Wraps ``wrapped`` (the chat factory) so each connection speaks TLS with ``context``."""
+    """Wraps ``wrapped`` (the chat factory) so each connection speaks TLS with ``context``.
+
+    A connection whose handshake is not done ``handshake_timeout`` seconds
+    after it opened is dropped (the chat protocol sees ``TLSError``).
+    """
 
     protocol = _TLSServerProtocol
 
-    def __init__(self, context: ssl.SSLContext, wrapped):
+    def __init__(self, context: ssl.SSLContext, wrapped, reactor,
+                 handshake_timeout=HANDSHAKE_TIMEOUT_SECONDS):
         super().__init__(wrapped)
         self.context = context
+        self.reactor = reactor
+        self.handshake_timeout = handshake_timeout
 
     def logPrefix(self):
         return f"{self.wrappedFactory.__class__.__name__} (TLS)"

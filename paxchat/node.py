@@ -179,7 +179,7 @@ class NodeService(service.MultiService):
         """The chat factory, wrapped in TLS (L{clienttls}) when client_tls is on."""
         if self.client_tls_context is None:
             return self.factory
-        return clienttls.TLSServerFactory(self.client_tls_context, self.factory)
+        return clienttls.TLSServerFactory(self.client_tls_context, self.factory, self.reactor)
 
     @defer.inlineCallbacks
     def stopService(self):

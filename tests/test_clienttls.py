@@ -60,8 +60,10 @@ class App(protocol.Protocol):
 def connected(cluster, server_app, client_app=None, client_raw=False):
     """(server app, client app, pump): our TLS server and a Twisted TLS (or raw TCP) client."""
     client_app = client_app or App()
+    server_clock = Clock()
     server_factory = clienttls.TLSServerFactory(
-        tls.client_server_context(cluster, 1), protocol.Factory.forProtocol(lambda: server_app))
+        tls.client_server_context(cluster, 1), protocol.Factory.forProtocol(lambda: server_app),
+        server_clock)
     if client_raw:
         client_side = client_app
     else:
@@ -72,6 +74,7 @@ def connected(cluster, server_app, client_app=None, client_raw=False):
     _, _, pump = iosim.connectedServerAndClient(
         lambda: server_factory.buildProtocol(ADDRESS), lambda: client_side)
     pump.tls_clock = None if client_raw else client_factory._clock
+    pump.server_clock = server_clock
     flush(pump)
     return server_app, client_app, pump
 
@@ -154,3 +157,22 @@ def test_writes_must_be_bytes(cluster):
     with pytest.raises(TypeError):
         server.transport.write("text")
     assert server.transport.getPeerCertificate() is None  # none asked of clients
+
+
+def test_a_client_that_never_finishes_its_handshake_is_dropped(cluster):
+    silent = App()
+    server, client, pump = connected(cluster, App(), client_app=silent, client_raw=True)
+    pump.server_clock.advance(clienttls.HANDSHAKE_TIMEOUT_SECONDS - 0.1)
+    assert server.lost is None
+    pump.server_clock.advance(0.1)
+    flush(pump)
+    assert isinstance(server.lost.value, clienttls.TLSError)
+    assert "no handshake" in str(server.lost.value)
+    assert silent.lost is not None
+
+
+def test_a_finished_handshake_stops_the_clock(cluster):
+    server, client, pump = connected(cluster, App())
+    assert pump.server_clock.getDelayedCalls() == []
+    pump.server_clock.advance(clienttls.HANDSHAKE_TIMEOUT_SECONDS * 10)
+    assert server.lost is None and client.lost is None

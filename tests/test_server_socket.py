@@ -106,7 +106,7 @@ def server(request, tmp_path, server_overrides):
         config = load(ini)
         tls.make_cluster_certs(config)
         listen = TCP4ServerEndpoint(reactor, port_number, interface="127.0.0.1")
-        served = TLSServerFactory(tls.client_server_context(config, 1), factory)
+        served = TLSServerFactory(tls.client_server_context(config, 1), factory, reactor)
         dial = SSL4ClientEndpoint(reactor, "127.0.0.1", port_number,
                                   tls.client_connection_options(config, "127.0.0.1"))
     else:

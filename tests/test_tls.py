@@ -222,7 +222,7 @@ def serve(reactor, options, servers):
     factory.buildProtocol = build
     if isinstance(options, stdlib_ssl.SSLContext):
         return endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            clienttls.TLSServerFactory(options, factory))
+            clienttls.TLSServerFactory(options, factory, reactor))
     return endpoints.SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(factory)
 
 
