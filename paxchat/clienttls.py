@@ -88,7 +88,7 @@ class _TLSServerProtocol(ProtocolWrapper):
 
     def _handshake_timed_out(self):
         self._handshake_timer = None
-        if self._handshaken or self.transport is None:
+        if self._handshaken:
             return
         self._reason = Failure(TLSError(
             f"TLS: no handshake within {self.factory.handshake_timeout:g} s"))
@@ -135,7 +135,7 @@ class _TLSServerProtocol(ProtocolWrapper):
         self._flush()
 
     def _flush(self):
-        if self._outgoing.pending and self.transport is not None:
+        if self._outgoing.pending:
             self.transport.write(self._outgoing.read())
 
     def _fail(self, exc):
@@ -169,7 +169,7 @@ class _TLSServerProtocol(ProtocolWrapper):
         self.write(b"".join(data))
 
     def loseConnection(self):
-        if self.disconnecting or self.transport is None:
+        if self.disconnecting:
             return
         if not self._handshaken and self._early:
             self._lose_after_handshake = True
@@ -178,9 +178,7 @@ class _TLSServerProtocol(ProtocolWrapper):
         if self._handshaken and self._reason is None:
             try:
                 self._tls.unwrap()           # queues close_notify; we do not wait for the client's
-            except ssl.SSLWantReadError:
-                pass
-            except (ssl.SSLError, ValueError):
+            except (ssl.SSLError, ValueError):  # SSLWantReadError: the client's is not here yet
                 pass
             self._flush()
         self.transport.loseConnection()
