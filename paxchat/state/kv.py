@@ -193,17 +193,24 @@ class KVStore:
 
         An open group commits first."""
         self.commit_group()
-        if self._conn.in_transaction:
-            raise RuntimeError("transactions do not nest; use savepoint()")
-        self._conn.execute("BEGIN IMMEDIATE")
+        self._begin()
         try:
             yield self
         except BaseException:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
+            self._roll_back()
             raise
         else:
             self._conn.execute("COMMIT")
+
+    def _begin(self):
+        if self._conn.in_transaction:
+            raise RuntimeError("transactions do not nest; use savepoint()")
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def _roll_back(self):
+        """Undo the open transaction, unless SQLite already did (an I/O error, a full disk)."""
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
 
     @contextlib.contextmanager
     def group(self, slots=1):
@@ -219,18 +226,14 @@ class KVStore:
         own savepoint journals until the block ends: 1.7x the cost of
         applying a 1,024-slot batch.
         """
-        conn = self._conn
         if self._group is None:
-            if conn.in_transaction:
-                raise RuntimeError("transactions do not nest; use savepoint()")
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin()
             self._group = [time.monotonic(), 0]
         try:
             yield self
         except BaseException:
             self._group = None
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            self._roll_back()
             raise
         group = self._group
         group[1] += slots
@@ -245,8 +248,7 @@ class KVStore:
         try:
             self._conn.execute("COMMIT")
         except BaseException:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
+            self._roll_back()
             raise
 
     @property
