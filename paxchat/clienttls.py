@@ -55,7 +55,7 @@ class _TLSServerProtocol(ProtocolWrapper):
         self._outgoing = ssl.MemoryBIO()
         self._tls = factory.context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self._handshaken = False
-        self._early = []            # written by the chat protocol before the handshake finished
+        self._early = ()            # written by the chat protocol before the handshake finished
         self._lose_after_handshake = False
         self._reason = None         # why the TLS layer closed the connection
         self._handshake_timer = None
@@ -78,7 +78,7 @@ class _TLSServerProtocol(ProtocolWrapper):
         self._cancel_handshake_timer()
         if self._reason is not None:
             reason = self._reason
-        self._early = []
+        self._early = ()
         super().connectionLost(reason)
 
     def _cancel_handshake_timer(self):
@@ -110,7 +110,7 @@ class _TLSServerProtocol(ProtocolWrapper):
         self._flush()
         if IHandshakeListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.handshakeCompleted()
-        early, self._early = self._early, []
+        early, self._early = self._early, ()
         if early:
             self.write(b"".join(early))
         if self._lose_after_handshake:
@@ -156,7 +156,10 @@ class _TLSServerProtocol(ProtocolWrapper):
         if self.disconnecting or self._reason is not None or not data:
             return
         if not self._handshaken:
-            self._early.append(data)
+            if self._early:
+                self._early.append(data)
+            else:
+                self._early = [data]    # most connections never write early: no list for them
             return
         try:
             self._tls.write(data)

@@ -100,5 +100,5 @@ class ChatServerFactory(ServerFactory):
             timers.append(self.reactor.callLater(ABORT_WAIT_SECONDS, finish))  # never hang a stop
 
         timers.append(self.reactor.callLater(grace, answers_overdue))
-        defer.DeferredList([conn.closed for conn in conns if conn.closed is not None]).addCallback(finish)
+        defer.DeferredList([conn.when_closed() for conn in conns]).addCallback(finish)
         return finished

@@ -92,7 +92,17 @@ class _OutputGate:
         pass
 
 
+_NO_PAUSES = frozenset()
+
+
 class ChatProtocol(Protocol):
+    """One client connection.
+
+    Thousands of these sit idle on a node, so what only some connections
+    need (a queue of waiting requests, rate-limit buckets, a Deferred for
+    whoever waits for the close) is made on first use.
+    """
+
     def __init__(self, reactor, settings, handlers, registry):
         self._reactor = reactor
         self._settings = settings
@@ -100,21 +110,37 @@ class ChatProtocol(Protocol):
         self._registry = registry
         self.session = None  # set by the registry while logged in
         self.ending_session = None  # the session this connection is logging out or deleting
-        self.login_bucket = TokenBucket(reactor, settings.login_per_connection)
-        self.write_bucket = TokenBucket(reactor, settings.writes_per_connection)
+        self._login_bucket = None
+        self._write_bucket = None
         self._buffer = bytearray()
         self._pos = 0
         self._draining = False
         self._closing = False
-        self._pauses = set()
+        self._pauses = _NO_PAUSES  # why reading is paused (a frozenset: pauses are rare)
         self._in_flight = 0
         self._session_op_running = False
-        self._waiting = deque()  # requests behind a session-changing one
+        self._waiting = None  # a deque of the requests behind a session-changing one
         self._output_paused = False
         self._backlog = 0
         self._close_timer = None
         self._stopping_event = None  # the node_stopping event, once the node is stopping
-        self.closed = defer.Deferred()  # fires when the connection is gone
+        self._lost = False
+        self._closed_waiters = None
+
+    # A bucket that took nothing is full, so one made on first use allows
+    # exactly what one made with the connection would have.
+
+    @property
+    def login_bucket(self):
+        if self._login_bucket is None:
+            self._login_bucket = TokenBucket(self._reactor, self._settings.login_per_connection)
+        return self._login_bucket
+
+    @property
+    def write_bucket(self):
+        if self._write_bucket is None:
+            self._write_bucket = TokenBucket(self._reactor, self._settings.writes_per_connection)
+        return self._write_bucket
 
     # Connection life
 
@@ -128,16 +154,27 @@ class ChatProtocol(Protocol):
     def connectionLost(self, reason):
         self.connected = False
         self._closing = True
+        self._lost = True
         self._registry.detach(self)
-        self._waiting.clear()
+        self._waiting = None
         if self._close_timer is not None and self._close_timer.active():
             self._close_timer.cancel()
         connections = getattr(self.factory, "connections", None)
         if connections is not None:
             connections.discard(self)
-        closed, self.closed = self.closed, None
-        if closed is not None:
-            closed.callback(None)
+        waiters, self._closed_waiters = self._closed_waiters, None
+        for d in waiters or ():
+            d.callback(None)
+
+    def when_closed(self):
+        """A Deferred that fires once the connection is gone (at once if it is)."""
+        if self._lost:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        if self._closed_waiters is None:
+            self._closed_waiters = []
+        self._closed_waiters.append(d)
+        return d
 
     def close_after_answers(self, reason):
         """The node is stopping: read nothing more, answer what was read, then say so and close.
@@ -221,12 +258,12 @@ class ChatProtocol(Protocol):
     def _pause(self, reason):
         if not self._pauses:
             self.transport.pauseProducing()
-        self._pauses.add(reason)
+        self._pauses = self._pauses | {reason}
 
     def _resume(self, reason):
         if reason not in self._pauses:
             return
-        self._pauses.discard(reason)
+        self._pauses = self._pauses - {reason} or _NO_PAUSES
         if not self._pauses and not self._closing:
             self.transport.resumeProducing()
             self._drain()
@@ -254,6 +291,8 @@ class ChatProtocol(Protocol):
 
     def _start(self, request_id, op, request):
         if self._session_op_running:
+            if self._waiting is None:
+                self._waiting = deque()
             self._waiting.append((request_id, op, request))
             return
         d = defer.maybeDeferred(self._handlers.dispatch, self, op, request)

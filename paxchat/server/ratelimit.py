@@ -9,6 +9,8 @@ from collections import OrderedDict
 
 
 class TokenBucket:
+    __slots__ = ("_clock", "_rate", "_burst", "_tokens", "_stamp")  # one or two per connection
+
     def __init__(self, clock, limit):
         self._clock = clock
         self._rate = limit.rate

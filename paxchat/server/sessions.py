@@ -19,7 +19,7 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Session:
     username: str
     session_hash: str
@@ -30,7 +30,9 @@ class ConnectionRegistry:
     """The connections of this node that are logged in, by user and by session.
 
     A connection is any object with a ``session`` attribute, which the
-    registry keeps in step (``None`` when not logged in).
+    registry keeps in step (``None`` when not logged in). A key with one
+    connection (the usual case) maps to it directly, a set only when there
+    are more: each idle client costs a dict entry, not a set.
     """
 
     def __init__(self):
@@ -40,26 +42,48 @@ class ConnectionRegistry:
     def attach(self, conn, session):
         self.detach(conn)
         conn.session = session
-        self._by_user.setdefault(session.username, set()).add(conn)
-        self._by_session.setdefault(session.session_hash, set()).add(conn)
+        _add(self._by_user, session.username, conn)
+        _add(self._by_session, session.session_hash, conn)
 
     def detach(self, conn):
         session = conn.session
         if session is None:
             return
         conn.session = None
-        for table, key in ((self._by_user, session.username), (self._by_session, session.session_hash)):
-            conns = table.get(key)
-            if conns is not None:
-                conns.discard(conn)
-                if not conns:
-                    del table[key]
+        _remove(self._by_user, session.username, conn)
+        _remove(self._by_session, session.session_hash, conn)
 
     def of_user(self, username):
-        return list(self._by_user.get(username, ()))
+        return _members(self._by_user.get(username))
 
     def of_session(self, session_hash):
-        return list(self._by_session.get(session_hash, ()))
+        return _members(self._by_session.get(session_hash))
 
     def __len__(self):
-        return sum(len(conns) for conns in self._by_user.values())
+        return sum(len(_members(entry)) for entry in self._by_user.values())
+
+
+def _add(table, key, conn):
+    entry = table.get(key)
+    if entry is None:
+        table[key] = conn
+    elif type(entry) is set:
+        entry.add(conn)
+    elif entry is not conn:
+        table[key] = {entry, conn}
+
+
+def _remove(table, key, conn):
+    entry = table.get(key)
+    if entry is conn:
+        del table[key]
+    elif type(entry) is set:
+        entry.discard(conn)
+        if len(entry) == 1:
+            table[key] = next(iter(entry))
+
+
+def _members(entry):
+    if entry is None:
+        return []
+    return list(entry) if type(entry) is set else [entry]

@@ -1,0 +1,106 @@
+"""What a connection keeps: the registry of logged-in connections, and the parts made on first use."""
+
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+
+from paxchat.server import RateLimit
+from paxchat.server.sessions import ConnectionRegistry, Session
+
+from .server_support import HeldWorker, Server, test_settings
+
+PW = "password-1"
+
+
+class Conn:
+    session = None
+
+
+def session(user, n):
+    return Session(user, f"hash-{user}-{n}", 100.0)
+
+
+def test_registry_one_connection_per_key_and_several():
+    registry = ConnectionRegistry()
+    a, b, c = Conn(), Conn(), Conn()
+    registry.attach(a, session("alice", 1))
+    assert registry.of_user("alice") == [a]
+    assert registry.of_session("hash-alice-1") == [a]
+    registry.attach(b, session("alice", 1))          # a second connection on the same session
+    registry.attach(c, session("alice", 2))
+    assert set(registry.of_user("alice")) == {a, b, c}
+    assert set(registry.of_session("hash-alice-1")) == {a, b}
+    assert registry.of_session("hash-alice-2") == [c]
+    assert len(registry) == 3
+
+    registry.detach(a)
+    assert set(registry.of_user("alice")) == {b, c}
+    assert registry.of_session("hash-alice-1") == [b]
+    assert a.session is None
+    registry.detach(b)
+    registry.detach(b)                                # detaching twice changes nothing
+    assert registry.of_user("alice") == [c]
+    assert registry.of_session("hash-alice-1") == []
+    registry.detach(c)
+    assert registry.of_user("alice") == [] and len(registry) == 0
+    assert registry._by_user == {} and registry._by_session == {}
+
+
+def test_registry_attach_again_moves_the_connection():
+    registry = ConnectionRegistry()
+    a = Conn()
+    registry.attach(a, session("alice", 1))
+    registry.attach(a, session("alice", 1))          # same session again: still one entry
+    assert registry.of_user("alice") == [a] and len(registry) == 1
+    registry.attach(a, session("bob", 1))
+    assert registry.of_user("alice") == [] and registry.of_session("hash-alice-1") == []
+    assert registry.of_user("bob") == [a] and a.session.username == "bob"
+
+
+def test_when_closed_fires_when_the_connection_goes_and_at_once_after():
+    server = Server()
+    client = server.connect()
+    waiting = [client.proto.when_closed(), client.proto.when_closed()]
+    assert not any(d.called for d in waiting)
+    client.proto.connectionLost(Failure(ConnectionDone()))
+    assert all(d.called for d in waiting)
+    assert client.proto.when_closed().called
+
+
+def test_an_idle_connection_holds_no_queue_buckets_or_waiters():
+    server = Server()
+    client = server.connect()
+    client.ok("create_account", username="alice", password=PW)
+    client.ok("login", username="alice", password=PW)
+    proto = client.proto
+    assert proto._waiting is None and proto._write_bucket is None and proto._closed_waiters is None
+    assert not proto.reading_paused
+    client.ok("send_message", to="alice", body="hi")
+    assert proto._write_bucket is not None
+
+
+def test_a_bucket_made_on_first_use_allows_its_whole_burst():
+    # Made late or early, an unused bucket is full: the limit is the same.
+    settings = test_settings(writes_per_connection=RateLimit(rate=0.001, burst=3),
+                             writes_per_account=RateLimit(rate=1000.0, burst=10000))
+    server = Server(settings=settings)
+    client = server.connect()
+    client.ok("create_account", username="alice", password=PW)
+    client.ok("login", username="alice", password=PW)
+    server.clock.advance(600)
+    for n in range(3):
+        client.ok("send_message", to="alice", body=f"m{n}")
+    assert client.error("send_message", to="alice", body="one too many") == "rate_limited"
+
+
+def test_requests_behind_a_login_wait_in_order_then_run():
+    server = Server(worker_class=HeldWorker)
+    client = server.connect()
+    client.send(op="create_account", username="alice", password=PW)
+    server.worker.release_all()
+    login = client.send(op="login", username="alice", password=PW)
+    after = [client.send(op="history", limit=1) for _ in range(3)]
+    assert client.proto._waiting is not None and len(client.proto._waiting) == 3
+    server.worker.release_all()
+    answered = [m["id"] for m in client.received() if "event" not in m]
+    assert answered[-4:] == [login, *after]
+    assert all(m["ok"] for m in client.inbox), client.inbox
