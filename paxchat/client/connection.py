@@ -17,7 +17,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
-from paxchat.tcp import no_delay
+from paxchat.tcp import CLIENT_KEEPALIVE, keep_alive, no_delay
 
 from .errors import ConnectionDropped, ServerError
 
@@ -88,6 +88,7 @@ class ChatClient(LineOnlyReceiver):
     def connectionMade(self):
         self.connected = True
         no_delay(self.transport)
+        keep_alive(self.transport, CLIENT_KEEPALIVE)  # a node that vanished is noticed, then left
 
     def lineReceived(self, line: bytes):
         line = line.rstrip(b"\r")

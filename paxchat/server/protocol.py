@@ -32,7 +32,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from paxchat.tcp import no_delay
+from paxchat.tcp import SERVER_KEEPALIVE, keep_alive, no_delay
 
 from .errors import FRAME_TOO_LARGE, INTERNAL, INVALID_REQUEST, ProtocolError
 from .handlers import SESSION_OPS
@@ -146,6 +146,7 @@ class ChatProtocol(Protocol):
 
     def connectionMade(self):
         no_delay(self.transport)
+        keep_alive(self.transport, SERVER_KEEPALIVE)  # a client that vanished is dropped, not kept
         self.transport.registerProducer(_OutputGate(self), True)
         connections = getattr(self.factory, "connections", None)
         if connections is not None:
