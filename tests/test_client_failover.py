@@ -168,28 +168,61 @@ def test_gives_up_after_the_deadline_and_reports_failed():
     assert statuses[-1].state == "connected" and statuses[-1].leader == 3
 
 
-def test_unavailable_is_retried_with_the_same_client_msg_id_for_a_bounded_time():
-    reactor, client, nodes, conn, _, _ = logged_in()
+def move_on(reactor, nodes, conn, node=None):
+    """The client closed ``conn`` on purpose: let the close finish, accept its next connection."""
+    assert conn.transport.disconnecting, "the client stayed on the node"
+    conn.drop()
+    reactor.advance(0)
+    nxt = nodes.accept()
+    assert nxt.port != conn.port, "the node that answered unavailable was tried first"
+    if node is not None:
+        assert nxt.port == 7100 + node
+    nxt.handshake(node=nxt.port - 7100, resume_user="alice")
+    return nxt
+
+
+def test_unavailable_is_retried_on_another_node_with_the_same_client_msg_id():
+    # A node cut off from the majority answers unavailable for as long as
+    # the cut lasts: the retry goes to another node, which may have one.
+    reactor, client, nodes, conn, statuses, _ = logged_in()
     sent = results(client.send_message("bob", "hi"))
     [first] = conn.requests()
     conn.fail(first, "unavailable", "no quorum")
     assert sent == []
-    reactor.advance(0.5)
-    [second] = conn.requests()
-    assert second["client_msg_id"] == first["client_msg_id"]
-    conn.fail(second, "unavailable")
-    reactor.advance(0.5)
-    [third] = conn.requests()
-    conn.answer(third, {"message_id": 3, "ts": 1.0})
+    conn2 = move_on(reactor, nodes, conn, 2)
+    assert any(st.state == "reconnecting" and st.detail == "node 1 could not reach a majority"
+               for st in statuses), statuses
+    assert conn2.requests() == []           # the retry waits unavailable_delay
+    reactor.advance(POLICY.unavailable_delay)
+    [second] = conn2.requests()
+    assert second["op"] == "send_message" and second["client_msg_id"] == first["client_msg_id"]
+    conn2.answer(second, {"message_id": 3, "ts": 1.0})
     assert sent == [{"message_id": 3, "ts": 1.0}]
+    assert client.node == 2 and statuses[-1].state == "connected"
 
+
+def test_unavailable_everywhere_goes_round_the_nodes_and_fails_after_the_window():
+    reactor, client, nodes, conn, _, _ = logged_in()
+    started = reactor.seconds()
     again = results(client.send_message("bob", "later"))
-    for _ in range(10):
-        for req in conn.requests():
+    visited, keys = [], set()
+    while not again:
+        reqs = conn.requests()
+        for req in reqs:
+            keys.add(req["client_msg_id"])
             conn.fail(req, "unavailable")
-        reactor.advance(0.5)
+        if again:
+            break
+        if reqs:
+            conn = move_on(reactor, nodes, conn)
+            visited.append(conn.port - 7100)
+        reactor.advance(0.25)
+        assert reactor.seconds() - started < 10, "retries did not stop"
     [failure] = again
     assert failure.value.code == "unavailable"
+    assert len(keys) == 1                   # one key across every node: applied at most once
+    assert len(visited) >= 3                # each unavailable answer moved it on (move_on checks where)
+    assert POLICY.unavailable_window <= reactor.seconds() - started < POLICY.unavailable_window + 1
 
 
 @pytest.mark.parametrize("op, args", [
@@ -201,10 +234,11 @@ def test_create_and_delete_account_unavailable_are_retried_with_the_same_key(op,
     [req] = conn.requests()
     conn.fail(req, "unavailable")
     assert got == []
+    conn2 = move_on(reactor, nodes, conn, 2)
     reactor.advance(POLICY.unavailable_delay)
-    [again] = conn.requests()
+    [again] = conn2.requests()
     assert again["op"] == op and again["client_msg_id"] == req["client_msg_id"]
-    conn.answer(again, {})
+    conn2.answer(again, {})
     assert got == [{}]
 
 

@@ -8,7 +8,9 @@ write carries a ``client_msg_id`` that stays the same across retries, so the
 server applies it once however often it is sent and answers a resend as it
 answered the first (a retried ``read_messages`` gets the messages the lost
 answer held); ``unavailable`` answers
-(no quorum in time) are retried the same way for a bounded time. Callers see
+(no quorum in time) are retried the same way for a bounded time, on another
+node: the one that answered may be cut off from the majority, and its
+clients would wait there for as long as the cut lasts. Callers see
 one answer per call, or ``ServerError`` / ``Unreachable``. A node that is
 stopping says so (``node_stopping``): the client leaves it at once, trying
 it last, as it would after a drop.
@@ -284,7 +286,7 @@ class PaxchatClient:
         req.watchdog = None
         if req not in self._outstanding:
             return None
-        req.sent_on = None
+        answered_on, req.sent_on = req.sent_on, None
         if failure.check(ConnectionDropped):
             return None  # sent again once reconnected
         if (failure.check(ServerError) and failure.value.code == "unavailable"
@@ -293,8 +295,10 @@ class PaxchatClient:
             if req.retry_until is None:
                 req.retry_until = now + self.policy.unavailable_window
             if now < req.retry_until:
-                self.log.info("{op} answered unavailable; retrying", op=req.op)
+                self.log.info("{op} answered unavailable; retrying on another node", op=req.op)
                 req.waiting = self.reactor.callLater(self.policy.unavailable_delay, self._retry, req)
+                self._leave_node(answered_on, "could not reach a majority",
+                                 "node {node} could not reach a majority")
                 return None
         self._outstanding.remove(req)
         req.deferred.errback(failure)
@@ -453,22 +457,23 @@ class PaxchatClient:
             except Exception:
                 self.log.failure("event callback failed")
         if event.get("event") == "node_stopping" and proto is not None:
-            self._leave_stopping_node(proto, event.get("reason"))
+            self._leave_node(proto, f"is stopping ({event.get('reason')})", "node {node} is stopping")
 
-    def _leave_stopping_node(self, proto, reason):
-        """The node said it is stopping: close now; ``_lost`` moves on, this node tried last.
+    def _leave_node(self, proto, why, detail):
+        """Close ``proto`` on purpose; ``_lost`` moves on to another node, this one tried last.
 
-        It sent this after answering what it had read; whatever is still
-        unanswered fails with ConnectionDropped and is sent again on the
-        next node, as after any drop (sends keep their client_msg_id).
+        For a node that said it is stopping (after answering what it had
+        read) or that answered ``unavailable``. Whatever is still unanswered
+        fails with ConnectionDropped and is sent again on the next node, as
+        after any drop (writes keep their client_msg_id). ``detail`` (with
+        ``{node}``) is what the next status says.
         """
-        if proto is not self._proto or proto.lost:
+        if proto is None or proto is not self._proto or proto.lost:
             return
         node = self._proto_node
-        self.log.info("node {node} is stopping ({reason}); moving to another node",
-                      node=node, reason=reason)
+        self.log.info("node {node} {why}; moving to another node", node=node, why=why)
         if self._rotation is None:  # else a rotation is under way and goes on
-            self._leaving = f"node {node} is stopping"
+            self._leaving = detail.format(node=node)
         self._ready = False  # calls from now on wait for the next node
         proto.close()
 
