@@ -5,7 +5,7 @@ thousands in a row, so this cost bounds both write throughput and
 catch-up. Commands are applied the way the replicated log hands them over:
 slots of 7 commands (what 64 clients fill a slot with), one slot per call,
 either each in its own SQLite transaction or grouped as the replicated log
-applies them (``grouped=True``: one transaction per 64 slots), and 1,024
+applies them (``grouped=True``: one transaction per ``GROUP_SLOTS`` slots), and 1,024
 slots per call, grouped (a follower catching up). The peer, measured in the same run on the same
 kind of file, is SQLite inserting the same rows with nothing else: the
 floor of the schema, so the ratio says how much of the cost is ours.

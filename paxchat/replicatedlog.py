@@ -49,7 +49,6 @@ from paxchat.paxos import messages as M
 from paxchat.paxos.core import Config as CoreConfig
 from paxchat.paxos.core import DurableState, NotLeader, Replica
 from paxchat.paxos.transport import MAX_FRAME_BYTES
-from paxchat.state.kv import GROUP_SECONDS
 from paxchat.state.worker import StateWorkerStopped
 
 __all__ = ["ReplicatedLog", "ReplicationSettings"]
@@ -65,6 +64,10 @@ FORWARD_BATCH_BYTES = 4 << 20
 FORWARD_BATCH_COMMANDS = 1024
 # Slots applied in one state transaction at most.
 APPLY_BATCH_SLOTS = 1024
+# Applies share the state's group transaction (KVStore.group, which ends
+# a group by size or age while applies keep coming); once they stop for
+# this long, what is open is committed.
+IDLE_COMMIT_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
@@ -707,7 +710,7 @@ class ReplicatedLog:
         """Applies join the state's group transaction (L{KVStore.group}), which
         commits by size or age as applies come; once they stop, commit it."""
         if self._commit_call is None or not self._commit_call.active():
-            self._commit_call = self._reactor.callLater(GROUP_SECONDS, self._commit_idle)
+            self._commit_call = self._reactor.callLater(IDLE_COMMIT_SECONDS, self._commit_idle)
 
     def _commit_idle(self):
         self._commit_call = None

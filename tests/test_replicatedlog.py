@@ -15,9 +15,8 @@ from twisted.internet import defer, task
 
 from paxchat.interfaces import ICommandLog, Unavailable
 from paxchat.paxos import messages as M
-from paxchat.replicatedlog import ReplicatedLog, ReplicationSettings
+from paxchat.replicatedlog import IDLE_COMMIT_SECONDS, ReplicatedLog, ReplicationSettings
 from paxchat.state.chat import ChatState
-from paxchat.state.kv import GROUP_SECONDS
 
 SETTINGS = ReplicationSettings(heartbeat_interval=0.05, election_timeout=0.5,
                                request_timeout=2.0, snapshot_interval=10000)
@@ -217,7 +216,7 @@ def test_applies_share_a_state_transaction_committed_once_the_log_is_quiet(clust
     state = cluster.states[leader]
     assert state.kv.group_open                      # applied and readable, not committed yet
     assert state.account("grouped") is not None
-    cluster.run(GROUP_SECONDS + 0.05)
+    cluster.run(IDLE_COMMIT_SECONDS + 0.05)
     for n, other in cluster.states.items():
         assert not other.kv.group_open, n
         reader = sqlite3.connect(other.kv.path)     # what a crash would keep
