@@ -60,7 +60,7 @@ class ConnectionRegistry:
         return _members(self._by_session.get(session_hash))
 
     def __len__(self):
-        return sum(len(_members(entry)) for entry in self._by_user.values())
+        return sum(len(entry) if type(entry) is set else 1 for entry in self._by_user.values())
 
 
 def _add(table, key, conn):
