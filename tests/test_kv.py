@@ -381,6 +381,53 @@ def test_snapshot_restore_accepts_any_chunking(tmp_path, store):
     other.close()
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.text(min_size=1, max_size=6), st.binary(max_size=300)), max_size=25),
+       st.lists(st.integers(min_value=1, max_value=700), min_size=1, max_size=30))
+def test_restore_reads_back_any_records_under_any_chunk_boundaries(tmp_path_factory, items, cuts):
+    directory = tmp_path_factory.mktemp("kv")
+    source = KVStore.open(directory / "a.db")
+    fill(source, items, index=9)
+    index, chunks = source.snapshot()
+    blob = b"".join(chunks)
+    pieces, at = [], 0
+    for n in cuts * (len(blob) // sum(cuts) + 1):   # chunks of the drawn sizes, over and over
+        if at >= len(blob):
+            break
+        pieces.append(blob[at:at + n])
+        at += n
+    copy = KVStore.open(directory / "b.db")
+    copy.restore(index, iter(pieces))
+    assert copy.dump() == source.dump()
+    source.close()
+    copy.close()
+
+
+def _stream(index, body, count, digest):
+    from paxchat.state import kv as kvmod
+    return (kvmod.SNAPSHOT_MAGIC + kvmod._U64.pack(index) + body
+            + kvmod._END + kvmod._U64.pack(count) + digest)
+
+
+@pytest.mark.parametrize("body, why", [
+    (b"X", "bad record tag"),
+    (b"R" + (1).to_bytes(4, "big") + b"\xff" + (0).to_bytes(4, "big"), "not UTF-8"),
+    (b"R" + (1).to_bytes(4, "big") + b"k" + (99).to_bytes(4, "big") + b"short", "ends early"),
+])
+def test_a_malformed_record_is_refused_by_name(tmp_path, body, why):
+    import hashlib
+    kv = KVStore.open(tmp_path / "s.db")
+    fill(kv, [("mine", b"x")], index=3)
+    before = kv.dump()
+    stream = _stream(4, body, 1, hashlib.sha256(body).digest())
+    if why == "ends early":
+        stream = stream[:len(stream) - 41]          # no trailer: the value runs past the end
+    with pytest.raises(SnapshotError, match=why):
+        kv.restore(4, [stream[:20], stream[20:]])
+    assert kv.dump() == before
+    kv.close()
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "extra", "wrong_index", "magic", "type"])
 def test_bad_snapshot_changes_nothing(tmp_path, store, damage):
     fill(store, [("k%d" % i, b"v" * i) for i in range(50)], index=7)

@@ -477,25 +477,35 @@ class _SnapshotChunks:
 
 
 class _SnapshotReader:
-    """Parses a chunk stream whatever its chunk boundaries."""
+    """Parses a chunk stream whatever its chunk boundaries.
+
+    Records are cut out of each chunk where they lie (one cut by a chunk
+    boundary waits for the next chunk), and the digest is fed the record
+    bytes as they came, a chunk's worth at a time: the encoding is
+    canonical (a key decodes and encodes back to the same bytes), so that
+    is the digest of the records the writer encoded.
+    """
 
     def __init__(self, chunks):
         self._chunks = iter(chunks)
-        self._buf = bytearray()
+        self._buf = b""
+        self._pos = 0
+
+    def _more(self):
+        """Append the next chunk to what is left unread."""
+        try:
+            chunk = next(self._chunks)
+        except StopIteration:
+            raise SnapshotError("snapshot stream ends early") from None
+        if not isinstance(chunk, (bytes, bytearray, memoryview)):
+            raise SnapshotError(f"snapshot chunk is {type(chunk).__name__}, not bytes")
+        self._buf = self._buf[self._pos:] + bytes(chunk)
         self._pos = 0
 
     def _take(self, n):
         while len(self._buf) - self._pos < n:
-            try:
-                chunk = next(self._chunks)
-            except StopIteration:
-                raise SnapshotError("snapshot stream ends early") from None
-            if not isinstance(chunk, (bytes, bytearray, memoryview)):
-                raise SnapshotError(f"snapshot chunk is {type(chunk).__name__}, not bytes")
-            del self._buf[:self._pos]
-            self._pos = 0
-            self._buf += chunk
-        data = bytes(self._buf[self._pos:self._pos + n])
+            self._more()
+        data = self._buf[self._pos:self._pos + n]
         self._pos += n
         return data
 
@@ -507,24 +517,37 @@ class _SnapshotReader:
     def records(self):
         digest = hashlib.sha256()
         count = 0
+        record, end, u32 = _RECORD[0], _END[0], _U32.unpack_from
         while True:
-            tag = self._take(1)
-            if tag == _END:
-                expected_count = _U64.unpack(self._take(_U64.size))[0]
-                expected_digest = self._take(32)
-                if expected_count != count or expected_digest != digest.digest():
-                    raise SnapshotError("snapshot digest or record count mismatch")
-                if len(self._buf) > self._pos or next(self._chunks, None) is not None:
-                    raise SnapshotError("snapshot has data after its end")
-                return
-            if tag != _RECORD:
-                raise SnapshotError(f"bad record tag {tag!r} in snapshot")
-            raw_key = self._take(_U32.unpack(self._take(4))[0])
-            value = self._take(_U32.unpack(self._take(4))[0])
-            try:
-                key = raw_key.decode("utf-8")
-            except UnicodeDecodeError:
-                raise SnapshotError("snapshot key is not UTF-8") from None
-            digest.update(_encode_record(key, value))
-            count += 1
-            yield key, value
+            buf, pos = self._buf, self._pos
+            start, size = pos, len(buf)
+            while pos < size and buf[pos] == record:
+                if pos + 5 > size:
+                    break
+                key_end = pos + 5 + u32(buf, pos + 1)[0]
+                if key_end + 4 > size:
+                    break
+                value_end = key_end + 4 + u32(buf, key_end)[0]
+                if value_end > size:
+                    break
+                try:
+                    key = buf[pos + 5:key_end].decode("utf-8")
+                except UnicodeDecodeError:
+                    raise SnapshotError("snapshot key is not UTF-8") from None
+                yield key, buf[key_end + 4:value_end]
+                count += 1
+                pos = value_end
+            digest.update(memoryview(buf)[start:pos])
+            self._pos = pos
+            if pos < size and buf[pos] == end:
+                break
+            if pos < size and buf[pos] != record:
+                raise SnapshotError(f"bad record tag {buf[pos:pos + 1]!r} in snapshot")
+            self._more()            # the next record is cut by the chunk's end
+        self._take(1)
+        expected_count = _U64.unpack(self._take(_U64.size))[0]
+        expected_digest = self._take(32)
+        if expected_count != count or expected_digest != digest.digest():
+            raise SnapshotError("snapshot digest or record count mismatch")
+        if len(self._buf) > self._pos or next(self._chunks, None) is not None:
+            raise SnapshotError("snapshot has data after its end")
