@@ -788,12 +788,17 @@ class ReplicatedLog:
         # make it durable before the log forgets what it covers.
         d.addCallback(lambda taken: worker.call("sync").addCallback(lambda _: taken))
         d.addCallback(self._compact)
-        d.addErrback(lambda f: log.failure("taking a snapshot failed; will retry", f))
+        d.addErrback(self._snapshot_failed)
         d.addBoth(self._snapshot_done)
 
     def _observe_fsync(self, seconds):
         if self.fsync_observer is not None:
             self.fsync_observer(seconds)
+
+    def _snapshot_failed(self, failure):
+        if failure.check(StateWorkerStopped):
+            return None              # the node is stopping: nothing to retry, nothing wrong
+        log.failure("taking a snapshot failed; will retry", failure)
 
     def _snapshot_done(self, _):
         self._snapshotting = False

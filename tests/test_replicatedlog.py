@@ -352,6 +352,32 @@ def test_snapshot_now_compacts_at_the_applied_index(cluster):
     assert rl.worker.calls.count("snapshot") == calls
 
 
+def test_a_snapshot_cut_short_by_the_node_stopping_is_not_logged_as_a_failure(cluster):
+    from twisted.logger import LogLevel, globalLogPublisher
+    from paxchat.state.worker import StateWorkerStopped
+    leader = cluster.wait_leader()
+    rl = cluster.logs[leader]
+    assert cluster.result(rl.submit(create("late")))["ok"]
+    before = rl.replica.snapshot_index
+    rl.worker.call_aside = lambda fn, *a, **k: defer.fail(StateWorkerStopped("the state worker is stopped"))
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        assert cluster.result(rl.snapshot_now()) == before
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert not [e for e in events if e.get("log_level") in (LogLevel.error, LogLevel.critical)], events
+    # Any other failure still is.
+    rl.worker.call_aside = lambda fn, *a, **k: defer.fail(OSError("disk gone"))
+    globalLogPublisher.addObserver(events.append)
+    try:
+        cluster.result(rl.snapshot_now())
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e for e in events if e.get("log_level") == LogLevel.critical
+            and "snapshot failed" in e.get("log_format", "")]
+
+
 def test_a_storage_failure_stops_the_node_and_fails_what_waits(cluster):
     leader = cluster.wait_leader()
     rl = cluster.logs[leader]
