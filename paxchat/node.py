@@ -53,6 +53,9 @@ class NodeService(service.MultiService):
             tls.load_ca(config)
             tls.load_node_certificate(config, node_id)
         self.state = self.worker = self.log = self.factory = self.port = None
+        # Fires once what a failed start opened is closed (the close is not
+        # instant: the log's files close on their own thread).
+        self.closing = defer.succeed(None)
         self.add_operations()
 
     @property
@@ -60,6 +63,9 @@ class NodeService(service.MultiService):
         return self.config.node_data_dir(self.node_id)
 
     def startService(self):
+        if not self.closing.called:
+            # Two logs on one directory would write over each other.
+            raise RuntimeError(f"node {self.node_id} is still closing what its last start opened")
         service.Service.startService(self)
         try:
             self.config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -81,7 +87,7 @@ class NodeService(service.MultiService):
             for child in reversed(list(self)):
                 if child.running:
                     child.stopService()
-            self._close_started()
+            self.closing = self._close_started()
             raise
         log.info("paxchat node {node_id} serving clients on {address} ({tls})",
                  node_id=self.node_id, address=str(self.node.client),

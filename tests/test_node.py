@@ -124,7 +124,13 @@ def test_port_in_use_fails_start_and_releases_everything(tmp_path):
         with pytest.raises(error.CannotListenError):
             node.startService()
         assert not node.running and node.worker is None and node.state is None
-        # The state was closed, so another start on the same data dir works.
+        # Not before what the failed start opened is closed: two logs on one
+        # directory would write over each other.
+        if not node.closing.called:
+            with pytest.raises(RuntimeError, match="still closing"):
+                node.startService()
+        yield node.closing
+        # Closed, so another start on the same data dir works.
         yield squatter.stopListening()
         squatter = None
         node.startService()
