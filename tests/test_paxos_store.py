@@ -388,3 +388,37 @@ def test_a_flipped_byte_anywhere_is_refused_or_cut_never_misread(tmp_path):
         assert len(recovered) >= damaged - 1
 
     check()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_log_open_in_one_place_refuses_a_second_opener_until_closed(tmp_path):
+    first, _ = yield DurableLog.open(reactor(), tmp_path)
+    yield first.append(b"mine")
+    with pytest.raises(StorageError, match="in use by another process"):
+        yield DurableLog.open(reactor(), tmp_path)
+    yield first.append(b"still mine")           # the refused opener changed nothing
+    yield first.close()
+    second, recovered = yield DurableLog.open(reactor(), tmp_path)
+    assert recovered == [b"mine", b"still mine"]
+    yield second.close()
+
+
+def test_the_lock_is_held_across_processes(tmp_path):
+    import subprocess
+    import sys
+    import fcntl
+    holder = open(tmp_path / "lock", "w")
+    fcntl.flock(holder, fcntl.LOCK_EX)          # as another process's open log would
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c",
+             "import sys; from paxchat.paxos.store import _LogFiles, StorageError\n"
+             "files = _LogFiles(sys.argv[1], 1 << 20, None, None)\n"
+             "try: files.recover()\n"
+             "except StorageError as e: print('refused:', e); sys.exit(3)\n",
+             str(tmp_path)], capture_output=True, text=True, timeout=30)
+    finally:
+        holder.close()
+    assert probe.returncode == 3, probe.stderr
+    assert "in use by another process" in probe.stdout
+    assert not list(tmp_path.glob("wal-*.log")), "the refused opener created a segment"

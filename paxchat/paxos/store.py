@@ -8,6 +8,11 @@ Layout of the log directory::
 
     wal-<first seq, 16 hex>.log   segments, in sequence order
     snapshot                      an optional checksummed snapshot blob
+    lock                          held (flock) by the one process using the log
+
+Two processes on one log (a node started twice, two nodes given the same
+data directory) would cut each other's records as torn tails: the second
+open finds the lock held and refuses, with the directory in the message.
 
 A segment starts with a header (magic, the sequence number of its first
 record, whether it is a *base*, CRC32). Every record is framed as
@@ -29,6 +34,7 @@ arrive while a write+fsync is running are written together by the next one
 
 import collections
 import errno
+import fcntl
 import os
 import queue
 import re
@@ -59,6 +65,7 @@ SLOW_FSYNC_SECONDS = 0.1
 
 _SEGMENT_NAME = re.compile(r"^wal-([0-9a-f]{16})\.log$")
 SNAPSHOT_NAME = "snapshot"
+LOCK_NAME = "lock"
 SNAPSHOT_MAGIC = b"PXSNAP\x00\x01"
 _SNAP_HEADER = struct.Struct(">8sQ")         # magic, index
 _CHUNK_HEADER = struct.Struct(">II")         # length, crc32
@@ -165,6 +172,7 @@ class _LogFiles:
         self.size = 0
         self.next_seq = 1
         self.notes = []          # (level, message) for the reactor side to log
+        self._lock_fd = None
 
     def _segment_path(self, first_seq):
         return os.path.join(self.directory, f"wal-{first_seq:016x}.log")
@@ -189,6 +197,32 @@ class _LogFiles:
     def recover(self):
         """Every durable record in order, after cutting a torn tail."""
         os.makedirs(self.directory, exist_ok=True)
+        self._lock()
+        try:
+            return self._recover()
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _lock(self):
+        fd = os.open(os.path.join(self.directory, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StorageError(f"{self.directory} is in use by another process (a node started"
+                               " twice, or two nodes with one data directory); refusing to open it")
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+
+    def _unlock(self):
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)               # releases the flock
+
+    def _recover(self):
         for name in os.listdir(self.directory):
             if name.endswith(".tmp"):
                 os.unlink(os.path.join(self.directory, name))
@@ -305,6 +339,7 @@ class _LogFiles:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+        self._unlock()
 
     # Snapshots: one checksummed blob, replaced atomically.
 
