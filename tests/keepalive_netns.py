@@ -14,7 +14,6 @@ whatever happens.
 import ctypes
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -22,14 +21,12 @@ from twisted.internet import defer, protocol, task
 
 from paxchat.tcp import KeepAlive, keep_alive
 
+from .netns_support import ip, remove
+
 TIMING = KeepAlive(idle=1, interval=1, count=2)
 DEADLINE = 20.0
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-def ip(*args):
-    subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
 class Namespaces:
@@ -55,8 +52,7 @@ class Namespaces:
         return self
 
     def __exit__(self, *exc):
-        for ns in (self.a, self.b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        remove(self.a, self.b)
 
     def cut(self, ns):
         ip("-n", ns, "link", "set", self.link[ns], "down")

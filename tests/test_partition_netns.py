@@ -8,7 +8,6 @@ first. Needs root and iproute2 (``ip``); skipped otherwise.
 """
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from paxchat import config as configmod
 from paxchat import tls
 
 from .cluster_support import DEFAULT_KEYS, LAUNCH, _LIVE
+from .netns_support import ip, remove, unusable
 
 NODES = (1, 2, 3)
 CUT = 3
@@ -30,28 +30,6 @@ PASSWORD = "partition-pw"
 
 def address(node):
     return f"10.77.0.{node}"
-
-
-def ip(*args):
-    done = subprocess.run(["ip", *args], capture_output=True, timeout=10)
-    if done.returncode:
-        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.decode().strip()}")
-
-
-def _unusable():
-    """Why the namespaces cannot be built here, or None."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        return "needs root and iproute2 (ip)"
-    name = f"pxq{os.getpid()}"
-    try:
-        ip("netns", "add", name)
-        ip("-n", name, "link", "add", "br0", "type", "bridge")
-        ip("-n", name, "link", "add", "va", "type", "veth", "peer", "name", "vb")
-    except (RuntimeError, subprocess.TimeoutExpired) as e:
-        return f"cannot build network namespaces with a bridge and veth pairs: {e}"
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
-    return None
 
 
 class Network:
@@ -79,8 +57,7 @@ class Network:
             ip("-n", ns, "link", "set", "eth0", "up")
 
     def remove(self):
-        for name in (self.hub, *self.ns.values(), self.client):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+        remove(self.hub, *self.ns.values(), self.client)
 
     def cut(self, node, action="add"):
         """Blackhole routes between ``node`` and the other nodes (``action="del"`` heals)."""
@@ -92,7 +69,7 @@ class Network:
 
 @pytest.fixture
 def network():
-    why = _unusable()
+    why = unusable()
     if why is not None:
         pytest.skip(why)
     net = Network()

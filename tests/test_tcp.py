@@ -1,8 +1,6 @@
 """Every paxchat connection sends each message at once (no Nagle delay); client links probe a silent peer."""
 
 import json
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +13,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from paxchat.tcp import CLIENT_KEEPALIVE, SERVER_KEEPALIVE, KeepAlive, keep_alive, no_delay
+
+from . import netns_support
 
 
 class RecordingSocket:
@@ -161,24 +161,6 @@ def test_the_server_and_client_protocols_probe_with_their_own_timings():
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _namespaces_unusable():
-    """Why veth-joined network namespaces cannot be made here, or None if they can."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        return "needs root and iproute2 (ip)"
-    name = f"pxprobe{os.getpid()}"
-    try:
-        made = subprocess.run(["ip", "netns", "add", name], capture_output=True, timeout=10)
-        if made.returncode:
-            return f"cannot make a network namespace: {made.stderr.decode().strip()}"
-        veth = subprocess.run(["ip", "-n", name, "link", "add", name[:10] + "v0", "type", "veth",
-                               "peer", "name", name[:10] + "v1"], capture_output=True, timeout=10)
-        if veth.returncode:
-            return f"cannot make a veth pair: {veth.stderr.decode().strip()}"
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
-    return None
-
-
 def _vanish(side, *args):
     """Run tests/keepalive_netns.py; its JSON report."""
     done = subprocess.run([sys.executable, "-m", "tests.keepalive_netns", side, *args],
@@ -189,7 +171,7 @@ def _vanish(side, *args):
 
 @pytest.fixture(scope="module")
 def namespaces():
-    why = _namespaces_unusable()
+    why = netns_support.unusable()
     if why is not None:
         pytest.skip(why)
 
