@@ -646,15 +646,18 @@ def test_a_batch_is_one_transaction(state):
     assert state.unread_count("alice") == 30
 
 
+def logout_fills_the_disk(state, monkeypatch):
+    """Applying a logout fails as SQLite does when the disk is full."""
+    def disk_full(command):
+        raise sqlite3.OperationalError("database or disk is full")
+    monkeypatch.setitem(state._handlers, "logout", disk_full)
+
+
 def test_sqlite_failure_rolls_back_the_whole_batch(state, monkeypatch):
     user(state, "alice")
     dump = state.dump()
     real = state._op_logout
-
-    def disk_full(command):
-        raise sqlite3.OperationalError("database or disk is full")
-
-    monkeypatch.setitem(state._handlers, "logout", disk_full)
+    logout_fills_the_disk(state, monkeypatch)
     with pytest.raises(StoreError, match="state.db.*disk is full"):
         state.apply_entries([
             (3, [{"op": "create_account", "username": "bob", "pw_hash": "h", "ts": 1.0}]),
@@ -690,10 +693,7 @@ def test_a_failing_grouped_batch_rolls_back_to_the_last_commit(state, monkeypatc
     ok(state.apply_entries([(3, [{"op": "create_account", "username": "bob", "pw_hash": "h",
                                   "ts": 1.0}])], grouped=True)[0][0])
 
-    def disk_full(command):
-        raise sqlite3.OperationalError("database or disk is full")
-
-    monkeypatch.setitem(state._handlers, "logout", disk_full)
+    logout_fills_the_disk(state, monkeypatch)
     with pytest.raises(StoreError, match="disk is full"):
         state.apply_entries([
             (4, [{"op": "create_account", "username": "carol", "pw_hash": "h", "ts": 1.0}]),
