@@ -25,10 +25,14 @@ index (served from its lease when it holds one); a follower asks the leader
 Either way a node cut off from a quorum answers ``Unavailable`` in time
 instead of serving stale state.
 
-Every ``snapshot_interval`` applied slots the state's snapshot is handed to
-the replica (``compact``) and the durable log is rewritten to just what is
-needed above it. A storage failure stops the node: it must never answer
-from state it cannot trust.
+Every ``snapshot_interval`` applied slots the state is made durable (a
+full commit), the replica drops its log up to the applied index
+(``compact``) and the durable log is rewritten to just what is needed above
+it. The state is serialized only when a peer needs what the log no longer
+holds (the replica's ``want_snapshot``), not at every compaction: that would
+cost every node CPU and memory in proportion to the whole state, each time.
+A storage failure stops the node: it must never answer from state it
+cannot trust.
 """
 
 import heapq
@@ -188,10 +192,10 @@ class ReplicatedLog:
         self._durable = None               # DurableState folded at the last rewrite
         self._unfolded = []                # records appended since
         self._compacted = 0
-        self._snapshotting = False
-        self._need_snapshot = False
-        self._snapshot_missing = False     # restarted from a compacted log: no snapshot in memory
-        self._snapshot_waiters = []        # snapshot_now() callers
+        self._compacting = False
+        self._need_compaction = False      # snapshot_now() asked for one
+        self._compaction_waiters = []      # snapshot_now() callers
+        self._offering = False             # serializing the state for a peer behind the log
 
     @classmethod
     def from_config(cls, reactor, config, node_id, worker, on_fatal=None):
@@ -254,10 +258,6 @@ class ReplicatedLog:
         self.applied_index = applied
         self._queued_upto = applied
         self._decided_upto = self._compacted = durable.snapshot_index
-        # A compacted log has no snapshot in memory for lagging peers: make one
-        # once the replica has decided up to the state's index again (even if
-        # that index is the log's own snapshot index).
-        self._snapshot_missing = durable.snapshot_index > 0
         now = self._reactor.seconds()
         if len(self.members) == 1:
             # Nobody else can hold a lease: elect ourselves at the first tick.
@@ -269,7 +269,7 @@ class ReplicatedLog:
                  count=len(records), applied=applied, index=durable.snapshot_index,
                  members=list(self.members))
         self._tick()
-        self._maybe_snapshot()
+        self._maybe_compact()
 
     @defer.inlineCallbacks
     def stop(self):
@@ -513,10 +513,8 @@ class ReplicatedLog:
             self._route_held()
             self._retry_reads()
         self._kick_apply()
-        if self._snapshot_missing and (ready.decided or ready.snapshot is not None):
-            # Slots the state already holds are not applied again, so no apply
-            # would come round to make the snapshot that peers may be waiting for.
-            self._maybe_snapshot()
+        if ready.want_snapshot:
+            self._offer_snapshot()
 
     def _persist(self, records, token):
         self._unfolded.extend(records)
@@ -753,7 +751,7 @@ class ReplicatedLog:
         self._applying = False
         if self.failed is None:
             self._release_reads()
-            self._maybe_snapshot()
+            self._maybe_compact()
             self._kick_apply()
             if not self._applying and not self._stopped:
                 self._schedule_idle_commit()
@@ -762,77 +760,66 @@ class ReplicatedLog:
             for waiter in waiters:
                 waiter.callback(None)
 
-    # -- snapshots and compaction -------------------------------------------------------
+    # -- compaction and snapshots -------------------------------------------------------
 
-    def _maybe_snapshot(self):
-        if self._snapshotting or not self._live or self.store is None:
+    def _maybe_compact(self):
+        if self._compacting or not self._live or self.store is None:
             return
         applied = self.applied_index
-        index = self.replica.snapshot_index
-        if applied > self._decided_upto or applied < index:
-            return
-        if applied == index and not self._snapshot_missing:
+        if applied > self._decided_upto or applied <= self.replica.snapshot_index:
             return
         since = applied - self._compacted
-        if not (self._need_snapshot or self._snapshot_missing
-                or since >= self.settings.snapshot_interval
+        if not (self._need_compaction or since >= self.settings.snapshot_interval
                 or (since > 0 and self.store.size_bytes > self.settings.compact_log_bytes)):
             return
-        self._snapshotting = True
-        worker = self._worker
-        d = worker.call("snapshot")
-        # Reading the whole state takes a while: beside the worker, so applies go on.
-        d.addCallback(lambda taken: worker.call_aside(b"".join, taken[1]).addCallback(
-            lambda data: (taken[0], data)))
+        self._compacting = True
         # The state commits without fsyncs (the log is the durable record):
-        # make it durable before the log forgets what it covers.
-        d.addCallback(lambda taken: worker.call("sync").addCallback(lambda _: taken))
+        # make it durable before the log forgets what it covers. The sync
+        # answers with the index it made durable.
+        d = self._worker.call("sync")
         d.addCallback(self._compact)
-        d.addErrback(self._snapshot_failed)
-        d.addBoth(self._snapshot_done)
+        d.addErrback(self._background_failed, "compacting the log")
+        d.addBoth(self._compaction_done)
 
     def _observe_fsync(self, seconds):
         if self.fsync_observer is not None:
             self.fsync_observer(seconds)
 
-    def _snapshot_failed(self, failure):
+    def _background_failed(self, failure, what):
         if failure.check(StateWorkerStopped):
             return None              # the node is stopping: nothing to retry, nothing wrong
-        log.failure("taking a snapshot failed; will retry", failure)
+        log.failure("{what} failed; will retry", failure, what=what)
 
-    def _snapshot_done(self, _):
-        self._snapshotting = False
-        waiters, self._snapshot_waiters = self._snapshot_waiters, []
+    def _compaction_done(self, _):
+        self._compacting = False
+        waiters, self._compaction_waiters = self._compaction_waiters, []
         for waiter in waiters:
             waiter.callback(self.replica.snapshot_index)
 
     def snapshot_now(self):
         """Compact at the applied index now, for operators (``paxchat-admin snapshot``).
 
-        Fires with the snapshot index; at once when nothing was applied since
-        the last snapshot.
+        Fires with the index the log now starts after; at once when nothing
+        was applied since the last compaction.
         """
         if not self._live:
             return defer.fail(Unavailable(f"node {self.node_id} is not serving"))
-        if not self._snapshotting:
-            forced, self._need_snapshot = self._need_snapshot, True
-            self._maybe_snapshot()
-            if not self._snapshotting:
-                self._need_snapshot = forced
+        if not self._compacting:
+            forced, self._need_compaction = self._need_compaction, True
+            self._maybe_compact()
+            if not self._compacting:
+                self._need_compaction = forced
                 return defer.succeed(self.replica.snapshot_index)
         waiter = defer.Deferred()
-        self._snapshot_waiters.append(waiter)
+        self._compaction_waiters.append(waiter)
         return waiter
 
-    def _compact(self, taken):
-        index, data = taken
-        current = self.replica.snapshot_index
-        if (not self._live or index > self._decided_upto or index < current
-                or (index == current and not self._snapshot_missing)):
+    def _compact(self, index):
+        if not self._live or index > self._decided_upto or index <= self.replica.snapshot_index:
             return
-        self.replica.compact(index, data)
+        self.replica.compact(index)
         self._compacted = index
-        self._need_snapshot = self._snapshot_missing = False
+        self._need_compaction = False
         self._drive()                    # persists the CompactRecord first
         # The state has applied ``index`` durably (synced above), so the log
         # may forget everything up to it.
@@ -840,5 +827,27 @@ class ReplicatedLog:
         self._unfolded = []
         records = [M.encode(r) for r in self._durable.to_records()]
         self.store.rewrite(records).addErrback(self._storage_failed)
-        log.info("node {node} compacted its log at index {index} (snapshot of {size} bytes)",
-                 node=self.node_id, index=index, size=len(data))
+        log.info("node {node} compacted its log at index {index}", node=self.node_id, index=index)
+
+    def _offer_snapshot(self):
+        """A peer needs slots the log no longer holds: serialize the state for it."""
+        if self._offering or not self._live:
+            return
+        self._offering = True
+        worker = self._worker
+        d = worker.call("snapshot")
+        # Reading the whole state takes a while: beside the worker, so applies go on.
+        d.addCallback(lambda taken: worker.call_aside(b"".join, taken[1]).addCallback(
+            lambda data: (taken[0], data)))
+        d.addCallback(self._offer)
+        d.addErrback(self._background_failed, "making a snapshot for a peer")
+        d.addBoth(self._offer_done)
+
+    def _offer(self, taken):
+        index, data = taken
+        if self._live and self.replica.offer_snapshot(index, data):
+            log.info("node {node} made a snapshot at index {index} ({size} bytes) for a peer"
+                     " behind its log", node=self.node_id, index=index, size=len(data))
+
+    def _offer_done(self, _):
+        self._offering = False

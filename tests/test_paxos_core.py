@@ -27,6 +27,7 @@ class Net:
         self.disk = {i: [] for i in self.ids}
         self.tokens = {i: 0 for i in self.ids}
         self.reads = {i: [] for i in self.ids}
+        self.wants = {i: 0 for i in self.ids}   # times ready() asked for a snapshot
         self.sent = []
 
     def handle(self, i, rd):
@@ -39,6 +40,7 @@ class Net:
             self.snapshots[i].append(rd.snapshot)
         self.decided[i].extend(rd.decided)
         self.reads[i].extend(rd.reads)
+        self.wants[i] += rd.want_snapshot
         return list(rd.messages)
 
     def pump(self):
@@ -293,6 +295,38 @@ def test_lagging_follower_gets_the_snapshot_in_chunks_then_the_tail():
     assert len({m.offset for m in chunks}) == 9 and all(len(m.data) <= 10 for m in chunks)
     assert any(isinstance(rec, M.CompactRecord) and rec.index == 5 for rec in net.disk[lagger])
     assert net.decided[lagger][-1] == (6, (b"tail",))
+
+
+def test_a_snapshot_is_asked_for_only_when_a_peer_needs_one():
+    cfg = Config(heartbeat_interval=0.05, election_timeout=0.3, snapshot_chunk_bytes=10)
+    net = Net(3, cfg)
+    leader = net.elect()
+    lagger = leader.peers[0]
+    net.cut = {lagger}
+    for k in range(5):
+        leader.propose(b"c%d" % k)
+        net.step()
+    for i in net.ids:
+        if i != lagger:
+            net.reps[i].compact(net.reps[i].commit_index)      # no data: the state is durable
+    net.step()
+    assert sum(net.wants.values()) == 0                        # compacting asks for nothing
+    net.cut = set()
+    net.run_until(lambda: sum(net.wants.values()) > 0)
+    asker = next(net.reps[i] for i in net.ids if net.wants[i])
+    assert not any(isinstance(m, M.SnapshotChunk) for _, _, m in net.sent)
+    # One the log does not continue from, or one past what this replica decided, is refused.
+    assert asker.snapshot_index == 5
+    assert not asker.offer_snapshot(4, b"older than the compaction")
+    assert not asker.offer_snapshot(asker.commit_index + 1, b"not decided here")
+    data = b"application snapshot bytes " * 3
+    assert asker.offer_snapshot(5, data)
+    leader.propose(b"tail")
+    net.run_until(lambda: b"tail" in net.commands(lagger))
+    assert net.snapshots[lagger] == [(5, data)]
+    # Compacting past an offered snapshot lets it go: a peer needing one asks anew.
+    asker.compact(asker.commit_index)
+    assert asker._offered is None
 
 
 def test_leadership_transfer_hands_over_to_the_target():

@@ -319,9 +319,14 @@ def test_a_node_behind_the_compaction_point_is_restored_by_snapshot(tmp_path):
         assert all(r.first_slot > lrl.replica.snapshot_index - 40 for r in kept
                    if isinstance(r, M.AcceptRecord))
         assert len(c.records[leader]) < 40
+        # Compacting serialized nothing: no peer had needed a snapshot yet.
+        assert not any("snapshot" in c.logs[n].worker.calls for n in c.members)
         c.network.cut.clear()
         c.until(lambda: c.logs[lagging].applied_index == lrl.applied_index, what="catch-up")
         assert "restore" in c.logs[lagging].worker.calls
+        # A peer made one when the lagging node asked, reading the state beside its worker.
+        served = [n for n in c.members if n != lagging and "snapshot" in c.logs[n].worker.calls]
+        assert served and ("aside", "join") in c.logs[served[0]].worker.calls
         assert c.states[lagging].digest() == c.states[leader].digest()
         # And it keeps applying new writes afterwards.
         assert c.result(c.logs[lagging].submit(create("later")))["ok"]
@@ -340,26 +345,31 @@ def test_snapshot_now_compacts_at_the_applied_index(cluster):
     assert rl.replica.snapshot_index < applied
     assert cluster.result(rl.snapshot_now()) == applied
     assert rl.replica.snapshot_index == applied
-    # The state was read beside the worker's queue, not in it: applies go on meanwhile.
-    assert ("aside", "join") in rl.worker.calls
     assert any(isinstance(M.decode(r), M.CompactRecord) for r in cluster.records[leader])
-    # The state was made durable after the snapshot and before the log forgot it.
-    calls = rl.worker.calls
-    assert "sync" in calls[calls.index("snapshot"):]
-    # Nothing applied since: the same index again, without a new snapshot.
-    calls = rl.worker.calls.count("snapshot")
+    # The state was made durable before the log forgot it, and was not
+    # serialized: no peer asked for a snapshot.
+    assert "sync" in rl.worker.calls and "snapshot" not in rl.worker.calls
+    # Nothing applied since: the same index again, without another sync.
+    syncs = rl.worker.calls.count("sync")
     assert cluster.result(rl.snapshot_now()) == applied
-    assert rl.worker.calls.count("snapshot") == calls
+    assert rl.worker.calls.count("sync") == syncs
 
 
-def test_a_snapshot_cut_short_by_the_node_stopping_is_not_logged_as_a_failure(cluster):
+def test_a_compaction_cut_short_by_the_node_stopping_is_not_logged_as_a_failure(cluster):
     from twisted.logger import LogLevel, globalLogPublisher
     from paxchat.state.worker import StateWorkerStopped
     leader = cluster.wait_leader()
     rl = cluster.logs[leader]
     assert cluster.result(rl.submit(create("late")))["ok"]
     before = rl.replica.snapshot_index
-    rl.worker.call_aside = lambda fn, *a, **k: defer.fail(StateWorkerStopped("the state worker is stopped"))
+    call = rl.worker.call
+
+    def sync_fails_with(error):
+        def fake(fn, *args, **kwargs):
+            return defer.fail(error) if fn == "sync" else call(fn, *args, **kwargs)
+        rl.worker.call = fake
+
+    sync_fails_with(StateWorkerStopped("the state worker is stopped"))
     events = []
     globalLogPublisher.addObserver(events.append)
     try:
@@ -368,14 +378,14 @@ def test_a_snapshot_cut_short_by_the_node_stopping_is_not_logged_as_a_failure(cl
         globalLogPublisher.removeObserver(events.append)
     assert not [e for e in events if e.get("log_level") in (LogLevel.error, LogLevel.critical)], events
     # Any other failure still is.
-    rl.worker.call_aside = lambda fn, *a, **k: defer.fail(OSError("disk gone"))
+    sync_fails_with(OSError("disk gone"))
     globalLogPublisher.addObserver(events.append)
     try:
         cluster.result(rl.snapshot_now())
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert [e for e in events if e.get("log_level") == LogLevel.critical
-            and "snapshot failed" in e.get("log_format", "")]
+            and e.get("what") == "compacting the log"]
 
 
 def test_a_storage_failure_stops_the_node_and_fails_what_waits(cluster):
@@ -446,12 +456,12 @@ def test_commands_forwarded_by_the_leader_we_follow_are_not_sent_back(cluster):
     assert rl.status()["held_commands"] == 0
 
 
-def test_after_a_full_restart_nodes_snapshot_what_their_state_holds_without_new_writes(tmp_path):
-    # A restarted node has no snapshot in memory. Slots its state already
-    # holds are not applied again, so it must make one once it has decided
-    # that far, or a peer that needs a slot below the log's snapshot index
-    # (which only that snapshot holds) waits for ever: a whole cluster
-    # restarted at once did, with nodes compacted at different indexes.
+def test_after_a_full_restart_a_node_missing_compacted_slots_gets_a_snapshot_made_for_it(tmp_path):
+    # A restarted node has no snapshot in memory, and slots its state
+    # already holds are not applied again. A peer that needs a slot below
+    # the log's snapshot index (which only a snapshot holds) must still be
+    # served: a whole cluster restarted at once once waited for ever, with
+    # nodes compacted at different indexes.
     c = Cluster(tmp_path, settings=COMPACTING)
     try:
         leader = c.wait_leader()
@@ -463,8 +473,6 @@ def test_after_a_full_restart_nodes_snapshot_what_their_state_holds_without_new_
         for n in c.members:
             c.start(n)
         c.wait_leader()
-        c.until(lambda: all(rl.replica.snapshot_index == rl.applied_index and not rl._snapshot_missing
-                            for rl in c.logs.values()), what="snapshots of the restored states")
         # A node whose log lost its tail catches up from them.
         lagging = next(n for n in c.members if n != c.leader())
         c.stop(lagging)

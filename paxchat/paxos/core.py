@@ -29,6 +29,14 @@ Protocol outline
   that very ballot, and otherwise pulls the chosen values (``CatchupRequest``
   -> ``Learn``), or the snapshot in ``snapshot_chunk_bytes`` chunks when the
   peer compacted past it.
+- Snapshots are made on demand: ``compact(index)`` only drops the log (the
+  application has made its state durable there). When a peer needs what the
+  log no longer holds and no snapshot at or above the compaction point is at
+  hand, ``ready()`` says ``want_snapshot`` and the glue answers with
+  ``offer_snapshot(index, data)``; the peer, which asks again every two
+  heartbeats, is then sent it. Serializing the whole state at every
+  compaction would cost CPU and memory in proportion to the state, on every
+  node, for a transfer that is rarely needed.
 - Reads: ``read(id)`` takes the read index (the end of everything this
   leader recovered or chose) and confirms leadership with a heartbeat quorum
   sent after the request, then releases the read once the prefix reaches the
@@ -192,10 +200,12 @@ class Ready:
     reads: tuple = ()          # (ReadState, ...)
     failed_reads: tuple = ()   # (read_id, ...)
     dropped: tuple = ()        # (command, ...) never given a slot
+    want_snapshot: bool = False  # a peer needs one: call offer_snapshot(index, data)
 
     def __bool__(self):
         return bool(self.messages or self.records or self.snapshot or self.decided
-                    or self.leader or self.reads or self.failed_reads or self.dropped)
+                    or self.leader or self.reads or self.failed_reads or self.dropped
+                    or self.want_snapshot)
 
 
 class _SplitMix:
@@ -259,7 +269,8 @@ class Replica:
         self._accepted = {s: e for s, e in d.accepted.items() if s > d.snapshot_index}
         # learner
         self._snapshot_index = d.snapshot_index
-        self._snapshot_data = None
+        self._offered = None           # (index, data): a snapshot to send peers, index >= compaction
+        self._want_snapshot = False
         self._chosen = {}
         self.commit_index = d.snapshot_index
         self._decided_upto = d.snapshot_index
@@ -423,17 +434,37 @@ class Replica:
             else:
                 a(*b)
 
-    def compact(self, index, data):
-        """The application's snapshot at applied ``index``: drop the log up to there."""
+    def compact(self, index, data=None):
+        """The application's state is durable at applied ``index``: drop the log up to there.
+
+        ``data``, the application's snapshot at ``index``, may come along;
+        without it one is asked for (``want_snapshot``) when a peer needs it.
+        """
         if index > self._decided_upto:
             raise ValueError(f"cannot compact at {index}: only {self._decided_upto} decided")
         if index < self._snapshot_index:
             return
-        self._snapshot_data = bytes(data)
+        if data is not None:
+            self._offered = (index, bytes(data))
         if index == self._snapshot_index:
             return
         self._drop_log_upto(index)
         self._records.append(CompactRecord(index))
+
+    def offer_snapshot(self, index, data):
+        """The application's snapshot at applied ``index``, for peers behind the compacted log.
+
+        True if kept. One older than the compaction point is of no use (the
+        log that would follow it is gone), and one past what this replica
+        has decided cannot be continued from its log yet (a state restored
+        ahead of the log after a crash): both are refused, and the next peer
+        that needs a snapshot asks again.
+        """
+        if not self._snapshot_index <= index <= self._decided_upto:
+            return False
+        if self._offered is None or index >= self._offered[0]:
+            self._offered = (index, bytes(data))
+        return True
 
     def transfer_leadership(self, target):
         if self._role != LEADER:
@@ -449,7 +480,8 @@ class Replica:
         return bool(self._out or self._records or self._queue and self._can_propose()
                     or self._hb_due or self._decided_upto < self.commit_index
                     or self._pending_snapshot or self._reads_ready or self._failed_reads
-                    or self._dropped or self._leader_changed() or self._commit_untold())
+                    or self._dropped or self._leader_changed() or self._commit_untold()
+                    or self._want_snapshot)
 
     def ready(self):
         if self._role == LEADER:
@@ -473,9 +505,11 @@ class Replica:
             self._reported_leader = self._leader_state()
             leader = LeaderChange(*self._reported_leader)
         r = Ready(tuple(self._out), records, token, self._pending_snapshot, decided, leader,
-                  tuple(self._reads_ready), tuple(self._failed_reads), tuple(self._dropped))
+                  tuple(self._reads_ready), tuple(self._failed_reads), tuple(self._dropped),
+                  self._want_snapshot)
         self._out = []
         self._pending_snapshot = None
+        self._want_snapshot = False
         self._reads_ready = []
         self._failed_reads = []
         self._dropped = []
@@ -889,10 +923,14 @@ class Replica:
                 index, data = pinned
                 off = m.snapshot_offset
             else:
-                index, data = self._snapshot_index, self._snapshot_data
-                off = 0
-                if data is None:
+                offered = self._offered
+                if offered is None or offered[0] < self._snapshot_index:
+                    # None at hand that the log continues: ask the application.
+                    # The peer asks again, and is sent the snapshot once offered.
+                    self._want_snapshot = True
                     return
+                index, data = offered
+                off = 0
                 self._snap_out[m.sender] = (index, data)
             if off > len(data):
                 off = 0
@@ -954,7 +992,7 @@ class Replica:
             self._request_catchup()
 
     def _install_snapshot(self, index, data):
-        self._snapshot_data = data
+        self._offered = (index, data)
         self._drop_log_upto(index)
         self.commit_index = index
         self._decided_upto = index
@@ -969,6 +1007,8 @@ class Replica:
 
     def _drop_log_upto(self, index):
         self._snapshot_index = index
+        if self._offered is not None and self._offered[0] < index:
+            self._offered = None       # no longer of use: the log after it is gone
         self._chosen = {s: v for s, v in self._chosen.items() if s > index}
         self._accepted = {s: e for s, e in self._accepted.items() if s > index}
 

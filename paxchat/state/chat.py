@@ -201,8 +201,12 @@ class ChatState:
         return cls(KVStore.open(path, check=check, durable=durable))
 
     def sync(self):
-        """Make everything applied so far durable (before the log is compacted past it)."""
+        """Make everything applied so far durable (before the log is compacted past it).
+
+        Returns the applied index that is now durable.
+        """
         self.kv.sync()
+        return self.kv.applied_index()
 
     def close(self):
         self.kv.close()

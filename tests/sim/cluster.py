@@ -96,7 +96,7 @@ class App:
 
 class Node:
     __slots__ = ("id", "replica", "disk", "unsynced", "syncing", "app", "app_snapshot",
-                 "rate", "offset", "flush_at", "incarnation", "waiting", "reads", "handed_snapshot",
+                 "rate", "offset", "flush_at", "incarnation", "waiting", "reads", "offering",
                  "revealed", "revealed_acc", "paused_until", "resume_order")
 
     def __init__(self, nid, rate, offset):
@@ -113,7 +113,7 @@ class Node:
         self.incarnation = 0
         self.waiting = {}           # command id -> client waiting for it here
         self.reads = {}             # read id -> client
-        self.handed_snapshot = False
+        self.offering = False       # making a snapshot the replica asked for
         self.revealed = M.ZERO_BALLOT   # highest ballot sent in a Promise or Accepted
         self.revealed_acc = {}          # slot -> highest ballot this node said it accepted
         self.paused_until = 0.0         # a stalled process (GC pause, VM freeze) until then
@@ -194,7 +194,8 @@ class Simulation:
         for i in range(rng.choice((1, 2))):
             self.clients.append(Client(len(self.clients), rng.choice(self.members), sticky=True))
         self.read_seq = 0
-        self.stats = {"msgs": 0, "crashes": 0, "elections": 0, "decided": 0, "snapshots": 0}
+        self.stats = {"msgs": 0, "crashes": 0, "elections": 0, "decided": 0, "snapshots": 0,
+                      "offers": 0}
 
     # ---- event queue -------------------------------------------------------
     def at(self, t, fn, *args):
@@ -340,7 +341,7 @@ class Simulation:
         node.replica = self.replica_cls(
             node.id, self.members, now=self.local(node), config=self.config,
             seed=self.seed * 7919 + node.incarnation, durable=durable)
-        node.handed_snapshot = False
+        node.offering = False
         if node.revealed > node.replica.promised:
             self.fail(f"node {node.id} restarted with promise {node.replica.promised} "
                       f"below the {node.revealed} it revealed")
@@ -445,6 +446,10 @@ class Simulation:
             self.decide(node, slot, value)
         if node.replica is None:
             return
+        if rd.want_snapshot and not node.offering:
+            # Serializing the state takes a while, during which the node goes on.
+            node.offering = True
+            self.at(self.now + self.rng.uniform(0, 0.1), self.offer_snapshot, node, node.incarnation)
         for rs in rd.reads:
             self.serve_read(node, rs)
         for rid in rd.failed_reads:
@@ -511,14 +516,24 @@ class Simulation:
         app = node.app
         if app.applied > r.commit_index or app.applied <= 0:
             return
-        if app.applied >= r.snapshot_index + self.compact_every or (
-                not node.handed_snapshot and app.applied >= r.snapshot_index
-                and self.compact_every < 10 ** 9):
-            data = app.snapshot()
-            r.compact(app.applied, data)
-            node.app_snapshot = (app.applied, data)
-            node.handed_snapshot = True
+        if app.applied >= r.snapshot_index + self.compact_every:
+            # The state is made durable there; the log behind it goes. No
+            # snapshot is handed over: the replica asks when a peer needs one.
+            node.app_snapshot = (app.applied, app.snapshot())
+            r.compact(app.applied)
             self.poke(node)
+
+    def offer_snapshot(self, node, inc):
+        if node.replica is None or node.incarnation != inc:
+            return
+        if self.deferred(node, "snapshot", self.offer_snapshot, node, inc):
+            return
+        node.offering = False
+        app = node.app
+        taken = node.replica.offer_snapshot(app.applied, app.snapshot())
+        self.stats["offers"] += 1
+        self.log("OFFER", node.id, "snapshot", app.applied, "taken" if taken else "stale")
+        self.poke(node)
 
     # ---- network -------------------------------------------------------------
     def send(self, src, dst, msg):
