@@ -3,9 +3,10 @@
 16 clients chat on the leader (closed loops to recipients that are not
 connected). Their p99 is taken on a quiet node, then while 200 new
 connections log in at once to the same node; the figure is chat p99 during
-the storm against the quiet value. bcrypt runs off the reactor thread, so
-chat should only feel the CPU the hashes take (2 cores here, shared by
-three nodes and the load generator).
+the storm against the quiet value. bcrypt runs in each node's worker
+process at a lower priority, so chat should feel the hashes only through
+the CPU the nodes leave idle (2 cores here, shared by three nodes and the
+load generator).
 """
 
 from __future__ import annotations

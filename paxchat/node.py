@@ -268,6 +268,8 @@ class NodeService(service.MultiService):
         log_, self.log = self.log, None
         worker, self.worker = self.worker, None
         state, self.state = self.state, None
+        if self.factory is not None:
+            yield self.factory.hasher.close()        # the bcrypt worker process
         if log_ is not None and hasattr(log_, "stop"):
             yield log_.stop()
         if worker is not None:

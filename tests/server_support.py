@@ -14,7 +14,7 @@ from twisted.internet.testing import StringTransport
 
 from paxchat.locallog import LocalLog
 from paxchat.server import ChatServerFactory, RateLimit, ServerSettings
-from paxchat.server.passwords import run_synchronously
+from paxchat.server.passwords import InlineBcrypt
 
 
 def _ok(result):
@@ -206,7 +206,7 @@ class Server:
         self.log = LocalLog(self.clock, self.worker, node_id=1)
         self.settings = settings or test_settings()
         self.factory = ChatServerFactory(self.clock, self.log, self.worker, self.settings,
-                                         run_in_thread=run_synchronously)
+                                         bcrypt=InlineBcrypt())
 
     def connect(self):
         proto = self.factory.buildProtocol(None)

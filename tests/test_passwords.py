@@ -1,47 +1,193 @@
-"""bcrypt's own threads: off the reactor thread, never more than the pool allows."""
+"""Password hashing: the hasher's rules, and the bcrypt worker process that does the work."""
 
+import json
+import os
+import select
+import signal
 import threading
+import time
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer
-from twisted.internet.testing import MemoryReactor
 
-from paxchat.server.passwords import HashPool, PasswordHasher
+from paxchat import bcrypt_worker
+from paxchat.server.bcryptprocess import BcryptWorkerError, ProcessBcrypt
+from paxchat.server.passwords import InlineBcrypt, PasswordHasher, prehash
+
+TIMEOUT = 30
+
+
+def test_the_hasher_checks_what_it_hashed_and_nothing_else():
+    hasher = PasswordHasher(4, InlineBcrypt())
+    stored = hasher.hash(b"right password").result
+    assert stored.startswith("$2b$04$")
+    assert hasher.check(b"right password", stored).result is True
+    assert hasher.check(b"wrong password", stored).result is False
+    # Longer than bcrypt's 72 bytes: the prehash keeps every byte significant.
+    long_one = b"x" * 100
+    stored = hasher.hash(long_one).result
+    assert hasher.check(long_one, stored).result is True
+    assert hasher.check(b"x" * 99 + b"y", stored).result is False
+
+
+def test_an_unknown_user_or_a_damaged_hash_is_checked_against_the_dummy_and_fails():
+    calls = []
+
+    class Counting(InlineBcrypt):
+        def checkpw(self, secret, hashed):
+            calls.append(hashed)
+            return super().checkpw(secret, hashed)
+
+    hasher = PasswordHasher(4, Counting())
+    assert hasher.check(b"anything", None).result is False
+    assert hasher.check(b"anything", b"not text").result is False
+    assert hasher.check(b"anything", "not a bcrypt hash").result is False
+    # The first two did a full bcrypt check, against one dummy hash made once.
+    assert calls[0] == calls[1] and calls[0].startswith("$2b$04$")
+
+
+def test_the_worker_answers_each_line_and_refuses_what_it_cannot_do():
+    secret = prehash(b"pw").decode()
+    stored = bcrypt_worker.make_hash(secret.encode(), 4)
+    lines = [
+        {"id": 1, "op": "check", "secret": secret, "hash": stored},
+        {"id": 2, "op": "check", "secret": secret, "hash": "garbage"},
+        {"id": 3, "op": "frobnicate", "secret": secret},
+        {"id": 4, "op": "hash", "secret": 12, "cost": 4},
+        {"id": 5, "op": "hash", "secret": secret, "cost": 4},
+    ]
+    # Over pipes, as from a node: stdin stays open until every answer is in
+    # (at end of input the worker drops requests not yet started).
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    with open(in_r, "rb") as stdin, open(out_w, "wb") as stdout, \
+            open(in_w, "wb") as to_worker, open(out_r, "rb") as from_worker:
+        worker = threading.Thread(target=bcrypt_worker.run, args=(stdin, stdout, 2), daemon=True)
+        worker.start()
+        to_worker.write(b"not json\n[1, 2]\n" + b"".join(
+            json.dumps(line).encode() + b"\n" for line in lines))
+        to_worker.flush()
+        replies = [json.loads(line) for line in _read_lines(from_worker, len(lines) + 2)]
+        to_worker.close()
+        worker.join(TIMEOUT)
+        assert not worker.is_alive()                 # it returns when its input ends
+    replies = {r["id"]: r for r in replies}
+    assert replies[None]["error"] == "malformed request"
+    assert replies[1] == {"id": 1, "ok": True}
+    assert replies[2] == {"id": 2, "ok": False}
+    assert "unknown op" in replies[3]["error"]
+    assert "error" in replies[4]
+    assert bcrypt_worker.check_hash(secret.encode(), replies[5]["ok"])
+
+
+def _read_lines(f, count):
+    """``count`` lines from pipe ``f``, failing after TIMEOUT instead of hanging."""
+    deadline = time.monotonic() + TIMEOUT
+    data = b""
+    while data.count(b"\n") < count:
+        left = deadline - time.monotonic()
+        assert left > 0 and select.select([f], [], [], left)[0], "the worker did not answer"
+        chunk = os.read(f.fileno(), 65536)
+        assert chunk, "the worker closed its output"
+        data += chunk
+    return data.splitlines()[:count]
+
+
+@pytest.fixture
+def workers():
+    """ProcessBcrypt backends on the real reactor, each closed (child gone) after the test."""
+    from twisted.internet import reactor
+    made = []
+
+    def make(**kwargs):
+        backend = ProcessBcrypt(reactor, **kwargs)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        pytest_twisted.blockon(backend.close())
+
+
+def _timed(d):
+    from twisted.internet import reactor
+    return d.addTimeout(TIMEOUT, reactor)
 
 
 @pytest_twisted.inlineCallbacks
-def test_hashes_run_in_a_bounded_pool_off_the_reactor_thread():
+def test_a_child_process_hashes_in_a_session_of_its_own_at_a_lower_priority(workers):
+    backend = workers(threads=2)
+    assert backend.pid is None                       # nothing started before the first hash
+    hasher = PasswordHasher(4, backend)
+    stored = yield _timed(hasher.hash(b"secret"))
+    assert (yield _timed(hasher.check(b"secret", stored))) is True
+    assert (yield _timed(hasher.check(b"other", stored))) is False
+    assert (yield _timed(hasher.check(b"other", None))) is False
+    pid = backend.pid
+    assert pid not in (None, os.getpid())
+    assert os.getsid(pid) == pid
+    assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
+    # Several at once, answered in any order, each to its own caller.
+    checks = [hasher.check(b"secret" if n % 2 else b"nope", stored) for n in range(6)]
+    assert (yield _timed(defer.gatherResults(checks))) == [n % 2 == 1 for n in range(6)]
+    assert backend.pid == pid                        # one child for them all
+
+
+@pytest_twisted.inlineCallbacks
+def test_requests_a_dying_worker_leaves_go_to_a_new_one(workers):
+    backend = workers(threads=1)
+    stored = yield _timed(backend.hashpw(b"secret", 4))
+    first = backend.pid
+    answers = [backend.checkpw(b"secret", stored) for _ in range(3)]
+    os.kill(first, signal.SIGKILL)                   # before any of them is answered
+    assert (yield _timed(defer.gatherResults(answers))) == [True, True, True]
+    assert backend.pid not in (None, first)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_request_the_worker_dies_on_twice_fails(workers):
     from twisted.internet import reactor
-    pool = HashPool(reactor, threads=1)
-    lock = threading.Lock()
-    running, seen = [0], []
-
-    def work(n):
-        with lock:
-            running[0] += 1
-            seen.append((threading.current_thread().name, running[0]))
-        hasher = PasswordHasher(4, lambda fn, *a: defer.succeed(fn(*a)))
-        hasher._hash(b"pw%d" % n)
-        with lock:
-            running[0] -= 1
-        return n
-
-    try:
-        results = yield defer.gatherResults([pool.run(work, n) for n in range(4)])
-        assert results == [0, 1, 2, 3]
-        assert all("paxchat-bcrypt" in name for name, _ in seen)
-        assert max(count for _, count in seen) == 1
-    finally:
-        pool.stop()
+    backend = workers(threads=1)
+    yield _timed(backend.hashpw(b"warm", 4))
+    answer = backend.hashpw(b"secret", 14)           # ~1 s: time to kill it twice
+    first = backend.pid
+    os.kill(first, signal.SIGKILL)
+    yield _timed(_until(reactor, lambda: backend.pid not in (None, first)))
+    os.kill(backend.pid, signal.SIGKILL)
+    with pytest.raises(BcryptWorkerError, match="twice"):
+        yield _timed(answer)
+    # The next request starts a third worker.
+    assert (yield _timed(backend.checkpw(b"x", "not a hash"))) is False
 
 
-def test_the_pool_leaves_a_core_to_the_reactor_and_stops_with_it():
-    reactor = MemoryReactor()
-    pool = HashPool(reactor)
-    assert pool.threads >= 1
-    assert pool._pool is None                    # no threads until a hash is asked for
-    pool.run(lambda: None)
-    try:
-        assert reactor.triggers["during"]["shutdown"] == [(pool.stop, (), {})]
-    finally:
-        pool.stop()
+def _until(reactor, condition, step=0.01):
+    """Poll ``condition`` on the reactor (the caller bounds the time)."""
+    from twisted.internet import task
+
+    @defer.inlineCallbacks
+    def poll():
+        while not condition():
+            yield task.deferLater(reactor, step, lambda: None)
+    return poll()
+
+
+@pytest_twisted.inlineCallbacks
+def test_closing_fails_what_is_unanswered_and_the_child_exits_by_itself(workers):
+    backend = workers(threads=1)
+    yield _timed(backend.hashpw(b"warm", 4))
+    pid = backend.pid
+    ended = backend._worker.ended
+    reasons = []
+    backend._worker.processEnded = lambda reason, original=backend._worker.processEnded: (
+        reasons.append(reason), original(reason))
+    slow = backend.hashpw(b"secret", 12)
+    yield _timed(backend.close())
+    assert ended.called and backend.pid is None
+    assert reasons[0].value.exitCode == 0            # it left on its own, not killed
+    with pytest.raises(OSError):
+        os.kill(pid, 0)
+    with pytest.raises(BcryptWorkerError):
+        yield slow
+    with pytest.raises(BcryptWorkerError):
+        yield backend.checkpw(b"secret", "$2b$04$x")

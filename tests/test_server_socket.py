@@ -130,6 +130,7 @@ def server(request, tmp_path, server_overrides):
                 client.transport.abortConnection()
         pytest_twisted.blockon(defer.gatherResults(
             [c.lost for c in clients] + [defer.maybeDeferred(port.stopListening)]))
+        pytest_twisted.blockon(factory.hasher.close())    # its bcrypt worker process
         pytest_twisted.blockon(worker.stop())
 
 

@@ -10,7 +10,8 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from .handlers import Handlers
-from .passwords import HashPool, PasswordHasher
+from .bcryptprocess import ProcessBcrypt
+from .passwords import PasswordHasher
 from .protocol import ChatProtocol
 from .push import EventPusher
 from .ratelimit import KeyedRateLimiter
@@ -28,18 +29,18 @@ class ChatServerFactory(ServerFactory):
     @param log: an ``ICommandLog`` (``LocalLog`` or the replicated log).
     @param worker: a ``StateWorker`` for reads of the local ``ChatState``.
     @param settings: a ``ServerSettings``.
-    @param run_in_thread: ``f(fn, *args) -> Deferred`` for bcrypt; by default
-        a L{HashPool}.
+    @param bcrypt: the password hasher's backend; by default a
+        L{ProcessBcrypt} (a child process, started on the first hash).
     """
 
-    def __init__(self, reactor, log, worker, settings, run_in_thread=None):
+    def __init__(self, reactor, log, worker, settings, bcrypt=None):
         self.reactor = reactor
         self.log = log
         self.worker = worker
         self.settings = settings
-        if run_in_thread is None:
-            run_in_thread = HashPool(reactor).run
-        self.hasher = PasswordHasher(settings.bcrypt_cost, run_in_thread)
+        if bcrypt is None:
+            bcrypt = ProcessBcrypt(reactor)
+        self.hasher = PasswordHasher(settings.bcrypt_cost, bcrypt)
         self.registry = ConnectionRegistry()
         self.handlers = Handlers(
             reactor, log, worker, settings, self.hasher, self.registry,

@@ -1,20 +1,23 @@
-"""bcrypt hashing and checking, always in a thread, with equal timing for unknown users.
+"""bcrypt hashing and checking, never on the reactor thread, with equal timing for unknown users.
 
 bcrypt only reads 72 bytes of a password and bcrypt 5 refuses longer ones,
 while the protocol allows 1,024. So the password is first reduced to
 ``base64(sha256(password))`` (44 bytes, no NUL) and that is what bcrypt
 hashes. Every node does the same, so any node can check any stored hash.
+
+The hashing itself is done by a backend: a node uses ``ProcessBcrypt``
+(``bcryptprocess.py``, a low-priority child process); tests use
+``InlineBcrypt``.
 """
 
 import base64
 import hashlib
-import os
-import threading
 
-import bcrypt
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
+
+from paxchat.bcrypt_worker import check_hash, make_hash
+
+_DUMMY_PASSWORD = b"paxchat dummy password"
 
 
 def prehash(password: bytes) -> bytes:
@@ -22,77 +25,72 @@ def prehash(password: bytes) -> bytes:
 
 
 class PasswordHasher:
-    """Makes and checks password hashes off the reactor thread.
+    """Makes and checks password hashes through a bcrypt backend.
 
-    @param run_in_thread: ``f(fn, *args) -> Deferred`` running ``fn`` in a
-        thread pool (tests pass one that runs it at once).
+    @param bcrypt: has ``hashpw(secret, cost) -> Deferred[str]`` and
+        ``checkpw(secret, hashed) -> Deferred[bool]`` (a hash it cannot read
+        matches nothing), and ``close() -> Deferred``.
     """
 
-    def __init__(self, cost, run_in_thread):
+    def __init__(self, cost, bcrypt):
         self._cost = cost
-        self._run = run_in_thread
-        self._dummy = None
-        self._dummy_lock = threading.Lock()
+        self._bcrypt = bcrypt
+        self._dummy = None          # the dummy hash, once made
+        self._dummy_waiters = None  # Deferreds waiting while it is being made
 
     def hash(self, password: bytes):
         """Deferred[str]: a new bcrypt hash of ``password``."""
-        return self._run(self._hash, password)
+        return self._bcrypt.hashpw(prehash(password), self._cost)
 
     def check(self, password: bytes, pw_hash):
-        """Deferred[bool]; with ``pw_hash`` None it checks against a dummy of the same cost."""
-        return self._run(self._check, password, pw_hash)
+        """Deferred[bool]. With ``pw_hash`` None (no such user), or one that is not even
+        text, it checks against a dummy hash of the same cost and answers False, so
+        the answer takes as long as for a real user."""
+        candidate = prehash(password)
+        if isinstance(pw_hash, str):
+            return self._bcrypt.checkpw(candidate, pw_hash)
+        d = self._dummy_hash()
+        d.addCallback(lambda dummy: self._bcrypt.checkpw(candidate, dummy))
+        return d.addCallback(lambda _: False)
 
     def warm_up(self):
         """Make the dummy hash now, so the first unknown-user login is not slower."""
-        return self._run(self._dummy_hash).addCallback(lambda _: None)
+        return self._dummy_hash().addCallback(lambda _: None)
 
-    def _hash(self, password):
-        return bcrypt.hashpw(prehash(password), bcrypt.gensalt(self._cost)).decode("ascii")
+    def close(self):
+        """Stop the backend; fires when it has stopped."""
+        return self._bcrypt.close()
 
     def _dummy_hash(self):
-        with self._dummy_lock:
-            if self._dummy is None:
-                self._dummy = bcrypt.hashpw(b"paxchat dummy password", bcrypt.gensalt(self._cost))
-            return self._dummy
+        if self._dummy is not None:
+            return defer.succeed(self._dummy)
+        waiter = defer.Deferred()
+        if self._dummy_waiters is None:
+            self._dummy_waiters = [waiter]
+            self._bcrypt.hashpw(_DUMMY_PASSWORD, self._cost).addBoth(self._dummy_made)
+        else:
+            self._dummy_waiters.append(waiter)
+        return waiter
 
-    def _check(self, password, pw_hash):
-        candidate = prehash(password)
-        if pw_hash is None:
-            bcrypt.checkpw(candidate, self._dummy_hash())
-            return False
-        try:
-            return bcrypt.checkpw(candidate, pw_hash.encode("ascii"))
-        except (ValueError, UnicodeEncodeError, AttributeError):
-            # A stored hash we cannot read matches nothing.
-            return False
-
-
-class HashPool:
-    """The threads bcrypt runs in: one fewer than the machine's cores.
-
-    A storm of logins then queues for those threads instead of taking every
-    core from the reactor thread, which keeps serving chat meanwhile. The
-    pool starts on first use and stops with the reactor.
-    """
-
-    def __init__(self, reactor, threads=None):
-        self._reactor = reactor
-        self.threads = threads or max(1, (os.cpu_count() or 2) - 1)
-        self._pool = None
-
-    def run(self, fn, *args):
-        if self._pool is None:
-            self._pool = ThreadPool(minthreads=0, maxthreads=self.threads, name="paxchat-bcrypt")
-            self._pool.start()
-            self._reactor.addSystemEventTrigger("during", "shutdown", self.stop)
-        return deferToThreadPool(self._reactor, self._pool, fn, *args)
-
-    def stop(self):
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.stop()
+    def _dummy_made(self, result):
+        waiters, self._dummy_waiters = self._dummy_waiters, None
+        if isinstance(result, str):
+            self._dummy = result
+        for waiter in waiters:
+            if isinstance(result, str):
+                waiter.callback(result)
+            else:
+                waiter.errback(result)
 
 
-def run_synchronously(fn, *args):
-    """A ``run_in_thread`` for tests: no thread, same Deferred interface."""
-    return defer.maybeDeferred(fn, *args)
+class InlineBcrypt:
+    """A backend that hashes at once, on the calling thread: for tests, at a low cost."""
+
+    def hashpw(self, secret, cost):
+        return defer.maybeDeferred(make_hash, secret, cost)
+
+    def checkpw(self, secret, hashed):
+        return defer.maybeDeferred(check_hash, secret, hashed)
+
+    def close(self):
+        return defer.succeed(None)
