@@ -270,7 +270,8 @@ def test_lease_reads_are_immediate_only_while_the_lease_holds():
     assert leader.ready().reads == ()
 
 
-def test_lagging_follower_gets_the_snapshot_in_chunks_then_the_tail():
+def _five_decided_while_one_is_cut_off():
+    """(net, leader, lagger): 10-byte snapshot chunks, slots 1-5 decided without ``lagger``."""
     cfg = Config(heartbeat_interval=0.05, election_timeout=0.3, snapshot_chunk_bytes=10)
     net = Net(3, cfg)
     leader = net.elect()
@@ -279,6 +280,11 @@ def test_lagging_follower_gets_the_snapshot_in_chunks_then_the_tail():
     for k in range(5):
         leader.propose(b"c%d" % k)
         net.step()
+    return net, leader, lagger
+
+
+def test_lagging_follower_gets_the_snapshot_in_chunks_then_the_tail():
+    net, leader, lagger = _five_decided_while_one_is_cut_off()
     data = b"application snapshot bytes " * 3
     for i in net.ids:
         if i != lagger:
@@ -298,14 +304,7 @@ def test_lagging_follower_gets_the_snapshot_in_chunks_then_the_tail():
 
 
 def test_a_snapshot_is_asked_for_only_when_a_peer_needs_one():
-    cfg = Config(heartbeat_interval=0.05, election_timeout=0.3, snapshot_chunk_bytes=10)
-    net = Net(3, cfg)
-    leader = net.elect()
-    lagger = leader.peers[0]
-    net.cut = {lagger}
-    for k in range(5):
-        leader.propose(b"c%d" % k)
-        net.step()
+    net, leader, lagger = _five_decided_while_one_is_cut_off()
     for i in net.ids:
         if i != lagger:
             net.reps[i].compact(net.reps[i].commit_index)      # no data: the state is durable
