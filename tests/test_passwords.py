@@ -10,6 +10,7 @@ import time
 import pytest
 import pytest_twisted
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from paxchat import bcrypt_worker
 from paxchat.server.bcryptprocess import BcryptWorkerError, ProcessBcrypt
@@ -191,3 +192,32 @@ def test_closing_fails_what_is_unanswered_and_the_child_exits_by_itself(workers)
         yield slow
     with pytest.raises(BcryptWorkerError):
         yield backend.checkpw(b"secret", "$2b$04$x")
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_node_stopped_before_its_dummy_hash_is_made_logs_no_failure(workers):
+    from twisted.internet import reactor
+    from twisted.logger import LogLevel, globalLogPublisher
+    from paxchat.server.factory import ChatServerFactory
+    from tests.server_support import test_settings
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        backend = workers(threads=1)
+        factory = ChatServerFactory(reactor, _NoLog(), None, test_settings(bcrypt_cost=14),
+                                    bcrypt=backend)
+        factory.startFactory()                       # starts the dummy hash (~1 s at cost 14)
+        yield _timed(factory.hasher.close())         # the node stops first
+        # A failure that is not the stop still is logged.
+        ChatServerFactory._warm_up_failed(Failure(BcryptWorkerError("the worker ended twice")))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    failures = [e for e in events if e.get("log_level") == LogLevel.critical]
+    assert len(failures) == 1 and "ended twice" in str(failures[0].get("log_failure").value)
+
+
+class _NoLog:
+    """The factory's command log, where nothing is submitted."""
+
+    def add_observer(self, observer):
+        pass

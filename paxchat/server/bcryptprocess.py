@@ -19,7 +19,7 @@ from twisted.logger import Logger
 import paxchat
 from paxchat.bcrypt_worker import NICE
 
-__all__ = ["BcryptWorkerError", "ProcessBcrypt"]
+__all__ = ["BcryptStopped", "BcryptWorkerError", "ProcessBcrypt"]
 
 log = Logger()
 
@@ -32,6 +32,10 @@ MAX_LINE_BYTES = 4096
 
 class BcryptWorkerError(Exception):
     """The bcrypt worker could not answer a request."""
+
+
+class BcryptStopped(BcryptWorkerError):
+    """The node is stopping: the bcrypt worker takes no more requests."""
 
 
 class _WorkerProtocol(protocol.ProcessProtocol):
@@ -91,7 +95,7 @@ class ProcessBcrypt:
     def close(self):
         """Stop the child; unanswered requests fail. Fires once it has exited."""
         self._closed = True
-        self._fail_all(BcryptWorkerError("the bcrypt worker is stopped"))
+        self._fail_all(BcryptStopped("the bcrypt worker is stopped"))
         worker = self._worker
         if worker is None:
             return defer.succeed(None)
@@ -106,7 +110,7 @@ class ProcessBcrypt:
 
     def _call(self, request):
         if self._closed:
-            return defer.fail(BcryptWorkerError("the bcrypt worker is stopped"))
+            return defer.fail(BcryptStopped("the bcrypt worker is stopped"))
         request_id = next(self._ids)
         request["id"] = request_id
         entry = [defer.Deferred(), request, 0]

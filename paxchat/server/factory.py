@@ -10,7 +10,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from .handlers import Handlers
-from .bcryptprocess import ProcessBcrypt
+from .bcryptprocess import BcryptStopped, ProcessBcrypt
 from .passwords import PasswordHasher
 from .protocol import ChatProtocol
 from .push import EventPusher
@@ -54,8 +54,13 @@ class ChatServerFactory(ServerFactory):
     def startFactory(self):
         if not self._warmed:
             self._warmed = True
-            self.hasher.warm_up().addErrback(
-                lambda failure: _log.failure("making the dummy password hash failed", failure))
+            self.hasher.warm_up().addErrback(self._warm_up_failed)
+
+    @staticmethod
+    def _warm_up_failed(failure):
+        if failure.check(BcryptStopped):
+            return None              # the node stopped first: nothing is wrong
+        _log.failure("making the dummy password hash failed", failure)
 
     def buildProtocol(self, addr):
         protocol = ChatProtocol(self.reactor, self.settings, self.handlers, self.registry)
