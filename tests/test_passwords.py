@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from paxchat import bcrypt_worker
 from paxchat.server.bcryptprocess import BcryptWorkerError, ProcessBcrypt
 from paxchat.server.passwords import InlineBcrypt, PasswordHasher, prehash
+from tests.cluster_support import wait_until
 
 TIMEOUT = 30
 
@@ -154,23 +155,12 @@ def test_a_request_the_worker_dies_on_twice_fails(workers):
     answer = backend.hashpw(b"secret", 14)           # ~1 s: time to kill it twice
     first = backend.pid
     os.kill(first, signal.SIGKILL)
-    yield _timed(_until(reactor, lambda: backend.pid not in (None, first)))
+    yield wait_until(reactor, lambda: backend.pid not in (None, first), TIMEOUT, "a new worker")
     os.kill(backend.pid, signal.SIGKILL)
     with pytest.raises(BcryptWorkerError, match="twice"):
         yield _timed(answer)
     # The next request starts a third worker.
     assert (yield _timed(backend.checkpw(b"x", "not a hash"))) is False
-
-
-def _until(reactor, condition, step=0.01):
-    """Poll ``condition`` on the reactor (the caller bounds the time)."""
-    from twisted.internet import task
-
-    @defer.inlineCallbacks
-    def poll():
-        while not condition():
-            yield task.deferLater(reactor, step, lambda: None)
-    return poll()
 
 
 @pytest_twisted.inlineCallbacks

@@ -101,9 +101,13 @@ class ProcessBcrypt:
             return defer.succeed(None)
         worker.transport.closeStdin()
         timer = self._reactor.callLater(CLOSE_GRACE_SECONDS, self._kill, worker)
-        worker.ended.addBoth(lambda _: timer.cancel() if timer.active() else None)
         ended = defer.Deferred()
-        worker.ended.addBoth(lambda _: ended.callback(None))
+
+        def exited(_):
+            if timer.active():
+                timer.cancel()
+            ended.callback(None)
+        worker.ended.addBoth(exited)
         return ended
 
     # -- requests ------------------------------------------------------------------

@@ -74,13 +74,11 @@ class PasswordHasher:
 
     def _dummy_made(self, result):
         waiters, self._dummy_waiters = self._dummy_waiters, None
-        if isinstance(result, str):
+        made = isinstance(result, str)
+        if made:
             self._dummy = result
         for waiter in waiters:
-            if isinstance(result, str):
-                waiter.callback(result)
-            else:
-                waiter.errback(result)
+            (waiter.callback if made else waiter.errback)(result)
 
 
 class InlineBcrypt:
