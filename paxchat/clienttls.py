@@ -1,43 +1,58 @@
-"""TLS on the client port, done by the standard library's ``ssl`` module.
+"""TLS on the client port: an ``ssl.SSLSocket`` over each accepted socket.
 
-A node holds one TLS connection per logged-in client, most of them idle.
+A node holds one TLS connection per logged-in client, most of them idle,
+so what a connection costs at rest matters more than anything else here.
 Twisted's own TLS layer (pyOpenSSL over the OpenSSL that ``cryptography``
-ships) costs ~34 KiB per idle connection; an ``ssl.SSLObject`` over two
-memory BIOs costs ~17 KiB, and its record work runs in C rather than
-through Python wrappers on every read and write (docs/performance.md has
-the figures). Peer links keep pyOpenSSL: they are few, and mutual TLS with
-the cluster CA is built on it (``paxchat.tls``).
+ships) costs ~34 KiB per idle connection; the standard library's ``ssl``
+module over memory BIOs ~16 KiB, of which ~2.5 KiB are the two BIOs and
+the buffers they keep at the size of the largest flight they ever carried
+(docs/performance.md has the figures). Here OpenSSL reads and writes the
+socket itself: no BIO buffers, no copy of each record through Python, and
+Twisted's reactor still owns the socket. Peer links keep pyOpenSSL: they
+are few, and mutual TLS with the cluster CA is built on it
+(``paxchat.tls``).
 
-L{TLSServerFactory} wraps the chat factory the way
-``twisted.protocols.tls.TLSMemoryBIOFactory`` does: the chat protocol sees
-a transport whose ``write`` encrypts and whose ``dataReceived`` is already
-decrypted; everything else (producers, pausing, ``abortConnection``,
-``setTcpNoDelay``) goes to the TCP transport underneath.
+L{TLSServerEndpoint} listens like ``TCP4ServerEndpoint``; each accepted
+connection is a L{TLSServer}, a ``tcp.Server`` whose socket is an
+``SSLSocket`` in non-blocking mode. The chat protocol sees an ordinary TCP
+transport: ``write`` encrypts, ``dataReceived`` is already decrypted, and
+producers, pausing, ``abortConnection`` and ``setTcpNoDelay`` are Twisted's.
+
+Non-blocking OpenSSL has one rule the reactor has to keep: a call that
+could not finish is repeated once the socket is ready for it. A read or
+handshake step that needs to write waits for the socket to be writable
+(``_wants_write``); a write that stopped midway returns 0, and Twisted's
+write buffer offers the same bytes again (Python sets
+``SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER``, so they may sit elsewhere).
+Renegotiation is refused, so a write never has to wait for a read.
 """
 
 from __future__ import annotations
 
+import errno
 import ssl
 
-from twisted.internet import error
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet import defer, error, main, tcp
+from twisted.internet.interfaces import IHandshakeListener, IStreamServerEndpoint
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-__all__ = ["HANDSHAKE_TIMEOUT_SECONDS", "TLSError", "TLSServerFactory", "server_context"]
+__all__ = ["HANDSHAKE_TIMEOUT_SECONDS", "TLSError", "TLSServer", "TLSServerEndpoint",
+           "TLSServerPort", "server_context"]
 
 log = Logger()
 
-_READ_CHUNK = 64 * 1024
 # A client that connects and never finishes its handshake is dropped after this long.
 HANDSHAKE_TIMEOUT_SECONDS = 10.0
+_WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS)
 
 
 def server_context(cert_path, key_path, minimum=ssl.TLSVersion.TLSv1_2) -> ssl.SSLContext:
     """A server context presenting the node's certificate; no client certificate is asked."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = minimum
+    context.options |= ssl.OP_NO_RENEGOTIATION
     context.load_cert_chain(str(cert_path), str(key_path))
     return context
 
@@ -46,103 +61,148 @@ class TLSError(error.ConnectionLost):
     """The TLS layer failed (a bad handshake, a corrupt record): the connection was dropped."""
 
 
-class _TLSServerProtocol(ProtocolWrapper):
-    """One connection: decrypts what TCP delivers, encrypts what the chat protocol writes."""
+class TLSServer(tcp.Server):
+    """One client connection: Twisted's TCP transport over an ``SSLSocket``.
 
-    def __init__(self, factory, wrapped):
-        super().__init__(factory, wrapped)
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._tls = factory.context.wrap_bio(self._incoming, self._outgoing, server_side=True)
-        self._handshaken = False
-        self._early = ()            # written by the chat protocol before the handshake finished
-        self._lose_after_handshake = False
-        self._reason = None         # why the TLS layer closed the connection
-        self._handshake_timer = None
+    The chat protocol's ``connectionMade`` runs when TCP connects, as on
+    plain TCP; what it writes before the handshake is done is held and sent
+    first. ``handshakeCompleted`` is called on protocols that listen for
+    it. A handshake not done ``handshake_timeout`` seconds after the
+    connection opened drops it (the protocol sees L{TLSError}).
+    """
 
-    # -- from TCP ----------------------------------------------------------------
+    # Class defaults: most connections never change them, so an idle one
+    # does not carry them.
+    _handshaken = False
+    _handshake_timer = None
+    _early = ()                    # written before the handshake finished
+    _lose_after_handshake = False
+    _wants_write = False           # a handshake or read step waits for room in the socket
+    _reason = None                 # why the TLS layer dropped the connection
 
-    def makeConnection(self, transport):
-        factory = self.factory
-        self._handshake_timer = factory.reactor.callLater(
-            factory.handshake_timeout, self._handshake_timed_out)
-        super().makeConnection(transport)
+    def __init__(self, sock, protocol, client, server, sessionno, reactor):
+        sock.setblocking(False)
+        sock = server.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        super().__init__(sock, protocol, client, server, sessionno, reactor)
+        self._handshake_timer = server.clock.callLater(
+            server.handshake_timeout, self._handshake_timed_out)
 
-    def dataReceived(self, data):
-        self._incoming.write(data)
-        if not self._handshaken and not self._handshake():
-            return
-        self._read()
+    # -- from the socket ----------------------------------------------------------
+
+    def doRead(self):
+        if not self._handshaken:
+            return self._handshake()
+        try:
+            data = self.socket.recv(self.bufferSize)
+        except ssl.SSLWantReadError:   # part of a record, or a record with no data in it
+            return None
+        except ssl.SSLWantWriteError:
+            return self._wait_for_room()
+        except ssl.SSLError as e:
+            return self._failed(e)
+        except OSError as e:
+            return None if e.errno in _WOULD_BLOCK else main.CONNECTION_LOST
+        if not data:                   # close_notify, or TCP closed without one
+            self._say_close_notify()
+            return main.CONNECTION_DONE
+        self.protocol.dataReceived(data)
+        return None
+
+    def doWrite(self):
+        if self._wants_write:
+            self._wants_write = False
+            if not self.disconnecting:
+                why = self.doRead()    # the step that waited for room goes on
+                if why is not None or self._wants_write:
+                    return why
+        return super().doWrite()
+
+    def writeSomeData(self, data):
+        if not data:
+            return 0
+        try:
+            return self.socket.send(memoryview(data)[:self.SEND_LIMIT])
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return 0                   # offered again, from the same byte, when there is room
+        except ssl.SSLError as e:
+            return self._failed(e)
+        except OSError as e:
+            return 0 if e.errno in _WOULD_BLOCK else main.CONNECTION_LOST
+
+    def _postLoseConnection(self):
+        """All that was written has gone out: close_notify, then close."""
+        if not self._say_close_notify():
+            self.startWriting()
+            return None
+        return super()._postLoseConnection()
 
     def connectionLost(self, reason):
         self._cancel_handshake_timer()
         if self._reason is not None:
-            reason = self._reason
+            reason = Failure(self._reason)
         self._early = ()
         super().connectionLost(reason)
-
-    def _cancel_handshake_timer(self):
-        timer, self._handshake_timer = self._handshake_timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-
-    def _handshake_timed_out(self):
-        self._handshake_timer = None
-        if self._handshaken:
-            return
-        self._reason = Failure(TLSError(
-            f"TLS: no handshake within {self.factory.handshake_timeout:g} s"))
-        self.transport.abortConnection()
 
     # -- TLS ---------------------------------------------------------------------
 
     def _handshake(self):
         try:
-            self._tls.do_handshake()
+            self.socket.do_handshake()
         except ssl.SSLWantReadError:
-            self._flush()
-            return False
-        except (ssl.SSLError, ValueError) as e:
-            self._fail(e)
-            return False
+            return None
+        except ssl.SSLWantWriteError:
+            return self._wait_for_room()
+        except ssl.SSLError as e:
+            return self._failed(e)
+        except (OSError, ValueError):  # reset before or during the handshake
+            return main.CONNECTION_LOST
         self._handshaken = True
         self._cancel_handshake_timer()
-        self._flush()
-        if IHandshakeListener.providedBy(self.wrappedProtocol):
-            self.wrappedProtocol.handshakeCompleted()
-        early, self._early = self._early, ()
+        if IHandshakeListener.providedBy(self.protocol):
+            self.protocol.handshakeCompleted()
+        early = self._early
         if early:
+            self._early = ()
             self.write(b"".join(early))
         if self._lose_after_handshake:
             self.loseConnection()
+        return None
+
+    def _wait_for_room(self):
+        self._wants_write = True
+        self.startWriting()
+        return None
+
+    def _say_close_notify(self):
+        """Send close_notify, not waiting for the client's; False if the socket has no room yet."""
+        if not self._handshaken or self._reason is not None:
+            return True
+        try:
+            self.socket.unwrap()
+        except ssl.SSLWantWriteError:
+            return False
+        except (OSError, ValueError):  # SSLWantReadError: the client's close_notify is not here
+            pass
         return True
 
-    def _read(self):
-        tls = self._tls
-        while self.wrappedProtocol is not None and self._reason is None:
-            try:
-                data = tls.read(_READ_CHUNK)
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLError as e:   # SSLZeroReturnError is not raised: read() gives b""
-                self._fail(e)
-                break
-            if not data:
-                # The client said close_notify: answer it and close.
-                self.loseConnection()
-                break
-            self.wrappedProtocol.dataReceived(data)
-        self._flush()
+    def _failed(self, exc):
+        self._reason = TLSError(f"TLS: {exc}")
+        log.debug("client TLS failed from {peer}: {error}", peer=self.getPeer(), error=exc)
+        return self._reason           # OpenSSL has sent its alert, if it made one
 
-    def _flush(self):
-        if self._outgoing.pending:
-            self.transport.write(self._outgoing.read())
+    def _handshake_timed_out(self):
+        self._handshake_timer = None
+        if self._handshaken or not self.connected:
+            return
+        self._reason = TLSError(f"TLS: no handshake within {self.server.handshake_timeout:g} s")
+        self.abortConnection()
 
-    def _fail(self, exc):
-        self._reason = Failure(TLSError(f"TLS: {exc}"))
-        log.debug("client TLS failed from {peer}: {error}", peer=self.transport.getPeer(), error=exc)
-        self._flush()                 # the alert, if OpenSSL made one
-        self.transport.loseConnection()
+    def _cancel_handshake_timer(self):
+        timer = self._handshake_timer
+        if timer is not None:
+            self._handshake_timer = None
+            if timer.active():
+                timer.cancel()
 
     # -- from the chat protocol ----------------------------------------------------
 
@@ -153,7 +213,7 @@ class _TLSServerProtocol(ProtocolWrapper):
     def write(self, data):
         if not isinstance(data, bytes):
             raise TypeError(f"Data must be bytes, not {type(data).__name__}")
-        if self.disconnecting or self._reason is not None or not data:
+        if self.disconnecting or not data:
             return
         if not self._handshaken:
             if self._early:
@@ -161,47 +221,54 @@ class _TLSServerProtocol(ProtocolWrapper):
             else:
                 self._early = [data]    # most connections never write early: no list for them
             return
-        try:
-            self._tls.write(data)
-        except ssl.SSLError as e:
-            self._fail(e)
-            return
-        self._flush()
+        super().write(data)
 
     def writeSequence(self, data):
         self.write(b"".join(data))
 
     def loseConnection(self):
-        if self.disconnecting:
-            return
-        if not self._handshaken and self._early:
+        if not self._handshaken and self._early and self.connected:
             self._lose_after_handshake = True
             return
-        self.disconnecting = True
-        if self._handshaken and self._reason is None:
-            try:
-                self._tls.unwrap()           # queues close_notify; we do not wait for the client's
-            except (ssl.SSLError, ValueError):  # SSLWantReadError: the client's is not here yet
-                pass
-            self._flush()
-        self.transport.loseConnection()
+        super().loseConnection()
 
 
-class TLSServerFactory(WrappingFactory):
-    """Wraps ``wrapped`` (the chat factory) so each connection speaks TLS with ``context``.
+class TLSServerPort(tcp.Port):
+    """A listening TCP port whose connections speak TLS with ``context`` (L{TLSServer})."""
 
-    A connection whose handshake is not done ``handshake_timeout`` seconds
-    after it opened is dropped (the chat protocol sees ``TLSError``).
-    """
+    transport = TLSServer
 
-    protocol = _TLSServerProtocol
-
-    def __init__(self, context: ssl.SSLContext, wrapped, reactor,
-                 handshake_timeout=HANDSHAKE_TIMEOUT_SECONDS):
-        super().__init__(wrapped)
+    def __init__(self, port, factory, context: ssl.SSLContext, reactor, backlog=50, interface="",
+                 handshake_timeout=HANDSHAKE_TIMEOUT_SECONDS, clock=None):
+        super().__init__(port, factory, backlog, interface, reactor)
         self.context = context
-        self.reactor = reactor
         self.handshake_timeout = handshake_timeout
+        self.clock = reactor if clock is None else clock   # for handshake timeouts
 
-    def logPrefix(self):
-        return f"{self.wrappedFactory.__class__.__name__} (TLS)"
+
+@implementer(IStreamServerEndpoint)
+class TLSServerEndpoint:
+    """``TCP4ServerEndpoint``, with TLS (``context``) on every connection it accepts."""
+
+    def __init__(self, reactor, port, context: ssl.SSLContext, interface="", backlog=50,
+                 handshake_timeout=HANDSHAKE_TIMEOUT_SECONDS, clock=None):
+        self._reactor = reactor
+        self._port = port
+        self._context = context
+        self._interface = interface
+        self._backlog = backlog
+        self._handshake_timeout = handshake_timeout
+        self._clock = clock
+
+    def __repr__(self):
+        return f"<TLSServerEndpoint {self._interface or '*'}:{self._port}>"
+
+    def listen(self, protocolFactory):
+        """Bind and listen at once (a bind error fails the returned Deferred before it returns)."""
+        return defer.execute(self._listen, protocolFactory)
+
+    def _listen(self, factory):
+        port = TLSServerPort(self._port, factory, self._context, self._reactor, self._backlog,
+                             self._interface, self._handshake_timeout, self._clock)
+        port.startListening()
+        return port

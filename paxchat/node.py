@@ -81,7 +81,7 @@ class NodeService(service.MultiService):
             for child in self:
                 if not child.running:  # one added while we run has started already
                     child.startService()
-            self.port = _listen_now(self.client_endpoint(), self.client_factory())
+            self.port = _listen_now(self.client_endpoint(), self.factory)
         except BaseException:
             self.running = 0
             for child in reversed(list(self)):
@@ -177,15 +177,12 @@ class NodeService(service.MultiService):
             self.reactor.stop()
 
     def client_endpoint(self):
-        """Where clients connect: the node's ``client`` address (TCP; see client_factory)."""
+        """Where clients connect: the node's ``client`` address, TLS on it when client_tls is on."""
         address = self.node.client
+        if self.client_tls_context is not None:
+            return clienttls.TLSServerEndpoint(self.reactor, address.port, self.client_tls_context,
+                                               interface=address.host)
         return endpoints.TCP4ServerEndpoint(self.reactor, address.port, interface=address.host)
-
-    def client_factory(self):
-        """The chat factory, wrapped in TLS (L{clienttls}) when client_tls is on."""
-        if self.client_tls_context is None:
-            return self.factory
-        return clienttls.TLSServerFactory(self.client_tls_context, self.factory, self.reactor)
 
     @defer.inlineCallbacks
     def stopService(self):

@@ -1,26 +1,28 @@
 """The client port's TLS layer (paxchat.clienttls) against Twisted's own TLS client.
 
-Both ends run over iosim's in-memory transports: no sockets, no reactor;
-``flush(pump)`` moves every byte (Twisted's client gathers small writes
-until its clock ticks, so the clock is advanced too).
+Real sockets on 127.0.0.1: OpenSSL reads and writes them itself, so what
+is under test is exactly what a node runs. Every wait is on a Deferred
+bounded by ``TIMEOUT``; the handshake timeout is driven by a ``Clock``.
 """
 
 from __future__ import annotations
 
+import socket
+import ssl
+
 import pytest
-from twisted.internet import protocol
-from twisted.internet.address import IPv4Address
+import pytest_twisted
+from twisted.internet import defer, endpoints, protocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.task import Clock
-from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.test import iosim
 from zope.interface import implementer
 
-from paxchat import clienttls, tls
+from paxchat import clienttls, tcp, tls
+from tests.cluster_support import wait_until
 from tests.test_tls import make_config
 
-ADDRESS = IPv4Address("TCP", "127.0.0.1", 7101)
+TIMEOUT = 10
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,7 @@ class App(protocol.Protocol):
         self.received = b""
         self.handshakes = 0
         self.lost = None
+        self._waits = []
 
     def connectionMade(self):
         if self.on_connect:
@@ -47,132 +50,273 @@ class App(protocol.Protocol):
 
     def handshakeCompleted(self):
         self.handshakes += 1
+        self._check()
 
     def dataReceived(self, data):
         self.received += data
         if self.on_data:
             self.on_data(self, data)
+        self._check()
 
     def connectionLost(self, reason):
         self.lost = reason
+        self._check()
+
+    def until(self, condition):
+        """A Deferred fired (bounded) once ``condition(self)`` holds."""
+        from twisted.internet import reactor
+        d = defer.Deferred()
+        self._waits.append((condition, d))
+        self._check()
+        return d.addTimeout(TIMEOUT, reactor)
+
+    def _check(self):
+        for wait in list(self._waits):
+            condition, d = wait
+            if condition(self):
+                self._waits.remove(wait)
+                d.callback(self)
 
 
-def connected(cluster, server_app, client_app=None, client_raw=False):
-    """(server app, client app, pump): our TLS server and a Twisted TLS (or raw TCP) client."""
-    client_app = client_app or App()
-    server_clock = Clock()
-    server_factory = clienttls.TLSServerFactory(
-        tls.client_server_context(cluster, 1), protocol.Factory.forProtocol(lambda: server_app),
-        server_clock)
-    if client_raw:
-        client_side = client_app
-    else:
-        client_factory = TLSMemoryBIOFactory(
-            tls.client_connection_options(cluster, "127.0.0.1"), True,
-            protocol.Factory.forProtocol(lambda: client_app), clock=Clock())
-        client_side = client_factory.buildProtocol(ADDRESS)
-    _, _, pump = iosim.connectedServerAndClient(
-        lambda: server_factory.buildProtocol(ADDRESS), lambda: client_side)
-    pump.tls_clock = None if client_raw else client_factory._clock
-    pump.server_clock = server_clock
-    flush(pump)
-    return server_app, client_app, pump
+class Served:
+    """A listening TLS port whose connections get the apps ``make_app`` builds."""
+
+    def __init__(self, port, clock):
+        self.port = port
+        self.clock = clock
+        self.apps = []
 
 
-def flush(pump):
-    for _ in range(100):
-        if pump.tls_clock is not None:
-            pump.tls_clock.advance(0)
-        if not pump.flush() and not (pump.tls_clock and pump.tls_clock.getDelayedCalls()):
-            return
-    raise AssertionError("still moving bytes after 100 rounds")
+@pytest.fixture
+def serve(cluster):
+    """``serve(make_app)``: listen on a free port; stopped after the test.
+
+    (The endpoint, L{clienttls.TLSServerEndpoint}, is what test_tls and
+    test_server_socket listen with.)
+    """
+    from twisted.internet import reactor
+    served = []
+
+    def start(make_app, port_class=clienttls.TLSServerPort):
+        clock = Clock()
+        factory = protocol.Factory()
+        record = Served(None, clock)
+
+        def build(addr):
+            app = make_app()
+            record.apps.append(app)
+            return app
+        factory.buildProtocol = build
+        port = port_class(0, factory, tls.client_server_context(cluster, 1), reactor,
+                          interface="127.0.0.1", clock=clock)
+        port.startListening()
+        record.port = port
+        served.append(record)
+        return record
+
+    yield start
+    for record in served:
+        for app in record.apps:
+            if app.lost is None and app.transport is not None:
+                app.transport.abortConnection()
+        pytest_twisted.blockon(record.port.stopListening())
 
 
-def test_round_trip_both_ways_and_large_writes(cluster):
+def dial(cluster, served, app, raw=False):
+    """Connect ``app`` to ``served`` with Twisted's TLS client (or plain TCP when ``raw``)."""
+    from twisted.internet import reactor
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", served.port.getHost().port,
+                                            timeout=TIMEOUT)
+    if not raw:
+        endpoint = endpoints.wrapClientTLS(tls.client_connection_options(cluster, "127.0.0.1"),
+                                           endpoint)
+    return endpoints.connectProtocol(endpoint, app).addTimeout(TIMEOUT, reactor)
+
+
+@defer.inlineCallbacks
+def connected(cluster, served, client=None):
+    """(server app, client app) once both ends have finished the handshake."""
+    client = client or App()
+    yield dial(cluster, served, client)
+    yield client.until(lambda app: app.handshakes)
+    server = served.apps[-1]
+    yield server.until(lambda app: app.handshakes)
+    return server, client
+
+
+@pytest_twisted.inlineCallbacks
+def test_round_trip_both_ways_and_large_writes(cluster, serve):
     big = bytes(range(256)) * 1200  # 300 KiB: many TLS records each way
-    server, client, pump = connected(
-        cluster, App(on_data=lambda app, data: app.transport.write(b"ok")))
+    served = serve(lambda: App(on_data=lambda app, data: app.transport.write(b"ok")))
+    server, client = yield connected(cluster, served)
     assert server.handshakes == 1 and client.handshakes == 1
     client.transport.write(b"ping\n")
-    flush(pump)
-    assert server.received == b"ping\n" and client.received == b"ok"
+    yield client.until(lambda app: app.received == b"ok")
+    assert server.received == b"ping\n"
     server.on_data = None
     server.transport.write(big)
     client.transport.write(big)
-    flush(pump)
+    yield client.until(lambda app: len(app.received) >= 2 + len(big))
+    yield server.until(lambda app: len(app.received) >= 5 + len(big))
     assert client.received == b"ok" + big
     assert server.received == b"ping\n" + big
 
 
-def test_writes_before_the_handshake_arrive_first_and_in_order(cluster):
+@pytest_twisted.inlineCallbacks
+def test_a_client_that_stops_reading_gets_every_byte_once_it_reads_again(cluster, serve):
+    """The socket fills, OpenSSL's writes stop midway, and the same bytes are offered again."""
+    served = serve(App)
+    server, client = yield connected(cluster, served)
+    transport = server.transport
+    results = []
+    write_some = transport.writeSomeData
+
+    def counted(data):
+        result = write_some(data)
+        results.append(result)
+        return result
+    transport.writeSomeData = counted
+    # Small socket buffers, so a 128 KiB write cannot fit once the client stops reading.
+    transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    client.transport.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    client.transport.pauseProducing()
+    payload = bytes(range(251)) * (32 * 1024)  # ~8 MiB
+    transport.write(payload)
+    from twisted.internet import reactor
+    yield wait_until(reactor, lambda: 0 in results, TIMEOUT, "the socket filled up")
+    client.transport.resumeProducing()
+    yield client.until(lambda app: len(app.received) >= len(payload))
+    assert client.received == payload
+    assert sum(r for r in results if isinstance(r, int)) == len(payload)
+
+
+@pytest_twisted.inlineCallbacks
+def test_writes_before_the_handshake_arrive_first_and_in_order(cluster, serve):
     def greet(app):
         app.transport.write(b"one,")
         app.transport.writeSequence([b"two,", b"three"])
-    server, client, pump = connected(cluster, App(on_connect=greet))
+    served = serve(lambda: App(on_connect=greet))
+    server, client = yield connected(cluster, served)
+    yield client.until(lambda app: len(app.received) >= 13)
     assert client.received == b"one,two,three"
     server.transport.write(b",four")
-    flush(pump)
+    yield client.until(lambda app: len(app.received) >= 18)
     assert client.received == b"one,two,three,four"
 
 
-def test_server_close_delivers_what_was_written_first(cluster):
-    server, client, pump = connected(cluster, App())
+@pytest_twisted.inlineCallbacks
+def test_server_close_sends_close_notify_after_what_was_written(cluster, serve):
+    served = serve(App)
+    server, client = yield connected(cluster, served)
     server.transport.write(b"bye\n")
     server.transport.loseConnection()
     server.transport.write(b"not sent")  # after loseConnection: dropped
-    flush(pump)
+    yield client.until(lambda app: app.lost is not None)
+    yield server.until(lambda app: app.lost is not None)
     assert client.received == b"bye\n"
-    assert isinstance(client.lost.value, ConnectionDone)
-    assert server.lost is not None
+    assert isinstance(client.lost.value, ConnectionDone)   # a clean TLS close, not a truncation
 
 
-def test_close_before_the_handshake_still_sends_early_writes(cluster):
+@pytest_twisted.inlineCallbacks
+def test_close_before_the_handshake_still_sends_early_writes(cluster, serve):
     def greet_and_go(app):
         app.transport.write(b"node is stopping\n")
         app.transport.loseConnection()
-    server, client, pump = connected(cluster, App(on_connect=greet_and_go))
+    served = serve(lambda: App(on_connect=greet_and_go))
+    client = App()
+    yield dial(cluster, served, client)
+    yield client.until(lambda app: app.lost is not None)
     assert client.received == b"node is stopping\n"
-    assert client.lost is not None and server.lost is not None
+    yield served.apps[-1].until(lambda app: app.lost is not None)
 
 
-def test_client_close_reaches_the_server_app(cluster):
-    server, client, pump = connected(cluster, App())
+@pytest_twisted.inlineCallbacks
+def test_client_close_reaches_the_server_app(cluster, serve):
+    served = serve(App)
+    server, client = yield connected(cluster, served)
     client.transport.loseConnection()
-    flush(pump)
+    yield server.until(lambda app: app.lost is not None)
+    yield client.until(lambda app: app.lost is not None)
     assert isinstance(server.lost.value, ConnectionDone)
     assert isinstance(client.lost.value, ConnectionDone)
 
 
-def test_a_plain_text_client_is_dropped_and_the_app_sees_nothing(cluster):
+@pytest_twisted.inlineCallbacks
+def test_a_plain_text_client_is_dropped_and_the_app_sees_nothing(cluster, serve):
+    served = serve(App)
     raw = App(on_connect=lambda app: app.transport.write(b'{"op": "create_account"}\n'))
-    server, client, pump = connected(cluster, App(), client_app=raw, client_raw=True)
+    yield dial(cluster, served, raw, raw=True)
+    yield raw.until(lambda app: app.lost is not None)
+    server = served.apps[-1]
+    yield server.until(lambda app: app.lost is not None)
     assert server.received == b"" and server.handshakes == 0
     assert isinstance(server.lost.value, clienttls.TLSError)
-    assert client.lost is not None
-    assert b"create_account" not in client.received
+    assert b"create_account" not in raw.received
 
 
-def test_writes_must_be_bytes(cluster):
-    server, client, pump = connected(cluster, App())
+@pytest_twisted.inlineCallbacks
+def test_writes_must_be_bytes_and_the_socket_is_reachable(cluster, serve):
+    served = serve(App)
+    server, client = yield connected(cluster, served)
     with pytest.raises(TypeError):
         server.transport.write("text")
     assert server.transport.getPeerCertificate() is None  # none asked of clients
+    assert tcp.keep_alive(server.transport, tcp.SERVER_KEEPALIVE)
+    assert tcp.no_delay(server.transport)
+    sock = server.transport.getHandle()
+    assert isinstance(sock, ssl.SSLSocket)
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
-def test_a_client_that_never_finishes_its_handshake_is_dropped(cluster):
+@pytest_twisted.inlineCallbacks
+def test_a_client_that_never_finishes_its_handshake_is_dropped(cluster, serve):
+    served = serve(App)
     silent = App()
-    server, client, pump = connected(cluster, App(), client_app=silent, client_raw=True)
-    pump.server_clock.advance(clienttls.HANDSHAKE_TIMEOUT_SECONDS - 0.1)
+    yield dial(cluster, served, silent, raw=True)
+    from twisted.internet import reactor
+    yield wait_until(reactor, lambda: served.apps, TIMEOUT, "the server accepted the connection")
+    server = served.apps[0]
+    served.clock.advance(clienttls.HANDSHAKE_TIMEOUT_SECONDS - 0.1)
     assert server.lost is None
-    pump.server_clock.advance(0.1)
-    flush(pump)
+    served.clock.advance(0.1)
+    yield server.until(lambda app: app.lost is not None)
     assert isinstance(server.lost.value, clienttls.TLSError)
     assert "no handshake" in str(server.lost.value)
-    assert silent.lost is not None
+    yield silent.until(lambda app: app.lost is not None)
 
 
-def test_a_finished_handshake_stops_the_clock(cluster):
-    server, client, pump = connected(cluster, App())
-    assert pump.server_clock.getDelayedCalls() == []
-    pump.server_clock.advance(clienttls.HANDSHAKE_TIMEOUT_SECONDS * 10)
+@pytest_twisted.inlineCallbacks
+def test_a_finished_handshake_stops_the_clock(cluster, serve):
+    served = serve(App)
+    server, client = yield connected(cluster, served)
+    assert served.clock.getDelayedCalls() == []
+    served.clock.advance(clienttls.HANDSHAKE_TIMEOUT_SECONDS * 10)
     assert server.lost is None and client.lost is None
+
+
+class _HandshakeWaitsForRoom(clienttls.TLSServer):
+    """Its first handshake step finds the socket full, as a slow network would make it."""
+
+    waited = 0
+
+    def _handshake(self):
+        if not type(self).waited:
+            type(self).waited += 1
+            return self._wait_for_room()
+        return super()._handshake()
+
+
+class _PortWaitingForRoom(clienttls.TLSServerPort):
+    transport = _HandshakeWaitsForRoom
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_handshake_step_that_waits_for_room_goes_on_when_the_socket_is_writable(
+        cluster, serve):
+    served = serve(App, port_class=_PortWaitingForRoom)
+    server, client = yield connected(cluster, served)
+    assert _HandshakeWaitsForRoom.waited == 1
+    client.transport.write(b"after\n")
+    yield server.until(lambda app: app.received == b"after\n")
+

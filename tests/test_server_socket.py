@@ -98,22 +98,21 @@ def server(request, tmp_path, server_overrides):
     factory = ChatServerFactory(reactor, log, worker, settings)
     if request.param == "tls":
         from paxchat import tls
-        from paxchat.clienttls import TLSServerFactory
+        from paxchat.clienttls import TLSServerEndpoint
         from paxchat.config import load
         ini = tmp_path / "cluster.ini"
         ini.write_text(f"[cluster]\nbcrypt_cost = 4\n[node.1]\nclient = 127.0.0.1:{port_number}\n"
                        f"peer = 127.0.0.1:{free_port()}\n")
         config = load(ini)
         tls.make_cluster_certs(config)
-        listen = TCP4ServerEndpoint(reactor, port_number, interface="127.0.0.1")
-        served = TLSServerFactory(tls.client_server_context(config, 1), factory, reactor)
+        listen = TLSServerEndpoint(reactor, port_number, tls.client_server_context(config, 1),
+                                   interface="127.0.0.1")
         dial = SSL4ClientEndpoint(reactor, "127.0.0.1", port_number,
                                   tls.client_connection_options(config, "127.0.0.1"))
     else:
         listen = TCP4ServerEndpoint(reactor, port_number, interface="127.0.0.1")
         dial = TCP4ClientEndpoint(reactor, "127.0.0.1", port_number)
-        served = factory
-    port = pytest_twisted.blockon(listen.listen(served))
+    port = pytest_twisted.blockon(listen.listen(factory))
     clients = []
 
     def connect():

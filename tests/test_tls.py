@@ -221,8 +221,7 @@ def serve(reactor, options, servers):
         return probe
     factory.buildProtocol = build
     if isinstance(options, stdlib_ssl.SSLContext):
-        return endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            clienttls.TLSServerFactory(options, factory, reactor))
+        return clienttls.TLSServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(factory)
     return endpoints.SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(factory)
 
 
