@@ -226,6 +226,10 @@ class TLSServer(tcp.Server):
     def writeSequence(self, data):
         self.write(b"".join(data))
 
+    def loseWriteConnection(self):
+        """Not offered: TCP's half-close would end TLS under a connection still reading."""
+        raise NotImplementedError("half-close is not offered on the TLS client port")
+
     def loseConnection(self):
         if not self._handshaken and self._early and self.connected:
             self._lose_after_handshake = True

@@ -320,3 +320,79 @@ def test_a_handshake_step_that_waits_for_room_goes_on_when_the_socket_is_writabl
     client.transport.write(b"after\n")
     yield server.until(lambda app: app.received == b"after\n")
 
+
+
+class _StdlibTLSClient(App):
+    """A client doing TLS by hand (``ssl`` over memory BIOs), so a test can send raw bytes."""
+
+    def __init__(self, context):
+        super().__init__()
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing)
+        self.handshaken = False
+
+    def connectionMade(self):
+        self._step()
+
+    def dataReceived(self, data):
+        self.incoming.write(data)
+        self._step()
+        self._check()
+
+    def _step(self):
+        if not self.handshaken:
+            try:
+                self.tls.do_handshake()
+                self.handshaken = True
+            except ssl.SSLWantReadError:
+                pass
+        if self.outgoing.pending:
+            self.transport.write(self.outgoing.read())
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_corrupt_record_after_the_handshake_drops_only_that_connection(cluster, serve):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(str(cluster.ca_path))
+    context.check_hostname = False
+    served = serve(App)
+    corrupt = _StdlibTLSClient(context)
+    yield dial(cluster, served, corrupt, raw=True)
+    yield corrupt.until(lambda app: app.handshaken)
+    corrupt.tls.write(b"hello\n")
+    record = bytearray(corrupt.outgoing.read())
+    record[-1] ^= 0xFF                    # the record's tag no longer matches
+    corrupt.transport.write(bytes(record))
+    server = served.apps[0]
+    yield server.until(lambda app: app.lost is not None)
+    assert isinstance(server.lost.value, clienttls.TLSError)
+    assert server.received == b""
+    yield corrupt.until(lambda app: app.lost is not None)
+    # The port still serves.
+    other_server, other = yield connected(cluster, served)
+    other.transport.write(b"still here\n")
+    yield other_server.until(lambda app: app.received == b"still here\n")
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_client_gone_in_the_middle_of_its_handshake_is_a_lost_connection(cluster, serve):
+    served = serve(App)
+    rude = App(on_connect=lambda app: app.transport.write(b"\x16\x03\x01\x02\x00\x01\x00\x01"))
+    yield dial(cluster, served, rude, raw=True)
+    from twisted.internet import reactor
+    yield wait_until(reactor, lambda: served.apps, TIMEOUT, "the server accepted the connection")
+    rude.transport.abortConnection()        # a reset, half a ClientHello sent
+    server = served.apps[0]
+    yield server.until(lambda app: app.lost is not None)
+    assert server.handshakes == 0 and server.received == b""
+    assert served.clock.getDelayedCalls() == []   # its handshake timer is gone with it
+
+
+@pytest_twisted.inlineCallbacks
+def test_half_close_is_refused_rather_than_ending_tls_under_a_reading_connection(cluster, serve):
+    served = serve(App)
+    server, client = yield connected(cluster, served)
+    with pytest.raises(NotImplementedError):
+        server.transport.loseWriteConnection()
+    client.transport.write(b"still read\n")
+    yield server.until(lambda app: app.received == b"still read\n")
