@@ -166,7 +166,11 @@ class TLSServer(tcp.Server):
             self.write(b"".join(early))
         if self._lose_after_handshake:
             self.loseConnection()
-        return None
+            return None
+        # What came with the client's Finished is read now, not when the
+        # socket next wakes the reactor (OpenSSL reads record by record,
+        # so it is still in the socket; this does not rely on that).
+        return self.doRead() if not self.disconnecting else None
 
     def _wait_for_room(self):
         self._wants_write = True
