@@ -55,6 +55,7 @@ EXPECTED = {
     "connections": "kib_per_connection=",
     "loginstorm": "chat_p99_vs_quiet=",
     "apply": "us_per_command=",
+    "tlsmemory": "vs_pyopenssl=",
 }
 # Benchmarks that measure etcd too and print the ratio.
 COMPARED = {"writes", "failover", "catchup"}
