@@ -306,6 +306,67 @@ def test_typed_ahead_lines_go_to_password_prompts_in_order():
     assert transport.disconnecting
 
 
+def _shell_protocol(client, first=None):
+    """A ShellProtocol over a StringTransport; (protocol, transport, done)."""
+    from twisted.internet.testing import StringTransport
+    from paxchat.client.shell import ShellProtocol
+    done = defer.Deferred()
+
+    def make_shell(proto):
+        shell = Shell(client, proto.write, proto.ask_secret, proto.transport.loseConnection)
+        if first is not None:
+            proto.run_first(first(shell))
+        return shell
+    proto = ShellProtocol(make_shell, done, stdin_fd=-1)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport, done
+
+
+def test_end_of_input_runs_every_line_read_before_it_then_ends():
+    sent = defer.Deferred()
+
+    class Client(StubClient):
+        def send_message(self, to, body):
+            self.calls.append(("send_message", (to, body), {}))
+            return sent
+    client = Client({"read_messages": {"messages": [], "unread": 0}})
+    proto, transport, done = _shell_protocol(client)
+    proto.dataReceived(b"send bob hi there\nread")   # the last line has no newline
+    proto.readConnectionLost()                          # as `printf ... | paxchat` ends
+    assert not transport.disconnecting                  # the send is still running
+    sent.callback({"message_id": 7})
+    assert [c[0] for c in client.calls] == ["send_message", "read_messages"]
+    assert client.calls[0][1] == ("bob", "hi there")
+    assert transport.disconnecting                      # then it ends, as quit would
+    proto.connectionLost()
+    assert done.called
+
+
+def test_end_of_input_at_a_password_prompt_fails_the_login_and_ends():
+    logins = []
+
+    class Client(StubClient):
+        def login(self, username, password):
+            logins.append(password)
+            return defer.succeed({"session": "t", "unread": 0})
+    proto, transport, done = _shell_protocol(Client())
+    proto.dataReceived(b"login alice\n")
+    assert not transport.disconnecting                  # waiting for the password
+    proto.readConnectionLost()
+    assert logins == []
+    assert "input closed" in transport.value().decode()
+    assert transport.disconnecting
+
+
+def test_end_of_input_after_stdout_closed_still_ends_the_program():
+    proto, transport, done = _shell_protocol(StubClient())
+    proto.writeConnectionLost()                         # e.g. piped into a pager that quit
+    assert not done.called                              # input may still come
+    proto.readConnectionLost()
+    assert done.called
+
+
 def test_shell_says_why_it_reconnects():
     from paxchat.client.api import Status
     shell, lines = shell_with(StubClient({}))

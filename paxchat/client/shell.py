@@ -13,7 +13,9 @@ import sys
 from typing import Callable
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
 
 from .cli_format import HELP, format_accounts, format_message, format_messages
 from .explain import explain
@@ -175,8 +177,15 @@ def _int_or(text, default):
     return int(text) if text.isdigit() and int(text) > 0 else None
 
 
+@implementer(IHalfCloseableProtocol)
 class ShellProtocol(LineReceiver):
-    """stdin/stdout for a Shell: a prompt, no-echo password lines, output that does not mangle it."""
+    """stdin/stdout for a Shell: a prompt, no-echo password lines, output that does not mangle it.
+
+    End of input (Ctrl-D, or the end of a file piped in) ends the program
+    the way ``quit`` does, but only after every line read before it has run,
+    so ``printf 'send bob hi\\n' | paxchat --user alice`` sends. Half-closeable,
+    so stdout stays open while those lines still print.
+    """
 
     delimiter = os.linesep.encode()
 
@@ -190,6 +199,8 @@ class ShellProtocol(LineReceiver):
         self._saved_tty = None
         self._lines: list[str] = []   # typed ahead, not consumed yet
         self._busy = False            # a command (or start-up work) is running
+        self._input_ended = False
+        self._output_closed = False
 
     def run_first(self, work: Callable[[], defer.Deferred]):
         """Run start-up work (logging in) before the first typed command."""
@@ -218,6 +229,9 @@ class ShellProtocol(LineReceiver):
         if self._lines:  # typed ahead already
             self.transport.write(os.linesep.encode())
             return defer.succeed(self._lines.pop(0))
+        if self._input_ended:
+            self.transport.write(os.linesep.encode())
+            return defer.fail(EOFError("input closed"))
         self._echo(False)
         self._secret = defer.Deferred()
         return self._secret
@@ -259,9 +273,36 @@ class ShellProtocol(LineReceiver):
 
     def _finished(self, _):
         self._busy = False
-        if not self._lines:
+        if not self._lines and not self._input_ended:
             self._prompt()
         self._pump()
+        self._end_if_input_done()
+
+    def readConnectionLost(self):
+        """End of input: run what is left of it, then end as ``quit`` would."""
+        last = self.clearLineBuffer()     # a last line with no newline still counts
+        self._input_ended = True
+        if last.strip():
+            self.lineReceived(last)
+        if self._secret is not None:      # a password prompt that will never be answered
+            d, self._secret = self._secret, None
+            self._echo(True)
+            self.transport.write(os.linesep.encode())
+            d.errback(EOFError("input closed"))
+        self._end_if_input_done()
+
+    def writeConnectionLost(self):
+        """stdout was closed (a pager quit): go on until input ends, showing nothing."""
+        self._output_closed = True
+        self._end_if_input_done()
+
+    def _end_if_input_done(self):
+        if not self._input_ended or self._busy or self._lines or self._secret is not None:
+            return
+        if self._output_closed:
+            self.connectionLost()         # nothing left to flush, and no transport to say so
+        elif self.transport is not None and not self.transport.disconnecting:
+            self.transport.loseConnection()
 
     def connectionLost(self, reason=None):
         self._echo(True)
