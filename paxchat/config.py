@@ -82,6 +82,9 @@ class ClusterConfig:
     # account (bursts of 2.5 s worth pass): a guard against runaway clients.
     writes_per_connection: float = 200.0
     writes_per_account: float = 400.0
+    # Client connections a node holds at once, logged in or not; past it a new
+    # one is told to go elsewhere (node_stopping, reason "full") and closed.
+    max_clients: int = 10000
     source_name: str = field(default="", repr=False)
 
     def node(self, node_id) -> NodeConfig:
@@ -181,6 +184,7 @@ _CLUSTER_KEYS = {
     "session_ttl": _number(float, 0, low_open=True),
     "writes_per_connection": _number(float, 0, low_open=True),
     "writes_per_account": _number(float, 0, low_open=True),
+    "max_clients": _number(int, 1),
 }
 
 

@@ -32,7 +32,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
                    2.5, 5.0, 10.0)
 ROLES = ("leader", "follower", "candidate", "standalone")
 # Numeric fields of the log's status() become gauges paxchat_<key>; these have their own.
-_NOT_GAUGES = {"node", "leader", "ballot", "clients", "running", "role", "peers"}
+_NOT_GAUGES = {"node", "leader", "ballot", "clients", "running", "role", "peers",
+               "clients_turned_away"}
 _METRIC_NAME = re.compile(r"[a-z_][a-z0-9_]*\Z")
 _GAUGE_HELP = {
     "commit_index": "Highest slot of the contiguous chosen prefix.",
@@ -42,6 +43,7 @@ _GAUGE_HELP = {
     "held_commands": "Commands waiting for a leader to be known.",
     "pending_reads": "Linearizable reads waiting for their read index.",
     "log_bytes": "Size of the Paxos log's current segment, in bytes.",
+    "connections": "Client connections open on this node, logged in or not (max_clients caps it).",
 }
 
 
@@ -50,8 +52,9 @@ def node_status(node):
 
     The command log's ``status()`` when it has one (the replicated log);
     otherwise what a LocalLog tells: it is the only node, so it leads.
-    Adds ``clients`` (logged-in connections) and, from the peer transport,
-    ``peers`` when the log does not give them.
+    Adds ``clients`` (logged-in connections), ``connections`` (all open
+    ones), ``clients_turned_away`` (at ``max_clients``) and, from the peer
+    transport, ``peers`` when the log does not give them.
     """
     log_ = node.log
     status = {}
@@ -74,6 +77,9 @@ def node_status(node):
     factory = getattr(node, "factory", None)
     registry = getattr(factory, "registry", None)
     status["clients"] = len(registry) if registry is not None else None
+    connections = getattr(factory, "connections", None)
+    status["connections"] = len(connections) if connections is not None else None
+    status["clients_turned_away"] = getattr(factory, "turned_away_total", None)
     status["running"] = bool(node.running)
     return status
 
@@ -178,6 +184,13 @@ class _StatusCollector:
             gauge = GaugeMetricFamily("paxchat_clients", "Client connections logged in on this node.")
             gauge.add_metric([], clients)
             yield gauge
+        turned_away = _number(status.get("clients_turned_away"))
+        if turned_away is not None:
+            counter = CounterMetricFamily(
+                "paxchat_clients_turned_away",
+                "Client connections turned away because the node held max_clients.")
+            counter.add_metric([], turned_away)
+            yield counter
         if status["peers"]:
             gauge = GaugeMetricFamily("paxchat_peer_up", "1 while the link to that peer is up.",
                                       labels=["peer"])

@@ -90,3 +90,15 @@ def test_with_a_single_node_it_reconnects_to_that_node():
     assert again.port == 7101
     again.handshake(resume_user="alice")
     assert client.connected and events == [STOPPING]
+
+
+def test_a_full_node_is_left_like_a_stopping_one_and_the_status_says_it_is_full():
+    full = {"event": "node_stopping", "reason": "full"}
+    reactor, client, nodes, conn, statuses, events = logged_in()
+    conn.push(full)
+    assert conn.transport.disconnecting
+    conn.drop()
+    reactor.advance(0)
+    assert statuses[-1].state == "reconnecting"
+    assert statuses[-1].detail == "node 1 is full"
+    assert nodes.pending_ports() == [7102]  # another node; the full one is tried last

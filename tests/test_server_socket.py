@@ -231,3 +231,17 @@ def test_a_client_that_never_reads_is_dropped_and_others_go_on(server):
     assert (yield sender.ok("hello"))["protocol"] == 1
     other = yield server()
     yield other.ok("login", username="lazy", password="lazy-password")
+
+
+@pytest.mark.parametrize("server_overrides", [dict(max_clients=1)])
+@pytest_twisted.inlineCallbacks
+def test_a_full_node_tells_a_new_client_to_go_elsewhere_over_a_real_socket(server):
+    held = yield server()
+    yield held.ok("hello")
+    extra = yield server()
+    event = yield extra.next_event()
+    assert event == {"event": "node_stopping", "reason": "full"}
+    from twisted.internet import reactor
+    yield extra.lost.addTimeout(TIMEOUT, reactor)
+    assert server.factory.turned_away_total == 1
+    assert (yield held.ok("hello"))["protocol"] == 1   # the one it holds goes on

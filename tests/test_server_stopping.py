@@ -90,3 +90,52 @@ def test_a_closed_connection_leaves_the_set():
     server.factory.close_all("shutdown", grace=1)
     assert other.transport.value().endswith(
         json.dumps({"event": "node_stopping", "reason": "shutdown"}, separators=(",", ":")).encode() + b"\n")
+
+
+def test_a_full_node_turns_new_connections_away_as_a_stopping_node_would():
+    from paxchat.metrics import node_status
+    from .server_support import test_settings
+    server = Server(settings=test_settings(max_clients=2))
+    first, second = server.connect(), server.connect()
+    extra = server.connect()
+    assert extra.events() == [{"event": "node_stopping", "reason": "full"}]
+    assert extra.transport.disconnecting
+    extra.send(op="create_account", username="mallory", password=PW)  # not read
+    assert [m for m in extra.received() if "event" not in m] == []
+    assert server.factory.connections == {first.proto, second.proto}
+    assert server.factory.turned_away_total == 1
+    # The two it holds are served as usual.
+    assert first.ok("create_account", username="alice", password=PW) == {"username": "alice"}
+    # Once one leaves there is room again.
+    gone(extra)
+    gone(second)
+    again = server.connect()
+    assert again.events() == []
+    assert server.factory.connections == {first.proto, again.proto}
+    assert not again.transport.disconnecting
+
+    class Node(list):                             # what node_status reads: no child services
+        node_id, log, running = 1, None, True
+    Node.factory = server.factory
+    status = node_status(Node())
+    assert status["connections"] == 2 and status["clients_turned_away"] == 1
+
+
+def test_turned_away_connections_are_logged_once_a_minute_at_most():
+    from twisted.logger import globalLogPublisher
+    from paxchat.server.factory import TURNED_AWAY_LOG_SECONDS
+    from .server_support import test_settings
+    seen = []
+    observer = lambda event: seen.append(event) if "turned away" in event.get("log_format", "") else None
+    globalLogPublisher.addObserver(observer)
+    try:
+        server = Server(settings=test_settings(max_clients=1))
+        server.connect()
+        for _ in range(5):
+            server.connect()
+        assert [e["count"] for e in seen] == [1]
+        server.clock.advance(TURNED_AWAY_LOG_SECONDS)
+        server.connect()
+        assert [e["count"] for e in seen] == [1, 5]
+    finally:
+        globalLogPublisher.removeObserver(observer)

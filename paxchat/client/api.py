@@ -457,7 +457,10 @@ class PaxchatClient:
             except Exception:
                 self.log.failure("event callback failed")
         if event.get("event") == "node_stopping" and proto is not None:
-            self._leave_node(proto, f"is stopping ({event.get('reason')})", "node {node} is stopping")
+            if event.get("reason") == "full":   # it holds max_clients connections already
+                self._leave_node(proto, "is full", "node {node} is full")
+            else:
+                self._leave_node(proto, f"is stopping ({event.get('reason')})", "node {node} is stopping")
 
     def _leave_node(self, proto, why, detail):
         """Close ``proto`` on purpose; ``_lost`` moves on to another node, this one tried last.

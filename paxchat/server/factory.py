@@ -19,6 +19,8 @@ from .sessions import ConnectionRegistry
 
 _log = Logger()
 
+# A node turning connections away logs it at most this often.
+TURNED_AWAY_LOG_SECONDS = 60.0
 # After aborting the last connections at a stop, how long to wait for them to be gone.
 ABORT_WAIT_SECONDS = 1.0
 
@@ -49,6 +51,9 @@ class ChatServerFactory(ServerFactory):
         )
         log.add_observer(EventPusher(self.registry))
         self.connections = set()  # every open ChatProtocol, logged in or not
+        self.turned_away_total = 0  # connections turned away at max_clients
+        self._turned_away_logged = 0  # the total when it was last logged
+        self._turned_away_log_at = None
         self._warmed = False
 
     def startFactory(self):
@@ -61,6 +66,19 @@ class ChatServerFactory(ServerFactory):
         if failure.check(BcryptStopped):
             return None              # the node stopped first: nothing is wrong
         _log.failure("making the dummy password hash failed", failure)
+
+    def turned_away(self):
+        """Count a connection turned away because the node is full; log it, once a minute at most."""
+        self.turned_away_total += 1
+        now = self.reactor.seconds()
+        if self._turned_away_log_at is not None and now < self._turned_away_log_at:
+            return
+        self._turned_away_log_at = now + TURNED_AWAY_LOG_SECONDS
+        _log.warn("{max_clients} client connections open (max_clients): turned away {count} "
+                  "new one(s) since the last report; their clients move to another node",
+                  max_clients=self.settings.max_clients,
+                  count=self.turned_away_total - self._turned_away_logged)
+        self._turned_away_logged = self.turned_away_total
 
     def buildProtocol(self, addr):
         protocol = ChatProtocol(self.reactor, self.settings, self.handlers, self.registry)

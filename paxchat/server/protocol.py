@@ -145,12 +145,30 @@ class ChatProtocol(Protocol):
     # Connection life
 
     def connectionMade(self):
+        connections = getattr(self.factory, "connections", None)
+        if connections is not None and len(connections) >= self._settings.max_clients:
+            self._turn_away()
+            return
         no_delay(self.transport)
         keep_alive(self.transport, SERVER_KEEPALIVE)  # a client that vanished is dropped, not kept
         self.transport.registerProducer(_OutputGate(self), True)
-        connections = getattr(self.factory, "connections", None)
         if connections is not None:
             connections.add(self)
+
+    def _turn_away(self):
+        """The node holds ``max_clients`` connections: tell this one to go elsewhere, and close.
+
+        The client hears what a stopping node says (``node_stopping``, reason
+        ``full``), so paxchat's client moves to another node at once and
+        tries this one last. No request is read from the connection (under
+        TLS the handshake still runs, to deliver the event).
+        """
+        self._closing = True
+        turned_away = getattr(self.factory, "turned_away", None)
+        if turned_away is not None:
+            turned_away()
+        self.send_event({"event": "node_stopping", "reason": "full"})
+        self.transport.loseConnection()
 
     def connectionLost(self, reason):
         self.connected = False

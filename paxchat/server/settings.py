@@ -40,6 +40,8 @@ class ServerSettings:
     # Bytes the server may write to a connection whose client stopped reading
     # before it drops that connection.
     max_output_backlog: int = 1 << 20
+    # Client connections the node holds at once (cluster.ini ``max_clients``).
+    max_clients: int = 10000
 
     @classmethod
     def from_config(cls, config, node_id, **overrides):
@@ -54,5 +56,6 @@ class ServerSettings:
             session_ttl=config.session_ttl,
             writes_per_connection=_writes(config.writes_per_connection),
             writes_per_account=_writes(config.writes_per_account),
+            max_clients=config.max_clients,
             **overrides,
         )
