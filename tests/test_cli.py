@@ -367,6 +367,38 @@ def test_end_of_input_after_stdout_closed_still_ends_the_program():
     assert done.called
 
 
+def test_after_end_of_input_a_client_that_reaches_no_server_gives_up_with_status_1():
+    never = defer.Deferred()
+
+    class Client(StubClient):
+        def read_messages(self, limit=None):
+            return never                                # waits for a server, as when all are down
+    proto, transport, done = _shell_protocol(Client())
+    proto.offline(True)                                 # input still open: someone may wait
+    assert not transport.disconnecting
+    proto.dataReceived(b"read\nsend bob not run\n")
+    proto.readConnectionLost()
+    assert transport.disconnecting and proto.exit_status == 1
+    assert "not run" in transport.value().decode()
+    proto.connectionLost()
+    assert done.result == 1
+
+
+def test_end_of_input_waits_for_a_command_while_the_client_is_only_reconnecting():
+    later = defer.Deferred()
+
+    class Client(StubClient):
+        def read_messages(self, limit=None):
+            return later
+    proto, transport, done = _shell_protocol(Client())
+    proto.dataReceived(b"read\n")
+    proto.readConnectionLost()
+    proto.offline(False)                                # reconnecting, not given up
+    assert not transport.disconnecting
+    later.callback({"messages": [], "unread": 0})
+    assert transport.disconnecting and proto.exit_status == 0
+
+
 def test_shell_says_why_it_reconnects():
     from paxchat.client.api import Status
     shell, lines = shell_with(StubClient({}))

@@ -55,6 +55,8 @@ def run_interactive(reactor, config, args, console) -> defer.Deferred:
     def on_status(status):
         if "shell" in holder:
             holder["shell"].on_status(status)
+        if "proto" in holder:
+            holder["proto"].offline(status.state == "failed")
 
     client = make_client(reactor, config, args, on_event=on_event, on_status=on_status)
     cache = None if args.no_session_cache else SessionCache()
@@ -62,6 +64,7 @@ def run_interactive(reactor, config, args, console) -> defer.Deferred:
     def make_shell(proto):
         shell = Shell(client, proto.write, proto.ask_secret, lambda: proto.transport.loseConnection())
         holder["shell"] = shell
+        holder["proto"] = proto
         if args.user:
             proto.run_first(lambda: startup_login(shell, args.user, console.env, cache))
         else:
@@ -71,7 +74,7 @@ def run_interactive(reactor, config, args, console) -> defer.Deferred:
 
     stdio.StandardIO(ShellProtocol(make_shell, done), reactor=reactor)
 
-    def finish(_):
-        return client.close().addCallback(lambda _: 0)
+    def finish(status):
+        return client.close().addCallback(lambda _: status or 0)
 
     return done.addCallback(finish)

@@ -184,7 +184,10 @@ class ShellProtocol(LineReceiver):
     End of input (Ctrl-D, or the end of a file piped in) ends the program
     the way ``quit`` does, but only after every line read before it has run,
     so ``printf 'send bob hi\\n' | paxchat --user alice`` sends. Half-closeable,
-    so stdout stays open while those lines still print.
+    so stdout stays open while those lines still print. Once input has
+    ended nobody is there to wait for the cluster to come back: when the
+    client has tried every server in vain (``offline(True)``), the rest is
+    given up and the program ends with status 1 (``done`` fires with it).
     """
 
     delimiter = os.linesep.encode()
@@ -201,6 +204,8 @@ class ShellProtocol(LineReceiver):
         self._busy = False            # a command (or start-up work) is running
         self._input_ended = False
         self._output_closed = False
+        self._offline = False         # the client tried every server in vain
+        self.exit_status = 0
 
     def run_first(self, work: Callable[[], defer.Deferred]):
         """Run start-up work (logging in) before the first typed command."""
@@ -296,8 +301,19 @@ class ShellProtocol(LineReceiver):
         self._output_closed = True
         self._end_if_input_done()
 
+    def offline(self, is_offline: bool):
+        """The client reached no server after trying them all (True), or reached one again."""
+        self._offline = is_offline
+        self._end_if_input_done()
+
     def _end_if_input_done(self):
-        if not self._input_ended or self._busy or self._lines or self._secret is not None:
+        if not self._input_ended:
+            return
+        if self._offline and (self._busy or self._lines):
+            self._lines.clear()
+            self.exit_status = 1
+            self.write("No server is reachable: the rest of the input is not run.")
+        elif self._busy or self._lines or self._secret is not None:
             return
         if self._output_closed:
             self.connectionLost()         # nothing left to flush, and no transport to say so
@@ -310,4 +326,4 @@ class ShellProtocol(LineReceiver):
             d, self._secret = self._secret, None
             d.errback(EOFError("input closed"))
         if not self.done.called:
-            self.done.callback(None)
+            self.done.callback(self.exit_status)
