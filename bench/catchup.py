@@ -64,10 +64,7 @@ async def run_paxchat(reactor, ctx, counts):
     users = []
     results = {}
     try:
-        await cluster.start()
-        targets = load.PaxchatTargets(reactor, cluster.config)
-        node_ids = cluster.node_ids
-        leader, replicated = await load.wait_for_leader(reactor, targets, node_ids)
+        targets, node_ids, leader, replicated = await load.start_cluster(reactor, cluster)
         if not replicated:
             ctx.say(f"[{NAME}] paxchat skipped: the nodes are independent single-node servers "
                     "(no replicated log), a follower has nothing to catch up on")

@@ -39,10 +39,7 @@ async def run(reactor, ctx):
     cluster = PaxchatCluster(reactor, ctx.workdir("connections-paxchat"), bcrypt_cost=4)
     users = []
     try:
-        await cluster.start()
-        targets = load.PaxchatTargets(reactor, cluster.config)
-        node_ids = cluster.node_ids
-        leader, replicated = await load.wait_for_leader(reactor, targets, node_ids)
+        targets, node_ids, leader, replicated = await load.start_cluster(reactor, cluster)
         node = leader if replicated else node_ids[0]
         creator = next(n for n in node_ids if n != node) if replicated else node
         count = size["clients"]

@@ -67,14 +67,28 @@ async def one_round(reactor, writers, kill, timeout=60.0):
         await running
 
 
+async def rounds(reactor, ctx, size, writers, leader, kill, back, system, what):
+    """Kill the leader ``size["rounds"]`` times; the seconds until writes succeed, per round.
+
+    ``back(victim)`` restarts the killed one and returns the leader after it.
+    """
+    times = []
+    for round_ in range(size["rounds"]):
+        await load.sleep(reactor, size["before"])
+        victim = leader
+        took = await one_round(reactor, writers, lambda: kill(victim))
+        times.append(took)
+        ctx.say(f"[{NAME}] {system} round {round_ + 1}: {what} {victim} killed, "
+                f"writes again after {took:.3f}s")
+        leader = await back(victim)
+    return times
+
+
 async def run_paxchat(reactor, ctx, size):
     cluster = PaxchatCluster(reactor, ctx.workdir("failover-paxchat"), bcrypt_cost=4)
     users = []
     try:
-        await cluster.start()
-        targets = load.PaxchatTargets(reactor, cluster.config)
-        node_ids = cluster.node_ids
-        leader, replicated = await load.wait_for_leader(reactor, targets, node_ids)
+        targets, node_ids, leader, replicated = await load.start_cluster(reactor, cluster)
         if not replicated:
             ctx.say(f"[{NAME}] paxchat skipped: the nodes are independent single-node servers "
                     "(no replicated log), there is no leader to kill")
@@ -85,17 +99,12 @@ async def run_paxchat(reactor, ctx, size):
         writers = population.writers(users, sinks, node_ids)
         for writer in writers:
             writer.timeout = RETRY_AFTER
-        times = []
-        for round_ in range(size["rounds"]):
-            await load.sleep(reactor, size["before"])
-            victim = leader
-            took = await one_round(reactor, writers, lambda: cluster.kill(victim))
-            times.append(took)
-            ctx.say(f"[{NAME}] paxchat round {round_ + 1}: node {victim} killed, "
-                    f"writes again after {took:.3f}s")
+
+        async def back(victim):
             cluster.restart(victim)
             await cluster.wait_ready([victim])
-            leader, _ = await load.wait_for_leader(reactor, targets, node_ids)
+            return (await load.wait_for_leader(reactor, targets, node_ids))[0]
+        times = await rounds(reactor, ctx, size, writers, leader, cluster.kill, back, "paxchat", "node")
         figures = summarize(times)
         ctx.record(NAME, "paxchat", "leader killed", **figures)
         return figures
@@ -115,17 +124,12 @@ async def run_etcd(reactor, ctx, size):
         writers = await population.etcd_writers(reactor, cluster, homes, "f")
         for writer in writers:
             writer.timeout = RETRY_AFTER
-        times = []
-        for round_ in range(size["rounds"]):
-            await load.sleep(reactor, size["before"])
-            victim = leader
-            took = await one_round(reactor, writers, lambda: cluster.kill(victim))
-            times.append(took)
-            ctx.say(f"[{NAME}] etcd round {round_ + 1}: member {victim} killed, "
-                    f"writes again after {took:.3f}s")
+
+        async def back(victim):
             cluster.restart(victim)
             await cluster.wait_ready(members)
-            leader = await cluster.leader()
+            return await cluster.leader()
+        times = await rounds(reactor, ctx, size, writers, leader, cluster.kill, back, "etcd", "member")
         figures = summarize(times)
         ctx.record(NAME, "etcd", "leader killed", **figures)
         return figures

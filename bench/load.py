@@ -168,6 +168,14 @@ async def wait_for_leader(reactor, targets, node_ids, timeout=30.0):
     raise TimeoutError(f"the nodes did not agree on a leader in {timeout:g}s: {views}")
 
 
+async def start_cluster(reactor, cluster):
+    """Start a PaxchatCluster and wait for its leader: (targets, node ids, leader, replicated)."""
+    await cluster.start()
+    targets = PaxchatTargets(reactor, cluster.config)
+    leader, replicated = await wait_for_leader(reactor, targets, cluster.node_ids)
+    return targets, cluster.node_ids, leader, replicated
+
+
 class PaxchatUser:
     """One account's connection: logged in on one node, able to move to another."""
 

@@ -32,10 +32,7 @@ async def run(reactor, ctx):
     cluster = PaxchatCluster(reactor, ctx.workdir("loginstorm-paxchat"), bcrypt_cost=12)
     users = []
     try:
-        await cluster.start()
-        targets = load.PaxchatTargets(reactor, cluster.config)
-        node_ids = cluster.node_ids
-        leader, replicated = await load.wait_for_leader(reactor, targets, node_ids)
+        targets, node_ids, leader, replicated = await load.start_cluster(reactor, cluster)
         node = leader if replicated else node_ids[0]
         chatters_n = size["chatters"]
         sinks = await population.make_sinks(reactor, targets, node_ids, count=2)

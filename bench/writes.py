@@ -54,10 +54,7 @@ async def run_paxchat(reactor, ctx, size):
                              wrap=profiling.node_wrapper(ctx, "writes"))
     users = []
     try:
-        await cluster.start()
-        targets = load.PaxchatTargets(reactor, cluster.config)
-        node_ids = cluster.node_ids
-        leader, replicated = await load.wait_for_leader(reactor, targets, node_ids)
+        targets, node_ids, leader, replicated = await load.start_cluster(reactor, cluster)
         if not replicated:
             ctx.say(f"[{NAME}] note: the nodes are independent single-node servers "
                     "(no replicated log): 'leader' is node 1, 'spread' writes to three separate logs")
