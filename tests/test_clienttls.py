@@ -84,7 +84,8 @@ class Served:
     def __init__(self, port, clock):
         self.port = port
         self.clock = clock
-        self.apps = []
+        self.apps = []          # server ends
+        self.clients = []       # client ends (dial)
 
 
 @pytest.fixture
@@ -116,7 +117,7 @@ def serve(cluster):
 
     yield start
     for record in served:
-        for app in record.apps:
+        for app in record.apps + record.clients:
             if app.lost is None and app.transport is not None:
                 app.transport.abortConnection()
         pytest_twisted.blockon(record.port.stopListening())
@@ -125,6 +126,7 @@ def serve(cluster):
 def dial(cluster, served, app, raw=False):
     """Connect ``app`` to ``served`` with Twisted's TLS client (or plain TCP when ``raw``)."""
     from twisted.internet import reactor
+    served.clients.append(app)
     endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", served.port.getHost().port,
                                             timeout=TIMEOUT)
     if not raw:
