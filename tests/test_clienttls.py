@@ -398,3 +398,29 @@ def test_half_close_is_refused_rather_than_ending_tls_under_a_reading_connection
         server.transport.loseWriteConnection()
     client.transport.write(b"still read\n")
     yield server.until(lambda app: app.received == b"still read\n")
+
+
+@pytest_twisted.inlineCallbacks
+def test_closed_connections_leave_no_tls_objects_behind(cluster, serve):
+    import gc
+    import weakref
+    served = serve(App)
+    pairs = []
+    for _ in range(5):
+        pairs.append((yield connected(cluster, served)))
+    left = [weakref.ref(server.transport) for server, _ in pairs]
+    left += [weakref.ref(server.transport.socket) for server, _ in pairs]
+    for server, client in pairs:
+        client.transport.loseConnection()
+    for server, client in pairs:
+        yield server.until(lambda app: app.lost is not None)
+    for server, _ in pairs:
+        server.transport = None          # the app was the last holder, as a node's factory lets go
+    del pairs, server, client
+    served.apps.clear()
+    # Resumed from inside the last connection's connectionLost: let the
+    # reactor return from it first.
+    from twisted.internet import reactor, task
+    yield task.deferLater(reactor, 0, lambda: None)
+    gc.collect()
+    assert [ref() for ref in left] == [None] * 10
