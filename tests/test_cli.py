@@ -306,17 +306,14 @@ def test_typed_ahead_lines_go_to_password_prompts_in_order():
     assert transport.disconnecting
 
 
-def _shell_protocol(client, first=None):
+def _shell_protocol(client):
     """A ShellProtocol over a StringTransport; (protocol, transport, done)."""
     from twisted.internet.testing import StringTransport
     from paxchat.client.shell import ShellProtocol
     done = defer.Deferred()
 
     def make_shell(proto):
-        shell = Shell(client, proto.write, proto.ask_secret, proto.transport.loseConnection)
-        if first is not None:
-            proto.run_first(first(shell))
-        return shell
+        return Shell(client, proto.write, proto.ask_secret, proto.transport.loseConnection)
     proto = ShellProtocol(make_shell, done, stdin_fd=-1)
     transport = StringTransport()
     proto.makeConnection(transport)

@@ -126,7 +126,10 @@ def test_turned_away_connections_are_logged_once_a_minute_at_most():
     from paxchat.server.factory import TURNED_AWAY_LOG_SECONDS
     from .server_support import test_settings
     seen = []
-    observer = lambda event: seen.append(event) if "turned away" in event.get("log_format", "") else None
+
+    def observer(event):
+        if "turned away" in event.get("log_format", ""):
+            seen.append(event)
     globalLogPublisher.addObserver(observer)
     try:
         server = Server(settings=test_settings(max_clients=1))
