@@ -16,6 +16,8 @@ import time
 
 from twisted.internet import task
 
+from paxchat.devcluster import free_ports
+
 from . import load, procs
 
 
@@ -71,7 +73,7 @@ class EtcdCluster:
         self.workdir = workdir
         self.binary = binary
         self.count = members
-        ports = procs.free_ports(2 * members)
+        ports = free_ports(2 * members)
         self.client_ports = {i + 1: ports[2 * i] for i in range(members)}
         self.peer_ports = {i + 1: ports[2 * i + 1] for i in range(members)}
         self.processes = {}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import resource
 import signal
-import socket
 import sys
 
 
@@ -49,20 +48,6 @@ def rss_bytes(pid) -> int | None:
     except OSError:
         return None
     return None
-
-
-def free_ports(count, host="127.0.0.1") -> list[int]:
-    """``count`` distinct ports free right now (not reserved)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind((host, 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def kill_hard(process):

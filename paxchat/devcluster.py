@@ -151,6 +151,20 @@ class DevCluster:
             reader.join(timeout=5)
 
 
+def free_ports(count, host="127.0.0.1") -> list[int]:
+    """``count`` distinct ports of ``host`` free right now (chosen all bound at once; not reserved)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            s.bind((host, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def write_local_config(directory, nodes=3, host="127.0.0.1", node_keys=(), **cluster) -> Path:
     """Write ``directory/cluster.ini`` for ``nodes`` nodes on free ports of ``host``.
 
@@ -163,16 +177,7 @@ def write_local_config(directory, nodes=3, host="127.0.0.1", node_keys=(), **clu
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     keys = ("client", "peer", *node_keys)
-    sockets = []
-    try:
-        for _ in range(len(keys) * nodes):
-            s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-            s.bind((host, 0))
-            sockets.append(s)
-        ports = iter([s.getsockname()[1] for s in sockets])
-    finally:
-        for s in sockets:
-            s.close()
+    ports = iter(free_ports(len(keys) * nodes, host))
     shown = f"[{host}]" if ":" in host else host
     lines = ["[cluster]"] + [f"{k} = {v}" for k, v in cluster.items()]
     for i in range(nodes):

@@ -1,7 +1,6 @@
 """Helpers for the operations tests: a cluster.ini with metrics and admin ports, HTTP GETs."""
 
 import json
-import socket
 import warnings
 
 from twisted.internet import defer, endpoints
@@ -10,25 +9,12 @@ from twisted.web.client import Agent, readBody
 
 from paxchat import config as configmod
 from paxchat import tls
-from paxchat.devcluster import write_local_config
+from paxchat.devcluster import free_ports, write_local_config
 
 
 def reactor_():
     from twisted.internet import reactor
     return reactor
-
-
-def free_ports(count, host="127.0.0.1"):
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind((host, 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def write_ops_config(directory, nodes=1, keys=("metrics",), **cluster):
