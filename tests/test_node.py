@@ -1,23 +1,18 @@
 """NodeService: one node's state, worker, log and client listener, on the real reactor."""
 
-import json
 import stat
 
 import pytest
 import pytest_twisted
 from twisted.application.service import IService, Service
-from twisted.internet import defer, endpoints, error, protocol
-from twisted.protocols.basic import LineReceiver
+from twisted.internet import defer, error, protocol
 
 from paxchat import config as configmod
 from paxchat import tls
 from paxchat.devcluster import write_local_config
 from paxchat.node import STATE_FILE, NodeService
 
-
-def reactor_():
-    from twisted.internet import reactor
-    return reactor
+from .ops_support import connect, reactor_
 
 
 def make_cluster(tmp_path, client_tls):
@@ -26,35 +21,6 @@ def make_cluster(tmp_path, client_tls):
     cfg = configmod.load(path)
     tls.make_cluster_certs(cfg)  # peer links are always TLS
     return cfg
-
-
-class JSONLines(LineReceiver):
-    delimiter = b"\n"
-
-    def __init__(self):
-        self.waiting = {}
-        self.next_id = 0
-
-    def lineReceived(self, line):
-        message = json.loads(line)
-        d = self.waiting.pop(message.get("id"), None)
-        if d is not None:
-            d.callback(message)
-
-    def request(self, op, **args):
-        self.next_id += 1
-        d = self.waiting[self.next_id] = defer.Deferred()
-        self.sendLine(json.dumps({"id": self.next_id, "op": op, **args}).encode())
-        return d.addTimeout(20, reactor_())
-
-
-def connect(cfg, node_id):
-    address = cfg.node(node_id).client
-    endpoint = endpoints.TCP4ClientEndpoint(reactor_(), address.host, address.port, timeout=5)
-    if cfg.client_tls:
-        endpoint = endpoints.wrapClientTLS(
-            tls.client_connection_options(cfg, address.host), endpoint)
-    return endpoints.connectProtocol(endpoint, JSONLines())
 
 
 @pytest_twisted.inlineCallbacks
