@@ -188,7 +188,8 @@ class _StatusCollector:
         if turned_away is not None:
             counter = CounterMetricFamily(
                 "paxchat_clients_turned_away",
-                "Client connections turned away because the node held max_clients.")
+                "Client connections sent away because the node held max_clients (new ones, "
+                "or ones idle without logging in closed to make room).")
             counter.add_metric([], turned_away)
             yield counter
         if status["peers"]:

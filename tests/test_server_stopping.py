@@ -142,3 +142,41 @@ def test_turned_away_connections_are_logged_once_a_minute_at_most():
         assert [e["count"] for e in seen] == [1, 5]
     finally:
         globalLogPublisher.removeObserver(observer)
+
+
+def test_a_full_node_makes_room_by_closing_the_oldest_connection_that_never_logged_in():
+    from paxchat.server.factory import STRANGER_GRACE_SECONDS
+    from .server_support import test_settings
+    server = Server(settings=test_settings(max_clients=3), worker_class=HeldWorker)
+    member = logged_in(server, "alice")
+    stranger = server.connect()
+    younger = server.connect()
+    # Too soon: the newcomer is the one turned away.
+    server.clock.advance(STRANGER_GRACE_SECONDS - 1)
+    early = server.connect()
+    assert early.events() == [{"event": "node_stopping", "reason": "full"}]
+    # Later the oldest stranger makes room: it hears "full" and is closed.
+    server.clock.advance(1)
+    newcomer = server.connect()
+    assert newcomer.events() == [] and not newcomer.transport.disconnecting
+    assert stranger.events() == [{"event": "node_stopping", "reason": "full"}]
+    assert stranger.transport.disconnecting
+    assert not younger.transport.disconnecting and not member.transport.disconnecting
+    assert server.factory.turned_away_total == 2
+    gone(stranger)
+    gone(early)
+    assert server.factory.connections == {member.proto, younger.proto, newcomer.proto}
+
+
+def test_logged_in_clients_and_strangers_waiting_for_an_answer_are_never_displaced():
+    from paxchat.server.factory import STRANGER_GRACE_SECONDS
+    from .server_support import test_settings
+    server = Server(settings=test_settings(max_clients=2), worker_class=HeldWorker)
+    member = logged_in(server, "alice")
+    busy = server.connect()
+    busy.send(op="create_account", username="bob", password=PW)   # held by the worker
+    server.clock.advance(STRANGER_GRACE_SECONDS * 10)
+    newcomer = server.connect()
+    assert newcomer.events() == [{"event": "node_stopping", "reason": "full"}]
+    assert busy.events() == [] and member.events() == []
+    assert not busy.transport.disconnecting and not member.transport.disconnecting

@@ -5,6 +5,8 @@ connections, the per-account rate limits, the password hasher, and the
 observer on the command log that pushes events to connections.
 """
 
+import itertools
+
 from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
@@ -21,6 +23,11 @@ _log = Logger()
 
 # A node turning connections away logs it at most this often.
 TURNED_AWAY_LOG_SECONDS = 60.0
+# A node at max_clients makes room for a new connection by closing one that
+# has been open this long without logging in (and is not waiting for an answer).
+STRANGER_GRACE_SECONDS = 30.0
+# How many of the oldest not-logged-in connections one look for room examines.
+_ROOM_SEARCH = 64
 # After aborting the last connections at a stop, how long to wait for them to be gone.
 ABORT_WAIT_SECONDS = 1.0
 
@@ -52,6 +59,8 @@ class ChatServerFactory(ServerFactory):
         log.add_observer(EventPusher(self.registry))
         self.connections = set()  # every open ChatProtocol, logged in or not
         self.turned_away_total = 0  # connections turned away at max_clients
+        # Connections not known to have logged in, oldest first: conn -> when it connected.
+        self._strangers = {}
         self._turned_away_logged = 0  # the total when it was last logged
         self._turned_away_log_at = None
         self._warmed = False
@@ -67,6 +76,44 @@ class ChatServerFactory(ServerFactory):
             return None              # the node stopped first: nothing is wrong
         _log.failure("making the dummy password hash failed", failure)
 
+    def arrived(self, conn):
+        """A connection was accepted: a stranger until it logs in."""
+        self._strangers[conn] = self.reactor.seconds()
+
+    def left(self, conn):
+        self._strangers.pop(conn, None)
+
+    def make_room(self):
+        """At ``max_clients``: close the oldest connection that never logged in, if it may go.
+
+        It may go once it has been open ``STRANGER_GRACE_SECONDS`` and has no
+        request waiting for an answer; it hears ``node_stopping`` (``full``),
+        as a turned-away connection does. So connections that never log in
+        cannot keep newcomers out, and logged-in clients are never displaced.
+        Returns True if one was closed. Looks at a bounded number of the
+        oldest, dropping from its list those that have logged in since.
+        """
+        strangers = self._strangers
+        cutoff = self.reactor.seconds() - STRANGER_GRACE_SECONDS
+        chosen, known = None, []
+        for conn, since in itertools.islice(strangers.items(), _ROOM_SEARCH):
+            if conn.session is not None or not conn.connected:
+                known.append(conn)         # logged in (or gone): no longer a stranger
+                continue
+            if since > cutoff:
+                break                      # the rest are younger still
+            if conn.in_flight == 0:
+                chosen = conn
+                break
+        for conn in known:
+            del strangers[conn]
+        if chosen is None:
+            return False
+        del strangers[chosen]
+        self.turned_away()
+        chosen.close_after_answers("full")
+        return True
+
     def turned_away(self):
         """Count a connection turned away because the node is full; log it, once a minute at most."""
         self.turned_away_total += 1
@@ -75,7 +122,8 @@ class ChatServerFactory(ServerFactory):
             return
         self._turned_away_log_at = now + TURNED_AWAY_LOG_SECONDS
         _log.warn("{max_clients} client connections open (max_clients): turned away {count} "
-                  "new one(s) since the last report; their clients move to another node",
+                  "since the last report (new ones, or ones idle without logging in); "
+                  "their clients move to another node",
                   max_clients=self.settings.max_clients,
                   count=self.turned_away_total - self._turned_away_logged)
         self._turned_away_logged = self.turned_away_total

@@ -145,15 +145,19 @@ class ChatProtocol(Protocol):
     # Connection life
 
     def connectionMade(self):
-        connections = getattr(self.factory, "connections", None)
+        factory = self.factory
+        connections = getattr(factory, "connections", None)
         if connections is not None and len(connections) >= self._settings.max_clients:
-            self._turn_away()
-            return
+            make_room = getattr(factory, "make_room", None)
+            if make_room is None or not make_room():
+                self._turn_away()
+                return
         no_delay(self.transport)
         keep_alive(self.transport, SERVER_KEEPALIVE)  # a client that vanished is dropped, not kept
         self.transport.registerProducer(_OutputGate(self), True)
         if connections is not None:
             connections.add(self)
+            factory.arrived(self)
 
     def _turn_away(self):
         """The node holds ``max_clients`` connections: tell this one to go elsewhere, and close.
@@ -181,6 +185,7 @@ class ChatProtocol(Protocol):
         connections = getattr(self.factory, "connections", None)
         if connections is not None:
             connections.discard(self)
+            self.factory.left(self)
         waiters, self._closed_waiters = self._closed_waiters, None
         for d in waiters or ():
             d.callback(None)
