@@ -289,9 +289,10 @@ def test_lagging_follower_gets_the_snapshot_in_chunks_then_the_tail():
     for i in net.ids:
         if i != lagger:
             r = net.reps[i]
-            r.compact(r.commit_index, data)
+            r.compact(r.commit_index)
+            assert r.offer_snapshot(r.commit_index, data)
             with pytest.raises(ValueError):
-                r.compact(r.commit_index + 1, data)
+                r.compact(r.commit_index + 1)
     leader.propose(b"tail")
     net.step()
     net.cut = set()

@@ -434,19 +434,15 @@ class Replica:
             else:
                 a(*b)
 
-    def compact(self, index, data=None):
+    def compact(self, index):
         """The application's state is durable at applied ``index``: drop the log up to there.
 
-        ``data``, the application's snapshot at ``index``, may come along;
-        without it one is asked for (``want_snapshot``) when a peer needs it.
+        A snapshot for peers behind the dropped part is asked for
+        (``want_snapshot``) when one needs it.
         """
         if index > self._decided_upto:
             raise ValueError(f"cannot compact at {index}: only {self._decided_upto} decided")
-        if index < self._snapshot_index:
-            return
-        if data is not None:
-            self._offered = (index, bytes(data))
-        if index == self._snapshot_index:
+        if index <= self._snapshot_index:
             return
         self._drop_log_upto(index)
         self._records.append(CompactRecord(index))
