@@ -64,11 +64,9 @@ async def run(reactor, ctx):
 
 def _measure_in_child(directory, layer, count):
     os.makedirs(directory, exist_ok=True)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # -m finds bench there
     done = subprocess.run([sys.executable, "-m", "bench.tlsmemory", layer, str(count), directory],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=root, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"measuring {layer} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -81,7 +81,8 @@ class TLSServer(tcp.Server):
     _reason = None                 # why the TLS layer dropped the connection
 
     def __init__(self, sock, protocol, client, server, sessionno, reactor):
-        sock.setblocking(False)
+        # Non-blocking once tcp.Connection sets it below; the SSLSocket reads
+        # the mode again on every call.
         sock = server.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         super().__init__(sock, protocol, client, server, sessionno, reactor)
         self._handshake_timer = server.clock.callLater(

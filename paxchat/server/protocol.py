@@ -146,12 +146,11 @@ class ChatProtocol(Protocol):
 
     def connectionMade(self):
         factory = self.factory
-        connections = getattr(factory, "connections", None)
-        if connections is not None and len(connections) >= self._settings.max_clients:
-            make_room = getattr(factory, "make_room", None)
-            if make_room is None or not make_room():
-                self._turn_away()
-                return
+        connections = getattr(factory, "connections", None)  # a ChatServerFactory's
+        if (connections is not None and len(connections) >= self._settings.max_clients
+                and not factory.make_room()):
+            self._turn_away()
+            return
         no_delay(self.transport)
         keep_alive(self.transport, SERVER_KEEPALIVE)  # a client that vanished is dropped, not kept
         self.transport.registerProducer(_OutputGate(self), True)
@@ -168,9 +167,7 @@ class ChatProtocol(Protocol):
         TLS the handshake still runs, to deliver the event).
         """
         self._closing = True
-        turned_away = getattr(self.factory, "turned_away", None)
-        if turned_away is not None:
-            turned_away()
+        self.factory.turned_away()
         self.send_event({"event": "node_stopping", "reason": "full"})
         self.transport.loseConnection()
 
