@@ -362,11 +362,11 @@ def test_snapshot_of_empty_store(tmp_path, store):
 def test_snapshot_is_isolated_from_later_writes(tmp_path, store):
     fill(store, [("a", b"1")], index=1)
     index, chunks = store.snapshot(chunk_bytes=64)
-    first = next(chunks)
-    fill(store, [("b", b"2")], index=2)
-    rest = list(chunks)
+    fill(store, [("b", b"2")], index=2)      # before the image is read, after the snapshot began
+    pieces = list(chunks)
+    assert len(pieces) > 2 and all(len(p) <= 64 for p in pieces)
     other = KVStore.open(tmp_path / "other.db")
-    other.restore(index, [first] + rest)
+    other.restore(index, pieces)
     assert other.dump() == (1, [("a", b"1")])
     other.close()
 
@@ -403,27 +403,58 @@ def test_restore_reads_back_any_records_under_any_chunk_boundaries(tmp_path_fact
     copy.close()
 
 
-def _stream(index, body, count, digest):
-    from paxchat.state import kv as kvmod
-    return (kvmod.SNAPSHOT_MAGIC + kvmod._U64.pack(index) + body
-            + kvmod._END + kvmod._U64.pack(count) + digest)
-
-
-@pytest.mark.parametrize("body, why", [
-    (b"X", "bad record tag"),
-    (b"R" + (1).to_bytes(4, "big") + b"\xff" + (0).to_bytes(4, "big"), "not UTF-8"),
-    (b"R" + (1).to_bytes(4, "big") + b"k" + (99).to_bytes(4, "big") + b"short", "ends early"),
-])
-def test_a_malformed_record_is_refused_by_name(tmp_path, body, why):
+def _frame(index, image):
+    """A well-framed snapshot of ``image`` (so only the image's own checks can refuse it)."""
     import hashlib
+    return (kvmodule._SNAP_HEADER.pack(kvmodule.SNAPSHOT_MAGIC, index, len(image)) + image
+            + hashlib.sha256(image).digest())
+
+
+def _image(kv):
+    """The image inside a snapshot of ``kv``."""
+    index, chunks = kv.snapshot()
+    blob = b"".join(chunks)
+    return blob[kvmodule._SNAP_HEADER.size:-32]
+
+
+def _snapshot_args(kv):
+    index, chunks = kv.snapshot()
+    return index, list(chunks)
+
+
+def _edited_image(source, *statements):
+    """The image of ``source`` after running ``statements`` on a copy of it in memory."""
+    copy = sqlite3.connect(":memory:", isolation_level=None)
+    copy.deserialize(_image(source))
+    for statement in statements:
+        copy.execute(statement)
+    image = copy.serialize()
+    copy.close()
+    return image
+
+
+@pytest.mark.parametrize("edit, why", [
+    ("not sqlite", "not a usable SQLite database"),
+    ("DROP TABLE meta", "not a paxchat state"),
+    ("UPDATE meta SET value = 99 WHERE name = 'format'", "format 99"),
+    ("UPDATE meta SET value = 5 WHERE name = 'applied_index'", "image is of index 5"),
+    ("zero a page", "damaged|not a usable"),
+])
+def test_an_image_that_is_not_our_state_is_refused_by_name(tmp_path, store, edit, why):
+    fill(store, [("k%04d" % i, b"v" * 300) for i in range(200)], index=4)
+    if edit == "not sqlite":
+        image = b"x" * 8192
+    elif edit == "zero a page":
+        image = bytearray(_image(store))
+        image[4096:8192] = bytes(4096)       # the second page: part of a table's tree
+        image = bytes(image)
+    else:
+        image = _edited_image(store, edit)
     kv = KVStore.open(tmp_path / "s.db")
     fill(kv, [("mine", b"x")], index=3)
     before = kv.dump()
-    stream = _stream(4, body, 1, hashlib.sha256(body).digest())
-    if why == "ends early":
-        stream = stream[:len(stream) - 41]          # no trailer: the value runs past the end
     with pytest.raises(SnapshotError, match=why):
-        kv.restore(4, [stream[:20], stream[20:]])
+        kv.restore(4, [_frame(4, image)])
     assert kv.dump() == before
     kv.close()
 
@@ -453,6 +484,37 @@ def test_bad_snapshot_changes_nothing(tmp_path, store, damage):
         other.restore(index, chunks)
     assert other.dump() == before
     other.close()
+
+
+def test_a_restored_store_is_durable_and_stays_in_wal_mode(tmp_path, store):
+    fill(store, [("k%04d" % i, b"v" * 100) for i in range(500)], index=12)
+    other = KVStore.open(tmp_path / "other.db", durable=False)
+    fill(other, [("mine", b"x")], index=3)
+    other.restore(*_snapshot_args(store))
+    with other.group():                      # the same connection carries on
+        other.put("after", b"1")
+        other.set_applied_index(13)
+    other.close()
+    reopened = KVStore.open(tmp_path / "other.db", check=True)
+    assert reopened._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    index, records = reopened.dump()
+    assert index == 13 and records == sorted(store.dump()[1] + [("after", b"1")])
+    reopened.close()
+
+
+def test_a_snapshot_being_read_survives_a_restore_of_its_store(tmp_path, store):
+    fill(store, [("old%03d" % i, b"o" * 50) for i in range(100)], index=5)
+    expected = store.dump()
+    index, chunks = store.snapshot(chunk_bytes=1024)   # its read transaction is open
+    source = KVStore.open(tmp_path / "source.db")
+    fill(source, [("new", b"n")], index=9)
+    store.restore(*_snapshot_args(source))
+    assert store.dump() == (9, [("new", b"n")])
+    copy = KVStore.open(tmp_path / "copy.db")
+    copy.restore(index, chunks)
+    assert copy.dump() == expected
+    copy.close()
+    source.close()
 
 
 def test_abandoned_snapshot_releases_its_connection(store):

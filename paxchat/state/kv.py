@@ -39,13 +39,12 @@ import struct
 import time
 
 FORMAT_VERSION = 1
-SNAPSHOT_MAGIC = b"PAXCHAT-KV-SNAPSHOT\x01"
+SNAPSHOT_MAGIC = b"PAXCHAT-KV-SNAPSHOT\x02"
 SNAPSHOT_CHUNK_BYTES = 256 * 1024
 GROUP_SLOTS = 256
 GROUP_SECONDS = 1.0     # under steady load the slot count ends a group first
 
 _RECORD = b"R"
-_END = b"E"
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 
@@ -380,10 +379,13 @@ class KVStore:
     def snapshot(self, chunk_bytes=SNAPSHOT_CHUNK_BYTES):
         """``(applied_index, chunks)``: a consistent copy of the store.
 
-        ``chunks`` is an iterator of ``bytes`` of at most ``chunk_bytes``
-        (unless one record is larger). It reads through its own connection
-        inside one read transaction, so writes made meanwhile do not show;
-        it may be consumed from another thread (never the reactor's).
+        The copy is the database file's image as SQLite serializes it,
+        framed with the index and a digest (see L{_SnapshotChunks}): a
+        peer installs it with one page copy instead of re-inserting every
+        record. ``chunks`` is an iterator of bytes-like pieces of at most
+        ``chunk_bytes``. It reads through its own connection inside one
+        read transaction, opened here, so writes made meanwhile do not
+        show; it may be consumed from another thread (never the reactor's).
         Call ``chunks.close()`` when abandoning it early. An open group
         commits first.
         """
@@ -398,25 +400,34 @@ class KVStore:
         except sqlite3.Error as e:
             conn.close()
             raise self.error(e) from e
-        return index, _SnapshotChunks(conn, index, chunk_bytes)
+        return index, _SnapshotChunks(conn, index, chunk_bytes, self.error)
 
     def restore(self, applied_index, chunks):
-        """Replace the whole store by a snapshot stream, atomically.
+        """Replace the whole store by a snapshot, atomically and durably.
 
-        The stream is checked (header, index, record count and digest)
-        before anything commits; on any problem L{SnapshotError} is raised
-        and the store is unchanged.
+        The snapshot is checked first (frame, index, digest, then the
+        image itself: a paxchat state of this format at ``applied_index``
+        that passes SQLite's quick_check); on any problem L{SnapshotError}
+        is raised and the store is unchanged. The image is then copied
+        over this database in one write transaction (SQLite's backup),
+        so this connection, and any snapshot being read from it, stay valid.
         """
-        reader = _SnapshotReader(chunks)
-        with self.transaction():
-            header_index = reader.header()
-            if header_index != applied_index:
-                raise SnapshotError(
-                    f"snapshot is of index {header_index}, expected {applied_index}")
-            self._conn.execute("DELETE FROM kv")
-            self._conn.executemany(
-                "INSERT INTO kv (k, v) VALUES (?, ?)", reader.records())
-            self.set_applied_index(applied_index)
+        image = _read_snapshot(applied_index, chunks)
+        self.commit_group()
+        if self._conn.in_transaction:
+            raise RuntimeError("restore() inside a transaction")
+        source = sqlite3.connect(":memory:")
+        try:
+            _load_image(source, image, applied_index)
+            page_size = self._conn.execute("PRAGMA page_size").fetchone()[0]
+            if source.execute("PRAGMA page_size").fetchone()[0] != page_size:
+                raise SnapshotError(f"snapshot page size differs from this store's {page_size}")
+            try:
+                source.backup(self._conn)
+            except sqlite3.Error as e:
+                raise self.error(e) from e
+        finally:
+            source.close()
         # The log is compacted up to the snapshot once it is restored.
         self.sync()
 
@@ -426,32 +437,51 @@ def _encode_record(key, value):
     return b"".join((_RECORD, _U32.pack(len(raw)), raw, _U32.pack(len(value)), value))
 
 
+# A snapshot is SNAPSHOT_MAGIC, the applied index and the image's size
+# (u64 each), the image, and the sha256 of the image. The image is the
+# database as sqlite3_serialize gives it, with its header's file-format
+# bytes (offsets 18 and 19) set from WAL (2) to rollback-journal (1): SQLite
+# opens an image in memory only in the latter, and the store sets WAL mode
+# again whenever it opens a file.
+_SNAP_HEADER = struct.Struct(f">{len(SNAPSHOT_MAGIC)}sQQ")
+_DIGEST_BYTES = 32
+_FORMAT_BYTES = slice(18, 20)
+
+
 class _SnapshotChunks:
-    """Iterator of snapshot chunks over a private read transaction."""
+    """Iterator of snapshot pieces over a private read transaction.
 
-    def __init__(self, conn, index, chunk_bytes):
+    The image is serialized on the first ``next()``, in the consuming
+    thread, and the read transaction ends with it.
+    """
+
+    def __init__(self, conn, index, chunk_bytes, error):
         self._conn = conn
-        self._gen = self._generate(conn, index, chunk_bytes)
+        self._gen = self._generate(conn, index, max(chunk_bytes, 64), error)
 
-    def _generate(self, conn, index, chunk_bytes):
-        pending = bytearray(SNAPSHOT_MAGIC + _U64.pack(index))
-        digest = hashlib.sha256()
-        count = 0
-        for key, value in conn.execute("SELECT k, v FROM kv ORDER BY k"):
-            record = _encode_record(key, bytes(value))
-            digest.update(record)
-            count += 1
-            if pending and len(pending) + len(record) > chunk_bytes:
-                yield bytes(pending)
-                pending = bytearray()
-            pending += record
-        trailer = _END + _U64.pack(count) + digest.digest()
-        if len(pending) + len(trailer) > chunk_bytes:
-            yield bytes(pending)
-            pending = bytearray()
-        pending += trailer
-        self._release()
-        yield bytes(pending)
+    def _generate(self, conn, index, chunk_bytes, error):
+        try:
+            image = conn.serialize()
+        except sqlite3.Error as e:
+            raise error(e) from e
+        finally:
+            self._release()
+        view = memoryview(image)
+        head = bytearray(_SNAP_HEADER.pack(SNAPSHOT_MAGIC, index, len(image)))
+        first = bytearray(view[:chunk_bytes])
+        if len(first) >= _FORMAT_BYTES.stop:
+            first[_FORMAT_BYTES] = b"\x01\x01"
+        digest = hashlib.sha256(first)
+        if len(head) + len(first) <= chunk_bytes:
+            yield bytes(head + first)
+        else:
+            yield bytes(head)
+            yield bytes(first)
+        for at in range(len(first), len(image), chunk_bytes):
+            piece = view[at:at + chunk_bytes]
+            digest.update(piece)
+            yield piece
+        yield digest.digest()
 
     def __iter__(self):
         return self
@@ -461,93 +491,61 @@ class _SnapshotChunks:
 
     def close(self):
         """Release the read transaction (safe to call twice); ends the iteration."""
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            self._gen.close()
-            conn.close()
+        self._gen.close()
+        self._release()
 
     def _release(self):
         if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+            conn, self._conn = self._conn, None
+            conn.close()
 
     def __del__(self):
-        if self._conn is not None:
-            self._conn.close()
+        self._release()
 
 
-class _SnapshotReader:
-    """Parses a chunk stream whatever its chunk boundaries.
-
-    Records are cut out of each chunk where they lie (one cut by a chunk
-    boundary waits for the next chunk), and the digest is fed the record
-    bytes as they came, a chunk's worth at a time: the encoding is
-    canonical (a key decodes and encodes back to the same bytes), so that
-    is the digest of the records the writer encoded.
-    """
-
-    def __init__(self, chunks):
-        self._chunks = iter(chunks)
-        self._buf = b""
-        self._pos = 0
-
-    def _more(self):
-        """Append the next chunk to what is left unread."""
-        try:
-            chunk = next(self._chunks)
-        except StopIteration:
-            raise SnapshotError("snapshot stream ends early") from None
+def _read_snapshot(applied_index, chunks):
+    """The image inside a snapshot stream, after checking its frame and digest."""
+    pieces = []
+    for chunk in chunks:
         if not isinstance(chunk, (bytes, bytearray, memoryview)):
             raise SnapshotError(f"snapshot chunk is {type(chunk).__name__}, not bytes")
-        self._buf = self._buf[self._pos:] + bytes(chunk)
-        self._pos = 0
+        pieces.append(chunk)
+    blob = memoryview(pieces[0] if len(pieces) == 1 else b"".join(pieces)).cast("B")
+    if len(blob) < _SNAP_HEADER.size + _DIGEST_BYTES:
+        raise SnapshotError("snapshot stream ends early")
+    magic, index, size = _SNAP_HEADER.unpack_from(blob)
+    if magic != SNAPSHOT_MAGIC:
+        raise SnapshotError("not a paxchat state snapshot (bad magic)")
+    if index != applied_index:
+        raise SnapshotError(f"snapshot is of index {index}, expected {applied_index}")
+    end = _SNAP_HEADER.size + size
+    if len(blob) < end + _DIGEST_BYTES:
+        raise SnapshotError("snapshot stream ends early")
+    if len(blob) > end + _DIGEST_BYTES:
+        raise SnapshotError("snapshot has data after its end")
+    image = blob[_SNAP_HEADER.size:end]
+    if hashlib.sha256(image).digest() != blob[end:]:
+        raise SnapshotError("snapshot digest mismatch")
+    return image
 
-    def _take(self, n):
-        while len(self._buf) - self._pos < n:
-            self._more()
-        data = self._buf[self._pos:self._pos + n]
-        self._pos += n
-        return data
 
-    def header(self):
-        if self._take(len(SNAPSHOT_MAGIC)) != SNAPSHOT_MAGIC:
-            raise SnapshotError("not a paxchat state snapshot (bad magic)")
-        return _U64.unpack(self._take(_U64.size))[0]
-
-    def records(self):
-        digest = hashlib.sha256()
-        count = 0
-        record, end, u32 = _RECORD[0], _END[0], _U32.unpack_from
-        while True:
-            buf, pos = self._buf, self._pos
-            start, size = pos, len(buf)
-            while pos < size and buf[pos] == record:
-                if pos + 5 > size:
-                    break
-                key_end = pos + 5 + u32(buf, pos + 1)[0]
-                if key_end + 4 > size:
-                    break
-                value_end = key_end + 4 + u32(buf, key_end)[0]
-                if value_end > size:
-                    break
-                try:
-                    key = buf[pos + 5:key_end].decode("utf-8")
-                except UnicodeDecodeError:
-                    raise SnapshotError("snapshot key is not UTF-8") from None
-                yield key, buf[key_end + 4:value_end]
-                count += 1
-                pos = value_end
-            digest.update(memoryview(buf)[start:pos])
-            self._pos = pos
-            if pos < size and buf[pos] == end:
-                break
-            if pos < size and buf[pos] != record:
-                raise SnapshotError(f"bad record tag {buf[pos:pos + 1]!r} in snapshot")
-            self._more()            # the next record is cut by the chunk's end
-        self._take(1)
-        expected_count = _U64.unpack(self._take(_U64.size))[0]
-        expected_digest = self._take(32)
-        if expected_count != count or expected_digest != digest.digest():
-            raise SnapshotError("snapshot digest or record count mismatch")
-        if len(self._buf) > self._pos or next(self._chunks, None) is not None:
-            raise SnapshotError("snapshot has data after its end")
+def _load_image(conn, image, applied_index):
+    """Load a checked image into an in-memory connection and check it is our state there."""
+    try:
+        conn.deserialize(image)
+        tables = {r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not {"kv", "meta"} <= tables:
+            raise SnapshotError(f"snapshot is not a paxchat state (tables: {sorted(tables)})")
+        meta = dict(conn.execute("SELECT name, value FROM meta"))
+        if meta.get("format") != FORMAT_VERSION:
+            raise SnapshotError(
+                f"snapshot has state format {meta.get('format')}, expected {FORMAT_VERSION}")
+        if meta.get("applied_index") != applied_index:
+            raise SnapshotError(f"snapshot image is of index {meta.get('applied_index')},"
+                                f" expected {applied_index}")
+        result = conn.execute("PRAGMA quick_check").fetchone()[0]
+        if result != "ok":
+            raise SnapshotError(f"snapshot image is damaged: {result}")
+    except sqlite3.DatabaseError as e:
+        raise SnapshotError(f"snapshot image is not a usable SQLite database: {e}") from e
