@@ -29,8 +29,10 @@ Every ``snapshot_interval`` applied slots the state is made durable (a
 full commit), the replica drops its log up to the applied index
 (``compact``) and the durable log is rewritten to just what is needed above
 it. The state is serialized only when a peer needs what the log no longer
-holds (the replica's ``want_snapshot``), not at every compaction: that would
-cost every node CPU and memory in proportion to the whole state, each time.
+holds, or misses a log that weighs a good part of the state (the replica's
+``want_snapshot``; the glue keeps it told the state's size), not at every
+compaction: that would cost every node CPU and memory in proportion to the
+whole state, each time.
 A storage failure stops the node: it must never answer from state it
 cannot trust.
 """
@@ -72,6 +74,8 @@ APPLY_BATCH_SLOTS = 1024
 # a group by size or age while applies keep coming); once they stop for
 # this long, what is open is committed.
 IDLE_COMMIT_SECONDS = 0.2
+# How often the replica is told the state's size (see _note_state_size).
+STATE_SIZE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,8 @@ class ReplicatedLog:
         self._need_compaction = False      # snapshot_now() asked for one
         self._compaction_waiters = []      # snapshot_now() callers
         self._offering = False             # serializing the state for a peer behind the log
+        self._sizing = False               # asking the state for its size
+        self._size_due = 0.0               # when to ask again
 
     @classmethod
     def from_config(cls, reactor, config, node_id, worker, on_fatal=None):
@@ -270,6 +276,7 @@ class ReplicatedLog:
                  members=list(self.members))
         self._tick()
         self._maybe_compact()
+        self._note_state_size()
 
     @defer.inlineCallbacks
     def stop(self):
@@ -752,6 +759,7 @@ class ReplicatedLog:
         if self.failed is None:
             self._release_reads()
             self._maybe_compact()
+            self._note_state_size()
             self._kick_apply()
             if not self._applying and not self._stopped:
                 self._schedule_idle_commit()
@@ -830,7 +838,8 @@ class ReplicatedLog:
         log.info("node {node} compacted its log at index {index}", node=self.node_id, index=index)
 
     def _offer_snapshot(self):
-        """A peer needs slots the log no longer holds: serialize the state for it."""
+        """A peer needs slots the log no longer holds, or misses so much that a
+        snapshot costs it less: serialize the state for it."""
         if self._offering or not self._live:
             return
         self._offering = True
@@ -842,6 +851,27 @@ class ReplicatedLog:
         d.addCallback(self._offer)
         d.addErrback(self._background_failed, "making a snapshot for a peer")
         d.addBoth(self._offer_done)
+
+    def _note_state_size(self):
+        """Keep the replica told what a snapshot would weigh (at most every
+        ``STATE_SIZE_SECONDS``): it sends one to a peer that misses a log
+        of a good part of that size, as installing it costs less."""
+        now = self._reactor.seconds()
+        if self._sizing or not self._live or now < self._size_due:
+            return
+        self._sizing = True
+        self._size_due = now + STATE_SIZE_SECONDS
+        d = self._worker.call("snapshot_bytes")
+        d.addCallback(self._sized)
+        d.addErrback(self._background_failed, "measuring the state")
+        d.addBoth(self._sizing_done)
+
+    def _sized(self, size):
+        if self._live:
+            self.replica.note_state_bytes(size)
+
+    def _sizing_done(self, _):
+        self._sizing = False
 
     def _offer(self, taken):
         index, data = taken

@@ -107,3 +107,35 @@ def test_a_follower_killed_while_it_restores_a_snapshot_still_catches_up(cluster
     keys = yield cluster.check_equal_states()
     print(f"\n{len(load.acked)} sends acknowledged; node {lagger} killed 3 times while restoring, "
           f"leader {leader} killed once; {keys} equal keys on every node")
+
+
+@within(150)
+@pytest_twisted.inlineCallbacks
+def test_a_follower_that_missed_most_of_the_state_gets_a_snapshot_though_the_log_has_it(
+        cluster_factory):
+    """No compaction: the log still holds every write, but installing the state costs less."""
+    from twisted.internet import reactor
+    cluster, leader = yield started(cluster_factory, snapshot_interval=10 ** 6)
+    lagger = next(n for n in cluster.node_ids if n != leader)
+    senders = ["s0", "s1"]
+    yield create_accounts(cluster, SINK, *senders)
+    yield stored_on(cluster, lagger)
+    cluster.kill(lagger)
+    clients = []
+    for name in senders:
+        clients.append((yield logged_in(cluster, name, prefer=leader)))
+    load = Load(reactor, clients, SINK, pipeline=1)     # about one write per slot: > 256 slots
+    yield load.run(1500).addTimeout(100, reactor)
+    assert not load.errors, load.errors[:5]
+    yield cluster.close_clients()
+
+    cluster.start(lagger)
+    yield cluster.wait_ready(lagger)
+    messages = yield wait_until(reactor, lambda: stored_on(cluster, lagger), 60,
+                                f"node {lagger} to serve reads again")
+    check_exactly_once(messages, load.acked, f"node {lagger}")
+    assert messages == (yield stored_on(cluster, leader))
+    run = cluster.output(lagger).rsplit("===== start #", 1)[-1]
+    assert "restoring the state from a snapshot" in run, run[-3000:]
+    assert "compacted its log" not in cluster.output(leader)
+    yield cluster.check_equal_states()

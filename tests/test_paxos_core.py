@@ -329,6 +329,81 @@ def test_a_snapshot_is_asked_for_only_when_a_peer_needs_one():
     assert asker._offered is None
 
 
+def _twenty_slots_missed(**config):
+    """(net, leader, lagger): 20 slots of 50-byte commands decided without ``lagger``."""
+    cfg = Config(**{"heartbeat_interval": 0.05, "election_timeout": 0.3, "catchup_slots": 4,
+                    "snapshot_chunk_bytes": 400, **config})
+    net = Net(3, cfg)
+    leader = net.elect()
+    lagger = leader.peers[0]
+    net.cut = {lagger}
+    for k in range(20):
+        leader.propose(b"%02d" % k + b"x" * 48)
+        net.step()
+    return net, leader, lagger
+
+
+def _learns_to(net, node):
+    return [m for _, to, m in net.sent if isinstance(m, M.Learn) and to == node]
+
+
+def test_a_peer_missing_much_of_the_state_is_sent_a_snapshot_while_the_log_still_holds_it():
+    net, leader, lagger = _twenty_slots_missed(snapshot_catchup_fraction=0.5)
+    data = b"an image of the state " * 40                 # 880 bytes; 1,000 of log are missed
+    for i in net.ids:
+        if i != lagger:
+            r = net.reps[i]
+            r.note_state_bytes(len(data))
+            assert r.offer_snapshot(r.commit_index, data)
+    sent_before = len(net.sent)
+    net.cut = set()
+    leader.propose(b"tail")
+    net.run_until(lambda: b"tail" in net.commands(lagger))
+    index = net.snapshots[lagger][0][0]
+    assert net.snapshots[lagger] == [(index, data)] and index >= 20
+    assert not [m for _, to, m in net.sent[sent_before:]
+                if isinstance(m, M.Learn) and to == lagger and m.first_slot <= index]
+    assert leader.snapshot_index == 0                         # nothing was compacted
+
+
+@pytest.mark.parametrize("case", ["size unknown", "state too big", "turned off", "few slots"])
+def test_otherwise_a_peer_that_the_log_can_serve_gets_the_log(case):
+    net, leader, lagger = _twenty_slots_missed(
+        snapshot_catchup_fraction=None if case == "turned off" else 0.5,
+        **({"catchup_slots": 32} if case == "few slots" else {}))
+    data = b"an image of the state " * 40
+    for i in net.ids:
+        if i != lagger:
+            r = net.reps[i]
+            if case != "size unknown":
+                r.note_state_bytes(10 * len(data) if case == "state too big" else len(data))
+            assert r.offer_snapshot(r.commit_index, data)
+    net.cut = set()
+    leader.propose(b"tail")
+    net.run_until(lambda: b"tail" in net.commands(lagger))
+    assert net.snapshots[lagger] == [] and _learns_to(net, lagger)
+    assert [c for c in net.commands(lagger) if c != b"tail"] == net.commands(leader.node_id)[:20]
+
+
+def test_a_peer_far_behind_is_served_from_the_log_until_a_fresh_snapshot_is_at_hand():
+    net, leader, lagger = _twenty_slots_missed(snapshot_catchup_fraction=0.5)
+    for i in net.ids:
+        if i != lagger:
+            net.reps[i].note_state_bytes(880)
+            # Spares the peer 2 of the 20 slots it misses: too little to be worth sending.
+            assert net.reps[i].offer_snapshot(2, b"old image")
+    net.cut = set()
+    leader.propose(b"tail")
+    net.run_until(lambda: b"tail" in net.commands(lagger))
+    assert net.snapshots[lagger] == [] and _learns_to(net, lagger)
+    assert sum(net.wants[i] for i in net.ids if i != lagger) > 0   # a fresh one was asked for
+
+
+def test_snapshot_catchup_fraction_is_checked():
+    with pytest.raises(ValueError, match="snapshot_catchup_fraction"):
+        Config(snapshot_catchup_fraction=0)
+
+
 def test_leadership_transfer_hands_over_to_the_target():
     net = Net(3)
     leader = net.elect()

@@ -105,6 +105,12 @@ class Config:
     max_batch_bytes: int = 256 << 10
     catchup_slots: int = 256
     snapshot_chunk_bytes: int = 1 << 20
+    # A peer missing more than ``catchup_slots`` whose missing log is at
+    # least this fraction of the state's size (``note_state_bytes``) is sent
+    # a snapshot even though the log still holds what it misses: installing
+    # an image costs far less per byte than applying commands. None: only
+    # peers behind the compacted log get snapshots.
+    snapshot_catchup_fraction: float | None = 0.125
 
     def __post_init__(self):
         if not 0 < self.heartbeat_interval < self.election_timeout:
@@ -124,6 +130,8 @@ class Config:
             raise ValueError("window * max_batch_bytes too large for one Promise message")
         if not 1 <= self.catchup_slots <= MAX_SLOTS_PER_MESSAGE or self.snapshot_chunk_bytes < 1:
             raise ValueError("catchup_slots / snapshot_chunk_bytes out of range")
+        if self.snapshot_catchup_fraction is not None and not self.snapshot_catchup_fraction > 0:
+            raise ValueError("snapshot_catchup_fraction must be positive, or None")
 
     @property
     def lease_duration(self):
@@ -271,6 +279,7 @@ class Replica:
         self._snapshot_index = d.snapshot_index
         self._offered = None           # (index, data): a snapshot to send peers, index >= compaction
         self._want_snapshot = False
+        self._state_bytes = None       # the application's state size, as last noted
         self._chosen = {}
         self.commit_index = d.snapshot_index
         self._decided_upto = d.snapshot_index
@@ -461,6 +470,14 @@ class Replica:
         if self._offered is None or index >= self._offered[0]:
             self._offered = (index, bytes(data))
         return True
+
+    def note_state_bytes(self, size):
+        """The application's state is about ``size`` bytes: what a snapshot of it would weigh.
+
+        Until noted, peers get snapshots only when they are behind the
+        compacted log (see ``Config.snapshot_catchup_fraction``).
+        """
+        self._state_bytes = size
 
     def transfer_leadership(self, target):
         if self._role != LEADER:
@@ -911,28 +928,31 @@ class Replica:
         self._send(peer, CatchupRequest(self.node_id, self.commit_index + 1, idx, off))
 
     def _on_catchup_request(self, m):
-        if m.from_slot <= self._snapshot_index:
+        compacted = m.from_slot <= self._snapshot_index
+        if compacted or self._snapshot_pays(m.from_slot):
             # A transfer keeps the snapshot it started with, even if we
             # compact again meanwhile, so frequent compaction cannot starve it.
             pinned = self._snap_out.get(m.sender)
             if pinned is not None and pinned[0] == m.snapshot_index and m.snapshot_offset:
-                index, data = pinned
-                off = m.snapshot_offset
+                self._send_chunk(m.sender, pinned, m.snapshot_offset)
+                return
+            offered = self._offered
+            if compacted:
+                usable = offered is not None and offered[0] >= self._snapshot_index
             else:
-                offered = self._offered
-                if offered is None or offered[0] < self._snapshot_index:
-                    # None at hand that the log continues: ask the application.
-                    # The peer asks again, and is sent the snapshot once offered.
-                    self._want_snapshot = True
-                    return
-                index, data = offered
-                off = 0
-                self._snap_out[m.sender] = (index, data)
-            if off > len(data):
-                off = 0
-            chunk = data[off:off + self.config.snapshot_chunk_bytes]
-            self._send(m.sender, SnapshotChunk(self.node_id, index, off, len(data), chunk))
-            return
+                # Worth sending if it spares the peer at least half of what it misses.
+                usable = (offered is not None
+                          and 2 * (offered[0] - m.from_slot + 1) >= self.commit_index - m.from_slot + 1)
+            if usable:
+                self._snap_out[m.sender] = offered
+                self._send_chunk(m.sender, offered, 0)
+                return
+            # None at hand: ask the application; the peer asks again, and is
+            # sent the snapshot once offered. Until then a peer that the log
+            # can still serve is served from it.
+            self._want_snapshot = True
+            if compacted:
+                return
         self._snap_out.pop(m.sender, None)
         values = []
         size = 0
@@ -947,6 +967,31 @@ class Replica:
                 break
         if values:
             self._send(m.sender, Learn(self.node_id, m.from_slot, tuple(values)))
+
+    def _send_chunk(self, to, snapshot, off):
+        index, data = snapshot
+        if off > len(data):
+            off = 0
+        chunk = data[off:off + self.config.snapshot_chunk_bytes]
+        self._send(to, SnapshotChunk(self.node_id, index, off, len(data), chunk))
+
+    def _snapshot_pays(self, from_slot):
+        """Would a snapshot catch up a peer that misses ``from_slot``.. cheaper than the log?
+
+        The log it misses is estimated from up to 32 evenly spaced slots;
+        a snapshot weighs what the application last noted.
+        """
+        fraction, state = self.config.snapshot_catchup_fraction, self._state_bytes
+        missing = self.commit_index - from_slot + 1
+        if fraction is None or state is None or missing <= self.config.catchup_slots:
+            return False
+        chosen = self._chosen
+        step = max(1, missing // 32)
+        sizes = [sum(len(c) for c in chosen[s])
+                 for s in range(from_slot, self.commit_index + 1, step) if s in chosen]
+        if not sizes:
+            return False
+        return missing * sum(sizes) / len(sizes) >= fraction * state
 
     def _on_learn(self, m):
         chosen = self._chosen

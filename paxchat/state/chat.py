@@ -609,6 +609,10 @@ class ChatState:
         """``(applied_index, iterator of bytes chunks)``; see L{KVStore.snapshot}."""
         return self.kv.snapshot()
 
+    def snapshot_bytes(self):
+        """About what a snapshot of the state weighs now; see L{KVStore.snapshot_bytes}."""
+        return self.kv.snapshot_bytes()
+
     def restore(self, applied_index, chunks):
         """Replace the whole state by a snapshot, atomically."""
         self.kv.restore(applied_index, chunks)

@@ -402,6 +402,12 @@ class KVStore:
             raise self.error(e) from e
         return index, _SnapshotChunks(conn, index, chunk_bytes, self.error)
 
+    def snapshot_bytes(self):
+        """About what a snapshot weighs now: the size of the database's pages."""
+        conn = self._conn
+        return (conn.execute("PRAGMA page_count").fetchone()[0]
+                * conn.execute("PRAGMA page_size").fetchone()[0])
+
     def restore(self, applied_index, chunks):
         """Replace the whole store by a snapshot, atomically and durably.
 

@@ -31,6 +31,7 @@ Checked during and after the run (``SimFailure`` says which and when):
 - liveness after faults stop.
 """
 
+import dataclasses
 import heapq
 import json
 import random
@@ -174,6 +175,10 @@ class Simulation:
             catchup_slots=rng.choice((2, 16, 256)),
             snapshot_chunk_bytes=rng.choice((50, 400, 1 << 16)),
         )
+        # Drawn from its own generator so that a seed's other knobs stay as they were.
+        self.config = dataclasses.replace(
+            self.config,
+            snapshot_catchup_fraction=random.Random(seed ^ 0x5EED).choice((None, 0.05, 0.25)))
         self.fault_time = fault_time
         self.end_time = fault_time + LIVENESS_BOUND
         self.now = 0.0
@@ -342,6 +347,7 @@ class Simulation:
             node.id, self.members, now=self.local(node), config=self.config,
             seed=self.seed * 7919 + node.incarnation, durable=durable)
         node.offering = False
+        self.note_state_bytes(node)
         if node.revealed > node.replica.promised:
             self.fail(f"node {node.id} restarted with promise {node.replica.promised} "
                       f"below the {node.revealed} it revealed")
@@ -442,6 +448,7 @@ class Simulation:
                 node.app = app
                 node.app_snapshot = (index, data)
                 self.check_digest(node)
+                self.note_state_bytes(node)
         for slot, value in rd.decided:
             self.decide(node, slot, value)
         if node.replica is None:
@@ -504,6 +511,12 @@ class Simulation:
                 self.client_write_done(c, cid)
         app.applied = slot
         self.check_digest(node)
+        if slot % 8 == 0:
+            self.note_state_bytes(node)
+
+    def note_state_bytes(self, node):
+        """Tell the replica what a snapshot of its state would weigh, as the node glue does."""
+        node.replica.note_state_bytes(len(node.app.snapshot()))
 
     def check_digest(self, node):
         app = node.app
