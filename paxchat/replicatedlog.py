@@ -877,7 +877,7 @@ class ReplicatedLog:
         index, data = taken
         if self._live and self.replica.offer_snapshot(index, data):
             log.info("node {node} made a snapshot at index {index} ({size} bytes) for a peer"
-                     " behind its log", node=self.node_id, index=index, size=len(data))
+                     " far behind", node=self.node_id, index=index, size=len(data))
 
     def _offer_done(self, _):
         self._offering = False

@@ -39,6 +39,10 @@ def node_1(tmp_path):
     cfg = make_cluster(tmp_path)
     node = NodeService(cfg, 1, reactor_())
     node.startService()
+    # The replicated log recovers in threads after the service starts; the
+    # admin calls below need it running.
+    pytest_twisted.blockon(wait_until(reactor_(), lambda: node.log.replica is not None, 10,
+                                      "node 1's replicated log to start"))
     yield cfg, node
     pytest_twisted.blockon(defer.maybeDeferred(node.stopService))
 
