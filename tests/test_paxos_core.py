@@ -385,18 +385,25 @@ def test_otherwise_a_peer_that_the_log_can_serve_gets_the_log(case):
     assert [c for c in net.commands(lagger) if c != b"tail"] == net.commands(leader.node_id)[:20]
 
 
-def test_a_peer_far_behind_is_served_from_the_log_until_a_fresh_snapshot_is_at_hand():
+def test_a_peer_far_behind_waits_for_a_fresh_snapshot_rather_than_replay_the_log():
     net, leader, lagger = _twenty_slots_missed(snapshot_catchup_fraction=0.5)
-    for i in net.ids:
-        if i != lagger:
-            net.reps[i].note_state_bytes(880)
-            # Spares the peer 2 of the 20 slots it misses: too little to be worth sending.
-            assert net.reps[i].offer_snapshot(2, b"old image")
+    servers = [net.reps[i] for i in net.ids if i != lagger]
+    for r in servers:
+        r.note_state_bytes(880)
+        # Spares the peer 2 of the 20 slots it misses: too little to be worth sending.
+        assert r.offer_snapshot(2, b"old image")
     net.cut = set()
+    net.run_until(lambda: sum(net.wants[r.node_id] for r in servers) > 0)
+    for _ in range(20):
+        net.step()
+    assert net.snapshots[lagger] == [] and not _learns_to(net, lagger)
+    assert net.reps[lagger].commit_index == 0
+    data = b"an image of the state " * 40
+    for r in servers:
+        assert r.offer_snapshot(r.commit_index, data)
     leader.propose(b"tail")
     net.run_until(lambda: b"tail" in net.commands(lagger))
-    assert net.snapshots[lagger] == [] and _learns_to(net, lagger)
-    assert sum(net.wants[i] for i in net.ids if i != lagger) > 0   # a fresh one was asked for
+    assert [d for _, d in net.snapshots[lagger]] == [data]
 
 
 def test_snapshot_catchup_fraction_is_checked():

@@ -10,6 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from hypothesis import given, settings, strategies as st
 from twisted.internet import defer, endpoints, protocol, ssl
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.error import ConnectionDone
@@ -395,6 +396,30 @@ def test_frames_split_and_joined_are_delivered_whole():
         proto.dataReceived(data[i:i + 1])
     assert inbox == [(2, b"one"), (2, b"two" * 1000)]
     assert t.peer_ids == {2, 3} and 2 in t._inbound
+
+
+def test_a_frame_of_megabytes_in_tls_sized_reads_is_delivered_whole_and_nothing_is_kept():
+    t, clock, inbox = unit_transport()
+    proto, transport = connect(t, 2)
+    big = bytes(range(256)) * (3 * 4096 + 7)                       # ~3 MiB
+    data = frame(b"a") + frame(big) + frame(b"b")
+    for i in range(0, len(data), 32768):
+        proto.dataReceived(data[i:i + 32768])
+    assert inbox == [(2, b"a"), (2, big), (2, b"b")]
+    assert not proto._inbuf
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.binary(max_size=3000), max_size=12), st.data())
+def test_frames_come_out_the_same_whatever_the_reads(frames, data):
+    t, clock, inbox = unit_transport()
+    proto, transport = connect(t, 2)
+    stream = b"".join(frame(f) for f in frames)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=20)))
+    for a, b in zip([0] + cuts, cuts + [len(stream)]):
+        proto.dataReceived(stream[a:b])
+    assert inbox == [(2, f) for f in frames if f]                 # empty frames are keepalives
+    assert not proto._inbuf and not transport.aborted
 
 
 def test_sending_writes_a_length_prefixed_frame():

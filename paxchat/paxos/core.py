@@ -948,11 +948,11 @@ class Replica:
                 self._send_chunk(m.sender, offered, 0)
                 return
             # None at hand: ask the application; the peer asks again, and is
-            # sent the snapshot once offered. Until then a peer that the log
-            # can still serve is served from it.
+            # sent the snapshot once offered. A peer the log could still
+            # serve waits too: what it would apply meanwhile is work the
+            # snapshot undoes, and its install would queue behind it.
             self._want_snapshot = True
-            if compacted:
-                return
+            return
         self._snap_out.pop(m.sender, None)
         values = []
         size = 0
