@@ -399,8 +399,13 @@ def test_a_peer_far_behind_waits_for_a_fresh_snapshot_rather_than_replay_the_log
     assert net.snapshots[lagger] == [] and not _learns_to(net, lagger)
     assert net.reps[lagger].commit_index == 0
     data = b"an image of the state " * 40
+    asked = [r for r in servers if net.wants[r.node_id]]
     for r in servers:
         assert r.offer_snapshot(r.commit_index, data)
+    # Whoever was asked sends the first chunk at once, without being asked again.
+    first = [(to, m) for r in asked for to, m in r.ready().messages
+             if isinstance(m, M.SnapshotChunk)]
+    assert first and all(to == lagger and m.offset == 0 for to, m in first)
     leader.propose(b"tail")
     net.run_until(lambda: b"tail" in net.commands(lagger))
     assert [d for _, d in net.snapshots[lagger]] == [data]

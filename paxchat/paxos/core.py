@@ -286,6 +286,7 @@ class Replica:
         self._pending_snapshot = None
         self._snap_rx = None           # [index, total, parts, received]
         self._snap_out = {}            # peer -> (index, data): the snapshot it is being sent
+        self._snap_waiting = {}        # peer -> from_slot: asked while none was at hand
         self._catchup_target = 0       # want chosen values up to here
         self._catchup_peer = None
         self._catchup_next = now
@@ -469,6 +470,10 @@ class Replica:
             return False
         if self._offered is None or index >= self._offered[0]:
             self._offered = (index, bytes(data))
+        # Peers waiting for one get their first chunk now, not when they next ask.
+        for peer, from_slot in list(self._snap_waiting.items()):
+            if self._snapshot_serves(from_slot):
+                self._start_transfer(peer)
         return True
 
     def note_state_bytes(self, size):
@@ -936,24 +941,19 @@ class Replica:
             if pinned is not None and pinned[0] == m.snapshot_index and m.snapshot_offset:
                 self._send_chunk(m.sender, pinned, m.snapshot_offset)
                 return
-            offered = self._offered
-            if compacted:
-                usable = offered is not None and offered[0] >= self._snapshot_index
-            else:
-                # Worth sending if it spares the peer at least half of what it misses.
-                usable = (offered is not None
-                          and 2 * (offered[0] - m.from_slot + 1) >= self.commit_index - m.from_slot + 1)
-            if usable:
-                self._snap_out[m.sender] = offered
-                self._send_chunk(m.sender, offered, 0)
+            if self._snapshot_serves(m.from_slot):
+                self._start_transfer(m.sender)
                 return
-            # None at hand: ask the application; the peer asks again, and is
-            # sent the snapshot once offered. A peer the log could still
-            # serve waits too: what it would apply meanwhile is work the
-            # snapshot undoes, and its install would queue behind it.
+            # None at hand: ask the application. The peer is sent the first
+            # chunk once one is offered (and asks again meanwhile). A peer
+            # the log could still serve waits too: what it would apply
+            # meanwhile is work the snapshot undoes, and its install would
+            # queue behind it.
             self._want_snapshot = True
+            self._snap_waiting[m.sender] = m.from_slot
             return
         self._snap_out.pop(m.sender, None)
+        self._snap_waiting.pop(m.sender, None)
         values = []
         size = 0
         s = m.from_slot
@@ -967,6 +967,24 @@ class Replica:
                 break
         if values:
             self._send(m.sender, Learn(self.node_id, m.from_slot, tuple(values)))
+
+    def _snapshot_serves(self, from_slot):
+        """Does the snapshot at hand serve a peer that misses ``from_slot``..?
+
+        Behind the compacted log, any the log continues from does; otherwise
+        it must spare the peer at least half of what it misses.
+        """
+        offered = self._offered
+        if offered is None:
+            return False
+        if from_slot <= self._snapshot_index:
+            return offered[0] >= self._snapshot_index
+        return 2 * (offered[0] - from_slot + 1) >= self.commit_index - from_slot + 1
+
+    def _start_transfer(self, to):
+        self._snap_waiting.pop(to, None)
+        self._snap_out[to] = self._offered
+        self._send_chunk(to, self._offered, 0)
 
     def _send_chunk(self, to, snapshot, off):
         index, data = snapshot
