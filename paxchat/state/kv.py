@@ -409,7 +409,7 @@ class KVStore:
                 * conn.execute("PRAGMA page_size").fetchone()[0])
 
     def restore(self, applied_index, chunks):
-        """Replace the whole store by a snapshot, atomically and durably.
+        """Replace the whole store by a snapshot, atomically.
 
         The snapshot is checked first (frame, index, digest, then the
         image itself: a paxchat state of this format at ``applied_index``
@@ -417,6 +417,10 @@ class KVStore:
         is raised and the store is unchanged. The image is then copied
         over this database in one write transaction (SQLite's backup),
         so this connection, and any snapshot being read from it, stay valid.
+        That commit is as durable as any other of this store: a store fed
+        from a log (``durable=False``) commits without an fsync, and the
+        replicated log, which has already recorded the snapshot's index,
+        fetches the snapshot again if a crash loses the restore.
         """
         image = _read_snapshot(applied_index, chunks)
         self.commit_group()
@@ -434,8 +438,6 @@ class KVStore:
                 raise self.error(e) from e
         finally:
             source.close()
-        # The log is compacted up to the snapshot once it is restored.
-        self.sync()
 
 
 def _encode_record(key, value):
