@@ -30,7 +30,8 @@ from twisted.web import resource, server
 
 from paxchat import config as configmod
 from paxchat import tls
-from paxchat.metrics import listen_http, node_status
+from paxchat.httpsite import listen_http
+from paxchat.metrics import node_status
 
 __all__ = ["AdminResource", "AdminService", "AdminError", "main"]
 

@@ -17,13 +17,12 @@ from numbers import Real
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from twisted.application import service
 from twisted.logger import Logger
-from twisted.web import resource, server
 
-__all__ = ["MetricsService", "NodeMetrics", "node_status", "listen_http"]
+__all__ = ["MetricsService", "NodeMetrics", "node_status"]
 
 log = Logger()
 
@@ -294,42 +293,6 @@ class NodeMetrics:
         return generate_latest(self.registry)
 
 
-class MetricsResource(resource.Resource):
-    """``GET /metrics``: Prometheus text format, rendered on the reactor thread."""
-
-    isLeaf = True
-
-    def __init__(self, metrics):
-        super().__init__()
-        self._metrics = metrics
-
-    def render_GET(self, request):
-        if request.path not in (b"/metrics", b"/metrics/"):
-            request.setResponseCode(404)
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            return b"not found: metrics are at /metrics\n"
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return self._metrics.exposition()
-
-
-class _QuietSite(server.Site):
-    """A Site that logs neither its start nor every request (scrapes come every few seconds)."""
-
-    noisy = False
-
-    def log(self, request):
-        pass
-
-
-def listen_http(reactor, address, root, context_factory=None):
-    """Listen at once (raising CannotListenError) on ``address`` with a quiet Site over ``root``."""
-    site = _QuietSite(root)
-    site.displayTracebacks = False
-    if context_factory is not None:
-        return reactor.listenSSL(address.port, site, context_factory, interface=address.host)
-    return reactor.listenTCP(address.port, site, interface=address.host)
-
-
 class MetricsService(service.Service):
     """The node's metrics: always counted; served over HTTP when ``metrics`` is set.
 
@@ -354,6 +317,7 @@ class MetricsService(service.Service):
             # A log that can report each fsync of its store: feed the histogram.
             self.node.log.fsync_observer = self.metrics.observe_fsync
         if self.address is not None:
+            from paxchat.httpsite import MetricsResource, listen_http
             self.port = listen_http(self.node.reactor, self.address,
                                     MetricsResource(self.metrics))
             log.info("node {node} serving metrics on http://{address}/metrics",

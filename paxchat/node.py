@@ -15,7 +15,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from paxchat import clienttls, notify, tls
-from paxchat.admin import AdminService
 from paxchat.metrics import MetricsService, find_service
 from paxchat.replicatedlog import ReplicatedLog
 from paxchat.server.factory import ChatServerFactory
@@ -103,7 +102,11 @@ class NodeService(service.MultiService):
         operations = MetricsService(self)
         operations.setServiceParent(self)
         self.metrics = operations.metrics
-        AdminService(self).setServiceParent(self)
+        if self.node.admin is not None:
+            # Imported only when served: the admin API and its command line
+            # weigh on every start-up (see httpsite.py).
+            from paxchat.admin import AdminService
+            AdminService(self).setServiceParent(self)
         notify.WatchdogService(self.reactor).setServiceParent(self)
 
     def announce_ready(self):

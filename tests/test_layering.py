@@ -52,3 +52,15 @@ def test_paxos_core_is_pure(module):
         pytest.skip(f"paxos/{module} not written yet")
     for name in imported_modules(path):
         assert name.split(".")[0] not in PURE, f"paxos/{module} imports {name}"
+
+
+def test_a_node_loads_the_web_server_only_when_it_serves_http():
+    """twisted.web and the admin API cost every start-up ~30 ms: only for nodes that serve them."""
+    import subprocess
+    import sys
+    code = ("import sys, paxchat.tap, paxchat.node, paxchat.metrics; "
+            "print(sorted(m for m in sys.modules if m.startswith(('twisted.web', 'paxchat.admin',"
+            " 'paxchat.httpsite'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=ROOT.parent, check=True).stdout
+    assert out.strip() == "[]"
