@@ -366,6 +366,24 @@ def test_a_peer_missing_much_of_the_state_is_sent_a_snapshot_while_the_log_still
     assert leader.snapshot_index == 0                         # nothing was compacted
 
 
+def test_a_transfer_under_way_goes_on_though_the_estimate_turns_against_it():
+    net, leader, lagger = _twenty_slots_missed(snapshot_catchup_fraction=0.5)
+    data = b"an image of the state " * 40                 # three 400-byte chunks
+    leader.note_state_bytes(len(data))
+    assert leader.offer_snapshot(leader.commit_index, data)
+    leader.ready()
+
+    def ask(index, offset):
+        leader.receive(M.CatchupRequest(lagger, 1, index, offset), net.now)
+        return [m for to, m in leader.ready().messages if to == lagger]
+
+    first = ask(0, 0)
+    assert [(type(m), m.offset) for m in first] == [(M.SnapshotChunk, 0)]
+    leader.note_state_bytes(100 * len(data))             # the log would now look cheaper
+    assert [(type(m), m.offset) for m in ask(first[0].index, 400)] == [(M.SnapshotChunk, 400)]
+    assert [type(m) for m in ask(0, 0)] == [M.Learn]       # a new request gets the log
+
+
 @pytest.mark.parametrize("case", ["size unknown", "state too big", "turned off", "few slots"])
 def test_otherwise_a_peer_that_the_log_can_serve_gets_the_log(case):
     net, leader, lagger = _twenty_slots_missed(

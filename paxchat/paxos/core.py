@@ -933,14 +933,14 @@ class Replica:
         self._send(peer, CatchupRequest(self.node_id, self.commit_index + 1, idx, off))
 
     def _on_catchup_request(self, m):
-        compacted = m.from_slot <= self._snapshot_index
-        if compacted or self._snapshot_pays(m.from_slot):
-            # A transfer keeps the snapshot it started with, even if we
-            # compact again meanwhile, so frequent compaction cannot starve it.
-            pinned = self._snap_out.get(m.sender)
-            if pinned is not None and pinned[0] == m.snapshot_index and m.snapshot_offset:
-                self._send_chunk(m.sender, pinned, m.snapshot_offset)
-                return
+        # A transfer keeps the snapshot it started with, even if we compact
+        # again or the peer's lag looks different meanwhile, so neither
+        # frequent compaction nor a changing estimate can starve it.
+        pinned = self._snap_out.get(m.sender)
+        if pinned is not None and pinned[0] == m.snapshot_index and m.snapshot_offset:
+            self._send_chunk(m.sender, pinned, m.snapshot_offset)
+            return
+        if m.from_slot <= self._snapshot_index or self._snapshot_pays(m.from_slot):
             if self._snapshot_serves(m.from_slot):
                 self._start_transfer(m.sender)
                 return
