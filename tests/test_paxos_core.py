@@ -429,6 +429,42 @@ def test_a_peer_far_behind_waits_for_a_fresh_snapshot_rather_than_replay_the_log
     assert [d for _, d in net.snapshots[lagger]] == [data]
 
 
+def test_a_peer_far_behind_is_served_from_the_log_when_no_snapshot_comes_in_time():
+    from paxchat.paxos.core import SNAPSHOT_WAIT_SECONDS
+    net, leader, lagger = _twenty_slots_missed(snapshot_catchup_fraction=0.5)
+    for i in net.ids:
+        if i != lagger:
+            net.reps[i].note_state_bytes(880)          # but no snapshot is ever offered
+    net.cut = set()
+    start = net.now
+    net.run_until(lambda: sum(net.wants[i] for i in net.ids if i != lagger) > 0)
+    net.run_until(lambda: net.now >= start + SNAPSHOT_WAIT_SECONDS - 0.2)
+    assert not _learns_to(net, lagger) and net.reps[lagger].commit_index == 0
+    leader.propose(b"tail")
+    net.run_until(lambda: b"tail" in net.commands(lagger), limit=2.0)
+    assert net.snapshots[lagger] == [] and _learns_to(net, lagger)
+
+
+def test_a_peer_that_comes_back_far_behind_waits_anew():
+    from paxchat.paxos.core import SNAPSHOT_WAIT_SECONDS
+    net, leader, lagger = _twenty_slots_missed(snapshot_catchup_fraction=0.5)
+    leader.note_state_bytes(880)                           # and no snapshot is offered
+    leader.ready()
+    now = net.now
+
+    def ask(at):
+        leader.receive(M.CatchupRequest(lagger, 1, 0, 0), at)
+        return [type(m) for to, m in leader.ready().messages if to == lagger]
+
+    steps = int(SNAPSHOT_WAIT_SECONDS / 0.1)
+    assert all(ask(now + 0.1 * k) == [] for k in range(steps))   # asking every 0.1 s
+    assert ask(now + 0.1 * steps + 0.05) == [M.Learn]              # waited out: the log
+    later = now + 0.1 * steps + 2 * leader.config.election_timeout
+    assert ask(later) == []                                  # silent since: a new wait
+    assert leader.offer_snapshot(leader.commit_index, b"image")
+    assert [type(m) for to, m in leader.ready().messages if to == lagger] == [M.SnapshotChunk]
+
+
 def test_snapshot_catchup_fraction_is_checked():
     with pytest.raises(ValueError, match="snapshot_catchup_fraction"):
         Config(snapshot_catchup_fraction=0)

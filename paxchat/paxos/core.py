@@ -75,6 +75,11 @@ __all__ = ["NotLeader", "Config", "DurableState", "ReadState", "LeaderChange", "
 
 FOLLOWER, PRECANDIDATE, CANDIDATE, LEADER = "follower", "precandidate", "candidate", "leader"
 
+# A peer that the log could still serve waits at most this long (since its
+# first ask) for a snapshot that would serve it better; then the log serves
+# it meanwhile, so a node that cannot make a snapshot holds nobody back.
+SNAPSHOT_WAIT_SECONDS = 5.0
+
 # An Accept (and its AcceptRecord) carries at most this many value bytes,
 # or one slot when a single slot is bigger.
 ACCEPT_MESSAGE_BYTES = 4 << 20
@@ -286,7 +291,7 @@ class Replica:
         self._pending_snapshot = None
         self._snap_rx = None           # [index, total, parts, received]
         self._snap_out = {}            # peer -> (index, data): the snapshot it is being sent
-        self._snap_waiting = {}        # peer -> from_slot: asked while none was at hand
+        self._snap_waiting = {}        # peer -> (from_slot, since, last ask): asked while none was at hand
         self._catchup_target = 0       # want chosen values up to here
         self._catchup_peer = None
         self._catchup_next = now
@@ -471,8 +476,10 @@ class Replica:
         if self._offered is None or index >= self._offered[0]:
             self._offered = (index, bytes(data))
         # Peers waiting for one get their first chunk now, not when they next ask.
-        for peer, from_slot in list(self._snap_waiting.items()):
-            if self._snapshot_serves(from_slot):
+        for peer, (from_slot, _, last) in list(self._snap_waiting.items()):
+            if self._now - last > self.config.election_timeout:
+                del self._snap_waiting[peer]       # stopped asking: gone, or served elsewhere
+            elif self._snapshot_serves(from_slot):
                 self._start_transfer(peer)
         return True
 
@@ -940,20 +947,28 @@ class Replica:
         if pinned is not None and pinned[0] == m.snapshot_index and m.snapshot_offset:
             self._send_chunk(m.sender, pinned, m.snapshot_offset)
             return
-        if m.from_slot <= self._snapshot_index or self._snapshot_pays(m.from_slot):
+        compacted = m.from_slot <= self._snapshot_index
+        waited_out = False
+        if compacted or self._snapshot_pays(m.from_slot):
             if self._snapshot_serves(m.from_slot):
                 self._start_transfer(m.sender)
                 return
             # None at hand: ask the application. The peer is sent the first
             # chunk once one is offered (and asks again meanwhile). A peer
-            # the log could still serve waits too: what it would apply
-            # meanwhile is work the snapshot undoes, and its install would
-            # queue behind it.
+            # the log could still serve waits too, for up to
+            # SNAPSHOT_WAIT_SECONDS: what it would apply meanwhile is work
+            # the snapshot undoes, and its install would queue behind it.
             self._want_snapshot = True
-            self._snap_waiting[m.sender] = m.from_slot
-            return
+            _, since, last = self._snap_waiting.get(m.sender, (None, self._now, self._now))
+            if self._now - last > self.config.election_timeout:
+                since = self._now          # it stopped asking a while ago: a new wait
+            self._snap_waiting[m.sender] = (m.from_slot, since, self._now)
+            if compacted or self._now - since < SNAPSHOT_WAIT_SECONDS:
+                return
+            waited_out = True          # still sent a snapshot once one is offered
         self._snap_out.pop(m.sender, None)
-        self._snap_waiting.pop(m.sender, None)
+        if not waited_out:
+            self._snap_waiting.pop(m.sender, None)
         values = []
         size = 0
         s = m.from_slot
