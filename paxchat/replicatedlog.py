@@ -142,8 +142,9 @@ class ReplicatedLog:
 
     @param open_store: ``() -> Deferred[(DurableLog, [record bytes])]``.
     @param make_transport: ``make_transport(on_message) -> PeerTransport``-like
-        (``send(to, frame) -> bool``, ``peer_state(id)``, a service), or None
-        for a cluster of one node.
+        (``send(to, frame) -> bool``, ``peer_state(id)``,
+        ``add_state_observer(fn)``, a service), or None for a cluster of one
+        node.
     @param on_fatal: ``on_fatal(reason)`` once the node must stop (storage
         failure); the node stops its process.
     """
@@ -160,6 +161,8 @@ class ReplicatedLog:
         self._on_fatal = on_fatal
         self._jitter = jitter
         self.transport = make_transport(self._on_frame) if make_transport else None
+        if self.transport is not None:
+            self.transport.add_state_observer(self._link_changed)
         self.ticker = TimerService(settings.heartbeat_interval / 2, self._tick)
         self.ticker.clock = reactor
         # Request ids must never repeat across restarts: a replayed slot of
@@ -866,6 +869,11 @@ class ReplicatedLog:
         d.addErrback(self._background_failed, "measuring the state")
         d.addBoth(self._sizing_done)
 
+    def _link_changed(self, peer, direction, up):
+        if up and self._live:
+            self.replica.peer_connected(peer)
+            self._drive()
+
     def _sized(self, size):
         if self._live:
             self.replica.note_state_bytes(size)
@@ -878,6 +886,7 @@ class ReplicatedLog:
         if self._live and self.replica.offer_snapshot(index, data):
             log.info("node {node} made a snapshot at index {index} ({size} bytes) for a peer"
                      " far behind", node=self.node_id, index=index, size=len(data))
+            self._drive()                # peers waiting for it get their first chunk now
 
     def _offer_done(self, _):
         self._offering = False

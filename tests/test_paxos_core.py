@@ -470,6 +470,23 @@ def test_snapshot_catchup_fraction_is_checked():
         Config(snapshot_catchup_fraction=0)
 
 
+def test_a_leader_repeats_its_latest_heartbeat_to_a_peer_that_connects():
+    net = Net(3)
+    leader = net.elect()
+    leader.propose(b"x")
+    net.step()
+    peer = leader.peers[0]
+    leader.peer_connected(peer)
+    leader.peer_connected(99)                               # not a member: nothing
+    out = leader.ready().messages
+    assert [(to, type(m)) for to, m in out] == [(peer, M.Heartbeat)]
+    beat = out[0][1]
+    assert beat.commit == leader.commit_index and beat.seq == leader._hb_seq
+    follower = net.reps[peer]
+    follower.peer_connected(leader.node_id)
+    assert not follower.ready().messages
+
+
 def test_leadership_transfer_hands_over_to_the_target():
     net = Net(3)
     leader = net.elect()

@@ -56,11 +56,15 @@ class TellsCommitOnlyOnSchedule(Replica):
 
 
 class SlowToSendSnapshots(TellsCommitOnlyOnSchedule):
-    """...and a peer that waits for a snapshot gets it only when it asks again."""
+    """...a peer that waits for a snapshot gets it only when it asks again, and
+    a peer whose link opens hears from the leader at its next heartbeat."""
 
     def offer_snapshot(self, index, data):
         self._snap_waiting.clear()
         return Replica.offer_snapshot(self, index, data)
+
+    def peer_connected(self, peer):
+        pass
 
 
 def test_a_slow_snapshot_recovery_gets_its_transfer_allowance():

@@ -104,6 +104,9 @@ class MemoryTransport(service.Service):
     def peer_state(self, node_id):
         return "connected" if self.network.up(self.node_id, node_id) else "disconnected"
 
+    def add_state_observer(self, observer):
+        self.observers = getattr(self, "observers", []) + [observer]
+
     def connected_peers(self):
         return {n for n in self.network.nodes if n != self.node_id and self.network.up(self.node_id, n)}
 
@@ -301,6 +304,23 @@ def test_a_restarted_node_recovers_from_its_store_and_catches_up(cluster):
     assert cluster.result(rl.submit(create("back")))["ok"]
     cluster.until(lambda: len({cluster.states[n].digest() for n in cluster.members}) == 1,
                   what="equal states")
+
+
+def test_a_leader_heartbeats_a_peer_whose_link_just_opened_at_once(cluster):
+    leader = cluster.wait_leader()
+    assert cluster.result(cluster.logs[leader].submit(create("alice")))["ok"]
+    peer = next(n for n in cluster.members if n != leader)
+    transport = cluster.logs[leader].transport
+    transport.sent.clear()
+    for observer in transport.observers:
+        observer(peer, "inbound", True)              # no clock advance: not the schedule
+    beats = [m for to, m in transport.sent if to == peer and isinstance(m, M.Heartbeat)]
+    assert beats and beats[-1].commit == cluster.logs[leader].replica.commit_index
+    follower = cluster.logs[peer].transport
+    follower.sent.clear()
+    for observer in follower.observers:
+        observer(leader, "outbound", True)           # a follower has nothing to say
+    assert not follower.sent
 
 
 def test_a_node_behind_the_compaction_point_is_restored_by_snapshot(tmp_path):

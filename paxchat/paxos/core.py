@@ -483,6 +483,17 @@ class Replica:
                 self._start_transfer(peer)
         return True
 
+    def peer_connected(self, peer):
+        """A link to ``peer`` (re)opened: a leader repeats its latest heartbeat to it now.
+
+        A node that restarted learns the leader and the commit index at
+        once, instead of at the next heartbeat, and asks for what it
+        misses. The repeat carries the same sequence number, so its ack
+        counts toward a lease or read no later than the original's send time.
+        """
+        if self._role == LEADER and peer in self.peers and self._hb_seq:
+            self._send(peer, Heartbeat(self.node_id, self._ballot, self.commit_index, self._hb_seq))
+
     def note_state_bytes(self, size):
         """The application's state is about ``size`` bytes: what a snapshot of it would weigh.
 

@@ -385,6 +385,7 @@ class Simulation:
         self.log("RESTART", node.id, "promised", durable.promised, "snap", durable.snapshot_index,
                  "app", node.app.applied)
         self.start(node, durable)
+        self.links_up((p, node.id) for p in self.members if p != node.id)
 
     def tick(self, node, inc):
         if node.replica is None or node.incarnation != inc:
@@ -598,6 +599,18 @@ class Simulation:
     def heal(self, cut):
         if self.faults:
             self.cut -= cut
+            self.links_up(cut)
+
+    def links_up(self, pairs):
+        """Links that reopened: the replica at ``a`` of each ``(a, b)`` hears of it,
+        as the node glue tells it when its transport reports a link up."""
+        for a, b in sorted(pairs):
+            node = self.nodes[a]
+            if node.replica is not None and (a, b) not in self.cut:
+                quiet = not node.replica.has_ready()
+                node.replica.peer_connected(b)
+                if quiet and node.replica.has_ready():
+                    self.poke(node)
 
     def transfer(self):
         for node in self.nodes.values():
