@@ -439,6 +439,12 @@ class ReplicatedLog:
         self._retry_reads()
         self._drive()
 
+    def _link_changed(self, peer, direction, up):
+        """The transport opened a link: a leader tells that peer the commit index now."""
+        if up and self._live:
+            self.replica.peer_connected(peer)
+            self._drive()
+
     def _on_frame(self, from_node_id, frame):
         """A frame from an authenticated peer; bad ones are dropped, never raised."""
         if not self._live:
@@ -868,11 +874,6 @@ class ReplicatedLog:
         d.addCallback(self._sized)
         d.addErrback(self._background_failed, "measuring the state")
         d.addBoth(self._sizing_done)
-
-    def _link_changed(self, peer, direction, up):
-        if up and self._live:
-            self.replica.peer_connected(peer)
-            self._drive()
 
     def _sized(self, size):
         if self._live:
