@@ -343,6 +343,12 @@ def _twenty_slots_missed(**config):
     return net, leader, lagger
 
 
+def _ask(leader, lagger, at, index=0, offset=0):
+    """``lagger`` asks ``leader`` for slot 1 on (and a snapshot from ``offset``): what it is sent."""
+    leader.receive(M.CatchupRequest(lagger, 1, index, offset), at)
+    return [m for to, m in leader.ready().messages if to == lagger]
+
+
 def _learns_to(net, node):
     return [m for _, to, m in net.sent if isinstance(m, M.Learn) and to == node]
 
@@ -374,8 +380,7 @@ def test_a_transfer_under_way_goes_on_though_the_estimate_turns_against_it():
     leader.ready()
 
     def ask(index, offset):
-        leader.receive(M.CatchupRequest(lagger, 1, index, offset), net.now)
-        return [m for to, m in leader.ready().messages if to == lagger]
+        return _ask(leader, lagger, net.now, index, offset)
 
     first = ask(0, 0)
     assert [(type(m), m.offset) for m in first] == [(M.SnapshotChunk, 0)]
@@ -453,8 +458,7 @@ def test_a_peer_that_comes_back_far_behind_waits_anew():
     now = net.now
 
     def ask(at):
-        leader.receive(M.CatchupRequest(lagger, 1, 0, 0), at)
-        return [type(m) for to, m in leader.ready().messages if to == lagger]
+        return [type(m) for m in _ask(leader, lagger, at)]
 
     steps = int(SNAPSHOT_WAIT_SECONDS / 0.1)
     assert all(ask(now + 0.1 * k) == [] for k in range(steps))   # asking every 0.1 s
