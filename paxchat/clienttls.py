@@ -21,7 +21,8 @@ producers, pausing, ``abortConnection`` and ``setTcpNoDelay`` are Twisted's.
 Non-blocking OpenSSL has one rule the reactor has to keep: a call that
 could not finish is repeated once the socket is ready for it. A read or
 handshake step that needs to write waits for the socket to be writable
-(``_wants_write``); a write that stopped midway returns 0, and Twisted's
+(``_wants_write``), and for reading to resume if the protocol paused it
+meanwhile, so no data reaches a paused protocol; a write that stopped midway returns 0, and Twisted's
 write buffer offers the same bytes again (Python sets
 ``SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER``, so they may sit elsewhere).
 Renegotiation is refused, so a write never has to wait for a read.
@@ -77,7 +78,8 @@ class TLSServer(tcp.Server):
     _handshake_timer = None
     _early = ()                    # written before the handshake finished
     _lose_after_handshake = False
-    _wants_write = False           # a handshake or read step waits for room in the socket
+    _wants_write = False           # a handshake or read step is owed a turn (room, or resumed reading)
+    _reading_paused = False        # the protocol paused reading (pauseProducing)
     _reason = None                 # why the TLS layer dropped the connection
 
     def __init__(self, sock, protocol, client, server, sessionno, reactor):
@@ -110,13 +112,28 @@ class TLSServer(tcp.Server):
         return None
 
     def doWrite(self):
-        if self._wants_write:
+        # The step that waited for room goes on, unless the protocol paused
+        # reading meanwhile: its data would arrive while it is paused.
+        # ``startReading`` brings it back.
+        if self._wants_write and not self._reading_paused:
             self._wants_write = False
             if not self.disconnecting:
-                why = self.doRead()    # the step that waited for room goes on
+                why = self.doRead()
                 if why is not None or self._wants_write:
                     return why
         return super().doWrite()
+
+    def stopReading(self):
+        self._reading_paused = True
+        super().stopReading()
+
+    def startReading(self):
+        self._reading_paused = False
+        super().startReading()
+        if self._wants_write:
+            # What OpenSSL already took from the socket will not wake the
+            # reactor as a read: let the next writable turn finish the step.
+            self.startWriting()
 
     def writeSomeData(self, data):
         if not data:
@@ -171,7 +188,12 @@ class TLSServer(tcp.Server):
         # What came with the client's Finished is read now, not when the
         # socket next wakes the reactor (OpenSSL reads record by record,
         # so it is still in the socket; this does not rely on that).
-        return self.doRead() if not self.disconnecting else None
+        if self.disconnecting:
+            return None
+        if self._reading_paused:
+            self._wants_write = True   # read once reading resumes (startReading)
+            return None
+        return self.doRead()
 
     def _wait_for_room(self):
         self._wants_write = True

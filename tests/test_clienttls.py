@@ -7,6 +7,7 @@ bounded by ``TIMEOUT``; the handshake timeout is driven by a ``Clock``.
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 
@@ -324,6 +325,53 @@ def test_a_handshake_step_that_waits_for_room_goes_on_when_the_socket_is_writabl
 
 
 
+class _ReadWaitsForRoomThenPaused(clienttls.TLSServer):
+    """Its first read step after the handshake finds the socket full (as a
+    renegotiation-free TLS 1.3 key update could make it), and the protocol
+    pauses reading before the socket has room again."""
+
+    armed = False                 # set by the test once the handshake is done
+    waited = 0
+    write_turns = 0
+    turns_when_waited = None
+
+    def doRead(self):
+        readable = select.select([self.fileno()], [], [], 0)[0]
+        if type(self).armed and readable and not type(self).waited:
+            type(self).waited += 1
+            type(self).turns_when_waited = type(self).write_turns
+            self._wait_for_room()
+            self.pauseProducing()
+            return None
+        return super().doRead()
+
+    def doWrite(self):
+        type(self).write_turns += 1
+        return super().doWrite()
+
+
+class _PortReadWaitsForRoomThenPaused(clienttls.TLSServerPort):
+    transport = _ReadWaitsForRoomThenPaused
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_read_step_waiting_for_room_does_not_deliver_while_the_protocol_is_paused(
+        cluster, serve):
+    from twisted.internet import reactor
+    served = serve(App, port_class=_PortReadWaitsForRoomThenPaused)
+    server, client = yield connected(cluster, served)
+    _ReadWaitsForRoomThenPaused.armed = True   # the next read with bytes waiting is this data's
+    client.transport.write(b"while paused\n")
+    yield wait_until(reactor, lambda: _ReadWaitsForRoomThenPaused.waited, TIMEOUT,
+                     "the read step waited for room")
+    turns = _ReadWaitsForRoomThenPaused.turns_when_waited
+    yield wait_until(reactor, lambda: _ReadWaitsForRoomThenPaused.write_turns > turns, TIMEOUT,
+                     "the socket had room again")
+    assert server.received == b""
+    server.transport.resumeProducing()
+    yield server.until(lambda app: app.received == b"while paused\n")
+
+
 class _StdlibTLSClient(App):
     """A client doing TLS by hand (``ssl`` over memory BIOs), so a test can send raw bytes."""
 
@@ -424,3 +472,40 @@ def test_closed_connections_leave_no_tls_objects_behind(cluster, serve):
     yield task.deferLater(reactor, 0, lambda: None)
     gc.collect()
     assert [ref() for ref in left] == [None] * 10
+
+
+@pytest_twisted.inlineCallbacks
+def test_data_after_the_handshake_waits_while_the_protocol_is_paused(cluster, serve):
+    """The client's first data comes with its Finished; a protocol that pauses
+    reading when the handshake completes gets it only once it resumes."""
+    from twisted.internet import reactor, task
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(str(cluster.ca_path))
+    context.check_hostname = False
+    class PausesOnHandshake(App):
+        def handshakeCompleted(self):
+            self.transport.pauseProducing()
+            super().handshakeCompleted()
+    served = serve(PausesOnHandshake)
+    eager = _StdlibTLSClient(context)
+    step = eager._step
+
+    def step_and_talk():
+        was = eager.handshaken
+        if not was:
+            try:
+                eager.tls.do_handshake()
+                eager.handshaken = True
+                eager.tls.write(b"with my Finished\n")   # one TCP write: Finished, then data
+            except ssl.SSLWantReadError:
+                pass
+        step()
+    eager._step = step_and_talk
+    yield dial(cluster, served, eager, raw=True)
+    yield eager.until(lambda app: app.handshaken)
+    server = served.apps[0]
+    yield server.until(lambda app: app.handshakes)
+    yield task.deferLater(reactor, 0, lambda: None)   # a reactor turn with the data readable
+    assert server.received == b""
+    server.transport.resumeProducing()
+    yield server.until(lambda app: app.received == b"with my Finished\n")
