@@ -22,9 +22,10 @@ Non-blocking OpenSSL has one rule the reactor has to keep: a call that
 could not finish is repeated once the socket is ready for it. A read or
 handshake step that needs to write waits for the socket to be writable
 (``_wants_write``), and for reading to resume if the protocol paused it
-meanwhile, so no data reaches a paused protocol; a write that stopped midway returns 0, and Twisted's
-write buffer offers the same bytes again (Python sets
-``SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER``, so they may sit elsewhere).
+meanwhile, so no data reaches a paused protocol; a write that stopped
+midway returns 0, and Twisted's write buffer offers the same bytes again
+(Python sets ``SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER``, so they may sit
+elsewhere).
 Renegotiation is refused, so a write never has to wait for a read.
 """
 
