@@ -350,7 +350,18 @@ def _ask(leader, lagger, at, index=0, offset=0):
 
 
 def _learns_to(net, node):
-    return [m for _, to, m in net.sent if isinstance(m, M.Learn) and to == node]
+    """Runs of the log sent to ``node`` (not the empty "being prepared" answers)."""
+    return [m for _, to, m in net.sent if isinstance(m, M.Learn) and to == node and m.values]
+
+
+def _waits_to(net, node):
+    """Empty runs sent to ``node``: "what you miss is being prepared, keep asking me"."""
+    return [m for _, to, m in net.sent if isinstance(m, M.Learn) and to == node and not m.values]
+
+
+def _kinds(messages):
+    return ["wait" if isinstance(m, M.Learn) and not m.values else type(m).__name__
+            for m in messages]
 
 
 def test_a_peer_missing_much_of_the_state_is_sent_a_snapshot_while_the_log_still_holds_it():
@@ -416,11 +427,18 @@ def test_a_peer_far_behind_waits_for_a_fresh_snapshot_rather_than_replay_the_log
         # Spares the peer 2 of the 20 slots it misses: too little to be worth sending.
         assert r.offer_snapshot(2, b"old image")
     net.cut = set()
+    healed = len(net.sent)
     net.run_until(lambda: sum(net.wants[r.node_id] for r in servers) > 0)
     for _ in range(20):
         net.step()
     assert net.snapshots[lagger] == [] and not _learns_to(net, lagger)
     assert net.reps[lagger].commit_index == 0
+    # Told to wait, it kept asking the peer that prepares its snapshot, so
+    # only that one makes one.
+    asked_peers = {to for sender, to, m in net.sent[healed:]
+                   if sender == lagger and isinstance(m, M.CatchupRequest)}
+    assert len(asked_peers) == 1 and _waits_to(net, lagger)
+    assert [r.node_id for r in servers if net.wants[r.node_id]] == list(asked_peers)
     data = b"an image of the state " * 40
     asked = [r for r in servers if net.wants[r.node_id]]
     for r in servers:
@@ -458,15 +476,35 @@ def test_a_peer_that_comes_back_far_behind_waits_anew():
     now = net.now
 
     def ask(at):
-        return [type(m) for m in _ask(leader, lagger, at)]
+        return _kinds(_ask(leader, lagger, at))
 
     steps = int(SNAPSHOT_WAIT_SECONDS / 0.1)
-    assert all(ask(now + 0.1 * k) == [] for k in range(steps))   # asking every 0.1 s
-    assert ask(now + 0.1 * steps + 0.05) == [M.Learn]              # waited out: the log
+    assert all(ask(now + 0.1 * k) == ["wait"] for k in range(steps))   # asking every 0.1 s
+    assert ask(now + 0.1 * steps + 0.05) == ["Learn"]              # waited out: the log
     later = now + 0.1 * steps + 2 * leader.config.election_timeout
-    assert ask(later) == []                                  # silent since: a new wait
+    assert ask(later) == ["wait"]                            # silent since: a new wait
     assert leader.offer_snapshot(leader.commit_index, b"image")
     assert [type(m) for to, m in leader.ready().messages if to == lagger] == [M.SnapshotChunk]
+
+
+def test_a_peer_told_to_wait_too_long_turns_to_another():
+    """Behind the compacted log, with no snapshot ever offered: the peer
+    asked keeps saying "wait"; after SNAPSHOT_WAIT_SECONDS the asker tries
+    the next peer, as it would if nobody answered."""
+    from paxchat.paxos.core import SNAPSHOT_WAIT_SECONDS
+    net, leader, lagger = _five_decided_while_one_is_cut_off()
+    for i in net.ids:
+        if i != lagger:
+            net.reps[i].compact(net.reps[i].commit_index)   # and never offer a snapshot
+    net.cut = set()
+    healed, start = len(net.sent), net.now
+
+    def asked():
+        return {to for sender, to, m in net.sent[healed:]
+                if sender == lagger and isinstance(m, M.CatchupRequest)}
+    net.run_until(lambda: net.now >= start + SNAPSHOT_WAIT_SECONDS - 0.2)
+    assert len(asked()) == 1 and _waits_to(net, lagger)
+    net.run_until(lambda: len(asked()) == 2, limit=1.0)
 
 
 def test_snapshot_catchup_fraction_is_checked():

@@ -56,8 +56,14 @@ class TellsCommitOnlyOnSchedule(Replica):
 
 
 class SlowToSendSnapshots(TellsCommitOnlyOnSchedule):
-    """...a peer that waits for a snapshot gets it only when it asks again, and
-    a peer whose link opens hears from the leader at its next heartbeat."""
+    """...a peer that waits for a snapshot gets it only when it asks again,
+    and is not told to wait (so it may turn to another peer), and a peer
+    whose link opens hears from the leader at its next heartbeat."""
+
+    def _send(self, to, msg):
+        if isinstance(msg, M.Learn) and not msg.values:
+            return
+        Replica._send(self, to, msg)
 
     def offer_snapshot(self, index, data):
         self._snap_waiting.clear()
@@ -70,8 +76,9 @@ class SlowToSendSnapshots(TellsCommitOnlyOnSchedule):
 def test_a_slow_snapshot_recovery_gets_its_transfer_allowance():
     # Seed 3110 on a core whose followers learn commits only from Accepts and
     # periodic heartbeats, and whose peers send a snapshot only when asked
-    # again after it was made: 50-byte chunks and compaction every 16 slots
-    # make each snapshot transfer dozens of round trips, and recovery needs
+    # again after it was made (and never tell it to wait meanwhile): 50-byte
+    # chunks and compaction every 16 slots make each snapshot transfer
+    # dozens of round trips, and recovery needs
     # eleven installs. Every chunk is progress, but it converges 0.85 s after
     # the flat 8 s bound: the bound adds the transfers' time. (Seed 55273
     # showed this before snapshots were made on demand, which changed its

@@ -296,6 +296,7 @@ class Replica:
         self._catchup_peer = None
         self._catchup_next = now
         self._catchup_progress = False
+        self._catchup_since = now      # when the current catch-up episode began
         self._last_advance = now
         # roles
         self._role = FOLLOWER
@@ -917,6 +918,7 @@ class Replica:
         if self._catchup_target <= self.commit_index:
             self._catchup_peer = peer      # a new episode starts with who told us
             self._catchup_progress = True
+            self._catchup_since = self._now
         if upto > self._catchup_target:
             self._catchup_target = upto
         self._maybe_request_catchup()
@@ -975,6 +977,10 @@ class Replica:
                 since = self._now          # it stopped asking a while ago: a new wait
             self._snap_waiting[m.sender] = (m.from_slot, since, self._now)
             if compacted or self._now - since < SNAPSHOT_WAIT_SECONDS:
+                # An empty run says "being prepared: keep asking me", so the
+                # peer does not turn to another, which would make a second
+                # snapshot on the same machines meanwhile.
+                self._send(m.sender, Learn(self.node_id, m.from_slot, ()))
                 return
             waited_out = True          # still sent a snapshot once one is offered
         self._snap_out.pop(m.sender, None)
@@ -1038,6 +1044,13 @@ class Replica:
         return missing * sum(sizes) / len(sizes) >= fraction * state
 
     def _on_learn(self, m):
+        if not m.values:
+            # The peer asked prepares what we miss (a snapshot): stay with
+            # it, for as long as a peer serving us waits for one.
+            moved = max(self._last_advance, self._catchup_since)
+            if m.sender == self._catchup_peer and self._now - moved < SNAPSHOT_WAIT_SECONDS:
+                self._catchup_progress = True
+            return
         chosen = self._chosen
         c = self.commit_index
         for i, v in enumerate(m.values):

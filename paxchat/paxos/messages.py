@@ -162,7 +162,10 @@ class CatchupRequest:
 
 @dataclass(frozen=True, slots=True)
 class Learn:
-    """Chosen values of slots ``first_slot ..`` (a bounded run)."""
+    """Chosen values of slots ``first_slot ..`` (a bounded run).
+
+    An empty run answers a catch-up request whose answer is being prepared
+    (a snapshot): the asker keeps asking this peer rather than another."""
     sender: int
     first_slot: int
     values: tuple  # tuple[Value, ...]
