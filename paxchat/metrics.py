@@ -6,6 +6,10 @@ nothing has to be kept in step. What only a running count or a latency
 distribution can tell (proposals, commit latency, fsync latency) is
 observed as it happens, through three calls any layer may make:
 ``observe_proposal()``, ``observe_commit(seconds)``, ``observe_fsync(seconds)``.
+The service itself samples how late the event loop runs a timer
+(``paxchat_event_loop_lag_seconds``): a node whose loop is late answers
+clients and peers late, and a leader late by an election timeout loses
+its lease, so that is worth seeing before it happens.
 
 The endpoint is off unless ``[node.N] metrics = host:port`` is set; bind it
 to 127.0.0.1 (or a private interface) since it has no authentication.
@@ -30,6 +34,9 @@ log = Logger()
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0)
 ROLES = ("leader", "follower", "candidate", "standalone")
+# The event loop's lag is sampled by a timer due this often (seconds).
+LAG_PROBE_SECONDS = 0.1
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # Numeric fields of the log's status() become gauges paxchat_<key>; these have their own.
 _NOT_GAUGES = {"node", "leader", "ballot", "clients", "running", "role", "peers",
                "clients_turned_away"}
@@ -237,6 +244,11 @@ class NodeMetrics:
         self.fsync_latency = Histogram(
             "paxchat_fsync_latency_seconds", "One write+fsync of the Paxos log (group commit).",
             buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.event_loop_lag = Histogram(
+            "paxchat_event_loop_lag_seconds",
+            f"How late the event loop ran a timer due every {LAG_PROBE_SECONDS:g} s: one piece"
+            " of work that held it (a long callback, a big copy) or no CPU to run on.",
+            buckets=LAG_BUCKETS, registry=self.registry)
         self.registry.register(_StatusCollector(node))
         try:
             ProcessCollector(registry=self.registry)
@@ -256,6 +268,9 @@ class NodeMetrics:
 
     def observe_failure(self, error):
         self.proposal_failures.labels(error=error).inc()
+
+    def observe_lag(self, seconds):
+        self.event_loop_lag.observe(max(0.0, seconds))
 
     def instrument(self, command_log):
         """Count and time every ``submit`` of ``command_log`` (this one instance).
@@ -306,6 +321,8 @@ class MetricsService(service.Service):
         self.node = node
         self.metrics = NodeMetrics(node, node.reactor)
         self.port = None
+        self._lag_call = None
+        self._lag_due = None
 
     @property
     def address(self):
@@ -323,9 +340,24 @@ class MetricsService(service.Service):
             log.info("node {node} serving metrics on http://{address}/metrics",
                      node=self.node.node_id, address=str(self.address))
         super().startService()
+        self._schedule_lag_probe()
+
+    def _schedule_lag_probe(self):
+        reactor = self.node.reactor
+        self._lag_due = reactor.seconds() + LAG_PROBE_SECONDS
+        self._lag_call = reactor.callLater(LAG_PROBE_SECONDS, self._probe_lag)
+
+    def _probe_lag(self):
+        self._lag_call = None
+        self.metrics.observe_lag(self.node.reactor.seconds() - self._lag_due)
+        if self.running:
+            self._schedule_lag_probe()
 
     def stopService(self):
         super().stopService()
+        call, self._lag_call = self._lag_call, None
+        if call is not None and call.active():
+            call.cancel()
         port, self.port = self.port, None
         if port is not None:
             return port.stopListening()

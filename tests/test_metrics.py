@@ -239,6 +239,37 @@ def test_a_log_that_reports_fsyncs_feeds_the_histogram():
     service.stopService()
 
 
+def test_the_event_loop_lag_is_sampled_while_the_service_runs():
+    from paxchat.metrics import LAG_PROBE_SECONDS, MetricsService
+
+    class Node(FakeNode):
+        reactor = task.Clock()
+        node = type("NodeConfig", (), {"metrics": None})()
+
+    class Log(Bare):
+        def submit(self, command):
+            return defer.succeed(None)
+
+    node = Node(Log())
+    service = MetricsService(node)
+    service.startService()
+    clock = node.reactor
+    for _ in range(5):
+        clock.advance(LAG_PROBE_SECONDS)                 # on time, five times
+    clock.advance(LAG_PROBE_SECONDS + 0.3)               # the loop held for 0.3 s
+    found = samples(service.metrics.exposition())
+    assert value(found, "paxchat_event_loop_lag_seconds_count") == 6
+    assert value(found, "paxchat_event_loop_lag_seconds_bucket", le="0.001") == 5
+    assert value(found, "paxchat_event_loop_lag_seconds_bucket", le="0.25") == 5
+    assert value(found, "paxchat_event_loop_lag_seconds_bucket", le="0.5") == 6
+    assert value(found, "paxchat_event_loop_lag_seconds_sum") == pytest.approx(0.3)
+    service.stopService()
+    assert clock.getDelayedCalls() == []                 # stopped: nothing left scheduled
+    clock.advance(10 * LAG_PROBE_SECONDS)
+    found = samples(service.metrics.exposition())
+    assert value(found, "paxchat_event_loop_lag_seconds_count") == 6
+
+
 @pytest_twisted.inlineCallbacks
 def test_no_metrics_address_no_listener(tmp_path):
     cfg = write_ops_config(tmp_path, nodes=1, keys=(), client_tls="off", bcrypt_cost=4)
