@@ -324,7 +324,6 @@ def test_a_handshake_step_that_waits_for_room_goes_on_when_the_socket_is_writabl
     yield server.until(lambda app: app.received == b"after\n")
 
 
-
 class _ReadWaitsForRoomThenPaused(clienttls.TLSServer):
     """Its first read step after the handshake finds the socket full (as a
     renegotiation-free TLS 1.3 key update could make it), and the protocol
@@ -358,14 +357,15 @@ class _PortReadWaitsForRoomThenPaused(clienttls.TLSServerPort):
 def test_a_read_step_waiting_for_room_does_not_deliver_while_the_protocol_is_paused(
         cluster, serve):
     from twisted.internet import reactor
+    probe = _ReadWaitsForRoomThenPaused
+    probe.armed, probe.waited, probe.write_turns = False, 0, 0
     served = serve(App, port_class=_PortReadWaitsForRoomThenPaused)
     server, client = yield connected(cluster, served)
-    _ReadWaitsForRoomThenPaused.armed = True   # the next read with bytes waiting is this data's
+    probe.armed = True                  # the next read with bytes waiting is this data's
     client.transport.write(b"while paused\n")
-    yield wait_until(reactor, lambda: _ReadWaitsForRoomThenPaused.waited, TIMEOUT,
-                     "the read step waited for room")
-    turns = _ReadWaitsForRoomThenPaused.turns_when_waited
-    yield wait_until(reactor, lambda: _ReadWaitsForRoomThenPaused.write_turns > turns, TIMEOUT,
+    yield wait_until(reactor, lambda: probe.waited, TIMEOUT, "the read step waited for room")
+    turns = probe.turns_when_waited
+    yield wait_until(reactor, lambda: probe.write_turns > turns, TIMEOUT,
                      "the socket had room again")
     assert server.received == b""
     server.transport.resumeProducing()
