@@ -7,9 +7,10 @@ distribution can tell (proposals, commit latency, fsync latency) is
 observed as it happens, through three calls any layer may make:
 ``observe_proposal()``, ``observe_commit(seconds)``, ``observe_fsync(seconds)``.
 The service itself samples how late the event loop runs a timer
-(``paxchat_event_loop_lag_seconds``): a node whose loop is late answers
-clients and peers late, and a leader late by an election timeout loses
-its lease, so that is worth seeing before it happens.
+(``paxchat_event_loop_lag_seconds``, and a warning in the log when it is
+over ``LAG_WARN_SECONDS``): a node whose loop is late answers clients and
+peers late, and a leader late by an election timeout loses its lease, so
+that is worth seeing before it happens.
 
 The endpoint is off unless ``[node.N] metrics = host:port`` is set; bind it
 to 127.0.0.1 (or a private interface) since it has no authentication.
@@ -37,6 +38,10 @@ ROLES = ("leader", "follower", "candidate", "standalone")
 # The event loop's lag is sampled by a timer due this often (seconds).
 LAG_PROBE_SECONDS = 0.1
 LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# A loop this late is logged (once a minute at most): heartbeats wait as
+# long, so an election that follows has its cause in the log.
+LAG_WARN_SECONDS = 0.25
+LAG_LOG_SECONDS = 60.0
 # Numeric fields of the log's status() become gauges paxchat_<key>; these have their own.
 _NOT_GAUGES = {"node", "leader", "ballot", "clients", "running", "role", "peers",
                "clients_turned_away"}
@@ -323,6 +328,8 @@ class MetricsService(service.Service):
         self.port = None
         self._lag_call = None
         self._lag_due = None
+        self._stalls = 0                # late by LAG_WARN_SECONDS since the last report
+        self._stall_log_at = None       # no report before this time
 
     @property
     def address(self):
@@ -349,9 +356,25 @@ class MetricsService(service.Service):
 
     def _probe_lag(self):
         self._lag_call = None
-        self.metrics.observe_lag(self.node.reactor.seconds() - self._lag_due)
+        now = self.node.reactor.seconds()
+        lag = now - self._lag_due
+        self.metrics.observe_lag(lag)
+        if lag >= LAG_WARN_SECONDS:
+            self._note_stall(now, lag)
         if self.running:
             self._schedule_lag_probe()
+
+    def _note_stall(self, now, lag):
+        self._stalls += 1
+        if self._stall_log_at is not None and now < self._stall_log_at:
+            return
+        self._stall_log_at = now + LAG_LOG_SECONDS
+        log.warn("node {node}'s event loop was {ms:.0f} ms late ({count} time(s) over"
+                 " {limit:.0f} ms since the last report): clients and peers waited as long;"
+                 " the node is short of CPU or one task held it",
+                 node=self.node.node_id, ms=lag * 1000, count=self._stalls,
+                 limit=LAG_WARN_SECONDS * 1000)
+        self._stalls = 0
 
     def stopService(self):
         super().stopService()

@@ -270,6 +270,46 @@ def test_the_event_loop_lag_is_sampled_while_the_service_runs():
     assert value(found, "paxchat_event_loop_lag_seconds_count") == 6
 
 
+def test_a_stalled_event_loop_is_logged_once_a_minute_at_most():
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from paxchat.metrics import LAG_LOG_SECONDS, LAG_PROBE_SECONDS, LAG_WARN_SECONDS, MetricsService
+
+    class Log(Bare):
+        def submit(self, command):
+            return defer.succeed(None)
+
+    class Node(FakeNode):
+        reactor = task.Clock()
+        node = type("NodeConfig", (), {"metrics": None})()
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        node = Node(Log(), node_id=3)
+        service = MetricsService(node)
+        service.startService()
+        clock = node.reactor
+
+        def warnings():
+            return [formatEvent(e) for e in events
+                    if e.get("log_namespace") == "paxchat.metrics" and "late" in formatEvent(e)]
+        clock.advance(LAG_PROBE_SECONDS + LAG_WARN_SECONDS / 2)   # late, but not by much
+        assert warnings() == []
+        clock.advance(LAG_PROBE_SECONDS + 0.6)
+        assert warnings() == ["node 3's event loop was 600 ms late (1 time(s) over 250 ms since"
+                              " the last report): clients and peers waited as long; the node is"
+                              " short of CPU or one task held it"]
+        for _ in range(3):
+            clock.advance(LAG_PROBE_SECONDS + 0.3)             # within the minute: counted only
+        assert len(warnings()) == 1
+        clock.advance(LAG_LOG_SECONDS)
+        assert len(warnings()) == 2 and "(4 time(s) over 250 ms" in warnings()[1]
+        service.stopService()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+
+
 @pytest_twisted.inlineCallbacks
 def test_no_metrics_address_no_listener(tmp_path):
     cfg = write_ops_config(tmp_path, nodes=1, keys=(), client_tls="off", bcrypt_cost=4)
