@@ -7,21 +7,27 @@ a node's own certificate is refused, so a stolen node key cannot steer
 the cluster from this port. Every action is logged with the operator's name.
 
     GET  /status                  the node's status (as ``metrics.node_status``)
+    GET  /backup                  a consistent copy of the node's state (a snapshot)
     POST /snapshot                snapshot the state and compact the log now
     POST /transfer-leadership     {"target": N}: the leader hands over to N
 
-``paxchat-admin --config cluster.ini status|snapshot N|transfer-leadership N``
+``paxchat-admin --config cluster.ini status|snapshot N|transfer-leadership N|backup FILE``
 talks to every node's admin address (blocking sockets; no reactor needed).
+``paxchat-admin restore FILE --node N`` needs no node: it makes a stopped
+node's data directory from a backup, on that node's machine.
 """
 
 import argparse
 import concurrent.futures
 import http.client
 import json
+import os
+import shutil
 import socket
 import ssl
 import sys
 import time
+from pathlib import Path
 
 from twisted.application import service
 from twisted.internet import defer
@@ -76,10 +82,11 @@ class AdminResource(resource.Resource):
                 raise _Refusal(403, "forbidden", "an admin certificate of the cluster CA is needed "
                                "(paxchat-certs --admin makes one)")
             handler = {(b"GET", b"/status"): self.status,
+                       (b"GET", b"/backup"): self.backup,
                        (b"POST", b"/snapshot"): self.snapshot,
                        (b"POST", b"/transfer-leadership"): self.transfer}.get(route)
             if handler is None:
-                raise _Refusal(404, "not_found", "no such admin call: GET /status, "
+                raise _Refusal(404, "not_found", "no such admin call: GET /status, GET /backup, "
                                "POST /snapshot, POST /transfer-leadership")
             result = handler(request, operator)
         except _Refusal as refusal:
@@ -92,7 +99,12 @@ class AdminResource(resource.Resource):
 
         def answered(value):
             if not request.finished and not getattr(request, "_disconnected", False):
-                request.write(self._json(request, 200, value))
+                if isinstance(value, bytes):
+                    request.setResponseCode(200)
+                    request.setHeader(b"content-type", b"application/octet-stream")
+                    request.write(value)
+                else:
+                    request.write(self._json(request, 200, value))
                 request.finish()
 
         def failed(failure):
@@ -127,6 +139,18 @@ class AdminResource(resource.Resource):
 
     def status(self, request, operator):
         return node_status(self.node)
+
+    def backup(self, request, operator):
+        """The state as one snapshot (bytes), read in one read transaction
+        beside the apply worker, so applies go on meanwhile."""
+        self._log_ready()
+        worker = getattr(self.node, "worker", None)
+        if worker is None:
+            raise _Refusal(503, "unavailable", f"node {self.node.node_id} is not running")
+        log.info("admin {operator} took a backup of node {node}'s state", operator=operator,
+                 node=self.node.node_id)
+        d = worker.call("snapshot")
+        return d.addCallback(lambda taken: worker.call_aside(b"".join, taken[1]))
 
     def snapshot(self, request, operator):
         take = getattr(self._log_ready(), "snapshot_now", None)
@@ -236,6 +260,14 @@ class AdminClient:
         return host, node.admin.port
 
     def call(self, node_id, method, path, body=None):
+        """The JSON answer of one call; L{AdminError} for a refusal or an unreachable node."""
+        return self._exchange(node_id, method, path, body, None)
+
+    def download(self, node_id, path, sink):
+        """GET ``path`` and write its body to the binary file ``sink``; the byte count."""
+        return self._exchange(node_id, "GET", path, None, sink)
+
+    def _exchange(self, node_id, method, path, body, sink):
         host, port = self.address(node_id)
         where = f"node {node_id} ({host}:{port})"
         try:
@@ -254,8 +286,14 @@ class AdminClient:
             headers = {"Content-Type": "application/json"} if data is not None else {}
             connection.request(method, path, body=data, headers=headers)
             response = connection.getresponse()
-            text = response.read(1 << 20)
             status = response.status
+            if status == 200 and sink is not None:
+                written = 0
+                while chunk := response.read(1 << 20):
+                    sink.write(chunk)
+                    written += len(chunk)
+                return written
+            text = response.read(1 << 20)
         except (OSError, http.client.HTTPException) as e:
             raise AdminError(f"{where}: {e}") from None
         finally:
@@ -341,6 +379,78 @@ def _snapshot(client, args, out):
     return 0
 
 
+def _backup(client, args, out):
+    """Write a consistent copy of a node's state to FILE (the most current node by default)."""
+    from paxchat.state.kv import SnapshotError, check_snapshot
+    node = args.node
+    if node is None:
+        up = {n: s for n, s in client.statuses().items() if not isinstance(s, Exception)}
+        if not up:
+            raise AdminError("no node answers; there is nothing to back up")
+        node = max(sorted(up), key=lambda n: up[n].get("applied_index") or 0)
+    target = Path(args.file)
+    part = target.with_name(target.name + ".part")
+    try:
+        with open(part, "wb") as sink:
+            size = client.download(node, "/backup", sink)
+            sink.flush()
+            os.fsync(sink.fileno())
+        index = check_snapshot(part.read_bytes())
+    except SnapshotError as e:
+        part.unlink(missing_ok=True)
+        raise AdminError(f"node {node} sent a backup that does not check out: {e}") from None
+    except OSError as e:
+        part.unlink(missing_ok=True)
+        raise AdminError(f"cannot write {part}: {e.strerror or e}") from None
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, target)
+    print(f"backup of node {node}'s state at index {index} ({size} bytes) written to {target}",
+          file=out)
+    return 0
+
+
+def _restore(config, args, out):
+    """Make a stopped node's (empty) data directory hold the state of a backup."""
+    from paxchat.node import STATE_FILE
+    from paxchat.paxos import messages as M
+    from paxchat.paxos.store import StorageError, rewrite_log
+    from paxchat.state.chat import ChatState
+    from paxchat.state.kv import SnapshotError, StoreError, check_snapshot
+    node = args.node
+    config.node(node)
+    directory = config.node_data_dir(node)
+    try:
+        data = Path(args.file).read_bytes()
+    except OSError as e:
+        raise AdminError(f"cannot read {args.file}: {e.strerror or e}") from None
+    try:
+        index = check_snapshot(data)
+    except SnapshotError as e:
+        raise AdminError(f"{args.file} is not a paxchat backup: {e}") from None
+    if directory.exists() and any(directory.iterdir()):
+        raise AdminError(f"node {node}'s data directory {directory} is not empty; stop the node "
+                         "and move the directory aside first (a restore never overwrites)")
+    try:
+        config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, exist_ok=True)
+        state = ChatState.open(str(directory / STATE_FILE))
+        try:
+            state.restore(index, [data])
+        finally:
+            state.close()
+        # The log starts after the backup's index, as after a compaction there.
+        rewrite_log(str(directory / "paxos"), [M.encode(M.CompactRecord(index))])
+    except (SnapshotError, StoreError, StorageError, OSError) as e:
+        shutil.rmtree(directory, ignore_errors=True)   # it was empty: nothing of value goes
+        raise AdminError(f"restoring node {node} into {directory} failed, nothing was kept: {e}"
+                         ) from None
+    print(f"node {node}'s data directory {directory} holds the backup's state at index {index}; "
+          "start the node once every node is restored", file=out)
+    return 0
+
+
 def _transfer(client, args, out):
     target = args.target
     client.config.node(target)
@@ -368,7 +478,7 @@ def _transfer(client, args, out):
 
 
 def main(argv=None, out=None, err=None):
-    """``paxchat-admin --config cluster.ini status|snapshot N|transfer-leadership N``."""
+    """``paxchat-admin --config cluster.ini status|snapshot N|transfer-leadership N|backup|restore``."""
     out = out or sys.stdout
     err = err or sys.stderr
     parser = argparse.ArgumentParser(
@@ -392,9 +502,22 @@ def main(argv=None, out=None, err=None):
     transfer.add_argument("--wait", type=float, default=10.0,
                           help="seconds to wait for N to lead (default 10)")
     transfer.set_defaults(run=_transfer)
+    backup = commands.add_parser("backup", help="write a consistent copy of a node's state to "
+                                 "FILE (docs/operations.md, Backups)")
+    backup.add_argument("file", metavar="FILE")
+    backup.add_argument("--node", type=int,
+                        help="the node to copy (default: the one that has applied the most)")
+    backup.set_defaults(run=_backup)
+    restore = commands.add_parser("restore", help="make node N's empty data directory hold a "
+                                  "backup; run on its machine with every node stopped")
+    restore.add_argument("file", metavar="FILE")
+    restore.add_argument("--node", type=int, required=True)
+    restore.set_defaults(run=_restore, offline=True)
     args = parser.parse_args(argv)
     try:
         config = configmod.load(args.config)
+        if getattr(args, "offline", False):
+            return args.run(config, args, out)
         client = AdminClient(config, args.cert, args.key, args.timeout)
         return args.run(client, args, out)
     except (configmod.ConfigError, AdminError, tls.CertificateFilesError) as e:

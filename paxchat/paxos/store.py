@@ -47,7 +47,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["DurableLog", "StorageError", "CorruptLogError", "recover_log"]
+__all__ = ["DurableLog", "StorageError", "CorruptLogError", "recover_log", "rewrite_log"]
 
 log = Logger(namespace="paxchat.paxos.store")
 
@@ -396,6 +396,21 @@ def recover_log(directory):
     files = _LogFiles(directory, DEFAULT_SEGMENT_BYTES, _default_write, os.fsync)
     try:
         return files.recover()
+    finally:
+        files.close()
+
+
+def rewrite_log(directory, records):
+    """Make ``records`` the whole log in ``directory`` without a reactor; for tools.
+
+    The directory is created if missing. A log in use by a running node
+    is refused (its lock is held), like a second ``DurableLog.open``.
+    """
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    files = _LogFiles(directory, DEFAULT_SEGMENT_BYTES, _default_write, os.fsync)
+    try:
+        files.recover()
+        files.rewrite(records)
     finally:
         files.close()
 

@@ -511,6 +511,19 @@ class _SnapshotChunks:
         self._release()
 
 
+def check_snapshot(blob):
+    """The applied index of a whole snapshot (bytes), after checking its frame
+    and digest; L{SnapshotError} says what is wrong. ``restore`` also checks
+    the image inside."""
+    if len(blob) < _SNAP_HEADER.size:
+        raise SnapshotError("snapshot stream ends early")
+    magic, index, _ = _SNAP_HEADER.unpack_from(blob)
+    if magic != SNAPSHOT_MAGIC:
+        raise SnapshotError("not a paxchat state snapshot (bad magic)")
+    _read_snapshot(index, [blob])
+    return index
+
+
 def _read_snapshot(applied_index, chunks):
     """The image inside a snapshot stream, after checking its frame and digest."""
     pieces = []
