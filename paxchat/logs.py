@@ -187,3 +187,25 @@ def observer_from_environment(environ=None, stream=None, node=None, fmt=None, le
 def observer():
     """For ``twistd --logger paxchat.logs.observer``: the observer the environment asks for."""
     return observer_from_environment()
+
+
+class Occasional:
+    """Counts a recurring event and says when to log it: at most once every
+    ``interval`` seconds of ``clock``, so a storm of them is one line a
+    minute that says how many there were, not a flooded log."""
+
+    def __init__(self, clock, interval):
+        self._clock = clock
+        self._interval = interval
+        self._count = 0
+        self._next = None
+
+    def happened(self):
+        """Count one; how many to report since the last line if a line is due now, else 0."""
+        self._count += 1
+        now = self._clock.seconds()
+        if self._next is not None and now < self._next:
+            return 0
+        self._next = now + self._interval
+        count, self._count = self._count, 0
+        return count

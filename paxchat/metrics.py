@@ -27,6 +27,8 @@ from prometheus_client.process_collector import ProcessCollector
 from twisted.application import service
 from twisted.logger import Logger
 
+from paxchat.logs import Occasional
+
 __all__ = ["MetricsService", "NodeMetrics", "node_status"]
 
 log = Logger()
@@ -328,8 +330,7 @@ class MetricsService(service.Service):
         self.port = None
         self._lag_call = None
         self._lag_due = None
-        self._stalls = 0                # late by LAG_WARN_SECONDS since the last report
-        self._stall_log_at = None       # no report before this time
+        self._stalls = Occasional(node.reactor, LAG_LOG_SECONDS)
 
     @property
     def address(self):
@@ -356,25 +357,21 @@ class MetricsService(service.Service):
 
     def _probe_lag(self):
         self._lag_call = None
-        now = self.node.reactor.seconds()
-        lag = now - self._lag_due
+        lag = self.node.reactor.seconds() - self._lag_due
         self.metrics.observe_lag(lag)
         if lag >= LAG_WARN_SECONDS:
-            self._note_stall(now, lag)
+            self._note_stall(lag)
         if self.running:
             self._schedule_lag_probe()
 
-    def _note_stall(self, now, lag):
-        self._stalls += 1
-        if self._stall_log_at is not None and now < self._stall_log_at:
-            return
-        self._stall_log_at = now + LAG_LOG_SECONDS
-        log.warn("node {node}'s event loop was {ms:.0f} ms late ({count} time(s) over"
-                 " {limit:.0f} ms since the last report): clients and peers waited as long;"
-                 " the node is short of CPU or one task held it",
-                 node=self.node.node_id, ms=lag * 1000, count=self._stalls,
-                 limit=LAG_WARN_SECONDS * 1000)
-        self._stalls = 0
+    def _note_stall(self, lag):
+        count = self._stalls.happened()
+        if count:
+            log.warn("node {node}'s event loop was {ms:.0f} ms late ({count} time(s) over"
+                     " {limit:.0f} ms since the last report): clients and peers waited as long;"
+                     " the node is short of CPU or one task held it",
+                     node=self.node.node_id, ms=lag * 1000, count=count,
+                     limit=LAG_WARN_SECONDS * 1000)
 
     def stopService(self):
         super().stopService()

@@ -10,7 +10,7 @@ there.
 import shutil
 
 import pytest_twisted
-from twisted.internet import threads
+from twisted.internet import defer, threads
 
 from tests.cluster_support import (  # noqa: F401 (cluster_factory is a fixture)
     SINK, all_history, cluster_factory, create_accounts, logged_in, requires_replicated_log,
@@ -18,6 +18,21 @@ from tests.cluster_support import (  # noqa: F401 (cluster_factory is a fixture)
 from tests.test_admin import add_ops_addresses, admin_main, run_admin
 
 pytestmark = requires_replicated_log
+
+
+@defer.inlineCallbacks
+def serves_the_backup(cluster):
+    """Start the restored nodes: they serve the 20 messages sent before the
+    backup and none after, take new ones, and end with equal states."""
+    yield cluster.start_and_wait()
+    yield cluster.wait_leader()
+    alice = yield logged_in(cluster, "alice")
+    bodies = [m["body"] for m in (yield all_history(alice, peer=SINK))]
+    assert bodies == [f"before the backup {i}" for i in reversed(range(20))]
+    sent = yield alice.send_message(SINK, "after the restore")
+    assert sent["message_id"] == 21          # the message counter came back with the state
+    yield cluster.close_clients()
+    assert (yield cluster.check_equal_states()) > 0
 
 
 def _replace_tree(source, target):
@@ -50,17 +65,7 @@ def test_every_node_restored_from_one_stopped_nodes_copy_serves_the_state_of_the
     yield cluster.stop_gracefully()
     for n in cluster.node_ids:
         yield threads.deferToThread(_replace_tree, backup, cluster.data_dir(n))
-    yield cluster.start_and_wait()
-    yield cluster.wait_leader()
-
-    alice = yield logged_in(cluster, "alice")
-    bodies = [m["body"] for m in (yield all_history(alice, peer=SINK))]
-    assert bodies == [f"before the backup {i}" for i in reversed(range(20))]
-    sent = yield alice.send_message(SINK, "after the restore")
-    assert sent["message_id"] == 21          # the message counter came back with the state
-    yield cluster.close_clients()
-    keys = yield cluster.check_equal_states()
-    assert keys > 0
+    yield serves_the_backup(cluster)
 
 
 @within(150)
@@ -88,13 +93,4 @@ def test_an_online_backup_restored_into_every_node_with_paxchat_admin(cluster_fa
         code, out, err = yield threads.deferToThread(
             admin_main, cfg, "restore", str(backup), "--node", str(n))
         assert code == 0, out + err
-    yield cluster.start_and_wait()
-    yield cluster.wait_leader()
-
-    alice = yield logged_in(cluster, "alice")
-    bodies = [m["body"] for m in (yield all_history(alice, peer=SINK))]
-    assert bodies == [f"before the backup {i}" for i in reversed(range(20))]
-    sent = yield alice.send_message(SINK, "after the restore")
-    assert sent["message_id"] == 21
-    yield cluster.close_clients()
-    yield cluster.check_equal_states()
+    yield serves_the_backup(cluster)

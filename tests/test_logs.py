@@ -244,3 +244,19 @@ def test_no_secret_in_the_complete_output_of_twistd_nodes(cluster_factory, monke
         assert any(m.startswith("peer link outbound with node") and " up " in m for m in messages)
         assert any(m.startswith("peer link") and " down: " in m for m in messages)
     assert_no_secrets(output, tokens)
+
+
+def test_an_occasional_event_is_reported_once_per_interval_with_its_count():
+    from twisted.internet.task import Clock
+
+    from paxchat.logs import Occasional
+    clock = Clock()
+    report = Occasional(clock, 60.0)
+    assert report.happened() == 1            # the first one is reported at once
+    assert [report.happened() for _ in range(3)] == [0, 0, 0]
+    clock.advance(59.9)
+    assert report.happened() == 0
+    clock.advance(0.1)
+    assert report.happened() == 5            # the four held back, and this one
+    clock.advance(600)
+    assert report.happened() == 1

@@ -11,6 +11,8 @@ from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
+from paxchat.logs import Occasional
+
 from .handlers import Handlers
 from .bcryptprocess import BcryptStopped, ProcessBcrypt
 from .passwords import PasswordHasher
@@ -61,8 +63,7 @@ class ChatServerFactory(ServerFactory):
         self.turned_away_total = 0  # connections turned away at max_clients
         # Connections not known to have logged in, oldest first: conn -> when it connected.
         self._strangers = {}
-        self._turned_away_logged = 0  # the total when it was last logged
-        self._turned_away_log_at = None
+        self._turned_away_report = Occasional(reactor, TURNED_AWAY_LOG_SECONDS)
         self._warmed = False
 
     def startFactory(self):
@@ -117,16 +118,12 @@ class ChatServerFactory(ServerFactory):
     def turned_away(self):
         """Count a connection turned away because the node is full; log it, once a minute at most."""
         self.turned_away_total += 1
-        now = self.reactor.seconds()
-        if self._turned_away_log_at is not None and now < self._turned_away_log_at:
-            return
-        self._turned_away_log_at = now + TURNED_AWAY_LOG_SECONDS
-        _log.warn("{max_clients} client connections open (max_clients): turned away {count} "
-                  "since the last report (new ones, or ones idle without logging in); "
-                  "their clients move to another node",
-                  max_clients=self.settings.max_clients,
-                  count=self.turned_away_total - self._turned_away_logged)
-        self._turned_away_logged = self.turned_away_total
+        count = self._turned_away_report.happened()
+        if count:
+            _log.warn("{max_clients} client connections open (max_clients): turned away {count} "
+                      "since the last report (new ones, or ones idle without logging in); "
+                      "their clients move to another node",
+                      max_clients=self.settings.max_clients, count=count)
 
     def buildProtocol(self, addr):
         protocol = ChatProtocol(self.reactor, self.settings, self.handlers, self.registry)
