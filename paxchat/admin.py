@@ -31,8 +31,10 @@ from pathlib import Path
 
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.interfaces import IPullProducer
 from twisted.logger import Logger
 from twisted.web import resource, server
+from zope.interface import implementer
 
 from paxchat import config as configmod
 from paxchat import tls
@@ -63,6 +65,36 @@ def _operator(request):
         return tls.admin_name_of(get() if get is not None else None)
     except Exception:
         return None
+
+
+class _Pieces:
+    """An answer sent as these byte pieces, one at a time as the connection
+    takes them, so a large one is never copied whole into its buffer."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+
+@implementer(IPullProducer)
+class _PiecesProducer:
+    def __init__(self, request, pieces):
+        self._request = request
+        self._pieces = iter(pieces)
+
+    def resumeProducing(self):
+        request = self._request
+        if request is None:
+            return
+        piece = next(self._pieces, None)
+        if piece is None:
+            self._request = None
+            request.unregisterProducer()
+            request.finish()
+            return
+        request.write(bytes(piece))
+
+    def stopProducing(self):
+        self._request = None            # the client went away; the pieces are let go
 
 
 class AdminResource(resource.Resource):
@@ -99,12 +131,14 @@ class AdminResource(resource.Resource):
 
         def answered(value):
             if not request.finished and not getattr(request, "_disconnected", False):
-                if isinstance(value, bytes):
+                if isinstance(value, _Pieces):
                     request.setResponseCode(200)
                     request.setHeader(b"content-type", b"application/octet-stream")
-                    request.write(value)
-                else:
-                    request.write(self._json(request, 200, value))
+                    request.setHeader(b"content-length",
+                                      str(sum(len(p) for p in value.pieces)).encode())
+                    request.registerProducer(_PiecesProducer(request, value.pieces), False)
+                    return
+                request.write(self._json(request, 200, value))
                 request.finish()
 
         def failed(failure):
@@ -141,8 +175,9 @@ class AdminResource(resource.Resource):
         return node_status(self.node)
 
     def backup(self, request, operator):
-        """The state as one snapshot (bytes), read in one read transaction
-        beside the apply worker, so applies go on meanwhile."""
+        """The state as one snapshot, read in one read transaction beside the
+        apply worker, so applies go on meanwhile; its pieces are views of
+        one serialized image, sent as the connection takes them."""
         self._log_ready()
         worker = getattr(self.node, "worker", None)
         if worker is None:
@@ -150,7 +185,8 @@ class AdminResource(resource.Resource):
         log.info("admin {operator} took a backup of node {node}'s state", operator=operator,
                  node=self.node.node_id)
         d = worker.call("snapshot")
-        return d.addCallback(lambda taken: worker.call_aside(b"".join, taken[1]))
+        d.addCallback(lambda taken: worker.call_aside(list, taken[1]))
+        return d.addCallback(_Pieces)
 
     def snapshot(self, request, operator):
         take = getattr(self._log_ready(), "snapshot_now", None)

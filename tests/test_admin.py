@@ -164,6 +164,64 @@ def test_backup_writes_a_checked_copy_of_the_state(node_1, tmp_path):
     assert code == 0 and out.startswith("backup of node 1's state"), err
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_backup_larger_than_a_piece_arrives_whole(node_1, tmp_path):
+    import os
+
+    from paxchat.state.chat import ChatState
+    from paxchat.state.kv import SNAPSHOT_CHUNK_BYTES, check_snapshot
+    cfg, node = node_1
+    filler = os.urandom(3 * SNAPSHOT_CHUNK_BYTES)
+
+    def fill():               # straight into the state: only the image's size matters here
+        with node.state.kv.transaction():
+            node.state.kv.put("zz/filler", filler)
+    yield node.worker.call(fill)
+    target = tmp_path / "big.backup"
+    code, out, err = yield run_admin(cfg, "backup", str(target), "--node", "1")
+    assert code == 0, err
+    data = target.read_bytes()
+    assert len(data) > 3 * SNAPSHOT_CHUNK_BYTES and check_snapshot(data) == node.log.applied_index
+    copy = ChatState.open(str(tmp_path / "copy.sqlite3"))
+    copy.restore(node.log.applied_index, [data])
+    assert copy.kv.get("zz/filler") == filler
+    copy.close()
+
+
+def test_the_pieces_producer_writes_one_piece_per_turn_and_stops_when_told():
+    from paxchat.admin import _PiecesProducer
+
+    class Request:
+        def __init__(self):
+            self.written, self.finished, self.unregistered = [], 0, 0
+
+        def write(self, data):
+            self.written.append(data)
+
+        def finish(self):
+            self.finished += 1
+
+        def unregisterProducer(self):
+            self.unregistered += 1
+
+    request = Request()
+    producer = _PiecesProducer(request, [b"ab", memoryview(b"cd"), b"e"])
+    for turn in range(1, 4):
+        producer.resumeProducing()
+        assert request.written == [b"ab", b"cd", b"e"][:turn] and request.finished == 0
+    producer.resumeProducing()
+    assert (request.finished, request.unregistered) == (1, 1)
+    producer.resumeProducing()                      # nothing more, and no second finish
+    assert (request.finished, len(request.written)) == (1, 3)
+
+    gone = Request()
+    producer = _PiecesProducer(gone, [b"ab", b"cd"])
+    producer.resumeProducing()
+    producer.stopProducing()                        # the client went away
+    producer.resumeProducing()
+    assert gone.written == [b"ab"] and gone.finished == 0
+
+
 def test_restore_makes_an_empty_data_directory_from_a_backup_and_refuses_the_rest(tmp_path):
     from paxchat.node import STATE_FILE
     from paxchat.paxos import messages as M
