@@ -465,7 +465,11 @@ def _restore(config, args, out):
         index = check_snapshot(data)
     except SnapshotError as e:
         raise AdminError(f"{args.file} is not a paxchat backup: {e}") from None
-    if directory.exists() and any(directory.iterdir()):
+    try:
+        occupied = directory.exists() and (not directory.is_dir() or any(directory.iterdir()))
+    except OSError as e:
+        raise AdminError(f"cannot look into {directory}: {e.strerror or e}") from None
+    if occupied:
         raise AdminError(f"node {node}'s data directory {directory} is not empty; stop the node "
                          "and move the directory aside first (a restore never overwrites)")
     try:

@@ -256,6 +256,11 @@ def test_restore_makes_an_empty_data_directory_from_a_backup_and_refuses_the_res
         assert code == 1 and why in err and not cfg.node_data_dir(1).exists()
     code, out, err = admin_main(cfg, "restore", str(backup), "--node", "9")
     assert code == 1 and "no [node.9]" in err
+    cfg.node_data_dir(1).write_text("not a directory")       # a file where the directory goes
+    code, out, err = admin_main(cfg, "restore", str(backup), "--node", "1")
+    assert code == 1 and "not empty" in err and cfg.node_data_dir(1).read_text() == "not a directory"
+    code, out, err = admin_main(cfg, "restore", str(tmp_path), "--node", "1")   # a directory
+    assert code == 1 and "cannot read" in err
 
 
 def admin_main(cfg, *argv):
