@@ -425,6 +425,8 @@ def _backup(client, args, out):
             raise AdminError("no node answers; there is nothing to back up")
         node = max(sorted(up), key=lambda n: up[n].get("applied_index") or 0)
     target = Path(args.file)
+    if target.is_dir():
+        raise AdminError(f"{target} is a directory; name the file to write")
     part = target.with_name(target.name + ".part")
     try:
         with open(part, "wb") as sink:
@@ -441,7 +443,11 @@ def _backup(client, args, out):
     except BaseException:
         part.unlink(missing_ok=True)
         raise
-    os.replace(part, target)
+    try:
+        os.replace(part, target)
+    except OSError as e:
+        part.unlink(missing_ok=True)
+        raise AdminError(f"cannot write {target}: {e.strerror or e}") from None
     print(f"backup of node {node}'s state at index {index} ({size} bytes) written to {target}",
           file=out)
     return 0

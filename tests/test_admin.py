@@ -159,6 +159,10 @@ def test_backup_writes_a_checked_copy_of_the_state(node_1, tmp_path):
     code, out, err = yield run_admin(cfg, "backup", str(tmp_path / "other"), "--node", "2")
     assert code == 1 and "node 2" in err and "down" in err
     assert not (tmp_path / "other").exists() and not (tmp_path / "other.part").exists()
+    code, out, err = yield run_admin(cfg, "backup", str(tmp_path), "--node", "1")
+    assert code == 1 and "is a directory" in err
+    code, out, err = yield run_admin(cfg, "backup", str(tmp_path / "no" / "such"), "--node", "1")
+    assert code == 1 and "cannot write" in err
     # Without --node: the node that has applied the most (the only one up here).
     code, out, err = yield run_admin(cfg, "backup", str(tmp_path / "auto"))
     assert code == 0 and out.startswith("backup of node 1's state"), err
