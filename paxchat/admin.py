@@ -46,6 +46,8 @@ __all__ = ["AdminResource", "AdminService", "AdminError", "main"]
 log = Logger()
 
 MAX_BODY_BYTES = 4096
+# A node reads its whole state before the first byte of a backup goes out.
+BACKUP_TIMEOUT = 300.0
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
@@ -299,15 +301,19 @@ class AdminClient:
         """The JSON answer of one call; L{AdminError} for a refusal or an unreachable node."""
         return self._exchange(node_id, method, path, body, None)
 
-    def download(self, node_id, path, sink):
-        """GET ``path`` and write its body to the binary file ``sink``; the byte count."""
-        return self._exchange(node_id, "GET", path, None, sink)
+    def download(self, node_id, path, sink, timeout=None):
+        """GET ``path`` and write its body to the binary file ``sink``; the byte count.
 
-    def _exchange(self, node_id, method, path, body, sink):
+        ``timeout``: how long the node may take to answer, if not ``self.timeout``."""
+        return self._exchange(node_id, "GET", path, None, sink, timeout)
+
+    def _exchange(self, node_id, method, path, body, sink, timeout=None):
+        timeout = self.timeout if timeout is None else timeout
         host, port = self.address(node_id)
         where = f"node {node_id} ({host}:{port})"
         try:
             raw = socket.create_connection((host, port), timeout=self.timeout)
+            raw.settimeout(timeout)
         except OSError as e:
             raise AdminError(f"{where} is down: {e.strerror or e}") from None
         try:
@@ -315,7 +321,7 @@ class AdminClient:
         except (OSError, ssl.SSLError) as e:
             raw.close()
             raise AdminError(f"{where}: TLS failed: {e}") from None
-        connection = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        connection = http.client.HTTPConnection(host, port, timeout=timeout)
         connection.sock = sock
         try:
             data = json.dumps(body).encode() if body is not None else None
@@ -430,7 +436,8 @@ def _backup(client, args, out):
     part = target.with_name(target.name + ".part")
     try:
         with open(part, "wb") as sink:
-            size = client.download(node, "/backup", sink)
+            size = client.download(node, "/backup", sink,
+                                   BACKUP_TIMEOUT if args.timeout is None else args.timeout)
             sink.flush()
             os.fsync(sink.fileno())
         index = check_snapshot(part.read_bytes())
@@ -534,7 +541,9 @@ def main(argv=None, out=None, err=None):
     parser.add_argument("--config", default="cluster.ini", help="cluster.ini (default: %(default)s)")
     parser.add_argument("--cert", help="admin certificate (default: <tls_dir>/admin.pem)")
     parser.add_argument("--key", help="its key (default: <tls_dir>/admin.key)")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per call (default 5)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds a node may take to answer (default 5; for the backup "
+                             f"itself {BACKUP_TIMEOUT:g}, as the node reads the whole state first)")
     commands = parser.add_subparsers(dest="command", required=True)
     status = commands.add_parser("status", help="a table of every node: up/down, role, indexes, "
                                  "lag, clients; exit 1 if any node is down")
@@ -564,7 +573,8 @@ def main(argv=None, out=None, err=None):
         config = configmod.load(args.config)
         if getattr(args, "offline", False):
             return args.run(config, args, out)
-        client = AdminClient(config, args.cert, args.key, args.timeout)
+        client = AdminClient(config, args.cert, args.key,
+                             5.0 if args.timeout is None else args.timeout)
         return args.run(client, args, out)
     except (configmod.ConfigError, AdminError, tls.CertificateFilesError) as e:
         print(f"paxchat-admin: {e}", file=err)
