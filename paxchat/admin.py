@@ -440,21 +440,16 @@ def _backup(client, args, out):
                                    BACKUP_TIMEOUT if args.timeout is None else args.timeout)
             sink.flush()
             os.fsync(sink.fileno())
+        # Read back from the disk: what is checked is what was kept.
         index = check_snapshot(part.read_bytes())
-    except SnapshotError as e:
-        part.unlink(missing_ok=True)
-        raise AdminError(f"node {node} sent a backup that does not check out: {e}") from None
-    except OSError as e:
-        part.unlink(missing_ok=True)
-        raise AdminError(f"cannot write {part}: {e.strerror or e}") from None
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-    try:
         os.replace(part, target)
-    except OSError as e:
+    except BaseException as e:
         part.unlink(missing_ok=True)
-        raise AdminError(f"cannot write {target}: {e.strerror or e}") from None
+        if isinstance(e, SnapshotError):
+            raise AdminError(f"node {node} sent a backup that does not check out: {e}") from None
+        if isinstance(e, OSError):
+            raise AdminError(f"cannot write {e.filename or target}: {e.strerror or e}") from None
+        raise
     print(f"backup of node {node}'s state at index {index} ({size} bytes) written to {target}",
           file=out)
     return 0

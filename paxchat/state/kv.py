@@ -422,7 +422,7 @@ class KVStore:
         replicated log, which has already recorded the snapshot's index,
         fetches the snapshot again if a crash loses the restore.
         """
-        image = _read_snapshot(applied_index, chunks)
+        _, image = _read_snapshot(chunks, applied_index)
         self.commit_group()
         if self._conn.in_transaction:
             raise RuntimeError("restore() inside a transaction")
@@ -515,17 +515,12 @@ def check_snapshot(blob):
     """The applied index of a whole snapshot (bytes), after checking its frame
     and digest; L{SnapshotError} says what is wrong. ``restore`` also checks
     the image inside."""
-    if len(blob) < _SNAP_HEADER.size:
-        raise SnapshotError("snapshot stream ends early")
-    magic, index, _ = _SNAP_HEADER.unpack_from(blob)
-    if magic != SNAPSHOT_MAGIC:
-        raise SnapshotError("not a paxchat state snapshot (bad magic)")
-    _read_snapshot(index, [blob])
-    return index
+    return _read_snapshot([blob])[0]
 
 
-def _read_snapshot(applied_index, chunks):
-    """The image inside a snapshot stream, after checking its frame and digest."""
+def _read_snapshot(chunks, applied_index=None):
+    """``(index, image)`` of a snapshot stream, after checking its frame and
+    digest (and that it is of ``applied_index``, when given)."""
     pieces = []
     for chunk in chunks:
         if not isinstance(chunk, (bytes, bytearray, memoryview)):
@@ -537,7 +532,7 @@ def _read_snapshot(applied_index, chunks):
     magic, index, size = _SNAP_HEADER.unpack_from(blob)
     if magic != SNAPSHOT_MAGIC:
         raise SnapshotError("not a paxchat state snapshot (bad magic)")
-    if index != applied_index:
+    if applied_index is not None and index != applied_index:
         raise SnapshotError(f"snapshot is of index {index}, expected {applied_index}")
     end = _SNAP_HEADER.size + size
     if len(blob) < end + _DIGEST_BYTES:
@@ -547,7 +542,7 @@ def _read_snapshot(applied_index, chunks):
     image = blob[_SNAP_HEADER.size:end]
     if hashlib.sha256(image).digest() != blob[end:]:
         raise SnapshotError("snapshot digest mismatch")
-    return image
+    return index, image
 
 
 def _load_image(conn, image, applied_index):
