@@ -19,6 +19,7 @@ node's data directory from a backup, on that node's machine.
 
 import argparse
 import concurrent.futures
+import hashlib
 import http.client
 import json
 import os
@@ -457,6 +458,7 @@ def _backup(client, args, out):
 
 def _restore(config, args, out):
     """Make a stopped node's (empty) data directory hold the state of a backup."""
+    from paxchat.lineage import write_lineage
     from paxchat.node import STATE_FILE
     from paxchat.paxos import messages as M
     from paxchat.paxos.store import StorageError, rewrite_log
@@ -490,12 +492,16 @@ def _restore(config, args, out):
             state.close()
         # The log starts after the backup's index, as after a compaction there.
         rewrite_log(str(directory / "paxos"), [M.encode(M.CompactRecord(index))])
+        # Last: a directory with its stamp is a complete restore. Nodes
+        # restored from this file speak to each other and to no other.
+        write_lineage(directory, hashlib.sha256(data).hexdigest().encode("ascii"))
     except (SnapshotError, StoreError, StorageError, OSError) as e:
         shutil.rmtree(directory, ignore_errors=True)   # it was empty: nothing of value goes
         raise AdminError(f"restoring node {node} into {directory} failed, nothing was kept: {e}"
                          ) from None
     print(f"node {node}'s data directory {directory} holds the backup's state at index {index}; "
-          "start the node once every node is restored", file=out)
+          "start the node once every node is restored from this same file (a node restored "
+          "from another is refused by it)", file=out)
     return 0
 
 

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from paxchat import clienttls, notify, tls
+from paxchat.lineage import describe, read_lineage
 from paxchat.metrics import MetricsService, find_service
 from paxchat.replicatedlog import ReplicatedLog
 from paxchat.server.factory import ChatServerFactory
@@ -52,6 +53,7 @@ class NodeService(service.MultiService):
             tls.load_ca(config)
             tls.load_node_certificate(config, node_id)
         self.state = self.worker = self.log = self.factory = self.port = None
+        self.lineage = b""                 # paxchat.lineage, read at start
         # Fires once what a failed start opened is closed (the close is not
         # instant: the log's files close on their own thread).
         self.closing = defer.succeed(None)
@@ -69,6 +71,10 @@ class NodeService(service.MultiService):
         try:
             self.config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.data_dir.mkdir(mode=0o700, exist_ok=True)
+            self.lineage = read_lineage(self.data_dir)
+            if self.lineage:
+                log.info("node {node_id}'s data was {lineage}", node_id=self.node_id,
+                         lineage=describe(self.lineage))
             # Opened once here before anything is served; from now on only the
             # worker's thread touches it.
             # The Paxos log is the durable record: the state commits without
@@ -139,7 +145,8 @@ class NodeService(service.MultiService):
         fails the start.
         """
         command_log = ReplicatedLog.from_config(
-            self.reactor, self.config, self.node_id, worker, on_fatal=self.fatal)
+            self.reactor, self.config, self.node_id, worker, on_fatal=self.fatal,
+            lineage=self.lineage)
         for part in command_log.services():
             part.setServiceParent(self)
         if command_log.transport is not None:

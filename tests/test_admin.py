@@ -1,5 +1,6 @@
 """The admin channel: mutual TLS with an admin certificate, status table, snapshot, transfer."""
 
+import hashlib
 import io
 import json
 import re
@@ -227,6 +228,7 @@ def test_the_pieces_producer_writes_one_piece_per_turn_and_stops_when_told():
 
 
 def test_restore_makes_an_empty_data_directory_from_a_backup_and_refuses_the_rest(tmp_path):
+    from paxchat.lineage import read_lineage
     from paxchat.node import STATE_FILE
     from paxchat.paxos import messages as M
     from paxchat.paxos.store import recover_log
@@ -247,6 +249,8 @@ def test_restore_makes_an_empty_data_directory_from_a_backup_and_refuses_the_res
     assert restored.digest() == digest and restored.applied_index() == index
     restored.close()
     assert [M.decode(r) for r in recover_log(directory / "paxos")] == [M.CompactRecord(index)]
+    # Stamped with the backup's sha256: only nodes restored from this file speak with it.
+    assert read_lineage(directory) == hashlib.sha256(backup.read_bytes()).hexdigest().encode()
 
     # A data directory that is not empty is never overwritten.
     before = sorted(p.name for p in directory.iterdir())

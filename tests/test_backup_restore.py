@@ -14,7 +14,7 @@ from twisted.internet import defer, threads
 
 from tests.cluster_support import (  # noqa: F401 (cluster_factory is a fixture)
     SINK, all_history, cluster_factory, create_accounts, logged_in, requires_replicated_log,
-    started, within)
+    started, wait_until, within)
 from tests.test_admin import add_ops_addresses, admin_main, run_admin
 
 pytestmark = requires_replicated_log
@@ -94,3 +94,63 @@ def test_an_online_backup_restored_into_every_node_with_paxchat_admin(cluster_fa
             admin_main, cfg, "restore", str(backup), "--node", str(n))
         assert code == 0, out + err
     yield serves_the_backup(cluster)
+
+
+@within(150)
+@pytest_twisted.inlineCallbacks
+def test_a_node_restored_alone_into_a_running_cluster_is_refused_until_it_has_its_own_data_back(
+        cluster_factory, tmp_path):
+    """The mistake docs/operations.md warns of, made anyway: the other nodes
+    refuse the restored one (it would have forgotten votes they count on),
+    the cluster goes on without it, and its own directory brings it back."""
+    cluster = cluster_factory(3)
+    cfg = add_ops_addresses(cluster)
+    yield cluster.start_and_wait()
+    leader = yield cluster.wait_leader()
+    yield create_accounts(cluster, "alice", SINK)
+    alice = yield logged_in(cluster, "alice")
+    for i in range(3):
+        yield alice.send_message(SINK, f"before the backup {i}")
+    backup = tmp_path / "cluster.backup"
+    code, out, err = yield run_admin(cfg, "backup", str(backup))
+    assert code == 0, out + err
+
+    lone = next(n for n in cluster.node_ids if n != leader)
+    own = tmp_path / "own-directory"
+    yield cluster.stop_gracefully(lone)
+    yield threads.deferToThread(shutil.move, cluster.data_dir(lone), own)
+    code, out, err = yield threads.deferToThread(
+        admin_main, cfg, "restore", str(backup), "--node", str(lone))
+    assert code == 0, out + err
+    restored_at = (yield threads.deferToThread(cluster.state_dump, lone))[0]
+    yield cluster.start_and_wait(lone)
+
+    refused = "its links are refused"
+    yield wait_until(cluster.reactor, lambda: all(refused in cluster.output(n)
+                                                  for n in cluster.node_ids),
+                     30, "every node to log that it refuses the other lineage")
+    assert "was never restored from a backup" in cluster.output(lone)
+    assert f"node {lone}'s data was restored from backup" in cluster.output(leader)
+    # The other two still commit; the restored node learns none of it.
+    for i in range(3):
+        yield alice.send_message(SINK, f"while node {lone} is refused {i}")
+    others = [n for n in cluster.node_ids if n != lone]
+    applied = yield wait_until(
+        cluster.reactor, lambda: _same_applied(cluster, others), 30, "the two others to agree")
+    assert applied > restored_at
+    assert (yield cluster.gauges(lone)).get("paxchat_applied_index") == restored_at
+    yield cluster.close_clients()
+
+    # Put right: the node's own directory back; it catches up with the rest.
+    yield cluster.stop_gracefully(lone)
+    yield threads.deferToThread(_replace_tree, own, cluster.data_dir(lone))
+    yield cluster.start_and_wait(lone)
+    assert (yield cluster.check_equal_states()) > 0
+
+
+@defer.inlineCallbacks
+def _same_applied(cluster, nodes):
+    indexes = set()
+    for n in nodes:
+        indexes.add((yield cluster.gauges(n)).get("paxchat_applied_index"))
+    return indexes.pop() if len(indexes) == 1 and None not in indexes else None

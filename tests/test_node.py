@@ -106,6 +106,26 @@ def test_port_in_use_fails_start_and_releases_everything(tmp_path):
             yield squatter.stopListening()
 
 
+@pytest_twisted.inlineCallbacks
+def test_the_lineage_stamp_reaches_the_peer_links_and_a_damaged_one_stops_the_start(tmp_path):
+    from paxchat.lineage import LINEAGE_FILE, LineageError, write_lineage
+    cfg = make_cluster(tmp_path, client_tls=False)
+    data_dir = cfg.node_data_dir(1)
+    data_dir.mkdir(parents=True, mode=0o700)
+    write_lineage(data_dir, b"ab" * 32)
+    node = NodeService(cfg, 1, reactor_())
+    node.startService()
+    try:
+        assert node.log.transport.lineage == b"ab" * 32
+    finally:
+        yield node.stopService()
+    (data_dir / LINEAGE_FILE).write_bytes(b"garbage\n")
+    node = NodeService(cfg, 1, reactor_())
+    with pytest.raises(LineageError, match="damaged"):
+        node.startService()
+    assert not node.running and node.state is None and node.log is None
+
+
 def test_missing_certificates_stop_the_node_before_it_starts(tmp_path):
     path = write_local_config(tmp_path, nodes=1, client_tls="on")
     with pytest.raises(tls.CertificateFilesError, match="paxchat-certs"):

@@ -369,12 +369,12 @@ class CertTransport(StringTransport):
         self.loseConnection()
 
 
-def unit_transport(on_message=None):
+def unit_transport(on_message=None, lineage=b""):
     clock = MemoryReactorClock()
     inbox = []
     t = PeerTransport(clock, 1, {2: ("127.0.0.1", 1), 3: ("127.0.0.1", 2)}, ("127.0.0.1", 0),
                       None, lambda peer: None, lambda cert: cert,
-                      on_message or (lambda s, f: inbox.append((s, f))))
+                      on_message or (lambda s, f: inbox.append((s, f))), lineage=lineage)
     t.running = True                      # as if started, without listening or dialling
     return t, clock, inbox
 
@@ -410,8 +410,10 @@ def test_a_frame_of_megabytes_in_tls_sized_reads_is_delivered_whole_and_nothing_
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.binary(max_size=3000), max_size=12), st.data())
+@given(st.lists(st.binary(max_size=3000).filter(lambda f: not f.startswith(b"\x00")), max_size=12),
+       st.data())
 def test_frames_come_out_the_same_whatever_the_reads(frames, data):
+    # (Paxos messages never start with a zero byte: such a first frame is a hello.)
     t, clock, inbox = unit_transport()
     proto, transport = connect(t, 2)
     stream = b"".join(frame(f) for f in frames)
@@ -506,6 +508,97 @@ def test_from_config_uses_the_cluster_certificates(tmp_path):
     finally:
         for node in nodes:
             yield node.stopService()
+
+
+# -- lineage: nodes restored from different backups do not speak ------------
+
+RESTORED = b"ab" * 32                 # the sha256 of a backup, as paxchat-admin restore stamps it
+
+
+def test_nodes_of_one_lineage_open_with_a_hello_and_then_speak():
+    t, clock, inbox = unit_transport(lineage=RESTORED)
+    proto, transport = connect(t, 2)
+    assert transport.value() == frame(b"\x00" + RESTORED)     # before anything else
+    proto.dataReceived(frame(b"") + frame(b"\x00" + RESTORED) + frame(b"accept"))
+    assert inbox == [(2, b"accept")] and not transport.aborted
+    assert not transport.disconnecting
+
+
+def test_nodes_never_restored_send_no_hello():
+    t, clock, inbox = unit_transport()
+    proto, transport = connect(t, 2)
+    assert transport.value() == b""
+    proto.dataReceived(frame(b"accept"))
+    assert inbox == [(2, b"accept")] and not transport.disconnecting
+
+
+def test_a_restored_peer_is_refused_by_a_node_never_restored_and_told_why(captured_log):
+    t, clock, inbox = unit_transport()
+    proto, transport = connect(t, 2)
+    proto.dataReceived(frame(b"\x00" + RESTORED) + frame(b"accept"))
+    assert inbox == []
+    assert transport.value() == frame(b"\x00")                 # "ours: never restored"
+    assert transport.disconnecting                               # closed after that frame
+    [line] = [x for x in texts(captured_log) if "refused" in x]
+    assert ("node 2's data was restored from backup abababababab, ours was never restored"
+            in line)
+    assert "restore every node from the same backup" in line
+
+
+def test_a_restored_node_refuses_a_peer_that_sends_no_hello():
+    t, clock, inbox = unit_transport(lineage=RESTORED)
+    proto, transport = connect(t, 3, expected_peer=3)
+    proto.dataReceived(frame(b"") + frame(b"accept"))           # a keepalive decides nothing
+    assert inbox == [] and transport.disconnecting
+    assert transport.value() == frame(b"\x00" + RESTORED)     # it had its hello already
+    assert "never restored" in proto._refused
+
+
+def test_nodes_restored_from_different_backups_refuse_each_other():
+    t, clock, inbox = unit_transport(lineage=RESTORED)
+    proto, transport = connect(t, 2)
+    proto.dataReceived(frame(b"\x00" + b"cd" * 32) + frame(b"accept"))
+    assert inbox == [] and transport.disconnecting
+
+
+def test_an_outbound_link_refused_for_its_lineage_is_dialled_rarely(captured_log):
+    from paxchat.paxos.transport import LINEAGE_RETRY_SECONDS
+    t, clock, inbox = unit_transport()
+    t._retry_policy = lambda attempt: 0.1
+
+    def delay(attempt):
+        return t.retry_delay(2, attempt)
+
+    assert delay(1) == 0.1
+    for _ in range(3):
+        proto, transport = connect(t, 2, expected_peer=2)
+        proto.dataReceived(frame(b"\x00" + RESTORED))
+        proto.connectionLost(Failure(ConnectionDone()))
+        assert delay(1) == LINEAGE_RETRY_SECONDS
+        clock.advance(LINEAGE_RETRY_SECONDS)
+    # One report a minute, counting the refusals in between.
+    lines = [x for x in texts(captured_log) if "refused" in x]
+    assert len(lines) == 2 and "(1 time(s)" in lines[0] and "(2 time(s)" in lines[1]
+    # The peer put right: the next link of the same lineage resets the wait.
+    proto, transport = connect(t, 2, expected_peer=2)
+    proto.dataReceived(frame(b"accept"))
+    assert inbox == [(2, b"accept")] and delay(1) == 0.1
+
+
+@pytest_twisted.inlineCallbacks
+def test_real_links_between_lineages_carry_nothing_and_both_sides_say_so(cluster, captured_log):
+    c = cluster([1, 2, 3])
+    a, b, d = c.start(1), c.start(2, lineage=RESTORED), c.start(3, lineage=RESTORED)
+    for t in (a, b, d):
+        yield t.listening
+    yield poll_until(lambda: b.peer_state(3) == "connected" and d.peer_state(2) == "connected")
+    for sender, to in ((a, 2), (b, 1), (b, 3), (d, 2)):
+        sender.send(to, b"prepare " + str(sender.node_id).encode())
+    yield poll_until(lambda: c.inbox[2] == [(3, b"prepare 3")] and c.inbox[3] == [(2, b"prepare 2")])
+    refusals = lambda: [x for x in texts(captured_log) if "its links are refused" in x]  # noqa: E731
+    yield poll_until(lambda: any(x.startswith("node 2's") for x in refusals())
+                     and any(x.startswith("node 1's") for x in refusals()))
+    assert c.inbox[1] == []
 
 
 def test_strangers_waiting_for_their_handshake_are_capped(captured_log):

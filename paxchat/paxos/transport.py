@@ -15,6 +15,15 @@ frame, a frame the receiver cannot decode) drops that connection only.
 A zero-length frame is a keepalive: each side sends one every
 ``ping_interval`` seconds and drops a connection that has been silent for
 ``idle_timeout``, so a peer that vanished without closing is noticed.
+
+Nodes whose data descends from different restores must not vote together
+(``paxchat/lineage.py``). A node restored from a backup opens every link
+with a *hello*, a frame of a zero byte and its lineage; a node never
+restored sends none, and Paxos messages never start with a zero byte. The
+first non-empty frame on a link says the peer's lineage (none if it is not
+a hello). A peer whose lineage differs from ours gets ours back, and the
+link is closed before any of its frames is passed on. Outbound links
+refused so are dialled again every ``LINEAGE_RETRY_SECONDS``.
 """
 
 import struct
@@ -29,6 +38,8 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from paxchat.lineage import describe
+from paxchat.logs import Occasional
 from paxchat.tcp import no_delay
 
 __all__ = ["PeerTransport", "PeerProtocol", "MAX_FRAME_BYTES"]
@@ -45,6 +56,10 @@ HANDSHAKE_TIMEOUT = 10.0
 # one is closed at once, so a flood of strangers cannot exhaust memory or
 # file descriptors (the handshake timeout clears the ones already open).
 MAX_UNAUTHENTICATED_INBOUND = 32
+HELLO = b"\x00"                              # first byte of a hello frame
+# A peer of another lineage stays so until an operator acts: dial it rarely.
+LINEAGE_RETRY_SECONDS = 30.0
+LINEAGE_REPORT_SECONDS = 60.0
 
 
 @implementer(interfaces.IHandshakeListener, interfaces.IPushProducer)
@@ -67,6 +82,7 @@ class PeerProtocol(Int32StringReceiver):
         self._last_heard = None
         self._timer = None
         self._refused = None
+        self._peer_lineage = None              # unknown until its first non-empty frame
 
     @property
     def direction(self):
@@ -111,6 +127,8 @@ class PeerProtocol(Int32StringReceiver):
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self._owner.clock.callLater(self._owner.ping_interval, self._ping)
+        if self._owner.lineage:
+            self.sendString(HELLO + self._owner.lineage)        # before any other frame
         self._owner._peer_up(self)
 
     def refuse(self, why):
@@ -161,12 +179,32 @@ class PeerProtocol(Int32StringReceiver):
             return
         if not frame:
             return                                  # keepalive
+        if self._peer_lineage is None:
+            hello = frame[:1] == HELLO
+            if not self._same_lineage(frame[1:] if hello else b""):
+                return
+            if hello:
+                return                              # for the transport alone
         try:
             self._owner._deliver(self.peer_id, frame)
         except Exception:
             log.failure("frame from node {peer} rejected; dropping the connection",
                         peer=self.peer_id)
             self.refuse("it sent a frame that could not be handled")
+
+    def _same_lineage(self, lineage):
+        """Take the peer's lineage; close the link, telling it ours, if it is not ours."""
+        owner = self._owner
+        self._peer_lineage = lineage
+        if lineage == owner.lineage:
+            owner._lineage_refusals.pop(self.peer_id, None)
+            return True
+        self._refused = f"its data was {describe(lineage)}, ours was {describe(owner.lineage)}"
+        if not owner.lineage:
+            self.sendString(HELLO)                  # a restored node hears why it is refused
+        owner._other_lineage(self, lineage)
+        self.transport.loseConnection()
+        return False
 
     def lengthLimitExceeded(self, length):
         self.refuse(f"it announced a {length}-byte frame (limit {self.MAX_LENGTH})")
@@ -263,7 +301,8 @@ class PeerTransport(service.MultiService):
     def __init__(self, reactor, node_id, peers, listen, server_options, client_options,
                  identify, on_message, *, ping_interval=PING_INTERVAL, idle_timeout=IDLE_TIMEOUT,
                  handshake_timeout=HANDSHAKE_TIMEOUT, paused_write_limit=PAUSED_WRITE_LIMIT,
-                 max_unauthenticated=MAX_UNAUTHENTICATED_INBOUND, retry_policy=None):
+                 max_unauthenticated=MAX_UNAUTHENTICATED_INBOUND, retry_policy=None,
+                 lineage=b""):
         super().__init__()
         self.clock = reactor
         self._reactor = reactor
@@ -285,6 +324,9 @@ class PeerTransport(service.MultiService):
         self._inbound = {}                   # peer id -> newest authenticated PeerProtocol
         self._observers = []
         self._failed_links = {}              # peer id -> outbound links that failed in a row
+        self.lineage = lineage               # paxchat.lineage: b"" unless restored from a backup
+        self._lineage_refusals = {}          # peer id -> outbound links refused for it in a row
+        self._lineage_reports = {}           # peer id -> Occasional
         self._connections = set()            # every open PeerProtocol, authenticated or not
         self._port = None
         self.listening = Deferred()          # fires with the IListeningPort
@@ -309,15 +351,19 @@ class PeerTransport(service.MultiService):
         endpoint = endpoints.HostnameEndpoint(self._reactor, host, port, timeout=5)
         factory = TLSMemoryBIOFactory(self._client_options(peer_id), True,
                                       _PeerFactory(self, peer_id))
-
-        def retry_delay(attempt):
-            # ClientService counts only TCP connects as attempts; a link that
-            # connects but fails TLS or authentication backs off as well.
-            return self._retry_policy(attempt + self._failed_links.get(peer_id, 0))
-
-        client = ClientService(endpoint, factory, retryPolicy=retry_delay, clock=self._reactor)
+        client = ClientService(endpoint, factory, clock=self._reactor,
+                               retryPolicy=lambda attempt: self.retry_delay(peer_id, attempt))
         client.setName(f"peer-{peer_id}")
         return client
+
+    def retry_delay(self, peer_id, attempt):
+        """Seconds before dialling ``peer_id`` again after ``attempt`` failed TCP connects."""
+        # ClientService counts only TCP connects as attempts; a link that
+        # connects but fails TLS or authentication backs off as well.
+        delay = self._retry_policy(attempt + self._failed_links.get(peer_id, 0))
+        if self._lineage_refusals.get(peer_id):
+            delay = max(delay, LINEAGE_RETRY_SECONDS)
+        return delay
 
     # -- service ------------------------------------------------------------
 
@@ -386,6 +432,22 @@ class PeerTransport(service.MultiService):
         if protocol.expected_peer is not None:
             peer = protocol.expected_peer
             self._failed_links[peer] = self._failed_links.get(peer, 0) + 1
+
+    def _other_lineage(self, protocol, lineage):
+        peer = protocol.peer_id
+        if protocol.direction == "outbound":
+            self._lineage_refusals[peer] = self._lineage_refusals.get(peer, 0) + 1
+        report = self._lineage_reports.get(peer)
+        if report is None:
+            report = self._lineage_reports[peer] = Occasional(self.clock, LINEAGE_REPORT_SECONDS)
+        count = report.happened()
+        if count:
+            log.error(
+                "node {peer}'s data was {theirs}, ours was {ours}: its links are refused"
+                " ({count} time(s) since the last report). Nodes restored from different"
+                " backups, or one restored alone, would forget votes the others count on;"
+                " restore every node from the same backup (docs/operations.md, Backups)",
+                peer=peer, theirs=describe(lineage), ours=describe(self.lineage), count=count)
 
     def _peer_up(self, protocol):
         if protocol.direction == "outbound":
