@@ -538,7 +538,9 @@ def test_a_restored_peer_is_refused_by_a_node_never_restored_and_told_why(captur
     proto.dataReceived(frame(b"\x00" + RESTORED) + frame(b"accept"))
     assert inbox == []
     assert transport.value() == frame(b"\x00")                 # "ours: never restored"
-    assert transport.disconnecting                               # closed after that frame
+    assert transport.disconnecting and transport.producer is None   # closed after that frame
+    clock.advance(t.ping_interval)
+    assert transport.aborted                                     # even if the peer holds on
     [line] = [x for x in texts(captured_log) if "refused" in x]
     assert ("node 2's data was restored from backup abababababab, ours was never restored"
             in line)
@@ -598,7 +600,12 @@ def test_real_links_between_lineages_carry_nothing_and_both_sides_say_so(cluster
     refusals = lambda: [x for x in texts(captured_log) if "its links are refused" in x]  # noqa: E731
     yield poll_until(lambda: any(x.startswith("node 2's") for x in refusals())
                      and any(x.startswith("node 1's") for x in refusals()))
+    # The links between lineages close, and are not dialled again at once.
+    yield poll_until(lambda: a.peer_state(2) == a.peer_state(3) == "disconnected"
+                     and b.peer_state(1) == d.peer_state(1) == "disconnected"
+                     and not any(p.peer_id == 1 for p in b._connections | d._connections))
     assert c.inbox[1] == []
+    assert b.peer_state(3) == "connected"
 
 
 def test_strangers_waiting_for_their_handshake_are_capped(captured_log):

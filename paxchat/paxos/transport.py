@@ -203,6 +203,12 @@ class PeerProtocol(Int32StringReceiver):
         if not owner.lineage:
             self.sendString(HELLO)                  # a restored node hears why it is refused
         owner._other_lineage(self, lineage)
+        # Close once what was written is out: TLS closes only without a
+        # producer. Whatever the peer does, the link is gone a ping later.
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = owner.clock.callLater(owner.ping_interval, self.transport.abortConnection)
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
         return False
 
