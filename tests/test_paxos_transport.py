@@ -607,6 +607,15 @@ def test_real_links_between_lineages_carry_nothing_and_both_sides_say_so(cluster
     assert c.inbox[1] == []
     assert b.peer_state(3) == "connected"
 
+    # Node 2 put right (started again, never restored): node 1 does not wait
+    # out its 30 s before dialling it, once it hears from node 2.
+    yield c.stop(2)
+    b = c.start(2)
+    yield b.listening
+    yield poll_until(lambda: b.peer_state(1) == "connected")
+    b.send(1, b"promise 2")
+    yield poll_until(lambda: c.inbox[1] == [(2, b"promise 2")] and a.peer_state(2) == "connected")
+
 
 def test_strangers_waiting_for_their_handshake_are_capped(captured_log):
     from twisted.internet.address import IPv4Address

@@ -22,8 +22,9 @@ with a *hello*, a frame of a zero byte and its lineage; a node never
 restored sends none, and Paxos messages never start with a zero byte. The
 first non-empty frame on a link says the peer's lineage (none if it is not
 a hello). A peer whose lineage differs from ours gets ours back, and the
-link is closed before any of its frames is passed on. Outbound links
-refused so are dialled again every ``LINEAGE_RETRY_SECONDS``.
+link is closed before any of its frames is passed on. A peer refused so
+is dialled again after ``LINEAGE_RETRY_SECONDS``, or at once when a link
+it opened shows our lineage (the operator put it right).
 """
 
 import struct
@@ -197,7 +198,8 @@ class PeerProtocol(Int32StringReceiver):
         owner = self._owner
         self._peer_lineage = lineage
         if lineage == owner.lineage:
-            owner._lineage_refusals.pop(self.peer_id, None)
+            if owner._lineage_refusals.pop(self.peer_id, None):
+                owner._dial_now(self.peer_id)       # it was put right: do not wait
             return True
         self._refused = f"its data was {describe(lineage)}, ours was {describe(owner.lineage)}"
         if not owner.lineage:
@@ -361,6 +363,14 @@ class PeerTransport(service.MultiService):
                                retryPolicy=lambda attempt: self.retry_delay(peer_id, attempt))
         client.setName(f"peer-{peer_id}")
         return client
+
+    def _dial_now(self, peer_id):
+        """Dial ``peer_id`` at once instead of when its backoff ends (no link to it is up)."""
+        name = f"peer-{peer_id}"
+        if not self.running or peer_id in self._outbound or name not in self.namedServices:
+            return
+        self.removeService(self.getServiceNamed(name))    # a client waiting to dial: it stops
+        self._client_service(peer_id).setServiceParent(self)
 
     def retry_delay(self, peer_id, attempt):
         """Seconds before dialling ``peer_id`` again after ``attempt`` failed TCP connects."""
