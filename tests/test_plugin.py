@@ -135,6 +135,19 @@ def test_twistd_config_error_is_one_line_without_traceback(tmp_path):
     assert not (tmp_path / "twistd.pid").exists()
 
 
+def test_a_damaged_lineage_stamp_stops_the_node_in_one_line(tmp_path):
+    (tmp_path / "cluster.ini").write_text(INI)
+    data = tmp_path / "data" / "node-1"
+    data.mkdir(parents=True, mode=0o700)
+    (data / "lineage").write_text("not a digest\n")
+    result = run_twistd(["-n", "--pidfile=", "paxchat", "--node", "1"], cwd=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert f"paxchat node 1 could not start: {data / 'lineage'} is damaged" in out
+    assert "Traceback" not in out
+    assert sorted(p.name for p in data.iterdir()) == ["lineage"]      # nothing else was made
+
+
 # -- Options, in process ---------------------------------------------------
 
 def write_ini(tmp_path, text=INI):
