@@ -368,7 +368,8 @@ def _show(value, default="-"):
 
 
 def status_table(statuses):
-    """The ``status`` table: one row per node, then the reasons of the nodes that are down."""
+    """The ``status`` table: one row per node, then the reasons of the nodes that are down
+    and of the peer links refused for their lineage."""
     up = {n: s for n, s in statuses.items() if not isinstance(s, Exception)}
     reference = max([s.get("commit_index") or 0 for s in up.values()]
                     + [s.get("applied_index") or 0 for s in up.values()] or [0])
@@ -388,6 +389,8 @@ def status_table(statuses):
         lag = reference - applied if isinstance(applied, int) else None
         peers = s.get("peers") or {}
         connected = sum(1 for v in peers.values() if v == "connected")
+        for peer, why in sorted((s.get("refused_peers") or {}).items()):
+            notes.append(f"node {n} refuses node {peer}: {why}")
         rows.append([str(n), "up" if s.get("running", True) else "stopping",
                      _show(s.get("role")), _show(s.get("leader")), _show(ballot),
                      _show(s.get("commit_index")), _show(applied), _show(lag),

@@ -377,9 +377,10 @@ class ReplicatedLog:
     def status(self):
         """A snapshot of this node's replication, for operators and metrics."""
         r = self.replica
-        peers = {}
+        peers, refused = {}, {}
         if self.transport is not None:
             peers = {n: self.transport.peer_state(n) for n in self.members if n != self.node_id}
+            refused = getattr(self.transport, "refusals", dict)()
         return {
             "node": self.node_id,
             "role": "failed" if self.failed else (r.role if r is not None else "starting"),
@@ -389,6 +390,7 @@ class ReplicatedLog:
             "applied_index": self.applied_index,
             "snapshot_index": r.snapshot_index if r is not None else None,
             "peers": peers,
+            "refused_peers": refused,           # peer links refused for their data's lineage
             "pending_proposals": len(self._pending),
             "held_commands": len(self._held),
             "pending_reads": len(self._reads),

@@ -78,6 +78,10 @@ def test_status_table():
         2: {"role": "follower", "leader": 1, "ballot": [4, 1], "commit_index": 118,
             "applied_index": 100, "clients": 0, "peers": {"1": "connected", "3": "disconnected"}},
         3: admin.AdminError("node 3 (10.0.0.3:7401) is down: Connection refused"),
+        4: {"role": "precandidate", "leader": None, "ballot": [0, 0], "commit_index": 90,
+            "applied_index": 90, "clients": 0, "peers": {"1": "refused", "2": "refused"},
+            "refused_peers": {"1": "its data was never restored from a backup, ours was"
+                                   " restored from backup 3f2a"}},
     }
     lines = admin.status_table(statuses).splitlines()
     assert lines[0].split() == ["NODE", "STATE", "ROLE", "LEADER", "BALLOT", "COMMIT", "APPLIED",
@@ -85,7 +89,11 @@ def test_status_table():
     assert lines[1].split() == ["1", "up", "leader", "1", "4.1", "120", "120", "0", "3", "1/2"]
     assert lines[2].split() == ["2", "up", "follower", "1", "4.1", "118", "100", "20", "0", "1/2"]
     assert lines[3].split()[:3] == ["3", "down", "-"]
-    assert lines[4] == "node 3: node 3 (10.0.0.3:7401) is down: Connection refused"
+    assert lines[4].split() == ["4", "up", "precandidate", "-", "0.0", "90", "90", "30", "0", "0/2"]
+    assert lines[5:] == [
+        "node 3: node 3 (10.0.0.3:7401) is down: Connection refused",
+        "node 4 refuses node 1: its data was never restored from a backup, ours was restored"
+        " from backup 3f2a"]
 
 
 @pytest_twisted.inlineCallbacks

@@ -131,6 +131,9 @@ def test_a_node_restored_alone_into_a_running_cluster_is_refused_until_it_has_it
                      30, "every node to log that it refuses the other lineage")
     assert "was never restored from a backup" in cluster.output(lone)
     assert f"node {lone}'s data was restored from backup" in cluster.output(leader)
+    code, out, err = yield run_admin(cfg, "status")            # says so below its table
+    assert f"node {leader} refuses node {lone}: its data was restored from backup" in out, out
+    assert f"node {lone} refuses node {leader}: its data was never restored" in out, out
     # The other two still commit; the restored node learns none of it.
     for i in range(3):
         yield alice.send_message(SINK, f"while node {lone} is refused {i}")

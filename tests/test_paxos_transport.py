@@ -601,11 +601,14 @@ def test_real_links_between_lineages_carry_nothing_and_both_sides_say_so(cluster
     yield poll_until(lambda: any(x.startswith("node 2's") for x in refusals())
                      and any(x.startswith("node 1's") for x in refusals()))
     # The links between lineages close, and are not dialled again at once.
-    yield poll_until(lambda: a.peer_state(2) == a.peer_state(3) == "disconnected"
-                     and b.peer_state(1) == d.peer_state(1) == "disconnected"
-                     and not any(p.peer_id == 1 for p in b._connections | d._connections))
+    yield poll_until(lambda: not any(p.peer_id == 1 for p in b._connections | d._connections)
+                     and not a._outbound)
+    assert a.peer_state(2) == a.peer_state(3) == b.peer_state(1) == d.peer_state(1) == "refused"
+    assert a.refusals() == {
+        2: "its data was restored from backup abababababab, ours was never restored from a backup",
+        3: "its data was restored from backup abababababab, ours was never restored from a backup"}
     assert c.inbox[1] == []
-    assert b.peer_state(3) == "connected"
+    assert b.peer_state(3) == "connected" and b.refusals() == {1: b.refusals()[1]}
 
     # Node 2 put right (started again, never restored): node 1 does not wait
     # out its 30 s before dialling it, once it hears from node 2.
@@ -615,6 +618,7 @@ def test_real_links_between_lineages_carry_nothing_and_both_sides_say_so(cluster
     yield poll_until(lambda: b.peer_state(1) == "connected")
     b.send(1, b"promise 2")
     yield poll_until(lambda: c.inbox[1] == [(2, b"promise 2")] and a.peer_state(2) == "connected")
+    assert a.refusals() == {3: a.refusals()[3]}
 
 
 def test_strangers_waiting_for_their_handshake_are_capped(captured_log):

@@ -198,13 +198,14 @@ class PeerProtocol(Int32StringReceiver):
         owner = self._owner
         self._peer_lineage = lineage
         if lineage == owner.lineage:
+            owner._other_lineages.pop(self.peer_id, None)
             if owner._lineage_refusals.pop(self.peer_id, None):
                 owner._dial_now(self.peer_id)       # it was put right: do not wait
             return True
-        self._refused = f"its data was {describe(lineage)}, ours was {describe(owner.lineage)}"
+        owner._other_lineage(self, lineage)
+        self._refused = owner.refusals()[self.peer_id]
         if not owner.lineage:
             self.sendString(HELLO)                  # a restored node hears why it is refused
-        owner._other_lineage(self, lineage)
         # Close once what was written is out: TLS closes only without a
         # producer. Whatever the peer does, the link is gone a ping later.
         if self._timer is not None and self._timer.active():
@@ -335,6 +336,7 @@ class PeerTransport(service.MultiService):
         self.lineage = lineage               # paxchat.lineage: b"" unless restored from a backup
         self._lineage_refusals = {}          # peer id -> outbound links refused for it in a row
         self._lineage_reports = {}           # peer id -> Occasional
+        self._other_lineages = {}            # peer id -> its lineage, while refused for it
         self._connections = set()            # every open PeerProtocol, authenticated or not
         self._port = None
         self.listening = Deferred()          # fires with the IListeningPort
@@ -433,8 +435,16 @@ class PeerTransport(service.MultiService):
         return set(self._outbound)
 
     def peer_state(self, node_id):
-        """'connected' or 'disconnected', as our outbound link to ``node_id`` is."""
+        """'connected' or 'disconnected', as our outbound link to ``node_id`` is, or
+        'refused' while its data has another lineage than ours."""
+        if node_id in self._other_lineages:
+            return "refused"
         return "connected" if node_id in self._outbound else "disconnected"
+
+    def refusals(self):
+        """``{node id: why}`` for the peers refused for their lineage."""
+        return {peer: f"its data was {describe(lineage)}, ours was {describe(self.lineage)}"
+                for peer, lineage in self._other_lineages.items()}
 
     def add_state_observer(self, observer):
         """Call ``observer(node_id, direction, connected)`` on each link up or down."""
@@ -451,6 +461,7 @@ class PeerTransport(service.MultiService):
 
     def _other_lineage(self, protocol, lineage):
         peer = protocol.peer_id
+        self._other_lineages[peer] = lineage
         if protocol.direction == "outbound":
             self._lineage_refusals[peer] = self._lineage_refusals.get(peer, 0) + 1
         report = self._lineage_reports.get(peer)
