@@ -461,7 +461,7 @@ def _backup(client, args, out):
 
 def _restore(config, args, out):
     """Make a stopped node's (empty) data directory hold the state of a backup."""
-    from paxchat.lineage import write_lineage
+    from paxchat.lineage import describe, write_lineage
     from paxchat.node import STATE_FILE
     from paxchat.paxos import messages as M
     from paxchat.paxos.store import StorageError, rewrite_log
@@ -497,14 +497,15 @@ def _restore(config, args, out):
         rewrite_log(str(directory / "paxos"), [M.encode(M.CompactRecord(index))])
         # Last: a directory with its stamp is a complete restore. Nodes
         # restored from this file speak to each other and to no other.
-        write_lineage(directory, hashlib.sha256(data).hexdigest().encode("ascii"))
+        lineage = hashlib.sha256(data).hexdigest().encode("ascii")
+        write_lineage(directory, lineage)
     except (SnapshotError, StoreError, StorageError, OSError) as e:
         shutil.rmtree(directory, ignore_errors=True)   # it was empty: nothing of value goes
         raise AdminError(f"restoring node {node} into {directory} failed, nothing was kept: {e}"
                          ) from None
-    print(f"node {node}'s data directory {directory} holds the backup's state at index {index}; "
-          "start the node once every node is restored from this same file (a node restored "
-          "from another is refused by it)", file=out)
+    print(f"node {node}'s data directory {directory} holds the backup's state at index {index}, "
+          f"{describe(lineage)}; start the node once every node is restored from this same file "
+          "(a node restored from another is refused by it)", file=out)
     return 0
 
 

@@ -253,6 +253,8 @@ def test_restore_makes_an_empty_data_directory_from_a_backup_and_refuses_the_res
     code, out, err = admin_main(cfg, "restore", str(backup), "--node", "2")
     directory = cfg.node_data_dir(2)
     assert code == 0 and f"index {index}" in out, err
+    stamp = hashlib.sha256(backup.read_bytes()).hexdigest()
+    assert f"restored from backup {stamp[:12]}" in out
     restored = ChatState.open(str(directory / STATE_FILE))
     assert restored.digest() == digest and restored.applied_index() == index
     restored.close()
