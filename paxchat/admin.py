@@ -13,8 +13,9 @@ the cluster from this port. Every action is logged with the operator's name.
 
 ``paxchat-admin --config cluster.ini status|snapshot N|transfer-leadership N|backup FILE``
 talks to every node's admin address (blocking sockets; no reactor needed).
-``paxchat-admin restore FILE --node N`` needs no node: it makes a stopped
-node's data directory from a backup, on that node's machine.
+``paxchat-admin restore FILE|DIR --node N`` needs no node: it makes a stopped
+node's data directory from a backup (a file, or a copy of a stopped node's
+data directory), on that node's machine.
 """
 
 import argparse
@@ -460,34 +461,49 @@ def _backup(client, args, out):
 
 
 def _restore(config, args, out):
-    """Make a stopped node's (empty) data directory hold the state of a backup."""
-    from paxchat.lineage import describe, write_lineage
+    """Make a stopped node's (empty) data directory hold a backup: a file, or a stopped
+    node's data directory copied whole."""
+    from paxchat.lineage import describe
+    node = args.node
+    config.node(node)
+    directory = config.node_data_dir(node)
+    source = Path(args.file)
+    try:
+        from_directory = source.is_dir()
+        occupied = directory.exists() and (not directory.is_dir() or any(directory.iterdir()))
+    except OSError as e:
+        raise AdminError(f"cannot look into {e.filename}: {e.strerror or e}") from None
+    if occupied:
+        raise AdminError(f"node {node}'s data directory {directory} is not empty; stop the node "
+                         "and move the directory aside first (a restore never overwrites)")
+    if from_directory:
+        what, lineage = _restore_directory(config, source, directory)
+    else:
+        what, lineage = _restore_file(config, source, directory)
+    print(f"node {node}'s data directory {directory} holds {what}, {describe(lineage)}; start "
+          "the node once every node is restored from this same backup (a node restored from "
+          "another is refused by it)", file=out)
+    return 0
+
+
+def _restore_file(config, source, directory):
+    """A backup file: the state at its index, and a Paxos log that starts after it."""
     from paxchat.node import STATE_FILE
     from paxchat.paxos import messages as M
     from paxchat.paxos.store import StorageError, rewrite_log
     from paxchat.state.chat import ChatState
     from paxchat.state.kv import SnapshotError, StoreError, check_snapshot
-    node = args.node
-    config.node(node)
-    directory = config.node_data_dir(node)
     try:
-        data = Path(args.file).read_bytes()
+        data = source.read_bytes()
     except OSError as e:
-        raise AdminError(f"cannot read {args.file}: {e.strerror or e}") from None
+        raise AdminError(f"cannot read {source}: {e.strerror or e}") from None
     try:
         index = check_snapshot(data)
     except SnapshotError as e:
-        raise AdminError(f"{args.file} is not a paxchat backup: {e}") from None
-    try:
-        occupied = directory.exists() and (not directory.is_dir() or any(directory.iterdir()))
-    except OSError as e:
-        raise AdminError(f"cannot look into {directory}: {e.strerror or e}") from None
-    if occupied:
-        raise AdminError(f"node {node}'s data directory {directory} is not empty; stop the node "
-                         "and move the directory aside first (a restore never overwrites)")
-    try:
-        config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        directory.mkdir(mode=0o700, exist_ok=True)
+        raise AdminError(f"{source} is not a paxchat backup: {e}") from None
+    lineage = hashlib.sha256(data).hexdigest().encode("ascii")
+
+    def make():
         state = ChatState.open(str(directory / STATE_FILE))
         try:
             state.restore(index, [data])
@@ -495,18 +511,67 @@ def _restore(config, args, out):
             state.close()
         # The log starts after the backup's index, as after a compaction there.
         rewrite_log(str(directory / "paxos"), [M.encode(M.CompactRecord(index))])
+    _make_data_directory(config, directory, make, lineage,
+                         (SnapshotError, StoreError, StorageError))
+    return f"the backup's state at index {index}", lineage
+
+
+# Not part of a copied data directory's content: the lock, the stamp, the
+# wal-index (SQLite rebuilds it), files left half written.
+_NOT_COPIED = ("lock", "lineage", "state.sqlite3-shm")
+
+
+def _restore_directory(config, source, directory):
+    """A stopped node's data directory copied whole (its state and its Paxos log), then
+    checked where it now is: a damaged copy is refused and nothing is kept."""
+    from paxchat.node import STATE_FILE
+    from paxchat.paxos.store import StorageError, recover_log
+    from paxchat.state.chat import ChatState
+    from paxchat.state.kv import StoreError
+    try:
+        files = sorted(p.relative_to(source) for p in source.rglob("*")
+                       if p.is_file() and p.name not in _NOT_COPIED
+                       and not p.name.endswith(".part"))
+    except OSError as e:
+        raise AdminError(f"cannot read {e.filename}: {e.strerror or e}") from None
+    names = {str(f) for f in files}
+    if STATE_FILE not in names or not any(n.startswith("paxos/") for n in names):
+        raise AdminError(f"{source} is not a paxchat data directory (it has no {STATE_FILE} "
+                         "and paxos/ log)")
+    digest = hashlib.sha256()
+
+    def make():
+        for relative in files:
+            target = directory / relative
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            data = (source / relative).read_bytes()
+            digest.update(str(relative).encode() + b"\0" + len(data).to_bytes(8, "big") + data)
+            with open(target, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        recover_log(str(directory / "paxos"))
+        ChatState.open(str(directory / STATE_FILE), check=True).close()
+        return digest.hexdigest().encode("ascii")
+    lineage = _make_data_directory(config, directory, make, None, (StoreError, StorageError))
+    return f"a copy of {source}", lineage
+
+
+def _make_data_directory(config, directory, make, lineage, errors):
+    """Run ``make`` in a new data directory, stamp it last; on failure keep nothing."""
+    from paxchat.lineage import write_lineage
+    try:
+        config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, exist_ok=True)
+        made = make()
+        lineage = lineage or made
         # Last: a directory with its stamp is a complete restore. Nodes
-        # restored from this file speak to each other and to no other.
-        lineage = hashlib.sha256(data).hexdigest().encode("ascii")
+        # restored from this backup speak to each other and to no other.
         write_lineage(directory, lineage)
-    except (SnapshotError, StoreError, StorageError, OSError) as e:
+    except (*errors, OSError) as e:
         shutil.rmtree(directory, ignore_errors=True)   # it was empty: nothing of value goes
-        raise AdminError(f"restoring node {node} into {directory} failed, nothing was kept: {e}"
-                         ) from None
-    print(f"node {node}'s data directory {directory} holds the backup's state at index {index}, "
-          f"{describe(lineage)}; start the node once every node is restored from this same file "
-          "(a node restored from another is refused by it)", file=out)
-    return 0
+        raise AdminError(f"restoring into {directory} failed, nothing was kept: {e}") from None
+    return lineage
 
 
 def _transfer(client, args, out):
@@ -569,8 +634,9 @@ def main(argv=None, out=None, err=None):
                         help="the node to copy (default: the one that has applied the most)")
     backup.set_defaults(run=_backup)
     restore = commands.add_parser("restore", help="make node N's empty data directory hold a "
-                                  "backup; run on its machine with every node stopped")
-    restore.add_argument("file", metavar="FILE")
+                                  "backup (a file, or a stopped node's directory copied); run "
+                                  "on its machine with every node stopped")
+    restore.add_argument("file", metavar="FILE|DIR")
     restore.add_argument("--node", type=int, required=True)
     restore.set_defaults(run=_restore, offline=True)
     args = parser.parse_args(argv)

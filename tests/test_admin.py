@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import re
+import shutil
 import stat
 
 import pytest
@@ -277,8 +278,53 @@ def test_restore_makes_an_empty_data_directory_from_a_backup_and_refuses_the_res
     cfg.node_data_dir(1).write_text("not a directory")       # a file where the directory goes
     code, out, err = admin_main(cfg, "restore", str(backup), "--node", "1")
     assert code == 1 and "not empty" in err and cfg.node_data_dir(1).read_text() == "not a directory"
-    code, out, err = admin_main(cfg, "restore", str(tmp_path), "--node", "1")   # a directory
-    assert code == 1 and "cannot read" in err
+    cfg.node_data_dir(1).unlink()
+    code, out, err = admin_main(cfg, "restore", str(tmp_path), "--node", "1")   # not a node's
+    assert code == 1 and "not a paxchat data directory" in err
+    assert not cfg.node_data_dir(1).exists()
+
+
+def test_restore_copies_a_stopped_nodes_directory_checks_it_and_stamps_it(tmp_path):
+    from paxchat.lineage import LINEAGE_FILE, read_lineage, write_lineage
+    from paxchat.node import STATE_FILE
+    from paxchat.paxos import messages as M
+    from paxchat.paxos.store import recover_log, rewrite_log
+    from paxchat.state.chat import ChatState
+    cfg = make_cluster(tmp_path / "cluster")
+    copy = tmp_path / "copy-of-node-3"                 # as cp -a leaves a stopped node's directory
+    copy.mkdir()
+    state = ChatState.open(str(copy / STATE_FILE))
+    state.apply({"op": "create_account", "username": "alice", "pw_hash": "h", "ts": 1.0})
+    digest = state.digest()
+    state.close()
+    ballot = M.Ballot(3, 3)
+    records = [M.encode(M.CompactRecord(1)),
+               M.encode(M.AcceptRecord(ballot, 2, ((b'{"op": "later"}',),)))]
+    rewrite_log(str(copy / "paxos"), records)
+    (copy / "lock").touch()
+    write_lineage(copy, b"ab" * 32)                    # a stamp of its own: not copied
+
+    stamps = set()
+    for n in (1, 2):
+        code, out, err = admin_main(cfg, "restore", str(copy), "--node", str(n))
+        assert code == 0 and f"holds a copy of {copy}" in out, err
+        directory = cfg.node_data_dir(n)
+        restored = ChatState.open(str(directory / STATE_FILE))
+        assert restored.digest() == digest
+        restored.close()
+        assert recover_log(directory / "paxos") == records        # the log as it was, in full
+        assert not (directory / "lock").exists()
+        stamps.add(read_lineage(directory))
+        assert f"restored from backup {read_lineage(directory)[:12].decode()}" in out
+    # Every node restored from the same copy carries the same stamp, not the copy's own.
+    assert len(stamps) == 1 and stamps != {b"ab" * 32}
+
+    # A damaged copy is refused where it was copied to, and nothing is kept.
+    (copy / STATE_FILE).write_bytes(b"not a database" * 100)
+    shutil.rmtree(cfg.node_data_dir(1))
+    code, out, err = admin_main(cfg, "restore", str(copy), "--node", "1")
+    assert code == 1 and "nothing was kept" in err and not cfg.node_data_dir(1).exists()
+    assert (copy / LINEAGE_FILE).exists()                     # the copy itself is untouched
 
 
 def admin_main(cfg, *argv):

@@ -1,10 +1,10 @@
 """Backups as docs/operations.md describes them, with real nodes.
 
 A backup is a copy of one stopped node's data directory, or what
-``paxchat-admin backup`` fetches from a running node. Restoring it means
-stopping every node and giving each the same backup: the whole cluster
-goes back to the moment of the backup, consistently, and carries on from
-there.
+``paxchat-admin backup`` fetches from a running node. Restoring it
+(``paxchat-admin restore``) means stopping every node and giving each the
+same backup: the whole cluster goes back to the moment of the backup,
+consistently, and carries on from there.
 """
 
 import shutil
@@ -61,10 +61,14 @@ def test_every_node_restored_from_one_stopped_nodes_copy_serves_the_state_of_the
         yield alice.send_message(SINK, f"after the backup {i}")
     yield cluster.close_clients()
 
-    # Every node loses its data; each gets the same copy back.
+    # Every node loses its data; each gets the same copy back, through
+    # paxchat-admin restore DIR, which checks and stamps it.
     yield cluster.stop_gracefully()
     for n in cluster.node_ids:
-        yield threads.deferToThread(_replace_tree, backup, cluster.data_dir(n))
+        yield threads.deferToThread(shutil.rmtree, cluster.data_dir(n))
+        code, out, err = yield threads.deferToThread(
+            admin_main, cluster.config, "restore", str(backup), "--node", str(n))
+        assert code == 0 and f"holds a copy of {backup}" in out, out + err
     yield serves_the_backup(cluster)
 
 
