@@ -544,12 +544,14 @@ def _restore_directory(config, source, directory):
         for relative in files:
             target = directory / relative
             target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            data = (source / relative).read_bytes()
-            digest.update(str(relative).encode() + b"\0" + len(data).to_bytes(8, "big") + data)
-            with open(target, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            with open(source / relative, "rb") as src, open(target, "wb") as dst:
+                digest.update(str(relative).encode() + b"\0"
+                              + os.fstat(src.fileno()).st_size.to_bytes(8, "big"))
+                while chunk := src.read(1 << 20):      # a state of any size, 1 MiB at a time
+                    digest.update(chunk)
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
         recover_log(str(directory / "paxos"))
         ChatState.open(str(directory / STATE_FILE), check=True).close()
         return digest.hexdigest().encode("ascii")
