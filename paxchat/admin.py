@@ -516,9 +516,10 @@ def _restore_file(config, source, directory):
     return f"the backup's state at index {index}", lineage
 
 
-# Not part of a copied data directory's content: the lock, the stamp, the
-# wal-index (SQLite rebuilds it), files left half written.
-_NOT_COPIED = ("lock", "lineage", "state.sqlite3-shm")
+# Not part of a copied data directory's content: the lock, the stamp and
+# identities (a restored node is a new one to its peers, paxchat/lineage.py),
+# the wal-index (SQLite rebuilds it), files left half written.
+_NOT_COPIED = ("lock", "lineage", "identity", "peer-identities", "state.sqlite3-shm")
 
 
 def _restore_directory(config, source, directory):

@@ -12,16 +12,32 @@ a frame on (``paxos/transport.py``). Nodes restored from one backup speak
 to each other. A node restored alone into a running cluster, or one started
 on an empty directory in a restored cluster, is refused by the rest. A
 directory that was never restored has no stamp: the empty lineage.
+
+A node's data also has an *identity*: a random id made the first time the
+node starts on a directory without one. Each node remembers the identity
+of every peer it has spoken with (trust on first use). A peer that comes
+back with another identity has lost its data, or runs on a copy made for
+another node, and has forgotten votes the others count on: it is refused
+in the same way until every node is restored from one backup, which gives
+each a new identity and forgets the old ones (``paxchat-admin restore``
+copies neither file).
 """
 
+import json
 import os
 import re
+import secrets
 from pathlib import Path
 
-__all__ = ["LINEAGE_FILE", "LineageError", "describe", "read_lineage", "write_lineage"]
+__all__ = ["IDENTITY_FILE", "LINEAGE_FILE", "PEER_IDENTITIES_FILE", "LineageError", "describe",
+           "read_lineage", "read_or_make_identity", "read_peer_identities", "write_lineage",
+           "write_peer_identities"]
 
 LINEAGE_FILE = "lineage"
+IDENTITY_FILE = "identity"
+PEER_IDENTITIES_FILE = "peer-identities"
 _VALID = re.compile(rb"[0-9a-f]{1,64}")
+_IDENTITY = re.compile(rb"node (\d+) ([0-9a-f]{32})")
 
 
 class LineageError(ValueError):
@@ -48,14 +64,67 @@ def write_lineage(directory, lineage: bytes) -> None:
     """Stamp ``directory`` with ``lineage``, durably (written aside, fsynced, renamed)."""
     if not _VALID.fullmatch(lineage):
         raise ValueError(f"a lineage is 1 to 64 lowercase hex digits, not {lineage!r}")
+    _write_durably(Path(directory) / LINEAGE_FILE, lineage + b"\n")
+
+
+def read_or_make_identity(directory, node_id) -> bytes:
+    """This node's data identity (32 hex digits), made if the directory has none.
+
+    A directory whose identity names another node was copied from that node:
+    it gets a new identity, and that node's memory of its peers goes.
+    """
     directory = Path(directory)
-    part = directory / (LINEAGE_FILE + ".part")
+    path = directory / IDENTITY_FILE
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raw = None
+    except OSError as e:
+        raise LineageError(f"cannot read {path}: {e.strerror or e}") from None
+    if raw is not None:
+        match = _IDENTITY.fullmatch(raw.strip())
+        if match is None:
+            raise LineageError(f"{path} is damaged: it should read 'node N' and 32 hex digits")
+        if int(match.group(1)) == node_id:
+            return match.group(2)
+        (directory / PEER_IDENTITIES_FILE).unlink(missing_ok=True)
+    identity = secrets.token_hex(16).encode("ascii")
+    _write_durably(path, b"node %d %s\n" % (node_id, identity))
+    return identity
+
+
+def read_peer_identities(directory) -> dict:
+    """``{node id: identity}`` of the peers this node has spoken with."""
+    path = Path(directory) / PEER_IDENTITIES_FILE
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise LineageError(f"{path} is damaged or unreadable: {e}") from None
+    try:
+        known = {int(k): v.encode("ascii") for k, v in raw.items()}
+    except (AttributeError, ValueError, UnicodeEncodeError):
+        known = None
+    if known is None or not all(_VALID.fullmatch(v) for v in known.values()):
+        raise LineageError(f"{path} is damaged: it should map node ids to identities")
+    return known
+
+
+def write_peer_identities(directory, known) -> None:
+    """Remember ``{node id: identity}``, durably."""
+    text = json.dumps({str(k): v.decode("ascii") for k, v in sorted(known.items())})
+    _write_durably(Path(directory) / PEER_IDENTITIES_FILE, text.encode("ascii") + b"\n")
+
+
+def _write_durably(path, data):
+    part = path.with_name(path.name + ".part")
     with open(part, "wb") as f:
-        f.write(lineage + b"\n")
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(part, directory / LINEAGE_FILE)
-    fd = os.open(directory, os.O_RDONLY)
+    os.replace(part, path)
+    fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

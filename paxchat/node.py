@@ -10,12 +10,13 @@ import os
 import sys
 
 from twisted.application import service
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from paxchat import clienttls, notify, tls
-from paxchat.lineage import describe, read_lineage
+from paxchat.lineage import (describe, read_lineage, read_or_make_identity, read_peer_identities,
+                             write_peer_identities)
 from paxchat.metrics import MetricsService, find_service
 from paxchat.replicatedlog import ReplicatedLog
 from paxchat.server.factory import ChatServerFactory
@@ -54,6 +55,10 @@ class NodeService(service.MultiService):
             tls.load_node_certificate(config, node_id)
         self.state = self.worker = self.log = self.factory = self.port = None
         self.lineage = b""                 # paxchat.lineage, read at start
+        self.identity = b""                # this node's data identity (paxchat.lineage)
+        self._known_peers = {}             # the peers' data identities, read at start
+        self._peers_to_write = None        # peer identities waiting to go to disk
+        self._writing_peers = False
         # Fires once what a failed start opened is closed (the close is not
         # instant: the log's files close on their own thread).
         self.closing = defer.succeed(None)
@@ -75,6 +80,8 @@ class NodeService(service.MultiService):
             if self.lineage:
                 log.info("node {node_id}'s data was {lineage}", node_id=self.node_id,
                          lineage=describe(self.lineage))
+            self.identity = read_or_make_identity(self.data_dir, self.node_id)
+            self._known_peers = read_peer_identities(self.data_dir)
             # Opened once here before anything is served; from now on only the
             # worker's thread touches it.
             # The Paxos log is the durable record: the state commits without
@@ -146,7 +153,9 @@ class NodeService(service.MultiService):
         """
         command_log = ReplicatedLog.from_config(
             self.reactor, self.config, self.node_id, worker, on_fatal=self.fatal,
-            lineage=self.lineage)
+            peer_options={"lineage": self.lineage, "identity": self.identity,
+                          "known_identities": self._known_peers,
+                          "remember": self.remember_peers})
         for part in command_log.services():
             part.setServiceParent(self)
         if command_log.transport is not None:
@@ -165,6 +174,28 @@ class NodeService(service.MultiService):
             outcome.append("late")
         command_log.start()
         return command_log
+
+    def remember_peers(self, known):
+        """Keep the peers' data identities on disk (off the reactor, latest last)."""
+        self._peers_to_write = known
+        if not self._writing_peers:
+            self._write_peers()
+
+    def _write_peers(self):
+        known, self._peers_to_write = self._peers_to_write, None
+        self._writing_peers = True
+        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                      write_peer_identities, self.data_dir, known)
+
+        def written(result):
+            self._writing_peers = False
+            if isinstance(result, Failure):
+                log.failure("node {node_id} could not keep its peers' identities on disk;"
+                            " it learns them again at its next start", result,
+                            node_id=self.node_id)
+            if self._peers_to_write is not None:
+                self._write_peers()
+        d.addBoth(written)
 
     def fatal(self, why):
         """The node cannot go on (its storage failed): end the process with status 1.

@@ -207,9 +207,10 @@ class ReplicatedLog:
         self._size_due = 0.0               # when to ask again
 
     @classmethod
-    def from_config(cls, reactor, config, node_id, worker, on_fatal=None, lineage=b""):
-        """The log of node ``node_id`` of a ClusterConfig (peer links only if it has peers,
-        refusing peers whose data has another ``lineage``: paxchat/lineage.py)."""
+    def from_config(cls, reactor, config, node_id, worker, on_fatal=None, peer_options=None):
+        """The log of node ``node_id`` of a ClusterConfig (peer links only if it has peers;
+        ``peer_options`` go to the PeerTransport: the lineage and identities of the node's
+        data, paxchat/lineage.py)."""
         from paxchat.paxos.store import DurableLog
         from paxchat.paxos.transport import PeerTransport
 
@@ -218,7 +219,7 @@ class ReplicatedLog:
         if config.peers_of(node_id):
             def make_transport(on_message):
                 return PeerTransport.from_config(reactor, config, node_id, on_message,
-                                                 lineage=lineage)
+                                                 **(peer_options or {}))
         return cls(reactor, node_id, list(config.nodes), worker,
                    ReplicationSettings.from_config(config),
                    open_store=lambda: DurableLog.open(reactor, directory),

@@ -285,7 +285,9 @@ def test_restore_makes_an_empty_data_directory_from_a_backup_and_refuses_the_res
 
 
 def test_restore_copies_a_stopped_nodes_directory_checks_it_and_stamps_it(tmp_path):
-    from paxchat.lineage import LINEAGE_FILE, read_lineage, write_lineage
+    from paxchat.lineage import (IDENTITY_FILE, LINEAGE_FILE, PEER_IDENTITIES_FILE,
+                                 read_lineage, read_or_make_identity, write_lineage,
+                                 write_peer_identities)
     from paxchat.node import STATE_FILE
     from paxchat.paxos import messages as M
     from paxchat.paxos.store import recover_log, rewrite_log
@@ -302,7 +304,9 @@ def test_restore_copies_a_stopped_nodes_directory_checks_it_and_stamps_it(tmp_pa
                M.encode(M.AcceptRecord(ballot, 2, ((b'{"op": "later"}',),)))]
     rewrite_log(str(copy / "paxos"), records)
     (copy / "lock").touch()
-    write_lineage(copy, b"ab" * 32)                    # a stamp of its own: not copied
+    write_lineage(copy, b"ab" * 32)                    # a stamp of its own: not copied,
+    read_or_make_identity(copy, 3)                     # nor its identity, nor its peers'
+    write_peer_identities(copy, {1: b"1" * 32})
 
     stamps = set()
     for n in (1, 2):
@@ -314,6 +318,8 @@ def test_restore_copies_a_stopped_nodes_directory_checks_it_and_stamps_it(tmp_pa
         restored.close()
         assert recover_log(directory / "paxos") == records        # the log as it was, in full
         assert not (directory / "lock").exists()
+        assert not (directory / IDENTITY_FILE).exists()             # made at the node's start
+        assert not (directory / PEER_IDENTITIES_FILE).exists()
         stamps.add(read_lineage(directory))
         assert f"restored from backup {read_lineage(directory)[:12].decode()}" in out
     # Every node restored from the same copy carries the same stamp, not the copy's own.

@@ -134,7 +134,7 @@ def test_a_node_restored_alone_into_a_running_cluster_is_refused_until_it_has_it
                                                   for n in cluster.node_ids),
                      30, "every node to log that it refuses the other lineage")
     assert "was never restored from a backup" in cluster.output(lone)
-    assert f"node {lone}'s data was restored from backup" in cluster.output(leader)
+    assert f"node {lone}: its data was restored from backup" in cluster.output(leader)
     code, out, err = yield run_admin(cfg, "status")            # says so below its table
     assert f"node {leader} refuses node {lone}: its data was restored from backup" in out, out
     assert f"node {lone} refuses node {leader}: its data was never restored" in out, out
@@ -161,3 +161,58 @@ def _same_applied(cluster, nodes):
     for n in nodes:
         indexes.add((yield cluster.gauges(n)).get("paxchat_applied_index"))
     return indexes.pop() if len(indexes) == 1 and None not in indexes else None
+
+
+@within(150)
+@pytest_twisted.inlineCallbacks
+def test_a_node_back_on_an_empty_disk_is_refused_until_every_node_is_restored(
+        cluster_factory, tmp_path):
+    """A node whose disk was lost has forgotten votes the others count on:
+    they refuse it (its data is not the data it had) and go on without it.
+    The way back is the restore: every node from a copy of the most current
+    survivor's directory, and no acknowledged write is lost."""
+    cluster = cluster_factory(3)
+    cfg = add_ops_addresses(cluster)
+    yield cluster.start_and_wait()
+    leader = yield cluster.wait_leader()
+    yield create_accounts(cluster, "alice", SINK)
+    alice = yield logged_in(cluster, "alice")
+    for i in range(5):
+        yield alice.send_message(SINK, f"before the disk was lost {i}")
+
+    lost = next(n for n in cluster.node_ids if n != leader)
+    cluster.kill(lost)
+    yield threads.deferToThread(shutil.rmtree, cluster.data_dir(lost))
+    yield cluster.start_and_wait(lost)                      # a new, empty disk
+    refused = "its data is not the data it had"
+    yield wait_until(cluster.reactor, lambda: all(refused in cluster.output(n)
+                                                  for n in cluster.node_ids if n != lost),
+                     30, "the others to refuse the node back on an empty disk")
+    for i in range(3):
+        yield alice.send_message(SINK, f"while node {lost} is refused {i}")
+    survivors = [n for n in cluster.node_ids if n != lost]
+    yield wait_until(cluster.reactor, lambda: _same_applied(cluster, survivors), 30,
+                     "the survivors to agree")
+    assert (yield cluster.gauges(lost)).get("paxchat_applied_index") == 0
+    code, out, err = yield run_admin(cfg, "status")
+    assert f"node {leader} refuses node {lost}: {refused}" in out, out
+    yield cluster.close_clients()
+
+    # The way back: stop every node, restore each from the survivor's directory.
+    yield cluster.stop_gracefully()
+    copy = tmp_path / "survivor"
+    yield threads.deferToThread(shutil.copytree, cluster.data_dir(leader), copy)
+    for n in cluster.node_ids:
+        yield threads.deferToThread(shutil.rmtree, cluster.data_dir(n))
+        code, out, err = yield threads.deferToThread(
+            admin_main, cfg, "restore", str(copy), "--node", str(n))
+        assert code == 0, out + err
+    yield cluster.start_and_wait()
+    yield cluster.wait_leader()
+    alice = yield logged_in(cluster, "alice")
+    bodies = [m["body"] for m in (yield all_history(alice, peer=SINK))]
+    assert len(bodies) == 8 and bodies[0] == f"while node {lost} is refused 2"
+    yield cluster.close_clients()
+    assert (yield cluster.check_equal_states()) > 0
+    assert not any(refused in cluster.output(n).split("===== start #")[-1]
+                   for n in cluster.node_ids)

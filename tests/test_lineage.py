@@ -36,3 +36,32 @@ def test_only_a_digest_is_written(tmp_path):
     with pytest.raises(ValueError):
         write_lineage(tmp_path, b"../etc")
     assert not (tmp_path / LINEAGE_FILE).exists()
+
+
+def test_an_identity_is_made_once_and_kept(tmp_path):
+    from paxchat.lineage import IDENTITY_FILE, read_or_make_identity
+    first = read_or_make_identity(tmp_path, 2)
+    assert len(first) == 32 and read_or_make_identity(tmp_path, 2) == first
+    assert (tmp_path / IDENTITY_FILE).read_bytes() == b"node 2 " + first + b"\n"
+
+
+def test_a_directory_copied_from_another_node_gets_a_new_identity_and_forgets_its_peers(tmp_path):
+    from paxchat.lineage import (PEER_IDENTITIES_FILE, read_or_make_identity,
+                                 read_peer_identities, write_peer_identities)
+    of_node_1 = read_or_make_identity(tmp_path, 1)
+    write_peer_identities(tmp_path, {2: b"2" * 32, 3: b"3" * 32})
+    assert read_peer_identities(tmp_path) == {2: b"2" * 32, 3: b"3" * 32}
+    mine = read_or_make_identity(tmp_path, 3)                  # node 3 started on node 1's copy
+    assert mine != of_node_1 and not (tmp_path / PEER_IDENTITIES_FILE).exists()
+    assert read_peer_identities(tmp_path) == {}
+
+
+@pytest.mark.parametrize("name,content", [
+    ("identity", b"node x 0123\n"), ("identity", b"node 1\n"),
+    ("peer-identities", b"{not json"), ("peer-identities", b'{"2": "NOT HEX"}'),
+    ("peer-identities", b'["2"]')])
+def test_damaged_identity_files_stop_the_node(tmp_path, name, content):
+    from paxchat.lineage import read_or_make_identity, read_peer_identities
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(LineageError, match="damaged"):
+        read_or_make_identity(tmp_path, 1) if name == "identity" else read_peer_identities(tmp_path)

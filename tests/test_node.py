@@ -126,6 +126,28 @@ def test_the_lineage_stamp_reaches_the_peer_links_and_a_damaged_one_stops_the_st
     assert not node.running and node.state is None and node.log is None
 
 
+@pytest_twisted.inlineCallbacks
+def test_nodes_keep_their_data_identity_and_remember_each_others(tmp_path):
+    from twisted.internet import task
+
+    from paxchat.lineage import read_or_make_identity, read_peer_identities
+    cfg = make_cluster(tmp_path, client_tls=False)
+    nodes = {n: NodeService(cfg, n, reactor_()) for n in cfg.nodes}
+    for node in nodes.values():
+        node.startService()
+    try:
+        identities = {n: node.identity for n, node in nodes.items()}
+        assert all(len(i) == 32 for i in identities.values()) and identities[1] != identities[2]
+        deadline = reactor_().seconds() + 10
+        while read_peer_identities(cfg.node_data_dir(1)) != {2: identities[2]}:
+            assert reactor_().seconds() < deadline, "node 1 did not write node 2's identity"
+            yield task.deferLater(reactor_(), 0.05, lambda: None)
+    finally:
+        for node in nodes.values():
+            yield node.stopService()
+    assert read_or_make_identity(cfg.node_data_dir(1), 1) == identities[1]      # kept
+
+
 def test_missing_certificates_stop_the_node_before_it_starts(tmp_path):
     path = write_local_config(tmp_path, nodes=1, client_tls="on")
     with pytest.raises(tls.CertificateFilesError, match="paxchat-certs"):

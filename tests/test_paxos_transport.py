@@ -369,17 +369,19 @@ class CertTransport(StringTransport):
         self.loseConnection()
 
 
-def unit_transport(on_message=None, lineage=b""):
+def unit_transport(on_message=None, lineage=b"", **options):
     clock = MemoryReactorClock()
     inbox = []
     t = PeerTransport(clock, 1, {2: ("127.0.0.1", 1), 3: ("127.0.0.1", 2)}, ("127.0.0.1", 0),
                       None, lambda peer: None, lambda cert: cert,
-                      on_message or (lambda s, f: inbox.append((s, f))), lineage=lineage)
+                      on_message or (lambda s, f: inbox.append((s, f))), lineage=lineage,
+                      **options)
     t.running = True                      # as if started, without listening or dialling
     return t, clock, inbox
 
 
 def connect(t, certificate, expected_peer=None):
+    """A link to ``t`` from node ``certificate``, authenticated (``t`` has said hello on it)."""
     from paxchat.paxos.transport import PeerProtocol
     proto = PeerProtocol(t, expected_peer)
     transport = CertTransport(certificate)
@@ -428,7 +430,7 @@ def test_sending_writes_a_length_prefixed_frame():
     t, clock, inbox = unit_transport()
     proto, transport = connect(t, 3, expected_peer=3)
     assert t.send(3, b"accept")
-    assert transport.value() == frame(b"accept")
+    assert transport.value() == frame(b"\x00/") + frame(b"accept")     # after the hello
     clock.advance(t.ping_interval)
     assert transport.value().endswith(frame(b""))           # keepalive
 
@@ -496,7 +498,7 @@ def test_from_config_uses_the_cluster_certificates(tmp_path):
     inbox = []
     nodes = [PeerTransport.from_config(reactor(), config, n,
                                        lambda sender, payload: inbox.append((sender, payload)),
-                                       retry_policy=lambda attempt: 0.05)
+                                       retry_policy=lambda attempt: 0.05, identity=b"%d" % n * 32)
              for n in (1, 2)]
     try:
         for node in nodes:
@@ -505,62 +507,92 @@ def test_from_config_uses_the_cluster_certificates(tmp_path):
         yield poll_until(lambda: nodes[0].peer_state(2) == "connected")
         assert nodes[0].send(2, b"over the cluster's own TLS")
         yield poll_until(lambda: inbox == [(1, b"over the cluster's own TLS")])
+        # Hellos went both ways, with the identities.
+        assert nodes[1].known_identities == {1: b"1" * 32}
     finally:
         for node in nodes:
             yield node.stopService()
 
 
-# -- lineage: nodes restored from different backups do not speak ------------
+# -- hellos: lineage and identity of the data behind each link ----------------
 
 RESTORED = b"ab" * 32                 # the sha256 of a backup, as paxchat-admin restore stamps it
+OURS, THEIRS = b"0" * 32, b"1" * 32   # data identities
 
 
-def test_nodes_of_one_lineage_open_with_a_hello_and_then_speak():
-    t, clock, inbox = unit_transport(lineage=RESTORED)
+def test_links_open_with_a_hello_naming_lineage_and_identity_and_remember_the_peer():
+    remembered = []
+    t, clock, inbox = unit_transport(identity=OURS, remember=remembered.append)
     proto, transport = connect(t, 2)
-    assert transport.value() == frame(b"\x00" + RESTORED)     # before anything else
-    proto.dataReceived(frame(b"") + frame(b"\x00" + RESTORED) + frame(b"accept"))
-    assert inbox == [(2, b"accept")] and not transport.aborted
-    assert not transport.disconnecting
+    assert transport.value() == frame(b"\x00/" + OURS)           # before anything else
+    proto.dataReceived(frame(b"") + frame(b"\x00/" + THEIRS) + frame(b"accept"))
+    assert inbox == [(2, b"accept")] and not transport.disconnecting
+    assert remembered == [{2: THEIRS}] and t.known_identities == {2: THEIRS}
+    proto, transport = connect(t, 2)                              # the same data again
+    proto.dataReceived(frame(b"\x00/" + THEIRS) + frame(b"again"))
+    assert inbox[-1] == (2, b"again") and len(remembered) == 1
 
 
-def test_nodes_never_restored_send_no_hello():
-    t, clock, inbox = unit_transport()
+def test_nodes_of_one_lineage_speak():
+    t, clock, inbox = unit_transport(lineage=RESTORED, identity=OURS)
     proto, transport = connect(t, 2)
-    assert transport.value() == b""
-    proto.dataReceived(frame(b"accept"))
+    assert transport.value() == frame(b"\x00" + RESTORED + b"/" + OURS)
+    proto.dataReceived(frame(b"\x00" + RESTORED + b"/" + THEIRS) + frame(b"accept"))
     assert inbox == [(2, b"accept")] and not transport.disconnecting
 
 
 def test_a_restored_peer_is_refused_by_a_node_never_restored_and_told_why(captured_log):
     t, clock, inbox = unit_transport()
     proto, transport = connect(t, 2)
-    proto.dataReceived(frame(b"\x00" + RESTORED) + frame(b"accept"))
+    proto.dataReceived(frame(b"\x00" + RESTORED + b"/" + THEIRS) + frame(b"accept"))
     assert inbox == []
-    assert transport.value() == frame(b"\x00")                 # "ours: never restored"
+    assert transport.value() == frame(b"\x00/")                # its hello: never restored
     assert transport.disconnecting and transport.producer is None   # closed after that frame
     clock.advance(t.ping_interval)
     assert transport.aborted                                     # even if the peer holds on
     [line] = [x for x in texts(captured_log) if "refused" in x]
-    assert ("node 2's data was restored from backup abababababab, ours was never restored"
+    assert ("node 2: its data was restored from backup abababababab, ours was never restored"
             in line)
     assert "restore every node from the same backup" in line
 
 
-def test_a_restored_node_refuses_a_peer_that_sends_no_hello():
+def test_a_restored_node_refuses_a_node_of_an_earlier_build():
     t, clock, inbox = unit_transport(lineage=RESTORED)
     proto, transport = connect(t, 3, expected_peer=3)
     proto.dataReceived(frame(b"") + frame(b"accept"))           # a keepalive decides nothing
     assert inbox == [] and transport.disconnecting
-    assert transport.value() == frame(b"\x00" + RESTORED)     # it had its hello already
     assert "never restored" in proto._refused
 
 
 def test_nodes_restored_from_different_backups_refuse_each_other():
     t, clock, inbox = unit_transport(lineage=RESTORED)
     proto, transport = connect(t, 2)
-    proto.dataReceived(frame(b"\x00" + b"cd" * 32) + frame(b"accept"))
+    proto.dataReceived(frame(b"\x00" + b"cd" * 32 + b"/") + frame(b"accept"))
     assert inbox == [] and transport.disconnecting
+
+
+def test_a_peer_back_with_other_data_is_refused(captured_log):
+    t, clock, inbox = unit_transport(identity=OURS, known_identities={2: THEIRS})
+    proto, transport = connect(t, 2)
+    proto.dataReceived(frame(b"\x00/" + b"2" * 32) + frame(b"accept"))
+    assert inbox == [] and transport.disconnecting
+    why = ("its data is not the data it had (identity 222222222222, we knew 111111111111):"
+           " a new disk, or a directory copied in by hand")
+    assert t.refusals() == {2: why} and t.peer_state(2) == "refused"
+    [line] = [x for x in texts(captured_log) if "refused" in x]
+    assert line.startswith(f"node 2: {why}; its links are refused")
+    assert t.known_identities == {2: THEIRS}                      # not forgotten for it
+    proto, transport = connect(t, 2)                              # a peer that said hello before
+    proto.dataReceived(frame(b"accept"))                          # now says none
+    assert inbox == [] and "without saying which data" in t.refusals()[2]
+
+
+def test_a_node_of_an_earlier_build_sends_no_hello_and_is_not_checked():
+    t, clock, inbox = unit_transport(identity=OURS)
+    proto, transport = connect(t, 3, expected_peer=3)
+    assert transport.value() == frame(b"\x00/" + OURS)           # it skips ours
+    proto.dataReceived(frame(b"accept"))
+    assert inbox == [(3, b"accept")] and t.known_identities == {} and t.refusals() == {}
 
 
 def test_an_outbound_link_refused_for_its_lineage_is_dialled_rarely(captured_log):
@@ -574,7 +606,7 @@ def test_an_outbound_link_refused_for_its_lineage_is_dialled_rarely(captured_log
     assert delay(1) == 0.1
     for _ in range(3):
         proto, transport = connect(t, 2, expected_peer=2)
-        proto.dataReceived(frame(b"\x00" + RESTORED))
+        proto.dataReceived(frame(b"\x00" + RESTORED + b"/"))
         proto.connectionLost(Failure(ConnectionDone()))
         assert delay(1) == LINEAGE_RETRY_SECONDS
         clock.advance(LINEAGE_RETRY_SECONDS)
@@ -583,7 +615,7 @@ def test_an_outbound_link_refused_for_its_lineage_is_dialled_rarely(captured_log
     assert len(lines) == 2 and "(1 time(s)" in lines[0] and "(2 time(s)" in lines[1]
     # The peer put right: the next link of the same lineage resets the wait.
     proto, transport = connect(t, 2, expected_peer=2)
-    proto.dataReceived(frame(b"accept"))
+    proto.dataReceived(frame(b"\x00/") + frame(b"accept"))
     assert inbox == [(2, b"accept")] and delay(1) == 0.1
 
 
@@ -598,8 +630,8 @@ def test_real_links_between_lineages_carry_nothing_and_both_sides_say_so(cluster
         sender.send(to, b"prepare " + str(sender.node_id).encode())
     yield poll_until(lambda: c.inbox[2] == [(3, b"prepare 3")] and c.inbox[3] == [(2, b"prepare 2")])
     refusals = lambda: [x for x in texts(captured_log) if "its links are refused" in x]  # noqa: E731
-    yield poll_until(lambda: any(x.startswith("node 2's") for x in refusals())
-                     and any(x.startswith("node 1's") for x in refusals()))
+    yield poll_until(lambda: any(x.startswith("node 2:") for x in refusals())
+                     and any(x.startswith("node 1:") for x in refusals()))
     # The links between lineages close, and are not dialled again at once.
     yield poll_until(lambda: not any(p.peer_id == 1 for p in b._connections | d._connections)
                      and not a._outbound)

@@ -16,15 +16,22 @@ A zero-length frame is a keepalive: each side sends one every
 ``ping_interval`` seconds and drops a connection that has been silent for
 ``idle_timeout``, so a peer that vanished without closing is noticed.
 
-Nodes whose data descends from different restores must not vote together
-(``paxchat/lineage.py``). A node restored from a backup opens every link
-with a *hello*, a frame of a zero byte and its lineage; a node never
-restored sends none, and Paxos messages never start with a zero byte. The
-first non-empty frame on a link says the peer's lineage (none if it is not
-a hello). A peer whose lineage differs from ours gets ours back, and the
-link is closed before any of its frames is passed on. A peer refused so
-is dialled again after ``LINEAGE_RETRY_SECONDS``, or at once when a link
-it opened shows our lineage (the operator put it right).
+Nodes whose data descends from different restores must not vote together,
+nor may a node whose data is not the data it had (``paxchat/lineage.py``).
+Every link opens with a *hello* each way: a frame of a zero byte, the
+sender's lineage, ``/`` and its data identity (Paxos messages never start
+with a zero byte). The first non-empty frame on a link is the peer's
+hello. A peer whose lineage differs from ours, or whose identity is not
+the one we knew, gets our hello back and the link is closed before any of
+its frames is passed on. A peer refused so is dialled again after
+``LINEAGE_RETRY_SECONDS``, or at once when a link it opened passes (the
+operator put it right).
+
+A node of an earlier build sends no hello, and skips ours as a frame it
+cannot decode (logged at debug level). A link that opens without a hello
+is taken as such a node's, unchecked, unless that peer said hello before:
+then it is refused. A restored node refuses it either way (its lineage is
+not ours).
 """
 
 import struct
@@ -128,8 +135,7 @@ class PeerProtocol(Int32StringReceiver):
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self._owner.clock.callLater(self._owner.ping_interval, self._ping)
-        if self._owner.lineage:
-            self.sendString(HELLO + self._owner.lineage)        # before any other frame
+        self.sendString(self._owner.hello())                    # before any other frame
         self._owner._peer_up(self)
 
     def refuse(self, why):
@@ -182,7 +188,11 @@ class PeerProtocol(Int32StringReceiver):
             return                                  # keepalive
         if self._peer_lineage is None:
             hello = frame[:1] == HELLO
-            if not self._same_lineage(frame[1:] if hello else b""):
+            if hello:
+                lineage, _, identity = frame[1:].partition(b"/")
+            else:
+                lineage, identity = b"", None       # a node of an earlier build
+            if not self._same_data(lineage, identity):
                 return
             if hello:
                 return                              # for the transport alone
@@ -193,19 +203,22 @@ class PeerProtocol(Int32StringReceiver):
                         peer=self.peer_id)
             self.refuse("it sent a frame that could not be handled")
 
-    def _same_lineage(self, lineage):
-        """Take the peer's lineage; close the link, telling it ours, if it is not ours."""
+    def _same_data(self, lineage, identity):
+        """Take the peer's lineage and identity (None: it sent no hello); close the
+        link, telling it ours, unless its data may vote with ours."""
         owner = self._owner
         self._peer_lineage = lineage
-        if lineage == owner.lineage:
-            owner._other_lineages.pop(self.peer_id, None)
+        if lineage != owner.lineage:
+            why = f"its data was {describe(lineage)}, ours was {describe(owner.lineage)}"
+        else:
+            why = owner._check_identity(self.peer_id, identity)
+        if why is None:
+            owner._refused_data.pop(self.peer_id, None)
             if owner._lineage_refusals.pop(self.peer_id, None):
                 owner._dial_now(self.peer_id)       # it was put right: do not wait
             return True
-        owner._other_lineage(self, lineage)
-        self._refused = owner.refusals()[self.peer_id]
-        if not owner.lineage:
-            self.sendString(HELLO)                  # a restored node hears why it is refused
+        owner._refuse_data(self, why)
+        self._refused = why                         # (it had our hello: it can tell why)
         # Close once what was written is out: TLS closes only without a
         # producer. Whatever the peer does, the link is gone a ping later.
         if self._timer is not None and self._timer.active():
@@ -311,7 +324,7 @@ class PeerTransport(service.MultiService):
                  identify, on_message, *, ping_interval=PING_INTERVAL, idle_timeout=IDLE_TIMEOUT,
                  handshake_timeout=HANDSHAKE_TIMEOUT, paused_write_limit=PAUSED_WRITE_LIMIT,
                  max_unauthenticated=MAX_UNAUTHENTICATED_INBOUND, retry_policy=None,
-                 lineage=b""):
+                 lineage=b"", identity=b"", known_identities=None, remember=None):
         super().__init__()
         self.clock = reactor
         self._reactor = reactor
@@ -334,9 +347,12 @@ class PeerTransport(service.MultiService):
         self._observers = []
         self._failed_links = {}              # peer id -> outbound links that failed in a row
         self.lineage = lineage               # paxchat.lineage: b"" unless restored from a backup
+        self.identity = identity             # our data's identity (paxchat.lineage)
+        self.known_identities = dict(known_identities or {})   # peer id -> its data's identity
+        self.remember = remember             # remember(known_identities), to keep them on disk
         self._lineage_refusals = {}          # peer id -> outbound links refused for it in a row
         self._lineage_reports = {}           # peer id -> Occasional
-        self._other_lineages = {}            # peer id -> its lineage, while refused for it
+        self._refused_data = {}              # peer id -> why, while its data may not vote
         self._connections = set()            # every open PeerProtocol, authenticated or not
         self._port = None
         self.listening = Deferred()          # fires with the IListeningPort
@@ -436,15 +452,40 @@ class PeerTransport(service.MultiService):
 
     def peer_state(self, node_id):
         """'connected' or 'disconnected', as our outbound link to ``node_id`` is, or
-        'refused' while its data has another lineage than ours."""
-        if node_id in self._other_lineages:
+        'refused' while its data may not vote with ours."""
+        if node_id in self._refused_data:
             return "refused"
         return "connected" if node_id in self._outbound else "disconnected"
 
     def refusals(self):
-        """``{node id: why}`` for the peers refused for their lineage."""
-        return {peer: f"its data was {describe(lineage)}, ours was {describe(self.lineage)}"
-                for peer, lineage in self._other_lineages.items()}
+        """``{node id: why}`` for the peers refused for their data."""
+        return dict(self._refused_data)
+
+    def hello(self):
+        """The frame that opens our links: our lineage and our data's identity."""
+        return HELLO + self.lineage + b"/" + self.identity
+
+    def _check_identity(self, peer, identity):
+        """None if ``identity`` is the one we knew for ``peer`` (or the first we hear);
+        else why it may not vote with us. ``identity`` None: it sent no hello."""
+        known = self.known_identities.get(peer)
+        if identity is None:
+            if known is None:
+                return None                    # a node of an earlier build
+            return ("it opened a link without saying which data it has, though it did before"
+                    " (an earlier build, on data a later one had?)")
+        if not identity:
+            return None                        # a bare transport (tests, tools)
+        if known is None:
+            self.known_identities[peer] = identity
+            if self.remember is not None:
+                self.remember(dict(self.known_identities))
+            return None
+        if known == identity:
+            return None
+        return (f"its data is not the data it had (identity {identity[:12].decode('ascii', 'replace')},"
+                f" we knew {known[:12].decode('ascii', 'replace')}): a new disk, or a directory"
+                " copied in by hand")
 
     def add_state_observer(self, observer):
         """Call ``observer(node_id, direction, connected)`` on each link up or down."""
@@ -459,9 +500,9 @@ class PeerTransport(service.MultiService):
             peer = protocol.expected_peer
             self._failed_links[peer] = self._failed_links.get(peer, 0) + 1
 
-    def _other_lineage(self, protocol, lineage):
+    def _refuse_data(self, protocol, why):
         peer = protocol.peer_id
-        self._other_lineages[peer] = lineage
+        self._refused_data[peer] = why
         if protocol.direction == "outbound":
             self._lineage_refusals[peer] = self._lineage_refusals.get(peer, 0) + 1
         report = self._lineage_reports.get(peer)
@@ -470,11 +511,10 @@ class PeerTransport(service.MultiService):
         count = report.happened()
         if count:
             log.error(
-                "node {peer}'s data was {theirs}, ours was {ours}: its links are refused"
-                " ({count} time(s) since the last report). Nodes restored from different"
-                " backups, or one restored alone, would forget votes the others count on;"
-                " restore every node from the same backup (docs/operations.md, Backups)",
-                peer=peer, theirs=describe(lineage), ours=describe(self.lineage), count=count)
+                "node {peer}: {why}; its links are refused ({count} time(s) since the last"
+                " report). A node restored alone, or one whose data was lost or copied, would"
+                " forget votes the others count on; restore every node from the same backup"
+                " (docs/operations.md, Backups)", peer=peer, why=why, count=count)
 
     def _peer_up(self, protocol):
         if protocol.direction == "outbound":
