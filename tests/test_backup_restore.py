@@ -188,6 +188,8 @@ def test_a_node_back_on_an_empty_disk_is_refused_until_every_node_is_restored(
     yield wait_until(cluster.reactor, lambda: all(refused in cluster.output(n)
                                                   for n in cluster.node_ids if n != lost),
                      30, "the others to refuse the node back on an empty disk")
+    yield wait_until(cluster.reactor, lambda: f"node {leader} refuses our links: {refused}"
+                     in cluster.output(lost), 30, "the refused node to log why")
     for i in range(3):
         yield alice.send_message(SINK, f"while node {lost} is refused {i}")
     survivors = [n for n in cluster.node_ids if n != lost]

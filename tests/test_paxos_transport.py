@@ -546,7 +546,8 @@ def test_a_restored_peer_is_refused_by_a_node_never_restored_and_told_why(captur
     proto, transport = connect(t, 2)
     proto.dataReceived(frame(b"\x00" + RESTORED + b"/" + THEIRS) + frame(b"accept"))
     assert inbox == []
-    assert transport.value() == frame(b"\x00/")                # its hello: never restored
+    why = b"its data was restored from backup abababababab, ours was never restored from a backup"
+    assert transport.value() == frame(b"\x00/") + frame(b"\x00!" + why)   # our hello, then why
     assert transport.disconnecting and transport.producer is None   # closed after that frame
     clock.advance(t.ping_interval)
     assert transport.aborted                                     # even if the peer holds on
@@ -562,6 +563,24 @@ def test_a_restored_node_refuses_a_node_of_an_earlier_build():
     proto.dataReceived(frame(b"") + frame(b"accept"))           # a keepalive decides nothing
     assert inbox == [] and transport.disconnecting
     assert "never restored" in proto._refused
+
+
+def test_a_node_refused_by_a_peer_says_why_and_dials_it_rarely(captured_log):
+    from paxchat.paxos.transport import LINEAGE_RETRY_SECONDS
+    t, clock, inbox = unit_transport(identity=OURS)
+    t._retry_policy = lambda attempt: 0.1
+    proto, transport = connect(t, 2, expected_peer=2)
+    proto.dataReceived(frame(b"\x00/" + THEIRS) + frame(b"\x00!its data is not the data it had")
+                       + frame(b"accept"))
+    assert inbox == [] and transport.disconnecting
+    assert t.peer_state(2) == "refused" and t.refusals() == {}   # it refuses us, not we it
+    assert t.retry_delay(2, 1) == LINEAGE_RETRY_SECONDS
+    [line] = [x for x in texts(captured_log) if "refuses our links" in x]
+    assert line.startswith("node 2 refuses our links: its data is not the data it had (1 time(s)")
+    # Put right, it speaks to us again: no longer refused, dialled as usual.
+    proto, transport = connect(t, 2)
+    proto.dataReceived(frame(b"\x00/" + THEIRS) + frame(b"accept"))
+    assert inbox == [(2, b"accept")] and t.peer_state(2) != "refused"
 
 
 def test_nodes_restored_from_different_backups_refuse_each_other():

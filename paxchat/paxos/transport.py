@@ -65,6 +65,7 @@ HANDSHAKE_TIMEOUT = 10.0
 # file descriptors (the handshake timeout clears the ones already open).
 MAX_UNAUTHENTICATED_INBOUND = 32
 HELLO = b"\x00"                              # first byte of a hello frame
+REFUSAL = HELLO + b"!"                       # "your data may not vote with ours", and why
 # A peer of another lineage stays so until an operator acts: dial it rarely.
 LINEAGE_RETRY_SECONDS = 30.0
 LINEAGE_REPORT_SECONDS = 60.0
@@ -186,6 +187,9 @@ class PeerProtocol(Int32StringReceiver):
             return
         if not frame:
             return                                  # keepalive
+        if frame[:2] == REFUSAL:
+            self._told_refused(frame[2:].decode("utf-8", "replace"))
+            return
         if self._peer_lineage is None:
             hello = frame[:1] == HELLO
             if hello:
@@ -196,6 +200,8 @@ class PeerProtocol(Int32StringReceiver):
                 return
             if hello:
                 return                              # for the transport alone
+        if self._owner._refusing_us:
+            self._owner._refusing_us.pop(self.peer_id, None)   # it speaks to us again
         try:
             self._owner._deliver(self.peer_id, frame)
         except Exception:
@@ -218,15 +224,26 @@ class PeerProtocol(Int32StringReceiver):
                 owner._dial_now(self.peer_id)       # it was put right: do not wait
             return True
         owner._refuse_data(self, why)
-        self._refused = why                         # (it had our hello: it can tell why)
+        self._refused = why
+        self.sendString(REFUSAL + why.encode("utf-8"))  # so its own log says why
+        self._close_refused()
+        return False
+
+    def _told_refused(self, why):
+        """The peer refuses our data: say so, and dial it rarely, as if we had refused it."""
+        self._refused = f"it refuses our links: {why}"
+        self._owner._refused_by(self, why)
+        self._close_refused()
+
+    def _close_refused(self):
         # Close once what was written is out: TLS closes only without a
         # producer. Whatever the peer does, the link is gone a ping later.
+        owner = self._owner
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = owner.clock.callLater(owner.ping_interval, self.transport.abortConnection)
         self.transport.unregisterProducer()
         self.transport.loseConnection()
-        return False
 
     def lengthLimitExceeded(self, length):
         self.refuse(f"it announced a {length}-byte frame (limit {self.MAX_LENGTH})")
@@ -353,6 +370,7 @@ class PeerTransport(service.MultiService):
         self._lineage_refusals = {}          # peer id -> outbound links refused for it in a row
         self._lineage_reports = {}           # peer id -> Occasional
         self._refused_data = {}              # peer id -> why, while its data may not vote
+        self._refusing_us = {}               # peer id -> why it refuses our data
         self._connections = set()            # every open PeerProtocol, authenticated or not
         self._port = None
         self.listening = Deferred()          # fires with the IListeningPort
@@ -453,7 +471,7 @@ class PeerTransport(service.MultiService):
     def peer_state(self, node_id):
         """'connected' or 'disconnected', as our outbound link to ``node_id`` is, or
         'refused' while its data may not vote with ours."""
-        if node_id in self._refused_data:
+        if node_id in self._refused_data or node_id in self._refusing_us:
             return "refused"
         return "connected" if node_id in self._outbound else "disconnected"
 
@@ -500,15 +518,31 @@ class PeerTransport(service.MultiService):
             peer = protocol.expected_peer
             self._failed_links[peer] = self._failed_links.get(peer, 0) + 1
 
+    def _refused_by(self, protocol, why):
+        peer = protocol.peer_id
+        self._refusing_us[peer] = why
+        count = self._refusal_counted(protocol, ("by", peer))
+        if count:
+            log.error(
+                "node {peer} refuses our links: {why} ({count} time(s) since the last report)."
+                " This node's data may not vote with the others'; restore every node from the"
+                " same backup to bring it back (docs/operations.md, Backups)",
+                peer=peer, why=why, count=count)
+
+    def _refusal_counted(self, protocol, key):
+        """Dial that peer rarely; how many refusals to report now (0: not yet)."""
+        if protocol.direction == "outbound":
+            peer = protocol.peer_id
+            self._lineage_refusals[peer] = self._lineage_refusals.get(peer, 0) + 1
+        report = self._lineage_reports.get(key)
+        if report is None:
+            report = self._lineage_reports[key] = Occasional(self.clock, LINEAGE_REPORT_SECONDS)
+        return report.happened()
+
     def _refuse_data(self, protocol, why):
         peer = protocol.peer_id
         self._refused_data[peer] = why
-        if protocol.direction == "outbound":
-            self._lineage_refusals[peer] = self._lineage_refusals.get(peer, 0) + 1
-        report = self._lineage_reports.get(peer)
-        if report is None:
-            report = self._lineage_reports[peer] = Occasional(self.clock, LINEAGE_REPORT_SECONDS)
-        count = report.happened()
+        count = self._refusal_counted(protocol, peer)
         if count:
             log.error(
                 "node {peer}: {why}; its links are refused ({count} time(s) since the last"
