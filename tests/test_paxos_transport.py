@@ -606,6 +606,14 @@ def test_a_peer_back_with_other_data_is_refused(captured_log):
     assert inbox == [] and "without saying which data" in t.refusals()[2]
 
 
+def test_a_hello_with_an_unreadable_identity_is_refused():
+    t, clock, inbox = unit_transport(identity=OURS)
+    proto, transport = connect(t, 2)
+    proto.dataReceived(frame(b"\x00/not an identity") + frame(b"accept"))
+    assert inbox == [] and t.refusals() == {2: "its hello names no data identity we can read"}
+    assert t.known_identities == {}
+
+
 def test_a_node_of_an_earlier_build_sends_no_hello_and_is_not_checked():
     t, clock, inbox = unit_transport(identity=OURS)
     proto, transport = connect(t, 3, expected_peer=3)

@@ -22,10 +22,10 @@ Every link opens with a *hello* each way: a frame of a zero byte, the
 sender's lineage, ``/`` and its data identity (Paxos messages never start
 with a zero byte). The first non-empty frame on a link is the peer's
 hello. A peer whose lineage differs from ours, or whose identity is not
-the one we knew, gets our hello back and the link is closed before any of
-its frames is passed on. A peer refused so is dialled again after
-``LINEAGE_RETRY_SECONDS``, or at once when a link it opened passes (the
-operator put it right).
+the one we knew, is sent a refusal saying why (``REFUSAL``), and the link
+is closed before any of its frames is passed on. A peer refused so, or
+refusing us, is dialled again after ``LINEAGE_RETRY_SECONDS``, or at once
+when a link it opened passes (the operator put it right).
 
 A node of an earlier build sends no hello, and skips ours as a frame it
 cannot decode (logged at debug level). A link that opens without a hello
@@ -34,6 +34,7 @@ then it is refused. A restored node refuses it either way (its lineage is
 not ours).
 """
 
+import re
 import struct
 
 from twisted.application import service
@@ -66,6 +67,7 @@ HANDSHAKE_TIMEOUT = 10.0
 MAX_UNAUTHENTICATED_INBOUND = 32
 HELLO = b"\x00"                              # first byte of a hello frame
 REFUSAL = HELLO + b"!"                       # "your data may not vote with ours", and why
+_IDENTITY = re.compile(rb"[0-9a-f]{32}")
 # A peer of another lineage stays so until an operator acts: dial it rarely.
 LINEAGE_RETRY_SECONDS = 30.0
 LINEAGE_REPORT_SECONDS = 60.0
@@ -494,6 +496,8 @@ class PeerTransport(service.MultiService):
                     " (an earlier build, on data a later one had?)")
         if not identity:
             return None                        # a bare transport (tests, tools)
+        if not _IDENTITY.fullmatch(identity):
+            return "its hello names no data identity we can read"
         if known is None:
             self.known_identities[peer] = identity
             if self.remember is not None:
