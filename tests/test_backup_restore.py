@@ -35,6 +35,20 @@ def serves_the_backup(cluster):
     assert (yield cluster.check_equal_states()) > 0
 
 
+@defer.inlineCallbacks
+def chatting(cluster_factory, count, text):
+    """A running 3-node cluster with admin addresses, where alice sent ``count`` messages."""
+    cluster = cluster_factory(3)
+    cfg = add_ops_addresses(cluster)
+    yield cluster.start_and_wait()
+    leader = yield cluster.wait_leader()
+    yield create_accounts(cluster, "alice", SINK)
+    alice = yield logged_in(cluster, "alice")
+    for i in range(count):
+        yield alice.send_message(SINK, f"{text} {i}")
+    return cluster, cfg, leader, alice
+
+
 def _replace_tree(source, target):
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(source, target)
@@ -75,14 +89,7 @@ def test_every_node_restored_from_one_stopped_nodes_copy_serves_the_state_of_the
 @within(150)
 @pytest_twisted.inlineCallbacks
 def test_an_online_backup_restored_into_every_node_with_paxchat_admin(cluster_factory, tmp_path):
-    cluster = cluster_factory(3)
-    cfg = add_ops_addresses(cluster)
-    yield cluster.start_and_wait()
-    yield cluster.wait_leader()
-    yield create_accounts(cluster, "alice", SINK)
-    alice = yield logged_in(cluster, "alice")
-    for i in range(20):
-        yield alice.send_message(SINK, f"before the backup {i}")
+    cluster, cfg, _, alice = yield chatting(cluster_factory, 20, "before the backup")
 
     backup = tmp_path / "cluster.backup"
     code, out, err = yield run_admin(cfg, "backup", str(backup))    # every node keeps running
@@ -107,14 +114,7 @@ def test_a_node_restored_alone_into_a_running_cluster_is_refused_until_it_has_it
     """The mistake docs/operations.md warns of, made anyway: the other nodes
     refuse the restored one (it would have forgotten votes they count on),
     the cluster goes on without it, and its own directory brings it back."""
-    cluster = cluster_factory(3)
-    cfg = add_ops_addresses(cluster)
-    yield cluster.start_and_wait()
-    leader = yield cluster.wait_leader()
-    yield create_accounts(cluster, "alice", SINK)
-    alice = yield logged_in(cluster, "alice")
-    for i in range(3):
-        yield alice.send_message(SINK, f"before the backup {i}")
+    cluster, cfg, leader, alice = yield chatting(cluster_factory, 3, "before the backup")
     backup = tmp_path / "cluster.backup"
     code, out, err = yield run_admin(cfg, "backup", str(backup))
     assert code == 0, out + err
@@ -171,14 +171,7 @@ def test_a_node_back_on_an_empty_disk_is_refused_until_every_node_is_restored(
     they refuse it (its data is not the data it had) and go on without it.
     The way back is the restore: every node from a copy of the most current
     survivor's directory, and no acknowledged write is lost."""
-    cluster = cluster_factory(3)
-    cfg = add_ops_addresses(cluster)
-    yield cluster.start_and_wait()
-    leader = yield cluster.wait_leader()
-    yield create_accounts(cluster, "alice", SINK)
-    alice = yield logged_in(cluster, "alice")
-    for i in range(5):
-        yield alice.send_message(SINK, f"before the disk was lost {i}")
+    cluster, cfg, leader, alice = yield chatting(cluster_factory, 5, "before the disk was lost")
 
     lost = next(n for n in cluster.node_ids if n != leader)
     cluster.kill(lost)
