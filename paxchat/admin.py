@@ -41,6 +41,7 @@ from zope.interface import implementer
 from paxchat import config as configmod
 from paxchat import tls
 from paxchat.httpsite import listen_http
+from paxchat.lineage import IDENTITY_FILE, LINEAGE_FILE, PEER_IDENTITIES_FILE
 from paxchat.metrics import node_status
 
 __all__ = ["AdminResource", "AdminService", "AdminError", "main"]
@@ -370,7 +371,7 @@ def _show(value, default="-"):
 
 def status_table(statuses):
     """The ``status`` table: one row per node, then the reasons of the nodes that are down
-    and of the peer links refused for their lineage."""
+    and of the peers refused for their data (paxchat/lineage.py)."""
     up = {n: s for n, s in statuses.items() if not isinstance(s, Exception)}
     reference = max([s.get("commit_index") or 0 for s in up.values()]
                     + [s.get("applied_index") or 0 for s in up.values()] or [0])
@@ -519,7 +520,7 @@ def _restore_file(config, source, directory):
 # Not part of a copied data directory's content: the lock, the stamp and
 # identities (a restored node is a new one to its peers, paxchat/lineage.py),
 # the wal-index (SQLite rebuilds it), files left half written.
-_NOT_COPIED = ("lock", "lineage", "identity", "peer-identities", "state.sqlite3-shm")
+_NOT_COPIED = ("lock", LINEAGE_FILE, IDENTITY_FILE, PEER_IDENTITIES_FILE, "state.sqlite3-shm")
 
 
 def _restore_directory(config, source, directory):
