@@ -49,6 +49,20 @@ def chatting(cluster_factory, count, text):
     return cluster, cfg, leader, alice
 
 
+@defer.inlineCallbacks
+def restore_every_node(cluster, backup):
+    """Every (stopped) node's data directory removed and restored from ``backup``
+    with paxchat-admin; returns what each restore printed."""
+    printed = []
+    for n in cluster.node_ids:
+        yield threads.deferToThread(shutil.rmtree, cluster.data_dir(n))
+        code, out, err = yield threads.deferToThread(
+            admin_main, cluster.config, "restore", str(backup), "--node", str(n))
+        assert code == 0, out + err
+        printed.append(out)
+    return printed
+
+
 def _replace_tree(source, target):
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(source, target)
@@ -78,11 +92,8 @@ def test_every_node_restored_from_one_stopped_nodes_copy_serves_the_state_of_the
     # Every node loses its data; each gets the same copy back, through
     # paxchat-admin restore DIR, which checks and stamps it.
     yield cluster.stop_gracefully()
-    for n in cluster.node_ids:
-        yield threads.deferToThread(shutil.rmtree, cluster.data_dir(n))
-        code, out, err = yield threads.deferToThread(
-            admin_main, cluster.config, "restore", str(backup), "--node", str(n))
-        assert code == 0 and f"holds a copy of {backup}" in out, out + err
+    for out in (yield restore_every_node(cluster, backup)):
+        assert f"holds a copy of {backup}" in out, out
     yield serves_the_backup(cluster)
 
 
@@ -99,11 +110,7 @@ def test_an_online_backup_restored_into_every_node_with_paxchat_admin(cluster_fa
     yield cluster.close_clients()
 
     yield cluster.stop_gracefully()
-    for n in cluster.node_ids:
-        yield threads.deferToThread(shutil.rmtree, cluster.data_dir(n))
-        code, out, err = yield threads.deferToThread(
-            admin_main, cfg, "restore", str(backup), "--node", str(n))
-        assert code == 0, out + err
+    yield restore_every_node(cluster, backup)
     yield serves_the_backup(cluster)
 
 
@@ -197,11 +204,7 @@ def test_a_node_back_on_an_empty_disk_is_refused_until_every_node_is_restored(
     yield cluster.stop_gracefully()
     copy = tmp_path / "survivor"
     yield threads.deferToThread(shutil.copytree, cluster.data_dir(leader), copy)
-    for n in cluster.node_ids:
-        yield threads.deferToThread(shutil.rmtree, cluster.data_dir(n))
-        code, out, err = yield threads.deferToThread(
-            admin_main, cfg, "restore", str(copy), "--node", str(n))
-        assert code == 0, out + err
+    yield restore_every_node(cluster, copy)
     yield cluster.start_and_wait()
     yield cluster.wait_leader()
     alice = yield logged_in(cluster, "alice")
