@@ -29,15 +29,16 @@ import re
 import secrets
 from pathlib import Path
 
-__all__ = ["IDENTITY_FILE", "LINEAGE_FILE", "PEER_IDENTITIES_FILE", "LineageError", "describe",
-           "read_lineage", "read_or_make_identity", "read_peer_identities", "write_lineage",
-           "write_peer_identities"]
+__all__ = ["IDENTITY", "IDENTITY_FILE", "LINEAGE_FILE", "PEER_IDENTITIES_FILE", "LineageError",
+           "describe", "read_lineage", "read_or_make_identity", "read_peer_identities",
+           "write_lineage", "write_peer_identities"]
 
 LINEAGE_FILE = "lineage"
 IDENTITY_FILE = "identity"
 PEER_IDENTITIES_FILE = "peer-identities"
 _VALID = re.compile(rb"[0-9a-f]{1,64}")
-_IDENTITY = re.compile(rb"node (\d+) ([0-9a-f]{32})")
+IDENTITY = re.compile(rb"[0-9a-f]{32}")                # what a data identity looks like
+_IDENTITY_LINE = re.compile(rb"node (\d+) (" + IDENTITY.pattern + rb")")
 
 
 class LineageError(ValueError):
@@ -47,12 +48,9 @@ class LineageError(ValueError):
 def read_lineage(directory) -> bytes:
     """The lineage of the data in ``directory``: ASCII hex, or b"" if it was never restored."""
     path = Path(directory) / LINEAGE_FILE
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+    raw = _read(path)
+    if raw is None:
         return b""
-    except OSError as e:
-        raise LineageError(f"cannot read {path}: {e.strerror or e}") from None
     lineage = raw.strip()
     if not _VALID.fullmatch(lineage):
         raise LineageError(f"{path} is damaged: it should hold the sha256 of the backup the "
@@ -75,14 +73,9 @@ def read_or_make_identity(directory, node_id) -> bytes:
     """
     directory = Path(directory)
     path = directory / IDENTITY_FILE
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raw = None
-    except OSError as e:
-        raise LineageError(f"cannot read {path}: {e.strerror or e}") from None
+    raw = _read(path)
     if raw is not None:
-        match = _IDENTITY.fullmatch(raw.strip())
+        match = _IDENTITY_LINE.fullmatch(raw.strip())
         if match is None:
             raise LineageError(f"{path} is damaged: it should read 'node N' and 32 hex digits")
         if int(match.group(1)) == node_id:
@@ -96,17 +89,14 @@ def read_or_make_identity(directory, node_id) -> bytes:
 def read_peer_identities(directory) -> dict:
     """``{node id: identity}`` of the peers this node has spoken with."""
     path = Path(directory) / PEER_IDENTITIES_FILE
-    try:
-        raw = json.loads(path.read_bytes())
-    except FileNotFoundError:
+    data = _read(path)
+    if data is None:
         return {}
-    except (OSError, ValueError) as e:
-        raise LineageError(f"{path} is damaged or unreadable: {e}") from None
     try:
-        known = {int(k): v.encode("ascii") for k, v in raw.items()}
+        known = {int(k): v.encode("ascii") for k, v in json.loads(data).items()}
     except (AttributeError, ValueError, UnicodeEncodeError):
         known = None
-    if known is None or not all(_VALID.fullmatch(v) for v in known.values()):
+    if known is None or not all(IDENTITY.fullmatch(v) for v in known.values()):
         raise LineageError(f"{path} is damaged: it should map node ids to identities")
     return known
 
@@ -115,6 +105,16 @@ def write_peer_identities(directory, known) -> None:
     """Remember ``{node id: identity}``, durably."""
     text = json.dumps({str(k): v.decode("ascii") for k, v in sorted(known.items())})
     _write_durably(Path(directory) / PEER_IDENTITIES_FILE, text.encode("ascii") + b"\n")
+
+
+def _read(path):
+    """The file's bytes, None if it is not there; unreadable is a LineageError."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise LineageError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def _write_durably(path, data):

@@ -34,7 +34,6 @@ then it is refused. A restored node refuses it either way (its lineage is
 not ours).
 """
 
-import re
 import struct
 
 from twisted.application import service
@@ -47,7 +46,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from paxchat.lineage import describe
+from paxchat.lineage import IDENTITY, describe
 from paxchat.logs import Occasional
 from paxchat.tcp import no_delay
 
@@ -67,7 +66,6 @@ HANDSHAKE_TIMEOUT = 10.0
 MAX_UNAUTHENTICATED_INBOUND = 32
 HELLO = b"\x00"                              # first byte of a hello frame
 REFUSAL = HELLO + b"!"                       # "your data may not vote with ours", and why
-_IDENTITY = re.compile(rb"[0-9a-f]{32}")
 # A peer of another lineage stays so until an operator acts: dial it rarely.
 LINEAGE_RETRY_SECONDS = 30.0
 LINEAGE_REPORT_SECONDS = 60.0
@@ -496,7 +494,7 @@ class PeerTransport(service.MultiService):
                     " (an earlier build, on data a later one had?)")
         if not identity:
             return None                        # a bare transport (tests, tools)
-        if not _IDENTITY.fullmatch(identity):
+        if not IDENTITY.fullmatch(identity):
             return "its hello names no data identity we can read"
         if known is None:
             self.known_identities[peer] = identity
