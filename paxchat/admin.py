@@ -393,6 +393,8 @@ def status_table(statuses):
         connected = sum(1 for v in peers.values() if v == "connected")
         for peer, why in sorted((s.get("refused_peers") or {}).items()):
             notes.append(f"node {n} refuses node {peer}: {why}")
+        for peer, why in sorted((s.get("refused_by_peers") or {}).items()):
+            notes.append(f"node {n} is refused by node {peer}: {why}")
         rows.append([str(n), "up" if s.get("running", True) else "stopping",
                      _show(s.get("role")), _show(s.get("leader")), _show(ballot),
                      _show(s.get("commit_index")), _show(applied), _show(lag),

@@ -46,7 +46,8 @@ LAG_WARN_SECONDS = 0.25
 LAG_LOG_SECONDS = 60.0
 # Numeric fields of the log's status() become gauges paxchat_<key>; these have their own.
 _NOT_GAUGES = {"node", "leader", "ballot", "clients", "running", "role", "peers",
-               "refused_peers", "clients_turned_away"}
+               "refused_peers", "refused_by_peers",
+               "clients_turned_away"}
 _METRIC_NAME = re.compile(r"[a-z_][a-z0-9_]*\Z")
 _GAUGE_HELP = {
     "commit_index": "Highest slot of the contiguous chosen prefix.",

@@ -378,10 +378,11 @@ class ReplicatedLog:
     def status(self):
         """A snapshot of this node's replication, for operators and metrics."""
         r = self.replica
-        peers, refused = {}, {}
+        peers, refused, refused_by = {}, {}, {}
         if self.transport is not None:
             peers = {n: self.transport.peer_state(n) for n in self.members if n != self.node_id}
             refused = getattr(self.transport, "refusals", dict)()
+            refused_by = getattr(self.transport, "refused_by", dict)()
         return {
             "node": self.node_id,
             "role": "failed" if self.failed else (r.role if r is not None else "starting"),
@@ -392,6 +393,7 @@ class ReplicatedLog:
             "snapshot_index": r.snapshot_index if r is not None else None,
             "peers": peers,
             "refused_peers": refused,           # peer links refused for their data's lineage
+            "refused_by_peers": refused_by,     # peers refusing our data, and why they said
             "pending_proposals": len(self._pending),
             "held_commands": len(self._held),
             "pending_reads": len(self._reads),

@@ -82,7 +82,8 @@ def test_status_table():
         4: {"role": "precandidate", "leader": None, "ballot": [0, 0], "commit_index": 90,
             "applied_index": 90, "clients": 0, "peers": {"1": "refused", "2": "refused"},
             "refused_peers": {"1": "its data was never restored from a backup, ours was"
-                                   " restored from backup 3f2a"}},
+                                   " restored from backup 3f2a"},
+            "refused_by_peers": {"2": "its data is not the data it had"}},
     }
     lines = admin.status_table(statuses).splitlines()
     assert lines[0].split() == ["NODE", "STATE", "ROLE", "LEADER", "BALLOT", "COMMIT", "APPLIED",
@@ -94,7 +95,8 @@ def test_status_table():
     assert lines[5:] == [
         "node 3: node 3 (10.0.0.3:7401) is down: Connection refused",
         "node 4 refuses node 1: its data was never restored from a backup, ours was restored"
-        " from backup 3f2a"]
+        " from backup 3f2a",
+        "node 4 is refused by node 2: its data is not the data it had"]
 
 
 @pytest_twisted.inlineCallbacks

@@ -198,6 +198,7 @@ def test_a_node_back_on_an_empty_disk_is_refused_until_every_node_is_restored(
     assert (yield cluster.gauges(lost)).get("paxchat_applied_index") == 0
     code, out, err = yield run_admin(cfg, "status")
     assert f"node {leader} refuses node {lost}: {refused}" in out, out
+    assert f"node {lost} is refused by node {leader}: {refused}" in out, out   # its own row too
     yield cluster.close_clients()
 
     # The way back: stop every node, restore each from the survivor's directory.

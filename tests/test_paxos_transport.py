@@ -574,13 +574,14 @@ def test_a_node_refused_by_a_peer_says_why_and_dials_it_rarely(captured_log):
                        + frame(b"accept"))
     assert inbox == [] and transport.disconnecting
     assert t.peer_state(2) == "refused" and t.refusals() == {}   # it refuses us, not we it
+    assert t.refused_by() == {2: "its data is not the data it had"}
     assert t.retry_delay(2, 1) == LINEAGE_RETRY_SECONDS
     [line] = [x for x in texts(captured_log) if "refuses our links" in x]
     assert line.startswith("node 2 refuses our links: its data is not the data it had (1 time(s)")
     # Put right, it speaks to us again: no longer refused, dialled as usual.
     proto, transport = connect(t, 2)
     proto.dataReceived(frame(b"\x00/" + THEIRS) + frame(b"accept"))
-    assert inbox == [(2, b"accept")] and t.peer_state(2) != "refused"
+    assert inbox == [(2, b"accept")] and t.peer_state(2) != "refused" and t.refused_by() == {}
 
 
 def test_nodes_restored_from_different_backups_refuse_each_other():

@@ -479,6 +479,10 @@ class PeerTransport(service.MultiService):
         """``{node id: why}`` for the peers refused for their data."""
         return dict(self._refused_data)
 
+    def refused_by(self):
+        """``{node id: why}`` for the peers that refuse our data, as they told us."""
+        return dict(self._refusing_us)
+
     def hello(self):
         """The frame that opens our links: our lineage and our data's identity."""
         return HELLO + self.lineage + b"/" + self.identity
