@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from paxchat.client.errors import ServerError
 
-from . import load, population, stats
+from . import load, population, procs, stats
 from .etcd_cluster import EtcdCluster
 from .paxchat_cluster import PaxchatCluster
 
@@ -39,8 +39,10 @@ async def run(reactor, ctx):
     theirs = await run_etcd(reactor, ctx, counts)
     for count in counts:
         if ours.get(count) and theirs.get(count):
+            (our_time, our_peak), (their_time, their_peak) = ours[count], theirs[count]
             ctx.compare(NAME, f"{count} writes behind",
-                        time=stats.ratio(ours[count], theirs[count], higher_is_better=False))
+                        time=stats.ratio(our_time, their_time, higher_is_better=False),
+                        peak_rss=stats.ratio(our_peak, their_peak, higher_is_better=False))
 
 
 async def write_n(reactor, writers, count, timeout):
@@ -53,6 +55,11 @@ async def write_n(reactor, writers, count, timeout):
         raise TimeoutError(f"only {recorder.total_ok} of {count} writes in {timeout:g}s "
                            f"(errors {recorder.errors})")
     return recorder.total_ok, load.now() - started
+
+
+def _mib(size):
+    """Bytes as MiB with one decimal, or None when unknown."""
+    return round(size / 2**20, 1) if size else None
 
 
 def pick_follower(node_ids, leader):
@@ -80,17 +87,23 @@ async def run_paxchat(reactor, ctx, counts):
             written, took = await write_n(reactor, writers, count, timeout=max(120, count / 50))
             marker = await load.request(reactor, probe.proto, "send_message", to=sinks[0],
                                         body="marker")
+            others = [n for n in node_ids if n != follower and cluster.alive(n)]
+            for n in others:
+                procs.reset_peak_rss(cluster.pid(n))
             restarted = load.now()
             cluster.restart(follower)
             await cluster.wait_ready([follower], timeout=300)
             serving = load.now()
             current = await wait_current_paxchat(reactor, targets, follower, probe.session,
                                                  marker["message_id"], timeout=max(120, count / 100))
-            results[count] = current - restarted
+            peaks = {n: procs.rss_bytes(cluster.pid(n), "VmHWM") for n in [follower, *others]}
+            results[count] = (current - restarted, peaks[follower])
             ctx.record(NAME, "paxchat", f"{count} writes behind",
                        current_s=round(current - restarted, 3),
                        after_serving_s=round(current - serving, 3),
-                       written=written, write_s=round(took, 1), node=follower)
+                       written=written, write_s=round(took, 1), node=follower,
+                       peak_rss_mib=_mib(peaks[follower]),
+                       others_peak_rss_mib=_mib(max((peaks[n] or 0 for n in others), default=0)))
             leader, _ = await load.wait_for_leader(reactor, targets, node_ids)
             writers = population.writers(users[:WRITERS], sinks, [leader])
             for writer in writers:
@@ -161,14 +174,20 @@ async def run_etcd(reactor, ctx, counts):
                                      {"key": marker_key, "value": load.VALUE})
             finally:
                 proto.transport.abortConnection()
+            others = [n for n in members if n != follower]
+            for n in others:
+                procs.reset_peak_rss(cluster.pid(n))
             restarted = load.now()
             cluster.restart(follower)
             current = await wait_current_etcd(reactor, cluster, follower, marker_key,
                                               timeout=max(120, count / 100))
-            results[count] = current - restarted
+            peaks = {n: procs.rss_bytes(cluster.pid(n), "VmHWM") for n in [follower, *others]}
+            results[count] = (current - restarted, peaks[follower])
             ctx.record(NAME, "etcd", f"{count} writes behind",
                        current_s=round(current - restarted, 3), written=written,
-                       write_s=round(took, 1), member=follower)
+                       write_s=round(took, 1), member=follower,
+                       peak_rss_mib=_mib(peaks[follower]),
+                       others_peak_rss_mib=_mib(max((peaks[n] or 0 for n in others), default=0)))
             await cluster.wait_ready(members)
         return results
     finally:

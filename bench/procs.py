@@ -38,16 +38,28 @@ def raise_nofile(wanted=65536) -> int:
     return soft
 
 
-def rss_bytes(pid) -> int | None:
-    """Resident set size of ``pid`` from /proc, or None if it is gone."""
+def rss_bytes(pid, field="VmRSS") -> int | None:
+    """Resident set size of ``pid`` from /proc (``field="VmHWM"``: its peak), or
+    None if it is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def reset_peak_rss(pid) -> bool:
+    """Start ``pid``'s peak RSS (VmHWM) again from its current RSS; False where
+    the kernel does not let us."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def kill_hard(process):

@@ -449,7 +449,7 @@ def _backup(client, args, out):
             sink.flush()
             os.fsync(sink.fileno())
         # Read back from the disk: what is checked is what was kept.
-        index = check_snapshot(part.read_bytes())
+        index = check_snapshot(_file_chunks(part))
         os.replace(part, target)
     except BaseException as e:
         part.unlink(missing_ok=True)
@@ -489,6 +489,13 @@ def _restore(config, args, out):
     return 0
 
 
+def _file_chunks(path, size=1 << 20):
+    """A file's bytes, 1 MiB at a time: a backup is as large as the state."""
+    with open(path, "rb") as f:
+        while chunk := f.read(size):
+            yield chunk
+
+
 def _restore_file(config, source, directory):
     """A backup file: the state at its index, and a Paxos log that starts after it."""
     from paxchat.node import STATE_FILE
@@ -496,20 +503,24 @@ def _restore_file(config, source, directory):
     from paxchat.paxos.store import StorageError, rewrite_log
     from paxchat.state.chat import ChatState
     from paxchat.state.kv import SnapshotError, StoreError, check_snapshot
+    digest = hashlib.sha256()
+
+    def hashed():
+        for chunk in _file_chunks(source):
+            digest.update(chunk)
+            yield chunk
     try:
-        data = source.read_bytes()
+        index = check_snapshot(hashed())
     except OSError as e:
         raise AdminError(f"cannot read {source}: {e.strerror or e}") from None
-    try:
-        index = check_snapshot(data)
     except SnapshotError as e:
         raise AdminError(f"{source} is not a paxchat backup: {e}") from None
-    lineage = hashlib.sha256(data).hexdigest().encode("ascii")
+    lineage = digest.hexdigest().encode("ascii")
 
     def make():
         state = ChatState.open(str(directory / STATE_FILE))
         try:
-            state.restore(index, [data])
+            state.restore(index, _file_chunks(source))
         finally:
             state.close()
         # The log starts after the backup's index, as after a compaction there.

@@ -54,6 +54,7 @@ from paxchat.interfaces import ICommandLog, Unavailable
 from paxchat.paxos import messages as M
 from paxchat.paxos.core import Config as CoreConfig
 from paxchat.paxos.core import DurableState, NotLeader, Replica
+from paxchat.paxos.pieces import Pieces
 from paxchat.paxos.transport import MAX_FRAME_BYTES
 from paxchat.state.worker import StateWorkerStopped
 
@@ -712,7 +713,7 @@ class ReplicatedLog:
             _, index, data = item
             log.info("node {node} restoring the state from a snapshot at index {index}"
                      " ({size} bytes)", node=self.node_id, index=index, size=len(data))
-            d = self._worker.call("restore", index, [data])
+            d = self._worker.call("restore", index, getattr(data, "pieces", [data]))
             d.addCallback(self._restored, index)
         else:
             entries = list(item[1])
@@ -862,7 +863,8 @@ class ReplicatedLog:
         worker = self._worker
         d = worker.call("snapshot")
         # Reading the whole state takes a while: beside the worker, so applies go on.
-        d.addCallback(lambda taken: worker.call_aside(b"".join, taken[1]).addCallback(
+        # Kept as the pieces it is read in (views of one image): a join would copy the state.
+        d.addCallback(lambda taken: worker.call_aside(Pieces, taken[1]).addCallback(
             lambda data: (taken[0], data)))
         d.addCallback(self._offer)
         d.addErrback(self._background_failed, "making a snapshot for a peer")

@@ -456,6 +456,7 @@ def test_an_image_that_is_not_our_state_is_refused_by_name(tmp_path, store, edit
     with pytest.raises(SnapshotError, match=why):
         kv.restore(4, [_frame(4, image)])
     assert kv.dump() == before
+    assert not os.path.exists(kv.path + kvmodule.RESTORE_SUFFIX)
     kv.close()
 
 
@@ -483,7 +484,39 @@ def test_bad_snapshot_changes_nothing(tmp_path, store, damage):
     with pytest.raises(SnapshotError):
         other.restore(index, chunks)
     assert other.dump() == before
+    assert not os.path.exists(other.path + kvmodule.RESTORE_SUFFIX)   # nothing left beside it
     other.close()
+
+
+def test_restore_streams_the_image_through_a_file_instead_of_holding_it(tmp_path, store):
+    import tracemalloc
+    fill(store, [("k%05d" % i, os.urandom(200)) for i in range(20000)], index=8)
+    index, chunks = store.snapshot()
+    pieces = list(chunks)
+    size = sum(len(p) for p in pieces)
+    assert size > 4 << 20
+    other = KVStore.open(tmp_path / "other.db")
+    tracemalloc.start()
+    try:
+        other.restore(index, iter(pieces))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert other.dump() == store.dump()
+    # A chunk or two at a time, never the whole snapshot (joined, it would be `size`).
+    assert peak < size / 4, (peak, size)
+    assert not os.path.exists(other.path + kvmodule.RESTORE_SUFFIX)
+    other.close()
+
+
+def test_a_restore_cut_short_by_a_crash_leaves_no_file_once_reopened(tmp_path):
+    path = tmp_path / "s.db"
+    KVStore.open(path).close()
+    part = str(path) + kvmodule.RESTORE_SUFFIX
+    with open(part, "wb") as f:
+        f.write(b"half an image")
+    KVStore.open(path).close()
+    assert not os.path.exists(part)
 
 
 def test_a_restored_store_is_durable_and_stays_in_wal_mode(tmp_path, store):

@@ -8,6 +8,7 @@ import pytest
 
 from paxchat.paxos import messages as M
 from paxchat.paxos.core import Config, DurableState, NotLeader, ReadState, Replica
+from paxchat.paxos.pieces import Pieces
 
 CFG = Config(heartbeat_interval=0.05, election_timeout=0.3, window=8)
 
@@ -24,6 +25,7 @@ class Net:
         self.cut = set()
         self.decided = {i: [] for i in self.ids}
         self.snapshots = {i: [] for i in self.ids}
+        self.pieces = {}                         # node -> pieces its last snapshot came in
         self.disk = {i: [] for i in self.ids}
         self.tokens = {i: 0 for i in self.ids}
         self.reads = {i: [] for i in self.ids}
@@ -37,7 +39,10 @@ class Net:
             if self.auto_persist:
                 self.reps[i].persisted(rd.token)
         if rd.snapshot:
-            self.snapshots[i].append(rd.snapshot)
+            index, data = rd.snapshot
+            assert isinstance(data, Pieces)        # handed on as it came, not joined
+            self.snapshots[i].append((index, bytes(data)))
+            self.pieces[i] = len(data.pieces)
         self.decided[i].extend(rd.decided)
         self.reads[i].extend(rd.reads)
         self.wants[i] += rd.want_snapshot
@@ -300,6 +305,7 @@ def test_lagging_follower_gets_the_snapshot_in_chunks_then_the_tail():
     assert net.snapshots[lagger] == [(5, data)]
     chunks = [m for s, to, m in net.sent if isinstance(m, M.SnapshotChunk) and to == lagger]
     assert len({m.offset for m in chunks}) == 9 and all(len(m.data) <= 10 for m in chunks)
+    assert net.pieces[lagger] == 9
     assert any(isinstance(rec, M.CompactRecord) and rec.index == 5 for rec in net.disk[lagger])
     assert net.decided[lagger][-1] == (6, (b"tail",))
 

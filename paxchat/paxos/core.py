@@ -70,6 +70,7 @@ from .messages import (
     CompactRecord, Heartbeat, HeartbeatAck, Learn, Prepare, PreVote, PreVoteReply, Promise,
     PromiseRecord, Reject, SnapshotChunk, TimeoutNow,
 )
+from .pieces import Pieces
 
 __all__ = ["NotLeader", "Config", "DurableState", "ReadState", "LeaderChange", "Ready", "Replica"]
 
@@ -207,7 +208,7 @@ class Ready:
     messages: tuple = ()       # ((to, msg), ...): send now
     records: tuple = ()        # persist, fsync, then persisted(token)
     token: int = 0
-    snapshot: Optional[tuple] = None  # (index, data): restore before applying decided
+    snapshot: Optional[tuple] = None  # (index, Pieces): restore before applying decided
     decided: tuple = ()        # ((slot, (command, ...)), ...) in order
     leader: Optional[LeaderChange] = None
     reads: tuple = ()          # (ReadState, ...)
@@ -466,6 +467,8 @@ class Replica:
     def offer_snapshot(self, index, data):
         """The application's snapshot at applied ``index``, for peers behind the compacted log.
 
+        ``data``: bytes, or L{Pieces} (served without being joined).
+
         True if kept. One older than the compaction point is of no use (the
         log that would follow it is gone), and one past what this replica
         has decided cannot be continued from its log yet (a state restored
@@ -475,7 +478,7 @@ class Replica:
         if not self._snapshot_index <= index <= self._decided_upto:
             return False
         if self._offered is None or index >= self._offered[0]:
-            self._offered = (index, bytes(data))
+            self._offered = (index, data if isinstance(data, (bytes, Pieces)) else bytes(data))
         # Peers waiting for one get their first chunk now, not when they next ask.
         for peer, (from_slot, _, last) in list(self._snap_waiting.items()):
             if self._now - last > self.config.election_timeout:
@@ -1082,7 +1085,7 @@ class Replica:
         self._last_advance = self._now
         if rx[3] >= rx[1]:
             self._snap_rx = None
-            self._install_snapshot(m.index, b"".join(rx[2]))
+            self._install_snapshot(m.index, Pieces(rx[2]))     # not joined: it is the whole state
             if self._catchup_target > self.commit_index:
                 self._request_catchup()
         elif m.data:

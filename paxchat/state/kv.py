@@ -37,10 +37,12 @@ import os
 import sqlite3
 import struct
 import time
+from pathlib import Path
 
 FORMAT_VERSION = 1
 SNAPSHOT_MAGIC = b"PAXCHAT-KV-SNAPSHOT\x02"
 SNAPSHOT_CHUNK_BYTES = 256 * 1024
+RESTORE_SUFFIX = ".restore.part"    # a snapshot being installed, beside the store
 GROUP_SLOTS = 256
 GROUP_SECONDS = 1.0     # under steady load the slot count ends a group first
 
@@ -109,6 +111,8 @@ class KVStore:
         """
         path = os.fspath(path)
         existed = os.path.exists(path) and os.path.getsize(path) > 0
+        with contextlib.suppress(OSError):
+            os.unlink(path + RESTORE_SUFFIX)        # a restore cut short by a crash
         try:
             conn = _connect(path)
         except sqlite3.Error as e:
@@ -421,23 +425,37 @@ class KVStore:
         from a log (``durable=False``) commits without an fsync, and the
         replicated log, which has already recorded the snapshot's index,
         fetches the snapshot again if a crash loses the restore.
+
+        The image goes through a file beside the store (``RESTORE_SUFFIX``),
+        written as the chunks come and removed after: a snapshot is as large
+        as the state, and holding it in memory while checking and copying it
+        took three times that.
         """
-        _, image = _read_snapshot(chunks, applied_index)
         self.commit_group()
         if self._conn.in_transaction:
             raise RuntimeError("restore() inside a transaction")
-        source = sqlite3.connect(":memory:")
+        part = self.path + RESTORE_SUFFIX
         try:
-            _load_image(source, image, applied_index)
-            page_size = self._conn.execute("PRAGMA page_size").fetchone()[0]
-            if source.execute("PRAGMA page_size").fetchone()[0] != page_size:
-                raise SnapshotError(f"snapshot page size differs from this store's {page_size}")
             try:
-                source.backup(self._conn)
-            except sqlite3.Error as e:
-                raise self.error(e) from e
+                with open(part, "wb") as sink:
+                    _read_snapshot(chunks, applied_index, sink.write)
+                source = sqlite3.connect(Path(part).resolve().as_uri() + "?mode=ro", uri=True)
+            except (OSError, sqlite3.Error) as e:
+                raise StoreError(f"cannot write {part} to restore a snapshot: {e}") from e
+            try:
+                _check_image(source, applied_index)
+                page_size = self._conn.execute("PRAGMA page_size").fetchone()[0]
+                if source.execute("PRAGMA page_size").fetchone()[0] != page_size:
+                    raise SnapshotError(f"snapshot page size differs from this store's {page_size}")
+                try:
+                    source.backup(self._conn)
+                except sqlite3.Error as e:
+                    raise self.error(e) from e
+            finally:
+                source.close()
         finally:
-            source.close()
+            with contextlib.suppress(OSError):
+                os.unlink(part)
 
 
 def _encode_record(key, value):
@@ -511,44 +529,59 @@ class _SnapshotChunks:
         self._release()
 
 
-def check_snapshot(blob):
-    """The applied index of a whole snapshot (bytes), after checking its frame
-    and digest; L{SnapshotError} says what is wrong. ``restore`` also checks
-    the image inside."""
-    return _read_snapshot([blob])[0]
+def check_snapshot(snapshot):
+    """The applied index of a whole snapshot (bytes, or an iterable of its
+    chunks), after checking its frame and digest; L{SnapshotError} says what
+    is wrong. ``restore`` also checks the image inside."""
+    if isinstance(snapshot, (bytes, bytearray, memoryview)):
+        snapshot = [snapshot]
+    return _read_snapshot(snapshot)
 
 
-def _read_snapshot(chunks, applied_index=None):
-    """``(index, image)`` of a snapshot stream, after checking its frame and
-    digest (and that it is of ``applied_index``, when given)."""
-    pieces = []
+def _read_snapshot(chunks, applied_index=None, sink=None):
+    """The index of a snapshot stream, after checking its frame and digest (and
+    that it is of ``applied_index``, when given), passing the image inside it
+    to ``sink`` piece by piece as it goes."""
+    head = bytearray()
+    tail = bytearray()
+    digest = hashlib.sha256()
+    index = size = None
+    taken = 0
     for chunk in chunks:
         if not isinstance(chunk, (bytes, bytearray, memoryview)):
             raise SnapshotError(f"snapshot chunk is {type(chunk).__name__}, not bytes")
-        pieces.append(chunk)
-    blob = memoryview(pieces[0] if len(pieces) == 1 else b"".join(pieces)).cast("B")
-    if len(blob) < _SNAP_HEADER.size + _DIGEST_BYTES:
+        view = memoryview(chunk).cast("B")
+        if index is None:
+            need = _SNAP_HEADER.size - len(head)
+            head += view[:need]
+            view = view[need:]
+            if len(head) < _SNAP_HEADER.size:
+                continue
+            magic, index, size = _SNAP_HEADER.unpack(head)
+            if magic != SNAPSHOT_MAGIC:
+                raise SnapshotError("not a paxchat state snapshot (bad magic)")
+            if applied_index is not None and index != applied_index:
+                raise SnapshotError(f"snapshot is of index {index}, expected {applied_index}")
+        if taken < size:
+            piece = view[:size - taken]
+            digest.update(piece)
+            if sink is not None:
+                sink(piece)
+            taken += len(piece)
+            view = view[len(piece):]
+        tail += view
+        if len(tail) > _DIGEST_BYTES:
+            raise SnapshotError("snapshot has data after its end")
+    if index is None or taken < size or len(tail) < _DIGEST_BYTES:
         raise SnapshotError("snapshot stream ends early")
-    magic, index, size = _SNAP_HEADER.unpack_from(blob)
-    if magic != SNAPSHOT_MAGIC:
-        raise SnapshotError("not a paxchat state snapshot (bad magic)")
-    if applied_index is not None and index != applied_index:
-        raise SnapshotError(f"snapshot is of index {index}, expected {applied_index}")
-    end = _SNAP_HEADER.size + size
-    if len(blob) < end + _DIGEST_BYTES:
-        raise SnapshotError("snapshot stream ends early")
-    if len(blob) > end + _DIGEST_BYTES:
-        raise SnapshotError("snapshot has data after its end")
-    image = blob[_SNAP_HEADER.size:end]
-    if hashlib.sha256(image).digest() != blob[end:]:
+    if digest.digest() != tail:
         raise SnapshotError("snapshot digest mismatch")
-    return index, image
+    return index
 
 
-def _load_image(conn, image, applied_index):
-    """Load a checked image into an in-memory connection and check it is our state there."""
+def _check_image(conn, applied_index):
+    """Check that the database open on ``conn`` is our state, whole, at ``applied_index``."""
     try:
-        conn.deserialize(image)
         tables = {r[0] for r in conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table'")}
         if not {"kv", "meta"} <= tables:

@@ -440,6 +440,7 @@ class Simulation:
                 self.stats["elections"] += 1
         if rd.snapshot is not None:
             index, data = rd.snapshot
+            data = bytes(data)                  # Pieces: the chunks as they came
             self.stats["snapshots"] += 1
             self.log("INSTALL", node.id, "snapshot", index, len(data), "bytes")
             app = App.restore(data)
