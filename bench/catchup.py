@@ -62,6 +62,12 @@ def _mib(size):
     return round(size / 2**20, 1) if size else None
 
 
+def _growth(peaks, before):
+    """How far the nodes that served the catch-up grew over their RSS before it (MiB)."""
+    grown = [peaks[n] - before[n] for n in before if peaks.get(n) and before[n]]
+    return _mib(max(grown)) if grown else None
+
+
 def pick_follower(node_ids, leader):
     return next(n for n in reversed(node_ids) if n != leader)
 
@@ -88,6 +94,7 @@ async def run_paxchat(reactor, ctx, counts):
             marker = await load.request(reactor, probe.proto, "send_message", to=sinks[0],
                                         body="marker")
             others = [n for n in node_ids if n != follower and cluster.alive(n)]
+            before = {n: procs.rss_bytes(cluster.pid(n)) for n in others}
             for n in others:
                 procs.reset_peak_rss(cluster.pid(n))
             restarted = load.now()
@@ -103,7 +110,8 @@ async def run_paxchat(reactor, ctx, counts):
                        after_serving_s=round(current - serving, 3),
                        written=written, write_s=round(took, 1), node=follower,
                        peak_rss_mib=_mib(peaks[follower]),
-                       others_peak_rss_mib=_mib(max((peaks[n] or 0 for n in others), default=0)))
+                       others_peak_rss_mib=_mib(max((peaks[n] or 0 for n in others), default=0)),
+                       others_growth_mib=_growth(peaks, before))
             leader, _ = await load.wait_for_leader(reactor, targets, node_ids)
             writers = population.writers(users[:WRITERS], sinks, [leader])
             for writer in writers:
@@ -175,6 +183,7 @@ async def run_etcd(reactor, ctx, counts):
             finally:
                 proto.transport.abortConnection()
             others = [n for n in members if n != follower]
+            before = {n: procs.rss_bytes(cluster.pid(n)) for n in others}
             for n in others:
                 procs.reset_peak_rss(cluster.pid(n))
             restarted = load.now()
@@ -187,7 +196,8 @@ async def run_etcd(reactor, ctx, counts):
                        current_s=round(current - restarted, 3), written=written,
                        write_s=round(took, 1), member=follower,
                        peak_rss_mib=_mib(peaks[follower]),
-                       others_peak_rss_mib=_mib(max((peaks[n] or 0 for n in others), default=0)))
+                       others_peak_rss_mib=_mib(max((peaks[n] or 0 for n in others), default=0)),
+                       others_growth_mib=_growth(peaks, before))
             await cluster.wait_ready(members)
         return results
     finally:

@@ -18,8 +18,8 @@ def _failover(r):
 def _catchup(r):
     extra = f"; {r['after_serving_s']:.2f} s after serving" if "after_serving_s" in r else ""
     if r.get("peak_rss_mib"):
-        extra += (f"; peak RSS {r['peak_rss_mib']:,.0f} MiB"
-                  f" (the others {r.get('others_peak_rss_mib') or 0:,.0f})")
+        extra += (f"; peak RSS {r['peak_rss_mib']:,.0f} MiB (the others"
+                  f" {r.get('others_peak_rss_mib') or 0:,.0f}, +{r.get('others_growth_mib') or 0:,.0f})")
     return f"{r['current_s']:.2f} s{extra}"
 
 

@@ -509,14 +509,38 @@ def test_restore_streams_the_image_through_a_file_instead_of_holding_it(tmp_path
     other.close()
 
 
-def test_a_restore_cut_short_by_a_crash_leaves_no_file_once_reopened(tmp_path):
+def test_a_restore_or_snapshot_cut_short_by_a_crash_leaves_no_file_once_reopened(tmp_path):
     path = tmp_path / "s.db"
     KVStore.open(path).close()
-    part = str(path) + kvmodule.RESTORE_SUFFIX
-    with open(part, "wb") as f:
-        f.write(b"half an image")
+    parts = [str(path) + kvmodule.RESTORE_SUFFIX, str(path) + ".x1y2" + kvmodule.SNAPSHOT_SUFFIX]
+    for part in parts:
+        with open(part, "wb") as f:
+            f.write(b"half an image")
     KVStore.open(path).close()
-    assert not os.path.exists(part)
+    assert not any(os.path.exists(part) for part in parts)
+
+
+def test_a_snapshot_is_read_a_chunk_at_a_time_and_leaves_no_file(tmp_path, store):
+    import tracemalloc
+    fill(store, [("k%05d" % i, os.urandom(200)) for i in range(20000)], index=8)
+    before = sorted(os.listdir(tmp_path))
+    index, chunks = store.snapshot()
+    tracemalloc.start()
+    try:
+        size = 0
+        for chunk in chunks:                # as the admin backup sends it: one chunk at a time
+            size += len(chunk)
+            if size == len(chunk):
+                assert sorted(os.listdir(tmp_path)) == before    # read through an unlinked file
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert size > 4 << 20 and peak < size / 4, (peak, size)
+    assert sorted(os.listdir(tmp_path)) == before
+    abandoned = store.snapshot()[1]
+    next(abandoned)
+    abandoned.close()
+    assert sorted(os.listdir(tmp_path)) == before
 
 
 def test_a_restored_store_is_durable_and_stays_in_wal_mode(tmp_path, store):

@@ -32,10 +32,12 @@ the owner keeps writing.
 """
 
 import contextlib
+import glob
 import hashlib
 import os
 import sqlite3
 import struct
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +45,7 @@ FORMAT_VERSION = 1
 SNAPSHOT_MAGIC = b"PAXCHAT-KV-SNAPSHOT\x02"
 SNAPSHOT_CHUNK_BYTES = 256 * 1024
 RESTORE_SUFFIX = ".restore.part"    # a snapshot being installed, beside the store
+SNAPSHOT_SUFFIX = ".snapshot.part"  # <store>.<random>.snapshot.part: one being read for a peer
 GROUP_SLOTS = 256
 GROUP_SECONDS = 1.0     # under steady load the slot count ends a group first
 
@@ -111,8 +114,9 @@ class KVStore:
         """
         path = os.fspath(path)
         existed = os.path.exists(path) and os.path.getsize(path) > 0
-        with contextlib.suppress(OSError):
-            os.unlink(path + RESTORE_SUFFIX)        # a restore cut short by a crash
+        for left in [path + RESTORE_SUFFIX, *glob.glob(glob.escape(path) + ".*" + SNAPSHOT_SUFFIX)]:
+            with contextlib.suppress(OSError):
+                os.unlink(left)                     # a restore or snapshot cut short by a crash
         try:
             conn = _connect(path)
         except sqlite3.Error as e:
@@ -383,7 +387,7 @@ class KVStore:
     def snapshot(self, chunk_bytes=SNAPSHOT_CHUNK_BYTES):
         """``(applied_index, chunks)``: a consistent copy of the store.
 
-        The copy is the database file's image as SQLite serializes it,
+        The copy is the database's pages as SQLite's backup copies them,
         framed with the index and a digest (see L{_SnapshotChunks}): a
         peer installs it with one page copy instead of re-inserting every
         record. ``chunks`` is an iterator of bytes-like pieces of at most
@@ -404,7 +408,7 @@ class KVStore:
         except sqlite3.Error as e:
             conn.close()
             raise self.error(e) from e
-        return index, _SnapshotChunks(conn, index, chunk_bytes, self.error)
+        return index, _SnapshotChunks(conn, index, chunk_bytes, self.error, self.path)
 
     def snapshot_bytes(self):
         """About what a snapshot weighs now: the size of the database's pages."""
@@ -465,10 +469,12 @@ def _encode_record(key, value):
 
 # A snapshot is SNAPSHOT_MAGIC, the applied index and the image's size
 # (u64 each), the image, and the sha256 of the image. The image is the
-# database as sqlite3_serialize gives it, with its header's file-format
-# bytes (offsets 18 and 19) set from WAL (2) to rollback-journal (1): SQLite
-# opens an image in memory only in the latter, and the store sets WAL mode
-# again whenever it opens a file.
+# database's pages as SQLite's backup copies them, with its header's
+# file-format bytes (offsets 18 and 19) set from WAL (2) to rollback-journal
+# (1): the receiver opens the image read-only, which SQLite does without a
+# wal-index only in the latter (and peers of earlier versions open it in
+# memory, which needs it too); the store sets WAL mode again whenever it
+# opens a file.
 _SNAP_HEADER = struct.Struct(f">{len(SNAPSHOT_MAGIC)}sQQ")
 _DIGEST_BYTES = 32
 _FORMAT_BYTES = slice(18, 20)
@@ -477,37 +483,63 @@ _FORMAT_BYTES = slice(18, 20)
 class _SnapshotChunks:
     """Iterator of snapshot pieces over a private read transaction.
 
-    The image is serialized on the first ``next()``, in the consuming
-    thread, and the read transaction ends with it.
+    On the first ``next()``, in the consuming thread, SQLite's backup copies
+    the pages the read transaction sees to a file beside the store
+    (``<store>.<random>.snapshot.part``), and the read transaction ends;
+    the pieces are then read from that file, which is gone once they are
+    (it is unlinked while open). ``sqlite3_serialize`` would have held the
+    image twice in memory (SQLite's copy, then Python's), for a state of
+    any size.
     """
 
-    def __init__(self, conn, index, chunk_bytes, error):
+    def __init__(self, conn, index, chunk_bytes, error, path):
         self._conn = conn
-        self._gen = self._generate(conn, index, max(chunk_bytes, 64), error)
+        self._gen = self._generate(conn, index, max(chunk_bytes, 64), error, path)
 
-    def _generate(self, conn, index, chunk_bytes, error):
+    def _generate(self, conn, index, chunk_bytes, error, path):
         try:
-            image = conn.serialize()
-        except sqlite3.Error as e:
-            raise error(e) from e
-        finally:
+            fd, part = tempfile.mkstemp(prefix=os.path.basename(path) + ".",
+                                        suffix=SNAPSHOT_SUFFIX, dir=os.path.dirname(path) or ".")
+            os.close(fd)
+        except OSError as e:
             self._release()
-        view = memoryview(image)
-        head = bytearray(_SNAP_HEADER.pack(SNAPSHOT_MAGIC, index, len(image)))
-        first = bytearray(view[:chunk_bytes])
-        if len(first) >= _FORMAT_BYTES.stop:
-            first[_FORMAT_BYTES] = b"\x01\x01"
-        digest = hashlib.sha256(first)
-        if len(head) + len(first) <= chunk_bytes:
-            yield bytes(head + first)
-        else:
-            yield bytes(head)
-            yield bytes(first)
-        for at in range(len(first), len(image), chunk_bytes):
-            piece = view[at:at + chunk_bytes]
-            digest.update(piece)
-            yield piece
-        yield digest.digest()
+            raise StoreError(f"cannot make a snapshot file beside {path}: {e}") from e
+        try:
+            try:
+                copy = sqlite3.connect(part)
+                try:
+                    copy.execute("PRAGMA journal_mode = OFF")   # a scratch file: no journal
+                    conn.backup(copy)                            # in our read transaction
+                finally:
+                    copy.close()
+                image = open(part, "rb")
+            except sqlite3.Error as e:
+                raise error(e) from e
+            except OSError as e:
+                raise StoreError(f"cannot make a snapshot file beside {path}: {e}") from e
+            finally:
+                self._release()
+                with contextlib.suppress(OSError):
+                    os.unlink(part)             # read on through the open file
+            with image:
+                size = os.fstat(image.fileno()).st_size
+                head = bytearray(_SNAP_HEADER.pack(SNAPSHOT_MAGIC, index, size))
+                first = bytearray(image.read(chunk_bytes))
+                if len(first) >= _FORMAT_BYTES.stop:
+                    first[_FORMAT_BYTES] = b"\x01\x01"
+                digest = hashlib.sha256(first)
+                if len(head) + len(first) <= chunk_bytes:
+                    yield bytes(head + first)
+                else:
+                    yield bytes(head)
+                    yield bytes(first)
+                while piece := image.read(chunk_bytes):
+                    digest.update(piece)
+                    yield piece
+                yield digest.digest()
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(part)
 
     def __iter__(self):
         return self
