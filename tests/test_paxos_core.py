@@ -310,6 +310,35 @@ def test_lagging_follower_gets_the_snapshot_in_chunks_then_the_tail():
     assert net.decided[lagger][-1] == (6, (b"tail",))
 
 
+def test_a_snapshot_no_peer_was_sent_for_a_minute_is_let_go_and_made_anew_when_needed():
+    from paxchat.paxos.core import SNAPSHOT_KEEP_SECONDS
+    net, leader, lagger = _five_decided_while_one_is_cut_off()
+    data = b"application snapshot bytes " * 3
+    for i in net.ids:
+        if i != lagger:
+            r = net.reps[i]
+            r.compact(r.commit_index)
+            assert r.offer_snapshot(r.commit_index, data)
+    net.cut = set()
+    net.run_until(lambda: net.snapshots[lagger])
+    kept = lambda i: net.reps[i]._offered is not None or net.reps[i]._snap_out  # noqa: E731
+    assert all(kept(i) for i in net.ids)       # the installer keeps its own, to serve others
+    net.run_until(lambda: not any(kept(i) for i in net.ids), limit=SNAPSHOT_KEEP_SECONDS + 1)
+    assert net.now > SNAPSHOT_KEEP_SECONDS
+    # A peer that needs one after that has it asked for again, and gets it.
+    other = next(i for i in net.ids if i not in (lagger, leader.node_id))
+    net.cut = {other}
+    for k in range(3):
+        leader.propose(b"later%d" % k)
+        net.step()
+    for i in net.ids:
+        if i != other:
+            net.reps[i].compact(net.reps[i].commit_index)
+    wants = sum(net.wants.values())
+    net.cut = set()
+    net.run_until(lambda: sum(net.wants.values()) > wants)
+
+
 def test_a_snapshot_is_asked_for_only_when_a_peer_needs_one():
     net, leader, lagger = _five_decided_while_one_is_cut_off()
     for i in net.ids:

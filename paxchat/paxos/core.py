@@ -81,6 +81,11 @@ FOLLOWER, PRECANDIDATE, CANDIDATE, LEADER = "follower", "precandidate", "candida
 # it meanwhile, so a node that cannot make a snapshot holds nobody back.
 SNAPSHOT_WAIT_SECONDS = 5.0
 
+# A snapshot at hand (made for a peer, or installed) weighs as much as the
+# state. One no peer has been sent a chunk of for this long is let go; a
+# peer that needs one later has it made anew.
+SNAPSHOT_KEEP_SECONDS = 60.0
+
 # An Accept (and its AcceptRecord) carries at most this many value bytes,
 # or one slot when a single slot is bigger.
 ACCEPT_MESSAGE_BYTES = 4 << 20
@@ -284,6 +289,7 @@ class Replica:
         # learner
         self._snapshot_index = d.snapshot_index
         self._offered = None           # (index, data): a snapshot to send peers, index >= compaction
+        self._snapshot_used = now      # when a snapshot at hand was last offered, installed or sent from
         self._want_snapshot = False
         self._state_bytes = None       # the application's state size, as last noted
         self._chosen = {}
@@ -392,6 +398,10 @@ class Replica:
                     self._resend_accepts(now)
         elif now >= self._election_deadline:
             self._start_prevote()
+        if (self._offered is not None or self._snap_out) and \
+                now - self._snapshot_used > SNAPSHOT_KEEP_SECONDS:
+            self._offered = None
+            self._snap_out.clear()
         self._maybe_request_catchup()
 
     def receive(self, msg, now=None):
@@ -479,6 +489,7 @@ class Replica:
             return False
         if self._offered is None or index >= self._offered[0]:
             self._offered = (index, data if isinstance(data, (bytes, Pieces)) else bytes(data))
+            self._snapshot_used = self._now
         # Peers waiting for one get their first chunk now, not when they next ask.
         for peer, (from_slot, _, last) in list(self._snap_waiting.items()):
             if self._now - last > self.config.election_timeout:
@@ -1023,6 +1034,7 @@ class Replica:
 
     def _send_chunk(self, to, snapshot, off):
         index, data = snapshot
+        self._snapshot_used = self._now
         if off > len(data):
             off = 0
         chunk = data[off:off + self.config.snapshot_chunk_bytes]
@@ -1094,6 +1106,7 @@ class Replica:
 
     def _install_snapshot(self, index, data):
         self._offered = (index, data)
+        self._snapshot_used = self._now
         self._drop_log_upto(index)
         self.commit_index = index
         self._decided_upto = index
