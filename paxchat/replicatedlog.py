@@ -37,6 +37,7 @@ A storage failure stops the node: it must never answer from state it
 cannot trust.
 """
 
+import dataclasses
 import heapq
 import itertools
 import json
@@ -54,7 +55,6 @@ from paxchat.interfaces import ICommandLog, Unavailable
 from paxchat.paxos import messages as M
 from paxchat.paxos.core import Config as CoreConfig
 from paxchat.paxos.core import DurableState, NotLeader, Replica
-from paxchat.paxos.pieces import Pieces
 from paxchat.paxos.transport import MAX_FRAME_BYTES
 from paxchat.state.worker import StateWorkerStopped
 
@@ -563,6 +563,12 @@ class ReplicatedLog:
     def _send(self, to, msg):
         if self.transport is None or self._stopped or self.failed is not None:
             return False
+        if isinstance(msg, M.SnapshotChunk) and hasattr(msg.data, "read"):
+            # A chunk of a snapshot served from its file: read beside the worker, then sent.
+            d = self._worker.call_aside(msg.data.read)
+            d.addCallback(lambda data: self._send(to, dataclasses.replace(msg, data=data)))
+            d.addErrback(self._background_failed, "reading a snapshot chunk for a peer")
+            return True
         frame = M.encode(msg)
         if len(frame) > MAX_FRAME_BYTES:
             log.error("dropped a {kind} of {size} bytes to node {peer}: over the frame limit",
@@ -863,8 +869,8 @@ class ReplicatedLog:
         worker = self._worker
         d = worker.call("snapshot")
         # Reading the whole state takes a while: beside the worker, so applies go on.
-        # Kept as the pieces it is read in (views of one image): a join would copy the state.
-        d.addCallback(lambda taken: worker.call_aside(Pieces, taken[1]).addCallback(
+        # Served from its file (kv.SnapshotFile): a copy in memory would weigh the state.
+        d.addCallback(lambda taken: worker.call_aside(taken[1].as_file).addCallback(
             lambda data: (taken[0], data)))
         d.addCallback(self._offer)
         d.addErrback(self._background_failed, "making a snapshot for a peer")

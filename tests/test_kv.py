@@ -520,6 +520,44 @@ def test_a_restore_or_snapshot_cut_short_by_a_crash_leaves_no_file_once_reopened
     assert not any(os.path.exists(part) for part in parts)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 300_000), st.integers(0, 300_000)), min_size=1, max_size=20))
+def test_a_snapshot_file_reads_as_the_chunks_would(tmp_path_factory, cuts):
+    directory = tmp_path_factory.mktemp("kv")
+    kv = KVStore.open(directory / "s.db")
+    fill(kv, [("k%05d" % i, b"v" * 100) for i in range(1500)], index=6)
+    blob = b"".join(kv.snapshot()[1])
+    snapshot = kv.snapshot()[1].as_file()
+    assert len(snapshot) == len(blob) and kvmodule.check_snapshot(snapshot[:].read()) == 6
+    for start, stop in cuts + [(0, 40), (len(blob) - 40, len(blob) + 9)]:
+        part = snapshot[start:stop]
+        assert len(part) == len(blob[start:stop]) and part.read() == blob[start:stop]
+    assert not any(n.endswith(kvmodule.SNAPSHOT_SUFFIX) for n in os.listdir(directory))
+    snapshot.close()
+    kv.close()
+
+
+def test_a_snapshot_file_holds_none_of_the_state_in_memory(tmp_path, store):
+    import tracemalloc
+    fill(store, [("k%05d" % i, os.urandom(200)) for i in range(40000)], index=8)
+    before = sorted(os.listdir(tmp_path))
+    _, chunks = store.snapshot()
+    tracemalloc.start()
+    try:
+        snapshot = chunks.as_file()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(snapshot) > 8 << 20 and peak < len(snapshot) / 4, (peak, len(snapshot))
+    assert sorted(os.listdir(tmp_path)) == before        # its file is unlinked while open
+    other = KVStore.open(tmp_path / "other.db")
+    step = 1 << 20
+    other.restore(8, (snapshot[at:at + step].read() for at in range(0, len(snapshot), step)))
+    assert other.dump() == store.dump()
+    other.close()
+    snapshot.close()
+
+
 def test_a_snapshot_is_read_a_chunk_at_a_time_and_leaves_no_file(tmp_path, store):
     import tracemalloc
     fill(store, [("k%05d" % i, os.urandom(200)) for i in range(20000)], index=8)

@@ -477,7 +477,9 @@ class Replica:
     def offer_snapshot(self, index, data):
         """The application's snapshot at applied ``index``, for peers behind the compacted log.
 
-        ``data``: bytes, or L{Pieces} (served without being joined).
+        ``data``: bytes, or anything else with ``len()`` and slices, as
+        L{Pieces} (served without being joined) or a snapshot served from a
+        file, whose slices the glue reads before sending them.
 
         True if kept. One older than the compaction point is of no use (the
         log that would follow it is gone), and one past what this replica
@@ -488,7 +490,7 @@ class Replica:
         if not self._snapshot_index <= index <= self._decided_upto:
             return False
         if self._offered is None or index >= self._offered[0]:
-            self._offered = (index, data if isinstance(data, (bytes, Pieces)) else bytes(data))
+            self._offered = (index, bytes(data) if isinstance(data, (bytearray, memoryview)) else data)
             self._snapshot_used = self._now
         # Peers waiting for one get their first chunk now, not when they next ask.
         for peer, (from_slot, _, last) in list(self._snap_waiting.items()):

@@ -489,14 +489,20 @@ class _SnapshotChunks:
     the pieces are then read from that file, which is gone once they are
     (it is unlinked while open). ``sqlite3_serialize`` would have held the
     image twice in memory (SQLite's copy, then Python's), for a state of
-    any size.
+    any size. ``as_file()`` instead of iterating gives the whole snapshot
+    as a L{SnapshotFile}, for a node to serve peers from.
     """
 
     def __init__(self, conn, index, chunk_bytes, error, path):
         self._conn = conn
-        self._gen = self._generate(conn, index, max(chunk_bytes, 64), error, path)
+        self._index = index
+        self._error = error
+        self._path = path
+        self._gen = self._generate(max(chunk_bytes, 64))
 
-    def _generate(self, conn, index, chunk_bytes, error, path):
+    def _image_file(self):
+        """The image, in an open file that is already unlinked; the read transaction ends."""
+        path = self._path
         try:
             fd, part = tempfile.mkstemp(prefix=os.path.basename(path) + ".",
                                         suffix=SNAPSHOT_SUFFIX, dir=os.path.dirname(path) or ".")
@@ -505,41 +511,45 @@ class _SnapshotChunks:
             self._release()
             raise StoreError(f"cannot make a snapshot file beside {path}: {e}") from e
         try:
+            copy = sqlite3.connect(part)
             try:
-                copy = sqlite3.connect(part)
-                try:
-                    copy.execute("PRAGMA journal_mode = OFF")   # a scratch file: no journal
-                    conn.backup(copy)                            # in our read transaction
-                finally:
-                    copy.close()
-                image = open(part, "rb")
-            except sqlite3.Error as e:
-                raise error(e) from e
-            except OSError as e:
-                raise StoreError(f"cannot make a snapshot file beside {path}: {e}") from e
+                copy.execute("PRAGMA journal_mode = OFF")   # a scratch file: no journal
+                self._conn.backup(copy)                      # in our read transaction
             finally:
-                self._release()
-                with contextlib.suppress(OSError):
-                    os.unlink(part)             # read on through the open file
-            with image:
-                size = os.fstat(image.fileno()).st_size
-                head = bytearray(_SNAP_HEADER.pack(SNAPSHOT_MAGIC, index, size))
-                first = bytearray(image.read(chunk_bytes))
-                if len(first) >= _FORMAT_BYTES.stop:
-                    first[_FORMAT_BYTES] = b"\x01\x01"
-                digest = hashlib.sha256(first)
-                if len(head) + len(first) <= chunk_bytes:
-                    yield bytes(head + first)
-                else:
-                    yield bytes(head)
-                    yield bytes(first)
-                while piece := image.read(chunk_bytes):
-                    digest.update(piece)
-                    yield piece
-                yield digest.digest()
+                copy.close()
+            image = open(part, "r+b")
+            if os.fstat(image.fileno()).st_size >= _FORMAT_BYTES.stop:
+                os.pwrite(image.fileno(), b"\x01\x01", _FORMAT_BYTES.start)
+            return image
+        except sqlite3.Error as e:
+            raise self._error(e) from e
+        except OSError as e:
+            raise StoreError(f"cannot make a snapshot file beside {path}: {e}") from e
         finally:
+            self._release()
             with contextlib.suppress(OSError):
-                os.unlink(part)
+                os.unlink(part)             # read on through the open file
+
+    def _generate(self, chunk_bytes):
+        with self._image_file() as image:
+            size = os.fstat(image.fileno()).st_size
+            head = _SNAP_HEADER.pack(SNAPSHOT_MAGIC, self._index, size)
+            first = image.read(chunk_bytes)
+            digest = hashlib.sha256(first)
+            if len(head) + len(first) <= chunk_bytes:
+                yield head + first
+            else:
+                yield head
+                yield first
+            while piece := image.read(chunk_bytes):
+                digest.update(piece)
+                yield piece
+            yield digest.digest()
+
+    def as_file(self):
+        """The whole snapshot as a L{SnapshotFile} (instead of iterating; not on the reactor)."""
+        self._gen.close()
+        return SnapshotFile(self._image_file(), self._index)
 
     def __iter__(self):
         return self
@@ -559,6 +569,76 @@ class _SnapshotChunks:
 
     def __del__(self):
         self._release()
+
+
+class SnapshotFile:
+    """A whole snapshot served from its image's file: ``len()`` and slices.
+
+    A slice is a L{FileSlice}, read later with its ``read()`` (off the
+    reactor): a node serving a peer holds none of the state in memory, only
+    this open file, already unlinked, whose disk space goes with the last
+    reference to it.
+    """
+
+    def __init__(self, image, index):
+        self._image = image
+        self._size = os.fstat(image.fileno()).st_size
+        self._head = _SNAP_HEADER.pack(SNAPSHOT_MAGIC, index, self._size)
+        digest = hashlib.sha256()
+        buffer = memoryview(bytearray(1 << 20))
+        image.seek(0)
+        while read := image.readinto(buffer):
+            digest.update(buffer[:read])
+        self._digest = digest.digest()
+
+    def __len__(self):
+        return len(self._head) + self._size + _DIGEST_BYTES
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("a snapshot file only takes slices of consecutive bytes")
+        start, stop, _ = key.indices(len(self))
+        return FileSlice(self, start, max(start, stop))
+
+    def read(self, start, stop):
+        """Bytes ``start .. stop`` of the snapshot (header, image and digest)."""
+        head, end = len(self._head), len(self._head) + self._size
+        out = []
+        if start < head:
+            out.append(self._head[start:min(stop, head)])
+        first, last = max(start, head), min(stop, end)
+        while first < last:
+            piece = os.pread(self._image.fileno(), last - first, first - head)
+            if not piece:
+                raise StoreError("a snapshot file ended early")
+            out.append(piece)
+            first += len(piece)
+        if stop > end:
+            out.append(self._digest[max(start, end) - end:stop - end])
+        return b"".join(out)
+
+    def close(self):
+        self._image.close()
+
+    def __del__(self):
+        image = getattr(self, "_image", None)
+        if image is not None:
+            image.close()
+
+
+class FileSlice:
+    """Bytes ``start .. stop`` of a L{SnapshotFile}, not yet read."""
+
+    __slots__ = ("source", "start", "stop")
+
+    def __init__(self, source, start, stop):
+        self.source, self.start, self.stop = source, start, stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def read(self):
+        return self.source.read(self.start, self.stop)
 
 
 def check_snapshot(snapshot):
