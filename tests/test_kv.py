@@ -488,20 +488,30 @@ def test_bad_snapshot_changes_nothing(tmp_path, store, damage):
     other.close()
 
 
-def test_restore_streams_the_image_through_a_file_instead_of_holding_it(tmp_path, store):
+def _fill_big(kv, rows=20000):
+    """~5 MB of state per 20,000 rows (random values: SQLite cannot shrink them)."""
+    fill(kv, [("k%05d" % i, os.urandom(200)) for i in range(rows)], index=8)
+
+
+def _traced_peak(fn):
+    """``(fn(), the peak of what Python allocated while it ran)``."""
     import tracemalloc
-    fill(store, [("k%05d" % i, os.urandom(200)) for i in range(20000)], index=8)
+    tracemalloc.start()
+    try:
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_restore_streams_the_image_through_a_file_instead_of_holding_it(tmp_path, store):
+    _fill_big(store)
     index, chunks = store.snapshot()
     pieces = list(chunks)
     size = sum(len(p) for p in pieces)
     assert size > 4 << 20
     other = KVStore.open(tmp_path / "other.db")
-    tracemalloc.start()
-    try:
-        other.restore(index, iter(pieces))
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    _, peak = _traced_peak(lambda: other.restore(index, iter(pieces)))
     assert other.dump() == store.dump()
     # A chunk or two at a time, never the whole snapshot (joined, it would be `size`).
     assert peak < size / 4, (peak, size)
@@ -538,16 +548,10 @@ def test_a_snapshot_file_reads_as_the_chunks_would(tmp_path_factory, cuts):
 
 
 def test_a_snapshot_file_holds_none_of_the_state_in_memory(tmp_path, store):
-    import tracemalloc
-    fill(store, [("k%05d" % i, os.urandom(200)) for i in range(40000)], index=8)
+    _fill_big(store, 40000)
     before = sorted(os.listdir(tmp_path))
     _, chunks = store.snapshot()
-    tracemalloc.start()
-    try:
-        snapshot = chunks.as_file()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    snapshot, peak = _traced_peak(chunks.as_file)
     assert len(snapshot) > 8 << 20 and peak < len(snapshot) / 4, (peak, len(snapshot))
     assert sorted(os.listdir(tmp_path)) == before        # its file is unlinked while open
     other = KVStore.open(tmp_path / "other.db")
@@ -559,20 +563,18 @@ def test_a_snapshot_file_holds_none_of_the_state_in_memory(tmp_path, store):
 
 
 def test_a_snapshot_is_read_a_chunk_at_a_time_and_leaves_no_file(tmp_path, store):
-    import tracemalloc
-    fill(store, [("k%05d" % i, os.urandom(200)) for i in range(20000)], index=8)
+    _fill_big(store)
     before = sorted(os.listdir(tmp_path))
     index, chunks = store.snapshot()
-    tracemalloc.start()
-    try:
+
+    def read():
         size = 0
         for chunk in chunks:                # as the admin backup sends it: one chunk at a time
             size += len(chunk)
             if size == len(chunk):
                 assert sorted(os.listdir(tmp_path)) == before    # read through an unlinked file
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+        return size
+    size, peak = _traced_peak(read)
     assert size > 4 << 20 and peak < size / 4, (peak, size)
     assert sorted(os.listdir(tmp_path)) == before
     abandoned = store.snapshot()[1]

@@ -288,16 +288,21 @@ def _five_decided_while_one_is_cut_off():
     return net, leader, lagger
 
 
-def test_lagging_follower_gets_the_snapshot_in_chunks_then_the_tail():
-    net, leader, lagger = _five_decided_while_one_is_cut_off()
-    data = b"application snapshot bytes " * 3
+def _compact_and_offer_but_on(net, lagger, data):
+    """Every node but ``lagger`` compacts at its commit index and offers ``data`` there."""
     for i in net.ids:
         if i != lagger:
             r = net.reps[i]
             r.compact(r.commit_index)
             assert r.offer_snapshot(r.commit_index, data)
-            with pytest.raises(ValueError):
-                r.compact(r.commit_index + 1)
+
+
+def test_lagging_follower_gets_the_snapshot_in_chunks_then_the_tail():
+    net, leader, lagger = _five_decided_while_one_is_cut_off()
+    data = b"application snapshot bytes " * 3
+    _compact_and_offer_but_on(net, lagger, data)
+    with pytest.raises(ValueError):
+        leader.compact(leader.commit_index + 1)
     leader.propose(b"tail")
     net.step()
     net.cut = set()
@@ -313,12 +318,7 @@ def test_lagging_follower_gets_the_snapshot_in_chunks_then_the_tail():
 def test_a_snapshot_no_peer_was_sent_for_a_minute_is_let_go_and_made_anew_when_needed():
     from paxchat.paxos.core import SNAPSHOT_KEEP_SECONDS
     net, leader, lagger = _five_decided_while_one_is_cut_off()
-    data = b"application snapshot bytes " * 3
-    for i in net.ids:
-        if i != lagger:
-            r = net.reps[i]
-            r.compact(r.commit_index)
-            assert r.offer_snapshot(r.commit_index, data)
+    _compact_and_offer_but_on(net, lagger, b"application snapshot bytes " * 3)
     net.cut = set()
     net.run_until(lambda: net.snapshots[lagger])
     kept = lambda i: net.reps[i]._offered is not None or net.reps[i]._snap_out  # noqa: E731
