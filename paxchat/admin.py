@@ -431,7 +431,7 @@ def _snapshot(client, args, out):
 
 def _backup(client, args, out):
     """Write a consistent copy of a node's state to FILE (the most current node by default)."""
-    from paxchat.state.kv import SnapshotError, check_snapshot
+    from paxchat.state.kv import SnapshotError, check_snapshot, file_chunks
     node = args.node
     if node is None:
         up = {n: s for n, s in client.statuses().items() if not isinstance(s, Exception)}
@@ -449,7 +449,7 @@ def _backup(client, args, out):
             sink.flush()
             os.fsync(sink.fileno())
         # Read back from the disk: what is checked is what was kept.
-        index = check_snapshot(_file_chunks(part))
+        index = check_snapshot(file_chunks(part))
         os.replace(part, target)
     except BaseException as e:
         part.unlink(missing_ok=True)
@@ -489,24 +489,17 @@ def _restore(config, args, out):
     return 0
 
 
-def _file_chunks(path, size=1 << 20):
-    """A file's bytes, 1 MiB at a time: a backup is as large as the state."""
-    with open(path, "rb") as f:
-        while chunk := f.read(size):
-            yield chunk
-
-
 def _restore_file(config, source, directory):
     """A backup file: the state at its index, and a Paxos log that starts after it."""
     from paxchat.node import STATE_FILE
     from paxchat.paxos import messages as M
     from paxchat.paxos.store import StorageError, rewrite_log
     from paxchat.state.chat import ChatState
-    from paxchat.state.kv import SnapshotError, StoreError, check_snapshot
+    from paxchat.state.kv import SnapshotError, StoreError, check_snapshot, file_chunks
     digest = hashlib.sha256()
 
     def hashed():
-        for chunk in _file_chunks(source):
+        for chunk in file_chunks(source):
             digest.update(chunk)
             yield chunk
     try:
@@ -520,7 +513,7 @@ def _restore_file(config, source, directory):
     def make():
         state = ChatState.open(str(directory / STATE_FILE))
         try:
-            state.restore(index, _file_chunks(source))
+            state.restore(index, file_chunks(source))
         finally:
             state.close()
         # The log starts after the backup's index, as after a compaction there.

@@ -189,7 +189,8 @@ class ReplicatedLog:
         self._driving = False
         self._drive_call = None
         # applying
-        self._apply_queue = deque()        # ("restore", index, data) | ("apply", [(slot, cmds)])
+        self._apply_queue = deque()        # ("part", index, offset, data) | ("restore", index)
+        #                                    | ("apply", [(slot, cmds)]), in order
         self._applying = False
         self._commit_call = None           # commits the state's open group once applies stop
         self._idle_waiters = []            # stop() waiting for the apply queue to drain
@@ -508,12 +509,15 @@ class ReplicatedLog:
             self._persist(ready.records, ready.token)
         for to, msg in ready.messages:
             self._send(to, msg)
+        for index, offset, data in ready.snapshot_parts:
+            # Stored by the worker in order, between applies: on the disk, not in memory.
+            self._apply_queue.append(("part", index, offset, data))
         if ready.snapshot is not None:
-            index, data = ready.snapshot
+            index = ready.snapshot
             self._decided_upto = max(self._decided_upto, index)
             if index > self._queued_upto:
                 self._queued_upto = index
-                self._apply_queue.append(("restore", index, data))
+                self._apply_queue.append(("restore", index))
         if ready.decided:
             self._decided_upto = max(self._decided_upto, ready.decided[-1][0])
             entries = [(slot, cmds) for slot, cmds in ready.decided if slot > self._queued_upto]
@@ -715,11 +719,17 @@ class ReplicatedLog:
             return
         self._applying = True
         item = self._apply_queue.popleft()
-        if item[0] == "restore":
-            _, index, data = item
-            log.info("node {node} restoring the state from a snapshot at index {index}"
-                     " ({size} bytes)", node=self.node_id, index=index, size=len(data))
-            d = self._worker.call("restore", index, getattr(data, "pieces", [data]))
+        if item[0] == "part":
+            _, index, offset, data = item
+            if offset == 0:
+                log.info("node {node} receiving a snapshot at index {index}", node=self.node_id,
+                         index=index)
+            d = self._worker.call("receive_snapshot_part", offset, data)
+        elif item[0] == "restore":
+            _, index = item
+            log.info("node {node} restoring the state from a snapshot at index {index}",
+                     node=self.node_id, index=index)
+            d = self._worker.call("restore_received", index)
             d.addCallback(self._restored, index)
         else:
             entries = list(item[1])

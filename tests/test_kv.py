@@ -522,12 +522,55 @@ def test_restore_streams_the_image_through_a_file_instead_of_holding_it(tmp_path
 def test_a_restore_or_snapshot_cut_short_by_a_crash_leaves_no_file_once_reopened(tmp_path):
     path = tmp_path / "s.db"
     KVStore.open(path).close()
-    parts = [str(path) + kvmodule.RESTORE_SUFFIX, str(path) + ".x1y2" + kvmodule.SNAPSHOT_SUFFIX]
+    parts = [str(path) + kvmodule.RESTORE_SUFFIX, str(path) + kvmodule.INCOMING_SUFFIX,
+             str(path) + ".x1y2" + kvmodule.SNAPSHOT_SUFFIX]
     for part in parts:
         with open(part, "wb") as f:
             f.write(b"half an image")
     KVStore.open(path).close()
     assert not any(os.path.exists(part) for part in parts)
+
+
+def test_a_snapshot_received_part_by_part_waits_on_disk_and_is_restored_from_there(tmp_path, store):
+    _fill_big(store, 40000)
+    index, chunks = store.snapshot()
+    blob = memoryview(b"".join(chunks))
+    other = KVStore.open(tmp_path / "other.db")
+    incoming = other.path + kvmodule.INCOMING_SUFFIX
+    other.receive_snapshot_part(0, b"the start of another snapshot, abandoned")
+    step = 1 << 20
+
+    def receive_and_restore():
+        for at in range(0, len(blob), step):
+            other.receive_snapshot_part(at, blob[at:at + step])   # offset 0 starts anew
+        assert os.path.getsize(incoming) == len(blob)
+        other.restore_received(index)
+    _, peak = _traced_peak(receive_and_restore)
+    assert other.dump() == store.dump()
+    assert peak < len(blob) / 4, (peak, len(blob))        # parts pass through, not kept
+    assert not os.path.exists(incoming)
+    other.close()
+
+
+def test_a_snapshot_part_out_of_order_or_a_bad_received_snapshot_changes_nothing(tmp_path, store):
+    fill(store, [("k%d" % i, b"v" * i) for i in range(50)], index=7)
+    index, chunks = store.snapshot()
+    blob = b"".join(chunks)
+    other = KVStore.open(tmp_path / "other.db")
+    fill(other, [("mine", b"x")], index=3)
+    before = other.dump()
+    with pytest.raises(StoreError, match="not the 10 its next part follows"):
+        other.receive_snapshot_part(10, blob[10:20])      # nothing begun
+    other.receive_snapshot_part(0, blob[:100])
+    with pytest.raises(StoreError, match="holds 100 bytes"):
+        other.receive_snapshot_part(200, blob[200:300])   # a gap
+    with pytest.raises(SnapshotError):
+        other.restore_received(index)                     # only the first 100 bytes
+    assert other.dump() == before
+    assert not os.path.exists(other.path + kvmodule.INCOMING_SUFFIX)
+    with pytest.raises(StoreError, match="cannot read the snapshot received"):
+        other.restore_received(index)                     # none received
+    other.close()
 
 
 @settings(max_examples=60, deadline=None)

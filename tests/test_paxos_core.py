@@ -8,7 +8,6 @@ import pytest
 
 from paxchat.paxos import messages as M
 from paxchat.paxos.core import Config, DurableState, NotLeader, ReadState, Replica
-from paxchat.paxos.pieces import Pieces
 
 CFG = Config(heartbeat_interval=0.05, election_timeout=0.3, window=8)
 
@@ -25,7 +24,8 @@ class Net:
         self.cut = set()
         self.decided = {i: [] for i in self.ids}
         self.snapshots = {i: [] for i in self.ids}
-        self.pieces = {}                         # node -> pieces its last snapshot came in
+        self.pieces = {}                         # node -> parts its last snapshot came in
+        self.incoming = {}                       # node -> (index, bytes so far) being received
         self.disk = {i: [] for i in self.ids}
         self.tokens = {i: 0 for i in self.ids}
         self.reads = {i: [] for i in self.ids}
@@ -38,11 +38,15 @@ class Net:
             self.tokens[i] = rd.token
             if self.auto_persist:
                 self.reps[i].persisted(rd.token)
-        if rd.snapshot:
-            index, data = rd.snapshot
-            assert isinstance(data, Pieces)        # handed on as it came, not joined
-            self.snapshots[i].append((index, bytes(data)))
-            self.pieces[i] = len(data.pieces)
+        for index, offset, part in rd.snapshot_parts:     # stored as they come, in order
+            if offset == 0:
+                self.incoming[i] = (index, bytearray())
+            assert self.incoming[i][0] == index and len(self.incoming[i][1]) == offset
+            self.incoming[i][1].extend(part)
+            self.pieces[i] = self.pieces.get(i, 0) + 1 if offset else 1
+        if rd.snapshot is not None:
+            assert self.incoming[i][0] == rd.snapshot
+            self.snapshots[i].append((rd.snapshot, bytes(self.incoming.pop(i)[1])))
         self.decided[i].extend(rd.decided)
         self.reads[i].extend(rd.reads)
         self.wants[i] += rd.want_snapshot
@@ -315,6 +319,18 @@ def test_lagging_follower_gets_the_snapshot_in_chunks_then_the_tail():
     assert net.decided[lagger][-1] == (6, (b"tail",))
 
 
+def test_parts_of_a_newer_snapshot_wait_for_the_ready_after_the_restore_of_the_one_they_follow():
+    r = Replica(1, [1, 2, 3], now=0.0)
+    r.receive(M.SnapshotChunk(2, 5, 0, 6, b"abc"), 0.0)
+    r.receive(M.SnapshotChunk(2, 5, 3, 6, b"def"), 0.0)        # snapshot 5 is whole
+    r.receive(M.SnapshotChunk(3, 9, 0, 8, b"ghij"), 0.0)       # and a newer one begins
+    first = r.ready()
+    assert first.snapshot == 5 and first.snapshot_parts == ((5, 0, b"abc"), (5, 3, b"def"))
+    second = r.ready()
+    assert second.snapshot is None and second.snapshot_parts == ((9, 0, b"ghij"),)
+    assert not r.has_ready() or not r.ready().snapshot_parts
+
+
 def test_a_snapshot_no_peer_was_sent_for_a_minute_is_let_go_and_made_anew_when_needed():
     from paxchat.paxos.core import SNAPSHOT_KEEP_SECONDS
     net, leader, lagger = _five_decided_while_one_is_cut_off()
@@ -322,7 +338,8 @@ def test_a_snapshot_no_peer_was_sent_for_a_minute_is_let_go_and_made_anew_when_n
     net.cut = set()
     net.run_until(lambda: net.snapshots[lagger])
     kept = lambda i: net.reps[i]._offered is not None or net.reps[i]._snap_out  # noqa: E731
-    assert all(kept(i) for i in net.ids)       # the installer keeps its own, to serve others
+    # The senders keep theirs (the installer kept none: it stored the parts as they came).
+    assert [i for i in net.ids if kept(i)] == [i for i in net.ids if i != lagger]
     net.run_until(lambda: not any(kept(i) for i in net.ids), limit=SNAPSHOT_KEEP_SECONDS + 1)
     assert net.now > SNAPSHOT_KEEP_SECONDS
     # A peer that needs one after that has it asked for again, and gets it.

@@ -70,7 +70,6 @@ from .messages import (
     CompactRecord, Heartbeat, HeartbeatAck, Learn, Prepare, PreVote, PreVoteReply, Promise,
     PromiseRecord, Reject, SnapshotChunk, TimeoutNow,
 )
-from .pieces import Pieces
 
 __all__ = ["NotLeader", "Config", "DurableState", "ReadState", "LeaderChange", "Ready", "Replica"]
 
@@ -213,18 +212,23 @@ class Ready:
     messages: tuple = ()       # ((to, msg), ...): send now
     records: tuple = ()        # persist, fsync, then persisted(token)
     token: int = 0
-    snapshot: Optional[tuple] = None  # (index, Pieces): restore before applying decided
+    snapshot: Optional[int] = None  # the index of the snapshot whose parts are all stored:
+    #                                   restore the state from it before applying decided
     decided: tuple = ()        # ((slot, (command, ...)), ...) in order
     leader: Optional[LeaderChange] = None
     reads: tuple = ()          # (ReadState, ...)
     failed_reads: tuple = ()   # (read_id, ...)
     dropped: tuple = ()        # (command, ...) never given a slot
     want_snapshot: bool = False  # a peer needs one: call offer_snapshot(index, data)
+    # ((index, offset, data), ...): bytes of a snapshot being received, in order, to
+    # store before ``snapshot`` names it; offset 0 starts one anew. The replica keeps
+    # none of it: a snapshot weighs as much as the state.
+    snapshot_parts: tuple = ()
 
     def __bool__(self):
-        return bool(self.messages or self.records or self.snapshot or self.decided
+        return bool(self.messages or self.records or self.snapshot is not None or self.decided
                     or self.leader or self.reads or self.failed_reads or self.dropped
-                    or self.want_snapshot)
+                    or self.want_snapshot or self.snapshot_parts)
 
 
 class _SplitMix:
@@ -295,8 +299,9 @@ class Replica:
         self._chosen = {}
         self.commit_index = d.snapshot_index
         self._decided_upto = d.snapshot_index
-        self._pending_snapshot = None
-        self._snap_rx = None           # [index, total, parts, received]
+        self._pending_snapshot = None  # index of a received snapshot to restore
+        self._snap_rx = None           # [index, total, received] of one being received
+        self._snap_parts = []          # (index, offset, data) received, for the glue to store
         self._snap_out = {}            # peer -> (index, data): the snapshot it is being sent
         self._snap_waiting = {}        # peer -> (from_slot, since, last ask): asked while none was at hand
         self._catchup_target = 0       # want chosen values up to here
@@ -477,9 +482,9 @@ class Replica:
     def offer_snapshot(self, index, data):
         """The application's snapshot at applied ``index``, for peers behind the compacted log.
 
-        ``data``: bytes, or anything else with ``len()`` and slices, as
-        L{Pieces} (served without being joined) or a snapshot served from a
-        file, whose slices the glue reads before sending them.
+        ``data``: bytes, or anything else with ``len()`` and slices, as a
+        snapshot served from a file, whose slices the glue reads before
+        sending them.
 
         True if kept. One older than the compaction point is of no use (the
         log that would follow it is gone), and one past what this replica
@@ -532,7 +537,8 @@ class Replica:
     def has_ready(self):
         return bool(self._out or self._records or self._queue and self._can_propose()
                     or self._hb_due or self._decided_upto < self.commit_index
-                    or self._pending_snapshot or self._reads_ready or self._failed_reads
+                    or self._pending_snapshot is not None or self._snap_parts
+                    or self._reads_ready or self._failed_reads
                     or self._dropped or self._leader_changed() or self._commit_untold()
                     or self._want_snapshot)
 
@@ -557,9 +563,16 @@ class Replica:
         if self._leader_changed():
             self._reported_leader = self._leader_state()
             leader = LeaderChange(*self._reported_leader)
+        parts, self._snap_parts = self._snap_parts, []
+        if self._pending_snapshot is not None:
+            # Parts after the last of the snapshot to restore begin another one: they
+            # go in the next Ready, to be stored after this one is restored.
+            last = max((k for k, part in enumerate(parts) if part[0] == self._pending_snapshot),
+                       default=len(parts) - 1)
+            parts, self._snap_parts = parts[:last + 1], parts[last + 1:]
         r = Ready(tuple(self._out), records, token, self._pending_snapshot, decided, leader,
                   tuple(self._reads_ready), tuple(self._failed_reads), tuple(self._dropped),
-                  self._want_snapshot)
+                  self._want_snapshot, tuple(parts))
         self._out = []
         self._pending_snapshot = None
         self._want_snapshot = False
@@ -965,7 +978,7 @@ class Replica:
         self._catchup_next = self._now + 2 * self.config.heartbeat_interval
         self._catchup_progress = False
         rx = self._snap_rx
-        idx, off = (rx[0], rx[3]) if rx else (0, 0)
+        idx, off = (rx[0], rx[2]) if rx else (0, 0)
         self._send(peer, CatchupRequest(self.node_id, self.commit_index + 1, idx, off))
 
     def _on_catchup_request(self, m):
@@ -1090,29 +1103,27 @@ class Replica:
             # (late chunks from one we asked before must not reset the transfer).
             if m.offset != 0 or (rx is not None and m.sender != self._catchup_peer):
                 return
-            rx = self._snap_rx = [m.index, m.total, [], 0]
-        if m.offset != rx[3] or m.total != rx[1]:
+            rx = self._snap_rx = [m.index, m.total, 0]
+        if m.offset != rx[2] or m.total != rx[1]:
             return
-        rx[2].append(m.data)
-        rx[3] += len(m.data)
+        self._snap_parts.append((m.index, m.offset, m.data))   # stored by the glue, not kept
+        rx[2] += len(m.data)
         self._catchup_progress = True
         self._last_advance = self._now
-        if rx[3] >= rx[1]:
+        if rx[2] >= rx[1]:
             self._snap_rx = None
-            self._install_snapshot(m.index, Pieces(rx[2]))     # not joined: it is the whole state
+            self._install_snapshot(m.index)
             if self._catchup_target > self.commit_index:
                 self._request_catchup()
         elif m.data:
             self._catchup_peer = m.sender
             self._request_catchup()
 
-    def _install_snapshot(self, index, data):
-        self._offered = (index, data)
-        self._snapshot_used = self._now
+    def _install_snapshot(self, index):
         self._drop_log_upto(index)
         self.commit_index = index
         self._decided_upto = index
-        self._pending_snapshot = (index, data)
+        self._pending_snapshot = index
         self._records.append(CompactRecord(index))
         for s in [s for s in self._inflight if s <= index]:
             del self._inflight[s]

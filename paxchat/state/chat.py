@@ -616,3 +616,11 @@ class ChatState:
     def restore(self, applied_index, chunks):
         """Replace the whole state by a snapshot, atomically."""
         self.kv.restore(applied_index, chunks)
+
+    def receive_snapshot_part(self, offset, data):
+        """Store a part of a snapshot being received; see L{KVStore.receive_snapshot_part}."""
+        self.kv.receive_snapshot_part(offset, data)
+
+    def restore_received(self, applied_index):
+        """Replace the whole state by the snapshot received, atomically."""
+        self.kv.restore_received(applied_index)

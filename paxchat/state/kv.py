@@ -46,6 +46,7 @@ SNAPSHOT_MAGIC = b"PAXCHAT-KV-SNAPSHOT\x02"
 SNAPSHOT_CHUNK_BYTES = 256 * 1024
 RESTORE_SUFFIX = ".restore.part"    # a snapshot being installed, beside the store
 SNAPSHOT_SUFFIX = ".snapshot.part"  # <store>.<random>.snapshot.part: one being read for a peer
+INCOMING_SUFFIX = ".incoming.part"  # a snapshot being received from a peer
 GROUP_SLOTS = 256
 GROUP_SECONDS = 1.0     # under steady load the slot count ends a group first
 
@@ -114,7 +115,8 @@ class KVStore:
         """
         path = os.fspath(path)
         existed = os.path.exists(path) and os.path.getsize(path) > 0
-        for left in [path + RESTORE_SUFFIX, *glob.glob(glob.escape(path) + ".*" + SNAPSHOT_SUFFIX)]:
+        for left in [path + RESTORE_SUFFIX, path + INCOMING_SUFFIX,
+                     *glob.glob(glob.escape(path) + ".*" + SNAPSHOT_SUFFIX)]:
             with contextlib.suppress(OSError):
                 os.unlink(left)                     # a restore or snapshot cut short by a crash
         try:
@@ -416,6 +418,35 @@ class KVStore:
         return (conn.execute("PRAGMA page_count").fetchone()[0]
                 * conn.execute("PRAGMA page_size").fetchone()[0])
 
+    def receive_snapshot_part(self, offset, data):
+        """Store bytes ``offset ..`` of a snapshot being received from a peer, in order
+        (offset 0 starts one anew), in ``<store>.incoming.part``: a snapshot is as
+        large as the state, so it waits on the disk, not in memory, for
+        L{restore_received}."""
+        path = self.path + INCOMING_SUFFIX
+        try:
+            with open(path, "ab" if offset else "wb") as f:
+                if f.seek(0, os.SEEK_END) != offset:
+                    raise StoreError(f"{path} holds {f.tell()} bytes of a snapshot,"
+                                     f" not the {offset} its next part follows")
+                f.write(data)
+        except OSError as e:
+            raise StoreError(f"cannot store a snapshot being received in {path}: {e}") from e
+
+    def restore_received(self, applied_index):
+        """L{restore} the snapshot stored by L{receive_snapshot_part}, then remove it."""
+        path = self.path + INCOMING_SUFFIX
+        try:
+            try:
+                received = open(path, "rb")
+            except OSError as e:
+                raise StoreError(f"cannot read the snapshot received in {path}: {e}") from e
+            with received:
+                self.restore(applied_index, iter(lambda: received.read(1 << 20), b""))
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
     def restore(self, applied_index, chunks):
         """Replace the whole store by a snapshot, atomically.
 
@@ -569,6 +600,13 @@ class _SnapshotChunks:
 
     def __del__(self):
         self._release()
+
+
+def file_chunks(path, size=1 << 20):
+    """A file's bytes, 1 MiB at a time (a snapshot is as large as the state)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(size):
+            yield chunk
 
 
 class SnapshotFile:

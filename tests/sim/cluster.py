@@ -97,7 +97,7 @@ class App:
 
 class Node:
     __slots__ = ("id", "replica", "disk", "unsynced", "syncing", "app", "app_snapshot",
-                 "rate", "offset", "flush_at", "incarnation", "waiting", "reads", "offering",
+                 "incoming", "rate", "offset", "flush_at", "incarnation", "waiting", "reads", "offering",
                  "revealed", "revealed_acc", "paused_until", "resume_order")
 
     def __init__(self, nid, rate, offset):
@@ -108,6 +108,7 @@ class Node:
         self.syncing = None         # (token, count of unsynced entries covered) of the fsync in flight
         self.app = App()
         self.app_snapshot = None    # (index, data): the application's own durable snapshot
+        self.incoming = None        # [index, bytearray]: a snapshot being received, stored
         self.rate = rate
         self.offset = offset
         self.flush_at = None
@@ -372,6 +373,7 @@ class Simulation:
         node.flush_at = None
         node.waiting.clear()
         node.reads.clear()
+        node.incoming = None        # the node removes it when it starts again
         if downtime is not None:
             self.at(self.now + downtime, self.restart, node)
 
@@ -438,9 +440,21 @@ class Simulation:
             self.log("LEADER", node.id, "sees", rd.leader)
             if rd.leader.leader == node.id:
                 self.stats["elections"] += 1
+        for index, offset, part in rd.snapshot_parts:
+            if offset == 0:
+                node.incoming = [index, bytearray()]
+            if node.incoming is None or node.incoming[0] != index \
+                    or len(node.incoming[1]) != offset:
+                self.fail(f"node {node.id} got part {index}@{offset} of a snapshot out of order")
+                return
+            node.incoming[1] += part
         if rd.snapshot is not None:
-            index, data = rd.snapshot
-            data = bytes(data)                  # Pieces: the chunks as they came
+            index = rd.snapshot
+            if node.incoming is None or node.incoming[0] != index:
+                self.fail(f"node {node.id} is to restore snapshot {index}, not the one it received")
+                return
+            data = bytes(node.incoming[1])
+            node.incoming = None
             self.stats["snapshots"] += 1
             self.log("INSTALL", node.id, "snapshot", index, len(data), "bytes")
             app = App.restore(data)
