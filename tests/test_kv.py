@@ -371,10 +371,15 @@ def test_snapshot_is_isolated_from_later_writes(tmp_path, store):
     other.close()
 
 
-def test_snapshot_restore_accepts_any_chunking(tmp_path, store):
+def _fifty_rows_snapshot(store):
+    """``(index, the whole snapshot)`` of ``store`` after fifty small rows at index 7."""
     fill(store, [("k%d" % i, b"v" * i) for i in range(50)], index=7)
     index, chunks = store.snapshot()
-    blob = b"".join(chunks)
+    return index, b"".join(chunks)
+
+
+def test_snapshot_restore_accepts_any_chunking(tmp_path, store):
+    index, blob = _fifty_rows_snapshot(store)
     other = KVStore.open(tmp_path / "other.db")
     other.restore(index, [blob[i:i + 13] for i in range(0, len(blob), 13)])
     assert other.dump() == store.dump()
@@ -462,9 +467,7 @@ def test_an_image_that_is_not_our_state_is_refused_by_name(tmp_path, store, edit
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "extra", "wrong_index", "magic", "type"])
 def test_bad_snapshot_changes_nothing(tmp_path, store, damage):
-    fill(store, [("k%d" % i, b"v" * i) for i in range(50)], index=7)
-    index, chunks = store.snapshot()
-    blob = b"".join(chunks)
+    index, blob = _fifty_rows_snapshot(store)
     other = KVStore.open(tmp_path / "other.db")
     fill(other, [("mine", b"x")], index=3)
     before = other.dump()
@@ -553,9 +556,7 @@ def test_a_snapshot_received_part_by_part_waits_on_disk_and_is_restored_from_the
 
 
 def test_a_snapshot_part_out_of_order_or_a_bad_received_snapshot_changes_nothing(tmp_path, store):
-    fill(store, [("k%d" % i, b"v" * i) for i in range(50)], index=7)
-    index, chunks = store.snapshot()
-    blob = b"".join(chunks)
+    index, blob = _fifty_rows_snapshot(store)
     other = KVStore.open(tmp_path / "other.db")
     fill(other, [("mine", b"x")], index=3)
     before = other.dump()
