@@ -525,8 +525,7 @@ def test_restore_streams_the_image_through_a_file_instead_of_holding_it(tmp_path
 def test_a_restore_or_snapshot_cut_short_by_a_crash_leaves_no_file_once_reopened(tmp_path):
     path = tmp_path / "s.db"
     KVStore.open(path).close()
-    parts = [str(path) + kvmodule.RESTORE_SUFFIX, str(path) + kvmodule.INCOMING_SUFFIX,
-             str(path) + ".x1y2" + kvmodule.SNAPSHOT_SUFFIX]
+    parts = [str(path) + kvmodule.RESTORE_SUFFIX, str(path) + ".x1y2" + kvmodule.SNAPSHOT_SUFFIX]
     for part in parts:
         with open(part, "wb") as f:
             f.write(b"half an image")
@@ -539,14 +538,15 @@ def test_a_snapshot_received_part_by_part_waits_on_disk_and_is_restored_from_the
     index, chunks = store.snapshot()
     blob = memoryview(b"".join(chunks))
     other = KVStore.open(tmp_path / "other.db")
-    incoming = other.path + kvmodule.INCOMING_SUFFIX
-    other.receive_snapshot_part(0, b"the start of another snapshot, abandoned")
+    incoming = other.path + kvmodule.RESTORE_SUFFIX
+    other.receive_snapshot_part(0, blob[:1000])           # a transfer abandoned
     step = 1 << 20
 
     def receive_and_restore():
         for at in range(0, len(blob), step):
             other.receive_snapshot_part(at, blob[at:at + step])   # offset 0 starts anew
-        assert os.path.getsize(incoming) == len(blob)
+        # Only the image is on the disk, checked as it came: frame and digest are not.
+        assert os.path.getsize(incoming) == len(blob) - kvmodule._SNAP_HEADER.size - 32
         other.restore_received(index)
     _, peak = _traced_peak(receive_and_restore)
     assert other.dump() == store.dump()
@@ -560,18 +560,30 @@ def test_a_snapshot_part_out_of_order_or_a_bad_received_snapshot_changes_nothing
     other = KVStore.open(tmp_path / "other.db")
     fill(other, [("mine", b"x")], index=3)
     before = other.dump()
-    with pytest.raises(StoreError, match="not the 10 its next part follows"):
+    part = other.path + kvmodule.RESTORE_SUFFIX
+    with pytest.raises(StoreError, match="a part at 10 of a snapshot of which 0 bytes came"):
         other.receive_snapshot_part(10, blob[10:20])      # nothing begun
     other.receive_snapshot_part(0, blob[:100])
-    with pytest.raises(StoreError, match="holds 100 bytes"):
+    with pytest.raises(StoreError, match="of which 100 bytes came"):
         other.receive_snapshot_part(200, blob[200:300])   # a gap
-    with pytest.raises(SnapshotError):
+    with pytest.raises(SnapshotError, match="ends early"):
         other.restore_received(index)                     # only the first 100 bytes
-    assert other.dump() == before
-    assert not os.path.exists(other.path + kvmodule.INCOMING_SUFFIX)
-    with pytest.raises(StoreError, match="cannot read the snapshot received"):
-        other.restore_received(index)                     # none received
-    other.close()
+    assert other.dump() == before and not os.path.exists(part)
+    with pytest.raises(StoreError, match="no snapshot was received"):
+        other.restore_received(index)
+    with pytest.raises(SnapshotError, match="bad magic"):
+        other.receive_snapshot_part(0, b"X" + blob[1:100])   # refused as it comes
+    assert not os.path.exists(part)
+    other.receive_snapshot_part(0, blob[:-1] + bytes([blob[-1] ^ 1]))
+    with pytest.raises(SnapshotError, match="digest"):
+        other.restore_received(index)
+    other.receive_snapshot_part(0, blob)
+    with pytest.raises(SnapshotError, match="expected 8"):
+        other.restore_received(8)                         # another index than announced
+    assert other.dump() == before and not os.path.exists(part)
+    other.receive_snapshot_part(0, blob[:100])
+    other.close()                                         # a transfer under way when it stops
+    assert not os.path.exists(part)
 
 
 @settings(max_examples=60, deadline=None)

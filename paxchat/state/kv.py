@@ -44,9 +44,8 @@ from pathlib import Path
 FORMAT_VERSION = 1
 SNAPSHOT_MAGIC = b"PAXCHAT-KV-SNAPSHOT\x02"
 SNAPSHOT_CHUNK_BYTES = 256 * 1024
-RESTORE_SUFFIX = ".restore.part"    # a snapshot being installed, beside the store
+RESTORE_SUFFIX = ".restore.part"    # the image of a snapshot being received or installed
 SNAPSHOT_SUFFIX = ".snapshot.part"  # <store>.<random>.snapshot.part: one being read for a peer
-INCOMING_SUFFIX = ".incoming.part"  # a snapshot being received from a peer
 GROUP_SLOTS = 256
 GROUP_SECONDS = 1.0     # under steady load the slot count ends a group first
 
@@ -103,6 +102,7 @@ class KVStore:
         self.durable = durable
         self._savepoints = 0
         self._group = None  # [monotonic start, slots] while a group transaction is open
+        self._incoming = None  # [reader, file, bytes so far] of a snapshot being received
 
     @classmethod
     def open(cls, path, check=False, durable=True):
@@ -115,8 +115,7 @@ class KVStore:
         """
         path = os.fspath(path)
         existed = os.path.exists(path) and os.path.getsize(path) > 0
-        for left in [path + RESTORE_SUFFIX, path + INCOMING_SUFFIX,
-                     *glob.glob(glob.escape(path) + ".*" + SNAPSHOT_SUFFIX)]:
+        for left in [path + RESTORE_SUFFIX, *glob.glob(glob.escape(path) + ".*" + SNAPSHOT_SUFFIX)]:
             with contextlib.suppress(OSError):
                 os.unlink(left)                     # a restore or snapshot cut short by a crash
         try:
@@ -176,6 +175,7 @@ class KVStore:
             conn.execute("PRAGMA synchronous = NORMAL")
 
     def close(self):
+        self._drop_incoming()
         if self._conn is not None:
             try:
                 self.commit_group()
@@ -419,33 +419,58 @@ class KVStore:
                 * conn.execute("PRAGMA page_size").fetchone()[0])
 
     def receive_snapshot_part(self, offset, data):
-        """Store bytes ``offset ..`` of a snapshot being received from a peer, in order
-        (offset 0 starts one anew), in ``<store>.incoming.part``: a snapshot is as
-        large as the state, so it waits on the disk, not in memory, for
-        L{restore_received}."""
-        path = self.path + INCOMING_SUFFIX
+        """Take bytes ``offset ..`` of a snapshot being received from a peer, in order
+        (offset 0 starts one anew). Its frame and digest are checked as it comes and
+        its image written to the file ``restore`` uses (``RESTORE_SUFFIX``): a
+        snapshot is as large as the state, so it waits on the disk, not in memory,
+        for L{restore_received}."""
+        part = self.path + RESTORE_SUFFIX
+        if offset == 0:
+            self._drop_incoming()
+            try:
+                sink = open(part, "wb")
+            except OSError as e:
+                raise StoreError(f"cannot write {part} to receive a snapshot: {e}") from e
+            self._incoming = [_SnapshotReader(sink=sink.write), sink, 0]
+        incoming = self._incoming
+        if incoming is None or incoming[2] != offset:
+            raise StoreError(f"a part at {offset} of a snapshot of which"
+                             f" {incoming[2] if incoming else 0} bytes came")
         try:
-            with open(path, "ab" if offset else "wb") as f:
-                if f.seek(0, os.SEEK_END) != offset:
-                    raise StoreError(f"{path} holds {f.tell()} bytes of a snapshot,"
-                                     f" not the {offset} its next part follows")
-                f.write(data)
+            incoming[0].feed(data)
         except OSError as e:
-            raise StoreError(f"cannot store a snapshot being received in {path}: {e}") from e
+            self._drop_incoming()
+            raise StoreError(f"cannot write {part} to receive a snapshot: {e}") from e
+        except SnapshotError:
+            self._drop_incoming()
+            raise
+        incoming[2] += len(data)
 
     def restore_received(self, applied_index):
-        """L{restore} the snapshot stored by L{receive_snapshot_part}, then remove it."""
-        path = self.path + INCOMING_SUFFIX
+        """L{restore} from the snapshot L{receive_snapshot_part} took, then drop it."""
+        incoming, self._incoming = self._incoming, None
+        if incoming is None:
+            raise StoreError("no snapshot was received to restore")
+        reader, sink, _ = incoming
+        part = self.path + RESTORE_SUFFIX
         try:
             try:
-                received = open(path, "rb")
+                sink.close()
             except OSError as e:
-                raise StoreError(f"cannot read the snapshot received in {path}: {e}") from e
-            with received:
-                self.restore(applied_index, iter(lambda: received.read(1 << 20), b""))
+                raise StoreError(f"cannot write {part} to receive a snapshot: {e}") from e
+            reader.finish(applied_index)
+            self._install_image(part, applied_index)
         finally:
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                os.unlink(part)
+
+    def _drop_incoming(self):
+        incoming, self._incoming = self._incoming, None
+        if incoming is not None:
+            with contextlib.suppress(OSError):
+                incoming[1].close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.path + RESTORE_SUFFIX)
 
     def restore(self, applied_index, chunks):
         """Replace the whole store by a snapshot, atomically.
@@ -466,31 +491,39 @@ class KVStore:
         as the state, and holding it in memory while checking and copying it
         took three times that.
         """
-        self.commit_group()
-        if self._conn.in_transaction:
-            raise RuntimeError("restore() inside a transaction")
+        self._drop_incoming()
         part = self.path + RESTORE_SUFFIX
         try:
             try:
                 with open(part, "wb") as sink:
                     _read_snapshot(chunks, applied_index, sink.write)
-                source = sqlite3.connect(Path(part).resolve().as_uri() + "?mode=ro", uri=True)
-            except (OSError, sqlite3.Error) as e:
+            except OSError as e:
                 raise StoreError(f"cannot write {part} to restore a snapshot: {e}") from e
-            try:
-                _check_image(source, applied_index)
-                page_size = self._conn.execute("PRAGMA page_size").fetchone()[0]
-                if source.execute("PRAGMA page_size").fetchone()[0] != page_size:
-                    raise SnapshotError(f"snapshot page size differs from this store's {page_size}")
-                try:
-                    source.backup(self._conn)
-                except sqlite3.Error as e:
-                    raise self.error(e) from e
-            finally:
-                source.close()
+            self._install_image(part, applied_index)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(part)
+
+    def _install_image(self, part, applied_index):
+        """Check the image in file ``part``, then copy it over this database."""
+        self.commit_group()
+        if self._conn.in_transaction:
+            raise RuntimeError("restore() inside a transaction")
+        try:
+            source = sqlite3.connect(Path(part).resolve().as_uri() + "?mode=ro", uri=True)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open {part} to restore a snapshot: {e}") from e
+        try:
+            _check_image(source, applied_index)
+            page_size = self._conn.execute("PRAGMA page_size").fetchone()[0]
+            if source.execute("PRAGMA page_size").fetchone()[0] != page_size:
+                raise SnapshotError(f"snapshot page size differs from this store's {page_size}")
+            try:
+                source.backup(self._conn)
+            except sqlite3.Error as e:
+                raise self.error(e) from e
+        finally:
+            source.close()
 
 
 def _encode_record(key, value):
@@ -692,41 +725,62 @@ def _read_snapshot(chunks, applied_index=None, sink=None):
     """The index of a snapshot stream, after checking its frame and digest (and
     that it is of ``applied_index``, when given), passing the image inside it
     to ``sink`` piece by piece as it goes."""
-    head = bytearray()
-    tail = bytearray()
-    digest = hashlib.sha256()
-    index = size = None
-    taken = 0
+    reader = _SnapshotReader(applied_index, sink)
     for chunk in chunks:
+        reader.feed(chunk)
+    return reader.finish()
+
+
+class _SnapshotReader:
+    """Checks a snapshot stream as it comes (frame, index, digest) and passes the
+    image inside it on to ``sink``; L{SnapshotError} says what is wrong."""
+
+    def __init__(self, applied_index=None, sink=None):
+        self._applied_index = applied_index
+        self._sink = sink
+        self._head = bytearray()
+        self._tail = bytearray()
+        self._digest = hashlib.sha256()
+        self.index = self._size = None
+        self._taken = 0
+
+    def feed(self, chunk):
         if not isinstance(chunk, (bytes, bytearray, memoryview)):
             raise SnapshotError(f"snapshot chunk is {type(chunk).__name__}, not bytes")
         view = memoryview(chunk).cast("B")
-        if index is None:
-            need = _SNAP_HEADER.size - len(head)
-            head += view[:need]
+        if self.index is None:
+            need = _SNAP_HEADER.size - len(self._head)
+            self._head += view[:need]
             view = view[need:]
-            if len(head) < _SNAP_HEADER.size:
-                continue
-            magic, index, size = _SNAP_HEADER.unpack(head)
+            if len(self._head) < _SNAP_HEADER.size:
+                return
+            magic, self.index, self._size = _SNAP_HEADER.unpack(self._head)
             if magic != SNAPSHOT_MAGIC:
                 raise SnapshotError("not a paxchat state snapshot (bad magic)")
-            if applied_index is not None and index != applied_index:
-                raise SnapshotError(f"snapshot is of index {index}, expected {applied_index}")
-        if taken < size:
-            piece = view[:size - taken]
-            digest.update(piece)
-            if sink is not None:
-                sink(piece)
-            taken += len(piece)
+            self._check_index(self._applied_index)
+        if self._taken < self._size:
+            piece = view[:self._size - self._taken]
+            self._digest.update(piece)
+            if self._sink is not None:
+                self._sink(piece)
+            self._taken += len(piece)
             view = view[len(piece):]
-        tail += view
-        if len(tail) > _DIGEST_BYTES:
+        self._tail += view
+        if len(self._tail) > _DIGEST_BYTES:
             raise SnapshotError("snapshot has data after its end")
-    if index is None or taken < size or len(tail) < _DIGEST_BYTES:
-        raise SnapshotError("snapshot stream ends early")
-    if digest.digest() != tail:
-        raise SnapshotError("snapshot digest mismatch")
-    return index
+
+    def finish(self, applied_index=None):
+        """The snapshot's index, once it is whole and its digest checks out."""
+        if self.index is None or self._taken < self._size or len(self._tail) < _DIGEST_BYTES:
+            raise SnapshotError("snapshot stream ends early")
+        if self._digest.digest() != self._tail:
+            raise SnapshotError("snapshot digest mismatch")
+        self._check_index(applied_index)
+        return self.index
+
+    def _check_index(self, applied_index):
+        if applied_index is not None and self.index != applied_index:
+            raise SnapshotError(f"snapshot is of index {self.index}, expected {applied_index}")
 
 
 def _check_image(conn, applied_index):
