@@ -5,9 +5,10 @@ It feeds the pure replica (``paxos/core.py``) its inputs - time from a
 ticker, peer frames from the ``PeerTransport``, commands from ``submit``,
 fsync acknowledgements from the ``DurableLog`` - and after every input runs
 the replica's *Ready loop* in the documented order: persist records, send
-messages, restore a received snapshot, apply decided slots to the state
-(through the ``StateWorker``, one batch at a time, in order), note leader
-changes, release reads, and route dropped proposals to the new leader.
+messages, store the parts of a snapshot being received and restore it once
+whole, apply decided slots to the state (through the ``StateWorker``, one
+batch at a time, in order), note leader changes, release reads, and route
+dropped proposals to the new leader.
 
 How a write travels: ``submit`` tags the command with a request id
 (``rid``), encodes it to JSON bytes and proposes it when this node leads,

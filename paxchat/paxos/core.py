@@ -36,7 +36,9 @@ Protocol outline
   ``offer_snapshot(index, data)``; the peer, which asks again every two
   heartbeats, is then sent it. Serializing the whole state at every
   compaction would cost CPU and memory in proportion to the state, on every
-  node, for a transfer that is rarely needed.
+  node, for a transfer that is rarely needed. The receiver keeps none of
+  it: each chunk goes to its glue as it comes (``Ready.snapshot_parts``),
+  and ``Ready.snapshot`` then names the one to restore.
 - Reads: ``read(id)`` takes the read index (the end of everything this
   leader recovered or chose) and confirms leadership with a heartbeat quorum
   sent after the request, then releases the read once the prefix reaches the
