@@ -53,6 +53,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from paxchat.interfaces import ICommandLog, Unavailable
+from paxchat.logs import Occasional
 from paxchat.paxos import messages as M
 from paxchat.paxos.core import Config as CoreConfig
 from paxchat.paxos.core import DurableState, NotLeader, Replica
@@ -78,6 +79,10 @@ APPLY_BATCH_SLOTS = 1024
 IDLE_COMMIT_SECONDS = 0.2
 # How often the replica is told the state's size (see _note_state_size).
 STATE_SIZE_SECONDS = 1.0
+# Background work that fails (compaction, a snapshot for a peer, which the
+# peer asks for again every two heartbeats) is retried; its failure is
+# logged at most this often per kind, with a count.
+BACKGROUND_LOG_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -206,6 +211,7 @@ class ReplicatedLog:
         self._need_compaction = False      # snapshot_now() asked for one
         self._compaction_waiters = []      # snapshot_now() callers
         self._offering = False             # serializing the state for a peer behind the log
+        self._background_failures = {}     # what -> Occasional: failed background work
         self._sizing = False               # asking the state for its size
         self._size_due = 0.0               # when to ask again
 
@@ -830,7 +836,14 @@ class ReplicatedLog:
     def _background_failed(self, failure, what):
         if failure.check(StateWorkerStopped):
             return None              # the node is stopping: nothing to retry, nothing wrong
-        log.failure("{what} failed; will retry", failure, what=what)
+        occasional = self._background_failures.get(what)
+        if occasional is None:
+            occasional = self._background_failures[what] = Occasional(
+                self._reactor, BACKGROUND_LOG_SECONDS)
+        count = occasional.happened()
+        if count:
+            log.failure("{what} failed ({count} time(s) since the last report); will retry",
+                        failure, what=what, count=count)
 
     def _compaction_done(self, _):
         self._compacting = False

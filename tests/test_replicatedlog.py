@@ -360,6 +360,45 @@ def test_a_node_behind_the_compaction_point_is_restored_by_snapshot(tmp_path):
         c.close()
 
 
+def test_a_peer_that_cannot_make_a_snapshot_logs_it_once_a_minute_and_tries_again(tmp_path):
+    from twisted.logger import formatEvent, globalLogPublisher
+    from paxchat.replicatedlog import BACKGROUND_LOG_SECONDS
+    from paxchat.state.kv import StoreError
+    c = Cluster(tmp_path, settings=COMPACTING)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        leader = c.wait_leader()
+        lagging = next(n for n in c.members if n != leader)
+        c.network.cut.add(lagging)
+        for i in range(40):
+            assert c.result(c.logs[leader].submit(create(f"s{i}")))["ok"]
+        c.until(lambda: all(c.logs[n].replica.snapshot_index >= 30
+                            for n in c.members if n != lagging), what="compaction")
+        tries = []
+
+        def full_disk():
+            tries.append(1)
+            raise StoreError("cannot make a snapshot file beside state.sqlite3: disk full")
+        for n in c.members:
+            if n != lagging:
+                c.states[n].snapshot = full_disk
+        c.network.cut.clear()
+        failed = lambda: [formatEvent(e) for e in events  # noqa: E731
+                          if "making a snapshot for a peer failed" in formatEvent(e)]
+        c.until(lambda: len(tries) >= 20, what="the lagging node to ask again and again")
+        assert 1 <= len(failed()) <= 2          # once per node that was asked, not once per ask
+        assert all("(1 time(s) since the last report)" in line for line in failed())
+        c.clock.advance(BACKGROUND_LOG_SECONDS)
+        # A minute on, the next failure is reported with those in between.
+        c.until(lambda: any("(1 time(s)" not in line for line in failed()),
+                what="a report that counts the failures since the last")
+        assert not c.fatal
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        c.close()
+
+
 def test_snapshot_now_compacts_at_the_applied_index(cluster):
     leader = cluster.wait_leader()
     rl = cluster.logs[leader]
