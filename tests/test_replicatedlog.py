@@ -323,16 +323,24 @@ def test_a_leader_heartbeats_a_peer_whose_link_just_opened_at_once(cluster):
     assert not follower.sent
 
 
+def _one_cut_off_while_the_others_compact(c):
+    """``(leader, lagging)``: 40 writes while ``lagging`` is cut off, and the
+    others compacted past slot 30 (the cut stays)."""
+    leader = c.wait_leader()
+    lagging = next(n for n in c.members if n != leader)
+    c.network.cut.add(lagging)
+    for i in range(40):
+        assert c.result(c.logs[leader].submit(create(f"s{i}")))["ok"]
+    c.until(lambda: all(c.logs[n].replica.snapshot_index >= 30
+                        for n in c.members if n != lagging), what="compaction")
+    return leader, lagging
+
+
 def test_a_node_behind_the_compaction_point_is_restored_by_snapshot(tmp_path):
     c = Cluster(tmp_path, settings=COMPACTING)
     try:
-        leader = c.wait_leader()
-        lagging = next(n for n in c.members if n != leader)
-        c.network.cut.add(lagging)
-        for i in range(40):
-            assert c.result(c.logs[leader].submit(create(f"s{i}")))["ok"]
+        leader, lagging = _one_cut_off_while_the_others_compact(c)
         lrl = c.logs[leader]
-        c.until(lambda: lrl.replica.snapshot_index >= 30, what="compaction")
         # The leader's durable log was rewritten: nothing below the snapshot is left.
         kept = [M.decode(r) for r in c.records[leader]]
         assert any(isinstance(r, M.CompactRecord) for r in kept)
@@ -368,13 +376,7 @@ def test_a_peer_that_cannot_make_a_snapshot_logs_it_once_a_minute_and_tries_agai
     events = []
     globalLogPublisher.addObserver(events.append)
     try:
-        leader = c.wait_leader()
-        lagging = next(n for n in c.members if n != leader)
-        c.network.cut.add(lagging)
-        for i in range(40):
-            assert c.result(c.logs[leader].submit(create(f"s{i}")))["ok"]
-        c.until(lambda: all(c.logs[n].replica.snapshot_index >= 30
-                            for n in c.members if n != lagging), what="compaction")
+        leader, lagging = _one_cut_off_while_the_others_compact(c)
         tries = []
 
         def full_disk():
