@@ -73,11 +73,13 @@ def _operator(request):
 
 
 class _Pieces:
-    """An answer sent as these byte pieces, one at a time as the connection
-    takes them, so a large one is never copied whole into its buffer."""
+    """An answer of ``size`` bytes sent as these pieces (bytes, or Deferreds firing
+    with bytes), one at a time as the connection takes them, so a large one is
+    never held whole in memory."""
 
-    def __init__(self, pieces):
+    def __init__(self, pieces, size):
         self.pieces = pieces
+        self.size = size
 
 
 @implementer(IPullProducer)
@@ -85,10 +87,11 @@ class _PiecesProducer:
     def __init__(self, request, pieces):
         self._request = request
         self._pieces = iter(pieces)
+        self._waiting = False            # a piece being read: the connection waits for it
 
     def resumeProducing(self):
         request = self._request
-        if request is None:
+        if request is None or self._waiting:
             return
         piece = next(self._pieces, None)
         if piece is None:
@@ -96,10 +99,27 @@ class _PiecesProducer:
             request.unregisterProducer()
             request.finish()
             return
-        request.write(bytes(piece))
+        if isinstance(piece, defer.Deferred):
+            self._waiting = True
+            piece.addCallbacks(self._write, self._failed)
+        else:
+            self._write(piece)
+
+    def _write(self, piece):
+        self._waiting = False
+        if self._request is not None:
+            self._request.write(bytes(piece))    # the connection asks for the next when sent
+
+    def _failed(self, failure):
+        request, self._request = self._request, None
+        log.failure("reading a backup failed; its connection is closed", failure)
+        if request is not None:
+            request.unregisterProducer()
+            request.loseConnection()             # short of its length: the client sees it
 
     def stopProducing(self):
         self._request = None            # the client went away; the pieces are let go
+        self._pieces = iter(())
 
 
 class AdminResource(resource.Resource):
@@ -139,8 +159,7 @@ class AdminResource(resource.Resource):
                 if isinstance(value, _Pieces):
                     request.setResponseCode(200)
                     request.setHeader(b"content-type", b"application/octet-stream")
-                    request.setHeader(b"content-length",
-                                      str(sum(len(p) for p in value.pieces)).encode())
+                    request.setHeader(b"content-length", str(value.size).encode())
                     request.registerProducer(_PiecesProducer(request, value.pieces), False)
                     return
                 request.write(self._json(request, 200, value))
@@ -181,8 +200,9 @@ class AdminResource(resource.Resource):
 
     def backup(self, request, operator):
         """The state as one snapshot, read in one read transaction beside the
-        apply worker, so applies go on meanwhile; its pieces are views of
-        one serialized image, sent as the connection takes them."""
+        apply worker, so applies go on meanwhile, into a file (kv.SnapshotFile)
+        that is sent 1 MiB at a time, each piece read beside the worker as the
+        connection takes the one before."""
         self._log_ready()
         worker = getattr(self.node, "worker", None)
         if worker is None:
@@ -190,8 +210,13 @@ class AdminResource(resource.Resource):
         log.info("admin {operator} took a backup of node {node}'s state", operator=operator,
                  node=self.node.node_id)
         d = worker.call("snapshot")
-        d.addCallback(lambda taken: worker.call_aside(list, taken[1]))
-        return d.addCallback(_Pieces)
+        d.addCallback(lambda taken: worker.call_aside(taken[1].as_file))
+
+        def pieces(snapshot, step=1 << 20):
+            reads = (worker.call_aside(snapshot[at:at + step].read)
+                     for at in range(0, len(snapshot), step))
+            return _Pieces(reads, len(snapshot))
+        return d.addCallback(pieces)
 
     def snapshot(self, request, operator):
         take = getattr(self._log_ready(), "snapshot_now", None)

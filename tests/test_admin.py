@@ -238,6 +238,49 @@ def test_the_pieces_producer_writes_one_piece_per_turn_and_stops_when_told():
     assert gone.written == [b"ab"] and gone.finished == 0
 
 
+def test_the_pieces_producer_waits_for_a_piece_being_read_and_closes_on_a_failed_read():
+    from twisted.internet import defer
+
+    from paxchat.admin import _PiecesProducer
+
+    class Request:
+        def __init__(self):
+            self.written, self.finished, self.lost = [], 0, 0
+
+        def write(self, data):
+            self.written.append(data)
+
+        def finish(self):
+            self.finished += 1
+
+        def unregisterProducer(self):
+            pass
+
+        def loseConnection(self):
+            self.lost += 1
+
+    reads = [defer.Deferred(), defer.Deferred()]
+    asked = []
+
+    def pieces():
+        for read in reads:
+            asked.append(read)
+            yield read
+    request = Request()
+    producer = _PiecesProducer(request, pieces())
+    producer.resumeProducing()
+    producer.resumeProducing()                      # the first is still being read
+    assert asked == reads[:1] and request.written == []
+    reads[0].callback(b"ab")
+    assert request.written == [b"ab"]
+    producer.resumeProducing()
+    assert asked == reads
+    reads[1].errback(OSError("the disk failed"))
+    assert (request.lost, request.finished) == (1, 0)
+    producer.resumeProducing()
+    assert request.written == [b"ab"]
+
+
 def test_restore_makes_an_empty_data_directory_from_a_backup_and_refuses_the_rest(tmp_path):
     from paxchat.lineage import read_lineage
     from paxchat.node import STATE_FILE
