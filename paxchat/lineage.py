@@ -29,6 +29,8 @@ import re
 import secrets
 from pathlib import Path
 
+from paxchat.paxos.store import fsync_directory
+
 __all__ = ["IDENTITY", "IDENTITY_FILE", "LINEAGE_FILE", "PEER_IDENTITIES_FILE", "LineageError",
            "describe", "read_lineage", "read_or_make_identity", "read_peer_identities",
            "write_lineage", "write_peer_identities"]
@@ -124,11 +126,7 @@ def _write_durably(path, data):
         f.flush()
         os.fsync(f.fileno())
     os.replace(part, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(path.parent)
 
 
 def describe(lineage: bytes) -> str:

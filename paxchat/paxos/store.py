@@ -47,7 +47,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["DurableLog", "StorageError", "CorruptLogError", "recover_log", "rewrite_log"]
+__all__ = ["DurableLog", "StorageError", "CorruptLogError", "fsync_directory", "recover_log", "rewrite_log"]
 
 log = Logger(namespace="paxchat.paxos.store")
 
@@ -151,7 +151,8 @@ def _default_write(fd, data):
         view = view[written:]
 
 
-def _fsync_directory(directory, fsync):
+def fsync_directory(directory, fsync=os.fsync):
+    """Make a rename or a new file in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         fsync(fd)
@@ -246,7 +247,7 @@ class _LogFiles:
         if base:
             for _, path in segments[:base]:
                 os.unlink(path)
-            _fsync_directory(self.directory, self._fsync)
+            fsync_directory(self.directory, self._fsync)
             segments, contents = segments[base:], contents[base:]
         records = []
         expected = segments[0][0]
@@ -306,7 +307,7 @@ class _LogFiles:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        _fsync_directory(self.directory, self._fsync)
+        fsync_directory(self.directory, self._fsync)
         self._open_for_append(path)
         return path
 
@@ -331,7 +332,7 @@ class _LogFiles:
         self._create_segment(first, KIND_BASE, body)
         for path in old:
             os.unlink(path)
-        _fsync_directory(self.directory, self._fsync)
+        fsync_directory(self.directory, self._fsync)
         self.next_seq = first + len(records)
         self.size = _SEG_HEADER_SIZE + len(body)
 
@@ -361,7 +362,7 @@ class _LogFiles:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        _fsync_directory(self.directory, self._fsync)
+        fsync_directory(self.directory, self._fsync)
 
     def load_snapshot(self):
         path = os.path.join(self.directory, SNAPSHOT_NAME)
