@@ -209,3 +209,19 @@ class Occasional:
         self._next = now + self._interval
         count, self._count = self._count, 0
         return count
+
+
+class OccasionalByKind:
+    """An L{Occasional} for each kind of a recurring event (a peer, a task)."""
+
+    def __init__(self, clock, interval):
+        self._clock = clock
+        self._interval = interval
+        self._kinds = {}
+
+    def happened(self, kind):
+        """Count one of ``kind``; as L{Occasional.happened}."""
+        occasional = self._kinds.get(kind)
+        if occasional is None:
+            occasional = self._kinds[kind] = Occasional(self._clock, self._interval)
+        return occasional.happened()

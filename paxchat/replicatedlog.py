@@ -53,7 +53,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from paxchat.interfaces import ICommandLog, Unavailable
-from paxchat.logs import Occasional
+from paxchat.logs import OccasionalByKind
 from paxchat.paxos import messages as M
 from paxchat.paxos.core import Config as CoreConfig
 from paxchat.paxos.core import DurableState, NotLeader, Replica
@@ -211,7 +211,7 @@ class ReplicatedLog:
         self._need_compaction = False      # snapshot_now() asked for one
         self._compaction_waiters = []      # snapshot_now() callers
         self._offering = False             # serializing the state for a peer behind the log
-        self._background_failures = {}     # what -> Occasional: failed background work
+        self._background_failures = OccasionalByKind(reactor, BACKGROUND_LOG_SECONDS)
         self._sizing = False               # asking the state for its size
         self._size_due = 0.0               # when to ask again
 
@@ -836,11 +836,7 @@ class ReplicatedLog:
     def _background_failed(self, failure, what):
         if failure.check(StateWorkerStopped):
             return None              # the node is stopping: nothing to retry, nothing wrong
-        occasional = self._background_failures.get(what)
-        if occasional is None:
-            occasional = self._background_failures[what] = Occasional(
-                self._reactor, BACKGROUND_LOG_SECONDS)
-        count = occasional.happened()
+        count = self._background_failures.happened(what)
         if count:
             log.failure("{what} failed ({count} time(s) since the last report); will retry",
                         failure, what=what, count=count)

@@ -260,3 +260,14 @@ def test_an_occasional_event_is_reported_once_per_interval_with_its_count():
     assert report.happened() == 5            # the four held back, and this one
     clock.advance(600)
     assert report.happened() == 1
+
+
+def test_occasional_events_of_different_kinds_are_counted_apart():
+    from twisted.internet.task import Clock
+
+    from paxchat.logs import OccasionalByKind
+    clock = Clock()
+    reports = OccasionalByKind(clock, 60.0)
+    assert [reports.happened("a"), reports.happened("b"), reports.happened("a")] == [1, 1, 0]
+    clock.advance(60)
+    assert [reports.happened("a"), reports.happened("b")] == [2, 1]

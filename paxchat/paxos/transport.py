@@ -47,7 +47,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from paxchat.lineage import IDENTITY, describe
-from paxchat.logs import Occasional
+from paxchat.logs import OccasionalByKind
 from paxchat.tcp import no_delay
 
 __all__ = ["PeerTransport", "PeerProtocol", "MAX_FRAME_BYTES"]
@@ -368,7 +368,7 @@ class PeerTransport(service.MultiService):
         self.known_identities = dict(known_identities or {})   # peer id -> its data's identity
         self.remember = remember             # remember(known_identities), to keep them on disk
         self._lineage_refusals = {}          # peer id -> outbound links refused for it in a row
-        self._lineage_reports = {}           # peer id -> Occasional
+        self._lineage_reports = OccasionalByKind(self.clock, LINEAGE_REPORT_SECONDS)
         self._refused_data = {}              # peer id -> why, while its data may not vote
         self._refusing_us = {}               # peer id -> why it refuses our data
         self._connections = set()            # every open PeerProtocol, authenticated or not
@@ -540,10 +540,7 @@ class PeerTransport(service.MultiService):
         if protocol.direction == "outbound":
             peer = protocol.peer_id
             self._lineage_refusals[peer] = self._lineage_refusals.get(peer, 0) + 1
-        report = self._lineage_reports.get(key)
-        if report is None:
-            report = self._lineage_reports[key] = Occasional(self.clock, LINEAGE_REPORT_SECONDS)
-        return report.happened()
+        return self._lineage_reports.happened(key)
 
     def _refuse_data(self, protocol, why):
         peer = protocol.peer_id
