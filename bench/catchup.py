@@ -62,10 +62,24 @@ def _mib(size):
     return round(size / 2**20, 1) if size else None
 
 
-def _growth(peaks, before):
-    """How far the nodes that served the catch-up grew over their RSS before it (MiB)."""
-    grown = [peaks[n] - before[n] for n in before if peaks.get(n) and before[n]]
-    return _mib(max(grown)) if grown else None
+class _CatchupMemory:
+    """Peak RSS over a catch-up: the rejoining node's, and the others' (their
+    peaks start again at the restart, and what they grew by above it)."""
+
+    def __init__(self, pid, follower, others):
+        self._pid, self.follower, self._others = pid, follower, others
+        self._before = {n: procs.rss_bytes(pid(n)) for n in others}
+        for n in others:
+            procs.reset_peak_rss(pid(n))
+
+    def figures(self):
+        """``(the follower's peak in bytes, figures to record)``, read now."""
+        peaks = {n: procs.rss_bytes(self._pid(n), "VmHWM") for n in [self.follower, *self._others]}
+        grown = [peaks[n] - self._before[n] for n in self._others if peaks[n] and self._before[n]]
+        return peaks[self.follower], {
+            "peak_rss_mib": _mib(peaks[self.follower]),
+            "others_peak_rss_mib": _mib(max((peaks[n] or 0 for n in self._others), default=0)),
+            "others_growth_mib": _mib(max(grown)) if grown else None}
 
 
 def pick_follower(node_ids, leader):
@@ -93,25 +107,20 @@ async def run_paxchat(reactor, ctx, counts):
             written, took = await write_n(reactor, writers, count, timeout=max(120, count / 50))
             marker = await load.request(reactor, probe.proto, "send_message", to=sinks[0],
                                         body="marker")
-            others = [n for n in node_ids if n != follower and cluster.alive(n)]
-            before = {n: procs.rss_bytes(cluster.pid(n)) for n in others}
-            for n in others:
-                procs.reset_peak_rss(cluster.pid(n))
+            memory = _CatchupMemory(cluster.pid, follower,
+                                    [n for n in node_ids if n != follower and cluster.alive(n)])
             restarted = load.now()
             cluster.restart(follower)
             await cluster.wait_ready([follower], timeout=300)
             serving = load.now()
             current = await wait_current_paxchat(reactor, targets, follower, probe.session,
                                                  marker["message_id"], timeout=max(120, count / 100))
-            peaks = {n: procs.rss_bytes(cluster.pid(n), "VmHWM") for n in [follower, *others]}
-            results[count] = (current - restarted, peaks[follower])
+            peak, figures = memory.figures()
+            results[count] = (current - restarted, peak)
             ctx.record(NAME, "paxchat", f"{count} writes behind",
                        current_s=round(current - restarted, 3),
                        after_serving_s=round(current - serving, 3),
-                       written=written, write_s=round(took, 1), node=follower,
-                       peak_rss_mib=_mib(peaks[follower]),
-                       others_peak_rss_mib=_mib(max((peaks[n] or 0 for n in others), default=0)),
-                       others_growth_mib=_growth(peaks, before))
+                       written=written, write_s=round(took, 1), node=follower, **figures)
             leader, _ = await load.wait_for_leader(reactor, targets, node_ids)
             writers = population.writers(users[:WRITERS], sinks, [leader])
             for writer in writers:
@@ -182,22 +191,16 @@ async def run_etcd(reactor, ctx, counts):
                                      {"key": marker_key, "value": load.VALUE})
             finally:
                 proto.transport.abortConnection()
-            others = [n for n in members if n != follower]
-            before = {n: procs.rss_bytes(cluster.pid(n)) for n in others}
-            for n in others:
-                procs.reset_peak_rss(cluster.pid(n))
+            memory = _CatchupMemory(cluster.pid, follower, [n for n in members if n != follower])
             restarted = load.now()
             cluster.restart(follower)
             current = await wait_current_etcd(reactor, cluster, follower, marker_key,
                                               timeout=max(120, count / 100))
-            peaks = {n: procs.rss_bytes(cluster.pid(n), "VmHWM") for n in [follower, *others]}
-            results[count] = (current - restarted, peaks[follower])
+            peak, figures = memory.figures()
+            results[count] = (current - restarted, peak)
             ctx.record(NAME, "etcd", f"{count} writes behind",
                        current_s=round(current - restarted, 3), written=written,
-                       write_s=round(took, 1), member=follower,
-                       peak_rss_mib=_mib(peaks[follower]),
-                       others_peak_rss_mib=_mib(max((peaks[n] or 0 for n in others), default=0)),
-                       others_growth_mib=_growth(peaks, before))
+                       write_s=round(took, 1), member=follower, **figures)
             await cluster.wait_ready(members)
         return results
     finally:
