@@ -732,6 +732,7 @@ class ReplicatedLog:
                 log.info("node {node} receiving a snapshot at index {index}", node=self.node_id,
                          index=index)
             d = self._worker.call("receive_snapshot_part", offset, data)
+            d.addCallback(self._part_stored, index, offset + len(data))
         elif item[0] == "restore":
             _, index = item
             log.info("node {node} restoring the state from a snapshot at index {index}",
@@ -779,6 +780,11 @@ class ReplicatedLog:
                     if request is not None:
                         request.timer.cancel()
                         request.deferred.callback(response)
+
+    def _part_stored(self, _, index, end):
+        # The core asks for more of the snapshot only as its parts reach the disk.
+        self.replica.snapshot_stored(index, end)
+        self._drive()
 
     def _restored(self, _, index):
         self.applied_index = max(self.applied_index, index)

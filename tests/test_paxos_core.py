@@ -21,6 +21,7 @@ class Net:
         self.now = 0.0
         self.reps = {i: Replica(i, self.ids, config=config, seed=3, now=0.0) for i in self.ids}
         self.auto_persist = auto_persist
+        self.store_parts = True                  # report each snapshot part stored at once
         self.cut = set()
         self.decided = {i: [] for i in self.ids}
         self.snapshots = {i: [] for i in self.ids}
@@ -44,6 +45,8 @@ class Net:
             assert self.incoming[i][0] == index and len(self.incoming[i][1]) == offset
             self.incoming[i][1].extend(part)
             self.pieces[i] = self.pieces.get(i, 0) + 1 if offset else 1
+            if self.store_parts:
+                self.reps[i].snapshot_stored(index, offset + len(part))
         if rd.snapshot is not None:
             assert self.incoming[i][0] == rd.snapshot
             self.snapshots[i].append((rd.snapshot, bytes(self.incoming.pop(i)[1])))
@@ -317,6 +320,51 @@ def test_lagging_follower_gets_the_snapshot_in_chunks_then_the_tail():
     assert net.pieces[lagger] == 9
     assert any(isinstance(rec, M.CompactRecord) and rec.index == 5 for rec in net.disk[lagger])
     assert net.decided[lagger][-1] == (6, (b"tail",))
+
+
+def test_a_receiver_asks_for_the_next_chunk_only_while_fewer_than_two_wait_to_be_stored():
+    from paxchat.paxos.core import SNAPSHOT_UNSTORED_PARTS
+    assert SNAPSHOT_UNSTORED_PARTS == 2
+    net, leader, lagger = _five_decided_while_one_is_cut_off()
+    data = bytes(range(81))
+    _compact_and_offer_but_on(net, lagger, data)
+    net.store_parts = False                      # a disk slower than the network
+    net.cut = set()
+
+    def chunks():
+        return [m for _, to, m in net.sent if isinstance(m, M.SnapshotChunk) and to == lagger]
+
+    def asks():
+        return [(to, m) for s, to, m in net.sent if s == lagger and isinstance(m, M.CatchupRequest)]
+    net.run_until(lambda: len(chunks()) == 2)
+    held_asks = len(asks())
+    for _ in range(40):                          # 8 heartbeat intervals: nothing more is asked
+        net.step()
+    assert len(chunks()) == 2 and len(asks()) == held_asks
+    assert net.incoming[lagger] == (5, bytearray(data[:20]))
+
+    server = chunks()[-1].sender
+    net.reps[lagger].snapshot_stored(5, 10)      # the first part is on disk: one more may come
+    net.pump()
+    assert len(chunks()) == 3 and asks()[-1][0] == server
+    assert asks()[-1][1].snapshot_offset == 20
+    net.store_parts = True
+    net.reps[lagger].snapshot_stored(5, 30)
+    net.run_until(lambda: net.snapshots[lagger])
+    assert net.snapshots[lagger] == [(5, data)]
+    assert {m.sender for m in chunks()} == {server}
+
+
+def test_a_stored_report_for_another_snapshot_changes_nothing():
+    r = Replica(1, [1, 2, 3], config=Config(snapshot_chunk_bytes=3), now=0.0)
+    r.receive(M.SnapshotChunk(2, 5, 0, 9, b"abc"), 0.0)
+    r.receive(M.SnapshotChunk(2, 5, 3, 9, b"def"), 0.0)
+    r.ready()
+    r.snapshot_stored(4, 6)                      # not the one being received
+    assert not r.has_ready() or not any(isinstance(m, M.CatchupRequest) for _, m in r.ready().messages)
+    r.snapshot_stored(5, 3)
+    asked = [m for _, m in r.ready().messages if isinstance(m, M.CatchupRequest)]
+    assert [(m.snapshot_index, m.snapshot_offset) for m in asked] == [(5, 6)]
 
 
 def test_parts_of_a_newer_snapshot_wait_for_the_ready_after_the_restore_of_the_one_they_follow():

@@ -137,6 +137,13 @@ class RestartsSnapshotTransfers(Replica):
     _HANDLERS = {**Replica._HANDLERS, M.CatchupRequest: _on_catchup_request}
 
 
+class NeverAsksAgainAfterStoring(Replica):
+    """A receiver that holds back its ask while parts wait on its disk, and forgets it."""
+
+    def snapshot_stored(self, index, offset):
+        pass
+
+
 @pytest.mark.parametrize("mutant,symptom", [
     (RepliesBeforePersist, ""),
     (IgnoresAcceptedValues, ""),
@@ -144,6 +151,7 @@ class RestartsSnapshotTransfers(Replica):
     (StaleLease, "not linearizable"),     # caught by the linearizability check itself
     # The snapshot-transfer allowance must not hide a transfer that never ends.
     (RestartsSnapshotTransfers, "after faults stopped"),
+    (NeverAsksAgainAfterStoring, "after faults stopped"),
 ])
 def test_planted_bug_is_found(mutant, symptom):
     for seed in range(CI_SEEDS):

@@ -112,7 +112,8 @@ class MemoryTransport(service.Service):
 
 
 class Cluster:
-    def __init__(self, tmp_path, size=3, settings=SETTINGS):
+    def __init__(self, tmp_path, size=3, settings=SETTINGS, make_worker=SyncWorker):
+        self.make_worker = make_worker
         self.clock = task.Clock()
         self.clock.advance(1000)
         self.network = Network(self.clock)
@@ -130,7 +131,7 @@ class Cluster:
     def start(self, n):
         state = self.states.get(n) or ChatState.open(str(self.tmp_path / f"state-{n}.sqlite3"))
         self.states[n] = state
-        worker = SyncWorker(state)
+        worker = self.make_worker(state)
         store = MemoryStore(self.records[n])
         rl = ReplicatedLog(
             self.clock, n, self.members, worker, self.settings,
@@ -334,6 +335,55 @@ def _one_cut_off_while_the_others_compact(c):
     c.until(lambda: all(c.logs[n].replica.snapshot_index >= 30
                         for n in c.members if n != lagging), what="compaction")
     return leader, lagging
+
+
+class SlowDiskWorker(SyncWorker):
+    """Stores received snapshot parts only when the test says so."""
+
+    def __init__(self, state):
+        super().__init__(state)
+        self.storing = []            # Deferreds of parts handed over, not yet stored
+
+    def call(self, fn, *args, **kwargs):
+        if fn != "receive_snapshot_part":
+            return super().call(fn, *args, **kwargs)
+        self.calls.append(fn)
+        d = defer.Deferred()
+        d.addCallback(lambda _: self.state.receive_snapshot_part(*args))
+        self.storing.append(d)
+        return d
+
+
+def test_a_node_receiving_a_snapshot_asks_for_more_only_as_its_disk_stores_it(tmp_path, monkeypatch):
+    core_config = ReplicationSettings.core_config
+    monkeypatch.setattr(ReplicationSettings, "core_config",
+                        lambda self: dataclasses.replace(core_config(self), snapshot_chunk_bytes=2048))
+    c = Cluster(tmp_path, settings=COMPACTING, make_worker=SlowDiskWorker)
+    try:
+        leader, lagging = _one_cut_off_while_the_others_compact(c)
+        worker = c.logs[lagging].worker
+
+        def chunks():
+            return sum(isinstance(m, M.SnapshotChunk) for log_ in c.logs.values()
+                       for to, m in log_.transport.sent if to == lagging)
+        c.network.cut.clear()
+        c.until(lambda: chunks() == 2, what="two chunks")
+        c.run(10 * SETTINGS.heartbeat_interval)
+        # The first is being stored, the second waits its turn: nothing more is asked for.
+        assert len(worker.storing) == 1 and chunks() == 2
+        worker.storing[0].callback(None)
+        c.until(lambda: chunks() == 3, what="a third chunk once one part is stored")
+        assert len(worker.storing) == 2
+        while c.logs[lagging].applied_index != c.logs[leader].applied_index:
+            pending = [d for d in worker.storing if not d.called]
+            if pending:
+                pending[0].callback(None)
+            c.run(SETTINGS.heartbeat_interval)
+        assert len(worker.storing) > 3 and all(d.called for d in worker.storing)
+        assert c.states[lagging].digest() == c.states[leader].digest()
+        assert not c.fatal
+    finally:
+        c.close()
 
 
 def test_a_node_behind_the_compaction_point_is_restored_by_snapshot(tmp_path):

@@ -38,7 +38,9 @@ Protocol outline
   compaction would cost CPU and memory in proportion to the state, on every
   node, for a transfer that is rarely needed. The receiver keeps none of
   it: each chunk goes to its glue as it comes (``Ready.snapshot_parts``),
-  and ``Ready.snapshot`` then names the one to restore.
+  and ``Ready.snapshot`` then names the one to restore. The glue says what
+  it has stored (``snapshot_stored``); the receiver asks for the next chunk
+  only while fewer than ``SNAPSHOT_UNSTORED_PARTS`` wait to be stored.
 - Reads: ``read(id)`` takes the read index (the end of everything this
   leader recovered or chose) and confirms leadership with a heartbeat quorum
   sent after the request, then releases the read once the prefix reaches the
@@ -87,9 +89,26 @@ SNAPSHOT_WAIT_SECONDS = 5.0
 # peer that needs one later has it made anew.
 SNAPSHOT_KEEP_SECONDS = 60.0
 
+# A node receiving a snapshot asks for the next chunk only while fewer than
+# this many of the chunks it handed its glue are not yet stored: with a disk
+# slower than the network, chunks wait on the serving peer, not in memory.
+SNAPSHOT_UNSTORED_PARTS = 2
+
 # An Accept (and its AcceptRecord) carries at most this many value bytes,
 # or one slot when a single slot is bigger.
 ACCEPT_MESSAGE_BYTES = 4 << 20
+
+
+class _Receiving:
+    """A snapshot being received: how far it came, and which parts the glue has yet to store."""
+    __slots__ = ("index", "total", "received", "unstored", "held")
+
+    def __init__(self, index, total):
+        self.index = index
+        self.total = total
+        self.received = 0          # bytes handed to the glue, in order
+        self.unstored = deque()    # end offsets of parts handed over and not yet stored
+        self.held = False          # the next chunk is not asked for until a part is stored
 
 
 class NotLeader(Exception):
@@ -302,7 +321,7 @@ class Replica:
         self.commit_index = d.snapshot_index
         self._decided_upto = d.snapshot_index
         self._pending_snapshot = None  # index of a received snapshot to restore
-        self._snap_rx = None           # [index, total, received] of one being received
+        self._snap_rx = None           # _Receiving: the snapshot being received, if any
         self._snap_parts = []          # (index, offset, data) received, for the glue to store
         self._snap_out = {}            # peer -> (index, data): the snapshot it is being sent
         self._snap_waiting = {}        # peer -> (from_slot, since, last ask): asked while none was at hand
@@ -958,6 +977,9 @@ class Replica:
         """Ask for missing chosen values, at most once per heartbeat interval;
         a peer that gave us nothing since the last ask is skipped for the next."""
         if self._catchup_target > self.commit_index and self._now >= self._catchup_next:
+            rx = self._snap_rx
+            if rx is not None and rx.held:
+                return               # the glue is storing what came: it asks when done
             if not self._catchup_progress:
                 self._rotate_catchup_peer()
             self._request_catchup()
@@ -980,7 +1002,7 @@ class Replica:
         self._catchup_next = self._now + 2 * self.config.heartbeat_interval
         self._catchup_progress = False
         rx = self._snap_rx
-        idx, off = (rx[0], rx[2]) if rx else (0, 0)
+        idx, off = (rx.index, rx.received) if rx else (0, 0)
         self._send(peer, CatchupRequest(self.node_id, self.commit_index + 1, idx, off))
 
     def _on_catchup_request(self, m):
@@ -1100,25 +1122,46 @@ class Replica:
             self._snap_rx = None
             return
         rx = self._snap_rx
-        if rx is None or rx[0] != m.index:
+        if rx is None or rx.index != m.index:
             # Start over only on the first chunk from the peer we now ask
             # (late chunks from one we asked before must not reset the transfer).
             if m.offset != 0 or (rx is not None and m.sender != self._catchup_peer):
                 return
-            rx = self._snap_rx = [m.index, m.total, 0]
-        if m.offset != rx[2] or m.total != rx[1]:
+            rx = self._snap_rx = _Receiving(m.index, m.total)
+        if m.offset != rx.received or m.total != rx.total:
             return
         self._snap_parts.append((m.index, m.offset, m.data))   # stored by the glue, not kept
-        rx[2] += len(m.data)
+        rx.received += len(m.data)
         self._catchup_progress = True
         self._last_advance = self._now
-        if rx[2] >= rx[1]:
+        if rx.received >= rx.total:
             self._snap_rx = None
             self._install_snapshot(m.index)
             if self._catchup_target > self.commit_index:
                 self._request_catchup()
         elif m.data:
             self._catchup_peer = m.sender
+            rx.unstored.append(rx.received)
+            if len(rx.unstored) < SNAPSHOT_UNSTORED_PARTS:
+                self._request_catchup()
+            else:
+                rx.held = True
+
+    def snapshot_stored(self, index, offset):
+        """The glue has stored the parts of snapshot ``index`` below ``offset``.
+
+        A receiver that held back its ask for the next chunk (see
+        ``SNAPSHOT_UNSTORED_PARTS``) asks for it now.
+        """
+        rx = self._snap_rx
+        if rx is None or rx.index != index:
+            return
+        while rx.unstored and rx.unstored[0] <= offset:
+            rx.unstored.popleft()
+        if rx.held and len(rx.unstored) < SNAPSHOT_UNSTORED_PARTS:
+            rx.held = False
+            self._catchup_progress = True
+            self._last_advance = self._now
             self._request_catchup()
 
     def _install_snapshot(self, index):

@@ -98,7 +98,7 @@ class App:
 class Node:
     __slots__ = ("id", "replica", "disk", "unsynced", "syncing", "app", "app_snapshot",
                  "incoming", "rate", "offset", "flush_at", "incarnation", "waiting", "reads", "offering",
-                 "revealed", "revealed_acc", "paused_until", "resume_order")
+                 "revealed", "revealed_acc", "paused_until", "resume_order", "storing_until")
 
     def __init__(self, nid, rate, offset):
         self.id = nid
@@ -120,6 +120,7 @@ class Node:
         self.revealed_acc = {}          # slot -> highest ballot this node said it accepted
         self.paused_until = 0.0         # a stalled process (GC pause, VM freeze) until then
         self.resume_order = {}          # input channel -> its place in the backlog after a stall
+        self.storing_until = 0.0        # received snapshot parts are stored, in order, until then
 
 
 class Client:
@@ -180,6 +181,11 @@ class Simulation:
         self.config = dataclasses.replace(
             self.config,
             snapshot_catchup_fraction=random.Random(seed ^ 0x5EED).choice((None, 0.05, 0.25)))
+        # How long storing one received snapshot part takes: at once, a disk
+        # like the network, or one much slower (the receiver must not ask
+        # faster than it stores). Its own generator too.
+        self.store_rng = random.Random(seed ^ 0x570E)
+        self.part_store = self.store_rng.choice(((0.0, 0.0), (0.0005, 0.005), (0.02, 0.1)))
         self.fault_time = fault_time
         self.end_time = fault_time + LIVENESS_BOUND
         self.now = 0.0
@@ -331,7 +337,7 @@ class Simulation:
             return 0.0
         size = max((len(n.app.snapshot()) for n in self.nodes.values() if n.replica), default=0)
         chunks = -(-size // self.config.snapshot_chunk_bytes)
-        round_trip = 2 * (self.delay[1] + self.flush_delay)
+        round_trip = 2 * (self.delay[1] + self.flush_delay) + self.part_store[1]
         return TRANSFERS_ALLOWED * chunks * round_trip
 
     def done_after_faults(self):
@@ -448,6 +454,9 @@ class Simulation:
                 self.fail(f"node {node.id} got part {index}@{offset} of a snapshot out of order")
                 return
             node.incoming[1] += part
+            done = max(node.storing_until, self.now) + self.store_rng.uniform(*self.part_store)
+            node.storing_until = done
+            self.at(done, self.part_stored, node, node.incarnation, index, offset + len(part))
         if rd.snapshot is not None:
             index = rd.snapshot
             if node.incoming is None or node.incoming[0] != index:
@@ -482,6 +491,14 @@ class Simulation:
         self.maybe_compact(node)
         if r.has_ready():
             self.poke(node)
+
+    def part_stored(self, node, inc, index, end):
+        if node.replica is None or node.incarnation != inc:
+            return
+        if self.deferred(node, "disk", self.part_stored, node, inc, index, end):
+            return
+        node.replica.snapshot_stored(index, end)
+        self.poke(node)
 
     def begin_fsync(self, node):
         if not node.unsynced:
