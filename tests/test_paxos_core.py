@@ -357,6 +357,7 @@ def test_a_receiver_asks_for_the_next_chunk_only_while_fewer_than_two_wait_to_be
 
 def test_a_stored_report_for_another_snapshot_changes_nothing():
     r = Replica(1, [1, 2, 3], config=Config(snapshot_chunk_bytes=3), now=0.0)
+    r.receive(M.Heartbeat(2, M.Ballot(1, 2), 20, 1), 0.0)          # far behind: catch up from 2
     r.receive(M.SnapshotChunk(2, 5, 0, 9, b"abc"), 0.0)
     r.receive(M.SnapshotChunk(2, 5, 3, 9, b"def"), 0.0)
     r.ready()
@@ -365,6 +366,21 @@ def test_a_stored_report_for_another_snapshot_changes_nothing():
     r.snapshot_stored(5, 3)
     asked = [m for _, m in r.ready().messages if isinstance(m, M.CatchupRequest)]
     assert [(m.snapshot_index, m.snapshot_offset) for m in asked] == [(5, 6)]
+
+
+def test_a_learn_while_the_receiver_waits_for_its_disk_asks_nothing_and_keeps_the_peer():
+    r = Replica(1, [1, 2, 3], config=Config(snapshot_chunk_bytes=3), now=0.0)
+    r.receive(M.Heartbeat(2, M.Ballot(1, 2), 20, 1), 0.0)          # far behind: catch up from 2
+    r.receive(M.SnapshotChunk(2, 10, 0, 9, b"abc"), 0.0)
+    r.receive(M.SnapshotChunk(2, 10, 3, 9, b"def"), 0.0)           # two parts unstored: held
+    r.ready()
+    r.receive(M.Learn(3, 1, ((b"x",),)), 0.0)                      # a late answer from another peer
+    assert r.commit_index == 1
+    asked = [(to, m) for to, m in r.ready().messages if isinstance(m, M.CatchupRequest)]
+    assert asked == []
+    r.snapshot_stored(10, 3)
+    asked = [(to, m) for to, m in r.ready().messages if isinstance(m, M.CatchupRequest)]
+    assert [(to, m.snapshot_index, m.snapshot_offset) for to, m in asked] == [(2, 10, 6)]
 
 
 def test_parts_of_a_newer_snapshot_wait_for_the_ready_after_the_restore_of_the_one_they_follow():

@@ -1114,6 +1114,9 @@ class Replica:
         before = self.commit_index
         self._advance_commit()
         if self.commit_index > before and self._catchup_target > self.commit_index:
+            rx = self._snap_rx
+            if rx is not None and rx.held:
+                return       # its disk's report asks next, of the peer sending the snapshot
             self._catchup_peer = m.sender
             self._request_catchup()
 
@@ -1160,9 +1163,9 @@ class Replica:
             rx.unstored.popleft()
         if rx.held and len(rx.unstored) < SNAPSHOT_UNSTORED_PARTS:
             rx.held = False
-            self._catchup_progress = True
             self._last_advance = self._now
-            self._request_catchup()
+            if self._catchup_target > self.commit_index:
+                self._request_catchup()
 
     def _install_snapshot(self, index):
         self._drop_log_upto(index)
