@@ -732,7 +732,7 @@ class ReplicatedLog:
                 log.info("node {node} receiving a snapshot at index {index}", node=self.node_id,
                          index=index)
             d = self._worker.call("receive_snapshot_part", offset, data)
-            d.addCallback(self._part_stored, index, offset + len(data))
+            d.addCallback(self._part_stored)
         elif item[0] == "restore":
             _, index = item
             log.info("node {node} restoring the state from a snapshot at index {index}",
@@ -781,9 +781,9 @@ class ReplicatedLog:
                         request.timer.cancel()
                         request.deferred.callback(response)
 
-    def _part_stored(self, _, index, end):
+    def _part_stored(self, _):
         # The core asks for more of the snapshot only as its parts reach the disk.
-        self.replica.snapshot_stored(index, end)
+        self.replica.snapshot_part_stored()
         self._drive()
 
     def _restored(self, _, index):

@@ -46,7 +46,7 @@ class Net:
             self.incoming[i][1].extend(part)
             self.pieces[i] = self.pieces.get(i, 0) + 1 if offset else 1
             if self.store_parts:
-                self.reps[i].snapshot_stored(index, offset + len(part))
+                self.reps[i].snapshot_part_stored()
         if rd.snapshot is not None:
             assert self.incoming[i][0] == rd.snapshot
             self.snapshots[i].append((rd.snapshot, bytes(self.incoming.pop(i)[1])))
@@ -344,28 +344,34 @@ def test_a_receiver_asks_for_the_next_chunk_only_while_fewer_than_two_wait_to_be
     assert net.incoming[lagger] == (5, bytearray(data[:20]))
 
     server = chunks()[-1].sender
-    net.reps[lagger].snapshot_stored(5, 10)      # the first part is on disk: one more may come
+    net.reps[lagger].snapshot_part_stored()      # the first part is on disk: one more may come
     net.pump()
     assert len(chunks()) == 3 and asks()[-1][0] == server
     assert asks()[-1][1].snapshot_offset == 20
     net.store_parts = True
-    net.reps[lagger].snapshot_stored(5, 30)
+    net.reps[lagger].snapshot_part_stored()      # the two parts still waiting
+    net.reps[lagger].snapshot_part_stored()
     net.run_until(lambda: net.snapshots[lagger])
     assert net.snapshots[lagger] == [(5, data)]
     assert {m.sender for m in chunks()} == {server}
 
 
-def test_a_stored_report_for_another_snapshot_changes_nothing():
+def test_parts_of_an_earlier_transfer_still_unstored_hold_back_the_next_one():
     r = Replica(1, [1, 2, 3], config=Config(snapshot_chunk_bytes=3), now=0.0)
     r.receive(M.Heartbeat(2, M.Ballot(1, 2), 20, 1), 0.0)          # far behind: catch up from 2
     r.receive(M.SnapshotChunk(2, 5, 0, 9, b"abc"), 0.0)
-    r.receive(M.SnapshotChunk(2, 5, 3, 9, b"def"), 0.0)
+    r.receive(M.SnapshotChunk(2, 5, 3, 9, b"def"), 0.0)           # two parts unstored: held
     r.ready()
-    r.snapshot_stored(4, 6)                      # not the one being received
-    assert not r.has_ready() or not any(isinstance(m, M.CatchupRequest) for _, m in r.ready().messages)
-    r.snapshot_stored(5, 3)
-    asked = [m for _, m in r.ready().messages if isinstance(m, M.CatchupRequest)]
-    assert [(m.snapshot_index, m.snapshot_offset) for m in asked] == [(5, 6)]
+    r.receive(M.SnapshotChunk(2, 9, 0, 9, b"ghi"), 0.0)           # the peer starts a newer one
+
+    def asked():
+        return [(m.snapshot_index, m.snapshot_offset) for _, m in r.ready().messages
+                if isinstance(m, M.CatchupRequest)]
+    assert asked() == []                         # three parts in memory: none of them stored
+    r.snapshot_part_stored()
+    assert asked() == []                         # still two
+    r.snapshot_part_stored()
+    assert asked() == [(9, 3)]
 
 
 def test_a_learn_while_the_receiver_waits_for_its_disk_asks_nothing_and_keeps_the_peer():
@@ -378,7 +384,7 @@ def test_a_learn_while_the_receiver_waits_for_its_disk_asks_nothing_and_keeps_th
     assert r.commit_index == 1
     asked = [(to, m) for to, m in r.ready().messages if isinstance(m, M.CatchupRequest)]
     assert asked == []
-    r.snapshot_stored(10, 3)
+    r.snapshot_part_stored()
     asked = [(to, m) for to, m in r.ready().messages if isinstance(m, M.CatchupRequest)]
     assert [(to, m.snapshot_index, m.snapshot_offset) for to, m in asked] == [(2, 10, 6)]
 

@@ -140,7 +140,7 @@ class RestartsSnapshotTransfers(Replica):
 class NeverAsksAgainAfterStoring(Replica):
     """A receiver that holds back its ask while parts wait on its disk, and forgets it."""
 
-    def snapshot_stored(self, index, offset):
+    def snapshot_part_stored(self):
         pass
 
 

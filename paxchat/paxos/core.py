@@ -38,9 +38,9 @@ Protocol outline
   compaction would cost CPU and memory in proportion to the state, on every
   node, for a transfer that is rarely needed. The receiver keeps none of
   it: each chunk goes to its glue as it comes (``Ready.snapshot_parts``),
-  and ``Ready.snapshot`` then names the one to restore. The glue says what
-  it has stored (``snapshot_stored``); the receiver asks for the next chunk
-  only while fewer than ``SNAPSHOT_UNSTORED_PARTS`` wait to be stored.
+  and ``Ready.snapshot`` then names the one to restore. The glue says as
+  it stores each (``snapshot_part_stored``); the receiver asks for the next
+  chunk only while fewer than ``SNAPSHOT_UNSTORED_PARTS`` wait to be stored.
 - Reads: ``read(id)`` takes the read index (the end of everything this
   leader recovered or chose) and confirms leadership with a heartbeat quorum
   sent after the request, then releases the read once the prefix reaches the
@@ -90,8 +90,9 @@ SNAPSHOT_WAIT_SECONDS = 5.0
 SNAPSHOT_KEEP_SECONDS = 60.0
 
 # A node receiving a snapshot asks for the next chunk only while fewer than
-# this many of the chunks it handed its glue are not yet stored: with a disk
-# slower than the network, chunks wait on the serving peer, not in memory.
+# this many of the parts it handed its glue (of any transfer) are not yet
+# stored: with a disk slower than the network, chunks wait on the serving
+# peer, not in memory.
 SNAPSHOT_UNSTORED_PARTS = 2
 
 # An Accept (and its AcceptRecord) carries at most this many value bytes,
@@ -100,14 +101,13 @@ ACCEPT_MESSAGE_BYTES = 4 << 20
 
 
 class _Receiving:
-    """A snapshot being received: how far it came, and which parts the glue has yet to store."""
-    __slots__ = ("index", "total", "received", "unstored", "held")
+    """A snapshot being received: how far it came, and whether its next ask waits for the disk."""
+    __slots__ = ("index", "total", "received", "held")
 
     def __init__(self, index, total):
         self.index = index
         self.total = total
         self.received = 0          # bytes handed to the glue, in order
-        self.unstored = deque()    # end offsets of parts handed over and not yet stored
         self.held = False          # the next chunk is not asked for until a part is stored
 
 
@@ -323,6 +323,7 @@ class Replica:
         self._pending_snapshot = None  # index of a received snapshot to restore
         self._snap_rx = None           # _Receiving: the snapshot being received, if any
         self._snap_parts = []          # (index, offset, data) received, for the glue to store
+        self._parts_unstored = 0       # parts handed to the glue that it has not yet stored
         self._snap_out = {}            # peer -> (index, data): the snapshot it is being sent
         self._snap_waiting = {}        # peer -> (from_slot, since, last ask): asked while none was at hand
         self._catchup_target = 0       # want chosen values up to here
@@ -1134,6 +1135,7 @@ class Replica:
         if m.offset != rx.received or m.total != rx.total:
             return
         self._snap_parts.append((m.index, m.offset, m.data))   # stored by the glue, not kept
+        self._parts_unstored += 1
         rx.received += len(m.data)
         self._catchup_progress = True
         self._last_advance = self._now
@@ -1144,24 +1146,23 @@ class Replica:
                 self._request_catchup()
         elif m.data:
             self._catchup_peer = m.sender
-            rx.unstored.append(rx.received)
-            if len(rx.unstored) < SNAPSHOT_UNSTORED_PARTS:
+            if self._parts_unstored < SNAPSHOT_UNSTORED_PARTS:
                 self._request_catchup()
             else:
                 rx.held = True
 
-    def snapshot_stored(self, index, offset):
-        """The glue has stored the parts of snapshot ``index`` below ``offset``.
+    def snapshot_part_stored(self):
+        """The glue has stored one more of the parts ``Ready.snapshot_parts``
+        handed it (it stores them in the order given).
 
         A receiver that held back its ask for the next chunk (see
-        ``SNAPSHOT_UNSTORED_PARTS``) asks for it now.
+        ``SNAPSHOT_UNSTORED_PARTS``) asks for it now. Parts of an earlier
+        transfer count too: until stored, they are in memory all the same.
         """
+        if self._parts_unstored:
+            self._parts_unstored -= 1
         rx = self._snap_rx
-        if rx is None or rx.index != index:
-            return
-        while rx.unstored and rx.unstored[0] <= offset:
-            rx.unstored.popleft()
-        if rx.held and len(rx.unstored) < SNAPSHOT_UNSTORED_PARTS:
+        if rx is not None and rx.held and self._parts_unstored < SNAPSHOT_UNSTORED_PARTS:
             rx.held = False
             self._last_advance = self._now
             if self._catchup_target > self.commit_index:

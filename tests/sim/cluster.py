@@ -456,7 +456,7 @@ class Simulation:
             node.incoming[1] += part
             done = max(node.storing_until, self.now) + self.store_rng.uniform(*self.part_store)
             node.storing_until = done
-            self.at(done, self.part_stored, node, node.incarnation, index, offset + len(part))
+            self.at(done, self.part_stored, node, node.incarnation)
         if rd.snapshot is not None:
             index = rd.snapshot
             if node.incoming is None or node.incoming[0] != index:
@@ -492,12 +492,12 @@ class Simulation:
         if r.has_ready():
             self.poke(node)
 
-    def part_stored(self, node, inc, index, end):
+    def part_stored(self, node, inc):
         if node.replica is None or node.incarnation != inc:
             return
-        if self.deferred(node, "disk", self.part_stored, node, inc, index, end):
+        if self.deferred(node, "disk", self.part_stored, node, inc):
             return
-        node.replica.snapshot_stored(index, end)
+        node.replica.snapshot_part_stored()
         self.poke(node)
 
     def begin_fsync(self, node):
