@@ -330,10 +330,12 @@ class Simulation:
         chunks a few-KiB state takes ~75 round trips (~3 s here), and a
         recovery may need several in a row (``TRANSFERS_ALLOWED``). Sized from
         the largest state now held, at the slowest round trip after the
-        faults; a node that is stuck or restarts its transfer forever still
-        fails, it only gets longer to show it.
+        faults, storing each part at the slowest the world's disk does; a
+        node that is stuck or restarts its transfer forever still fails, it
+        only gets longer to show it. A world that never compacts still sends
+        snapshots to peers missing enough of the log, unless that is off.
         """
-        if self.compact_every >= 10 ** 9:
+        if self.compact_every >= 10 ** 9 and self.config.snapshot_catchup_fraction is None:
             return 0.0
         size = max((len(n.app.snapshot()) for n in self.nodes.values() if n.replica), default=0)
         chunks = -(-size // self.config.snapshot_chunk_bytes)
