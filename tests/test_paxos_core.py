@@ -389,6 +389,43 @@ def test_a_learn_while_the_receiver_waits_for_its_disk_asks_nothing_and_keeps_th
     assert [(to, m.snapshot_index, m.snapshot_offset) for to, m in asked] == [(2, 10, 6)]
 
 
+def test_a_leader_kept_waiting_for_a_snapshot_turns_to_another_peer_though_it_keeps_being_reelected():
+    """A peer that says "preparing a snapshot, keep asking me" but never sends
+    one (its state is ahead of its log since it restarted, so it can offer
+    none) is left after SNAPSHOT_WAIT_SECONDS. Re-running phase 1, which a
+    leader that cannot catch up does every two election timeouts, is no
+    progress: it used to restart that wait each time, for ever."""
+    from paxchat.paxos.core import SNAPSHOT_WAIT_SECONDS
+    r = Replica(1, [1, 2, 3], config=Config(heartbeat_interval=0.05, election_timeout=0.3),
+                seed=3, now=0.0)
+    now, asked, elections = 0.0, [], 0
+    while now < SNAPSHOT_WAIT_SECONDS + 2 and not any(to == 3 for _, to in asked):
+        now += 0.01
+        r.tick(now)
+        while r.has_ready():
+            rd = r.ready()
+            if rd.records:
+                r.persisted(rd.token)
+            replies = []
+            for to, m in rd.messages:
+                if isinstance(m, M.PreVote):
+                    replies.append(M.PreVoteReply(to, m.ballot, True))
+                elif isinstance(m, M.Prepare):           # node 2 knows slots 1-10 chosen
+                    elections += 1
+                    replies.append(M.Promise(to, m.ballot, 10 if to == 2 else 0, ()))
+                elif isinstance(m, M.Heartbeat):
+                    replies.append(M.HeartbeatAck(to, m.ballot, m.seq, 0))
+                elif isinstance(m, M.CatchupRequest):
+                    asked.append((now, to))
+                    if to == 2:
+                        replies.append(M.Learn(2, m.from_slot, ()))
+            for m in replies:
+                r.receive(m, now)
+    first = asked[0][0]
+    assert [to for _, to in asked][:3] == [2, 2, 2] and elections > 5
+    assert asked[-1][1] == 3 and asked[-1][0] - first < SNAPSHOT_WAIT_SECONDS + 0.5
+
+
 def test_parts_of_a_newer_snapshot_wait_for_the_ready_after_the_restore_of_the_one_they_follow():
     r = Replica(1, [1, 2, 3], now=0.0)
     r.receive(M.SnapshotChunk(2, 5, 0, 6, b"abc"), 0.0)

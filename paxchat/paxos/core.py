@@ -331,7 +331,8 @@ class Replica:
         self._catchup_next = now
         self._catchup_progress = False
         self._catchup_since = now      # when the current catch-up episode began
-        self._last_advance = now
+        self._last_advance = now       # when catching up last moved (commit, a chunk, a part stored)
+        self._led_since = now          # when this replica last became leader
         # roles
         self._role = FOLLOWER
         self.leader_id = None
@@ -412,7 +413,7 @@ class Replica:
             elif self.peers and self._lost_quorum(now):
                 self._step_down(None)
             elif (self._catchup_target > self.commit_index
-                  and now - self._last_advance > 2 * cfg.election_timeout):
+                  and now - max(self._last_advance, self._led_since) > 2 * cfg.election_timeout):
                 # Phase 1 said slots up to the target were chosen, but nobody
                 # reachable can tell us their values any more (the node that
                 # knew restarted). Their accepted values are still on a quorum
@@ -770,7 +771,9 @@ class Replica:
         self._lease_min_seq = self._hb_seq + 1
         self._transfer = None
         self._heard = {p: self._now for p in self.peers}
-        self._last_advance = self._now
+        # Not an advance: a leader that re-runs phase 1 because nothing moves
+        # must not reset how long a peer has kept it waiting for a snapshot.
+        self._led_since = self._now
         if known > self.commit_index:
             peer = next(p.sender for p in promises if p.chosen_upto == known)
             self._want_catchup(known, peer)
