@@ -356,37 +356,40 @@ def test_a_receiver_asks_for_the_next_chunk_only_while_fewer_than_two_wait_to_be
     assert {m.sender for m in chunks()} == {server}
 
 
-def test_parts_of_an_earlier_transfer_still_unstored_hold_back_the_next_one():
+def _holding_two_parts_of(index):
+    """A replica catching up from node 2 that got two 3-byte parts of snapshot
+    ``index`` and stored neither: it holds back its next ask."""
     r = Replica(1, [1, 2, 3], config=Config(snapshot_chunk_bytes=3), now=0.0)
     r.receive(M.Heartbeat(2, M.Ballot(1, 2), 20, 1), 0.0)          # far behind: catch up from 2
-    r.receive(M.SnapshotChunk(2, 5, 0, 9, b"abc"), 0.0)
-    r.receive(M.SnapshotChunk(2, 5, 3, 9, b"def"), 0.0)           # two parts unstored: held
+    r.receive(M.SnapshotChunk(2, index, 0, 9, b"abc"), 0.0)
+    r.receive(M.SnapshotChunk(2, index, 3, 9, b"def"), 0.0)
     r.ready()
-    r.receive(M.SnapshotChunk(2, 9, 0, 9, b"ghi"), 0.0)           # the peer starts a newer one
+    return r
 
-    def asked():
-        return [(m.snapshot_index, m.snapshot_offset) for _, m in r.ready().messages
-                if isinstance(m, M.CatchupRequest)]
-    assert asked() == []                         # three parts in memory: none of them stored
+
+def _asks(r):
+    """(to, snapshot index, offset) of the catch-up requests in the replica's next Ready."""
+    return [(to, m.snapshot_index, m.snapshot_offset) for to, m in r.ready().messages
+            if isinstance(m, M.CatchupRequest)]
+
+
+def test_parts_of_an_earlier_transfer_still_unstored_hold_back_the_next_one():
+    r = _holding_two_parts_of(5)
+    r.receive(M.SnapshotChunk(2, 9, 0, 9, b"ghi"), 0.0)           # the peer starts a newer one
+    assert _asks(r) == []                        # three parts in memory: none of them stored
     r.snapshot_part_stored()
-    assert asked() == []                         # still two
+    assert _asks(r) == []                        # still two
     r.snapshot_part_stored()
-    assert asked() == [(9, 3)]
+    assert _asks(r) == [(2, 9, 3)]
 
 
 def test_a_learn_while_the_receiver_waits_for_its_disk_asks_nothing_and_keeps_the_peer():
-    r = Replica(1, [1, 2, 3], config=Config(snapshot_chunk_bytes=3), now=0.0)
-    r.receive(M.Heartbeat(2, M.Ballot(1, 2), 20, 1), 0.0)          # far behind: catch up from 2
-    r.receive(M.SnapshotChunk(2, 10, 0, 9, b"abc"), 0.0)
-    r.receive(M.SnapshotChunk(2, 10, 3, 9, b"def"), 0.0)           # two parts unstored: held
-    r.ready()
+    r = _holding_two_parts_of(10)
     r.receive(M.Learn(3, 1, ((b"x",),)), 0.0)                      # a late answer from another peer
     assert r.commit_index == 1
-    asked = [(to, m) for to, m in r.ready().messages if isinstance(m, M.CatchupRequest)]
-    assert asked == []
+    assert _asks(r) == []
     r.snapshot_part_stored()
-    asked = [(to, m) for to, m in r.ready().messages if isinstance(m, M.CatchupRequest)]
-    assert [(to, m.snapshot_index, m.snapshot_offset) for to, m in asked] == [(2, 10, 6)]
+    assert _asks(r) == [(2, 10, 6)]
 
 
 def test_a_leader_kept_waiting_for_a_snapshot_turns_to_another_peer_though_it_keeps_being_reelected():
