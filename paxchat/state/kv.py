@@ -431,7 +431,7 @@ class KVStore:
                 sink = open(part, "wb")
             except OSError as e:
                 raise StoreError(f"cannot write {part} to receive a snapshot: {e}") from e
-            self._incoming = [_SnapshotReader(sink=sink.write), sink, 0]
+            self._incoming = [_SnapshotReader(sink.write), sink, 0]
         incoming = self._incoming
         if incoming is None or incoming[2] != offset:
             raise StoreError(f"a part at {offset} of a snapshot of which"
@@ -487,22 +487,19 @@ class KVStore:
         fetches the snapshot again if a crash loses the restore.
 
         The image goes through a file beside the store (``RESTORE_SUFFIX``),
-        written as the chunks come and removed after: a snapshot is as large
-        as the state, and holding it in memory while checking and copying it
-        took three times that.
+        written as the chunks come and removed after, as for a snapshot
+        received from a peer: a snapshot is as large as the state, and
+        holding it in memory while checking and copying it took three times
+        that.
         """
-        self._drop_incoming()
-        part = self.path + RESTORE_SUFFIX
         try:
-            try:
-                with open(part, "wb") as sink:
-                    _read_snapshot(chunks, applied_index, sink.write)
-            except OSError as e:
-                raise StoreError(f"cannot write {part} to restore a snapshot: {e}") from e
-            self._install_image(part, applied_index)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(part)
+            self.receive_snapshot_part(0, b"")           # starts one anew
+            for chunk in chunks:
+                self.receive_snapshot_part(self._incoming[2], chunk)
+        except BaseException:
+            self._drop_incoming()
+            raise
+        self.restore_received(applied_index)
 
     def _install_image(self, part, applied_index):
         """Check the image in file ``part``, then copy it over this database."""
@@ -721,11 +718,9 @@ def check_snapshot(snapshot):
     return _read_snapshot(snapshot)
 
 
-def _read_snapshot(chunks, applied_index=None, sink=None):
-    """The index of a snapshot stream, after checking its frame and digest (and
-    that it is of ``applied_index``, when given), passing the image inside it
-    to ``sink`` piece by piece as it goes."""
-    reader = _SnapshotReader(applied_index, sink)
+def _read_snapshot(chunks):
+    """The index of a snapshot stream, after checking its frame and digest."""
+    reader = _SnapshotReader()
     for chunk in chunks:
         reader.feed(chunk)
     return reader.finish()
@@ -735,8 +730,7 @@ class _SnapshotReader:
     """Checks a snapshot stream as it comes (frame, index, digest) and passes the
     image inside it on to ``sink``; L{SnapshotError} says what is wrong."""
 
-    def __init__(self, applied_index=None, sink=None):
-        self._applied_index = applied_index
+    def __init__(self, sink=None):
         self._sink = sink
         self._head = bytearray()
         self._tail = bytearray()
@@ -757,7 +751,6 @@ class _SnapshotReader:
             magic, self.index, self._size = _SNAP_HEADER.unpack(self._head)
             if magic != SNAPSHOT_MAGIC:
                 raise SnapshotError("not a paxchat state snapshot (bad magic)")
-            self._check_index(self._applied_index)
         if self._taken < self._size:
             piece = view[:self._size - self._taken]
             self._digest.update(piece)
@@ -775,12 +768,9 @@ class _SnapshotReader:
             raise SnapshotError("snapshot stream ends early")
         if self._digest.digest() != self._tail:
             raise SnapshotError("snapshot digest mismatch")
-        self._check_index(applied_index)
-        return self.index
-
-    def _check_index(self, applied_index):
         if applied_index is not None and self.index != applied_index:
             raise SnapshotError(f"snapshot is of index {self.index}, expected {applied_index}")
+        return self.index
 
 
 def _check_image(conn, applied_index):
