@@ -204,23 +204,29 @@ def test_a_backup_larger_than_a_piece_arrives_whole(node_1, tmp_path):
     copy.close()
 
 
+class _RecordingRequest:
+    """What a _PiecesProducer did to the request it sends a backup on."""
+
+    def __init__(self):
+        self.written, self.finished, self.unregistered, self.lost = [], 0, 0, 0
+
+    def write(self, data):
+        self.written.append(data)
+
+    def finish(self):
+        self.finished += 1
+
+    def unregisterProducer(self):
+        self.unregistered += 1
+
+    def loseConnection(self):
+        self.lost += 1
+
+
 def test_the_pieces_producer_writes_one_piece_per_turn_and_stops_when_told():
     from paxchat.admin import _PiecesProducer
 
-    class Request:
-        def __init__(self):
-            self.written, self.finished, self.unregistered = [], 0, 0
-
-        def write(self, data):
-            self.written.append(data)
-
-        def finish(self):
-            self.finished += 1
-
-        def unregisterProducer(self):
-            self.unregistered += 1
-
-    request = Request()
+    request = _RecordingRequest()
     producer = _PiecesProducer(request, [b"ab", memoryview(b"cd"), b"e"])
     for turn in range(1, 4):
         producer.resumeProducing()
@@ -230,7 +236,7 @@ def test_the_pieces_producer_writes_one_piece_per_turn_and_stops_when_told():
     producer.resumeProducing()                      # nothing more, and no second finish
     assert (request.finished, len(request.written)) == (1, 3)
 
-    gone = Request()
+    gone = _RecordingRequest()
     producer = _PiecesProducer(gone, [b"ab", b"cd"])
     producer.resumeProducing()
     producer.stopProducing()                        # the client went away
@@ -243,22 +249,6 @@ def test_the_pieces_producer_waits_for_a_piece_being_read_and_closes_on_a_failed
 
     from paxchat.admin import _PiecesProducer
 
-    class Request:
-        def __init__(self):
-            self.written, self.finished, self.lost = [], 0, 0
-
-        def write(self, data):
-            self.written.append(data)
-
-        def finish(self):
-            self.finished += 1
-
-        def unregisterProducer(self):
-            pass
-
-        def loseConnection(self):
-            self.lost += 1
-
     reads = [defer.Deferred(), defer.Deferred()]
     asked = []
 
@@ -266,7 +256,7 @@ def test_the_pieces_producer_waits_for_a_piece_being_read_and_closes_on_a_failed
         for read in reads:
             asked.append(read)
             yield read
-    request = Request()
+    request = _RecordingRequest()
     producer = _PiecesProducer(request, pieces())
     producer.resumeProducing()
     producer.resumeProducing()                      # the first is still being read
