@@ -49,6 +49,10 @@ def _reject_constant(name):
     raise ValueError(f"{name} is not JSON")
 
 
+# Built once: ``json.loads`` with an option builds a decoder on every call.
+_json_decode = json.JSONDecoder(parse_constant=_reject_constant).decode
+
+
 def decode_request(line):
     """The request object of one line, or ProtocolError(invalid_request)."""
     try:
@@ -56,7 +60,7 @@ def decode_request(line):
     except UnicodeDecodeError:
         raise ProtocolError(INVALID_REQUEST, "a line must be UTF-8") from None
     try:
-        request = json.loads(text, parse_constant=_reject_constant)
+        request = _json_decode(text)
     except (ValueError, RecursionError):
         raise ProtocolError(INVALID_REQUEST, "a line must be one JSON object") from None
     if type(request) is not dict:
