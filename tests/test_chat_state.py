@@ -1,6 +1,8 @@
 """ChatState: every command's rules, the reads, determinism and crash safety."""
 
+import fnmatch
 import sqlite3
+import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -521,6 +523,25 @@ def test_list_accounts_brackets_match_literally(state):
     assert not glob_regex("a.b").fullmatch("axb")
     assert glob_literal_prefix("al?x*") == "al"
     assert glob_literal_prefix("*") == ""
+
+
+@settings(max_examples=500)
+@given(st.text("ab.*?", max_size=10), st.text("ab.", max_size=10))
+def test_glob_matches_as_fnmatch_does(pattern, name):
+    assert bool(glob_regex(pattern).fullmatch(name)) == fnmatch.fnmatchcase(name, pattern)
+
+
+def test_a_pattern_of_many_stars_is_matched_in_linear_time(state):
+    # A translation that backtracks took seconds for 12 "*a" and grows
+    # exponentially with each; 31 would not finish in a lifetime.
+    name = "a" * 32
+    state.apply({"op": "create_account", "username": name, "pw_hash": "h", "ts": 1.0})
+    started = time.monotonic()
+    assert state.list_accounts("*a" * 31 + "*b", 100, "") == ([], False)
+    assert state.list_accounts("*?" * 31 + "*b", 100, "") == ([], False)
+    assert state.list_accounts("*a" * 33 + "*", 100, "") == ([], False)
+    assert state.list_accounts("*a" * 16 + "*", 100, "") == ([name], False)
+    assert time.monotonic() - started < 1.0
 
 
 def test_list_accounts_paging(people):
