@@ -150,6 +150,10 @@ class FakeChatState:
             out.append(dict(m))
         return out[:limit]
 
+    def history_page(self, username, peer=None, before=None, limit=50):
+        messages = self.history(username, peer, before, limit + 1)
+        return {"messages": messages[:limit], "more": len(messages) > limit}
+
 
 class SyncWorker:
     """A StateWorker that runs each call at once on the calling thread."""

@@ -7,7 +7,11 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from paxchat.state.chat import DEDUP_WINDOW_SECONDS, ChatState, glob_literal_prefix, glob_regex
+from paxchat.state import chat
+from paxchat.state.chat import (
+    DEDUP_WINDOW_SECONDS, MAX_ANSWER_MESSAGE_BYTES, MAX_BODY_CHARS, ChatState, glob_literal_prefix,
+    glob_regex,
+)
 from paxchat.state.kv import SNAPSHOT_CHUNK_BYTES, SnapshotError, StoreError
 
 
@@ -255,6 +259,46 @@ def test_read_messages_oldest_first_and_marks_read(state):
     assert state.message(1)["read"] is True
 
 
+def test_reads_stop_at_the_answer_size_limit_and_leave_the_rest(state):
+    user(state, "alice")
+    user(state, "bob")
+    body = "\U0001F600" * MAX_BODY_CHARS     # 12 bytes a character once escaped
+    for i in range(8):
+        ok(send(state, "alice", "bob", body, ts=float(i)))
+    per_message = 12 * MAX_BODY_CHARS
+    fit = MAX_ANSWER_MESSAGE_BYTES // per_message
+    assert 1 <= fit < 8
+    page = state.history_page("bob", limit=1000)
+    assert ids(page["messages"]) == list(range(8, 8 - fit, -1)) and page["more"] is True
+    rest = state.history_page("bob", before=page["messages"][-1]["id"], limit=1000)
+    assert fit >= 4 and rest == {"messages": state.history("bob", before=8 - fit + 1, limit=8),
+                                 "more": False}
+    assert ids(rest["messages"]) == list(range(8 - fit, 0, -1))
+    result = ok(op(state, "read_messages", "bob", limit=1000))
+    assert ids(result["messages"]) == list(range(1, fit + 1))
+    assert result["unread"] == 8 - fit == state.unread_count("bob")
+    assert state.message(fit + 1)["read"] is False
+
+
+def test_a_message_over_the_answer_size_limit_still_comes_alone(state, monkeypatch):
+    monkeypatch.setattr(chat, "MAX_ANSWER_MESSAGE_BYTES", 100)
+    user(state, "alice")
+    for i in range(3):
+        ok(send(state, "alice", "alice", "x" * 200))
+    page = state.history_page("alice")
+    assert ids(page["messages"]) == [3] and page["more"] is True
+    assert ids(ok(op(state, "read_messages", "alice", limit=10))["messages"]) == [1]
+
+
+def test_history_says_whether_older_messages_are_left(state):
+    user(state, "alice")
+    for i in range(3):
+        ok(send(state, "alice", "alice"))
+    assert state.history_page("alice", limit=2)["more"] is True
+    assert state.history_page("alice", limit=3) == {"messages": state.history("alice"), "more": False}
+    assert state.history_page("alice", before=2, limit=1) == {"messages": [state.message(1)], "more": False}
+
+
 def test_read_messages_limit_zero(state):
     user(state, "alice")
     ok(send(state, "alice", "alice"))
@@ -428,6 +472,30 @@ def test_generic_dedup_for_delete_account_survives_the_deletion(state):
                "pw_hash": "hash-x", "dedup": "bye"}
     assert ok(state.apply(command)) == {}
     assert ok(state.apply(command)) == {}
+
+
+def test_a_key_used_by_another_kind_of_write_is_refused_and_changes_nothing(state):
+    user(state, "alice")
+    ok(send(state, "alice", "alice"))
+    ok(op(state, "read_messages", "alice", limit=1, dedup="k"))
+    before = state.dump()[1]
+    for name, fields in (("logout", {}), ("mark_read", {"ids": [1]}),
+                         ("delete_messages", {"ids": [1]}),
+                         ("delete_account", {"pw_hash": "hash-x"})):
+        answer = op(state, name, "alice", dedup="k", **fields)
+        assert code(answer) == "invalid_request"
+        assert "read_messages" in answer["error"]["message"]
+    assert state.dump()[1] == before
+    assert state.session("s-alice") is not None and state.account("alice") is not None
+
+
+def test_a_key_remembered_without_its_op_still_answers_a_resend(state):
+    # Entries written before the op was kept with them.
+    user(state, "alice")
+    with state.kv.transaction():
+        state.kv.put("d/alice/g/old", b'{"result":{}}')
+    assert ok(op(state, "logout", "alice", dedup="old")) == {}
+    assert state.session("s-alice") is not None
 
 
 def test_failed_command_records_no_dedup(state):

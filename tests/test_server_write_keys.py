@@ -52,6 +52,16 @@ def test_mark_read_and_delete_messages_resent_answer_the_first_count(server):
     assert bob.ok("delete_messages", ids=ids, client_msg_id="d") == {"deleted": 2}
 
 
+def test_a_key_reused_for_another_kind_of_write_is_refused_and_the_write_not_done(server):
+    frank = logged_in(server, "frank")
+    frank.ok("read_messages", limit=1, client_msg_id="k")
+    error = frank.call("logout", client_msg_id="k")["error"]
+    assert error["code"] == "invalid_request" and "read_messages" in error["message"]
+    assert frank.ok("read_messages", limit=1) == {"messages": [], "unread": 0}   # still logged in
+    assert frank.error("delete_account", password=PW, client_msg_id="k") == "invalid_request"
+    assert server.state.account("frank") is not None
+
+
 def test_create_account_resent_with_its_key_answers_ok_not_taken(server):
     client = server.connect()
     assert client.ok("create_account", username="carol", password=PW, client_msg_id="c1") == {"username": "carol"}
@@ -91,7 +101,7 @@ def test_a_mistyped_key_is_rejected_and_changes_nothing(server, op, args, bad):
     before = server.state.digest()
     assert frank.error(op, client_msg_id=bad, **args) == "invalid_request"
     assert server.state.digest() == before
-    assert frank.ok("history") == {"messages": []}
+    assert frank.ok("history") == {"messages": [], "more": False}
 
 
 @pytest.mark.parametrize("bad", [False, {"k": 1}, "k" * 129])

@@ -276,8 +276,8 @@ class Handlers:
         before = V.optional_integer(request, "before", 1, V.MAX_MESSAGE_ID)
         limit = V.limit(request, 50)
         session = await self._read_barrier(conn)
-        messages = await self._worker.call("history", session.username, peer, before, limit)
-        return {"messages": list(messages)}
+        page = await self._worker.call("history_page", session.username, peer, before, limit)
+        return {"messages": list(page["messages"]), "more": page["more"]}
 
     async def delete_account(self, conn, request):
         session = self._session(conn)

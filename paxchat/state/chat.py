@@ -54,6 +54,14 @@ DEDUP_WINDOW_SECONDS = 24 * 3600
 # Expired dedup entries one keyed write removes at most: more than it adds.
 _EXPIRE_BATCH = 16
 _MAX_MS = 16 ** 12 - 1
+# An answer that lists messages stops adding them once they weigh this much
+# as the client protocol writes them (escaped to ASCII: up to 12 bytes a
+# character). Without it one read of 1,000 long bodies built an answer of
+# ~200 MB on the node. At least one message is always listed, so a client
+# paging through them always moves on.
+MAX_ANSWER_MESSAGE_BYTES = 1 << 20
+# What a message's other fields (ids, names, time, flags) weigh, at most.
+_MESSAGE_FIELDS_BYTES = 160
 
 
 def valid_username(name):
@@ -83,6 +91,14 @@ _decode = json.loads
 
 def _encode(value):
     return _json_encode(value).encode("utf-8")
+
+
+_ascii_json = json.JSONEncoder().encode
+
+
+def _answer_bytes(body):
+    """What a message of ``body`` weighs in an answer (deterministic: part of applying)."""
+    return len(_ascii_json(body)) + _MESSAGE_FIELDS_BYTES
 
 
 def _mid(message_id):
@@ -296,10 +312,16 @@ class ChatState:
                 dedup_key = f"d/{owner}/g/{dedup}"
                 stored = self.kv.get(dedup_key)
                 if stored is not None:
-                    return _decode(stored)["result"]
+                    first = _decode(stored)
+                    # Entries written before the op was kept have none.
+                    if first.get("op", op) != op:
+                        raise Rejected("invalid_request",
+                                       f"this client_msg_id was used by a {first['op']} write:"
+                                       " use a fresh one for each write")
+                    return first["result"]
         result = self._handlers[op](command)
         if dedup_key is not None:
-            self._remember(dedup_key, _encode({"result": result}), command.get("ts"))
+            self._remember(dedup_key, _encode({"op": op, "result": result}), command.get("ts"))
         return result
 
     def _remember(self, dedup_key, value, ts, rows=()):
@@ -371,9 +393,10 @@ class ChatState:
         return {"id": message_id, "from": sender, "to": recipient, "body": body,
                 "ts": ts, "read": bool(read)}
 
-    def _mark_read(self, message_id):
+    def _mark_read(self, message_id, record=None):
         key = "m/" + _mid(message_id)
-        record = _decode(self.kv.get(key))
+        if record is None:
+            record = _decode(self.kv.get(key))
         record[4] = 1
         self.kv.put(key, _encode(record))
         return record
@@ -472,9 +495,14 @@ class ChatState:
         prefix = f"u/{user}/"
         rows = self.kv.scan(prefix, limit=c["limit"]) if c["limit"] else []
         messages = []
+        weight = 0
         for key, _ in rows:
             message_id = int(key[len(prefix):], 16)
-            record = self._mark_read(message_id)
+            record = self._message_record(message_id)
+            weight += _answer_bytes(record[2])
+            if messages and weight > MAX_ANSWER_MESSAGE_BYTES:
+                break               # left unread: ``unread`` says so
+            self._mark_read(message_id, record)
             self.kv.delete(key)
             messages.append(self._message(message_id, record))
         self._add_unread(user, -len(messages))
@@ -582,26 +610,39 @@ class ChatState:
         return names, more
 
     def history(self, username, peer=None, before=None, limit=50):
-        """Messages ``username`` sent or received, newest first.
+        """Messages ``username`` sent or received, newest first (see L{history_page})."""
+        return self.history_page(username, peer, before, limit)["messages"]
+
+    def history_page(self, username, peer=None, before=None, limit=50):
+        """``{"messages", "more"}``: up to ``limit`` messages ``username`` sent
+        or received, newest first, and whether older ones are left.
 
         ``peer`` keeps only those exchanged with that name; ``before`` keeps
-        ids below it.
+        ids below it. A page also ends early once its messages weigh
+        ``MAX_ANSWER_MESSAGE_BYTES``.
         """
+        done = {"messages": [], "more": False}
         if not valid_username(username) or (peer is not None and not valid_username(peer)):
-            return []
+            return done
         prefix = f"h/{username}/" if peer is None else f"p/{username}/{peer}/"
         bound = None
         if before is not None:
             if before <= 1:
-                return []
+                return done
             bound = prefix + _mid(min(before, MAX_MESSAGE_ID + 1))
         messages = []
-        for key, _ in self.kv.scan(prefix, before=bound, limit=limit, reverse=True):
+        weight = 0
+        rows = self.kv.scan(prefix, before=bound, limit=limit + 1, reverse=True)
+        for key, _ in rows[:limit]:
             message_id = int(key[len(prefix):], 16)
             record = self._message_record(message_id)
-            if record is not None:
-                messages.append(self._message(message_id, record))
-        return messages
+            if record is None:
+                continue
+            weight += _answer_bytes(record[2])
+            if messages and weight > MAX_ANSWER_MESSAGE_BYTES:
+                return {"messages": messages, "more": True}
+            messages.append(self._message(message_id, record))
+        return {"messages": messages, "more": len(rows) > limit}
 
     # -- whole-state operations -----------------------------------------
 
