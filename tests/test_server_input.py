@@ -106,6 +106,22 @@ def test_not_an_object_and_broken_json():
     assert not alice.transport.disconnecting
 
 
+def test_lone_surrogates_get_the_code_of_a_string_that_cannot_match():
+    server, alice = fresh()
+    lone = "\ud800"
+    alice.send_line(b'{"id": "\\ud800", "op": "hello"}\n')
+    answer = alice.received()[-1]
+    assert answer["id"] is None and answer["error"]["code"] == "invalid_request"
+    assert alice.error("send_message", to=lone, body="x") == "no_such_user"
+    assert alice.error("create_account", username=lone, password="password-x") == "invalid_username"
+    assert alice.error("login", username=lone, password="password-x") == "bad_credentials"
+    assert server.connect().error("resume", session=lone) == "bad_session"
+    error = alice.call("send_message", to="bob", body=lone)["error"]
+    assert error == {"code": "invalid_request",
+                     "message": "'body' is not valid Unicode (it holds a lone surrogate)"}
+    assert alice.ok("history", peer="bob") == {"messages": [], "more": False}
+
+
 def test_deeply_nested_json_is_invalid_request():
     server, alice = fresh()
     alice.send_line(b'{"id": 1, "op": "hello", "x": ' + b"[" * 30000 + b"]" * 30000 + b"}\n")

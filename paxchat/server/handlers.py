@@ -182,9 +182,9 @@ class Handlers:
         return {"session": token, "unread": result["unread"]}
 
     async def resume(self, conn, request):
-        token = V.string(request, "session")
+        token = V.any_string(request, "session")
         self._limit_login(conn)
-        if not token or len(token) > V.MAX_SESSION_TOKEN_CHARS:
+        if not token or len(token) > V.MAX_SESSION_TOKEN_CHARS or not V.is_text(token):
             raise ProtocolError(BAD_SESSION, "no such session")
         await self._read_barrier()
         session_hash = token_hash(token)

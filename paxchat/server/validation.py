@@ -55,10 +55,18 @@ def is_text(value):
     return True
 
 
-def string(request, name, default=_MISSING, max_chars=None):
+def any_string(request, name, default=_MISSING):
+    """A str argument, valid Unicode or not: for those a bad one is simply not found."""
     value = _get(request, name, default)
-    if not is_text(value):
+    if type(value) is not str:
         raise invalid(f"{name!r} must be a string")
+    return value
+
+
+def string(request, name, default=_MISSING, max_chars=None):
+    value = any_string(request, name, default)
+    if not is_text(value):
+        raise invalid(f"{name!r} is not valid Unicode (it holds a lone surrogate)")
     if max_chars is not None and len(value) > max_chars:
         raise invalid(f"{name!r} is longer than {max_chars} characters")
     return value
@@ -112,7 +120,7 @@ def is_username(value):
 
 def username(request, name, code):
     """A username argument; a string that cannot be a username raises ``code``."""
-    value = string(request, name, max_chars=None)
+    value = any_string(request, name)
     if not is_username(value):
         raise ProtocolError(code, f"{name!r} is not a username: 1 to 32 of A-Z a-z 0-9 _ . -")
     return value
