@@ -81,6 +81,16 @@ def test_history_pages_tell_whether_older_messages_remain():
     assert not conv.more_before and conv.oldest_id == 10
 
 
+def test_a_short_page_the_server_says_is_not_the_last_keeps_older_loadable():
+    # A page cut short by the answer size limit: fewer than asked, more left.
+    model, _ = model_for()
+    model.open("bob")
+    model.add_history_page("bob", [msg(100, "bob", "alice", read=True)], PAGE_SIZE, older=False, more=True)
+    assert model.conversation("bob").more_before
+    model.add_history_page("bob", [msg(99, "bob", "alice", read=True)], PAGE_SIZE, older=True, more=False)
+    assert not model.conversation("bob").more_before
+
+
 def test_selection_and_removal():
     model, _ = model_for()
     model.add_messages([msg(1, "bob", "alice"), msg(2, "bob", "alice")])

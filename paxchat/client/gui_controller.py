@@ -223,7 +223,7 @@ class ChatController:
 
         def loaded(result):
             self._mark(self.model.add_history_page(peer, result.get("messages", []), PAGE_SIZE,
-                                                   older=before is not None))
+                                                   older=before is not None, more=result.get("more")))
 
         def failed(failure):
             self.model.conversation(peer).loading_older = False

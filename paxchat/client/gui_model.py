@@ -203,14 +203,21 @@ class ChatModel:
             self._changed(*parts)
         return to_mark
 
-    def add_history_page(self, peer: str | None, messages: list[dict], limit: int, older: bool) -> list[int]:
-        """A page of ``history`` (newest first from the server); notes whether more remain."""
+    def add_history_page(self, peer: str | None, messages: list[dict], limit: int, older: bool,
+                         more: bool | None = None) -> list[int]:
+        """A page of ``history`` (newest first from the server); notes whether more remain.
+
+        ``more`` is the answer's own word on it; a server that does not
+        give it ends a page early only at the end of the history.
+        """
         ids = self.add_messages(messages)
         if peer is not None:
             conv = self.conversation(peer)
             conv.loading_older = False
             conv.loaded_once = True
-            if older or len(messages) < limit:
+            if more is not None:
+                conv.more_before = more
+            elif older or len(messages) < limit:
                 conv.more_before = len(messages) >= limit
             self._changed("conversation", "list")
         return ids
