@@ -198,6 +198,28 @@ def test_server_errors_propagate_for_main_to_explain():
     assert failure.value.code == "no_such_user"
 
 
+def test_a_message_too_large_once_encoded_is_one_clear_line_and_status_1(monkeypatch):
+    from twisted.internet.testing import MemoryReactorClock
+    from paxchat.client.api import PaxchatClient
+
+    class Client(StubClient):
+        def send_message(self, to, body):   # the real library's check, with no cluster behind it
+            return PaxchatClient(MemoryReactorClock(), [object()]).send_message(to, body)
+
+        def close(self):
+            return defer.succeed(None)
+    client = Client({"login": {"session": "t"}})
+    monkeypatch.setattr(cli, "_load_config", lambda path: None)
+    monkeypatch.setattr(cli, "make_client", lambda reactor, config, args: client)
+    con, out, err, _ = console(env={"PAXCHAT_PASSWORD": "pw-123456"})
+    status = []
+    cli.run(None, parse("--user", "alice", "--no-session-cache", "send", "bob", "🎉" * 16384),
+            con).addBoth(status.append)
+    assert status == [1] and out == []
+    assert err == ["paxchat: That message is too large to send: 65,636 bytes once encoded, at most 65,536"
+                   " (emoji and many other characters take 4 bytes each)."]
+
+
 def test_a_bad_config_is_one_line_and_status_2(tmp_path):
     bad = tmp_path / "cluster.ini"
     bad.write_text("[cluster]\nbogus = 1\n")

@@ -65,3 +65,49 @@ def test_lost_connection_fails_pending_then_reports():
     after = []
     proto.request("hello").addErrback(after.append)
     assert after[0].check(ConnectionDropped)
+
+
+def _body_for_line_of(size):
+    """A send_message body whose request line (id 1, no newline) is ``size`` bytes."""
+    overhead = len(encode_request(1, "send_message", {"to": "bob", "body": ""})) - 1
+    return "x" * (size - overhead)
+
+
+def test_a_request_over_the_frame_limit_fails_at_once_and_is_not_written():
+    from paxchat.client.errors import RequestTooLarge
+    from paxchat.limits import MAX_LINE_BYTES
+    proto, transport, _, _ = connected()
+    failures = []
+    proto.request("send_message", to="bob", body="🎉" * 16384).addErrback(failures.append)
+    [failure] = failures
+    assert failure.check(RequestTooLarge)
+    assert failure.value.size > MAX_LINE_BYTES and failure.value.limit == MAX_LINE_BYTES
+    assert "65,536" in str(failure.value) and "too large" in str(failure.value)
+    assert transport.value() == b"" and proto.in_flight == 0
+
+
+def test_a_request_exactly_at_the_frame_limit_is_sent():
+    from paxchat.limits import MAX_LINE_BYTES
+    proto, transport, _, _ = connected()
+    proto.request("send_message", to="bob", body=_body_for_line_of(MAX_LINE_BYTES))
+    assert len(transport.value()) == MAX_LINE_BYTES + 1 and proto.in_flight == 1
+
+
+def test_frame_too_large_fails_the_longest_request_in_flight_and_only_it():
+    proto, transport, _, _ = connected()
+    small, big = [], []
+    proto.request("hello").addBoth(small.append)
+    proto.request("send_message", to="bob", body="y" * 1000).addBoth(big.append)
+    proto.dataReceived(b'{"id":null,"ok":false,"error":{"code":"frame_too_large","message":"too big"}}\n')
+    [failure] = big
+    assert failure.check(ServerError) and failure.value.code == "frame_too_large"
+    assert small == []                                  # may still be answered before the close
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert small[0].check(ConnectionDropped)
+
+
+def test_the_client_shares_the_server_limits():
+    from paxchat import limits
+    from paxchat.server import protocol, validation
+    assert limits.MAX_LINE_BYTES == protocol.MAX_LINE_BYTES
+    assert limits.MAX_BODY_CHARS == validation.MAX_BODY_CHARS

@@ -359,3 +359,26 @@ def test_garbage_lines_from_a_server_are_ignored():
     [req] = conn.requests()
     conn.answer(req, {"node": 1, "leader": None, "nodes": [], "protocol": 1})
     assert got[0]["leader"] is None
+
+
+def test_a_message_too_large_once_encoded_fails_before_connecting():
+    from paxchat.client.errors import RequestTooLarge
+    reactor, client, nodes, _, _ = make_client()
+    [failure] = results(client.send_message("bob", "🎉" * 16384))  # 16,384 characters, 65,536 bytes
+    assert failure.check(RequestTooLarge) and failure.value.op == "send_message"
+    reactor.advance(0)
+    assert reactor.tcpClients == []                    # nothing was sent anywhere
+
+
+def test_frame_too_large_fails_the_request_and_it_is_never_resent():
+    reactor, client, nodes, conn, _, _ = logged_in()
+    got = results(client.send_message("bob", "hi"))
+    [req] = conn.requests()
+    conn.send({"id": None, "ok": False, "error": {"code": "frame_too_large", "message": "too big"}})
+    conn.drop()                                         # the server closes after saying so
+    [failure] = got
+    assert failure.check(ServerError) and failure.value.code == "frame_too_large"
+    reactor.advance(POLICY.initial_delay)
+    conn2 = nodes.accept()
+    conn2.handshake(node=2, resume_user="alice")
+    assert conn2.requests() == []                       # not sent again

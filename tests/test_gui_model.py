@@ -236,6 +236,17 @@ def test_send_shows_pending_then_the_stored_message_or_an_error():
     assert "too long" in model.error
 
 
+def test_a_message_too_large_once_encoded_is_shown_as_not_sent():
+    from paxchat.client.errors import RequestTooLarge
+    clock, model, client, ctl = controller()
+    model.signed_in("alice")
+    ctl.open("bob")
+    client.auto = {"send_message": RequestTooLarge("send_message", 65601, 65536)}
+    ctl.send("🎉" * 16384)
+    assert model.error.startswith("Not sent: that message is too large to send: 65,601 bytes")
+    assert model.bubbles() == []
+
+
 def test_search_delete_logout_and_session_end():
     clock, model, client, ctl = controller()
     model.signed_in("alice")

@@ -13,7 +13,9 @@ node: the one that answered may be cut off from the majority, and its
 clients would wait there for as long as the cut lasts. Callers see
 one answer per call, or ``ServerError`` / ``Unreachable``. A node that is
 stopping says so (``node_stopping``): the client leaves it at once, trying
-it last, as it would after a drop.
+it last, as it would after a drop. A request too large for the server's
+line limit fails at once with ``RequestTooLarge`` and is never sent (the
+server would close the connection, and a resend would fail the same way).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from typing import Callable, Sequence
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from .connection import ChatClientFactory
-from .errors import ClientError, ConnectionDropped, ServerError, Unreachable
+from .connection import ChatClientFactory, check_size, encode_request
+from .errors import ClientError, ConnectionDropped, RequestTooLarge, ServerError, Unreachable
 from .failover import FailoverPolicy, Rotation
 from .targets import NodeTarget, targets_from_addresses, targets_from_config
 
@@ -240,6 +242,10 @@ class PaxchatClient:
         if op in WRITE_OPS:
             # Chosen once per call: every resend of this request carries it.
             args = dict(args, client_msg_id=uuid.uuid4().hex if client_msg_id is None else client_msg_id)
+        try:
+            check_size(op, encode_request(0, op, args))  # the connection checks again with the real id
+        except RequestTooLarge:
+            return defer.fail()
         req = _Request(op, args, None)
         req.deferred = defer.Deferred(lambda d: self._forget(req))
         self._outstanding.append(req)

@@ -17,11 +17,12 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
+from paxchat.limits import MAX_LINE_BYTES
 from paxchat.tcp import CLIENT_KEEPALIVE, keep_alive, no_delay
 
-from .errors import ConnectionDropped, ServerError
+from .errors import ConnectionDropped, RequestTooLarge, ServerError
 
-__all__ = ["ChatClient", "ChatClientFactory", "encode_request"]
+__all__ = ["ChatClient", "ChatClientFactory", "check_size", "encode_request"]
 
 # Answers (history pages of long bodies) can be far bigger than the 64 KiB the
 # server accepts from us; this only guards against a runaway peer.
@@ -33,6 +34,12 @@ def encode_request(request_id, op: str, args: dict) -> bytes:
     body = {"id": request_id, "op": op}
     body.update(args)
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def check_size(op: str, line: bytes) -> None:
+    """Raise RequestTooLarge if the server would refuse ``line`` (it counts bytes without the ``\\n``)."""
+    if len(line) - 1 > MAX_LINE_BYTES:
+        raise RequestTooLarge(op, len(line) - 1, MAX_LINE_BYTES)
 
 
 class ChatClient(LineOnlyReceiver):
@@ -53,6 +60,7 @@ class ChatClient(LineOnlyReceiver):
         self.on_lost = on_lost
         self._ids = itertools.count(1)
         self._pending: dict[int, defer.Deferred] = {}
+        self._sizes: dict[int, int] = {}  # line length of each pending request
         self.connected = False
         self.lost = False
 
@@ -63,9 +71,15 @@ class ChatClient(LineOnlyReceiver):
         if self.lost or self.transport is None:
             return defer.fail(ConnectionDropped("not connected"))
         request_id = next(self._ids)
+        line = encode_request(request_id, op, args)
+        try:
+            check_size(op, line)
+        except RequestTooLarge:
+            return defer.fail()
         d = defer.Deferred()
         self._pending[request_id] = d
-        self.transport.write(encode_request(request_id, op, args))
+        self._sizes[request_id] = len(line)
+        self.transport.write(line)
         return d
 
     @property
@@ -109,7 +123,11 @@ class ChatClient(LineOnlyReceiver):
                 except Exception:
                     self.log.failure("event handler failed on {event}", event=message.get("event"))
             return
+        if message["id"] is None and _error_code(message) == "frame_too_large":
+            self._frame_too_large(message)
+            return
         d = self._pending.pop(message["id"], None)
+        self._sizes.pop(message["id"], None)
         if d is None:
             self.log.warn("answer for unknown request id {id!r}", id=message["id"])
             return
@@ -117,10 +135,22 @@ class ChatClient(LineOnlyReceiver):
             result = message.get("result")
             d.callback(result if isinstance(result, dict) else {})
         else:
-            error = message.get("error")
-            if not isinstance(error, dict):
-                error = {}
-            d.errback(ServerError(str(error.get("code", "internal")), str(error.get("message", ""))))
+            d.errback(_server_error(message))
+
+    def _frame_too_large(self, message):
+        """The server refused a line as too long and is closing: fail that request, for good.
+
+        The answer cannot say which request it was (``"id": null``); it is
+        the longest one in flight. The others fail with ConnectionDropped
+        when the connection closes, so they are sent again elsewhere; this
+        one would only be refused again.
+        """
+        if not self._sizes:
+            self.log.warn("the server refused a line as too large, but none is in flight")
+            return
+        request_id = max(self._sizes, key=self._sizes.get)
+        del self._sizes[request_id]
+        self._pending.pop(request_id).errback(_server_error(message))
 
     def lineLengthExceeded(self, line):
         self.log.warn("server sent a line over {n} bytes; closing", n=self.MAX_LENGTH)
@@ -132,10 +162,23 @@ class ChatClient(LineOnlyReceiver):
         self.lost = True
         self.connected = False
         pending, self._pending = self._pending, {}
+        self._sizes = {}
         for d in pending.values():
             d.errback(ConnectionDropped("the connection closed before the answer came"))
         if self.on_lost is not None:
             self.on_lost(reason)
+
+
+def _error_code(message):
+    error = message.get("error")
+    return error.get("code") if isinstance(error, dict) else None
+
+
+def _server_error(message):
+    error = message.get("error")
+    if not isinstance(error, dict):
+        error = {}
+    return ServerError(str(error.get("code", "internal")), str(error.get("message", "")))
 
 
 class ChatClientFactory(Factory):

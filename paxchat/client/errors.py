@@ -8,7 +8,7 @@ look like one.
 
 from __future__ import annotations
 
-__all__ = ["ClientError", "ConnectionDropped", "ServerError", "Unreachable"]
+__all__ = ["ClientError", "ConnectionDropped", "RequestTooLarge", "ServerError", "Unreachable"]
 
 
 class ClientError(Exception):
@@ -33,3 +33,23 @@ class ConnectionDropped(ClientError):
 
 class Unreachable(ClientError):
     """No node could be reached (or re-reached) before the deadline."""
+
+
+class RequestTooLarge(ClientError):
+    """A request line over the server's frame limit: refused before sending, never retried.
+
+    The server would answer ``frame_too_large`` and close the connection, so
+    sending it could only fail (and, resent after the close, fail forever).
+    """
+
+    def __init__(self, op: str, size: int, limit: int):
+        super().__init__(op, size, limit)
+        self.op = op
+        self.size = size
+        self.limit = limit
+
+    def __str__(self):
+        if self.op == "send_message":
+            return (f"That message is too large to send: {self.size:,} bytes once encoded, at most"
+                    f" {self.limit:,} (emoji and many other characters take 4 bytes each).")
+        return f"That request is too large to send: {self.size:,} bytes once encoded, at most {self.limit:,}."

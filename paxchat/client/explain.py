@@ -10,6 +10,8 @@ from __future__ import annotations
 from twisted.internet import error as net_error
 from twisted.python.failure import Failure
 
+from paxchat.limits import MAX_BODY_CHARS, MAX_LINE_BYTES
+
 from .errors import ClientError, ConnectionDropped, ServerError, Unreachable
 
 __all__ = ["ERROR_SENTENCES", "explain"]
@@ -21,13 +23,13 @@ ERROR_SENTENCES = {
     "bad_credentials": "The username or password is wrong.",
     "bad_session": "Your session has ended; please log in again.",
     "no_such_user": "There is no account with that name.",
-    "body_too_large": "That message is too long (at most 16,384 characters).",
+    "body_too_large": f"That message is too long (at most {MAX_BODY_CHARS:,} characters).",
     "invalid_request": "The server did not understand the request.",
     "unknown_op": "The server does not support this operation.",
     "not_logged_in": "You need to log in first.",
     "unavailable": "The cluster could not commit this in time (too few servers reachable). Try again shortly.",
     "rate_limited": "Too many requests; wait a moment and try again.",
-    "frame_too_large": "The request was too large for the server.",
+    "frame_too_large": f"The request was too large for the server (at most {MAX_LINE_BYTES:,} bytes once encoded).",
     "internal": "The server hit an internal error; try again.",
 }
 

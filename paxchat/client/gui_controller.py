@@ -14,12 +14,13 @@ from typing import Callable
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from .errors import ServerError
+from paxchat.limits import MAX_BODY_CHARS as MAX_BODY
+
+from .errors import RequestTooLarge, ServerError
 from .gui_model import PAGE_SIZE, ChatModel, search_pattern
 
 __all__ = ["ChatController", "MAX_BODY"]
 
-MAX_BODY = 16384
 RECENT = 200            # messages fetched at login to build the conversation list
 RETRY_OFFLINE = 5.0     # seconds between reconnection campaigns when every node is down
 LEADER_REFRESH = 15.0   # how often the status bar's leader is refreshed
@@ -238,7 +239,7 @@ class ChatController:
         if peer is None or not body.strip():
             return defer.succeed(None)
         if len(body) > MAX_BODY:
-            self.model.show_error(f"That message is too long ({len(body):,} characters; at most 16,384).")
+            self.model.show_error(f"That message is too long ({len(body):,} characters; at most {MAX_BODY:,}).")
             return defer.succeed(None)
         key = next(self._keys)
         self.model.sending(peer, key, body)
@@ -270,4 +271,4 @@ class ChatController:
 def _sentence(failure):
     from .explain import explain
     text = explain(failure)
-    return text[0].lower() + text[1:] if isinstance(failure.value, ServerError) else text
+    return text[0].lower() + text[1:] if isinstance(failure.value, (ServerError, RequestTooLarge)) else text

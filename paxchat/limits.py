@@ -1,0 +1,15 @@
+"""The protocol's size limits, in one place so that a client can check a
+request before sending it instead of learning the limit from a closed
+connection.
+
+The values are those of docs/protocol.md; the server enforces them.
+"""
+
+__all__ = ["MAX_BODY_CHARS", "MAX_LINE_BYTES"]
+
+# A request line (UTF-8, without its "\n") longer than this gets
+# `frame_too_large` and the connection is closed.
+MAX_LINE_BYTES = 65536
+
+# A message body holds at most this many characters (code points).
+MAX_BODY_CHARS = 16384
