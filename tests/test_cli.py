@@ -425,3 +425,20 @@ def test_shell_says_why_it_reconnects():
     shell.on_status(Status("reconnecting"))
     assert lines == ["Connection lost (node 2 is stopping); reconnecting to another server...",
                      "Connection lost; reconnecting to another server..."]
+
+
+def test_the_prompt_takes_a_longest_message_and_skips_a_longer_line_but_not_the_rest():
+    from paxchat.client.shell import MAX_INPUT_LINE
+    client = StubClient({"send_message": {"message_id": 1}})
+    proto, transport, done = _shell_protocol(client)
+    longest = "🎉" * 16384
+    proto.dataReceived(f"send bob {longest}\n".encode())
+    too_long = b"send bob " + b"y" * MAX_INPUT_LINE
+    # In pieces, as a pipe delivers it: the end of the long line comes later.
+    proto.dataReceived(too_long[:70000])
+    proto.dataReceived(too_long[70000:] + b"\nsend bob after long\n")
+    proto.readConnectionLost()
+    assert [c[1] for c in client.calls] == [("bob", longest), ("bob", "after long")]
+    output = transport.value().decode()
+    assert output.count("was not run") == 1
+    assert transport.disconnecting                      # ended by the end of input, not the long line

@@ -17,10 +17,15 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
+from paxchat.limits import MAX_BODY_CHARS
+
 from .cli_format import HELP, format_accounts, format_message, format_messages
 from .explain import explain
 
-__all__ = ["Shell", "ShellProtocol"]
+__all__ = ["MAX_INPUT_LINE", "Shell", "ShellProtocol"]
+
+# Room for `send USER` and a longest message of 4-byte characters.
+MAX_INPUT_LINE = 4 * MAX_BODY_CHARS + 1024
 
 
 class Shell:
@@ -191,6 +196,7 @@ class ShellProtocol(LineReceiver):
     """
 
     delimiter = os.linesep.encode()
+    MAX_LENGTH = MAX_INPUT_LINE
 
     def __init__(self, make_shell: Callable[["ShellProtocol"], Shell], done: defer.Deferred,
                  stdin_fd: int | None = None):
@@ -205,6 +211,8 @@ class ShellProtocol(LineReceiver):
         self._input_ended = False
         self._output_closed = False
         self._offline = False         # the client tried every server in vain
+        self._skipping = False        # inside a line too long to run, until its end
+        self._after_long = None       # input that followed a too-long line
         self.exit_status = 0
 
     def run_first(self, work: Callable[[], defer.Deferred]):
@@ -256,6 +264,24 @@ class ShellProtocol(LineReceiver):
                 self._saved_tty = None
         except (ImportError, OSError, ValueError):
             pass
+
+    def dataReceived(self, data: bytes):
+        """Lines as LineReceiver splits them, except that a line too long is skipped, not fatal."""
+        while data:
+            if self._skipping:
+                end = data.find(self.delimiter)
+                if end < 0:
+                    return
+                data, self._skipping = data[end + len(self.delimiter):], False
+            super().dataReceived(data)
+            data, self._after_long = self._after_long, None
+
+    def lineLengthExceeded(self, rest: bytes):
+        """Say so and go on with the next line (LineReceiver would close the input)."""
+        self.write(f"Error: a line over {self.MAX_LENGTH:,} bytes was not run"
+                   f" (a message holds at most {MAX_BODY_CHARS:,} characters).")
+        self._skipping = True
+        self._after_long = rest
 
     def lineReceived(self, line: bytes):
         self._lines.append(line.decode("utf-8", "replace").rstrip("\r"))
