@@ -92,6 +92,25 @@ def test_message_format_has_id_time_names_and_indented_body():
     assert "(new)" not in format_message(MSG, me="bob", localtime=UTC)
 
 
+def test_control_characters_in_a_body_are_shown_not_obeyed():
+    body = "\x1b[2J\x1b[31mred\x07\rfake\x9b\x7f\ttab\n#99 2026-01-01 00:00  alice -> bob"
+    text = format_message(dict(MSG, body=body), "alice", UTC)
+    assert not any(c in text for c in "\x1b\x07\r\x9b\x7f")
+    head, first, second = text.split("\n")
+    assert head == "#12 1970-01-01 00:00  bob -> alice  (new)"
+    assert first == "    \\x1b[2J\\x1b[31mred\\x07\\x0dfake\\x9b\\x7f\ttab"
+    assert second == "    #99 2026-01-01 00:00  alice -> bob"      # indented: not a header
+
+
+def test_pushed_messages_and_account_lists_are_shown_not_obeyed():
+    client = StubClient()
+    client.username = "alice"
+    shell, lines = shell_with(client)
+    shell.on_event({"event": "message", "message": dict(MSG, body="\x1b]0;pwned\x07")})
+    assert lines[-1].endswith("    \\x1b]0;pwned\\x07")
+    assert format_accounts(["a\x1bb"], True) == "a\\x1bb\n(more; continue with --after a\\x1bb)"
+
+
 def test_empty_lists_say_so():
     assert format_messages([]) == "(no messages)"
     assert format_accounts([], False) == "(no matching accounts)"

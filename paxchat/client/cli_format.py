@@ -2,15 +2,33 @@
 
 Plain text meant for a terminal and for grep: one header line per message
 with its id (needed by ``delete``), then the body indented so multi-line
-bodies stay readable.
+bodies stay readable. What other accounts wrote is shown, never obeyed:
+control characters are printed as escapes (see ``visible``).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Callable, Iterable
 
-__all__ = ["format_message", "format_messages", "format_accounts", "format_time", "HELP"]
+__all__ = ["format_message", "format_messages", "format_accounts", "format_time", "visible", "HELP"]
+
+# C0 but tab and newline, DEL, and C1.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def visible(text: str) -> str:
+    """``text`` with control characters written as ``\\x1b``-style escapes.
+
+    Bodies come from other accounts: an ESC sequence, BEL or CR sent raw to
+    the reader's terminal could recolour or clear it, or return to the start
+    of the line and print a fake ``#id alice -> bob`` header over it. Tab is
+    kept (it only moves right). Newline is kept too, so multi-line messages
+    stay readable: ``format_message`` indents every body line, so none can
+    pass for a header.
+    """
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def format_time(ts, localtime: Callable = time.localtime) -> str:
@@ -23,11 +41,12 @@ def format_time(ts, localtime: Callable = time.localtime) -> str:
 
 def format_message(message: dict, me: str | None = None, localtime: Callable = time.localtime) -> str:
     """``#12 2026-11-22 14:05  bob -> alice`` then the body, indented."""
-    sender = message.get("from", "?")
+    sender = visible(str(message.get("from", "?")))
     to = message.get("to", "?")
     unread = "  (new)" if (me is not None and to == me and not message.get("read", True)) else ""
-    head = f"#{message.get('id', '?')} {format_time(message.get('ts'), localtime)}  {sender} -> {to}{unread}"
-    body = str(message.get("body", ""))
+    head = (f"#{visible(str(message.get('id', '?')))} {format_time(message.get('ts'), localtime)}"
+            f"  {sender} -> {visible(str(to))}{unread}")
+    body = visible(str(message.get("body", "")))
     lines = body.split("\n") or [""]
     return "\n".join([head] + ["    " + line for line in lines])
 
@@ -40,9 +59,9 @@ def format_messages(messages: Iterable[dict], me: str | None = None,
 
 
 def format_accounts(accounts: list[str], more: bool) -> str:
-    lines = list(accounts) or ["(no matching accounts)"]
+    lines = [visible(str(name)) for name in accounts] or ["(no matching accounts)"]
     if more and accounts:
-        lines.append(f"(more; continue with --after {accounts[-1]})")
+        lines.append(f"(more; continue with --after {lines[-1]})")
     return "\n".join(lines)
 
 

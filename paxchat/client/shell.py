@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from paxchat.limits import MAX_BODY_CHARS
 
-from .cli_format import HELP, format_accounts, format_message, format_messages
+from .cli_format import HELP, format_accounts, format_message, format_messages, visible
 from .explain import explain
 
 __all__ = ["MAX_INPUT_LINE", "Shell", "ShellProtocol"]
@@ -74,7 +74,8 @@ class Shell:
             if message.get("to") == self.client.username and "id" in message:
                 self.client.mark_read([message["id"]]).addErrback(lambda f: None)
         elif event.get("event") == "session_ended":
-            self.write(f"Your session ended ({event.get('reason', 'no reason given')}); log in again.")
+            reason = visible(str(event.get("reason", "no reason given")))
+            self.write(f"Your session ended ({reason}); log in again.")
 
     def on_status(self, status):
         if status.state == "reconnecting":
