@@ -382,3 +382,50 @@ def test_frame_too_large_fails_the_request_and_it_is_never_resent():
     conn2 = nodes.accept()
     conn2.handshake(node=2, resume_user="alice")
     assert conn2.requests() == []                       # not sent again
+
+
+def test_the_cli_timeout_bounds_unavailable_retries():
+    # 3 of 5 nodes down: every live node answers unavailable, for as long as that lasts.
+    from paxchat.client.cli import build_parser, failover_policy
+    args = build_parser().parse_args(["--timeout", "5", "list"])
+    reactor, client, nodes, conn, _, _ = logged_in(policy=failover_policy(args.timeout))
+    assert failover_policy(args.timeout).unavailable_window > 5   # the window alone would wait longer
+    started = reactor.seconds()
+    got = results(client.list_accounts())
+    while not got:
+        for req in conn.requests():
+            conn.fail(req, "unavailable")
+        if conn.transport.disconnecting:
+            conn.drop()
+            reactor.advance(0)
+            conn = nodes.accept()
+            conn.handshake(node=conn.port - 7100, resume_user="alice")
+        reactor.advance(0.25)
+    [failure] = got
+    assert failure.check(ServerError) and failure.value.code == "unavailable"
+    assert reactor.seconds() - started == pytest.approx(5, abs=0.25)
+    reactor.advance(60)
+    assert conn.requests() == []                        # no retry after giving up
+
+
+def test_a_call_timeout_fails_a_call_a_silent_node_holds():
+    from paxchat.client.errors import TimedOut
+    from dataclasses import replace
+    reactor, client, nodes, conn, _, _ = logged_in(policy=replace(POLICY, call_timeout=2))
+    got = results(client.send_message("bob", "hi"))
+    [req] = conn.requests()
+    reactor.advance(2)
+    [failure] = got
+    assert failure.check(TimedOut) and "2 seconds" in str(failure.value)
+    assert "may or may not" in str(failure.value)
+    conn.answer(req, {"message_id": 1, "ts": 1.0})      # a late answer is ignored
+    assert len(got) == 1
+
+
+def test_a_call_timeout_with_no_node_reachable_says_so():
+    from dataclasses import replace
+    reactor, client, nodes, _, _ = make_client(policy=replace(POLICY, call_timeout=2, deadline=60))
+    got = results(client.hello())
+    reactor.advance(2)
+    [failure] = got
+    assert failure.check(Unreachable)

@@ -16,6 +16,10 @@ stopping says so (``node_stopping``): the client leaves it at once, trying
 it last, as it would after a drop. A request too large for the server's
 line limit fails at once with ``RequestTooLarge`` and is never sent (the
 server would close the connection, and a resend would fail the same way).
+With a ``call_timeout`` in the policy, a call that has no final answer that
+long after it was made fails, however its retries stand: with the last
+``unavailable`` answer, ``Unreachable`` if no node was reached, else
+``TimedOut``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from .connection import ChatClientFactory, check_size, encode_request
-from .errors import ClientError, ConnectionDropped, RequestTooLarge, ServerError, Unreachable
+from .errors import ClientError, ConnectionDropped, RequestTooLarge, ServerError, TimedOut, Unreachable
 from .failover import FailoverPolicy, Rotation
 from .targets import NodeTarget, targets_from_addresses, targets_from_config
 
@@ -61,7 +65,8 @@ class Status:
 class _Request:
     """One call the user is waiting on, kept until it has a final answer."""
 
-    __slots__ = ("op", "args", "deferred", "sent_on", "sends", "retry_until", "watchdog", "waiting")
+    __slots__ = ("op", "args", "deferred", "sent_on", "sends", "retry_until", "watchdog", "waiting",
+                 "deadline", "last_error")
 
     def __init__(self, op, args, deferred):
         self.op = op
@@ -72,6 +77,8 @@ class _Request:
         self.retry_until = None  # deadline for `unavailable` retries
         self.watchdog = None     # fires if the node stays silent
         self.waiting = None      # a pending `unavailable` retry
+        self.deadline = None     # fails the call after the policy's call_timeout
+        self.last_error = None   # the last `unavailable` answer, said if the deadline passes
 
 
 class PaxchatClient:
@@ -249,6 +256,8 @@ class PaxchatClient:
         req = _Request(op, args, None)
         req.deferred = defer.Deferred(lambda d: self._forget(req))
         self._outstanding.append(req)
+        if self.policy.call_timeout is not None:
+            req.deadline = self.reactor.callLater(self.policy.call_timeout, self._expire, req)
         if self._ready:
             self._send(req)
         else:
@@ -269,8 +278,27 @@ class PaxchatClient:
         req.watchdog = self.reactor.callLater(self.policy.answer_timeout, self._silent, proto, req.op)
         d.addCallbacks(self._answered, self._refused, callbackArgs=(req,), errbackArgs=(req,))
 
+    def _expire(self, req):
+        """No final answer within ``call_timeout``: fail the call; a late answer is ignored.
+
+        With the reason the caller can best act on: the last ``unavailable``
+        answer, else that no node was reached, else plain silence.
+        """
+        req.deadline = None
+        if req not in self._outstanding:
+            return
+        self._outstanding.remove(req)
+        self._stop_timers(req)
+        if req.last_error is not None:
+            error = req.last_error
+        elif req.sends == 0 and not self._ready:
+            error = self._unreachable()
+        else:
+            error = TimedOut(self.policy.call_timeout)
+        req.deferred.errback(error)
+
     def _stop_timers(self, req):
-        for name in ("watchdog", "waiting"):
+        for name in ("watchdog", "waiting", "deadline"):
             call = getattr(req, name)
             if call is not None and call.active():
                 call.cancel()
@@ -281,8 +309,9 @@ class PaxchatClient:
             req.watchdog.cancel()
         req.watchdog = None
         if req not in self._outstanding:
-            return  # cancelled or closed meanwhile
+            return  # cancelled, expired or closed meanwhile
         self._outstanding.remove(req)
+        self._stop_timers(req)
         self._learn(req, result)
         req.deferred.callback(result)
 
@@ -301,12 +330,14 @@ class PaxchatClient:
             if req.retry_until is None:
                 req.retry_until = now + self.policy.unavailable_window
             if now < req.retry_until:
+                req.last_error = failure.value
                 self.log.info("{op} answered unavailable; retrying on another node", op=req.op)
                 req.waiting = self.reactor.callLater(self.policy.unavailable_delay, self._retry, req)
                 self._leave_node(answered_on, "could not reach a majority",
                                  "node {node} could not reach a majority")
                 return None
         self._outstanding.remove(req)
+        self._stop_timers(req)
         req.deferred.errback(failure)
         return None
 
@@ -508,10 +539,13 @@ class PaxchatClient:
         else:
             self._next_attempt()
 
+    def _unreachable(self):
+        return Unreachable("no paxchat node could be reached: "
+                           + ", ".join(t.label for t in self.targets.values()))
+
     def _give_up(self):
         self._rotation = None
-        error = Unreachable("no paxchat node could be reached: "
-                            + ", ".join(t.label for t in self.targets.values()))
+        error = self._unreachable()
         self._set_status(Status("failed", None, self.leader, str(error)))
         outstanding, self._outstanding = self._outstanding, []
         for req in outstanding:

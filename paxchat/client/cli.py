@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="your username (default: $PAXCHAT_USER)")
     parser.add_argument("--no-session-cache", action="store_true",
                         help="do not keep the session in ~/.config/paxchat between commands")
-    parser.add_argument("--timeout", type=float, default=15.0,
-                        help="give up when no node answers for this many seconds (default 15)")
+    parser.add_argument("--timeout", type=_seconds, default=15.0, metavar="SECONDS",
+                        help="give up on a request (logging in, then the command) that the cluster"
+                             " has not answered this many seconds after it was made (default: %(default)g)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("create-account", help="create an account (password asked twice)")
@@ -66,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("delete-account", help="delete your account (asks for the password)")
     sub.add_parser("logout", help="end the cached session")
     return parser
+
+
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+    return value
 
 
 def _positive(text):
@@ -197,14 +208,19 @@ def _load_config(path):
         raise CommandFailed(str(e), EXIT_USAGE) from None
 
 
+def failover_policy(timeout: float):
+    """``--timeout`` bounds every request, from connecting through any retries, to its answer."""
+    from .failover import FailoverPolicy
+    return FailoverPolicy(deadline=timeout, connect_timeout=min(5.0, timeout), call_timeout=timeout)
+
+
 def make_client(reactor, config, args, **kwargs):
     """A PaxchatClient for the config, or CommandFailed when TLS files are missing."""
     from .api import PaxchatClient
-    from .failover import FailoverPolicy
     if args.node is not None and args.node not in config.nodes:
         known = ", ".join(str(n) for n in config.nodes)
         raise CommandFailed(f"--node {args.node}: no such node in {config.path} (nodes are {known})", EXIT_USAGE)
-    policy = FailoverPolicy(deadline=args.timeout, connect_timeout=min(5.0, args.timeout))
+    policy = failover_policy(args.timeout)
     try:
         return PaxchatClient.from_config(reactor, config, prefer_node=args.node, policy=policy, **kwargs)
     except Exception as e:  # missing/unreadable CA certificate and the like

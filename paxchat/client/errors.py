@@ -8,7 +8,8 @@ look like one.
 
 from __future__ import annotations
 
-__all__ = ["ClientError", "ConnectionDropped", "RequestTooLarge", "ServerError", "Unreachable"]
+__all__ = ["ClientError", "ConnectionDropped", "RequestTooLarge", "ServerError", "TimedOut",
+           "Unreachable"]
 
 
 class ClientError(Exception):
@@ -53,3 +54,15 @@ class RequestTooLarge(ClientError):
             return (f"That message is too large to send: {self.size:,} bytes once encoded, at most"
                     f" {self.limit:,} (emoji and many other characters take 4 bytes each).")
         return f"That request is too large to send: {self.size:,} bytes once encoded, at most {self.limit:,}."
+
+
+class TimedOut(ClientError):
+    """No final answer within the policy's ``call_timeout``; a write may or may not have been applied."""
+
+    def __init__(self, seconds: float):
+        super().__init__(seconds)
+        self.seconds = seconds
+
+    def __str__(self):
+        return (f"The cluster gave no answer within {self.seconds:g} seconds (too few servers may be up);"
+                " if this was a change, it may or may not have been made.")

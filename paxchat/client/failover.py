@@ -30,6 +30,7 @@ class FailoverPolicy:
     answer_timeout: float = 20.0   # a node silent this long on a request is treated as dead
     unavailable_window: float = 30.0  # keep retrying `unavailable` answers this long
     unavailable_delay: float = 0.5    # pause before retrying an `unavailable` answer
+    call_timeout: float | None = None  # a call with no final answer this long after it was made fails
 
 
 class Rotation:
