@@ -461,3 +461,29 @@ def test_the_prompt_takes_a_longest_message_and_skips_a_longer_line_but_not_the_
     output = transport.value().decode()
     assert output.count("was not run") == 1
     assert transport.disconnecting                      # ended by the end of input, not the long line
+
+
+def test_the_prompt_takes_every_password_from_PAXCHAT_PASSWORD_when_set():
+    client = StubClient({"login": {"session": "t", "unread": 0}})
+    lines, asked = [], []
+    shell = Shell(client, lines.append, lambda prompt: asked.append(prompt) or defer.succeed("typed"),
+                  lambda: None, password="pw-from-env")
+    shell.handle("register carol")                       # no confirmation either
+    shell.handle("login alice")
+    shell.handle("delete-account")
+    assert asked == []
+    assert [c[:2] for c in client.calls] == [("create_account", ("carol", "pw-from-env")),
+                                             ("login", ("alice", "pw-from-env")),
+                                             ("delete_account", ("pw-from-env",))]
+    assert lines[-1] == "Account alice deleted."
+
+
+def test_startup_login_uses_the_same_password_as_the_prompt():
+    from paxchat.client.interactive import startup_login
+    client = StubClient({"login": {"session": "t", "unread": 1}})
+    lines = []
+    shell = Shell(client, lines.append, lambda prompt: defer.fail(AssertionError(prompt)), lambda: None,
+                  password="pw-from-env")
+    startup_login(shell, "alice", None)
+    assert client.calls == [("login", ("alice", "pw-from-env"), {})]
+    assert lines == ["Logged in as alice; 1 unread message(s)."]

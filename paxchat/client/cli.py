@@ -34,7 +34,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="paxchat", description="Chat on a paxchat cluster. Without a command: an interactive prompt.",
-        epilog="The password comes from $PAXCHAT_PASSWORD or is asked for without echo.")
+        epilog="Every password comes from $PAXCHAT_PASSWORD when it is set (at the prompt too),"
+               " else it is asked for without echo.")
     parser.add_argument("--config", default=os.environ.get("PAXCHAT_CONFIG", "cluster.ini"),
                         help="the cluster.ini naming the nodes (default: ./cluster.ini or $PAXCHAT_CONFIG)")
     parser.add_argument("--node", type=int, help="try this node first (default: node order from the config)")

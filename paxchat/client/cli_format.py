@@ -78,4 +78,5 @@ Commands:
   logout                    end the session
   help                      this text
   quit                      leave (also Ctrl-D)
-Messages sent to you are shown as they arrive."""
+Messages sent to you are shown as they arrive.
+Passwords come from $PAXCHAT_PASSWORD when it is set (not asked twice then)."""

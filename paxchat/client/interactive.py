@@ -18,7 +18,7 @@ __all__ = ["run_interactive"]
 
 
 @defer.inlineCallbacks
-def startup_login(shell: Shell, username: str, env, cache: SessionCache | None):
+def startup_login(shell: Shell, username: str, cache: SessionCache | None):
     """--user given: resume the cached session, or log in with the password."""
     client = shell.client
     token = cache.load(username) if cache is not None else None
@@ -32,7 +32,7 @@ def startup_login(shell: Shell, username: str, env, cache: SessionCache | None):
                 if e.code != "bad_session":
                     raise
                 cache.forget(username)
-        password = env.get(PASSWORD_ENV) or (yield shell.ask_secret(f"Password for {username}: "))
+        password = yield shell.ask_password(f"Password for {username}: ")
         result = yield client.login(username, password)
         if cache is not None:
             cache.save(username, result["session"])
@@ -62,11 +62,12 @@ def run_interactive(reactor, config, args, console) -> defer.Deferred:
     cache = None if args.no_session_cache else SessionCache()
 
     def make_shell(proto):
-        shell = Shell(client, proto.write, proto.ask_secret, lambda: proto.transport.loseConnection())
+        shell = Shell(client, proto.write, proto.ask_secret, lambda: proto.transport.loseConnection(),
+                      password=console.env.get(PASSWORD_ENV))
         holder["shell"] = shell
         holder["proto"] = proto
         if args.user:
-            proto.run_first(lambda: startup_login(shell, args.user, console.env, cache))
+            proto.run_first(lambda: startup_login(shell, args.user, cache))
         else:
             proto.run_first(lambda: client.connect().addErrback(
                 lambda f: shell.write("Error: " + explain(f))))

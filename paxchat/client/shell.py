@@ -32,15 +32,18 @@ class Shell:
     """One interactive session: ``handle(line)`` runs a command and returns a Deferred.
 
     ``ask_secret(prompt)`` returns a Deferred with a line typed without echo;
-    ``quit()`` ends the program.
+    ``quit()`` ends the program. ``password`` (from PAXCHAT_PASSWORD) answers
+    every password prompt instead, as it does for one-shot commands.
     """
 
     def __init__(self, client, write: Callable[[str], None],
-                 ask_secret: Callable[[str], defer.Deferred], quit: Callable[[], None]):
+                 ask_secret: Callable[[str], defer.Deferred], quit: Callable[[], None],
+                 password: str | None = None):
         self.client = client
         self.write = write
         self.ask_secret = ask_secret
         self.quit = quit
+        self.password = password or None
         self.commands = {
             "register": self.do_register, "login": self.do_login, "send": self.do_send,
             "read": self.do_read, "history": self.do_history, "list": self.do_list,
@@ -86,6 +89,12 @@ class Shell:
         elif status.state == "failed":
             self.write("Cannot reach any server; commands will try again.")
 
+    def ask_password(self, prompt: str) -> defer.Deferred:
+        """The PAXCHAT_PASSWORD password if set, else one typed at ``prompt``."""
+        if self.password is not None:
+            return defer.succeed(self.password)
+        return self.ask_secret(prompt)
+
     # -- commands -------------------------------------------------------------
 
     def _usage(self, text):
@@ -95,8 +104,9 @@ class Shell:
     def do_register(self, rest):
         if len(rest.split()) != 1:
             return self._usage("register USER")
-        password = yield self.ask_secret("Choose a password: ")
-        again = yield self.ask_secret("Repeat the password: ")
+        password = yield self.ask_password("Choose a password: ")
+        # A typed password is typed twice; PAXCHAT_PASSWORD needs no check.
+        again = password if self.password is not None else (yield self.ask_secret("Repeat the password: "))
         if password != again:
             self.write("The two passwords differ; nothing was created.")
             return
@@ -107,7 +117,7 @@ class Shell:
     def do_login(self, rest):
         if len(rest.split()) != 1:
             return self._usage("login USER")
-        password = yield self.ask_secret("Password: ")
+        password = yield self.ask_password("Password: ")
         result = yield self.client.login(rest, password)
         self.write(f"Logged in as {rest}; {result.get('unread', 0)} unread message(s).")
 
@@ -160,7 +170,7 @@ class Shell:
             self.write("You need to log in first.")
             return
         name = self.client.username
-        password = yield self.ask_secret(f"This deletes {name} and every message sent to it. Password: ")
+        password = yield self.ask_password(f"This deletes {name} and every message sent to it. Password: ")
         yield self.client.delete_account(password)
         self.write(f"Account {name} deleted.")
 
