@@ -487,3 +487,34 @@ def test_startup_login_uses_the_same_password_as_the_prompt():
     startup_login(shell, "alice", None)
     assert client.calls == [("login", ("alice", "pw-from-env"), {})]
     assert lines == ["Logged in as alice; 1 unread message(s)."]
+
+
+def test_no_terminal_at_all_is_one_clean_error_and_nothing_else(monkeypatch, tmp_path, capfd):
+    import getpass
+    from paxchat.client import credentials
+    monkeypatch.setattr(credentials, "TERMINAL", str(tmp_path / "no-tty"))
+    monkeypatch.setattr(getpass, "getpass", lambda prompt: pytest.fail("getpass would warn and read stdin"))
+    con = cli.Console(out=[].append, err=[].append, env={})
+    with pytest.raises(cli.CommandFailed) as failed:
+        cli._password(con)
+    assert str(failed.value) == "no password given (set PAXCHAT_PASSWORD or run in a terminal)"
+    assert capfd.readouterr() == ("", "")
+
+
+def test_no_terminal_and_no_password_env_is_one_clean_error(monkeypatch):
+    import getpass
+    import warnings
+
+    def getpass_without_a_terminal(prompt):
+        warnings.warn("Can not control echo on the terminal.", getpass.GetPassWarning)
+        raise EOFError
+    from paxchat.client import credentials
+    monkeypatch.setattr(credentials, "TERMINAL", os.devnull)   # a terminal whose echo cannot be set
+    monkeypatch.setattr(getpass, "getpass", getpass_without_a_terminal)
+    con = cli.Console(out=[].append, err=[].append, env={})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(cli.CommandFailed) as failed:
+            cli._password(con)
+    assert caught == []
+    assert str(failed.value) == "no password given (set PAXCHAT_PASSWORD or run in a terminal)"

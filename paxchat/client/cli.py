@@ -21,7 +21,7 @@ from typing import Callable
 from twisted.internet import defer
 
 from .cli_format import format_accounts, format_messages
-from .credentials import NoPassword, SessionCache, get_password
+from .credentials import NoPassword, SessionCache, ask_without_echo, get_password
 from .errors import ServerError
 from .explain import explain
 
@@ -102,8 +102,7 @@ class Console:
 
     def __post_init__(self):
         if self.ask is None:
-            import getpass
-            self.ask = getpass.getpass
+            self.ask = ask_without_echo
 
 
 class CommandFailed(Exception):

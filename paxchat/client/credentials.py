@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import getpass as _getpass
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Mapping
 
-__all__ = ["PASSWORD_ENV", "NoPassword", "SessionCache", "get_password"]
+__all__ = ["PASSWORD_ENV", "NoPassword", "SessionCache", "ask_without_echo", "get_password"]
 
 PASSWORD_ENV = "PAXCHAT_PASSWORD"
 
@@ -22,9 +23,31 @@ class NoPassword(Exception):
     """No password in the environment and no terminal to ask on (or the user gave up)."""
 
 
+TERMINAL = "/dev/tty"
+
+
+def ask_without_echo(prompt: str) -> str:
+    """``getpass`` where there is a terminal to ask on; EOFError where there is none.
+
+    Without a terminal, getpass warns ("GetPassWarning: Can not control echo
+    on the terminal", "Password input may be echoed") and reads standard
+    input; those lines land before the CLI's own one-line error, which says
+    what to do instead (set PAXCHAT_PASSWORD).
+    """
+    if os.name == "posix":
+        try:
+            with open(TERMINAL, "rb"):
+                pass
+        except OSError:
+            raise EOFError("no terminal") from None
+    with warnings.catch_warnings():  # a terminal whose echo cannot be turned off
+        warnings.simplefilter("ignore", _getpass.GetPassWarning)
+        return _getpass.getpass(prompt)
+
+
 def get_password(prompt: str = "Password: ", confirm: bool = False,
                  env: Mapping[str, str] = os.environ,
-                 ask: Callable[[str], str] = _getpass.getpass) -> str:
+                 ask: Callable[[str], str] = ask_without_echo) -> str:
     """The password from PAXCHAT_PASSWORD, else asked for (twice if ``confirm``)."""
     if env.get(PASSWORD_ENV):
         return env[PASSWORD_ENV]
