@@ -5,7 +5,9 @@ connection.
 The values are those of docs/protocol.md; the server enforces them.
 """
 
-__all__ = ["MAX_BODY_CHARS", "MAX_LINE_BYTES"]
+import re
+
+__all__ = ["MAX_BODY_CHARS", "MAX_LIMIT", "MAX_LINE_BYTES", "PATTERN"]
 
 # A request line (UTF-8, without its "\n") longer than this gets
 # `frame_too_large` and the connection is closed.
@@ -13,3 +15,9 @@ MAX_LINE_BYTES = 65536
 
 # A message body holds at most this many characters (code points).
 MAX_BODY_CHARS = 16384
+
+# `limit` of every op is 1 to this.
+MAX_LIMIT = 1000
+
+# A `list_accounts` pattern: 1 to 64 username characters and the wildcards.
+PATTERN = re.compile(r"[A-Za-z0-9_.\-*?]{1,64}")

@@ -84,6 +84,35 @@ def test_bad_arguments_are_usage_errors(argv, capsys):
     assert e.value.code == 2
 
 
+@pytest.mark.parametrize("argv, why", [
+    (["list", "al%"], "'al%' is not a pattern: use 1 to 64 of A-Z a-z 0-9 _ . - * ?"),
+    (["list", "a" * 65], "is not a pattern"),
+    (["list", "--limit", "5000"], "'5000' is not from 1 to 1,000"),
+    (["read", "--limit", "100000"], "'100000' is not from 1 to 1,000"),
+    (["history", "--limit", "1001"], "'1001' is not from 1 to 1,000"),
+    (["send", "bob", ""], "the message is empty"),
+    (["send", "bob", "  \n "], "the message is empty"),
+])
+def test_arguments_the_server_would_refuse_are_caught_with_a_sentence(argv, why, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(*argv)
+    assert e.value.code == 2
+    assert why in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line, why", [
+    ("list al%", "Usage: list [PATTERN] ('al%' is not a pattern: use 1 to 64 of A-Z a-z 0-9 _ . - * ?)"),
+    ("read 100000", "Usage: read [N] ('100000' is not from 1 to 1,000)"),
+    ("history bob 5000", "Usage: history [PEER] [N] ('5000' is not from 1 to 1,000)"),
+    ("history 0", "Usage: history [PEER] [N] ('0' is not from 1 to 1,000)"),
+])
+def test_the_prompt_catches_arguments_the_server_would_refuse(line, why):
+    client = StubClient()
+    shell, lines = shell_with(client)
+    shell.handle(line)
+    assert lines == [why] and client.calls == []
+
+
 # -- formatting ----------------------------------------------------------------------
 
 def test_message_format_has_id_time_names_and_indented_body():

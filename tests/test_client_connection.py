@@ -111,3 +111,5 @@ def test_the_client_shares_the_server_limits():
     from paxchat.server import protocol, validation
     assert limits.MAX_LINE_BYTES == protocol.MAX_LINE_BYTES
     assert limits.MAX_BODY_CHARS == validation.MAX_BODY_CHARS
+    assert limits.MAX_LIMIT == validation.MAX_LIMIT
+    assert limits.PATTERN.pattern == validation.PATTERN.pattern

@@ -20,6 +20,7 @@ from typing import Callable
 
 from twisted.internet import defer
 
+from .checks import check_body, check_limit, check_pattern
 from .cli_format import format_accounts, format_messages
 from .credentials import NoPassword, SessionCache, ask_without_echo, get_password
 from .errors import ServerError
@@ -52,22 +53,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("username")
     p = sub.add_parser("send", help="send a message")
     p.add_argument("to")
-    p.add_argument("body")
+    p.add_argument("body", type=_arg(check_body))
     p = sub.add_parser("read", help="show unread messages (oldest first) and mark them read")
-    p.add_argument("--limit", type=_positive, default=10)
+    p.add_argument("--limit", type=_arg(check_limit), default=10)
     p = sub.add_parser("history", help="recent messages, sent and received (oldest first)")
     p.add_argument("--peer", help="only the conversation with this user")
     p.add_argument("--before", type=_positive, help="only messages older than this message id")
-    p.add_argument("--limit", type=_positive, default=50)
+    p.add_argument("--limit", type=_arg(check_limit), default=50)
     p = sub.add_parser("list", help="accounts matching a pattern with * and ?")
-    p.add_argument("pattern", nargs="?", default="*")
-    p.add_argument("--limit", type=_positive, default=100)
+    p.add_argument("pattern", nargs="?", default="*", type=_arg(check_pattern))
+    p.add_argument("--limit", type=_arg(check_limit), default=100)
     p.add_argument("--after", default="", help="continue after this name")
     p = sub.add_parser("delete", help="delete messages by id")
     p.add_argument("ids", nargs="+", type=_positive, metavar="ID")
     sub.add_parser("delete-account", help="delete your account (asks for the password)")
     sub.add_parser("logout", help="end the cached session")
     return parser
+
+
+def _arg(check):
+    """An argparse type from a check of checks.py, keeping its sentence."""
+    def convert(text):
+        try:
+            return check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
 
 
 def _seconds(text):

@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from paxchat.limits import MAX_BODY_CHARS
 
+from .checks import check_limit, check_pattern
 from .cli_format import HELP, format_accounts, format_message, format_messages, visible
 from .explain import explain
 
@@ -100,6 +101,14 @@ class Shell:
     def _usage(self, text):
         self.write("Usage: " + text)
 
+    def _checked(self, check, text, usage):
+        """``check(text)``, or None after saying what is wrong with it."""
+        try:
+            return check(text)
+        except ValueError as e:
+            self._usage(f"{usage} ({e})")
+            return None
+
     @defer.inlineCallbacks
     def do_register(self, rest):
         if len(rest.split()) != 1:
@@ -131,9 +140,9 @@ class Shell:
 
     @defer.inlineCallbacks
     def do_read(self, rest):
-        limit = _int_or(rest, 10)
+        limit = self._checked(check_limit, rest or "10", "read [N]")
         if limit is None:
-            return self._usage("read [N]")
+            return
         result = yield self.client.read_messages(limit)
         self.write(format_messages(result.get("messages", []), self.client.username))
         self.write(f"({result.get('unread', 0)} unread left)")
@@ -141,19 +150,23 @@ class Shell:
     @defer.inlineCallbacks
     def do_history(self, rest):
         words = rest.split()
-        peer, limit = None, 20
+        peer = None
         if words and not words[0].isdigit():
             peer = words.pop(0)
-        if words:
-            limit = _int_or(words.pop(0), None)
-        if limit is None or words:
+        if len(words) > 1:
             return self._usage("history [PEER] [N]")
+        limit = self._checked(check_limit, words[0] if words else "20", "history [PEER] [N]")
+        if limit is None:
+            return
         result = yield self.client.history(peer=peer, limit=limit)
         self.write(format_messages(reversed(result.get("messages", [])), self.client.username))
 
     @defer.inlineCallbacks
     def do_list(self, rest):
-        result = yield self.client.list_accounts(rest or "*")
+        pattern = self._checked(check_pattern, rest or "*", "list [PATTERN]")
+        if pattern is None:
+            return
+        result = yield self.client.list_accounts(pattern)
         self.write(format_accounts(result.get("accounts", []), result.get("more", False)))
 
     @defer.inlineCallbacks
@@ -184,13 +197,6 @@ class Shell:
 
     def do_quit(self, rest):
         self.quit()
-
-
-def _int_or(text, default):
-    text = text.strip()
-    if not text:
-        return default
-    return int(text) if text.isdigit() and int(text) > 0 else None
 
 
 @implementer(IHalfCloseableProtocol)
