@@ -216,7 +216,7 @@ def test_stale_cached_session_falls_back_to_the_prompted_password(tmp_path):
     con, out, _, asked = console(answers=["typed-pw"])
     run(client, parse("--user", "alice", "history", "--peer", "bob"), con, cache)
     assert asked == ["Password for alice: "]
-    assert client.calls[-1] == ("history", (), {"peer": "bob", "before": None, "limit": 50})
+    assert client.calls[-1] == ("history", (), {"peer": "bob", "before": None, "limit": 20})
     assert out[0].index("#1 ") < out[0].index("#2 ")   # oldest first
     assert cache.load("alice") == "new"
 
@@ -314,6 +314,26 @@ def test_shell_login_send_read_and_unknown_commands():
     assert lines[-1].startswith("Usage:")
     shell.handle("quit")
     assert lines[-1] == "<quit>"
+
+
+def test_one_shot_and_prompt_agree_on_defaults_and_what_a_send_says(capsys):
+    client = StubClient({"login": {"session": "t"}, "send_message": {"message_id": 4},
+                         "history": {"messages": []}, "read_messages": {"messages": [], "unread": 0}})
+    con, out, _, _ = console(env={"PAXCHAT_PASSWORD": "pw-123456"})
+    for argv in (["send", "bob", "hi"], ["history"], ["read"]):
+        run(client, parse("--user", "alice", *argv), con)
+    one_shot = [c for c in client.calls if c[0] != "login"]
+    client.calls.clear()
+    shell, lines = shell_with(client)
+    for line in ("send bob hi", "history", "read"):
+        shell.handle(line)
+    assert out[0] == lines[0] == "Sent #4 to bob."
+    assert one_shot[1][2]["limit"] == client.calls[1][2]["limit"] == 20      # history
+    assert one_shot[2][1] == client.calls[2][1] == (10,)                      # read
+    for command in ("history", "read"):
+        with pytest.raises(SystemExit):
+            parse(command, "--help")
+        assert "(default: " in capsys.readouterr().out
 
 
 def test_shell_prints_errors_as_sentences():

@@ -21,7 +21,7 @@ from typing import Callable
 from twisted.internet import defer
 
 from .checks import check_body, check_limit, check_pattern
-from .cli_format import format_accounts, format_messages
+from .cli_format import HISTORY_LIMIT, READ_LIMIT, format_accounts, format_messages, sent
 from .credentials import NoPassword, SessionCache, ask_without_echo, get_password
 from .errors import ServerError
 from .explain import explain
@@ -55,14 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("to")
     p.add_argument("body", type=_arg(check_body))
     p = sub.add_parser("read", help="show unread messages (oldest first) and mark them read")
-    p.add_argument("--limit", type=_arg(check_limit), default=10)
+    p.add_argument("--limit", type=_arg(check_limit), default=READ_LIMIT,
+                   help="at most this many messages (default: %(default)s)")
     p = sub.add_parser("history", help="recent messages, sent and received (oldest first)")
     p.add_argument("--peer", help="only the conversation with this user")
     p.add_argument("--before", type=_positive, help="only messages older than this message id")
-    p.add_argument("--limit", type=_arg(check_limit), default=50)
+    p.add_argument("--limit", type=_arg(check_limit), default=HISTORY_LIMIT,
+                   help="at most this many messages (default: %(default)s)")
     p = sub.add_parser("list", help="accounts matching a pattern with * and ?")
-    p.add_argument("pattern", nargs="?", default="*", type=_arg(check_pattern))
-    p.add_argument("--limit", type=_arg(check_limit), default=100)
+    p.add_argument("pattern", nargs="?", default="*", type=_arg(check_pattern),
+                   help="1 to 64 of A-Z a-z 0-9 _ . - * ? (default: %(default)s)")
+    p.add_argument("--limit", type=_arg(check_limit), default=100,
+                   help="at most this many names (default: %(default)s)")
     p.add_argument("--after", default="", help="continue after this name")
     p = sub.add_parser("delete", help="delete messages by id")
     p.add_argument("ids", nargs="+", type=_positive, metavar="ID")
@@ -188,7 +192,7 @@ def run_command(client, args, console: Console, cache: SessionCache | None):
     yield ensure_session(client, username, console, cache)
     if args.command == "send":
         result = yield client.send_message(args.to, args.body)
-        out(f"Sent #{result.get('message_id')} to {args.to}.")
+        out(sent(result, args.to))
     elif args.command == "read":
         result = yield client.read_messages(args.limit)
         out(format_messages(result.get("messages", []), username))

@@ -12,7 +12,12 @@ import re
 import time
 from typing import Callable, Iterable
 
-__all__ = ["format_message", "format_messages", "format_accounts", "format_time", "visible", "HELP"]
+__all__ = ["format_message", "format_messages", "format_accounts", "format_time", "visible", "HELP",
+           "HISTORY_LIMIT", "READ_LIMIT", "sent"]
+
+# How many messages `read` and `history` show by default, one-shot and at the prompt.
+READ_LIMIT = 10
+HISTORY_LIMIT = 20
 
 # C0 but tab and newline, DEL, and C1.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -65,13 +70,18 @@ def format_accounts(accounts: list[str], more: bool) -> str:
     return "\n".join(lines)
 
 
-HELP = """\
+def sent(result: dict, to: str) -> str:
+    """What a send says, one-shot and at the prompt."""
+    return f"Sent #{result.get('message_id')} to {to}."
+
+
+HELP = f"""\
 Commands:
   register USER             create an account (asks for a password)
   login USER                log in (asks for the password)
   send USER MESSAGE...      send a message
-  read [N]                  show up to N unread messages (default 10) and mark them read
-  history [PEER] [N]        the last N messages (default 20), with PEER or with everyone
+  read [N]                  show up to N unread messages (default {READ_LIMIT}) and mark them read
+  history [PEER] [N]        the last N messages (default {HISTORY_LIMIT}), with PEER or with everyone
   list [PATTERN]            accounts matching a pattern with * and ? (default *)
   delete ID...              delete messages by id
   delete-account            delete your account (asks for the password again)

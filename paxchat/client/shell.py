@@ -20,7 +20,8 @@ from zope.interface import implementer
 from paxchat.limits import MAX_BODY_CHARS
 
 from .checks import check_limit, check_pattern
-from .cli_format import HELP, format_accounts, format_message, format_messages, visible
+from .cli_format import (HELP, HISTORY_LIMIT, READ_LIMIT, format_accounts, format_message, format_messages,
+                         sent, visible)
 from .explain import explain
 
 __all__ = ["MAX_INPUT_LINE", "Shell", "ShellProtocol"]
@@ -136,11 +137,11 @@ class Shell:
         if not to or not body.strip():
             return self._usage("send USER MESSAGE")
         result = yield self.client.send_message(to, body)
-        self.write(f"Sent #{result.get('message_id')}.")
+        self.write(sent(result, to))
 
     @defer.inlineCallbacks
     def do_read(self, rest):
-        limit = self._checked(check_limit, rest or "10", "read [N]")
+        limit = self._checked(check_limit, rest or str(READ_LIMIT), "read [N]")
         if limit is None:
             return
         result = yield self.client.read_messages(limit)
@@ -155,7 +156,7 @@ class Shell:
             peer = words.pop(0)
         if len(words) > 1:
             return self._usage("history [PEER] [N]")
-        limit = self._checked(check_limit, words[0] if words else "20", "history [PEER] [N]")
+        limit = self._checked(check_limit, words[0] if words else str(HISTORY_LIMIT), "history [PEER] [N]")
         if limit is None:
             return
         result = yield self.client.history(peer=peer, limit=limit)
