@@ -2,7 +2,8 @@
 request before sending it instead of learning the limit from a closed
 connection.
 
-The values are those of docs/protocol.md; the server enforces them.
+The values are those of docs/protocol.md; the server and the state
+enforce them from here too.
 """
 
 import re

@@ -32,6 +32,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from paxchat.limits import MAX_LINE_BYTES
 from paxchat.tcp import SERVER_KEEPALIVE, keep_alive, no_delay
 
 from .errors import FRAME_TOO_LARGE, INTERNAL, INVALID_REQUEST, ProtocolError
@@ -41,7 +42,6 @@ from .validation import is_text
 
 log = Logger()
 
-MAX_LINE_BYTES = 65536
 # After frame_too_large, a client that does not read its error is cut off after this long.
 CLOSE_GRACE_SECONDS = 10.0
 

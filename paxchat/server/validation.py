@@ -10,15 +10,14 @@ never accepted where an int is expected, and ints stay within SQLite's
 
 import re
 
+from paxchat.limits import MAX_BODY_CHARS, MAX_LIMIT, PATTERN
+
 from .errors import INVALID_REQUEST, ProtocolError
 
 USERNAME = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
-PATTERN = re.compile(r"[A-Za-z0-9_.\-*?]{1,64}")
 MAX_USERNAME_CHARS = 32
 MIN_PASSWORD_BYTES = 8
 MAX_PASSWORD_BYTES = 1024
-MAX_BODY_CHARS = 16384
-MAX_LIMIT = 1000
 MAX_IDS = 1000
 MAX_MESSAGE_ID = 2**63 - 1
 MAX_CLIENT_MSG_ID_CHARS = 128
