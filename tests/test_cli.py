@@ -221,6 +221,20 @@ def test_stale_cached_session_falls_back_to_the_prompted_password(tmp_path):
     assert cache.load("alice") == "new"
 
 
+def test_history_says_how_to_see_older_messages_when_the_server_has_more(tmp_path):
+    cache = SessionCache(tmp_path)
+    cache.save("alice", "tok")
+    for answer, last in (({"messages": [dict(MSG, id=9), dict(MSG, id=7)], "more": True},
+                          "(older messages: add --before 7)"),
+                         ({"messages": [dict(MSG, id=7)], "more": False}, None)):
+        con, out, _, _ = console()
+        run(StubClient({"history": answer}), parse("--user", "alice", "history"), con, cache)
+        if last:
+            assert out[-1] == last
+        else:
+            assert not any("older" in line for line in out)
+
+
 def test_create_account_asks_twice_and_reports():
     client = StubClient({"create_account": {"username": "carol"}})
     con, out, _, asked = console(answers=["pw-123456", "pw-123456"])

@@ -21,7 +21,7 @@ from typing import Callable
 from twisted.internet import defer
 
 from .checks import check_body, check_limit, check_pattern
-from .cli_format import HISTORY_LIMIT, READ_LIMIT, format_accounts, format_messages, sent
+from .cli_format import HISTORY_LIMIT, READ_LIMIT, format_accounts, format_messages, older_hint, sent
 from .credentials import NoPassword, SessionCache, ask_without_echo, get_password
 from .errors import ServerError
 from .explain import explain
@@ -200,6 +200,9 @@ def run_command(client, args, console: Console, cache: SessionCache | None):
     elif args.command == "history":
         result = yield client.history(peer=args.peer, before=args.before, limit=args.limit)
         out(format_messages(reversed(result.get("messages", [])), username))
+        hint = older_hint(result)
+        if hint:
+            out(hint)
     elif args.command == "list":
         result = yield client.list_accounts(args.pattern, args.limit, args.after)
         out(format_accounts(result.get("accounts", []), result.get("more", False)))

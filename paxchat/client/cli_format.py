@@ -70,6 +70,14 @@ def format_accounts(accounts: list[str], more: bool) -> str:
     return "\n".join(lines)
 
 
+def older_hint(result: dict) -> str | None:
+    """Under a ``history`` page with older messages left: how to see them."""
+    messages = result.get("messages", [])
+    if result.get("more") and messages:
+        return f"(older messages: add --before {messages[-1].get('id')})"
+    return None
+
+
 def sent(result: dict, to: str) -> str:
     """What a send says, one-shot and at the prompt."""
     return f"Sent #{result.get('message_id')} to {to}."
