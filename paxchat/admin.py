@@ -20,6 +20,7 @@ data directory), on that node's machine.
 
 import argparse
 import concurrent.futures
+import contextlib
 import hashlib
 import http.client
 import json
@@ -556,7 +557,21 @@ _NOT_COPIED = ("lock", LINEAGE_FILE, IDENTITY_FILE, PEER_IDENTITIES_FILE, "state
 
 def _restore_directory(config, source, directory):
     """A stopped node's data directory copied whole (its state and its Paxos log), then
-    checked where it now is: a damaged copy is refused and nothing is kept."""
+    checked where it now is: a damaged copy is refused and nothing is kept. A source
+    whose node runs (its log's lock is held) is refused: its files change as they are read."""
+    from paxchat.paxos.store import StorageError, locked
+    with contextlib.ExitStack() as held:
+        try:     # held until the copy is made: no node starts on the source meanwhile
+            held.enter_context(locked(source / "paxos"))
+        except StorageError:
+            raise AdminError(f"{source} is in use by a running node; stop it first (a copy of "
+                             "a running node's directory is not a backup)") from None
+        except OSError as e:
+            raise AdminError(f"cannot read {e.filename}: {e.strerror or e}") from None
+        return _copy_directory(config, source, directory)
+
+
+def _copy_directory(config, source, directory):
     from paxchat.node import STATE_FILE
     from paxchat.paxos.store import StorageError, recover_log
     from paxchat.state.chat import ChatState

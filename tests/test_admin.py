@@ -368,6 +368,35 @@ def test_restore_copies_a_stopped_nodes_directory_checks_it_and_stamps_it(tmp_pa
     assert (copy / LINEAGE_FILE).exists()                     # the copy itself is untouched
 
 
+def test_restore_refuses_the_directory_of_a_running_node_and_changes_nothing(tmp_path):
+    import fcntl
+    import os
+
+    from paxchat.node import STATE_FILE
+    from paxchat.paxos import messages as M
+    from paxchat.paxos.store import rewrite_log
+    from paxchat.state.chat import ChatState
+    cfg = make_cluster(tmp_path / "cluster")
+    running = tmp_path / "node-3"
+    running.mkdir()
+    ChatState.open(str(running / STATE_FILE)).close()
+    rewrite_log(str(running / "paxos"), [M.encode(M.CompactRecord(0))])
+    # Held as a running node's log holds it (paxos/store.py).
+    fd = os.open(running / "paxos" / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, out, err = admin_main(cfg, "restore", str(running), "--node", "1")
+    finally:
+        os.close(fd)
+    assert (code, out) == (1, "")
+    assert err == (f"paxchat-admin: {running} is in use by a running node; stop it first "
+                   "(a copy of a running node's directory is not a backup)\n")
+    assert not cfg.node_data_dir(1).exists()
+    # Stopped (the lock let go), the same directory restores.
+    code, out, err = admin_main(cfg, "restore", str(running), "--node", "1")
+    assert code == 0 and f"holds a copy of {running}" in out, err
+
+
 def admin_main(cfg, *argv):
     """paxchat-admin run here (for commands that need no node): (code, out, err)."""
     out, err = io.StringIO(), io.StringIO()

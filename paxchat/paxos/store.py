@@ -33,6 +33,7 @@ arrive while a write+fsync is running are written together by the next one
 """
 
 import collections
+import contextlib
 import errno
 import fcntl
 import os
@@ -211,8 +212,7 @@ class _LogFiles:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise StorageError(f"{self.directory} is in use by another process (a node started"
-                               " twice, or two nodes with one data directory); refusing to open it")
+            raise StorageError(_in_use(self.directory)) from None
         except BaseException:
             os.close(fd)
             raise
@@ -390,6 +390,34 @@ class _LogFiles:
                 raise CorruptLogError(f"{path}: snapshot chunk at offset {offset} is damaged")
             chunks.append(chunk)
             offset = start + length
+
+
+def _in_use(directory):
+    return (f"{directory} is in use by another process (a node started twice, or two nodes"
+            " with one data directory); refusing to open it")
+
+
+@contextlib.contextmanager
+def locked(directory):
+    """Hold the lock of the log in ``directory``, if it has one, for the with-block.
+
+    Raises StorageError if a process holds it, so a running node's log is
+    neither copied nor started on twice. Opened read-only: a log on a
+    read-only copy can still be checked.
+    """
+    try:
+        fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDONLY)
+    except FileNotFoundError:
+        yield                          # no node ever ran on it
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StorageError(_in_use(directory)) from None
+        yield
+    finally:
+        os.close(fd)                   # releases the flock
 
 
 def recover_log(directory):
