@@ -469,7 +469,10 @@ def _backup(client, args, out):
         raise AdminError(f"{target} is a directory; name the file to write")
     part = target.with_name(target.name + ".part")
     try:
-        with open(part, "wb") as sink:
+        # Private from its first byte, as a node's data: it holds every message
+        # and password hash. A stale .part may have any mode, so it goes first.
+        part.unlink(missing_ok=True)
+        with open(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as sink:
             size = client.download(node, "/backup", sink,
                                    BACKUP_TIMEOUT if args.timeout is None else args.timeout)
             sink.flush()
@@ -613,15 +616,27 @@ def _make_data_directory(config, directory, make, lineage, errors):
     try:
         config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         directory.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(directory, 0o700)         # one made empty beforehand may be open to others
         made = make()
         lineage = lineage or made
         # Last: a directory with its stamp is a complete restore. Nodes
         # restored from this backup speak to each other and to no other.
         write_lineage(directory, lineage)
+        _make_private(directory)
     except (*errors, OSError) as e:
         shutil.rmtree(directory, ignore_errors=True)   # it was empty: nothing of value goes
         raise AdminError(f"restoring into {directory} failed, nothing was kept: {e}") from None
     return lineage
+
+
+def _make_private(directory):
+    """Directories 0700 and files 0600, as a node makes its own under systemd's UMask=0077,
+    whatever this command's umask: they hold every message and password hash."""
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o700)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o600)
 
 
 def _transfer(client, args, out):

@@ -180,6 +180,36 @@ def test_backup_writes_a_checked_copy_of_the_state(node_1, tmp_path):
     assert code == 0 and out.startswith("backup of node 1's state"), err
 
 
+@pytest.fixture
+def open_umask():
+    """A umask that leaves new files readable by all, as many logins have."""
+    import os
+    before = os.umask(0o022)
+    yield
+    os.umask(before)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_backup_is_private_from_its_first_byte(node_1, tmp_path, monkeypatch, open_umask):
+    import os
+    cfg, node = node_1
+    target = tmp_path / "x.backup"
+    part = tmp_path / "x.backup.part"
+    part.write_bytes(b"left by a backup that was killed")
+    part.chmod(0o644)
+    modes = []
+    download = admin.AdminClient.download
+
+    def watched(self, node_id, path, sink, timeout):
+        modes.append(stat.S_IMODE(os.fstat(sink.fileno()).st_mode))
+        return download(self, node_id, path, sink, timeout)
+    monkeypatch.setattr(admin.AdminClient, "download", watched)
+    code, out, err = yield run_admin(cfg, "backup", str(target), "--node", "1")
+    assert code == 0, err
+    assert modes == [0o600]                       # the .part, while the backup arrives
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600 and not part.exists()
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_backup_larger_than_a_piece_arrives_whole(node_1, tmp_path):
     import os
@@ -395,6 +425,35 @@ def test_restore_refuses_the_directory_of_a_running_node_and_changes_nothing(tmp
     # Stopped (the lock let go), the same directory restores.
     code, out, err = admin_main(cfg, "restore", str(running), "--node", "1")
     assert code == 0 and f"holds a copy of {running}" in out, err
+
+
+def modes_under(directory):
+    """{path relative to ``directory``: mode} of everything in it, itself as '.'."""
+    return {str(p.relative_to(directory)): stat.S_IMODE(p.stat().st_mode)
+            for p in [directory, *directory.rglob("*")]}
+
+
+def test_restored_data_is_as_private_as_a_nodes_own(tmp_path, open_umask):
+    from paxchat.node import STATE_FILE
+    from paxchat.state.chat import ChatState
+    cfg = make_cluster(tmp_path / "cluster")
+    source = ChatState.open(str(tmp_path / "source.sqlite3"))
+    source.apply({"op": "create_account", "username": "alice", "pw_hash": "h", "ts": 1.0})
+    index, chunks = source.snapshot()
+    source.close()
+    backup = tmp_path / "backup.paxchat"
+    backup.write_bytes(b"".join(chunks))
+    cfg.node_data_dir(1).mkdir(mode=0o755, parents=True)   # made empty beforehand, open to all
+    code, out, err = admin_main(cfg, "restore", str(backup), "--node", "1")
+    assert code == 0, err
+    restored = modes_under(cfg.node_data_dir(1))
+    assert STATE_FILE in restored and "paxos" in restored
+    code, out, err = admin_main(cfg, "restore", str(cfg.node_data_dir(1)), "--node", "2")
+    assert code == 0, err
+    copied = modes_under(cfg.node_data_dir(2))
+    for modes in (restored, copied):
+        assert {path: mode for path, mode in modes.items()
+                if mode != (0o700 if (path == "." or path == "paxos") else 0o600)} == {}
 
 
 def admin_main(cfg, *argv):
