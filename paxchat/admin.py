@@ -395,6 +395,11 @@ def _show(value, default="-"):
     return default if value is None else str(value)
 
 
+def _ballot(ballot):
+    """A ballot as ``round.node`` (5.1), as the status table shows it."""
+    return ".".join(str(b) for b in ballot) if isinstance(ballot, list) else ballot
+
+
 def status_table(statuses):
     """The ``status`` table: one row per node, then the reasons of the nodes that are down
     and of the peers refused for their data (paxchat/lineage.py)."""
@@ -410,9 +415,7 @@ def status_table(statuses):
             rows.append([str(n), "down"] + ["-"] * (len(header) - 2))
             notes.append(f"node {n}: {s}")
             continue
-        ballot = s.get("ballot")
-        if isinstance(ballot, list):
-            ballot = ".".join(str(b) for b in ballot)
+        ballot = _ballot(s.get("ballot"))
         applied = s.get("applied_index")
         lag = reference - applied if isinstance(applied, int) else None
         peers = s.get("peers") or {}
@@ -450,6 +453,7 @@ def _status(client, args, out):
 
 
 def _snapshot(client, args, out):
+    client.config.node(args.node, asked_as=f"snapshot {args.node}")
     answer = client.call(args.node, "POST", "/snapshot", {})
     print(f"node {args.node} took a snapshot at index {answer.get('snapshot_index')}", file=out)
     return 0
@@ -641,7 +645,7 @@ def _make_private(directory):
 
 def _transfer(client, args, out):
     target = args.target
-    client.config.node(target)
+    client.config.node(target, asked_as=f"transfer-leadership {target}")
     statuses = client.statuses()
     leader = _leader(statuses)
     if leader is None:
@@ -658,7 +662,7 @@ def _transfer(client, args, out):
         except AdminError:
             status = {}
         if status.get("role") == "leader":
-            print(f"node {target} leads now (ballot {status.get('ballot')})", file=out)
+            print(f"node {target} leads now (ballot {_ballot(status.get('ballot'))})", file=out)
             return 0
         time.sleep(0.1)
     raise AdminError(f"node {target} did not take over within {args.wait:g} s "

@@ -87,15 +87,17 @@ class ClusterConfig:
     max_clients: int = 10000
     source_name: str = field(default="", repr=False)
 
-    def node(self, node_id) -> NodeConfig:
-        """The node with this id, or a ConfigError naming the known ids."""
+    def node(self, node_id, asked_as=None) -> NodeConfig:
+        """The node with this id, or a ConfigError naming the known ids and where the id
+        was given (``asked_as``, default ``--node N``)."""
         try:
             return self.nodes[node_id]
         except (KeyError, TypeError):
             known = ", ".join(str(n) for n in self.nodes)
             raise ConfigError(
                 self.source_name or self.path,
-                f"no [node.{node_id}] section for --node {node_id} (nodes are {known})",
+                f"no [node.{node_id}] section for {asked_as or f'--node {node_id}'}"
+                f" (nodes are {known})",
             ) from None
 
     def peers_of(self, node_id) -> list[NodeConfig]:

@@ -144,7 +144,7 @@ def test_snapshot(node_1):
     code, out, err = yield run_admin(cfg, "snapshot", "2")
     assert code == 1 and "node 2" in err and "down" in err
     code, out, err = yield run_admin(cfg, "snapshot", "7")
-    assert code == 1 and "no [node.7]" in err
+    assert code == 1 and "no [node.7] section for snapshot 7 (nodes are 1, 2)" in err
 
 
 @pytest_twisted.inlineCallbacks
@@ -476,6 +476,8 @@ def test_transfer_leadership(node_1):
     assert "did not take over" in err  # node 2 is down: it cannot
     code, out, err = yield run_admin(cfg, "transfer-leadership", "1")
     assert (code, out) == (0, "node 1 already leads\n")
+    code, out, err = yield run_admin(cfg, "transfer-leadership", "9")
+    assert code == 1 and "no [node.9] section for transfer-leadership 9 (nodes are 1, 2)" in err
 
     client = admin.AdminClient(cfg)
     for body in ({"target": 1}, {"target": "2"}, {"target": 99}, {}):
@@ -563,7 +565,9 @@ def test_status_and_transfer_on_a_replicated_cluster(cluster_factory):  # noqa: 
     target = next(n for n in cluster.node_ids if n != leader)
     code, out, err = yield run_admin(cfg, "transfer-leadership", str(target))
     assert code == 0, out + err
-    assert out.splitlines()[-1].startswith(f"node {target} leads now")
+    # The ballot as the status table shows it (round.node).
+    assert re.fullmatch(rf"node {target} leads now \(ballot \d+\.{target}\)",
+                        out.splitlines()[-1]), out
     assert (yield cluster.wait_leader()) == target
 
     code, body, _ = yield http_get(f"http://{cfg.node(target).metrics}/metrics")
