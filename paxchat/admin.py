@@ -712,13 +712,31 @@ def main(argv=None, out=None, err=None):
     try:
         config = configmod.load(args.config)
         if getattr(args, "offline", False):
-            return args.run(config, args, out)
-        client = AdminClient(config, args.cert, args.key,
-                             5.0 if args.timeout is None else args.timeout)
-        return args.run(client, args, out)
+            code = args.run(config, args, out)
+        else:
+            client = AdminClient(config, args.cert, args.key,
+                                 5.0 if args.timeout is None else args.timeout)
+            code = args.run(client, args, out)
+        out.flush()
+        return code
     except (configmod.ConfigError, AdminError, tls.CertificateFilesError) as e:
         print(f"paxchat-admin: {e}", file=err)
         return 1
+    except BrokenPipeError:
+        # The reader went away (``status --json | head``): what it wanted, it has.
+        _discard_output(out)
+        return 1
+
+
+def _discard_output(out):
+    """Send what ``out`` still buffers to /dev/null, so exiting does not fail flushing it."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -522,6 +522,26 @@ def test_node_without_admin_address(tmp_path):
     assert "has no admin address" in str(statuses[1])
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """``paxchat-admin status --json | head``: no traceback once head has what it wants."""
+    import os
+    import subprocess
+    import sys
+    cfg = write_ops_config(tmp_path, nodes=3, keys=("admin",))   # every node down
+    tls.make_cluster_certs(cfg)
+    tls.make_admin_certificate(cfg)
+    read, write = os.pipe()
+    os.close(read)                                  # the reader is gone before the first byte
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "paxchat.admin", "--config", str(cfg.path), "--timeout", "2",
+             "status", "--json"], stdout=write, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert (result.returncode, result.stderr) == (1, "")
+
+
 # -- a real replicated cluster of twistd nodes ------------------------------------------
 
 def add_ops_addresses(cluster):
