@@ -29,8 +29,8 @@ from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel,
                             LogLevelFilterPredicate, formatEvent)
 from zope.interface import provider
 
-__all__ = ["FORMATS", "LEVELS", "LogFormatError", "format_json", "format_text",
-           "make_observer", "observer", "observer_from_environment"]
+__all__ = ["FORMATS", "LEVELS", "LogFormatError", "checked_level", "filtered", "format_json",
+           "format_text", "make_observer", "observer", "observer_from_environment"]
 
 FORMATS = ("text", "json")
 LEVELS = ("debug", "info", "warn", "error", "critical")
@@ -150,8 +150,7 @@ def make_observer(fmt="text", stream=None, level="info", node=None, journal=None
     """
     if fmt not in FORMATS:
         raise LogFormatError(f"unknown log format {fmt!r} (use {' or '.join(FORMATS)})")
-    if level not in LEVELS:
-        raise LogFormatError(f"unknown log level {level!r} (use one of {', '.join(LEVELS)})")
+    level = checked_level(level)
     out = stream or sys.stdout
     if journal is None:
         journal = _stdout_is_journal(out)
@@ -171,8 +170,22 @@ def make_observer(fmt="text", stream=None, level="info", node=None, journal=None
         out.write(line + "\n")
         out.flush()
 
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
-    return FilteringLogObserver(write, [predicate])
+    return filtered(write, level)
+
+
+def checked_level(level):
+    """``level`` as one of LEVELS (any case, spaces around), or LogFormatError."""
+    name = level.strip().lower()
+    if name not in LEVELS:
+        raise LogFormatError(f"unknown log level {level!r} (use one of {', '.join(LEVELS)})")
+    return name
+
+
+def filtered(observer, level):
+    """``observer`` handed only the events at ``level`` or above (LogFormatError if unknown)."""
+    predicate = LogLevelFilterPredicate(
+        defaultLogLevel=LogLevel.levelWithName(checked_level(level)))
+    return FilteringLogObserver(observer, [predicate])
 
 
 def observer_from_environment(environ=None, stream=None, node=None, fmt=None, level=None):
@@ -180,8 +193,7 @@ def observer_from_environment(environ=None, stream=None, node=None, fmt=None, le
     environ = os.environ if environ is None else environ
     fmt = fmt or environ.get("PAXCHAT_LOG_FORMAT") or "text"
     level = level or environ.get("PAXCHAT_LOG_LEVEL") or "info"
-    return make_observer(fmt.strip().lower(), stream=stream, level=level.strip().lower(),
-                         node=node)
+    return make_observer(fmt.strip().lower(), stream=stream, level=level, node=node)
 
 
 def observer():

@@ -12,7 +12,7 @@ import sys
 
 from twisted.application import service
 from twisted.internet.error import CannotListenError
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import ILogObserver, LegacyLogObserverWrapper, Logger
 from twisted.python import usage
 
 from paxchat import config as configmod
@@ -46,15 +46,30 @@ class Options(usage.Options):
 
 
 def _log_observer(options):
-    """paxchat's one-line log observer if a format was asked for, else None (twistd's own)."""
+    """What the node logs to: paxchat's one-line format if one was asked for, else
+    twistd's own log; either at the level asked for (info by default, so no debug)."""
     fmt = options.get("log-format") or os.environ.get("PAXCHAT_LOG_FORMAT")
-    if not fmt:
-        return None
+    level = options.get("log-level") or os.environ.get("PAXCHAT_LOG_LEVEL") or "info"
     try:
-        return logs.observer_from_environment(
-            node=options["node"], fmt=fmt, level=options.get("log-level"))
+        if fmt:
+            return logs.observer_from_environment(node=options["node"], fmt=fmt, level=level)
+        level = logs.checked_level(level)
     except logs.LogFormatError as e:
         raise usage.UsageError(str(e)) from None
+    twistd_log = _twistd_observer(options.parent)
+    return None if twistd_log is None else logs.filtered(twistd_log, level)
+
+
+def _twistd_observer(twistd_options):
+    """The observer twistd would log to by itself (its --logfile, --syslog...), or None
+    outside twistd or when twistd was given its own --logger."""
+    if twistd_options is None or twistd_options.get("logger"):
+        return None
+    from twisted.scripts.twistd import _SomeApplicationRunner
+    observer = _SomeApplicationRunner.loggerFactory(twistd_options)._getLogObserver()
+    if not ILogObserver.providedBy(observer):
+        observer = LegacyLogObserverWrapper(observer)        # --syslog's
+    return observer
 
 
 def _load(path, node_id):

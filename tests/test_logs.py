@@ -143,6 +143,62 @@ def test_tap_option_sets_the_applications_log_observer(tmp_path, monkeypatch):
         tap.Options().parseOptions(["--config", str(ini), "--node", "1", "--log-format", "xml"])
 
 
+def parsed_by_twistd(ini, *extra):
+    """paxchat's Options as twistd parses them (its sub-command, with twistd's own options)."""
+    from twisted.scripts.twistd import ServerOptions
+    options = ServerOptions()
+    options.parseOptions(["-n", "--pidfile=", "paxchat", "--config", str(ini), "--node", "1",
+                          *extra])
+    return options.subOptions
+
+
+@pytest.mark.parametrize("asked, environ, shown", [
+    ((), {}, ["info", "warn"]),                              # no debug lines by default
+    (("--log-level", "warn"), {}, ["warn"]),
+    (("--log-level", "DEBUG"), {}, ["debug", "info", "warn"]),
+    ((), {"PAXCHAT_LOG_LEVEL": "warn"}, ["warn"]),
+    (("--log-level", "info"), {"PAXCHAT_LOG_LEVEL": "warn"}, ["info", "warn"]),
+])
+def test_the_level_applies_to_twistds_own_log_format(tmp_path, monkeypatch, capsys,
+                                                     asked, environ, shown):
+    import re
+    monkeypatch.delenv("PAXCHAT_LOG_FORMAT", raising=False)
+    monkeypatch.delenv("PAXCHAT_LOG_LEVEL", raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    ini = tmp_path / "cluster.ini"
+    ini.write_text(INI)
+    options = parsed_by_twistd(ini, *asked)
+    application = service.Application("paxchat")
+    tap.makeService(options).setServiceParent(application)
+    log = Logger(namespace="paxchat.test", observer=application.getComponent(ILogObserver))
+    log.debug("d")
+    log.info("i")
+    log.warn("w")
+    lines = capsys.readouterr().out.splitlines()
+    # twistd's own format: "<time> [paxchat.test#info] i"
+    assert [re.search(r" \[paxchat\.test#(\w+)\] \w$", line).group(1) for line in lines] == shown
+
+
+@pytest.mark.parametrize("asked, environ", [
+    (("--log-level", "bogus"), {}),
+    (("--log-level", "bogus", "--log-format", "json"), {}),
+    ((), {"PAXCHAT_LOG_LEVEL": "bogus"}),
+])
+def test_an_unknown_level_is_refused_with_or_without_a_format(tmp_path, monkeypatch,
+                                                              asked, environ):
+    monkeypatch.delenv("PAXCHAT_LOG_FORMAT", raising=False)
+    monkeypatch.delenv("PAXCHAT_LOG_LEVEL", raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    ini = tmp_path / "cluster.ini"
+    ini.write_text(INI)
+    with pytest.raises(usage.UsageError) as info:
+        tap.Options().parseOptions(["--config", str(ini), "--node", "1", *asked])
+    assert str(info.value) == ("unknown log level 'bogus' "
+                               "(use one of debug, info, warn, error, critical)")
+
+
 # -- no secrets in the logs -----------------------------------------------------
 
 PASSWORD = "correct-horse-battery-42"
