@@ -38,11 +38,27 @@ class Options(usage.Options):
          "debug, info, warn, error or critical (default: $PAXCHAT_LOG_LEVEL, else info)."],
     ]
 
+    def parseOptions(self, options=None):
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            _refuse(self, e)
+
     def postOptions(self):
         if self["node"] is None:
             raise usage.UsageError("--node is required: which [node.N] of the cluster to run")
         self["cluster"] = _load(self["config"], self["node"])
         self["log_observer"] = _log_observer(self)
+
+
+def _refuse(options, error):
+    """Raise ``error``; under twistd, end the process with it as one line on stderr instead,
+    as twistd would print its whole usage above it (or a traceback, from makeService)."""
+    if getattr(options, "parent", None) is None:
+        raise error
+    print(f"paxchat: {error}", file=sys.stderr)
+    sys.stderr.flush()
+    raise SystemExit(1) from None
 
 
 def _log_observer(options):
@@ -142,7 +158,7 @@ def makeService(options):
     try:
         node = NodeService(cluster, options["node"], reactor)
     except _PLAIN_ERRORS as e:
-        raise usage.UsageError(str(e)) from None
+        _refuse(options, usage.UsageError(str(e)))
     # What start-up built (modules, the node's objects: ~50,000 tracked
     # objects) lives as long as the process; frozen, the cyclic collector
     # stops walking it. Under load each node ran a full collection every

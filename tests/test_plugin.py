@@ -128,11 +128,26 @@ def test_bad_plugin_cache_does_not_break_twistd(tmp_path, spoil):
 def test_twistd_config_error_is_one_line_without_traceback(tmp_path):
     (tmp_path / "cluster.ini").write_text(INI.replace("127.0.0.1:7201", "127.0.0.1:99999"))
     result = run_twistd(["-n", "--pidfile=", "paxchat", "--node", "1"], cwd=tmp_path)
-    out = result.stdout + result.stderr
     assert result.returncode == 1
-    assert "cluster.ini: [node.1] peer: '127.0.0.1:99999' is not a valid host:port" in out
-    assert "Traceback" not in out
+    assert (result.stdout, result.stderr) == (
+        "", "paxchat: cluster.ini: [node.1] peer: '127.0.0.1:99999' is not a valid host:port\n")
     assert not (tmp_path / "twistd.pid").exists()
+
+
+@pytest.mark.parametrize("ini, args, line", [
+    (INI.replace("bcrypt_cost = 4", "bcrypt_cost = 3"), ["--node", "1"],
+     "cluster.ini: [cluster] bcrypt_cost: '3' must be at least 4"),
+    (INI, ["--node", "one"],
+     "Parameter type enforcement failed: invalid literal for int() with base 10: 'one'"),
+    (INI, ["--node", "1", "--log-level", "bogus"],
+     "unknown log level 'bogus' (use one of debug, info, warn, error, critical)"),
+    (INI, ["--node", "1", "--bogus"], "option --bogus not recognized"),
+], ids=["config", "node", "level", "option"])
+def test_twistd_prints_a_bad_config_or_option_as_one_line_without_its_usage(
+        tmp_path, ini, args, line):
+    (tmp_path / "cluster.ini").write_text(ini)
+    result = run_twistd(["-n", "--pidfile=", "paxchat", *args], cwd=tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", f"paxchat: {line}\n")
 
 
 def test_a_damaged_lineage_stamp_stops_the_node_in_one_line(tmp_path):
