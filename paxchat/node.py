@@ -18,6 +18,7 @@ from paxchat import clienttls, notify, tls
 from paxchat.lineage import (describe, read_lineage, read_or_make_identity, read_peer_identities,
                              write_peer_identities)
 from paxchat.metrics import MetricsService, find_service
+from paxchat.paxos.store import locked
 from paxchat.replicatedlog import ReplicatedLog
 from paxchat.server.factory import ChatServerFactory
 from paxchat.server.settings import ServerSettings
@@ -76,6 +77,10 @@ class NodeService(service.MultiService):
         try:
             self.config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.data_dir.mkdir(mode=0o700, exist_ok=True)
+            # Before any port is bound: a node started twice is told so, not that
+            # its port is taken. (The log takes the lock for good when it opens.)
+            with locked(self.data_dir / "paxos"):
+                pass
             self.lineage = read_lineage(self.data_dir)
             if self.lineage:
                 log.info("node {node_id}'s data was {lineage}", node_id=self.node_id,

@@ -18,12 +18,13 @@ from twisted.python import usage
 from paxchat import config as configmod
 from paxchat import logs, tls
 from paxchat.lineage import LineageError
+from paxchat.paxos.store import StorageError
 
 log = Logger()
 
 # What a person can fix from the message alone; anything else also gets its traceback logged.
 _PLAIN_ERRORS = (configmod.ConfigError, tls.CertificateFilesError, OSError, CannotListenError,
-                 sqlite3.Error, LineageError)
+                 sqlite3.Error, LineageError, StorageError)
 
 
 class Options(usage.Options):

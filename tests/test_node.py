@@ -202,7 +202,12 @@ def test_log_services_start_before_clients_and_stop_before_the_log(tmp_path):
     class Node(NodeService):
         def make_command_log(self, worker):
             log = super().make_command_log(worker)
-            log.stop = lambda: events.append("log stopped")
+            stop = log.stop
+
+            def recorded_stop():
+                events.append("log stopped")
+                return stop()          # lets go of the log's lock for the next start
+            log.stop = recorded_stop
             Recorder(events).setServiceParent(self)
             return log
 

@@ -150,6 +150,63 @@ def test_twistd_prints_a_bad_config_or_option_as_one_line_without_its_usage(
     assert (result.returncode, result.stdout, result.stderr) == (1, "", f"paxchat: {line}\n")
 
 
+def two_node_cluster(tmp_path):
+    """A cluster.ini of two nodes on free ports with their certificates: node 1 has a peer."""
+    from paxchat import config as configmod
+    from paxchat import tls
+    from paxchat.devcluster import write_local_config
+    cfg = configmod.load(write_local_config(tmp_path, nodes=2, client_tls="off", bcrypt_cost=4))
+    tls.make_cluster_certs(cfg)
+    return cfg
+
+
+def taken(address):
+    """A socket listening on ``address``, as a node already running there would."""
+    import socket
+    s = socket.socket()
+    s.bind((address.host, address.port))
+    s.listen()
+    return s
+
+
+def said_by_paxchat(result):
+    """The lines of a twistd run besides twistd's own start and stop lines; what went to
+    stderr once twistd logs (it logs stderr) without its log prefix."""
+    lines = (result.stdout + result.stderr).splitlines()
+    return [line.split(" [stderr#error] ", 1)[-1] for line in lines
+            if "[twisted.scripts._twistd_unix.UnixAppLogger#info]" not in line]
+
+
+def test_a_taken_peer_port_stops_the_node_in_one_line(tmp_path):
+    cfg = two_node_cluster(tmp_path)
+    peer = cfg.node(1).peer
+    with taken(peer):
+        result = run_twistd(["-n", "--pidfile=", "paxchat", "--node", "1"], cwd=tmp_path)
+    assert result.returncode == 1
+    assert said_by_paxchat(result) == [
+        f"paxchat node 1 could not start: Couldn't listen on {peer}: "
+        "[Errno 98] Address already in use."]
+
+
+def test_a_node_started_twice_is_told_its_data_directory_is_in_use_before_its_ports(tmp_path):
+    import fcntl
+    cfg = two_node_cluster(tmp_path)
+    paxos = cfg.node_data_dir(1) / "paxos"
+    paxos.mkdir(parents=True)
+    # The first node holds its log's lock and its ports.
+    fd = os.open(paxos / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with taken(cfg.node(1).peer), taken(cfg.node(1).client):
+            result = run_twistd(["-n", "--pidfile=", "paxchat", "--node", "1"], cwd=tmp_path)
+    finally:
+        os.close(fd)
+    assert result.returncode == 1
+    assert said_by_paxchat(result) == [
+        f"paxchat node 1 could not start: {paxos} is in use by another process (a node "
+        "started twice, or two nodes with one data directory); refusing to open it"]
+
+
 def test_a_damaged_lineage_stamp_stops_the_node_in_one_line(tmp_path):
     (tmp_path / "cluster.ini").write_text(INI)
     data = tmp_path / "data" / "node-1"

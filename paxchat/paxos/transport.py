@@ -430,8 +430,8 @@ class PeerTransport(service.MultiService):
             self.listening.callback(port)
 
         def failed(failure):
-            log.failure("node {node} cannot listen for peers on {address}", failure,
-                        node=self.node_id, address=self._listen_address)
+            # Not logged here: whoever started us reads it from `listening` and says it once
+            # (a node: "could not start: Couldn't listen on ...", no traceback).
             self.listening.errback(failure)
 
         d.addCallbacks(listening, failed)
