@@ -28,6 +28,7 @@ from twisted.application import service
 from twisted.logger import Logger
 
 from paxchat.logs import Occasional
+from paxchat.paxos.core import CANDIDATE, FOLLOWER, LEADER, PRECANDIDATE
 
 __all__ = ["MetricsService", "NodeMetrics", "node_status"]
 
@@ -36,7 +37,11 @@ log = Logger()
 # Seconds: from sub-millisecond group commits to the request timeout.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0)
-ROLES = ("leader", "follower", "candidate", "standalone")
+# Every role a node's status can show, each a paxchat_role series (0 or 1), so
+# none appears only while it is held: the Paxos replica's (a precandidate asks
+# for pre-votes before it disturbs the others with an election), the
+# replicated log's before it runs and after its disk failed, and a LocalLog's.
+ROLES = (LEADER, FOLLOWER, PRECANDIDATE, CANDIDATE, "starting", "failed", "standalone")
 # The event loop's lag is sampled by a timer due this often (seconds).
 LAG_PROBE_SECONDS = 0.1
 LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)

@@ -6,6 +6,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, task
 
+from paxchat import metrics
 from paxchat.metrics import NodeMetrics, node_status
 from paxchat.node import NodeService
 from tests.ops_support import connect, http_get, reactor_, write_ops_config
@@ -321,3 +322,17 @@ def test_no_metrics_address_no_listener(tmp_path):
         assert node.metrics is service.metrics
     finally:
         yield node.stopService()
+
+
+def test_every_role_a_node_can_report_has_a_series_and_is_documented():
+    import pathlib
+    import re
+
+    from paxchat.paxos import core
+    reported = {core.FOLLOWER, core.PRECANDIDATE, core.CANDIDATE, core.LEADER,
+                "starting", "failed",                  # replicatedlog.ReplicatedLog.status
+                "standalone"}                          # node_status of a LocalLog
+    assert set(metrics.ROLES) == reported
+    doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| `paxchat_role{role}`"))
+    assert set(re.findall(r"`([a-z]+)`", row.split("|")[3])) == reported
