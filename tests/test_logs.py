@@ -152,6 +152,17 @@ def parsed_by_twistd(ini, *extra):
     return options.subOptions
 
 
+def _config_and_environ(tmp_path, monkeypatch, environ):
+    """A cluster.ini to start node 1 of, with only ``environ``'s PAXCHAT_LOG_* set."""
+    monkeypatch.delenv("PAXCHAT_LOG_FORMAT", raising=False)
+    monkeypatch.delenv("PAXCHAT_LOG_LEVEL", raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    ini = tmp_path / "cluster.ini"
+    ini.write_text(INI)
+    return ini
+
+
 @pytest.mark.parametrize("asked, environ, shown", [
     ((), {}, ["info", "warn"]),                              # no debug lines by default
     (("--log-level", "warn"), {}, ["warn"]),
@@ -162,12 +173,7 @@ def parsed_by_twistd(ini, *extra):
 def test_the_level_applies_to_twistds_own_log_format(tmp_path, monkeypatch, capsys,
                                                      asked, environ, shown):
     import re
-    monkeypatch.delenv("PAXCHAT_LOG_FORMAT", raising=False)
-    monkeypatch.delenv("PAXCHAT_LOG_LEVEL", raising=False)
-    for name, value in environ.items():
-        monkeypatch.setenv(name, value)
-    ini = tmp_path / "cluster.ini"
-    ini.write_text(INI)
+    ini = _config_and_environ(tmp_path, monkeypatch, environ)
     options = parsed_by_twistd(ini, *asked)
     application = service.Application("paxchat")
     tap.makeService(options).setServiceParent(application)
@@ -187,12 +193,7 @@ def test_the_level_applies_to_twistds_own_log_format(tmp_path, monkeypatch, caps
 ])
 def test_an_unknown_level_is_refused_with_or_without_a_format(tmp_path, monkeypatch,
                                                               asked, environ):
-    monkeypatch.delenv("PAXCHAT_LOG_FORMAT", raising=False)
-    monkeypatch.delenv("PAXCHAT_LOG_LEVEL", raising=False)
-    for name, value in environ.items():
-        monkeypatch.setenv(name, value)
-    ini = tmp_path / "cluster.ini"
-    ini.write_text(INI)
+    ini = _config_and_environ(tmp_path, monkeypatch, environ)
     with pytest.raises(usage.UsageError) as info:
         tap.Options().parseOptions(["--config", str(ini), "--node", "1", *asked])
     assert str(info.value) == ("unknown log level 'bogus' "
