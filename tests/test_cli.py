@@ -131,6 +131,13 @@ def test_control_characters_in_a_body_are_shown_not_obeyed():
     assert second == "    #99 2026-01-01 00:00  alice -> bob"      # indented: not a header
 
 
+def test_bidirectional_overrides_and_line_separators_are_shown_not_obeyed():
+    body = "pay \u202eevil\u202c to \u2066x\u2069 \u2028done, é and 🎉 stay"
+    text = format_message(dict(MSG, body=body), "alice", UTC)
+    assert text.split("\n")[1] == ("    pay \\u202eevil\\u202c to \\u2066x\\u2069 \\u2028done,"
+                                   " é and 🎉 stay")
+
+
 def test_pushed_messages_and_account_lists_are_shown_not_obeyed():
     client = StubClient()
     client.username = "alice"

@@ -19,8 +19,9 @@ __all__ = ["format_message", "format_messages", "format_accounts", "format_time"
 READ_LIMIT = 10
 HISTORY_LIMIT = 20
 
-# C0 but tab and newline, DEL, and C1.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# C0 but tab and newline, DEL, C1; the line and paragraph separators; and the
+# bidirectional embeddings, overrides and isolates, which reorder what follows.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def visible(text: str) -> str:
@@ -28,12 +29,18 @@ def visible(text: str) -> str:
 
     Bodies come from other accounts: an ESC sequence, BEL or CR sent raw to
     the reader's terminal could recolour or clear it, or return to the start
-    of the line and print a fake ``#id alice -> bob`` header over it. Tab is
+    of the line and print a fake ``#id alice -> bob`` header over it; a
+    bidirectional override could make the text read other than it is. Tab is
     kept (it only moves right). Newline is kept too, so multi-line messages
     stay readable: ``format_message`` indents every body line, so none can
     pass for a header.
     """
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return _CONTROL.sub(_escape, text)
+
+
+def _escape(match):
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def format_time(ts, localtime: Callable = time.localtime) -> str:
