@@ -39,8 +39,8 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 from zope.interface import implementer
 
+from paxchat import closedpipe, tls
 from paxchat import config as configmod
-from paxchat import tls
 from paxchat.httpsite import listen_http
 from paxchat.lineage import IDENTITY_FILE, LINEAGE_FILE, PEER_IDENTITIES_FILE
 from paxchat.metrics import node_status
@@ -724,19 +724,8 @@ def main(argv=None, out=None, err=None):
         return 1
     except BrokenPipeError:
         # The reader went away (``status --json | head``): what it wanted, it has.
-        _discard_output(out)
+        closedpipe.discard(out)
         return 1
-
-
-def _discard_output(out):
-    """Send what ``out`` still buffers to /dev/null, so exiting does not fail flushing it."""
-    try:
-        fd = out.fileno()
-    except (AttributeError, OSError, ValueError):
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, fd)
-    os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -289,6 +289,22 @@ def test_a_message_too_large_once_encoded_is_one_clear_line_and_status_1(monkeyp
                    " (emoji and many other characters take 4 bytes each)."]
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly(monkeypatch):
+    """``paxchat ... history | head``: no word on stderr once head has what it wants."""
+    client = StubClient({"history": {"messages": [MSG], "more": False}})
+    monkeypatch.setattr(cli, "_load_config", lambda path: None)
+    monkeypatch.setattr(cli, "make_client", lambda reactor, config, args: client)
+
+    def closed_pipe(text):
+        raise BrokenPipeError(32, "Broken pipe")
+    closed = []
+    con, _, err, _ = console(env={"PAXCHAT_PASSWORD": "pw-123456"})
+    con.out, con.out_closed = closed_pipe, lambda: closed.append(True)
+    status = []
+    cli.run(None, parse("--user", "alice", "--no-session-cache", "history"), con).addBoth(status.append)
+    assert (status, err, closed) == ([1], [], [True])
+
+
 def test_a_bad_config_is_one_line_and_status_2(tmp_path):
     bad = tmp_path / "cluster.ini"
     bad.write_text("[cluster]\nbogus = 1\n")

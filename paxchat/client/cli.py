@@ -20,6 +20,8 @@ from typing import Callable
 
 from twisted.internet import defer
 
+from paxchat import closedpipe
+
 from .checks import check_body, check_limit, check_pattern
 from .cli_format import HISTORY_LIMIT, READ_LIMIT, format_accounts, format_messages, older_hint, sent
 from .credentials import NoPassword, SessionCache, ask_without_echo, get_password
@@ -114,6 +116,8 @@ class Console:
     ask: Callable[[str], str] = field(default=None)
     ask_name: Callable[[str], str] = field(default=input)
     env: dict = field(default_factory=lambda: os.environ)
+    # The reader of ``out`` went away (``paxchat ... | head``).
+    out_closed: Callable[[], None] = field(default=lambda: closedpipe.discard(sys.stdout))
 
     def __post_init__(self):
         if self.ask is None:
@@ -263,6 +267,9 @@ def run(reactor, args, console: Console | None = None):
     except CommandFailed as e:
         console.err(f"paxchat: {e}")
         return e.status
+    except BrokenPipeError:
+        console.out_closed()          # what the reader wanted, it has: no word about it
+        return EXIT_FAILED
     except Exception as e:
         console.err(f"paxchat: {explain(e)}")
         return EXIT_FAILED
