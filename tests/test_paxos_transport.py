@@ -341,6 +341,18 @@ def test_reconnects_after_the_peer_restarts(cluster):
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_node_that_stops_closes_its_links_cleanly(cluster, captured_log):
+    c = cluster([1, 2])
+    a, b = c.start(1), c.start(2)
+    yield poll_until(lambda: a.peer_state(2) == "connected" and b.peer_state(1) == "connected"
+                     and 2 in a._inbound)
+    yield c.stop(2)
+    yield poll_until(lambda: a.peer_state(2) == "disconnected" and 2 not in a._inbound)
+    down = [t for t in texts(captured_log) if "with node 2 down" in t]
+    assert len(down) == 2 and all("closed cleanly" in t for t in down), down
+
+
+@pytest_twisted.inlineCallbacks
 def test_silent_peer_is_dropped(cluster, captured_log):
     c = cluster([1, 2])
     a = c.start(1, ping_interval=0.05, idle_timeout=0.3)

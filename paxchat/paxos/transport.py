@@ -39,7 +39,7 @@ import struct
 from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import endpoints, interfaces
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
@@ -92,6 +92,7 @@ class PeerProtocol(Int32StringReceiver):
         self._timer = None
         self._refused = None
         self._peer_lineage = None              # unknown until its first non-empty frame
+        self._gone = None                      # fires in connectionLost, once asked for
 
     @property
     def direction(self):
@@ -226,16 +227,23 @@ class PeerProtocol(Int32StringReceiver):
         owner._refuse_data(self, why)
         self._refused = why
         self.sendString(REFUSAL + why.encode("utf-8"))  # so its own log says why
-        self._close_refused()
+        self._close_soon()
         return False
 
     def _told_refused(self, why):
         """The peer refuses our data: say so, and dial it rarely, as if we had refused it."""
         self._refused = f"it refuses our links: {why}"
         self._owner._refused_by(self, why)
-        self._close_refused()
+        self._close_soon()
 
-    def _close_refused(self):
+    def close(self):
+        """Close with TLS's close_notify, so the peer sees a clean close; fires when gone."""
+        if self._gone is None:
+            self._gone = Deferred()
+            self._close_soon()
+        return self._gone
+
+    def _close_soon(self):
         # Close once what was written is out: TLS closes only without a
         # producer. Whatever the peer does, the link is gone a ping later.
         owner = self._owner
@@ -275,6 +283,8 @@ class PeerProtocol(Int32StringReceiver):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._gone is not None:
+            self._gone.callback(None)
         if self.peer_id is not None:
             self._owner._peer_down(self, reason)
         else:
@@ -441,13 +451,15 @@ class PeerTransport(service.MultiService):
         super().startService()
 
     def stopService(self):
+        # Every link closes with close_notify, so peers log a clean close,
+        # not a lost connection; one the peer does not finish is cut a
+        # ping later.
+        closing = [protocol.close() for protocol in list(self._connections)]
         done = super().stopService()
         if self._port is not None:
             port, self._port = self._port, None
             done.addBoth(lambda _: port.stopListening())
-        for protocol in list(self._connections):
-            protocol.transport.abortConnection()
-        return done
+        return gatherResults([done, *closing], consumeErrors=True)
 
     # -- sending, receiving, state -------------------------------------------
 
