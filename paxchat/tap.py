@@ -134,8 +134,11 @@ class _ExitOnStartupFailure(service.MultiService):
         except Exception as e:
             if not isinstance(e, _PLAIN_ERRORS):
                 log.failure("node {node_id} failed to start", node_id=self.node.node_id)
-            print(f"paxchat node {self.node.node_id} could not start: {e}", file=sys.stderr)
-            sys.stderr.flush()
+            # To the process's own stderr: twistd has put a logging file in
+            # sys.stderr by now, whose lines the --log-level may drop.
+            stderr = sys.__stderr__ or sys.stderr
+            print(f"paxchat node {self.node.node_id} could not start: {e}", file=stderr)
+            stderr.flush()
             raise SystemExit(1) from None
 
 

@@ -177,15 +177,17 @@ def said_by_paxchat(result):
             if "[twisted.scripts._twistd_unix.UnixAppLogger#info]" not in line]
 
 
-def test_a_taken_peer_port_stops_the_node_in_one_line(tmp_path):
+@pytest.mark.parametrize("level", [[], ["--log-level", "critical"]])
+def test_a_taken_peer_port_stops_the_node_in_one_line(tmp_path, level):
     cfg = two_node_cluster(tmp_path)
     peer = cfg.node(1).peer
     with taken(peer):
-        result = run_twistd(["-n", "--pidfile=", "paxchat", "--node", "1"], cwd=tmp_path)
+        result = run_twistd(["-n", "--pidfile=", "paxchat", "--node", "1", *level], cwd=tmp_path)
     assert result.returncode == 1
     assert said_by_paxchat(result) == [
         f"paxchat node 1 could not start: Couldn't listen on {peer}: "
         "[Errno 98] Address already in use."]
+    assert result.stderr.startswith("paxchat node 1 could not start")   # not a log line
 
 
 def test_a_node_started_twice_is_told_its_data_directory_is_in_use_before_its_ports(tmp_path):
