@@ -4,7 +4,8 @@ import pytest
 from twisted.internet.testing import MemoryReactorClock
 
 from paxchat.client.api import PaxchatClient
-from paxchat.client.errors import ServerError, Unreachable
+from paxchat.client.errors import NoMajority, ServerError, Unreachable
+from paxchat.client.explain import explain
 from paxchat.client.failover import FailoverPolicy
 from paxchat.client.targets import targets_from_addresses
 
@@ -166,6 +167,30 @@ def test_gives_up_after_the_deadline_and_reports_failed():
     conn2.answer(h, {"node": 1, "leader": 3, "nodes": [], "protocol": 1})
     assert again[0]["leader"] == 3
     assert statuses[-1].state == "connected" and statuses[-1].leader == 3
+
+
+def test_nodes_up_but_without_a_majority_are_said_so_not_unreachable():
+    reactor, client, nodes, conn, statuses, _ = logged_in()
+    got = results(client.history())
+    conn.drop()
+    for _ in range(200):
+        reactor.advance(0.25)
+        while nodes.pending_ports():
+            c = nodes.accept()
+            [hello] = c.requests()
+            c.answer(hello, {"node": c.port - 7100, "leader": None, "nodes": [], "protocol": 1})
+            [resume] = c.requests()
+            c.fail(resume, "unavailable", "the cluster could not commit this in time; retry")
+            assert c.transport.disconnecting
+            c.drop()
+        if got:
+            break
+    assert any(s.state == "reconnecting" and "could not reach a majority" in s.detail
+               for s in statuses)
+    [failure] = got
+    assert failure.check(NoMajority)
+    assert "too few" in explain(failure.value) and "running" not in explain(failure.value)
+    assert statuses[-1].state == "failed" and "majority" in statuses[-1].detail
 
 
 def move_on(reactor, nodes, conn, node=None):

@@ -33,7 +33,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from .connection import ChatClientFactory, check_size, encode_request
-from .errors import ClientError, ConnectionDropped, RequestTooLarge, ServerError, TimedOut, Unreachable
+from .errors import (
+    ClientError, ConnectionDropped, NoMajority, RequestTooLarge, ServerError, TimedOut, Unreachable,
+)
 from .failover import FailoverPolicy, Rotation
 from .targets import NodeTarget, targets_from_addresses, targets_from_config
 
@@ -130,6 +132,7 @@ class PaxchatClient:
         self._hello: dict | None = None
         self._ever_connected = False
         self._leaving = ""  # why the client left its node on purpose, for the next status
+        self._no_majority = False  # a node of the current rotation answered, without a majority
 
     # -- construction helpers -------------------------------------------------
 
@@ -391,6 +394,7 @@ class PaxchatClient:
 
     def _start_rotation(self, after):
         now = self.reactor.seconds()
+        self._no_majority = False
         first = self.prefer_node if after is None else None
         self._rotation = Rotation(list(self.targets), self.policy, now, first=first, after=after,
                                   random=self._random)
@@ -444,6 +448,9 @@ class PaxchatClient:
             try:
                 resumed = yield proto.request("resume", session=self.session)
             except ServerError as e:
+                if e.code == "unavailable":
+                    self._without_majority(proto, node_id)
+                    return
                 if e.code != "bad_session":
                     raise
                 self._session_lost(e)
@@ -465,6 +472,22 @@ class PaxchatClient:
         for d in waiters:
             d.callback(dict(hello))
         self._flush()
+
+    def _without_majority(self, proto, node_id):
+        """``resume`` answered ``unavailable``: this node is up, but cut off from a majority.
+
+        Say so in the status, and try the next node; if none does better
+        before the deadline, the caller hears ``NoMajority``, not that no
+        server could be reached.
+        """
+        if proto is not self._proto or proto.lost:
+            return
+        self._no_majority = True
+        why = f"node {node_id} could not reach a majority"
+        self.log.info("{why}; trying another node", why=why)
+        self._set_status(Status("reconnecting" if self._ever_connected else "connecting",
+                                None, self.leader, why))
+        proto.abort()  # _lost moves on to the next node
 
     def _handshake_failed(self, failure, proto):
         if not failure.check(ConnectionDropped):
@@ -540,6 +563,9 @@ class PaxchatClient:
             self._next_attempt()
 
     def _unreachable(self):
+        if self._no_majority:
+            return NoMajority("nodes answered, but none could reach a majority of "
+                              + ", ".join(t.label for t in self.targets.values()))
         return Unreachable("no paxchat node could be reached: "
                            + ", ".join(t.label for t in self.targets.values()))
 
@@ -550,7 +576,7 @@ class PaxchatClient:
         outstanding, self._outstanding = self._outstanding, []
         for req in outstanding:
             self._stop_timers(req)
-            req.deferred.errback(Unreachable(str(error)))
+            req.deferred.errback(type(error)(str(error)))
         self._fail_connect_waiters(error)
 
     def _fail_connect_waiters(self, error):

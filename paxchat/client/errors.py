@@ -8,8 +8,8 @@ look like one.
 
 from __future__ import annotations
 
-__all__ = ["ClientError", "ConnectionDropped", "RequestTooLarge", "ServerError", "TimedOut",
-           "Unreachable"]
+__all__ = ["ClientError", "ConnectionDropped", "NoMajority", "RequestTooLarge", "ServerError",
+           "TimedOut", "Unreachable"]
 
 
 class ClientError(Exception):
@@ -34,6 +34,15 @@ class ConnectionDropped(ClientError):
 
 class Unreachable(ClientError):
     """No node could be reached (or re-reached) before the deadline."""
+
+
+class NoMajority(Unreachable):
+    """Nodes answered, but too few are up to agree on anything (each said ``unavailable``).
+
+    An ``Unreachable`` still, for callers that only tell reachable from
+    not, but one that must not send the user to check the servers are
+    running: some are, only not a majority.
+    """
 
 
 class RequestTooLarge(ClientError):

@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 
 from paxchat.limits import MAX_BODY_CHARS, MAX_LINE_BYTES
 
-from .errors import ClientError, ConnectionDropped, ServerError, Unreachable
+from .errors import ClientError, ConnectionDropped, NoMajority, ServerError, Unreachable
 
 __all__ = ["ERROR_SENTENCES", "explain"]
 
@@ -44,6 +44,9 @@ def explain(reason) -> str:
         if exc.code in ("invalid_request", "internal") and exc.message not in ("", exc.code):
             return f"{sentence} ({exc.message})"
         return sentence
+    if isinstance(exc, NoMajority):
+        return ("Some servers answer, but too few of them are up to agree on anything (no majority)."
+                " Try again once more of them are back.")
     if isinstance(exc, Unreachable):
         tried = str(exc).partition(": ")[2]
         where = f" (tried {tried})" if tried else ""
