@@ -38,7 +38,6 @@ from paxchat.tcp import SERVER_KEEPALIVE, keep_alive, no_delay
 from .errors import FRAME_TOO_LARGE, INTERNAL, INVALID_REQUEST, ProtocolError
 from .handlers import SESSION_OPS
 from .ratelimit import TokenBucket
-from .validation import is_text
 
 log = Logger()
 
@@ -70,8 +69,7 @@ def decode_request(line):
 
 
 def valid_id(value):
-    """An int, or a str the answer can carry as UTF-8 (no lone surrogate)."""
-    return type(value) is int or is_text(value)
+    return type(value) in (int, str)
 
 
 _json_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode  # built once
@@ -310,7 +308,7 @@ class ChatProtocol(Protocol):
         request_id = request.get("id")
         if not valid_id(request_id):
             return self._answer_error(None, ProtocolError(
-                INVALID_REQUEST, "a request needs an \"id\" that is an integer or a string of valid Unicode"))
+                INVALID_REQUEST, "a request needs an \"id\" that is an integer or a string"))
         op = request.get("op")
         if type(op) is not str:
             return self._answer_error(request_id, ProtocolError(INVALID_REQUEST, "\"op\" must be a string"))
