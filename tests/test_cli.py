@@ -132,9 +132,9 @@ def test_control_characters_in_a_body_are_shown_not_obeyed():
 
 
 def test_bidirectional_overrides_and_line_separators_are_shown_not_obeyed():
-    body = "pay \u202eevil\u202c to \u2066x\u2069 \u2028done, é and 🎉 stay"
+    body = "pay \u202eevil\u202c to \u2066x\u2069 \u200f\u2028done, é and 🎉 stay"
     text = format_message(dict(MSG, body=body), "alice", UTC)
-    assert text.split("\n")[1] == ("    pay \\u202eevil\\u202c to \\u2066x\\u2069 \\u2028done,"
+    assert text.split("\n")[1] == ("    pay \\u202eevil\\u202c to \\u2066x\\u2069 \\u200f\\u2028done,"
                                    " é and 🎉 stay")
 
 

@@ -20,8 +20,9 @@ READ_LIMIT = 10
 HISTORY_LIMIT = 20
 
 # C0 but tab and newline, DEL, C1; the line and paragraph separators; and the
-# bidirectional embeddings, overrides and isolates, which reorder what follows.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# bidirectional marks, embeddings, overrides and isolates, which reorder text.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029"
+                      r"\u202a-\u202e\u2066-\u2069]")
 
 
 def visible(text: str) -> str:
