@@ -82,8 +82,14 @@ def _twistd_observer(twistd_options):
     outside twistd or when twistd was given its own --logger."""
     if twistd_options is None or twistd_options.get("logger"):
         return None
-    from twisted.scripts.twistd import _SomeApplicationRunner
-    observer = _SomeApplicationRunner.loggerFactory(twistd_options)._getLogObserver()
+    try:
+        # twistd's own choice of observer, through a private (if long-stable) door:
+        # a Twisted without it logs as twistd does, only unfiltered.
+        from twisted.scripts.twistd import _SomeApplicationRunner
+        get_observer = _SomeApplicationRunner.loggerFactory(twistd_options)._getLogObserver
+    except (ImportError, AttributeError):
+        return None
+    observer = get_observer()
     if not ILogObserver.providedBy(observer):
         observer = LegacyLogObserverWrapper(observer)        # --syslog's
     return observer
