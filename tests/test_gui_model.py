@@ -228,12 +228,14 @@ def test_send_shows_pending_then_the_stored_message_or_an_error():
     assert model.bubbles()[-1]["time"] == "sending…"
     client.last("send_message")[3].callback({"message_id": 7, "ts": 5.0})
     assert model.bubbles()[-1]["id"] == 7
-    ctl.send("again")
+    assert client.last("send_message")[3].result is None  # sent: nothing to put back
+    unsent = ctl.send("again\n")
     client.last("send_message")[3].errback(ServerError("no_such_user", "gone"))
     assert model.error == "Not sent: there is no account with that name."
     assert [b["body"] for b in model.bubbles()] == ["hello"]
-    ctl.send("x" * 16385)
-    assert "too long" in model.error
+    assert unsent.result == "again"  # goes back into the compose box
+    too_long = ctl.send("x" * 16385)
+    assert "too long" in model.error and too_long.result == "x" * 16385
 
 
 def test_a_message_too_large_once_encoded_is_shown_as_not_sent():
@@ -242,9 +244,10 @@ def test_a_message_too_large_once_encoded_is_shown_as_not_sent():
     model.signed_in("alice")
     ctl.open("bob")
     client.auto = {"send_message": RequestTooLarge("send_message", 65601, 65536)}
-    ctl.send("🎉" * 16384)
+    unsent = ctl.send("🎉" * 16384)
     assert model.error.startswith("Not sent: that message is too large to send: 65,601 bytes")
     assert model.bubbles() == []
+    assert unsent.result == "🎉" * 16384
 
 
 def test_search_delete_logout_and_session_end():

@@ -71,6 +71,13 @@ def test_chat_in_the_window(node, tmp_path):
             assert bob_events[0]["message"]["body"] == "Hi bob!\nSecond line."
             assert app.compose.get("1.0", "end-1c") == ""
 
+            # A message refused here stays in the compose box, to cut down.
+            app.compose.insert("end", "x" * 16385)
+            app.compose.event_generate("<Return>")
+            assert "too long" in model.error
+            assert app.compose.get("1.0", "end-1c") == "x" * 16385
+            app.compose.delete("1.0", "end")
+
             # bob answers: it shows up at once, aligned left with his name.
             yield bob.send_message("alice", "Hey alice, good to see you here. How is the failover testing going?")
             yield wait_for(lambda: any("failover" in t for t in canvas_texts(app.canvas)), 10)
@@ -109,6 +116,19 @@ def test_chat_in_the_window(node, tmp_path):
                 target = os.environ.get("PAXCHAT_SCREENSHOT")
                 if target:
                     shutil.copy(shot, target)
+
+            # A message the server refuses (its recipient was deleted) goes back into the compose box.
+            carol = client_for(node)
+            yield carol.create_account("carol", "carol-password")
+            yield carol.login("carol", "carol-password")
+            app.open_conversation("carol")
+            yield carol.delete_account("carol-password")
+            yield carol.close()
+            app.compose.insert("end", "Are you there, carol?")
+            app.compose.event_generate("<Return>")
+            yield wait_for(lambda: model.error.startswith("Not sent"), 10)
+            yield wait_for(lambda: app.compose.get("1.0", "end-1c") == "Are you there, carol?", 5)
+            assert not model.conversation("carol").pending
 
             # Log out returns to the login screen.
             app.account_menu.invoke(0)

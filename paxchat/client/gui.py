@@ -289,10 +289,18 @@ class ChatApp:
 
     def _send(self):
         text = self.compose.get("1.0", "end-1c")
-        if not text.strip() or self.model.open_peer is None:
+        peer = self.model.open_peer
+        if not text.strip() or peer is None:
             return
         self.compose.delete("1.0", "end")
-        self.controller.send(text)
+        self.controller.send(text).addCallback(self._put_back, peer)
+
+    def _put_back(self, text, peer):
+        """A message that was not sent goes back into the compose box, to cut down or send again:
+        only if its conversation is still open and the box is empty, so nothing typed since is lost."""
+        if text and peer == self.model.open_peer and not self.compose.get("1.0", "end-1c").strip():
+            self.compose.delete("1.0", "end")
+            self.compose.insert("1.0", text)
 
     def controller_delete_selected(self):
         self.controller.delete_selected()

@@ -233,14 +233,19 @@ class ChatController:
         return self._guard(d)
 
     def send(self, text: str) -> defer.Deferred:
-        """Send to the open conversation; the bubble shows 'sending…' until the answer."""
+        """Send to the open conversation; the bubble shows 'sending…' until the answer.
+
+        The Deferred fires with ``None`` once sent, or with the text that was
+        not sent (refused here or by the server) so it can go back into the
+        compose box; it never fails.
+        """
         peer = self.model.open_peer
         body = text.strip("\n")
         if peer is None or not body.strip():
             return defer.succeed(None)
         if len(body) > MAX_BODY:
             self.model.show_error(f"That message is too long ({len(body):,} characters; at most {MAX_BODY:,}).")
-            return defer.succeed(None)
+            return defer.succeed(body)
         key = next(self._keys)
         self.model.sending(peer, key, body)
         d = self.client.send_message(peer, body)
@@ -249,8 +254,8 @@ class ChatController:
             self.model.sent(peer, key, result["message_id"], result.get("ts", 0.0))
 
         def failed(failure):
-            self.model.not_sent(peer, key)
             self.model.show_error("Not sent: " + _sentence(failure))
+            return self.model.not_sent(peer, key)
         return d.addCallbacks(sent, failed)
 
     def search(self, text: str) -> defer.Deferred:
