@@ -177,8 +177,48 @@ def test_login_loads_recent_history_into_the_list():
                    "history": {"messages": [msg(2, "bob", "alice"), msg(1, "alice", "bob", read=True)]}}
     ctl.log_in("alice", "pw-123456")
     assert model.screen == "chats" and model.me == "alice" and not model.busy
-    assert client.last("history")[2] == {"limit": 200}
+    assert client.last("history")[2] == {"limit": 200, "before": None}
     assert model.conversation_rows()[0]["unread"] == 1
+
+
+def answer_history(client, server):
+    """Answer each history call from ``server`` (oldest first), newest first with ``more``, as a node does."""
+    answered = 0
+    while answered < len([c for c in client.calls if c[0] == "history"]):
+        _, _, kwargs, d = [c for c in client.calls if c[0] == "history"][answered]
+        older = [m for m in server if kwargs.get("before") is None or m["id"] < kwargs["before"]]
+        page = older[::-1][:kwargs["limit"]]
+        d.callback({"messages": page, "more": len(older) > len(page)})
+        answered += 1
+    return answered
+
+
+def test_login_loads_history_until_every_unread_message_is_listed():
+    # While alice was away dave sent 3, bob 2, then carol 210: more than one page.
+    server = ([msg(i, "alice", "erin", read=True) for i in range(1, 501)]
+              + [msg(i, "dave", "alice") for i in range(501, 504)] + [msg(i, "bob", "alice") for i in range(504, 506)]
+              + [msg(i, "carol", "alice") for i in range(506, 716)])
+    clock, model, client, ctl = controller()
+    client.auto = {"login": {"session": "t", "unread": 215}}
+    ctl.log_in("alice", "pw-123456")
+    assert answer_history(client, server) == 2  # not a third page: every unread one is in
+    unread = {r["peer"]: r["unread"] for r in model.conversation_rows()}
+    assert unread == {"carol": 210, "bob": 2, "dave": 3, "erin": 0}
+    assert model.title == "(215) paxchat — alice" and not model.busy
+
+
+def test_login_stops_paging_at_a_bound_and_the_title_still_counts_every_unread_message():
+    from paxchat.client.gui_controller import RECENT, RECENT_PAGES
+    total = RECENT * RECENT_PAGES + 5
+    server = [msg(i, "bob", "alice") for i in range(1, 6)] + [msg(i, "carol", "alice") for i in range(6, total + 1)]
+    clock, model, client, ctl = controller()
+    client.auto = {"login": {"session": "t", "unread": total}}
+    ctl.log_in("alice", "pw-123456")
+    assert answer_history(client, server) == RECENT_PAGES
+    assert model.total_unread == total - 5 and model.title == f"({total}) paxchat — alice"
+    # bob's messages come in when his older history is loaded: counted once, not twice.
+    model.add_messages([msg(i, "bob", "alice") for i in range(1, 6)])
+    assert model.title == f"({total}) paxchat — alice" and model.conversation("bob").unread == 5
 
 
 def test_bad_login_shows_a_sentence_and_stays_on_the_login_screen():

@@ -21,7 +21,8 @@ from .gui_model import PAGE_SIZE, ChatModel, search_pattern
 
 __all__ = ["ChatController", "MAX_BODY"]
 
-RECENT = 200            # messages fetched at login to build the conversation list
+RECENT = 200            # messages per history page fetched at login to build the conversation list
+RECENT_PAGES = 20       # at most this many such pages, even if unread messages remain older
 RETRY_OFFLINE = 5.0     # seconds between reconnection campaigns when every node is down
 LEADER_REFRESH = 15.0   # how often the status bar's leader is refreshed
 FAILOVER_REFRESH = 1.0  # after a failover the leader is often being elected: ask again this often...
@@ -159,7 +160,7 @@ class ChatController:
         def go():
             result = yield self.client.login(username, password)
             self.model.signed_in(username)
-            yield self.load_recent()
+            yield self.load_recent(result.get("unread", 0) if isinstance(result, dict) else 0)
             return result
         return self._busy(go())
 
@@ -179,11 +180,28 @@ class ChatController:
             return result
         return self._busy(go())
 
-    def load_recent(self) -> defer.Deferred:
-        """Fill the conversation list from recent history (newest first on the server)."""
-        d = self.client.history(limit=RECENT)
-        d.addCallback(lambda r: self.model.add_history_page(None, r.get("messages", []), RECENT, older=False))
-        return self._guard(d)
+    def load_recent(self, unread: int = 0) -> defer.Deferred:
+        """Fill the conversation list from recent history (newest first on the server).
+
+        Pages go back until they hold the ``unread`` messages the login
+        counted, so every conversation with unread messages is listed, or
+        until nothing older is left, or RECENT_PAGES pages; unread messages
+        older still count in the window title (``ChatModel.older_unread``).
+        """
+        @defer.inlineCallbacks
+        def go():
+            me, found, before = self.model.me, 0, None
+            for _ in range(RECENT_PAGES):
+                result = yield self.client.history(limit=RECENT, before=before)
+                messages = [m for m in result.get("messages", []) if isinstance(m, dict) and "id" in m]
+                self.model.add_history_page(None, messages, RECENT, older=before is not None)
+                found += sum(1 for m in messages
+                             if m.get("to") == me and m.get("from") != me and not m.get("read", False))
+                if found >= unread or not messages or not result.get("more", len(messages) >= RECENT):
+                    return
+                before = min(m["id"] for m in messages)
+            self.model.set_older_unread(unread - found, before)
+        return self._guard(go())
 
     def log_out(self) -> defer.Deferred:
         d = self.client.logout()

@@ -117,6 +117,10 @@ class ChatModel:
         self.search_results: list[str] = []
         self.search_more = False
         self.busy = False
+        # Unread messages older than the history loaded at login (more than it
+        # could page through): counted in the title until they are loaded.
+        self.older_unread = 0
+        self.older_than: int | None = None
 
     def _changed(self, *parts):
         if self.on_change is not None:
@@ -150,6 +154,7 @@ class ChatModel:
         self.open_peer = None
         self.selected.clear()
         self.search_pattern = None
+        self.older_unread, self.older_than = 0, None
         self._changed("screen", "list", "conversation", "error")
 
     def signed_out(self, notice: str = ""):
@@ -160,6 +165,7 @@ class ChatModel:
         self.open_peer = None
         self.selected.clear()
         self.search_pattern = None
+        self.older_unread, self.older_than = 0, None
         self._changed("screen", "list", "conversation")
 
     # -- messages ------------------------------------------------------------------
@@ -187,10 +193,13 @@ class ChatModel:
             if not peer:
                 continue
             conv = self.conversation(peer)
+            new = message["id"] not in conv.messages
             conv.messages[message["id"]] = message
             touched.add(peer)
             incoming = message.get("to") == self.me and message.get("from") != self.me
             if incoming and not message.get("read", False):
+                if new and self.older_than is not None and message["id"] < self.older_than and self.older_unread:
+                    self.older_unread -= 1  # counted by its conversation from now on
                 if peer == self.open_peer:
                     to_mark.append(message["id"])
                     message["read"] = True
@@ -221,6 +230,11 @@ class ChatModel:
                 conv.more_before = len(messages) >= limit
             self._changed("conversation", "list")
         return ids
+
+    def set_older_unread(self, count: int, older_than: int | None):
+        """``count`` unread messages, all with ids below ``older_than``, are not loaded yet."""
+        self.older_unread, self.older_than = max(0, count), older_than
+        self._changed("list")
 
     def remove_messages(self, ids: Iterable[int]):
         ids = set(ids)
@@ -327,7 +341,7 @@ class ChatModel:
 
     @property
     def title(self) -> str:
-        unread = self.total_unread
+        unread = self.total_unread + self.older_unread
         base = f"paxchat — {self.me}" if self.me else "paxchat"
         return f"({unread}) {base}" if unread else base
 
