@@ -143,3 +143,43 @@ def test_chat_in_the_window(node, tmp_path):
                 yield app.close()
             tksupport.uninstall()
             root.destroy()
+
+
+def fake_app(root):
+    """The window driven by a fake client (tests/test_gui_model.py): layout only, no node."""
+    from twisted.internet import reactor
+    from paxchat.client.gui import ChatApp
+    from .test_gui_model import FakeClient
+    client = FakeClient()
+    client.auto = {"close": None}
+    return ChatApp(root, reactor, lambda on_event, on_status: client), client
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_long_conversation_list_scrolls():
+    import tkinter as tk
+    from twisted.internet import tksupport
+    from .test_gui_model import msg
+    from .xvfb import shared_xvfb
+
+    with shared_xvfb(1000, 680) as x:
+        root = tk.Tk(screenName=x.display, className="paxchat")
+        tksupport.install(root)
+        app = None
+        try:
+            app, client = fake_app(root)
+            app.model.signed_in("alice")
+            app.model.add_messages([msg(i, f"peer{i:02}", "alice", read=True) for i in range(1, 21)])
+            yield wait_for(lambda: len(app._list_rows) == 20 and app.list_scroll.winfo_ismapped(), 5)
+            bar = app.list_scroll
+            assert bar.winfo_width() >= 8 and bar.winfo_height() > 200
+            # A click low in the trough pages the list down.
+            assert app.list_canvas.yview()[0] == 0.0
+            bar.event_generate("<Button-1>", x=bar.winfo_width() // 2, y=bar.winfo_height() - 30)
+            bar.event_generate("<ButtonRelease-1>", x=bar.winfo_width() // 2, y=bar.winfo_height() - 30)
+            yield wait_for(lambda: app.list_canvas.yview()[0] > 0.0, 5)
+        finally:
+            if app is not None:
+                yield app.close()
+            tksupport.uninstall()
+            root.destroy()
