@@ -183,3 +183,47 @@ def test_a_long_conversation_list_scrolls():
                 yield app.close()
             tksupport.uninstall()
             root.destroy()
+
+
+@pytest_twisted.inlineCallbacks
+def test_resizing_keeps_the_place_in_the_conversation():
+    import tkinter as tk
+    from twisted.internet import tksupport
+    from .test_gui_model import msg
+    from .xvfb import shared_xvfb
+
+    with shared_xvfb(1000, 680) as x:
+        root = tk.Tk(screenName=x.display, className="paxchat")
+        tksupport.install(root)
+        app = None
+        try:
+            app, client = fake_app(root)
+            canvas = app.canvas
+            client.auto["history"] = {"messages": [msg(i, "bob", "alice", f"message {i}", read=True)
+                                                   for i in range(50, 0, -1)], "more": False}
+            app.model.signed_in("alice")
+            app.open_conversation("bob")
+            yield wait_for(lambda: canvas.find_withtag("msg50") and canvas.yview()[1] >= 0.999, 5)
+
+            # At the bottom, shrinking the window keeps the newest message in view.
+            height = canvas.winfo_height()
+            root.geometry("800x500")
+            yield wait_for(lambda: canvas.winfo_height() < height and canvas.yview()[1] >= 0.999, 5)
+
+            # Scrolled up, growing the window does not jump to the bottom.
+            for _ in range(5):
+                canvas.event_generate("<Button-4>")
+            first = canvas.yview()[0]
+            assert canvas.yview()[1] < 0.999
+            height = canvas.winfo_height()
+            redraws = []
+            original = app.coalescer.redraw
+            app.coalescer.redraw = lambda parts: (redraws.append(parts), original(parts))
+            root.geometry("1000x600")
+            yield wait_for(lambda: canvas.winfo_height() > height and any("conversation" in p for p in redraws), 5)
+            assert canvas.yview()[1] < 0.999 and canvas.yview()[0] == first
+        finally:
+            if app is not None:
+                yield app.close()
+            tksupport.uninstall()
+            root.destroy()

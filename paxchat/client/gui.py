@@ -54,6 +54,7 @@ class ChatApp:
         self._closing = False
         self._list_rows: list[tuple[int, int, str]] = []
         self._last_drawn = (None, None, 0)   # (peer, oldest id, height) of the last conversation drawing
+        self._at_bottom = True               # the conversation is scrolled to its newest message
         self._build()
         root.protocol("WM_DELETE_WINDOW", self.close)
         self.controller = ChatController(reactor, self.model, make_client)
@@ -149,7 +150,7 @@ class ChatApp:
         self.list_canvas.pack(side="left", fill="both", expand=True)
         self.list_canvas.bind("<Button-1>", self._list_clicked)
         self.list_canvas.bind("<Configure>", lambda e: self.coalescer.notify({"list", "search"}))
-        self._wheel(self.list_canvas, self.list_canvas)
+        self._wheel(self.list_canvas, self.list_canvas.yview)
 
         # Chat: header, error banner, messages, compose.
         chat = ttk.Frame(self.main)
@@ -170,13 +171,13 @@ class ChatApp:
         body = ttk.Frame(chat)
         body.grid(row=2, column=0, sticky="nsew")
         self.canvas = tk.Canvas(body, background=c["bg"], highlightthickness=0, borderwidth=0)
-        scroll = ttk.Scrollbar(body, orient="vertical", command=self.canvas.yview)
+        scroll = ttk.Scrollbar(body, orient="vertical", command=self._scroll_chat)
         self.canvas.configure(yscrollcommand=lambda a, b: (scroll.set(a, b), self._scrolled(a, b)))
         scroll.pack(side="right", fill="y")
         self.canvas.pack(side="left", fill="both", expand=True)
         self.canvas.bind("<Configure>", lambda e: self.coalescer.notify({"conversation"}))
         self.canvas.tag_bind("bubble", "<Button-1>", self._bubble_clicked)
-        self._wheel(self.canvas, self.canvas)
+        self._wheel(self.canvas, self._scroll_chat)
 
         compose = ttk.Frame(chat, style="Panel.TFrame", padding=(16, 10, 16, 8))
         compose.grid(row=3, column=0, sticky="ew")
@@ -235,10 +236,18 @@ class ChatApp:
     def _entry_text(self, entry) -> str:
         return "" if getattr(entry, "_showing_placeholder", False) else entry.get()
 
-    def _wheel(self, widget, canvas):
-        widget.bind("<MouseWheel>", lambda e: canvas.yview_scroll(-1 if e.delta > 0 else 1, "units"))
-        widget.bind("<Button-4>", lambda e: canvas.yview_scroll(-3, "units"))
-        widget.bind("<Button-5>", lambda e: canvas.yview_scroll(3, "units"))
+    def _wheel(self, widget, yview):
+        widget.bind("<MouseWheel>", lambda e: yview("scroll", -1 if e.delta > 0 else 1, "units"))
+        widget.bind("<Button-4>", lambda e: yview("scroll", -3, "units"))
+        widget.bind("<Button-5>", lambda e: yview("scroll", 3, "units"))
+
+    def _scroll_chat(self, *args):
+        """The reader scrolls the conversation: note whether it is left at the bottom.
+
+        Noted here, not read from the view when drawing, because by then a
+        resize has already moved the bottom out of view."""
+        self.canvas.yview(*args)
+        self._at_bottom = self.canvas.yview()[1] >= 0.999
 
     # -- actions ----------------------------------------------------------------------
 
@@ -499,7 +508,7 @@ class ChatApp:
 
         old_peer, old_oldest, old_height = self._last_drawn
         top_before = canvas.canvasy(0)
-        at_bottom = canvas.yview()[1] >= 0.999 or old_peer != peer
+        at_bottom = self._at_bottom or old_peer != peer
 
         max_w = max(160, min(int(width * 0.66), 560))
         pad_x, pad_y, margin = 14, 9, 20
@@ -563,6 +572,7 @@ class ChatApp:
             # Older messages came in above: keep what the reader was looking at in place.
             canvas.yview_moveto((top_before + total - old_height) / total)
         self._last_drawn = (peer, conv.oldest_id, total)
+        self._at_bottom = canvas.yview()[1] >= 0.999
 
 
 def build_parser():
