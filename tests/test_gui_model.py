@@ -302,8 +302,9 @@ def test_search_delete_logout_and_session_end():
     model.toggle_selected(1)
     ctl.delete_selected()
     assert client.last("delete_messages")[1] == ([1],) and model.bubbles() == []
+    model.show_error("Not sent: there is no account with that name.")
     ctl.log_out()
-    assert model.screen == "login"
+    assert model.screen == "login" and model.error == ""
     model.signed_in("alice")
     ctl.on_event({"event": "session_ended", "reason": "deleted"})
     assert model.screen == "login" and "session ended" in model.notice

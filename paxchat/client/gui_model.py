@@ -161,12 +161,13 @@ class ChatModel:
         self.me = None
         self.screen = "login"
         self.notice = notice
+        self.error = ""  # an error from the chats is over: the login screen starts clean
         self.conversations.clear()
         self.open_peer = None
         self.selected.clear()
         self.search_pattern = None
         self.older_unread, self.older_than = 0, None
-        self._changed("screen", "list", "conversation")
+        self._changed("screen", "list", "conversation", "error")
 
     # -- messages ------------------------------------------------------------------
 
