@@ -306,8 +306,12 @@ def test_search_delete_logout_and_session_end():
     ctl.log_out()
     assert model.screen == "login" and model.error == ""
     model.signed_in("alice")
-    ctl.on_event({"event": "session_ended", "reason": "deleted"})
-    assert model.screen == "login" and "session ended" in model.notice
+    ctl.on_event({"event": "session_ended", "reason": "logged_out"})
+    assert model.screen == "login" and model.notice == "Your session ended. Please log in again."
+    model.signed_in("alice")
+    ctl.on_event({"event": "session_ended", "reason": "account_deleted"})
+    assert model.screen == "login"
+    assert model.notice == "The account alice was deleted elsewhere, so you were logged out."
 
 
 def test_delete_account_needs_the_password():

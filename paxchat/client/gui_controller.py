@@ -114,7 +114,10 @@ class ChatController:
         if kind == "message" and isinstance(event.get("message"), dict):
             self._mark(self.model.add_messages([event["message"]], live=True))
         elif kind == "session_ended" and self.model.me is not None:
-            self.model.signed_out("Your session ended. Please log in again.")
+            if event.get("reason") == "account_deleted":
+                self.model.signed_out(f"The account {self.model.me} was deleted elsewhere, so you were logged out.")
+            else:
+                self.model.signed_out("Your session ended. Please log in again.")
 
     def _mark(self, ids):
         """Mark messages read in one request per reactor turn, however many arrive."""
