@@ -314,6 +314,22 @@ def test_search_delete_logout_and_session_end():
     assert model.notice == "The account alice was deleted elsewhere, so you were logged out."
 
 
+def test_a_search_the_server_would_refuse_is_explained_and_clears_old_results():
+    clock, model, client, ctl = controller()
+    model.signed_in("alice")
+    client.auto = {"list_accounts": {"accounts": ["bob"], "more": False}}
+    ctl.search("b")
+    assert model.search_results == ["bob"]
+    ctl.search("bo b")
+    assert len([c for c in client.calls if c[0] == "list_accounts"]) == 1
+    assert model.error.startswith("Cannot search for “bo b”: use up to 64 letters, digits")
+    assert model.search_pattern is None and model.search_results == []
+    ctl.search("b")
+    client.auto = {"list_accounts": Unreachable("no paxchat node could be reached")}
+    ctl.search("c")
+    assert model.error.startswith("Cannot reach") and model.search_results == []
+
+
 def test_delete_account_needs_the_password():
     clock, model, client, ctl = controller()
     model.signed_in("alice")

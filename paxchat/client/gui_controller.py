@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from paxchat.limits import MAX_BODY_CHARS as MAX_BODY
 
+from .checks import check_pattern
 from .errors import RequestTooLarge, ServerError
 from .gui_model import PAGE_SIZE, ChatModel, search_pattern
 
@@ -280,9 +281,23 @@ class ChatController:
         return d.addCallbacks(sent, failed)
 
     def search(self, text: str) -> defer.Deferred:
-        pattern = search_pattern(text)
+        """Find accounts; a pattern the server would refuse is explained here, not sent.
+
+        Results of an earlier search go away when this one fails."""
+        try:
+            pattern = check_pattern(search_pattern(text))
+        except ValueError:
+            self.model.clear_search()
+            self.model.show_error(f"Cannot search for “{text.strip()}”: use up to 64 letters, digits, "
+                                  "_ . - and the wildcards * (any characters) and ? (one character).")
+            return defer.succeed(None)
         d = self.client.list_accounts(pattern, limit=50)
-        d.addCallback(lambda r: self.model.set_search(pattern, r.get("accounts", []), r.get("more", False)))
+
+        def failed(failure):
+            self.model.clear_search()
+            return failure
+        d.addCallbacks(lambda r: self.model.set_search(pattern, r.get("accounts", []), r.get("more", False)),
+                       failed)
         return self._guard(d)
 
     def delete_selected(self) -> defer.Deferred:
