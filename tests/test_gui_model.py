@@ -335,6 +335,9 @@ def test_delete_account_needs_the_password():
     model.signed_in("alice")
     ctl.delete_account("")
     assert "password" in model.error and not [c for c in client.calls if c[0] == "delete_account"]
+    client.auto = {"delete_account": ServerError("bad_credentials", "no")}
+    ctl.delete_account("not-my-password")
+    assert model.screen == "chats" and model.error == "That password is wrong." and not model.busy
     client.auto = {"delete_account": {}}
     ctl.delete_account("pw-123456")
     assert model.screen == "login" and "alice was deleted" in model.notice

@@ -143,9 +143,11 @@ class ChatController:
             return None
         return d.addErrback(failed)
 
-    def _busy(self, d):
+    def _busy(self, start: Callable[[], defer.Deferred]) -> defer.Deferred:
+        """Run ``start()`` with the buttons disabled and the last error cleared first."""
         self.model.set_busy(True)
         self.model.clear_error()
+        d = defer.maybeDeferred(start)
 
         def done(result):
             self.model.set_busy(False)
@@ -166,7 +168,7 @@ class ChatController:
             self.model.signed_in(username)
             yield self.load_recent(result.get("unread", 0) if isinstance(result, dict) else 0)
             return result
-        return self._busy(go())
+        return self._busy(go)
 
     def create_account(self, username: str, password: str) -> defer.Deferred:
         username = username.strip()
@@ -182,7 +184,7 @@ class ChatController:
             result = yield self.client.login(username, password)
             self.model.signed_in(username)
             return result
-        return self._busy(go())
+        return self._busy(go)
 
     def load_recent(self, unread: int = 0) -> defer.Deferred:
         """Fill the conversation list from recent history (newest first on the server).
@@ -217,9 +219,18 @@ class ChatController:
             self.model.show_error("Enter your password to delete the account.")
             return defer.succeed(None)
         name = self.model.me
-        d = self.client.delete_account(password)
-        d.addCallback(lambda _: self.model.signed_out(f"The account {name} was deleted."))
-        return self._busy(d)
+
+        def refused(failure):
+            # The dialog asks only for the password: "username or password" would mislead.
+            if isinstance(failure.value, ServerError) and failure.value.code == "bad_credentials":
+                self.model.show_error("That password is wrong.")
+                return None
+            return failure
+
+        def start():
+            d = self.client.delete_account(password)
+            return d.addCallbacks(lambda _: self.model.signed_out(f"The account {name} was deleted."), refused)
+        return self._busy(start)
 
     # -- conversations -----------------------------------------------------------------
 
