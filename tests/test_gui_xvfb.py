@@ -202,8 +202,12 @@ def test_resizing_keeps_the_place_in_the_conversation():
             client.auto["history"] = {"messages": [msg(i, "bob", "alice", f"message {i}", read=True)
                                                    for i in range(50, 0, -1)], "more": False}
             app.model.signed_in("alice")
+            # No conversation open: nothing to send to, so compose and Send are off.
+            yield wait_for(lambda: app.compose.cget("state") == "disabled", 5)
+            assert app.send_button.instate(["disabled"])
             app.open_conversation("bob")
             yield wait_for(lambda: canvas.find_withtag("msg50") and canvas.yview()[1] >= 0.999, 5)
+            assert app.compose.cget("state") == "normal" and not app.send_button.instate(["disabled"])
 
             # At the bottom, shrinking the window keeps the newest message in view.
             height = canvas.winfo_height()

@@ -162,8 +162,6 @@ class ChatApp:
         header.grid(row=0, column=0, sticky="ew")
         self.peer_label = ttk.Label(header, text="", style="Heading.TLabel")
         self.peer_label.pack(side="left")
-        self.peer_hint = ttk.Label(header, text="", style="Muted.TLabel")
-        self.peer_hint.pack(side="left", padx=(10, 0), pady=(3, 0))
         self.delete_button = ttk.Button(header, text="Delete", style="Danger.TButton",
                                         command=self.controller_delete_selected)
         tk.Frame(chat, height=1, background=c["line"]).grid(row=0, column=0, sticky="sew")
@@ -319,6 +317,7 @@ class ChatApp:
         self.search_entry.delete(0, "end")
         self._placeholder_restore()
         self.controller.open(peer)
+        self._compose_enabled(True)  # now, not at the next redraw: typing may start at once
         self.compose.focus_set()
 
     def _placeholder_restore(self):
@@ -480,6 +479,12 @@ class ChatApp:
             text = text[:-1]
         return text + "…"
 
+    def _compose_enabled(self, enabled: bool):
+        """With no conversation open there is no one to send to: the compose box and Send are off."""
+        self.compose.configure(state="normal" if enabled else "disabled",
+                               background=COLORS["bg"] if enabled else COLORS["panel"])
+        self.send_button.state(["!disabled"] if enabled else ["disabled"])
+
     def _draw_conversation(self):
         c, f, canvas, m = COLORS, self.fonts, self.canvas, self.model
         peer = m.open_peer
@@ -488,7 +493,7 @@ class ChatApp:
         height = canvas.winfo_height()
         if peer is None:
             self.peer_label.configure(text="")
-            self.peer_hint.configure(text="")
+            self._compose_enabled(False)
             self.delete_button.pack_forget()
             canvas.create_text(width / 2, height / 2 - 20, text="Select a conversation", font=f.heading,
                                fill=c["muted"])
@@ -499,7 +504,7 @@ class ChatApp:
             return
         conv = m.conversation(peer)
         self.peer_label.configure(text=peer)
-        self.peer_hint.configure(text=f"{len(conv.messages)} message(s) loaded")
+        self._compose_enabled(True)
         if m.selected:
             self.delete_button.configure(text=f"Delete {len(m.selected)} selected")
             self.delete_button.pack(side="right")
