@@ -10,6 +10,8 @@ from paxchat.client.errors import ServerError, Unreachable
 from paxchat.client.gui_controller import ChatController
 from paxchat.client.gui_model import PAGE_SIZE, ChatModel, Coalescer, search_pattern, status_text, time_label
 
+from .test_client_failover import logged_in
+
 
 def msg(i, frm, to, body="x", ts=None, read=False):
     return {"id": i, "from": frm, "to": to, "body": body, "ts": ts if ts is not None else 1000.0 + i, "read": read}
@@ -31,6 +33,28 @@ def test_status_bar_sentences():
         "Reconnecting (node 2 is stopping)…"
     assert status_text(Status("connecting")) == "Connecting…"
     assert status_text(Status("failed")).startswith("Offline")
+    assert status_text(Status("connecting", detail="node 3 could not reach a majority")) == \
+        "Connecting (node 3 could not reach a majority)…"
+
+
+def test_a_cluster_without_a_majority_is_not_called_unreachable():
+    reactor, client, nodes, conn, statuses, _ = logged_in()
+    got = []
+    client.history().addBoth(got.append)
+    conn.drop()
+    for _ in range(400):                       # the policy's deadline is 10 s
+        if got:
+            break
+        reactor.advance(0.25)
+        while nodes.pending_ports():
+            c = nodes.accept()
+            [hello] = c.requests()
+            c.answer(hello, {"node": c.port - 7100, "leader": None, "nodes": [], "protocol": 1})
+            [resume] = c.requests()
+            c.fail(resume, "unavailable", "the cluster could not commit this in time; retry")
+            c.drop()
+    assert got and status_text(statuses[-1]) == \
+        "Offline: servers answer, but too few are up to agree. Retrying…"
 
 
 def test_unread_badges_count_received_unread_messages_until_opened():

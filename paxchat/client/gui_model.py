@@ -38,8 +38,10 @@ def status_text(status) -> str:
         # e.g. "node 2 is stopping": say why, when the server told us.
         return f"Reconnecting ({status.detail})…" if status.detail else "Reconnecting…"
     if status.state == "connecting":
-        return "Connecting…"
+        return f"Connecting ({status.detail})…" if status.detail else "Connecting…"
     if status.state == "failed":
+        if "majority" in (status.detail or ""):       # the client's NoMajority
+            return "Offline: servers answer, but too few are up to agree. Retrying…"
         return "Offline: cannot reach any server. Retrying…"
     if status.state == "closed":
         return "Disconnected"
