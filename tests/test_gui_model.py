@@ -283,6 +283,38 @@ def test_scrolling_up_loads_older_once_at_a_time():
     assert len([c for c in client.calls if c[0] == "history"]) == 2
 
 
+def test_reopening_a_conversation_merges_what_was_sent_from_another_device():
+    clock, model, client, ctl = controller()
+    model.signed_in("alice")
+    ctl.open("bob")
+    first = [msg(3, "bob", "alice", read=True), msg(1, "bob", "alice", read=True)]
+    client.last("history")[3].callback({"messages": first, "more": False})
+    ctl.open("carol")
+    ctl.open("bob")                     # alice sent #4 from the CLI meanwhile: no push reaches her
+    call = client.last("history")
+    assert call[2] == {"peer": "bob", "limit": PAGE_SIZE}
+    call[3].callback({"messages": [msg(4, "alice", "bob"), msg(3, "bob", "alice", read=True)], "more": True})
+    conv = model.conversation("bob")
+    assert sorted(conv.messages) == [1, 3, 4] and not conv.more_before      # paging untouched
+
+
+def test_a_conversation_open_across_a_failover_is_caught_up_quietly():
+    clock, model, client, ctl = controller()
+    model.signed_in("alice")
+    ctl.open("bob")
+    client.last("history")[3].callback({"messages": [msg(1, "bob", "alice", read=True)], "more": False})
+    ctl.on_status(Status("reconnecting"))
+    ctl.on_status(Status("connected", 2, 1))
+    call = client.last("history")
+    assert call[2] == {"peer": "bob", "limit": PAGE_SIZE}
+    call[3].errback(ServerError("unavailable", "retry"))
+    assert not model.error                          # a background refresh: no banner
+    ctl.on_status(Status("reconnecting"))
+    ctl.on_status(Status("connected", 3, 1))
+    client.last("history")[3].callback({"messages": [msg(2, "bob", "alice")], "more": False})
+    assert sorted(model.conversation("bob").messages) == [1, 2]
+
+
 def test_send_shows_pending_then_the_stored_message_or_an_error():
     clock, model, client, ctl = controller()
     model.signed_in("alice")

@@ -80,6 +80,9 @@ class ChatController:
             # without this the status bar would name a dead leader for a while.
             self._failing_over = False
             self._refresh_soon(FAILOVER_REFRESHES)
+            conv = self.model.conversation(self.model.open_peer) if self.model.open_peer else None
+            if conv is not None and conv.loaded_once and self.model.me is not None:
+                self._catch_up(self.model.open_peer, quiet=True)
         if status.state == "failed" and not self._stopped:
             if self._retry_call is None or not self._retry_call.active():
                 self._retry_call = self.reactor.callLater(RETRY_OFFLINE, self._reconnect)
@@ -238,8 +241,20 @@ class ChatController:
         self._mark(self.model.open(peer))
         conv = self.model.conversation(peer)
         if conv.loaded_once:
-            return defer.succeed(None)
+            return self._catch_up(peer)
         return self._load(peer, before=None)
+
+    def _catch_up(self, peer, quiet=False) -> defer.Deferred:
+        """Merge the newest page of a conversation already shown.
+
+        The server pushes a message to its recipient only: what this account
+        sent from another device, or what came while the app was reconnecting,
+        shows up this way, when the conversation is opened again or the
+        connection is back. The pages already loaded stay as they are.
+        """
+        d = self.client.history(peer=peer, limit=PAGE_SIZE)
+        d.addCallback(lambda result: self._mark(self.model.add_messages(result.get("messages", []))))
+        return d.addErrback(self._quiet) if quiet else self._guard(d)
 
     def load_older(self) -> defer.Deferred:
         """Scrolled to the top: fetch the page before the oldest message shown."""
