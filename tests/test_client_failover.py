@@ -148,12 +148,7 @@ def test_gives_up_after_the_deadline_and_reports_failed():
     reactor, client, nodes, conn, statuses, _ = logged_in()
     got = results(client.history())
     conn.drop()
-    for _ in range(200):
-        reactor.advance(0.25)
-        while nodes.pending_ports():
-            nodes.refuse()
-        if got:
-            break
+    until_answered(reactor, nodes, got, nodes.refuse)
     [failure] = got
     assert failure.check(Unreachable)
     assert statuses[-1].state == "failed"
@@ -169,22 +164,34 @@ def test_gives_up_after_the_deadline_and_reports_failed():
     assert statuses[-1].state == "connected" and statuses[-1].leader == 3
 
 
+def until_answered(reactor, nodes, got, each_dial):
+    """Let the client dial on (``each_dial()`` takes each attempt) until ``got`` has its answer."""
+    for _ in range(200):                       # 50 s: past every deadline of POLICY
+        reactor.advance(0.25)
+        while nodes.pending_ports():
+            each_dial()
+        if got:
+            return
+    raise AssertionError("the call was never answered")
+
+
+def without_majority(nodes):
+    """Accept the client's next dial as a node cut off from the majority would: hello, then
+    ``unavailable`` to its resume."""
+    c = nodes.accept()
+    [hello] = c.requests()
+    c.answer(hello, {"node": c.port - 7100, "leader": None, "nodes": [], "protocol": 1})
+    [resume] = c.requests()
+    c.fail(resume, "unavailable", "the cluster could not commit this in time; retry")
+    assert c.transport.disconnecting
+    c.drop()
+
+
 def test_nodes_up_but_without_a_majority_are_said_so_not_unreachable():
     reactor, client, nodes, conn, statuses, _ = logged_in()
     got = results(client.history())
     conn.drop()
-    for _ in range(200):
-        reactor.advance(0.25)
-        while nodes.pending_ports():
-            c = nodes.accept()
-            [hello] = c.requests()
-            c.answer(hello, {"node": c.port - 7100, "leader": None, "nodes": [], "protocol": 1})
-            [resume] = c.requests()
-            c.fail(resume, "unavailable", "the cluster could not commit this in time; retry")
-            assert c.transport.disconnecting
-            c.drop()
-        if got:
-            break
+    until_answered(reactor, nodes, got, lambda: without_majority(nodes))
     assert any(s.state == "reconnecting" and "could not reach a majority" in s.detail
                for s in statuses)
     [failure] = got

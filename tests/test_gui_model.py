@@ -10,7 +10,7 @@ from paxchat.client.errors import ServerError, Unreachable
 from paxchat.client.gui_controller import ChatController
 from paxchat.client.gui_model import PAGE_SIZE, ChatModel, Coalescer, search_pattern, status_text, time_label
 
-from .test_client_failover import logged_in
+from .test_client_failover import logged_in, until_answered, without_majority
 
 
 def msg(i, frm, to, body="x", ts=None, read=False):
@@ -42,19 +42,8 @@ def test_a_cluster_without_a_majority_is_not_called_unreachable():
     got = []
     client.history().addBoth(got.append)
     conn.drop()
-    for _ in range(400):                       # the policy's deadline is 10 s
-        if got:
-            break
-        reactor.advance(0.25)
-        while nodes.pending_ports():
-            c = nodes.accept()
-            [hello] = c.requests()
-            c.answer(hello, {"node": c.port - 7100, "leader": None, "nodes": [], "protocol": 1})
-            [resume] = c.requests()
-            c.fail(resume, "unavailable", "the cluster could not commit this in time; retry")
-            c.drop()
-    assert got and status_text(statuses[-1]) == \
-        "Offline: servers answer, but too few are up to agree. Retrying…"
+    until_answered(reactor, nodes, got, lambda: without_majority(nodes))
+    assert status_text(statuses[-1]) == "Offline: servers answer, but too few are up to agree. Retrying…"
 
 
 def test_unread_badges_count_received_unread_messages_until_opened():

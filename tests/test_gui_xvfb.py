@@ -155,11 +155,12 @@ def fake_app(root):
     return ChatApp(root, reactor, lambda on_event, on_status: client), client
 
 
-@pytest_twisted.inlineCallbacks
-def test_a_long_conversation_list_scrolls():
+@defer.inlineCallbacks
+def with_fake_app(test):
+    """Run ``test(root, app, client)`` (a generator of Deferreds) on a window of its own
+    driven by a fake client; the window and the Tk loop go whatever happens."""
     import tkinter as tk
     from twisted.internet import tksupport
-    from .test_gui_model import msg
     from .xvfb import shared_xvfb
 
     with shared_xvfb(1000, 680) as x:
@@ -168,66 +169,63 @@ def test_a_long_conversation_list_scrolls():
         app = None
         try:
             app, client = fake_app(root)
-            app.model.signed_in("alice")
-            app.model.add_messages([msg(i, f"peer{i:02}", "alice", read=True) for i in range(1, 21)])
-            yield wait_for(lambda: len(app._list_rows) == 20 and app.list_scroll.winfo_ismapped(), 5)
-            bar = app.list_scroll
-            assert bar.winfo_width() >= 8 and bar.winfo_height() > 200
-            # A click low in the trough pages the list down.
-            assert app.list_canvas.yview()[0] == 0.0
-            bar.event_generate("<Button-1>", x=bar.winfo_width() // 2, y=bar.winfo_height() - 30)
-            bar.event_generate("<ButtonRelease-1>", x=bar.winfo_width() // 2, y=bar.winfo_height() - 30)
-            yield wait_for(lambda: app.list_canvas.yview()[0] > 0.0, 5)
+            yield defer.inlineCallbacks(test)(root, app, client)
         finally:
             if app is not None:
                 yield app.close()
             tksupport.uninstall()
             root.destroy()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_long_conversation_list_scrolls():
+    from .test_gui_model import msg
+
+    def test(root, app, client):
+        app.model.signed_in("alice")
+        app.model.add_messages([msg(i, f"peer{i:02}", "alice", read=True) for i in range(1, 21)])
+        yield wait_for(lambda: len(app._list_rows) == 20 and app.list_scroll.winfo_ismapped(), 5)
+        bar = app.list_scroll
+        assert bar.winfo_width() >= 8 and bar.winfo_height() > 200
+        # A click low in the trough pages the list down.
+        assert app.list_canvas.yview()[0] == 0.0
+        bar.event_generate("<Button-1>", x=bar.winfo_width() // 2, y=bar.winfo_height() - 30)
+        bar.event_generate("<ButtonRelease-1>", x=bar.winfo_width() // 2, y=bar.winfo_height() - 30)
+        yield wait_for(lambda: app.list_canvas.yview()[0] > 0.0, 5)
+    yield with_fake_app(test)
 
 
 @pytest_twisted.inlineCallbacks
 def test_resizing_keeps_the_place_in_the_conversation():
-    import tkinter as tk
-    from twisted.internet import tksupport
     from .test_gui_model import msg
-    from .xvfb import shared_xvfb
 
-    with shared_xvfb(1000, 680) as x:
-        root = tk.Tk(screenName=x.display, className="paxchat")
-        tksupport.install(root)
-        app = None
-        try:
-            app, client = fake_app(root)
-            canvas = app.canvas
-            client.auto["history"] = {"messages": [msg(i, "bob", "alice", f"message {i}", read=True)
-                                                   for i in range(50, 0, -1)], "more": False}
-            app.model.signed_in("alice")
-            # No conversation open: nothing to send to, so compose and Send are off.
-            yield wait_for(lambda: app.compose.cget("state") == "disabled", 5)
-            assert app.send_button.instate(["disabled"])
-            app.open_conversation("bob")
-            yield wait_for(lambda: canvas.find_withtag("msg50") and canvas.yview()[1] >= 0.999, 5)
-            assert app.compose.cget("state") == "normal" and not app.send_button.instate(["disabled"])
+    def test(root, app, client):
+        canvas = app.canvas
+        client.auto["history"] = {"messages": [msg(i, "bob", "alice", f"message {i}", read=True)
+                                               for i in range(50, 0, -1)], "more": False}
+        app.model.signed_in("alice")
+        # No conversation open: nothing to send to, so compose and Send are off.
+        yield wait_for(lambda: app.compose.cget("state") == "disabled", 5)
+        assert app.send_button.instate(["disabled"])
+        app.open_conversation("bob")
+        yield wait_for(lambda: canvas.find_withtag("msg50") and canvas.yview()[1] >= 0.999, 5)
+        assert app.compose.cget("state") == "normal" and not app.send_button.instate(["disabled"])
 
-            # At the bottom, shrinking the window keeps the newest message in view.
-            height = canvas.winfo_height()
-            root.geometry("800x500")
-            yield wait_for(lambda: canvas.winfo_height() < height and canvas.yview()[1] >= 0.999, 5)
+        # At the bottom, shrinking the window keeps the newest message in view.
+        height = canvas.winfo_height()
+        root.geometry("800x500")
+        yield wait_for(lambda: canvas.winfo_height() < height and canvas.yview()[1] >= 0.999, 5)
 
-            # Scrolled up, growing the window does not jump to the bottom.
-            for _ in range(5):
-                canvas.event_generate("<Button-4>")
-            first = canvas.yview()[0]
-            assert canvas.yview()[1] < 0.999
-            height = canvas.winfo_height()
-            redraws = []
-            original = app.coalescer.redraw
-            app.coalescer.redraw = lambda parts: (redraws.append(parts), original(parts))
-            root.geometry("1000x600")
-            yield wait_for(lambda: canvas.winfo_height() > height and any("conversation" in p for p in redraws), 5)
-            assert canvas.yview()[1] < 0.999 and canvas.yview()[0] == first
-        finally:
-            if app is not None:
-                yield app.close()
-            tksupport.uninstall()
-            root.destroy()
+        # Scrolled up, growing the window does not jump to the bottom.
+        for _ in range(5):
+            canvas.event_generate("<Button-4>")
+        first = canvas.yview()[0]
+        assert canvas.yview()[1] < 0.999
+        height = canvas.winfo_height()
+        redraws = []
+        original = app.coalescer.redraw
+        app.coalescer.redraw = lambda parts: (redraws.append(parts), original(parts))
+        root.geometry("1000x600")
+        yield wait_for(lambda: canvas.winfo_height() > height and any("conversation" in p for p in redraws), 5)
+        assert canvas.yview()[1] < 0.999 and canvas.yview()[0] == first
+    yield with_fake_app(test)
