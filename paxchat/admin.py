@@ -412,7 +412,10 @@ def status_table(statuses):
     notes = []
     for n, s in sorted(statuses.items()):
         if isinstance(s, Exception):
-            rows.append([str(n), "down"] + ["-"] * (len(header) - 2))
+            # A node that answered with a refusal (a certificate that is no
+            # admin's) is up: saying "down" would send the operator the wrong way.
+            state = "refused" if getattr(s, "code", None) is not None else "down"
+            rows.append([str(n), state] + ["-"] * (len(header) - 2))
             notes.append(f"node {n}: {s}")
             continue
         ballot = _ballot(s.get("ballot"))

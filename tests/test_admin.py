@@ -99,6 +99,14 @@ def test_status_table():
         "node 4 is refused by node 2: its data is not the data it had"]
 
 
+def test_a_node_that_refuses_the_certificate_is_shown_up_and_refusing_not_down():
+    refusal = admin.AdminError("node 1 (10.0.0.1:7401): an admin certificate of the cluster CA is"
+                               " needed", 403, {"error": "forbidden"})
+    lines = admin.status_table({1: refusal}).splitlines()
+    assert lines[1].split()[:3] == ["1", "refused", "-"]
+    assert lines[2] == f"node 1: {refusal}"
+
+
 @pytest_twisted.inlineCallbacks
 def test_status_of_a_live_and_a_down_node(node_1):
     cfg, node = node_1
