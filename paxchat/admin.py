@@ -414,7 +414,7 @@ def status_table(statuses):
         if isinstance(s, Exception):
             # A node that answered with a refusal (a certificate that is no
             # admin's) is up: saying "down" would send the operator the wrong way.
-            state = "refused" if getattr(s, "code", None) is not None else "down"
+            state = "refused" if _refused_us(s) else "down"
             rows.append([str(n), state] + ["-"] * (len(header) - 2))
             notes.append(f"node {n}: {s}")
             continue
@@ -436,6 +436,11 @@ def status_table(statuses):
     return "\n".join(lines + notes)
 
 
+def _refused_us(error):
+    """The node answered, refusing our certificate (not an admin's): it is up."""
+    return getattr(error, "code", None) == 403
+
+
 def _leader(statuses):
     for n, s in statuses.items():
         if not isinstance(s, Exception) and s.get("role") == "leader":
@@ -448,7 +453,8 @@ def _leader(statuses):
 def _status(client, args, out):
     statuses = client.statuses()
     if args.json:
-        print(json.dumps({str(n): (s if not isinstance(s, Exception) else {"down": str(s)})
+        print(json.dumps({str(n): (s if not isinstance(s, Exception)
+                                   else {"refused" if _refused_us(s) else "down": str(s)})
                           for n, s in statuses.items()}, indent=2, sort_keys=True), file=out)
     else:
         print(status_table(statuses), file=out)

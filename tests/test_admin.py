@@ -102,9 +102,11 @@ def test_status_table():
 def test_a_node_that_refuses_the_certificate_is_shown_up_and_refusing_not_down():
     refusal = admin.AdminError("node 1 (10.0.0.1:7401): an admin certificate of the cluster CA is"
                                " needed", 403, {"error": "forbidden"})
-    lines = admin.status_table({1: refusal}).splitlines()
+    stopping = admin.AdminError("node 2 (10.0.0.2:7402): node 2 is not running", 503, {})
+    lines = admin.status_table({1: refusal, 2: stopping}).splitlines()
     assert lines[1].split()[:3] == ["1", "refused", "-"]
-    assert lines[2] == f"node 1: {refusal}"
+    assert lines[2].split()[:3] == ["2", "down", "-"]
+    assert lines[3] == f"node 1: {refusal}"
 
 
 @pytest_twisted.inlineCallbacks
