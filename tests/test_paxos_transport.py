@@ -347,6 +347,10 @@ def test_a_node_that_stops_closes_its_links_cleanly(cluster, captured_log):
     yield poll_until(lambda: a.peer_state(2) == "connected" and b.peer_state(1) == "connected"
                      and 2 in a._inbound)
     yield c.stop(2)
+    # The stopped node's own links were all down, and said so, when its stop fired.
+    own = [t for t in texts(captured_log) if "with node 1 down" in t]
+    assert len(own) == 2 and all("closed cleanly" in t for t in own), own
+    assert not b._inbound and not b._outbound
     yield poll_until(lambda: a.peer_state(2) == "disconnected" and 2 not in a._inbound)
     down = [t for t in texts(captured_log) if "with node 2 down" in t]
     assert len(down) == 2 and all("closed cleanly" in t for t in down), down

@@ -93,6 +93,7 @@ class PeerProtocol(Int32StringReceiver):
         self._refused = None
         self._peer_lineage = None              # unknown until its first non-empty frame
         self._gone = None                      # fires in connectionLost, once asked for
+        self._closing = False
 
     @property
     def direction(self):
@@ -240,12 +241,21 @@ class PeerProtocol(Int32StringReceiver):
         """Close with TLS's close_notify, so the peer sees a clean close; fires when gone."""
         if self._gone is None:
             self._gone = Deferred()
+            if not self._connected_still():
+                self._gone.callback(None)
+                return self._gone
             self._close_soon()
         return self._gone
+
+    def _connected_still(self):
+        return self in self._owner._connections
 
     def _close_soon(self):
         # Close once what was written is out: TLS closes only without a
         # producer. Whatever the peer does, the link is gone a ping later.
+        if self._closing:
+            return                              # under way: its abort timer stands
+        self._closing = True
         owner = self._owner
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -283,8 +293,6 @@ class PeerProtocol(Int32StringReceiver):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if self._gone is not None:
-            self._gone.callback(None)
         if self.peer_id is not None:
             self._owner._peer_down(self, reason)
         else:
@@ -293,6 +301,8 @@ class PeerProtocol(Int32StringReceiver):
                          " authenticated: {why}", direction=self.direction,
                          where=self._where(), why=reason.getErrorMessage())
             self._owner._link_failed(self)
+        if self._gone is not None:
+            self._gone.callback(None)          # last: the link is all gone by now
 
 
 class _InboundFactory(TLSMemoryBIOFactory):
@@ -451,15 +461,25 @@ class PeerTransport(service.MultiService):
         super().startService()
 
     def stopService(self):
-        # Every link closes with close_notify, so peers log a clean close,
-        # not a lost connection; one the peer does not finish is cut a
-        # ping later.
-        closing = [protocol.close() for protocol in list(self._connections)]
-        done = super().stopService()
+        # Links close with close_notify first, so both sides log a clean
+        # close, not a lost connection; only then do the dialling services
+        # and the port stop, finding nothing left to cut. A link the peer
+        # does not finish is cut a ping later, and one made meanwhile goes
+        # the same way at the end.
+        d = self._close_links()
+        d.addBoth(lambda _: service.MultiService.stopService(self))
+        d.addBoth(lambda _: self._stop_listening())
+        d.addBoth(lambda _: self._close_links())
+        return d
+
+    def _close_links(self):
+        return gatherResults([protocol.close() for protocol in list(self._connections)])
+
+    def _stop_listening(self):
         if self._port is not None:
             port, self._port = self._port, None
-            done.addBoth(lambda _: port.stopListening())
-        return gatherResults([done, *closing], consumeErrors=True)
+            return port.stopListening()
+        return None
 
     # -- sending, receiving, state -------------------------------------------
 
@@ -572,7 +592,7 @@ class PeerTransport(service.MultiService):
         old = links.get(protocol.peer_id)
         links[protocol.peer_id] = protocol
         if old is not None:
-            old.transport.loseConnection()
+            old.close()
         log.info("peer link {direction} with node {peer} up ({where})",
                  direction=protocol.direction, peer=protocol.peer_id, where=protocol._where())
         self._notify(protocol.peer_id, protocol.direction, True)
