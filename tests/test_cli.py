@@ -532,6 +532,18 @@ def test_shell_says_why_it_reconnects():
                      "Connection lost; reconnecting to another server..."]
 
 
+def test_shell_says_when_servers_answer_but_too_few_to_agree():
+    from paxchat.client.api import Status
+    shell, lines = shell_with(StubClient({}))
+    shell.on_status(Status("reconnecting", detail="node 2 could not confirm with a majority in time",
+                           no_majority=True))
+    shell.on_status(Status("failed", detail="servers answered, but ...", no_majority=True))
+    assert lines == ["Servers answer, but too few are up to agree (node 2 could not confirm with a"
+                     " majority in time); trying the others...",
+                     "Too few servers are up to agree on anything; commands will try again."]
+    assert not any("Cannot reach" in line or "Connection lost" in line for line in lines)
+
+
 def test_the_prompt_takes_a_longest_message_and_skips_a_longer_line_but_not_the_rest():
     from paxchat.client.shell import MAX_INPUT_LINE
     client = StubClient({"send_message": {"message_id": 1}})

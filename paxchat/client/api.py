@@ -11,7 +11,10 @@ answer held); ``unavailable`` answers
 (no quorum in time) are retried the same way for a bounded time, on another
 node: the one that answered may be cut off from the majority, and its
 clients would wait there for as long as the cut lasts. Callers see
-one answer per call, or ``ServerError`` / ``Unreachable``. A node that is
+one answer per call, or ``ServerError`` / ``Unreachable`` (``NoMajority``
+when nodes answered but none could confirm with a majority: a node
+answering ``unavailable`` to ``resume`` is passed over like one that is
+down, and the status says why). A node that is
 stopping says so (``node_stopping``): the client leaves it at once, trying
 it last, as it would after a drop. A request too large for the server's
 line limit fails at once with ``RequestTooLarge`` and is never sent (the
@@ -56,12 +59,17 @@ RETRY_ON_UNAVAILABLE = WRITE_OPS | frozenset({"hello", "login", "resume", "list_
 
 @dataclass(frozen=True)
 class Status:
-    """Where the client stands: ``state`` is connecting, connected, reconnecting, failed or closed."""
+    """Where the client stands: ``state`` is connecting, connected, reconnecting, failed or closed.
+
+    ``no_majority``: nodes answer, but none could confirm anything with a
+    majority (while reconnecting, and when it fails so).
+    """
 
     state: str
     node: int | None = None
     leader: int | None = None
     detail: str = ""
+    no_majority: bool = False
 
 
 class _Request:
@@ -483,10 +491,12 @@ class PaxchatClient:
         if proto is not self._proto or proto.lost:
             return
         self._no_majority = True
-        why = f"node {node_id} could not reach a majority"
+        why = f"node {node_id} could not confirm with a majority in time"
         self.log.info("{why}; trying another node", why=why)
-        self._set_status(Status("reconnecting" if self._ever_connected else "connecting",
-                                None, self.leader, why))
+        status = Status("reconnecting" if self._ever_connected else "connecting",
+                        None, self.leader, why, no_majority=True)
+        if (status.state, status.no_majority) != (self.status.state, self.status.no_majority):
+            self._set_status(status)          # once per rotation, not once per node
         proto.abort()  # _lost moves on to the next node
 
     def _handshake_failed(self, failure, proto):
@@ -563,16 +573,17 @@ class PaxchatClient:
             self._next_attempt()
 
     def _unreachable(self):
+        tried = ", ".join(t.label for t in self.targets.values())
         if self._no_majority:
-            return NoMajority("nodes answered, but none could reach a majority of "
-                              + ", ".join(t.label for t in self.targets.values()))
+            return NoMajority(f"servers answered, but none could confirm with a majority in time (tried {tried})")
         return Unreachable("no paxchat node could be reached: "
                            + ", ".join(t.label for t in self.targets.values()))
 
     def _give_up(self):
         self._rotation = None
         error = self._unreachable()
-        self._set_status(Status("failed", None, self.leader, str(error)))
+        self._set_status(Status("failed", None, self.leader, str(error),
+                                no_majority=isinstance(error, NoMajority)))
         outstanding, self._outstanding = self._outstanding, []
         for req in outstanding:
             self._stop_timers(req)

@@ -40,7 +40,7 @@ def status_text(status) -> str:
     if status.state == "connecting":
         return f"Connecting ({status.detail})…" if status.detail else "Connecting…"
     if status.state == "failed":
-        if "majority" in (status.detail or ""):       # the client's NoMajority
+        if status.no_majority:
             return "Offline: servers answer, but too few are up to agree. Retrying…"
         return "Offline: cannot reach any server. Retrying…"
     if status.state == "closed":

@@ -83,11 +83,16 @@ class Shell:
             self.write(f"Your session ended ({reason}); log in again.")
 
     def on_status(self, status):
-        if status.state == "reconnecting":
+        if status.state == "reconnecting" and status.no_majority:
+            self.write(f"Servers answer, but too few are up to agree ({status.detail});"
+                       " trying the others...")
+        elif status.state == "reconnecting":
             why = f" ({status.detail})" if status.detail else ""
             self.write(f"Connection lost{why}; reconnecting to another server...")
         elif status.state == "connected":
             self.write(f"Connected to node {status.node}.")
+        elif status.state == "failed" and status.no_majority:
+            self.write("Too few servers are up to agree on anything; commands will try again.")
         elif status.state == "failed":
             self.write("Cannot reach any server; commands will try again.")
 
