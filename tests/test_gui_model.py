@@ -220,6 +220,16 @@ def test_login_loads_history_until_every_unread_message_is_listed():
     assert model.title == "(215) paxchat — alice" and not model.busy
 
 
+def test_an_unread_note_to_oneself_does_not_send_login_paging_to_its_bound():
+    # The server counts a message to oneself as unread; the login's count includes it.
+    server = [msg(i, "bob", "alice", read=True) for i in range(1, 4000)] + [msg(4000, "alice", "alice")]
+    clock, model, client, ctl = controller()
+    client.auto = {"login": {"session": "t", "unread": 1}}
+    ctl.log_in("alice", "pw-123456")
+    assert answer_history(client, server) == 1
+    assert model.title == "paxchat — alice"
+
+
 def test_login_stops_paging_at_a_bound_and_the_title_still_counts_every_unread_message():
     from paxchat.client.gui_controller import RECENT, RECENT_PAGES
     total = RECENT * RECENT_PAGES + 5

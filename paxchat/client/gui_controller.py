@@ -204,8 +204,9 @@ class ChatController:
                 result = yield self.client.history(limit=RECENT, before=before)
                 messages = [m for m in result.get("messages", []) if isinstance(m, dict) and "id" in m]
                 self.model.add_history_page(None, messages, RECENT, older=before is not None)
-                found += sum(1 for m in messages
-                             if m.get("to") == me and m.get("from") != me and not m.get("read", False))
+                # Counted as the server counts unread (a note to oneself too), so paging
+                # stops once the login's count is covered.
+                found += sum(1 for m in messages if m.get("to") == me and not m.get("read", False))
                 if found >= unread or not messages or not result.get("more", len(messages) >= RECENT):
                     return
                 before = min(m["id"] for m in messages)
