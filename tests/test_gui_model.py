@@ -297,6 +297,21 @@ def test_reopening_a_conversation_merges_what_was_sent_from_another_device():
     assert sorted(conv.messages) == [1, 3, 4] and not conv.more_before      # paging untouched
 
 
+def test_a_catch_up_that_does_not_reach_what_is_shown_starts_the_conversation_over():
+    clock, model, client, ctl = controller()
+    model.signed_in("alice")
+    ctl.open("bob")
+    client.last("history")[3].callback({"messages": [msg(2, "bob", "alice", read=True),
+                                                     msg(1, "bob", "alice", read=True)], "more": False})
+    ctl.open("carol")
+    ctl.open("bob")                     # 60 were sent from another device meanwhile
+    newest = [msg(i, "alice", "bob") for i in range(62, 62 - PAGE_SIZE, -1)]
+    client.last("history")[3].callback({"messages": newest, "more": True})
+    conv = model.conversation("bob")
+    assert sorted(conv.messages) == list(range(62 - PAGE_SIZE + 1, 63))   # no gap under them
+    assert conv.more_before and conv.oldest_id == 62 - PAGE_SIZE + 1        # the rest load on scrolling
+
+
 def test_a_conversation_open_across_a_failover_is_caught_up_quietly():
     clock, model, client, ctl = controller()
     model.signed_in("alice")

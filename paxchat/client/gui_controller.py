@@ -254,7 +254,18 @@ class ChatController:
         connection is back. The pages already loaded stay as they are.
         """
         d = self.client.history(peer=peer, limit=PAGE_SIZE)
-        d.addCallback(lambda result: self._mark(self.model.add_messages(result.get("messages", []))))
+
+        def merge(result):
+            messages = [m for m in result.get("messages", []) if isinstance(m, dict) and "id" in m]
+            conv = self.model.conversation(peer)
+            if result.get("more") and messages and not any(m["id"] in conv.messages for m in messages):
+                # More came meanwhile than a page holds: a gap would sit under this
+                # page, never loaded. Start the conversation over from this page.
+                self.model.remove_messages(list(conv.messages))
+                self._mark(self.model.add_history_page(peer, messages, PAGE_SIZE, older=False, more=True))
+            else:
+                self._mark(self.model.add_messages(messages))
+        d.addCallback(merge)
         return d.addErrback(self._quiet) if quiet else self._guard(d)
 
     def load_older(self) -> defer.Deferred:
