@@ -84,12 +84,13 @@ def _twistd_observer(twistd_options):
         return None
     try:
         # twistd's own choice of observer, through a private (if long-stable) door:
-        # a Twisted without it logs as twistd does, only unfiltered.
+        # a Twisted without it logs as twistd does, only unfiltered, and says so.
         from twisted.scripts.twistd import _SomeApplicationRunner
-        get_observer = _SomeApplicationRunner.loggerFactory(twistd_options)._getLogObserver
-    except (ImportError, AttributeError):
+        observer = _SomeApplicationRunner.loggerFactory(twistd_options)._getLogObserver()
+    except Exception as e:
+        print(f"paxchat: --log-level applies only with --log-format here ({e!r});"
+              " logging every level", file=sys.stderr)
         return None
-    observer = get_observer()
     if not ILogObserver.providedBy(observer):
         observer = LegacyLogObserverWrapper(observer)        # --syslog's
     return observer

@@ -328,3 +328,16 @@ def test_occasional_events_of_different_kinds_are_counted_apart():
     assert [reports.happened("a"), reports.happened("b"), reports.happened("a")] == [1, 1, 0]
     clock.advance(60)
     assert [reports.happened("a"), reports.happened("b")] == [2, 1]
+
+
+def test_without_twistds_observer_factory_a_node_still_starts_and_says_the_level_is_not_applied(
+        tmp_path, monkeypatch, capsys):
+    from twisted.scripts import twistd
+    ini = _config_and_environ(tmp_path, monkeypatch, {})
+
+    def gone(options):
+        raise AttributeError("no such factory in this Twisted")
+    monkeypatch.setattr(twistd._SomeApplicationRunner, "loggerFactory", gone)
+    options = parsed_by_twistd(ini, "--log-level", "warn")
+    assert options["log_observer"] is None             # twistd's own, unfiltered
+    assert "--log-level applies only with --log-format" in capsys.readouterr().err
