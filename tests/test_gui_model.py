@@ -126,6 +126,7 @@ def test_search_patterns():
     assert search_pattern("al") == "al*"
     assert search_pattern("a?c*") == "a?c*"
     assert search_pattern("  ") == "*"
+    assert search_pattern("a" * 63) == "a" * 63 + "*" and search_pattern("a" * 64) == "a" * 64
 
 
 def test_time_labels():
@@ -327,6 +328,23 @@ def test_a_conversation_open_across_a_failover_is_caught_up_quietly():
     ctl.on_status(Status("connected", 3, 1))
     client.last("history")[3].callback({"messages": [msg(2, "bob", "alice")], "more": False})
     assert sorted(model.conversation("bob").messages) == [1, 2]
+
+
+def test_a_malformed_send_answer_is_logged_and_the_send_still_ends():
+    from twisted.logger import globalLogPublisher
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        clock, model, client, ctl = controller()
+        model.signed_in("alice")
+        ctl.open("bob")
+        ended = []
+        ctl.send("hello").addBoth(ended.append)
+        client.last("send_message")[3].callback({"ts": 1.0})       # no message_id
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert ended == [None]
+    assert any(e.get("log_format") == "showing a sent message failed" for e in events)
 
 
 def test_send_shows_pending_then_the_stored_message_or_an_error():

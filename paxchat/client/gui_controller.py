@@ -316,7 +316,13 @@ class ChatController:
         def failed(failure):
             self.model.show_error("Not sent: " + _sentence(failure))
             return self.model.not_sent(peer, key)
-        return d.addCallbacks(sent, failed)
+
+        def bug(failure):
+            # The server said it was sent, but its answer could not be shown: a
+            # bug worth a log line, not a resend (that would send it twice).
+            self.log.failure("showing a sent message failed", failure)
+            return None
+        return d.addCallbacks(sent, failed).addErrback(bug)
 
     def search(self, text: str) -> defer.Deferred:
         """Find accounts; a pattern the server would refuse is explained here, not sent.

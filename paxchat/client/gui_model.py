@@ -354,7 +354,7 @@ def search_pattern(text: str) -> str:
     text = text.strip()
     if not text:
         return "*"
-    if "*" in text or "?" in text:
+    if "*" in text or "?" in text or len(text) >= 64:   # no room for the star: as typed
         return text
     return text + "*"
 
