@@ -141,12 +141,29 @@ class _ExitOnStartupFailure(service.MultiService):
         except Exception as e:
             if not isinstance(e, _PLAIN_ERRORS):
                 log.failure("node {node_id} failed to start", node_id=self.node.node_id)
-            # To the process's own stderr: twistd has put a logging file in
-            # sys.stderr by now, whose lines the --log-level may drop.
-            stderr = sys.__stderr__ or sys.stderr
-            print(f"paxchat node {self.node.node_id} could not start: {e}", file=stderr)
-            stderr.flush()
+            say_start_failure(f"paxchat node {self.node.node_id} could not start: {e}")
             raise SystemExit(1) from None
+
+
+def say_start_failure(text, stderr=None):
+    """Say why the node cannot start, once, where its operator will look.
+
+    On the process's own stderr: twistd has put a logging file in
+    sys.stderr by now, whose lines the --log-level may drop. A daemon (no
+    ``-n``) has its stderr on /dev/null: there, it goes to the log instead.
+    """
+    stderr = stderr or sys.__stderr__ or sys.stderr
+    print(text, file=stderr)
+    stderr.flush()
+    if _goes_nowhere(stderr):
+        log.critical("{text}", text=text)
+
+
+def _goes_nowhere(stream):
+    try:
+        return os.path.samestat(os.fstat(stream.fileno()), os.stat(os.devnull))
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 # How long a thread may hold the GIL before another may take it (Python's

@@ -282,3 +282,20 @@ def test_make_service_is_a_service(tmp_path):
     assert IService.providedBy(svc)
     assert svc.node.node_id == 1
     assert not svc.running
+
+
+def test_a_daemon_whose_stderr_goes_nowhere_logs_why_it_cannot_start(tmp_path):
+    from twisted.logger import globalLogPublisher
+    from paxchat.tap import say_start_failure
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        with open(os.devnull, "w") as void:
+            say_start_failure("paxchat node 1 could not start: nowhere", void)
+        with open(tmp_path / "stderr", "w") as seen:
+            say_start_failure("paxchat node 1 could not start: on stderr", seen)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    logged = [e["text"] for e in events if e.get("log_format") == "{text}"]
+    assert logged == ["paxchat node 1 could not start: nowhere"]           # said once, where seen
+    assert (tmp_path / "stderr").read_text() == "paxchat node 1 could not start: on stderr\n"
