@@ -229,3 +229,29 @@ def test_resizing_keeps_the_place_in_the_conversation():
         yield wait_for(lambda: canvas.winfo_height() > height and any("conversation" in p for p in redraws), 5)
         assert canvas.yview()[1] < 0.999 and canvas.yview()[0] == first
     yield with_fake_app(test)
+
+
+def open_long_conversation(app, client, more=False):
+    """Sign in and open a 50-message conversation with bob, scrolled to its newest message."""
+    from .test_gui_model import msg
+    client.auto["history"] = {"messages": [msg(i, "bob", "alice", f"message {i}", read=True)
+                                           for i in range(50, 0, -1)], "more": more}
+    app.model.signed_in("alice")
+    app.open_conversation("bob")
+    return wait_for(lambda: app.canvas.find_withtag("msg50") and app.canvas.yview()[1] >= 0.999, 5)
+
+
+@pytest_twisted.inlineCallbacks
+def test_selecting_a_message_does_not_move_the_conversation():
+    def test(root, app, client):
+        yield open_long_conversation(app, client)
+        root.update()
+        canvas = app.canvas
+        before = (canvas.winfo_rooty(), canvas.winfo_height(), canvas.yview())
+        app.model.toggle_selected(50)
+        yield wait_for(lambda: app.delete_button.winfo_ismapped(), 5)
+        root.update()
+        assert (canvas.winfo_rooty(), canvas.winfo_height(), canvas.yview()) == before
+        button, header = app.delete_button, app.delete_button.master
+        assert 0 <= button.winfo_y() and button.winfo_y() + button.winfo_height() <= header.winfo_height()
+    yield with_fake_app(test)

@@ -162,6 +162,8 @@ class ChatApp:
         header.grid(row=0, column=0, sticky="ew")
         self.peer_label = ttk.Label(header, text="", style="Heading.TLabel")
         self.peer_label.pack(side="left")
+        # Placed, not packed, in the header: showing it must not make the header taller,
+        # which would move every bubble under the pointer between two clicks.
         self.delete_button = ttk.Button(header, text="Delete", style="Danger.TButton",
                                         command=self.controller_delete_selected)
         tk.Frame(chat, height=1, background=c["line"]).grid(row=0, column=0, sticky="sew")
@@ -494,7 +496,7 @@ class ChatApp:
         if peer is None:
             self.peer_label.configure(text="")
             self._compose_enabled(False)
-            self.delete_button.pack_forget()
+            self.delete_button.place_forget()
             canvas.create_text(width / 2, height / 2 - 20, text="Select a conversation", font=f.heading,
                                fill=c["muted"])
             canvas.create_text(width / 2, height / 2 + 8, font=f.body, fill=c["muted"],
@@ -507,9 +509,9 @@ class ChatApp:
         self._compose_enabled(True)
         if m.selected:
             self.delete_button.configure(text=f"Delete {len(m.selected)} selected")
-            self.delete_button.pack(side="right")
+            self.delete_button.place(relx=1.0, rely=0.5, x=-20, anchor="e")
         else:
-            self.delete_button.pack_forget()
+            self.delete_button.place_forget()
 
         old_peer, old_oldest, old_height = self._last_drawn
         top_before = canvas.canvasy(0)
