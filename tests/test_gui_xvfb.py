@@ -8,6 +8,7 @@ import pytest_twisted
 from twisted.internet import defer
 
 from .test_client_e2e import client_for, node, wait_for  # noqa: F401  (node is a fixture)
+from .test_gui_model import msg
 
 pytestmark = pytest.mark.skipif(shutil.which("Xvfb") is None, reason="Xvfb is not installed (apt-get install xvfb)")
 
@@ -233,12 +234,12 @@ def test_resizing_keeps_the_place_in_the_conversation():
 
 def open_long_conversation(app, client, more=False):
     """Sign in and open a 50-message conversation with bob, scrolled to its newest message."""
-    from .test_gui_model import msg
     client.auto["history"] = {"messages": [msg(i, "bob", "alice", f"message {i}", read=True)
                                            for i in range(50, 0, -1)], "more": more}
     app.model.signed_in("alice")
     app.open_conversation("bob")
-    return wait_for(lambda: app.canvas.find_withtag("msg50") and app.canvas.yview()[1] >= 0.999, 5)
+    return wait_for(lambda: app.canvas.find_withtag("msg50") and app.canvas.winfo_height() > 100
+                    and app.canvas.yview()[1] >= 0.999, 5)
 
 
 @pytest_twisted.inlineCallbacks
@@ -254,4 +255,51 @@ def test_selecting_a_message_does_not_move_the_conversation():
         assert (canvas.winfo_rooty(), canvas.winfo_height(), canvas.yview()) == before
         button, header = app.delete_button, app.delete_button.master
         assert 0 <= button.winfo_y() and button.winfo_y() + button.winfo_height() <= header.winfo_height()
+    yield with_fake_app(test)
+
+
+@pytest_twisted.inlineCallbacks
+def test_keys_scroll_the_conversation():
+    def test(root, app, client):
+        yield open_long_conversation(app, client, more=True)
+        del client.auto["history"]  # older pages wait for the test to answer them
+        canvas = app.canvas
+
+        def older_loads():
+            return [c[3] for c in client.calls if c[0] == "history" and c[2].get("before") == 1]
+
+        def key(name):
+            root.focus_get().event_generate(name)
+            root.update()
+
+        # In the compose box the keys edit the text: the conversation stays put.
+        app.compose.focus_force()
+        root.update()
+        key("<Prior>")
+        assert canvas.yview()[1] >= 0.999
+        # Clicked, the conversation takes the keys.
+        canvas.event_generate("<Button-1>", x=5, y=5)
+        root.update()
+        assert root.focus_get() is canvas
+        key("<Prior>")
+        first = canvas.yview()[0]
+        assert canvas.yview()[1] < 0.999 and not app._at_bottom
+        key("<Prior>")
+        assert canvas.yview()[0] < first
+        key("<Next>")
+        assert abs(canvas.yview()[0] - first) < 0.01
+        # Home goes to the top, which loads older messages...
+        key("<Home>")
+        assert canvas.yview()[0] == 0.0 and len(older_loads()) == 1
+        older_loads()[0].callback({"messages": [], "more": True})
+        root.update()
+        # ...and so does Page Up there.
+        key("<Prior>")
+        assert len(older_loads()) == 2
+        older_loads()[1].callback({"messages": [], "more": True})
+        # End goes to the newest message and follows new ones again.
+        key("<End>")
+        assert canvas.yview()[1] >= 0.999 and app._at_bottom
+        app.model.add_messages([msg(51, "bob", "alice", "new one", read=True)])
+        yield wait_for(lambda: canvas.find_withtag("msg51") and canvas.yview()[1] >= 0.999, 5)
     yield with_fake_app(test)

@@ -177,7 +177,11 @@ class ChatApp:
         self.canvas.pack(side="left", fill="both", expand=True)
         self.canvas.bind("<Configure>", lambda e: self.coalescer.notify({"conversation"}))
         self.canvas.tag_bind("bubble", "<Button-1>", self._bubble_clicked)
+        self.canvas.bind("<Button-1>", lambda e: self.canvas.focus_set())  # for the keys below
         self._wheel(self.canvas, self._scroll_chat)
+        for key, args in (("<Prior>", ("scroll", -1, "pages")), ("<Next>", ("scroll", 1, "pages")),
+                          ("<Home>", ("moveto", 0.0)), ("<End>", ("moveto", 1.0))):
+            self.root.bind(key, lambda e, args=args: self._key_scroll(e, *args))
 
         compose = ttk.Frame(chat, style="Panel.TFrame", padding=(16, 10, 16, 8))
         compose.grid(row=3, column=0, sticky="ew")
@@ -248,6 +252,21 @@ class ChatApp:
         resize has already moved the bottom out of view."""
         self.canvas.yview(*args)
         self._at_bottom = self.canvas.yview()[1] >= 0.999
+
+    def _typing(self, event) -> bool:
+        """The key went to a text entry, where it edits the text."""
+        return isinstance(event.widget, (tk.Entry, tk.Text))
+
+    def _key_scroll(self, event, *args):
+        """Page Up/Down, Home/End scroll the open conversation when not typing.
+
+        As with the mouse: End (or reaching the bottom) follows new messages
+        again, and Page Up at the top loads older ones."""
+        if self._typing(event) or self.model.screen != "chats" or self.model.open_peer is None:
+            return None
+        self._scroll_chat(*args)
+        self._scrolled(*self.canvas.yview())
+        return "break"
 
     # -- actions ----------------------------------------------------------------------
 
