@@ -378,6 +378,39 @@ def test_a_message_too_large_once_encoded_is_shown_as_not_sent():
     assert unsent.result == "🎉" * 16384
 
 
+def test_deleting_selected_messages_is_asked_first():
+    clock, model, client, ctl = controller()
+    model.signed_in("alice")
+    client.auto = {"delete_messages": {"deleted": 2}, "history": {"messages": [], "more": False}}
+    model.add_messages([msg(1, "bob", "alice"), msg(2, "bob", "alice"), msg(3, "alice", "bob")])
+    ctl.open("bob")
+    model.ask_delete()
+    assert not model.confirming_delete  # nothing selected, nothing to ask
+    model.toggle_selected(1)
+    model.ask_delete()
+    assert model.confirming_delete and model.delete_question == "Delete 1 message? This cannot be undone."
+    # Selecting more asks again, with the new count.
+    model.toggle_selected(2)
+    assert not model.confirming_delete
+    model.ask_delete()
+    assert model.delete_question == "Delete 2 messages? This cannot be undone."
+    # Cancel deletes nothing and keeps the selection.
+    model.cancel_delete()
+    assert not model.confirming_delete and model.selected == {1, 2}
+    assert not [c for c in client.calls if c[0] == "delete_messages"]
+    # Opening another conversation drops the question.
+    model.ask_delete()
+    ctl.open("carol")
+    assert not model.confirming_delete and not model.selected
+    ctl.open("bob")
+    model.toggle_selected(1)
+    model.toggle_selected(2)
+    model.ask_delete()
+    ctl.delete_selected()
+    assert client.last("delete_messages")[1] == ([1, 2],)
+    assert not model.confirming_delete and [b["id"] for b in model.bubbles()] == [3]
+
+
 def test_search_delete_logout_and_session_end():
     clock, model, client, ctl = controller()
     model.signed_in("alice")

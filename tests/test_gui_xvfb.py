@@ -101,6 +101,8 @@ def test_chat_in_the_window(node, tmp_path):
             model.toggle_selected(mine)
             yield wait_for(lambda: app.delete_button.winfo_ismapped(), 5)
             app.delete_button.invoke()
+            yield wait_for(lambda: app.confirm_delete_button.winfo_ismapped(), 5)
+            app.confirm_delete_button.invoke()
             yield wait_for(lambda: mine not in model.conversation("bob").messages, 10)
 
             # A friendly screen for the screenshot: the first exchange, at the bottom.
@@ -302,4 +304,43 @@ def test_keys_scroll_the_conversation():
         assert canvas.yview()[1] >= 0.999 and app._at_bottom
         app.model.add_messages([msg(51, "bob", "alice", "new one", read=True)])
         yield wait_for(lambda: canvas.find_withtag("msg51") and canvas.yview()[1] >= 0.999, 5)
+    yield with_fake_app(test)
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_delete_key_asks_then_deletes_the_selected_messages():
+    def test(root, app, client):
+        yield open_long_conversation(app, client)
+        client.auto["delete_messages"] = {"deleted": 2}
+        canvas = app.canvas
+        root.update()
+        top = canvas.winfo_rooty()
+
+        def key(name):
+            root.focus_get().event_generate(name)
+            root.update()
+
+        app.model.toggle_selected(49)
+        app.model.toggle_selected(50)
+        # In the compose box Delete edits the text.
+        app.compose.focus_force()
+        root.update()
+        key("<Delete>")
+        assert not app.model.confirming_delete
+        # Elsewhere it asks, in the header, which keeps its height.
+        canvas.event_generate("<Button-1>", x=5, y=5)
+        root.update()
+        key("<Delete>")
+        yield wait_for(lambda: app.confirm_bar.winfo_ismapped() and not app.delete_button.winfo_ismapped(), 5)
+        assert app.confirm_label.cget("text") == "Delete 2 messages? This cannot be undone."
+        assert canvas.winfo_rooty() == top
+        # Escape takes the question back; nothing is deleted.
+        key("<Escape>")
+        yield wait_for(lambda: app.delete_button.winfo_ismapped() and not app.confirm_bar.winfo_ismapped(), 5)
+        assert not [c for c in client.calls if c[0] == "delete_messages"]
+        key("<Delete>")
+        yield wait_for(lambda: app.confirm_bar.winfo_ismapped(), 5)
+        app.confirm_delete_button.invoke()
+        yield wait_for(lambda: not canvas.find_withtag("msg50") and not app.confirm_bar.winfo_ismapped(), 5)
+        assert client.last("delete_messages")[1] == ([49, 50],)
     yield with_fake_app(test)

@@ -162,10 +162,17 @@ class ChatApp:
         header.grid(row=0, column=0, sticky="ew")
         self.peer_label = ttk.Label(header, text="", style="Heading.TLabel")
         self.peer_label.pack(side="left")
-        # Placed, not packed, in the header: showing it must not make the header taller,
-        # which would move every bubble under the pointer between two clicks.
         self.delete_button = ttk.Button(header, text="Delete", style="Danger.TButton",
-                                        command=self.controller_delete_selected)
+                                        command=self.model.ask_delete)
+        # Deleting cannot be undone: asked in the header, not in a dialog with its own event loop.
+        self.confirm_bar = ttk.Frame(header, style="Panel.TFrame")
+        self.confirm_label = ttk.Label(self.confirm_bar, text="", style="Panel.TLabel")
+        self.confirm_label.pack(side="left", padx=(0, 10))
+        self.confirm_delete_button = ttk.Button(self.confirm_bar, text="Delete", style="Danger.TButton",
+                                                command=self.controller_delete_selected)
+        self.confirm_delete_button.pack(side="left")
+        self.confirm_cancel_button = ttk.Button(self.confirm_bar, text="Cancel", command=self.model.cancel_delete)
+        self.confirm_cancel_button.pack(side="left", padx=(8, 0))
         tk.Frame(chat, height=1, background=c["line"]).grid(row=0, column=0, sticky="sew")
         self.error_banner = ttk.Label(chat, text="", style="Error.TLabel", wraplength=600)
         body = ttk.Frame(chat)
@@ -182,6 +189,8 @@ class ChatApp:
         for key, args in (("<Prior>", ("scroll", -1, "pages")), ("<Next>", ("scroll", 1, "pages")),
                           ("<Home>", ("moveto", 0.0)), ("<End>", ("moveto", 1.0))):
             self.root.bind(key, lambda e, args=args: self._key_scroll(e, *args))
+        self.root.bind("<Delete>", lambda e: self._key_delete(e, self.model.ask_delete))
+        self.root.bind("<Escape>", lambda e: self._key_delete(e, self.model.cancel_delete))
 
         compose = ttk.Frame(chat, style="Panel.TFrame", padding=(16, 10, 16, 8))
         compose.grid(row=3, column=0, sticky="ew")
@@ -266,6 +275,13 @@ class ChatApp:
             return None
         self._scroll_chat(*args)
         self._scrolled(*self.canvas.yview())
+        return "break"
+
+    def _key_delete(self, event, action):
+        """Delete asks to delete the selected messages, Escape takes the question back, when not typing."""
+        if self._typing(event) or self.model.screen != "chats" or not self.model.selected:
+            return None
+        action()
         return "break"
 
     # -- actions ----------------------------------------------------------------------
@@ -506,6 +522,24 @@ class ChatApp:
                                background=COLORS["bg"] if enabled else COLORS["panel"])
         self.send_button.state(["!disabled"] if enabled else ["disabled"])
 
+    def _draw_delete_controls(self):
+        """The "Delete N selected" button, or the question it asks, at the right of the header.
+
+        Placed, not packed: showing them must not make the header taller,
+        which would move every bubble under the pointer between two clicks."""
+        m, place = self.model, dict(relx=1.0, rely=0.5, x=-20, anchor="e")
+        shown = m.open_peer is not None and m.selected
+        if shown and m.confirming_delete:
+            self.confirm_label.configure(text=m.delete_question)
+            self.confirm_bar.place(**place)
+        else:
+            self.confirm_bar.place_forget()
+        if shown and not m.confirming_delete:
+            self.delete_button.configure(text=f"Delete {len(m.selected)} selected")
+            self.delete_button.place(**place)
+        else:
+            self.delete_button.place_forget()
+
     def _draw_conversation(self):
         c, f, canvas, m = COLORS, self.fonts, self.canvas, self.model
         peer = m.open_peer
@@ -515,7 +549,7 @@ class ChatApp:
         if peer is None:
             self.peer_label.configure(text="")
             self._compose_enabled(False)
-            self.delete_button.place_forget()
+            self._draw_delete_controls()
             canvas.create_text(width / 2, height / 2 - 20, text="Select a conversation", font=f.heading,
                                fill=c["muted"])
             canvas.create_text(width / 2, height / 2 + 8, font=f.body, fill=c["muted"],
@@ -526,11 +560,7 @@ class ChatApp:
         conv = m.conversation(peer)
         self.peer_label.configure(text=peer)
         self._compose_enabled(True)
-        if m.selected:
-            self.delete_button.configure(text=f"Delete {len(m.selected)} selected")
-            self.delete_button.place(relx=1.0, rely=0.5, x=-20, anchor="e")
-        else:
-            self.delete_button.place_forget()
+        self._draw_delete_controls()
 
         old_peer, old_oldest, old_height = self._last_drawn
         top_before = canvas.canvasy(0)

@@ -345,6 +345,8 @@ class ChatController:
         return self._guard(d)
 
     def delete_selected(self) -> defer.Deferred:
+        """Delete the selected messages: the answer to ``ChatModel.ask_delete``'s question."""
+        self.model.cancel_delete()
         ids = sorted(self.model.selected)
         if not ids:
             return defer.succeed(None)

@@ -115,6 +115,7 @@ class ChatModel:
         self.conversations: dict[str, Conversation] = {}
         self.open_peer: str | None = None
         self.selected: set[int] = set()
+        self.confirming_delete = False   # "Delete N messages?" is asked in the header
         self.search_pattern: str | None = None
         self.search_results: list[str] = []
         self.search_more = False
@@ -155,6 +156,7 @@ class ChatModel:
         self.conversations.clear()
         self.open_peer = None
         self.selected.clear()
+        self.confirming_delete = False
         self.search_pattern = None
         self.older_unread, self.older_than = 0, None
         self._changed("screen", "list", "conversation", "error")
@@ -167,6 +169,7 @@ class ChatModel:
         self.conversations.clear()
         self.open_peer = None
         self.selected.clear()
+        self.confirming_delete = False
         self.search_pattern = None
         self.older_unread, self.older_than = 0, None
         self._changed("screen", "list", "conversation", "error")
@@ -246,6 +249,7 @@ class ChatModel:
                 del conv.messages[i]
                 conv.unread_ids.discard(i)
         self.selected -= ids
+        self.confirming_delete = self.confirming_delete and bool(self.selected)
         self._changed("conversation", "list")
 
     def open(self, peer: str) -> list[int]:
@@ -253,6 +257,7 @@ class ChatModel:
         conv = self.conversation(peer)
         self.open_peer = peer
         self.selected.clear()
+        self.confirming_delete = False
         ids = sorted(conv.unread_ids)
         for i in ids:
             conv.messages[i]["read"] = True
@@ -266,7 +271,24 @@ class ChatModel:
             self.selected.discard(message_id)
         else:
             self.selected.add(message_id)
+        self.confirming_delete = False  # asked about other messages
         self._changed("conversation")
+
+    def ask_delete(self):
+        """Deleting cannot be undone: ask first (``delete_question``) when messages are selected."""
+        if self.selected and not self.confirming_delete:
+            self.confirming_delete = True
+            self._changed("conversation")
+
+    def cancel_delete(self):
+        if self.confirming_delete:
+            self.confirming_delete = False
+            self._changed("conversation")
+
+    @property
+    def delete_question(self) -> str:
+        n = len(self.selected)
+        return f"Delete {n} message{'' if n == 1 else 's'}? This cannot be undone."
 
     # -- what to draw ----------------------------------------------------------------
 
