@@ -490,6 +490,18 @@ def test_runs_of_one_sender_share_one_name():
     assert [b["first_in_run"] for b in model.bubbles()] == [True, False, True, True, True]
 
 
+def test_the_leader_in_the_status_bar_is_asked_for_every_few_seconds():
+    clock, model, client, ctl = controller()
+    hellos = lambda: len([c for c in client.calls if c[0] == "hello"])  # noqa: E731
+    ctl.start()
+    clock.advance(3)
+    assert hellos() == 1
+    clock.advance(3)
+    assert hellos() == 2
+    ctl.stop()
+    assert not clock.getDelayedCalls()
+
+
 def test_after_a_failover_the_leader_is_asked_again_soon_a_few_times():
     clock, model, client, ctl = controller()
     hellos = lambda: len([c for c in client.calls if c[0] == "hello"])  # noqa: E731

@@ -25,7 +25,10 @@ __all__ = ["ChatController", "MAX_BODY"]
 RECENT = 200            # messages per history page fetched at login to build the conversation list
 RECENT_PAGES = 20       # at most this many such pages, even if unread messages remain older
 RETRY_OFFLINE = 5.0     # seconds between reconnection campaigns when every node is down
-LEADER_REFRESH = 15.0   # how often the status bar's leader is refreshed
+# How often the status bar's leader is refreshed. A node learns a new leader
+# within an election timeout, but tells a client only when asked: at 15 s the
+# bar named a dead leader for that long. A hello is a few bytes.
+LEADER_REFRESH = 3.0
 FAILOVER_REFRESH = 1.0  # after a failover the leader is often being elected: ask again this often...
 FAILOVER_REFRESHES = 5  # ...this many times
 
