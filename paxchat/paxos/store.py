@@ -209,10 +209,7 @@ class _LogFiles:
     def _lock(self):
         fd = os.open(os.path.join(self.directory, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StorageError(_in_use(self.directory)) from None
+            _flock(fd, self.directory)
         except BaseException:
             os.close(fd)
             raise
@@ -392,9 +389,13 @@ class _LogFiles:
             offset = start + length
 
 
-def _in_use(directory):
-    return (f"{directory} is in use by another process (a node started twice, or two nodes"
-            " with one data directory); refusing to open it")
+def _flock(fd, directory):
+    """Take the log's lock on ``fd``, or StorageError if a process holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise StorageError(f"{directory} is in use by another process (a node started twice,"
+                           " or two nodes with one data directory); refusing to open it") from None
 
 
 @contextlib.contextmanager
@@ -411,10 +412,7 @@ def locked(directory):
         yield                          # no node ever ran on it
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StorageError(_in_use(directory)) from None
+        _flock(fd, directory)
         yield
     finally:
         os.close(fd)                   # releases the flock
