@@ -241,14 +241,11 @@ class PeerProtocol(Int32StringReceiver):
         """Close with TLS's close_notify, so the peer sees a clean close; fires when gone."""
         if self._gone is None:
             self._gone = Deferred()
-            if not self._connected_still():
-                self._gone.callback(None)
-                return self._gone
-            self._close_soon()
+            if self in self._owner._connections:
+                self._close_soon()
+            else:
+                self._gone.callback(None)      # gone already
         return self._gone
-
-    def _connected_still(self):
-        return self in self._owner._connections
 
     def _close_soon(self):
         # Close once what was written is out: TLS closes only without a
