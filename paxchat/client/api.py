@@ -576,8 +576,7 @@ class PaxchatClient:
         tried = ", ".join(t.label for t in self.targets.values())
         if self._no_majority:
             return NoMajority(f"servers answered, but none could confirm with a majority in time (tried {tried})")
-        return Unreachable("no paxchat node could be reached: "
-                           + ", ".join(t.label for t in self.targets.values()))
+        return Unreachable(f"no paxchat node could be reached: {tried}")
 
     def _give_up(self):
         self._rotation = None

@@ -13,7 +13,7 @@ import time
 from typing import Callable, Iterable
 
 __all__ = ["format_message", "format_messages", "format_accounts", "format_time", "visible", "HELP",
-           "HISTORY_LIMIT", "READ_LIMIT", "sent"]
+           "HISTORY_LIMIT", "READ_LIMIT", "older_hint", "sent"]
 
 # How many messages `read` and `history` show by default, one-shot and at the prompt.
 READ_LIMIT = 10
