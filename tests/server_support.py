@@ -164,6 +164,12 @@ class SyncWorker:
     def call(self, name, *args):
         return defer.maybeDeferred(getattr(self.state, name), *args)
 
+    def read(self, owner, name, *args):
+        return self.call(name, *args)
+
+    def drop_reads(self, owner):
+        pass
+
 
 class HeldWorker(SyncWorker):
     """Holds each call until the test releases it, to keep requests in flight."""
@@ -173,14 +179,26 @@ class HeldWorker(SyncWorker):
         self.held = []
 
     def call(self, name, *args):
+        return self._hold(None, name, args)
+
+    def read(self, owner, name, *args):
+        return self._hold(owner, name, args)
+
+    def _hold(self, owner, name, args):
         d = defer.Deferred()
-        self.held.append((d, name, args))
+        self.held.append((d, name, args, owner))
         return d
+
+    def drop_reads(self, owner):
+        dropped = [h for h in self.held if h[3] is owner]
+        self.held = [h for h in self.held if h[3] is not owner]
+        for d, *_ in dropped:
+            d.errback(defer.CancelledError("the reader left"))
 
     def release_all(self):
         while self.held:
             held, self.held = self.held, []
-            for d, name, args in held:
+            for d, name, args, _ in held:
                 d.callback(getattr(self.state, name)(*args))
 
 

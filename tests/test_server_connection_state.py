@@ -104,3 +104,32 @@ def test_requests_behind_a_login_wait_in_order_then_run():
     answered = [m["id"] for m in client.received() if "event" not in m]
     assert answered[-4:] == [login, *after]
     assert all(m["ok"] for m in client.inbox), client.inbox
+
+
+def test_a_closed_connection_s_waiting_reads_are_dropped_quietly():
+    from twisted.logger import globalLogPublisher
+
+    server = Server(worker_class=HeldWorker)
+    clients = []
+    for name in ("alice", "bob"):
+        client = server.connect()
+        client.send(op="create_account", username=name, password=PW)
+        server.worker.release_all()
+        client.send(op="login", username=name, password=PW)
+        server.worker.release_all()
+        clients.append(client)
+    alice, bob = clients
+    for client in clients:
+        client.send(op="history", limit=5)
+        client.send(op="list_accounts", pattern="*")
+    assert [h[3] for h in server.worker.held] == [alice.proto] * 2 + [bob.proto] * 2
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        alice.proto.connectionLost(Failure(ConnectionDone()))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [h[3] for h in server.worker.held] == [bob.proto] * 2
+    assert not [e for e in events if "log_failure" in e], events
+    server.worker.release_all()
+    assert [m["ok"] for m in bob.received()[-2:]] == [True, True]

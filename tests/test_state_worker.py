@@ -1,14 +1,14 @@
-"""StateWorker: calls leave the reactor thread, run in order, stop cleanly."""
+"""StateWorker: calls leave the reactor thread, run in order, applies before reads, stop cleanly."""
 
 import threading
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import CancelledError, gatherResults
 
 from paxchat.state.chat import ChatState
-from paxchat.state.worker import StateWorker, StateWorkerStopped
+from paxchat.state.worker import APPLIES_BEFORE_A_READ, StateWorker, StateWorkerStopped
 
 
 class Recorder:
@@ -44,6 +44,101 @@ def test_calls_run_in_order_on_one_other_thread():
         assert (yield worker.call(lambda: threading.get_ident())) in threads
     finally:
         yield worker.stop()
+
+
+def _hold_the_thread(worker):
+    """Keep the worker's thread busy until the returned Event is set, so calls queue up."""
+    started, release = threading.Event(), threading.Event()
+    worker.call(lambda: (started.set(), release.wait(10)))
+    assert started.wait(10)
+    return release
+
+
+@pytest_twisted.inlineCallbacks
+def test_log_calls_run_before_waiting_reads():
+    state = Recorder()
+    worker = StateWorker(reactor, state)
+    try:
+        release = _hold_the_thread(worker)
+        reads = [worker.read("client", "note", f"read{i}") for i in range(3)]
+        applies = [worker.call("note", f"apply{i}") for i in range(3)]
+        release.set()
+        assert (yield gatherResults(reads + applies)) == [
+            "read0", "read1", "read2", "apply0", "apply1", "apply2"]
+        assert [v for v, _ in state.calls] == [
+            "apply0", "apply1", "apply2", "read0", "read1", "read2"]
+    finally:
+        yield worker.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_readers_take_turns_and_each_keeps_its_order():
+    state = Recorder()
+    worker = StateWorker(reactor, state)
+    try:
+        release = _hold_the_thread(worker)
+        pending = [worker.read("scanner", "note", f"scan{i}") for i in range(4)]
+        pending += [worker.read("other", "note", "other0"), worker.read("other", "note", "other1")]
+        release.set()
+        yield gatherResults(pending)
+        assert [v for v, _ in state.calls] == [
+            "scan0", "other0", "scan1", "other1", "scan2", "scan3"]
+    finally:
+        yield worker.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_read_still_runs_between_many_log_calls():
+    state = Recorder()
+    worker = StateWorker(reactor, state)
+    try:
+        release = _hold_the_thread(worker)
+        applies = [worker.call("note", i) for i in range(2 * APPLIES_BEFORE_A_READ + 1)]
+        reads = [worker.read("client", "note", "r0"), worker.read("client", "note", "r1")]
+        release.set()
+        yield gatherResults(applies + reads)
+        order = [v for v, _ in state.calls]
+        assert order.index("r0") == APPLIES_BEFORE_A_READ
+        assert order.index("r1") == 2 * APPLIES_BEFORE_A_READ + 1
+        assert [v for v in order if v not in ("r0", "r1")] == list(range(len(applies)))
+    finally:
+        yield worker.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_dropped_reads_never_run_and_fail_cancelled():
+    state = Recorder()
+    worker = StateWorker(reactor, state)
+    try:
+        release = _hold_the_thread(worker)
+        gone = [worker.read("gone", "note", f"gone{i}") for i in range(3)]
+        kept = worker.read("kept", "note", "kept")
+        worker.drop_reads("gone")
+        worker.drop_reads("nobody")
+        release.set()
+        assert (yield kept) == "kept"
+        for d in gone:
+            with pytest.raises(CancelledError):
+                yield d
+        assert (yield worker.call("note", "after")) == "after"
+        assert [v for v, _ in state.calls] == ["kept", "after"]
+    finally:
+        yield worker.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_stop_closes_after_queued_reads():
+    state = Recorder()
+    worker = StateWorker(reactor, state)
+    release = _hold_the_thread(worker)
+    reads = [worker.read("client", "note", i) for i in range(3)]
+    stopped = worker.stop()
+    with pytest.raises(StateWorkerStopped):
+        yield worker.read("client", "note", 9)
+    release.set()
+    yield stopped
+    assert (yield gatherResults(reads)) == [0, 1, 2]
+    assert state.closed
 
 
 @pytest_twisted.inlineCallbacks

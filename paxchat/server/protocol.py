@@ -343,6 +343,8 @@ class ChatProtocol(Protocol):
     def _answer_failure(self, failure, request_id, op):
         if failure.check(ProtocolError):
             return self._answer_error(request_id, failure.value)
+        if self._lost and failure.check(defer.CancelledError):
+            return None  # its read was dropped when the connection closed
         log.failure("request {op} failed", failure, op=op)
         self._answer_error(request_id, ProtocolError(INTERNAL, "internal error; it has been logged"))
 

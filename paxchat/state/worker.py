@@ -1,17 +1,33 @@
-"""Runs every ChatState call on one dedicated thread, in order.
+"""Runs every ChatState call on one dedicated thread, applies before client reads.
 
 SQLite and fsync must never block the reactor, and the state is not
 thread-safe; a single worker thread gives both: calls leave the reactor
-thread, and they run one at a time in the order they were made.
+thread, and they run one at a time.
+
+Two kinds of call share the thread. The log's calls (applying committed
+commands, syncing, snapshots) run in the order they were made, and ahead of
+client reads: a node whose clients scan account names as fast as they can
+must still apply what the cluster commits, or every write it serves times
+out. Client reads run after their read barrier, so running them after
+later applies only shows a newer committed state, which is still correct.
+Reads take turns by connection, so one connection's pipelined scans cannot
+make another's single read wait for all of them; a connection's own reads
+run in its order. One read runs after every ``APPLIES_BEFORE_A_READ`` log
+calls made while reads wait, so reads progress even under a write flood.
 """
 
+from collections import OrderedDict, deque
 from functools import partial
-from threading import Thread
+from threading import Lock, Thread
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+
+
+# While client reads wait, at most this many log calls run before one of them.
+APPLIES_BEFORE_A_READ = 8
 
 
 class StateWorkerStopped(Exception):
@@ -43,6 +59,12 @@ class StateWorker:
         self.state = state
         self._pool = _DaemonThreadPool(minthreads=1, maxthreads=1, name=name)
         self._pool.start()
+        # What the pool's thread runs next is picked when it is free: each
+        # call queues a job here and one "run the next job" turn on the pool.
+        self._lock = Lock()
+        self._ordered = deque()          # the log's calls: (target, args, kwargs, deferred)
+        self._reads = OrderedDict()      # owner -> deque of its reads, owners in turn order
+        self._ordered_in_a_row = 0       # log calls run while reads waited
         self._aside = _DaemonThreadPool(minthreads=0, maxthreads=1, name=name + "-aside")
         self._aside.start()
         self._stopping = None
@@ -87,19 +109,83 @@ class StateWorker:
         return self._stopping is None
 
     def call(self, fn, *args, **kwargs):
-        """Run ``state.<fn>(*args, **kwargs)`` on the worker thread.
+        """Run ``state.<fn>(*args, **kwargs)`` on the worker thread, before waiting reads.
 
         ``fn`` is a method name of the state, or any callable (for work
         that belongs on the state's thread, such as pulling snapshot
-        chunks). Returns a Deferred firing with the result, in call order.
+        chunks). Returns a Deferred firing with the result; calls run and
+        fire in call order.
         """
+        return self._queue(None, fn, args, kwargs)
+
+    def read(self, owner, fn, *args, **kwargs):
+        """Run a client's read ``state.<fn>(*args, **kwargs)`` in ``owner``'s turn.
+
+        ``owner`` is whoever asks (a connection): owners take turns, and one
+        owner's reads run in the order it made them, after every ``call``
+        made so far but for the fairness allowance (see the module
+        docstring). Only for reads made after a read barrier.
+        """
+        return self._queue(owner, fn, args, kwargs)
+
+    def drop_reads(self, owner):
+        """Forget ``owner``'s reads that have not started (its connection is gone).
+
+        Their Deferreds fail with ``CancelledError``.
+        """
+        with self._lock:
+            dropped = self._reads.pop(owner, ())
+        for *_, d in dropped:
+            d.errback(CancelledError("the reader left"))
+
+    def _queue(self, owner, fn, args, kwargs):
         if self._stopping is not None:
             return fail(StateWorkerStopped("the state worker is stopped"))
         try:
             target = getattr(self.state, fn) if isinstance(fn, str) else fn
         except AttributeError:
             return fail()
-        return deferToThreadPool(self._reactor, self._pool, target, *args, **kwargs)
+        d = Deferred()
+        job = (target, args, kwargs, d)
+        with self._lock:
+            if owner is None:
+                self._ordered.append(job)
+            else:
+                reads = self._reads.get(owner)
+                if reads is None:
+                    reads = self._reads[owner] = deque()
+                reads.append(job)
+        self._pool.callInThread(self._run_next)
+        return d
+
+    def _next_job(self):
+        """On the worker thread, under the lock: the job to run now, or None."""
+        reads = self._reads
+        if self._ordered and (not reads or self._ordered_in_a_row < APPLIES_BEFORE_A_READ):
+            if reads:
+                self._ordered_in_a_row += 1
+            return self._ordered.popleft()
+        if not reads:
+            return None
+        self._ordered_in_a_row = 0
+        owner, queue = reads.popitem(last=False)
+        job = queue.popleft()
+        if queue:
+            reads[owner] = queue  # back of the line
+        return job
+
+    def _run_next(self):
+        with self._lock:
+            job = self._next_job()
+        if job is None:
+            return  # a dropped read's turn
+        target, args, kwargs, d = job
+        try:
+            result = target(*args, **kwargs)
+        except BaseException:
+            result = Failure()
+        fire = d.errback if isinstance(result, Failure) else d.callback
+        self._reactor.callFromThread(fire, result)
 
     def call_aside(self, fn, *args, **kwargs):
         """Run ``fn(*args, **kwargs)`` on a second thread, beside the ordered calls.
