@@ -1,6 +1,6 @@
 """``python -m bench [names...] [--tiny]``: run the benchmarks and print their figures.
 
-Names: writes, failover, catchup, connections, loginstorm, apply, tlsmemory (default: all).
+Names: writes, failover, catchup, connections, loginstorm, scans, apply, tlsmemory (default: all).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from . import procs
 from .context import Context
 from .etcd_cluster import EtcdUnavailable, ensure_etcd, etcd_version
 
-BENCHMARKS = ["writes", "failover", "catchup", "connections", "loginstorm", "apply", "tlsmemory"]
+BENCHMARKS = ["writes", "failover", "catchup", "connections", "loginstorm", "scans", "apply", "tlsmemory"]
 
 
 def parse(argv):

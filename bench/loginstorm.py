@@ -73,7 +73,7 @@ async def run(reactor, ctx):
                    storm_s=round(ended - started, 2), failed=failed,
                    login_p50_ms=_ms(stats.percentile(logins, 0.5)),
                    login_p99_ms=_ms(stats.percentile(logins, 0.99)),
-                   chat_p99_vs_quiet=_ratio(busy_summary["p99_ms"], quiet_summary["p99_ms"]))
+                   chat_p99_vs_quiet=stats.times(busy_summary["p99_ms"], quiet_summary["p99_ms"]))
     finally:
         population.close_all(users)
         cluster.stop()
@@ -95,7 +95,3 @@ async def timed_login(reactor, targets, node, name, times, users):
 
 def _ms(value):
     return None if value is None else round(value * 1000, 2)
-
-
-def _ratio(a, b):
-    return None if not a or not b else round(a / b, 2)

@@ -91,5 +91,10 @@ def ratio(ours, theirs, higher_is_better=True):
     return ours / theirs if higher_is_better else theirs / ours
 
 
+def times(value, baseline):
+    """``value / baseline`` to two places (a figure against its own quiet value), or None."""
+    return None if not value or not baseline else round(value / baseline, 2)
+
+
 def fmt_ratio(value):
     return "n/a" if value is None else f"{value:.2f}x"

@@ -54,6 +54,7 @@ EXPECTED = {
     "catchup": "current_s=",
     "connections": "kib_per_connection=",
     "loginstorm": "chat_p99_vs_quiet=",
+    "scans": "p99_vs_quiet=",
     "apply": "us_per_command=",
     "tlsmemory": "vs_pyopenssl=",
 }
