@@ -5,12 +5,11 @@ import sqlite3
 import time
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from paxchat.state import chat
 from paxchat.state.chat import (
     DEDUP_WINDOW_SECONDS, MAX_ANSWER_MESSAGE_BYTES, MAX_BODY_CHARS, ChatState, glob_literal_prefix,
-    glob_regex,
 )
 from paxchat.state.kv import SNAPSHOT_CHUNK_BYTES, SnapshotError, StoreError
 
@@ -583,24 +582,44 @@ def test_list_accounts_glob(people, pattern, expected):
     assert people.list_accounts(pattern, 100, "") == (expected, False)
 
 
-def test_list_accounts_brackets_match_literally(state):
-    # '[' cannot occur in a username, but a pattern made of it must still be literal.
-    assert glob_regex("[a]").fullmatch("[a]")
-    assert not glob_regex("[a]").fullmatch("a")
-    assert glob_regex("a.?").fullmatch("a.b")
-    assert not glob_regex("a.b").fullmatch("axb")
+def test_list_accounts_brackets_and_dots_match_literally(tmp_path):
+    # Names cannot hold '[' (the server refuses such patterns), but the
+    # state still reads any pattern literally: never as a set of characters.
+    state = ChatState.open(tmp_path / "s.db")
+    for name in ("a", "b", "a.b", "axb"):
+        state.apply({"op": "create_account", "username": name, "pw_hash": "h", "ts": 1.0})
+    assert state.list_accounts("[ab]", 100, "") == ([], False)
+    assert state.list_accounts("[a-z]*", 100, "") == ([], False)
+    assert state.list_accounts("a[*", 100, "") == ([], False)
+    assert state.list_accounts("a.?", 100, "") == (["a.b"], False)
     assert glob_literal_prefix("al?x*") == "al"
     assert glob_literal_prefix("*") == ""
+    state.close()
 
 
-@settings(max_examples=500)
-@given(st.text("ab.*?", max_size=10), st.text("ab.", max_size=10))
-def test_glob_matches_as_fnmatch_does(pattern, name):
-    assert bool(glob_regex(pattern).fullmatch(name)) == fnmatch.fnmatchcase(name, pattern)
+@pytest.fixture(scope="module")
+def glob_people(tmp_path_factory):
+    """A state of every name of up to 3 characters from "ab." (kept for the module)."""
+    import itertools
+    state = ChatState.open(tmp_path_factory.mktemp("glob") / "s.db")
+    names = ["".join(p) for n in range(1, 4) for p in itertools.product("ab.", repeat=n)]
+    for name in names:
+        state.apply({"op": "create_account", "username": name, "pw_hash": "h", "ts": 1.0})
+    yield state, sorted(names)
+    state.close()
 
 
-def test_a_pattern_of_many_stars_is_matched_in_linear_time(state):
-    # A translation that backtracks took seconds for 12 "*a" and grows
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text("ab.[]*?", min_size=1, max_size=8))
+def test_list_accounts_matches_as_fnmatch_does(glob_people, pattern):
+    state, names = glob_people
+    # fnmatch reads "[" as a set too; "[[]" is its literal "[".
+    expected = sorted(n for n in names if fnmatch.fnmatchcase(n, pattern.replace("[", "[[]")))
+    assert state.list_accounts(pattern, 1000, "") == (expected, False)
+
+
+def test_a_pattern_of_many_stars_is_answered_at_once(state):
+    # A matcher that backtracks takes seconds for 12 "*a" and grows
     # exponentially with each; 31 would not finish in a lifetime.
     name = "a" * 32
     state.apply({"op": "create_account", "username": name, "pw_hash": "h", "ts": 1.0})

@@ -96,7 +96,11 @@ def test_scan_by_prefix_is_ordered_and_bounded(store):
     assert keys(store.scan("u/a/", before="u/a/3", reverse=True)) == ["u/a/2", "u/a/1"]
     assert keys(store.scan("u/a")) == ["u/a.x/1", "u/a/1", "u/a/2", "u/a/3"]
     assert keys(store.scan("")) == sorted(["u/a/1", "u/a/2", "u/a/3", "u/b/1", "u/a.x/1", "u/", "v"])
-    assert keys(store.iter_scan("u/a/", after="u/a/2")) == ["u/a/3"]
+    assert store.scan_keys_glob("u/a/", "u/a/*") == ["u/a/1", "u/a/2", "u/a/3"]
+    assert store.scan_keys_glob("u/a/", "*[13]", after="u/a/1") == ["u/a/3"]
+    assert store.scan_keys_glob("u/", "u/?/?", limit=3) == ["u/a/1", "u/a/2", "u/a/3"]
+    assert store.scan_keys_glob("u/", "u/b*") == ["u/b/1"]
+    assert store.scan_keys_glob("u/a/", "u/b*") == []
 
 
 def test_scan_bounds_match_a_filter_of_the_whole_prefix(store):
