@@ -8,7 +8,7 @@ enforce them from here too.
 
 import re
 
-__all__ = ["MAX_BODY_CHARS", "MAX_LIMIT", "MAX_LINE_BYTES", "PATTERN"]
+__all__ = ["MAX_ANSWER_MESSAGE_BYTES", "MAX_BODY_CHARS", "MAX_LIMIT", "MAX_LINE_BYTES", "PATTERN"]
 
 # A request line (UTF-8, without its "\n") longer than this gets
 # `frame_too_large` and the connection is closed.
@@ -16,6 +16,11 @@ MAX_LINE_BYTES = 65536
 
 # A message body holds at most this many characters (code points).
 MAX_BODY_CHARS = 16384
+
+# A `history` or `read_messages` answer stops listing messages once they
+# weigh this much as the server writes them (escaped to ASCII: up to 12
+# bytes a character). At least one message is always listed.
+MAX_ANSWER_MESSAGE_BYTES = 1 << 20
 
 # `limit` of every op is 1 to this.
 MAX_LIMIT = 1000

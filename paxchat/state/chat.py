@@ -40,7 +40,7 @@ import sqlite3
 
 from twisted.logger import Logger
 
-from paxchat.limits import MAX_BODY_CHARS
+from paxchat.limits import MAX_ANSWER_MESSAGE_BYTES, MAX_BODY_CHARS
 from paxchat.state.kv import KVStore
 
 log = Logger()
@@ -54,12 +54,12 @@ DEDUP_WINDOW_SECONDS = 24 * 3600
 # Expired dedup entries one keyed write removes at most: more than it adds.
 _EXPIRE_BATCH = 16
 _MAX_MS = 16 ** 12 - 1
-# An answer that lists messages stops adding them once they weigh this much
-# as the client protocol writes them (escaped to ASCII: up to 12 bytes a
-# character). Without it one read of 1,000 long bodies built an answer of
-# ~200 MB on the node. At least one message is always listed, so a client
-# paging through them always moves on.
-MAX_ANSWER_MESSAGE_BYTES = 1 << 20
+# An answer that lists messages stops adding them once they weigh
+# MAX_ANSWER_MESSAGE_BYTES as the client protocol writes them (escaped to
+# ASCII: up to 12 bytes a character). Without it one read of 1,000 long
+# bodies built an answer of ~200 MB on the node. At least one message is
+# always listed, so a client paging through them always moves on.
+
 # What a message's other fields (ids, names, time, flags) weigh, at most.
 _MESSAGE_FIELDS_BYTES = 160
 
