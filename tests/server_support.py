@@ -202,6 +202,17 @@ class HeldWorker(SyncWorker):
                 d.callback(getattr(self.state, name)(*args))
 
 
+def logged_in(server, name, password="password-1"):
+    """A client logged in as ``name`` on a Server whose worker is a HeldWorker."""
+    client = server.connect()
+    client.send(op="create_account", username=name, password=password)
+    server.worker.release_all()
+    client.send(op="login", username=name, password=password)
+    server.worker.release_all()
+    assert all(m["ok"] for m in client.received()), client.inbox
+    return client
+
+
 def test_settings(**overrides):
     values = dict(
         node_id=1, nodes=({"id": 1, "client": "127.0.0.1:7101"}, {"id": 2, "client": "127.0.0.1:7102"}),

@@ -5,19 +5,9 @@ import json
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
-from .server_support import HeldWorker, Server
+from .server_support import HeldWorker, Server, logged_in
 
 PW = "password-1"
-
-
-def logged_in(server, name):
-    client = server.connect()
-    client.send(op="create_account", username=name, password=PW)
-    server.worker.release_all()
-    client.send(op="login", username=name, password=PW)
-    server.worker.release_all()
-    assert all(m["ok"] for m in client.received()), client.inbox
-    return client
 
 
 def gone(client):
