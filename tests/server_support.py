@@ -195,6 +195,11 @@ class HeldWorker(SyncWorker):
         for d, *_ in dropped:
             d.errback(defer.CancelledError("the reader left"))
 
+    def release_first(self):
+        """Run the call held longest, and answer it."""
+        d, name, args, _ = self.held.pop(0)
+        d.callback(getattr(self.state, name)(*args))
+
     def release_all(self):
         while self.held:
             held, self.held = self.held, []

@@ -6,7 +6,7 @@ from paxchat.server import RateLimit
 from paxchat.server.ratelimit import KeyedRateLimiter, TokenBucket
 from twisted.internet.task import Clock
 
-from .server_support import HeldWorker, Server, test_settings
+from .server_support import HeldWorker, Server, logged_in, test_settings
 
 PW = "password-1"
 
@@ -165,3 +165,128 @@ def test_writes_are_limited_per_connection_and_per_account():
     assert alice.ok("history")["messages"]
     server.clock.advance(3)
     assert alice.ok("send_message", to="alice", body="later")
+
+
+# Answers of ~1 MiB: a page of ten bodies of 16,384 "é", 6 bytes each once
+# escaped to ASCII (984 KB), as the real state cuts them at about 1 MiB.
+BIG_BODY = "é" * 16_384
+
+
+def big_messages(server, name, count=10):
+    for mid in range(1, count + 1):
+        server.state.messages[mid] = {"id": mid, "from": name, "to": name, "body": BIG_BODY,
+                                      "ts": float(mid), "read": True}
+
+
+def history_lines(ids, limit=1000):
+    return b"".join(json.dumps({"id": i, "op": "history", "limit": limit}).encode() + b"\n" for i in ids)
+
+
+def held_pages(server):
+    return [held for held in server.worker.held if held[1] == "history_page"]
+
+
+def ids_received(client):
+    """The ids of the answers after login's two (whole answers would flood a failure's report)."""
+    return [m["id"] for m in client.received()[2:]]
+
+
+def test_big_answers_to_pipelined_requests_of_a_client_whose_output_is_full_are_all_written():
+    server = Server(worker_class=HeldWorker)
+    client = logged_in(server, "alice")
+    big_messages(server, "alice")
+    client.send_line(history_lines(["h1", "h2", "h3"]))
+    # The client reads, but slower than the answers come: its buffer fills.
+    client.transport.producer.pauseProducing()
+    for _ in range(10):
+        server.worker.release_all()
+        client.transport.producer.pauseProducing()  # said again on every write while full
+    written = len(client.transport.value())
+    assert written > 2 * 900_000 > server.settings.max_output_backlog
+    assert not client.transport.disconnecting and not client.transport.disconnected
+    client.transport.producer.resumeProducing()     # it caught up
+    server.worker.release_all()
+    assert ids_received(client) == ["h1", "h2", "h3"]
+    assert [len(m["result"]["messages"]) for m in client.received()[2:]] == [10, 10, 10]
+    assert not client.transport.disconnecting and not client.transport.disconnected
+    assert client.proto.in_flight == 0 and not client.proto.reading_paused
+
+
+def test_requests_for_big_answers_are_read_only_while_the_answer_budget_has_room():
+    server = Server(worker_class=HeldWorker)
+    client = logged_in(server, "alice")
+    big_messages(server, "alice")
+    client.send_line(history_lines(["h1", "h2", "h3"]) + b'{"id": "x", "op": "hello"}\n')
+    # Each may answer ~1 MiB: two fill the budget, so the third is not read yet.
+    assert len(held_pages(server)) == 2
+    assert server.settings.max_answer_bytes_in_flight == 2 << 20
+    assert client.proto.in_flight == 2 and client.proto.reading_paused
+    assert client.transport.producerState == "paused"
+    server.worker.release_first()
+    # One answered: room for the third, which fills the budget again.
+    assert ids_received(client) == ["h1"]
+    assert len(held_pages(server)) == 2 and client.proto.reading_paused
+    server.worker.release_first()
+    # The hello behind it is read and answered at once, and reading goes on.
+    assert ids_received(client) == ["h1", "h2", "x"]
+    assert not client.proto.reading_paused and client.transport.producerState == "producing"
+    server.worker.release_all()
+    assert ids_received(client) == ["h1", "h2", "x", "h3"]
+    assert client.proto.in_flight == 0
+
+
+def test_one_request_is_read_even_when_its_answer_may_outweigh_the_whole_budget():
+    server = Server(settings=test_settings(max_answer_bytes_in_flight=1000), worker_class=HeldWorker)
+    client = logged_in(server, "alice")
+    big_messages(server, "alice", count=2)
+    client.send_line(history_lines(["h1", "h2"]))
+    assert len(held_pages(server)) == 1 and client.proto.reading_paused
+    server.worker.release_first()
+    assert len(held_pages(server)) == 1 and client.proto.reading_paused
+    server.worker.release_first()
+    assert ids_received(client) == ["h1", "h2"]
+    assert not client.proto.reading_paused
+
+
+def test_small_answers_still_pipeline_up_to_the_in_flight_bound_beside_a_big_one():
+    server = Server(worker_class=HeldWorker)
+    client = logged_in(server, "alice")
+    pending = server.settings.max_pending_per_connection
+    lines = history_lines(["h"]) + b"".join(
+        json.dumps({"id": n, "op": "list_accounts", "limit": 100}).encode() + b"\n" for n in range(200))
+    client.send_line(lines)
+    assert client.proto.in_flight == pending == len(server.worker.held)
+    server.worker.release_all()
+    assert len([m for m in client.received() if m["ok"]]) == 2 + 1 + 200
+
+
+def test_answers_to_a_client_dropped_for_its_events_are_not_written():
+    server = Server(settings=test_settings(max_output_backlog=10_000), worker_class=HeldWorker)
+    lazy = logged_in(server, "lazy")
+    lazy.send_line(b'{"id": "h", "op": "history"}\n')
+    lazy.transport.producer.pauseProducing()
+    for n in range(300):
+        lazy.proto.send_event({"event": "message", "message": {"body": "spam " * 10}})
+    assert lazy.transport.disconnected
+    written = len(lazy.transport.value())
+    server.worker.release_all()
+    assert len(lazy.transport.value()) == written
+
+
+def test_what_an_answer_may_weigh_covers_the_biggest_answer_of_each_kind():
+    from paxchat.limits import MAX_ANSWER_MESSAGE_BYTES, MAX_LIMIT
+    from paxchat.server.protocol import answer_bytes_at_most, encode
+    for op in ("history", "read_messages"):
+        assert answer_bytes_at_most(1, op, {}) > MAX_ANSWER_MESSAGE_BYTES
+    for limit in (1, 100, MAX_LIMIT):
+        names = ["z" * 32] * limit
+        answer = encode({"id": -2**63, "ok": True, "result": {"accounts": names, "more": True}})
+        assert len(answer) <= answer_bytes_at_most(-2**63, "list_accounts", {"limit": limit}) < len(answer) + 1024
+    # A limit the handler refuses, or leaves to its default, counts as the most.
+    assert answer_bytes_at_most(1, "list_accounts", {}) == answer_bytes_at_most(1, "list_accounts", {"limit": MAX_LIMIT})
+    assert answer_bytes_at_most(1, "list_accounts", {"limit": True}) == answer_bytes_at_most(1, "list_accounts", {})
+    # The answer echoes the id, escaped: control characters weigh 6 bytes each.
+    request_id = "\x01" * 10_000
+    answer = encode({"id": request_id, "ok": False, "error": {"code": "rate_limited", "message": "slow down"}})
+    assert 60_000 < len(answer) <= answer_bytes_at_most(request_id, "send_message", {})
+    assert answer_bytes_at_most(1, "hello", {}) < 1024

@@ -205,6 +205,21 @@ def test_ten_thousand_pipelined_requests_over_a_socket(server):
     assert all(r["ok"] for r in results)
 
 
+@pytest_twisted.inlineCallbacks
+def test_pipelined_answers_of_about_1_mib_each_reach_a_client_that_reads(server):
+    """Their writes fill the transport's buffer at once; the client is not dropped for it."""
+    client = yield server()
+    yield client.ok("create_account", username="dora", password="dora-password")
+    yield client.ok("login", username="dora", password="dora-password")
+    body = "é" * 10_000    # 60,002 bytes escaped to ASCII (as RawClient sends it too)
+    yield defer.gatherResults([client.ok("send_message", to="dora", body=body) for _ in range(20)])
+    # Seventeen make a page of ~1 MiB, the most a page holds.
+    pages = yield defer.gatherResults([client.ok("history", limit=1000) for _ in range(4)])
+    assert [len(page["messages"]) for page in pages] == [17] * 4
+    assert all(page["more"] for page in pages)
+    assert not client.lost.called
+
+
 @pytest.mark.parametrize("server_overrides", [dict(
     max_output_backlog=256 * 1024,
     writes_per_connection=RateLimit(rate=1000.0, burst=10**6),

@@ -7,12 +7,27 @@ Backpressure, both ways:
 - At most ``max_pending_per_connection`` requests are in flight; past that
   the server stops reading from the socket until answers drain, so any
   number of pipelined requests is served in constant memory.
+- Each request read counts what its answer may weigh
+  (``answer_bytes_at_most``: ~1 MiB for ``history`` and ``read_messages``,
+  whose answers the state cuts at ``MAX_ANSWER_MESSAGE_BYTES``; a few
+  hundred bytes for most others). While the requests in flight may answer
+  ``max_answer_bytes_in_flight`` or more, the server reads no further
+  request; one request is always read when none is in flight.
 - The connection registers as the producer of its transport's output. When
   the transport's buffer fills (the client is not reading), the server
-  stops reading requests too. Events still get written, but once more than
-  ``max_output_backlog`` bytes went out since the buffer filled, the
-  connection is aborted: events are best effort and the client recovers
-  them with ``read_messages`` / ``history`` after it reconnects.
+  stops reading requests too. Answers to the requests already read still
+  get written, and do not count toward ``max_output_backlog``: the budget
+  above bounds them. Events still get written too, but once more than
+  ``max_output_backlog`` bytes of events (and of ``frame_too_large`` /
+  ``node_stopping``) went out since the buffer filled, the connection is
+  aborted and nothing more is written to it: events are best effort and
+  the client recovers them with ``read_messages`` / ``history`` after it
+  reconnects.
+
+So a client that stops reading makes the node hold, past the transport's
+own buffer, at most about ``max_answer_bytes_in_flight`` plus one answer
+(that of the request read last, which may overshoot the budget: ~1 MiB at
+most) plus ``max_output_backlog`` of events: ~4 MiB with the defaults.
 
 Requests of one connection run concurrently, except that a request that
 changes the connection's session (login, resume, logout, delete_account)
@@ -25,6 +40,7 @@ closes: the client resends what it had not got an answer to elsewhere.
 
 import json
 from collections import deque
+from json.encoder import encode_basestring_ascii
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
@@ -32,12 +48,13 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from paxchat.limits import MAX_LINE_BYTES
+from paxchat.limits import MAX_ANSWER_MESSAGE_BYTES, MAX_LIMIT, MAX_LINE_BYTES
 from paxchat.tcp import SERVER_KEEPALIVE, keep_alive, no_delay
 
 from .errors import FRAME_TOO_LARGE, INTERNAL, INVALID_REQUEST, ProtocolError
 from .handlers import SESSION_OPS
 from .ratelimit import TokenBucket
+from .validation import MAX_USERNAME_CHARS
 
 log = Logger()
 
@@ -77,6 +94,32 @@ _json_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode  
 
 def encode(message):
     return _json_encode(message).encode("ascii") + b"\n"
+
+
+# What an answer weighs besides its id and its list of messages or names:
+# keys, "ok", "more" / "unread", an error's code and message.
+_ANSWER_ENVELOPE_BYTES = 512
+# A name in a list_accounts answer: ASCII characters, quotes and a comma.
+_ACCOUNT_NAME_BYTES = MAX_USERNAME_CHARS + 3
+_MESSAGE_LIST_OPS = frozenset({"history", "read_messages"})
+
+
+def answer_bytes_at_most(request_id, op, request):
+    """What the answer to a request may weigh, as ``encode`` writes it.
+
+    The answer echoes the id, escaped to ASCII: a string id of 64 KiB of
+    control characters alone weighs 384 KiB, so it is counted as it is.
+    """
+    size = _ANSWER_ENVELOPE_BYTES + (
+        len(encode_basestring_ascii(request_id)) if type(request_id) is str else len(repr(request_id)))
+    if op in _MESSAGE_LIST_OPS:
+        return size + MAX_ANSWER_MESSAGE_BYTES
+    if op == "list_accounts":
+        limit = request.get("limit")
+        if type(limit) is not int or not 0 < limit <= MAX_LIMIT:
+            limit = MAX_LIMIT
+        return size + limit * _ACCOUNT_NAME_BYTES
+    return size
 
 
 @implementer(IPushProducer)
@@ -122,6 +165,7 @@ class ChatProtocol(Protocol):
         self._closing = False
         self._pauses = _NO_PAUSES  # why reading is paused (a frozenset: pauses are rare)
         self._in_flight = 0
+        self._answer_bytes = 0  # what the answers to the requests in flight may weigh
         self._session_op_running = False
         self._waiting = None  # a deque of the requests behind a session-changing one
         self._output_paused = False
@@ -312,17 +356,26 @@ class ChatProtocol(Protocol):
         op = request.get("op")
         if type(op) is not str:
             return self._answer_error(request_id, ProtocolError(INVALID_REQUEST, "\"op\" must be a string"))
-        self._start(request_id, op, request)
+        size = answer_bytes_at_most(request_id, op, request)
+        self._answer_bytes += size
+        self._start(request_id, op, request, size)
+        # Checked once dispatched: an answer given at once pauses nothing.
+        if self._answers_full():
+            self._pause("answers")
 
-    def _start(self, request_id, op, request):
+    def _answers_full(self):
+        """Whether the answers in flight may fill the budget (never with none in flight)."""
+        return 0 < self._answer_bytes >= self._settings.max_answer_bytes_in_flight
+
+    def _start(self, request_id, op, request, size):
         if self._session_op_running:
             if self._waiting is None:
                 self._waiting = deque()
-            self._waiting.append((request_id, op, request))
+            self._waiting.append((request_id, op, request, size))
             return
         d = defer.maybeDeferred(self._handlers.dispatch, self, op, request)
         d.addCallbacks(self._answer_result, self._answer_failure,
-                       callbackArgs=(request_id,), errbackArgs=(request_id, op))
+                       callbackArgs=(request_id, size), errbackArgs=(request_id, op, size))
         if op in SESSION_OPS and not d.called:
             self._session_op_running = True
             d.addBoth(self._session_op_done)
@@ -337,21 +390,22 @@ class ChatProtocol(Protocol):
             self._start(*self._waiting.popleft())
         return passthrough
 
-    def _answer_result(self, result, request_id):
-        self._answer({"id": request_id, "ok": True, "result": result})
+    def _answer_result(self, result, request_id, size):
+        self._answer({"id": request_id, "ok": True, "result": result}, size)
 
-    def _answer_failure(self, failure, request_id, op):
+    def _answer_failure(self, failure, request_id, op, size):
         if failure.check(ProtocolError):
-            return self._answer_error(request_id, failure.value)
+            return self._answer_error(request_id, failure.value, size)
         if self._lost and failure.check(defer.CancelledError):
             return None  # its read was dropped when the connection closed
         log.failure("request {op} failed", failure, op=op)
-        self._answer_error(request_id, ProtocolError(INTERNAL, "internal error; it has been logged"))
+        self._answer_error(request_id, ProtocolError(INTERNAL, "internal error; it has been logged"), size)
 
-    def _answer_error(self, request_id, error):
-        self._answer({"id": request_id, "ok": False, "error": error.as_error()})
+    def _answer_error(self, request_id, error, size=0):
+        self._answer({"id": request_id, "ok": False, "error": error.as_error()}, size)
 
-    def _answer(self, message):
+    def _answer(self, message, size):
+        """Write the answer to a request in flight, whose answer was to weigh ``size`` at most."""
         try:
             data = encode(message)
         except (TypeError, ValueError):
@@ -359,9 +413,12 @@ class ChatProtocol(Protocol):
             data = encode({"id": message.get("id"), "ok": False, "error": {
                 "code": INTERNAL, "message": "internal error; it has been logged"}})
         self._in_flight -= 1
-        self._send(data)
+        self._answer_bytes -= size
+        self._send(data, answer=True)
         if self._in_flight < self._settings.max_pending_per_connection:
             self._resume("pipeline")
+        if not self._answers_full():
+            self._resume("answers")
         self._waiting_done()
 
     # Writing
@@ -373,11 +430,17 @@ class ChatProtocol(Protocol):
     def _write(self, message):
         self._send(encode(message))
 
-    def _send(self, data):
+    def _send(self, data, answer=False):
+        """Write ``data``; past the backlog of events, abort and write nothing more.
+
+        Answers do not count toward the backlog: what they may weigh is
+        bounded before their requests are read.
+        """
         if not self.connected or self.transport is None:
             return
         if self._output_paused:
-            self._backlog += len(data)
+            if not answer:
+                self._backlog += len(data)
             if self._backlog > self._settings.max_output_backlog:
                 if not self._closing:
                     log.warn("dropping a client that stopped reading ({backlog} bytes waiting)",

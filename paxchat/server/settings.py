@@ -37,8 +37,13 @@ class ServerSettings:
     writes_per_account: RateLimit = field(default_factory=lambda: RateLimit(rate=400.0, burst=1000))
     # Requests one connection may have unanswered; past it the server stops reading.
     max_pending_per_connection: int = 64
-    # Bytes the server may write to a connection whose client stopped reading
-    # before it drops that connection.
+    # What the answers to one connection's unanswered requests may weigh,
+    # each counted at the most it could: past it the server stops reading
+    # until answers go out. A history or read_messages answer counts ~1 MiB,
+    # so two fit; one request is always read, however big its answer may be.
+    max_answer_bytes_in_flight: int = 2 << 20
+    # Bytes of events the server may write to a connection whose client
+    # stopped reading before it drops that connection.
     max_output_backlog: int = 1 << 20
     # Client connections the node holds at once (cluster.ini ``max_clients``).
     max_clients: int = 10000
