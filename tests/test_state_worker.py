@@ -5,7 +5,7 @@ import threading
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, gatherResults
+from twisted.internet.defer import CancelledError, gatherResults, inlineCallbacks
 
 from paxchat.state.chat import ChatState
 from paxchat.state.worker import APPLIES_BEFORE_A_READ, StateWorker, StateWorkerStopped
@@ -54,55 +54,50 @@ def _hold_the_thread(worker):
     return release
 
 
-@pytest_twisted.inlineCallbacks
-def test_log_calls_run_before_waiting_reads():
+@inlineCallbacks
+def _queued_while_held(queue):
+    """``queue(worker)`` calls while the worker's thread is busy, then let them run.
+
+    Fires with (their results, the order the state ran them in).
+    """
     state = Recorder()
     worker = StateWorker(reactor, state)
     try:
         release = _hold_the_thread(worker)
-        reads = [worker.read("client", "note", f"read{i}") for i in range(3)]
-        applies = [worker.call("note", f"apply{i}") for i in range(3)]
+        pending = queue(worker)
         release.set()
-        assert (yield gatherResults(reads + applies)) == [
-            "read0", "read1", "read2", "apply0", "apply1", "apply2"]
-        assert [v for v, _ in state.calls] == [
-            "apply0", "apply1", "apply2", "read0", "read1", "read2"]
+        results = yield gatherResults(pending)
     finally:
         yield worker.stop()
+    return results, [v for v, _ in state.calls]
+
+
+@pytest_twisted.inlineCallbacks
+def test_log_calls_run_before_waiting_reads():
+    results, order = yield _queued_while_held(lambda worker: (
+        [worker.read("client", "note", f"read{i}") for i in range(3)]
+        + [worker.call("note", f"apply{i}") for i in range(3)]))
+    assert results == ["read0", "read1", "read2", "apply0", "apply1", "apply2"]
+    assert order == ["apply0", "apply1", "apply2", "read0", "read1", "read2"]
 
 
 @pytest_twisted.inlineCallbacks
 def test_readers_take_turns_and_each_keeps_its_order():
-    state = Recorder()
-    worker = StateWorker(reactor, state)
-    try:
-        release = _hold_the_thread(worker)
-        pending = [worker.read("scanner", "note", f"scan{i}") for i in range(4)]
-        pending += [worker.read("other", "note", "other0"), worker.read("other", "note", "other1")]
-        release.set()
-        yield gatherResults(pending)
-        assert [v for v, _ in state.calls] == [
-            "scan0", "other0", "scan1", "other1", "scan2", "scan3"]
-    finally:
-        yield worker.stop()
+    _, order = yield _queued_while_held(lambda worker: (
+        [worker.read("scanner", "note", f"scan{i}") for i in range(4)]
+        + [worker.read("other", "note", f"other{i}") for i in range(2)]))
+    assert order == ["scan0", "other0", "scan1", "other1", "scan2", "scan3"]
 
 
 @pytest_twisted.inlineCallbacks
 def test_a_read_still_runs_between_many_log_calls():
-    state = Recorder()
-    worker = StateWorker(reactor, state)
-    try:
-        release = _hold_the_thread(worker)
-        applies = [worker.call("note", i) for i in range(2 * APPLIES_BEFORE_A_READ + 1)]
-        reads = [worker.read("client", "note", "r0"), worker.read("client", "note", "r1")]
-        release.set()
-        yield gatherResults(applies + reads)
-        order = [v for v, _ in state.calls]
-        assert order.index("r0") == APPLIES_BEFORE_A_READ
-        assert order.index("r1") == 2 * APPLIES_BEFORE_A_READ + 1
-        assert [v for v in order if v not in ("r0", "r1")] == list(range(len(applies)))
-    finally:
-        yield worker.stop()
+    applies = 2 * APPLIES_BEFORE_A_READ + 1
+    _, order = yield _queued_while_held(lambda worker: (
+        [worker.call("note", i) for i in range(applies)]
+        + [worker.read("client", "note", "r0"), worker.read("client", "note", "r1")]))
+    assert order.index("r0") == APPLIES_BEFORE_A_READ
+    assert order.index("r1") == 2 * APPLIES_BEFORE_A_READ + 1
+    assert [v for v in order if v not in ("r0", "r1")] == list(range(applies))
 
 
 @pytest_twisted.inlineCallbacks
@@ -124,21 +119,6 @@ def test_dropped_reads_never_run_and_fail_cancelled():
         assert [v for v, _ in state.calls] == ["kept", "after"]
     finally:
         yield worker.stop()
-
-
-@pytest_twisted.inlineCallbacks
-def test_stop_closes_after_queued_reads():
-    state = Recorder()
-    worker = StateWorker(reactor, state)
-    release = _hold_the_thread(worker)
-    reads = [worker.read("client", "note", i) for i in range(3)]
-    stopped = worker.stop()
-    with pytest.raises(StateWorkerStopped):
-        yield worker.read("client", "note", 9)
-    release.set()
-    yield stopped
-    assert (yield gatherResults(reads)) == [0, 1, 2]
-    assert state.closed
 
 
 @pytest_twisted.inlineCallbacks
@@ -191,17 +171,19 @@ def test_errors_reach_the_caller_and_the_worker_goes_on():
 def test_stop_closes_the_state_after_queued_calls():
     state = Recorder()
     worker = StateWorker(reactor, state)
-    pending = [worker.call("note", i) for i in range(5)]
+    pending = [worker.call("note", i) for i in range(5)] + [worker.read("client", "note", 5)]
     threads = list(worker._pool.threads)
     stopped = worker.stop()
     assert not worker.running
     again = worker.stop()
     yield stopped
     yield again
-    assert (yield gatherResults(pending)) == list(range(5))
+    assert (yield gatherResults(pending)) == list(range(6))
     assert state.closed
     with pytest.raises(StateWorkerStopped):
         yield worker.call("note", 1)
+    with pytest.raises(StateWorkerStopped):
+        yield worker.read("client", "note", 1)
     yield worker.stop()  # still fine once stopped
     assert threads and not any(t.is_alive() for t in threads)
 

@@ -443,7 +443,7 @@ class ChatProtocol(Protocol):
                 self._backlog += len(data)
             if self._backlog > self._settings.max_output_backlog:
                 if not self._closing:
-                    log.warn("dropping a client that stopped reading ({backlog} bytes waiting)",
+                    log.warn("dropping a client that stopped reading ({backlog} bytes of events waiting)",
                              backlog=self._backlog)
                     self._closing = True
                     self.transport.abortConnection()
