@@ -517,3 +517,32 @@ def test_after_a_failover_the_leader_is_asked_again_soon_a_few_times():
     assert hellos() == 5
     ctl.stop()
     assert not clock.getDelayedCalls()
+
+
+def test_drafts_are_kept_per_conversation_until_signed_out():
+    model, _ = model_for()
+    model.keep_draft("bob", "half a thought")
+    model.keep_draft("carol", "  \n ")           # blank: nothing to keep
+    assert model.drafts == {"bob": "half a thought"}
+    assert model.take_draft("bob") == "half a thought" and model.take_draft("bob") == ""
+    model.keep_draft("bob", "again")
+    model.keep_draft("bob", "")                  # emptied: forgotten
+    assert model.drafts == {}
+    model.keep_draft("bob", "kept")
+    model.signed_out()
+    assert model.drafts == {}
+
+
+def test_neighbour_walks_the_sidebar_and_stops_at_its_ends():
+    model, _ = model_for()
+    assert model.neighbour(1) is None
+    model.add_messages([msg(1, "carol", "alice", ts=10.0), msg(2, "bob", "alice", ts=30.0),
+                        msg(3, "dave", "alice", ts=20.0)])
+    assert [r["peer"] for r in model.conversation_rows()] == ["bob", "dave", "carol"]
+    assert model.neighbour(1) == "bob" and model.neighbour(-1) == "carol"  # none open
+    model.open("dave")
+    assert model.neighbour(1) == "carol" and model.neighbour(-1) == "bob"
+    model.open("carol")
+    assert model.neighbour(1) == "carol"
+    model.open("bob")
+    assert model.neighbour(-1) == "bob"

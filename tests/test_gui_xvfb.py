@@ -344,3 +344,51 @@ def test_the_delete_key_asks_then_deletes_the_selected_messages():
         yield wait_for(lambda: not canvas.find_withtag("msg50") and not app.confirm_bar.winfo_ismapped(), 5)
         assert client.last("delete_messages")[1] == ([49, 50],)
     yield with_fake_app(test)
+
+
+@pytest_twisted.inlineCallbacks
+def test_each_conversation_keeps_its_draft_and_alt_arrows_move_between_them():
+    from paxchat.client.errors import ServerError
+    from .test_gui_model import msg
+
+    def test(root, app, client):
+        client.auto["history"] = {"messages": [], "more": False}
+        app.model.signed_in("alice")
+        app.model.add_messages([msg(1, "bob", "alice", ts=30.0, read=True),
+                                msg(2, "carol", "alice", ts=20.0, read=True)])
+        app.open_conversation("bob")
+        yield wait_for(lambda: app.compose.cget("state") == "normal", 5)
+
+        def key(name):
+            app.compose.focus_force()
+            root.update()
+            app.compose.event_generate(name)
+            root.update()
+
+        def typed():
+            return app.compose.get("1.0", "end-1c")
+
+        app.compose.insert("1.0", "half a thought for bob")
+        key("<Alt-Down>")
+        assert app.model.open_peer == "carol" and typed() == ""
+        app.compose.insert("1.0", "for carol")
+        key("<Alt-Down>")                      # the last row: stays
+        assert app.model.open_peer == "carol" and typed() == "for carol"
+        key("<Alt-Up>")
+        assert app.model.open_peer == "bob" and typed() == "half a thought for bob"
+        assert app.model.drafts == {"carol": "for carol"}
+
+        # A send refused after its conversation was left becomes that conversation's draft.
+        app.compose.delete("1.0", "end")
+        app.compose.insert("1.0", "refused one")
+        app.send_button.invoke()
+        send = client.last("send_message")[3]
+        assert typed() == ""
+        key("<Alt-Down>")
+        assert typed() == "for carol"
+        send.errback(ServerError("rate_limited", "too many writes; slow down"))
+        root.update()
+        assert typed() == "for carol"          # what is being typed is not touched
+        key("<Alt-Up>")
+        assert typed() == "refused one"
+    yield with_fake_app(test)

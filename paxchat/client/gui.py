@@ -189,6 +189,8 @@ class ChatApp:
         for key, args in (("<Prior>", ("scroll", -1, "pages")), ("<Next>", ("scroll", 1, "pages")),
                           ("<Home>", ("moveto", 0.0)), ("<End>", ("moveto", 1.0))):
             self.root.bind(key, lambda e, args=args: self._key_scroll(e, *args))
+        self.root.bind("<Alt-Up>", lambda e: self._key_conversation(-1))
+        self.root.bind("<Alt-Down>", lambda e: self._key_conversation(1))
         self.root.bind("<Delete>", lambda e: self._key_delete(e, self.model.ask_delete))
         self.root.bind("<Escape>", lambda e: self._key_delete(e, self.model.cancel_delete))
 
@@ -203,7 +205,7 @@ class ChatApp:
         self.compose.grid(row=0, column=0, sticky="ew")
         self.send_button = ttk.Button(compose, text="Send", style="Accent.TButton", command=self._send)
         self.send_button.grid(row=0, column=1, sticky="s", padx=(10, 0))
-        ttk.Label(compose, text="Enter to send · Shift+Enter for a new line · click messages to select them",
+        ttk.Label(compose, text="Enter to send · Shift+Enter: new line · Alt+↑/↓: switch chat · click to select",
                   style="Hint.TLabel").grid(row=1, column=0, columnspan=2, sticky="w", pady=(6, 0))
         self.compose.bind("<Return>", self._compose_return)
         self.compose.bind("<KP_Enter>", self._compose_return)
@@ -333,7 +335,7 @@ class ChatApp:
         return "break"
 
     def _send(self):
-        text = self.compose.get("1.0", "end-1c")
+        text = self._compose_text()
         peer = self.model.open_peer
         if not text.strip() or peer is None:
             return
@@ -342,20 +344,44 @@ class ChatApp:
 
     def _put_back(self, text, peer):
         """A message that was not sent goes back into the compose box, to cut down or send again:
-        only if its conversation is still open and the box is empty, so nothing typed since is lost."""
-        if text and peer == self.model.open_peer and not self.compose.get("1.0", "end-1c").strip():
+        only if its conversation is still open and the box is empty, so nothing typed since is lost.
+        If another conversation is open now, it becomes this one's draft, unless it has one."""
+        if not text:
+            return
+        if peer != self.model.open_peer:
+            if peer not in self.model.drafts:
+                self.model.keep_draft(peer, text)
+        elif not self._compose_text().strip():
             self.compose.delete("1.0", "end")
             self.compose.insert("1.0", text)
+
+    def _compose_text(self):
+        return self.compose.get("1.0", "end-1c")
 
     def controller_delete_selected(self):
         self.controller.delete_selected()
 
     def open_conversation(self, peer: str):
+        """Open ``peer``'s conversation; what was typed in the one open before stays its draft."""
         self.search_entry.delete(0, "end")
         self._placeholder_restore()
+        before = self.model.open_peer
+        if before is not None and before != peer:
+            self.model.keep_draft(before, self._compose_text())
         self.controller.open(peer)
         self._compose_enabled(True)  # now, not at the next redraw: typing may start at once
+        if before != peer:
+            self.compose.delete("1.0", "end")
+            self.compose.insert("1.0", self.model.take_draft(peer))
         self.compose.focus_set()
+
+    def _key_conversation(self, step):
+        """Alt+Up / Alt+Down: the conversation above or below in the sidebar."""
+        if self.model.screen == "chats":
+            peer = self.model.neighbour(step)
+            if peer is not None and peer != self.model.open_peer:
+                self.open_conversation(peer)
+        return "break"
 
     def _placeholder_restore(self):
         if not self.search_entry.get() and self.root.focus_get() is not self.search_entry:

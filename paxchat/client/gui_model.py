@@ -124,6 +124,8 @@ class ChatModel:
         # could page through): counted in the title until they are loaded.
         self.older_unread = 0
         self.older_than: int | None = None
+        # What was typed but not sent in conversations not open: peer -> text.
+        self.drafts: dict[str, str] = {}
 
     def _changed(self, *parts):
         if self.on_change is not None:
@@ -159,6 +161,7 @@ class ChatModel:
         self.confirming_delete = False
         self.search_pattern = None
         self.older_unread, self.older_than = 0, None
+        self.drafts.clear()
         self._changed("screen", "list", "conversation", "error")
 
     def signed_out(self, notice: str = ""):
@@ -172,6 +175,7 @@ class ChatModel:
         self.confirming_delete = False
         self.search_pattern = None
         self.older_unread, self.older_than = 0, None
+        self.drafts.clear()
         self._changed("screen", "list", "conversation", "error")
 
     # -- messages ------------------------------------------------------------------
@@ -265,6 +269,29 @@ class ChatModel:
         self.search_pattern = None
         self._changed("list", "conversation", "search")
         return ids
+
+    def keep_draft(self, peer: str, text: str):
+        """Keep what was typed to ``peer`` (nothing if it is blank) for when its conversation opens again."""
+        if text.strip():
+            self.drafts[peer] = text
+        else:
+            self.drafts.pop(peer, None)
+
+    def take_draft(self, peer: str) -> str:
+        return self.drafts.pop(peer, "")
+
+    def neighbour(self, step: int) -> str | None:
+        """The conversation ``step`` rows below the open one in the sidebar (above if negative).
+
+        Stops at either end; with none open, the first (or last) row.
+        """
+        peers = [row["peer"] for row in self.conversation_rows()]
+        if not peers:
+            return None
+        if self.open_peer not in peers:
+            return peers[0] if step > 0 else peers[-1]
+        at = peers.index(self.open_peer) + step
+        return peers[min(max(at, 0), len(peers) - 1)]
 
     def toggle_selected(self, message_id: int):
         if message_id in self.selected:
