@@ -144,9 +144,10 @@ def test_a_burst_of_a_thousand_messages_is_one_redraw():
     model.signed_in("alice")
     for i in range(1000):
         model.add_messages([msg(i, "bob", "alice")], live=True)
-    assert redraws == []
+    assert redraws == [] and coalescer.pending
     clock.advance(0)
     assert len(redraws) == 1 and {"list", "screen"} <= redraws[0]
+    assert not coalescer.pending
     assert model.conversation("bob").unread == 1000
 
 

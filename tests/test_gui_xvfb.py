@@ -211,7 +211,7 @@ def test_resizing_keeps_the_place_in_the_conversation():
         yield wait_for(lambda: app.compose.cget("state") == "disabled", 5)
         assert app.send_button.instate(["disabled"])
         app.open_conversation("bob")
-        yield wait_for(lambda: canvas.find_withtag("msg50") and canvas.yview()[1] >= 0.999, 5)
+        yield wait_for(settled(app, lambda: canvas.find_withtag("msg50") and canvas.yview()[1] >= 0.999), 5)
         assert app.compose.cget("state") == "normal" and not app.send_button.instate(["disabled"])
 
         # At the bottom, shrinking the window keeps the newest message in view.
@@ -234,14 +234,30 @@ def test_resizing_keeps_the_place_in_the_conversation():
     yield with_fake_app(test)
 
 
+def settled(app, condition):
+    """A ``wait_for`` condition: ``condition()`` holds once the window is laid out.
+
+    Laid out: the conversation is taller than a stub (a 1-pixel canvas is
+    "at the bottom" too), kept its size since the last poll, and no redraw
+    is pending. On a busy machine the window settles over several turns.
+    """
+    last = []
+
+    def check():
+        size = (app.canvas.winfo_width(), app.canvas.winfo_height())
+        stable, last[:] = last == [size], [size]
+        return stable and size[1] > 100 and not app.coalescer.pending and bool(condition())
+    return check
+
+
 def open_long_conversation(app, client, more=False):
     """Sign in and open a 50-message conversation with bob, scrolled to its newest message."""
     client.auto["history"] = {"messages": [msg(i, "bob", "alice", f"message {i}", read=True)
                                            for i in range(50, 0, -1)], "more": more}
     app.model.signed_in("alice")
     app.open_conversation("bob")
-    return wait_for(lambda: app.canvas.find_withtag("msg50") and app.canvas.winfo_height() > 100
-                    and app.canvas.yview()[1] >= 0.999, 5)
+    return wait_for(settled(app, lambda: app.canvas.find_withtag("msg50")
+                            and app.canvas.yview()[1] >= 0.999), 5)
 
 
 @pytest_twisted.inlineCallbacks

@@ -433,6 +433,11 @@ class Coalescer:
         if dirty:
             self.redraw(dirty)
 
+    @property
+    def pending(self) -> bool:
+        """Whether a redraw is scheduled and has not run yet."""
+        return self._pending is not None
+
     def cancel(self):
         if self._pending is not None and self._pending.active():
             self._pending.cancel()
