@@ -69,8 +69,8 @@ def test_reading_stops_at_the_in_flight_bound_and_resumes_as_answers_drain():
     assert bodies == [str(n) for n in reversed(range(1000))]
 
 
-def test_a_client_that_never_reads_stops_being_read_and_is_dropped_past_the_backlog():
-    server = Server(settings=test_settings(max_output_backlog=10_000))
+def test_a_client_that_never_reads_stops_being_read_and_is_dropped_when_it_stays_behind():
+    server = Server(settings=test_settings(max_output_backlog=10_000, output_stall_seconds=10.0))
     reader = login(server, "reader")
     lazy = login(server, "lazy")
     # The transport says its buffer is full: the client is not reading.
@@ -78,18 +78,69 @@ def test_a_client_that_never_reads_stops_being_read_and_is_dropped_past_the_back
     assert lazy.proto.reading_paused
     lazy.send_line(b'{"id": "x", "op": "hello"}\n')
     assert lazy.proto._buffer  # not read while output is stuck
-    for n in range(200):
+    for n in range(100):
         # TCP transports say "pause" again on every write while full.
         lazy.transport.producer.pauseProducing()
         reader.ok("send_message", to="lazy", body="spam " * 10)
-        if lazy.transport.disconnecting or lazy.transport.disconnected:
-            break
-    assert lazy.transport.disconnected  # aborted, not a polite close
-    assert n < 100
+    # Over the backlog, it has a while to catch up...
+    assert lazy.proto._backlog > 10_000 and not lazy.transport.disconnected
+    server.clock.advance(9.9)
+    assert not lazy.transport.disconnected
+    # ...and is aborted (not a polite close) when it has not.
+    server.clock.advance(0.2)
+    assert lazy.transport.disconnected
+    written = len(lazy.transport.value())
+    reader.ok("send_message", to="lazy", body="one more")
+    assert len(lazy.transport.value()) == written
     # Everybody else is fine.
     assert reader.ok("hello")["protocol"] == 1
     lazy.proto.connectionLost(None)
     assert server.factory.registry.of_user("lazy") == []
+    assert server.factory.output_debt.bytes == 0
+
+
+def test_a_reading_client_behind_after_a_burst_of_big_events_is_kept():
+    server = Server(settings=test_settings(max_output_backlog=100_000, max_output_burst=2_000_000))
+    busy = login(server, "busy")
+    busy.transport.producer.pauseProducing()
+    for n in range(15):   # ~1.5 MB in one go: far past the backlog, under the burst bound
+        busy.proto.send_event({"event": "message", "message": {"body": "é" * 16_000}})
+    assert busy.proto._backlog > 1_400_000 and not busy.transport.disconnected
+    assert server.factory.output_debt.bytes == busy.proto._backlog
+    # The client reads it all: the transport drains, and nothing is owed or pending.
+    busy.transport.producer.resumeProducing()
+    assert server.factory.output_debt.bytes == 0
+    assert not server.clock.getDelayedCalls()
+    server.clock.advance(60)
+    assert not busy.transport.disconnected
+    assert len(busy.events()) == 15
+
+
+def test_a_burst_past_its_bound_drops_the_client_at_once():
+    server = Server(settings=test_settings(max_output_backlog=100_000, max_output_burst=500_000))
+    flooded = login(server, "flooded")
+    flooded.transport.producer.pauseProducing()
+    for n in range(10):
+        flooded.proto.send_event({"event": "message", "message": {"body": "é" * 16_000}})
+    assert flooded.transport.disconnected
+    assert flooded.proto._backlog <= 500_000
+
+
+def test_when_the_node_is_owed_too_much_a_client_behind_is_dropped_at_once():
+    server = Server(settings=test_settings(max_output_backlog=100_000, max_output_debt=300_000))
+    clients = [login(server, f"user{i}") for i in range(3)]
+    event = {"event": "message", "message": {"body": "é" * 16_000}}   # ~96 KB
+    for client in clients:
+        client.transport.producer.pauseProducing()
+        client.proto.send_event(event)
+    assert not any(c.transport.disconnected for c in clients)
+    clients[0].proto.send_event(event)        # over its backlog; the node owes ~390 KB: no room
+    assert clients[0].transport.disconnected
+    assert not clients[1].transport.disconnected
+    clients[0].proto.connectionLost(None)
+    assert server.factory.output_debt.bytes == 2 * clients[1].proto._backlog
+    clients[1].proto.send_event(event)        # now there is room: it gets its while to catch up
+    assert not clients[1].transport.disconnected
 
 
 def test_a_client_that_reads_again_in_time_is_served():
@@ -261,7 +312,8 @@ def test_small_answers_still_pipeline_up_to_the_in_flight_bound_beside_a_big_one
 
 
 def test_answers_to_a_client_dropped_for_its_events_are_not_written():
-    server = Server(settings=test_settings(max_output_backlog=10_000), worker_class=HeldWorker)
+    server = Server(settings=test_settings(max_output_backlog=10_000, max_output_burst=20_000),
+                    worker_class=HeldWorker)
     lazy = logged_in(server, "lazy")
     lazy.send_line(b'{"id": "h", "op": "history"}\n')
     lazy.transport.producer.pauseProducing()

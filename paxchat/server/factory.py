@@ -16,7 +16,7 @@ from paxchat.logs import Occasional
 from .handlers import Handlers
 from .bcryptprocess import BcryptStopped, ProcessBcrypt
 from .passwords import PasswordHasher
-from .protocol import ChatProtocol
+from .protocol import ChatProtocol, OutputDebt
 from .push import EventPusher
 from .ratelimit import KeyedRateLimiter
 from .sessions import ConnectionRegistry
@@ -60,6 +60,7 @@ class ChatServerFactory(ServerFactory):
         )
         log.add_observer(EventPusher(self.registry))
         self.connections = set()  # every open ChatProtocol, logged in or not
+        self.output_debt = OutputDebt()  # events owed by connections whose output is full
         self.turned_away_total = 0  # connections turned away at max_clients
         # Connections not known to have logged in, oldest first: conn -> when it connected.
         self._strangers = {}
@@ -128,7 +129,8 @@ class ChatServerFactory(ServerFactory):
                       max_clients=self.settings.max_clients, count=count)
 
     def buildProtocol(self, addr):
-        protocol = ChatProtocol(self.reactor, self.settings, self.handlers, self.registry)
+        protocol = ChatProtocol(self.reactor, self.settings, self.handlers, self.registry,
+                                self.output_debt)
         protocol.factory = self
         return protocol
 

@@ -16,18 +16,28 @@ Backpressure, both ways:
 - The connection registers as the producer of its transport's output. When
   the transport's buffer fills (the client is not reading), the server
   stops reading requests too. Answers to the requests already read still
-  get written, and do not count toward ``max_output_backlog``: the budget
-  above bounds them. Events still get written too, but once more than
-  ``max_output_backlog`` bytes of events (and of ``frame_too_large`` /
-  ``node_stopping``) went out since the buffer filled, the connection is
-  aborted and nothing more is written to it: events are best effort and
-  the client recovers them with ``read_messages`` / ``history`` after it
-  reconnects.
+  get written, and do not count toward the events' backlog: the budget
+  above bounds them. Events (and ``frame_too_large`` / ``node_stopping``)
+  still get written too, counted as the connection's backlog until its
+  buffer drains. A transport says "full" as soon as it holds 64 KiB, before
+  it has even tried the socket, so a burst of big events (a sender's
+  pipelined long messages, committed together) fills it for a client that
+  reads as fast as it can. So the backlog may pass ``max_output_backlog``
+  for a while: the client must then drain it within
+  ``output_stall_seconds``. The connection is aborted (and nothing more is
+  written to it) when it does not, at once when its backlog passes
+  ``max_output_burst``, and at once past ``max_output_backlog`` while the
+  backlogs of all the node's connections (``OutputDebt``) pass
+  ``max_output_debt``, so many stuck clients cannot add up to more memory
+  than that. Events are best effort: the client recovers them with
+  ``read_messages`` / ``history`` after it reconnects.
 
 So a client that stops reading makes the node hold, past the transport's
 own buffer, at most about ``max_answer_bytes_in_flight`` plus one answer
 (that of the request read last, which may overshoot the budget: ~1 MiB at
-most) plus ``max_output_backlog`` of events: ~4 MiB with the defaults.
+most) plus ``max_output_burst`` of events for ``output_stall_seconds``;
+once every connection's share of ``max_output_debt`` is spent, the old
+bound of ``max_output_backlog`` of events holds.
 
 Requests of one connection run concurrently, except that a request that
 changes the connection's session (login, resume, logout, delete_account)
@@ -122,6 +132,13 @@ def answer_bytes_at_most(request_id, op, request):
     return size
 
 
+class OutputDebt:
+    """Bytes of events written to the node's connections whose output is full, all together."""
+
+    def __init__(self):
+        self.bytes = 0
+
+
 @implementer(IPushProducer)
 class _OutputGate:
     """What the transport tells when its write buffer fills and drains."""
@@ -150,8 +167,9 @@ class ChatProtocol(Protocol):
     whoever waits for the close) is made on first use.
     """
 
-    def __init__(self, reactor, settings, handlers, registry):
+    def __init__(self, reactor, settings, handlers, registry, debt=None):
         self._reactor = reactor
+        self._debt = debt if debt is not None else OutputDebt()  # the node's, from its factory
         self._settings = settings
         self._handlers = handlers
         self._registry = registry
@@ -169,7 +187,9 @@ class ChatProtocol(Protocol):
         self._session_op_running = False
         self._waiting = None  # a deque of the requests behind a session-changing one
         self._output_paused = False
-        self._backlog = 0
+        self._backlog = 0  # bytes of events written since the output filled
+        self._stall_timer = None  # the backlog must be gone when it fires
+        self._dropped = False  # aborted for its backlog: nothing more is written
         self._close_timer = None
         self._stopping_event = None  # the node_stopping event, once the node is stopping
         self._lost = False
@@ -227,6 +247,7 @@ class ChatProtocol(Protocol):
         self._waiting = None
         if self._close_timer is not None and self._close_timer.active():
             self._close_timer.cancel()
+        self._forget_backlog()
         connections = getattr(self.factory, "connections", None)
         if connections is not None:
             connections.discard(self)
@@ -431,34 +452,62 @@ class ChatProtocol(Protocol):
         self._send(encode(message))
 
     def _send(self, data, answer=False):
-        """Write ``data``; past the backlog of events, abort and write nothing more.
+        """Write ``data``; an event past what the client may owe drops it instead.
 
         Answers do not count toward the backlog: what they may weigh is
         bounded before their requests are read.
         """
-        if not self.connected or self.transport is None:
+        if not self.connected or self.transport is None or self._dropped:
             return
-        if self._output_paused:
-            if not answer:
-                self._backlog += len(data)
-            if self._backlog > self._settings.max_output_backlog:
-                if not self._closing:
-                    log.warn("dropping a client that stopped reading ({backlog} bytes of events waiting)",
-                             backlog=self._backlog)
-                    self._closing = True
-                    self.transport.abortConnection()
-                return
+        if self._output_paused and not answer:
+            backlog = self._backlog + len(data)
+            settings = self._settings
+            if backlog > settings.max_output_burst:
+                return self._drop("it was sent more than {limit} bytes it has not read",
+                                  limit=settings.max_output_burst)
+            if backlog > settings.max_output_backlog:
+                if self._debt.bytes + len(data) > settings.max_output_debt:
+                    return self._drop("clients of this node owe more than {limit} bytes of events",
+                                      limit=settings.max_output_debt)
+                if self._stall_timer is None:
+                    self._stall_timer = self._reactor.callLater(
+                        settings.output_stall_seconds, self._stalled)
+            self._backlog = backlog
+            self._debt.bytes += len(data)
         self.transport.write(data)
+
+    def _stalled(self):
+        self._stall_timer = None
+        if self._output_paused and self._backlog > self._settings.max_output_backlog:
+            self._drop("it did not read its events for {limit} s",
+                       limit=self._settings.output_stall_seconds)
+
+    def _drop(self, why, **fields):
+        """Abort a client that is not reading what it is sent; events are best effort."""
+        self._dropped = True
+        if not self._closing:
+            log.warn("dropping a client: " + why + " ({backlog} bytes of events waiting)",
+                     backlog=self._backlog, **fields)
+            self._closing = True
+            self.transport.abortConnection()
+
+    def _forget_backlog(self):
+        self._debt.bytes -= self._backlog
+        self._backlog = 0
+        if self._stall_timer is not None:
+            if self._stall_timer.active():
+                self._stall_timer.cancel()
+            self._stall_timer = None
 
     def _output_full(self):
         # TCP transports say this again on every write while full.
         if self._output_paused:
             return
         self._output_paused = True
-        self._backlog = 0
+        self._forget_backlog()
         self._pause("output")
 
     def _output_drained(self):
         self._output_paused = False
-        self._backlog = 0
+        self._forget_backlog()
         self._resume("output")

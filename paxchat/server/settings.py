@@ -42,9 +42,16 @@ class ServerSettings:
     # until answers go out. A history or read_messages answer counts ~1 MiB,
     # so two fit; one request is always read, however big its answer may be.
     max_answer_bytes_in_flight: int = 2 << 20
-    # Bytes of events the server may write to a connection whose client
-    # stopped reading before it drops that connection.
+    # Bytes of events a connection whose output is full may owe for a while:
+    # past it, the client must catch up within output_stall_seconds or be
+    # dropped (a burst of big events fills a reading client's buffer too).
     max_output_backlog: int = 1 << 20
+    output_stall_seconds: float = 10.0
+    # Past this a connection is dropped at once, however briefly behind.
+    max_output_burst: int = 16 << 20
+    # What all the node's connections may owe together: past it, any
+    # connection over max_output_backlog is dropped at once.
+    max_output_debt: int = 256 << 20
     # Client connections the node holds at once (cluster.ini ``max_clients``).
     max_clients: int = 10000
 
