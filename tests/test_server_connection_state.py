@@ -1,10 +1,19 @@
 """What a connection keeps: the registry of logged-in connections, and the parts made on first use."""
 
+import gc
+import threading
+import weakref
+
+import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from paxchat.server import RateLimit
 from paxchat.server.sessions import ConnectionRegistry, Session
+from paxchat.state.chat import ChatState
+from paxchat.state.worker import StateWorker
 
 from .server_support import HeldWorker, Server, logged_in, test_settings
 
@@ -127,3 +136,66 @@ def test_a_closed_connection_s_waiting_reads_are_dropped_quietly():
     assert not [e for e in events if "log_failure" in e], events
     server.worker.release_all()
     assert [m["ok"] for m in bob.received()[-2:]] == [True, True]
+
+
+def _gone_once_closed(client):
+    """Close ``client``'s connection with the cycle collector off: is it freed at once?
+
+    The transport keeps its producer after the close, as a TLS transport does.
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        conn = weakref.ref(client.proto)
+        client.proto.connectionLost(Failure(ConnectionDone()))
+        del client.proto, client.transport
+        return conn() is None
+    finally:
+        gc.enable()
+
+
+def _fail_reads(worker, conn, error):
+    """Fail the reads ``worker`` (a HeldWorker) holds for ``conn``."""
+    failing = [held for held in worker.held if held[3] is conn]
+    worker.held = [held for held in worker.held if held[3] is not conn]
+    for d, *_ in failing:
+        d.errback(error)
+
+
+def test_a_closed_connection_is_freed_at_once_whether_its_reads_were_answered_dropped_or_failed():
+    # Memory, not garbage for the cycle collector: a node churning through
+    # connections that close with reads waiting must not pile them up.
+    server = Server(worker_class=HeldWorker)
+    answered, dropped, failed = (logged_in(server, name) for name in ("alice", "bob", "carol"))
+    answered.send(op="list_accounts", pattern="*")
+    server.worker.release_all()
+    assert answered.received()[-1]["ok"]
+    for client in (dropped, failed):
+        client.send(op="history", limit=5)
+        client.send(op="list_accounts", pattern="*")
+    _fail_reads(server.worker, failed.proto, KeyError("the state failed"))
+    assert [m["error"]["code"] for m in failed.received()[-2:]] == ["internal", "internal"]
+    assert _gone_once_closed(answered)
+    assert _gone_once_closed(failed)
+    assert _gone_once_closed(dropped)
+    assert server.worker.held == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_closed_connection_whose_reads_a_state_worker_dropped_is_freed_at_once(tmp_path):
+    state = ChatState.open(tmp_path / "state.db")
+    server = Server(state=state, worker_class=lambda state: StateWorker(reactor, state))
+    release = threading.Event()
+    try:
+        client = server.connect()
+        started = threading.Event()
+        server.worker.call(lambda: (started.set(), release.wait(10)))
+        assert started.wait(10)
+        for n in range(3):  # each reads whether the name is taken: queued behind the held thread
+            client.send(op="create_account", username=f"user{n}", password=PW)
+        assert len(server.worker._reads) == 1
+        assert _gone_once_closed(client)
+        assert not server.worker._reads
+    finally:
+        release.set()
+        yield server.worker.stop()

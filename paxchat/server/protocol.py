@@ -49,6 +49,7 @@ closes: the client resends what it had not got an answer to elsewhere.
 """
 
 import json
+import weakref
 from collections import deque
 from json.encoder import encode_basestring_ascii
 
@@ -139,18 +140,55 @@ class OutputDebt:
         self.bytes = 0
 
 
+def _forget_tracebacks(failure, logged):
+    """Drop the tracebacks of an answered failure and of the exceptions it chains to.
+
+    A Deferred failure that a handler awaited (a read dropped because the
+    connection closed, ``Unavailable`` from the log) is thrown into its
+    coroutine by Twisted's coroutine runner, whose frame holds the Failure
+    thrown in; the exception's traceback holds that frame (a reference
+    cycle) and the handler's frames, which hold the connection with its
+    transport. Left alone, that closed connection lives on until the cycle
+    collector finds it. A ``logged`` Failure keeps its frames as text, for
+    a log observer that formats it later (worked out only then: most
+    failures are the errors a client is answered, never logged).
+    """
+    if logged:
+        failure.frames  # computed now, from the traceback about to go
+    failure.tb = None
+    seen = set()
+    chained = [failure.value]
+    while chained:
+        exc = chained.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        chained += (exc.__context__, exc.__cause__)
+
+
 @implementer(IPushProducer)
 class _OutputGate:
-    """What the transport tells when its write buffer fills and drains."""
+    """What the transport tells when its write buffer fills and drains.
+
+    It holds its connection weakly: the connection holds its transport, and
+    a TLS transport keeps its producer after the connection is lost, so a
+    strong reference would be a cycle keeping every closed TLS connection
+    until the next full garbage collection.
+    """
 
     def __init__(self, protocol):
-        self._protocol = protocol
+        self._protocol = weakref.ref(protocol)
 
     def pauseProducing(self):
-        self._protocol._output_full()
+        protocol = self._protocol()
+        if protocol is not None:
+            protocol._output_full()
 
     def resumeProducing(self):
-        self._protocol._output_drained()
+        protocol = self._protocol()
+        if protocol is not None:
+            protocol._output_drained()
 
     def stopProducing(self):
         pass
@@ -415,12 +453,17 @@ class ChatProtocol(Protocol):
         self._answer({"id": request_id, "ok": True, "result": result}, size)
 
     def _answer_failure(self, failure, request_id, op, size):
-        if failure.check(ProtocolError):
-            return self._answer_error(request_id, failure.value, size)
-        if self._lost and failure.check(defer.CancelledError):
-            return None  # its read was dropped when the connection closed
-        log.failure("request {op} failed", failure, op=op)
-        self._answer_error(request_id, ProtocolError(INTERNAL, "internal error; it has been logged"), size)
+        logged = False
+        try:
+            if failure.check(ProtocolError):
+                return self._answer_error(request_id, failure.value, size)
+            if self._lost and failure.check(defer.CancelledError):
+                return None  # its read was dropped when the connection closed
+            logged = True
+            log.failure("request {op} failed", failure, op=op)
+            self._answer_error(request_id, ProtocolError(INTERNAL, "internal error; it has been logged"), size)
+        finally:
+            _forget_tracebacks(failure, logged)
 
     def _answer_error(self, request_id, error, size=0):
         self._answer({"id": request_id, "ok": False, "error": error.as_error()}, size)
