@@ -164,7 +164,7 @@ class SyncWorker:
     def call(self, name, *args):
         return defer.maybeDeferred(getattr(self.state, name), *args)
 
-    def read(self, owner, name, *args):
+    def read(self, reader, owner, name, *args):
         return self.call(name, *args)
 
     def drop_reads(self, owner):
@@ -179,31 +179,31 @@ class HeldWorker(SyncWorker):
         self.held = []
 
     def call(self, name, *args):
-        return self._hold(None, name, args)
+        return self._hold(name, args)
 
-    def read(self, owner, name, *args):
-        return self._hold(owner, name, args)
+    def read(self, reader, owner, name, *args):
+        return self._hold(name, args, reader, owner)
 
-    def _hold(self, owner, name, args):
+    def _hold(self, name, args, reader=None, owner=None):
         d = defer.Deferred()
-        self.held.append((d, name, args, owner))
+        self.held.append((d, name, args, reader, owner))
         return d
 
-    def drop_reads(self, owner):
-        dropped = [h for h in self.held if h[3] is owner]
-        self.held = [h for h in self.held if h[3] is not owner]
+    def drop_reads(self, reader):
+        dropped = [h for h in self.held if h[3] is reader]
+        self.held = [h for h in self.held if h[3] is not reader]
         for d, *_ in dropped:
             d.errback(defer.CancelledError("the reader left"))
 
     def release_first(self):
         """Run the call held longest, and answer it."""
-        d, name, args, _ = self.held.pop(0)
+        d, name, args, *_ = self.held.pop(0)
         d.callback(getattr(self.state, name)(*args))
 
     def release_all(self):
         while self.held:
             held, self.held = self.held, []
-            for d, name, args, _ in held:
+            for d, name, args, *_ in held:
                 d.callback(getattr(self.state, name)(*args))
 
 

@@ -138,6 +138,27 @@ def test_a_closed_connection_s_waiting_reads_are_dropped_quietly():
     assert [m["ok"] for m in bob.received()[-2:]] == [True, True]
 
 
+def test_reads_take_turns_by_account_and_a_closed_connection_drops_only_its_own():
+    server = Server(worker_class=HeldWorker)
+    first = logged_in(server, "alice")
+    second = server.connect()  # alice again, on another connection
+    second.send(op="login", username="alice", password=PW)
+    server.worker.release_all()
+    stranger = server.connect()
+    for client in (first, second):
+        client.send(op="history", limit=5)
+        client.send(op="list_accounts", pattern="*")
+    stranger.send(op="create_account", username="bob", password=PW)  # not logged in: its own turn
+    held = server.worker.held
+    assert [h[4] for h in held] == ["alice"] * 4 + [stranger.proto]
+    assert [h[3] for h in held] == [first.proto] * 2 + [second.proto] * 2 + [stranger.proto]
+    first.proto.connectionLost(Failure(ConnectionDone()))
+    assert [h[3] for h in server.worker.held] == [second.proto] * 2 + [stranger.proto]
+    server.worker.release_all()
+    assert [m["ok"] for m in second.received()[-2:]] == [True, True]
+    assert stranger.received()[-1]["ok"]
+
+
 def _gone_once_closed(client):
     """Close ``client``'s connection with the cycle collector off: is it freed at once?
 

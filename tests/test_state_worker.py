@@ -75,18 +75,27 @@ def _queued_while_held(queue):
 @pytest_twisted.inlineCallbacks
 def test_log_calls_run_before_waiting_reads():
     results, order = yield _queued_while_held(lambda worker: (
-        [worker.read("client", "note", f"read{i}") for i in range(3)]
+        [worker.read("client", "client", "note", f"read{i}") for i in range(3)]
         + [worker.call("note", f"apply{i}") for i in range(3)]))
     assert results == ["read0", "read1", "read2", "apply0", "apply1", "apply2"]
     assert order == ["apply0", "apply1", "apply2", "read0", "read1", "read2"]
 
 
 @pytest_twisted.inlineCallbacks
-def test_readers_take_turns_and_each_keeps_its_order():
+def test_owners_take_turns_and_each_keeps_its_order():
     _, order = yield _queued_while_held(lambda worker: (
-        [worker.read("scanner", "note", f"scan{i}") for i in range(4)]
-        + [worker.read("other", "note", f"other{i}") for i in range(2)]))
+        [worker.read("scanner", "scanner", "note", f"scan{i}") for i in range(4)]
+        + [worker.read("other", "other", "note", f"other{i}") for i in range(2)]))
     assert order == ["scan0", "other0", "scan1", "other1", "scan2", "scan3"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_owner_s_many_readers_share_one_turn_each_reader_in_its_order():
+    # One account on several connections: one read of it per round, not one per connection.
+    _, order = yield _queued_while_held(lambda worker: (
+        [worker.read(f"conn{c}", "mallory", "note", f"c{c}.{i}") for c in range(3) for i in range(2)]
+        + [worker.read("conn9", "alice", "note", f"alice{i}") for i in range(2)]))
+    assert order == ["c0.0", "alice0", "c0.1", "alice1", "c1.0", "c1.1", "c2.0", "c2.1"]
 
 
 @pytest_twisted.inlineCallbacks
@@ -94,29 +103,35 @@ def test_a_read_still_runs_between_many_log_calls():
     applies = 2 * APPLIES_BEFORE_A_READ + 1
     _, order = yield _queued_while_held(lambda worker: (
         [worker.call("note", i) for i in range(applies)]
-        + [worker.read("client", "note", "r0"), worker.read("client", "note", "r1")]))
+        + [worker.read("client", "client", "note", "r0"), worker.read("client", "client", "note", "r1")]))
     assert order.index("r0") == APPLIES_BEFORE_A_READ
     assert order.index("r1") == 2 * APPLIES_BEFORE_A_READ + 1
     assert [v for v in order if v not in ("r0", "r1")] == list(range(applies))
 
 
 @pytest_twisted.inlineCallbacks
-def test_dropped_reads_never_run_and_fail_cancelled():
+def test_dropped_reads_never_run_fail_cancelled_and_leave_other_readers_in_their_turn():
     state = Recorder()
     worker = StateWorker(reactor, state)
     try:
         release = _hold_the_thread(worker)
-        gone = [worker.read("gone", "note", f"gone{i}") for i in range(3)]
-        kept = worker.read("kept", "note", "kept")
+        first = worker.read("other", "other", "note", "other0")
+        shared = [worker.read(reader, "alice", "note", f"{reader}{i}")
+                  for i in range(2) for reader in ("gone", "kept")]
+        alone = worker.read("gone", "gone", "note", "alone")  # its own turn too
+        later = worker.read("other", "other", "note", "other1")
         worker.drop_reads("gone")
         worker.drop_reads("nobody")
+        assert worker._readers == {"other": {"other": 2}, "kept": {"alice": 2}}
         release.set()
-        assert (yield kept) == "kept"
-        for d in gone:
+        yield gatherResults([first, later, shared[1], shared[3]])
+        for d in shared[0], shared[2], alone:
             with pytest.raises(CancelledError):
                 yield d
         assert (yield worker.call("note", "after")) == "after"
-        assert [v for v, _ in state.calls] == ["kept", "after"]
+        # alice kept her place in the turns, behind other's first read.
+        assert [v for v, _ in state.calls] == ["other0", "kept0", "other1", "kept1", "after"]
+        assert not worker._reads and not worker._readers
     finally:
         yield worker.stop()
 
@@ -171,7 +186,7 @@ def test_errors_reach_the_caller_and_the_worker_goes_on():
 def test_stop_closes_the_state_after_queued_calls():
     state = Recorder()
     worker = StateWorker(reactor, state)
-    pending = [worker.call("note", i) for i in range(5)] + [worker.read("client", "note", 5)]
+    pending = [worker.call("note", i) for i in range(5)] + [worker.read("client", "client", "note", 5)]
     threads = list(worker._pool.threads)
     stopped = worker.stop()
     assert not worker.running
@@ -183,7 +198,7 @@ def test_stop_closes_the_state_after_queued_calls():
     with pytest.raises(StateWorkerStopped):
         yield worker.call("note", 1)
     with pytest.raises(StateWorkerStopped):
-        yield worker.read("client", "note", 1)
+        yield worker.read("client", "client", "note", 1)
     yield worker.stop()  # still fine once stopped
     assert threads and not any(t.is_alive() for t in threads)
 

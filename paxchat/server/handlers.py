@@ -13,6 +13,10 @@ A write carries its session's hash, so the state rejects it with
 is then logged out and the client hears ``not_logged_in`` (the contract
 lists ``bad_session`` only for ``resume``).
 
+Reads of the local state take turns by account (a connection not logged
+in is its own turn; see ``StateWorker``), so an account that scans on many
+connections gets no more turns than one that reads on one.
+
 Every write may carry a ``client_msg_id``; it goes into the command as
 ``dedup``, so a client that resends a write whose answer it lost (after a
 failover) gets the first answer again instead of a second effect
@@ -111,6 +115,15 @@ class Handlers:
             raise ProtocolError(NOT_LOGGED_IN, "the session ended; log in again")
         raise ProtocolError(code, error.get("message", code))
 
+    def _read(self, conn, fn, *args):
+        """Read the state in the turn of the account ``conn`` is logged in as, else of ``conn``.
+
+        Reads take turns (see ``StateWorker``): by account, one user's many
+        connections get one turn per round between other users' reads.
+        """
+        session = conn.session
+        return self._worker.read(conn, conn if session is None else session.username, fn, *args)
+
     def _with_dedup(self, command, client_msg_id):
         if client_msg_id is not None:
             command["dedup"] = client_msg_id
@@ -147,7 +160,7 @@ class Handlers:
         self._limit_login(conn)
         await self._read_barrier()
         # Saves a bcrypt round for a name already taken; apply checks again.
-        account = await self._worker.read(conn, "account", username)
+        account = await self._read(conn, "account", username)
         if account is not None:
             # A resend of our own create that committed has the same password:
             # propose it again with its key so the state answers the first
@@ -166,7 +179,7 @@ class Handlers:
         password = V.password(request, "password", BAD_CREDENTIALS)
         self._limit_login(conn, username)
         await self._read_barrier()
-        account = await self._worker.read(conn, "account", username)
+        account = await self._read(conn, "account", username)
         pw_hash = account["pw_hash"] if account else None
         if not await self._hasher.check(password, pw_hash):
             raise ProtocolError(BAD_CREDENTIALS, "wrong username or password")
@@ -188,10 +201,10 @@ class Handlers:
             raise ProtocolError(BAD_SESSION, "no such session")
         await self._read_barrier()
         session_hash = token_hash(token)
-        found = await self._worker.read(conn, "session", session_hash)
+        found = await self._read(conn, "session", session_hash)
         if found is None or found["expires"] <= self._now():
             raise ProtocolError(BAD_SESSION, "no such session, or it ended")
-        unread = await self._worker.read(conn, "unread_count", found["username"])
+        unread = await self._read(conn, "unread_count", found["username"])
         if conn.connected:
             self._registry.attach(conn, Session(found["username"], session_hash, found["expires"]))
         return {"username": found["username"], "unread": unread}
@@ -223,7 +236,7 @@ class Handlers:
         limit = V.limit(request, 100)
         after = V.string(request, "after", "", max_chars=64)
         await self._read_barrier(conn)
-        names, more = await self._worker.read(conn, "list_accounts", pattern, limit, after)
+        names, more = await self._read(conn, "list_accounts", pattern, limit, after)
         return {"accounts": list(names), "more": bool(more)}
 
     async def send_message(self, conn, request):
@@ -276,7 +289,7 @@ class Handlers:
         before = V.optional_integer(request, "before", 1, V.MAX_MESSAGE_ID)
         limit = V.limit(request, 50)
         session = await self._read_barrier(conn)
-        page = await self._worker.read(conn, "history_page", session.username, peer, before, limit)
+        page = await self._read(conn, "history_page", session.username, peer, before, limit)
         return {"messages": list(page["messages"]), "more": page["more"]}
 
     async def delete_account(self, conn, request):
@@ -285,7 +298,7 @@ class Handlers:
         client_msg_id = V.client_msg_id(request)
         self._limit_login(conn, session.username)
         session = await self._read_barrier(conn)
-        account = await self._worker.read(conn, "account", session.username)
+        account = await self._read(conn, "account", session.username)
         pw_hash = account["pw_hash"] if account else None
         if account is None and client_msg_id is not None:
             # Perhaps our own delete, resent: the state answers its first

@@ -10,10 +10,12 @@ client reads: a node whose clients scan account names as fast as they can
 must still apply what the cluster commits, or every write it serves times
 out. Client reads run after their read barrier, so running them after
 later applies only shows a newer committed state, which is still correct.
-Reads take turns by connection, so one connection's pipelined scans cannot
-make another's single read wait for all of them; a connection's own reads
-run in its order. One read runs after every ``APPLIES_BEFORE_A_READ`` log
-calls made while reads wait, so reads progress even under a write flood.
+Reads take turns by owner: the account a connection is logged in as, else
+the connection itself. So one account's pipelined scans, however many
+connections it spreads them over, cannot make another user's single read
+wait for all of them; a connection's own reads run in its order. One read
+runs after every ``APPLIES_BEFORE_A_READ`` log calls made while reads wait,
+so reads progress even under a write flood.
 """
 
 from collections import OrderedDict, deque
@@ -63,7 +65,8 @@ class StateWorker:
         # call queues a job here and one "run the next job" turn on the pool.
         self._lock = Lock()
         self._ordered = deque()          # the log's calls: (target, args, kwargs, deferred)
-        self._reads = OrderedDict()      # owner -> deque of its reads, owners in turn order
+        self._reads = OrderedDict()      # owner -> deque of (reader, job), owners in turn order
+        self._readers = {}               # reader -> {owner: how many of its reads wait in that turn}
         self._ordered_in_a_row = 0       # log calls run while reads waited
         self._aside = _DaemonThreadPool(minthreads=0, maxthreads=1, name=name + "-aside")
         self._aside.start()
@@ -116,29 +119,43 @@ class StateWorker:
         chunks). Returns a Deferred firing with the result; calls run and
         fire in call order.
         """
-        return self._queue(None, fn, args, kwargs)
+        return self._queue(None, None, fn, args, kwargs)
 
-    def read(self, owner, fn, *args, **kwargs):
+    def read(self, reader, owner, fn, *args, **kwargs):
         """Run a client's read ``state.<fn>(*args, **kwargs)`` in ``owner``'s turn.
 
-        ``owner`` is whoever asks (a connection): owners take turns, and one
-        owner's reads run in the order it made them, after every ``call``
-        made so far but for the fairness allowance (see the module
-        docstring). Only for reads made after a read barrier.
+        ``reader`` is whoever asks (a connection), ``owner`` whose turn the
+        read waits for (the account the connection is logged in as, else
+        the connection): owners take turns, one read each per round, and
+        one reader's reads in one owner's turn run in the order it made
+        them, after every ``call`` made so far but for the fairness
+        allowance (see the module docstring). Only for reads made after a
+        read barrier.
         """
-        return self._queue(owner, fn, args, kwargs)
+        return self._queue(reader, owner, fn, args, kwargs)
 
-    def drop_reads(self, owner):
-        """Forget ``owner``'s reads that have not started (its connection is gone).
+    def drop_reads(self, reader):
+        """Forget ``reader``'s reads that have not started (its connection is gone).
 
-        Their Deferreds fail with ``CancelledError``.
+        Their Deferreds fail with ``CancelledError``; the reads of other
+        readers in the same owners' turns stay queued, in their order.
         """
+        dropped = []
         with self._lock:
-            dropped = self._reads.pop(owner, ())
-        for *_, d in dropped:
-            d.errback(CancelledError("the reader left"))
+            for owner in self._readers.pop(reader, ()):
+                queue = self._reads[owner]
+                kept = deque()
+                for read in queue:
+                    (dropped if read[0] is reader else kept).append(read)
+                if kept:
+                    queue.clear()
+                    queue.extend(kept)  # the same deque: the owner keeps its place in the turns
+                else:
+                    del self._reads[owner]
+        for _, job in dropped:
+            job[-1].errback(CancelledError("the reader left"))
 
-    def _queue(self, owner, fn, args, kwargs):
+    def _queue(self, reader, owner, fn, args, kwargs):
         if self._stopping is not None:
             return fail(StateWorkerStopped("the state worker is stopped"))
         try:
@@ -154,7 +171,11 @@ class StateWorker:
                 reads = self._reads.get(owner)
                 if reads is None:
                     reads = self._reads[owner] = deque()
-                reads.append(job)
+                reads.append((reader, job))
+                owners = self._readers.get(reader)
+                if owners is None:
+                    owners = self._readers[reader] = {}
+                owners[owner] = owners.get(owner, 0) + 1
         self._pool.callInThread(self._run_next)
         return d
 
@@ -169,9 +190,16 @@ class StateWorker:
             return None
         self._ordered_in_a_row = 0
         owner, queue = reads.popitem(last=False)
-        job = queue.popleft()
+        reader, job = queue.popleft()
         if queue:
             reads[owner] = queue  # back of the line
+        owners = self._readers[reader]
+        if owners[owner] == 1:
+            del owners[owner]
+            if not owners:
+                del self._readers[reader]
+        else:
+            owners[owner] -= 1
         return job
 
     def _run_next(self):
