@@ -61,9 +61,10 @@ class StateWorker:
         self.state = state
         self._pool = _DaemonThreadPool(minthreads=1, maxthreads=1, name=name)
         self._pool.start()
-        # What the pool's thread runs next is picked when it is free: each
-        # call queues a job here and one "run the next job" turn on the pool.
+        # What the pool's thread runs next is picked when it is free: calls
+        # queue jobs here, and one drain task on the pool runs them while any wait.
         self._lock = Lock()
+        self._draining = False  # a _drain task is queued or running on the pool
         self._ordered = deque()          # the log's calls: (target, args, kwargs, deferred)
         self._reads = OrderedDict()      # owner -> deque of (reader, job), owners in turn order
         self._readers = {}               # reader -> {owner: how many of its reads wait in that turn}
@@ -176,7 +177,10 @@ class StateWorker:
                 if owners is None:
                     owners = self._readers[reader] = {}
                 owners[owner] = owners.get(owner, 0) + 1
-        self._pool.callInThread(self._run_next)
+            start = not self._draining
+            self._draining = True
+        if start:
+            self._pool.callInThread(self._drain)
         return d
 
     def _next_job(self):
@@ -202,18 +206,27 @@ class StateWorker:
             owners[owner] -= 1
         return job
 
-    def _run_next(self):
-        with self._lock:
-            job = self._next_job()
-        if job is None:
-            return  # a dropped read's turn
-        target, args, kwargs, d = job
-        try:
-            result = target(*args, **kwargs)
-        except BaseException:
-            result = Failure()
-        fire = d.errback if isinstance(result, Failure) else d.callback
-        self._reactor.callFromThread(fire, result)
+    def _drain(self):
+        """On the worker thread: run jobs until none is queued.
+
+        One pool task per busy spell, not one per job: each task the pool
+        runs leaves a reference cycle behind, which only the garbage
+        collector frees. Whether a drain runs is decided under the lock on
+        both sides, so a job queued as the drain finds none starts another.
+        """
+        while True:
+            with self._lock:
+                job = self._next_job()
+                if job is None:
+                    self._draining = False
+                    return
+            target, args, kwargs, d = job
+            try:
+                result = target(*args, **kwargs)
+            except BaseException:
+                result = Failure()
+            fire = d.errback if isinstance(result, Failure) else d.callback
+            self._reactor.callFromThread(fire, result)
 
     def call_aside(self, fn, *args, **kwargs):
         """Run ``fn(*args, **kwargs)`` on a second thread, beside the ordered calls.
