@@ -66,8 +66,10 @@ class StateWorker:
         self._lock = Lock()
         self._draining = False  # a _drain task is queued or running on the pool
         self._ordered = deque()          # the log's calls: (target, args, kwargs, deferred)
-        self._reads = OrderedDict()      # owner -> deque of (reader, job), owners in turn order
-        self._readers = {}               # reader -> {owner: how many of its reads wait in that turn}
+        # owner -> OrderedDict(reader -> deque of its jobs): owners in turn
+        # order, and within an owner's turn its readers in turn order.
+        self._reads = OrderedDict()
+        self._readers = {}               # reader -> the owners it has reads waiting under
         self._ordered_in_a_row = 0       # log calls run while reads waited
         self._aside = _DaemonThreadPool(minthreads=0, maxthreads=1, name=name + "-aside")
         self._aside.start()
@@ -127,11 +129,11 @@ class StateWorker:
 
         ``reader`` is whoever asks (a connection), ``owner`` whose turn the
         read waits for (the account the connection is logged in as, else
-        the connection): owners take turns, one read each per round, and
-        one reader's reads in one owner's turn run in the order it made
-        them, after every ``call`` made so far but for the fairness
-        allowance (see the module docstring). Only for reads made after a
-        read barrier.
+        the connection): owners take turns, one read each per round; in an
+        owner's turn its readers take turns, and one reader's reads run in
+        the order it made them, after every ``call`` made so far but for
+        the fairness allowance (see the module docstring). Only for reads
+        made after a read barrier.
         """
         return self._queue(reader, owner, fn, args, kwargs)
 
@@ -139,21 +141,18 @@ class StateWorker:
         """Forget ``reader``'s reads that have not started (its connection is gone).
 
         Their Deferreds fail with ``CancelledError``; the reads of other
-        readers in the same owners' turns stay queued, in their order.
+        readers in the same owners' turns stay queued, in their order. It
+        takes a time in the number of dropped reads, however many other
+        readers share the owner.
         """
         dropped = []
         with self._lock:
             for owner in self._readers.pop(reader, ()):
-                queue = self._reads[owner]
-                kept = deque()
-                for read in queue:
-                    (dropped if read[0] is reader else kept).append(read)
-                if kept:
-                    queue.clear()
-                    queue.extend(kept)  # the same deque: the owner keeps its place in the turns
-                else:
-                    del self._reads[owner]
-        for _, job in dropped:
+                readers = self._reads[owner]
+                dropped += readers.pop(reader)
+                if not readers:
+                    del self._reads[owner]  # otherwise the owner keeps its place in the turns
+        for job in dropped:
             job[-1].errback(CancelledError("the reader left"))
 
     def _queue(self, reader, owner, fn, args, kwargs):
@@ -169,14 +168,14 @@ class StateWorker:
             if owner is None:
                 self._ordered.append(job)
             else:
-                reads = self._reads.get(owner)
-                if reads is None:
-                    reads = self._reads[owner] = deque()
-                reads.append((reader, job))
-                owners = self._readers.get(reader)
-                if owners is None:
-                    owners = self._readers[reader] = {}
-                owners[owner] = owners.get(owner, 0) + 1
+                readers = self._reads.get(owner)
+                if readers is None:
+                    readers = self._reads[owner] = OrderedDict()
+                queue = readers.get(reader)
+                if queue is None:
+                    queue = readers[reader] = deque()
+                    self._readers.setdefault(reader, set()).add(owner)
+                queue.append(job)
             start = not self._draining
             self._draining = True
         if start:
@@ -193,17 +192,18 @@ class StateWorker:
         if not reads:
             return None
         self._ordered_in_a_row = 0
-        owner, queue = reads.popitem(last=False)
-        reader, job = queue.popleft()
+        owner, readers = reads.popitem(last=False)
+        reader, queue = readers.popitem(last=False)
+        job = queue.popleft()
         if queue:
-            reads[owner] = queue  # back of the line
-        owners = self._readers[reader]
-        if owners[owner] == 1:
-            del owners[owner]
+            readers[reader] = queue  # back of the owner's line
+        else:
+            owners = self._readers[reader]
+            owners.discard(owner)
             if not owners:
                 del self._readers[reader]
-        else:
-            owners[owner] -= 1
+        if readers:
+            reads[owner] = readers  # back of the line
         return job
 
     def _drain(self):
