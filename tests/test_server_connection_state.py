@@ -7,7 +7,6 @@ import weakref
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from paxchat.server import RateLimit
