@@ -366,11 +366,12 @@ class ChatApp:
         self.search_entry.delete(0, "end")
         self._placeholder_restore()
         before = self.model.open_peer
-        if before is not None and before != peer:
+        switching = before != peer
+        if switching and before is not None:
             self.model.keep_draft(before, self._compose_text())
         self.controller.open(peer)
         self._compose_enabled(True)  # now, not at the next redraw: typing may start at once
-        if before != peer:
+        if switching:
             self.compose.delete("1.0", "end")
             self.compose.insert("1.0", self.model.take_draft(peer))
         self.compose.focus_set()

@@ -154,21 +154,17 @@ class ChatModel:
     def signed_in(self, username: str):
         self.me = username
         self.screen = "chats"
-        self.error = ""
-        self.conversations.clear()
-        self.open_peer = None
-        self.selected.clear()
-        self.confirming_delete = False
-        self.search_pattern = None
-        self.older_unread, self.older_than = 0, None
-        self.drafts.clear()
-        self._changed("screen", "list", "conversation", "error")
+        self._forget_account()
 
     def signed_out(self, notice: str = ""):
         self.me = None
         self.screen = "login"
         self.notice = notice
-        self.error = ""  # an error from the chats is over: the login screen starts clean
+        self._forget_account()  # an error from the chats is over too: the login screen starts clean
+
+    def _forget_account(self):
+        """What was shown and typed for the account before: gone, on either screen change."""
+        self.error = ""
         self.conversations.clear()
         self.open_peer = None
         self.selected.clear()
@@ -285,7 +281,7 @@ class ChatModel:
 
         Stops at either end; with none open, the first (or last) row.
         """
-        peers = [row["peer"] for row in self.conversation_rows()]
+        peers = [conv.peer for conv in self._in_sidebar_order()]
         if not peers:
             return None
         if self.open_peer not in peers:
@@ -322,7 +318,7 @@ class ChatModel:
     def conversation_rows(self) -> list[dict]:
         """The sidebar: most recent conversation first, with preview, time and unread badge."""
         rows = []
-        for conv in sorted(self.conversations.values(), key=lambda c: (-c.last_ts, c.peer)):
+        for conv in self._in_sidebar_order():
             last = conv.last
             preview = ""
             if last is not None:
@@ -333,6 +329,9 @@ class ChatModel:
             rows.append({"peer": conv.peer, "preview": preview, "unread": conv.unread,
                          "time": time_label(conv.last_ts) if last else "", "open": conv.peer == self.open_peer})
         return rows
+
+    def _in_sidebar_order(self) -> list[Conversation]:
+        return sorted(self.conversations.values(), key=lambda c: (-c.last_ts, c.peer))
 
     @property
     def total_unread(self) -> int:
