@@ -1,7 +1,6 @@
 """What a connection keeps: the registry of logged-in connections, and the parts made on first use."""
 
 import gc
-import threading
 import weakref
 
 import pytest_twisted
@@ -15,6 +14,7 @@ from paxchat.state.chat import ChatState
 from paxchat.state.worker import StateWorker
 
 from .server_support import HeldWorker, Server, logged_in, test_settings
+from .test_state_worker import hold_the_thread
 
 PW = "password-1"
 
@@ -205,12 +205,9 @@ def test_a_closed_connection_is_freed_at_once_whether_its_reads_were_answered_dr
 def test_a_closed_connection_whose_reads_a_state_worker_dropped_is_freed_at_once(tmp_path):
     state = ChatState.open(tmp_path / "state.db")
     server = Server(state=state, worker_class=lambda state: StateWorker(reactor, state))
-    release = threading.Event()
+    release = hold_the_thread(server.worker)
     try:
         client = server.connect()
-        started = threading.Event()
-        server.worker.call(lambda: (started.set(), release.wait(10)))
-        assert started.wait(10)
         for n in range(3):  # each reads whether the name is taken: queued behind the held thread
             client.send(op="create_account", username=f"user{n}", password=PW)
         assert len(server.worker._reads) == 1

@@ -46,7 +46,7 @@ def test_calls_run_in_order_on_one_other_thread():
         yield worker.stop()
 
 
-def _hold_the_thread(worker):
+def hold_the_thread(worker):
     """Keep the worker's thread busy until the returned Event is set, so calls queue up."""
     started, release = threading.Event(), threading.Event()
     worker.call(lambda: (started.set(), release.wait(10)))
@@ -63,7 +63,7 @@ def _queued_while_held(queue):
     state = Recorder()
     worker = StateWorker(reactor, state)
     try:
-        release = _hold_the_thread(worker)
+        release = hold_the_thread(worker)
         pending = queue(worker)
         release.set()
         results = yield gatherResults(pending)
@@ -115,7 +115,7 @@ def test_dropped_reads_never_run_fail_cancelled_and_leave_other_readers_in_their
     state = Recorder()
     worker = StateWorker(reactor, state)
     try:
-        release = _hold_the_thread(worker)
+        release = hold_the_thread(worker)
         first = worker.read("other", "other", "note", "other0")
         shared = [worker.read(reader, "alice", "note", f"{reader}{i}")
                   for i in range(2) for reader in ("gone", "kept")]
@@ -300,7 +300,7 @@ def test_many_calls_leave_no_garbage_for_the_collector():
         gc.collect()
         gc.disable()
         try:
-            release = _hold_the_thread(worker)
+            release = hold_the_thread(worker)
             pending = [worker.call("note", i) for i in range(200)]
             pending += [worker.read(f"conn{i % 4}", f"user{i % 2}", "note", i) for i in range(200)]
             release.set()
@@ -318,7 +318,7 @@ def test_dropping_one_of_an_owner_s_many_readers_does_not_walk_the_others():
     # walking the account's whole queue at every close would take minutes.
     import time
     worker = StateWorker(reactor, Recorder())
-    release = _hold_the_thread(worker)
+    release = hold_the_thread(worker)
     try:
         pending = [worker.read(f"conn{c}", "mallory", "note", c) for c in range(5000) for _ in range(4)]
         started = time.monotonic()
