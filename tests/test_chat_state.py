@@ -5,6 +5,7 @@ import sqlite3
 import time
 
 import pytest
+from twisted.logger import capturedLogs
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from paxchat.state import chat
@@ -726,6 +727,72 @@ def test_bug_in_a_command_answers_internal_and_rolls_back_its_writes(state, monk
     assert ok(responses[0][1]) == {"username": "bob"}
     assert state.kv.get("junk") is None
     assert state.applied_index() == index + 1
+
+
+def rejects_after_writing(state, monkeypatch):
+    """A logout that writes, then is rejected."""
+    def late_rejection(command):
+        state.kv.put("junk", b"x")
+        raise chat.Rejected("bad_session", "rejected after a write")
+    monkeypatch.setitem(state._handlers, "logout", late_rejection)
+
+
+def test_a_command_failing_after_it_wrote_leaves_no_trace_and_its_entry_goes_on(
+        tmp_path, state, monkeypatch):
+    """An entry runs in one savepoint; a command that fails after writing has
+    its entry applied again with a savepoint per command: same answers, same
+    state as if each command had always had its own entry."""
+    bob, logout, carol = ({"op": "create_account", "username": "bob", "pw_hash": "h", "ts": 1.0},
+                          {"op": "logout", "session": "s-alice"},
+                          {"op": "create_account", "username": "carol", "pw_hash": "h", "ts": 1.0})
+    user(state, "alice")
+    index, _ = state.dump()
+    rejects_after_writing(state, monkeypatch)
+    statements = []
+    state.kv._conn.set_trace_callback(statements.append)
+    with capturedLogs() as events:
+        responses = state.apply_entries([(index + 1, [bob, logout, carol])])[0]
+    state.kv._conn.set_trace_callback(None)
+    assert [ok(responses[0]), code(responses[1]), ok(responses[2])] == [
+        {"username": "bob"}, "bad_session", {"username": "carol"}]
+    assert state.kv.get("junk") is None
+    assert state.account("bob") and state.account("carol")
+    assert statements.count("ROLLBACK TO sp0") == 2   # the entry's, then the command's
+    assert events == []                               # a rejection is no failure to log
+
+    other = ChatState.open(tmp_path / "other.db")
+    user(other, "alice")
+    rejects_after_writing(other, monkeypatch)
+    other.apply_entries([(index + 1, [bob]), (index + 2, [logout]), (index + 3, [carol])])
+    assert other.dump()[1] == state.dump()[1]
+    other.close()
+
+
+def test_a_bug_after_a_write_is_logged_once(state, monkeypatch):
+    user(state, "alice")
+
+    def half_done(command):
+        state.kv.put("junk", b"x")
+        raise KeyError("bug")
+
+    monkeypatch.setitem(state._handlers, "logout", half_done)
+    with capturedLogs() as events:
+        response = state.apply({"op": "logout", "session": "s-alice"})
+    assert code(response) == "internal"
+    assert [e["log_format"] for e in events] == ["applying a {op!r} command failed"]
+
+
+def test_an_entry_whose_commands_succeed_takes_one_savepoint(state):
+    user(state, "alice")
+    statements = []
+    state.kv._conn.set_trace_callback(statements.append)
+    cmd = {"op": "send_message", "session": "s-alice", "from": "alice", "to": "alice",
+           "body": "x", "ts": 1.0, "client_msg_id": "c"}
+    responses = state.apply_entries([(3, [dict(cmd, client_msg_id=str(i)) for i in range(5)]
+                                      + [dict(cmd, to="nobody")])])[0]
+    state.kv._conn.set_trace_callback(None)
+    assert [r["ok"] for r in responses] == [True] * 5 + [False]
+    assert statements.count("SAVEPOINT sp0") == 1 and "ROLLBACK TO sp0" not in statements
 
 
 # -- batches, replay and crashes -----------------------------------------------------
