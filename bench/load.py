@@ -67,14 +67,24 @@ async def closed_loop(client, recorder, stop_at):
         recorder.ok(sent, now())
 
 
-async def run_clients(clients, recorder, warmup, duration):
-    """Run every client for warmup + duration; the recorder's window is the second part."""
+async def run_clients(clients, recorder, warmup, duration, reactor=None, cpu=None):
+    """Run every client for warmup + duration; the recorder's window is the second part.
+
+    ``cpu``: a ``procs.CpuMeter`` read at the window's start and end (on
+    ``reactor``); its CPU per write joins the summary.
+    """
     start = now() + warmup
     recorder.set_window(start, start + duration)
+    if cpu is not None:
+        reactor.callLater(warmup, cpu.start)
+        reactor.callLater(warmup + duration, cpu.stop)
     await defer.gatherResults(
         [defer.ensureDeferred(closed_loop(c, recorder, start + duration)) for c in clients],
         consumeErrors=True)
-    return recorder.summary()
+    summary = recorder.summary()
+    if cpu is not None:
+        summary.update(cpu.per_write(summary.get("completed")))
+    return summary
 
 
 def start_clients(clients, recorder, done):

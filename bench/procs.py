@@ -51,6 +51,49 @@ def rss_bytes(pid, field="VmRSS") -> int | None:
     return None
 
 
+def cpu_seconds(pid) -> float | None:
+    """User + system CPU time ``pid`` has used so far (all its threads), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU time the leader, the other servers and the load generator spend in a window.
+
+    CPU per write is steadier than writes per second on a shared machine
+    (the figure does not move with time stolen by neighbours) and says what
+    each write costs wherever it is spent.
+    """
+
+    def __init__(self, leader_pid, other_pids):
+        self._pids = {"leader": [leader_pid], "others": list(other_pids), "client": [os.getpid()]}
+        self._start = self._end = None
+
+    def _read(self):
+        return {role: sum(cpu_seconds(pid) or 0.0 for pid in pids) for role, pids in self._pids.items()}
+
+    def start(self):
+        self._start = self._read()
+
+    def stop(self):
+        if self._end is None:
+            self._end = self._read()
+
+    def per_write(self, writes) -> dict:
+        """``{leader,others,server,client}_cpu_us``: microseconds of CPU per write in the window."""
+        if self._start is None or not writes:
+            return {}
+        self.stop()
+        spent = {role: (self._end[role] - self._start[role]) * 1e6 / writes for role in self._pids}
+        return {"leader_cpu_us": round(spent["leader"]), "others_cpu_us": round(spent["others"]),
+                "server_cpu_us": round(spent["leader"] + spent["others"]),
+                "client_cpu_us": round(spent["client"])}
+
+
 def reset_peak_rss(pid) -> bool:
     """Start ``pid``'s peak RSS (VmHWM) again from its current RSS; False where
     the kernel does not let us."""

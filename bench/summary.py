@@ -8,6 +8,7 @@ from . import stats
 def _writes(r):
     return (f"{stats.fmt(r.get('ops_per_s'), '/s', 0)}; p50 {stats.fmt(r.get('p50_ms'))} / "
             f"p99 {stats.fmt(r.get('p99_ms'))} / p99.9 {stats.fmt(r.get('p999_ms'))} ms"
+            + (f"; server CPU {r['server_cpu_us']:,} us/write" if r.get("server_cpu_us") else "")
             + (f"; errors {r['errors']}" if r.get("errors") else ""))
 
 

@@ -4,12 +4,14 @@ paxchat: pre-created accounts, logged in, each client ``send_message`` to a
 recipient that is not connected (the write path alone; pushes are measured
 by the connections benchmark). etcd: ``/v3/kv/put`` of a new key with a
 100-byte value. Load all on the leader, then spread over every node
-(followers forward to the leader on both systems).
+(followers forward to the leader on both systems). Besides throughput and
+latency, the CPU each write costs the leader, the other servers and the
+load generator (utime + stime over the window).
 """
 
 from __future__ import annotations
 
-from . import load, population, profiling, stats
+from . import load, population, procs, profiling, stats
 from .etcd_cluster import EtcdCluster
 from .paxchat_cluster import PaxchatCluster
 
@@ -46,7 +48,9 @@ async def run(reactor, ctx):
             if ours and theirs:
                 ctx.compare(NAME, label,
                             throughput=stats.ratio(ours["ops_per_s"], theirs["ops_per_s"]),
-                            p99=stats.ratio(ours["p99_ms"], theirs["p99_ms"], higher_is_better=False))
+                            p99=stats.ratio(ours["p99_ms"], theirs["p99_ms"], higher_is_better=False),
+                            server_cpu=stats.ratio(ours.get("server_cpu_us"), theirs.get("server_cpu_us"),
+                                                   higher_is_better=False))
 
 
 async def run_paxchat(reactor, ctx, size):
@@ -72,8 +76,9 @@ async def run_paxchat(reactor, ctx, size):
                 chosen = sets[placement][:count]
                 writers = population.writers(chosen, sinks, node_ids)
                 spy = profiling.maybe_attach(ctx, cluster, leader, count, size["duration"] + size["warmup"])
+                cpu = procs.CpuMeter(cluster.pid(leader), [cluster.pid(n) for n in node_ids if n != leader])
                 summary = await load.run_clients(writers, stats.Recorder(), size["warmup"],
-                                                 size["duration"])
+                                                 size["duration"], reactor, cpu)
                 await profiling.finish(ctx, spy)
                 ctx.record(NAME, "paxchat", f"{placement} clients={count}", **summary)
     finally:
@@ -92,8 +97,10 @@ async def run_etcd(reactor, ctx, size):
                 homes = homes_for(placement, leader, cluster.member_ids, count)
                 batch = await population.etcd_writers(reactor, cluster, homes, f"{placement}{count}-")
                 writers += batch
+                cpu = procs.CpuMeter(cluster.pid(leader),
+                                     [cluster.pid(m) for m in cluster.member_ids if m != leader])
                 summary = await load.run_clients(batch, stats.Recorder(), size["warmup"],
-                                                 size["duration"])
+                                                 size["duration"], reactor, cpu)
                 population.close_etcd(batch)
                 ctx.record(NAME, "etcd", f"{placement} clients={count}", **summary)
     finally:
