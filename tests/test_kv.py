@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from paxchat.state import kv as kvmodule
 from paxchat.state.kv import (
@@ -177,6 +177,77 @@ def test_savepoint_rolls_back_only_its_own_writes(store):
                     store.put("d", b"4")
                     raise KeyError("y")
     assert store.dump() == (0, [("a", b"1"), ("c", b"3")])
+
+
+_CACHE_KEYS = ["a/1", "a/2", "a/3", "b/1", "ab"]
+_cache_ops = st.lists(st.one_of(
+    st.tuples(st.just("put"), st.sampled_from(_CACHE_KEYS), st.binary(max_size=3)),
+    st.tuples(st.just("put_many"), st.lists(st.tuples(st.sampled_from(_CACHE_KEYS),
+                                                      st.binary(max_size=3)), max_size=3)),
+    st.tuples(st.just("delete"), st.sampled_from(_CACHE_KEYS)),
+    st.tuples(st.just("delete_prefix"), st.sampled_from(["a/", "b/", "a"])),
+    st.tuples(st.just("add_count"), st.sampled_from(_CACHE_KEYS), st.integers(-2, 2)),
+    st.tuples(st.just("get"), st.sampled_from(_CACHE_KEYS)),
+    st.tuples(st.just("undone"), st.sampled_from(_CACHE_KEYS), st.binary(max_size=3)),
+    st.tuples(st.just("commit"),),
+), max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=_cache_ops, limit=st.sampled_from([1, 2, 100]))
+@example(ops=[("put", "a/1", b"1"), ("get", "a/1"), ("add_count", "a/1", 1), ("get", "a/1")], limit=100)
+@example(ops=[("put", "a/1", b"1"), ("get", "a/1"), ("delete_prefix", "a"), ("get", "a/1")], limit=100)
+def test_cached_values_always_read_as_the_database_holds_them(tmp_path_factory, ops, limit):
+    """Every read through the cache equals a read of an uncached store given the same writes,
+    through commits, rollbacks, savepoints undone and the cache's limit."""
+    directory = tmp_path_factory.mktemp("cache")
+    cached, plain = KVStore.open(directory / "c.db"), KVStore.open(directory / "p.db")
+    cached.cache_keys(("a/",), at_most=limit)
+    try:
+        for kv in (cached, plain):
+            kv.commit_group()
+        for op in ops:
+            reads = []
+            for kv in (cached, plain):
+                with kv.group():
+                    if op[0] == "get":
+                        reads.append(kv.get(op[1]))
+                    elif op[0] == "commit":
+                        pass
+                    elif op[0] == "undone":
+                        with pytest.raises(KeyError):
+                            with kv.savepoint():
+                                kv.put(op[1], op[2])
+                                reads.append(kv.get(op[1]))
+                                raise KeyError(op[1])
+                        reads.append(kv.get(op[1]))
+                    else:
+                        getattr(kv, op[0])(*op[1:])
+                if op[0] == "commit":
+                    kv.commit_group()
+            assert reads[:len(reads) // 2] == reads[len(reads) // 2:]
+        for kv in (cached, plain):
+            with pytest.raises(ZeroDivisionError):
+                with kv.group():
+                    kv.put("a/1", b"rolled back")
+                    kv.get("a/1")
+                    1 / 0
+        assert [cached.get(k) for k in _CACHE_KEYS] == [plain.get(k) for k in _CACHE_KEYS]
+    finally:
+        cached.close()
+        plain.close()
+
+
+def test_a_restore_replaces_cached_values(tmp_path, store):
+    store.cache_keys(("a/",))
+    fill(store, [("a/1", b"old")], index=1)
+    assert store.get("a/1") == b"old"
+    other = KVStore.open(tmp_path / "other.db")
+    fill(other, [("a/1", b"new")], index=2)
+    index, chunks = other.snapshot()
+    store.restore(index, list(chunks))
+    other.close()
+    assert store.get("a/1") == b"new"
 
 
 def test_savepoint_needs_a_transaction(store):

@@ -223,6 +223,8 @@ class ChatState:
 
     def __init__(self, kv):
         self.kv = kv
+        # Read by every write: the writer's session, the recipient's account, the id counter.
+        kv.cache_keys(("s/", "a/", "#msgid"))
         self._handlers = {op: getattr(self, "_op_" + op) for op in COMMANDS}
 
     @classmethod

@@ -47,6 +47,8 @@ SNAPSHOT_CHUNK_BYTES = 256 * 1024
 RESTORE_SUFFIX = ".restore.part"    # the image of a snapshot being received or installed
 SNAPSHOT_SUFFIX = ".snapshot.part"  # <store>.<random>.snapshot.part: one being read for a peer
 GROUP_SLOTS = 256
+# Values kept in memory at most (see KVStore.cache_keys).
+CACHE_KEYS = 16384
 GROUP_SECONDS = 1.0     # under steady load the slot count ends a group first
 
 _RECORD = b"R"
@@ -102,6 +104,9 @@ class KVStore:
         self.durable = durable
         self._savepoints = 0
         self.writes = 0  # writes made through this store: tells a caller whether a block wrote
+        self._cached_prefixes = ()
+        self._cache_limit = CACHE_KEYS
+        self._cache = {}  # key -> value, for keys with a cached prefix (see cache_keys)
         self._group = None  # [monotonic start, slots] while a group transaction is open
         self._incoming = None  # [reader, file, bytes so far] of a snapshot being received
 
@@ -222,6 +227,7 @@ class KVStore:
 
     def _roll_back(self):
         """Undo the open transaction, unless SQLite already did (an I/O error, a full disk)."""
+        self._cache.clear()
         if self._conn.in_transaction:
             self._conn.execute("ROLLBACK")
 
@@ -279,6 +285,7 @@ class KVStore:
         try:
             yield self
         except BaseException:
+            self._cache.clear()
             if self._conn.in_transaction:  # else SQLite already rolled everything back
                 self._conn.execute(f"ROLLBACK TO {name}")
                 self._conn.execute(f"RELEASE {name}")
@@ -304,19 +311,52 @@ class KVStore:
 
     # -- point operations -----------------------------------------------
 
+    def cache_keys(self, prefixes, at_most=CACHE_KEYS):
+        """Keep the values of keys starting with one of ``prefixes`` in memory too.
+
+        For small values read over and over (a session, an account): each
+        read saves a statement. Writes through this store update the copy;
+        a rollback or a restore drops every copy. No more than ``at_most``
+        are kept: past that the copies start anew.
+        """
+        self._cached_prefixes = tuple(prefixes)
+        self._cache_limit = at_most
+        self._cache.clear()
+
+    def _cache_put(self, key, value):
+        cache = self._cache
+        if value is None or type(value) is not bytes:
+            cache.pop(key, None)
+            return
+        if len(cache) >= self._cache_limit:
+            cache.clear()
+        cache[key] = value
+
     def get(self, key):
+        cached = key.startswith(self._cached_prefixes)
+        if cached:
+            value = self._cache.get(key)
+            if value is not None:
+                return value
         row = self._conn.execute("SELECT v FROM kv WHERE k = ?", (key,)).fetchone()
-        return None if row is None else row[0]
+        if row is None:
+            return None
+        if cached:
+            self._cache_put(key, row[0])
+        return row[0]
 
     def put(self, key, value):
         self._require_transaction()
         self.writes += 1
         self._conn.execute("INSERT OR REPLACE INTO kv (k, v) VALUES (?, ?)", (key, value))
+        if key.startswith(self._cached_prefixes):
+            self._cache_put(key, value)
 
     def add_count(self, key, delta):
         """Add ``delta`` to the decimal count stored at ``key`` (absent = 0), in one statement."""
         self._require_transaction()
         self.writes += 1
+        self._cache.pop(key, None)
         self._conn.execute(
             "INSERT INTO kv (k, v) VALUES (?, CAST(? AS BLOB)) ON CONFLICT (k) DO UPDATE"
             " SET v = CAST(CAST(CAST(v AS TEXT) AS INTEGER) + ? AS BLOB)", (key, str(delta), delta))
@@ -329,17 +369,23 @@ class KVStore:
         # its adapter registry first (a tenth of applying a message).
         self._conn.executemany("INSERT OR REPLACE INTO kv (k, v) VALUES (?, ?)",
                                [(k, bytearray(v)) for k, v in items])
+        prefixes = self._cached_prefixes
+        for k, v in items:
+            if k.startswith(prefixes):
+                self._cache_put(k, v)
 
     def delete(self, key):
         """Remove ``key``; returns whether it existed."""
         self._require_transaction()
         self.writes += 1
+        self._cache.pop(key, None)
         return self._conn.execute("DELETE FROM kv WHERE k = ?", (key,)).rowcount > 0
 
     def delete_prefix(self, prefix):
         """Remove every key starting with ``prefix``; returns how many."""
         self._require_transaction()
         self.writes += 1
+        self._cache.clear()
         where, args = self._range(prefix, None, None)
         return self._conn.execute(f"DELETE FROM kv WHERE {where}", args).rowcount
 
@@ -524,6 +570,7 @@ class KVStore:
     def _install_image(self, part, applied_index):
         """Check the image in file ``part``, then copy it over this database."""
         self.commit_group()
+        self._cache.clear()
         if self._conn.in_transaction:
             raise RuntimeError("restore() inside a transaction")
         try:
@@ -540,6 +587,7 @@ class KVStore:
             except sqlite3.Error as e:
                 raise self.error(e) from e
         finally:
+            self._cache.clear()
             source.close()
 
 
