@@ -207,6 +207,34 @@ class HeldWorker(SyncWorker):
                 d.callback(getattr(self.state, name)(*args))
 
 
+class HeldBcrypt(InlineBcrypt):
+    """A bcrypt backend whose answers wait in ``held`` until the test releases them."""
+
+    def __init__(self):
+        self.held = []       # [(Deferred, the inline answer)]
+        self.cancelled = 0
+
+    def _hold(self, answer):
+        d = defer.Deferred(self._cancelled)
+        self.held.append((d, answer))
+        return d
+
+    def _cancelled(self, d):
+        self.cancelled += 1
+        self.held = [h for h in self.held if h[0] is not d]
+
+    def hashpw(self, secret, cost):
+        return self._hold(super().hashpw(secret, cost))
+
+    def checkpw(self, secret, hashed):
+        return self._hold(super().checkpw(secret, hashed))
+
+    def release_all(self):
+        while self.held:
+            d, answer = self.held.pop(0)
+            answer.chainDeferred(d)
+
+
 def logged_in(server, name, password="password-1"):
     """A client logged in as ``name`` on a Server whose worker is a HeldWorker."""
     client = server.connect()
@@ -237,14 +265,14 @@ test_settings.__test__ = False
 class Server:
     """A ChatServerFactory over LocalLog and a fake state, on a Clock."""
 
-    def __init__(self, settings=None, worker_class=SyncWorker, state=None):
+    def __init__(self, settings=None, worker_class=SyncWorker, state=None, bcrypt=None):
         self.clock = Clock()
         self.state = state or FakeChatState()
         self.worker = worker_class(self.state)
         self.log = LocalLog(self.clock, self.worker, node_id=1)
         self.settings = settings or test_settings()
         self.factory = ChatServerFactory(self.clock, self.log, self.worker, self.settings,
-                                         bcrypt=InlineBcrypt())
+                                         bcrypt=bcrypt or InlineBcrypt())
 
     def connect(self):
         proto = self.factory.buildProtocol(None)

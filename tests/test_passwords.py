@@ -137,6 +137,34 @@ def test_a_child_process_hashes_in_a_session_of_its_own_at_a_lower_priority(work
 
 
 @pytest_twisted.inlineCallbacks
+def test_the_child_is_given_one_request_per_thread_and_a_cancelled_one_is_not_hashed(workers):
+    backend = workers(threads=1)
+    yield _timed(backend.hashpw(b"warm", 4))         # the child is running
+    sent = []
+    transport = backend._worker.transport
+    write = transport.write
+    transport.write = lambda data: (sent.append(json.loads(data)["secret"]), write(data))[1]
+    busy = backend.hashpw(b"busy", 10)               # its one thread hashes this
+    gone = backend.checkpw(b"gone", "$2b$04$" + "x" * 53)
+    kept = backend.checkpw(b"kept", "not a hash")
+    assert sent == ["busy"]                          # the others wait here, in order
+    gone.cancel()                                    # its client left: it is never sent
+    with pytest.raises(defer.CancelledError):
+        yield gone
+    assert isinstance((yield _timed(busy)), str)
+    assert (yield _timed(kept)) is False
+    assert sent == ["busy", "kept"]
+    # Cancelled while the child hashes it: the answer is dropped, the next goes on.
+    busy = backend.hashpw(b"busy again", 10)
+    after = backend.checkpw(b"after", "not a hash")
+    busy.cancel()
+    with pytest.raises(defer.CancelledError):
+        yield busy
+    assert (yield _timed(after)) is False
+    assert sent == ["busy", "kept", "busy again", "after"]
+
+
+@pytest_twisted.inlineCallbacks
 def test_requests_a_dying_worker_leaves_go_to_a_new_one(workers):
     backend = workers(threads=1)
     stored = yield _timed(backend.hashpw(b"secret", 4))

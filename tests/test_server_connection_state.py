@@ -4,7 +4,7 @@ import gc
 import weakref
 
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
@@ -13,7 +13,7 @@ from paxchat.server.sessions import ConnectionRegistry, Session
 from paxchat.state.chat import ChatState
 from paxchat.state.worker import StateWorker
 
-from .server_support import HeldWorker, Server, logged_in, test_settings
+from .server_support import HeldBcrypt, HeldWorker, Server, logged_in, test_settings
 from .test_state_worker import hold_the_thread
 
 PW = "password-1"
@@ -135,6 +135,52 @@ def test_a_closed_connection_s_waiting_reads_are_dropped_quietly():
     assert not [e for e in events if "log_failure" in e], events
     server.worker.release_all()
     assert [m["ok"] for m in bob.received()[-2:]] == [True, True]
+
+
+def test_a_client_that_leaves_while_its_password_waits_for_bcrypt_is_not_hashed_for():
+    """Its hash or check is cancelled (the backend then never runs a queued
+    one); nothing is answered or logged; other clients' go on."""
+    from twisted.logger import capturedLogs
+
+    bcrypt = HeldBcrypt()
+    server = Server(bcrypt=bcrypt)
+    creator = server.connect()
+    creator.send(op="create_account", username="alice", password=PW)
+    bcrypt.release_all()
+    assert creator.received()[-1]["ok"]
+    leaving, staying, new = server.connect(), server.connect(), server.connect()
+    leaving.send(op="login", username="alice", password=PW)
+    staying.send(op="login", username="alice", password=PW)
+    new.send(op="create_account", username="bob", password=PW)
+    assert len(bcrypt.held) == 3
+    with capturedLogs() as events:
+        leaving.proto.connectionLost(Failure(ConnectionDone()))
+        new.proto.connectionLost(Failure(ConnectionDone()))
+    assert bcrypt.cancelled == 2 and len(bcrypt.held) == 1
+    assert not [e for e in events if "log_failure" in e], events
+    assert leaving.proto.hashing == set() and new.proto.hashing == set()
+    bcrypt.release_all()
+    assert staying.received()[-1]["ok"] and leaving.received() == [] == new.received()
+    assert server.state.account("bob") is None
+
+
+def test_a_read_asked_for_after_its_connection_closed_is_not_run():
+    """A login waits for the read barrier; its client leaves meanwhile: the
+    account is not read (its connection's reads were dropped at close)."""
+    from twisted.logger import capturedLogs
+
+    server = Server(worker_class=HeldWorker)
+    logged_in(server, "alice")
+    barrier = defer.Deferred()
+    server.log.read_barrier = lambda: barrier
+    client = server.connect()
+    client.send(op="login", username="alice", password=PW)
+    client.proto.connectionLost(Failure(ConnectionDone()))
+    with capturedLogs() as events:
+        barrier.callback(None)
+    assert server.worker.held == []
+    assert not [e for e in events if "log_failure" in e], events
+    assert client.received() == []
 
 
 def test_reads_take_turns_by_account_and_a_closed_connection_drops_only_its_own():

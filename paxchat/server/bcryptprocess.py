@@ -6,8 +6,14 @@ with one fewer threads than the machine has cores. If it dies, requests it
 had not answered go to a new one (once each); when the node stops, it is
 told to exit (its stdin closes) and killed if it has not within
 ``CLOSE_GRACE_SECONDS``.
+
+Requests wait here, in order, and the child is given only as many as it
+has threads: in a storm of logins a request whose Deferred is cancelled
+(its client has gone) before its turn is never hashed. A client that
+gives up and logs in again elsewhere then costs one hash, not two.
 """
 
+import collections
 import itertools
 import json
 import os
@@ -74,7 +80,9 @@ class ProcessBcrypt:
         self._nice = nice
         self._executable = executable or sys.executable
         self._worker = None          # the running child's protocol
-        self._pending = {}           # request id -> [Deferred, request, times sent]
+        self._pending = {}           # request id -> [Deferred, request, times sent], in the child
+        self._queued = {}            # request id -> entry, waiting for a thread of the child
+        self._order = collections.deque()   # ids of queued requests (cancelled ones are skipped)
         self._ids = itertools.count(1)
         self._closed = False
 
@@ -117,10 +125,19 @@ class ProcessBcrypt:
             return defer.fail(BcryptStopped("the bcrypt worker is stopped"))
         request_id = next(self._ids)
         request["id"] = request_id
-        entry = [defer.Deferred(), request, 0]
-        self._pending[request_id] = entry
-        self._send(entry)
+        entry = [defer.Deferred(lambda _: self._queued.pop(request_id, None)), request, 0]
+        self._queued[request_id] = entry
+        self._order.append(request_id)
+        self._pump()
         return entry[0]
+
+    def _pump(self):
+        """Give the child queued requests while it has a thread free for them."""
+        while len(self._pending) < self.threads and self._order:
+            entry = self._queued.pop(self._order.popleft(), None)
+            if entry is not None:
+                self._pending[entry[1]["id"]] = entry
+                self._send(entry)
 
     def _send(self, entry):
         entry[2] += 1
@@ -142,15 +159,21 @@ class ProcessBcrypt:
         entry = self._pending.pop(request_id, None)
         if entry is None:
             return                   # failed already (the worker was stopped)
+        self._pump()
+        if entry[0].called:
+            return                   # cancelled while the child hashed it
         if "error" in reply:
             entry[0].errback(BcryptWorkerError(f"the bcrypt worker refused: {reply['error']}"))
         else:
             entry[0].callback(reply.get("ok"))
 
     def _fail_all(self, exc):
-        pending, self._pending = self._pending, {}
-        for entry in pending.values():
-            entry[0].errback(exc)
+        entries = [*self._pending.values(), *self._queued.values()]
+        self._pending, self._queued = {}, {}
+        self._order.clear()
+        for entry in entries:
+            if not entry[0].called:
+                entry[0].errback(exc)
 
     # -- the child -----------------------------------------------------------------
 
@@ -179,15 +202,17 @@ class ProcessBcrypt:
         code = getattr(reason.value, "exitCode", None)
         signal = getattr(reason.value, "signal", None)
         why = f"signal {signal}" if signal is not None else f"exit status {code}"
-        lost = list(self._pending.values())
+        lost = [entry for entry in self._pending.values() if not entry[0].called]
+        self._pending = {}
         log.warn("the bcrypt worker ended ({why}); {count} unanswered requests go to a new one",
                  why=why, count=len(lost))
-        for entry in lost:
+        for entry in reversed(lost):
             if entry[2] >= MAX_SENDS:
-                self._pending.pop(entry[1]["id"], None)
                 entry[0].errback(BcryptWorkerError(f"the bcrypt worker ended ({why}) twice on it"))
             else:
-                self._send(entry)
+                self._queued[entry[1]["id"]] = entry
+                self._order.appendleft(entry[1]["id"])
+        self._pump()
 
     def _kill(self, worker):
         try:

@@ -121,6 +121,9 @@ class Handlers:
         Reads take turns (see ``StateWorker``): by account, one user's many
         connections get one turn per round between other users' reads.
         """
+        if not conn.connected:
+            # Closed while it waited (for the read barrier): its reads were dropped then.
+            return defer.fail(defer.CancelledError())
         session = conn.session
         return self._worker.read(conn, conn if session is None else session.username, fn, *args)
 
@@ -130,6 +133,20 @@ class Handlers:
             # The state keeps the answer for a while after this time.
             command.setdefault("ts", self._now())
         return command
+
+    def _bcrypt(self, conn, d):
+        """``d``, a hash or a check, cancelled if ``conn`` closes first: a client
+        gone (one that gave up and asks another node) is not hashed for."""
+        if not conn.connected:
+            d.cancel()
+            return d
+        hashing = conn.hashing
+        hashing.add(d)
+
+        def done(result):
+            hashing.discard(d)
+            return result
+        return d.addBoth(done)
 
     async def _write(self, conn, session, command):
         return self._result(conn, await self._submit(command), session)
@@ -166,11 +183,13 @@ class Handlers:
             # propose it again with its key so the state answers the first
             # result. The hash checked here is one of the caller's password,
             # so even if the name is freed meanwhile nothing foreign is stored.
-            if client_msg_id is None or not await self._hasher.check(password, account["pw_hash"]):
+            ours = client_msg_id is not None and await self._bcrypt(
+                conn, self._hasher.check(password, account["pw_hash"]))
+            if not ours:
                 raise ProtocolError(USERNAME_TAKEN, f"{username!r} is taken")
             pw_hash = account["pw_hash"]
         else:
-            pw_hash = await self._hasher.hash(password)
+            pw_hash = await self._bcrypt(conn, self._hasher.hash(password))
         command = {"op": "create_account", "username": username, "pw_hash": pw_hash, "ts": self._now()}
         return self._result(conn, await self._submit(self._with_dedup(command, client_msg_id)))
 
@@ -181,7 +200,7 @@ class Handlers:
         await self._read_barrier()
         account = await self._read(conn, "account", username)
         pw_hash = account["pw_hash"] if account else None
-        if not await self._hasher.check(password, pw_hash):
+        if not await self._bcrypt(conn, self._hasher.check(password, pw_hash)):
             raise ProtocolError(BAD_CREDENTIALS, "wrong username or password")
         token = new_token()
         now = self._now()
@@ -304,7 +323,7 @@ class Handlers:
             # Perhaps our own delete, resent: the state answers its first
             # result for the key, or fails (the account is gone) changing nothing.
             pw_hash = ""
-        elif not await self._hasher.check(password, pw_hash):
+        elif not await self._bcrypt(conn, self._hasher.check(password, pw_hash)):
             raise ProtocolError(BAD_CREDENTIALS, "wrong password")
         conn.ending_session = session.session_hash
         try:
