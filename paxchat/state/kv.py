@@ -47,9 +47,8 @@ SNAPSHOT_CHUNK_BYTES = 256 * 1024
 RESTORE_SUFFIX = ".restore.part"    # the image of a snapshot being received or installed
 SNAPSHOT_SUFFIX = ".snapshot.part"  # <store>.<random>.snapshot.part: one being read for a peer
 GROUP_SLOTS = 256
-# Values kept in memory at most (see KVStore.cache_keys).
-CACHE_KEYS = 16384
 GROUP_SECONDS = 1.0     # under steady load the slot count ends a group first
+CACHE_KEYS = 16384      # values kept in memory at most (see KVStore.cache_keys)
 
 _RECORD = b"R"
 _U32 = struct.Struct(">I")
