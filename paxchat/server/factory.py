@@ -83,9 +83,10 @@ class ChatServerFactory(ServerFactory):
         self._strangers[conn] = self.reactor.seconds()
 
     def left(self, conn):
-        """A connection closed: its reads not yet started are not worth running."""
+        """A connection closed: its reads and hashes not yet started are not worth running."""
         self._strangers.pop(conn, None)
         self.worker.drop_reads(conn)
+        self.handlers.left(conn)
 
     def make_room(self):
         """At ``max_clients``: close the oldest connection that never logged in, if it may go.

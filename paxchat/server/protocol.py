@@ -232,7 +232,6 @@ class ChatProtocol(Protocol):
         self._stopping_event = None  # the node_stopping event, once the node is stopping
         self._lost = False
         self._closed_waiters = None
-        self.hashing = set()  # bcrypt work for this connection: cancelled when it closes
 
     # A bucket that took nothing is full, so one made on first use allows
     # exactly what one made with the connection would have.
@@ -283,8 +282,6 @@ class ChatProtocol(Protocol):
         self._closing = True
         self._lost = True
         self._registry.detach(self)
-        for d in list(self.hashing):
-            d.cancel()          # a hash no one waits for is not worth its 0.3 s of CPU
         self._waiting = None
         if self._close_timer is not None and self._close_timer.active():
             self._close_timer.cancel()
