@@ -64,9 +64,9 @@ def cpu_seconds(pid) -> float | None:
 class CpuMeter:
     """CPU time the leader, the other servers and the load generator spend in a window.
 
-    CPU per write is steadier than writes per second on a shared machine
-    (the figure does not move with time stolen by neighbours) and says what
-    each write costs wherever it is spent.
+    Throughput says how fast; CPU per write says what each write costs and
+    where: when both systems keep the cores busy, the throughput ratio is
+    the ratio of what a write costs in all.
     """
 
     def __init__(self, leader_pid, other_pids):
