@@ -5,8 +5,8 @@ import sqlite3
 import time
 
 import pytest
-from twisted.logger import capturedLogs
 from hypothesis import HealthCheck, given, settings, strategies as st
+from twisted.logger import capturedLogs
 
 from paxchat.state import chat
 from paxchat.state.chat import (

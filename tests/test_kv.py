@@ -204,8 +204,6 @@ def test_cached_values_always_read_as_the_database_holds_them(tmp_path_factory, 
     cached, plain = KVStore.open(directory / "c.db"), KVStore.open(directory / "p.db")
     cached.cache_keys(("a/",), at_most=limit)
     try:
-        for kv in (cached, plain):
-            kv.commit_group()
         for op in ops:
             reads = []
             for kv in (cached, plain):
