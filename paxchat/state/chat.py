@@ -57,12 +57,12 @@ DEDUP_WINDOW_SECONDS = 24 * 3600
 _EXPIRE_BATCH = 16
 _MAX_MS = 16 ** 12 - 1
 # An answer that lists messages stops adding them once they weigh
-# MAX_ANSWER_MESSAGE_BYTES as the client protocol writes them (escaped to
-# ASCII: up to 12 bytes a character). Without it one read of 1,000 long
-# bodies built an answer of ~200 MB on the node. At least one message is
-# always listed, so a client paging through them always moves on.
-
-# What a message's other fields (ids, names, time, flags) weigh, at most.
+# MAX_ANSWER_MESSAGE_BYTES (paxchat.limits) as the client protocol writes
+# them (escaped to ASCII: up to 12 bytes a character): each message counts
+# its body so escaped, plus this much for its other fields (ids, names,
+# time, flags) at most. Without the bound one read of 1,000 long bodies
+# built an answer of ~200 MB on the node. At least one message is always
+# listed, so a client paging through them always moves on.
 _MESSAGE_FIELDS_BYTES = 160
 
 
