@@ -408,3 +408,85 @@ def test_each_conversation_keeps_its_draft_and_alt_arrows_move_between_them():
         key("<Alt-Up>")
         assert typed() == "refused one"
     yield with_fake_app(test)
+
+
+@pytest_twisted.inlineCallbacks
+def test_deleting_the_account_asks_in_a_panel_that_holds_the_window():
+    def test(root, app, client):
+        yield open_long_conversation(app, client)
+        app.compose.focus_force()        # the window has the focus, the user was typing
+        app.compose.insert("1.0", "not meant to go")
+        root.update()
+        app.account_menu.invoke(app.account_menu.index("Delete account…"))
+        yield wait_for(lambda: app.danger.winfo_ismapped(), 5)
+        assert root.grab_current() is app.danger
+        yield wait_for(lambda: root.focus_get() is app.danger_password, 5)
+        # A click on Send behind the panel goes nowhere.
+        button = app.send_button
+        button.event_generate("<Enter>")
+        button.event_generate("<Button-1>", x=5, y=5)
+        button.event_generate("<ButtonRelease-1>", x=5, y=5)
+        root.update()
+        assert not [c for c in client.calls if c[0] == "send_message"]
+        # Escape takes the question back and gives the window back.
+        app.danger_password.insert(0, "secret-password")
+        app.danger_password.event_generate("<Escape>")
+        root.update()
+        assert not app.danger.winfo_ismapped() and root.grab_current() is None
+        assert not [c for c in client.calls if c[0] == "delete_account"]
+        # Asked again and answered: the account goes, and so do the panel and its hold.
+        client.auto["delete_account"] = {}
+        app.account_menu.invoke(app.account_menu.index("Delete account…"))
+        yield wait_for(lambda: root.grab_current() is app.danger, 5)
+        assert app.danger_password.get() == ""
+        app.danger_password.insert(0, "secret-password")
+        app.danger_password.event_generate("<Return>")
+        yield wait_for(lambda: app.model.screen == "login" and not app.danger.winfo_ismapped(), 5)
+        assert root.grab_current() is None
+        assert client.last("delete_account")[1] == ("secret-password",)
+    yield with_fake_app(test)
+
+
+@pytest_twisted.inlineCallbacks
+def test_on_a_narrow_window_the_delete_question_leaves_the_peer_name_visible():
+    def test(root, app, client):
+        peer = "bartholomew.the.third"
+        client.auto["history"] = {"messages": [msg(i, peer, "alice", f"message {i}", read=True)
+                                               for i in range(3, 0, -1)], "more": False}
+        app.model.signed_in("alice")
+        app.open_conversation(peer)
+        yield wait_for(lambda: app.canvas.find_withtag("msg3"), 5)
+        app.model.toggle_selected(3)
+        app.model.toggle_selected(2)
+        app.model.ask_delete()
+        label, bar, header = app.peer_label, app.confirm_bar, app.peer_label.master
+
+        def shows(width, question):
+            root.geometry(f"{width}x680")
+            yield wait_for(lambda: root.update() or (bar.winfo_ismapped()
+                                                      and app.confirm_label.cget("text") == question), 5)
+            root.update()
+            assert label.winfo_x() + label.winfo_reqwidth() <= bar.winfo_x()
+            cancel = app.confirm_cancel_button
+            assert cancel.winfo_rootx() + cancel.winfo_width() <= header.winfo_rootx() + header.winfo_width()
+            return label.cget("text")
+
+        # Wide: the whole question and the whole name.
+        name = yield from shows(1400, "Delete 2 messages? This cannot be undone.")
+        assert name == peer
+        # The window's default width: the short question keeps the whole name.
+        name = yield from shows(1000, "Delete 2 messages?")
+        assert name == peer
+        # Its narrowest: the buttons alone, and as much of the name as is left.
+        name = yield from shows(720, "")
+        assert name.endswith("…") and peer.startswith(name[:-1]) and len(name) > 10
+        # Asked no more: the name makes room for "Delete 2 selected", then, with
+        # nothing selected, is whole again.
+        app.model.cancel_delete()
+        button = app.delete_button
+        yield wait_for(lambda: root.update() or button.winfo_ismapped(), 5)
+        assert label.winfo_x() + label.winfo_reqwidth() <= button.winfo_x()
+        app.model.toggle_selected(3)
+        app.model.toggle_selected(2)
+        yield wait_for(lambda: root.update() or label.cget("text") == peer, 5)
+    yield with_fake_app(test)

@@ -25,6 +25,12 @@ __all__ = ["ChatApp", "main"]
 
 ROW_HEIGHT = 66
 SIDEBAR_WIDTH = 290
+HEADER_PAD_X = 20        # the conversation header's padding, left and right
+HEADER_GAP = 16          # between the peer's name and the delete controls
+CONTROLS_INSET = 20      # the delete controls' distance from the header's right padding
+# On a narrow window the delete question gets shorter, or goes, before the
+# peer's name is cut below this width: it asks about that peer's messages.
+NAME_KEPT_WIDTH = 120
 
 
 def rounded_rect(canvas, x0, y0, x1, y1, r, **kw):
@@ -158,7 +164,7 @@ class ChatApp:
         chat.columnconfigure(0, weight=1)
         chat.rowconfigure(2, weight=1)
         self.chat = chat
-        header = ttk.Frame(chat, style="Panel.TFrame", padding=(20, 12))
+        header = ttk.Frame(chat, style="Panel.TFrame", padding=(HEADER_PAD_X, 12))
         header.grid(row=0, column=0, sticky="ew")
         self.peer_label = ttk.Label(header, text="", style="Heading.TLabel")
         self.peer_label.pack(side="left")
@@ -168,10 +174,12 @@ class ChatApp:
         self.confirm_bar = ttk.Frame(header, style="Panel.TFrame")
         self.confirm_label = ttk.Label(self.confirm_bar, text="", style="Panel.TLabel")
         self.confirm_label.pack(side="left", padx=(0, 10))
+        # Buttons as wide as their words: the header is shared with the peer's name.
         self.confirm_delete_button = ttk.Button(self.confirm_bar, text="Delete", style="Danger.TButton",
-                                                command=self.controller_delete_selected)
+                                                width=0, command=self.controller_delete_selected)
         self.confirm_delete_button.pack(side="left")
-        self.confirm_cancel_button = ttk.Button(self.confirm_bar, text="Cancel", command=self.model.cancel_delete)
+        self.confirm_cancel_button = ttk.Button(self.confirm_bar, text="Cancel", width=0,
+                                                command=self.model.cancel_delete)
         self.confirm_cancel_button.pack(side="left", padx=(8, 0))
         tk.Frame(chat, height=1, background=c["line"]).grid(row=0, column=0, sticky="sew")
         self.error_banner = ttk.Label(chat, text="", style="Error.TLabel", wraplength=600)
@@ -307,9 +315,17 @@ class ChatApp:
         self.danger.place(relx=0.5, rely=0.4, anchor="center")
         self.danger.lift()
         self.danger_password.focus_set()
+        # Modal: until it is answered, the rest of the window takes no clicks
+        # or keys (a send or a chat switch behind it would be a surprise).
+        try:
+            self.danger.update_idletasks()
+            self.danger.grab_set()
+        except tk.TclError:
+            pass  # not viewable (the window is withdrawn): nothing else to click either
 
     def _hide_danger(self):
         self.danger_password.delete(0, "end")
+        self.danger.grab_release()
         self.danger.place_forget()
 
     def _delete_account(self):
@@ -553,19 +569,49 @@ class ChatApp:
         """The "Delete N selected" button, or the question it asks, at the right of the header.
 
         Placed, not packed: showing them must not make the header taller,
-        which would move every bubble under the pointer between two clicks."""
-        m, place = self.model, dict(relx=1.0, rely=0.5, x=-20, anchor="e")
+        which would move every bubble under the pointer between two clicks.
+        So they would cover the peer's name on a narrow window: the question
+        gets shorter first, then the name is clipped beside them."""
+        m, place = self.model, dict(relx=1.0, rely=0.5, x=-CONTROLS_INSET, anchor="e")
         shown = m.open_peer is not None and m.selected
+        controls = 0                  # how much of the header's right they cover
         if shown and m.confirming_delete:
-            self.confirm_label.configure(text=m.delete_question)
+            buttons = (self.confirm_delete_button.winfo_reqwidth() + 8    # 8: Cancel's padx
+                       + self.confirm_cancel_button.winfo_reqwidth())
+            room = self._header_room() - CONTROLS_INSET - buttons - 10 - HEADER_GAP  # 10: the question's padx
+            # The longest question that leaves the whole name; else one that
+            # leaves the name's start; else the buttons alone.
+            questions = (m.delete_question, m.delete_question_short, "")
+            name = self.fonts.heading.measure(m.open_peer)
+            question = next((q for q in questions if self.fonts.body.measure(q) + name <= room), None)
+            if question is None:
+                name = min(name, NAME_KEPT_WIDTH)
+                question = next(q for q in questions if not q or self.fonts.body.measure(q) + name <= room)
+            self.confirm_label.configure(text=question)
             self.confirm_bar.place(**place)
+            self.confirm_bar.update_idletasks()      # its width with that question
+            controls = self.confirm_bar.winfo_reqwidth()
         else:
             self.confirm_bar.place_forget()
         if shown and not m.confirming_delete:
             self.delete_button.configure(text=f"Delete {len(m.selected)} selected")
             self.delete_button.place(**place)
+            controls = self.delete_button.winfo_reqwidth()
         else:
             self.delete_button.place_forget()
+        self._draw_peer_name(controls)
+
+    def _header_room(self):
+        """Width inside the conversation header's padding, where its children are placed
+        (before it is laid out: unbounded)."""
+        width = self.peer_label.master.winfo_width()
+        return width - 2 * HEADER_PAD_X if width > 1 else 10 ** 6
+
+    def _draw_peer_name(self, controls):
+        """The peer's name, clipped to what the delete controls placed over the header leave."""
+        peer = self.model.open_peer or ""
+        room = self._header_room() - (CONTROLS_INSET + controls + HEADER_GAP if controls else 0)
+        self.peer_label.configure(text=self._clip(peer, self.fonts.heading, max(room, 0)))
 
     def _draw_conversation(self):
         c, f, canvas, m = COLORS, self.fonts, self.canvas, self.model
@@ -574,7 +620,6 @@ class ChatApp:
         width = canvas.winfo_width()
         height = canvas.winfo_height()
         if peer is None:
-            self.peer_label.configure(text="")
             self._compose_enabled(False)
             self._draw_delete_controls()
             canvas.create_text(width / 2, height / 2 - 20, text="Select a conversation", font=f.heading,
@@ -585,7 +630,6 @@ class ChatApp:
             self._last_drawn = (None, None, 0)
             return
         conv = m.conversation(peer)
-        self.peer_label.configure(text=peer)
         self._compose_enabled(True)
         self._draw_delete_controls()
 

@@ -310,8 +310,13 @@ class ChatModel:
 
     @property
     def delete_question(self) -> str:
+        return f"{self.delete_question_short} This cannot be undone."
+
+    @property
+    def delete_question_short(self) -> str:
+        """The question where the whole one would not fit beside the peer's name."""
         n = len(self.selected)
-        return f"Delete {n} message{'' if n == 1 else 's'}? This cannot be undone."
+        return f"Delete {n} message{'' if n == 1 else 's'}?"
 
     # -- what to draw ----------------------------------------------------------------
 
