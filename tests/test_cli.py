@@ -389,6 +389,15 @@ def test_shell_prints_pushed_messages_and_marks_them_read():
     assert client.calls == [("mark_read", ([12],), {})]
 
 
+def test_shell_prints_what_this_account_sent_elsewhere_and_marks_nothing():
+    client = StubClient()
+    client.username = "bob"
+    shell, lines = shell_with(client)
+    shell.on_event({"event": "sent", "message": MSG})
+    assert lines[-1].startswith("#12 ") and "bob -> alice" in lines[-1] and "(new)" not in lines[-1]
+    assert client.calls == []
+
+
 def test_shell_history_list_delete_parsing():
     client = StubClient({"history": {"messages": []}, "list_accounts": {"accounts": ["al"], "more": False},
                          "delete_messages": {"deleted": 2}})

@@ -39,10 +39,11 @@ def test_a_message_sent_through_node_1_is_pushed_on_node_3(cluster_factory):
     reactor = reactor_()
     cluster, _ = yield started(cluster_factory)
     yield create_accounts(cluster, "alice", "bob")
-    alice_events, bob_events = [], []
+    alice_events, bob_events, elsewhere_events = [], [], []
     alice = yield logged_in(cluster, "alice", only=1, on_event=alice_events.append)
     bob = yield logged_in(cluster, "bob", only=3, on_event=bob_events.append)
-    assert (alice.node, bob.node) == (1, 3)
+    alice_elsewhere = yield logged_in(cluster, "alice", only=2, on_event=elsewhere_events.append)
+    assert (alice.node, bob.node, alice_elsewhere.node) == (1, 3, 2)
 
     sent_at = reactor.seconds()
     sent = yield alice.send_message("bob", "hi bob, from node 1")
@@ -52,6 +53,10 @@ def test_a_message_sent_through_node_1_is_pushed_on_node_3(cluster_factory):
     message = pushed[0]["message"]
     assert (message["id"], message["from"], message["to"], message["body"]) == (
         sent["message_id"], "alice", "bob", "hi bob, from node 1")
+    # Alice's other session, on node 2, is told what she sent.
+    told = yield wait_until(reactor, lambda: [e for e in elsewhere_events if e.get("event") == "sent"],
+                            5, "the sent event on node 2")
+    assert told[0]["message"] == message
 
     reply = yield bob.send_message("alice", "hello alice, from node 3")
     pushed = yield wait_until(reactor, lambda: [e for e in alice_events if e.get("event") == "message"],
@@ -59,6 +64,10 @@ def test_a_message_sent_through_node_1_is_pushed_on_node_3(cluster_factory):
     assert pushed[0]["message"]["id"] == reply["message_id"]
     history = yield bob.history(peer="alice")
     assert [m["body"] for m in history["messages"]] == ["hello alice, from node 3", "hi bob, from node 1"]
+    # Her first session heard only Bob's message; the second, that message too.
+    yield wait_until(reactor, lambda: len(elsewhere_events) == 2, 5, "bob's message on node 2")
+    assert [e["event"] for e in alice_events] == ["message"]
+    assert [e["event"] for e in elsewhere_events] == ["sent", "message"]
     print(f"\npush latency node 1 -> node 3: {latency * 1000:.0f} ms (send to push)")
 
 

@@ -268,6 +268,20 @@ def test_open_marks_read_in_one_batch_and_loads_the_newest_page():
     assert len(marks) == 1 and marks[0][1][0] == list(range(1, 50))
 
 
+def test_a_message_sent_from_another_device_joins_its_conversation_unmarked():
+    clock, model, client, ctl = controller()
+    model.signed_in("alice")
+    model.add_messages([msg(1, "bob", "alice", read=True)])
+    ctl.open("bob")
+    ctl.on_event({"event": "sent", "message": msg(2, "alice", "bob")})
+    ctl.on_event({"event": "sent", "message": msg(3, "alice", "carol")})
+    clock.advance(0)
+    assert sorted(model.conversation("bob").messages) == [1, 2]
+    assert list(model.conversation("carol").messages) == [3]
+    assert [row["unread"] for row in model.conversation_rows()] == [0, 0]
+    assert not [c for c in client.calls if c[0] == "mark_read"]
+
+
 def test_scrolling_up_loads_older_once_at_a_time():
     clock, model, client, ctl = controller()
     model.signed_in("alice")

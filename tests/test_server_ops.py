@@ -178,6 +178,33 @@ def test_send_message_pushes_to_every_connection_of_the_recipient(server):
     assert bob.events() == []
 
 
+def test_send_message_tells_the_senders_other_sessions_but_not_its_own(server):
+    bob = logged_in(server, "bob")
+    bob_resumed = server.connect()
+    bob_resumed.ok("resume", session=bob.token)
+    bob_laptop = logged_in(server, "bob")
+    alice = logged_in(server, "alice")
+    result = bob.ok("send_message", to="alice", body="hello", client_msg_id="m1")
+    message = {"id": result["message_id"], "from": "bob", "to": "alice", "body": "hello",
+               "ts": result["ts"], "read": False}
+    assert alice.events() == [{"event": "message", "message": message}]
+    assert bob_laptop.events() == [{"event": "sent", "message": message}]
+    # The session that sent it has its answer, on each of its connections.
+    assert bob.events() == [] and bob_resumed.events() == []
+    # A retry answers the first send and tells no one again.
+    assert bob_resumed.ok("send_message", to="alice", body="hello", client_msg_id="m1") == result
+    assert len(alice.events()) == len(bob_laptop.events()) == 1
+    assert bob.events() == [] and bob_resumed.events() == []
+
+
+def test_a_message_to_oneself_comes_to_every_connection_once_as_message(server):
+    bob = logged_in(server, "bob")
+    bob_laptop = logged_in(server, "bob")
+    result = bob.ok("send_message", to="bob", body="note to self")
+    for conn in (bob, bob_laptop):
+        assert [(e["event"], e["message"]["id"]) for e in conn.events()] == [("message", result["message_id"])]
+
+
 def test_send_message_with_client_msg_id_is_idempotent_and_pushed_once(server):
     alice = logged_in(server, "alice")
     bob = logged_in(server, "bob")

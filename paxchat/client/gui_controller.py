@@ -120,6 +120,8 @@ class ChatController:
         kind = event.get("event")
         if kind == "message" and isinstance(event.get("message"), dict):
             self._mark(self.model.add_messages([event["message"]], live=True))
+        elif kind == "sent" and isinstance(event.get("message"), dict):
+            self.model.add_messages([event["message"]])   # sent from another device: nothing to mark
         elif kind == "session_ended" and self.model.me is not None:
             if event.get("reason") == "account_deleted":
                 self.model.signed_out(f"The account {self.model.me} was deleted elsewhere, so you were logged out.")
@@ -251,10 +253,10 @@ class ChatController:
     def _catch_up(self, peer, quiet=False) -> defer.Deferred:
         """Merge the newest page of a conversation already shown.
 
-        The server pushes a message to its recipient only: what this account
-        sent from another device, or what came while the app was reconnecting,
-        shows up this way, when the conversation is opened again or the
-        connection is back. The pages already loaded stay as they are.
+        What came while the app was reconnecting (pushes are best effort:
+        ``message`` and, for what this account sent from another device,
+        ``sent``) shows up this way, when the conversation is opened again
+        or the connection is back. The pages already loaded stay as they are.
         """
         d = self.client.history(peer=peer, limit=PAGE_SIZE)
 

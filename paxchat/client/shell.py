@@ -72,11 +72,13 @@ class Shell:
         return d
 
     def on_event(self, event: dict):
-        """Print pushed messages as they arrive, and mark them read."""
-        if event.get("event") == "message" and isinstance(event.get("message"), dict):
+        """Print pushed messages as they arrive, and mark them read; and what
+        this account sent from elsewhere (``sent``), which needs no marking."""
+        kind = event.get("event")
+        if kind in ("message", "sent") and isinstance(event.get("message"), dict):
             message = event["message"]
             self.write(format_message(message, self.client.username))
-            if message.get("to") == self.client.username and "id" in message:
+            if kind == "message" and message.get("to") == self.client.username and "id" in message:
                 self.client.mark_read([message["id"]]).addErrback(lambda f: None)
         elif event.get("event") == "session_ended":
             reason = visible(str(event.get("reason", "no reason given")))

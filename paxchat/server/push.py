@@ -31,19 +31,30 @@ class EventPusher:
             self._end(self._registry.of_user(command["username"]), command, "account_deleted")
 
     def _message(self, command, result):
+        """``message`` to the recipient's connections; ``sent`` to the sender's other sessions.
+
+        The connections of the session that sent it hear the answer
+        instead. A message to oneself reaches every connection of the
+        account as ``message`` already.
+        """
         message_id = result["message_id"]
         if message_id <= self._last_message_id:
             return
         self._last_message_id = message_id
-        conns = self._registry.of_user(command["to"])
-        if not conns:
+        sender, recipient = command["from"], command["to"]
+        to_recipient = self._registry.of_user(recipient)
+        elsewhere = [] if sender == recipient else [
+            conn for conn in self._registry.of_user(sender)
+            if conn.session is not None and conn.session.session_hash != command["session"]]
+        if not to_recipient and not elsewhere:
             return                   # most messages, on most nodes
-        event = {"event": "message", "message": {
-            "id": message_id, "from": command["from"], "to": command["to"],
-            "body": command["body"], "ts": result["ts"], "read": False,
-        }}
-        for conn in conns:
-            conn.send_event(event)
+        message = {"id": message_id, "from": sender, "to": recipient,
+                   "body": command["body"], "ts": result["ts"], "read": False}
+        for conns, kind in ((to_recipient, "message"), (elsewhere, "sent")):
+            if conns:
+                event = {"event": kind, "message": message}
+                for conn in conns:
+                    conn.send_event(event)
 
     def _end(self, conns, command, reason):
         for conn in conns:
