@@ -92,11 +92,13 @@ class PaxchatCluster:
         self.nodes = nodes
         self.bcrypt_cost = bcrypt_cost
         self.wrap = wrap
-        # The write limits guard against runaway clients (200/s per connection
-        # by default); a load generator is one on purpose: measure the write
-        # path, not the limit.
+        # The write and connection limits guard against runaway clients (200
+        # writes/s per connection, 20 new connections/s per address by
+        # default); a load generator is one on purpose, and all of its
+        # clients come from 127.0.0.1: measure the server, not the limits.
         cluster_keys.setdefault("writes_per_connection", 1000000)
         cluster_keys.setdefault("writes_per_account", 1000000)
+        cluster_keys.setdefault("connections_per_address", 1000000)
         self.cluster_keys = cluster_keys
         self.config = None
         self.dev = None

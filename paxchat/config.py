@@ -85,6 +85,10 @@ class ClusterConfig:
     # Client connections a node holds at once, logged in or not; past it a new
     # one is told to go elsewhere (node_stopping, reason "full") and closed.
     max_clients: int = 10000
+    # New client connections a node accepts per second from one IP address
+    # (bursts of 10 s worth pass); past it they are closed at once, before
+    # the TLS handshake: a client reconnecting in a loop cannot take a core.
+    connections_per_address: float = 20.0
     source_name: str = field(default="", repr=False)
 
     def node(self, node_id, asked_as=None) -> NodeConfig:
@@ -187,6 +191,7 @@ _CLUSTER_KEYS = {
     "writes_per_connection": _number(float, 0, low_open=True),
     "writes_per_account": _number(float, 0, low_open=True),
     "max_clients": _number(int, 1),
+    "connections_per_address": _number(float, 0, low_open=True),
 }
 
 

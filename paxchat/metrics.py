@@ -52,7 +52,7 @@ LAG_LOG_SECONDS = 60.0
 # Numeric fields of the log's status() become gauges paxchat_<key>; these have their own.
 _NOT_GAUGES = {"node", "leader", "ballot", "clients", "running", "role", "peers",
                "refused_peers", "refused_by_peers",
-               "clients_turned_away"}
+               "clients_turned_away", "clients_refused"}
 _METRIC_NAME = re.compile(r"[a-z_][a-z0-9_]*\Z")
 _GAUGE_HELP = {
     "commit_index": "Highest slot of the contiguous chosen prefix.",
@@ -72,7 +72,8 @@ def node_status(node):
     The command log's ``status()`` when it has one (the replicated log);
     otherwise what a LocalLog tells: it is the only node, so it leads.
     Adds ``clients`` (logged-in connections), ``connections`` (all open
-    ones), ``clients_turned_away`` (at ``max_clients``) and, from the peer
+    ones), ``clients_turned_away`` (at ``max_clients``), ``clients_refused``
+    (over ``connections_per_address``) and, from the peer
     transport, ``peers`` when the log does not give them.
     """
     log_ = node.log
@@ -99,6 +100,7 @@ def node_status(node):
     connections = getattr(factory, "connections", None)
     status["connections"] = len(connections) if connections is not None else None
     status["clients_turned_away"] = getattr(factory, "turned_away_total", None)
+    status["clients_refused"] = getattr(factory, "refused_total", None)
     status["running"] = bool(node.running)
     return status
 
@@ -210,6 +212,14 @@ class _StatusCollector:
                 "Client connections sent away because the node held max_clients (new ones, "
                 "or ones idle without logging in closed to make room).")
             counter.add_metric([], turned_away)
+            yield counter
+        refused = _number(status.get("clients_refused"))
+        if refused is not None:
+            counter = CounterMetricFamily(
+                "paxchat_clients_refused",
+                "New client connections closed unread because they came faster than "
+                "connections_per_address from one IP address.")
+            counter.add_metric([], refused)
             yield counter
         if status["peers"]:
             gauge = GaugeMetricFamily("paxchat_peer_up", "1 while the link to that peer is up.",

@@ -24,6 +24,7 @@ request_timeout = 2
 bcrypt_cost = 4
 session_ttl = 60
 writes_per_connection = 50
+connections_per_address = 2.5
 
 [node.2]
 client = 127.0.0.1:7102
@@ -80,6 +81,8 @@ def test_values_paths_and_node_order(tmp_path):
     settings = ServerSettings.from_config(cfg, 1)
     assert settings.writes_per_connection == RateLimit(rate=50, burst=125)
     assert settings.writes_per_account == RateLimit(rate=400, burst=1000)
+    assert settings.connections_per_address == RateLimit(rate=2.5, burst=25)
+    assert ServerSettings(node_id=1).connections_per_address == RateLimit(rate=20, burst=200)
     assert list(cfg.nodes) == [1, 2]
     assert cfg.node(1).client == Address("localhost", 7101)
     assert cfg.node(1).peer == Address("::1", 7201)
@@ -213,6 +216,8 @@ def test_unknown_section(tmp_path, section):
     ("request_timeout", "nan", "not a finite number"),
     ("session_ttl", "-1", "must be above 0"),
     ("writes_per_connection", "0", "must be above 0"),
+    ("connections_per_address", "-1", "must be above 0"),
+    ("connections_per_address", "many", "'many' is not a valid number"),
     ("client_tls", "maybe", "'maybe' is not a valid boolean"),
     ("max_clock_drift", "0.6", "must be at most 0.5"),
     ("max_clock_drift", "-0.1", "must be at least 0"),

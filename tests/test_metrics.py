@@ -208,6 +208,7 @@ def test_a_real_node_serves_metrics_over_http(tmp_path):
         assert value(found, "paxchat_clients") == 1
         assert value(found, "paxchat_connections") == 1
         assert value(found, "paxchat_clients_turned_away_total") == 0
+        assert value(found, "paxchat_clients_refused_total") == 0
         code, body, _ = yield http_get(f"http://{cfg.node(1).metrics}/")
         assert code == 404
     finally:

@@ -6,9 +6,12 @@ import weakref
 
 import pytest_twisted
 from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
+from paxchat.metrics import node_status
 from paxchat.server import RateLimit
 from paxchat.server.sessions import ConnectionRegistry, Session
 from paxchat.state.chat import ChatState
@@ -276,3 +279,35 @@ def test_a_closed_connection_whose_reads_a_state_worker_dropped_is_freed_at_once
     finally:
         release.set()
         yield server.worker.stop()
+
+
+def test_connections_from_one_address_past_its_rate_are_closed_unread_and_counted():
+    server = Server(test_settings(connections_per_address=RateLimit(rate=1.0, burst=3)))
+    factory = server.factory
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        busy = IPv4Address("TCP", "192.0.2.7", 40000)
+        built = [factory.buildProtocol(busy) for _ in range(5)]
+        assert [p is not None for p in built] == [True, True, True, False, False]
+        # Another address has its own allowance, an IPv6 one too.
+        assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.8", 40000)) is not None
+        assert factory.buildProtocol(IPv6Address("TCP", "2001:db8::1", 40000, 0, 0)) is not None
+        assert factory.refused_total == 2
+        warnings = [e for e in logged if "connections_per_address" in e.get("log_format", "")]
+        assert len(warnings) == 1 and warnings[0]["host"] == "192.0.2.7"   # once a minute at most
+        # Time refills the allowance.
+        server.clock.advance(1.0)
+        assert factory.buildProtocol(busy) is not None
+        assert factory.buildProtocol(busy) is None
+        assert factory.refused_total == 3
+        assert len([e for e in logged if "connections_per_address" in e.get("log_format", "")]) == 1
+        server.clock.advance(61)
+        assert factory.buildProtocol(busy) is not None
+
+        class Node(list):                         # what node_status reads: no child services
+            node_id, log, running, factory = 1, None, True, server.factory
+        assert node_status(Node())["clients_refused"] == 3
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+

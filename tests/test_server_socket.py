@@ -260,3 +260,20 @@ def test_a_full_node_tells_a_new_client_to_go_elsewhere_over_a_real_socket(serve
     yield extra.lost.addTimeout(TIMEOUT, reactor)
     assert server.factory.turned_away_total == 1
     assert (yield held.ok("hello"))["protocol"] == 1   # the one it holds goes on
+
+
+@pytest.mark.parametrize("server_overrides", [{"connections_per_address": RateLimit(rate=0.001, burst=1)}])
+@pytest_twisted.inlineCallbacks
+def test_a_connection_over_the_rate_of_its_address_is_closed_before_tls(server):
+    from twisted.internet import reactor
+    held = yield server()
+    assert (yield held.ok("hello"))["protocol"] == 1
+    extra = yield server()
+    # Closed at accept: nothing read, nothing answered, not even a TLS handshake.
+    asked = extra.request("hello")
+    yield extra.lost.addTimeout(TIMEOUT, reactor)
+    assert not asked.called and extra.events == []
+    asked.addErrback(lambda failure: failure.trap(defer.CancelledError))
+    asked.cancel()
+    assert server.factory.refused_total == 1 and server.factory.turned_away_total == 0
+    assert (yield held.ok("hello"))["protocol"] == 1   # the one it holds goes on

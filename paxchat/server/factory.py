@@ -23,7 +23,7 @@ from .sessions import ConnectionRegistry
 
 _log = Logger()
 
-# A node turning connections away logs it at most this often.
+# A node turning connections away logs it at most this often (each reason).
 TURNED_AWAY_LOG_SECONDS = 60.0
 # A node at max_clients makes room for a new connection by closing one that
 # has been open this long without logging in (and is not waiting for an answer).
@@ -62,6 +62,10 @@ class ChatServerFactory(ServerFactory):
         self.connections = set()  # every open ChatProtocol, logged in or not
         self.output_debt = OutputDebt()  # events owed by connections whose output is full
         self.turned_away_total = 0  # connections turned away at max_clients
+        # New connections by IP address; those over connections_per_address are closed unread.
+        self._accepts = KeyedRateLimiter(reactor, settings.connections_per_address)
+        self.refused_total = 0
+        self._refused_report = Occasional(reactor, TURNED_AWAY_LOG_SECONDS)
         # Connections not known to have logged in, oldest first: conn -> when it connected.
         self._strangers = {}
         self._turned_away_report = Occasional(reactor, TURNED_AWAY_LOG_SECONDS)
@@ -130,10 +134,30 @@ class ChatServerFactory(ServerFactory):
                       max_clients=self.settings.max_clients, count=count)
 
     def buildProtocol(self, addr):
+        host = getattr(addr, "host", None)
+        if host is not None and not self._accepts.allow(host):
+            self._refuse(host)
+            return None              # the port closes the socket: no TLS, nothing read
         protocol = ChatProtocol(self.reactor, self.settings, self.handlers, self.registry,
                                 self.output_debt)
         protocol.factory = self
         return protocol
+
+    def _refuse(self, host):
+        """Count a connection refused for arriving too fast from its address; log it once a minute at most.
+
+        Closing it at once costs the node next to nothing, where a TLS
+        handshake costs a millisecond or more of CPU: a client reconnecting
+        in a loop, or many from one address, cannot take the node's time.
+        A paxchat client whose connection is closed tries another node.
+        """
+        self.refused_total += 1
+        count = self._refused_report.happened()
+        if count:
+            _log.warn("closed {count} new client connections since the last report: they came "
+                      "faster than connections_per_address ({rate:g}/s from one address, "
+                      "the last from {host})",
+                      count=count, rate=self.settings.connections_per_address.rate, host=host)
 
     def close_all(self, reason, grace):
         """Tell every client this node is stopping and close its connection; fires when all are gone.

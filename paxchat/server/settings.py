@@ -21,6 +21,12 @@ def _writes(rate):
     return RateLimit(rate=rate, burst=2.5 * rate)
 
 
+def _connections(rate):
+    """New connections from one address: ``rate`` per second, 10 s worth at once
+    (a group behind one NAT address reconnecting together after a failover)."""
+    return RateLimit(rate=rate, burst=10 * rate)
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     node_id: int
@@ -54,6 +60,9 @@ class ServerSettings:
     max_output_debt: int = 256 << 20
     # Client connections the node holds at once (cluster.ini ``max_clients``).
     max_clients: int = 10000
+    # New client connections accepted from one IP address (cluster.ini
+    # ``connections_per_address``); past it they are closed before any TLS.
+    connections_per_address: RateLimit = field(default_factory=lambda: _connections(20.0))
 
     @classmethod
     def from_config(cls, config, node_id, **overrides):
@@ -69,5 +78,6 @@ class ServerSettings:
             writes_per_connection=_writes(config.writes_per_connection),
             writes_per_account=_writes(config.writes_per_account),
             max_clients=config.max_clients,
+            connections_per_address=_connections(config.connections_per_address),
             **overrides,
         )
