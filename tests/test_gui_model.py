@@ -282,6 +282,28 @@ def test_a_message_sent_from_another_device_joins_its_conversation_unmarked():
     assert not [c for c in client.calls if c[0] == "mark_read"]
 
 
+def test_messages_read_or_deleted_on_another_device_leave_the_badges_and_the_conversation():
+    clock, model, client, ctl = controller()
+    model.signed_in("alice")
+    model.add_messages([msg(1, "bob", "alice"), msg(2, "bob", "alice"), msg(3, "carol", "alice"),
+                        msg(4, "alice", "bob", read=False)])
+    assert [(row["peer"], row["unread"]) for row in model.conversation_rows()] == [("bob", 2), ("carol", 1)]
+    changes = []
+    model.on_change = changes.append
+    ctl.on_event({"event": "read", "ids": [1, 4, 99, "x"]})     # 4 is alice's own: not hers to read
+    assert dict((row["peer"], row["unread"]) for row in model.conversation_rows()) == {"bob": 1, "carol": 1}
+    assert model.conversation("bob").messages[1]["read"] and not model.conversation("bob").messages[4]["read"]
+    assert changes == [{"list"}]
+    ctl.on_event({"event": "read", "ids": [99]})                 # none of ours: nothing to redraw
+    assert changes == [{"list"}]
+    ctl.on_event({"event": "deleted", "ids": [2, 3]})
+    assert sorted(model.conversation("bob").messages) == [1, 4] and not model.conversation("carol").messages
+    assert model.total_unread == 0
+    ctl.on_event({"event": "deleted", "ids": "all"})             # malformed: ignored
+    assert sorted(model.conversation("bob").messages) == [1, 4]
+    assert not [c for c in client.calls if c[0] in ("mark_read", "delete_messages")]
+
+
 def test_scrolling_up_loads_older_once_at_a_time():
     clock, model, client, ctl = controller()
     model.signed_in("alice")

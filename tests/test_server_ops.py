@@ -257,6 +257,31 @@ def test_read_messages_mark_read_history_delete_messages(server):
     assert len(alice.ok("history")["messages"]) == 4
 
 
+def test_what_one_session_reads_or_deletes_is_told_to_the_accounts_other_sessions(server):
+    alice = logged_in(server, "alice")
+    alice_laptop = logged_in(server, "alice")
+    bob = logged_in(server, "bob")
+    ids = [bob.ok("send_message", to="alice", body=f"m{n}")["message_id"] for n in range(4)]
+    pushed = len(alice_laptop.events())
+    assert pushed == 4
+    alice.ok("read_messages", limit=2)
+    alice.ok("mark_read", ids=[ids[2], ids[2], 999])
+    alice.ok("mark_read", ids=[ids[2]])              # nothing left to mark: no event
+    alice.ok("delete_messages", ids=[ids[0], 999])
+    alice.ok("delete_messages", ids=[ids[0]])        # already gone: no event
+    alice.ok("read_messages")
+    alice.ok("read_messages")                        # nothing unread: no event
+    assert alice_laptop.events()[pushed:] == [
+        {"event": "read", "ids": ids[:2]},
+        {"event": "read", "ids": [ids[2], 999]},
+        {"event": "deleted", "ids": [ids[0], 999]},
+        {"event": "read", "ids": [ids[3]]},
+    ]
+    # The session that did it has its answers; the other party hears nothing.
+    assert [e["event"] for e in alice.events()] == ["message"] * 4
+    assert bob.events() == []
+
+
 @pytest.mark.parametrize("op,args", [
     ("read_messages", {"limit": 0}), ("read_messages", {"limit": False}), ("read_messages", {"limit": 10**30}),
     ("mark_read", {}), ("mark_read", {"ids": 1}), ("mark_read", {"ids": [True]}), ("mark_read", {"ids": ["1"]}),

@@ -97,8 +97,8 @@ class PaxchatClient:
     ``targets`` are ``NodeTarget``s (see ``from_config`` / ``from_addresses``)
     or plain client endpoints, numbered from 1.
 
-    ``on_event(event)`` gets pushed events (``message``, ``sent``, ``session_ended``,
-    ``node_stopping``); ``on_status(Status)`` hears about
+    ``on_event(event)`` gets pushed events (``message``, ``sent``, ``read``,
+    ``deleted``, ``session_ended``, ``node_stopping``); ``on_status(Status)`` hears about
     connecting/connected/reconnecting/failed (a ``reconnecting`` whose
     ``detail`` names the node when it left one that is stopping).
     """

@@ -252,6 +252,19 @@ class ChatModel:
         self.confirming_delete = self.confirming_delete and bool(self.selected)
         self._changed("conversation", "list")
 
+    def read_elsewhere(self, ids: Iterable[int]):
+        """Messages another session of this account read: no longer unread here."""
+        ids, touched = set(ids), set()
+        for conv in self.conversations.values():
+            for i in ids & set(conv.messages):
+                message = conv.messages[i]
+                if message.get("to") == self.me and not message.get("read", False):
+                    message["read"] = True
+                    conv.unread_ids.discard(i)
+                    touched.add(conv.peer)
+        if touched:
+            self._changed("list", *(["conversation"] if self.open_peer in touched else []))
+
     def open(self, peer: str) -> list[int]:
         """Open a conversation; returns the ids its badge counted, to mark read."""
         conv = self.conversation(peer)

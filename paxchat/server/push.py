@@ -11,6 +11,11 @@ from twisted.logger import Logger
 
 log = Logger()
 
+# Ops whose effect the account's other sessions hear: op -> (event, the
+# result's count that says something happened).
+_ELSEWHERE = {"mark_read": ("read", "marked"), "read_messages": ("read", None),
+              "delete_messages": ("deleted", "deleted")}
+
 
 class EventPusher:
     def __init__(self, registry):
@@ -25,6 +30,8 @@ class EventPusher:
         op = command.get("op")
         if op == "send_message":
             self._message(command, response["result"])
+        elif op in _ELSEWHERE:
+            self._elsewhere(command, op, response["result"])
         elif op == "logout":
             self._end(self._registry.of_session(command["session"]), command, "logged_out")
         elif op == "delete_account":
@@ -55,6 +62,29 @@ class EventPusher:
                 event = {"event": kind, "message": message}
                 for conn in conns:
                     conn.send_event(event)
+
+    def _elsewhere(self, command, op, result):
+        """Messages one session read or deleted, told to the account's other sessions.
+
+        So every device shows the same unread badges and the same
+        conversation. The ids are those the command named (or, for
+        ``read_messages``, returned): a session ignores any it does not
+        hold. Repeating an event (a retried write) changes nothing.
+        """
+        if op == "read_messages":
+            ids = [message["id"] for message in result.get("messages", ())]
+        elif result.get(_ELSEWHERE[op][1]):
+            ids = list(dict.fromkeys(command["ids"]))
+        else:
+            return                   # nothing was marked or deleted
+        if not ids:
+            return
+        conns = [conn for conn in self._registry.of_user(command["username"])
+                 if conn.session is not None and conn.session.session_hash != command["session"]]
+        if conns:
+            event = {"event": _ELSEWHERE[op][0], "ids": ids}
+            for conn in conns:
+                conn.send_event(event)
 
     def _end(self, conns, command, reason):
         for conn in conns:
