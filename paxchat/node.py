@@ -30,6 +30,12 @@ log = Logger()
 STATE_FILE = "state.sqlite3"
 # The reason a planned stop gives clients in its node_stopping event.
 STOPPING_REASON = "shutdown"
+# Connections the kernel queues for the client port until the node accepts
+# them. The clients of a node that died all come to the others at once; at
+# Twisted's default of 50 the kernel dropped the handshakes past it, and
+# those clients waited 1-3 s for their SYN to be sent again. (Linux caps it
+# at net.core.somaxconn, 4096 by default.)
+CLIENT_BACKLOG = 1024
 
 
 class NodeService(service.MultiService):
@@ -227,8 +233,9 @@ class NodeService(service.MultiService):
         address = self.node.client
         if self.client_tls_context is not None:
             return clienttls.TLSServerEndpoint(self.reactor, address.port, self.client_tls_context,
-                                               interface=address.host)
-        return endpoints.TCP4ServerEndpoint(self.reactor, address.port, interface=address.host)
+                                               interface=address.host, backlog=CLIENT_BACKLOG)
+        return endpoints.TCP4ServerEndpoint(self.reactor, address.port, interface=address.host,
+                                            backlog=CLIENT_BACKLOG)
 
     @defer.inlineCallbacks
     def stopService(self):

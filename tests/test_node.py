@@ -10,7 +10,7 @@ from twisted.internet import defer, error, protocol
 from paxchat import config as configmod
 from paxchat import tls
 from paxchat.devcluster import write_local_config
-from paxchat.node import STATE_FILE, NodeService
+from paxchat.node import CLIENT_BACKLOG, STATE_FILE, NodeService
 
 from .ops_support import connect, reactor_
 
@@ -48,6 +48,7 @@ def test_node_serves_clients_and_keeps_state_across_restarts(tmp_path, client_tl
     @defer.inlineCallbacks
     def first(node, client):
         assert IService.providedBy(node) and node.running
+        assert node.port.backlog == CLIENT_BACKLOG    # clients failing over arrive together
         hello = yield client.request("hello")
         assert hello["result"]["node"] == 2
         assert [n["id"] for n in hello["result"]["nodes"]] == [1, 2]
