@@ -2,7 +2,9 @@
 
 The factory adds an ``EventPusher`` as an observer of the command log. Every
 node applies every command, so each node pushes to the connections it holds
-and together they reach every connection of a user, wherever it is attached.
+and together they reach every connection of a user, wherever it is attached:
+a message to its recipient, and what one session of an account did (sent,
+read, deleted) to the account's other sessions.
 Pushing only queues bytes on a transport; a connection that does not read
 is dealt with by the protocol's output bound, never here.
 """
@@ -50,9 +52,7 @@ class EventPusher:
         self._last_message_id = message_id
         sender, recipient = command["from"], command["to"]
         to_recipient = self._registry.of_user(recipient)
-        elsewhere = [] if sender == recipient else [
-            conn for conn in self._registry.of_user(sender)
-            if conn.session is not None and conn.session.session_hash != command["session"]]
+        elsewhere = [] if sender == recipient else self._other_sessions(sender, command["session"])
         if not to_recipient and not elsewhere:
             return                   # most messages, on most nodes
         message = {"id": message_id, "from": sender, "to": recipient,
@@ -79,12 +79,16 @@ class EventPusher:
             return                   # nothing was marked or deleted
         if not ids:
             return
-        conns = [conn for conn in self._registry.of_user(command["username"])
-                 if conn.session is not None and conn.session.session_hash != command["session"]]
+        conns = self._other_sessions(command["username"], command["session"])
         if conns:
             event = {"event": _ELSEWHERE[op][0], "ids": ids}
             for conn in conns:
                 conn.send_event(event)
+
+    def _other_sessions(self, username, session_hash):
+        """``username``'s connections on this node but those of the session that did it."""
+        return [conn for conn in self._registry.of_user(username)
+                if conn.session is not None and conn.session.session_hash != session_hash]
 
     def _end(self, conns, command, reason):
         for conn in conns:

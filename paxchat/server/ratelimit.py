@@ -1,4 +1,4 @@
-"""Token buckets on the reactor's clock, alone and keyed by account.
+"""Token buckets on the reactor's clock, alone and keyed by account or address.
 
 A bucket holds up to ``burst`` tokens and gains ``rate`` per second; each
 allowed request takes one. Time comes from ``clock.seconds()`` so tests
@@ -38,7 +38,7 @@ class TokenBucket:
 
 
 class KeyedRateLimiter:
-    """One bucket per key (an account name), with bounded memory.
+    """One bucket per key (an account name, an IP address), with bounded memory.
 
     A full bucket is the same as no bucket, so full ones are forgotten when
     the table grows past ``max_keys``; if it is still too large, the least
