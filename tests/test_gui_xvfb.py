@@ -105,6 +105,15 @@ def test_chat_in_the_window(node, tmp_path):
             app.confirm_delete_button.invoke()
             yield wait_for(lambda: mine not in model.conversation("bob").messages, 10)
 
+            # What alice sends or deletes from another device shows here at once.
+            phone = client_for(node)
+            yield phone.login("alice", "alice-password")
+            sent = yield phone.send_message("bob", "sent from my phone")
+            yield wait_for(lambda: any("sent from my phone" in t for t in canvas_texts(app.canvas)), 10)
+            yield phone.delete_messages([sent["message_id"]])
+            yield wait_for(lambda: not any("sent from my phone" in t for t in canvas_texts(app.canvas)), 10)
+            yield phone.close()
+
             # A friendly screen for the screenshot: the first exchange, at the bottom.
             yield bob.send_message("alice", "Great, all three nodes agree.\nShip it! 🚀".replace("🚀", ""))
             app.compose.insert("end", "Shipping it now. Thanks bob!")
