@@ -401,8 +401,9 @@ def _ballot(ballot):
 
 
 def status_table(statuses):
-    """The ``status`` table: one row per node, then the reasons of the nodes that are down
-    and of the peers refused for their data (paxchat/lineage.py)."""
+    """The ``status`` table: one row per node, then the reasons of the nodes that are down,
+    of the peers refused for their data (paxchat/lineage.py), and of client connections
+    a node sent away."""
     up = {n: s for n, s in statuses.items() if not isinstance(s, Exception)}
     reference = max([s.get("commit_index") or 0 for s in up.values()]
                     + [s.get("applied_index") or 0 for s in up.values()] or [0])
@@ -427,6 +428,13 @@ def status_table(statuses):
             notes.append(f"node {n} refuses node {peer}: {why}")
         for peer, why in sorted((s.get("refused_by_peers") or {}).items()):
             notes.append(f"node {n} is refused by node {peer}: {why}")
+        # Why clients may not get in: counted since the node started.
+        if s.get("clients_turned_away"):
+            notes.append(f"node {n} turned away {s['clients_turned_away']} client connections"
+                         " since it started: it held max_clients")
+        if s.get("clients_refused"):
+            notes.append(f"node {n} closed {s['clients_refused']} new client connections since it"
+                         " started: they came faster than connections_per_address from one address")
         rows.append([str(n), "up" if s.get("running", True) else "stopping",
                      _show(s.get("role")), _show(s.get("leader")), _show(ballot),
                      _show(s.get("commit_index")), _show(applied), _show(lag),

@@ -77,13 +77,15 @@ def test_status_table():
         1: {"role": "leader", "leader": 1, "ballot": [4, 1], "commit_index": 120,
             "applied_index": 120, "clients": 3, "peers": {"2": "connected", "3": "disconnected"}},
         2: {"role": "follower", "leader": 1, "ballot": [4, 1], "commit_index": 118,
-            "applied_index": 100, "clients": 0, "peers": {"1": "connected", "3": "disconnected"}},
+            "applied_index": 100, "clients": 0, "peers": {"1": "connected", "3": "disconnected"},
+            "clients_turned_away": 0, "clients_refused": 60},
         3: admin.AdminError("node 3 (10.0.0.3:7401) is down: Connection refused"),
         4: {"role": "precandidate", "leader": None, "ballot": [0, 0], "commit_index": 90,
             "applied_index": 90, "clients": 0, "peers": {"1": "refused", "2": "refused"},
             "refused_peers": {"1": "its data was never restored from a backup, ours was"
                                    " restored from backup 3f2a"},
-            "refused_by_peers": {"2": "its data is not the data it had"}},
+            "refused_by_peers": {"2": "its data is not the data it had"},
+            "clients_turned_away": 7},
     }
     lines = admin.status_table(statuses).splitlines()
     assert lines[0].split() == ["NODE", "STATE", "ROLE", "LEADER", "BALLOT", "COMMIT", "APPLIED",
@@ -93,10 +95,13 @@ def test_status_table():
     assert lines[3].split()[:3] == ["3", "down", "-"]
     assert lines[4].split() == ["4", "up", "precandidate", "-", "0.0", "90", "90", "30", "0", "0/2"]
     assert lines[5:] == [
+        "node 2 closed 60 new client connections since it started: they came faster than"
+        " connections_per_address from one address",
         "node 3: node 3 (10.0.0.3:7401) is down: Connection refused",
         "node 4 refuses node 1: its data was never restored from a backup, ours was restored"
         " from backup 3f2a",
-        "node 4 is refused by node 2: its data is not the data it had"]
+        "node 4 is refused by node 2: its data is not the data it had",
+        "node 4 turned away 7 client connections since it started: it held max_clients"]
 
 
 def test_a_node_that_refuses_the_certificate_is_shown_up_and_refusing_not_down():
