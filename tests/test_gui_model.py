@@ -304,6 +304,18 @@ def test_messages_read_or_deleted_on_another_device_leave_the_badges_and_the_con
     assert not [c for c in client.calls if c[0] in ("mark_read", "delete_messages")]
 
 
+def test_reading_elsewhere_what_was_too_old_to_load_lowers_the_count_of_older_unread():
+    clock, model, client, ctl = controller()
+    model.signed_in("alice")
+    model.add_messages([msg(20, "bob", "alice")])
+    model.set_older_unread(3, older_than=10)                    # ids below 10, not loaded
+    assert model.total_unread + model.older_unread == 4
+    ctl.on_event({"event": "read", "ids": [5, 6, 12]})          # 12: above them, unknown here
+    assert model.older_unread == 1 and model.total_unread == 1
+    ctl.on_event({"event": "read", "ids": [1, 2, 3, 20]})
+    assert model.older_unread == 0 and model.total_unread == 0
+
+
 def test_scrolling_up_loads_older_once_at_a_time():
     clock, model, client, ctl = controller()
     model.signed_in("alice")

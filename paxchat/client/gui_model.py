@@ -253,15 +253,27 @@ class ChatModel:
         self._changed("conversation", "list")
 
     def read_elsewhere(self, ids: Iterable[int]):
-        """Messages another session of this account read: no longer unread here."""
+        """Messages another session of this account read: no longer unread here.
+
+        Those older than what was loaded at login (``older_than``) count in
+        ``older_unread``; the ones named leave that count too (the other
+        session reads only unread ones, so the count stays near the truth,
+        and the next login sets it right).
+        """
         ids, touched = set(ids), set()
         for conv in self.conversations.values():
-            for i in ids & set(conv.messages):
+            held = ids & set(conv.messages)
+            ids -= held
+            for i in held:
                 message = conv.messages[i]
                 if message.get("to") == self.me and not message.get("read", False):
                     message["read"] = True
                     conv.unread_ids.discard(i)
                     touched.add(conv.peer)
+        older = sum(1 for i in ids if self.older_than is not None and i < self.older_than)
+        if older and self.older_unread:
+            self.older_unread = max(0, self.older_unread - older)
+            touched.add(None)
         if touched:
             self._changed("list", *(["conversation"] if self.open_peer in touched else []))
 
