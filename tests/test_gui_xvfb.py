@@ -489,6 +489,18 @@ def test_on_a_narrow_window_the_delete_question_leaves_the_peer_name_visible():
         # Its narrowest: the buttons alone, and as much of the name as is left.
         name = yield from shows(720, "")
         assert name.endswith("…") and peer.startswith(name[:-1]) and len(name) > 10
+        # In the list the name gives way to the time beside it, and the
+        # conversation's first line stays inside its canvas.
+        texts = {app.list_canvas.itemcget(i, "text"): i for i in app.list_canvas.find_all()
+                 if app.list_canvas.type(i) == "text"}
+        row = app.model.conversation_rows()[0]
+        shown = next(t for t in texts if t.startswith("bart"))
+        assert shown != peer and shown.endswith("…")
+        assert app.list_canvas.bbox(texts[shown])[2] <= app.list_canvas.bbox(texts[row["time"]])[0]
+        first = next(i for i in app.canvas.find_all() if app.canvas.type(i) == "text"
+                     and app.canvas.itemcget(i, "text").startswith("This is the beginning"))
+        left, _, right, _ = app.canvas.bbox(first)
+        assert 0 <= left and right <= app.canvas.winfo_width()
         # Asked no more: the name makes room for "Delete 2 selected", then, with
         # nothing selected, is whole again.
         app.model.cancel_delete()

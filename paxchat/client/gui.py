@@ -534,7 +534,10 @@ class ChatApp:
                                    outline="")
                 canvas.create_text(35, top + 33, text=row["peer"][:1].upper(), font=f.heading,
                                    fill="#FFFFFF" if row["unread"] else c["muted"])
-                canvas.create_text(66, top + 16, anchor="nw", text=row["peer"], font=f.name, fill=c["text"])
+                # The name gives way to the time at the row's right.
+                name_width = width - 66 - 14 - f.small.measure(row["time"]) - 10
+                canvas.create_text(66, top + 16, anchor="nw", text=self._clip(row["peer"], f.name, name_width),
+                                   font=f.name, fill=c["text"])
                 canvas.create_text(width - 14, top + 17, anchor="ne", text=row["time"], font=f.small,
                                    fill=c["accent"] if row["unread"] else c["muted"])
                 preview_width = width - 66 - (46 if row["unread"] else 16)
@@ -645,8 +648,10 @@ class ChatApp:
                                text="Loading older messages…" if conv.loading_older else "Scroll up for older messages")
             y += 28
         elif conv.messages:
+            # One line, whatever the width: the messages below keep their place.
             canvas.create_text(width / 2, y, anchor="n", font=f.small, fill=c["muted"],
-                               text=f"This is the beginning of your conversation with {peer}.")
+                               text=self._clip(f"This is the beginning of your conversation with {peer}.",
+                                               f.small, width - 2 * margin))
             y += 28
         elif not conv.loaded_once:
             canvas.create_text(width / 2, y + 20, anchor="n", font=f.body, fill=c["muted"], text="Loading…")
