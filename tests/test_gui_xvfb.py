@@ -509,6 +509,9 @@ def test_on_a_narrow_window_the_delete_question_leaves_the_peer_name_visible():
                      and app.canvas.itemcget(i, "text").startswith("This is the beginning"))
         left, _, right, _ = app.canvas.bbox(first)
         assert 0 <= left and right <= app.canvas.winfo_width()
+        # The hint under the compose box wraps rather than being cut off.
+        hint = app.compose_hint
+        assert hint.winfo_reqwidth() <= hint.winfo_width()
         # Asked no more: the name makes room for "Delete 2 selected", then, with
         # nothing selected, is whole again.
         app.model.cancel_delete()

@@ -213,8 +213,12 @@ class ChatApp:
         self.compose.grid(row=0, column=0, sticky="ew")
         self.send_button = ttk.Button(compose, text="Send", style="Accent.TButton", command=self._send)
         self.send_button.grid(row=0, column=1, sticky="s", padx=(10, 0))
-        ttk.Label(compose, text="Enter to send · Shift+Enter: new line · Alt+↑/↓: switch chat · click to select",
-                  style="Hint.TLabel").grid(row=1, column=0, columnspan=2, sticky="w", pady=(6, 0))
+        self.compose_hint = ttk.Label(
+            compose, text="Enter to send · Shift+Enter: new line · Alt+↑/↓: switch chat · click to select",
+            style="Hint.TLabel")
+        self.compose_hint.grid(row=1, column=0, columnspan=2, sticky="w", pady=(6, 0))
+        # On a narrow window the hint wraps instead of being cut off at the right.
+        compose.bind("<Configure>", lambda e: self.compose_hint.configure(wraplength=max(e.width - 32, 100)))
         self.compose.bind("<Return>", self._compose_return)
         self.compose.bind("<KP_Enter>", self._compose_return)
         self.compose.bind("<Shift-Return>", self._compose_newline)
