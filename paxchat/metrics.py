@@ -49,10 +49,17 @@ LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # long, so an election that follows has its cause in the log.
 LAG_WARN_SECONDS = 0.25
 LAG_LOG_SECONDS = 60.0
+# Counts of client connections a node sent away: status key -> help of its counter.
+_CLIENT_COUNTERS = {
+    "clients_turned_away": "Client connections sent away because the node held max_clients"
+                           " (new ones, or ones idle without logging in closed to make room).",
+    "clients_refused": "New client connections closed unread because they came faster than"
+                       " connections_per_address from one IP address.",
+}
 # Numeric fields of the log's status() become gauges paxchat_<key>; these have their own.
 _NOT_GAUGES = {"node", "leader", "ballot", "clients", "running", "role", "peers",
                "refused_peers", "refused_by_peers",
-               "clients_turned_away", "clients_refused"}
+               *_CLIENT_COUNTERS}
 _METRIC_NAME = re.compile(r"[a-z_][a-z0-9_]*\Z")
 _GAUGE_HELP = {
     "commit_index": "Highest slot of the contiguous chosen prefix.",
@@ -205,22 +212,12 @@ class _StatusCollector:
             gauge = GaugeMetricFamily("paxchat_clients", "Client connections logged in on this node.")
             gauge.add_metric([], clients)
             yield gauge
-        turned_away = _number(status.get("clients_turned_away"))
-        if turned_away is not None:
-            counter = CounterMetricFamily(
-                "paxchat_clients_turned_away",
-                "Client connections sent away because the node held max_clients (new ones, "
-                "or ones idle without logging in closed to make room).")
-            counter.add_metric([], turned_away)
-            yield counter
-        refused = _number(status.get("clients_refused"))
-        if refused is not None:
-            counter = CounterMetricFamily(
-                "paxchat_clients_refused",
-                "New client connections closed unread because they came faster than "
-                "connections_per_address from one IP address.")
-            counter.add_metric([], refused)
-            yield counter
+        for key, help_text in _CLIENT_COUNTERS.items():
+            value = _number(status.get(key))
+            if value is not None:
+                counter = CounterMetricFamily(f"paxchat_{key}", help_text)
+                counter.add_metric([], value)
+                yield counter
         if status["peers"]:
             gauge = GaugeMetricFamily("paxchat_peer_up", "1 while the link to that peer is up.",
                                       labels=["peer"])

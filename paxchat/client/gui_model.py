@@ -260,7 +260,7 @@ class ChatModel:
         session reads only unread ones, so the count stays near the truth,
         and the next login sets it right).
         """
-        ids, touched = set(ids), set()
+        ids, touched, changed = set(ids), set(), False
         for conv in self.conversations.values():
             held = ids & set(conv.messages)
             ids -= held
@@ -273,8 +273,8 @@ class ChatModel:
         older = sum(1 for i in ids if self.older_than is not None and i < self.older_than)
         if older and self.older_unread:
             self.older_unread = max(0, self.older_unread - older)
-            touched.add(None)
-        if touched:
+            changed = True
+        if touched or changed:
             self._changed("list", *(["conversation"] if self.open_peer in touched else []))
 
     def open(self, peer: str) -> list[int]:

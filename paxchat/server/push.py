@@ -13,10 +13,8 @@ from twisted.logger import Logger
 
 log = Logger()
 
-# Ops whose effect the account's other sessions hear: op -> (event, the
-# result's count that says something happened).
-_ELSEWHERE = {"mark_read": ("read", "marked"), "read_messages": ("read", None),
-              "delete_messages": ("deleted", "deleted")}
+# Ops whose effect the account's other sessions hear, and the event they hear.
+_ELSEWHERE = {"mark_read": "read", "read_messages": "read", "delete_messages": "deleted"}
 
 
 class EventPusher:
@@ -73,7 +71,7 @@ class EventPusher:
         """
         if op == "read_messages":
             ids = [message["id"] for message in result.get("messages", ())]
-        elif result.get(_ELSEWHERE[op][1]):
+        elif result.get("marked") or result.get("deleted"):
             ids = list(dict.fromkeys(command["ids"]))
         else:
             return                   # nothing was marked or deleted
@@ -81,7 +79,7 @@ class EventPusher:
             return
         conns = self._other_sessions(command["username"], command["session"])
         if conns:
-            event = {"event": _ELSEWHERE[op][0], "ids": ids}
+            event = {"event": _ELSEWHERE[op], "ids": ids}
             for conn in conns:
                 conn.send_event(event)
 

@@ -569,7 +569,6 @@ class KVStore:
     def _install_image(self, part, applied_index):
         """Check the image in file ``part``, then copy it over this database."""
         self.commit_group()
-        self._cache.clear()
         if self._conn.in_transaction:
             raise RuntimeError("restore() inside a transaction")
         try:
@@ -586,7 +585,7 @@ class KVStore:
             except sqlite3.Error as e:
                 raise self.error(e) from e
         finally:
-            self._cache.clear()
+            self._cache.clear()      # whatever the copy got to, the values held may be gone
             source.close()
 
 
