@@ -21,6 +21,14 @@ def _ok(result):
     return {"ok": True, "result": result}
 
 
+def _effect(response, ids=None, others=None):
+    """``response`` with the effect ChatState reports beside it (what connections are told of)."""
+    effect = {key: value for key, value in (("ids", ids), ("others", others)) if value}
+    if effect:
+        response["effect"] = effect
+    return response
+
+
 def _err(code, message=""):
     return {"ok": False, "error": {"code": code, "message": message or code}}
 
@@ -96,26 +104,34 @@ class FakeChatState:
             return _ok({"messages": [dict(self.messages[i]) for i in ids],
                         "unread": len(self.unread[user])})
         if op == "mark_read":
-            marked = [i for i in c["ids"] if i in self.unread[user]]
+            marked = [i for i in dict.fromkeys(c["ids"]) if i in self.unread[user]]
             for i in marked:
                 self.unread[user].discard(i)
                 self.messages[i]["read"] = True
-            return _ok({"marked": len(marked)})
+            return _effect(_ok({"marked": len(marked)}), marked)
         if op == "delete_messages":
-            gone = [i for i in c["ids"] if i in self.messages
+            gone = [i for i in dict.fromkeys(c["ids"]) if i in self.messages
                     and user in (self.messages[i]["from"], self.messages[i]["to"])]
+            others = {}
             for i in gone:
                 m = self.messages.pop(i)
                 self.unread.get(m["to"], set()).discard(i)
-            return _ok({"deleted": len(gone)})
+                for party in {m["from"], m["to"]} - {user}:
+                    others.setdefault(party, []).append(i)
+            return _effect(_ok({"deleted": len(gone)}), gone, others)
         if op == "delete_account":
             if self.accounts.get(user) != c["pw_hash"]:
                 return _err("bad_credentials")
             del self.accounts[user]
             del self.unread[user]
             self.sessions = {h: s for h, s in self.sessions.items() if s[0] != user}
-            self.messages = {i: m for i, m in self.messages.items() if m["to"] != user}
-            return _ok({})
+            others = {}
+            for i, m in list(self.messages.items()):
+                if m["to"] == user:
+                    del self.messages[i]
+                    if m["from"] != user:
+                        others.setdefault(m["from"], []).append(i)
+            return _effect(_ok({}), others=others)
         return _err("unknown_op")
 
     def account(self, username):

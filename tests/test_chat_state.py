@@ -338,6 +338,29 @@ def test_delete_messages_sent_or_received_for_both_sides(state):
     assert ids(ok(op(state, "read_messages", "bob", limit=10))["messages"]) == [3]
 
 
+def test_what_a_command_marked_or_deleted_comes_beside_its_answer_once(state):
+    """The ``effect`` the node tells connections of: never stored, so a resend has none."""
+    user(state, "alice")
+    user(state, "bob")
+    ok(send(state, "alice", "bob"))    # 1
+    ok(send(state, "bob", "alice"))    # 2
+    ok(send(state, "alice", "alice"))  # 3
+    marked = op(state, "mark_read", "bob", ids=[2, 1, 1, 99], dedup="m")
+    assert marked["effect"] == {"ids": [1]} and ok(marked) == {"marked": 1}
+    assert op(state, "mark_read", "bob", ids=[2, 1, 1, 99], dedup="m") == {"ok": True, "result": {"marked": 1}}
+    assert "effect" not in op(state, "mark_read", "bob", ids=[1])
+    deleted = op(state, "delete_messages", "alice", ids=[3, 2, 1, 42], dedup="d")
+    assert deleted["effect"] == {"ids": [3, 2, 1], "others": {"bob": [2, 1]}}
+    assert op(state, "delete_messages", "alice", ids=[3, 2, 1, 42], dedup="d") == {"ok": True, "result": {"deleted": 3}}
+    assert "effect" not in op(state, "delete_messages", "alice", ids=[3])
+    ok(send(state, "alice", "bob"))    # 4
+    ok(send(state, "bob", "alice"))    # 5: stays with alice
+    ok(send(state, "bob", "bob"))      # 6
+    gone = op(state, "delete_account", "bob", pw_hash="hash-x")
+    assert gone == {"ok": True, "result": {}, "effect": {"others": {"alice": [4]}}}
+    assert not any(b"effect" in value for _key, value in state.dump()[1])
+
+
 def test_delete_read_message_keeps_counts(state):
     user(state, "alice")
     user(state, "bob")

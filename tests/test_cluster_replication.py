@@ -68,6 +68,12 @@ def test_a_message_sent_through_node_1_is_pushed_on_node_3(cluster_factory):
     yield wait_until(reactor, lambda: len(elsewhere_events) == 2, 5, "bob's message on node 2")
     assert [e["event"] for e in alice_events] == ["message"]
     assert [e["event"] for e in elsewhere_events] == ["sent", "message"]
+    # Alice deletes Bob's reply: it goes from his session on node 3 and her other one on node 2.
+    assert (yield alice.delete_messages([reply["message_id"]])) == {"deleted": 1}
+    gone = {"event": "deleted", "ids": [reply["message_id"]]}
+    yield wait_until(reactor, lambda: gone in bob_events and gone in elsewhere_events, 5,
+                     "the deleted event on nodes 2 and 3")
+    assert gone not in alice_events
     print(f"\npush latency node 1 -> node 3: {latency * 1000:.0f} ms (send to push)")
 
 

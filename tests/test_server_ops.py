@@ -6,6 +6,7 @@ import pytest
 
 from paxchat.interfaces import Unavailable
 from paxchat.server.sessions import token_hash
+from paxchat.state.chat import ChatState
 
 from .server_support import Server
 
@@ -17,6 +18,14 @@ def server():
     return Server()
 
 
+@pytest.fixture
+def chat_server(tmp_path):
+    """A Server over the real ChatState: for what depends on the apply's answers."""
+    state = ChatState.open(tmp_path / "state.db")
+    yield Server(state=state)
+    state.close()
+
+
 def account(server, name, password=PW):
     client = server.connect()
     assert client.ok("create_account", username=name, password=password) == {"username": name}
@@ -25,7 +34,7 @@ def account(server, name, password=PW):
 
 def logged_in(server, name, password=PW):
     client = server.connect()
-    if name not in server.state.accounts:
+    if server.state.account(name) is None:
         client.ok("create_account", username=name, password=password)
     result = client.ok("login", username=name, password=password)
     client.token = result["session"]
@@ -257,7 +266,8 @@ def test_read_messages_mark_read_history_delete_messages(server):
     assert len(alice.ok("history")["messages"]) == 4
 
 
-def test_what_one_session_reads_or_deletes_is_told_to_the_accounts_other_sessions(server):
+def test_what_one_session_reads_or_deletes_is_told_to_the_accounts_other_sessions(chat_server):
+    server = chat_server
     alice = logged_in(server, "alice")
     alice_laptop = logged_in(server, "alice")
     bob = logged_in(server, "bob")
@@ -271,15 +281,63 @@ def test_what_one_session_reads_or_deletes_is_told_to_the_accounts_other_session
     alice.ok("delete_messages", ids=[ids[0]])        # already gone: no event
     alice.ok("read_messages")
     alice.ok("read_messages")                        # nothing unread: no event
+    # Only the ids that were marked or deleted: 999 is nobody's.
     assert alice_laptop.events()[pushed:] == [
         {"event": "read", "ids": ids[:2]},
-        {"event": "read", "ids": [ids[2], 999]},
-        {"event": "deleted", "ids": [ids[0], 999]},
+        {"event": "read", "ids": [ids[2]]},
+        {"event": "deleted", "ids": [ids[0]]},
         {"event": "read", "ids": [ids[3]]},
     ]
-    # The session that did it has its answers; the other party hears nothing.
+    # The session that did it has its answers; the other party of the
+    # deleted message loses it too, and reading tells it nothing.
     assert [e["event"] for e in alice.events()] == ["message"] * 4
-    assert bob.events() == []
+    assert bob.events() == [{"event": "deleted", "ids": [ids[0]]}]
+
+
+def test_a_deleted_message_goes_from_its_other_partys_sessions(chat_server):
+    server = chat_server
+    alice = logged_in(server, "alice")
+    bob, bob_phone = logged_in(server, "bob"), logged_in(server, "bob")
+    carol = logged_in(server, "carol")
+    to_bob = alice.ok("send_message", to="bob", body="oops")["message_id"]
+    to_carol = alice.ok("send_message", to="carol", body="hi")["message_id"]
+    to_self = alice.ok("send_message", to="alice", body="note")["message_id"]
+    before = {conn: len(conn.events()) for conn in (alice, bob, bob_phone, carol)}
+    assert alice.ok("delete_messages", ids=[to_self, to_bob, to_carol], client_msg_id="d1") == {"deleted": 3}
+    # Resent (same client_msg_id): the stored answer, and no one is told again.
+    assert alice.ok("delete_messages", ids=[to_self, to_bob, to_carol], client_msg_id="d1") == {"deleted": 3}
+    told = {conn: conn.events()[before[conn]:] for conn in before}
+    assert told[bob] == told[bob_phone] == [{"event": "deleted", "ids": [to_bob]}]
+    assert told[carol] == [{"event": "deleted", "ids": [to_carol]}]
+    assert told[alice] == []
+    assert bob.ok("history")["messages"] == []
+
+
+def test_a_deleted_accounts_namesake_is_not_told_of_its_messages(chat_server):
+    server = chat_server
+    alice = logged_in(server, "alice")
+    bob = logged_in(server, "bob")
+    # Deleting an account removes what was sent to it; what it sent stays with alice.
+    kept = bob.ok("send_message", to="alice", body="from the first bob")["message_id"]
+    bob.ok("delete_account", password=PW)
+    new_bob = logged_in(server, "bob")
+    assert alice.ok("delete_messages", ids=[kept]) == {"deleted": 1}
+    assert new_bob.events() == []
+
+
+def test_a_deleted_accounts_messages_go_from_their_senders_sessions(chat_server):
+    server = chat_server
+    alice, carol, bob = (logged_in(server, name) for name in ("alice", "carol", "bob"))
+    to_bob = [alice.ok("send_message", to="bob", body=f"a{n}")["message_id"] for n in range(2)]
+    from_carol = carol.ok("send_message", to="bob", body="c")["message_id"]
+    from_bob = bob.ok("send_message", to="alice", body="b")["message_id"]
+    bob.ok("send_message", to="bob", body="note")
+    before = {conn: len(conn.events()) for conn in (alice, carol)}
+    assert bob.ok("delete_account", password=PW) == {}
+    assert alice.events()[before[alice]:] == [{"event": "deleted", "ids": to_bob}]
+    assert carol.events()[before[carol]:] == [{"event": "deleted", "ids": [from_carol]}]
+    # What bob sent stays with its recipient.
+    assert [m["id"] for m in alice.ok("history")["messages"]] == [from_bob]
 
 
 @pytest.mark.parametrize("op,args", [

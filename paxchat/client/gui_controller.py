@@ -124,7 +124,7 @@ class ChatController:
             self.model.add_messages([event["message"]])   # sent from another device: nothing to mark
         elif kind in ("read", "deleted") and isinstance(event.get("ids"), list):
             ids = [i for i in event["ids"] if isinstance(i, int)]
-            # Read or deleted on another device.
+            # Read or deleted on another device, or deleted by the other party.
             (self.model.read_elsewhere if kind == "read" else self.model.remove_messages)(ids)
         elif kind == "session_ended" and self.model.me is not None:
             if event.get("reason") == "account_deleted":

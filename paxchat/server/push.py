@@ -3,8 +3,9 @@
 The factory adds an ``EventPusher`` as an observer of the command log. Every
 node applies every command, so each node pushes to the connections it holds
 and together they reach every connection of a user, wherever it is attached:
-a message to its recipient, and what one session of an account did (sent,
-read, deleted) to the account's other sessions.
+a message to its recipient, what one session of an account did (sent,
+read, deleted) to the account's other sessions, and a deleted message to
+its other party (a deleted account's messages to their senders).
 Pushing only queues bytes on a transport; a connection that does not read
 is dealt with by the protocol's output bound, never here.
 """
@@ -31,11 +32,12 @@ class EventPusher:
         if op == "send_message":
             self._message(command, response["result"])
         elif op in _ELSEWHERE:
-            self._elsewhere(command, op, response["result"])
+            self._elsewhere(command, op, response)
         elif op == "logout":
             self._end(self._registry.of_session(command["session"]), command, "logged_out")
         elif op == "delete_account":
             self._end(self._registry.of_user(command["username"]), command, "account_deleted")
+            self._to_others("deleted", response.get("effect"))
 
     def _message(self, command, result):
         """``message`` to the recipient's connections; ``sent`` to the sender's other sessions.
@@ -56,32 +58,38 @@ class EventPusher:
         message = {"id": message_id, "from": sender, "to": recipient,
                    "body": command["body"], "ts": result["ts"], "read": False}
         for conns, kind in ((to_recipient, "message"), (elsewhere, "sent")):
-            if conns:
-                event = {"event": kind, "message": message}
-                for conn in conns:
-                    conn.send_event(event)
+            self._send(conns, {"event": kind, "message": message})
 
-    def _elsewhere(self, command, op, result):
+    def _elsewhere(self, command, op, response):
         """Messages one session read or deleted, told to the account's other sessions.
 
         So every device shows the same unread badges and the same
-        conversation. The ids are those the command named (or, for
-        ``read_messages``, returned): a session ignores any it does not
-        hold. Repeating an event (a retried write) changes nothing.
+        conversation. The ids are those the command read, marked or
+        deleted (the apply's ``effect``; a resent write has none, so it
+        tells no one again). A deleted message goes from its other party's
+        connections too: deleting removes it for both.
         """
         if op == "read_messages":
-            ids = [message["id"] for message in result.get("messages", ())]
-        elif result.get("marked") or result.get("deleted"):
-            ids = list(dict.fromkeys(command["ids"]))
+            ids = [message["id"] for message in response["result"].get("messages", ())]
+            effect = {"ids": ids} if ids else None
         else:
-            return                   # nothing was marked or deleted
-        if not ids:
-            return
-        conns = self._other_sessions(command["username"], command["session"])
-        if conns:
-            event = {"event": _ELSEWHERE[op], "ids": ids}
-            for conn in conns:
-                conn.send_event(event)
+            effect = response.get("effect")
+        if effect is None:
+            return                   # nothing was read, marked or deleted
+        kind = _ELSEWHERE[op]
+        self._send(self._other_sessions(command["username"], command["session"]),
+                   {"event": kind, "ids": effect["ids"]})
+        self._to_others(kind, effect)
+
+    def _to_others(self, kind, effect):
+        """Each other party of the messages an ``effect`` names, its own ids."""
+        for other, ids in (effect or {}).get("others", {}).items():
+            self._send(self._registry.of_user(other), {"event": kind, "ids": ids})
+
+    @staticmethod
+    def _send(conns, event):
+        for conn in conns:
+            conn.send_event(event)
 
     def _other_sessions(self, username, session_hash):
         """``username``'s connections on this node but those of the session that did it."""

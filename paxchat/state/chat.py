@@ -32,6 +32,14 @@ A command without a ``ts`` makes an entry that is never expired.
 Ownership of a message is the presence of its id in the owner's ``h/``
 index, not the name inside it: an account that is deleted loses its index,
 so a new account with the same name never sees the old one's messages.
+
+A response may carry an ``effect`` beside its result: what the command
+changed that the node tells connections of (the ids ``mark_read`` marked,
+the messages ``delete_messages`` or ``delete_account`` removed and whose
+they were). It is
+neither stored nor answered, so the state's bytes and a resent write's
+stored answer stay what they were; a resent write that finds its answer
+has no effect.
 """
 
 import contextlib
@@ -226,6 +234,7 @@ class ChatState:
         # Read by every write: the writer's session, the recipient's account, the id counter.
         kv.cache_keys(("s/", "a/", "#msgid"))
         self._handlers = {op: getattr(self, "_op_" + op) for op in COMMANDS}
+        self._effect = None          # set by a handler: see "effect" above
 
     @classmethod
     def open(cls, path, check=False, durable=True):
@@ -308,6 +317,7 @@ class ChatState:
             return [self._apply_one(command) for command in commands]
 
     def _apply_one(self, command, savepoint=True):
+        self._effect = None
         if isinstance(command, (bytes, bytearray)):
             try:
                 command = _decode(command)
@@ -317,7 +327,10 @@ class ChatState:
         writes = kv.writes
         try:
             with kv.savepoint() if savepoint else _NO_SAVEPOINT:
-                return ok(self._dispatch(command))
+                response = ok(self._dispatch(command))
+            if self._effect is not None:
+                response["effect"] = self._effect
+            return response
         except sqlite3.Error:
             raise
         except Exception as e:
@@ -435,16 +448,22 @@ class ChatState:
         return record
 
     def _unlink(self, message_id, record):
-        """Remove a message and every index entry that points at it."""
+        """Remove a message and every index entry that points at it.
+
+        Returns the accounts that held it (a deleted account's namesake does not).
+        """
         sender, recipient, _body, _ts, read = record
         mid = _mid(message_id)
         kv = self.kv
         kv.delete("m/" + mid)
+        holders = []
         for user, peer in ((sender, recipient), (recipient, sender)):
-            kv.delete(f"h/{user}/{mid}")
+            if kv.delete(f"h/{user}/{mid}"):
+                holders.append(user)
             kv.delete(f"p/{user}/{peer}/{mid}")
         if not read and kv.delete(f"u/{recipient}/{mid}"):
             self._add_unread(recipient, -1)
+        return holders
 
     @staticmethod
     def _unique_ids(ids):
@@ -544,25 +563,32 @@ class ChatState:
 
     def _op_mark_read(self, c):
         user = self._check_session(c, "username")
-        marked = 0
+        marked = []
         for message_id in self._unique_ids(c["ids"]):
             if self.kv.delete(f"u/{user}/{_mid(message_id)}"):
                 self._mark_read(message_id)
-                marked += 1
-        self._add_unread(user, -marked)
-        return {"marked": marked}
+                marked.append(message_id)
+        self._add_unread(user, -len(marked))
+        if marked:
+            self._effect = {"ids": marked}
+        return {"marked": len(marked)}
 
     def _op_delete_messages(self, c):
         user = self._check_session(c, "username")
-        deleted = 0
+        deleted, others = [], {}
         for message_id in self._unique_ids(c["ids"]):
             if self.kv.get(f"h/{user}/{_mid(message_id)}") is None:
                 continue
             record = self._message_record(message_id)
             if record is not None:
-                self._unlink(message_id, record)
-                deleted += 1
-        return {"deleted": deleted}
+                for holder in self._unlink(message_id, record):
+                    if holder != user:
+                        others.setdefault(holder, []).append(message_id)
+                deleted.append(message_id)
+        if deleted:
+            # The other party of each message loses it too.
+            self._effect = {"ids": deleted, "others": others}
+        return {"deleted": len(deleted)}
 
     def _op_delete_account(self, c):
         user = self._check_session(c, "username")
@@ -572,6 +598,7 @@ class ChatState:
         kv = self.kv
         prefix = f"h/{user}/"
         after = None
+        others = {}
         while True:
             rows = kv.scan(prefix, after=after, limit=_PAGE)
             if not rows:
@@ -581,13 +608,18 @@ class ChatState:
                 message_id = int(key[len(prefix):], 16)
                 record = self._message_record(message_id)
                 if record is not None and record[1] == user:
-                    self._unlink(message_id, record)
+                    for holder in self._unlink(message_id, record):
+                        if holder != user:
+                            others.setdefault(holder, []).append(message_id)
         for key, _ in kv.scan(f"su/{user}/"):
             kv.delete("s/" + key[len(f"su/{user}/"):])
         for p in (prefix, f"p/{user}/", f"u/{user}/", f"d/{user}/", f"su/{user}/"):
             kv.delete_prefix(p)
         kv.delete("a/" + user)
         kv.delete("n/" + user)
+        if others:
+            # Its senders lose what they sent it.
+            self._effect = {"others": others}
         return {}
 
     # -- reads -----------------------------------------------------------
