@@ -21,9 +21,9 @@ def _ok(result):
     return {"ok": True, "result": result}
 
 
-def _effect(response, ids=None, others=None):
+def _effect(response, ids=None, others=None, senders=None):
     """``response`` with the effect ChatState reports beside it (what connections are told of)."""
-    effect = {key: value for key, value in (("ids", ids), ("others", others)) if value}
+    effect = {key: value for key, value in (("ids", ids), ("others", others), ("senders", senders)) if value}
     if effect:
         response["effect"] = effect
     return response
@@ -101,14 +101,14 @@ class FakeChatState:
             for i in ids:
                 self.unread[user].discard(i)
                 self.messages[i]["read"] = True
-            return _ok({"messages": [dict(self.messages[i]) for i in ids],
-                        "unread": len(self.unread[user])})
+            return _effect(_ok({"messages": [dict(self.messages[i]) for i in ids],
+                                "unread": len(self.unread[user])}), ids, senders=self._senders(ids, user))
         if op == "mark_read":
             marked = [i for i in dict.fromkeys(c["ids"]) if i in self.unread[user]]
             for i in marked:
                 self.unread[user].discard(i)
                 self.messages[i]["read"] = True
-            return _effect(_ok({"marked": len(marked)}), marked)
+            return _effect(_ok({"marked": len(marked)}), marked, senders=self._senders(marked, user))
         if op == "delete_messages":
             gone = [i for i in dict.fromkeys(c["ids"]) if i in self.messages
                     and user in (self.messages[i]["from"], self.messages[i]["to"])]
@@ -133,6 +133,13 @@ class FakeChatState:
                         others.setdefault(m["from"], []).append(i)
             return _effect(_ok({}), others=others)
         return _err("unknown_op")
+
+    def _senders(self, ids, reader):
+        senders = {}
+        for i in ids:
+            if self.messages[i]["from"] != reader:
+                senders.setdefault(self.messages[i]["from"], []).append(i)
+        return senders
 
     def account(self, username):
         if username not in self.accounts:

@@ -539,6 +539,29 @@ def test_runs_of_one_sender_share_one_name():
     assert [b["first_in_run"] for b in model.bubbles()] == [True, False, True, True, True]
 
 
+def test_the_newest_message_sent_says_whether_its_recipient_has_read_it():
+    clock, model, client, ctl = controller()
+    model.signed_in("alice")
+    model.add_messages([msg(1, "alice", "bob", read=True), msg(2, "bob", "alice", read=True),
+                        msg(3, "alice", "bob"), msg(4, "alice", "alice")])
+    model.open("bob")
+    receipts = lambda: [(b["id"], b["receipt"]) for b in model.bubbles() if b["receipt"]]  # noqa: E731
+    assert receipts() == [(3, "Sent")]
+    changes = []
+    model.on_change = changes.append
+    ctl.on_event({"event": "seen", "ids": [2, 4, 99, "x"]})      # none of hers to bob unread: nothing
+    assert changes == [] and receipts() == [(3, "Sent")]
+    ctl.on_event({"event": "seen", "ids": [3]})
+    assert receipts() == [(3, "Read")] and changes == [{"conversation"}]
+    # A message sent from here is unread by its recipient until it says so.
+    model.sending("bob", "k", "another")
+    assert receipts() == [(3, "Read")]                             # "sending…" is its own word
+    model.sent("bob", "k", 5, 1005.0)
+    assert receipts() == [(5, "Sent")]
+    model.open("alice")                                            # notes to oneself: no receipt
+    assert receipts() == []
+
+
 def test_the_leader_in_the_status_bar_is_asked_for_every_few_seconds():
     clock, model, client, ctl = controller()
     hellos = lambda: len([c for c in client.calls if c[0] == "hello"])  # noqa: E731

@@ -120,6 +120,14 @@ def test_chat_in_the_window(node, tmp_path):
             app.compose.event_generate("<Return>")
             yield wait_for(lambda: any("Shipping" in t for t in canvas_texts(app.canvas)), 10)
             yield wait_for(lambda: not model.conversation("bob").pending, 10)
+            # Under it, "Sent"; "Read" as soon as bob has read it.
+            receipt = lambda: [app.canvas.itemcget(i, "text") for i in app.canvas.find_withtag("receipt")]  # noqa: E731
+            yield wait_for(lambda: receipt() == ["Sent"], 5)
+            shipping = lambda: [e["message"]["id"] for e in bob_events  # noqa: E731
+                                if e.get("message", {}).get("body", "").startswith("Shipping")]
+            yield wait_for(shipping, 10)
+            yield bob.mark_read(shipping())
+            yield wait_for(lambda: receipt() == ["Read"], 10)
             if can_screenshot():
                 yield wait_for(lambda: True, 0.3)
                 shot = tmp_path / "screenshot.png"
@@ -128,6 +136,12 @@ def test_chat_in_the_window(node, tmp_path):
                 target = os.environ.get("PAXCHAT_SCREENSHOT")
                 if target:
                     shutil.copy(shot, target)
+
+            # A message bob deletes leaves alice's window too.
+            oops = yield bob.send_message("alice", "oops, wrong window")
+            yield wait_for(lambda: any("wrong window" in t for t in canvas_texts(app.canvas)), 10)
+            yield bob.delete_messages([oops["message_id"]])
+            yield wait_for(lambda: not any("wrong window" in t for t in canvas_texts(app.canvas)), 10)
 
             # A message the server refuses (its recipient was deleted) goes back into the compose box.
             carol = client_for(node)

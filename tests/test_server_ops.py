@@ -288,10 +288,32 @@ def test_what_one_session_reads_or_deletes_is_told_to_the_accounts_other_session
         {"event": "deleted", "ids": [ids[0]]},
         {"event": "read", "ids": [ids[3]]},
     ]
-    # The session that did it has its answers; the other party of the
-    # deleted message loses it too, and reading tells it nothing.
+    # The session that did it has its answers. The sender hears what was
+    # read, as `seen`, and loses the deleted message too.
     assert [e["event"] for e in alice.events()] == ["message"] * 4
-    assert bob.events() == [{"event": "deleted", "ids": [ids[0]]}]
+    assert bob.events() == [
+        {"event": "seen", "ids": ids[:2]},
+        {"event": "seen", "ids": [ids[2]]},
+        {"event": "deleted", "ids": [ids[0]]},
+        {"event": "seen", "ids": [ids[3]]},
+    ]
+
+
+def test_the_sender_of_a_message_hears_once_that_it_was_read(chat_server):
+    server = chat_server
+    alice, alice_phone = logged_in(server, "alice"), logged_in(server, "alice")
+    bob = logged_in(server, "bob")
+    first = alice.ok("send_message", to="bob", body="one")["message_id"]
+    second = alice.ok("send_message", to="bob", body="two")["message_id"]
+    note = bob.ok("send_message", to="bob", body="note to self")["message_id"]
+    before = {conn: len(conn.events()) for conn in (alice, alice_phone, bob)}
+    assert bob.ok("mark_read", ids=[second, note, first], client_msg_id="r1") == {"marked": 3}
+    assert bob.ok("mark_read", ids=[second, note, first], client_msg_id="r1") == {"marked": 3}
+    told = {conn: conn.events()[before[conn]:] for conn in before}
+    # Every session of the sender, once; the reader's own note tells no one.
+    assert told[alice] == told[alice_phone] == [{"event": "seen", "ids": [second, first]}]
+    assert told[bob] == []
+    assert all(m["read"] for m in alice.ok("history")["messages"])
 
 
 def test_a_deleted_message_goes_from_its_other_partys_sessions(chat_server):

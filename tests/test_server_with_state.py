@@ -33,7 +33,7 @@ REQUESTS = st.one_of(
 
 
 # The events docs/protocol.md names for a running node (node_stopping comes only when it stops).
-EVENTS = (None, "message", "sent", "read", "deleted", "session_ended")
+EVENTS = (None, "message", "sent", "read", "seen", "deleted", "session_ended")
 
 
 @settings(max_examples=60)

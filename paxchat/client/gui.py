@@ -699,6 +699,10 @@ class ChatApp:
             canvas.coords(body_id, x0 + pad_x, y + pad_y)
             canvas.coords(meta_id, x0 + bw - pad_x - meta_w, y + bh - pad_y - meta_h + (1 if inline else 0))
             y += bh
+            if b["receipt"]:
+                canvas.create_text(x0 + bw - 6, y + 3, anchor="ne", text=b["receipt"], font=f.small,
+                                   fill=c["muted"], tags=("receipt",))
+                y += f.small.metrics("linespace") + 3
         y += 20
         total = max(y, height)
         canvas.configure(scrollregion=(0, 0, width, total))

@@ -122,10 +122,11 @@ class ChatController:
             self._mark(self.model.add_messages([event["message"]], live=True))
         elif kind == "sent" and isinstance(event.get("message"), dict):
             self.model.add_messages([event["message"]])   # sent from another device: nothing to mark
-        elif kind in ("read", "deleted") and isinstance(event.get("ids"), list):
+        elif kind in ("read", "seen", "deleted") and isinstance(event.get("ids"), list):
             ids = [i for i in event["ids"] if isinstance(i, int)]
-            # Read or deleted on another device, or deleted by the other party.
-            (self.model.read_elsewhere if kind == "read" else self.model.remove_messages)(ids)
+            # Read or deleted on another device; read or deleted by the other party.
+            {"read": self.model.read_elsewhere, "seen": self.model.seen,
+             "deleted": self.model.remove_messages}[kind](ids)
         elif kind == "session_ended" and self.model.me is not None:
             if event.get("reason") == "account_deleted":
                 self.model.signed_out(f"The account {self.model.me} was deleted elsewhere, so you were logged out.")

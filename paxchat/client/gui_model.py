@@ -277,6 +277,18 @@ class ChatModel:
         if touched or changed:
             self._changed("list", *(["conversation"] if self.open_peer in touched else []))
 
+    def seen(self, ids: Iterable[int]):
+        """Messages this account sent that their recipient has read: "Read" under the newest."""
+        ids, touched = set(ids), set()
+        for conv in self.conversations.values():
+            for i in ids & set(conv.messages):
+                message = conv.messages[i]
+                if message.get("from") == self.me and not message.get("read", False):
+                    message["read"] = True
+                    touched.add(conv.peer)
+        if self.open_peer in touched:
+            self._changed("conversation")
+
     def open(self, peer: str) -> list[int]:
         """Open a conversation; returns the ids its badge counted, to mark read."""
         conv = self.conversation(peer)
@@ -374,6 +386,7 @@ class ChatModel:
         conv = self.conversation(self.open_peer)
         out = []
         previous = None
+        newest_mine = None
         for m in conv.ordered():
             mine = m.get("from") == self.me
             ts = _float(m.get("ts"))
@@ -381,12 +394,18 @@ class ChatModel:
             first = previous is None or previous[0] != mine or ts - previous[1] > RUN_GAP
             out.append({"id": m["id"], "mine": mine, "sender": "You" if mine else m.get("from", "?"),
                         "body": str(m.get("body", "")), "time": time_label(ts),
-                        "selected": m["id"] in self.selected, "first_in_run": first})
+                        "selected": m["id"] in self.selected, "first_in_run": first, "receipt": None})
             previous = (mine, ts)
+            if mine:
+                newest_mine = (out[-1], m)
+        if newest_mine is not None and self.open_peer != self.me:
+            # Under the newest message sent here: whether its recipient has read it.
+            bubble, message = newest_mine
+            bubble["receipt"] = "Read" if message.get("read", False) else "Sent"
         for key, m in conv.pending.items():
             out.append({"id": None, "key": key, "mine": True, "sender": "You", "body": m["body"],
                         "time": "sending…", "selected": False,
-                        "first_in_run": previous is None or not previous[0]})
+                        "first_in_run": previous is None or not previous[0], "receipt": None})
             previous = (True, m["ts"])
         return out
 
@@ -399,8 +418,9 @@ class ChatModel:
         conv = self.conversation(peer)
         pending = conv.pending.pop(key, None)
         if pending is not None:
+            # Read at once only if it is to oneself; else when the recipient reads it (``seen``).
             conv.messages[message_id] = {"id": message_id, "from": self.me, "to": peer,
-                                         "body": pending["body"], "ts": ts, "read": True}
+                                         "body": pending["body"], "ts": ts, "read": peer == self.me}
         self._changed("conversation", "list")
 
     def not_sent(self, peer: str, key) -> str | None:

@@ -4,8 +4,9 @@ The factory adds an ``EventPusher`` as an observer of the command log. Every
 node applies every command, so each node pushes to the connections it holds
 and together they reach every connection of a user, wherever it is attached:
 a message to its recipient, what one session of an account did (sent,
-read, deleted) to the account's other sessions, and a deleted message to
-its other party (a deleted account's messages to their senders).
+read, deleted) to the account's other sessions, that a message was read
+to its sender, and a deleted message to its other party (a deleted
+account's messages to their senders).
 Pushing only queues bytes on a transport; a connection that does not read
 is dealt with by the protocol's output bound, never here.
 """
@@ -37,7 +38,7 @@ class EventPusher:
             self._end(self._registry.of_session(command["session"]), command, "logged_out")
         elif op == "delete_account":
             self._end(self._registry.of_user(command["username"]), command, "account_deleted")
-            self._to_others("deleted", response.get("effect"))
+            self._to_others("deleted", response.get("effect", {}).get("others"))
 
     def _message(self, command, result):
         """``message`` to the recipient's connections; ``sent`` to the sender's other sessions.
@@ -66,24 +67,22 @@ class EventPusher:
         So every device shows the same unread badges and the same
         conversation. The ids are those the command read, marked or
         deleted (the apply's ``effect``; a resent write has none, so it
-        tells no one again). A deleted message goes from its other party's
-        connections too: deleting removes it for both.
+        tells no one again). The sender of a message read hears ``seen``;
+        a deleted message goes from its other party's connections too:
+        deleting removes it for both.
         """
-        if op == "read_messages":
-            ids = [message["id"] for message in response["result"].get("messages", ())]
-            effect = {"ids": ids} if ids else None
-        else:
-            effect = response.get("effect")
+        effect = response.get("effect")
         if effect is None:
             return                   # nothing was read, marked or deleted
         kind = _ELSEWHERE[op]
         self._send(self._other_sessions(command["username"], command["session"]),
                    {"event": kind, "ids": effect["ids"]})
-        self._to_others(kind, effect)
+        self._to_others("seen", effect.get("senders"))
+        self._to_others(kind, effect.get("others"))
 
-    def _to_others(self, kind, effect):
-        """Each other party of the messages an ``effect`` names, its own ids."""
-        for other, ids in (effect or {}).get("others", {}).items():
+    def _to_others(self, kind, ids_by_user):
+        """Each account named, the event for its own ids."""
+        for other, ids in (ids_by_user or {}).items():
             self._send(self._registry.of_user(other), {"event": kind, "ids": ids})
 
     @staticmethod

@@ -34,9 +34,9 @@ index, not the name inside it: an account that is deleted loses its index,
 so a new account with the same name never sees the old one's messages.
 
 A response may carry an ``effect`` beside its result: what the command
-changed that the node tells connections of (the ids ``mark_read`` marked,
-the messages ``delete_messages`` or ``delete_account`` removed and whose
-they were). It is
+changed that the node tells connections of (the messages ``mark_read`` or
+``read_messages`` marked read and who sent them, those ``delete_messages``
+or ``delete_account`` removed and whose they were). It is
 neither stored nor answered, so the state's bytes and a resent write's
 stored answer stay what they were; a resent write that finds its answer
 has no effect.
@@ -547,7 +547,7 @@ class ChatState:
         user = self._check_session(c, "username")
         prefix = f"u/{user}/"
         rows = self.kv.scan(prefix, limit=c["limit"]) if c["limit"] else []
-        messages = []
+        messages, read = [], []
         weight = 0
         for key, _ in rows:
             message_id = int(key[len(prefix):], 16)
@@ -558,7 +558,9 @@ class ChatState:
             self._mark_read(message_id, record)
             self.kv.delete(key)
             messages.append(self._message(message_id, record))
+            read.append((message_id, record[0]))
         self._add_unread(user, -len(messages))
+        self._read_effect(user, read)
         return {"messages": messages, "unread": self.unread_count(user)}
 
     def _op_mark_read(self, c):
@@ -566,12 +568,22 @@ class ChatState:
         marked = []
         for message_id in self._unique_ids(c["ids"]):
             if self.kv.delete(f"u/{user}/{_mid(message_id)}"):
-                self._mark_read(message_id)
-                marked.append(message_id)
+                marked.append((message_id, self._mark_read(message_id)[0]))
         self._add_unread(user, -len(marked))
-        if marked:
-            self._effect = {"ids": marked}
+        self._read_effect(user, marked)
         return {"marked": len(marked)}
+
+    def _read_effect(self, user, read):
+        """``read``: ``(message_id, sender)`` of what ``user`` just read. Its
+        other sessions are told the ids, and each sender that still holds
+        the message, which of its messages were read."""
+        if not read:
+            return
+        senders = {}
+        for message_id, sender in read:
+            if sender != user and self.kv.get(f"h/{sender}/{_mid(message_id)}") is not None:
+                senders.setdefault(sender, []).append(message_id)
+        self._effect = {"ids": [message_id for message_id, _ in read], "senders": senders}
 
     def _op_delete_messages(self, c):
         user = self._check_session(c, "username")
