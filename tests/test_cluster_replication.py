@@ -74,6 +74,11 @@ def test_a_message_sent_through_node_1_is_pushed_on_node_3(cluster_factory):
     yield wait_until(reactor, lambda: gone in bob_events and gone in elsewhere_events, 5,
                      "the deleted event on nodes 2 and 3")
     assert gone not in alice_events
+    # Bob reads her first message on node 3: both her sessions hear it was read.
+    assert (yield bob.mark_read([sent["message_id"]])) == {"marked": 1}
+    seen = {"event": "seen", "ids": [sent["message_id"]]}
+    yield wait_until(reactor, lambda: seen in alice_events and seen in elsewhere_events, 5,
+                     "the seen event on nodes 1 and 2")
     print(f"\npush latency node 1 -> node 3: {latency * 1000:.0f} ms (send to push)")
 
 
