@@ -53,12 +53,14 @@ def make(reactor, out, workdir):
             yield c.create_account(name, f"{name}-password")
             yield c.login(name, f"{name}-password")
         alice, bob, carol, dave = (clients[n] for n in ("alice", "bob", "carol", "dave"))
-        yield dave.send_message("alice", "Lunch on Friday?")
+        lunch = yield dave.send_message("alice", "Lunch on Friday?")
+        yield alice.mark_read([lunch["message_id"]])
         yield alice.send_message("dave", "Sure, 12:30 at the usual place.")
         yield alice.send_message("bob", "Morning! Did the cluster survive the night?")
         yield bob.send_message("alice", "It did. Node 3 was restarted twice and nobody noticed.")
         yield bob.send_message("alice", "Failover took about a second both times.")
         yield alice.send_message("bob", "Nice. And no duplicates after the retries?")
+        yield bob.read_messages()          # so her newest message to him shows "Read"
         yield bob.send_message("alice", "None: every retry carries the same client_msg_id, "
                                         "so the log applies it once.")
         yield carol.send_message("alice", "Are you joining the design review?")
