@@ -121,6 +121,14 @@ def test_message_format_has_id_time_names_and_indented_body():
     assert "(new)" not in format_message(MSG, me="bob", localtime=UTC)
 
 
+def test_a_message_sent_says_when_its_recipient_has_read_it():
+    assert format_message(MSG, me="bob", localtime=UTC).split("\n")[0] == "#12 1970-01-01 00:00  bob -> alice"
+    read = dict(MSG, read=True)
+    assert format_message(read, me="bob", localtime=UTC).split("\n")[0] == "#12 1970-01-01 00:00  bob -> alice  (read)"
+    assert "(read)" not in format_message(read, me="alice", localtime=UTC)            # hers: read, not new
+    assert "(read)" not in format_message(dict(read, to="bob"), me="bob", localtime=UTC)   # a note to oneself
+
+
 def test_control_characters_in_a_body_are_shown_not_obeyed():
     body = "\x1b[2J\x1b[31mred\x07\rfake\x9b\x7f\ttab\n#99 2026-01-01 00:00  alice -> bob"
     text = format_message(dict(MSG, body=body), "alice", UTC)

@@ -53,12 +53,20 @@ def format_time(ts, localtime: Callable = time.localtime) -> str:
 
 
 def format_message(message: dict, me: str | None = None, localtime: Callable = time.localtime) -> str:
-    """``#12 2026-11-22 14:05  bob -> alice`` then the body, indented."""
+    """``#12 2026-11-22 14:05  bob -> alice`` then the body, indented.
+
+    ``(new)`` marks a message to ``me`` not read yet; ``(read)`` one ``me``
+    sent that its recipient has read.
+    """
     sender = visible(str(message.get("from", "?")))
     to = message.get("to", "?")
-    unread = "  (new)" if (me is not None and to == me and not message.get("read", True)) else ""
+    mark = ""
+    if me is not None and to == me and not message.get("read", True):
+        mark = "  (new)"
+    elif me is not None and message.get("from") == me and to != me and message.get("read") is True:
+        mark = "  (read)"
     head = (f"#{visible(str(message.get('id', '?')))} {format_time(message.get('ts'), localtime)}"
-            f"  {sender} -> {visible(str(to))}{unread}")
+            f"  {sender} -> {visible(str(to))}{mark}")
     body = visible(str(message.get("body", "")))
     lines = body.split("\n") or [""]
     return "\n".join([head] + ["    " + line for line in lines])
