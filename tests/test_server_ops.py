@@ -5,7 +5,9 @@ import json
 import pytest
 
 from paxchat.interfaces import Unavailable
-from paxchat.server.sessions import token_hash
+from paxchat.limits import MAX_LIMIT
+from paxchat.server.push import EventPusher
+from paxchat.server.sessions import ConnectionRegistry, Session, token_hash
 from paxchat.state.chat import ChatState
 
 from .server_support import Server
@@ -360,6 +362,26 @@ def test_a_deleted_accounts_messages_go_from_their_senders_sessions(chat_server)
     assert carol.events()[before[carol]:] == [{"event": "deleted", "ids": [from_carol]}]
     # What bob sent stays with its recipient.
     assert [m["id"] for m in alice.ok("history")["messages"]] == [from_bob]
+
+
+def test_ids_past_a_requests_limit_come_in_several_events():
+    """A deleted account's senders may have sent it any number of messages."""
+    class Conn:
+        session = None
+
+        def __init__(self):
+            self.events = []
+
+        def send_event(self, event):
+            self.events.append(event)
+    registry = ConnectionRegistry()
+    alice = Conn()
+    registry.attach(alice, Session("alice", "hash-a", 1e12))
+    ids = list(range(1, MAX_LIMIT * 2 + 501))
+    EventPusher(registry)({"op": "delete_account", "username": "bob", "session": "hash-b"},
+                          {"ok": True, "result": {}, "effect": {"others": {"alice": ids}}})
+    assert [len(e["ids"]) for e in alice.events] == [MAX_LIMIT, MAX_LIMIT, 500]
+    assert [i for e in alice.events for i in e["ids"]] == ids
 
 
 @pytest.mark.parametrize("op,args", [

@@ -13,6 +13,8 @@ is dealt with by the protocol's output bound, never here.
 
 from twisted.logger import Logger
 
+from paxchat.limits import MAX_LIMIT
+
 log = Logger()
 
 # Ops whose effect the account's other sessions hear, and the event they hear.
@@ -81,9 +83,13 @@ class EventPusher:
         self._to_others(kind, effect.get("others"))
 
     def _to_others(self, kind, ids_by_user):
-        """Each account named, the event for its own ids."""
+        """Each account named, the event for its own ids: at most ``MAX_LIMIT``
+        an event, as a request names (a deleted account's senders may have
+        sent it any number)."""
         for other, ids in (ids_by_user or {}).items():
-            self._send(self._registry.of_user(other), {"event": kind, "ids": ids})
+            conns = self._registry.of_user(other)
+            for start in range(0, len(ids), MAX_LIMIT) if conns else ():
+                self._send(conns, {"event": kind, "ids": ids[start:start + MAX_LIMIT]})
 
     @staticmethod
     def _send(conns, event):
