@@ -42,7 +42,7 @@ from zope.interface import implementer
 from paxchat import closedpipe, tls
 from paxchat import config as configmod
 from paxchat.httpsite import listen_http
-from paxchat.lineage import IDENTITY_FILE, LINEAGE_FILE, PEER_IDENTITIES_FILE
+from paxchat.lineage import IDENTITY_FILE, LINEAGE_FILE, MEMBERS_FILE, PEER_IDENTITIES_FILE
 from paxchat.metrics import node_status
 
 __all__ = ["AdminResource", "AdminService", "AdminError", "main"]
@@ -575,8 +575,10 @@ def _restore_file(config, source, directory):
 
 # Not part of a copied data directory's content: the lock, the stamp and
 # identities (a restored node is a new one to its peers, paxchat/lineage.py),
-# the wal-index (SQLite rebuilds it), files left half written.
-_NOT_COPIED = ("lock", LINEAGE_FILE, IDENTITY_FILE, PEER_IDENTITIES_FILE, "state.sqlite3-shm")
+# the members (those of the cluster.ini the restore runs with), the
+# wal-index (SQLite rebuilds it), files left half written.
+_NOT_COPIED = ("lock", LINEAGE_FILE, IDENTITY_FILE, PEER_IDENTITIES_FILE, MEMBERS_FILE,
+               "state.sqlite3-shm")
 
 
 def _restore_directory(config, source, directory):
@@ -633,13 +635,16 @@ def _copy_directory(config, source, directory):
 
 def _make_data_directory(config, directory, make, lineage, errors):
     """Run ``make`` in a new data directory, stamp it last; on failure keep nothing."""
-    from paxchat.lineage import write_lineage
+    from paxchat.lineage import write_lineage, write_members
     try:
         config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         directory.mkdir(mode=0o700, exist_ok=True)
         os.chmod(directory, 0o700)         # one made empty beforehand may be open to others
         made = make()
         lineage = lineage or made
+        # Restoring every node is how a cluster's nodes change: the data
+        # joins the cluster this cluster.ini describes.
+        write_members(directory, config.nodes)
         # Last: a directory with its stamp is a complete restore. Nodes
         # restored from this backup speak to each other and to no other.
         write_lineage(directory, lineage)

@@ -21,6 +21,15 @@ another node, and has forgotten votes the others count on: it is refused
 in the same way until every node is restored from one backup, which gives
 each a new identity and forgets the old ones (``paxchat-admin restore``
 copies neither file).
+
+A node's data also records the cluster it belongs to: the *members*, the
+node ids its cluster.ini listed when the data was made. A majority of one
+set of nodes need not meet a majority of another, so nodes that disagree on
+the members can each choose a value for one slot. A node whose cluster.ini
+lists other nodes than its data records refuses to start: the members
+change only with every node stopped and restored from one copy
+(``paxchat-admin restore`` records the members of the cluster.ini it runs
+with), so that no node runs with the old set while another runs with the new.
 """
 
 import json
@@ -31,11 +40,12 @@ from pathlib import Path
 
 from paxchat.paxos.store import fsync_directory
 
-__all__ = ["IDENTITY", "IDENTITY_FILE", "LINEAGE_FILE", "PEER_IDENTITIES_FILE", "LineageError",
-           "describe", "read_lineage", "read_or_make_identity", "read_peer_identities",
-           "write_lineage", "write_peer_identities"]
+__all__ = ["IDENTITY", "IDENTITY_FILE", "LINEAGE_FILE", "MEMBERS_FILE", "PEER_IDENTITIES_FILE",
+           "LineageError", "check_members", "describe", "read_lineage", "read_or_make_identity",
+           "read_peer_identities", "write_lineage", "write_members", "write_peer_identities"]
 
 LINEAGE_FILE = "lineage"
+MEMBERS_FILE = "members"
 IDENTITY_FILE = "identity"
 PEER_IDENTITIES_FILE = "peer-identities"
 _VALID = re.compile(rb"[0-9a-f]{1,64}")
@@ -86,6 +96,42 @@ def read_or_make_identity(directory, node_id) -> bytes:
     identity = secrets.token_hex(16).encode("ascii")
     _write_durably(path, b"node %d %s\n" % (node_id, identity))
     return identity
+
+
+def check_members(directory, members, where="cluster.ini") -> None:
+    """Refuse (LineageError) to run the data in ``directory`` in a cluster of other
+    ``members`` (node ids) than it records; record them if it records none yet
+    (data made before the record was kept, or a new node)."""
+    path = Path(directory) / MEMBERS_FILE
+    raw = _read(path)
+    members = sorted(members)
+    if raw is None:
+        write_members(directory, members)
+        return
+    try:
+        recorded = [int(n) for n in raw.split()]
+    except ValueError:
+        recorded = []
+    if not recorded or recorded != sorted(set(recorded)):
+        raise LineageError(f"{path} is damaged: it should list the node ids of the cluster, "
+                           "in order")
+    if recorded != members:
+        raise LineageError(
+            f"this node's data belongs to a cluster of nodes {_ids(recorded)}, but {where} lists "
+            f"nodes {_ids(members)}. Nodes that disagree on the members can lose acknowledged "
+            "writes, so they change only with every node stopped and restored from one copy "
+            "(docs/operations.md, \"Changing the nodes of a cluster\"). If cluster.ini is "
+            "wrong, put it right.")
+
+
+def write_members(directory, members) -> None:
+    """Record ``members`` (node ids) as the cluster of the data in ``directory``, durably."""
+    _write_durably(Path(directory) / MEMBERS_FILE,
+                   " ".join(str(n) for n in sorted(members)).encode("ascii") + b"\n")
+
+
+def _ids(members):
+    return ", ".join(str(n) for n in members)
 
 
 def read_peer_identities(directory) -> dict:

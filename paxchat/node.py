@@ -15,8 +15,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from paxchat import clienttls, notify, tls
-from paxchat.lineage import (describe, read_lineage, read_or_make_identity, read_peer_identities,
-                             write_peer_identities)
+from paxchat.lineage import (check_members, describe, read_lineage, read_or_make_identity,
+                             read_peer_identities, write_peer_identities)
 from paxchat.metrics import MetricsService, find_service
 from paxchat.paxos.store import locked
 from paxchat.replicatedlog import ReplicatedLog
@@ -91,6 +91,8 @@ class NodeService(service.MultiService):
             if self.lineage:
                 log.info("node {node_id}'s data was {lineage}", node_id=self.node_id,
                          lineage=describe(self.lineage))
+            check_members(self.data_dir, self.config.nodes,
+                          where=str(self.config.source_name or self.config.path))
             self.identity = read_or_make_identity(self.data_dir, self.node_id)
             self._known_peers = read_peer_identities(self.data_dir)
             # Opened once here before anything is served; from now on only the

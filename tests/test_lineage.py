@@ -2,7 +2,8 @@
 
 import pytest
 
-from paxchat.lineage import LINEAGE_FILE, LineageError, describe, read_lineage, write_lineage
+from paxchat.lineage import (LINEAGE_FILE, MEMBERS_FILE, LineageError, check_members, describe, read_lineage,
+                             write_lineage, write_members)
 
 DIGEST = b"0123456789abcdef" * 4
 
@@ -65,3 +66,26 @@ def test_damaged_identity_files_stop_the_node(tmp_path, name, content):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(LineageError, match="damaged"):
         read_or_make_identity(tmp_path, 1) if name == "identity" else read_peer_identities(tmp_path)
+
+
+def test_the_members_are_recorded_the_first_time_and_then_held_to(tmp_path):
+    check_members(tmp_path, {3: "c", 1: "a", 2: "b"})             # a config's nodes: a dict by id
+    assert (tmp_path / MEMBERS_FILE).read_bytes() == b"1 2 3\n"
+    check_members(tmp_path, [2, 3, 1])
+    with pytest.raises(LineageError) as refused:
+        check_members(tmp_path, [1, 2, 3, 4, 5], where="/etc/paxchat/cluster.ini")
+    assert str(refused.value).startswith("this node's data belongs to a cluster of nodes 1, 2, 3, "
+                                         "but /etc/paxchat/cluster.ini lists nodes 1, 2, 3, 4, 5.")
+    assert "Changing the nodes of a cluster" in str(refused.value)
+    with pytest.raises(LineageError, match="nodes 1, 2, 3, but cluster.ini lists nodes 1, 2"):
+        check_members(tmp_path, [1, 2])
+    assert (tmp_path / MEMBERS_FILE).read_bytes() == b"1 2 3\n"   # a refusal changes nothing
+    write_members(tmp_path, [1, 2, 3, 4, 5])                        # what a restore does
+    check_members(tmp_path, [5, 4, 3, 2, 1])
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"one two\n", b"3 2 1\n", b"1 1 2\n", b"\xff"])
+def test_a_damaged_members_record_stops_the_node(tmp_path, content):
+    (tmp_path / MEMBERS_FILE).write_bytes(content)
+    with pytest.raises(LineageError, match="damaged"):
+        check_members(tmp_path, [1, 2, 3])

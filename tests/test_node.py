@@ -128,6 +128,24 @@ def test_the_lineage_stamp_reaches_the_peer_links_and_a_damaged_one_stops_the_st
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_cluster_ini_that_lists_other_nodes_than_the_data_records_stops_the_start(tmp_path):
+    from paxchat.lineage import MEMBERS_FILE, LineageError
+    cfg = make_cluster(tmp_path, client_tls=False)
+    node = NodeService(cfg, 1, reactor_())
+    node.startService()
+    yield node.stopService()
+    assert (cfg.node_data_dir(1) / MEMBERS_FILE).read_text() == "1 2\n"
+    # The same data under a cluster.ini with a third node: refused, nothing opened.
+    grown = configmod.load(write_local_config(tmp_path, nodes=3, client_tls="off", bcrypt_cost=4))
+    assert grown.node_data_dir(1) == cfg.node_data_dir(1)
+    node = NodeService(grown, 1, reactor_())
+    with pytest.raises(LineageError, match="belongs to a cluster of nodes 1, 2, but .* lists nodes 1, 2, 3"):
+        node.startService()
+    assert not node.running and node.state is None and node.log is None and node.port is None
+    assert (cfg.node_data_dir(1) / MEMBERS_FILE).read_text() == "1 2\n"
+
+
+@pytest_twisted.inlineCallbacks
 def test_nodes_keep_their_data_identity_and_remember_each_others(tmp_path):
     from twisted.internet import task
 
