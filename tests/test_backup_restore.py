@@ -103,11 +103,7 @@ def test_a_cluster_grows_from_three_nodes_to_five_by_a_restore_of_every_node(clu
     """docs/operations.md, "Changing the nodes of a cluster": a node of the
     three, started under a cluster.ini of five, refuses; every node of the
     five restored from one stopped node's copy serves the state of the three."""
-    cluster, leader = yield started(cluster_factory)
-    yield create_accounts(cluster, "alice", SINK)
-    alice = yield logged_in(cluster, "alice")
-    for i in range(20):
-        yield alice.send_message(SINK, f"before the backup {i}")
+    cluster, _, leader, _ = yield chatting(cluster_factory, 20, "before the backup")
     yield cluster.wait_applied_everywhere()
     yield cluster.close_clients()
     yield cluster.stop_gracefully()
