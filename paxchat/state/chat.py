@@ -36,10 +36,9 @@ so a new account with the same name never sees the old one's messages.
 A response may carry an ``effect`` beside its result: what the command
 changed that the node tells connections of (the messages ``mark_read`` or
 ``read_messages`` marked read and who sent them, those ``delete_messages``
-or ``delete_account`` removed and whose they were). It is
-neither stored nor answered, so the state's bytes and a resent write's
-stored answer stay what they were; a resent write that finds its answer
-has no effect.
+or ``delete_account`` removed and whose they were). It is neither stored
+nor answered, so the state's bytes and a resent write's stored answer stay
+what they were; a resent write that finds its answer has no effect.
 """
 
 import contextlib
@@ -465,6 +464,12 @@ class ChatState:
             self._add_unread(recipient, -1)
         return holders
 
+    def _unlink_noting(self, user, message_id, record, others):
+        """``_unlink`` for ``user``, noting the message under each other account that held it."""
+        for holder in self._unlink(message_id, record):
+            if holder != user:
+                others.setdefault(holder, []).append(message_id)
+
     @staticmethod
     def _unique_ids(ids):
         seen = set()
@@ -593,9 +598,7 @@ class ChatState:
                 continue
             record = self._message_record(message_id)
             if record is not None:
-                for holder in self._unlink(message_id, record):
-                    if holder != user:
-                        others.setdefault(holder, []).append(message_id)
+                self._unlink_noting(user, message_id, record, others)
                 deleted.append(message_id)
         if deleted:
             # The other party of each message loses it too.
@@ -620,9 +623,7 @@ class ChatState:
                 message_id = int(key[len(prefix):], 16)
                 record = self._message_record(message_id)
                 if record is not None and record[1] == user:
-                    for holder in self._unlink(message_id, record):
-                        if holder != user:
-                            others.setdefault(holder, []).append(message_id)
+                    self._unlink_noting(user, message_id, record, others)
         for key, _ in kv.scan(f"su/{user}/"):
             kv.delete("s/" + key[len(f"su/{user}/"):])
         for p in (prefix, f"p/{user}/", f"u/{user}/", f"d/{user}/", f"su/{user}/"):
