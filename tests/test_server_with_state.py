@@ -67,3 +67,72 @@ def test_random_sessions_against_the_real_state(steps):
                 assert all(message.get("event") in EVENTS for message in client.received())
         finally:
             state.close()
+
+
+def _check_event(event, user, state, parties):
+    """``event``, sent to a connection logged in as ``user``, is about ``user`` and true now."""
+    kind = event["event"]
+    assert user is not None, f"{kind} to a connection not logged in"
+    if kind in ("message", "sent"):
+        message = event["message"]
+        assert message[{"message": "to", "sent": "from"}[kind]] == user
+        return
+    for message_id in event.get("ids", ()):
+        sender, recipient = parties[message_id]
+        now = state.message(message_id)
+        if kind == "read":
+            assert recipient == user and now["read"] is True
+        elif kind == "seen":
+            assert sender == user != recipient and now["read"] is True
+        elif kind == "deleted":
+            assert user in (sender, recipient) and now is None
+
+
+@settings(max_examples=60)
+@given(steps=st.lists(st.tuples(st.integers(0, 2), REQUESTS), min_size=1, max_size=30))
+@example(steps=[(0, ("send_message", {"to": "bob", "body": "hi", "client_msg_id": None})),
+                (2, ("login", {"username": "alice", "password": "password-a"})),
+                (1, ("read_messages", {"limit": 5})),
+                (1, ("delete_messages", {"ids": [1]})),
+                (2, ("delete_account", {"password": "password-a"}))])
+@example(steps=[(0, ("send_message", {"to": "alice", "body": "hi", "client_msg_id": None})),
+                (2, ("login", {"username": "alice", "password": "password-a"})),
+                (2, ("mark_read", {"ids": [1]}))])
+def test_every_event_is_about_its_connections_account_and_true(steps):
+    """Whatever the requests, an event goes to a connection logged in as an
+    account it is about (a message to or from it, its own message read or
+    deleted), and says what the state shows right after the write."""
+    with tempfile.TemporaryDirectory() as directory:
+        state = ChatState.open(Path(directory) / "state.db")
+        try:
+            server = Server(state=state)
+            clients = [server.connect() for _ in range(3)]
+            who = [None, None, None]            # the account each connection is logged in as
+            for index, name, password in [(0, "alice", "password-a"), (1, "bob", "password-b")]:
+                clients[index].ok("create_account", username=name, password=password)
+                clients[index].ok("login", username=name, password=password)
+                who[index] = name
+            read_upto = [len(c.received()) for c in clients]
+            parties, tokens = {}, []
+            for index, (op, args) in steps:
+                if args.get("session") == "TOKEN" and tokens:
+                    args = {"session": tokens[-1][0]}
+                args = {k: v for k, v in args.items() if v is not None}
+                answer = clients[index].call(op, **args)
+                if answer["ok"] and op == "send_message":
+                    parties[answer["result"]["message_id"]] = (who[index], args["to"])
+                for j, client in enumerate(clients):
+                    new, read_upto[j] = client.received()[read_upto[j]:], len(client.inbox)
+                    for event in (m for m in new if "event" in m):
+                        _check_event(event, who[j], state, parties)
+                        if event["event"] == "session_ended":
+                            who[j] = None
+                if answer["ok"] and op == "login":
+                    who[index] = args["username"]
+                    tokens.append((answer["result"]["session"], args["username"]))
+                elif answer["ok"] and op == "resume":
+                    who[index] = dict(tokens)[args["session"]]
+                elif answer["ok"] and op in ("logout", "delete_account"):
+                    who[index] = None
+        finally:
+            state.close()
