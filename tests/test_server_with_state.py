@@ -1,4 +1,4 @@
-"""Random sequences of requests against the real ChatState: never an internal error."""
+"""Random sequences of requests against the real ChatState: never an internal error, never a false event."""
 
 import tempfile
 from pathlib import Path
