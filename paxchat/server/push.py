@@ -11,11 +11,7 @@ Pushing only queues bytes on a transport; a connection that does not read
 is dealt with by the protocol's output bound, never here.
 """
 
-from twisted.logger import Logger
-
 from paxchat.limits import MAX_LIMIT
-
-log = Logger()
 
 # Ops whose effect the account's other sessions hear, and the event they hear.
 _ELSEWHERE = {"mark_read": "read", "read_messages": "read", "delete_messages": "deleted"}
