@@ -439,9 +439,28 @@ def status_table(statuses):
                      _show(s.get("role")), _show(s.get("leader")), _show(ballot),
                      _show(s.get("commit_index")), _show(applied), _show(lag),
                      _show(s.get("clients")), f"{connected}/{len(peers)}" if peers else "-"])
+    notes += _apply_version_notes(up)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(lines + notes)
+
+
+def _apply_version_notes(up):
+    """A line while the nodes' builds and the cluster's apply version differ (an upgrade
+    under way, see paxchat/upgrades.py); none once they agree."""
+    versions = {n: s.get("apply_version") for n, s in up.items()}
+    versions = {n: v for n, v in versions.items() if isinstance(v, dict)}
+    builds = {n: v.get("build") for n, v in versions.items()}
+    known = [v["cluster"] for v in versions.values() if isinstance(v.get("cluster"), int)]
+    if not builds:
+        return []
+    cluster = max(known) if known else None
+    if len(set(builds.values())) == 1 and cluster == next(iter(builds.values())):
+        return []
+    runs = ", ".join(f"node {n} {b}" for n, b in sorted(builds.items()))
+    return [f"apply version: the cluster's is {_show(cluster, 'not known yet')}; the nodes'"
+            f" builds know {runs}. It rises once every node runs a build that knows a higher"
+            " one and has reported it."]
 
 
 def _refused_us(error):

@@ -108,6 +108,8 @@ def node_status(node):
     status["connections"] = len(connections) if connections is not None else None
     status["clients_turned_away"] = getattr(factory, "turned_away_total", None)
     status["clients_refused"] = getattr(factory, "refused_total", None)
+    versions = getattr(node, "versions", None)
+    status["apply_version"] = versions.status() if versions is not None else None
     status["running"] = bool(node.running)
     return status
 

@@ -24,6 +24,7 @@ from paxchat.server.factory import ChatServerFactory
 from paxchat.server.settings import ServerSettings
 from paxchat.state.chat import ChatState
 from paxchat.state.worker import StateWorker
+from paxchat.upgrades import VersionReporter
 
 log = Logger()
 
@@ -70,6 +71,8 @@ class NodeService(service.MultiService):
         # instant: the log's files close on their own thread).
         self.closing = defer.succeed(None)
         self.add_operations()
+        self.versions = VersionReporter(reactor, node_id, config.nodes, lambda: self.log)
+        self.versions.setServiceParent(self)
 
     @property
     def data_dir(self):
@@ -100,6 +103,7 @@ class NodeService(service.MultiService):
             # The Paxos log is the durable record: the state commits without
             # an fsync and is synced before the log is compacted past it.
             self.state = ChatState.open(str(self.data_dir / STATE_FILE), durable=False)
+            self.state.check_version()     # a downgrade past what the cluster runs stops here
             self.worker = StateWorker(self.reactor, self.state)
             self.log = self.make_command_log(self.worker)
             self.factory = ChatServerFactory(self.reactor, self.log, self.worker, self.settings)

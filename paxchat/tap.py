@@ -19,12 +19,13 @@ from paxchat import config as configmod
 from paxchat import logs, tls
 from paxchat.lineage import LineageError
 from paxchat.paxos.store import StorageError
+from paxchat.state.chat import NewerThanThisBuild
 
 log = Logger()
 
 # What a person can fix from the message alone; anything else also gets its traceback logged.
 _PLAIN_ERRORS = (configmod.ConfigError, tls.CertificateFilesError, OSError, CannotListenError,
-                 sqlite3.Error, LineageError, StorageError)
+                 sqlite3.Error, LineageError, StorageError, NewerThanThisBuild)
 
 
 class Options(usage.Options):

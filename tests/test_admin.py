@@ -104,6 +104,22 @@ def test_status_table():
         "node 4 turned away 7 client connections since it started: it held max_clients"]
 
 
+def test_status_says_so_while_the_nodes_builds_and_the_clusters_apply_version_differ():
+    def node(build, cluster):
+        return {"role": "follower", "applied_index": 5, "commit_index": 5,
+                "apply_version": {"build": build, "cluster": cluster, "reported": {},
+                                  "committed": True}}
+    agreed = {1: node(2, 2), 2: node(2, 2), 3: admin.AdminError("node 3 is down")}
+    assert not any(line.startswith("apply version")
+                   for line in admin.status_table(agreed).splitlines())
+    upgrading = {1: node(2, 1), 2: node(1, 1), 3: node(2, None)}
+    assert admin.status_table(upgrading).splitlines()[-1] == (
+        "apply version: the cluster's is 1; the nodes' builds know node 1 2, node 2 1, node 3 2."
+        " It rises once every node runs a build that knows a higher one and has reported it.")
+    unknown = {1: node(1, None)}
+    assert "the cluster's is not known yet" in admin.status_table(unknown)
+
+
 def test_a_node_that_refuses_the_certificate_is_shown_up_and_refusing_not_down():
     refusal = admin.AdminError("node 1 (10.0.0.1:7401): an admin certificate of the cluster CA is"
                                " needed", 403, {"error": "forbidden"})

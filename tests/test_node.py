@@ -10,8 +10,11 @@ from twisted.internet import defer, error, protocol
 from paxchat import config as configmod
 from paxchat import tls
 from paxchat.devcluster import write_local_config
+from paxchat.metrics import node_status
 from paxchat.node import CLIENT_BACKLOG, STATE_FILE, NodeService
+from paxchat.state.chat import APPLY_VERSION, ChatState, NewerThanThisBuild
 
+from .cluster_support import wait_until
 from .ops_support import connect, reactor_
 
 
@@ -54,6 +57,12 @@ def test_node_serves_clients_and_keeps_state_across_restarts(tmp_path, client_tl
         assert [n["id"] for n in hello["result"]["nodes"]] == [1, 2]
         created = yield client.request("create_account", username="alice", password="password1")
         assert created["ok"], created
+        # Both nodes reported their build's apply version, so the cluster moved to it.
+        yield wait_until(reactor_(), lambda: node.versions.cluster_version == APPLY_VERSION, 10,
+                         "the cluster's apply version")
+        assert node_status(node)["apply_version"] == {
+            "build": APPLY_VERSION, "cluster": APPLY_VERSION, "committed": True,
+            "reported": {"1": APPLY_VERSION, "2": APPLY_VERSION}}
 
     yield run_session(cfg, 2, first)
     data_dir = cfg.node_data_dir(2)
@@ -143,6 +152,26 @@ def test_a_cluster_ini_that_lists_other_nodes_than_the_data_records_stops_the_st
         node.startService()
     assert not node.running and node.state is None and node.log is None and node.port is None
     assert (cfg.node_data_dir(1) / MEMBERS_FILE).read_text() == "1 2\n"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_state_of_a_newer_apply_version_stops_the_start(tmp_path):
+    """A node downgraded after the cluster moved on must not apply (or answer from) what
+    it would read otherwise: it stops before anything is served."""
+    cfg = make_cluster(tmp_path, client_tls=False)
+    node = NodeService(cfg, 1, reactor_())
+    node.startService()
+    yield node.stopService()
+    state = ChatState.open(str(cfg.node_data_dir(1) / STATE_FILE))
+    with state.kv.transaction():
+        state.kv.put("#version", str(APPLY_VERSION + 1).encode())
+    state.close()
+    node = NodeService(cfg, 1, reactor_())
+    with pytest.raises(NewerThanThisBuild, match=f"apply version is {APPLY_VERSION + 1}"):
+        node.startService()
+    assert not node.running and node.log is None and node.port is None
+    yield node.closing
+    assert node.state is None
 
 
 @pytest_twisted.inlineCallbacks

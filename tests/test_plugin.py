@@ -222,6 +222,23 @@ def test_a_damaged_lineage_stamp_stops_the_node_in_one_line(tmp_path):
     assert sorted(p.name for p in data.iterdir()) == ["lineage"]      # nothing else was made
 
 
+def test_a_state_of_a_newer_apply_version_stops_the_node_in_one_line(tmp_path):
+    from paxchat.state.chat import APPLY_VERSION, ChatState
+    (tmp_path / "cluster.ini").write_text(INI)
+    data = tmp_path / "data" / "node-1"
+    data.mkdir(parents=True, mode=0o700)
+    state = ChatState.open(str(data / "state.sqlite3"))
+    with state.kv.transaction():
+        state.kv.put("#version", str(APPLY_VERSION + 1).encode())
+    state.close()
+    result = run_twistd(["-n", "--pidfile=", "paxchat", "--node", "1"], cwd=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert (f"paxchat node 1 could not start: the cluster's apply version is {APPLY_VERSION + 1}"
+            f" and this build knows versions up to {APPLY_VERSION}") in out
+    assert "Traceback" not in out
+
+
 # -- Options, in process ---------------------------------------------------
 
 def write_ini(tmp_path, text=INI):

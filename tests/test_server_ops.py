@@ -425,6 +425,8 @@ def test_a_write_whose_session_ended_underneath_logs_the_connection_out(server):
 def test_unknown_op_and_bad_op(server):
     client = server.connect()
     assert client.error("fly") == "unknown_op"
+    # Commands only a node makes are not ops of the client port.
+    assert client.error("node_version", node=1, version=99, members=[1]) == "unknown_op"
     assert client.answer(client.send(op=5)) ["error"]["code"] == "invalid_request"
     assert client.answer(client.send(op=None))["error"]["code"] == "invalid_request"
 

@@ -23,6 +23,8 @@ as 16 lowercase hex digits so key order is id order)::
     d/<user>/m/<client_msg>   send dedup: [message_id, ts]
     d/<user>/g/<dedup>        generic dedup: the first response
     x/<ms>/<user>/<m|g>/<key> when a dedup entry was made (ms: 12 hex digits)
+    v/<node>                  the apply version a node's build reported (decimal)
+    #version                  the cluster's apply version (decimal), absent = 0
 
 Dedup entries are kept for ``DEDUP_WINDOW_SECONDS`` after the write that
 made them (by the command's ``ts``): each keyed write removes a few of
@@ -39,6 +41,18 @@ changed that the node tells connections of (the messages ``mark_read`` or
 or ``delete_account`` removed and whose they were). It is neither stored
 nor answered, so the state's bytes and a resent write's stored answer stay
 what they were; a resent write that finds its answer has no effect.
+
+**Apply versions.** Nodes of two builds apply the same log during a
+rolling upgrade, so a build that changes what a command does must not do
+so until every node runs it: else the nodes' states part for good. Each
+build knows apply versions up to ``APPLY_VERSION``; each node reports its
+own into the log (``node_version``, sent by ``paxchat/upgrades.py``), and
+the cluster's apply version (``#version``) rises to the lowest one every
+member reported, never falls. A change to apply raises ``APPLY_VERSION``
+and does the new thing only where ``self.version()`` has reached it, so
+every node switches at the same log index. A node whose state went past
+its build's version (a downgrade after the cluster moved on) stops with
+L{NewerThanThisBuild} rather than apply commands it would misread.
 """
 
 import contextlib
@@ -71,6 +85,10 @@ _MAX_MS = 16 ** 12 - 1
 # built an answer of ~200 MB on the node. At least one message is always
 # listed, so a client paging through them always moves on.
 _MESSAGE_FIELDS_BYTES = 160
+# The apply versions this build knows (see "Apply versions" above). 1: the
+# first build that reports one; it applies every command as version 0 did.
+APPLY_VERSION = 1
+_MAX_VERSION = 2 ** 31 - 1
 
 
 def valid_username(name):
@@ -83,6 +101,21 @@ def ok(result):
 
 def error(code, message):
     return {"ok": False, "error": {"code": code, "message": message}}
+
+
+class NewerThanThisBuild(RuntimeError):
+    """The cluster's apply version is past this build's: stop rather than misapply.
+
+    Raised out of apply, never turned into an answer: the batch rolls back
+    and the node stops, to start again with a build that knows the version.
+    """
+
+    def __init__(self, version):
+        super().__init__(
+            f"the cluster's apply version is {version} and this build knows versions up to"
+            f" {APPLY_VERSION}: a node of the cluster ran a newer build; start this node with"
+            " a build at least as new (docs/deploy.md, Upgrading)")
+        self.version = version
 
 
 class Rejected(Exception):
@@ -189,6 +222,8 @@ COMMANDS = {
     "mark_read": {"session": _is_text, "username": _is_text, "ids": _is_ids},
     "delete_messages": {"session": _is_text, "username": _is_text, "ids": _is_ids},
     "delete_account": {"session": _is_text, "username": _is_text, "pw_hash": _is_text},
+    # Sent by a node, never by a client (the client port has no such op).
+    "node_version": {"node": _is_count, "version": _is_count, "members": _is_ids},
 }
 _OPTIONAL = {("logout", "username"), ("send_message", "client_msg_id")}
 
@@ -231,7 +266,7 @@ class ChatState:
     def __init__(self, kv):
         self.kv = kv
         # Read by every write: the writer's session, the recipient's account, the id counter.
-        kv.cache_keys(("s/", "a/", "#msgid"))
+        kv.cache_keys(("s/", "a/", "#msgid", "#version"))
         self._handlers = {op: getattr(self, "_op_" + op) for op in COMMANDS}
         self._effect = None          # set by a handler: see "effect" above
 
@@ -254,6 +289,17 @@ class ChatState:
     def applied_index(self):
         return self.kv.applied_index()
 
+    def version(self):
+        """The cluster's apply version as this state has it (0 before any was agreed)."""
+        raw = self.kv.get("#version")
+        return 0 if raw is None else int(raw)
+
+    def check_version(self):
+        """Raise L{NewerThanThisBuild} if this build cannot apply to this state."""
+        version = self.version()
+        if version > APPLY_VERSION:
+            raise NewerThanThisBuild(version)
+
     # -- applying --------------------------------------------------------
 
     def apply_entries(self, entries, grouped=False):
@@ -273,6 +319,7 @@ class ChatState:
         results = []
         try:
             with (kv.group(len(entries)) if grouped else kv.transaction()):
+                self.check_version()        # a snapshot of a newer cluster may have come
                 applied = start = kv.applied_index()
                 for index, commands in entries:
                     if index <= applied:
@@ -330,7 +377,7 @@ class ChatState:
             if self._effect is not None:
                 response["effect"] = self._effect
             return response
-        except sqlite3.Error:
+        except (sqlite3.Error, NewerThanThisBuild):
             raise
         except Exception as e:
             if not savepoint and kv.writes != writes:
@@ -634,6 +681,28 @@ class ChatState:
             # Its senders lose what they sent it.
             self._effect = {"others": others}
         return {}
+
+    def _op_node_version(self, c):
+        """A node's build knows apply versions up to ``version``; ``members`` are its cluster's
+        node ids. The cluster moves to the lowest version all of them reported, if higher."""
+        node, members = c["node"], sorted(set(c["members"]))
+        if node not in members:
+            raise Rejected("invalid_request", "node_version: the node is not one of the members")
+        if c["version"] > _MAX_VERSION:
+            raise Rejected("invalid_request", f"node_version: a version is at most {_MAX_VERSION}")
+        kv = self.kv
+        kv.put(f"v/{node}", str(c["version"]).encode("ascii"))
+        reported = {m: kv.get(f"v/{m}") for m in members}
+        version = self.version()
+        if None not in reported.values():
+            agreed = min(int(raw) for raw in reported.values())
+            if agreed > version:
+                kv.put("#version", str(agreed).encode("ascii"))
+                version = agreed
+        if version > APPLY_VERSION:
+            raise NewerThanThisBuild(version)
+        return {"version": version,
+                "reported": {str(m): None if raw is None else int(raw) for m, raw in reported.items()}}
 
     # -- reads -----------------------------------------------------------
 
