@@ -1258,3 +1258,69 @@ def test_the_report_that_moves_the_cluster_past_this_build_is_not_applied(state,
     monkeypatch.setattr(chat, "APPLY_VERSION", 2)
     results = state.apply_entries(entries, grouped=True)
     assert results[1][0]["result"]["version"] == 2 and state.version() == 2
+
+
+# -- read receipts, an account setting (apply version 1) -----------------------
+
+def receipts(state, who, on):
+    return op(state, "set_settings", who, read_receipts=on)
+
+
+def at_version_1(state):
+    ok(report(state, 1, 1, members=[1]))
+
+
+def test_set_settings_is_unknown_until_every_node_knows_it(state):
+    user(state, "alice")
+    before = everything(state)
+    assert code(receipts(state, "alice", False)) == "unknown_op"
+    # As a build without the op answers, whatever the fields.
+    assert code(op(state, "set_settings", "alice", read_receipts="no")) == "unknown_op"
+    assert everything(state) == before
+    at_version_1(state)
+    assert code(op(state, "set_settings", "alice", read_receipts="no")) == "invalid_request"
+    assert ok(receipts(state, "alice", False)) == {"read_receipts": False}
+    assert state.settings("alice") == {"read_receipts": False}
+    assert ok(receipts(state, "alice", True)) == {"read_receipts": True}
+    assert state.settings("bob") == {"read_receipts": True}
+
+
+def test_a_reader_with_receipts_off_tells_no_sender_and_its_senders_see_no_read(state):
+    at_version_1(state)
+    for name in ("alice", "bob", "carol"):
+        user(state, name)
+    first = ok(send(state, "alice", "bob"))["message_id"]
+    second = ok(send(state, "carol", "bob"))["message_id"]
+    ok(receipts(state, "bob", False))
+    response = op(state, "mark_read", "bob", ids=[first])
+    assert response["effect"] == {"ids": [first], "senders": {}}
+    response = op(state, "read_messages", "bob", limit=5)
+    assert response["effect"] == {"ids": [second], "senders": {}}
+    assert [m["read"] for m in state.history("alice")] == [False]
+    assert [m["read"] for m in state.history("bob")] == [True, True]      # his own reads show
+    ok(receipts(state, "bob", True))                   # the fact was kept: it shows again
+    assert [m["read"] for m in state.history("alice")] == [True]
+
+
+def test_a_sender_with_receipts_off_is_told_of_no_read_and_sees_none(state):
+    at_version_1(state)
+    user(state, "alice")
+    user(state, "bob")
+    ok(receipts(state, "alice", False))
+    message_id = ok(send(state, "alice", "bob"))["message_id"]
+    to_self = ok(send(state, "alice", "alice"))["message_id"]
+    assert op(state, "mark_read", "bob", ids=[message_id])["effect"]["senders"] == {}
+    assert {m["id"]: m["read"] for m in state.history("alice")} == {message_id: False,
+                                                                      to_self: False}
+    op(state, "mark_read", "alice", ids=[to_self])
+    assert {m["id"]: m["read"] for m in state.history("alice")}[to_self] is True
+
+
+def test_a_deleted_account_leaves_no_setting_to_its_namesake(state):
+    at_version_1(state)
+    user(state, "alice")
+    ok(receipts(state, "alice", False))
+    ok(op(state, "delete_account", "alice", pw_hash="hash-x"))
+    assert state.kv.scan("r/") == []
+    user(state, "alice")
+    assert state.settings("alice") == {"read_receipts": True}

@@ -318,6 +318,38 @@ def test_the_sender_of_a_message_hears_once_that_it_was_read(chat_server):
     assert all(m["read"] for m in alice.ok("history")["messages"])
 
 
+def report_every_node(server):
+    """Apply version 1, as once every node (of a one-node cluster) reported it."""
+    server.log.submit({"op": "node_version", "node": 1, "version": 1, "members": [1]})
+    assert server.state.version() == 1
+
+
+def test_settings_wait_for_the_upgrade_and_then_turn_read_receipts_off(chat_server):
+    server = chat_server
+    alice, alice_phone = logged_in(server, "alice"), logged_in(server, "alice")
+    bob = logged_in(server, "bob")
+    assert alice.ok("get_settings") == {"read_receipts": True}
+    assert alice.error("set_settings", read_receipts=False) == "upgrade_in_progress"
+    assert alice.ok("get_settings") == {"read_receipts": True}
+    report_every_node(server)
+    assert alice.error("set_settings", read_receipts="off") == "invalid_request"
+    assert alice.error("set_settings") == "invalid_request"
+    assert alice.ok("set_settings", read_receipts=False, client_msg_id="s1") == {"read_receipts": False}
+    assert alice.ok("set_settings", read_receipts=False, client_msg_id="s1") == {"read_receipts": False}
+    assert alice_phone.ok("get_settings") == {"read_receipts": False}
+    assert bob.ok("get_settings") == {"read_receipts": True}
+    # Bob's message read by alice: bob is not told, and his history shows it unread.
+    message_id = bob.ok("send_message", to="alice", body="hi")["message_id"]
+    before = len(bob.events())
+    assert alice.ok("mark_read", ids=[message_id]) == {"marked": 1}
+    assert bob.events()[before:] == []
+    assert [m["read"] for m in bob.ok("history")["messages"]] == [False]
+    assert [m["read"] for m in alice.ok("history")["messages"]] == [True]
+    alice.ok("set_settings", read_receipts=True)
+    assert [m["read"] for m in bob.ok("history")["messages"]] == [True]
+    assert server.connect().error("get_settings") == "not_logged_in"
+
+
 def test_a_deleted_message_goes_from_its_other_partys_sessions(chat_server):
     server = chat_server
     alice = logged_in(server, "alice")

@@ -29,6 +29,8 @@ REQUESTS = st.one_of(
               st.none() | NAMES, SMALL, SMALL),
     st.builds(lambda ids: ("delete_messages", {"ids": ids}), IDS),
     st.builds(lambda p: ("delete_account", {"password": p}), PASSWORDS),
+    st.just(("get_settings", {})),
+    st.builds(lambda on: ("set_settings", {"read_receipts": on}), st.booleans() | st.just("no")),
 )
 
 
@@ -84,6 +86,8 @@ def _check_event(event, user, state, parties):
             assert recipient == user and now["read"] is True
         elif kind == "seen":
             assert sender == user != recipient and now["read"] is True
+            # Told only while both have read receipts on.
+            assert state.settings(sender)["read_receipts"] and state.settings(recipient)["read_receipts"]
         elif kind == "deleted":
             assert user in (sender, recipient) and now is None
 
@@ -98,6 +102,10 @@ def _check_event(event, user, state, parties):
 @example(steps=[(0, ("send_message", {"to": "alice", "body": "hi", "client_msg_id": None})),
                 (2, ("login", {"username": "alice", "password": "password-a"})),
                 (2, ("mark_read", {"ids": [1]}))])
+# bob turns read receipts off and reads alice's message: alice is not told.
+@example(steps=[(1, ("set_settings", {"read_receipts": False})),
+                (0, ("send_message", {"to": "bob", "body": "hi", "client_msg_id": None})),
+                (1, ("read_messages", {"limit": 5}))])
 def test_every_event_is_about_its_connections_account_and_true(steps):
     """Whatever the requests, an event goes to a connection logged in as an
     account it is about (a message to or from it, its own message read or
@@ -106,6 +114,8 @@ def test_every_event_is_about_its_connections_account_and_true(steps):
         state = ChatState.open(Path(directory) / "state.db")
         try:
             server = Server(state=state)
+            # Every node (the one) knows settings: set_settings applies.
+            server.log.submit({"op": "node_version", "node": 1, "version": 1, "members": [1]})
             clients = [server.connect() for _ in range(3)]
             who = [None, None, None]            # the account each connection is logged in as
             for index, name, password in [(0, "alice", "password-a"), (1, "bob", "password-b")]:

@@ -14,6 +14,9 @@ BAD_CREDENTIALS = "bad_credentials"
 BAD_SESSION = "bad_session"
 NO_SUCH_USER = "no_such_user"
 BODY_TOO_LARGE = "body_too_large"
+# An op the node knows that the cluster does not apply yet: some node still
+# runs an earlier build (docs/deploy.md, Upgrading).
+UPGRADE_IN_PROGRESS = "upgrade_in_progress"
 
 
 class ProtocolError(Exception):

@@ -30,8 +30,8 @@ from paxchat.interfaces import Unavailable
 from . import validation as V
 from .errors import (
     BAD_CREDENTIALS, BAD_SESSION, BODY_TOO_LARGE, INVALID_PASSWORD, INVALID_USERNAME,
-    NO_SUCH_USER, NOT_LOGGED_IN, RATE_LIMITED, UNAVAILABLE, UNKNOWN_OP, USERNAME_TAKEN,
-    ProtocolError,
+    NO_SUCH_USER, NOT_LOGGED_IN, RATE_LIMITED, UNAVAILABLE, UNKNOWN_OP, UPGRADE_IN_PROGRESS,
+    USERNAME_TAKEN, ProtocolError,
 )
 from .sessions import Session, new_token, token_hash
 
@@ -70,6 +70,8 @@ class Handlers:
             "history": self.history,
             "delete_messages": self.delete_messages,
             "delete_account": self.delete_account,
+            "get_settings": self.get_settings,
+            "set_settings": self.set_settings,
         }
 
     def dispatch(self, conn, op, request):
@@ -323,6 +325,26 @@ class Handlers:
         session = await self._read_barrier(conn)
         page = await self._read(conn, "history_page", session.username, peer, before, limit)
         return {"messages": list(page["messages"]), "more": page["more"]}
+
+    async def get_settings(self, conn, request):
+        self._session(conn)
+        session = await self._read_barrier(conn)
+        return dict(await self._read(conn, "settings", session.username))
+
+    async def set_settings(self, conn, request):
+        session = self._session(conn)
+        read_receipts = V.boolean(request, "read_receipts")
+        client_msg_id = V.client_msg_id(request)
+        self._limit_write(conn, session.username)
+        response = await self._submit(self._with_dedup({
+            "op": "set_settings", "session": session.session_hash,
+            "username": session.username, "read_receipts": read_receipts,
+        }, client_msg_id))
+        if response.get("error", {}).get("code") == UNKNOWN_OP:
+            # The state applies it only once every node runs a build that knows it.
+            raise ProtocolError(UPGRADE_IN_PROGRESS, "not every node of the cluster runs a build"
+                                " that has settings yet; try again once the upgrade is done")
+        return self._result(conn, response, session)
 
     async def delete_account(self, conn, request):
         session = self._session(conn)

@@ -91,6 +91,13 @@ def integer(request, name, low, high, default=_MISSING):
     return value
 
 
+def boolean(request, name):
+    value = _get(request, name, _MISSING)
+    if type(value) is not bool:
+        raise invalid(f"{name!r} must be true or false")
+    return value
+
+
 def optional_integer(request, name, low, high):
     if request.get(name) is None:
         return None

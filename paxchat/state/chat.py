@@ -23,6 +23,7 @@ as 16 lowercase hex digits so key order is id order)::
     d/<user>/m/<client_msg>   send dedup: [message_id, ts]
     d/<user>/g/<dedup>        generic dedup: the first response
     x/<ms>/<user>/<m|g>/<key> when a dedup entry was made (ms: 12 hex digits)
+    r/<user>                  the account turned read receipts off (absent: on)
     v/<node>                  the apply version a node's build reported (decimal)
     #version                  the cluster's apply version (decimal), absent = 0
 
@@ -85,8 +86,8 @@ _MAX_MS = 16 ** 12 - 1
 # built an answer of ~200 MB on the node. At least one message is always
 # listed, so a client paging through them always moves on.
 _MESSAGE_FIELDS_BYTES = 160
-# The apply versions this build knows (see "Apply versions" above). 1: the
-# first build that reports one; it applies every command as version 0 did.
+# The apply versions this build knows (see "Apply versions" above). 1: nodes
+# report theirs (node_version); set_settings (an account's read receipts).
 APPLY_VERSION = 1
 _MAX_VERSION = 2 ** 31 - 1
 
@@ -205,9 +206,13 @@ def _is_opt_text(v):
     return v is None or _is_text(v)
 
 
+def _is_bool(v):
+    return isinstance(v, bool)
+
+
 _TYPE_NAMES = {
     _is_text: "a string", _is_number: "a number", _is_count: "a non-negative integer",
-    _is_ids: "a list of integers", _is_opt_text: "a string or null",
+    _is_ids: "a list of integers", _is_opt_text: "a string or null", _is_bool: "true or false",
 }
 
 # op -> {field: check}; fields listed with a default may be omitted.
@@ -222,21 +227,28 @@ COMMANDS = {
     "mark_read": {"session": _is_text, "username": _is_text, "ids": _is_ids},
     "delete_messages": {"session": _is_text, "username": _is_text, "ids": _is_ids},
     "delete_account": {"session": _is_text, "username": _is_text, "pw_hash": _is_text},
+    "set_settings": {"session": _is_text, "username": _is_text, "read_receipts": _is_bool},
     # Sent by a node, never by a client (the client port has no such op).
     "node_version": {"node": _is_count, "version": _is_count, "members": _is_ids},
 }
+# Ops added after version 0, and the cluster's apply version they need: below
+# it they answer as a build without them does.
+_SINCE = {"set_settings": 1}
 _OPTIONAL = {("logout", "username"), ("send_message", "client_msg_id")}
 
 
-def validate(command):
-    """Raise L{Rejected} unless ``command`` is well-formed; returns its op."""
+def validate(command, version=lambda: APPLY_VERSION):
+    """Raise L{Rejected} unless ``command`` is well-formed; returns its op.
+
+    ``version()``: the cluster's apply version; an op that needs a later one
+    is unknown, as to a build without it."""
     if not isinstance(command, dict):
         raise Rejected("invalid_request", "a command must be an object")
     op = command.get("op")
     if not isinstance(op, str):
         raise Rejected("invalid_request", "missing or mistyped field 'op'")
     fields = COMMANDS.get(op)
-    if fields is None:
+    if fields is None or (op in _SINCE and _SINCE[op] > version()):
         raise Rejected("unknown_op", f"no such op: {op[:64]!r}")
     for name, check in fields.items():
         if name not in command:
@@ -390,7 +402,7 @@ class ChatState:
             return error("internal", "internal error while applying the command")
 
     def _dispatch(self, command):
-        op = validate(command)
+        op = validate(command, self.version)
         dedup = command.get("dedup")
         dedup_key = None
         if dedup is not None:
@@ -628,14 +640,26 @@ class ChatState:
     def _read_effect(self, user, read):
         """``read``: ``(message_id, sender)`` of what ``user`` just read. Its
         other sessions are told the ids, and each sender that still holds
-        the message, which of its messages were read."""
+        the message, which of its messages were read, if both have read
+        receipts on."""
         if not read:
             return
         senders = {}
-        for message_id, sender in read:
-            if sender != user and self.kv.get(f"h/{sender}/{_mid(message_id)}") is not None:
-                senders.setdefault(sender, []).append(message_id)
+        if self._sends_receipts(user):
+            receipts = {}
+            for message_id, sender in read:
+                if sender == user or self.kv.get(f"h/{sender}/{_mid(message_id)}") is None:
+                    continue
+                if sender not in receipts:
+                    receipts[sender] = self._sends_receipts(sender)
+                if receipts[sender]:
+                    senders.setdefault(sender, []).append(message_id)
         self._effect = {"ids": [message_id for message_id, _ in read], "senders": senders}
+
+    def _sends_receipts(self, user):
+        """Whether ``user`` has read receipts on: its reads are told to their senders, and
+        it is told of its messages read (both parties must have them on)."""
+        return self.kv.get("r/" + user) is None
 
     def _op_delete_messages(self, c):
         user = self._check_session(c, "username")
@@ -677,10 +701,19 @@ class ChatState:
             kv.delete_prefix(p)
         kv.delete("a/" + user)
         kv.delete("n/" + user)
+        kv.delete("r/" + user)
         if others:
             # Its senders lose what they sent it.
             self._effect = {"others": others}
         return {}
+
+    def _op_set_settings(self, c):
+        user = self._check_session(c, "username")
+        if c["read_receipts"]:
+            self.kv.delete("r/" + user)
+        else:
+            self.kv.put("r/" + user, b"")
+        return self.settings(user)
 
     def _op_node_version(self, c):
         """A node's build knows apply versions up to ``version``; ``members`` are its cluster's
@@ -748,6 +781,10 @@ class ChatState:
                                       after=("a/" + after) if after else None, limit=limit + 1)
         return [key[2:] for key in keys[:limit]], len(keys) > limit
 
+    def settings(self, username):
+        """``{"read_receipts": bool}``: an account's settings (the defaults for no account)."""
+        return {"read_receipts": not valid_username(username) or self._sends_receipts(username)}
+
     def history(self, username, peer=None, before=None, limit=50):
         """Messages ``username`` sent or received, newest first (see L{history_page})."""
         return self.history_page(username, peer, before, limit)["messages"]
@@ -758,7 +795,8 @@ class ChatState:
 
         ``peer`` keeps only those exchanged with that name; ``before`` keeps
         ids below it. A page also ends early once its messages weigh
-        ``MAX_ANSWER_MESSAGE_BYTES``.
+        ``MAX_ANSWER_MESSAGE_BYTES``. A message ``username`` sent to another
+        shows ``read`` only while both have read receipts on.
         """
         done = {"messages": [], "more": False}
         if not valid_username(username) or (peer is not None and not valid_username(peer)):
@@ -771,6 +809,7 @@ class ChatState:
             bound = prefix + _mid(min(before, MAX_MESSAGE_ID + 1))
         messages = []
         weight = 0
+        receipts = {username: self._sends_receipts(username)}
         rows = self.kv.scan(prefix, before=bound, limit=limit + 1, reverse=True)
         for key, _ in rows[:limit]:
             message_id = int(key[len(prefix):], 16)
@@ -780,7 +819,13 @@ class ChatState:
             weight += _answer_bytes(record[2])
             if messages and weight > MAX_ANSWER_MESSAGE_BYTES:
                 return {"messages": messages, "more": True}
-            messages.append(self._message(message_id, record))
+            message = self._message(message_id, record)
+            recipient = record[1]
+            if message["read"] and record[0] == username != recipient:
+                if recipient not in receipts:
+                    receipts[recipient] = self._sends_receipts(recipient)
+                message["read"] = receipts[username] and receipts[recipient]
+            messages.append(message)
         return {"messages": messages, "more": len(rows) > limit}
 
     # -- whole-state operations -----------------------------------------
