@@ -164,7 +164,8 @@ def test_empty_lists_say_so():
 def test_every_error_code_has_a_sentence_and_none_is_a_traceback():
     for code in ("invalid_username", "invalid_password", "username_taken", "bad_credentials",
                  "no_such_user", "body_too_large", "not_logged_in", "unavailable", "rate_limited",
-                 "invalid_request", "unknown_op", "frame_too_large", "internal", "bad_session"):
+                 "invalid_request", "unknown_op", "frame_too_large", "internal", "bad_session",
+                 "upgrade_in_progress"):
         assert code in ERROR_SENTENCES
         sentence = explain(ServerError(code, "details"))
         assert sentence[0].isupper() and "Traceback" not in sentence
@@ -419,6 +420,46 @@ def test_shell_history_list_delete_parsing():
     shell.handle("delete #3 4")
     assert client.calls[-1] == ("delete_messages", ([3, 4],), {})
     assert lines[-1] == "Deleted 2 message(s)."
+
+
+def test_settings_one_shot_and_at_the_prompt():
+    client = StubClient({"login": {"session": "t"}, "get_settings": {"read_receipts": True},
+                         "set_settings": {"read_receipts": False}})
+    con, out, err, _ = console(env={"PAXCHAT_PASSWORD": "pw-123456"})
+    run(client, parse("--user", "alice", "settings"), con)
+    run(client, parse("--user", "alice", "settings", "--read-receipts", "OFF"), con)
+    assert [c for c in client.calls if c[0] != "login"] == [
+        ("get_settings", (), {}), ("set_settings", (False,), {})]
+    assert out == ["read receipts: on", "read receipts: off"]
+    with pytest.raises(SystemExit):
+        parse("settings", "--read-receipts", "maybe")
+    client.calls.clear()
+    shell, lines = shell_with(client)
+    shell.handle("receipts")
+    shell.handle("receipts off")
+    shell.handle("receipts sometimes")
+    assert client.calls == [("get_settings", (), {}), ("set_settings", (False,), {})]
+    assert lines == ["read receipts: on", "read receipts: off", "Usage: receipts [on|off]"]
+
+
+def test_settings_during_an_upgrade_say_why_they_wait():
+    client = StubClient({"login": {"session": "t"},
+                         "set_settings": ServerError("upgrade_in_progress", "not every node")})
+    shell, lines = shell_with(client)
+    shell.handle("receipts off")
+    assert lines[-1] == "Error: " + ERROR_SENTENCES["upgrade_in_progress"]
+
+
+def test_shell_prints_which_of_your_messages_were_read_or_deleted():
+    client = StubClient()
+    client.username = "alice"
+    shell, lines = shell_with(client)
+    shell.on_event({"event": "seen", "ids": [12, 13]})
+    shell.on_event({"event": "deleted", "ids": [4]})
+    shell.on_event({"event": "read", "ids": [5]})           # her own reads elsewhere: nothing
+    shell.on_event({"event": "seen", "ids": ["x"]})
+    assert lines == ["Read by its recipient: #12, #13", "Deleted: #4"]
+    assert client.calls == []
 
 
 def test_typed_ahead_lines_go_to_password_prompts_in_order():

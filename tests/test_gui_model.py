@@ -562,6 +562,43 @@ def test_the_newest_message_sent_says_whether_its_recipient_has_read_it():
     assert receipts() == []
 
 
+def test_read_receipts_are_loaded_at_login_and_turned_off_from_the_menu():
+    from paxchat.client.errors import ServerError
+    clock, model, client, ctl = controller()
+    client.auto = {"login": {"session": "t", "unread": 0}, "history": {"messages": []},
+                   "get_settings": {"read_receipts": True}}
+    assert model.read_receipts is None                # not known: the menu leaves it alone
+    ctl.log_in("alice", "pw-123456")
+    assert model.read_receipts is True
+    model.add_messages([msg(3, "alice", "bob", read=True)])
+    model.open("bob")
+    receipt = lambda: [b["receipt"] for b in model.bubbles() if b["receipt"]]  # noqa: E731
+    assert receipt() == ["Read"]
+    changes = []
+    model.on_change = changes.append
+    ctl.set_read_receipts(False)
+    assert client.last("set_settings")[1] == (False,)
+    assert model.read_receipts is True                # until the server says so
+    client.last("set_settings")[3].callback({"read_receipts": False})
+    assert model.read_receipts is False and {"settings", "conversation"} in changes
+    assert receipt() == ["Sent"]                      # as the server shows it now
+    # Refused (an upgrade under way): the menu goes back to what it was, and says why.
+    ctl.set_read_receipts(True)
+    client.last("set_settings")[3].errback(ServerError("upgrade_in_progress", "not yet"))
+    assert model.read_receipts is False and "upgrade" in model.error
+    model.signed_out()
+    assert model.read_receipts is None
+
+
+def test_a_server_without_settings_leaves_them_unknown():
+    from paxchat.client.errors import ServerError
+    clock, model, client, ctl = controller()
+    client.auto = {"login": {"session": "t", "unread": 0}, "history": {"messages": []},
+                   "get_settings": ServerError("unknown_op", "no such op")}
+    ctl.log_in("alice", "pw-123456")
+    assert model.screen == "chats" and model.read_receipts is None and model.error == ""
+
+
 def test_the_leader_in_the_status_bar_is_asked_for_every_few_seconds():
     clock, model, client, ctl = controller()
     hellos = lambda: len([c for c in client.calls if c[0] == "hello"])  # noqa: E731

@@ -20,7 +20,7 @@ def canvas_texts(canvas):
 @pytest_twisted.inlineCallbacks
 def test_chat_in_the_window(node, tmp_path):
     import tkinter as tk
-    from twisted.internet import reactor, tksupport
+    from twisted.internet import reactor, task, tksupport
     from paxchat.client.gui import ChatApp, client_maker
     from .xvfb import can_screenshot, shared_xvfb
 
@@ -142,6 +142,27 @@ def test_chat_in_the_window(node, tmp_path):
             yield wait_for(lambda: any("wrong window" in t for t in canvas_texts(app.canvas)), 10)
             yield bob.delete_messages([oops["message_id"]])
             yield wait_for(lambda: not any("wrong window" in t for t in canvas_texts(app.canvas)), 10)
+
+            # Read receipts off from the Account menu: "Read" goes, on both sides.
+            @defer.inlineCallbacks
+            def bob_sees(read):
+                """Poll until every message bob sent alice shows ``read`` to him."""
+                deadline = reactor.seconds() + 10
+                while True:
+                    page = yield bob.history(peer="alice", limit=5)
+                    flags = [m["read"] for m in page["messages"] if m["from"] == "bob"]
+                    if flags and all(flag is read for flag in flags):
+                        return
+                    assert reactor.seconds() < deadline, f"bob sees {flags}"
+                    yield task.deferLater(reactor, 0.05, lambda: None)
+            yield wait_for(lambda: model.read_receipts is True, 10)
+            assert app.read_receipts.get() is True
+            yield bob_sees(True)                            # alice has read what bob sent
+            app.account_menu.invoke(app.account_menu.index("Read receipts"))
+            yield wait_for(lambda: model.read_receipts is False, 10)
+            assert app.read_receipts.get() is False
+            yield wait_for(lambda: receipt() == ["Sent"], 5)
+            yield bob_sees(False)
 
             # A message the server refuses (its recipient was deleted) goes back into the compose box.
             carol = client_for(node)

@@ -212,6 +212,12 @@ class PaxchatClient:
     def delete_account(self, password: str, client_msg_id: str | None = None):
         return self._call("delete_account", {"password": password}, client_msg_id)
 
+    def get_settings(self):
+        return self._call("get_settings", {})
+
+    def set_settings(self, read_receipts: bool, client_msg_id: str | None = None):
+        return self._call("set_settings", {"read_receipts": read_receipts}, client_msg_id)
+
     # -- connection lifecycle --------------------------------------------------
 
     @property

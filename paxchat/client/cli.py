@@ -5,6 +5,7 @@
     paxchat --config cluster.ini --user alice send bob "hi"
     paxchat --config cluster.ini --user alice read | history [--peer bob] | list 'a*'
     paxchat --config cluster.ini --user alice delete 12 13 | delete-account | logout
+    paxchat --config cluster.ini --user alice settings [--read-receipts on|off]
 
 Every failure is one line on stderr (exit status 1; 2 for usage and config
 mistakes), never a traceback.
@@ -23,7 +24,9 @@ from twisted.internet import defer
 from paxchat import closedpipe
 
 from .checks import check_body, check_limit, check_pattern
-from .cli_format import HISTORY_LIMIT, READ_LIMIT, format_accounts, format_messages, older_hint, sent
+from .cli_format import (
+    HISTORY_LIMIT, READ_LIMIT, format_accounts, format_messages, format_settings, older_hint, sent,
+)
 from .credentials import NoPassword, SessionCache, ask_without_echo, get_password
 from .errors import ServerError
 from .explain import explain
@@ -74,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ids", nargs="+", type=_positive, metavar="ID")
     sub.add_parser("delete-account", help="delete your account (asks for the password)")
     sub.add_parser("logout", help="end the cached session")
+    p = sub.add_parser("settings", help="show your settings, or change one")
+    p.add_argument("--read-receipts", type=_on_off, metavar="on|off",
+                   help="tell senders when you read their messages, and be told when yours are"
+                        " read (off: neither)")
     return parser
 
 
@@ -95,6 +102,13 @@ def _seconds(text):
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
     return value
+
+
+def _on_off(text):
+    choices = {"on": True, "off": False}
+    if text.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither on nor off")
+    return choices[text.lower()]
 
 
 def _positive(text):
@@ -134,7 +148,8 @@ class CommandFailed(Exception):
 
 # -- one-shot commands -----------------------------------------------------------
 
-NEEDS_SESSION = {"send", "read", "history", "list", "delete", "delete-account", "logout"}
+NEEDS_SESSION = {"send", "read", "history", "list", "delete", "delete-account", "logout",
+                 "settings"}
 
 
 def _username(args, console) -> str:
@@ -218,6 +233,12 @@ def run_command(client, args, console: Console, cache: SessionCache | None):
         if cache is not None:
             cache.forget(username)
         out(f"Logged out {username}.")
+    elif args.command == "settings":
+        if args.read_receipts is None:
+            result = yield client.get_settings()
+        else:
+            result = yield client.set_settings(args.read_receipts)
+        out(format_settings(result))
 
 
 # -- entry point -------------------------------------------------------------------

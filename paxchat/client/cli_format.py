@@ -94,6 +94,12 @@ def older_hint(result: dict) -> str | None:
     return None
 
 
+def format_settings(result: dict) -> str:
+    """An account's settings, as ``settings`` shows them."""
+    receipts = "on" if result.get("read_receipts", True) else "off"
+    return f"read receipts: {receipts}"
+
+
 def sent(result: dict, to: str) -> str:
     """What a send says, one-shot and at the prompt."""
     return f"Sent #{result.get('message_id')} to {to}."
@@ -108,6 +114,8 @@ Commands:
   history [PEER] [N]        the last N messages (default {HISTORY_LIMIT}), with PEER or with everyone
   list [PATTERN]            accounts matching a pattern with * and ? (default *)
   delete ID...              delete messages by id
+  receipts [on|off]         show or set read receipts (off: nobody is told you read
+                            their messages, and you are not told of yours)
   delete-account            delete your account (asks for the password again)
   logout                    end the session
   help                      this text

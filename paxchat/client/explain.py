@@ -31,6 +31,8 @@ ERROR_SENTENCES = {
     "rate_limited": "Too many requests; wait a moment and try again.",
     "frame_too_large": f"The request was too large for the server (at most {MAX_LINE_BYTES:,} bytes once encoded).",
     "internal": "The server hit an internal error; try again.",
+    "upgrade_in_progress": ("Not every server of the cluster has been upgraded to a version with"
+                            " settings yet; try again once the upgrade is done."),
 }
 
 

@@ -134,6 +134,10 @@ class ChatApp:
         menu = tk.Menu(self.menu_button, tearoff=False, font=self.fonts.body, background=c["panel"],
                        activebackground=c["accent_soft"], activeforeground=c["text"], relief="flat")
         menu.add_command(label="Log out", command=self._log_out)
+        # On: whoever sent you a message sees "Read" once you have, and you see theirs.
+        self.read_receipts = tk.BooleanVar(self.root, value=True)
+        menu.add_checkbutton(label="Read receipts", variable=self.read_receipts,
+                             command=self._toggle_read_receipts, state="disabled")
         menu.add_separator()
         menu.add_command(label="Delete account…", command=self._ask_delete_account, foreground=c["danger"])
         self.menu_button["menu"] = menu
@@ -311,6 +315,9 @@ class ChatApp:
     def _log_out(self):
         self.controller.log_out()
 
+    def _toggle_read_receipts(self):
+        self.controller.set_read_receipts(self.read_receipts.get())
+
     def _ask_delete_account(self):
         self.danger_text.configure(
             text=f"This removes {self.model.me} and every message sent to it, on every server. "
@@ -454,8 +461,16 @@ class ChatApp:
                 self._draw_list()
             if "conversation" in parts:
                 self._draw_conversation()
+            if "settings" in parts or "screen" in parts:
+                self._draw_settings()
         except tk.TclError:
             pass  # the window is going away
+
+    def _draw_settings(self):
+        """The Account menu's "Read receipts": the server's setting, and off limits until it is known."""
+        known = self.model.read_receipts is not None
+        self.read_receipts.set(self.model.read_receipts is not False)
+        self.account_menu.entryconfigure("Read receipts", state="normal" if known else "disabled")
 
     def _draw_screen(self):
         m = self.model

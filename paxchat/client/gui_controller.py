@@ -179,6 +179,7 @@ class ChatController:
         def go():
             result = yield self.client.login(username, password)
             self.model.signed_in(username)
+            self.load_settings()
             yield self.load_recent(result.get("unread", 0) if isinstance(result, dict) else 0)
             return result
         return self._busy(go)
@@ -196,6 +197,7 @@ class ChatController:
             yield self.client.create_account(username, password)
             result = yield self.client.login(username, password)
             self.model.signed_in(username)
+            self.load_settings()
             return result
         return self._busy(go)
 
@@ -222,6 +224,30 @@ class ChatController:
                 before = min(m["id"] for m in messages)
             self.model.set_older_unread(unread - found, before)
         return self._guard(go())
+
+    def load_settings(self) -> defer.Deferred:
+        """The account's settings, for the Account menu. A server without them
+        (an older build) leaves them unknown: the menu's choice stays greyed out."""
+        me = self.model.me
+
+        def loaded(result):
+            if self.model.me == me and isinstance(result, dict):
+                self.model.set_read_receipts(bool(result.get("read_receipts", True)))
+        return self.client.get_settings().addCallbacks(loaded, lambda failure: None)
+
+    def set_read_receipts(self, on: bool) -> defer.Deferred:
+        """Turn read receipts on or off; on failure the menu shows the setting as it was."""
+        before, me = self.model.read_receipts, self.model.me
+
+        def done(result):
+            if self.model.me == me:
+                self.model.set_read_receipts(bool(result.get("read_receipts", on)))
+
+        def failed(failure):
+            if self.model.me == me:
+                self.model.set_read_receipts(before)
+            return failure
+        return self._guard(self.client.set_settings(on).addCallbacks(done, failed))
 
     def log_out(self) -> defer.Deferred:
         d = self.client.logout()

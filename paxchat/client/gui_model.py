@@ -102,7 +102,7 @@ class ChatModel:
     """Screens and conversations of one signed-in user; tells a listener what changed.
 
     ``on_change(parts)`` receives a set naming what to redraw: ``screen``,
-    ``status``, ``list``, ``conversation``, ``error``, ``search``.
+    ``status``, ``list``, ``conversation``, ``error``, ``search``, ``settings``.
     """
 
     def __init__(self, on_change: Callable[[set], None] | None = None):
@@ -126,6 +126,9 @@ class ChatModel:
         self.older_than: int | None = None
         # What was typed but not sent in conversations not open: peer -> text.
         self.drafts: dict[str, str] = {}
+        # The account's read receipts setting; None until the server said (or if it
+        # has no settings): shown as on, which is the server's default.
+        self.read_receipts: bool | None = None
 
     def _changed(self, *parts):
         if self.on_change is not None:
@@ -171,6 +174,7 @@ class ChatModel:
         self.confirming_delete = False
         self.search_pattern = None
         self.older_unread, self.older_than = 0, None
+        self.read_receipts = None
         self.drafts.clear()
         self._changed("screen", "list", "conversation", "error")
 
@@ -276,6 +280,12 @@ class ChatModel:
             changed = True
         if touched or changed:
             self._changed("list", *(["conversation"] if self.open_peer in touched else []))
+
+    def set_read_receipts(self, on: bool | None):
+        """The account's setting as the server has it. Off: no "Read" under your
+        messages, as the server then shows none (it keeps the fact)."""
+        self.read_receipts = on
+        self._changed("settings", "conversation")
 
     def seen(self, ids: Iterable[int]):
         """Messages this account sent that their recipient has read: "Read" under the newest."""
@@ -401,7 +411,8 @@ class ChatModel:
         if newest_mine is not None and self.open_peer != self.me:
             # Under the newest message sent here: whether its recipient has read it.
             bubble, message = newest_mine
-            bubble["receipt"] = "Read" if message.get("read", False) else "Sent"
+            read = message.get("read", False) and self.read_receipts is not False
+            bubble["receipt"] = "Read" if read else "Sent"
         for key, m in conv.pending.items():
             out.append({"id": None, "key": key, "mine": True, "sender": "You", "body": m["body"],
                         "time": "sending…", "selected": False,

@@ -21,7 +21,7 @@ from paxchat.limits import MAX_BODY_CHARS
 
 from .checks import check_limit, check_pattern
 from .cli_format import (HELP, HISTORY_LIMIT, READ_LIMIT, format_accounts, format_message, format_messages,
-                         sent, visible)
+                         format_settings, sent, visible)
 from .explain import explain
 
 __all__ = ["MAX_INPUT_LINE", "Shell", "ShellProtocol"]
@@ -50,7 +50,8 @@ class Shell:
             "register": self.do_register, "login": self.do_login, "send": self.do_send,
             "read": self.do_read, "history": self.do_history, "list": self.do_list,
             "delete": self.do_delete, "delete-account": self.do_delete_account,
-            "logout": self.do_logout, "help": self.do_help, "quit": self.do_quit, "exit": self.do_quit,
+            "receipts": self.do_receipts, "logout": self.do_logout, "help": self.do_help,
+            "quit": self.do_quit, "exit": self.do_quit,
         }
 
     @property
@@ -72,14 +73,19 @@ class Shell:
         return d
 
     def on_event(self, event: dict):
-        """Print pushed messages as they arrive, and mark them read; and what
-        this account sent from elsewhere (``sent``), which needs no marking."""
+        """Print pushed messages as they arrive, and mark them read; what this
+        account sent from elsewhere (``sent``), which needs no marking; and
+        which of its messages were read (``seen``) or deleted elsewhere."""
         kind = event.get("event")
         if kind in ("message", "sent") and isinstance(event.get("message"), dict):
             message = event["message"]
             self.write(format_message(message, self.client.username))
             if kind == "message" and message.get("to") == self.client.username and "id" in message:
                 self.client.mark_read([message["id"]]).addErrback(lambda f: None)
+        elif kind in ("seen", "deleted") and isinstance(event.get("ids"), list):
+            ids = ", ".join(f"#{i}" for i in event["ids"] if isinstance(i, int))
+            if ids:
+                self.write(f"{'Read by its recipient' if kind == 'seen' else 'Deleted'}: {ids}")
         elif event.get("event") == "session_ended":
             reason = visible(str(event.get("reason", "no reason given")))
             self.write(f"Your session ended ({reason}); log in again.")
@@ -194,6 +200,17 @@ class Shell:
         password = yield self.ask_password(f"This deletes {name} and every message sent to it. Password: ")
         yield self.client.delete_account(password)
         self.write(f"Account {name} deleted.")
+
+    @defer.inlineCallbacks
+    def do_receipts(self, rest):
+        choice = rest.strip().lower()
+        if choice not in ("", "on", "off"):
+            return self._usage("receipts [on|off]")
+        if choice:
+            result = yield self.client.set_settings(choice == "on")
+        else:
+            result = yield self.client.get_settings()
+        self.write(format_settings(result))
 
     @defer.inlineCallbacks
     def do_logout(self, rest):
