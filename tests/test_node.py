@@ -155,6 +155,48 @@ def test_a_cluster_ini_that_lists_other_nodes_than_the_data_records_stops_the_st
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_node_of_an_older_build_holds_settings_back_until_it_is_upgraded(tmp_path):
+    """A rolling upgrade through the real log: node 2 reports an older build's apply
+    version, so set_settings waits; once node 2 restarts on this build, both nodes
+    switch and apply it."""
+    cfg = make_cluster(tmp_path, client_tls=False)
+    nodes = {n: NodeService(cfg, n, reactor_()) for n in cfg.nodes}
+    nodes[2].versions.version = 0            # as a build before settings would stand
+    client = None
+    try:
+        for node in nodes.values():
+            node.startService()
+        yield wait_until(reactor_(), lambda: all(n.versions.committed for n in nodes.values()), 10,
+                         "both reports")
+        assert nodes[1].versions.cluster_version == 0
+        client = yield connect(cfg, 1)
+        assert (yield client.request("create_account", username="alice", password="password1"))["ok"]
+        assert (yield client.request("login", username="alice", password="password1"))["ok"]
+        refused = yield client.request("set_settings", read_receipts=False)
+        assert refused["error"]["code"] == "upgrade_in_progress"
+        yield nodes[2].stopService()
+        yield nodes[2].closing
+        nodes[2].versions.version = APPLY_VERSION     # upgraded
+        nodes[2].startService()
+        yield wait_until(reactor_(), lambda: nodes[1].versions.cluster_version == APPLY_VERSION, 10,
+                         "the cluster's apply version")
+        answer = yield client.request("set_settings", read_receipts=False)
+        assert answer["result"] == {"read_receipts": False}, answer
+        other = yield connect(cfg, 2)
+        try:
+            assert (yield other.request("login", username="alice", password="password1"))["ok"]
+            assert (yield other.request("get_settings"))["result"] == {"read_receipts": False}
+        finally:
+            other.transport.loseConnection()
+    finally:
+        if client is not None:
+            client.transport.loseConnection()
+        for node in nodes.values():
+            if node.running:
+                yield node.stopService()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_state_of_a_newer_apply_version_stops_the_start(tmp_path):
     """A node downgraded after the cluster moved on must not apply (or answer from) what
     it would read otherwise: it stops before anything is served."""
