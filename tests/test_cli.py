@@ -382,11 +382,16 @@ def test_one_shot_and_prompt_agree_on_defaults_and_what_a_send_says(capsys):
         assert "(default: " in capsys.readouterr().out
 
 
-def test_shell_prints_errors_as_sentences():
-    client = StubClient({"send_message": ServerError("body_too_large", "too big")})
+@pytest.mark.parametrize("line,op,code", [
+    ("send bob x", "send_message", "body_too_large"),
+    # Settings during an upgrade say why they wait.
+    ("receipts off", "set_settings", "upgrade_in_progress"),
+])
+def test_shell_prints_errors_as_sentences(line, op, code):
+    client = StubClient({op: ServerError(code, "details")})
     shell, lines = shell_with(client)
-    shell.handle("send bob x")
-    assert lines[-1] == "Error: " + ERROR_SENTENCES["body_too_large"]
+    shell.handle(line)
+    assert lines[-1] == "Error: " + ERROR_SENTENCES[code]
 
 
 def test_shell_prints_pushed_messages_and_marks_them_read():
@@ -440,14 +445,6 @@ def test_settings_one_shot_and_at_the_prompt():
     shell.handle("receipts sometimes")
     assert client.calls == [("get_settings", (), {}), ("set_settings", (False,), {})]
     assert lines == ["read receipts: on", "read receipts: off", "Usage: receipts [on|off]"]
-
-
-def test_settings_during_an_upgrade_say_why_they_wait():
-    client = StubClient({"login": {"session": "t"},
-                         "set_settings": ServerError("upgrade_in_progress", "not every node")})
-    shell, lines = shell_with(client)
-    shell.handle("receipts off")
-    assert lines[-1] == "Error: " + ERROR_SENTENCES["upgrade_in_progress"]
 
 
 def test_shell_prints_which_of_your_messages_were_read_or_deleted():
