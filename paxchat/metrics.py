@@ -191,6 +191,16 @@ class _StatusCollector:
         for name in sorted(set(ROLES) | {current}):
             role.add_metric([name], 1 if name == current else 0)
         yield role
+        versions = status.get("apply_version")
+        if isinstance(versions, dict):
+            gauge = GaugeMetricFamily(
+                "paxchat_apply_version", "Apply version this node's build knows (of=build) and the"
+                " cluster's as last reported here (of=cluster); they differ while an upgrade runs.",
+                labels=["of"])
+            for of in ("build", "cluster"):
+                if _number(versions.get(of)) is not None:
+                    gauge.add_metric([of], versions[of])
+            yield gauge
         leader = _number(status.get("leader"))
         gauge = GaugeMetricFamily("paxchat_leader", "Node id of the known leader (0: none known).")
         gauge.add_metric([], leader or 0)

@@ -26,12 +26,22 @@ def value(found, name, **labels):
 
 
 class FakeNode(MultiService):
-    def __init__(self, log, node_id=1):
+    def __init__(self, log, node_id=1, versions=None):
         super().__init__()
         self.node_id = node_id
         self.log = log
         self.factory = None
         self.running = 1
+        if versions is not None:
+            self.versions = versions
+
+
+class Versions:
+    def __init__(self, build, cluster):
+        self._status = {"build": build, "cluster": cluster, "reported": {}, "committed": True}
+
+    def status(self):
+        return self._status
 
 
 class StatusLog:
@@ -81,6 +91,15 @@ def test_collector_reads_a_replicated_log_status():
     assert value(found, "paxchat_log_fsyncs_total") == 17
     assert value(found, "paxchat_log_records_written_total") == 40
     assert value(found, "paxchat_log_fsync_seconds_total") == 0.5
+
+
+def test_the_apply_versions_are_gauges_once_known():
+    found = samples(NodeMetrics(FakeNode(StatusLog(), versions=Versions(2, 1)), task.Clock()).exposition())
+    assert value(found, "paxchat_apply_version", of="build") == 2
+    assert value(found, "paxchat_apply_version", of="cluster") == 1
+    found = samples(NodeMetrics(FakeNode(StatusLog(), versions=Versions(1, None)), task.Clock()).exposition())
+    assert value(found, "paxchat_apply_version", of="build") == 1
+    assert ("paxchat_apply_version", frozenset({("of", "cluster")})) not in found
 
 
 def test_collector_degrades_without_status():
