@@ -460,7 +460,7 @@ def _apply_version_notes(up):
     runs = ", ".join(f"node {n} {b}" for n, b in sorted(builds.items()))
     return [f"apply version: the cluster's is {_show(cluster, 'not known yet')}; the nodes'"
             f" builds know {runs}. It rises once every node runs a build that knows a higher"
-            " one and has reported it."]
+            " one and is linked to the leader."]
 
 
 def _refused_us(error):

@@ -195,7 +195,7 @@ class _StatusCollector:
         if isinstance(versions, dict):
             gauge = GaugeMetricFamily(
                 "paxchat_apply_version", "Apply version this node's build knows (of=build) and the"
-                " cluster's as last reported here (of=cluster); they differ while an upgrade runs.",
+                " cluster's as this node's state has it (of=cluster); they differ while an upgrade runs.",
                 labels=["of"])
             for of in ("build", "cluster"):
                 if _number(versions.get(of)) is not None:

@@ -24,7 +24,7 @@ from paxchat.server.factory import ChatServerFactory
 from paxchat.server.settings import ServerSettings
 from paxchat.state.chat import ChatState
 from paxchat.state.worker import StateWorker
-from paxchat.upgrades import VersionReporter
+from paxchat.upgrades import ApplyVersionKeeper
 
 log = Logger()
 
@@ -71,7 +71,8 @@ class NodeService(service.MultiService):
         # instant: the log's files close on their own thread).
         self.closing = defer.succeed(None)
         self.add_operations()
-        self.versions = VersionReporter(reactor, node_id, config.nodes, lambda: self.log)
+        self.versions = ApplyVersionKeeper(reactor, node_id, config.nodes, lambda: self.log,
+                                           self._peer_builds, lambda: self.worker.call("version"))
         self.versions.setServiceParent(self)
 
     @property
@@ -171,6 +172,7 @@ class NodeService(service.MultiService):
         command_log = ReplicatedLog.from_config(
             self.reactor, self.config, self.node_id, worker, on_fatal=self.fatal,
             peer_options={"lineage": self.lineage, "identity": self.identity,
+                          "build_version": self.versions.version,
                           "known_identities": self._known_peers,
                           "remember": self.remember_peers})
         for part in command_log.services():
@@ -191,6 +193,10 @@ class NodeService(service.MultiService):
             outcome.append("late")
         command_log.start()
         return command_log
+
+    def _peer_builds(self):
+        transport = getattr(self.log, "transport", None)
+        return transport.peer_builds() if transport is not None else {}
 
     def remember_peers(self, known):
         """Keep the peers' data identities on disk (off the reactor, latest last)."""

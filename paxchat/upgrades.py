@@ -1,113 +1,119 @@
-"""Each node tells the cluster which apply version its build knows.
+"""The leader moves the cluster's apply version once every node's build knows it.
 
 During a rolling upgrade nodes of two builds apply the same log. A build
 that changes what a command does keeps the old behaviour until the
 cluster's apply version reaches its own (``paxchat/state/chat.py``,
-"Apply versions"), and that version moves only through the log: each node,
-once it starts, commits a ``node_version`` command naming its build's
-version and its cluster's members, and the apply raises the cluster's
-version to the lowest every member reported. So the last node upgraded
-switches the whole cluster over, at one log index, on every node.
+"Apply versions"), and that version moves only through the log, so every
+node switches at the same log index.
 
-The report is retried until it commits (a node may start before there is
-a quorum), and sent only while a leader is known; it costs one log entry
-per start. Other nodes' reports applied
-here keep what ``status()`` shows up to date.
+What each peer's build knows comes over the peer links (each says it
+after its hello, ``paxchat/paxos/transport.py``), live: a node of an
+earlier build says nothing, and a node that is down is not counted. The
+leader checks every ``CHECK_SECONDS``; once every member's build is
+known, it proposes ``set_apply_version`` with the lowest of them, if that
+is above the cluster's. So the last node upgraded, once linked, switches
+the cluster over. Nothing is stored per node: the state holds only the
+cluster's version, the same on every node.
 """
 
 from twisted.application import service
+from twisted.internet import task
 from twisted.logger import Logger
 
 from paxchat.state.chat import APPLY_VERSION
 
-__all__ = ["VersionReporter"]
+__all__ = ["ApplyVersionKeeper"]
 
 log = Logger()
 
-FIRST_RETRY_SECONDS = 1.0
-MAX_RETRY_SECONDS = 30.0
+CHECK_SECONDS = 1.0
 
 
-class VersionReporter(service.Service):
-    """Commit this node's apply version once per start; follow the cluster's.
+class ApplyVersionKeeper(service.Service):
+    """This node's side of the apply version: its build's, the cluster's, and the move.
 
-    ``command_log`` is called at start for the node's ICommandLog (it exists
-    only once the node has started).
+    ``command_log()``, ``peer_builds()`` (``{node id: version}`` of the peers
+    linked now) and ``read_version()`` (a Deferred of the state's version)
+    are called only once the node has started.
     """
 
-    def __init__(self, reactor, node_id, members, command_log, version=APPLY_VERSION):
+    def __init__(self, reactor, node_id, members, command_log, peer_builds, read_version,
+                 version=APPLY_VERSION):
         self._reactor = reactor
         self.node_id = node_id
         self.members = sorted(members)
         self._command_log = command_log
+        self._peer_builds = peer_builds
+        self._read_version = read_version
         self.version = version
-        self.cluster_version = None       # unknown until a report is applied here
-        self.reported = {}                # node id (str) -> version, as the last report applied
-        self.committed = False
-        self._log = None
-        self._retry = None
-        self._delay = FIRST_RETRY_SECONDS
+        self.cluster_version = None       # unknown until read from the state
         self._observing = None
+        self._proposing = False
+        self._loop = None
 
     def startService(self):
         super().startService()
-        self._log = self._command_log()
-        if self._observing is not self._log:
-            self._observing = self._log
-            self._log.add_observer(self._applied)
-        self.committed = False
-        self._delay = FIRST_RETRY_SECONDS
-        self._report()
+        command_log = self._command_log()
+        if self._observing is not command_log:
+            self._observing = command_log
+            command_log.add_observer(self._applied)
+        self.cluster_version = None
+        self._read_version().addCallbacks(self._read, self._read_failed)
+        self._loop = task.LoopingCall(self.check)
+        self._loop.clock = self._reactor
+        self._loop.start(CHECK_SECONDS, now=False)
 
     def stopService(self):
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
         return super().stopService()
 
     def status(self):
-        """What ``paxchat-admin status`` shows: this build's version and the cluster's."""
+        """What ``paxchat-admin status`` shows: this build's, the cluster's and the peers'."""
         return {"build": self.version, "cluster": self.cluster_version,
-                "reported": dict(self.reported), "committed": self.committed}
+                "peers": {str(n): v for n, v in sorted(self._peer_builds().items())}}
 
-    def _report(self):
-        self._retry = None
-        command = {"op": "node_version", "node": self.node_id, "version": self.version,
-                   "members": self.members}
-        if self._log.leader_id() is None:
-            # Nothing could commit it: wait for a leader rather than hold it in the log,
-            # where a stop would wait for it as for a client's write.
-            self._retry = self._reactor.callLater(FIRST_RETRY_SECONDS, self._report)
+    def check(self):
+        """On the leader: propose the lowest version every member's build knows, if higher."""
+        if self._proposing or self.cluster_version is None or not self.running:
             return
-        d = self._log.submit(command)
+        command_log = self._command_log()
+        if command_log.leader_id() != self.node_id:
+            return
+        builds = dict(self._peer_builds())
+        builds[self.node_id] = self.version
+        if any(m not in builds for m in self.members):
+            return                        # a node down, or of a build that does not say
+        target = min(builds[m] for m in self.members)
+        if target <= self.cluster_version:
+            return
+        self._proposing = True
+        d = command_log.submit({"op": "set_apply_version", "version": target})
         d.addCallbacks(self._answered, self._failed)
 
     def _answered(self, response):
-        if not self.running:
-            return
-        if response.get("ok"):
-            self.committed = True
-            return
-        # Only a command this code got wrong is refused: retrying would not help.
-        error = response.get("error", {})
-        log.error("the cluster refused node {node}'s apply version report: {code}: {message}",
-                  node=self.node_id, code=error.get("code"), message=error.get("message"))
+        self._proposing = False
+        if not response.get("ok"):
+            error = response.get("error", {})
+            log.error("the cluster refused to move its apply version: {code}: {message}",
+                      code=error.get("code"), message=error.get("message"))
 
     def _failed(self, failure):
-        if not self.running:
-            return
-        log.debug("node {node}'s apply version report did not commit ({why}); retrying in {delay} s",
-                  node=self.node_id, why=failure.getErrorMessage(), delay=self._delay)
-        self._retry = self._reactor.callLater(self._delay, self._report)
-        self._delay = min(self._delay * 2, MAX_RETRY_SECONDS)
+        self._proposing = False           # tried again at the next check
+        log.debug("moving the apply version did not commit: {why}", why=failure.getErrorMessage())
+
+    def _read(self, version):
+        if self.running:
+            self.cluster_version = max(version, self.cluster_version or 0)
+
+    def _read_failed(self, failure):
+        log.failure("reading the cluster's apply version failed", failure)
 
     def _applied(self, command, response):
-        if command.get("op") != "node_version" or not response.get("ok"):
+        if command.get("op") != "set_apply_version" or not response.get("ok"):
             return
-        result = response["result"]
-        before = self.cluster_version
-        self.cluster_version = result["version"]
-        self.reported = dict(result["reported"])
-        if before is not None and self.cluster_version > before:
+        before, self.cluster_version = self.cluster_version, response["result"]["version"]
+        if before is None or self.cluster_version > before:
             log.info("the cluster's apply version is now {version}: every node runs a build"
                      " that knows it", version=self.cluster_version)

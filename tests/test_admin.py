@@ -115,7 +115,7 @@ def test_status_says_so_while_the_nodes_builds_and_the_clusters_apply_version_di
     upgrading = {1: node(2, 1), 2: node(1, 1), 3: node(2, None)}
     assert admin.status_table(upgrading).splitlines()[-1] == (
         "apply version: the cluster's is 1; the nodes' builds know node 1 2, node 2 1, node 3 2."
-        " It rises once every node runs a build that knows a higher one and has reported it.")
+        " It rises once every node runs a build that knows a higher one and is linked to the leader.")
     unknown = {1: node(1, None)}
     assert "the cluster's is not known yet" in admin.status_table(unknown)
 

@@ -1181,55 +1181,36 @@ def test_process_killed_mid_batch_restarts_at_the_last_commit(tmp_path):
 
 # -- apply versions ----------------------------------------------------------
 
-def report(state, node, version=chat.APPLY_VERSION, members=(1, 2, 3)):
-    return state.apply({"op": "node_version", "node": node, "version": version,
-                        "members": list(members)})
+def move_to(state, version):
+    return state.apply({"op": "set_apply_version", "version": version})
 
 
 def everything(state):
     return state.kv.scan("")
 
 
-def test_the_apply_version_moves_once_every_member_reported(state):
-    assert state.version() == 0
-    assert ok(report(state, 1)) == {"version": 0, "reported": {"1": 1, "2": None, "3": None}}
-    assert ok(report(state, 3)) == {"version": 0, "reported": {"1": 1, "2": None, "3": 1}}
-    assert state.version() == 0
-    assert ok(report(state, 2))["version"] == 1
-    assert state.version() == 1
-
-
-def test_the_apply_version_is_the_lowest_reported_and_never_falls(state, monkeypatch):
+def test_the_apply_version_rises_and_never_falls(state, monkeypatch):
     monkeypatch.setattr(chat, "APPLY_VERSION", 3)
-    report(state, 1, 3)
-    report(state, 2, 2)
-    assert ok(report(state, 3, 3))["version"] == 2
-    assert ok(report(state, 2, 1)) == {"version": 2, "reported": {"1": 3, "2": 1, "3": 3}}
-    assert state.version() == 2            # node 2 went back to an older build: it stays
-    assert ok(report(state, 2, 3))["version"] == 3
+    assert state.version() == 0
+    assert ok(move_to(state, 2)) == {"version": 2}
+    assert ok(move_to(state, 1)) == {"version": 2}      # a late or repeated proposal
+    assert state.version() == 2
+    assert ok(move_to(state, 3)) == {"version": 3} and state.version() == 3
 
 
-def test_a_report_names_no_one_else_and_a_bad_one_changes_nothing(state):
+def test_a_bad_move_changes_nothing(state):
     user(state, "alice")
     before = everything(state)
-    assert code(report(state, 4)) == "invalid_request"              # not one of its members
-    assert code(report(state, 1, 2 ** 31)) == "invalid_request"
-    assert code(state.apply({"op": "node_version", "node": 1, "version": "1",
-                             "members": [1]})) == "invalid_request"
-    assert code(state.apply({"op": "node_version", "node": 1, "version": -1,
-                             "members": [1]})) == "invalid_request"
+    assert code(move_to(state, 2 ** 31)) == "invalid_request"
+    assert code(move_to(state, "1")) == "invalid_request"
+    assert code(move_to(state, -1)) == "invalid_request"
     assert everything(state) == before
-    assert state.applied_index() == 6
-
-
-def test_a_single_node_cluster_moves_on_its_own_report(state):
-    assert ok(report(state, 7, members=[7]))["version"] == chat.APPLY_VERSION
+    assert state.applied_index() == 5
 
 
 def test_a_state_past_this_builds_version_stops_the_apply_and_keeps_what_it_had(state, monkeypatch):
     monkeypatch.setattr(chat, "APPLY_VERSION", 2)
-    for node in (1, 2, 3):
-        report(state, node, 2)
+    ok(move_to(state, 2))
     user(state, "alice")
     before, index = everything(state), state.applied_index()
     monkeypatch.setattr(chat, "APPLY_VERSION", 1)      # the same data under an older build
@@ -1242,16 +1223,13 @@ def test_a_state_past_this_builds_version_stops_the_apply_and_keeps_what_it_had(
     assert everything(state) == before and state.applied_index() == index
 
 
-def test_the_report_that_moves_the_cluster_past_this_build_is_not_applied(state, monkeypatch):
-    """A node downgraded before the last report is applied stops at that entry, and the
-    entries of its batch before it are undone too: it replays them with a newer build."""
-    report(state, 1, 2)
-    report(state, 2, 2)
+def test_a_move_past_this_build_is_not_applied_nor_what_came_before_it_in_the_batch(state, monkeypatch):
+    """A node downgraded while the others moved on stops at that entry, and the entries
+    of its batch before it are undone too: it replays them with a newer build."""
     before, index = everything(state), state.applied_index()
     entries = [(index + 1, [{"op": "create_account", "username": "bob", "pw_hash": "h",
                              "ts": 1.0}]),
-               (index + 2, [{"op": "node_version", "node": 3, "version": 2,
-                             "members": [1, 2, 3]}])]
+               (index + 2, [{"op": "set_apply_version", "version": 2}])]
     with pytest.raises(chat.NewerThanThisBuild):
         state.apply_entries(entries, grouped=True)
     assert everything(state) == before and state.applied_index() == index
@@ -1267,7 +1245,7 @@ def receipts(state, who, on):
 
 
 def at_version_1(state):
-    ok(report(state, 1, 1, members=[1]))
+    ok(move_to(state, 1))
 
 
 def test_set_settings_is_unknown_until_every_node_knows_it(state):

@@ -57,12 +57,11 @@ def test_node_serves_clients_and_keeps_state_across_restarts(tmp_path, client_tl
         assert [n["id"] for n in hello["result"]["nodes"]] == [1, 2]
         created = yield client.request("create_account", username="alice", password="password1")
         assert created["ok"], created
-        # Both nodes reported their build's apply version, so the cluster moved to it.
+        # Both builds know this apply version, so the leader moved the cluster to it.
         yield wait_until(reactor_(), lambda: node.versions.cluster_version == APPLY_VERSION, 10,
                          "the cluster's apply version")
         assert node_status(node)["apply_version"] == {
-            "build": APPLY_VERSION, "cluster": APPLY_VERSION, "committed": True,
-            "reported": {"1": APPLY_VERSION, "2": APPLY_VERSION}}
+            "build": APPLY_VERSION, "cluster": APPLY_VERSION, "peers": {"1": APPLY_VERSION}}
 
     yield run_session(cfg, 2, first)
     data_dir = cfg.node_data_dir(2)
@@ -156,9 +155,9 @@ def test_a_cluster_ini_that_lists_other_nodes_than_the_data_records_stops_the_st
 
 @pytest_twisted.inlineCallbacks
 def test_a_node_of_an_older_build_holds_settings_back_until_it_is_upgraded(tmp_path):
-    """A rolling upgrade through the real log: node 2 reports an older build's apply
-    version, so set_settings waits; once node 2 restarts on this build, both nodes
-    switch and apply it."""
+    """A rolling upgrade through the real log: node 2's build says an older apply
+    version, so set_settings waits; once node 2 restarts on this build, the leader
+    moves the cluster and both nodes apply it."""
     cfg = make_cluster(tmp_path, client_tls=False)
     nodes = {n: NodeService(cfg, n, reactor_()) for n in cfg.nodes}
     nodes[2].versions.version = 0            # as a build before settings would stand
@@ -166,14 +165,14 @@ def test_a_node_of_an_older_build_holds_settings_back_until_it_is_upgraded(tmp_p
     try:
         for node in nodes.values():
             node.startService()
-        yield wait_until(reactor_(), lambda: all(n.versions.committed for n in nodes.values()), 10,
-                         "both reports")
-        assert nodes[1].versions.cluster_version == 0
+        yield wait_until(reactor_(), lambda: nodes[1].versions.status()["peers"] == {"2": 0}, 10,
+                         "node 2's build, over the peer link")
         client = yield connect(cfg, 1)
         assert (yield client.request("create_account", username="alice", password="password1"))["ok"]
         assert (yield client.request("login", username="alice", password="password1"))["ok"]
         refused = yield client.request("set_settings", read_receipts=False)
         assert refused["error"]["code"] == "upgrade_in_progress"
+        assert [n.versions.cluster_version for n in nodes.values()] == [0, 0]
         yield nodes[2].stopService()
         yield nodes[2].closing
         nodes[2].versions.version = APPLY_VERSION     # upgraded

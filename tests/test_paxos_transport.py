@@ -639,6 +639,23 @@ def test_a_node_of_an_earlier_build_sends_no_hello_and_is_not_checked():
     assert inbox == [(3, b"accept")] and t.known_identities == {} and t.refusals() == {}
 
 
+def test_after_the_hello_each_side_says_what_its_build_can_apply():
+    t, clock, inbox = unit_transport(identity=OURS, build_version=3)
+    proto, transport = connect(t, 2)
+    assert transport.value() == frame(b"\x00/" + OURS) + frame(b"\x00v3")
+    proto.dataReceived(frame(b"\x00/" + THEIRS) + frame(b"\x00v2") + frame(b"accept"))
+    assert inbox == [(2, b"accept")] and t.peer_builds() == {2: 2}
+    old, _ = connect(t, 3, expected_peer=3)       # an earlier build says nothing after its hello
+    old.dataReceived(frame(b"\x00/" + THEIRS) + frame(b"accept"))
+    assert t.peer_builds() == {2: 2}
+    proto.dataReceived(frame(b"\x00vxx") + frame(b"\x00v" + b"9" * 11))   # unreadable: ignored
+    assert t.peer_builds() == {2: 2} and not transport.disconnecting
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert t.peer_builds() == {}                  # not counted while not linked
+    silent, transport = connect(unit_transport(identity=OURS)[0], 2)
+    assert transport.value() == frame(b"\x00/" + OURS)            # a transport told no build
+
+
 def test_an_outbound_link_refused_for_its_lineage_is_dialled_rarely(captured_log):
     from paxchat.paxos.transport import LINEAGE_RETRY_SECONDS
     t, clock, inbox = unit_transport()

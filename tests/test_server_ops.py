@@ -319,8 +319,8 @@ def test_the_sender_of_a_message_hears_once_that_it_was_read(chat_server):
 
 
 def report_every_node(server):
-    """Apply version 1, as once every node (of a one-node cluster) reported it."""
-    server.log.submit({"op": "node_version", "node": 1, "version": 1, "members": [1]})
+    """Apply version 1, as a leader moves it once every node's build knows it."""
+    server.log.submit({"op": "set_apply_version", "version": 1})
     assert server.state.version() == 1
 
 
@@ -458,7 +458,7 @@ def test_unknown_op_and_bad_op(server):
     client = server.connect()
     assert client.error("fly") == "unknown_op"
     # Commands only a node makes are not ops of the client port.
-    assert client.error("node_version", node=1, version=99, members=[1]) == "unknown_op"
+    assert client.error("set_apply_version", version=99) == "unknown_op"
     assert client.answer(client.send(op=5)) ["error"]["code"] == "invalid_request"
     assert client.answer(client.send(op=None))["error"]["code"] == "invalid_request"
 

@@ -114,8 +114,8 @@ def test_every_event_is_about_its_connections_account_and_true(steps):
         state = ChatState.open(Path(directory) / "state.db")
         try:
             server = Server(state=state)
-            # Every node (the one) knows settings: set_settings applies.
-            server.log.submit({"op": "node_version", "node": 1, "version": 1, "members": [1]})
+            # The cluster's apply version has settings: set_settings applies.
+            server.log.submit({"op": "set_apply_version", "version": 1})
             clients = [server.connect() for _ in range(3)]
             who = [None, None, None]            # the account each connection is logged in as
             for index, name, password in [(0, "alice", "password-a"), (1, "bob", "password-b")]:

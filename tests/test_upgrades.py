@@ -1,4 +1,4 @@
-"""VersionReporter: each node commits its build's apply version, retrying until it can."""
+"""ApplyVersionKeeper: the leader moves the cluster's apply version once every build knows it."""
 
 from twisted.internet import defer, task
 from twisted.logger import capturedLogs
@@ -7,61 +7,19 @@ from paxchat.interfaces import Unavailable
 from paxchat.locallog import LocalLog
 from paxchat.state import chat
 from paxchat.state.chat import ChatState
-from paxchat.upgrades import MAX_RETRY_SECONDS, VersionReporter
+from paxchat.upgrades import CHECK_SECONDS, ApplyVersionKeeper
 from tests.server_support import SyncWorker
 
 
-def reporters_on_one_log(tmp_path, builds):
-    """One reporter per node of ``builds`` ({node: version}), all over one log and state:
-    each sees every report applied, as every node of a cluster does."""
-    state = ChatState.open(tmp_path / "state.db")
-    command_log = LocalLog(task.Clock(), SyncWorker(state))
-    reporters = {node: VersionReporter(task.Clock(), node, builds, lambda: command_log,
-                                       version=version)
-                 for node, version in builds.items()}
-    return state, reporters
+class FakeLog:
+    """Leads as told; answers each submit as told (Unavailable while ``answer`` is None)."""
 
-
-def test_the_cluster_moves_when_the_last_node_reports(tmp_path):
-    state, reporters = reporters_on_one_log(tmp_path, {1: 1, 2: 1, 3: 1})
-    reporters[1].startService()
-    reporters[2].startService()
-    assert reporters[1].committed and reporters[2].committed
-    assert reporters[1].status() == {"build": 1, "cluster": 0, "committed": True,
-                                     "reported": {"1": 1, "2": 1, "3": None}}
-    assert state.version() == 0
-    with capturedLogs() as events:
-        reporters[3].startService()
-    assert state.version() == 1
-    assert [r.cluster_version for r in reporters.values()] == [1, 1, 1]
-    assert reporters[2].reported == {"1": 1, "2": 1, "3": 1}
-    moved = [e for e in events if "apply version is now" in e.get("log_format", "")]
-    assert len(moved) == 2          # nodes 1 and 2 saw it move; node 3 knew no version before
-    state.close()
-
-
-def test_a_node_of_an_older_build_holds_the_cluster_back(tmp_path, monkeypatch):
-    monkeypatch.setattr(chat, "APPLY_VERSION", 2)
-    state, reporters = reporters_on_one_log(tmp_path, {1: 2, 2: 1, 3: 2})
-    for reporter in reporters.values():
-        reporter.startService()
-    assert state.version() == 1
-    assert reporters[1].status()["cluster"] == 1
-    reporters[2].stopService()
-    reporters[2].version = 2             # node 2 upgraded and started again
-    reporters[2].startService()
-    assert state.version() == 2 and reporters[3].cluster_version == 2
-    state.close()
-
-
-class FlakyLog:
-    """Fails each submit with Unavailable until told to answer."""
-
-    def __init__(self):
+    def __init__(self, leader=1):
+        self.leader = leader
         self.submitted = []
-        self.answer = None
+        self.answer = {"ok": True, "result": {"version": 1}}
+        self.pending = None
         self.observers = []
-        self.leader = 1
 
     def leader_id(self):
         return self.leader
@@ -72,61 +30,100 @@ class FlakyLog:
     def submit(self, command):
         self.submitted.append(command)
         if self.answer is None:
-            return defer.fail(Unavailable("no leader"))
+            return defer.fail(Unavailable("no quorum"))
+        if self.answer == "hold":
+            self.pending = defer.Deferred()
+            return self.pending
         return defer.succeed(self.answer)
 
 
-def test_a_report_that_cannot_commit_is_retried_with_backoff_until_it_does():
-    clock, command_log = task.Clock(), FlakyLog()
-    reporter = VersionReporter(clock, 2, [3, 1, 2], lambda: command_log)
-    reporter.startService()
-    assert command_log.submitted == [{"op": "node_version", "node": 2,
-                                      "version": chat.APPLY_VERSION, "members": [1, 2, 3]}]
-    waits = []
-    for _ in range(7):
-        waits.append(clock.getDelayedCalls()[0].getTime() - clock.seconds())
-        clock.advance(waits[-1])
-    assert waits == [1, 2, 4, 8, 16, MAX_RETRY_SECONDS, MAX_RETRY_SECONDS]
-    assert len(command_log.submitted) == 8 and not reporter.committed
-    command_log.answer = {"ok": True, "result": {"version": 0, "reported": {}}}
-    clock.advance(MAX_RETRY_SECONDS)
-    assert reporter.committed and clock.getDelayedCalls() == []
-    assert len(command_log.observers) == 1
+def keeper(builds, node_id=1, members=(1, 2, 3), version=1, cluster=0, command_log=None):
+    clock = task.Clock()
+    command_log = command_log or FakeLog(leader=node_id)
+    k = ApplyVersionKeeper(clock, node_id, members, lambda: command_log, lambda: builds,
+                           lambda: defer.succeed(cluster), version=version)
+    k.startService()
+    return clock, command_log, k
 
 
-def test_no_report_is_made_while_no_leader_is_known():
-    """A node alone (no quorum yet) keeps nothing in its log: a stop would wait for it."""
-    clock, command_log = task.Clock(), FlakyLog()
-    command_log.leader = None
-    reporter = VersionReporter(clock, 1, [1, 2, 3], lambda: command_log)
-    reporter.startService()
-    for _ in range(5):
-        assert clock.getDelayedCalls()[0].getTime() - clock.seconds() == 1
-        clock.advance(1)
-    assert command_log.submitted == []
+def test_the_leader_proposes_the_lowest_build_once_every_member_is_known():
+    builds = {2: 1}
+    clock, command_log, k = keeper(builds)
+    clock.advance(CHECK_SECONDS)
+    assert command_log.submitted == []               # node 3 is down, or says nothing
+    builds[3] = 2
+    clock.advance(CHECK_SECONDS)
+    assert command_log.submitted == [{"op": "set_apply_version", "version": 1}]
+    assert k.status() == {"build": 1, "cluster": 0, "peers": {"2": 1, "3": 2}}
+
+
+def test_only_the_leader_proposes_and_only_a_move_up():
+    builds = {2: 1, 3: 1}
+    clock, command_log, k = keeper(builds, node_id=2, cluster=1)
     command_log.leader = 3
-    command_log.answer = {"ok": True, "result": {"version": 0, "reported": {}}}
-    clock.advance(1)
-    assert len(command_log.submitted) == 1 and reporter.committed
+    clock.advance(CHECK_SECONDS * 3)
+    assert command_log.submitted == []               # not the leader
+    command_log.leader = 2
+    clock.advance(CHECK_SECONDS * 3)
+    assert command_log.submitted == []               # the cluster is there already
+    builds[1] = 0                                    # an older build: nothing to move to
+    clock.advance(CHECK_SECONDS)
+    assert command_log.submitted == []
 
 
-def test_stopping_ends_the_retries_and_a_restart_reports_again():
-    clock, command_log = task.Clock(), FlakyLog()
-    reporter = VersionReporter(clock, 1, [1], lambda: command_log)
-    reporter.startService()
-    reporter.stopService()
+def test_one_proposal_at_a_time_and_a_failed_one_is_made_again():
+    clock, command_log, k = keeper({2: 1, 3: 1})
+    command_log.answer = "hold"
+    clock.advance(CHECK_SECONDS * 3)
+    assert len(command_log.submitted) == 1
+    command_log.pending.errback(Unavailable("lost the lead"))
+    command_log.answer = None
+    clock.advance(CHECK_SECONDS)
+    assert len(command_log.submitted) == 2
+    command_log.answer = {"ok": True, "result": {"version": 1}}
+    clock.advance(CHECK_SECONDS)
+    assert len(command_log.submitted) == 3
+    command_log.observers[0](command_log.submitted[-1], command_log.answer)
+    assert k.cluster_version == 1
+    clock.advance(CHECK_SECONDS * 3)
+    assert len(command_log.submitted) == 3
+
+
+def test_stopping_ends_the_checks():
+    clock, command_log, k = keeper({})
+    k.stopService()
     assert clock.getDelayedCalls() == []
-    command_log.answer = {"ok": True, "result": {"version": 1, "reported": {"1": 1}}}
-    reporter.startService()
-    assert reporter.committed and len(command_log.submitted) == 2
+    k.startService()
     assert len(command_log.observers) == 1           # observed once, however often started
 
 
-def test_a_refused_report_is_logged_and_not_retried():
-    clock, command_log = task.Clock(), FlakyLog()
-    command_log.answer = {"ok": False, "error": {"code": "unknown_op", "message": "no such op"}}
-    reporter = VersionReporter(clock, 1, [1, 2, 3], lambda: command_log)
+def test_a_refused_move_is_logged():
+    clock, command_log, k = keeper({2: 1, 3: 1})
+    command_log.answer = {"ok": False, "error": {"code": "internal", "message": "a bug"}}
     with capturedLogs() as events:
-        reporter.startService()
-    assert not reporter.committed and clock.getDelayedCalls() == []
-    assert any(e.get("code") == "unknown_op" for e in events)
+        clock.advance(CHECK_SECONDS)
+    assert any(e.get("code") == "internal" for e in events)
+
+
+def test_every_node_follows_the_move_through_the_log(tmp_path, monkeypatch):
+    """Over a real state: the move is applied once, and each keeper (one per node, all
+    observing one log, as every node applies every command) knows the new version."""
+    monkeypatch.setattr(chat, "APPLY_VERSION", 2)
+    state = ChatState.open(tmp_path / "state.db")
+    clock = task.Clock()
+    command_log = LocalLog(clock, SyncWorker(state))
+    builds = {1: 2, 2: 2, 3: 1}
+    keepers = {n: ApplyVersionKeeper(clock, n, builds, lambda: command_log,
+                                     lambda n=n: {m: v for m, v in builds.items() if m != n},
+                                     lambda: defer.succeed(state.version()), version=builds[n])
+               for n in builds}
+    for k in keepers.values():
+        k.startService()
+    clock.advance(CHECK_SECONDS)                     # LocalLog: node 1 leads
+    assert state.version() == 1 and [k.cluster_version for k in keepers.values()] == [1, 1, 1]
+    builds[3] = 2                                    # node 3 upgraded
+    with capturedLogs() as events:
+        clock.advance(CHECK_SECONDS)
+    assert state.version() == 2 and [k.cluster_version for k in keepers.values()] == [2, 2, 2]
+    assert sum("apply version is now" in e.get("log_format", "") for e in events) == 3
+    state.close()

@@ -27,6 +27,11 @@ is closed before any of its frames is passed on. A peer refused so, or
 refusing us, is dialled again after ``LINEAGE_RETRY_SECONDS``, or at once
 when a link it opened passes (the operator put it right).
 
+After its hello a node sends its *build*: a frame of a zero byte, ``v``
+and the highest apply version its build knows (``paxchat/upgrades.py``),
+so a leader knows what every peer's build can apply. A node of an earlier
+build sends none, and skips ours as it skips any frame it cannot decode.
+
 A node of an earlier build sends no hello, and skips ours as a frame it
 cannot decode (logged at debug level). A link that opens without a hello
 is taken as such a node's, unchecked, unless that peer said hello before:
@@ -66,6 +71,7 @@ HANDSHAKE_TIMEOUT = 10.0
 MAX_UNAUTHENTICATED_INBOUND = 32
 HELLO = b"\x00"                              # first byte of a hello frame
 REFUSAL = HELLO + b"!"                       # "your data may not vote with ours", and why
+BUILD = HELLO + b"v"                         # the apply version the sender's build knows
 # A peer of another lineage stays so until an operator acts: dial it rarely.
 LINEAGE_RETRY_SECONDS = 30.0
 LINEAGE_REPORT_SECONDS = 60.0
@@ -92,6 +98,7 @@ class PeerProtocol(Int32StringReceiver):
         self._timer = None
         self._refused = None
         self._peer_lineage = None              # unknown until its first non-empty frame
+        self.peer_build = None                 # the apply version its build knows, once it says
         self._gone = None                      # fires in connectionLost, once asked for
         self._closing = False
 
@@ -139,6 +146,8 @@ class PeerProtocol(Int32StringReceiver):
             self._timer.cancel()
         self._timer = self._owner.clock.callLater(self._owner.ping_interval, self._ping)
         self.sendString(self._owner.hello())                    # before any other frame
+        if self._owner.build_version is not None:
+            self.sendString(BUILD + str(self._owner.build_version).encode("ascii"))
         self._owner._peer_up(self)
 
     def refuse(self, why):
@@ -202,6 +211,9 @@ class PeerProtocol(Int32StringReceiver):
                 return
             if hello:
                 return                              # for the transport alone
+        if frame[:2] == BUILD:
+            self._peer_built(frame[2:])
+            return
         if self._owner._refusing_us:
             self._owner._refusing_us.pop(self.peer_id, None)   # it speaks to us again
         try:
@@ -230,6 +242,13 @@ class PeerProtocol(Int32StringReceiver):
         self.sendString(REFUSAL + why.encode("utf-8"))  # so its own log says why
         self._close_soon()
         return False
+
+    def _peer_built(self, raw):
+        if raw.isdigit() and len(raw) <= 10:
+            self.peer_build = int(raw)
+        else:
+            log.debug("node {peer} named its build unreadably: {raw!r}", peer=self.peer_id,
+                      raw=raw[:32])
 
     def _told_refused(self, why):
         """The peer refuses our data: say so, and dial it rarely, as if we had refused it."""
@@ -358,7 +377,8 @@ class PeerTransport(service.MultiService):
                  identify, on_message, *, ping_interval=PING_INTERVAL, idle_timeout=IDLE_TIMEOUT,
                  handshake_timeout=HANDSHAKE_TIMEOUT, paused_write_limit=PAUSED_WRITE_LIMIT,
                  max_unauthenticated=MAX_UNAUTHENTICATED_INBOUND, retry_policy=None,
-                 lineage=b"", identity=b"", known_identities=None, remember=None):
+                 lineage=b"", identity=b"", known_identities=None, remember=None,
+                 build_version=None):
         super().__init__()
         self.clock = reactor
         self._reactor = reactor
@@ -384,6 +404,7 @@ class PeerTransport(service.MultiService):
         self.identity = identity             # our data's identity (paxchat.lineage)
         self.known_identities = dict(known_identities or {})   # peer id -> its data's identity
         self.remember = remember             # remember(known_identities), to keep them on disk
+        self.build_version = build_version   # said after our hello (None: not said)
         self._lineage_refusals = {}          # peer id -> outbound links refused for it in a row
         self._lineage_reports = OccasionalByKind(self.clock, LINEAGE_REPORT_SECONDS)
         self._refused_data = {}              # peer id -> why, while its data may not vote
@@ -503,6 +524,14 @@ class PeerTransport(service.MultiService):
         if node_id in self._refused_data or node_id in self._refusing_us:
             return "refused"
         return "connected" if node_id in self._outbound else "disconnected"
+
+    def peer_builds(self):
+        """``{node id: apply version}`` of the peers linked now that said what their build knows."""
+        builds = {}
+        for protocol in (*self._outbound.values(), *self._inbound.values()):
+            if protocol.peer_build is not None and protocol._refused is None:
+                builds[protocol.peer_id] = protocol.peer_build
+        return builds
 
     def refusals(self):
         """``{node id: why}`` for the peers refused for their data."""

@@ -24,7 +24,6 @@ as 16 lowercase hex digits so key order is id order)::
     d/<user>/g/<dedup>        generic dedup: the first response
     x/<ms>/<user>/<m|g>/<key> when a dedup entry was made (ms: 12 hex digits)
     r/<user>                  the account turned read receipts off (absent: on)
-    v/<node>                  the apply version a node's build reported (decimal)
     #version                  the cluster's apply version (decimal), absent = 0
 
 Dedup entries are kept for ``DEDUP_WINDOW_SECONDS`` after the write that
@@ -46,10 +45,10 @@ what they were; a resent write that finds its answer has no effect.
 **Apply versions.** Nodes of two builds apply the same log during a
 rolling upgrade, so a build that changes what a command does must not do
 so until every node runs it: else the nodes' states part for good. Each
-build knows apply versions up to ``APPLY_VERSION``; each node reports its
-own into the log (``node_version``, sent by ``paxchat/upgrades.py``), and
-the cluster's apply version (``#version``) rises to the lowest one every
-member reported, never falls. A change to apply raises ``APPLY_VERSION``
+build knows apply versions up to ``APPLY_VERSION``. The cluster's apply
+version (``#version``) is raised, never lowered, by ``set_apply_version``,
+which the leader proposes once every node's build knows the new one
+(``paxchat/upgrades.py``). A change to apply raises ``APPLY_VERSION``
 and does the new thing only where ``self.version()`` has reached it, so
 every node switches at the same log index. A node whose state went past
 its build's version (a downgrade after the cluster moved on) stops with
@@ -86,8 +85,8 @@ _MAX_MS = 16 ** 12 - 1
 # built an answer of ~200 MB on the node. At least one message is always
 # listed, so a client paging through them always moves on.
 _MESSAGE_FIELDS_BYTES = 160
-# The apply versions this build knows (see "Apply versions" above). 1: nodes
-# report theirs (node_version); set_settings (an account's read receipts).
+# The apply versions this build knows (see "Apply versions" above). 1:
+# set_apply_version; set_settings (an account's read receipts).
 APPLY_VERSION = 1
 _MAX_VERSION = 2 ** 31 - 1
 
@@ -228,8 +227,8 @@ COMMANDS = {
     "delete_messages": {"session": _is_text, "username": _is_text, "ids": _is_ids},
     "delete_account": {"session": _is_text, "username": _is_text, "pw_hash": _is_text},
     "set_settings": {"session": _is_text, "username": _is_text, "read_receipts": _is_bool},
-    # Sent by a node, never by a client (the client port has no such op).
-    "node_version": {"node": _is_count, "version": _is_count, "members": _is_ids},
+    # Proposed by a leader, never by a client (the client port has no such op).
+    "set_apply_version": {"version": _is_count},
 }
 # Ops added after version 0, and the cluster's apply version they need: below
 # it they answer as a build without them does.
@@ -715,27 +714,18 @@ class ChatState:
             self.kv.put("r/" + user, b"")
         return self.settings(user)
 
-    def _op_node_version(self, c):
-        """A node's build knows apply versions up to ``version``; ``members`` are its cluster's
-        node ids. The cluster moves to the lowest version all of them reported, if higher."""
-        node, members = c["node"], sorted(set(c["members"]))
-        if node not in members:
-            raise Rejected("invalid_request", "node_version: the node is not one of the members")
+    def _op_set_apply_version(self, c):
+        """Raise the cluster's apply version (a leader proposes it once every node's build
+        knows ``version``); a lower one changes nothing."""
         if c["version"] > _MAX_VERSION:
-            raise Rejected("invalid_request", f"node_version: a version is at most {_MAX_VERSION}")
-        kv = self.kv
-        kv.put(f"v/{node}", str(c["version"]).encode("ascii"))
-        reported = {m: kv.get(f"v/{m}") for m in members}
+            raise Rejected("invalid_request", f"set_apply_version: at most {_MAX_VERSION}")
         version = self.version()
-        if None not in reported.values():
-            agreed = min(int(raw) for raw in reported.values())
-            if agreed > version:
-                kv.put("#version", str(agreed).encode("ascii"))
-                version = agreed
+        if c["version"] > version:
+            version = c["version"]
+            self.kv.put("#version", str(version).encode("ascii"))
         if version > APPLY_VERSION:
             raise NewerThanThisBuild(version)
-        return {"version": version,
-                "reported": {str(m): None if raw is None else int(raw) for m, raw in reported.items()}}
+        return {"version": version}
 
     # -- reads -----------------------------------------------------------
 
