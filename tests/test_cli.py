@@ -447,7 +447,7 @@ def test_settings_one_shot_and_at_the_prompt():
     assert lines == ["read receipts: on", "read receipts: off", "Usage: receipts [on|off]"]
 
 
-def test_shell_prints_which_of_your_messages_were_read_or_deleted():
+def test_shell_prints_which_of_your_messages_were_read_or_deleted_and_settings_made_elsewhere():
     client = StubClient()
     client.username = "alice"
     shell, lines = shell_with(client)
@@ -455,7 +455,9 @@ def test_shell_prints_which_of_your_messages_were_read_or_deleted():
     shell.on_event({"event": "deleted", "ids": [4]})
     shell.on_event({"event": "read", "ids": [5]})           # her own reads elsewhere: nothing
     shell.on_event({"event": "seen", "ids": ["x"]})
-    assert lines == ["Read by its recipient: #12, #13", "Deleted: #4"]
+    shell.on_event({"event": "settings", "settings": {"read_receipts": False}})
+    assert lines == ["Read by its recipient: #12, #13", "Deleted: #4",
+                     "read receipts: off (set elsewhere)"]
     assert client.calls == []
 
 

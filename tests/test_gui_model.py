@@ -586,8 +586,13 @@ def test_read_receipts_are_loaded_at_login_and_turned_off_from_the_menu():
     ctl.set_read_receipts(True)
     client.last("set_settings")[3].errback(ServerError("upgrade_in_progress", "not yet"))
     assert model.read_receipts is False and "upgrade" in model.error
+    # Changed on another device.
+    ctl.on_event({"event": "settings", "settings": {"read_receipts": True}})
+    assert model.read_receipts is True and receipt() == ["Read"]
     model.signed_out()
     assert model.read_receipts is None
+    ctl.on_event({"event": "settings", "settings": {"read_receipts": False}})
+    assert model.read_receipts is None                # not for the login screen
 
 
 def test_a_server_without_settings_leaves_them_unknown():

@@ -334,9 +334,14 @@ def test_settings_wait_for_the_upgrade_and_then_turn_read_receipts_off(chat_serv
     report_every_node(server)
     assert alice.error("set_settings", read_receipts="off") == "invalid_request"
     assert alice.error("set_settings") == "invalid_request"
+    phone_heard = len(alice_phone.events())
     assert alice.ok("set_settings", read_receipts=False, client_msg_id="s1") == {"read_receipts": False}
     assert alice.ok("set_settings", read_receipts=False, client_msg_id="s1") == {"read_receipts": False}
     assert alice_phone.ok("get_settings") == {"read_receipts": False}
+    # Her other session is told; the one that set it has its answer.
+    assert alice_phone.events()[phone_heard:] == [
+        {"event": "settings", "settings": {"read_receipts": False}}] * 2
+    assert not any(e["event"] == "settings" for e in alice.events() + bob.events())
     assert bob.ok("get_settings") == {"read_receipts": True}
     # Bob's message read by alice: bob is not told, and his history shows it unread.
     message_id = bob.ok("send_message", to="alice", body="hi")["message_id"]

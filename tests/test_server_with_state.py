@@ -35,7 +35,7 @@ REQUESTS = st.one_of(
 
 
 # The events docs/protocol.md names for a running node (node_stopping comes only when it stops).
-EVENTS = (None, "message", "sent", "read", "seen", "deleted", "session_ended")
+EVENTS = (None, "message", "sent", "read", "seen", "deleted", "settings", "session_ended")
 
 
 @settings(max_examples=60)
@@ -75,6 +75,9 @@ def _check_event(event, user, state, parties):
     """``event``, sent to a connection logged in as ``user``, is about ``user`` and true now."""
     kind = event["event"]
     assert user is not None, f"{kind} to a connection not logged in"
+    if kind == "settings":
+        assert event["settings"] == state.settings(user)
+        return
     if kind in ("message", "sent"):
         message = event["message"]
         assert message[{"message": "to", "sent": "from"}[kind]] == user

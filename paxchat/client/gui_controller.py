@@ -127,6 +127,9 @@ class ChatController:
             # Read or deleted on another device; read or deleted by the other party.
             {"read": self.model.read_elsewhere, "seen": self.model.seen,
              "deleted": self.model.remove_messages}[kind](ids)
+        elif kind == "settings" and isinstance(event.get("settings"), dict) and self.model.me:
+            # Changed on another device.
+            self.model.set_read_receipts(bool(event["settings"].get("read_receipts", True)))
         elif kind == "session_ended" and self.model.me is not None:
             if event.get("reason") == "account_deleted":
                 self.model.signed_out(f"The account {self.model.me} was deleted elsewhere, so you were logged out.")

@@ -86,6 +86,8 @@ class Shell:
             ids = ", ".join(f"#{i}" for i in event["ids"] if isinstance(i, int))
             if ids:
                 self.write(f"{'Read by its recipient' if kind == 'seen' else 'Deleted'}: {ids}")
+        elif kind == "settings" and isinstance(event.get("settings"), dict):
+            self.write(format_settings(event["settings"]) + " (set elsewhere)")
         elif event.get("event") == "session_ended":
             reason = visible(str(event.get("reason", "no reason given")))
             self.write(f"Your session ended ({reason}); log in again.")

@@ -4,7 +4,7 @@ The factory adds an ``EventPusher`` as an observer of the command log. Every
 node applies every command, so each node pushes to the connections it holds
 and together they reach every connection of a user, wherever it is attached:
 a message to its recipient, what one session of an account did (sent,
-read, deleted) to the account's other sessions, that a message was read
+read, deleted, its settings) to the account's other sessions, that a message was read
 to its sender, and a deleted message to its other party (a deleted
 account's messages to their senders).
 Pushing only queues bytes on a transport; a connection that does not read
@@ -37,6 +37,10 @@ class EventPusher:
         elif op == "delete_account":
             self._end(self._registry.of_user(command["username"]), command, "account_deleted")
             self._to_others("deleted", response.get("effect", {}).get("others"))
+        elif op == "set_settings":
+            # Every device shows the setting as it is (a resend tells them again: harmless).
+            self._send(self._other_sessions(command["username"], command["session"]),
+                       {"event": "settings", "settings": response["result"]})
 
     def _message(self, command, result):
         """``message`` to the recipient's connections; ``sent`` to the sender's other sessions.
