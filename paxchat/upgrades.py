@@ -81,8 +81,7 @@ class ApplyVersionKeeper(service.Service):
         command_log = self._command_log()
         if command_log.leader_id() != self.node_id:
             return
-        builds = dict(self._peer_builds())
-        builds[self.node_id] = self.version
+        builds = {**self._peer_builds(), self.node_id: self.version}
         if any(m not in builds for m in self.members):
             return                        # a node down, or of a build that does not say
         target = min(builds[m] for m in self.members)

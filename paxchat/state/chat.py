@@ -644,14 +644,12 @@ class ChatState:
         if not read:
             return
         senders = {}
-        if self._sends_receipts(user):
-            receipts = {}
+        receipts = self._receipts()
+        if receipts(user):
             for message_id, sender in read:
                 if sender == user or self.kv.get(f"h/{sender}/{_mid(message_id)}") is None:
                     continue
-                if sender not in receipts:
-                    receipts[sender] = self._sends_receipts(sender)
-                if receipts[sender]:
+                if receipts(sender):
                     senders.setdefault(sender, []).append(message_id)
         self._effect = {"ids": [message_id for message_id, _ in read], "senders": senders}
 
@@ -659,6 +657,16 @@ class ChatState:
         """Whether ``user`` has read receipts on: its reads are told to their senders, and
         it is told of its messages read (both parties must have them on)."""
         return self.kv.get("r/" + user) is None
+
+    def _receipts(self):
+        """L{_sends_receipts}, reading each account once: for one command or one page."""
+        known = {}
+
+        def receipts(user):
+            if user not in known:
+                known[user] = self._sends_receipts(user)
+            return known[user]
+        return receipts
 
     def _op_delete_messages(self, c):
         user = self._check_session(c, "username")
@@ -799,7 +807,7 @@ class ChatState:
             bound = prefix + _mid(min(before, MAX_MESSAGE_ID + 1))
         messages = []
         weight = 0
-        receipts = {username: self._sends_receipts(username)}
+        receipts = self._receipts()
         rows = self.kv.scan(prefix, before=bound, limit=limit + 1, reverse=True)
         for key, _ in rows[:limit]:
             message_id = int(key[len(prefix):], 16)
@@ -810,11 +818,8 @@ class ChatState:
             if messages and weight > MAX_ANSWER_MESSAGE_BYTES:
                 return {"messages": messages, "more": True}
             message = self._message(message_id, record)
-            recipient = record[1]
-            if message["read"] and record[0] == username != recipient:
-                if recipient not in receipts:
-                    receipts[recipient] = self._sends_receipts(recipient)
-                message["read"] = receipts[username] and receipts[recipient]
+            if message["read"] and record[0] == username != record[1]:
+                message["read"] = receipts(username) and receipts(record[1])
             messages.append(message)
         return {"messages": messages, "more": len(rows) > limit}
 
