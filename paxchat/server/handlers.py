@@ -115,6 +115,11 @@ class Handlers:
             return response["result"]
         error = response.get("error") or {}
         code = error.get("code", "internal")
+        if code == UNKNOWN_OP:
+            # The client port knows the op, so the state does too: it applies it only
+            # once every node runs a build that knows it (state/chat.py, apply versions).
+            raise ProtocolError(UPGRADE_IN_PROGRESS, "not every node of the cluster runs a build"
+                                " that can do this yet; try again once the upgrade is done")
         if code == BAD_SESSION:
             if session is not None and conn.session == session:
                 self._registry.detach(conn)
@@ -336,15 +341,10 @@ class Handlers:
         read_receipts = V.boolean(request, "read_receipts")
         client_msg_id = V.client_msg_id(request)
         self._limit_write(conn, session.username)
-        response = await self._submit(self._with_dedup({
+        return await self._write(conn, session, self._with_dedup({
             "op": "set_settings", "session": session.session_hash,
             "username": session.username, "read_receipts": read_receipts,
         }, client_msg_id))
-        if response.get("error", {}).get("code") == UNKNOWN_OP:
-            # The state applies it only once every node runs a build that knows it.
-            raise ProtocolError(UPGRADE_IN_PROGRESS, "not every node of the cluster runs a build"
-                                " that has settings yet; try again once the upgrade is done")
-        return self._result(conn, response, session)
 
     async def delete_account(self, conn, request):
         session = self._session(conn)
