@@ -31,6 +31,7 @@ class Net:
         self.tokens = {i: 0 for i in self.ids}
         self.reads = {i: [] for i in self.ids}
         self.wants = {i: 0 for i in self.ids}   # times ready() asked for a snapshot
+        self.rebuilt = {i: 0 for i in self.ids}  # times ready() said a rebuild was done
         self.sent = []
 
     def handle(self, i, rd):
@@ -51,6 +52,7 @@ class Net:
             assert self.incoming[i][0] == rd.snapshot
             self.snapshots[i].append((rd.snapshot, bytes(self.incoming.pop(i)[1])))
         self.decided[i].extend(rd.decided)
+        self.rebuilt[i] += rd.rebuilt
         self.reads[i].extend(rd.reads)
         self.wants[i] += rd.want_snapshot
         return list(rd.messages)
@@ -808,3 +810,117 @@ def test_election_timeouts_are_drawn_from_the_configured_range():
         assert want[0] < seen[1] < want[1]
     with pytest.raises(ValueError):
         Config(heartbeat_interval=0.05, election_timeout=0.3, election_timeout_max=0.2)
+
+
+# ---- rebuilding a node whose disk was lost ----------------------------------
+
+def _lose_disk(net, i):
+    """Node i comes back on an empty disk, as a rebuilding replica."""
+    net.reps[i] = Replica(i, net.ids, config=net.config, seed=5, now=net.now, rebuilding=True)
+    net.disk[i] = []
+    net.decided[i] = []
+
+
+def test_a_node_on_a_new_disk_asks_every_peer_catches_up_then_votes_again():
+    net = Net(3)
+    leader = net.elect()
+    for k in range(5):
+        leader.propose(b"c%d" % k)
+        net.step()
+    lost = leader.peers[0]
+    _lose_disk(net, lost)
+    r = net.reps[lost]
+    assert r.rebuilding
+    net.run_until(lambda: not r.rebuilding)
+    assert net.rebuilt[lost] == 1 and net.commands(lost) == [b"c%d" % k for k in range(5)]
+    # Its promise is the highest any peer had, and what it learnt is on its
+    # disk as accepted there: the votes its lost disk may have cast.
+    top = max(net.reps[p].promised for p in r.peers)
+    durable = DurableState.from_records(net.disk[lost])
+    assert durable.promised == top
+    assert {s: e[1] for s, e in durable.accepted.items()} == dict(net.decided[leader.node_id])
+    assert {e[0] for e in durable.accepted.values()} == {top}
+    # It votes again: with the leader gone, it and the other peer carry on.
+    net.cut.add(leader.node_id)
+    new = net.elect()
+    new.propose(b"after")
+    net.run_until(lambda: net.commands(lost)[-1:] == [b"after"])
+    assert net.rebuilt[lost] == 1
+
+
+def test_a_rebuilding_node_votes_for_nothing_and_waits_for_every_peer():
+    net = Net(3)
+    leader = net.elect()
+    leader.propose(b"x")
+    net.step()
+    lost, other = leader.peers
+    _lose_disk(net, lost)
+    before = len(net.sent)
+    net.cut.add(other)
+    r = net.reps[lost]
+    for _ in range(100):            # 1 s: three election timeouts
+        net.step()
+    assert r.rebuilding and r.rebuild_waits_for() == ((other,), None)
+    # Its vote would make a quorum with the leader's: nothing is chosen.
+    leader.propose(b"y")
+    for _ in range(20):
+        net.step()
+    assert net.commands(leader.node_id) == [b"x"]
+    sent = {type(m) for i, _, m in net.sent[before:] if i == lost}
+    assert sent <= {M.RebuildQuery, M.HeartbeatAck, M.CatchupRequest, M.PreVoteReply}
+    net.cut.clear()
+    net.run_until(lambda: net.commands(lost) == [b"x", b"y"] and not r.rebuilding)
+
+
+def _report(sender, ballot, upto, entries=(), rebuilding=False):
+    return M.RebuildReport(sender, ballot, upto,
+                           tuple(M.AcceptedEntry(s, b, v) for s, b, v in entries), rebuilding)
+
+
+def test_the_fence_takes_the_highest_promise_and_the_highest_accepted_value_of_each_slot():
+    r = Replica(1, [1, 2, 3, 4, 5], config=CFG, now=0.0, rebuilding=True)
+    r.tick(0.01)
+    asked = {to for to, m in r.ready().messages if type(m) is M.RebuildQuery}
+    assert asked == {2, 3, 4, 5}
+    b = M.Ballot
+    r.receive(_report(2, b(4, 2), 3, [(4, b(3, 2), (b"a",)), (5, b(3, 2), (b"x",))]), 0.02)
+    r.receive(_report(3, b(7, 3), 2, [(3, b(2, 3), (b"old",)), (4, b(2, 3), (b"b",))]), 0.02)
+    r.receive(_report(4, b(9, 9), 9, rebuilding=True), 0.02)    # vouches for nothing
+    r.receive(_report(5, b(5, 5), 3, [(5, b(6, 5), (b"y",))]), 0.02)
+    assert r.rebuilding and r.rebuild_waits_for() == ((4,), None)
+    assert not r.ready().records
+    r.receive(_report(4, b(6, 4), 1), 0.03)
+    rd = r.ready()
+    durable = DurableState.from_records(rd.records)
+    assert durable.promised == b(7, 3)
+    # Slot 3 is within a chosen prefix reported (3): learnt, not adopted.
+    assert durable.accepted == {4: (b(3, 2), (b"a",)), 5: (b(6, 5), (b"y",))}
+    assert r.rebuild_waits_for() == ((), 3) and r.rebuilding
+
+
+def test_a_rebuilding_node_answers_no_prepare_accept_prevote_or_transfer():
+    r = Replica(2, [1, 2, 3], config=CFG, now=0.0, rebuilding=True)
+    r.ready()
+    b = M.Ballot(3, 1)
+    r.receive(M.Prepare(1, b, 1, M.ZERO_BALLOT), 5.0)
+    r.receive(M.Accept(1, b, 1, ((b"x",),), 0), 5.0)
+    r.receive(M.PreVote(3, M.Ballot(4, 3), 10), 5.0)
+    r.receive(M.TimeoutNow(1, b), 5.0)
+    rd = r.ready()
+    kinds = [type(m) for _, m in rd.messages]
+    assert M.Promise not in kinds and M.Accepted not in kinds and not rd.records
+    assert [m.granted for _, m in rd.messages if type(m) is M.PreVoteReply] == [False]
+    r.tick(10.0)
+    assert r.role == "follower" and r.leader_id == 1
+
+
+def test_a_peer_answers_a_rebuild_query_with_its_promise_and_accepted_values():
+    net = Net(3)
+    leader = net.elect()
+    leader.propose(b"x")
+    net.step()
+    peer = net.reps[leader.peers[0]]
+    peer.receive(M.RebuildQuery(leader.peers[1]), net.now)
+    (to, rep), = [(to, m) for to, m in peer.ready().messages if type(m) is M.RebuildReport]
+    assert to == leader.peers[1]
+    assert rep == M.RebuildReport(peer.node_id, peer.promised, peer.commit_index, (), False)

@@ -29,6 +29,8 @@ STRATEGIES = {
     M.Learn: st.builds(M.Learn, node, u64, value_lists),
     M.SnapshotChunk: st.builds(M.SnapshotChunk, node, u64, u64, u64, st.binary(max_size=64)),
     M.TimeoutNow: st.builds(M.TimeoutNow, node, ballots),
+    M.RebuildQuery: st.builds(M.RebuildQuery, node),
+    M.RebuildReport: st.builds(M.RebuildReport, node, ballots, u64, entries, st.booleans()),
     M.ForwardProposals: st.builds(M.ForwardProposals, node, values),
     M.ReadIndexRequest: st.builds(M.ReadIndexRequest, node, u64),
     M.ReadIndexReply: st.builds(M.ReadIndexReply, node, u64, u64, st.booleans()),

@@ -40,10 +40,13 @@ def test_the_workload_exercises_faults_reads_and_snapshots():
         if sim.compact_every >= 10 ** 9:
             uncompacted_installs += sim.stats["snapshots"]
         for line in lines:
-            kinds.update(w for w in ("CRASH", "RESTART", "PARTITION", "PAUSE", "TRANSFER", "INSTALL")
+            kinds.update(w for w in ("CRASH", "RESTART", "PARTITION", "PAUSE", "TRANSFER", "INSTALL",
+                                     "DISK LOST", "REBUILT")
                          if w in line)
         kinds.update(op[2][1][0] for op in sim.history if op[1] is not None)
-    assert kinds == {"CRASH", "RESTART", "PARTITION", "PAUSE", "TRANSFER", "INSTALL", "read", "append"}
+    assert kinds == {"CRASH", "RESTART", "PARTITION", "PAUSE", "TRANSFER", "INSTALL", "DISK LOST",
+                     "REBUILT", "read", "append"}
+    assert totals["rebuilt"] > 10
     assert totals["snapshots"] > 10 and totals["elections"] > 40
     assert uncompacted_installs > 0
 
@@ -89,11 +92,12 @@ def test_a_slow_snapshot_recovery_gets_its_transfer_allowance():
     # snapshots were made on demand, and seed 3110, without lost chunks,
     # before a node that installs a snapshot stopped keeping it to serve
     # others: each changed the course.)
-    sim = run_seed(631, replica_cls=SlowToSendSnapshots)
+    # Disks are never lost in this world, as before the simulator lost them.
+    sim = run_seed(631, replica_cls=SlowToSendSnapshots, disk_loss=0.0)
     assert sim.config.snapshot_chunk_bytes == 50 and sim.stats["snapshots"] >= 2
     assert FAULT_TIME + LIVENESS_BOUND < sim.now < sim.end_time
     # Today's core converges within the flat bound on the same seed.
-    assert run_seed(631).now < FAULT_TIME + LIVENESS_BOUND
+    assert run_seed(631, disk_loss=0.0).now < FAULT_TIME + LIVENESS_BOUND
 
 
 # ---- planted bugs: each must be caught within the CI seed budget ------------
@@ -144,8 +148,36 @@ class NeverAsksAgainAfterStoring(Replica):
         pass
 
 
+class VotesAtOnceOnANewDisk(Replica):
+    """A node back on an empty disk that votes as if it had never voted."""
+
+    def __init__(self, *args, rebuilding=False, **kwargs):
+        super().__init__(*args, **kwargs)
+
+
+class AdoptsNoReportedValue(Replica):
+    """A rebuilding node that takes the peers' promises but none of their accepted values."""
+
+    def _fence(self):
+        self._fence_reports = {p: M.RebuildReport(r.sender, r.promised, r.chosen_upto, (), r.rebuilding)
+                               for p, r in self._fence_reports.items()}
+        Replica._fence(self)
+
+
+class KeepsWhatItLearntInMemory(Replica):
+    """A rebuilding node that votes again without recording the values it caught up on."""
+
+    def _finish_rebuild(self):
+        if self.commit_index >= self._fence_upto:
+            self._fence_stage = "finishing"
+            self._after_durable(self._rebuild_done)
+
+
 @pytest.mark.parametrize("mutant,symptom", [
     (RepliesBeforePersist, ""),
+    (VotesAtOnceOnANewDisk, "decided two ways"),
+    (AdoptsNoReportedValue, "decided two ways"),
+    (KeepsWhatItLearntInMemory, "decided two ways"),
     (IgnoresAcceptedValues, ""),
     (MinorityQuorum, ""),
     (StaleLease, "not linearizable"),     # caught by the linearizability check itself

@@ -61,6 +61,43 @@ Lease (clock assumption)
   a write. A leadership transfer drops the lease first; only the acceptors of
   the leader that asked for the transfer let the target's ``Prepare`` through.
 
+Rebuilding a node whose disk was lost
+  A node that lost its records may have promised ballots and accepted values
+  that a quorum counted on; voting again as if it never had could let two
+  values be chosen for one slot. So a replica made with ``rebuilding=True``
+  (the glue knows: the operator said so) votes for nothing (no promise, no
+  acceptance, no pre-vote grant, no election of its own) until it has
+  fenced off its past:
+  1. It asks *every* other member (``RebuildQuery``) for its promise, its
+     chosen prefix and what it accepted above it, and waits until each has
+     answered (a member that is itself rebuilding does not count). Every
+     ballot the lost node ever promised was first promised by its
+     proposer, and every value it accepted was proposed by a proposer that
+     had promised that ballot (a proposer promises its own ballot, durably,
+     before it sends a Prepare), so the highest promise among all the
+     others is at least every promise the lost node made. The glue must
+     already have cut every link of the node's previous life
+     (paxos/transport.py: a rebuilding node's hello), so nothing that life
+     sent can still arrive after the answer.
+  2. It promises the highest ballot reported, and takes as accepted, for
+     each slot above the highest chosen prefix reported, the entry of the
+     highest ballot: a value some proposer really proposed at that ballot,
+     so holding it is as if that Accept had reached this node. A value
+     chosen with the lost node's vote is held by the other voters of its
+     quorum, all of them asked, so the node now holds it (or the value of
+     a higher ballot, the same one by Paxos' own invariant).
+  3. Once those records are durable it learns every slot up to that
+     highest chosen prefix (catch-up, as any follower). The lost node may
+     have voted for those too, and a follower does not keep what it learns
+     on disk (only the application's state does, at compaction), so it
+     records each learnt value not yet compacted as accepted at its new
+     promise: a value already chosen, which any ballot above the one that
+     chose it proposes anyway. Once that is durable it votes again, and
+     ``Ready.rebuilt`` tells the glue, which forgets that it was rebuilding.
+     A node that crashes before that starts the rebuild over.
+  Two members rebuilding at once wait for each other: bring them back by
+  restoring the whole cluster (docs/operations.md).
+
 Persisted state: ``PromiseRecord``, ``AcceptRecord``, ``CompactRecord``
 (messages.py); ``DurableState.from_records`` folds them back for a restart.
 """
@@ -72,7 +109,7 @@ from typing import Callable, Mapping, Optional
 from .messages import (
     MAX_BATCH_COMMANDS, MAX_COMMAND_BYTES, MAX_ENCODED_BYTES, MAX_SLOTS_PER_MESSAGE, ZERO_BALLOT, Accept, Accepted, AcceptedEntry, AcceptRecord, Ballot, CatchupRequest,
     CompactRecord, Heartbeat, HeartbeatAck, Learn, Prepare, PreVote, PreVoteReply, Promise,
-    PromiseRecord, Reject, SnapshotChunk, TimeoutNow,
+    PromiseRecord, RebuildQuery, RebuildReport, Reject, SnapshotChunk, TimeoutNow,
 )
 
 __all__ = ["NotLeader", "Config", "DurableState", "ReadState", "LeaderChange", "Ready", "Replica"]
@@ -245,9 +282,11 @@ class Ready:
     # store before ``snapshot`` names it; offset 0 starts one anew. The replica keeps
     # none of it: a snapshot weighs as much as the state.
     snapshot_parts: tuple = ()
+    rebuilt: bool = False      # a rebuilding replica votes again: the glue may forget it rebuilt
 
     def __bool__(self):
         return bool(self.messages or self.records or self.snapshot is not None or self.decided
+                    or self.rebuilt
                     or self.leader or self.reads or self.failed_reads or self.dropped
                     or self.want_snapshot or self.snapshot_parts)
 
@@ -297,7 +336,7 @@ class Replica:
     """One Multi-Paxos node: proposer, acceptor and learner (see module doc)."""
 
     def __init__(self, node_id, members, *, now=0.0, config=Config(), jitter=None, seed=0,
-                 durable=None):
+                 durable=None, rebuilding=False):
         members = tuple(sorted(set(members)))
         if node_id not in members:
             raise ValueError(f"node {node_id} is not among the members {members}")
@@ -364,6 +403,13 @@ class Replica:
         self._read_wait = deque()      # (read_id, index, seq) waiting for a heartbeat quorum
         self._read_confirmed = deque()  # (read_id, index) waiting for commit
         self._transfer = None          # (target, deadline, sent)
+        # rebuilding after a lost disk (module doc): votes for nothing until fenced
+        self._rebuilding = bool(rebuilding)
+        self._fence_reports = {}       # peer -> RebuildReport
+        self._fence_upto = None        # once fenced: the chosen prefix to learn before voting
+        self._fence_stage = None       # "fenced": its records are durable; "finishing"
+        self._fence_next = now         # when to ask the peers that have not answered again
+        self._rebuilt_untold = False
         # outputs
         self._out = []
         self._records = []
@@ -390,6 +436,20 @@ class Replica:
     @property
     def snapshot_index(self):
         return self._snapshot_index
+
+    @property
+    def rebuilding(self):
+        """True until a replica made with ``rebuilding=True`` votes again."""
+        return self._rebuilding
+
+    def rebuild_waits_for(self):
+        """While rebuilding: the peers whose answer is missing, and the chosen
+        prefix to learn once all answered (None until then)."""
+        if not self._rebuilding:
+            return (), None
+        missing = () if self._fence_upto is not None else tuple(
+            p for p in self.peers if p not in self._fence_reports)
+        return missing, self._fence_upto
 
     def quorum(self):
         """Nodes needed for a promise or pre-vote quorum."""
@@ -424,6 +484,10 @@ class Replica:
                 if now >= self._next_heartbeat:
                     self._heartbeat()
                     self._resend_accepts(now)
+        elif self._rebuilding:
+            self._election_deadline = now + self._timeout()
+            if self._fence_upto is None and now >= self._fence_next:
+                self._ask_fence()
         elif now >= self._election_deadline:
             self._start_prevote()
         if (self._offered is not None or self._snap_out) and \
@@ -538,6 +602,8 @@ class Replica:
         """
         if self._role == LEADER and peer in self.peers and self._hb_seq:
             self._send(peer, Heartbeat(self.node_id, self._ballot, self.commit_index, self._hb_seq))
+        if self._rebuilding and self._fence_upto is None and peer not in self._fence_reports:
+            self._send(peer, RebuildQuery(self.node_id))
 
     def note_state_bytes(self, size):
         """The application's state is about ``size`` bytes: what a snapshot of it would weigh.
@@ -563,7 +629,7 @@ class Replica:
                     or self._pending_snapshot is not None or self._snap_parts
                     or self._reads_ready or self._failed_reads
                     or self._dropped or self._leader_changed() or self._commit_untold()
-                    or self._want_snapshot)
+                    or self._want_snapshot or self._rebuilt_untold)
 
     def ready(self):
         if self._role == LEADER:
@@ -595,7 +661,8 @@ class Replica:
             parts, self._snap_parts = parts[:last + 1], parts[last + 1:]
         r = Ready(tuple(self._out), records, token, self._pending_snapshot, decided, leader,
                   tuple(self._reads_ready), tuple(self._failed_reads), tuple(self._dropped),
-                  self._want_snapshot, tuple(parts))
+                  self._want_snapshot, tuple(parts), self._rebuilt_untold)
+        self._rebuilt_untold = False
         self._out = []
         self._pending_snapshot = None
         self._want_snapshot = False
@@ -674,7 +741,7 @@ class Replica:
 
     def _on_prevote(self, m):
         granted = (self._role != LEADER and self._now >= self._block_until
-                   and m.commit >= self.commit_index)
+                   and m.commit >= self.commit_index and not self._rebuilding)
         # A refusal carries our promise, so a candidate learns how high to go.
         b = m.ballot if granted else max(m.ballot, self.promised)
         self._send(m.sender, PreVoteReply(self.node_id, b, granted))
@@ -716,6 +783,8 @@ class Replica:
 
     def _on_prepare(self, m):
         self._see_round(m.ballot)
+        if self._rebuilding:
+            return
         if m.ballot < self.promised:
             self._send(m.sender, Reject(self.node_id, m.ballot, self.promised))
             return
@@ -887,6 +956,12 @@ class Replica:
 
     def _on_accept(self, m):
         self._see_round(m.ballot)
+        if self._rebuilding:
+            # No vote, but the commit index it carries says what to catch up to.
+            if m.ballot >= self.promised:
+                self._follow(m)
+            self._learn_commit(m.commit, m.ballot, m.sender)
+            return
         if m.ballot < self.promised:
             self._send(m.sender, Reject(self.node_id, m.ballot, self.promised))
             return
@@ -967,6 +1042,8 @@ class Replica:
                 self._release_reads()
             if self._transfer is not None:
                 self._hb_due = True
+            if self._fence_stage == "fenced":
+                self._finish_rebuild()
 
     def _want_catchup(self, upto, peer):
         if self._catchup_target <= self.commit_index:
@@ -1183,6 +1260,8 @@ class Replica:
             self._next_slot = index + 1
         self._advance_commit()
         self._catchup_progress = True
+        if self._fence_stage == "fenced":
+            self._finish_rebuild()
 
     def _drop_log_upto(self, index):
         self._snapshot_index = index
@@ -1190,6 +1269,72 @@ class Replica:
             self._offered = None       # no longer of use: the log after it is gone
         self._chosen = {s: v for s, v in self._chosen.items() if s > index}
         self._accepted = {s: e for s, e in self._accepted.items() if s > index}
+
+    # ---- rebuilding after a lost disk (module doc) --------------------------
+    def _ask_fence(self):
+        self._fence_next = self._now + 2 * self.config.heartbeat_interval
+        for p in self.peers:
+            if p not in self._fence_reports:
+                self._send(p, RebuildQuery(self.node_id))
+
+    def _on_rebuild_query(self, m):
+        self._send(m.sender, RebuildReport(self.node_id, self.promised, self.commit_index,
+                                           self._make_promise(self.promised, 0).accepted,
+                                           self._rebuilding))
+
+    def _on_rebuild_report(self, m):
+        self._see_round(m.promised)
+        if not self._rebuilding or self._fence_upto is not None or m.rebuilding:
+            return
+        self._fence_reports[m.sender] = m
+        if len(self._fence_reports) == len(self.peers):
+            self._fence()
+
+    def _fence(self):
+        reports = list(self._fence_reports.values())
+        self._fence_reports = {}
+        upto = max(r.chosen_upto for r in reports)
+        best = {}
+        for r in reports:
+            for e in r.accepted:
+                if e.slot > upto and e.slot > self.commit_index:
+                    cur = best.get(e.slot)
+                    if cur is None or e.ballot > cur.ballot:
+                        best[e.slot] = e
+        for slot, e in sorted(best.items()):
+            own = self._accepted.get(slot)
+            if own is None or e.ballot > own[0]:
+                self._accepted[slot] = (e.ballot, e.value)
+                self._records.append(AcceptRecord(e.ballot, slot, (e.value,)))
+        top = max(r.promised for r in reports)
+        if top > self.promised:
+            self.promised = top
+        self._see_round(self.promised)
+        self._records.append(PromiseRecord(self.promised))
+        self._fence_upto = upto
+        if upto > self.commit_index:
+            self._want_catchup(upto, next(r.sender for r in reports if r.chosen_upto == upto))
+        self._after_durable(self._fence_persisted)
+
+    def _fence_persisted(self):
+        self._fence_stage = "fenced"
+        self._finish_rebuild()
+
+    def _finish_rebuild(self):
+        if self.commit_index < self._fence_upto:
+            return
+        self._fence_stage = "finishing"
+        first = self._snapshot_index + 1
+        learnt = [self._chosen[s] for s in range(first, self._fence_upto + 1)]
+        for start, group in _size_groups(first, learnt):
+            self._records.append(AcceptRecord(self.promised, start, group))
+        self._after_durable(self._rebuild_done)
+
+    def _rebuild_done(self):
+        self._rebuilding = False
+        self._fence_stage = None
+        self._rebuilt_untold = True
+        self._election_deadline = self._now + self._timeout()
 
     # ---- heartbeats, reads, transfer ---------------------------------------
     def _heartbeat(self):
@@ -1210,6 +1355,9 @@ class Replica:
 
     def _on_heartbeat(self, m):
         self._see_round(m.ballot)
+        if self._rebuilding and m.ballot < self.promised:
+            self._learn_commit(m.commit, m.ballot, m.sender)   # a non-voter rejects no one
+            return
         if m.ballot < self.promised:
             self._send(m.sender, Reject(self.node_id, m.ballot, self.promised))
             return
@@ -1254,6 +1402,8 @@ class Replica:
             self._reads_ready.append(ReadState(rid, idx))
 
     def _on_timeout_now(self, m):
+        if self._rebuilding:
+            return
         if m.ballot != self._block_ballot or self.leader_id != m.sender or self._role != FOLLOWER:
             return
         self._start_prepare(m.ballot)
@@ -1272,4 +1422,6 @@ class Replica:
         Learn: _on_learn,
         SnapshotChunk: _on_snapshot_chunk,
         TimeoutNow: _on_timeout_now,
+        RebuildQuery: _on_rebuild_query,
+        RebuildReport: _on_rebuild_report,
     }

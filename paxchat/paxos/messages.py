@@ -19,7 +19,7 @@ __all__ = [
     "Ballot", "ZERO_BALLOT", "Value", "AcceptedEntry", "DecodeError",
     "PreVote", "PreVoteReply", "Prepare", "Promise", "Accept", "Accepted",
     "Reject", "Heartbeat", "HeartbeatAck", "CatchupRequest", "Learn",
-    "SnapshotChunk", "TimeoutNow", "ForwardProposals", "ReadIndexRequest", "ReadIndexReply",
+    "SnapshotChunk", "TimeoutNow", "RebuildQuery", "RebuildReport", "ForwardProposals", "ReadIndexRequest", "ReadIndexReply",
     "PromiseRecord", "AcceptRecord", "CompactRecord",
     "MESSAGE_TYPES", "RECORD_TYPES", "encode", "decode",
     "MAX_COMMAND_BYTES", "MAX_BATCH_COMMANDS", "MAX_SLOTS_PER_MESSAGE",
@@ -188,6 +188,25 @@ class TimeoutNow:
     ballot: Ballot
 
 
+@dataclass(frozen=True, slots=True)
+class RebuildQuery:
+    """A node rebuilding after its disk was lost asks what the receiver has
+    promised and accepted (core.py, "Rebuilding a node"). Changes nothing."""
+    sender: int
+
+
+@dataclass(frozen=True, slots=True)
+class RebuildReport:
+    """Answer to ``RebuildQuery``: the sender's promise, its chosen prefix, and
+    what it accepted above that. ``rebuilding``: the sender is itself
+    rebuilding, so its answer cannot vouch for anything."""
+    sender: int
+    promised: Ballot
+    chosen_upto: int
+    accepted: tuple  # tuple[AcceptedEntry, ...]
+    rebuilding: bool
+
+
 # ---- node glue messages -----------------------------------------------------
 # The replica core never sees these: the node handles them itself.
 
@@ -262,6 +281,9 @@ _SCHEMA = {
     SnapshotChunk: (12, (("sender", "node"), ("index", "u64"), ("offset", "u64"), ("total", "u64"),
                          ("data", "chunk"))),
     TimeoutNow: (13, (("sender", "node"), ("ballot", "ballot"))),
+    RebuildQuery: (17, (("sender", "node"),)),
+    RebuildReport: (18, (("sender", "node"), ("promised", "ballot"), ("chosen_upto", "u64"),
+                         ("accepted", "entries"), ("rebuilding", "bool"))),
     ForwardProposals: (14, (("sender", "node"), ("commands", "value"))),
     ReadIndexRequest: (15, (("sender", "node"), ("read_id", "u64"))),
     ReadIndexReply: (16, (("sender", "node"), ("read_id", "u64"), ("index", "u64"), ("granted", "bool"))),

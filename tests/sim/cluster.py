@@ -5,12 +5,18 @@ a subclass with a planted bug), a network, disks, clocks and clients, all
 driven by one ``random.Random(seed)`` and one event queue, so a seed always
 replays the same run. Each seed draws its own knobs: drop, duplicate and
 long-delay (reorder) rates, partitions, crash and restart rates, fsync
-latency, clock drift, pipeline window, batch size, compaction period and
-snapshot chunk size.
+latency, clock drift, pipeline window, batch size, compaction period,
+snapshot chunk size, and how often a crashed node comes back on an empty
+disk and rebuilds (core.py, "Rebuilding a node"; one node at a time, as an
+operator would: two rebuilding at once wait for each other).
 
 A run has two phases. During the *fault* phase clients write and read while
 the network misbehaves and nodes crash (losing whatever their disk had not
-fsynced) and restart from their durable records. Then faults stop: the
+fsynced) and restart from their durable records, or from nothing as a
+rebuilding node. A node that lost its disk is a new life of it: messages
+addressed to the old life are lost with its links, and once a peer hears
+from the new life it hears nothing more from the old (the transport cuts
+the old links at the new one's hello). Then faults stop: the
 network heals and every node but a random minority restarts; every
 outstanding client operation must complete within ``LIVENESS_BOUND`` (plus
 the time the drawn world needs for snapshot transfers, see
@@ -98,7 +104,8 @@ class App:
 class Node:
     __slots__ = ("id", "replica", "disk", "unsynced", "syncing", "app", "app_snapshot",
                  "incoming", "rate", "offset", "flush_at", "incarnation", "waiting", "reads", "offering",
-                 "revealed", "revealed_acc", "paused_until", "resume_order", "storing_until")
+                 "revealed", "revealed_acc", "paused_until", "resume_order", "storing_until",
+                 "life", "heard_life", "rebuilding", "lose_disk")
 
     def __init__(self, nid, rate, offset):
         self.id = nid
@@ -121,6 +128,10 @@ class Node:
         self.paused_until = 0.0         # a stalled process (GC pause, VM freeze) until then
         self.resume_order = {}          # input channel -> its place in the backlog after a stall
         self.storing_until = 0.0        # received snapshot parts are stored, in order, until then
+        self.life = 0                   # how many times its disk was lost
+        self.heard_life = {}            # peer -> the latest life of it heard from
+        self.rebuilding = False         # on disk: it rebuilds at every start until told it is done
+        self.lose_disk = False          # it comes back from this crash on an empty disk
 
 
 class Client:
@@ -140,7 +151,7 @@ class Client:
 
 
 class Simulation:
-    def __init__(self, seed, replica_cls=Replica, trace=None, fault_time=FAULT_TIME):
+    def __init__(self, seed, replica_cls=Replica, trace=None, fault_time=FAULT_TIME, disk_loss=None):
         self.seed = seed
         self.rng = rng = random.Random(seed)
         self.replica_cls = replica_cls
@@ -186,6 +197,11 @@ class Simulation:
         # faster than it stores). Its own generator too.
         self.store_rng = random.Random(seed ^ 0x570E)
         self.part_store = self.store_rng.choice(((0.0, 0.0), (0.0005, 0.005), (0.02, 0.1)))
+        # The share of crashes after which the node's disk is gone. Its own generator too.
+        self.loss_rng = random.Random(seed ^ 0xD15C)
+        self.disk_loss = self.loss_rng.choice((0.0, 0.3, 0.6))
+        if disk_loss is not None:
+            self.disk_loss = disk_loss      # a test pinning a world from before disks were lost
         self.fault_time = fault_time
         self.end_time = fault_time + LIVENESS_BOUND
         self.now = 0.0
@@ -207,7 +223,7 @@ class Simulation:
             self.clients.append(Client(len(self.clients), rng.choice(self.members), sticky=True))
         self.read_seq = 0
         self.stats = {"msgs": 0, "crashes": 0, "elections": 0, "decided": 0, "snapshots": 0,
-                      "offers": 0}
+                      "offers": 0, "disks_lost": 0, "rebuilt": 0}
 
     # ---- event queue -------------------------------------------------------
     def at(self, t, fn, *args):
@@ -316,6 +332,8 @@ class Simulation:
         self.cut.clear()
         down = self.rng.randrange(0, (self.n - 1) // 2 + 1)
         keep_down = set(self.rng.sample(self.members, down))
+        if any(n.rebuilding or n.lose_disk for n in self.nodes.values()):
+            keep_down = set()   # a rebuild needs every other node: an operator brings them back
         for nid, node in self.nodes.items():
             if node.replica is None and nid not in keep_down:
                 self.restart(node)
@@ -347,14 +365,15 @@ class Simulation:
             return False
         # Every live node has caught up with the highest decided slot.
         top = max(self.decided, default=0)
-        return all(n.replica is None or n.app.applied >= top for n in self.nodes.values())
+        return all(n.replica is None or (n.app.applied >= top and not n.replica.rebuilding)
+                   for n in self.nodes.values())
 
     # ---- nodes ---------------------------------------------------------------
     def start(self, node, durable=None):
         node.incarnation += 1
         node.replica = self.replica_cls(
             node.id, self.members, now=self.local(node), config=self.config,
-            seed=self.seed * 7919 + node.incarnation, durable=durable)
+            seed=self.seed * 7919 + node.incarnation, durable=durable, rebuilding=node.rebuilding)
         node.offering = False
         self.note_state_bytes(node)
         if node.revealed > node.replica.promised:
@@ -382,12 +401,29 @@ class Simulation:
         node.waiting.clear()
         node.reads.clear()
         node.incoming = None        # the node removes it when it starts again
+        others_rebuild = any(n.rebuilding or n.lose_disk for n in self.nodes.values() if n is not node)
+        if (downtime is not None and self.disk_loss and not others_rebuild
+                and self.loss_rng.random() < self.disk_loss):
+            node.lose_disk = True
         if downtime is not None:
             self.at(self.now + downtime, self.restart, node)
 
     def restart(self, node):
         if node.replica is not None:
             return
+        if node.lose_disk:
+            # A new, empty disk: records, state, and what the checks knew it said.
+            self.log("DISK LOST", node.id)
+            self.stats["disks_lost"] += 1
+            node.lose_disk = False
+            node.rebuilding = True
+            node.life += 1
+            node.heard_life = {}
+            node.disk = []
+            node.app = App()
+            node.app_snapshot = None
+            node.revealed = M.ZERO_BALLOT
+            node.revealed_acc = {}
         records = [M.decode(r) for r in node.disk]
         durable = DurableState.from_records(records)
         node.disk = [M.encode(r) for r in durable.to_records()]
@@ -429,6 +465,10 @@ class Simulation:
             node.unsynced.append((rd.token, [M.encode(x) for x in rd.records]))
             if node.syncing is None:
                 self.begin_fsync(node)
+        if rd.rebuilt:
+            self.log("REBUILT", node.id)
+            self.stats["rebuilt"] += 1
+            node.rebuilding = False
         for to, msg in rd.messages:
             t = type(msg)
             if t is M.Promise or t is M.Accepted:
@@ -598,16 +638,20 @@ class Simulation:
             d = rng.uniform(lo, hi)
             if self.faults and rng.random() < self.p_long:
                 d += rng.uniform(0.05, 0.5)
-            self.at(self.now + d, self.deliver, src, dst, data)
+            self.at(self.now + d, self.deliver, src, dst, data,
+                    self.nodes[src].life, self.nodes[dst].life)
 
-    def deliver(self, src, dst, data):
+    def deliver(self, src, dst, data, src_life, dst_life):
         if (src, dst) in self.cut:
             return
         node = self.nodes[dst]
         if node.replica is None:
             return
-        if self.deferred(node, src, self.deliver, src, dst, data):
+        if self.deferred(node, src, self.deliver, src, dst, data, src_life, dst_life):
             return
+        if dst_life != node.life or src_life < node.heard_life.get(src, 0):
+            return      # its link went with the disk: to the old life, or from it after the new one spoke
+        node.heard_life[src] = src_life
         msg = M.decode(data)
         if self.trace:
             self.log(f"{src}->{dst}", _short(msg))
@@ -784,6 +828,9 @@ class Simulation:
         top = max(self.decided, default=0)
         live = [n for n in self.nodes.values() if n.replica is not None]
         for n in live:
+            if n.replica.rebuilding:
+                self.fail(f"node {n.id} still rebuilding after faults stopped "
+                          f"(waits for {n.replica.rebuild_waits_for()})")
             if n.app.applied < top:
                 self.fail(f"node {n.id} applied only {n.app.applied} of {top} after faults stopped")
         for n in live:
@@ -824,6 +871,6 @@ def _short(msg):
     return repr(msg)
 
 
-def run_seed(seed, replica_cls=Replica, trace=None, fault_time=FAULT_TIME):
+def run_seed(seed, replica_cls=Replica, trace=None, fault_time=FAULT_TIME, disk_loss=None):
     """Run one seed; raises SimFailure if any check fails, else returns the Simulation."""
-    return Simulation(seed, replica_cls, trace, fault_time).run()
+    return Simulation(seed, replica_cls, trace, fault_time, disk_loss).run()
