@@ -15,7 +15,10 @@ the cluster from this port. Every action is logged with the operator's name.
 talks to every node's admin address (blocking sockets; no reactor needed).
 ``paxchat-admin restore FILE|DIR --node N`` needs no node: it makes a stopped
 node's data directory from a backup (a file, or a copy of a stopped node's
-data directory), on that node's machine.
+data directory), on that node's machine. ``paxchat-admin rebuild --node N``
+needs none either: it marks a node's new, empty data directory (its disk
+was lost) so that the node rebuilds from its peers while they keep serving
+(paxchat/lineage.py).
 """
 
 import argparse
@@ -428,6 +431,10 @@ def status_table(statuses):
             notes.append(f"node {n} refuses node {peer}: {why}")
         for peer, why in sorted((s.get("refused_by_peers") or {}).items()):
             notes.append(f"node {n} is refused by node {peer}: {why}")
+        rebuilding = s.get("rebuilding")
+        if rebuilding:
+            notes.append(f"node {n} rebuilds on new data and votes for nothing yet: "
+                         + _rebuild_note(rebuilding))
         # Why clients may not get in: counted since the node started.
         if s.get("clients_turned_away"):
             notes.append(f"node {n} turned away {s['clients_turned_away']} client connections"
@@ -436,13 +443,24 @@ def status_table(statuses):
             notes.append(f"node {n} closed {s['clients_refused']} new client connections since it"
                          " started: they came faster than connections_per_address from one address")
         rows.append([str(n), "up" if s.get("running", True) else "stopping",
-                     _show(s.get("role")), _show(s.get("leader")), _show(ballot),
+                     "rebuilding" if rebuilding else _show(s.get("role")), _show(s.get("leader")), _show(ballot),
                      _show(s.get("commit_index")), _show(applied), _show(lag),
                      _show(s.get("clients")), f"{connected}/{len(peers)}" if peers else "-"])
     notes += _apply_version_notes(up)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(lines + notes)
+
+
+def _rebuild_note(rebuilding):
+    waiting = rebuilding.get("waiting_for") or []
+    if waiting:
+        return ("waiting for " + ", ".join(f"node {p}" for p in waiting)
+                + " to answer (every other node must)")
+    upto = rebuilding.get("catch_up_to")
+    if upto is None:
+        return "starting"
+    return f"catching up to index {upto}, then it votes"
 
 
 def _apply_version_notes(up):
@@ -555,6 +573,33 @@ def _restore(config, args, out):
     print(f"node {node}'s data directory {directory} holds {what}, {describe(lineage)}; start "
           "the node once every node is restored from this same backup (a node restored from "
           "another is refused by it)", file=out)
+    return 0
+
+
+def _rebuild(config, args, out):
+    """Mark node N's new, empty data directory: it rebuilds from the running others."""
+    from paxchat.lineage import mark_rebuilding, write_members
+    node = args.node
+    config.node(node)
+    if len(config.nodes) < 3:
+        raise AdminError(f"a cluster of {len(config.nodes)} node(s) cannot rebuild one: no other"
+                         " node's answer can stand for a majority; restore from a backup instead")
+    directory = config.node_data_dir(node)
+    try:
+        occupied = directory.exists() and (not directory.is_dir() or any(directory.iterdir()))
+        if occupied:
+            raise AdminError(f"node {node}'s data directory {directory} is not empty; a rebuild is"
+                             " for a node whose data is gone (stop it and move the directory aside"
+                             " first, if that is so)")
+        config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, exist_ok=True)
+        write_members(directory, config.nodes)
+        mark_rebuilding(directory)
+    except OSError as e:
+        raise AdminError(f"cannot make {e.filename or directory}: {e.strerror or e}") from None
+    print(f"node {node}'s data directory {directory} is marked to rebuild; start the node: it "
+          "copies the state from the others and votes again once every other node has answered "
+          "(paxchat-admin status shows it meanwhile)", file=out)
     return 0
 
 
@@ -749,6 +794,11 @@ def main(argv=None, out=None, err=None):
     restore.add_argument("file", metavar="FILE|DIR")
     restore.add_argument("--node", type=int, required=True)
     restore.set_defaults(run=_restore, offline=True)
+    rebuild = commands.add_parser("rebuild", help="mark node N's new, empty data directory (its "
+                                  "disk was lost) so it rebuilds from the others while they "
+                                  "serve; run on its machine, then start the node")
+    rebuild.add_argument("--node", type=int, required=True)
+    rebuild.set_defaults(run=_rebuild, offline=True)
     args = parser.parse_args(argv)
     try:
         config = configmod.load(args.config)

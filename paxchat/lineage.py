@@ -30,6 +30,15 @@ lists other nodes than its data records refuses to start: the members
 change only with every node stopped and restored from one copy
 (``paxchat-admin restore`` records the members of the cluster.ini it runs
 with), so that no node runs with the old set while another runs with the new.
+
+A node whose disk was lost can come back without stopping the others:
+``paxchat-admin rebuild`` makes its empty data directory with a
+*rebuilding* mark. Such a node says so in its hello; its peers let its new
+identity in, remember it, and close every link of its old one, and it
+votes for nothing until every other node has told it what its lost disk
+may have promised (``paxos/core.py``, "Rebuilding a node"). In a cluster
+restored from a backup it takes the lineage of the first peer it hears.
+Once it votes again the mark goes.
 """
 
 import json
@@ -41,11 +50,13 @@ from pathlib import Path
 from paxchat.paxos.store import fsync_directory
 
 __all__ = ["IDENTITY", "IDENTITY_FILE", "LINEAGE_FILE", "MEMBERS_FILE", "PEER_IDENTITIES_FILE",
-           "LineageError", "check_members", "describe", "read_lineage", "read_or_make_identity",
+           "REBUILDING_FILE", "LineageError", "check_members", "clear_rebuilding", "describe",
+           "is_rebuilding", "mark_rebuilding", "read_lineage", "read_or_make_identity",
            "read_peer_identities", "write_lineage", "write_members", "write_peer_identities"]
 
 LINEAGE_FILE = "lineage"
 MEMBERS_FILE = "members"
+REBUILDING_FILE = "rebuilding"
 IDENTITY_FILE = "identity"
 PEER_IDENTITIES_FILE = "peer-identities"
 _VALID = re.compile(rb"[0-9a-f]{1,64}")
@@ -147,6 +158,24 @@ def read_peer_identities(directory) -> dict:
     if known is None or not all(IDENTITY.fullmatch(v) for v in known.values()):
         raise LineageError(f"{path} is damaged: it should map node ids to identities")
     return known
+
+
+def mark_rebuilding(directory) -> None:
+    """Mark ``directory`` (a lost disk's new, empty one) as a node rebuilding, durably."""
+    _write_durably(Path(directory) / REBUILDING_FILE,
+                   b"this node lost its disk and votes once every peer has answered\n")
+
+
+def is_rebuilding(directory) -> bool:
+    """True while the node of ``directory`` rebuilds (until it votes again)."""
+    return _read(Path(directory) / REBUILDING_FILE) is not None
+
+
+def clear_rebuilding(directory) -> None:
+    """The node votes again: remove the mark, durably."""
+    path = Path(directory) / REBUILDING_FILE
+    path.unlink(missing_ok=True)
+    fsync_directory(path.parent)
 
 
 def write_peer_identities(directory, known) -> None:

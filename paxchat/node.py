@@ -15,8 +15,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from paxchat import clienttls, notify, tls
-from paxchat.lineage import (check_members, describe, read_lineage, read_or_make_identity,
-                             read_peer_identities, write_peer_identities)
+from paxchat.lineage import (check_members, clear_rebuilding, describe, is_rebuilding,
+                             read_lineage, read_or_make_identity, read_peer_identities,
+                             write_lineage, write_peer_identities)
 from paxchat.metrics import MetricsService, find_service
 from paxchat.paxos.store import locked
 from paxchat.replicatedlog import ReplicatedLog
@@ -65,6 +66,8 @@ class NodeService(service.MultiService):
         self.lineage = b""                 # paxchat.lineage, read at start
         self.identity = b""                # this node's data identity (paxchat.lineage)
         self._known_peers = {}             # the peers' data identities, read at start
+        self.rebuilding = False            # back on an empty disk (paxchat.lineage), read at start
+        self._lineage_kept = defer.succeed(True)   # the lineage a rebuilding node took is on disk
         self._peers_to_write = None        # peer identities waiting to go to disk
         self._writing_peers = False
         # Fires once what a failed start opened is closed (the close is not
@@ -99,6 +102,7 @@ class NodeService(service.MultiService):
                           where=str(self.config.source_name or self.config.path))
             self.identity = read_or_make_identity(self.data_dir, self.node_id)
             self._known_peers = read_peer_identities(self.data_dir)
+            self.rebuilding = is_rebuilding(self.data_dir)
             # Opened once here before anything is served; from now on only the
             # worker's thread touches it.
             # The Paxos log is the durable record: the state commits without
@@ -174,7 +178,9 @@ class NodeService(service.MultiService):
             peer_options={"lineage": self.lineage, "identity": self.identity,
                           "build_version": self.versions.version,
                           "known_identities": self._known_peers,
-                          "remember": self.remember_peers})
+                          "remember": self.remember_peers,
+                          "rebuilding": self.rebuilding, "adopt_lineage": self._adopt_lineage},
+            rebuilding=self.rebuilding, on_rebuilt=self._rebuilt)
         for part in command_log.services():
             part.setServiceParent(self)
         if command_log.transport is not None:
@@ -219,6 +225,30 @@ class NodeService(service.MultiService):
             if self._peers_to_write is not None:
                 self._write_peers()
         d.addBoth(written)
+
+    def _off_reactor(self, what, fn, *args):
+        """Run a small durable write on a thread; a failure stops the node (its data
+        would not say what the node did)."""
+        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args)
+
+        def failed(f):
+            self.fatal(f"cannot {what}: {f.getErrorMessage()}")
+            return False
+        return d.addCallbacks(lambda _: True, failed)
+
+    def _adopt_lineage(self, lineage):
+        """Rebuilding on an empty disk in a restored cluster: its lineage is ours now."""
+        self.lineage = lineage
+        self._lineage_kept = self._off_reactor("keep the cluster's lineage", write_lineage,
+                                               self.data_dir, lineage)
+
+    def _rebuilt(self):
+        """The node votes again: its data no longer says it rebuilds (after it keeps
+        the lineage it took, if any: a node started again must still say it)."""
+        self.rebuilding = False
+        self._lineage_kept.addCallback(
+            lambda kept: kept and self._off_reactor("clear the rebuilding mark", clear_rebuilding,
+                                                    self.data_dir))
 
     def fatal(self, why):
         """The node cannot go on (its storage failed): end the process with status 1.

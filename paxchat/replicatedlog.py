@@ -157,7 +157,8 @@ class ReplicatedLog:
     """
 
     def __init__(self, reactor, node_id, members, worker, settings, *, open_store,
-                 make_transport=None, on_fatal=None, jitter=random.random):
+                 make_transport=None, on_fatal=None, jitter=random.random,
+                 rebuilding=False, on_rebuilt=None):
         self._reactor = reactor
         self.node_id = node_id
         self.members = tuple(sorted(set(members)))
@@ -167,6 +168,10 @@ class ReplicatedLog:
         self._open_store = open_store
         self._on_fatal = on_fatal
         self._jitter = jitter
+        # A node back on an empty disk votes for nothing until fenced
+        # (paxos/core.py); on_rebuilt() once it votes again.
+        self._rebuilding = rebuilding
+        self._on_rebuilt = on_rebuilt
         self.transport = make_transport(self._on_frame) if make_transport else None
         if self.transport is not None:
             self.transport.add_state_observer(self._link_changed)
@@ -216,7 +221,8 @@ class ReplicatedLog:
         self._size_due = 0.0               # when to ask again
 
     @classmethod
-    def from_config(cls, reactor, config, node_id, worker, on_fatal=None, peer_options=None):
+    def from_config(cls, reactor, config, node_id, worker, on_fatal=None, peer_options=None,
+                    rebuilding=False, on_rebuilt=None):
         """The log of node ``node_id`` of a ClusterConfig (peer links only if it has peers;
         ``peer_options`` go to the PeerTransport: the lineage and identities of the node's
         data, paxchat/lineage.py)."""
@@ -232,7 +238,8 @@ class ReplicatedLog:
         return cls(reactor, node_id, list(config.nodes), worker,
                    ReplicationSettings.from_config(config),
                    open_store=lambda: DurableLog.open(reactor, directory),
-                   make_transport=make_transport, on_fatal=on_fatal)
+                   make_transport=make_transport, on_fatal=on_fatal,
+                   rebuilding=rebuilding, on_rebuilt=on_rebuilt)
 
     def services(self):
         """The running parts the node must start (before clients) and stop (before ``stop``)."""
@@ -284,7 +291,11 @@ class ReplicatedLog:
             # Nobody else can hold a lease: elect ourselves at the first tick.
             now -= 2 * self.settings.election_timeout
         self.replica = Replica(self.node_id, self.members, now=now, config=self._core_config,
-                               jitter=self._jitter, durable=durable)
+                               jitter=self._jitter, durable=durable,
+                               rebuilding=self._rebuilding and len(self.members) > 1)
+        if self.replica.rebuilding:
+            log.warn("node {node} rebuilds on new data: it votes once every other node has told"
+                     " it what its lost data may have promised", node=self.node_id)
         log.info("node {node} replicated log started: {count} log records, applied index"
                  " {applied}, snapshot index {index}, members {members}", node=self.node_id,
                  count=len(records), applied=applied, index=durable.snapshot_index,
@@ -403,11 +414,22 @@ class ReplicatedLog:
             "peers": peers,
             "refused_peers": refused,           # peer links refused for their data's lineage
             "refused_by_peers": refused_by,     # peers refusing our data, and why they said
+            "rebuilding": self._rebuild_status(),
             "pending_proposals": len(self._pending),
             "held_commands": len(self._held),
             "pending_reads": len(self._reads),
             "log_bytes": self.store.size_bytes if self.store is not None else None,
         }
+
+    def _rebuild_status(self):
+        """None, or what a node rebuilding on new data waits for."""
+        r = self.replica
+        if r is None:
+            return {"waiting_for": [], "catch_up_to": None} if self._rebuilding else None
+        if not r.rebuilding:
+            return None
+        missing, upto = r.rebuild_waits_for()
+        return {"waiting_for": list(missing), "catch_up_to": upto}
 
     def transfer_leadership(self, target):
         """Hand leadership to ``target`` (NotLeader / ValueError as the replica raises them)."""
@@ -550,6 +572,13 @@ class ReplicatedLog:
         self._kick_apply()
         if ready.want_snapshot:
             self._offer_snapshot()
+        if ready.rebuilt:
+            self._rebuilding = False
+            if self.transport is not None:
+                self.transport.rebuilding = False
+            log.info("node {node} is rebuilt and votes again", node=self.node_id)
+            if self._on_rebuilt is not None:
+                self._on_rebuilt()
 
     def _persist(self, records, token):
         self._unfolded.extend(records)

@@ -120,6 +120,42 @@ def test_status_says_so_while_the_nodes_builds_and_the_clusters_apply_version_di
     assert "the cluster's is not known yet" in admin.status_table(unknown)
 
 
+def test_status_shows_a_rebuilding_node_and_what_it_waits_for():
+    def node(rebuilding):
+        return {"role": "follower", "leader": 1, "ballot": [4, 1], "commit_index": 9,
+                "applied_index": 9, "rebuilding": rebuilding}
+    statuses = {1: node(None), 2: node({"waiting_for": [3], "catch_up_to": None}),
+                3: node({"waiting_for": [], "catch_up_to": 40}),
+                4: node({"waiting_for": [], "catch_up_to": None})}
+    lines = admin.status_table(statuses).splitlines()
+    assert [line.split()[2] for line in lines[1:5]] == ["follower", "rebuilding", "rebuilding",
+                                                        "rebuilding"]
+    assert lines[5:] == [
+        "node 2 rebuilds on new data and votes for nothing yet: waiting for node 3 to answer"
+        " (every other node must)",
+        "node 3 rebuilds on new data and votes for nothing yet: catching up to index 40, then it"
+        " votes",
+        "node 4 rebuilds on new data and votes for nothing yet: starting"]
+
+
+def test_rebuild_marks_an_empty_data_directory_and_refuses_the_rest(tmp_path):
+    from paxchat.lineage import check_members, is_rebuilding
+    cfg = make_cluster(tmp_path / "cluster", nodes=3)
+    code, out, err = admin_main(cfg, "rebuild", "--node", "2")
+    directory = cfg.node_data_dir(2)
+    assert code == 0 and "is marked to rebuild" in out, err
+    assert is_rebuilding(directory) and sorted(p.name for p in directory.iterdir()) == [
+        "members", "rebuilding"]
+    check_members(directory, cfg.nodes)                 # the members of its cluster.ini
+    code, out, err = admin_main(cfg, "rebuild", "--node", "2")    # not empty now
+    assert code == 1 and "is not empty" in err
+    code, out, err = admin_main(cfg, "rebuild", "--node", "9")
+    assert code == 1 and "no [node.9]" in err
+    small = make_cluster(tmp_path / "small", nodes=2)
+    code, out, err = admin_main(small, "rebuild", "--node", "1")
+    assert code == 1 and "cannot rebuild one" in err and not small.node_data_dir(1).exists()
+
+
 def test_a_node_that_refuses_the_certificate_is_shown_up_and_refusing_not_down():
     refusal = admin.AdminError("node 1 (10.0.0.1:7401): an admin certificate of the cluster CA is"
                                " needed", 403, {"error": "forbidden"})

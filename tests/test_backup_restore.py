@@ -241,3 +241,90 @@ def test_a_node_back_on_an_empty_disk_is_refused_until_every_node_is_restored(
     assert (yield cluster.check_equal_states()) > 0
     assert not any(refused in cluster.output(n).split("===== start #")[-1]
                    for n in cluster.node_ids)
+
+
+@within(150)
+@pytest_twisted.inlineCallbacks
+def test_a_node_back_on_an_empty_disk_rebuilds_from_the_others_while_they_serve(
+        cluster_factory, tmp_path):
+    """The way back without stopping anyone: ``paxchat-admin rebuild`` marks
+    the new, empty directory; the node votes for nothing until every other
+    node has answered, copies the state, and then counts in a quorum again."""
+    cluster, cfg, leader, alice = yield chatting(cluster_factory, 5, "before the disk was lost")
+    lost, other = [n for n in cluster.node_ids if n != leader]
+    cluster.kill(lost)
+    yield threads.deferToThread(shutil.rmtree, cluster.data_dir(lost))
+    code, out, err = yield threads.deferToThread(admin_main, cfg, "rebuild", "--node", str(leader))
+    assert code == 1 and "is not empty" in err
+    code, out, err = yield threads.deferToThread(admin_main, cfg, "rebuild", "--node", str(lost))
+    assert code == 0 and "is marked to rebuild" in out, out + err
+    mark = cluster.data_dir(lost) / "rebuilding"
+    assert mark.exists()
+
+    # With another node down it waits for that node's answer: it cannot vouch alone.
+    cluster.kill(other)
+    yield cluster.start_and_wait(lost)
+    waiting = f"node {lost} rebuilds on new data and votes for nothing yet: waiting for node {other}"
+
+    @defer.inlineCallbacks
+    def says_waiting():
+        code, out, err = yield run_admin(cfg, "status")
+        return waiting in out
+    yield wait_until(cluster.reactor, says_waiting, 30, "the status to say what it waits for")
+    assert f"node {lost} rebuilds on new data (identity" in cluster.output(leader)
+    assert "is rebuilt" not in cluster.output(lost)
+
+    yield cluster.start_and_wait(other)
+    yield wait_until(cluster.reactor, lambda: "is rebuilt and votes again" in cluster.output(lost),
+                     30, "the node to be rebuilt")
+    yield wait_until(cluster.reactor, lambda: not mark.exists(), 10, "the mark to go")
+    for i in range(3):
+        yield alice.send_message(SINK, f"after the rebuild {i}")
+    # Its vote now counts: with the third node down, the leader and it commit.
+    cluster.kill(other)
+    yield alice.send_message(SINK, "carried by the rebuilt node")
+    yield cluster.start_and_wait(other)
+    bodies = [m["body"] for m in (yield all_history(alice, peer=SINK))]
+    assert len(bodies) == 9 and bodies[0] == "carried by the rebuilt node"
+    yield cluster.close_clients()
+    assert (yield cluster.check_equal_states()) > 0
+    code, out, err = yield run_admin(cfg, "status")
+    assert "rebuild" not in out, out
+
+
+@within(150)
+@pytest_twisted.inlineCallbacks
+def test_a_node_rebuilding_in_a_restored_cluster_takes_its_lineage(cluster_factory, tmp_path):
+    """After a restore every node's data names the backup; a rebuilt node's
+    new disk takes that lineage from its peers, and keeps it across a restart."""
+    from paxchat.lineage import read_lineage
+    cluster, cfg, leader, alice = yield chatting(cluster_factory, 2, "before the backup")
+    yield cluster.close_clients()
+    yield cluster.stop_gracefully()
+    copy = tmp_path / "copy"
+    yield threads.deferToThread(shutil.copytree, cluster.data_dir(leader), copy)
+    yield restore_every_node(cluster, copy)
+    yield cluster.start_and_wait()
+    leader = yield cluster.wait_leader()
+    lineage = read_lineage(cluster.data_dir(leader))
+    assert lineage
+
+    lost = next(n for n in cluster.node_ids if n != leader)
+    cluster.kill(lost)
+    yield threads.deferToThread(shutil.rmtree, cluster.data_dir(lost))
+    code, out, err = yield threads.deferToThread(admin_main, cfg, "rebuild", "--node", str(lost))
+    assert code == 0, out + err
+    yield cluster.start_and_wait(lost)
+    yield wait_until(cluster.reactor, lambda: "is rebuilt and votes again" in cluster.output(lost),
+                     30, "the node to be rebuilt")
+    yield wait_until(cluster.reactor,
+                     lambda: not (cluster.data_dir(lost) / "rebuilding").exists(), 10,
+                     "the mark to go")
+    assert read_lineage(cluster.data_dir(lost)) == lineage
+    yield cluster.stop_gracefully(lost)
+    yield cluster.start_and_wait(lost)                     # as any node of the restored cluster
+    alice = yield logged_in(cluster, "alice")
+    yield alice.send_message(SINK, "after the rebuild")
+    yield cluster.close_clients()
+    assert (yield cluster.check_equal_states()) > 0
+    assert "refused" not in cluster.output(lost).split("===== start #")[-1]

@@ -623,6 +623,49 @@ def test_a_peer_back_with_other_data_is_refused(captured_log):
     assert inbox == [] and "without saying which data" in t.refusals()[2]
 
 
+def test_a_rebuilding_peer_on_new_data_is_let_in_remembered_and_its_old_links_cut(captured_log):
+    remembered = []
+    t, clock, inbox = unit_transport(lineage=RESTORED, identity=OURS,
+                                     known_identities={2: THEIRS}, remember=remembered.append)
+    old, old_transport = connect(t, 2)
+    old.dataReceived(frame(b"\x00" + RESTORED + b"/" + THEIRS) + frame(b"old 1"))
+    unheard, unheard_transport = connect(t, 3)             # another node's link: untouched
+    new_identity = b"2" * 32
+    new, new_transport = connect(t, 2)
+    # No lineage yet (a new disk): let in all the same, as a rebuilding node.
+    new.dataReceived(frame(b"\x00/" + new_identity + b"/rebuilding") + frame(b"query"))
+    assert inbox == [(2, b"old 1"), (2, b"query")] and not new_transport.disconnecting
+    assert old_transport.aborted and not unheard_transport.disconnecting
+    old.dataReceived(frame(b"old 2"))                       # what was still on its way: dropped
+    assert inbox[-1] == (2, b"query")
+    assert t.known_identities == {2: new_identity} and remembered == [{2: new_identity}]
+    [line] = [x for x in texts(captured_log) if "rebuilds" in x]
+    assert "node 2 rebuilds on new data (identity 222222222222, was 111111111111)" in line
+    # Once rebuilt it speaks as any node, and its old data stays refused.
+    again, again_transport = connect(t, 2)
+    again.dataReceived(frame(b"\x00" + RESTORED + b"/" + new_identity) + frame(b"vote"))
+    assert inbox[-1] == (2, b"vote")
+    back, _ = connect(t, 2)
+    back.dataReceived(frame(b"\x00" + RESTORED + b"/" + THEIRS) + frame(b"stale"))
+    assert inbox[-1] == (2, b"vote") and "not the data it had" in t.refusals()[2]
+
+
+def test_a_rebuilding_node_says_so_and_takes_the_first_lineage_it_hears():
+    adopted = []
+    t, clock, inbox = unit_transport(identity=OURS, rebuilding=True, adopt_lineage=adopted.append)
+    proto, transport = connect(t, 2)
+    assert transport.value() == frame(b"\x00/" + OURS + b"/rebuilding")
+    proto.dataReceived(frame(b"\x00" + RESTORED + b"/" + THEIRS) + frame(b"report"))
+    assert inbox == [(2, b"report")] and adopted == [RESTORED] and t.lineage == RESTORED
+    other, other_transport = connect(t, 3)
+    assert other_transport.value() == frame(b"\x00" + RESTORED + b"/" + OURS + b"/rebuilding")
+    other.dataReceived(frame(b"\x00" + b"cd" * 32 + b"/" + THEIRS) + frame(b"report"))
+    assert inbox == [(2, b"report")] and other_transport.disconnecting    # another lineage
+    assert adopted == [RESTORED]
+    t.rebuilding = False
+    assert connect(t, 2)[1].value() == frame(b"\x00" + RESTORED + b"/" + OURS)
+
+
 def test_a_hello_with_an_unreadable_identity_is_refused():
     t, clock, inbox = unit_transport(identity=OURS)
     proto, transport = connect(t, 2)

@@ -27,6 +27,17 @@ is closed before any of its frames is passed on. A peer refused so, or
 refusing us, is dialled again after ``LINEAGE_RETRY_SECONDS``, or at once
 when a link it opened passes (the operator put it right).
 
+A node rebuilding after its disk was lost (``paxchat/lineage.py``) ends
+its hello with ``/rebuilding``. It votes for nothing until every peer has
+told it what its lost disk may have promised (``paxos/core.py``), so its
+peers let it in whatever identity and lineage it names: they remember its
+new identity and close every link of the old one at once, before passing
+on any frame of the new, so nothing the lost disk's node sent can arrive
+after they answered the rebuilding one. A rebuilding node without a
+lineage takes the first non-empty one a peer names (a cluster restored
+from a backup), and keeps it. Earlier builds refuse such a hello (they
+read no identity in it).
+
 After its hello a node sends its *build*: a frame of a zero byte, ``v``
 and the highest apply version its build knows (``paxchat/upgrades.py``),
 so a leader knows what every peer's build can apply. A node of an earlier
@@ -72,6 +83,7 @@ MAX_UNAUTHENTICATED_INBOUND = 32
 HELLO = b"\x00"                              # first byte of a hello frame
 REFUSAL = HELLO + b"!"                       # "your data may not vote with ours", and why
 BUILD = HELLO + b"v"                         # the apply version the sender's build knows
+REBUILDING = b"rebuilding"                   # ends the hello of a node rebuilding on a new disk
 # A peer of another lineage stays so until an operator acts: dial it rarely.
 LINEAGE_RETRY_SECONDS = 30.0
 LINEAGE_REPORT_SECONDS = 60.0
@@ -98,6 +110,7 @@ class PeerProtocol(Int32StringReceiver):
         self._timer = None
         self._refused = None
         self._peer_lineage = None              # unknown until its first non-empty frame
+        self._peer_identity = None             # the data identity its hello named
         self.peer_build = None                 # the apply version its build knows, once it says
         self._gone = None                      # fires in connectionLost, once asked for
         self._closing = False
@@ -203,11 +216,14 @@ class PeerProtocol(Int32StringReceiver):
             return
         if self._peer_lineage is None:
             hello = frame[:1] == HELLO
+            rebuilding = False
             if hello:
                 lineage, _, identity = frame[1:].partition(b"/")
+                identity, _, flag = identity.partition(b"/")
+                rebuilding = flag == REBUILDING
             else:
                 lineage, identity = b"", None       # a node of an earlier build
-            if not self._same_data(lineage, identity):
+            if not self._same_data(lineage, identity, rebuilding):
                 return
             if hello:
                 return                              # for the transport alone
@@ -223,12 +239,18 @@ class PeerProtocol(Int32StringReceiver):
                         peer=self.peer_id)
             self.refuse("it sent a frame that could not be handled")
 
-    def _same_data(self, lineage, identity):
+    def _same_data(self, lineage, identity, rebuilding=False):
         """Take the peer's lineage and identity (None: it sent no hello); close the
-        link, telling it ours, unless its data may vote with ours."""
+        link, telling it ours, unless its data may vote with ours (or it
+        rebuilds, and votes for nothing until it may)."""
         owner = self._owner
         self._peer_lineage = lineage
-        if lineage != owner.lineage:
+        self._peer_identity = identity
+        if owner.rebuilding and not owner.lineage and lineage and not rebuilding:
+            owner._adopt_lineage(lineage)
+        if rebuilding:
+            why = owner._welcome_rebuilding(self, identity)
+        elif lineage != owner.lineage:
             why = f"its data was {describe(lineage)}, ours was {describe(owner.lineage)}"
         else:
             why = owner._check_identity(self.peer_id, identity)
@@ -378,7 +400,7 @@ class PeerTransport(service.MultiService):
                  handshake_timeout=HANDSHAKE_TIMEOUT, paused_write_limit=PAUSED_WRITE_LIMIT,
                  max_unauthenticated=MAX_UNAUTHENTICATED_INBOUND, retry_policy=None,
                  lineage=b"", identity=b"", known_identities=None, remember=None,
-                 build_version=None):
+                 build_version=None, rebuilding=False, adopt_lineage=None):
         super().__init__()
         self.clock = reactor
         self._reactor = reactor
@@ -405,6 +427,8 @@ class PeerTransport(service.MultiService):
         self.known_identities = dict(known_identities or {})   # peer id -> its data's identity
         self.remember = remember             # remember(known_identities), to keep them on disk
         self.build_version = build_version   # said after our hello (None: not said)
+        self.rebuilding = rebuilding         # our hello says so, until the node votes again
+        self.adopt_lineage = adopt_lineage   # adopt_lineage(lineage): keep the one taken on disk
         self._lineage_refusals = {}          # peer id -> outbound links refused for it in a row
         self._lineage_reports = OccasionalByKind(self.clock, LINEAGE_REPORT_SECONDS)
         self._refused_data = {}              # peer id -> why, while its data may not vote
@@ -543,7 +567,35 @@ class PeerTransport(service.MultiService):
 
     def hello(self):
         """The frame that opens our links: our lineage and our data's identity."""
-        return HELLO + self.lineage + b"/" + self.identity
+        return HELLO + self.lineage + b"/" + self.identity + (b"/" + REBUILDING if self.rebuilding else b"")
+
+    def _adopt_lineage(self, lineage):
+        """Rebuilding on an empty disk: take the cluster's lineage as ours."""
+        self.lineage = lineage
+        log.info("node {node} takes its peers' lineage: {lineage}", node=self.node_id,
+                 lineage=describe(lineage))
+        if self.adopt_lineage is not None:
+            self.adopt_lineage(lineage)
+
+    def _welcome_rebuilding(self, protocol, identity):
+        """Let a rebuilding peer in: remember its identity, and cut its old links."""
+        peer = protocol.peer_id
+        if not identity or not IDENTITY.fullmatch(identity):
+            return "its hello names no data identity we can read"
+        if self.known_identities.get(peer) != identity:
+            old = self.known_identities.get(peer)
+            self.known_identities[peer] = identity
+            if self.remember is not None:
+                self.remember(dict(self.known_identities))
+            log.info("node {peer} rebuilds on new data (identity {new}, was {old}); links of"
+                     " its old data are closed", peer=peer, new=identity[:12].decode("ascii"),
+                     old=(old or b"unknown")[:12].decode("ascii", "replace"))
+        for other in list(self._connections):
+            if (other is not protocol and other.peer_id == peer
+                    and other._peer_identity not in (None, identity)):
+                other._refused = "its node rebuilds on new data"
+                other.transport.abortConnection()
+        return None
 
     def _check_identity(self, peer, identity):
         """None if ``identity`` is the one we knew for ``peer`` (or the first we hear);
