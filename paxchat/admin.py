@@ -581,9 +581,9 @@ def _rebuild(config, args, out):
     from paxchat.lineage import mark_rebuilding, write_members
     node = args.node
     config.node(node)
-    if len(config.nodes) < 3:
-        raise AdminError(f"a cluster of {len(config.nodes)} node(s) cannot rebuild one: no other"
-                         " node's answer can stand for a majority; restore from a backup instead")
+    if len(config.nodes) < 2:
+        raise AdminError("a cluster of one node cannot rebuild it: no other node holds what it"
+                         " lost; restore it from a backup instead")
     directory = config.node_data_dir(node)
     try:
         occupied = directory.exists() and (not directory.is_dir() or any(directory.iterdir()))

@@ -58,7 +58,7 @@ _CLIENT_COUNTERS = {
 }
 # Numeric fields of the log's status() become gauges paxchat_<key>; these have their own.
 _NOT_GAUGES = {"node", "leader", "ballot", "clients", "running", "role", "peers",
-               "refused_peers", "refused_by_peers",
+               "refused_peers", "refused_by_peers", "rebuilding",
                *_CLIENT_COUNTERS}
 _METRIC_NAME = re.compile(r"[a-z_][a-z0-9_]*\Z")
 _GAUGE_HELP = {
@@ -200,6 +200,12 @@ class _StatusCollector:
             for of in ("build", "cluster"):
                 if _number(versions.get(of)) is not None:
                     gauge.add_metric([of], versions[of])
+            yield gauge
+        if "rebuilding" in status:
+            gauge = GaugeMetricFamily(
+                "paxchat_rebuilding", "1 while this node rebuilds on new data (its disk was lost):"
+                " it votes for nothing until every other node has answered it and it caught up.")
+            gauge.add_metric([], 1 if status["rebuilding"] else 0)
             yield gauge
         leader = _number(status.get("leader"))
         gauge = GaugeMetricFamily("paxchat_leader", "Node id of the known leader (0: none known).")

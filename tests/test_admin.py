@@ -151,9 +151,9 @@ def test_rebuild_marks_an_empty_data_directory_and_refuses_the_rest(tmp_path):
     assert code == 1 and "is not empty" in err
     code, out, err = admin_main(cfg, "rebuild", "--node", "9")
     assert code == 1 and "no [node.9]" in err
-    small = make_cluster(tmp_path / "small", nodes=2)
-    code, out, err = admin_main(small, "rebuild", "--node", "1")
-    assert code == 1 and "cannot rebuild one" in err and not small.node_data_dir(1).exists()
+    alone = make_cluster(tmp_path / "alone", nodes=1)
+    code, out, err = admin_main(alone, "rebuild", "--node", "1")
+    assert code == 1 and "cannot rebuild it" in err and not alone.node_data_dir(1).exists()
 
 
 def test_a_node_that_refuses_the_certificate_is_shown_up_and_refusing_not_down():

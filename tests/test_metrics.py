@@ -102,6 +102,14 @@ def test_the_apply_versions_are_gauges_once_known():
     assert ("paxchat_apply_version", frozenset({("of", "cluster")})) not in found
 
 
+def test_a_rebuilding_node_says_so_in_a_gauge():
+    found = samples(NodeMetrics(FakeNode(StatusLog(rebuilding=None)), task.Clock()).exposition())
+    assert value(found, "paxchat_rebuilding") == 0
+    waiting = {"waiting_for": [3], "catch_up_to": None}
+    found = samples(NodeMetrics(FakeNode(StatusLog(rebuilding=waiting)), task.Clock()).exposition())
+    assert value(found, "paxchat_rebuilding") == 1
+
+
 def test_collector_degrades_without_status():
     node = FakeNode(Bare())
     found = samples(NodeMetrics(node, task.Clock()).exposition())

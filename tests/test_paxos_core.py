@@ -848,6 +848,19 @@ def test_a_node_on_a_new_disk_asks_every_peer_catches_up_then_votes_again():
     assert net.rebuilt[lost] == 1
 
 
+def test_in_a_cluster_of_two_the_other_node_alone_answers_and_both_vote_again():
+    net = Net(2)
+    leader = net.elect()
+    leader.propose(b"x")
+    net.step()
+    lost = leader.peers[0]
+    _lose_disk(net, lost)
+    net.run_until(lambda: not net.reps[lost].rebuilding)
+    leader = net.elect()
+    leader.propose(b"y")            # two nodes: chosen only with the rebuilt node's vote
+    net.run_until(lambda: net.commands(lost) == [b"x", b"y"])
+
+
 def test_a_rebuilding_node_votes_for_nothing_and_waits_for_every_peer():
     net = Net(3)
     leader = net.elect()
