@@ -49,6 +49,7 @@ class ApplyVersionKeeper(service.Service):
         self.cluster_version = None       # unknown until read from the state
         self._observing = None
         self._proposing = False
+        self._reading = False
         self._loop = None
 
     def startService(self):
@@ -76,7 +77,11 @@ class ApplyVersionKeeper(service.Service):
 
     def check(self):
         """On the leader: propose the lowest version every member's build knows, if higher."""
-        if self._proposing or self.cluster_version is None or not self.running:
+        if self.cluster_version is None or not self.running:
+            return
+        if self.cluster_version < self.version:
+            self._refresh()
+        if self._proposing:
             return
         command_log = self._command_log()
         if command_log.leader_id() != self.node_id:
@@ -101,6 +106,18 @@ class ApplyVersionKeeper(service.Service):
     def _failed(self, failure):
         self._proposing = False           # tried again at the next check
         log.debug("moving the apply version did not commit: {why}", why=failure.getErrorMessage())
+
+    def _refresh(self):
+        """Read the state's version again: a node that caught up by a snapshot
+        applied no ``set_apply_version``, so no observer told it of the move."""
+        if self._reading:
+            return
+        self._reading = True
+
+        def done(result):
+            self._reading = False
+            return result
+        self._read_version().addBoth(done).addCallbacks(self._read, self._read_failed)
 
     def _read(self, version):
         if self.running:

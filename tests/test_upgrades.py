@@ -71,6 +71,22 @@ def test_only_the_leader_proposes_and_only_a_move_up():
     assert command_log.submitted == []
 
 
+def test_a_move_that_came_in_a_snapshot_is_read_from_the_state_at_the_next_check():
+    state = {"version": 0}
+    clock = task.Clock()
+    command_log = FakeLog(leader=2)
+    k = ApplyVersionKeeper(clock, 1, (1, 2, 3), lambda: command_log, lambda: {2: 1, 3: 1},
+                           lambda: defer.succeed(state["version"]), version=1)
+    k.startService()
+    assert k.status()["cluster"] == 0
+    state["version"] = 1                 # restored from a peer's snapshot: no command applied
+    clock.advance(CHECK_SECONDS)
+    assert k.status()["cluster"] == 1
+    command_log.leader = 1
+    clock.advance(CHECK_SECONDS * 3)
+    assert command_log.submitted == []   # nothing to move, as the state says
+
+
 def test_one_proposal_at_a_time_and_a_failed_one_is_made_again():
     clock, command_log, k = keeper({2: 1, 3: 1})
     command_log.answer = "hold"
