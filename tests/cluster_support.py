@@ -163,11 +163,12 @@ def unread_bytes_at(port):
 
 
 def parse_gauges(text):
-    """``{name: value}`` of the unlabelled samples of a Prometheus text page."""
+    """``{name: value}`` of the samples of a Prometheus text page; a labelled
+    sample's name is written out with its labels (``paxchat_role{role="leader"}``)."""
     gauges = {}
     for line in text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, _, value = line.partition(" ")
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
             try:
                 gauges[name] = float(value)
             except ValueError:
@@ -441,9 +442,14 @@ class Cluster:
         """Wait until every live node has applied the same log index; return it.
 
         Call it once no client writes any more: then every node holds every
-        acknowledged write (the node that answered applied it first).
+        acknowledged write (the node that answered applied it first). With
+        every node up it also waits for the cluster's apply version to reach
+        the build's (paxchat/upgrades.py): the leader commits that move once
+        it has heard every node, which may be just now, after a node that was
+        down came back.
         """
         nodes = self.live_nodes()
+        everyone = len(nodes) == len(self.node_ids)
 
         @defer.inlineCallbacks
         def same():
@@ -452,6 +458,9 @@ class Cluster:
             for n in nodes:
                 gauges = yield self.gauges(n)
                 indexes.add(gauges.get("paxchat_applied_index"))
+                if everyone and (gauges.get('paxchat_apply_version{of="cluster"}')
+                                 != gauges.get('paxchat_apply_version{of="build"}')):
+                    return None
             return indexes.pop() if len(indexes) == 1 and None not in indexes else None
         index = yield wait_until(self.reactor, same, timeout,
                                  f"nodes {nodes} to have applied the same index")

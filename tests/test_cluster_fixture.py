@@ -103,10 +103,11 @@ def test_wait_until_times_out_with_the_last_error():
     assert value == 7
 
 
-def test_parse_gauges_reads_unlabelled_samples():
+def test_parse_gauges_reads_every_sample_a_labelled_one_under_its_labels():
     page = ('# HELP paxchat_applied_index Last log index applied.\n'
             '# TYPE paxchat_applied_index gauge\n'
             'paxchat_applied_index 1234.0\n'
             'paxchat_peer_up{peer="2"} 1.0\n'
             'paxchat_leader 3.0\n')
-    assert parse_gauges(page) == {"paxchat_applied_index": 1234.0, "paxchat_leader": 3.0}
+    assert parse_gauges(page) == {"paxchat_applied_index": 1234.0, "paxchat_leader": 3.0,
+                                  'paxchat_peer_up{peer="2"}': 1.0}
