@@ -63,6 +63,17 @@ def restore_every_node(cluster, backup):
     return printed
 
 
+@defer.inlineCallbacks
+def restore_every_node_from(cluster, node, copy):
+    """Stop every node, copy ``node``'s directory to ``copy``, restore every node
+    from it, start them all; returns the leader they elect."""
+    yield cluster.stop_gracefully()
+    yield threads.deferToThread(shutil.copytree, cluster.data_dir(node), copy)
+    yield restore_every_node(cluster, copy)
+    yield cluster.start_and_wait()
+    return (yield cluster.wait_leader())
+
+
 def _replace_tree(source, target):
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(source, target)
@@ -228,12 +239,7 @@ def test_a_node_back_on_an_empty_disk_is_refused_until_every_node_is_restored(
     yield cluster.close_clients()
 
     # The way back: stop every node, restore each from the survivor's directory.
-    yield cluster.stop_gracefully()
-    copy = tmp_path / "survivor"
-    yield threads.deferToThread(shutil.copytree, cluster.data_dir(leader), copy)
-    yield restore_every_node(cluster, copy)
-    yield cluster.start_and_wait()
-    yield cluster.wait_leader()
+    yield restore_every_node_from(cluster, leader, tmp_path / "survivor")
     alice = yield logged_in(cluster, "alice")
     bodies = [m["body"] for m in (yield all_history(alice, peer=SINK))]
     assert len(bodies) == 8 and bodies[0] == f"while node {lost} is refused 2"
@@ -300,12 +306,7 @@ def test_a_node_rebuilding_in_a_restored_cluster_takes_its_lineage(cluster_facto
     from paxchat.lineage import read_lineage
     cluster, cfg, leader, alice = yield chatting(cluster_factory, 2, "before the backup")
     yield cluster.close_clients()
-    yield cluster.stop_gracefully()
-    copy = tmp_path / "copy"
-    yield threads.deferToThread(shutil.copytree, cluster.data_dir(leader), copy)
-    yield restore_every_node(cluster, copy)
-    yield cluster.start_and_wait()
-    leader = yield cluster.wait_leader()
+    leader = yield restore_every_node_from(cluster, leader, tmp_path / "copy")
     lineage = read_lineage(cluster.data_dir(leader))
     assert lineage
 
