@@ -594,6 +594,7 @@ def test_a_node_refused_by_a_peer_says_why_and_dials_it_rarely(captured_log):
     assert t.retry_delay(2, 1) == LINEAGE_RETRY_SECONDS
     [line] = [x for x in texts(captured_log) if "refuses our links" in x]
     assert line.startswith("node 2 refuses our links: its data is not the data it had (1 time(s)")
+    assert line.endswith("move its data directory aside and run paxchat-admin rebuild")
     # Put right, it speaks to us again: no longer refused, dialled as usual.
     proto, transport = connect(t, 2)
     proto.dataReceived(frame(b"\x00/" + THEIRS) + frame(b"accept"))
@@ -617,6 +618,7 @@ def test_a_peer_back_with_other_data_is_refused(captured_log):
     assert t.refusals() == {2: why} and t.peer_state(2) == "refused"
     [line] = [x for x in texts(captured_log) if "refused" in x]
     assert line.startswith(f"node 2: {why}; its links are refused")
+    assert line.endswith("move its directory aside and run paxchat-admin rebuild")
     assert t.known_identities == {2: THEIRS}                      # not forgotten for it
     proto, transport = connect(t, 2)                              # a peer that said hello before
     proto.dataReceived(frame(b"accept"))                          # now says none

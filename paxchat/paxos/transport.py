@@ -642,7 +642,9 @@ class PeerTransport(service.MultiService):
             log.error(
                 "node {peer} refuses our links: {why} ({count} time(s) since the last report)."
                 " This node's data may not vote with the others'; restore every node from the"
-                " same backup to bring it back (docs/operations.md, Backups)",
+                " same backup to bring it back (docs/operations.md, Backups), or, if this node's"
+                " disk was lost, stop it, move its data directory aside and run paxchat-admin"
+                " rebuild",
                 peer=peer, why=why, count=count)
 
     def _refusal_counted(self, protocol, key):
@@ -661,7 +663,8 @@ class PeerTransport(service.MultiService):
                 "node {peer}: {why}; its links are refused ({count} time(s) since the last"
                 " report). A node restored alone, or one whose data was lost or copied, would"
                 " forget votes the others count on; restore every node from the same backup"
-                " (docs/operations.md, Backups)", peer=peer, why=why, count=count)
+                " (docs/operations.md, Backups), or, for a node whose disk was lost, move its"
+                " directory aside and run paxchat-admin rebuild", peer=peer, why=why, count=count)
 
     def _peer_up(self, protocol):
         if protocol.direction == "outbound":
