@@ -197,6 +197,13 @@ class Cluster:
         self._targets = {t.node_id: t for t in targets_from_config(reactor, self.config, timeout=2.0)}
         self._clients: list[PaxchatClient] = []
 
+    def reload_config(self):
+        """Read cluster.ini again (a test changed it): addresses, for checks and clients."""
+        self.config = configmod.load(self.config.path)
+        self._targets = {t.node_id: t for t in targets_from_config(self.reactor, self.config,
+                                                                    timeout=2.0)}
+        return self.config
+
     # -- files ---------------------------------------------------------------
 
     def log_path(self, node_id) -> Path:

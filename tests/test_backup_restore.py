@@ -329,3 +329,60 @@ def test_a_node_rebuilding_in_a_restored_cluster_takes_its_lineage(cluster_facto
     yield cluster.close_clients()
     assert (yield cluster.check_equal_states()) > 0
     assert "refused" not in cluster.output(lost).split("===== start #")[-1]
+
+
+def move_node(cluster, node):
+    """Give ``node`` new addresses in cluster.ini (a new machine) and a new certificate
+    made under the cluster's CA, as docs/operations.md says; returns the new config."""
+    import re
+
+    from paxchat import tls
+    from tests.ops_support import free_ports
+    path = cluster.config.path
+    ports = iter(free_ports(4))
+    section = re.compile(rf"^\[node\.{node}\]\n(?:(?!\[).*\n?)*", re.M)
+
+    def readdress(match):
+        return re.sub(r"^(client|peer|metrics|admin) = 127\.0\.0\.1:\d+$",
+                      lambda m: f"{m.group(1)} = 127.0.0.1:{next(ports)}", match.group(0), flags=re.M)
+    path.write_text(section.sub(readdress, path.read_text()))
+    cluster.reload_config()
+    for name in (f"node-{node}.pem", f"node-{node}.key"):
+        (cluster.config.tls_dir / name).unlink()
+    written = tls.ensure_cluster_certs(cluster.config)       # paxchat-certs --if-missing
+    assert {p.name for p in written} == {f"node-{node}.key", f"node-{node}.pem"}
+    return cluster.config
+
+
+@within(150)
+@pytest_twisted.inlineCallbacks
+def test_a_machine_lost_for_good_is_replaced_by_one_at_another_address(cluster_factory):
+    """A new machine takes the lost one's place: node N's addresses change in
+    cluster.ini, the others take them at a restart one at a time, and node N
+    rebuilds on the new machine's empty disk."""
+    cluster, cfg, leader, alice = yield chatting(cluster_factory, 3, "before the machine was lost")
+    lost = next(n for n in cluster.node_ids if n != leader)
+    old_peer = cluster.config.node(lost).peer
+    cluster.kill(lost)
+    yield threads.deferToThread(shutil.rmtree, cluster.data_dir(lost))
+    cfg = move_node(cluster, lost)
+    assert cfg.node(lost).peer != old_peer
+    for n in [n for n in cluster.node_ids if n != lost]:
+        yield cluster.stop_gracefully(n)
+        yield cluster.start_and_wait(n)
+    code, out, err = yield threads.deferToThread(admin_main, cfg, "rebuild", "--node", str(lost))
+    assert code == 0, out + err
+    yield cluster.start_and_wait(lost)
+    yield wait_until(cluster.reactor, lambda: "is rebuilt and votes again" in cluster.output(lost),
+                     30, "the node to be rebuilt at its new address")
+    yield cluster.close_clients()
+    alice = yield logged_in(cluster, "alice")
+    leader = yield cluster.wait_leader()
+    other = next(n for n in cluster.node_ids if n not in (lost, leader))
+    cluster.kill(other)
+    yield alice.send_message(SINK, "carried by the node at its new address")
+    yield cluster.start_and_wait(other)
+    bodies = [m["body"] for m in (yield all_history(alice, peer=SINK))]
+    assert bodies[0] == "carried by the node at its new address" and len(bodies) == 4
+    yield cluster.close_clients()
+    assert (yield cluster.check_equal_states()) > 0
