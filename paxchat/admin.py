@@ -756,7 +756,7 @@ def _transfer(client, args, out):
 
 
 def main(argv=None, out=None, err=None):
-    """``paxchat-admin --config cluster.ini status|snapshot N|transfer-leadership N|backup|restore``."""
+    """``paxchat-admin --config cluster.ini status|snapshot N|transfer-leadership N|backup|restore|rebuild``."""
     out = out or sys.stdout
     err = err or sys.stderr
     parser = argparse.ArgumentParser(
