@@ -739,6 +739,9 @@ def _transfer(client, args, out):
     if leader == target:
         print(f"node {target} already leads", file=out)
         return 0
+    if isinstance(statuses.get(target), dict) and statuses[target].get("rebuilding"):
+        raise AdminError(f"node {target} rebuilds on new data and votes for nothing yet, so it"
+                         " cannot lead; ask again once status no longer shows it rebuilding")
     client.call(leader, "POST", "/transfer-leadership", {"target": target})
     print(f"node {leader} is handing leadership to node {target}...", file=out)
     deadline = time.monotonic() + args.wait

@@ -556,6 +556,32 @@ def test_transfer_leadership(node_1):
     assert info.value.code == 404
 
 
+def test_no_transfer_to_a_node_that_rebuilds(tmp_path):
+    import argparse
+    import io
+
+    class Client:
+        config = make_cluster(tmp_path, nodes=3)
+        calls = []
+
+        def statuses(self):
+            return {1: {"role": "leader", "leader": 1}, 2: {"role": "follower", "leader": 1,
+                    "rebuilding": {"waiting_for": [], "catch_up_to": 40}},
+                    3: {"role": "follower", "leader": 1, "rebuilding": None}}
+
+        def call(self, *args):
+            self.calls.append(args)
+            return {"role": "leader", "ballot": [3, 3]}
+    client = Client()
+    with pytest.raises(admin.AdminError, match="node 2 rebuilds on new data .* cannot lead"):
+        admin._transfer(client, argparse.Namespace(target=2, wait=1.0), io.StringIO())
+    assert client.calls == []
+    out = io.StringIO()
+    assert admin._transfer(client, argparse.Namespace(target=3, wait=1.0), out) == 0
+    assert client.calls[0] == (1, "POST", "/transfer-leadership", {"target": 3})
+    assert "node 3 leads now" in out.getvalue()
+
+
 @pytest_twisted.inlineCallbacks
 def test_transfer_refused_by_a_follower(node_1):
     cfg, node = node_1
