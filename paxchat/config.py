@@ -10,12 +10,13 @@ from __future__ import annotations
 import configparser
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
-__all__ = ["Address", "ClusterConfig", "ConfigError", "NodeConfig", "load", "loads"]
+__all__ = ["Address", "ClusterConfig", "ConfigError", "NodeConfig", "load", "loads",
+           "what_a_reload_cannot_take"]
 
 
 class ConfigError(Exception):
@@ -140,6 +141,22 @@ class ClusterConfig:
 
     def node_data_dir(self, node_id) -> Path:
         return self.data_dir / f"node-{self.node(node_id).id}"
+
+
+def what_a_reload_cannot_take(old: ClusterConfig, new: ClusterConfig, node_id: int) -> str | None:
+    """Why node ``node_id``, running with ``old``, cannot take ``new`` without a
+    restart; None when only other nodes' addresses differ (a node moved to
+    another machine), which a running node takes on SIGHUP."""
+    if set(new.nodes) != set(old.nodes):
+        return ("it lists other node ids (a change of the nodes of the cluster needs every node"
+                " restored, docs/operations.md)")
+    if new.nodes[node_id] != old.nodes[node_id]:
+        return f"the addresses of this node, node {node_id}, changed"
+    same = replace(new, nodes=old.nodes, source_name=old.source_name)
+    changed = [f.name for f in fields(ClusterConfig) if getattr(same, f.name) != getattr(old, f.name)]
+    if changed:
+        return "[cluster] " + ", ".join(changed) + (" changes" if len(changed) > 1 else " changed")
+    return None
 
 
 # -- parsing ---------------------------------------------------------------

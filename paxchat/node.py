@@ -14,7 +14,7 @@ from twisted.internet import defer, endpoints, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from paxchat import clienttls, notify, tls
+from paxchat import clienttls, config as configmod, notify, tls
 from paxchat.lineage import (check_members, clear_rebuilding, describe, is_rebuilding,
                              read_lineage, read_or_make_identity, read_peer_identities,
                              write_lineage, write_peer_identities)
@@ -225,6 +225,33 @@ class NodeService(service.MultiService):
             if self._peers_to_write is not None:
                 self._write_peers()
         d.addBoth(written)
+
+    def reload(self):
+        """Take cluster.ini again (SIGHUP: ``systemctl reload``): other nodes' new
+        addresses, for a node moved to another machine. Anything else needs a
+        restart; the node then says so and goes on as it was."""
+        try:
+            new = configmod.load(self.config.path)
+            why = configmod.what_a_reload_cannot_take(self.config, new, self.node_id)
+        except configmod.ConfigError as e:
+            why = str(e)
+        if why:
+            log.error("node {node_id} did not reload cluster.ini: {why}; it goes on as it was"
+                      " (restart it to take the file)", node_id=self.node_id, why=why)
+            return False
+        moved = [n for n in sorted(new.nodes) if new.nodes[n] != self.config.nodes[n]]
+        self.config = new
+        transport = getattr(self.log, "transport", None)
+        for n in moved:
+            if transport is not None:
+                peer = new.nodes[n].peer
+                transport.readdress(n, peer.host, peer.port)
+        if self.factory is not None:
+            self.factory.use_nodes(ServerSettings.from_config(new, self.node_id).nodes)
+        log.info("node {node_id} reloaded cluster.ini: {what}", node_id=self.node_id,
+                 what=("new addresses for node " + ", ".join(map(str, moved))) if moved
+                 else "nothing changed")
+        return True
 
     def _off_reactor(self, what, fn, *args):
         """Run a small durable write on a thread; a failure stops the node (its data

@@ -7,6 +7,7 @@ not a traceback.
 
 import gc
 import os
+import signal
 import sqlite3
 import sys
 
@@ -194,4 +195,12 @@ def makeService(options):
     # 2-5 s that held the GIL 20-70 ms; after this, none over 20 ms.
     gc.collect()
     gc.freeze()
+    reactor.callWhenRunning(reload_on_sighup, reactor, node)
     return _ExitOnStartupFailure(node, options.get("log_observer"))
+
+
+def reload_on_sighup(reactor, node):
+    """SIGHUP (``systemctl reload``) makes the node take cluster.ini again
+    (``NodeService.reload``), instead of ending the process as it would by
+    default."""
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(node.reload))

@@ -8,6 +8,7 @@ consistently, and carries on from there.
 """
 
 import shutil
+import signal
 
 import pytest_twisted
 from twisted.internet import defer, threads
@@ -358,8 +359,8 @@ def move_node(cluster, node):
 @pytest_twisted.inlineCallbacks
 def test_a_machine_lost_for_good_is_replaced_by_one_at_another_address(cluster_factory):
     """A new machine takes the lost one's place: node N's addresses change in
-    cluster.ini, the others take them at a restart one at a time, and node N
-    rebuilds on the new machine's empty disk."""
+    cluster.ini, the others take them on SIGHUP, and node N rebuilds on the
+    new machine's empty disk."""
     cluster, cfg, leader, alice = yield chatting(cluster_factory, 3, "before the machine was lost")
     lost = next(n for n in cluster.node_ids if n != leader)
     old_peer = cluster.config.node(lost).peer
@@ -367,9 +368,25 @@ def test_a_machine_lost_for_good_is_replaced_by_one_at_another_address(cluster_f
     yield threads.deferToThread(shutil.rmtree, cluster.data_dir(lost))
     cfg = move_node(cluster, lost)
     assert cfg.node(lost).peer != old_peer
-    for n in [n for n in cluster.node_ids if n != lost]:
-        yield cluster.stop_gracefully(n)
-        yield cluster.start_and_wait(n)
+    # The others take the new address on SIGHUP (systemctl reload), without a restart.
+    others = [n for n in cluster.node_ids if n != lost]
+    starts = dict(cluster.starts)
+    for n in others:
+        cluster.processes[n].send_signal(signal.SIGHUP)
+    reloaded = f"reloaded cluster.ini: new addresses for node {lost}"
+    yield wait_until(cluster.reactor, lambda: all(reloaded in cluster.output(n) for n in others),
+                     30, "the others to reload cluster.ini")
+    assert cluster.starts == starts and all(cluster.alive(n) for n in others)
+    # What a reload cannot take is refused, said, and the node goes on as it was.
+    text = cluster.config.path.read_text()
+    assert "\nbcrypt_cost = 4\n" in text
+    cluster.config.path.write_text(text.replace("\nbcrypt_cost = 4\n", "\nbcrypt_cost = 5\n"))
+    cluster.processes[others[0]].send_signal(signal.SIGHUP)
+    yield wait_until(cluster.reactor, lambda: "did not reload cluster.ini: [cluster] bcrypt_cost"
+                     " changed; it goes on as it was" in cluster.output(others[0]), 30,
+                     "the refusal of a change a reload cannot take")
+    cluster.config.path.write_text(text)
+    assert cluster.alive(others[0])
     code, out, err = yield threads.deferToThread(admin_main, cfg, "rebuild", "--node", str(lost))
     assert code == 0, out + err
     yield cluster.start_and_wait(lost)

@@ -273,3 +273,21 @@ def test_directory_instead_of_file(tmp_path):
     with pytest.raises(ConfigError) as info:
         config.load(tmp_path)
     assert "is a directory" in str(info.value)
+
+
+def test_a_reload_takes_other_nodes_addresses_and_nothing_else(tmp_path):
+    old = config.load(write(tmp_path, GOOD))
+
+    def why(text):
+        return config.what_a_reload_cannot_take(old, config.load(write(tmp_path, text)), 1)
+    assert why(GOOD) is None
+    assert why(replace("client = 127.0.0.1:7102\npeer = 127.0.0.1:7202",
+                       "client = 10.0.0.9:7102\npeer = 10.0.0.9:7202\nadmin = 10.0.0.9:7302")) is None
+    assert why(replace("client = localhost:7101", "client = localhost:7111")) == (
+        "the addresses of this node, node 1, changed")
+    assert why(replace("bcrypt_cost = 4", "bcrypt_cost = 5")) == "[cluster] bcrypt_cost changed"
+    assert why(replace("session_ttl = 60\nwrites_per_connection = 50",
+                       "session_ttl = 61\nwrites_per_connection = 51")) == (
+        "[cluster] session_ttl, writes_per_connection changes")
+    assert why(GOOD + "[node.3]\nclient = 127.0.0.1:7103\npeer = 127.0.0.1:7203\n").startswith(
+        "it lists other node ids")

@@ -668,6 +668,25 @@ def test_a_rebuilding_node_says_so_and_takes_the_first_lineage_it_hears():
     assert connect(t, 2)[1].value() == frame(b"\x00" + RESTORED + b"/" + OURS)
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_peer_readdressed_is_dialled_at_its_new_address(cluster, captured_log):
+    c = cluster([1, 2])
+    a = c.start(1)
+    c.start(2)
+    yield poll_until(lambda: a.peer_state(2) == "connected")
+    yield c.stop(2)
+    c.ports[2] = free_port()                      # node 2 on another machine
+    b = c.start(2)
+    yield b.listening
+    assert a.readdress(2, "127.0.0.1", c.ports[2]) is True
+    assert a.readdress(2, "127.0.0.1", c.ports[2]) is False        # nothing new
+    assert a.peers[2] == ("127.0.0.1", c.ports[2])
+    yield poll_until(lambda: a.send(2, b"at the new address")
+                     and (1, b"at the new address") in c.inbox[2])
+    assert any(f"node 1 dials node 2 at 127.0.0.1:{c.ports[2]} from now on" in x
+               for x in texts(captured_log))
+
+
 def test_a_hello_with_an_unreadable_identity_is_refused():
     t, clock, inbox = unit_transport(identity=OURS)
     proto, transport = connect(t, 2)

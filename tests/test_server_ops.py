@@ -50,6 +50,13 @@ def test_hello(server):
     }
 
 
+def test_hello_lists_the_addresses_a_reload_gave(server):
+    server.factory.use_nodes([{"id": 1, "client": "127.0.0.1:7101"},
+                              {"id": 2, "client": "10.0.0.9:7102"}])
+    assert server.connect().ok("hello")["nodes"] == [
+        {"id": 1, "client": "127.0.0.1:7101"}, {"id": 2, "client": "10.0.0.9:7102"}]
+
+
 def test_answers_echo_string_and_int_ids(server):
     client = server.connect()
     assert client.answer(client.send(id="abc", op="hello"))["id"] == "abc"

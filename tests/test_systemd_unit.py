@@ -57,6 +57,11 @@ def test_exec_start_options_are_the_plugins(tmp_path):
     assert options["node"] == 1
 
 
+def test_reload_is_sighup_which_the_node_takes_as_a_reload_of_cluster_ini():
+    assert one("ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert callable(tap.reload_on_sighup)
+
+
 def test_ready_and_restart_policy():
     assert one("Type") == "notify"
     assert one("NotifyAccess") == "main"

@@ -462,6 +462,21 @@ class PeerTransport(service.MultiService):
         client.setName(f"peer-{peer_id}")
         return client
 
+    def readdress(self, peer_id, host, port):
+        """Dial ``peer_id`` at ``host:port`` from now on (its node moved to another
+        machine, and cluster.ini was reloaded). Its link to the old address goes."""
+        if self.peers.get(peer_id) == (host, port):
+            return False
+        self.peers[peer_id] = (host, port)
+        self._failed_links.pop(peer_id, None)
+        name = f"peer-{peer_id}"
+        if self.running and name in self.namedServices:
+            self.removeService(self.getServiceNamed(name))    # stops it, and closes its link
+            self._client_service(peer_id).setServiceParent(self)
+        log.info("node {node} dials node {peer} at {host}:{port} from now on", node=self.node_id,
+                 peer=peer_id, host=host, port=port)
+        return True
+
     def _dial_now(self, peer_id):
         """Dial ``peer_id`` at once instead of when its backoff ends (no link to it is up)."""
         name = f"peer-{peer_id}"

@@ -6,6 +6,7 @@ observer on the command log that pushes events to connections.
 """
 
 import itertools
+from dataclasses import replace
 
 from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
@@ -70,6 +71,11 @@ class ChatServerFactory(ServerFactory):
         self._strangers = {}
         self._turned_away_report = Occasional(reactor, TURNED_AWAY_LOG_SECONDS)
         self._warmed = False
+
+    def use_nodes(self, nodes):
+        """The cluster's client addresses changed (cluster.ini reloaded): ``hello`` says so."""
+        self.settings = replace(self.settings, nodes=tuple(nodes))
+        self.handlers.use_nodes(nodes)
 
     def startFactory(self):
         if not self._warmed:

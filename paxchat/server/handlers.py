@@ -23,6 +23,8 @@ failover) gets the first answer again instead of a second effect
 (``send_message`` keeps its own per-message dedup).
 """
 
+from dataclasses import replace
+
 from twisted.internet import defer
 
 from paxchat.interfaces import Unavailable
@@ -73,6 +75,10 @@ class Handlers:
             "get_settings": self.get_settings,
             "set_settings": self.set_settings,
         }
+
+    def use_nodes(self, nodes):
+        """The cluster's client addresses as ``hello`` lists them, after a reload."""
+        self._settings = replace(self._settings, nodes=tuple(nodes))
 
     def dispatch(self, conn, op, request):
         """Deferred[result dict] for ``request``, or failing with ProtocolError."""
