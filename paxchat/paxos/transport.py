@@ -597,11 +597,9 @@ class PeerTransport(service.MultiService):
         peer = protocol.peer_id
         if not identity or not IDENTITY.fullmatch(identity):
             return "its hello names no data identity we can read"
-        if self.known_identities.get(peer) != identity:
-            old = self.known_identities.get(peer)
-            self.known_identities[peer] = identity
-            if self.remember is not None:
-                self.remember(dict(self.known_identities))
+        old = self.known_identities.get(peer)
+        if old != identity:
+            self._remember_identity(peer, identity)
             log.info("node {peer} rebuilds on new data (identity {new}, was {old}); links of"
                      " its old data are closed", peer=peer, new=identity[:12].decode("ascii"),
                      old=(old or b"unknown")[:12].decode("ascii", "replace"))
@@ -626,15 +624,19 @@ class PeerTransport(service.MultiService):
         if not IDENTITY.fullmatch(identity):
             return "its hello names no data identity we can read"
         if known is None:
-            self.known_identities[peer] = identity
-            if self.remember is not None:
-                self.remember(dict(self.known_identities))
+            self._remember_identity(peer, identity)
             return None
         if known == identity:
             return None
         return (f"its data is not the data it had (identity {identity[:12].decode('ascii', 'replace')},"
                 f" we knew {known[:12].decode('ascii', 'replace')}): a new disk, or a directory"
                 " copied in by hand")
+
+    def _remember_identity(self, peer, identity):
+        """``peer``'s data is ``identity`` from now on, here and on disk."""
+        self.known_identities[peer] = identity
+        if self.remember is not None:
+            self.remember(dict(self.known_identities))
 
     def add_state_observer(self, observer):
         """Call ``observer(node_id, direction, connected)`` on each link up or down."""
