@@ -200,8 +200,12 @@ class NodeService(service.MultiService):
         command_log.start()
         return command_log
 
+    def _peer_transport(self):
+        """The replicated log's peer transport, or None (not started, or one node)."""
+        return getattr(self.log, "transport", None)
+
     def _peer_builds(self):
-        transport = getattr(self.log, "transport", None)
+        transport = self._peer_transport()
         return transport.peer_builds() if transport is not None else {}
 
     def remember_peers(self, known):
@@ -241,11 +245,10 @@ class NodeService(service.MultiService):
             return False
         moved = [n for n in sorted(new.nodes) if new.nodes[n] != self.config.nodes[n]]
         self.config = new
-        transport = getattr(self.log, "transport", None)
-        for n in moved:
-            if transport is not None:
-                peer = new.nodes[n].peer
-                transport.readdress(n, peer.host, peer.port)
+        transport = self._peer_transport()
+        if transport is not None:
+            for n in moved:
+                transport.readdress(n, new.nodes[n].peer.host, new.nodes[n].peer.port)
         if self.factory is not None:
             self.factory.use_nodes(ServerSettings.from_config(new, self.node_id).nodes)
         log.info("node {node_id} reloaded cluster.ini: {what}", node_id=self.node_id,
