@@ -59,7 +59,8 @@ class ApplyVersionKeeper(service.Service):
             self._observing = command_log
             command_log.add_observer(self._applied)
         self.cluster_version = None
-        self._read_version().addCallbacks(self._read, self._read_failed)
+        self._reading = False
+        self._refresh()
         self._loop = task.LoopingCall(self.check)
         self._loop.clock = self._reactor
         self._loop.start(CHECK_SECONDS, now=False)
@@ -108,8 +109,9 @@ class ApplyVersionKeeper(service.Service):
         log.debug("moving the apply version did not commit: {why}", why=failure.getErrorMessage())
 
     def _refresh(self):
-        """Read the state's version again: a node that caught up by a snapshot
-        applied no ``set_apply_version``, so no observer told it of the move."""
+        """Read the state's version: at start, and again while it is below the
+        build's, since a node that caught up by a snapshot applied no
+        ``set_apply_version`` and no observer told it of the move."""
         if self._reading:
             return
         self._reading = True
