@@ -443,7 +443,8 @@ def status_table(statuses):
             notes.append(f"node {n} closed {s['clients_refused']} new client connections since it"
                          " started: they came faster than connections_per_address from one address")
         rows.append([str(n), "up" if s.get("running", True) else "stopping",
-                     "rebuilding" if rebuilding else _show(s.get("role")), _show(s.get("leader")), _show(ballot),
+                     "rebuilding" if rebuilding else _show(s.get("role")),
+                     _show(s.get("leader")), _show(ballot),
                      _show(s.get("commit_index")), _show(applied), _show(lag),
                      _show(s.get("clients")), f"{connected}/{len(peers)}" if peers else "-"])
     notes += _apply_version_notes(up)
