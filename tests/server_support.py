@@ -21,9 +21,12 @@ def _ok(result):
     return {"ok": True, "result": result}
 
 
-def _effect(response, ids=None, others=None, senders=None):
+def _effect(response, ids=None, others=None, senders=None, unread=None):
     """``response`` with the effect ChatState reports beside it (what connections are told of)."""
-    effect = {key: value for key, value in (("ids", ids), ("others", others), ("senders", senders)) if value}
+    effect = {key: value for key, value in (("ids", ids), ("others", others), ("senders", senders))
+              if value}
+    if effect and unread is not None:
+        effect["unread"] = unread
     if effect:
         response["effect"] = effect
     return response
@@ -118,7 +121,8 @@ class FakeChatState:
                 self.unread.get(m["to"], set()).discard(i)
                 for party in {m["from"], m["to"]} - {user}:
                     others.setdefault(party, []).append(i)
-            return _effect(_ok({"deleted": len(gone)}), gone, others)
+            return _effect(_ok({"deleted": len(gone)}), gone, others,
+                           unread={u: len(self.unread.get(u, ())) for u in [user, *others]})
         if op == "delete_account":
             if self.accounts.get(user) != c["pw_hash"]:
                 return _err("bad_credentials")
@@ -131,7 +135,8 @@ class FakeChatState:
                     del self.messages[i]
                     if m["from"] != user:
                         others.setdefault(m["from"], []).append(i)
-            return _effect(_ok({}), others=others)
+            return _effect(_ok({}), others=others,
+                           unread={u: len(self.unread.get(u, ())) for u in others})
         return _err("unknown_op")
 
     def _senders(self, ids, reader):

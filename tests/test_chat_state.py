@@ -353,14 +353,15 @@ def test_what_a_command_marked_or_deleted_comes_beside_its_answer_once(state):
     assert read["effect"] == {"ids": [2, 3], "senders": {"bob": [2]}}      # 3: her own, to herself
     assert "effect" not in op(state, "read_messages", "alice", limit=10)
     deleted = op(state, "delete_messages", "alice", ids=[3, 2, 1, 42], dedup="d")
-    assert deleted["effect"] == {"ids": [3, 2, 1], "others": {"bob": [2, 1]}}
+    # With the unread count after it of each account told.
+    assert deleted["effect"] == {"ids": [3, 2, 1], "others": {"bob": [2, 1]}, "unread": {"alice": 0, "bob": 0}}
     assert op(state, "delete_messages", "alice", ids=[3, 2, 1, 42], dedup="d") == {"ok": True, "result": {"deleted": 3}}
     assert "effect" not in op(state, "delete_messages", "alice", ids=[3])
     ok(send(state, "alice", "bob"))    # 4
     ok(send(state, "bob", "alice"))    # 5: stays with alice
     ok(send(state, "bob", "bob"))      # 6
     gone = op(state, "delete_account", "bob", pw_hash="hash-x")
-    assert gone == {"ok": True, "result": {}, "effect": {"others": {"alice": [4]}}}
+    assert gone == {"ok": True, "result": {}, "effect": {"others": {"alice": [4]}, "unread": {"alice": 1}}}
     # A new bob is not told that the first one's message was read.
     user(state, "bob")
     assert op(state, "mark_read", "alice", ids=[5])["effect"] == {"ids": [5], "senders": {}}

@@ -316,6 +316,32 @@ def test_reading_elsewhere_what_was_too_old_to_load_lowers_the_count_of_older_un
     assert model.older_unread == 0 and model.total_unread == 0
 
 
+def test_a_deleted_unread_message_too_old_to_load_lowers_the_count_of_older_unread():
+    clock, model, client, ctl = controller()
+    model.signed_in("alice")
+    model.add_messages([msg(20, "bob", "alice"), msg(21, "carol", "alice")])
+    model.set_older_unread(3, older_than=10)                    # ids below 10, not loaded
+    changes = []
+    model.on_change = changes.append
+    # Bob deletes one of the three: the ids alone cannot tell it was unread, the count can.
+    ctl.on_event({"event": "deleted", "ids": [4], "unread": 4})
+    assert model.older_unread == 2 and model.total_unread == 2
+    assert "list" in changes[-1]
+    ctl.on_event({"event": "deleted", "ids": [20, 5], "unread": 2})  # one loaded, one not
+    assert model.older_unread == 1 and model.total_unread == 1
+    # A read one of hers deleted: the count stays; a count above what is known never raises it.
+    ctl.on_event({"event": "deleted", "ids": [3], "unread": 2})
+    ctl.on_event({"event": "deleted", "ids": [2], "unread": 9})
+    assert model.older_unread == 1
+    # From a server without the count (an earlier build), or a malformed one: as before.
+    ctl.on_event({"event": "deleted", "ids": [1]})
+    ctl.on_event({"event": "deleted", "ids": [1], "unread": "0"})
+    ctl.on_event({"event": "deleted", "ids": [1], "unread": True})
+    assert model.older_unread == 1
+    ctl.on_event({"event": "deleted", "ids": [6], "unread": 1})
+    assert model.older_unread == 0 and model.total_unread == 1
+
+
 def test_scrolling_up_loads_older_once_at_a_time():
     clock, model, client, ctl = controller()
     model.signed_in("alice")

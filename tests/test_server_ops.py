@@ -294,7 +294,7 @@ def test_what_one_session_reads_or_deletes_is_told_to_the_accounts_other_session
     assert alice_laptop.events()[pushed:] == [
         {"event": "read", "ids": ids[:2]},
         {"event": "read", "ids": [ids[2]]},
-        {"event": "deleted", "ids": [ids[0]]},
+        {"event": "deleted", "ids": [ids[0]], "unread": 1},   # ids[3] is left unread
         {"event": "read", "ids": [ids[3]]},
     ]
     # The session that did it has its answers. The sender hears what was
@@ -303,7 +303,7 @@ def test_what_one_session_reads_or_deletes_is_told_to_the_accounts_other_session
     assert bob.events() == [
         {"event": "seen", "ids": ids[:2]},
         {"event": "seen", "ids": [ids[2]]},
-        {"event": "deleted", "ids": [ids[0]]},
+        {"event": "deleted", "ids": [ids[0]], "unread": 0},
         {"event": "seen", "ids": [ids[3]]},
     ]
 
@@ -368,6 +368,7 @@ def test_a_deleted_message_goes_from_its_other_partys_sessions(chat_server):
     bob, bob_phone = logged_in(server, "bob"), logged_in(server, "bob")
     carol = logged_in(server, "carol")
     to_bob = alice.ok("send_message", to="bob", body="oops")["message_id"]
+    kept = alice.ok("send_message", to="bob", body="still here")["message_id"]
     to_carol = alice.ok("send_message", to="carol", body="hi")["message_id"]
     to_self = alice.ok("send_message", to="alice", body="note")["message_id"]
     before = {conn: len(conn.events()) for conn in (alice, bob, bob_phone, carol)}
@@ -375,10 +376,12 @@ def test_a_deleted_message_goes_from_its_other_partys_sessions(chat_server):
     # Resent (same client_msg_id): the stored answer, and no one is told again.
     assert alice.ok("delete_messages", ids=[to_self, to_bob, to_carol], client_msg_id="d1") == {"deleted": 3}
     told = {conn: conn.events()[before[conn]:] for conn in before}
-    assert told[bob] == told[bob_phone] == [{"event": "deleted", "ids": [to_bob]}]
-    assert told[carol] == [{"event": "deleted", "ids": [to_carol]}]
+    # With what each has unread after it: a client that never loaded an
+    # unread message deleted this way can still count right.
+    assert told[bob] == told[bob_phone] == [{"event": "deleted", "ids": [to_bob], "unread": 1}]
+    assert told[carol] == [{"event": "deleted", "ids": [to_carol], "unread": 0}]
     assert told[alice] == []
-    assert bob.ok("history")["messages"] == []
+    assert [m["id"] for m in bob.ok("history")["messages"]] == [kept]
 
 
 def test_a_deleted_accounts_namesake_is_not_told_of_its_messages(chat_server):
@@ -402,8 +405,8 @@ def test_a_deleted_accounts_messages_go_from_their_senders_sessions(chat_server)
     bob.ok("send_message", to="bob", body="note")
     before = {conn: len(conn.events()) for conn in (alice, carol)}
     assert bob.ok("delete_account", password=PW) == {}
-    assert alice.events()[before[alice]:] == [{"event": "deleted", "ids": to_bob}]
-    assert carol.events()[before[carol]:] == [{"event": "deleted", "ids": [from_carol]}]
+    assert alice.events()[before[alice]:] == [{"event": "deleted", "ids": to_bob, "unread": 1}]
+    assert carol.events()[before[carol]:] == [{"event": "deleted", "ids": [from_carol], "unread": 0}]
     # What bob sent stays with its recipient.
     assert [m["id"] for m in alice.ok("history")["messages"]] == [from_bob]
 

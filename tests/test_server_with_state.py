@@ -93,6 +93,8 @@ def _check_event(event, user, state, parties):
             assert state.settings(sender)["read_receipts"] and state.settings(recipient)["read_receipts"]
         elif kind == "deleted":
             assert user in (sender, recipient) and now is None
+    if kind == "deleted":
+        assert event["unread"] == state.unread_count(user)
 
 
 @settings(max_examples=60)

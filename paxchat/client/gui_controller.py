@@ -122,11 +122,15 @@ class ChatController:
             self._mark(self.model.add_messages([event["message"]], live=True))
         elif kind == "sent" and isinstance(event.get("message"), dict):
             self.model.add_messages([event["message"]])   # sent from another device: nothing to mark
-        elif kind in ("read", "seen", "deleted") and isinstance(event.get("ids"), list):
+        elif kind in ("read", "seen") and isinstance(event.get("ids"), list):
             ids = [i for i in event["ids"] if isinstance(i, int)]
-            # Read or deleted on another device; read or deleted by the other party.
-            {"read": self.model.read_elsewhere, "seen": self.model.seen,
-             "deleted": self.model.remove_messages}[kind](ids)
+            # Read on another device; read by the other party.
+            {"read": self.model.read_elsewhere, "seen": self.model.seen}[kind](ids)
+        elif kind == "deleted" and isinstance(event.get("ids"), list):
+            # Deleted on another device, or by the other party.
+            unread = event.get("unread")
+            self.model.remove_messages([i for i in event["ids"] if isinstance(i, int)],
+                                       unread if isinstance(unread, int) and not isinstance(unread, bool) else None)
         elif kind == "settings" and isinstance(event.get("settings"), dict) and self.model.me:
             # Changed on another device.
             self.model.set_read_receipts(bool(event["settings"].get("read_receipts", True)))

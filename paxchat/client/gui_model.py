@@ -246,12 +246,19 @@ class ChatModel:
         self.older_unread, self.older_than = max(0, count), older_than
         self._changed("list")
 
-    def remove_messages(self, ids: Iterable[int]):
+    def remove_messages(self, ids: Iterable[int], unread: int | None = None):
+        """Deleted messages go. ``unread``, the account's count after the delete
+        (a ``deleted`` event carries it), lowers ``older_unread`` when one of
+        them was an unread message never loaded: the ids alone cannot say."""
         ids = set(ids)
         for conv in self.conversations.values():
             for i in ids & set(conv.messages):
                 del conv.messages[i]
                 conv.unread_ids.discard(i)
+        if unread is not None and self.older_unread:
+            # Only ever lowered: a message read here whose mark is still on its
+            # way counts as unread on the server a moment longer.
+            self.older_unread = min(self.older_unread, max(0, unread - self.total_unread))
         self.selected -= ids
         self.confirming_delete = self.confirming_delete and bool(self.selected)
         self._changed("conversation", "list")

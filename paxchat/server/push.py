@@ -36,7 +36,8 @@ class EventPusher:
             self._end(self._registry.of_session(command["session"]), command, "logged_out")
         elif op == "delete_account":
             self._end(self._registry.of_user(command["username"]), command, "account_deleted")
-            self._to_others("deleted", response.get("effect", {}).get("others"))
+            effect = response.get("effect", {})
+            self._to_others("deleted", effect.get("others"), effect.get("unread"))
         elif op == "set_settings":
             # Every device shows the setting as it is (a resend tells them again: harmless).
             self._send(self._other_sessions(command["username"], command["session"]),
@@ -77,19 +78,20 @@ class EventPusher:
         if effect is None:
             return                   # nothing was read, marked or deleted
         kind = _ELSEWHERE[op]
-        self._send(self._other_sessions(command["username"], command["session"]),
-                   {"event": kind, "ids": effect["ids"]})
+        user = command["username"]
+        self._send(self._other_sessions(user, command["session"]),
+                   _ids_event(kind, effect["ids"], effect.get("unread", {}).get(user)))
         self._to_others("seen", effect.get("senders"))
-        self._to_others(kind, effect.get("others"))
+        self._to_others(kind, effect.get("others"), effect.get("unread"))
 
-    def _to_others(self, kind, ids_by_user):
+    def _to_others(self, kind, ids_by_user, unread=None):
         """Each account named, the event for its own ids: at most ``MAX_LIMIT``
         an event, as a request names (a deleted account's senders may have
-        sent it any number)."""
+        sent it any number); with its unread count when the effect has it."""
         for other, ids in (ids_by_user or {}).items():
             conns = self._registry.of_user(other)
             for start in range(0, len(ids), MAX_LIMIT) if conns else ():
-                self._send(conns, {"event": kind, "ids": ids[start:start + MAX_LIMIT]})
+                self._send(conns, _ids_event(kind, ids[start:start + MAX_LIMIT], (unread or {}).get(other)))
 
     @staticmethod
     def _send(conns, event):
@@ -107,3 +109,12 @@ class EventPusher:
             # The connection that asked for it hears it in its answer.
             if conn.ending_session != command.get("session"):
                 conn.send_event({"event": "session_ended", "reason": reason})
+
+
+def _ids_event(kind, ids, unread):
+    """``read``, ``seen`` or ``deleted`` of ``ids``; a ``deleted`` one also says
+    how many messages its account has unread after it."""
+    event = {"event": kind, "ids": ids}
+    if unread is not None:
+        event["unread"] = unread
+    return event

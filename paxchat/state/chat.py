@@ -38,7 +38,8 @@ so a new account with the same name never sees the old one's messages.
 A response may carry an ``effect`` beside its result: what the command
 changed that the node tells connections of (the messages ``mark_read`` or
 ``read_messages`` marked read and who sent them, those ``delete_messages``
-or ``delete_account`` removed and whose they were). It is neither stored
+or ``delete_account`` removed, whose they were and the unread counts
+of those accounts after it). It is neither stored
 nor answered, so the state's bytes and a resent write's stored answer stay
 what they were; a resent write that finds its answer has no effect.
 
@@ -528,6 +529,12 @@ class ChatState:
             if holder != user:
                 others.setdefault(holder, []).append(message_id)
 
+    def _unread_of(self, users):
+        """Each account's unread count now: a ``deleted`` event carries it, as a
+        client holding only the newest messages cannot tell whether the
+        ones it never loaded were unread."""
+        return {user: self.unread_count(user) for user in users}
+
     @staticmethod
     def _unique_ids(ids):
         seen = set()
@@ -680,7 +687,7 @@ class ChatState:
                 deleted.append(message_id)
         if deleted:
             # The other party of each message loses it too.
-            self._effect = {"ids": deleted, "others": others}
+            self._effect = {"ids": deleted, "others": others, "unread": self._unread_of([user, *others])}
         return {"deleted": len(deleted)}
 
     def _op_delete_account(self, c):
@@ -711,7 +718,7 @@ class ChatState:
         kv.delete("r/" + user)
         if others:
             # Its senders lose what they sent it.
-            self._effect = {"others": others}
+            self._effect = {"others": others, "unread": self._unread_of(others)}
         return {}
 
     def _op_set_settings(self, c):
