@@ -181,10 +181,20 @@ def checked_level(level):
     return name
 
 
+# Twisted's reconnecting client logs each retry it schedules ("Scheduling
+# retry 12 to connect ..."): a line per peer per backoff step while a node
+# is down, most of a node's log, and said already by the peer links' own
+# lines. Shown at debug only.
+_CHATTY_AT_INFO = ("twisted.application._client_service",)
+
+
 def filtered(observer, level):
     """``observer`` handed only the events at ``level`` or above (LogFormatError if unknown)."""
-    predicate = LogLevelFilterPredicate(
-        defaultLogLevel=LogLevel.levelWithName(checked_level(level)))
+    level = checked_level(level)
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
+    if level == "info":
+        for namespace in _CHATTY_AT_INFO:
+            predicate.setLogLevelForNamespace(namespace, LogLevel.warn)
     return FilteringLogObserver(observer, [predicate])
 
 

@@ -86,6 +86,34 @@ def test_level_filter():
         "warn [paxchat.test] loud"]
 
 
+def test_a_reconnecting_clients_retries_show_at_debug_only():
+    """Twisted's ClientService schedules a retry per peer per backoff step
+    while a node is down: at info that was most of a node's log."""
+    from twisted.application.internet import ClientService
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+    from twisted.internet.error import ConnectionRefusedError
+    from twisted.internet.protocol import Factory
+    from twisted.internet.testing import MemoryReactorClock
+    shown = {}
+    for level in ("info", "debug"):
+        out = io.StringIO()
+        observer = logs.make_observer("text", stream=out, level=level)
+        globalLogPublisher.addObserver(observer)
+        try:
+            reactor = MemoryReactorClock()
+            service = ClientService(TCP4ClientEndpoint(reactor, "127.0.0.1", 1), Factory(), clock=reactor)
+            service.startService()
+            # The connect is refused: a retry is scheduled, and said.
+            reactor.tcpClients[0][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+            Logger(namespace="paxchat.test").info("our own")
+            service.stopService()
+        finally:
+            globalLogPublisher.removeObserver(observer)
+        shown[level] = out.getvalue()
+    assert "our own" in shown["info"] and "Scheduling retry" not in shown["info"]
+    assert "Scheduling retry" in shown["debug"]
+
+
 def test_bad_format_or_level():
     with pytest.raises(logs.LogFormatError, match="text or json"):
         logs.make_observer("xml")

@@ -365,6 +365,9 @@ class _InboundFactory(TLSMemoryBIOFactory):
 
 
 class _PeerFactory(Factory):
+    # Not "Starting factory" at every dial: the links' own up and down lines say what happened.
+    noisy = False
+
     def __init__(self, owner, expected_peer=None):
         self._owner = owner
         self._expected = expected_peer
