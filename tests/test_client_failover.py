@@ -453,6 +453,12 @@ def test_a_call_timeout_fails_a_call_a_silent_node_holds():
     assert "may or may not" in str(failure.value)
     conn.answer(req, {"message_id": 1, "ts": 1.0})      # a late answer is ignored
     assert len(got) == 1
+    # A read that times out changed nothing, and is not said to have.
+    got = results(client.history(limit=5))
+    reactor.advance(2)
+    [failure] = got
+    assert failure.check(TimedOut) and "2 seconds" in str(failure.value)
+    assert "may or may not" not in str(failure.value)
 
 
 def test_a_call_timeout_with_no_node_reachable_says_so():

@@ -56,6 +56,11 @@ WRITE_OPS = frozenset({
 # commit of the first try answers the retry with the first result).
 RETRY_ON_UNAVAILABLE = WRITE_OPS | frozenset({"hello", "login", "resume", "list_accounts", "history"})
 
+# Ops that change nothing a user would ask about: a call of one that times
+# out is not said to have perhaps been made (a login's session aside, which
+# the next login replaces).
+ASKS_ONLY = frozenset({"hello", "login", "resume", "list_accounts", "history", "get_settings"})
+
 
 @dataclass(frozen=True)
 class Status:
@@ -311,7 +316,7 @@ class PaxchatClient:
         elif req.sends == 0 and not self._ready:
             error = self._unreachable()
         else:
-            error = TimedOut(self.policy.call_timeout)
+            error = TimedOut(self.policy.call_timeout, change=req.op not in ASKS_ONLY)
         req.deferred.errback(error)
 
     def _stop_timers(self, req):

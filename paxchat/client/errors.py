@@ -66,12 +66,18 @@ class RequestTooLarge(ClientError):
 
 
 class TimedOut(ClientError):
-    """No final answer within the policy's ``call_timeout``; a write may or may not have been applied."""
+    """No final answer within the policy's ``call_timeout``; a write may or may not have been applied.
 
-    def __init__(self, seconds: float):
+    ``change``: the call would have changed something (a message sent, read,
+    deleted...), so the sentence says it may have been made; a read says
+    only that no answer came.
+    """
+
+    def __init__(self, seconds: float, change: bool = True):
         super().__init__(seconds)
         self.seconds = seconds
+        self.change = change
 
     def __str__(self):
-        return (f"The cluster gave no answer within {self.seconds:g} seconds (too few servers may be up);"
-                " if this was a change, it may or may not have been made.")
+        sentence = f"The cluster gave no answer within {self.seconds:g} seconds (too few servers may be up)"
+        return sentence + ("; the change may or may not have been made." if self.change else ".")
