@@ -8,7 +8,7 @@ enforce them from here too.
 
 import re
 
-__all__ = ["MAX_ANSWER_MESSAGE_BYTES", "MAX_BODY_CHARS", "MAX_LIMIT", "MAX_LINE_BYTES", "PATTERN"]
+__all__ = ["MAX_ANSWER_MESSAGE_BYTES", "MAX_BODY_CHARS", "MAX_LIMIT", "MAX_LINE_BYTES", "PATTERN", "USERNAME"]
 
 # A request line (UTF-8, without its "\n") longer than this gets
 # `frame_too_large` and the connection is closed.
@@ -24,6 +24,9 @@ MAX_ANSWER_MESSAGE_BYTES = 1 << 20
 
 # `limit` of every op is 1 to this.
 MAX_LIMIT = 1000
+
+# A username: what the server accepts, and what the clients check before asking for a password.
+USERNAME = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
 
 # A `list_accounts` pattern: 1 to 64 username characters and the wildcards.
 PATTERN = re.compile(r"[A-Za-z0-9_.\-*?]{1,64}")

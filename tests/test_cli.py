@@ -7,7 +7,7 @@ import pytest
 from twisted.internet import defer
 
 from paxchat.client import cli
-from paxchat.client.cli_format import format_accounts, format_message, format_messages
+from paxchat.client.cli_format import format_accounts, format_message, format_messages, format_read
 from paxchat.client.credentials import NoPassword, SessionCache, get_password
 from paxchat.client.errors import ServerError, Unreachable
 from paxchat.client.explain import ERROR_SENTENCES, explain
@@ -92,6 +92,9 @@ def test_bad_arguments_are_usage_errors(argv, capsys):
     (["history", "--limit", "1001"], "'1001' is not from 1 to 1,000"),
     (["send", "bob", ""], "the message is empty"),
     (["send", "bob", "  \n "], "the message is empty"),
+    # Before a password is asked for (twice) in vain.
+    (["create-account", "bad name"], "'bad name' is not a username: use 1 to 32 of A-Z a-z 0-9 _ . -"),
+    (["create-account", "a" * 33], "is not a username"),
 ])
 def test_arguments_the_server_would_refuse_are_caught_with_a_sentence(argv, why, capsys):
     with pytest.raises(SystemExit) as e:
@@ -105,12 +108,16 @@ def test_arguments_the_server_would_refuse_are_caught_with_a_sentence(argv, why,
     ("read 100000", "Usage: read [N] ('100000' is not from 1 to 1,000)"),
     ("history bob 5000", "Usage: history [PEER] [N] ('5000' is not from 1 to 1,000)"),
     ("history 0", "Usage: history [PEER] [N] ('0' is not from 1 to 1,000)"),
+    ("register b@d", "Usage: register USER ('b@d' is not a username: use 1 to 32 of A-Z a-z 0-9 _ . -)"),
 ])
 def test_the_prompt_catches_arguments_the_server_would_refuse(line, why):
     client = StubClient()
+    asked = []
     shell, lines = shell_with(client)
+    shell.ask_secret = lambda prompt: asked.append(prompt) or defer.succeed("pw-123456")
     shell.handle(line)
-    assert lines == [why] and client.calls == []
+    assert lines == [why] and client.calls == [] and asked == []
+    assert shell.failed
 
 
 # -- formatting ----------------------------------------------------------------------
@@ -157,6 +164,9 @@ def test_pushed_messages_and_account_lists_are_shown_not_obeyed():
 
 def test_empty_lists_say_so():
     assert format_messages([]) == "(no messages)"
+    # read: nothing to read is one line; else the messages and what is left.
+    assert format_read({"messages": [], "unread": 0}) == "(no unread messages)"
+    assert format_read({"messages": [MSG], "unread": 2}, me="alice", localtime=UTC).endswith("    there\n(2 unread left)")
     assert format_accounts([], False) == "(no matching accounts)"
     assert format_accounts(["a", "b"], True).endswith("(more; continue with --after b)")
 
@@ -178,14 +188,37 @@ def test_every_error_code_has_a_sentence_and_none_is_a_traceback():
 def test_password_from_env_else_asked_and_confirmed():
     assert get_password(env={"PAXCHAT_PASSWORD": "from-env"}, ask=None) == "from-env"
     assert get_password(env={}, ask=lambda p: "typed-pw") == "typed-pw"
-    answers = iter(["one-pass", "two-pass"])
-    with pytest.raises(NoPassword):
+    # Two that differ are asked again, saying why; three times in all.
+    prompts, answers = [], iter(["one-pass", "two-pass", "one-pass", "one-pass"])
+
+    def ask(prompt):
+        prompts.append(prompt)
+        return next(answers)
+    assert get_password("Choose: ", env={}, confirm=True, ask=ask) == "one-pass"
+    assert prompts == ["Choose: ", "Repeat the password: ",
+                       "The two passwords differ; try again.\nChoose: ", "Repeat the password: "]
+    answers = iter(["a-pass", "b-pass"] * 3)
+    with pytest.raises(NoPassword) as failed:
         get_password(env={}, confirm=True, ask=lambda p: next(answers))
+    assert str(failed.value) == "the two passwords differed 3 times" and not failed.value.no_terminal
+    with pytest.raises(NoPassword) as failed:
+        get_password(env={}, ask=lambda p: "")
+    assert not failed.value.no_terminal
 
     def eof(prompt):
         raise EOFError
-    with pytest.raises(NoPassword):
+    with pytest.raises(NoPassword) as failed:
         get_password(env={}, ask=eof)
+    assert failed.value.no_terminal
+
+
+def test_a_password_given_up_at_a_terminal_is_not_told_to_use_a_terminal():
+    client = StubClient()
+    con, out, err, asked = console(answers=["a-pass", "b-pass"] * 3)
+    failure = run(client, parse("create-account", "frank"), con)
+    assert failure.check(cli.CommandFailed) and failure.value.status == cli.EXIT_USAGE
+    assert str(failure.value) == "the two passwords differed 3 times"
+    assert len(asked) == 6 and client.calls == []
 
 
 def test_session_cache_is_private(tmp_path):
@@ -221,7 +254,7 @@ def test_cached_session_is_resumed_without_a_password(tmp_path):
     run(client, parse("--user", "alice", "read"), con, cache)
     assert [c[0] for c in client.calls] == ["resume", "read_messages"]
     assert asked == []
-    assert out[-1] == "(3 unread left)" and "#12" in out[0]
+    assert out[-1].endswith("\n(3 unread left)") and "#12" in out[0]
 
 
 def test_stale_cached_session_falls_back_to_the_prompted_password(tmp_path):
@@ -504,6 +537,27 @@ def _shell_protocol(client):
     return proto, transport, done
 
 
+def test_fed_from_a_pipe_the_prompt_prints_answers_alone_and_at_a_terminal_a_prompt():
+    from twisted.internet.testing import StringTransport
+    from paxchat.client.shell import ShellProtocol
+    client = StubClient({"list_accounts": {"accounts": ["bob"]}})
+    proto, transport, done = _shell_protocol(client)     # standard input: not a terminal
+    proto.dataReceived(b"list\n")
+    assert transport.value().decode() == "bob" + os.linesep
+    leader, follower = os.openpty()
+    try:
+        proto = ShellProtocol(lambda p: Shell(client, p.write, p.ask_secret, lambda: None), defer.Deferred(),
+                              stdin_fd=follower)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(b"list\n")
+    finally:
+        os.close(leader)
+        os.close(follower)
+    shown = transport.value().decode()
+    assert shown.startswith("\rType 'help' for commands.") and "\rbob" + os.linesep + "paxchat> " in shown
+
+
 def test_end_of_input_runs_every_line_read_before_it_then_ends():
     sent = defer.Deferred()
 
@@ -563,6 +617,25 @@ def test_after_end_of_input_a_client_that_reaches_no_server_gives_up_with_status
     assert "not run" in transport.value().decode()
     proto.connectionLost()
     assert done.result == 1
+
+
+@pytest.mark.parametrize("lines, status", [
+    (b"read\nlist\n", 0),
+    (b"read\nbogus\nlist\n", 1),                      # an unknown command
+    (b"read 0\nlist\n", 1),                            # a usage mistake
+    (b"send carol hi\nlist\n", 1),                     # the server refused
+    (b"delete-account\nlist\n", 1),                    # not logged in
+])
+def test_the_prompt_ends_with_status_1_when_any_line_failed(lines, status):
+    client = StubClient({"read_messages": {"messages": [], "unread": 0}, "list_accounts": {"accounts": []},
+                         "send_message": ServerError("no_such_user", "no account named carol")})
+    proto, transport, done = _shell_protocol(client)
+    proto.dataReceived(lines)
+    proto.readConnectionLost()
+    assert transport.disconnecting
+    assert client.calls[-1][0] == "list_accounts"       # a failure does not stop the lines after it
+    proto.connectionLost()
+    assert done.result == status
 
 
 def test_end_of_input_waits_for_a_command_while_the_client_is_only_reconnecting():

@@ -117,7 +117,8 @@ def test_cli_commands_against_a_real_node(node, tmp_path):
     assert status == 0 and out[-1].startswith("Sent #")
     env["PAXCHAT_PASSWORD"] = "carol-password"
     status = yield cli.run(reactor, parse(base + ["--user", "dave", "read"]), con)
-    assert status == 0 and "carol -> dave" in out[-2] and "hello dave" in out[-2]
+    assert status == 0 and "carol -> dave" in out[-1] and "hello dave" in out[-1]
+    assert out[-1].endswith("(0 unread left)")
     status = yield cli.run(reactor, parse(base + ["--user", "carol", "send", "nobody", "x"]), con)
     assert status == 1 and err[-1].startswith("paxchat: There is no account with that name.")
     env["PAXCHAT_PASSWORD"] = "wrong-password"

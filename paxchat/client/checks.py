@@ -8,9 +8,9 @@ raises ``ValueError`` with that sentence.
 
 from __future__ import annotations
 
-from paxchat.limits import MAX_LIMIT, PATTERN
+from paxchat.limits import MAX_LIMIT, PATTERN, USERNAME
 
-__all__ = ["check_body", "check_limit", "check_pattern"]
+__all__ = ["check_body", "check_limit", "check_pattern", "check_username"]
 
 
 def check_limit(text) -> int:
@@ -28,6 +28,13 @@ def check_pattern(text: str) -> str:
     """A name pattern: 1 to 64 of A-Z a-z 0-9 _ . - and the wildcards * ?."""
     if not PATTERN.fullmatch(text):
         raise ValueError(f"{text!r} is not a pattern: use 1 to 64 of A-Z a-z 0-9 _ . - * ?")
+    return text
+
+
+def check_username(text: str) -> str:
+    """A name for a new account, checked before its password is asked for."""
+    if not USERNAME.fullmatch(text):
+        raise ValueError(f"{text!r} is not a username: use 1 to 32 of A-Z a-z 0-9 _ . -")
     return text
 
 

@@ -23,9 +23,9 @@ from twisted.internet import defer
 
 from paxchat import closedpipe
 
-from .checks import check_body, check_limit, check_pattern
+from .checks import check_body, check_limit, check_pattern, check_username
 from .cli_format import (
-    HISTORY_LIMIT, READ_LIMIT, format_accounts, format_messages, format_settings, older_hint, sent,
+    HISTORY_LIMIT, READ_LIMIT, format_accounts, format_messages, format_read, format_settings, older_hint, sent,
 )
 from .credentials import NoPassword, SessionCache, ask_without_echo, get_password
 from .errors import ServerError
@@ -55,10 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("create-account", help="create an account (password asked twice)")
-    p.add_argument("username")
+    p.add_argument("username", type=_arg(check_username), help="1 to 32 of A-Z a-z 0-9 _ . -")
     p = sub.add_parser("send", help="send a message")
-    p.add_argument("to")
-    p.add_argument("body", type=_arg(check_body))
+    p.add_argument("to", help="the recipient's username")
+    p.add_argument("body", type=_arg(check_body), help="the message (quote it when it has spaces)")
     p = sub.add_parser("read", help="show unread messages (oldest first) and mark them read")
     p.add_argument("--limit", type=_arg(check_limit), default=READ_LIMIT,
                    help="at most this many messages (default: %(default)s)")
@@ -168,7 +168,8 @@ def _password(console, prompt="Password: ", confirm=False) -> str:
     try:
         return get_password(prompt, confirm=confirm, env=console.env, ask=console.ask)
     except NoPassword as e:
-        raise CommandFailed(f"{e} (set PAXCHAT_PASSWORD or run in a terminal)", EXIT_USAGE) from None
+        hint = " (set PAXCHAT_PASSWORD or run in a terminal)" if e.no_terminal else ""
+        raise CommandFailed(f"{e}{hint}", EXIT_USAGE) from None
 
 
 @defer.inlineCallbacks
@@ -214,8 +215,7 @@ def run_command(client, args, console: Console, cache: SessionCache | None):
         out(sent(result, args.to))
     elif args.command == "read":
         result = yield client.read_messages(args.limit)
-        out(format_messages(result.get("messages", []), username))
-        out(f"({result.get('unread', 0)} unread left)")
+        out(format_read(result, username))
     elif args.command == "history":
         result = yield client.history(peer=args.peer, before=args.before, limit=args.limit)
         out(format_messages(reversed(result.get("messages", [])), username))

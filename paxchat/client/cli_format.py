@@ -79,6 +79,15 @@ def format_messages(messages: Iterable[dict], me: str | None = None,
     return "\n".join(blocks) if blocks else "(no messages)"
 
 
+def format_read(result: dict, me: str | None = None, localtime: Callable = time.localtime) -> str:
+    """What ``read`` shows: the messages it marked read and how many are left, or one line
+    when there was nothing to read."""
+    messages = result.get("messages", [])
+    if not messages and not result.get("unread", 0):
+        return "(no unread messages)"
+    return f"{format_messages(messages, me, localtime)}\n({result.get('unread', 0)} unread left)"
+
+
 def format_accounts(accounts: list[str], more: bool) -> str:
     lines = [visible(str(name)) for name in accounts] or ["(no matching accounts)"]
     if more and accounts:

@@ -20,7 +20,20 @@ PASSWORD_ENV = "PAXCHAT_PASSWORD"
 
 
 class NoPassword(Exception):
-    """No password in the environment and no terminal to ask on (or the user gave up)."""
+    """No password in the environment and no terminal to ask on (or the user gave up).
+
+    ``no_terminal``: there was nothing to ask on, so the way out is to set
+    PAXCHAT_PASSWORD or run in a terminal; else the person at the terminal
+    gave up (Ctrl-C, an empty password, passwords that kept differing).
+    """
+
+    def __init__(self, message: str, no_terminal: bool = False):
+        super().__init__(message)
+        self.no_terminal = no_terminal
+
+
+# A new password typed twice that differs is asked again this many times in all.
+CONFIRM_TRIES = 3
 
 
 TERMINAL = "/dev/tty"
@@ -48,18 +61,22 @@ def ask_without_echo(prompt: str) -> str:
 def get_password(prompt: str = "Password: ", confirm: bool = False,
                  env: Mapping[str, str] = os.environ,
                  ask: Callable[[str], str] = ask_without_echo) -> str:
-    """The password from PAXCHAT_PASSWORD, else asked for (twice if ``confirm``)."""
+    """The password from PAXCHAT_PASSWORD, else asked for (twice if ``confirm``,
+    and again, up to CONFIRM_TRIES times, while the two differ)."""
     if env.get(PASSWORD_ENV):
         return env[PASSWORD_ENV]
     try:
-        password = ask(prompt)
-        if confirm and ask("Repeat the password: ") != password:
-            raise NoPassword("the two passwords differ")
-    except (EOFError, KeyboardInterrupt):
+        for attempt in range(CONFIRM_TRIES if confirm else 1):
+            password = ask(prompt if attempt == 0 else f"The two passwords differ; try again.\n{prompt}")
+            if not password:
+                raise NoPassword("no password given")
+            if not confirm or ask("Repeat the password: ") == password:
+                return password
+    except EOFError:
+        raise NoPassword("no password given", no_terminal=True) from None
+    except KeyboardInterrupt:
         raise NoPassword("no password given") from None
-    if not password:
-        raise NoPassword("no password given")
-    return password
+    raise NoPassword(f"the two passwords differed {CONFIRM_TRIES} times")
 
 
 def default_cache_dir(env: Mapping[str, str] = os.environ) -> Path:

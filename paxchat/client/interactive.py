@@ -38,7 +38,7 @@ def startup_login(shell: Shell, username: str, cache: SessionCache | None):
             cache.save(username, result["session"])
         shell.write(f"Logged in as {username}; {result.get('unread', 0)} unread message(s).")
     except Exception as e:
-        shell.write("Error: " + explain(e))
+        shell.fail("Error: " + explain(e))
 
 
 def run_interactive(reactor, config, args, console) -> defer.Deferred:
@@ -70,7 +70,7 @@ def run_interactive(reactor, config, args, console) -> defer.Deferred:
             proto.run_first(lambda: startup_login(shell, args.user, cache))
         else:
             proto.run_first(lambda: client.connect().addErrback(
-                lambda f: shell.write("Error: " + explain(f))))
+                lambda f: shell.fail("Error: " + explain(f))))
         return shell
 
     stdio.StandardIO(ShellProtocol(make_shell, done), reactor=reactor)

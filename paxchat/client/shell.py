@@ -19,9 +19,9 @@ from zope.interface import implementer
 
 from paxchat.limits import MAX_BODY_CHARS
 
-from .checks import check_limit, check_pattern
+from .checks import check_limit, check_pattern, check_username
 from .cli_format import (HELP, HISTORY_LIMIT, READ_LIMIT, format_accounts, format_message, format_messages,
-                         format_settings, sent, visible)
+                         format_read, format_settings, sent, visible)
 from .explain import explain
 
 __all__ = ["MAX_INPUT_LINE", "Shell", "ShellProtocol"]
@@ -36,6 +36,9 @@ class Shell:
     ``ask_secret(prompt)`` returns a Deferred with a line typed without echo;
     ``quit()`` ends the program. ``password`` (from PAXCHAT_PASSWORD) answers
     every password prompt instead, as it does for one-shot commands.
+    ``failed`` becomes true once a command fails (an error, an unknown
+    command, a usage mistake): the program then ends with status 1, so a
+    script that pipes commands in can tell.
     """
 
     def __init__(self, client, write: Callable[[str], None],
@@ -46,6 +49,7 @@ class Shell:
         self.ask_secret = ask_secret
         self.quit = quit
         self.password = password or None
+        self.failed = False
         self.commands = {
             "register": self.do_register, "login": self.do_login, "send": self.do_send,
             "read": self.do_read, "history": self.do_history, "list": self.do_list,
@@ -66,11 +70,16 @@ class Shell:
         name, _, rest = line.partition(" ")
         command = self.commands.get(name.lower())
         if command is None:
-            self.write(f"Unknown command {name!r}; type 'help' for the list.")
+            self.fail(f"Unknown command {name!r}; type 'help' for the list.")
             return defer.succeed(None)
         d = defer.maybeDeferred(command, rest.strip())
-        d.addErrback(lambda f: self.write("Error: " + explain(f)))
+        d.addErrback(lambda f: self.fail("Error: " + explain(f)))
         return d
+
+    def fail(self, text: str):
+        """Say what went wrong; the program's exit status will say so too."""
+        self.failed = True
+        self.write(text)
 
     def on_event(self, event: dict):
         """Print pushed messages as they arrive, and mark them read; what this
@@ -115,7 +124,7 @@ class Shell:
     # -- commands -------------------------------------------------------------
 
     def _usage(self, text):
-        self.write("Usage: " + text)
+        self.fail("Usage: " + text)
 
     def _checked(self, check, text, usage):
         """``check(text)``, or None after saying what is wrong with it."""
@@ -129,11 +138,13 @@ class Shell:
     def do_register(self, rest):
         if len(rest.split()) != 1:
             return self._usage("register USER")
+        if self._checked(check_username, rest, "register USER") is None:
+            return                      # said why, before a password was asked for
         password = yield self.ask_password("Choose a password: ")
         # A typed password is typed twice; PAXCHAT_PASSWORD needs no check.
         again = password if self.password is not None else (yield self.ask_secret("Repeat the password: "))
         if password != again:
-            self.write("The two passwords differ; nothing was created.")
+            self.fail("The two passwords differ; nothing was created.")
             return
         yield self.client.create_account(rest, password)
         self.write(f"Account {rest} created. Log in with: login {rest}")
@@ -160,8 +171,7 @@ class Shell:
         if limit is None:
             return
         result = yield self.client.read_messages(limit)
-        self.write(format_messages(result.get("messages", []), self.client.username))
-        self.write(f"({result.get('unread', 0)} unread left)")
+        self.write(format_read(result, self.client.username))
 
     @defer.inlineCallbacks
     def do_history(self, rest):
@@ -196,7 +206,7 @@ class Shell:
     @defer.inlineCallbacks
     def do_delete_account(self, rest):
         if self.client.username is None:
-            self.write("You need to log in first.")
+            self.fail("You need to log in first.")
             return
         name = self.client.username
         password = yield self.ask_password(f"This deletes {name} and every message sent to it. Password: ")
@@ -230,13 +240,18 @@ class Shell:
 class ShellProtocol(LineReceiver):
     """stdin/stdout for a Shell: a prompt, no-echo password lines, output that does not mangle it.
 
+    The prompt (and the banner, and the carriage return that starts each
+    line over it) only when standard input is a terminal: fed from a pipe,
+    what it prints is the answers alone, for a script to read.
+
     End of input (Ctrl-D, or the end of a file piped in) ends the program
     the way ``quit`` does, but only after every line read before it has run,
     so ``printf 'send bob hi\\n' | paxchat --user alice`` sends. Half-closeable,
     so stdout stays open while those lines still print. Once input has
     ended nobody is there to wait for the cluster to come back: when the
     client has tried every server in vain (``offline(True)``), the rest is
-    given up and the program ends with status 1 (``done`` fires with it).
+    given up and the program ends with status 1 (``done`` fires with it),
+    as it does when any command failed (``Shell.failed``).
     """
 
     delimiter = os.linesep.encode()
@@ -247,6 +262,9 @@ class ShellProtocol(LineReceiver):
         self.make_shell = make_shell
         self.done = done
         self.stdin_fd = sys.stdin.fileno() if stdin_fd is None else stdin_fd
+        # Someone types at a terminal: a prompt, and output that starts on a
+        # clean line over it. Fed from a pipe, the output is the answers alone.
+        self.interactive = _is_terminal(self.stdin_fd)
         self.shell = None
         self._secret: defer.Deferred | None = None
         self._saved_tty = None
@@ -267,17 +285,19 @@ class ShellProtocol(LineReceiver):
 
     def connectionMade(self):
         self.shell = self.make_shell(self)
-        self.write("Type 'help' for commands.")
+        if self.interactive:
+            self.write("Type 'help' for commands.")
         self._prompt()
 
     def write(self, text: str):
         if self.transport is None:
             return
         # Start on a clean line so pushed messages do not land after the prompt.
-        self.transport.write(("\r" + text.replace("\n", os.linesep) + os.linesep).encode("utf-8", "replace"))
+        start = "\r" if self.interactive else ""
+        self.transport.write((start + text.replace("\n", os.linesep) + os.linesep).encode("utf-8", "replace"))
 
     def _prompt(self):
-        if (self.transport is not None and self._secret is None and not self._busy
+        if (self.interactive and self.transport is not None and self._secret is None and not self._busy
                 and not self.transport.disconnecting):
             self.transport.write(self.shell.prompt.encode("utf-8", "replace"))
 
@@ -322,8 +342,8 @@ class ShellProtocol(LineReceiver):
 
     def lineLengthExceeded(self, rest: bytes):
         """Say so and go on with the next line (LineReceiver would close the input)."""
-        self.write(f"Error: a line over {self.MAX_LENGTH:,} bytes was not run"
-                   f" (a message holds at most {MAX_BODY_CHARS:,} characters).")
+        self.shell.fail(f"Error: a line over {self.MAX_LENGTH:,} bytes was not run"
+                        f" (a message holds at most {MAX_BODY_CHARS:,} characters).")
         self._skipping = True
         self._after_long = rest
 
@@ -396,4 +416,12 @@ class ShellProtocol(LineReceiver):
             d, self._secret = self._secret, None
             d.errback(EOFError("input closed"))
         if not self.done.called:
-            self.done.callback(self.exit_status)
+            failed = self.shell is not None and self.shell.failed
+            self.done.callback(self.exit_status or (1 if failed else 0))
+
+
+def _is_terminal(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except (OSError, ValueError):
+        return False

@@ -8,13 +8,10 @@ never accepted where an int is expected, and ints stay within SQLite's
 64-bit range. An optional argument given as JSON ``null`` takes its default.
 """
 
-import re
-
-from paxchat.limits import MAX_BODY_CHARS, MAX_LIMIT, PATTERN
+from paxchat.limits import MAX_BODY_CHARS, MAX_LIMIT, PATTERN, USERNAME
 
 from .errors import INVALID_REQUEST, ProtocolError
 
-USERNAME = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
 MAX_USERNAME_CHARS = 32
 MIN_PASSWORD_BYTES = 8
 MAX_PASSWORD_BYTES = 1024

@@ -64,12 +64,11 @@ import sqlite3
 
 from twisted.logger import Logger
 
-from paxchat.limits import MAX_ANSWER_MESSAGE_BYTES, MAX_BODY_CHARS
+from paxchat.limits import MAX_ANSWER_MESSAGE_BYTES, MAX_BODY_CHARS, USERNAME
 from paxchat.state.kv import KVStore
 
 log = Logger()
 
-USERNAME = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
 MAX_MESSAGE_ID = 2 ** 63 - 1
 _PAGE = 1000
 # A resend is recognized this long after the first write (clients resend
