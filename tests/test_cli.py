@@ -246,6 +246,40 @@ def test_send_logs_in_with_env_password_and_caches_the_session(tmp_path):
     assert cache.load("alice") == "tok"
 
 
+def test_logout_ends_the_session_kept_here_and_logs_in_for_nothing(tmp_path):
+    cache = SessionCache(tmp_path)
+    client = StubClient()
+    con, out, _, asked = console()
+    run(client, parse("--user", "alice", "logout"), con, cache)
+    assert out == ["No session of alice is kept here: nothing to log out."]
+    assert client.calls == [] and asked == []
+    cache.save("alice", "tok")
+    run(client, parse("--user", "alice", "logout"), con, cache)
+    assert [c[0] for c in client.calls] == ["resume", "logout"] and client.calls[0][1] == ("tok",)
+    assert out[-1] == "Logged out alice." and cache.load("alice") is None
+    # Ended elsewhere already: forgotten here too, with no password asked for.
+    cache.save("alice", "old")
+    client = StubClient({"resume": ServerError("bad_session", "gone")})
+    run(client, parse("--user", "alice", "logout"), con, cache)
+    assert [c[0] for c in client.calls] == ["resume"] and asked == []
+    assert out[-1] == "Logged out alice." and cache.load("alice") is None
+    # The cluster did not answer: kept, to try again.
+    cache.save("alice", "tok")
+    client = StubClient({"logout": Unreachable("no paxchat node could be reached")})
+    failure = run(client, parse("--user", "alice", "logout"), con, cache)
+    assert failure.check(Unreachable) and cache.load("alice") == "tok"
+
+
+def test_without_a_terminal_no_username_is_asked_for(monkeypatch, capsys):
+    import io
+    monkeypatch.setattr("sys.stdin", io.StringIO("alice\n"))       # not a terminal
+    con = cli.Console(out=[].append, err=[].append, env={})
+    with pytest.raises(cli.CommandFailed) as failed:
+        cli._username(parse("read"), con)
+    assert str(failed.value) == "give a username with --user or $PAXCHAT_USER"
+    assert capsys.readouterr().out == ""                            # no "Username: " printed
+
+
 def test_cached_session_is_resumed_without_a_password(tmp_path):
     cache = SessionCache(tmp_path)
     cache.save("alice", "tok")
@@ -689,6 +723,32 @@ def test_the_prompt_takes_a_longest_message_and_skips_a_longer_line_but_not_the_
     output = transport.value().decode()
     assert output.count("was not run") == 1
     assert transport.disconnecting                      # ended by the end of input, not the long line
+
+
+def test_a_line_too_long_is_said_in_its_turn_and_fails_a_password_prompt_it_answers():
+    from paxchat.client.shell import MAX_INPUT_LINE
+    logging_in = defer.Deferred()
+
+    class Client(StubClient):
+        def login(self, username, password):
+            self.calls.append(("login", (username, password), {}))
+            return logging_in
+    client = Client({"send_message": {"message_id": 3}})
+    proto, transport, done = _shell_protocol(client)
+    proto.dataReceived(b"login alice\npw-123456\n")
+    proto.dataReceived(b"x" * (MAX_INPUT_LINE + 10) + b"\n")
+    assert "was not run" not in transport.value().decode()   # the login's answer comes first
+    client.username = "alice"
+    logging_in.callback({"session": "t", "unread": 0})
+    output = transport.value().decode()
+    assert output.index("Logged in as alice") < output.index("Error: a line over 66,560 bytes was not run")
+    # As the answer to a password prompt, it fails the command that asked.
+    proto.dataReceived(b"delete-account\n" + b"y" * (MAX_INPUT_LINE + 10) + b"\nsend bob still here\n")
+    proto.readConnectionLost()
+    assert [c[0] for c in client.calls] == ["login", "send_message"]
+    assert transport.value().decode().count("was not run") == 2
+    proto.connectionLost()
+    assert done.result == 1
 
 
 def test_the_prompt_takes_every_password_from_PAXCHAT_PASSWORD_when_set():

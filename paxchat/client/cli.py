@@ -73,10 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_arg(check_limit), default=100,
                    help="at most this many names (default: %(default)s)")
     p.add_argument("--after", default="", help="continue after this name")
-    p = sub.add_parser("delete", help="delete messages by id")
+    p = sub.add_parser("delete", help="delete messages by id, for both parties")
     p.add_argument("ids", nargs="+", type=_positive, metavar="ID")
     sub.add_parser("delete-account", help="delete your account (asks for the password)")
-    sub.add_parser("logout", help="end the cached session")
+    sub.add_parser("logout", help="end the session kept on this machine")
     p = sub.add_parser("settings", help="show your settings, or change one")
     p.add_argument("--read-receipts", type=_on_off, metavar="on|off",
                    help="tell senders when you read their messages, and be told when yours are"
@@ -121,6 +121,18 @@ def _positive(text):
     return value
 
 
+def _ask_name(prompt: str) -> str:
+    """A username typed at the terminal; none from a pipe or /dev/null, where a
+    prompt would only land in the output before the error."""
+    try:
+        terminal = sys.stdin.isatty()
+    except (AttributeError, ValueError):     # no standard input, or a closed one
+        terminal = False
+    if not terminal:
+        raise EOFError("no terminal")
+    return input(prompt)
+
+
 @dataclass
 class Console:
     """Where output goes and where input comes from (swapped in tests)."""
@@ -128,7 +140,7 @@ class Console:
     out: Callable[[str], None] = field(default=lambda text: print(text, flush=True))
     err: Callable[[str], None] = field(default=lambda text: print(text, file=sys.stderr, flush=True))
     ask: Callable[[str], str] = field(default=None)
-    ask_name: Callable[[str], str] = field(default=input)
+    ask_name: Callable[[str], str] = field(default=lambda prompt: _ask_name(prompt))
     env: dict = field(default_factory=lambda: os.environ)
     # The reader of ``out`` went away (``paxchat ... | head``).
     out_closed: Callable[[], None] = field(default=lambda: closedpipe.discard(sys.stdout))
@@ -147,10 +159,6 @@ class CommandFailed(Exception):
 
 
 # -- one-shot commands -----------------------------------------------------------
-
-NEEDS_SESSION = {"send", "read", "history", "list", "delete", "delete-account", "logout",
-                 "settings"}
-
 
 def _username(args, console) -> str:
     if args.user:
@@ -191,6 +199,24 @@ def ensure_session(client, username, console, cache: SessionCache | None):
 
 
 @defer.inlineCallbacks
+def _logout(client, username, console, cache: SessionCache | None):
+    """End the session kept on this machine. Without one there is nothing to end:
+    logging in (a password, a bcrypt check) only to log out would end nothing."""
+    token = cache.load(username) if cache is not None else None
+    if not token:
+        console.out(f"No session of {username} is kept here: nothing to log out.")
+        return
+    try:
+        yield client.resume(token)
+        yield client.logout()
+    except ServerError as e:
+        if e.code != "bad_session":
+            raise                       # kept, to try again
+    cache.forget(username)
+    console.out(f"Logged out {username}.")
+
+
+@defer.inlineCallbacks
 def run_command(client, args, console: Console, cache: SessionCache | None):
     """Run one subcommand against a connected-or-connecting client; print its result."""
     out = console.out
@@ -208,6 +234,9 @@ def run_command(client, args, console: Console, cache: SessionCache | None):
         if cache is not None:
             cache.forget(username)
         out(f"Account {username} deleted.")
+        return
+    if args.command == "logout":
+        yield _logout(client, username, console, cache)
         return
     yield ensure_session(client, username, console, cache)
     if args.command == "send":
@@ -228,11 +257,6 @@ def run_command(client, args, console: Console, cache: SessionCache | None):
     elif args.command == "delete":
         result = yield client.delete_messages(args.ids)
         out(f"Deleted {result.get('deleted', 0)} message(s).")
-    elif args.command == "logout":
-        yield client.logout()
-        if cache is not None:
-            cache.forget(username)
-        out(f"Logged out {username}.")
     elif args.command == "settings":
         if args.read_receipts is None:
             result = yield client.get_settings()

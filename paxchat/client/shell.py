@@ -22,6 +22,7 @@ from paxchat.limits import MAX_BODY_CHARS
 from .checks import check_limit, check_pattern, check_username
 from .cli_format import (HELP, HISTORY_LIMIT, READ_LIMIT, format_accounts, format_message, format_messages,
                          format_read, format_settings, sent, visible)
+from .errors import ClientError
 from .explain import explain
 
 __all__ = ["MAX_INPUT_LINE", "Shell", "ShellProtocol"]
@@ -236,6 +237,14 @@ class Shell:
         self.quit()
 
 
+class LineTooLong(ClientError):
+    """An input line longer than any command needs: not run, and said so in its turn."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"a line over {limit:,} bytes was not run"
+                         f" (a message holds at most {MAX_BODY_CHARS:,} characters)")
+
+
 @implementer(IHalfCloseableProtocol)
 class ShellProtocol(LineReceiver):
     """stdin/stdout for a Shell: a prompt, no-echo password lines, output that does not mangle it.
@@ -268,7 +277,8 @@ class ShellProtocol(LineReceiver):
         self.shell = None
         self._secret: defer.Deferred | None = None
         self._saved_tty = None
-        self._lines: list[str] = []   # typed ahead, not consumed yet
+        # Typed ahead, not consumed yet; a line too long to run is a LineTooLong in its place.
+        self._lines: list = []
         self._busy = False            # a command (or start-up work) is running
         self._input_ended = False
         self._output_closed = False
@@ -305,7 +315,8 @@ class ShellProtocol(LineReceiver):
         self.transport.write(prompt.encode("utf-8", "replace"))
         if self._lines:  # typed ahead already
             self.transport.write(os.linesep.encode())
-            return defer.succeed(self._lines.pop(0))
+            line = self._lines.pop(0)
+            return defer.fail(line) if isinstance(line, LineTooLong) else defer.succeed(line)
         if self._input_ended:
             self.transport.write(os.linesep.encode())
             return defer.fail(EOFError("input closed"))
@@ -341,11 +352,12 @@ class ShellProtocol(LineReceiver):
             data, self._after_long = self._after_long, None
 
     def lineLengthExceeded(self, rest: bytes):
-        """Say so and go on with the next line (LineReceiver would close the input)."""
-        self.shell.fail(f"Error: a line over {self.MAX_LENGTH:,} bytes was not run"
-                        f" (a message holds at most {MAX_BODY_CHARS:,} characters).")
+        """Go on with the next line (LineReceiver would close the input); the
+        error is said in the line's turn, after what the lines before it print."""
+        self._lines.append(LineTooLong(self.MAX_LENGTH))
         self._skipping = True
         self._after_long = rest
+        self._pump()
 
     def lineReceived(self, line: bytes):
         self._lines.append(line.decode("utf-8", "replace").rstrip("\r"))
@@ -355,13 +367,19 @@ class ShellProtocol(LineReceiver):
         """Hand typed-ahead lines out in order: to a password prompt first, else as the next command."""
         while self._lines:
             if self._secret is not None:
+                line = self._lines.pop(0)
                 d, self._secret = self._secret, None
                 self._echo(True)
                 self.transport.write(os.linesep.encode())
-                d.callback(self._lines.pop(0))
+                d.errback(line) if isinstance(line, LineTooLong) else d.callback(line)
             elif not self._busy:
+                line = self._lines.pop(0)
                 self._busy = True
-                d = self.shell.handle(self._lines.pop(0))
+                if isinstance(line, LineTooLong):
+                    self.shell.fail(f"Error: {line}")
+                    d = defer.succeed(None)
+                else:
+                    d = self.shell.handle(line)
                 d.addBoth(self._finished)
             else:
                 return
