@@ -140,7 +140,7 @@ class Console:
     out: Callable[[str], None] = field(default=lambda text: print(text, flush=True))
     err: Callable[[str], None] = field(default=lambda text: print(text, file=sys.stderr, flush=True))
     ask: Callable[[str], str] = field(default=None)
-    ask_name: Callable[[str], str] = field(default=lambda prompt: _ask_name(prompt))
+    ask_name: Callable[[str], str] = field(default=_ask_name)
     env: dict = field(default_factory=lambda: os.environ)
     # The reader of ``out`` went away (``paxchat ... | head``).
     out_closed: Callable[[], None] = field(default=lambda: closedpipe.discard(sys.stdout))
