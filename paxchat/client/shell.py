@@ -251,7 +251,7 @@ class ShellProtocol(LineReceiver):
 
     The prompt (and the banner, and the carriage return that starts each
     line over it) only when standard input is a terminal: fed from a pipe,
-    what it prints is the answers alone, for a script to read.
+    it prints plain lines for a script to read.
 
     End of input (Ctrl-D, or the end of a file piped in) ends the program
     the way ``quit`` does, but only after every line read before it has run,
@@ -272,7 +272,7 @@ class ShellProtocol(LineReceiver):
         self.done = done
         self.stdin_fd = sys.stdin.fileno() if stdin_fd is None else stdin_fd
         # Someone types at a terminal: a prompt, and output that starts on a
-        # clean line over it. Fed from a pipe, the output is the answers alone.
+        # clean line over it. Fed from a pipe, plain lines.
         self.interactive = _is_terminal(self.stdin_fd)
         self.shell = None
         self._secret: defer.Deferred | None = None
