@@ -779,7 +779,9 @@ def main(argv=None, out=None, err=None):
     status.add_argument("--json", action="store_true", help="the raw statuses as JSON")
     status.set_defaults(run=_status)
     snapshot = commands.add_parser("snapshot", help="have node N snapshot its state now")
-    snapshot.add_argument("node", type=int)
+    snapshot.add_argument("node", type=int, nargs="?", metavar="N")
+    snapshot.add_argument("--node", type=int, dest="node_option", metavar="N",
+                          help="the same, named as backup, restore and rebuild name theirs")
     snapshot.set_defaults(run=_snapshot)
     transfer = commands.add_parser("transfer-leadership", help="have the leader hand over to N")
     transfer.add_argument("target", type=int)
@@ -804,6 +806,12 @@ def main(argv=None, out=None, err=None):
     rebuild.add_argument("--node", type=int, required=True)
     rebuild.set_defaults(run=_rebuild, offline=True)
     args = parser.parse_args(argv)
+    if args.command == "snapshot":
+        if args.node is None and args.node_option is None:
+            snapshot.error("which node? give N or --node N")
+        if None not in (args.node, args.node_option) and args.node != args.node_option:
+            snapshot.error(f"two nodes named ({args.node} and --node {args.node_option}); give one")
+        args.node = args.node_option if args.node is None else args.node
     try:
         config = configmod.load(args.config)
         if getattr(args, "offline", False):
@@ -814,7 +822,11 @@ def main(argv=None, out=None, err=None):
             code = args.run(client, args, out)
         out.flush()
         return code
-    except (configmod.ConfigError, AdminError, tls.CertificateFilesError) as e:
+    except (configmod.ConfigError, tls.CertificateFilesError) as e:
+        # 2, as for a mistake on the command line: 1 says a node is down or refused.
+        print(f"paxchat-admin: {e}", file=err)
+        return 2
+    except AdminError as e:
         print(f"paxchat-admin: {e}", file=err)
         return 1
     except BrokenPipeError:

@@ -150,7 +150,7 @@ def test_rebuild_marks_an_empty_data_directory_and_refuses_the_rest(tmp_path):
     code, out, err = admin_main(cfg, "rebuild", "--node", "2")    # not empty now
     assert code == 1 and "is not empty" in err
     code, out, err = admin_main(cfg, "rebuild", "--node", "9")
-    assert code == 1 and "no [node.9]" in err
+    assert code == 2 and "no [node.9]" in err
     alone = make_cluster(tmp_path / "alone", nodes=1)
     code, out, err = admin_main(alone, "rebuild", "--node", "1")
     assert code == 1 and "cannot rebuild it" in err and not alone.node_data_dir(1).exists()
@@ -211,7 +211,29 @@ def test_snapshot(node_1):
     code, out, err = yield run_admin(cfg, "snapshot", "2")
     assert code == 1 and "node 2" in err and "down" in err
     code, out, err = yield run_admin(cfg, "snapshot", "7")
-    assert code == 1 and "no [node.7] section for snapshot 7 (nodes are 1, 2)" in err
+    assert code == 2 and "no [node.7] section for snapshot 7 (nodes are 1, 2)" in err
+    # The node named as backup, restore and rebuild name theirs.
+    code, out, err = yield run_admin(cfg, "snapshot", "--node", "1")
+    assert code == 0 and out.startswith("node 1 took a snapshot at index"), err
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["snapshot"], "which node? give N or --node N"),
+    (["snapshot", "1", "--node", "2"], "two nodes named (1 and --node 2); give one"),
+])
+def test_snapshot_names_one_node(argv, why, capsys):
+    with pytest.raises(SystemExit) as exited:
+        admin.main(argv)
+    assert exited.value.code == 2 and why in capsys.readouterr().err
+
+
+def test_a_mistake_in_cluster_ini_exits_2_not_1_which_says_a_node_is_down(tmp_path):
+    bad = tmp_path / "cluster.ini"
+    bad.write_text("[cluster]\nheartbeat = soon\n")
+    out, err = io.StringIO(), io.StringIO()
+    assert admin.main(["--config", str(bad), "status"], out=out, err=err) == 2
+    assert err.getvalue().startswith("paxchat-admin: ") and out.getvalue() == ""
+    assert admin.main(["--config", str(tmp_path / "missing.ini"), "status"], out=out, err=err) == 2
 
 
 @pytest_twisted.inlineCallbacks
@@ -406,7 +428,7 @@ def test_restore_makes_an_empty_data_directory_from_a_backup_and_refuses_the_res
         code, out, err = admin_main(cfg, "restore", str(bad), "--node", "1")
         assert code == 1 and why in err and not cfg.node_data_dir(1).exists()
     code, out, err = admin_main(cfg, "restore", str(backup), "--node", "9")
-    assert code == 1 and "no [node.9]" in err
+    assert code == 2 and "no [node.9]" in err
     cfg.node_data_dir(1).write_text("not a directory")       # a file where the directory goes
     code, out, err = admin_main(cfg, "restore", str(backup), "--node", "1")
     assert code == 1 and "not empty" in err and cfg.node_data_dir(1).read_text() == "not a directory"
@@ -544,7 +566,7 @@ def test_transfer_leadership(node_1):
     code, out, err = yield run_admin(cfg, "transfer-leadership", "1")
     assert (code, out) == (0, "node 1 already leads\n")
     code, out, err = yield run_admin(cfg, "transfer-leadership", "9")
-    assert code == 1 and "no [node.9] section for transfer-leadership 9 (nodes are 1, 2)" in err
+    assert code == 2 and "no [node.9] section for transfer-leadership 9 (nodes are 1, 2)" in err
 
     client = admin.AdminClient(cfg)
     for body in ({"target": 1}, {"target": "2"}, {"target": 99}, {}):
