@@ -761,7 +761,7 @@ def _transfer(client, args, out):
 
 def main(argv=None, out=None, err=None):
     """``paxchat-admin --config cluster.ini status|snapshot N|transfer-leadership N|backup|restore|rebuild``."""
-    out = out or sys.stdout
+    out = closedpipe.ReaderMayLeave(out or sys.stdout)
     err = err or sys.stderr
     parser = argparse.ArgumentParser(
         prog="paxchat-admin",
@@ -828,10 +828,6 @@ def main(argv=None, out=None, err=None):
         return 2
     except AdminError as e:
         print(f"paxchat-admin: {e}", file=err)
-        return 1
-    except BrokenPipeError:
-        # The reader went away (``status --json | head``): what it wanted, it has.
-        closedpipe.discard(out)
         return 1
 
 

@@ -654,7 +654,26 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
             text=True, timeout=60)
     finally:
         os.close(write)
-    assert (result.returncode, result.stderr) == (1, "")
+    assert (result.returncode, result.stderr) == (1, "")      # 1: every node is down
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_reader_that_goes_away_leaves_the_commands_own_exit_status(node_1):
+    """``paxchat-admin snapshot 1 | head -0`` under ``set -o pipefail``: 0, it was done."""
+    cfg, node = node_1
+
+    class GoneReader:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+    err = io.StringIO()
+    d = threads.deferToThread(admin.main, ["--config", str(cfg.path), "--timeout", "5", "snapshot", "1"],
+                              out=GoneReader(), err=err)
+    code = yield d
+    assert (code, err.getvalue()) == (0, "")
+    assert node.log.replica.snapshot_index == node.log.applied_index
 
 
 # -- a real replicated cluster of twistd nodes ------------------------------------------

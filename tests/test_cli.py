@@ -378,7 +378,8 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(monkeypatch):
     con.out, con.out_closed = closed_pipe, lambda: closed.append(True)
     status = []
     cli.run(None, parse("--user", "alice", "--no-session-cache", "history"), con).addBoth(status.append)
-    assert (status, err, closed) == ([1], [], [True])
+    # The history was read: the exit status says so, whatever the pipe did.
+    assert (status, err, closed) == ([0], [], [True])
 
 
 def test_a_bad_config_is_one_line_and_status_2(tmp_path):

@@ -313,8 +313,10 @@ def run(reactor, args, console: Console | None = None):
         console.err(f"paxchat: {e}")
         return e.status
     except BrokenPipeError:
-        console.out_closed()          # what the reader wanted, it has: no word about it
-        return EXIT_FAILED
+        # What the reader wanted, it has: no word about it. A command prints
+        # once it is done, so it did what it was asked (paxchat/closedpipe.py).
+        console.out_closed()
+        return EXIT_OK
     except Exception as e:
         console.err(f"paxchat: {explain(e)}")
         return EXIT_FAILED
