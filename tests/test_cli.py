@@ -559,14 +559,19 @@ def test_typed_ahead_lines_go_to_password_prompts_in_order():
 
 
 def _shell_protocol(client):
-    """A ShellProtocol over a StringTransport; (protocol, transport, done)."""
+    """A ShellProtocol fed from a pipe, as ``interactive`` wires it, over a
+    StringTransport (standard output); (protocol, transport, done).
+    ``proto.errors`` is its standard error."""
+    import io
     from twisted.internet.testing import StringTransport
     from paxchat.client.shell import ShellProtocol
     done = defer.Deferred()
 
     def make_shell(proto):
-        return Shell(client, proto.write, proto.ask_secret, proto.transport.loseConnection)
-    proto = ShellProtocol(make_shell, done, stdin_fd=-1)
+        return Shell(client, proto.write, proto.ask_secret, proto.transport.loseConnection, note=proto.note)
+    errors = io.StringIO()
+    proto = ShellProtocol(make_shell, done, stdin_fd=-1, stderr=errors)
+    proto.errors = errors
     transport = StringTransport()
     proto.makeConnection(transport)
     return proto, transport, done
@@ -577,8 +582,12 @@ def test_fed_from_a_pipe_the_prompt_prints_answers_alone_and_at_a_terminal_a_pro
     from paxchat.client.shell import ShellProtocol
     client = StubClient({"list_accounts": {"accounts": ["bob"]}})
     proto, transport, done = _shell_protocol(client)     # standard input: not a terminal
-    proto.dataReceived(b"list\n")
+    proto.dataReceived(b"list\nbogus\n")
+    from paxchat.client.api import Status
+    proto.shell.on_status(Status("connected", node=2))
+    # The answers alone on standard output; what is not one on standard error.
     assert transport.value().decode() == "bob" + os.linesep
+    assert proto.errors.getvalue() == "Unknown command 'bogus'; type 'help' for the list.\nConnected to node 2.\n"
     leader, follower = os.openpty()
     try:
         proto = ShellProtocol(lambda p: Shell(client, p.write, p.ask_secret, lambda: None), defer.Deferred(),
@@ -625,7 +634,7 @@ def test_end_of_input_at_a_password_prompt_fails_the_login_and_ends():
     assert not transport.disconnecting                  # waiting for the password
     proto.readConnectionLost()
     assert logins == []
-    assert "input closed" in transport.value().decode()
+    assert "input closed" in proto.errors.getvalue()
     assert transport.disconnecting
 
 
@@ -649,7 +658,7 @@ def test_after_end_of_input_a_client_that_reaches_no_server_gives_up_with_status
     proto.dataReceived(b"read\nsend bob not run\n")
     proto.readConnectionLost()
     assert transport.disconnecting and proto.exit_status == 1
-    assert "not run" in transport.value().decode()
+    assert "not run" in proto.errors.getvalue()
     proto.connectionLost()
     assert done.result == 1
 
@@ -721,8 +730,7 @@ def test_the_prompt_takes_a_longest_message_and_skips_a_longer_line_but_not_the_
     proto.dataReceived(too_long[70000:] + b"\nsend bob after long\n")
     proto.readConnectionLost()
     assert [c[1] for c in client.calls] == [("bob", longest), ("bob", "after long")]
-    output = transport.value().decode()
-    assert output.count("was not run") == 1
+    assert proto.errors.getvalue().count("was not run") == 1
     assert transport.disconnecting                      # ended by the end of input, not the long line
 
 
@@ -738,16 +746,16 @@ def test_a_line_too_long_is_said_in_its_turn_and_fails_a_password_prompt_it_answ
     proto, transport, done = _shell_protocol(client)
     proto.dataReceived(b"login alice\npw-123456\n")
     proto.dataReceived(b"x" * (MAX_INPUT_LINE + 10) + b"\n")
-    assert "was not run" not in transport.value().decode()   # the login's answer comes first
+    assert "was not run" not in proto.errors.getvalue()     # the login's answer comes first
     client.username = "alice"
     logging_in.callback({"session": "t", "unread": 0})
-    output = transport.value().decode()
-    assert output.index("Logged in as alice") < output.index("Error: a line over 66,560 bytes was not run")
+    assert "Logged in as alice" in transport.value().decode()
+    assert "Error: a line over 66,560 bytes was not run" in proto.errors.getvalue()
     # As the answer to a password prompt, it fails the command that asked.
     proto.dataReceived(b"delete-account\n" + b"y" * (MAX_INPUT_LINE + 10) + b"\nsend bob still here\n")
     proto.readConnectionLost()
     assert [c[0] for c in client.calls] == ["login", "send_message"]
-    assert transport.value().decode().count("was not run") == 2
+    assert proto.errors.getvalue().count("was not run") == 2
     proto.connectionLost()
     assert done.result == 1
 

@@ -26,7 +26,7 @@ def startup_login(shell: Shell, username: str, cache: SessionCache | None):
         if token:
             try:
                 result = yield client.resume(token)
-                shell.write(f"Logged in as {username}; {result.get('unread', 0)} unread message(s).")
+                shell.note(f"Logged in as {username}; {result.get('unread', 0)} unread message(s).")
                 return
             except ServerError as e:
                 if e.code != "bad_session":
@@ -36,7 +36,7 @@ def startup_login(shell: Shell, username: str, cache: SessionCache | None):
         result = yield client.login(username, password)
         if cache is not None:
             cache.save(username, result["session"])
-        shell.write(f"Logged in as {username}; {result.get('unread', 0)} unread message(s).")
+        shell.note(f"Logged in as {username}; {result.get('unread', 0)} unread message(s).")
     except Exception as e:
         shell.fail("Error: " + explain(e))
 
@@ -63,7 +63,7 @@ def run_interactive(reactor, config, args, console) -> defer.Deferred:
 
     def make_shell(proto):
         shell = Shell(client, proto.write, proto.ask_secret, lambda: proto.transport.loseConnection(),
-                      password=console.env.get(PASSWORD_ENV))
+                      password=console.env.get(PASSWORD_ENV), note=proto.note)
         holder["shell"] = shell
         holder["proto"] = proto
         if args.user:

@@ -39,14 +39,17 @@ class Shell:
     every password prompt instead, as it does for one-shot commands.
     ``failed`` becomes true once a command fails (an error, an unknown
     command, a usage mistake): the program then ends with status 1, so a
-    script that pipes commands in can tell.
+    script that pipes commands in can tell. ``note`` says what is not an
+    answer (errors, the connection's comings and goings); by default it
+    writes where answers go.
     """
 
     def __init__(self, client, write: Callable[[str], None],
                  ask_secret: Callable[[str], defer.Deferred], quit: Callable[[], None],
-                 password: str | None = None):
+                 password: str | None = None, note: Callable[[str], None] | None = None):
         self.client = client
         self.write = write
+        self.note = note or write
         self.ask_secret = ask_secret
         self.quit = quit
         self.password = password or None
@@ -80,7 +83,7 @@ class Shell:
     def fail(self, text: str):
         """Say what went wrong; the program's exit status will say so too."""
         self.failed = True
-        self.write(text)
+        self.note(text)
 
     def on_event(self, event: dict):
         """Print pushed messages as they arrive, and mark them read; what this
@@ -100,21 +103,21 @@ class Shell:
             self.write(format_settings(event["settings"]) + " (set elsewhere)")
         elif event.get("event") == "session_ended":
             reason = visible(str(event.get("reason", "no reason given")))
-            self.write(f"Your session ended ({reason}); log in again.")
+            self.note(f"Your session ended ({reason}); log in again.")
 
     def on_status(self, status):
         if status.state == "reconnecting" and status.no_majority:
-            self.write(f"Servers answer, but too few are up to agree ({status.detail});"
+            self.note(f"Servers answer, but too few are up to agree ({status.detail});"
                        " trying the others...")
         elif status.state == "reconnecting":
             why = f" ({status.detail})" if status.detail else ""
-            self.write(f"Connection lost{why}; reconnecting to another server...")
+            self.note(f"Connection lost{why}; reconnecting to another server...")
         elif status.state == "connected":
-            self.write(f"Connected to node {status.node}.")
+            self.note(f"Connected to node {status.node}.")
         elif status.state == "failed" and status.no_majority:
-            self.write("Too few servers are up to agree on anything; commands will try again.")
+            self.note("Too few servers are up to agree on anything; commands will try again.")
         elif status.state == "failed":
-            self.write("Cannot reach any server; commands will try again.")
+            self.note("Cannot reach any server; commands will try again.")
 
     def ask_password(self, prompt: str) -> defer.Deferred:
         """The PAXCHAT_PASSWORD password if set, else one typed at ``prompt``."""
@@ -250,8 +253,10 @@ class ShellProtocol(LineReceiver):
     """stdin/stdout for a Shell: a prompt, no-echo password lines, output that does not mangle it.
 
     The prompt (and the banner, and the carriage return that starts each
-    line over it) only when standard input is a terminal: fed from a pipe,
-    it prints plain lines for a script to read.
+    line over it) only when standard input is a terminal. Fed from a pipe,
+    standard output gets the answers alone, plain lines for a script to
+    read, and standard error what is not an answer (``note``: errors,
+    password prompts, the connection's comings and goings).
 
     End of input (Ctrl-D, or the end of a file piped in) ends the program
     the way ``quit`` does, but only after every line read before it has run,
@@ -267,10 +272,11 @@ class ShellProtocol(LineReceiver):
     MAX_LENGTH = MAX_INPUT_LINE
 
     def __init__(self, make_shell: Callable[["ShellProtocol"], Shell], done: defer.Deferred,
-                 stdin_fd: int | None = None):
+                 stdin_fd: int | None = None, stderr=None):
         self.make_shell = make_shell
         self.done = done
         self.stdin_fd = sys.stdin.fileno() if stdin_fd is None else stdin_fd
+        self._stderr = stderr
         # Someone types at a terminal: a prompt, and output that starts on a
         # clean line over it. Fed from a pipe, plain lines.
         self.interactive = _is_terminal(self.stdin_fd)
@@ -306,19 +312,39 @@ class ShellProtocol(LineReceiver):
         start = "\r" if self.interactive else ""
         self.transport.write((start + text.replace("\n", os.linesep) + os.linesep).encode("utf-8", "replace"))
 
+    def note(self, text: str):
+        """What is not an answer: with the answers at a terminal, on standard error from a pipe."""
+        if self.interactive:
+            self.write(text)
+            return
+        stream = self._stderr or sys.stderr
+        try:
+            stream.write(text + "\n")
+            stream.flush()
+        except (OSError, ValueError):
+            pass                          # nobody reads standard error: the answers go on
+
+    def _end_secret_line(self):
+        """After a password typed without echo, the terminal's cursor to the next line."""
+        if self.interactive:
+            self.transport.write(os.linesep.encode())
+
     def _prompt(self):
         if (self.interactive and self.transport is not None and self._secret is None and not self._busy
                 and not self.transport.disconnecting):
             self.transport.write(self.shell.prompt.encode("utf-8", "replace"))
 
     def ask_secret(self, prompt: str) -> defer.Deferred:
-        self.transport.write(prompt.encode("utf-8", "replace"))
+        if self.interactive:
+            self.transport.write(prompt.encode("utf-8", "replace"))
+        else:
+            self.note(prompt.rstrip())
         if self._lines:  # typed ahead already
-            self.transport.write(os.linesep.encode())
+            self._end_secret_line()
             line = self._lines.pop(0)
             return defer.fail(line) if isinstance(line, LineTooLong) else defer.succeed(line)
         if self._input_ended:
-            self.transport.write(os.linesep.encode())
+            self._end_secret_line()
             return defer.fail(EOFError("input closed"))
         self._echo(False)
         self._secret = defer.Deferred()
@@ -370,7 +396,7 @@ class ShellProtocol(LineReceiver):
                 line = self._lines.pop(0)
                 d, self._secret = self._secret, None
                 self._echo(True)
-                self.transport.write(os.linesep.encode())
+                self._end_secret_line()
                 d.errback(line) if isinstance(line, LineTooLong) else d.callback(line)
             elif not self._busy:
                 line = self._lines.pop(0)
@@ -400,7 +426,7 @@ class ShellProtocol(LineReceiver):
         if self._secret is not None:      # a password prompt that will never be answered
             d, self._secret = self._secret, None
             self._echo(True)
-            self.transport.write(os.linesep.encode())
+            self._end_secret_line()
             d.errback(EOFError("input closed"))
         self._end_if_input_done()
 
@@ -420,7 +446,7 @@ class ShellProtocol(LineReceiver):
         if self._offline and (self._busy or self._lines):
             self._lines.clear()
             self.exit_status = 1
-            self.write("No server is reachable: the rest of the input is not run.")
+            self.note("No server is reachable: the rest of the input is not run.")
         elif self._busy or self._lines or self._secret is not None:
             return
         if self._output_closed:
