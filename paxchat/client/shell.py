@@ -108,7 +108,7 @@ class Shell:
     def on_status(self, status):
         if status.state == "reconnecting" and status.no_majority:
             self.note(f"Servers answer, but too few are up to agree ({status.detail});"
-                       " trying the others...")
+                      " trying the others...")
         elif status.state == "reconnecting":
             why = f" ({status.detail})" if status.detail else ""
             self.note(f"Connection lost{why}; reconnecting to another server...")
