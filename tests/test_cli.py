@@ -579,11 +579,11 @@ def _shell_protocol(client):
 
 def test_fed_from_a_pipe_the_prompt_prints_answers_alone_and_at_a_terminal_a_prompt():
     from twisted.internet.testing import StringTransport
+    from paxchat.client.api import Status
     from paxchat.client.shell import ShellProtocol
     client = StubClient({"list_accounts": {"accounts": ["bob"]}})
     proto, transport, done = _shell_protocol(client)     # standard input: not a terminal
     proto.dataReceived(b"list\nbogus\n")
-    from paxchat.client.api import Status
     proto.shell.on_status(Status("connected", node=2))
     # The answers alone on standard output; what is not one on standard error.
     assert transport.value().decode() == "bob" + os.linesep
