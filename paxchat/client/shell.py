@@ -291,7 +291,6 @@ class ShellProtocol(LineReceiver):
         self._offline = False         # the client tried every server in vain
         self._skipping = False        # inside a line too long to run, until its end
         self._after_long = None       # input that followed a too-long line
-        self.exit_status = 0
 
     def run_first(self, work: Callable[[], defer.Deferred]):
         """Run start-up work (logging in) before the first typed command."""
@@ -445,8 +444,7 @@ class ShellProtocol(LineReceiver):
             return
         if self._offline and (self._busy or self._lines):
             self._lines.clear()
-            self.exit_status = 1
-            self.note("No server is reachable: the rest of the input is not run.")
+            self.shell.fail("No server is reachable: the rest of the input is not run.")
         elif self._busy or self._lines or self._secret is not None:
             return
         if self._output_closed:
@@ -460,8 +458,12 @@ class ShellProtocol(LineReceiver):
             d, self._secret = self._secret, None
             d.errback(EOFError("input closed"))
         if not self.done.called:
-            failed = self.shell is not None and self.shell.failed
-            self.done.callback(self.exit_status or (1 if failed else 0))
+            self.done.callback(self.exit_status)
+
+    @property
+    def exit_status(self) -> int:
+        """1 once a line failed or the rest of the input was given up (``Shell.failed``), else 0."""
+        return 1 if self.shell is not None and self.shell.failed else 0
 
 
 def _is_terminal(fd: int) -> bool:
