@@ -3,7 +3,7 @@
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from paxchat.client.api import PaxchatClient
+from paxchat.client.api import ASKS_ONLY, RETRY_ON_UNAVAILABLE, WRITE_OPS, PaxchatClient
 from paxchat.client.errors import NoMajority, ServerError, Unreachable
 from paxchat.client.explain import explain
 from paxchat.client.failover import FailoverPolicy
@@ -275,10 +275,33 @@ def test_create_and_delete_account_unavailable_are_retried_with_the_same_key(op,
     assert got == [{}]
 
 
+@pytest.mark.parametrize("op, args", [("get_settings", ()), ("set_settings", (False,))])
+def test_settings_unavailable_are_retried_on_another_node(op, args):
+    reactor, client, nodes, conn, _, _ = logged_in()
+    got = results(getattr(client, op)(*args))
+    [req] = conn.requests()
+    conn.fail(req, "unavailable")
+    assert got == []
+    conn2 = move_on(reactor, nodes, conn, 2)
+    reactor.advance(POLICY.unavailable_delay)
+    [again] = conn2.requests()
+    assert again["op"] == op and again.get("client_msg_id") == req.get("client_msg_id")
+    conn2.answer(again, {"read_receipts": False})
+    assert got == [{"read_receipts": False}]
+
+
+def test_every_op_the_server_knows_is_a_write_or_asks_only():
+    # Each op is then retried on `unavailable`, and a write resent keeps its key.
+    from paxchat.server.handlers import Handlers
+    server_ops = set(Handlers(*[None] * 8)._ops)
+    assert server_ops == WRITE_OPS | ASKS_ONLY and not WRITE_OPS & ASKS_ONLY
+    assert RETRY_ON_UNAVAILABLE == server_ops
+
+
 @pytest.mark.parametrize("op, args", [
     ("create_account", ("carol", "password1")), ("logout", ()), ("read_messages", ()),
     ("mark_read", ([1],)), ("delete_messages", ([1],)), ("delete_account", ("password1",)),
-    ("send_message", ("bob", "hi")),
+    ("send_message", ("bob", "hi")), ("set_settings", (True,)),
 ])
 def test_every_write_carries_a_fresh_client_msg_id_unless_given(op, args):
     reactor, client, nodes, conn, _, _ = logged_in()

@@ -48,18 +48,18 @@ __all__ = ["PaxchatClient", "Status", "RETRY_ON_UNAVAILABLE", "WRITE_OPS"]
 # write that committed but whose answer was lost is not applied twice.
 WRITE_OPS = frozenset({
     "create_account", "logout", "send_message", "read_messages", "mark_read",
-    "delete_messages", "delete_account",
+    "delete_messages", "delete_account", "set_settings",
 })
-
-# Ops whose `unavailable` answer is retried automatically: every op, since
-# reads are harmless to repeat and writes carry their client_msg_id (a late
-# commit of the first try answers the retry with the first result).
-RETRY_ON_UNAVAILABLE = WRITE_OPS | frozenset({"hello", "login", "resume", "list_accounts", "history"})
 
 # Ops that change nothing a user would ask about: a call of one that times
 # out is not said to have perhaps been made (a login's session aside, which
 # the next login replaces).
 ASKS_ONLY = frozenset({"hello", "login", "resume", "list_accounts", "history", "get_settings"})
+
+# Ops whose `unavailable` answer is retried automatically: every op, since
+# reads are harmless to repeat and writes carry their client_msg_id (a late
+# commit of the first try answers the retry with the first result).
+RETRY_ON_UNAVAILABLE = WRITE_OPS | ASKS_ONLY
 
 
 @dataclass(frozen=True)
