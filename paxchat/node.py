@@ -24,6 +24,7 @@ from paxchat.replicatedlog import ReplicatedLog
 from paxchat.server.factory import ChatServerFactory
 from paxchat.server.settings import ServerSettings
 from paxchat.state.chat import ChatState
+from paxchat.state.kv import CorruptStore
 from paxchat.state.worker import StateWorker
 from paxchat.upgrades import ApplyVersionKeeper
 
@@ -107,7 +108,9 @@ class NodeService(service.MultiService):
             # worker's thread touches it.
             # The Paxos log is the durable record: the state commits without
             # an fsync and is synced before the log is compacted past it.
-            self.state = ChatState.open(str(self.data_dir / STATE_FILE), durable=False)
+            # Checked whole (SQLite's quick_check) before it is used: a node
+            # applying to a damaged file would answer differently from the others.
+            self.state = _open_state(self.data_dir / STATE_FILE)
             self.state.check_version()     # a downgrade past what the cluster runs stops here
             self.worker = StateWorker(self.reactor, self.state)
             self.log = self.make_command_log(self.worker)
@@ -398,6 +401,17 @@ class NodeService(service.MultiService):
             yield worker.stop()
         elif state is not None:
             state.close()
+
+
+def _open_state(path):
+    """The node's state, found whole; a damaged one stops the start with what to do."""
+    try:
+        return ChatState.open(str(path), check=True, durable=False)
+    except CorruptStore as e:
+        raise CorruptStore(
+            f"{e}; the node does not start on it. Move its data directory aside and bring it"
+            " back as a node whose disk was lost, with paxchat-admin rebuild"
+            " (docs/operations.md)") from e
 
 
 def _listen_now(endpoint, factory):

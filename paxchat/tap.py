@@ -21,12 +21,13 @@ from paxchat import logs, tls
 from paxchat.lineage import LineageError
 from paxchat.paxos.store import StorageError
 from paxchat.state.chat import NewerThanThisBuild
+from paxchat.state.kv import StoreError
 
 log = Logger()
 
 # What a person can fix from the message alone; anything else also gets its traceback logged.
 _PLAIN_ERRORS = (configmod.ConfigError, tls.CertificateFilesError, OSError, CannotListenError,
-                 sqlite3.Error, LineageError, StorageError, NewerThanThisBuild)
+                 sqlite3.Error, StoreError, LineageError, StorageError, NewerThanThisBuild)
 
 
 class Options(usage.Options):

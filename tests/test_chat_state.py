@@ -760,6 +760,50 @@ def test_bug_in_a_command_answers_internal_and_rolls_back_its_writes(state, monk
     assert state.applied_index() == index + 1
 
 
+def damage_the_second_half(path):
+    """Overwrite part of every page in the second half of the file (the first, with
+    its schema and meta, still opens)."""
+    data = bytearray(path.read_bytes())
+    for offset in range(len(data) // 2 // 4096 * 4096, len(data) - 4096, 4096):
+        data[offset + 100:offset + 400] = b"\xff" * 300
+    path.write_bytes(bytes(data))
+
+
+def test_a_bug_on_a_damaged_file_stops_the_state_rather_than_answering_alone(
+        tmp_path, monkeypatch):
+    # On a whole file a bug answers `internal` on every node alike; on a
+    # damaged one this node alone may fail, so it must not go on.
+    path = tmp_path / "state.db"
+    state = ChatState.open(path)
+    user(state, "alice")
+    for _ in range(300):
+        ok(send(state, "alice", "alice", body="x" * 300))
+    index = state.applied_index()
+    state.close()
+    damage_the_second_half(path)
+    state = ChatState.open(path)
+    try:
+        monkeypatch.setitem(state._handlers, "logout", lambda command: {}["bug"])
+        with pytest.raises(StoreError, match="state.db is damaged: On tree page .*"):
+            state.apply({"op": "logout", "session": "s-alice"})
+        assert state.applied_index() == index
+    finally:
+        state.close()
+
+
+def test_a_bug_on_a_whole_file_checks_it_once_a_minute(state, monkeypatch):
+    now = [100.0]
+    state._clock = lambda: now[0]
+    checks = []
+    monkeypatch.setattr(state.kv, "check", lambda: checks.append(now[0]))
+    monkeypatch.setitem(state._handlers, "logout", lambda command: {}["bug"])
+    user(state, "alice")
+    for at in (100.0, 130.0, 159.0, 160.0):
+        now[0] = at
+        assert code(state.apply({"op": "logout", "session": "s-alice"})) == "internal"
+    assert checks == [100.0, 160.0]
+
+
 def rejects_after_writing(state, monkeypatch):
     """A logout that writes, then is rejected."""
     def late_rejection(command):

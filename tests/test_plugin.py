@@ -239,6 +239,27 @@ def test_a_state_of_a_newer_apply_version_stops_the_node_in_one_line(tmp_path):
     assert "Traceback" not in out
 
 
+def test_a_damaged_state_database_stops_the_node_in_one_line_saying_what_to_do(tmp_path):
+    from paxchat.state.chat import ChatState
+    from .test_chat_state import damage_the_second_half
+    (tmp_path / "cluster.ini").write_text(INI)
+    data = tmp_path / "data" / "node-1"
+    data.mkdir(parents=True, mode=0o700)
+    state = ChatState.open(str(data / "state.sqlite3"))
+    with state.kv.transaction():
+        for i in range(2000):
+            state.kv.put(f"k{i:05d}", b"v" * 200)
+    state.close()
+    damage_the_second_half(data / "state.sqlite3")
+    result = run_twistd(["-n", "--pidfile=", "paxchat", "--node", "1"], cwd=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert (f"paxchat node 1 could not start: state database {data / 'state.sqlite3'} is damaged: "
+            "On tree page") in out
+    assert "the node does not start on it" in out and "paxchat-admin rebuild" in out
+    assert "Traceback" not in out
+
+
 # -- Options, in process ---------------------------------------------------
 
 def write_ini(tmp_path, text=INI):

@@ -61,6 +61,7 @@ import json
 import math
 import re
 import sqlite3
+import time
 
 from twisted.logger import Logger
 
@@ -71,6 +72,10 @@ log = Logger()
 
 MAX_MESSAGE_ID = 2 ** 63 - 1
 _PAGE = 1000
+# After a command fails with a bug, the file is checked for damage; a check
+# that found it whole stands this long, so a bug hit over and over does not
+# have every node read its whole file each time.
+WHOLE_FOR = 60.0
 # A resend is recognized this long after the first write (clients resend
 # within seconds or minutes: after a failover, or a laptop waking up).
 DEDUP_WINDOW_SECONDS = 24 * 3600
@@ -274,8 +279,10 @@ class ChatState:
     Not thread-safe: use it from one thread (the StateWorker's).
     """
 
-    def __init__(self, kv):
+    def __init__(self, kv, clock=time.monotonic):
         self.kv = kv
+        self._clock = clock
+        self._whole_at = None        # when a check last found the file whole
         # Read by every write: the writer's session, the recipient's account, the id counter.
         kv.cache_keys(("s/", "a/", "#msgid", "#version"))
         self._handlers = {op: getattr(self, "_op_" + op) for op in COMMANDS}
@@ -395,10 +402,22 @@ class ChatState:
                 raise _WroteThenFailed() from e
             if isinstance(e, Rejected):
                 return error(e.code, e.message)
-            # A bug, but a deterministic one: every node answers the same.
             op = command.get("op") if isinstance(command, dict) else None
             log.failure("applying a {op!r} command failed", op=op)
+            # A bug, but a deterministic one: every node answers the same.
+            # Unless this node's file is damaged: then it alone fails, and
+            # going on would have it drift from the others, so it stops.
+            self._check_whole()
             return error("internal", "internal error while applying the command")
+
+    def _check_whole(self):
+        """Raise L{CorruptStore} if the file is damaged; a check that found it whole
+        stands for L{WHOLE_FOR} seconds (it reads the whole file)."""
+        now = self._clock()
+        if self._whole_at is not None and now - self._whole_at < WHOLE_FOR:
+            return
+        self.kv.check()
+        self._whole_at = now
 
     def _dispatch(self, command):
         op = validate(command, self.version)

@@ -88,6 +88,15 @@ def prefix_end(prefix):
     return None
 
 
+def _quick_check(conn, path):
+    result = conn.execute("PRAGMA quick_check").fetchone()[0]
+    if result != "ok":
+        # Its report can run to a hundred lines; the first problem names the place.
+        problems = [line for line in result.splitlines() if not line.startswith("***")]
+        more = " (and more)" if len(problems) > 1 else ""
+        raise CorruptStore(f"state database {path} is damaged: {problems[0] if problems else result}{more}")
+
+
 def _connect(path):
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout = 5000")
@@ -144,9 +153,7 @@ class KVStore:
                 raise CorruptStore(
                     f"state database {path} is not a paxchat state (tables: {sorted(tables)})")
             if check:
-                result = conn.execute("PRAGMA quick_check").fetchone()[0]
-                if result != "ok":
-                    raise CorruptStore(f"state database {path} is damaged: {result}")
+                _quick_check(conn, path)
             conn.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA:
                 conn.execute(statement)
@@ -162,6 +169,13 @@ class KVStore:
             conn.close()
             raise CorruptStore(f"state database {path} is unreadable or damaged: {e}") from e
         return cls(path, conn, durable)
+
+    def check(self):
+        """Raise L{CorruptStore} if SQLite's quick_check finds damage (it reads the whole file)."""
+        try:
+            _quick_check(self._conn, self.path)
+        except sqlite3.DatabaseError as e:
+            raise CorruptStore(f"state database {self.path} is unreadable or damaged: {e}") from e
 
     def sync(self):
         """Commit an open group, and make every commit so far durable (an fsync of the WAL)."""
