@@ -196,8 +196,10 @@ def make_cluster_certs(config, force=False) -> list[Path]:
     existing = [p for p in _all_files(config) if p.exists()]
     if existing and not force:
         raise CertificatesExist(
-            f"{existing[0]} already exists; pass --force to replace the cluster certificates "
-            f"(every node and client must then get the new {config.ca_path.name})")
+            f"{existing[0]} already exists; --if-missing makes only what is missing (a node's "
+            "certificate from the existing CA); --force replaces the whole cluster's: a new CA "
+            f"and new certificates for every node (every node and client must then get the new "
+            f"{config.ca_path.name})")
     _make_tls_dir(config)
     ca_cert, ca_key = _make_ca()
     written = []
@@ -223,13 +225,17 @@ def ensure_cluster_certs(config) -> list[Path]:
     if not (config.ca_path.exists() and config.ca_key_path.exists()):
         raise CertificatesExist(
             f"{config.ca_path if not config.ca_path.exists() else config.ca_key_path} is missing "
-            f"but other certificate files exist in {config.tls_dir}; pass --force to make a new "
-            "cluster CA and node certificates")
+            f"but other certificate files exist in {config.tls_dir}: run this where the "
+            f"cluster's {config.ca_key_path.name} is kept (a node's machine holds only "
+            f"{config.ca_path.name} and its own certificate and key, docs/deploy.md step 3); "
+            "only to replace the whole cluster's certificates, --force makes a new CA and new "
+            "certificates for every node")
     for node_id, cert, key in _node_files(config):
         if cert.exists() != key.exists():
             raise CertificatesExist(
                 f"{key if cert.exists() else cert} is missing but {cert if cert.exists() else key} "
-                "exists; remove it or pass --force to make new cluster certificates")
+                f"exists; remove it and run this again to make node {node_id} a new certificate "
+                "and key from the cluster CA")
     ca_cert = _load_x509(config.ca_path, config)
     ca_key = _load_key(config.ca_key_path, config)
     written = []
@@ -334,9 +340,36 @@ def admin_name_of(certificate) -> str | None:
 
 # -- reading certificates -----------------------------------------------------
 
-def _how_to_fix(config):
-    where = f" --config {config.path}" if config is not None else ""
-    return f"run `paxchat-certs{where}` to make the cluster certificates"
+def _how_to_fix(path, config):
+    """What to do about a certificate file that is missing or unusable.
+
+    Put the cluster's own file back: `paxchat-certs` without options makes
+    a new CA, which the rest of a running cluster would not trust, so it is
+    offered only for a cluster that has no certificates yet.
+    """
+    path = Path(path)
+    put_back = (f"copy the cluster's own {path.name} here from where its certificates were made "
+                "(docs/deploy.md step 3)")
+    if config is None:
+        return f"{put_back}; only a cluster with no certificates yet makes them, with `paxchat-certs`"
+    new_cluster = ("only a cluster with no certificates yet makes them all, with "
+                   f"`paxchat-certs --config {config.path}`")
+    if path == config.ca_key_path:
+        return f"run this where the cluster's {path.name} is kept (docs/deploy.md step 3); {new_cluster}"
+    for node_id in config.nodes:
+        if path in (config.node_cert_path(node_id), config.node_key_path(node_id)):
+            return f"{_own_pair_back(config, node_id)}; {new_cluster}"
+    return f"{put_back}; {new_cluster}"
+
+
+def _own_pair_back(config, node_id):
+    """Advice for node ``node_id``'s certificate or key: its own pair, or a new pair from the
+    cluster CA (`--if-missing` makes only that node's; `--force` would remake every node's)."""
+    cert, key = config.node_cert_path(node_id).name, config.node_key_path(node_id).name
+    return (f"put node {node_id}'s own {cert} and {key} back, or make it a new pair from the "
+            f"cluster CA where {config.ca_key_path.name} is kept: remove {cert} and {key} there, "
+            f"run `paxchat-certs --config {config.path} --if-missing` and copy both here "
+            "(docs/operations.md, \"A node whose disk was lost\")")
 
 
 def _read(path: Path, config) -> bytes:
@@ -344,7 +377,7 @@ def _read(path: Path, config) -> bytes:
         return Path(path).read_bytes()
     except OSError as e:
         raise CertificateFilesError(
-            f"cannot read {path} ({e.strerror or e}); {_how_to_fix(config)}") from None
+            f"cannot read {path} ({e.strerror or e}); {_how_to_fix(path, config)}") from None
 
 
 def _load_x509(path, config):
@@ -352,7 +385,7 @@ def _load_x509(path, config):
         return x509.load_pem_x509_certificate(_read(path, config))
     except ValueError:
         raise CertificateFilesError(
-            f"{path} is not a PEM certificate; {_how_to_fix(config)}") from None
+            f"{path} is not a PEM certificate; {_how_to_fix(path, config)}") from None
 
 
 def _load_key(path, config):
@@ -360,7 +393,7 @@ def _load_key(path, config):
         return serialization.load_pem_private_key(_read(path, config), password=None)
     except (ValueError, TypeError):
         raise CertificateFilesError(
-            f"{path} is not an unencrypted PEM private key; {_how_to_fix(config)}") from None
+            f"{path} is not an unencrypted PEM private key; {_how_to_fix(path, config)}") from None
 
 
 def load_ca(config) -> ssl.Certificate:
@@ -378,7 +411,8 @@ def load_node_certificate(config, node_id) -> ssl.PrivateCertificate:
             key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
         raise CertificateFilesError(
-            f"{key_path} is not the key of {cert_path}; {_how_to_fix(config)} --force")
+            f"{key_path} and {cert_path} do not belong together (the key is not the one the "
+            f"certificate was made for); {_own_pair_back(config, node_id)}")
     return ssl.PrivateCertificate.loadPEM(_cert_pem(cert) + _key_pem(key))
 
 

@@ -138,7 +138,7 @@ def test_command_line(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert tls.main(["--config", str(cfg.path)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("paxchat-certs: ") and "--force" in err and err.count("\n") == 1
+    assert err.startswith("paxchat-certs: ") and "--if-missing" in err and "--force" in err and err.count("\n") == 1
     assert tls.main(["--config", str(cfg.path), "--if-missing"]) == 0
     assert tls.main(["--config", str(cfg.path), "--force"]) == 0
     assert tls.main(["--config", str(tmp_path / "nope.ini")]) == 1
@@ -160,11 +160,41 @@ def test_garbage_and_mismatched_files(tmp_path):
     cfg = make_config(tmp_path)
     tls.make_cluster_certs(cfg)
     cfg.node_key_path(2).write_bytes(cfg.node_key_path(1).read_bytes())
-    with pytest.raises(tls.CertificateFilesError, match="is not the key of"):
+    with pytest.raises(tls.CertificateFilesError, match="do not belong together"):
         tls.load_node_certificate(cfg, 2)
     cfg.ca_path.write_text("not a certificate")
     with pytest.raises(tls.CertificateFilesError, match="ca.pem is not a PEM certificate"):
         tls.load_ca(cfg)
+
+
+def test_a_node_whose_files_are_wrong_is_told_to_fix_its_own_not_to_remake_the_cluster(tmp_path):
+    """`paxchat-certs --force` makes a new CA for every node: on one machine of a running
+    cluster it cuts that node off; the advice is the node's own pair, or a new one."""
+    cfg = make_config(tmp_path)
+    tls.make_cluster_certs(cfg)
+    cfg.node_key_path(2).write_bytes(cfg.node_key_path(1).read_bytes())
+    with pytest.raises(tls.CertificateFilesError) as mismatched:
+        tls.load_node_certificate(cfg, 2)
+    cfg.node_key_path(2).unlink()
+    with pytest.raises(tls.CertificateFilesError) as missing:
+        tls.load_node_certificate(cfg, 2)
+    pair_back = ("put node 2's own node-2.pem and node-2.key back, or make it a new pair from the"
+                 " cluster CA where ca.key is kept: remove node-2.pem and node-2.key there, run"
+                 f" `paxchat-certs --config {cfg.path} --if-missing` and copy both here"
+                 ' (docs/operations.md, "A node whose disk was lost")')
+    assert str(mismatched.value) == (
+        f"{cfg.node_key_path(2)} and {cfg.node_cert_path(2)} do not belong together (the key is"
+        f" not the one the certificate was made for); {pair_back}")
+    assert str(missing.value).startswith(f"cannot read {cfg.node_key_path(2)} (No such file or"
+                                         f" directory); {pair_back}; ")
+    for message in (str(mismatched.value), str(missing.value)):
+        assert "--force" not in message and "\n" not in message
+    # paxchat-certs itself, run on a node's machine (no ca.key), sends it where ca.key is kept.
+    cfg.ca_key_path.unlink()
+    with pytest.raises(tls.CertificatesExist) as elsewhere:
+        tls.ensure_cluster_certs(cfg)
+    assert "run this where the cluster's ca.key is kept" in str(elsewhere.value)
+    assert "only to replace the whole cluster's certificates, --force" in str(elsewhere.value)
 
 
 def test_node_id_of_twisted_certificates(cluster):
