@@ -19,7 +19,7 @@ from paxchat.lineage import (check_members, clear_rebuilding, describe, is_rebui
                              read_lineage, read_or_make_identity, read_peer_identities,
                              write_lineage, write_peer_identities)
 from paxchat.metrics import MetricsService, find_service
-from paxchat.paxos.store import locked
+from paxchat.paxos.store import CorruptLogError, DurableLog, locked
 from paxchat.replicatedlog import ReplicatedLog
 from paxchat.server.factory import ChatServerFactory
 from paxchat.server.settings import ServerSettings
@@ -171,19 +171,26 @@ class NodeService(service.MultiService):
     def make_command_log(self, worker):
         """The node's ICommandLog: the replicated log, for a cluster of any size.
 
+        The durable log is recovered first, on this thread: a damaged one
+        fails the start before any port is bound or systemd hears READY=1.
         Its running parts (peer transport, ticker) become children of the
         node here: they start right away, before clients are served, and stop
         before the log's own ``stop()``. A peer port that cannot be bound
         fails the start.
         """
-        command_log = ReplicatedLog.from_config(
-            self.reactor, self.config, self.node_id, worker, on_fatal=self.fatal,
-            peer_options={"lineage": self.lineage, "identity": self.identity,
-                          "build_version": self.versions.version,
-                          "known_identities": self._known_peers,
-                          "remember": self.remember_peers,
-                          "rebuilding": self.rebuilding, "adopt_lineage": self._adopt_lineage},
-            rebuilding=self.rebuilding, on_rebuilt=self._rebuilt)
+        recovered = self.recover_log()
+        try:
+            command_log = ReplicatedLog.from_config(
+                self.reactor, self.config, self.node_id, worker, on_fatal=self.fatal,
+                peer_options={"lineage": self.lineage, "identity": self.identity,
+                              "build_version": self.versions.version,
+                              "known_identities": self._known_peers,
+                              "remember": self.remember_peers,
+                              "rebuilding": self.rebuilding, "adopt_lineage": self._adopt_lineage},
+                rebuilding=self.rebuilding, on_rebuilt=self._rebuilt, recovered=recovered)
+        except BaseException:
+            recovered[0].close()
+            raise
         for part in command_log.services():
             part.setServiceParent(self)
         if command_log.transport is not None:
@@ -197,11 +204,32 @@ class NodeService(service.MultiService):
             # TCP endpoints listen synchronously: a taken peer port fails the start here.
             command_log.transport.listening.addBoth(listened)
             if outcome and isinstance(outcome[0], Failure):
-                command_log.stop()
+                self.log = command_log     # closed, its store too, with the rest the start opened
                 outcome[0].raiseException()
             outcome.append("late")
         command_log.start()
         return command_log
+
+    def recover_log(self):
+        """The node's durable log, as ``(DurableLog, records)``; a damaged one raises
+        CorruptLogError saying how to bring the node back (its data cannot be trusted)."""
+        try:
+            return DurableLog.open_now(self.reactor, self.data_dir / "paxos")
+        except CorruptLogError as e:
+            raise CorruptLogError(f"{e}. {self._how_to_bring_back()}") from None
+
+    def _how_to_bring_back(self):
+        """What docs/operations.md does for a node whose data is lost: a rebuild from the
+        others, or, with no other node to answer, a restore from a backup."""
+        admin = f"paxchat-admin --config {self.config.path}"
+        if self.config.peers_of(self.node_id):
+            return (f"Move {self.data_dir} aside and, with every other node up and linked"
+                    f" (`{admin} status`), run `{admin} rebuild --node {self.node_id}` as the"
+                    " node's user, then start the node: it rebuilds from the others"
+                    " (docs/operations.md, \"A node whose disk was lost\")")
+        return (f"Move {self.data_dir} aside and run `{admin} restore BACKUP --node"
+                f" {self.node_id}` with the latest backup, then start the node"
+                " (docs/operations.md, \"Backups\")")
 
     def _peer_transport(self):
         """The replicated log's peer transport, or None (not started, or one node)."""

@@ -154,11 +154,14 @@ class ReplicatedLog:
         node.
     @param on_fatal: ``on_fatal(reason)`` once the node must stop (storage
         failure); the node stops its process.
+    @param recovered: ``(DurableLog, [record bytes])`` the caller already
+        recovered (``DurableLog.open_now``), used instead of ``open_store``;
+        the log owns it from here and closes it at ``stop``, started or not.
     """
 
-    def __init__(self, reactor, node_id, members, worker, settings, *, open_store,
+    def __init__(self, reactor, node_id, members, worker, settings, *, open_store=None,
                  make_transport=None, on_fatal=None, jitter=random.random,
-                 rebuilding=False, on_rebuilt=None):
+                 rebuilding=False, on_rebuilt=None, recovered=None):
         self._reactor = reactor
         self.node_id = node_id
         self.members = tuple(sorted(set(members)))
@@ -182,7 +185,8 @@ class ReplicatedLog:
         self._incarnation = os.urandom(6).hex()
         self._seq = itertools.count(1)
         self.replica = None
-        self.store = None
+        self._recovered = recovered
+        self.store = None if recovered is None else recovered[0]
         self.fsync_observer = None         # fn(seconds) per fsync of the store, for metrics
         self._starting = None
         self._stopped = False
@@ -222,10 +226,10 @@ class ReplicatedLog:
 
     @classmethod
     def from_config(cls, reactor, config, node_id, worker, on_fatal=None, peer_options=None,
-                    rebuilding=False, on_rebuilt=None):
+                    rebuilding=False, on_rebuilt=None, recovered=None):
         """The log of node ``node_id`` of a ClusterConfig (peer links only if it has peers;
         ``peer_options`` go to the PeerTransport: the lineage and identities of the node's
-        data, paxchat/lineage.py)."""
+        data, paxchat/lineage.py; ``recovered``: its durable log, already open)."""
         from paxchat.paxos.store import DurableLog
         from paxchat.paxos.transport import PeerTransport
 
@@ -239,7 +243,7 @@ class ReplicatedLog:
                    ReplicationSettings.from_config(config),
                    open_store=lambda: DurableLog.open(reactor, directory),
                    make_transport=make_transport, on_fatal=on_fatal,
-                   rebuilding=rebuilding, on_rebuilt=on_rebuilt)
+                   rebuilding=rebuilding, on_rebuilt=on_rebuilt, recovered=recovered)
 
     def services(self):
         """The running parts the node must start (before clients) and stop (before ``stop``)."""
@@ -259,10 +263,14 @@ class ReplicatedLog:
     @defer.inlineCallbacks
     def _start(self):
         try:
-            store, records = yield self._open_store()
-            if self._stopped:
-                yield store.close()
-                return
+            if self._recovered is not None:
+                store, records = self._recovered
+                self._recovered = None
+            else:
+                store, records = yield self._open_store()
+                if self._stopped:
+                    yield store.close()
+                    return
             self.store = store
             store.fsync_observer = self._observe_fsync
             applied = yield self._worker.call("applied_index")

@@ -116,6 +116,44 @@ def test_port_in_use_fails_start_and_releases_everything(tmp_path):
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_damaged_log_stops_the_start_before_any_port_is_bound(tmp_path):
+    from paxchat.paxos.store import CorruptLogError
+    from .test_plugin import damage_the_log
+    path = write_local_config(tmp_path, nodes=1, client_tls="off", bcrypt_cost=4)
+    cfg = configmod.load(path)
+    damage_the_log(cfg.node_data_dir(1) / "paxos")
+    node = NodeService(cfg, 1, reactor_())
+    with pytest.raises(CorruptLogError) as info:
+        node.startService()
+    assert not node.running and node.port is None and node.log is None
+    with pytest.raises(error.ConnectionRefusedError):
+        yield connect(cfg, 1)
+    # With no other node to rebuild from, a one-node cluster is restored from a backup.
+    assert str(info.value).endswith(
+        f"refusing to start. Move {cfg.node_data_dir(1)} aside and run `paxchat-admin --config"
+        f" {cfg.path} restore BACKUP --node 1` with the latest backup, then start the node"
+        ' (docs/operations.md, "Backups")')
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_taken_peer_port_fails_the_start_and_closes_the_log_it_recovered(tmp_path):
+    from paxchat.paxos.store import locked
+    cfg = make_cluster(tmp_path, client_tls=False)
+    address = cfg.node(1).peer
+    squatter = reactor_().listenTCP(address.port, protocol.Factory(), interface=address.host)
+    try:
+        node = NodeService(cfg, 1, reactor_())
+        with pytest.raises(error.CannotListenError):
+            node.startService()
+        assert not node.running and node.log is None
+        yield node.closing
+        with locked(cfg.node_data_dir(1) / "paxos"):      # no process holds the log any more
+            pass
+    finally:
+        yield squatter.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
 def test_the_lineage_stamp_reaches_the_peer_links_and_a_damaged_one_stops_the_start(tmp_path):
     from paxchat.lineage import LINEAGE_FILE, LineageError, write_lineage
     cfg = make_cluster(tmp_path, client_tls=False)

@@ -184,9 +184,13 @@ def test_a_taken_peer_port_stops_the_node_in_one_line(tmp_path, level):
     with taken(peer):
         result = run_twistd(["-n", "--pidfile=", "paxchat", "--node", "1", *level], cwd=tmp_path)
     assert result.returncode == 1
-    assert said_by_paxchat(result) == [
+    said = said_by_paxchat(result)
+    assert said[-1:] == [
         f"paxchat node 1 could not start: Couldn't listen on {peer}: "
         "[Errno 98] Address already in use."]
+    # Before it: at most the info line of the log it recovered, before any port was bound.
+    assert all("[paxchat.paxos.store#info] recovered 0 records" in line for line in said[:-1])
+    assert len(said) == (1 if level else 2)
     assert result.stderr.startswith("paxchat node 1 could not start")   # not a log line
 
 
@@ -220,6 +224,52 @@ def test_a_damaged_lineage_stamp_stops_the_node_in_one_line(tmp_path):
     assert f"paxchat node 1 could not start: {data / 'lineage'} is damaged" in out
     assert "Traceback" not in out
     assert sorted(p.name for p in data.iterdir()) == ["lineage"]      # nothing else was made
+
+
+def damage_the_log(paxos):
+    """A Paxos log whose second record of three is damaged (a sound one follows it):
+    (its segment, the damaged record's offset)."""
+    from paxchat.paxos.store import rewrite_log
+    rewrite_log(paxos, [b"one" * 10, b"two" * 10, b"three" * 10])
+    [segment] = paxos.glob("wal-*.log")
+    data = bytearray(segment.read_bytes())
+    payload = data.index(b"two" * 10)
+    data[payload + 3] ^= 0x01
+    segment.write_bytes(bytes(data))
+    return segment, payload - 16         # a record's header is 16 bytes
+
+
+def test_a_damaged_log_stops_the_node_before_it_serves_or_says_ready(tmp_path, monkeypatch):
+    """systemd must not hear READY=1 from a node that is about to refuse its data: it
+    would report the start a success and restart the unit in a loop."""
+    import socket
+    cfg = two_node_cluster(tmp_path)
+    segment, offset = damage_the_log(cfg.node_data_dir(1) / "paxos")
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(str(tmp_path / "notify.sock"))
+    systemd.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+    try:
+        result = run_twistd(["-n", "--pidfile=", "paxchat", "--node", "1"], cwd=tmp_path)
+        told = []
+        while True:
+            try:
+                told.append(systemd.recv(4096))
+            except BlockingIOError:
+                break
+    finally:
+        systemd.close()
+    assert result.returncode == 1
+    assert not any(m.startswith(b"READY=1") for m in told), told
+    out = result.stdout + result.stderr
+    assert "serving clients" not in out and "Traceback" not in out
+    admin = f"paxchat-admin --config {cfg.path}"
+    assert said_by_paxchat(result)[-1] == (
+        f"paxchat node 1 could not start: {segment}: damaged record at offset {offset} followed by"
+        f" sound records; refusing to start. Move {cfg.node_data_dir(1)} aside and, with every"
+        f" other node up and linked (`{admin} status`), run `{admin} rebuild --node 1` as the"
+        " node's user, then start the node: it rebuilds from the others (docs/operations.md,"
+        ' "A node whose disk was lost")')
 
 
 def test_a_state_of_a_newer_apply_version_stops_the_node_in_one_line(tmp_path):

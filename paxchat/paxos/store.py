@@ -508,16 +508,7 @@ class DurableLog:
         """
         files = _LogFiles(directory, segment_bytes, write, fsync)
         store = cls(reactor, files, slow_fsync)
-        store._disk = _DiskThread(reactor, f"paxchat-log:{files.directory}")
-        store._snapshots = _DiskThread(reactor, f"paxchat-snapshot:{files.directory}")
-
-        def recovered(records):
-            for level, message in files.notes:
-                getattr(log, level)("{message}", message=message)
-            files.notes.clear()
-            log.info("recovered {count} records from {directory}", count=len(records),
-                     directory=files.directory)
-            return store, records
+        store._start_threads()
 
         def refused(failure):
             log.failure("cannot open the log in {directory}", failure, directory=files.directory)
@@ -525,7 +516,34 @@ class DurableLog:
             store._snapshots.stop()
             return failure
 
-        return store._disk.run(files.recover).addCallbacks(recovered, refused)
+        return store._disk.run(files.recover).addCallbacks(store._recovered, refused)
+
+    @classmethod
+    def open_now(cls, reactor, directory, *, segment_bytes=DEFAULT_SEGMENT_BYTES,
+                 write=_default_write, fsync=os.fsync, slow_fsync=SLOW_FSYNC_SECONDS):
+        """``open``, recovering on the calling thread: ``(log, records)``, or it raises.
+
+        A node recovers its log so before it listens or tells systemd it is
+        ready: a damaged log (L{CorruptLogError}) stops the start itself.
+        """
+        files = _LogFiles(directory, segment_bytes, write, fsync)
+        records = files.recover()
+        store = cls(reactor, files, slow_fsync)
+        store._start_threads()
+        return store._recovered(records)
+
+    def _start_threads(self):
+        self._disk = _DiskThread(self._reactor, f"paxchat-log:{self._files.directory}")
+        self._snapshots = _DiskThread(self._reactor, f"paxchat-snapshot:{self._files.directory}")
+
+    def _recovered(self, records):
+        files = self._files
+        for level, message in files.notes:
+            getattr(log, level)("{message}", message=message)
+        files.notes.clear()
+        log.info("recovered {count} records from {directory}", count=len(records),
+                 directory=files.directory)
+        return self, records
 
     @property
     def failed(self):
