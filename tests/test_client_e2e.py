@@ -140,6 +140,23 @@ def test_cli_reports_a_refused_connection(tmp_path):
 
 
 @pytest_twisted.inlineCallbacks
+def test_cli_with_client_tls_off_against_a_tls_node_names_client_tls(node, tmp_path):
+    """The node closes a plain connection without a word: the cluster runs, so the
+    message must not only send the user to check that it does."""
+    from twisted.internet import reactor
+    plain = tmp_path / "plain.ini"
+    plain.write_text(node.path.read_text().replace("client_tls = on", "client_tls = off"))
+    out, err = [], []
+    con = cli.Console(out=out.append, err=err.append, ask=None, env={"PAXCHAT_PASSWORD": "x" * 8})
+    args = cli.build_parser().parse_args(
+        ["--config", str(plain), "--no-session-cache", "--timeout", "1", "--user", "a", "read"])
+    status = yield cli.run(reactor, args, con)
+    assert status == 1
+    assert err[0].startswith("paxchat: Cannot reach any paxchat server (tried 127.0.0.1:")
+    assert "they accept the connection but answer nothing. client_tls in this client's" in err[0]
+
+
+@pytest_twisted.inlineCallbacks
 def test_client_rides_out_a_node_restart(tmp_path):
     """The node dies mid-session and comes back: the client reconnects, resumes and sends once."""
     try:

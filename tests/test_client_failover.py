@@ -4,7 +4,7 @@ import pytest
 from twisted.internet.testing import MemoryReactorClock
 
 from paxchat.client.api import ASKS_ONLY, RETRY_ON_UNAVAILABLE, WRITE_OPS, PaxchatClient
-from paxchat.client.errors import NoMajority, ServerError, Unreachable
+from paxchat.client.errors import ClosedUnanswered, NoMajority, ServerError, Unreachable
 from paxchat.client.explain import explain
 from paxchat.client.failover import FailoverPolicy
 from paxchat.client.targets import targets_from_addresses
@@ -150,7 +150,8 @@ def test_gives_up_after_the_deadline_and_reports_failed():
     conn.drop()
     until_answered(reactor, nodes, got, nodes.refuse)
     [failure] = got
-    assert failure.check(Unreachable)
+    assert failure.check(Unreachable) and not failure.check(ClosedUnanswered)
+    assert explain(failure.value).endswith("Check that the cluster is running.")
     assert statuses[-1].state == "failed"
     assert "127.0.0.1:7101" in statuses[-1].detail
     # A later call starts connecting again.
@@ -162,6 +163,21 @@ def test_gives_up_after_the_deadline_and_reports_failed():
     conn2.answer(h, {"node": 1, "leader": 3, "nodes": [], "protocol": 1})
     assert again[0]["leader"] == 3
     assert statuses[-1].state == "connected" and statuses[-1].leader == 3
+
+
+def test_nodes_that_close_without_answering_name_client_tls_not_a_stopped_cluster():
+    """A node speaking TLS closes a plain client's connection unanswered (and sends no TLS
+    record to recognise it by): the cluster runs, so saying to check that it does misleads."""
+    reactor, client, nodes, statuses, _ = make_client()
+    got = results(client.hello())
+    until_answered(reactor, nodes, got, lambda: nodes.accept().drop())
+    [failure] = got
+    assert failure.check(ClosedUnanswered)
+    said = explain(failure.value)
+    assert said.startswith("Cannot reach any paxchat server (tried 127.0.0.1:7101, ")
+    assert "client_tls in this client's cluster.ini may not be what the cluster uses" in said
+    assert "Check that the cluster is running" not in said
+    assert statuses[-1].state == "failed"
 
 
 def until_answered(reactor, nodes, got, each_dial):

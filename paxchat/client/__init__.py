@@ -4,8 +4,8 @@
 """
 
 from .api import PaxchatClient, Status
-from .errors import ClientError, ConnectionDropped, NoMajority, ServerError, Unreachable
+from .errors import ClientError, ClosedUnanswered, ConnectionDropped, NoMajority, ServerError, Unreachable
 from .failover import FailoverPolicy
 
-__all__ = ["ClientError", "ConnectionDropped", "FailoverPolicy", "NoMajority", "PaxchatClient",
-           "ServerError", "Status", "Unreachable"]
+__all__ = ["ClientError", "ClosedUnanswered", "ConnectionDropped", "FailoverPolicy", "NoMajority",
+           "PaxchatClient", "ServerError", "Status", "Unreachable"]

@@ -37,7 +37,8 @@ from twisted.logger import Logger
 
 from .connection import ChatClientFactory, check_size, encode_request
 from .errors import (
-    ClientError, ConnectionDropped, NoMajority, RequestTooLarge, ServerError, TimedOut, Unreachable,
+    ClientError, ClosedUnanswered, ConnectionDropped, NoMajority, RequestTooLarge, ServerError,
+    TimedOut, Unreachable,
 )
 from .failover import FailoverPolicy, Rotation
 from .targets import NodeTarget, targets_from_addresses, targets_from_config
@@ -146,6 +147,7 @@ class PaxchatClient:
         self._ever_connected = False
         self._leaving = ""  # why the client left its node on purpose, for the next status
         self._no_majority = False  # a node of the current rotation answered, without a majority
+        self._closed_unanswered = False  # a node of the current rotation closed without a word
 
     # -- construction helpers -------------------------------------------------
 
@@ -414,6 +416,7 @@ class PaxchatClient:
     def _start_rotation(self, after):
         now = self.reactor.seconds()
         self._no_majority = False
+        self._closed_unanswered = False
         first = self.prefer_node if after is None else None
         self._rotation = Rotation(list(self.targets), self.policy, now, first=first, after=after,
                                   random=self._random)
@@ -577,6 +580,8 @@ class PaxchatClient:
                 d.callback(None)
             return
         self.log.info("connection to node {node} lost", node=lost_node)
+        if not proto.heard:
+            self._closed_unanswered = True
         if was_ready or self._rotation is None:
             # Starts with the node after the lost one, so the lost one comes last.
             self._start_rotation(after=lost_node)
@@ -587,6 +592,8 @@ class PaxchatClient:
         tried = ", ".join(t.label for t in self.targets.values())
         if self._no_majority:
             return NoMajority(f"servers answered, but none could confirm with a majority in time (tried {tried})")
+        if self._closed_unanswered:
+            return ClosedUnanswered(f"nodes closed the connection before answering: {tried}")
         return Unreachable(f"no paxchat node could be reached: {tried}")
 
     def _give_up(self):

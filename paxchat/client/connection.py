@@ -63,6 +63,7 @@ class ChatClient(LineOnlyReceiver):
         self._sizes: dict[int, int] = {}  # line length of each pending request
         self.connected = False
         self.lost = False
+        self.heard = False  # the node sent something (a TLS mismatch ends a connection unheard)
 
     # -- requests -----------------------------------------------------------
 
@@ -103,6 +104,10 @@ class ChatClient(LineOnlyReceiver):
         self.connected = True
         no_delay(self.transport)
         keep_alive(self.transport, CLIENT_KEEPALIVE)  # a node that vanished is noticed, then left
+
+    def dataReceived(self, data: bytes):
+        self.heard = True
+        super().dataReceived(data)
 
     def lineReceived(self, line: bytes):
         line = line.rstrip(b"\r")

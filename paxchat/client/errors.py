@@ -8,8 +8,8 @@ look like one.
 
 from __future__ import annotations
 
-__all__ = ["ClientError", "ConnectionDropped", "NoMajority", "RequestTooLarge", "ServerError",
-           "TimedOut", "Unreachable"]
+__all__ = ["ClientError", "ClosedUnanswered", "ConnectionDropped", "NoMajority", "RequestTooLarge",
+           "ServerError", "TimedOut", "Unreachable"]
 
 
 class ClientError(Exception):
@@ -42,6 +42,18 @@ class NoMajority(Unreachable):
     An ``Unreachable`` still, for callers that only tell reachable from
     not, but one that must not send the user to check the servers are
     running: some are, only not a majority.
+    """
+
+
+class ClosedUnanswered(Unreachable):
+    """Nodes took the connection but closed it before answering anything.
+
+    What a node speaking TLS does to a client with ``client_tls`` off (it
+    sends no TLS record the client could recognise), and a node without
+    TLS to one with it on; but also what a node over its
+    ``connections_per_address`` does. The client cannot tell these apart,
+    so the message names them all instead of sending the user to check
+    that a cluster is running that evidently is.
     """
 
 

@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 
 from paxchat.limits import MAX_BODY_CHARS, MAX_LINE_BYTES
 
-from .errors import ClientError, ConnectionDropped, NoMajority, ServerError, Unreachable
+from .errors import ClientError, ClosedUnanswered, ConnectionDropped, NoMajority, ServerError, Unreachable
 
 __all__ = ["ERROR_SENTENCES", "explain"]
 
@@ -52,6 +52,12 @@ def explain(reason) -> str:
     if isinstance(exc, Unreachable):
         tried = str(exc).partition(": ")[2]
         where = f" (tried {tried})" if tried else ""
+        if isinstance(exc, ClosedUnanswered):
+            return (f"Cannot reach any paxchat server{where}: they accept the connection but"
+                    " answer nothing. client_tls in this client's cluster.ini may not be what"
+                    " the cluster uses (a node speaking TLS closes a plain connection so;"
+                    " client_tls = on also needs the cluster's ca.pem), or the servers are"
+                    " turning away connections from this address.")
         return f"Cannot reach any paxchat server{where}. Check that the cluster is running."
     if isinstance(exc, ConnectionDropped):
         return "The connection to the server was lost."
