@@ -348,10 +348,12 @@ def _how_to_fix(path, config):
     offered only for a cluster that has no certificates yet.
     """
     path = Path(path)
+    if config is None:    # a client's CA: copied from the cluster, never made where the client is
+        return (f"copy the cluster's own {path.name} here from one of its nodes or its operator "
+                "(docs/deploy.md step 3): a client trusts only the CA that signed the nodes' "
+                "certificates")
     put_back = (f"copy the cluster's own {path.name} here from where its certificates were made "
                 "(docs/deploy.md step 3)")
-    if config is None:
-        return f"{put_back}; only a cluster with no certificates yet makes them, with `paxchat-certs`"
     new_cluster = ("only a cluster with no certificates yet makes them all, with "
                    f"`paxchat-certs --config {config.path}`")
     if path == config.ca_key_path:
@@ -442,7 +444,11 @@ def client_server_context(config, node_id):
 
 
 def client_options_for_ca(ca_path, host):
-    """Client side of the client port, trusting the CA at ``ca_path`` and checking ``host``."""
+    """Client side of the client port, trusting the CA at ``ca_path`` and checking ``host``.
+
+    A missing CA file is a client's: its error says to copy the cluster's,
+    not to make one (`paxchat-certs` would make a CA the nodes know nothing of).
+    """
     ca = ssl.Certificate.loadPEM(_cert_pem(_load_x509(ca_path, None)))
     return ssl.optionsForClientTLS(
         host, trustRoot=ca, extraCertificateOptions={"raiseMinimumTo": MINIMUM_TLS})
@@ -450,8 +456,7 @@ def client_options_for_ca(ca_path, host):
 
 def client_connection_options(config, host):
     """Client side of the client port: trust the cluster CA, check the node's ``host``."""
-    return ssl.optionsForClientTLS(
-        host, trustRoot=load_ca(config), extraCertificateOptions={"raiseMinimumTo": MINIMUM_TLS})
+    return client_options_for_ca(config.ca_path, host)
 
 
 def peer_server_options(config, node_id) -> ssl.CertificateOptions:

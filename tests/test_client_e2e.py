@@ -157,6 +157,22 @@ def test_cli_with_client_tls_off_against_a_tls_node_names_client_tls(node, tmp_p
 
 
 @pytest_twisted.inlineCallbacks
+def test_cli_without_the_clusters_ca_is_told_to_copy_it_not_to_make_one(tmp_path):
+    from twisted.internet import reactor
+    config = write_cluster(tmp_path, tls_on=True)
+    out, err = [], []
+    con = cli.Console(out=out.append, err=err.append, ask=None, env={"PAXCHAT_PASSWORD": "x" * 8})
+    args = cli.build_parser().parse_args(
+        ["--config", str(config.path), "--no-session-cache", "--user", "a", "read"])
+    status = yield cli.run(reactor, args, con)
+    assert status == cli.EXIT_USAGE
+    assert err == [f"paxchat: cannot set up TLS: cannot read {config.ca_path} (No such file or"
+                   " directory); copy the cluster's own ca.pem here from one of its nodes or its"
+                   " operator (docs/deploy.md step 3): a client trusts only the CA that signed the"
+                   " nodes' certificates"]
+
+
+@pytest_twisted.inlineCallbacks
 def test_client_rides_out_a_node_restart(tmp_path):
     """The node dies mid-session and comes back: the client reconnects, resumes and sends once."""
     try:

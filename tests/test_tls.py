@@ -148,12 +148,24 @@ def test_command_line(tmp_path, capsys):
 def test_missing_files_name_the_file_and_the_fix(tmp_path):
     cfg = make_config(tmp_path)
     for load_it in (lambda: tls.load_ca(cfg), lambda: tls.peer_server_options(cfg, 1),
-                    lambda: tls.client_server_context(cfg, 2),
-                    lambda: tls.client_connection_options(cfg, "127.0.0.1")):
+                    lambda: tls.client_server_context(cfg, 2)):
         with pytest.raises(tls.CertificateFilesError) as info:
             load_it()
         message = str(info.value)
         assert "paxchat-certs" in message and str(cfg.tls_dir) in message and "\n" not in message
+
+
+def test_a_client_missing_the_ca_is_told_to_copy_the_clusters_not_to_make_one(tmp_path):
+    """paxchat-certs on a client's machine would make a CA that signed none of the nodes."""
+    cfg = make_config(tmp_path)
+    for load_it in (lambda: tls.client_connection_options(cfg, "127.0.0.1"),
+                    lambda: tls.client_options_for_ca(cfg.ca_path, "127.0.0.1")):
+        with pytest.raises(tls.CertificateFilesError) as info:
+            load_it()
+        assert str(info.value) == (
+            f"cannot read {cfg.ca_path} (No such file or directory); copy the cluster's own"
+            " ca.pem here from one of its nodes or its operator (docs/deploy.md step 3): a client"
+            " trusts only the CA that signed the nodes' certificates")
 
 
 def test_garbage_and_mismatched_files(tmp_path):
