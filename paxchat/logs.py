@@ -15,7 +15,8 @@ and other control characters inside a message or traceback are escaped
   the event, so nothing a module attached for its own use leaks out.
 
 Choose with ``twistd paxchat --log-format json`` or ``PAXCHAT_LOG_FORMAT``;
-``PAXCHAT_LOG_LEVEL`` (debug, info, warn, error, critical) sets the level.
+``PAXCHAT_LOG_LEVEL`` (debug, info, warn, error, critical; ``warning``, journalctl's
+name, is ``warn``) sets the level.
 ``twistd --logger paxchat.logs.observer`` also works, from the environment.
 """
 
@@ -34,6 +35,8 @@ __all__ = ["FORMATS", "LEVELS", "LogFormatError", "checked_level", "filtered", "
 
 FORMATS = ("text", "json")
 LEVELS = ("debug", "info", "warn", "error", "critical")
+# Other names for a level: journalctl's (``journalctl -p warning``) for Twisted's.
+_LEVEL_ALIASES = {"warning": "warn"}
 # syslog priorities, as journald reads them from a "<N>" line prefix.
 _PRIORITY = {LogLevel.debug: 7, LogLevel.info: 6, LogLevel.warn: 4, LogLevel.error: 3,
              LogLevel.critical: 2}
@@ -174,10 +177,13 @@ def make_observer(fmt="text", stream=None, level="info", node=None, journal=None
 
 
 def checked_level(level):
-    """``level`` as one of LEVELS (any case, spaces around), or LogFormatError."""
+    """``level`` as one of LEVELS (any case, spaces around, ``warning`` for ``warn``),
+    or LogFormatError."""
     name = level.strip().lower()
+    name = _LEVEL_ALIASES.get(name, name)
     if name not in LEVELS:
-        raise LogFormatError(f"unknown log level {level!r} (use one of {', '.join(LEVELS)})")
+        raise LogFormatError(f"unknown log level {level!r} (use one of {', '.join(LEVELS)};"
+                             " warning is warn)")
     return name
 
 

@@ -39,7 +39,8 @@ class Options(usage.Options):
         ["log-format", None, None,
          "One line per event: text or json (default: $PAXCHAT_LOG_FORMAT, else twistd's log)."],
         ["log-level", None, None,
-         "debug, info, warn, error or critical (default: $PAXCHAT_LOG_LEVEL, else info)."],
+         "debug, info, warn (or warning), error or critical (default: $PAXCHAT_LOG_LEVEL,"
+         " else info)."],
     ]
 
     def parseOptions(self, options=None):

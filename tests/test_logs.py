@@ -77,8 +77,9 @@ def test_json_failure():
     assert record["level"] == "critical"
 
 
-def test_level_filter():
-    log, out = capture(level="warn")
+@pytest.mark.parametrize("level", ["warn", "warning", " WARNING "])
+def test_level_filter(level):
+    log, out = capture(level=level)
     log.info("quiet")
     log.debug("quieter")
     log.warn("loud")
@@ -197,6 +198,9 @@ def _config_and_environ(tmp_path, monkeypatch, environ):
     (("--log-level", "DEBUG"), {}, ["debug", "info", "warn"]),
     ((), {"PAXCHAT_LOG_LEVEL": "warn"}, ["warn"]),
     (("--log-level", "info"), {"PAXCHAT_LOG_LEVEL": "warn"}, ["info", "warn"]),
+    # journalctl's name for it, as in `journalctl -p warning`.
+    (("--log-level", "warning"), {}, ["warn"]),
+    ((), {"PAXCHAT_LOG_LEVEL": "Warning"}, ["warn"]),
 ])
 def test_the_level_applies_to_twistds_own_log_format(tmp_path, monkeypatch, capsys,
                                                      asked, environ, shown):
@@ -225,7 +229,7 @@ def test_an_unknown_level_is_refused_with_or_without_a_format(tmp_path, monkeypa
     with pytest.raises(usage.UsageError) as info:
         tap.Options().parseOptions(["--config", str(ini), "--node", "1", *asked])
     assert str(info.value) == ("unknown log level 'bogus' "
-                               "(use one of debug, info, warn, error, critical)")
+                               "(use one of debug, info, warn, error, critical; warning is warn)")
 
 
 # -- no secrets in the logs -----------------------------------------------------

@@ -140,7 +140,7 @@ def test_twistd_config_error_is_one_line_without_traceback(tmp_path):
     (INI, ["--node", "one"],
      "Parameter type enforcement failed: invalid literal for int() with base 10: 'one'"),
     (INI, ["--node", "1", "--log-level", "bogus"],
-     "unknown log level 'bogus' (use one of debug, info, warn, error, critical)"),
+     "unknown log level 'bogus' (use one of debug, info, warn, error, critical; warning is warn)"),
     (INI, ["--node", "1", "--bogus"], "option --bogus not recognized"),
 ], ids=["config", "node", "level", "option"])
 def test_twistd_prints_a_bad_config_or_option_as_one_line_without_its_usage(
