@@ -148,8 +148,8 @@ def what_a_reload_cannot_take(old: ClusterConfig, new: ClusterConfig, node_id: i
     restart; None when only other nodes' addresses differ (a node moved to
     another machine), which a running node takes on SIGHUP."""
     if set(new.nodes) != set(old.nodes):
-        return ("it lists other node ids (a change of the nodes of the cluster needs every node"
-                " restored, docs/operations.md)")
+        return (f"it lists other node ids ({', '.join(map(str, sorted(new.nodes)))}, not"
+                f" {', '.join(map(str, sorted(old.nodes)))})")
     if new.nodes[node_id] != old.nodes[node_id]:
         return f"the addresses of this node, node {node_id}, changed"
     same = replace(new, nodes=old.nodes, source_name=old.source_name)

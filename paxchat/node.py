@@ -263,16 +263,23 @@ class NodeService(service.MultiService):
 
     def reload(self):
         """Take cluster.ini again (SIGHUP: ``systemctl reload``): other nodes' new
-        addresses, for a node moved to another machine. Anything else needs a
-        restart; the node then says so and goes on as it was."""
+        addresses, for a node moved to another machine. Anything else, the node
+        refuses and goes on as it was, saying what to do: a restart takes a
+        changed setting, but refuses a mistake or another set of nodes too."""
         try:
             new = configmod.load(self.config.path)
-            why = configmod.what_a_reload_cannot_take(self.config, new, self.node_id)
         except configmod.ConfigError as e:
-            why = str(e)
+            why, then = str(e), "fix the file: a restart would refuse it too"
+        else:
+            why = configmod.what_a_reload_cannot_take(self.config, new, self.node_id)
+            then = "a restart takes it"
+            if set(new.nodes) != set(self.config.nodes):
+                then = ("put the [node.N] sections back: a restart would refuse them too, and the"
+                        " nodes of a cluster change by a restore of every node (docs/operations.md,"
+                        " \"Changing the nodes of a cluster\")")
         if why:
             log.error("node {node_id} did not reload cluster.ini: {why}; it goes on as it was"
-                      " (restart it to take the file)", node_id=self.node_id, why=why)
+                      " ({then})", node_id=self.node_id, why=why, then=then)
             return False
         moved = [n for n in sorted(new.nodes) if new.nodes[n] != self.config.nodes[n]]
         self.config = new

@@ -275,6 +275,34 @@ def test_nodes_keep_their_data_identity_and_remember_each_others(tmp_path):
     assert read_or_make_identity(cfg.node_data_dir(1), 1) == identities[1]      # kept
 
 
+def test_a_file_a_reload_refuses_is_to_be_fixed_when_a_restart_would_refuse_it_too(tmp_path):
+    from twisted.logger import globalLogPublisher
+    cfg = make_cluster(tmp_path, client_tls=False)
+    node = NodeService(cfg, 1, reactor_())
+    good = cfg.path.read_text()
+    said = []
+
+    def refused(event):
+        if event.get("log_format", "").startswith("node {node_id} did not reload"):
+            said.append(event["then"])
+    globalLogPublisher.addObserver(refused)
+    try:
+        for text in (good.replace("bcrypt_cost = 4", "bcrypt_cots = 4"),          # a typo
+                     good[:good.index("[node.2]")],                              # [node.2] gone
+                     good.replace("bcrypt_cost = 4", "bcrypt_cost = 5")):        # a setting
+            cfg.path.write_text(text)
+            assert node.reload() is False
+    finally:
+        globalLogPublisher.removeObserver(refused)
+    assert said == [
+        "fix the file: a restart would refuse it too",
+        "put the [node.N] sections back: a restart would refuse them too, and the nodes of a"
+        ' cluster change by a restore of every node (docs/operations.md, "Changing the nodes of a'
+        ' cluster")',
+        "a restart takes it"]
+    assert node.config is cfg                            # it goes on as it was
+
+
 def test_missing_certificates_stop_the_node_before_it_starts(tmp_path):
     path = write_local_config(tmp_path, nodes=1, client_tls="on")
     with pytest.raises(tls.CertificateFilesError, match="paxchat-certs"):
