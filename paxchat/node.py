@@ -110,7 +110,7 @@ class NodeService(service.MultiService):
             # an fsync and is synced before the log is compacted past it.
             # Checked whole (SQLite's quick_check) before it is used: a node
             # applying to a damaged file would answer differently from the others.
-            self.state = _open_state(self.data_dir / STATE_FILE)
+            self.state = self.open_state()
             self.state.check_version()     # a downgrade past what the cluster runs stops here
             self.worker = StateWorker(self.reactor, self.state)
             self.log = self.make_command_log(self.worker)
@@ -209,6 +209,14 @@ class NodeService(service.MultiService):
             outcome.append("late")
         command_log.start()
         return command_log
+
+    def open_state(self):
+        """The node's state, found whole; a damaged one raises CorruptStore saying how
+        to bring the node back."""
+        try:
+            return ChatState.open(str(self.data_dir / STATE_FILE), check=True, durable=False)
+        except CorruptStore as e:
+            raise CorruptStore(f"{e}. {self._how_to_bring_back()}") from None
 
     def recover_log(self):
         """The node's durable log, as ``(DurableLog, records)``; a damaged one raises
@@ -436,17 +444,6 @@ class NodeService(service.MultiService):
             yield worker.stop()
         elif state is not None:
             state.close()
-
-
-def _open_state(path):
-    """The node's state, found whole; a damaged one stops the start with what to do."""
-    try:
-        return ChatState.open(str(path), check=True, durable=False)
-    except CorruptStore as e:
-        raise CorruptStore(
-            f"{e}; the node does not start on it. Move its data directory aside and bring it"
-            " back as a node whose disk was lost, with paxchat-admin rebuild"
-            " (docs/operations.md)") from e
 
 
 def _listen_now(endpoint, factory):

@@ -306,7 +306,7 @@ def test_a_damaged_state_database_stops_the_node_in_one_line_saying_what_to_do(t
     assert result.returncode == 1
     assert (f"paxchat node 1 could not start: state database {data / 'state.sqlite3'} is damaged: "
             "On tree page") in out
-    assert "the node does not start on it" in out and "paxchat-admin rebuild" in out
+    assert f"Move {data} aside" in out and "restore BACKUP --node 1" in out   # one node: no rebuild
     assert "Traceback" not in out
 
 
