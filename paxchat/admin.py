@@ -310,7 +310,17 @@ class AdminClient:
         self.timeout = timeout
         cert = cert or tls.admin_cert_path(config)
         key = key or tls.admin_key_path(config)
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(config.ca_path))
+        try:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                                 cafile=str(config.ca_path))
+        except ssl.SSLError:
+            raise tls.CertificateFilesError(
+                f"{config.ca_path} holds no PEM certificate; run `paxchat-certs --config "
+                f"{config.path}` to make the cluster certificates") from None
+        except OSError as e:
+            raise tls.CertificateFilesError(
+                f"cannot read the cluster CA certificate {config.ca_path} ({e.strerror or e}); run "
+                f"`paxchat-certs --config {config.path}` to make the cluster certificates") from None
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
             context.load_cert_chain(str(cert), str(key))

@@ -629,6 +629,19 @@ def test_missing_admin_certificate_says_how_to_make_it(tmp_path, capsys):
     assert "admin.pem" in err and "paxchat-certs" in err and "--admin" in err
 
 
+@pytest.mark.parametrize("damage, why", [
+    (lambda ca: ca.unlink(), "cannot read the cluster CA certificate {ca} (No such file or directory)"),
+    (lambda ca: ca.write_text("not a certificate"), "{ca} holds no PEM certificate"),
+], ids=["missing", "garbled"])
+def test_a_missing_or_garbled_ca_certificate_exits_2_naming_it(tmp_path, damage, why):
+    cfg = make_cluster(tmp_path, nodes=1)
+    damage(cfg.ca_path)
+    code, out, err = admin_main(cfg, "status")
+    assert (code, out) == (2, "")
+    assert err.startswith("paxchat-admin: " + why.format(ca=cfg.ca_path)) and err.count("\n") == 1
+    assert "paxchat-certs" in err
+
+
 def test_node_without_admin_address(tmp_path):
     cfg = write_ops_config(tmp_path, nodes=1, keys=())
     tls.make_cluster_certs(cfg)
