@@ -302,6 +302,25 @@ class AdminError(Exception):
         self.body = body or {}
 
 
+def _load_admin_certificate(context, config, cert, key):
+    """The operator's certificate and key into ``context``; a
+    CertificateFilesError (exit 2) names the file that is wrong."""
+    how = f"run `paxchat-certs --config {config.path} --admin` to make them"
+    for path in (cert, key):
+        try:
+            open(path, "rb").close()
+        except OSError as e:
+            raise tls.CertificateFilesError(
+                f"cannot read the admin certificate file {path} ({e.strerror or e}); {how}") from None
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            raise tls.CertificateFilesError(f"{key} is not the key of {cert}; {how}") from None
+        raise tls.CertificateFilesError(
+            f"{cert} and {key} are not a PEM certificate and its unencrypted key; {how}") from None
+
+
 class AdminClient:
     """Blocking calls to the nodes' admin listeners with the operator's certificate."""
 
@@ -322,11 +341,7 @@ class AdminClient:
                 f"cannot read the cluster CA certificate {config.ca_path} ({e.strerror or e}); run "
                 f"`paxchat-certs --config {config.path}` to make the cluster certificates") from None
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            context.load_cert_chain(str(cert), str(key))
-        except (OSError, ssl.SSLError) as e:
-            raise AdminError(f"cannot load the admin certificate {cert} / {key} ({e}); run "
-                             f"`paxchat-certs --config {config.path} --admin`") from None
+        _load_admin_certificate(context, config, cert, key)
         self.context = context
 
     def address(self, node_id):

@@ -624,9 +624,26 @@ def test_transfer_refused_by_a_follower(node_1):
 def test_missing_admin_certificate_says_how_to_make_it(tmp_path, capsys):
     cfg = write_ops_config(tmp_path, nodes=1, keys=("admin",))
     tls.make_cluster_certs(cfg)
-    assert admin.main(["--config", str(cfg.path), "status"]) == 1
+    assert admin.main(["--config", str(cfg.path), "status"]) == 2
     err = capsys.readouterr().err
     assert "admin.pem" in err and "paxchat-certs" in err and "--admin" in err
+
+
+def test_an_admin_certificate_that_is_missing_or_not_its_keys_exits_2(tmp_path):
+    cfg = make_cluster(tmp_path, nodes=1)
+    missing = tmp_path / "certs" / "nonexist.pem"
+    code, out, err = admin_main(cfg, "--cert", str(missing), "status")
+    assert (code, out) == (2, "")
+    assert err.startswith(f"paxchat-admin: cannot read the admin certificate file {missing} "
+                          "(No such file or directory); run `paxchat-certs") and "--admin" in err
+    code, out, err = admin_main(cfg, "--key", str(cfg.node_key_path(1)), "status")
+    assert (code, out) == (2, "")
+    assert err.startswith(f"paxchat-admin: {cfg.node_key_path(1)} is not the key of "
+                          f"{tls.admin_cert_path(cfg)}; run `paxchat-certs")
+    garbled = tmp_path / "garbled.pem"
+    garbled.write_text("not a certificate")
+    code, out, err = admin_main(cfg, "--cert", str(garbled), "status")
+    assert code == 2 and f"{garbled} and {tls.admin_key_path(cfg)} are not a PEM" in err
 
 
 @pytest.mark.parametrize("damage, why", [
