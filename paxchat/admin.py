@@ -253,6 +253,9 @@ class AdminResource(resource.Resource):
         except ValueError as e:
             raise _Refusal(400, "invalid_request", str(e)) from None
         except Exception as e:
+            if type(e).__name__ == "CannotTransfer":
+                raise _Refusal(409, "cannot_transfer",
+                               f"{e}; node {self.node.node_id} keeps leading") from None
             if type(e).__name__ != "NotLeader":
                 raise
             hint = getattr(e, "leader_hint", None)
@@ -780,8 +783,22 @@ def _transfer(client, args, out):
             print(f"node {target} leads now (ballot {_ballot(status.get('ballot'))})", file=out)
             return 0
         time.sleep(0.1)
-    raise AdminError(f"node {target} did not take over within {args.wait:g} s "
-                     f"(node {leader} keeps leading if the target lagged or was unreachable)")
+    # Who leads now, as the nodes say: the leader keeps leading if the target never
+    # answered, but steps down if the target was told to run and did not win.
+    statuses = client.statuses()
+    leading = sorted(n for n, s in statuses.items()
+                     if not isinstance(s, Exception) and s.get("role") == "leader")
+    if target in leading:
+        print(f"node {target} leads now (ballot {_ballot(statuses[target].get('ballot'))})",
+              file=out)
+        return 0
+    late = f"node {target} did not take over within {args.wait:g} s"
+    if leading == [leader]:
+        raise AdminError(f"{late}; node {leader} still leads")
+    if leading:
+        raise AdminError(f"{late}; node {leading[0]} leads now")
+    raise AdminError(f"{late}, and no node leads now: node {leader} stepped down and the nodes "
+                     "elect a leader (status shows which)")
 
 
 def main(argv=None, out=None, err=None):

@@ -56,7 +56,7 @@ from paxchat.interfaces import ICommandLog, Unavailable
 from paxchat.logs import OccasionalByKind
 from paxchat.paxos import messages as M
 from paxchat.paxos.core import Config as CoreConfig
-from paxchat.paxos.core import DurableState, NotLeader, Replica
+from paxchat.paxos.core import CannotTransfer, DurableState, NotLeader, Replica
 from paxchat.paxos.transport import MAX_FRAME_BYTES
 from paxchat.state.worker import StateWorkerStopped
 
@@ -440,10 +440,18 @@ class ReplicatedLog:
         return {"waiting_for": list(missing), "catch_up_to": upto}
 
     def transfer_leadership(self, target):
-        """Hand leadership to ``target`` (NotLeader / ValueError as the replica raises them)."""
-        if self.replica is None:
+        """Hand leadership to ``target`` (NotLeader / ValueError / CannotTransfer as the
+        replica raises them). CannotTransfer too while our link to it is not up: it
+        could not take over, so we keep leading rather than leave the cluster leaderless."""
+        r = self.replica
+        if r is None:
             raise NotLeader(None)
-        self.replica.transfer_leadership(target)
+        if r.is_leader and target in r.peers and self.transport is not None:
+            state = self.transport.peer_state(target)
+            if state != "connected":
+                raise CannotTransfer(f"node {target} is not linked to node {self.node_id} "
+                                     f"({state})")
+        r.transfer_leadership(target)
         self._drive()
 
     def step_down_gracefully(self, timeout=None):
@@ -456,10 +464,12 @@ class ReplicatedLog:
         if not self._live or not r.is_leader or not r.peers:
             return defer.succeed(True)
         connected = self.transport.connected_peers() if self.transport is not None else set()
-        candidates = [p for p in r.peers if p in connected] or list(r.peers)
+        candidates = [p for p in r.peers if p in connected]
+        if not candidates:
+            return defer.succeed(False)      # none could take over; the others elect one
         try:
             self.transfer_leadership(candidates[0])
-        except (NotLeader, ValueError):
+        except (NotLeader, ValueError, CannotTransfer):
             return defer.succeed(not r.is_leader)
         deadline = self._reactor.seconds() + (timeout or 2 * self.settings.election_timeout)
         done = defer.Deferred()

@@ -562,7 +562,8 @@ def test_transfer_leadership(node_1):
     code, out, err = yield run_admin(cfg, "transfer-leadership", "2", "--wait", "0.3")
     assert asked == [2]
     assert code == 1 and "node 1 is handing leadership to node 2" in out
-    assert "did not take over" in err  # node 2 is down: it cannot
+    # Node 2 is down: it cannot; the status says node 1 still leads.
+    assert err == "paxchat-admin: node 2 did not take over within 0.3 s; node 1 still leads\n"
     code, out, err = yield run_admin(cfg, "transfer-leadership", "1")
     assert (code, out) == (0, "node 1 already leads\n")
     code, out, err = yield run_admin(cfg, "transfer-leadership", "9")
@@ -602,6 +603,48 @@ def test_no_transfer_to_a_node_that_rebuilds(tmp_path):
     assert admin._transfer(client, argparse.Namespace(target=3, wait=1.0), out) == 0
     assert client.calls[0] == (1, "POST", "/transfer-leadership", {"target": 3})
     assert "node 3 leads now" in out.getvalue()
+
+
+@pytest.mark.parametrize("after, why", [
+    ({1: "follower", 2: "follower", 3: "follower"},
+     "node 2 did not take over within 0.2 s, and no node leads now: node 1 stepped down and the"
+     " nodes elect a leader (status shows which)"),
+    ({1: "follower", 2: "follower", 3: "leader"}, "node 2 did not take over within 0.2 s; node 3"
+                                                  " leads now"),
+], ids=["no-leader", "another-leader"])
+def test_a_transfer_that_timed_out_says_who_leads_now(tmp_path, after, why):
+    import argparse
+
+    class Client:
+        config = make_cluster(tmp_path, nodes=3)
+        roles = {1: "leader", 2: "follower", 3: "follower"}
+
+        def statuses(self):
+            return {n: {"role": role, "leader": 1} for n, role in self.roles.items()}
+
+        def call(self, node, method, path, body=None):
+            if method == "POST":
+                self.roles = after            # as the nodes say once the transfer is asked
+            return {"role": self.roles[node]}
+    with pytest.raises(admin.AdminError) as info:
+        admin._transfer(Client(), argparse.Namespace(target=2, wait=0.2), io.StringIO())
+    assert str(info.value) == why
+
+
+@pytest_twisted.inlineCallbacks
+def test_transfer_refused_for_a_target_that_could_not_take_over(node_1):
+    from paxchat.paxos.core import CannotTransfer
+    cfg, node = node_1
+
+    def refuse(target):
+        raise CannotTransfer(f"node {target} is not linked to node 1 (disconnected)")
+    node.log.transfer_leadership = refuse
+    client = admin.AdminClient(cfg)
+    with pytest.raises(admin.AdminError) as info:
+        yield threads.deferToThread(client.call, 1, "POST", "/transfer-leadership", {"target": 2})
+    assert info.value.code == 409 and info.value.body["error"] == "cannot_transfer"
+    assert str(info.value).endswith("node 2 is not linked to node 1 (disconnected); node 1 keeps"
+                                    " leading")
 
 
 @pytest_twisted.inlineCallbacks
@@ -757,3 +800,18 @@ def test_status_and_transfer_on_a_replicated_cluster(cluster_factory):  # noqa: 
     code, body, _ = yield http_get(f"http://{cfg.node(target).metrics}/metrics")
     assert code == 200 and b'paxchat_role{role="leader"} 1.0' in body
     assert "asked node" in cluster.output(leader) and "hand leadership" in cluster.output(leader)
+
+    # A target that is down is refused up front: no transfer starts, and the leader keeps
+    # leading (it used to step down, leaving the cluster without a leader for a while).
+    cluster.kill(leader)
+
+    def unlinked():
+        d = threads.deferToThread(admin.AdminClient(cfg).call, target, "GET", "/status")
+        return d.addCallback(lambda status: status["peers"][str(leader)] != "connected")
+    yield wait_until(reactor_(), unlinked, 20, f"node {target} to see node {leader} gone")
+    code, out, err = yield run_admin(cfg, "transfer-leadership", str(leader))
+    assert (code, out) == (1, ""), out + err
+    assert err.endswith(f"node {leader} is not linked to node {target} (disconnected); node"
+                        f" {target} keeps leading\n"), err
+    code, out, err = yield run_admin(cfg, "status", "--json")
+    assert json.loads(out)[str(target)]["role"] == "leader"

@@ -7,7 +7,7 @@ these tests pin down the API contract the node glue relies on.
 import pytest
 
 from paxchat.paxos import messages as M
-from paxchat.paxos.core import Config, DurableState, NotLeader, ReadState, Replica
+from paxchat.paxos.core import CannotTransfer, Config, DurableState, NotLeader, ReadState, Replica
 
 CFG = Config(heartbeat_interval=0.05, election_timeout=0.3, window=8)
 
@@ -709,6 +709,42 @@ def test_leadership_transfer_hands_over_to_the_target():
     net.run_until(lambda: net.commands(leader.node_id) == [b"x", b"y"])
     with pytest.raises(ValueError):
         net.reps[target].transfer_leadership(99)
+
+
+def test_a_transfer_to_a_target_that_never_answers_leaves_the_leader_leading():
+    net = Net(3)
+    leader = net.elect()
+    ballot = leader.ballot
+    target, other = leader.peers
+    net.cut.add(target)                     # went down a moment ago: still heard lately
+    leader.transfer_leadership(target)
+    with pytest.raises(CannotTransfer, match=f"already handing leadership to node {target}"):
+        leader.transfer_leadership(other)   # one at a time
+    end = net.now + 3 * CFG.election_timeout
+    while net.now < end:                    # past the transfer's deadline: no leaderless gap
+        net.step()
+        assert leader.is_leader and leader.ballot == ballot
+        assert not net.reps[other].is_leader
+    leader.propose(b"after")
+    net.run_until(lambda: net.commands(other) == [b"after"])
+    # The lease is back once heartbeats are acked again: a lease read answers at once.
+    leader.read("r", lease=True, now=net.now)
+    assert [r.read_id for r in leader.ready().reads] == ["r"]
+
+
+def test_no_transfer_to_a_target_not_heard_for_an_election_timeout():
+    net = Net(3)
+    leader = net.elect()
+    target = leader.peers[0]
+    net.cut.add(target)
+    cut_at = net.now
+    net.run_until(lambda: net.now - cut_at > 2 * CFG.election_timeout)
+    assert leader.is_leader
+    with pytest.raises(CannotTransfer, match=f"node {target} has not answered node "
+                                             f"{leader.node_id} for over an election timeout"):
+        leader.transfer_leadership(target)
+    leader.propose(b"x")                    # still leading, and taking proposals
+    net.run_until(lambda: net.commands(leader.node_id) == [b"x"])
 
 
 def test_leader_changes_are_reported():

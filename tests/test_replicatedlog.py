@@ -15,6 +15,7 @@ from twisted.internet import defer, task
 
 from paxchat.interfaces import ICommandLog, Unavailable
 from paxchat.paxos import messages as M
+from paxchat.paxos.core import CannotTransfer
 from paxchat.replicatedlog import IDLE_COMMIT_SECONDS, ReplicatedLog, ReplicationSettings
 from paxchat.state.chat import ChatState
 
@@ -569,6 +570,20 @@ def test_commands_forwarded_by_the_leader_we_follow_are_not_sent_back(cluster):
     cluster.until(lambda: all(s.account("bounced") for s in cluster.states.values()),
                   what="the held command applied")
     assert rl.status()["held_commands"] == 0
+
+
+def test_no_transfer_to_a_node_that_is_not_linked_and_the_leader_keeps_leading(cluster):
+    leader = cluster.wait_leader()
+    down = next(n for n in cluster.members if n != leader)
+    cluster.stop(down)
+    rl = cluster.logs[leader]
+    ballot = rl.replica.ballot
+    with pytest.raises(CannotTransfer, match=f"node {down} is not linked to node {leader} "
+                                             r"\(disconnected\)"):
+        rl.transfer_leadership(down)
+    cluster.run(3 * SETTINGS.election_timeout)
+    assert cluster.leader() == leader and rl.replica.ballot == ballot
+    assert cluster.result(rl.submit(create("still")))["ok"]
 
 
 def test_after_a_full_restart_a_node_missing_compacted_slots_gets_a_snapshot_made_for_it(tmp_path):

@@ -112,7 +112,8 @@ from .messages import (
     PromiseRecord, RebuildQuery, RebuildReport, Reject, SnapshotChunk, TimeoutNow,
 )
 
-__all__ = ["NotLeader", "Config", "DurableState", "ReadState", "LeaderChange", "Ready", "Replica"]
+__all__ = ["NotLeader", "CannotTransfer", "Config", "DurableState", "ReadState", "LeaderChange",
+           "Ready", "Replica"]
 
 FOLLOWER, PRECANDIDATE, CANDIDATE, LEADER = "follower", "precandidate", "candidate", "leader"
 
@@ -157,6 +158,10 @@ class NotLeader(Exception):
     def __init__(self, leader_hint):
         super().__init__(f"not the leader (leader hint: {leader_hint})")
         self.leader_hint = leader_hint
+
+
+class CannotTransfer(Exception):
+    """transfer_leadership() to a peer that could not take over now; the leader carries on."""
 
 
 @dataclass(frozen=True)
@@ -467,9 +472,16 @@ class Replica:
         cfg = self.config
         if self._role == LEADER:
             if self._transfer is not None and now >= self._transfer[1]:
-                # The target did not take over: our lease in this ballot is gone
-                # for good (its Prepare may still be in flight), so step down.
-                self._step_down(None)
+                if self._transfer[2]:
+                    # The target was told to run and did not take over: its Prepare
+                    # may still be in flight, and our acceptors let it through, so
+                    # our lease in this ballot is gone for good: step down.
+                    self._step_down(None)
+                else:
+                    # Never told to run (it did not answer or catch up in time): no
+                    # Prepare passes our acceptors' lease, so we keep leading, and
+                    # the heartbeats acked from now on give the lease back.
+                    self._transfer = None
             elif self.peers and self._lost_quorum(now):
                 self._step_down(None)
             elif (self._catchup_target > self.commit_index
@@ -614,10 +626,20 @@ class Replica:
         self._state_bytes = size
 
     def transfer_leadership(self, target):
+        """Hand over to ``target`` once it has caught up. ``CannotTransfer`` while a
+        transfer is under way or when ``target`` has not answered for an election
+        timeout: it could not take over, and this replica keeps leading (a transfer
+        that ends with the target never told to run leaves it leading too)."""
         if self._role != LEADER:
             raise NotLeader(self.leader_id)
         if target not in self.peers:
             raise ValueError(f"cannot transfer leadership to {target}")
+        if self._transfer is not None:
+            raise CannotTransfer(f"node {self.node_id} is already handing leadership to "
+                                 f"node {self._transfer[0]}")
+        if self._now - self._heard.get(target, float("-inf")) > self.config.election_timeout:
+            raise CannotTransfer(f"node {target} has not answered node {self.node_id} for over "
+                                 f"an election timeout ({self.config.election_timeout:g} s)")
         self._transfer = (target, self._now + self.config.election_timeout, False)
         self._lease_until = float("-inf")
         self._lease_min_seq = self._hb_seq + 1

@@ -44,7 +44,7 @@ import random
 import zlib
 
 from paxchat.paxos import messages as M
-from paxchat.paxos.core import Config, DurableState, NotLeader, Replica
+from paxchat.paxos.core import CannotTransfer, Config, DurableState, NotLeader, Replica
 
 __all__ = ["SimFailure", "Simulation", "run_seed"]
 
@@ -698,7 +698,7 @@ class Simulation:
                 self.log("TRANSFER", node.id, "->", target)
                 try:
                     r.transfer_leadership(target)
-                except NotLeader:
+                except (NotLeader, CannotTransfer):
                     pass
                 self.poke(node)
                 return
