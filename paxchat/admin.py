@@ -532,7 +532,15 @@ def _status(client, args, out):
                           for n, s in statuses.items()}, indent=2, sort_keys=True), file=out)
     else:
         print(status_table(statuses), file=out)
-    return 0 if all(not isinstance(s, Exception) for s in statuses.values()) else 1
+    return 1 if _in_trouble(statuses) else 0
+
+
+def _in_trouble(statuses):
+    """A node down, or one whose data a peer refuses or that refuses a peer's: that node
+    is shut out until the operator acts (rebuild or restore it). Peer links not up yet
+    do not count: a node that has just started shows them down for a moment."""
+    return any(isinstance(s, Exception) or s.get("refused_peers") or s.get("refused_by_peers")
+               for s in statuses.values())
 
 
 def _snapshot(client, args, out):
@@ -817,7 +825,8 @@ def main(argv=None, out=None, err=None):
                              f"itself {BACKUP_TIMEOUT:g}, as the node reads the whole state first)")
     commands = parser.add_subparsers(dest="command", required=True)
     status = commands.add_parser("status", help="a table of every node: up/down, role, indexes, "
-                                 "lag, clients; exit 1 if any node is down")
+                                 "lag, clients; exit 1 if any node is down or refused by a "
+                                 "peer")
     status.add_argument("--json", action="store_true", help="the raw statuses as JSON")
     status.set_defaults(run=_status)
     snapshot = commands.add_parser("snapshot", help="have node N snapshot its state now")

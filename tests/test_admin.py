@@ -166,6 +166,32 @@ def test_a_node_that_refuses_the_certificate_is_shown_up_and_refusing_not_down()
     assert lines[3] == f"node 1: {refusal}"
 
 
+def test_status_exits_1_while_a_node_is_shut_out_for_its_data_not_while_links_come_up():
+    import argparse
+
+    def node(n, role="follower", peers="connected", **extra):
+        return {"node": n, "role": role, "leader": 1 if role == "follower" else None,
+                "peers": {str(p): peers for p in (1, 2, 3) if p != n}, **extra}
+
+    def exit_status(statuses):
+        client = type("Client", (), {"statuses": lambda self: statuses})()
+        return [admin._status(client, argparse.Namespace(json=as_json), io.StringIO())
+                for as_json in (False, True)]
+    healthy = {1: node(1, "leader"), 2: node(2), 3: node(3)}
+    assert exit_status(healthy) == [0, 0]
+    starting = {n: node(n, "precandidate", "disconnected") for n in (1, 2, 3)}
+    assert exit_status(starting) == [0, 0]      # just started: linking, no leader yet
+    rebuilding = {**healthy, 3: node(3, rebuilding={"waiting_for": [], "catch_up_to": 9})}
+    assert exit_status(rebuilding) == [0, 0]
+    why = "its data is not the data it had"
+    shut_out = {1: node(1, "leader", refused_peers={"3": why}), 2: node(2, refused_peers={"3": why}),
+                3: node(3, "precandidate", "refused", refused_by_peers={"1": why, "2": why})}
+    assert exit_status(shut_out) == [1, 1]
+    # Either side alone is enough (the other's admin may be down or not asked).
+    assert exit_status({**healthy, 3: shut_out[3]}) == [1, 1]
+    assert exit_status({**healthy, 1: shut_out[1]}) == [1, 1]
+
+
 @pytest_twisted.inlineCallbacks
 def test_status_of_a_live_and_a_down_node(node_1):
     cfg, node = node_1
