@@ -24,6 +24,7 @@ was lost) so that the node rebuilds from its peers while they keep serving
 import argparse
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import http.client
 import json
@@ -809,6 +810,33 @@ def _transfer(client, args, out):
                      "elect a leader (status shows which)")
 
 
+def _seconds(text):
+    """A finite number of seconds above 0, for --timeout and --wait: no node answers
+    or takes over in no time."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text}")
+    return value
+
+
+def _add_global_options(parser, after_command=False):
+    """--config, --cert, --key and --timeout, before the command or after it. After it
+    they default to nothing (SUPPRESS), so one given before the command is kept."""
+    def default(value):
+        return argparse.SUPPRESS if after_command else value
+    parser.add_argument("--config", default=default("cluster.ini"),
+                        help="cluster.ini (default: cluster.ini)")
+    parser.add_argument("--cert", default=default(None),
+                        help="admin certificate (default: <tls_dir>/admin.pem)")
+    parser.add_argument("--key", default=default(None), help="its key (default: <tls_dir>/admin.key)")
+    parser.add_argument("--timeout", type=_seconds, default=default(None),
+                        help="seconds a node may take to answer (default 5; for the backup "
+                             f"itself {BACKUP_TIMEOUT:g}, as the node reads the whole state first)")
+
+
 def main(argv=None, out=None, err=None):
     """``paxchat-admin --config cluster.ini status|snapshot N|transfer-leadership N|backup|restore|rebuild``."""
     out = closedpipe.ReaderMayLeave(out or sys.stdout)
@@ -817,43 +845,40 @@ def main(argv=None, out=None, err=None):
         prog="paxchat-admin",
         description="Look at and steer the nodes of a paxchat cluster through their admin "
                     "listeners (mutual TLS with the admin certificate).")
-    parser.add_argument("--config", default="cluster.ini", help="cluster.ini (default: %(default)s)")
-    parser.add_argument("--cert", help="admin certificate (default: <tls_dir>/admin.pem)")
-    parser.add_argument("--key", help="its key (default: <tls_dir>/admin.key)")
-    parser.add_argument("--timeout", type=float, default=None,
-                        help="seconds a node may take to answer (default 5; for the backup "
-                             f"itself {BACKUP_TIMEOUT:g}, as the node reads the whole state first)")
+    _add_global_options(parser)
+    after = argparse.ArgumentParser(add_help=False)
+    _add_global_options(after, after_command=True)
     commands = parser.add_subparsers(dest="command", required=True)
-    status = commands.add_parser("status", help="a table of every node: up/down, role, indexes, "
-                                 "lag, clients; exit 1 if any node is down or refused by a "
-                                 "peer")
+    add_command = functools.partial(commands.add_parser, parents=[after])
+    status = add_command("status", help="a table of every node: up/down, role, indexes, lag, "
+                         "clients; exit 1 if any node is down or refused by a peer")
     status.add_argument("--json", action="store_true", help="the raw statuses as JSON")
     status.set_defaults(run=_status)
-    snapshot = commands.add_parser("snapshot", help="have node N snapshot its state now")
+    snapshot = add_command("snapshot", help="have node N snapshot its state now")
     snapshot.add_argument("node", type=int, nargs="?", metavar="N")
     snapshot.add_argument("--node", type=int, dest="node_option", metavar="N",
                           help="the same, named as backup, restore and rebuild name theirs")
     snapshot.set_defaults(run=_snapshot)
-    transfer = commands.add_parser("transfer-leadership", help="have the leader hand over to N")
+    transfer = add_command("transfer-leadership", help="have the leader hand over to N")
     transfer.add_argument("target", type=int)
-    transfer.add_argument("--wait", type=float, default=10.0,
+    transfer.add_argument("--wait", type=_seconds, default=10.0,
                           help="seconds to wait for N to lead (default 10)")
     transfer.set_defaults(run=_transfer)
-    backup = commands.add_parser("backup", help="write a consistent copy of a node's state to "
-                                 "FILE (docs/operations.md, Backups)")
+    backup = add_command("backup", help="write a consistent copy of a node's state to FILE "
+                         "(docs/operations.md, Backups)")
     backup.add_argument("file", metavar="FILE")
     backup.add_argument("--node", type=int,
                         help="the node to copy (default: the one that has applied the most)")
     backup.set_defaults(run=_backup)
-    restore = commands.add_parser("restore", help="make node N's empty data directory hold a "
-                                  "backup (a file, or a stopped node's directory copied); run "
-                                  "on its machine with every node stopped")
+    restore = add_command("restore", help="make node N's empty data directory hold a backup "
+                          "(a file, or a stopped node's directory copied); run on its machine "
+                          "with every node stopped")
     restore.add_argument("file", metavar="FILE|DIR")
     restore.add_argument("--node", type=int, required=True)
     restore.set_defaults(run=_restore, offline=True)
-    rebuild = commands.add_parser("rebuild", help="mark node N's new, empty data directory (its "
-                                  "disk was lost) so it rebuilds from the others while they "
-                                  "serve; run on its machine, then start the node")
+    rebuild = add_command("rebuild", help="mark node N's new, empty data directory (its disk "
+                          "was lost) so it rebuilds from the others while they serve; run on "
+                          "its machine, then start the node")
     rebuild.add_argument("--node", type=int, required=True)
     rebuild.set_defaults(run=_rebuild, offline=True)
     args = parser.parse_args(argv)

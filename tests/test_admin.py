@@ -253,6 +253,39 @@ def test_snapshot_names_one_node(argv, why, capsys):
     assert exited.value.code == 2 and why in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [
+    ["--timeout", "-1", "status"], ["--timeout", "0", "status"], ["status", "--timeout", "nan"],
+    ["--timeout", "soon", "status"], ["transfer-leadership", "2", "--wait", "0"],
+    ["transfer-leadership", "2", "--wait", "-5"],
+])
+def test_waits_and_timeouts_are_seconds_above_0(argv, capsys):
+    with pytest.raises(SystemExit) as exited:
+        admin.main(argv)
+    assert exited.value.code == 2 and "seconds" in capsys.readouterr().err
+
+
+def test_the_global_options_may_follow_the_command(tmp_path, monkeypatch):
+    cfg = write_ops_config(tmp_path, nodes=1, keys=("admin",))
+    tls.make_cluster_certs(cfg)
+    tls.make_admin_certificate(cfg)
+    seen = []
+
+    class Client(admin.AdminClient):
+        def __init__(self, config, cert, key, timeout):
+            seen.append((config.path, cert, key, timeout))
+            super().__init__(config, cert, key, timeout)
+    monkeypatch.setattr(admin, "AdminClient", Client)
+    cert, key = str(tls.admin_cert_path(cfg)), str(tls.admin_key_path(cfg))
+    out, err = io.StringIO(), io.StringIO()
+    assert admin.main(["status", "--config", str(cfg.path), "--cert", cert, "--key", key,
+                       "--timeout", "2"], out=out, err=err) == 1, err.getvalue()  # node 1 down
+    assert "node 1" in out.getvalue() and "down" in out.getvalue()
+    # One given before the command is kept when none follows it.
+    assert admin.main(["--timeout", "3", "--config", str(cfg.path), "status"], out=out,
+                      err=err) == 1
+    assert seen == [(cfg.path, cert, key, 2.0), (cfg.path, None, None, 3.0)]
+
+
 def test_a_mistake_in_cluster_ini_exits_2_not_1_which_says_a_node_is_down(tmp_path):
     bad = tmp_path / "cluster.ini"
     bad.write_text("[cluster]\nheartbeat = soon\n")
