@@ -338,12 +338,12 @@ class AdminClient:
                                                  cafile=str(config.ca_path))
         except ssl.SSLError:
             raise tls.CertificateFilesError(
-                f"{config.ca_path} holds no PEM certificate; run `paxchat-certs --config "
-                f"{config.path}` to make the cluster certificates") from None
+                f"{config.ca_path} holds no PEM certificate; "
+                f"{tls.how_to_fix(config.ca_path, config)}") from None
         except OSError as e:
             raise tls.CertificateFilesError(
-                f"cannot read the cluster CA certificate {config.ca_path} ({e.strerror or e}); run "
-                f"`paxchat-certs --config {config.path}` to make the cluster certificates") from None
+                f"cannot read the cluster CA certificate {config.ca_path} ({e.strerror or e}); "
+                f"{tls.how_to_fix(config.ca_path, config)}") from None
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         _load_admin_certificate(context, config, cert, key)
         self.context = context

@@ -340,7 +340,7 @@ def admin_name_of(certificate) -> str | None:
 
 # -- reading certificates -----------------------------------------------------
 
-def _how_to_fix(path, config):
+def how_to_fix(path, config):
     """What to do about a certificate file that is missing or unusable.
 
     Put the cluster's own file back: `paxchat-certs` without options makes
@@ -379,7 +379,7 @@ def _read(path: Path, config) -> bytes:
         return Path(path).read_bytes()
     except OSError as e:
         raise CertificateFilesError(
-            f"cannot read {path} ({e.strerror or e}); {_how_to_fix(path, config)}") from None
+            f"cannot read {path} ({e.strerror or e}); {how_to_fix(path, config)}") from None
 
 
 def _load_x509(path, config):
@@ -387,7 +387,7 @@ def _load_x509(path, config):
         return x509.load_pem_x509_certificate(_read(path, config))
     except ValueError:
         raise CertificateFilesError(
-            f"{path} is not a PEM certificate; {_how_to_fix(path, config)}") from None
+            f"{path} is not a PEM certificate; {how_to_fix(path, config)}") from None
 
 
 def _load_key(path, config):
@@ -395,7 +395,7 @@ def _load_key(path, config):
         return serialization.load_pem_private_key(_read(path, config), password=None)
     except (ValueError, TypeError):
         raise CertificateFilesError(
-            f"{path} is not an unencrypted PEM private key; {_how_to_fix(path, config)}") from None
+            f"{path} is not an unencrypted PEM private key; {how_to_fix(path, config)}") from None
 
 
 def load_ca(config) -> ssl.Certificate:
