@@ -40,6 +40,7 @@ class FakeChatState:
     def __init__(self):
         self.index = 0
         self.accounts = {}  # name -> pw_hash
+        self.created = {}   # name -> the ts of its create_account
         self.sessions = {}  # hash -> (username, expires)
         self.messages = {}  # id -> dict
         self.unread = {}  # name -> set of ids
@@ -78,6 +79,7 @@ class FakeChatState:
             if c["username"] in self.accounts:
                 return _err("username_taken")
             self.accounts[c["username"]] = c["pw_hash"]
+            self.created[c["username"]] = c["ts"]
             self.unread[c["username"]] = set()
             return _ok({"username": c["username"]})
         if op == "login":
@@ -127,6 +129,7 @@ class FakeChatState:
             if self.accounts.get(user) != c["pw_hash"]:
                 return _err("bad_credentials")
             del self.accounts[user]
+            del self.created[user]
             del self.unread[user]
             self.sessions = {h: s for h, s in self.sessions.items() if s[0] != user}
             others = {}
@@ -180,7 +183,10 @@ class FakeChatState:
 
     def history_page(self, username, peer=None, before=None, limit=50):
         messages = self.history(username, peer, before, limit + 1)
-        return {"messages": messages[:limit], "more": len(messages) > limit}
+        page = {"messages": messages[:limit], "more": len(messages) > limit}
+        if peer is not None:
+            page["peer_created"] = self.created.get(peer)
+        return page
 
 
 class SyncWorker:

@@ -404,6 +404,27 @@ def test_history_newest_first_with_peer_and_paging(state):
                                          "body": "hello", "ts": 3.0, "read": False}
 
 
+def test_history_with_a_peer_says_when_its_account_was_created(state):
+    # Messages with an earlier account of the name are older than that.
+    user(state, "alice")
+    ok(create(state, "bob", ts=10.0))
+    ok(login(state, "bob"))
+    ok(send(state, "bob", "alice", ts=11.0))
+    assert state.history_page("alice", peer="bob")["peer_created"] == 10.0
+    assert "peer_created" not in state.history_page("alice")
+    ok(state.apply({"op": "delete_account", "session": "s-bob", "username": "bob",
+                    "pw_hash": "hash-x"}))
+    page = state.history_page("alice", peer="bob")
+    assert page["peer_created"] is None and ids(page["messages"]) == [1]
+    ok(create(state, "bob", ts=50.0))
+    ok(login(state, "bob", session="s-bob-2"))
+    ok(send(state, "bob", "alice", ts=51.0, session="s-bob-2"))
+    page = state.history_page("alice", peer="bob")
+    assert page["peer_created"] == 50.0
+    assert [m["ts"] for m in page["messages"]] == [51.0, 11.0]
+    assert state.history_page("alice", peer="nobody")["peer_created"] is None
+
+
 def test_history_of_names_sharing_a_prefix_stays_apart(state):
     user(state, "al")
     user(state, "al.x")

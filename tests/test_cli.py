@@ -7,7 +7,7 @@ import pytest
 from twisted.internet import defer
 
 from paxchat.client import cli
-from paxchat.client.cli_format import format_accounts, format_message, format_messages, format_read
+from paxchat.client.cli_format import format_accounts, format_history, format_message, format_messages, format_read
 from paxchat.client.credentials import NoPassword, SessionCache, get_password
 from paxchat.client.errors import ServerError, Unreachable
 from paxchat.client.explain import ERROR_SENTENCES, explain
@@ -169,6 +169,25 @@ def test_empty_lists_say_so():
     assert format_read({"messages": [MSG], "unread": 2}, me="alice", localtime=UTC).endswith("    there\n(2 unread left)")
     assert format_accounts([], False) == "(no matching accounts)"
     assert format_accounts(["a", "b"], True).endswith("(more; continue with --after b)")
+
+
+def test_history_with_a_peer_marks_where_a_new_account_of_the_name_begins():
+    old = [dict(MSG, id=i, ts=100.0 + i, **{"from": "bob"}) for i in (1, 2)]
+    new = dict(MSG, id=3, ts=200.0, **{"from": "bob"})
+    page = {"messages": [new, *reversed(old)], "more": False, "peer_created": 150.0}
+    lines = format_history(page, "alice", "bob", localtime=UTC).split("\n")
+    mark = [n for n, line in enumerate(lines) if line.startswith("--- bob is a new account since")]
+    assert len(mark) == 1 and lines[mark[0]].endswith("with an earlier account of that name ---")
+    assert lines[mark[0] - 3].startswith("#2 ") and lines[mark[0] + 1].startswith("#3 ")   # two body lines each
+    # All of them before it: the mark comes last; none before it, or no peer: no mark.
+    assert format_history(dict(page, messages=old[::-1]), "alice", "bob", UTC).split("\n")[-1].startswith("--- bob")
+    assert "---" not in format_history(dict(page, messages=[new]), "alice", "bob", UTC)
+    assert "---" not in format_history(page, "alice", None, UTC)
+    # The name is free now; an earlier build's answer says nothing.
+    assert format_history(dict(page, peer_created=None), "alice", "bob", UTC).endswith(
+        "(no account is named bob now: it was deleted)")
+    assert format_history({"messages": [new], "more": False}, "alice", "bob", UTC) == format_messages([new], "alice", UTC)
+    assert format_history({"messages": [], "peer_created": None}, "alice", "bob", UTC) == "(no messages)"
 
 
 def test_every_error_code_has_a_sentence_and_none_is_a_traceback():

@@ -461,6 +461,15 @@ def test_delete_account_needs_the_password_and_ends_every_session(server):
     account(server, "alice", "another password")
 
 
+def test_history_with_a_peer_tells_when_its_account_was_created(chat_server):
+    alice = logged_in(chat_server, "alice")
+    logged_in(chat_server, "bob")
+    created = chat_server.state.account("bob")["created"]
+    assert alice.ok("history", peer="bob") == {"messages": [], "more": False, "peer_created": created}
+    assert alice.ok("history") == {"messages": [], "more": False}
+    assert alice.ok("history", peer="nobody")["peer_created"] is None
+
+
 def test_a_write_whose_session_ended_underneath_logs_the_connection_out(server):
     alice = logged_in(server, "alice")
     # The session vanishes from the state without this node's connection hearing of it.

@@ -25,7 +25,7 @@ from paxchat import closedpipe
 
 from .checks import check_body, check_limit, check_pattern, check_username
 from .cli_format import (
-    HISTORY_LIMIT, READ_LIMIT, format_accounts, format_messages, format_read, format_settings, older_hint, sent,
+    HISTORY_LIMIT, READ_LIMIT, format_accounts, format_history, format_read, format_settings, older_hint, sent,
 )
 from .credentials import NoPassword, SessionCache, ask_without_echo, get_password
 from .errors import ServerError
@@ -247,7 +247,7 @@ def run_command(client, args, console: Console, cache: SessionCache | None):
         out(format_read(result, username))
     elif args.command == "history":
         result = yield client.history(peer=args.peer, before=args.before, limit=args.limit)
-        out(format_messages(reversed(result.get("messages", [])), username))
+        out(format_history(result, username, args.peer))
         hint = older_hint(result)
         if hint:
             out(hint)

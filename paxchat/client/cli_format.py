@@ -79,6 +79,33 @@ def format_messages(messages: Iterable[dict], me: str | None = None,
     return "\n".join(blocks) if blocks else "(no messages)"
 
 
+def format_history(result: dict, me: str | None = None, peer: str | None = None,
+                   localtime: Callable = time.localtime) -> str:
+    """A ``history`` page, oldest first. With a ``peer``, a line marks where the account
+    now of that name begins, after messages with an earlier account of the name (the
+    answer's ``peer_created``), and one says when no account has the name any more."""
+    messages = list(reversed(result.get("messages", [])))
+    blocks = [format_message(m, me, localtime) for m in messages] or ["(no messages)"]
+    if peer is not None and messages and "peer_created" in result:  # earlier builds leave it out
+        created, name = result["peer_created"], visible(peer)
+        if created is None:
+            blocks.append(f"(no account is named {name} now: it was deleted)")
+        else:
+            earlier = [i for i, m in enumerate(messages) if _before(m.get("ts"), created)]
+            if earlier:
+                blocks.insert(earlier[-1] + 1, (
+                    f"--- {name} is a new account since {format_time(created, localtime)}: "
+                    "the messages above were with an earlier account of that name ---"))
+    return "\n".join(blocks)
+
+
+def _before(ts, created) -> bool:
+    try:
+        return float(ts) < float(created)
+    except (TypeError, ValueError):
+        return False
+
+
 def format_read(result: dict, me: str | None = None, localtime: Callable = time.localtime) -> str:
     """What ``read`` shows: the messages it marked read and how many are left, or one line
     when there was nothing to read."""

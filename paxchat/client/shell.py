@@ -20,7 +20,7 @@ from zope.interface import implementer
 from paxchat.limits import MAX_BODY_CHARS
 
 from .checks import check_limit, check_pattern, check_username
-from .cli_format import (HELP, HISTORY_LIMIT, READ_LIMIT, format_accounts, format_message, format_messages,
+from .cli_format import (HELP, HISTORY_LIMIT, READ_LIMIT, format_accounts, format_history, format_message,
                          format_read, format_settings, sent, visible)
 from .errors import ClientError
 from .explain import explain
@@ -189,7 +189,7 @@ class Shell:
         if limit is None:
             return
         result = yield self.client.history(peer=peer, limit=limit)
-        self.write(format_messages(reversed(result.get("messages", [])), self.client.username))
+        self.write(format_history(result, self.client.username, peer))
 
     @defer.inlineCallbacks
     def do_list(self, rest):

@@ -335,7 +335,10 @@ class Handlers:
         limit = V.limit(request, 50)
         session = await self._read_barrier(conn)
         page = await self._read(conn, "history_page", session.username, peer, before, limit)
-        return {"messages": list(page["messages"]), "more": page["more"]}
+        answer = {"messages": list(page["messages"]), "more": page["more"]}
+        if peer is not None:
+            answer["peer_created"] = page["peer_created"]
+        return answer
 
     async def get_settings(self, conn, request):
         self._session(conn)

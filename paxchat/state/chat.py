@@ -816,11 +816,21 @@ class ChatState:
         """``{"messages", "more"}``: up to ``limit`` messages ``username`` sent
         or received, newest first, and whether older ones are left.
 
-        ``peer`` keeps only those exchanged with that name; ``before`` keeps
+        ``peer`` keeps only those exchanged with that name, and adds
+        ``peer_created``: when the account now of that name was created (None
+        if there is none), read with the page, so that messages with an
+        earlier account of the name can be told apart. ``before`` keeps
         ids below it. A page also ends early once its messages weigh
         ``MAX_ANSWER_MESSAGE_BYTES``. A message ``username`` sent to another
         shows ``read`` only while both have read receipts on.
         """
+        page = self._history_page(username, peer, before, limit)
+        if peer is not None:
+            account = self._account_record(peer)
+            page["peer_created"] = None if account is None else account[1]
+        return page
+
+    def _history_page(self, username, peer, before, limit):
         done = {"messages": [], "more": False}
         if not valid_username(username) or (peer is not None and not valid_username(peer)):
             return done
