@@ -585,3 +585,33 @@ def test_on_a_narrow_window_the_delete_question_leaves_the_peer_name_visible():
         app.model.toggle_selected(2)
         yield wait_for(lambda: root.update() or label.cget("text") == peer, 5)
     yield with_fake_app(test)
+
+
+@pytest_twisted.inlineCallbacks
+def test_every_scrollbar_handle_stands_out_from_its_trough():
+    from tkinter import ttk
+
+    def test(root, app, client):
+        style = ttk.Style(root)
+
+        def bars(widget):
+            for child in widget.winfo_children():
+                if child.winfo_class() == "TScrollbar":
+                    yield child
+                yield from bars(child)
+        found = list(bars(root))
+        assert app.list_scroll in found and len(found) >= 2
+        for bar in found:
+            name = bar.cget("style") or "Vertical.TScrollbar"
+            trough = root.winfo_rgb(style.lookup(name, "troughcolor"))
+            handle = root.winfo_rgb(style.lookup(name, "background"))
+            hover = root.winfo_rgb(style.lookup(name, "background", ["active"]))
+            pressed = root.winfo_rgb(style.lookup(name, "background", ["pressed"]))
+            assert len({trough, handle, hover, pressed}) == 4
+            # Nothing to scroll: ttk disables the bar, and its full-length handle is not drawn.
+            assert root.winfo_rgb(style.lookup(name, "background", ["disabled"])) == trough
+            assert "arrow" not in str(style.layout(name))
+        yield open_long_conversation(app, client)
+        chat = next(bar for bar in found if bar is not app.list_scroll)
+        assert not chat.instate(["disabled"]) and app.list_scroll.instate(["disabled"])
+    yield with_fake_app(test)

@@ -29,6 +29,9 @@ COLORS = {
     "error_bg": "#FDECEC",
     "ok": "#2E9E5B",
     "warn": "#D49A1E",
+    "scroll_thumb": "#C3C8D2",        # a scrollbar's handle, on its "bg" trough
+    "scroll_thumb_hover": "#A4ABB9",
+    "scroll_thumb_pressed": "#8A93A3",
 }
 
 _FAMILIES = ("Inter", "Cantarell", "Noto Sans", "DejaVu Sans", "Helvetica", "Arial")
@@ -89,8 +92,18 @@ def apply_styles(root: tk.Misc, fonts: Fonts):
     style.configure("Link.TButton", background=c["panel"], foreground=c["accent"], bordercolor=c["panel"],
                     lightcolor=c["panel"], darkcolor=c["panel"], padding=(6, 4))
     style.map("Link.TButton", background=[("active", c["accent_soft"])])
-    style.configure("Vertical.TScrollbar", background=c["bg"], troughcolor=c["bg"], bordercolor=c["bg"],
-                    arrowcolor=c["muted"], lightcolor=c["bg"], darkcolor=c["bg"], gripcount=0)
+    # Scrollbars: a grey handle (its border the trough's, so it sits inset) on
+    # a light trough, darker under the pointer and while dragged. No arrows:
+    # clam draws them in the handle's colour, where they would read as more
+    # handle. With nothing to scroll, ttk disables the bar and its
+    # full-length handle takes the trough's colour: nothing shows.
+    style.layout("Vertical.TScrollbar", [("Vertical.Scrollbar.trough", {"sticky": "ns", "children": [
+        ("Vertical.Scrollbar.thumb", {"sticky": "nswe", "expand": "1"})]})])
+    thumb = c["scroll_thumb"]
+    style.configure("Vertical.TScrollbar", background=thumb, troughcolor=c["bg"], bordercolor=c["bg"],
+                    lightcolor=thumb, darkcolor=thumb, arrowcolor=c["muted"], gripcount=0)
+    shades = [("disabled", c["bg"]), ("pressed", c["scroll_thumb_pressed"]), ("active", c["scroll_thumb_hover"])]
+    style.map("Vertical.TScrollbar", background=shades, lightcolor=shades, darkcolor=shades)
     style.configure("Panel.TMenubutton", background=c["panel"], foreground=c["text"], padding=(8, 4),
                     bordercolor=c["panel"], lightcolor=c["panel"], darkcolor=c["panel"], arrowcolor=c["muted"])
     return style
