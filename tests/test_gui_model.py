@@ -673,6 +673,22 @@ def test_drafts_are_kept_per_conversation_until_signed_out():
     assert model.drafts == {}
 
 
+def test_a_send_answered_after_its_session_ended_is_shown_to_no_one():
+    clock, model, client, ctl = controller()
+    client.auto = {"history": {"messages": [], "more": False}, "logout": {}}
+    model.signed_in("alice")
+    ctl.open("bob")
+    failing, landing = ctl.send("for bob"), ctl.send("also for bob")
+    (_, _, _, fail), (_, _, _, land) = [c for c in client.calls if c[0] == "send_message"]
+    ctl.log_out()
+    model.signed_in("carol")
+    fail.errback(ServerError("no_majority", "too few nodes"))
+    land.callback({"message_id": 9, "ts": 5.0})
+    # Not put back for carol, no error over her chats, no conversation with bob in her list.
+    assert failing.result is None and landing.result is None
+    assert model.error == "" and model.drafts == {} and model.conversations == {}
+
+
 def test_neighbour_walks_the_sidebar_and_stops_at_its_ends():
     model, _ = model_for()
     assert model.neighbour(1) is None

@@ -615,3 +615,42 @@ def test_every_scrollbar_handle_stands_out_from_its_trough():
         chat = next(bar for bar in found if bar is not app.list_scroll)
         assert not chat.instate(["disabled"]) and app.list_scroll.instate(["disabled"])
     yield with_fake_app(test)
+
+
+@pytest_twisted.inlineCallbacks
+def test_what_was_typed_goes_when_the_session_ends():
+    def test(root, app, client):
+        client.auto.update({"logout": {}, "delete_account": {}, "login": {"session": "t", "unread": 0},
+                            "get_settings": {"read_receipts": True}})
+        typed = lambda: app.compose.get("1.0", "end-1c")  # noqa: E731
+
+        def type_drafts():
+            """alice writes to carol (kept as a draft) and to bob (in the box), and searches."""
+            app.open_conversation("carol")
+            app.compose.insert("1.0", "draft for carol")
+            app.open_conversation("bob")
+            app.compose.insert("1.0", "half a thought for bob")
+            app.search_entry.focus_force()
+            root.update()
+            app.search_entry.insert(0, "ca")
+
+        def ends(end):
+            yield open_long_conversation(app, client)
+            type_drafts()
+            end()
+            yield wait_for(lambda: root.update() or app.login.winfo_ismapped(), 5)
+            assert typed() == "" and app.model.drafts == {} and app._entry_text(app.search_entry) == ""
+            # The next user, in the same window, starts with an empty box.
+            app.controller.log_in("dave", "dave-password")
+            yield wait_for(lambda: root.update() or app.main.winfo_ismapped(), 5)
+            app.open_conversation("carol")
+            root.update()
+            assert typed() == "" and app.compose.cget("state") == "normal"
+            app.compose.event_generate("<<Undo>>")
+            assert typed() == ""
+
+        # Logging out, deleting the account, and a session ended elsewhere.
+        yield from ends(app.controller.log_out)
+        yield from ends(lambda: app.controller.delete_account("secret-password"))
+        yield from ends(lambda: app.controller.on_event({"event": "session_ended", "reason": "logged_out"}))
+    yield with_fake_app(test)

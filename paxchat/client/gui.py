@@ -61,6 +61,7 @@ class ChatApp:
         self._list_rows: list[tuple[int, int, str]] = []
         self._last_drawn = (None, None, 0)   # (peer, oldest id, height) of the last conversation drawing
         self._at_bottom = True               # the conversation is scrolled to its newest message
+        self._session = None                 # the model's session the boxes were last emptied for
         self._build()
         root.protocol("WM_DELETE_WINDOW", self.close)
         self.controller = ChatController(reactor, self.model, make_client)
@@ -390,6 +391,7 @@ class ChatApp:
 
     def open_conversation(self, peer: str):
         """Open ``peer``'s conversation; what was typed in the one open before stays its draft."""
+        self._forget_typed()   # a session that began this very turn: not redrawn yet
         self.search_entry.delete(0, "end")
         self._placeholder_restore()
         before = self.model.open_peer
@@ -472,9 +474,24 @@ class ChatApp:
         self.read_receipts.set(self.model.read_receipts is not False)
         self.account_menu.entryconfigure("Read receipts", state="normal" if known else "disabled")
 
+    def _forget_typed(self):
+        """A session ended or began: what was typed in it (the compose box, a
+        search) is gone, so the next user of the window never sees it."""
+        if self._session == self.model.session:
+            return
+        self._session = self.model.session
+        state = self.compose.cget("state")
+        self.compose.configure(state="normal")
+        self.compose.delete("1.0", "end")
+        self.compose.edit_reset()        # nor can Ctrl+Z bring it back
+        self.compose.configure(state=state)
+        self.search_entry.delete(0, "end")
+        self._placeholder_restore()
+
     def _draw_screen(self):
         m = self.model
         self.root.title(m.title)
+        self._forget_typed()
         if m.screen == "login":
             self.main.pack_forget()
             self.login.pack(fill="both", expand=True)

@@ -349,14 +349,19 @@ class ChatController:
         if len(body) > MAX_BODY:
             self.model.show_error(f"That message is too long ({len(body):,} characters; at most {MAX_BODY:,}).")
             return defer.succeed(body)
-        key = next(self._keys)
+        key, session = next(self._keys), self.model.session
         self.model.sending(peer, key, body)
         d = self.client.send_message(peer, body)
 
         def sent(result):
-            self.model.sent(peer, key, result["message_id"], result.get("ts", 0.0))
+            if self.model.session == session:
+                self.model.sent(peer, key, result["message_id"], result.get("ts", 0.0))
 
         def failed(failure):
+            if self.model.session != session:
+                # Its writer logged out meanwhile: neither the error nor the text
+                # is for whoever uses the window now.
+                return None
             self.model.show_error("Not sent: " + _sentence(failure))
             return self.model.not_sent(peer, key)
 

@@ -129,6 +129,11 @@ class ChatModel:
         # The account's read receipts setting; None until the server said (or if it
         # has no settings): shown as on, which is the server's default.
         self.read_receipts: bool | None = None
+        # Counts sign-ins and sign-outs: an answer that comes back once the
+        # account it was asked for is gone (a send still in flight at logout)
+        # must not show up for the next one. The view empties the compose box
+        # when it changes.
+        self.session = 0
 
     def _changed(self, *parts):
         if self.on_change is not None:
@@ -167,6 +172,7 @@ class ChatModel:
 
     def _forget_account(self):
         """What was shown and typed for the account before: gone, on either screen change."""
+        self.session += 1
         self.error = ""
         self.conversations.clear()
         self.open_peer = None
