@@ -654,3 +654,27 @@ def test_what_was_typed_goes_when_the_session_ends():
         yield from ends(lambda: app.controller.delete_account("secret-password"))
         yield from ends(lambda: app.controller.on_event({"event": "session_ended", "reason": "logged_out"}))
     yield with_fake_app(test)
+
+
+@pytest_twisted.inlineCallbacks
+def test_sending_scrolls_to_the_new_message_and_receiving_does_not():
+    def test(root, app, client):
+        yield open_long_conversation(app, client)
+        canvas = app.canvas
+        for _ in range(5):
+            canvas.event_generate("<Button-4>")
+        top = canvas.canvasy(0)
+        assert canvas.yview()[1] < 0.999
+        # What bob sends leaves the reader where they are.
+        app.model.add_messages([msg(51, "bob", "alice", "from bob", read=True)], live=True)
+        yield wait_for(lambda: canvas.find_withtag("msg51") and not app.coalescer.pending, 5)
+        assert canvas.canvasy(0) == top and canvas.yview()[1] < 0.999
+        # What the reader sends is shown: the view goes down to it.
+        app.compose.insert("1.0", "my answer")
+        app.send_button.invoke()
+        yield wait_for(lambda: canvas.find_withtag("pending") and not app.coalescer.pending, 5)
+        assert canvas.yview()[1] >= 0.999 and app._at_bottom
+        client.last("send_message")[3].callback({"message_id": 52, "ts": 2000.0})
+        yield wait_for(lambda: canvas.find_withtag("msg52") and not app.coalescer.pending, 5)
+        assert canvas.yview()[1] >= 0.999
+    yield with_fake_app(test)

@@ -368,7 +368,13 @@ class ChatApp:
         if not text.strip() or peer is None:
             return
         self.compose.delete("1.0", "end")
-        self.controller.send(text).addCallback(self._put_back, peer)
+        pending = len(self.model.conversation(peer).pending)
+        d = self.controller.send(text)
+        if len(self.model.conversation(peer).pending) > pending:
+            # On its way: show it, even to a reader scrolled up (what others
+            # send leaves the view where it is).
+            self._at_bottom = True
+        d.addCallback(self._put_back, peer)
 
     def _put_back(self, text, peer):
         """A message that was not sent goes back into the compose box, to cut down or send again:
