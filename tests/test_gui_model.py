@@ -61,6 +61,59 @@ def test_unread_badges_count_received_unread_messages_until_opened():
     assert model.add_messages([msg(6, "carol", "alice")], live=True) == []
 
 
+def test_messages_pushed_while_the_newest_are_out_of_view_stay_unread_until_seen():
+    clock, model, client, ctl = controller()
+    client.auto = {"history": {"messages": [msg(1, "bob", "alice")], "more": False}}
+    model.signed_in("alice")
+    ctl.open("bob")
+    clock.advance(0)
+    assert client.last("mark_read")[1] == ([1],)
+    # Scrolled up (or the window away): pushes into the open conversation wait.
+    ctl.newest_in_view(False)
+    ctl.on_event({"event": "message", "message": msg(2, "bob", "alice")})
+    ctl.on_event({"event": "message", "message": msg(3, "bob", "alice")})
+    clock.advance(0)
+    assert len([c for c in client.calls if c[0] == "mark_read"]) == 1
+    assert model.unseen_below == 2 and model.unseen_cue == "↓ 2 new messages"
+    assert model.conversation_rows()[0]["unread"] == 2 and model.title == "(2) paxchat — alice"
+    assert not model.conversation("bob").messages[2]["read"]
+    # An older page loaded meanwhile (scrolled to the top) is read as it shows.
+    assert model.add_history_page("bob", [msg(0, "bob", "alice")], PAGE_SIZE, older=True) == [0]
+    # Read on another device: no longer waiting here either.
+    ctl.on_event({"event": "read", "ids": [2]})
+    assert model.unseen_cue == "↓ 1 new message"
+    # Back at the bottom: marked read, in one request.
+    ctl.newest_in_view(True)
+    clock.advance(0)
+    assert client.last("mark_read")[1] == ([3],)
+    assert model.unseen_below == 0 and model.title == "paxchat — alice" and model.unseen_cue == ""
+    ctl.newest_in_view(True)
+    clock.advance(0)
+    assert len([c for c in client.calls if c[0] == "mark_read"]) == 2  # nothing more to mark
+    # In view, a push is read at once, as before.
+    ctl.on_event({"event": "message", "message": msg(4, "bob", "alice")})
+    clock.advance(0)
+    assert client.last("mark_read")[1] == ([4],)
+
+
+def test_what_a_failover_catch_up_brings_waits_too_while_scrolled_up():
+    clock, model, client, ctl = controller()
+    client.auto = {"history": {"messages": [msg(1, "bob", "alice", read=True)], "more": False}}
+    model.signed_in("alice")
+    ctl.open("bob")
+    ctl.newest_in_view(False)
+    client.auto["history"] = {"messages": [msg(2, "bob", "alice"), msg(1, "bob", "alice", read=True)],
+                              "more": False}
+    ctl.on_status(Status("reconnecting"))
+    ctl.on_status(Status("connected", 2, 1))
+    clock.advance(0)
+    assert not [c for c in client.calls if c[0] == "mark_read"] and model.unseen_below == 1
+    ctl.newest_in_view(True)
+    clock.advance(0)
+    assert client.last("mark_read")[1] == ([2],)
+    ctl.stop()
+
+
 def test_conversation_list_is_most_recent_first_with_previews():
     model, _ = model_for()
     model.add_messages([msg(1, "bob", "alice", "old", ts=10), msg(2, "alice", "carol", "new\nline", ts=20)])

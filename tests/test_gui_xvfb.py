@@ -678,3 +678,44 @@ def test_sending_scrolls_to_the_new_message_and_receiving_does_not():
         yield wait_for(lambda: canvas.find_withtag("msg52") and not app.coalescer.pending, 5)
         assert canvas.yview()[1] >= 0.999
     yield with_fake_app(test)
+
+
+@pytest_twisted.inlineCallbacks
+def test_messages_that_come_while_scrolled_up_are_read_once_scrolled_down():
+    def test(root, app, client):
+        yield open_long_conversation(app, client)
+        canvas, cue = app.canvas, app.unseen_cue
+        canvas.focus_force()
+        yield wait_for(lambda: root.update() or app._window_seen(), 5)
+
+        def marks():
+            return [c[1][0] for c in client.calls if c[0] == "mark_read"]
+
+        # At the bottom, in a window on screen with the focus: read at once.
+        app.controller.on_event({"event": "message", "message": msg(51, "bob", "alice", "seen at once")})
+        yield wait_for(lambda: [51] in marks(), 5)
+        # Scrolled up: it waits, and a cue over the bottom says so.
+        for _ in range(5):
+            canvas.event_generate("<Button-4>")
+        app.controller.on_event({"event": "message", "message": msg(52, "bob", "alice", "not seen yet")})
+        app.controller.on_event({"event": "message", "message": msg(53, "bob", "alice", "nor this")})
+        yield wait_for(lambda: root.update() or cue.winfo_ismapped(), 5)
+        assert cue.cget("text") == "↓ 2 new messages" and canvas.yview()[1] < 0.999
+        assert app.model.title == "(2) paxchat — alice"
+        assert not [m for m in marks() if 52 in m]
+        # A click on the cue goes down to them: read, and the cue goes.
+        cue.event_generate("<Button-1>", x=5, y=5)
+        yield wait_for(lambda: [52, 53] in marks(), 5)
+        yield wait_for(lambda: root.update() or not cue.winfo_ismapped(), 5)
+        assert canvas.yview()[1] >= 0.999 and app.model.title == "paxchat — alice"
+        # Hidden at the bottom: nothing is read until the window is back. (Withdrawn,
+        # not minimised: with no window manager on Xvfb, iconify does nothing.)
+        root.withdraw()
+        yield wait_for(lambda: root.update() or not app.model.newest_in_view, 5)
+        app.controller.on_event({"event": "message", "message": msg(54, "bob", "alice", "while away")})
+        yield wait_for(lambda: root.update() or app.model.unseen_below == 1 and not app.coalescer.pending, 5)
+        assert not [m for m in marks() if 54 in m]
+        root.deiconify()
+        canvas.focus_force()
+        yield wait_for(lambda: [54] in marks(), 5)
+    yield with_fake_app(test)

@@ -62,6 +62,7 @@ class ChatApp:
         self._last_drawn = (None, None, 0)   # (peer, oldest id, height) of the last conversation drawing
         self._at_bottom = True               # the conversation is scrolled to its newest message
         self._session = None                 # the model's session the boxes were last emptied for
+        self._view_check = None              # a pending look at whether the newest messages are seen
         self._build()
         root.protocol("WM_DELETE_WINDOW", self.close)
         self.controller = ChatController(reactor, self.model, make_client)
@@ -195,6 +196,14 @@ class ChatApp:
         self.canvas.configure(yscrollcommand=lambda a, b: (scroll.set(a, b), self._scrolled(a, b)))
         scroll.pack(side="right", fill="y")
         self.canvas.pack(side="left", fill="both", expand=True)
+        # Over the conversation's bottom while messages came that the reader,
+        # scrolled up, has not seen (they stay unread till then); a click goes down to them.
+        self.unseen_cue = tk.Label(body, text="", font=self.fonts.badge, background=c["accent"],
+                                   foreground="#FFFFFF", padx=12, pady=4, cursor="hand2")
+        self.unseen_cue.bind("<Button-1>", lambda e: self._to_newest())
+        # Minimised or in the background, the window shows nothing read.
+        for sequence in ("<FocusIn>", "<FocusOut>", "<Map>", "<Unmap>"):
+            self.root.bind(sequence, self._window_changed, add="+")
         self.canvas.bind("<Configure>", lambda e: self.coalescer.notify({"conversation"}))
         self.canvas.tag_bind("bubble", "<Button-1>", self._bubble_clicked)
         self.canvas.bind("<Button-1>", lambda e: self.canvas.focus_set())  # for the keys below
@@ -280,6 +289,42 @@ class ChatApp:
         resize has already moved the bottom out of view."""
         self.canvas.yview(*args)
         self._at_bottom = self.canvas.yview()[1] >= 0.999
+        self._draw_unseen_cue()
+        self._check_in_view()
+
+    def _to_newest(self):
+        self._scroll_chat("moveto", 1.0)
+
+    def _window_seen(self) -> bool:
+        """The window is on screen and has the keyboard (not minimised, not behind another)."""
+        try:
+            return self.root.state() not in ("iconic", "withdrawn") and str(self.root.tk.call("focus")) != ""
+        except tk.TclError:
+            return False
+
+    def _window_changed(self, event):
+        """Focus or mapping changed: look again once the events of this turn are in."""
+        if event.type in (tk.EventType.Map, tk.EventType.Unmap) and event.widget is not self.root:
+            return
+        if self._view_check is None and not self._closing:
+            self._view_check = self.reactor.callLater(0, self._check_in_view)
+
+    def _check_in_view(self):
+        """Tell the controller whether the open conversation's newest messages are seen:
+        what came while they were not is marked read once they are."""
+        self._view_check = None
+        if self._closing or self.model.screen != "chats" or self.model.open_peer is None:
+            return
+        self.controller.newest_in_view(self._at_bottom and self._window_seen())
+
+    def _draw_unseen_cue(self):
+        text = self.model.unseen_cue if self.model.open_peer is not None and not self._at_bottom else ""
+        if text:
+            self.unseen_cue.configure(text=text)
+            self.unseen_cue.place(relx=0.5, rely=1.0, y=-14, anchor="s")
+            self.unseen_cue.lift()
+        else:
+            self.unseen_cue.place_forget()
 
     def _typing(self, event) -> bool:
         """The key went to a text entry, where it edits the text."""
@@ -449,6 +494,8 @@ class ChatApp:
             return
         self._closing = True
         self.coalescer.cancel()
+        if self._view_check is not None and self._view_check.active():
+            self._view_check.cancel()
         d = self.controller.stop()
         d.addBoth(lambda _: self.on_closed() if self.on_closed else None)
         return d
@@ -673,6 +720,7 @@ class ChatApp:
                                text="or find someone on the left to start one.")
             canvas.configure(scrollregion=(0, 0, width, height))
             self._last_drawn = (None, None, 0)
+            self._draw_unseen_cue()
             return
         conv = m.conversation(peer)
         self._compose_enabled(True)
@@ -751,6 +799,8 @@ class ChatApp:
             canvas.yview_moveto((top_before + total - old_height) / total)
         self._last_drawn = (peer, conv.oldest_id, total)
         self._at_bottom = canvas.yview()[1] >= 0.999
+        self._draw_unseen_cue()
+        self._check_in_view()
 
 
 def build_parser():

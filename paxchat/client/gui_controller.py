@@ -307,9 +307,15 @@ class ChatController:
                 self.model.remove_messages(list(conv.messages))
                 self._mark(self.model.add_history_page(peer, messages, PAGE_SIZE, older=False, more=True))
             else:
-                self._mark(self.model.add_messages(messages))
+                # New ones, at the bottom: read only if the reader has the bottom in view.
+                self._mark(self.model.add_messages(messages, live=True))
         d.addCallback(merge)
         return d.addErrback(self._quiet) if quiet else self._guard(d)
+
+    def newest_in_view(self, in_view: bool):
+        """The view says whether the open conversation's newest messages are seen:
+        what came while they were not is marked read once they are."""
+        self._mark(self.model.set_newest_in_view(in_view))
 
     def load_older(self) -> defer.Deferred:
         """Scrolled to the top: fetch the page before the oldest message shown."""

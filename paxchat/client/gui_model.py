@@ -134,6 +134,10 @@ class ChatModel:
         # must not show up for the next one. The view empties the compose box
         # when it changes.
         self.session = 0
+        # Whether the reader has the open conversation's newest messages in
+        # view (the view says: scrolled to the bottom, window not minimised
+        # or in the background). If not, what arrives there stays unread.
+        self.newest_in_view = True
 
     def _changed(self, *parts):
         if self.on_change is not None:
@@ -199,7 +203,10 @@ class ChatModel:
         """Merge messages (pushed or from history); returns ids to mark read now.
 
         A received, unread message counts towards its conversation's badge
-        unless that conversation is open, in which case it is read at once.
+        unless that conversation is open, in which case it is read at once;
+        unless it is ``live`` (new, at the bottom: pushed, or caught up
+        after a failover) while the reader does not have the newest
+        messages in view: it stays unread until they do (``set_newest_in_view``).
         """
         to_mark, touched = [], set()
         for message in messages:
@@ -216,7 +223,7 @@ class ChatModel:
             if incoming and not message.get("read", False):
                 if new and self.older_than is not None and message["id"] < self.older_than and self.older_unread:
                     self.older_unread -= 1  # counted by its conversation from now on
-                if peer == self.open_peer:
+                if peer == self.open_peer and (self.newest_in_view or not live):
                     to_mark.append(message["id"])
                     message["read"] = True
                 else:
@@ -325,6 +332,32 @@ class ChatModel:
         self.search_pattern = None
         self._changed("list", "conversation", "search")
         return ids
+
+    def set_newest_in_view(self, in_view: bool) -> list[int]:
+        """The reader has (or no longer has) the open conversation's newest
+        messages in view; returns the ids that came meanwhile, to mark read now."""
+        self.newest_in_view = in_view
+        conv = self.conversations.get(self.open_peer) if self.open_peer is not None else None
+        if not in_view or conv is None or not conv.unread_ids:
+            return []
+        ids = sorted(conv.unread_ids)
+        for i in ids:
+            conv.messages[i]["read"] = True
+        conv.unread_ids.clear()
+        self._changed("list", "conversation")
+        return ids
+
+    @property
+    def unseen_below(self) -> int:
+        """Messages in the open conversation that came while it was scrolled up (or
+        the window was away): "N new messages" below, until they are in view."""
+        conv = self.conversations.get(self.open_peer) if self.open_peer is not None else None
+        return conv.unread if conv is not None else 0
+
+    @property
+    def unseen_cue(self) -> str:
+        n = self.unseen_below
+        return f"↓ {n:,} new message{'' if n == 1 else 's'}" if n else ""
 
     def keep_draft(self, peer: str, text: str):
         """Keep what was typed to ``peer`` (nothing if it is blank) for when its conversation opens again."""
