@@ -516,12 +516,14 @@ def test_deleting_selected_messages_is_asked_first():
     assert not model.confirming_delete  # nothing selected, nothing to ask
     model.toggle_selected(1)
     model.ask_delete()
-    assert model.confirming_delete and model.delete_question == "Delete 1 message? This cannot be undone."
+    assert model.confirming_delete and model.delete_question == \
+        "Delete 1 message for both of you? No undo."
     # Selecting more asks again, with the new count.
     model.toggle_selected(2)
     assert not model.confirming_delete
     model.ask_delete()
-    assert model.delete_question == "Delete 2 messages? This cannot be undone."
+    assert model.delete_questions == ("Delete 2 messages for both of you? No undo.",
+                                      "Delete 2 for both of you?", "For both?")
     # Cancel deletes nothing and keeps the selection.
     model.cancel_delete()
     assert not model.confirming_delete and model.selected == {1, 2}

@@ -420,7 +420,7 @@ def test_the_delete_key_asks_then_deletes_the_selected_messages():
         root.update()
         key("<Delete>")
         yield wait_for(lambda: app.confirm_bar.winfo_ismapped() and not app.delete_button.winfo_ismapped(), 5)
-        assert app.confirm_label.cget("text") == "Delete 2 messages? This cannot be undone."
+        assert app.confirm_label.cget("text") == "Delete 2 messages for both of you? No undo."
         assert canvas.winfo_rooty() == top
         # Escape takes the question back; nothing is deleted.
         key("<Escape>")
@@ -548,15 +548,16 @@ def test_on_a_narrow_window_the_delete_question_leaves_the_peer_name_visible():
             assert cancel.winfo_rootx() + cancel.winfo_width() <= header.winfo_rootx() + header.winfo_width()
             return label.cget("text")
 
-        full, short = "Delete 2 messages? This cannot be undone.", "Delete 2 messages?"
+        full, short, shortest = app.model.delete_questions
+        assert "both" in full and "undo" in full and "both" in short and "both" in shortest
         # Wide: the whole question and the whole name.
         name = yield from shows(1400, (full,))
         assert name == peer
         # The window's default width: the short question if need be, to keep the whole name.
         name = yield from shows(1000, (full, short))
         assert name == peer
-        # Its narrowest: a shorter question or the buttons alone, and as much of the name as is left.
-        name = yield from shows(720, (short, ""))
+        # Its narrowest: a shorter question, never none, and as much of the name as is left.
+        name = yield from shows(720, (short, shortest))
         assert name == peer or (name.endswith("…") and peer.startswith(name[:-1]) and len(name) > 4)
         if app.confirm_label.cget("text") == short:
             assert name == peer            # the question goes before the name is cut

@@ -28,8 +28,9 @@ SIDEBAR_WIDTH = 290
 HEADER_PAD_X = 20        # the conversation header's padding, left and right
 HEADER_GAP = 16          # between the peer's name and the delete controls
 CONTROLS_INSET = 20      # the delete controls' distance from the header's right padding
-# On a narrow window the delete question gets shorter, or goes, before the
-# peer's name is cut below this width: it asks about that peer's messages.
+# On a narrow window the delete question gets shorter before the peer's name
+# is cut below this width: it asks about that peer's messages. Its shortest
+# form stays, though, and the name makes room for it.
 NAME_KEPT_WIDTH = 120
 
 
@@ -672,13 +673,14 @@ class ChatApp:
                        + self.confirm_cancel_button.winfo_reqwidth())
             room = self._header_room() - CONTROLS_INSET - buttons - 10 - HEADER_GAP  # 10: the question's padx
             # The longest question that leaves the whole name; else one that
-            # leaves the name's start; else the buttons alone.
-            questions = (m.delete_question, m.delete_question_short, "")
+            # leaves the name's start; else the shortest, which still says the
+            # messages go for both people, with what room is left for the name.
+            questions = m.delete_questions
             name = self.fonts.heading.measure(m.open_peer)
             question = next((q for q in questions if self.fonts.body.measure(q) + name <= room), None)
             if question is None:
                 name = min(name, NAME_KEPT_WIDTH)
-                question = next(q for q in questions if not q or self.fonts.body.measure(q) + name <= room)
+                question = next((q for q in questions if self.fonts.body.measure(q) + name <= room), questions[-1])
             self.confirm_label.configure(text=question)
             self.confirm_bar.place(**place)
             self.confirm_bar.update_idletasks()      # its width with that question

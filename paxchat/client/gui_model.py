@@ -403,13 +403,19 @@ class ChatModel:
 
     @property
     def delete_question(self) -> str:
-        return f"{self.delete_question_short} This cannot be undone."
+        """Deleting removes the messages for the other person too, for good: say both."""
+        n = len(self.selected)
+        return f"Delete {n} message{'' if n == 1 else 's'} for both of you? No undo."
 
     @property
     def delete_question_short(self) -> str:
         """The question where the whole one would not fit beside the peer's name."""
-        n = len(self.selected)
-        return f"Delete {n} message{'' if n == 1 else 's'}?"
+        return f"Delete {len(self.selected)} for both of you?"
+
+    @property
+    def delete_questions(self) -> tuple[str, str, str]:
+        """Longest first; the last, for the narrowest window, still warns that both lose them."""
+        return (self.delete_question, self.delete_question_short, "For both?")
 
     # -- what to draw ----------------------------------------------------------------
 
