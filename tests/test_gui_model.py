@@ -494,6 +494,25 @@ def test_send_shows_pending_then_the_stored_message_or_an_error():
     assert "too long" in model.error and too_long.result == "x" * 16385
 
 
+def test_a_failed_send_keeps_its_error_until_dismissed_or_the_next_send():
+    clock, model, client, ctl = controller()
+    model.signed_in("alice")
+    ctl.open("bob")
+    ctl.send("hello")
+    client.last("send_message")[3].errback(ServerError("no_majority", "too few nodes"))
+    assert model.error.startswith("Not sent: ") and model.error_sticky
+    # Sending again takes it away (a new failure would show its own).
+    ctl.send("hello")
+    assert model.error == "" and not model.error_sticky
+    client.last("send_message")[3].errback(ServerError("no_majority", "too few nodes"))
+    assert model.error_sticky
+    model.clear_error()                      # dismissed
+    assert model.error == "" and not model.error_sticky
+    # Other errors go by themselves.
+    ctl.search("bo b")
+    assert model.error and not model.error_sticky
+
+
 def test_a_message_too_large_once_encoded_is_shown_as_not_sent():
     from paxchat.client.errors import RequestTooLarge
     clock, model, client, ctl = controller()

@@ -720,3 +720,44 @@ def test_messages_that_come_while_scrolled_up_are_read_once_scrolled_down():
         canvas.focus_force()
         yield wait_for(lambda: [54] in marks(), 5)
     yield with_fake_app(test)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_failed_send_keeps_its_banner_until_dismissed():
+    from twisted.internet import reactor
+    from paxchat.client import gui
+    from paxchat.client.errors import ServerError
+
+    def test(root, app, client):
+        yield open_long_conversation(app, client)
+        banner = app.error_row
+
+        def expiries():
+            return [c for c in reactor.getDelayedCalls() if c.func == app._expire_error and c.active()]
+
+        # Other errors go by themselves.
+        app.model.show_error("Cannot search for that.")
+        yield wait_for(lambda: root.update() or banner.winfo_ismapped(), 5)
+        yield wait_for(lambda: root.update() or not banner.winfo_ismapped(), 5)
+        # A send's failure stays: no expiry is even set.
+        app.compose.insert("1.0", "are you there?")
+        app.send_button.invoke()
+        client.last("send_message")[3].errback(ServerError("no_majority", "too few nodes"))
+        yield wait_for(lambda: root.update() or banner.winfo_ismapped(), 5)
+        assert app.error_banner.cget("text").startswith("Not sent") and not expiries()
+        assert app.compose.get("1.0", "end-1c") == "are you there?"
+        # Sending again takes it away.
+        app.send_button.invoke()
+        yield wait_for(lambda: root.update() or not banner.winfo_ismapped(), 5)
+        client.last("send_message")[3].errback(ServerError("no_majority", "too few nodes"))
+        yield wait_for(lambda: root.update() or banner.winfo_ismapped(), 5)
+        # And so does its ✕.
+        app.error_close.event_generate("<Button-1>", x=5, y=5)
+        yield wait_for(lambda: root.update() or not banner.winfo_ismapped(), 5)
+        assert app.model.error == ""
+
+    seconds, gui.ERROR_SECONDS = gui.ERROR_SECONDS, 0.05
+    try:
+        yield with_fake_app(test)
+    finally:
+        gui.ERROR_SECONDS = seconds

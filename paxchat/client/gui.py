@@ -27,6 +27,7 @@ ROW_HEIGHT = 66
 SIDEBAR_WIDTH = 290
 HEADER_PAD_X = 20        # the conversation header's padding, left and right
 HEADER_GAP = 16          # between the peer's name and the delete controls
+ERROR_SECONDS = 8.0      # how long an error banner stays, unless it is a send's (kept until dismissed)
 CONTROLS_INSET = 20      # the delete controls' distance from the header's right padding
 # On a narrow window the delete question gets shorter before the peer's name
 # is cut below this width: it asks about that peer's messages. Its shortest
@@ -189,7 +190,13 @@ class ChatApp:
                                                 command=self.model.cancel_delete)
         self.confirm_cancel_button.pack(side="left", padx=(8, 0))
         tk.Frame(chat, height=1, background=c["line"]).grid(row=0, column=0, sticky="sew")
-        self.error_banner = ttk.Label(chat, text="", style="Error.TLabel", wraplength=600)
+        self.error_row = tk.Frame(chat, background=c["error_bg"])
+        self.error_banner = ttk.Label(self.error_row, text="", style="Error.TLabel", wraplength=600)
+        self.error_banner.pack(side="left", fill="x", expand=True)
+        self.error_close = tk.Label(self.error_row, text="✕", background=c["error_bg"], foreground=c["danger"],
+                                    font=self.fonts.body, padx=14, cursor="hand2")
+        self.error_close.pack(side="right", fill="y")
+        self.error_close.bind("<Button-1>", lambda e: self.model.clear_error())
         body = ttk.Frame(chat)
         body.grid(row=2, column=0, sticky="nsew")
         self.canvas = tk.Canvas(body, background=c["bg"], highlightthickness=0, borderwidth=0)
@@ -573,16 +580,17 @@ class ChatApp:
         error = self.model.error
         if self.model.screen == "login":
             self.login_error.configure(text=error)
-            self.error_banner.grid_forget()
+            self.error_row.grid_forget()
         elif error:
             self.error_banner.configure(text=error)
-            self.error_banner.grid(row=1, column=0, sticky="ew")
-            self.reactor.callLater(8, self._expire_error, error)
+            self.error_row.grid(row=1, column=0, sticky="ew")
+            if not self.model.error_sticky:
+                self.reactor.callLater(ERROR_SECONDS, self._expire_error, error)
         else:
-            self.error_banner.grid_forget()
+            self.error_row.grid_forget()
 
     def _expire_error(self, error):
-        if self.model.error == error and not self._closing:
+        if self.model.error == error and not self.model.error_sticky and not self._closing:
             self.model.clear_error()
 
     def _draw_list(self):

@@ -355,6 +355,8 @@ class ChatController:
         if len(body) > MAX_BODY:
             self.model.show_error(f"That message is too long ({len(body):,} characters; at most {MAX_BODY:,}).")
             return defer.succeed(body)
+        if self.model.error_sticky:
+            self.model.clear_error()   # the last send's failure: this one is tried now
         key, session = next(self._keys), self.model.session
         self.model.sending(peer, key, body)
         d = self.client.send_message(peer, body)
@@ -368,7 +370,9 @@ class ChatController:
                 # Its writer logged out meanwhile: neither the error nor the text
                 # is for whoever uses the window now.
                 return None
-            self.model.show_error("Not sent: " + _sentence(failure))
+            # Kept until dismissed: the text back in the compose box alone would
+            # not tell someone who looked away that it did not go.
+            self.model.show_error("Not sent: " + _sentence(failure), sticky=True)
             return self.model.not_sent(peer, key)
 
         def bug(failure):

@@ -111,6 +111,9 @@ class ChatModel:
         self.me: str | None = None
         self.status = ""
         self.error = ""
+        # A send that failed: its error stays until dismissed or replaced (the
+        # next send, another error), where others go by themselves.
+        self.error_sticky = False
         self.notice = ""
         self.conversations: dict[str, Conversation] = {}
         self.open_peer: str | None = None
@@ -149,12 +152,15 @@ class ChatModel:
         self.status = status_text(status)
         self._changed("status")
 
-    def show_error(self, reason):
-        """Show a failure (Failure, exception or sentence) as one readable sentence."""
+    def show_error(self, reason, sticky: bool = False):
+        """Show a failure (Failure, exception or sentence) as one readable sentence;
+        ``sticky``: until dismissed, not for a few seconds."""
         self.error = reason if isinstance(reason, str) else explain(reason)
+        self.error_sticky = sticky
         self._changed("error")
 
     def clear_error(self):
+        self.error_sticky = False
         if self.error:
             self.error = ""
             self._changed("error")
@@ -177,7 +183,7 @@ class ChatModel:
     def _forget_account(self):
         """What was shown and typed for the account before: gone, on either screen change."""
         self.session += 1
-        self.error = ""
+        self.error, self.error_sticky = "", False
         self.conversations.clear()
         self.open_peer = None
         self.selected.clear()
