@@ -308,6 +308,46 @@ def test_bad_login_shows_a_sentence_and_stays_on_the_login_screen():
     assert model.error == "Enter your username and password."
 
 
+def test_a_refused_login_says_which_field_is_wrong():
+    clock, model, client, ctl = controller()
+    client.auto = {"login": ServerError("bad_credentials", "no")}
+    ctl.log_in("alice", "wrong-pass")
+    assert model.error_about == "password"
+    client.auto = {"create_account": ServerError("invalid_username", "no")}
+    ctl.create_account("al ice", "good-password")
+    assert model.error.startswith("That username is not allowed") and model.error_about == "username"
+    client.auto = {"create_account": ServerError("username_taken", "no")}
+    ctl.create_account("alice", "good-password")
+    assert model.error_about == "username"
+    client.auto = {"create_account": ServerError("invalid_password", "no")}
+    ctl.create_account("alice", "short")
+    assert model.error_about == "password"
+    client.auto = {"login": Unreachable("no paxchat node could be reached")}
+    ctl.log_in("alice", "good-password")
+    assert model.error.startswith("Cannot reach") and model.error_about is None
+    ctl.log_in("", "good-password")
+    assert model.error_about == "username"
+    ctl.log_in("alice", "")
+    assert model.error_about == "password"
+
+
+def test_a_too_long_error_goes_once_the_text_fits():
+    from paxchat.client.gui_controller import MAX_BODY
+    clock, model, client, ctl = controller()
+    model.signed_in("alice")
+    ctl.open("bob")
+    ctl.send("x" * (MAX_BODY + 1))
+    assert "too long" in model.error and model.error_about == "compose"
+    ctl.compose_changed("x" * (MAX_BODY + 1) + "\n")   # still too long
+    assert "too long" in model.error
+    ctl.compose_changed("x" * MAX_BODY + "\n")
+    assert model.error == ""
+    # Other errors stay as the text changes.
+    model.show_error("Cannot search for that.")
+    ctl.compose_changed("")
+    assert model.error == "Cannot search for that."
+
+
 def test_open_marks_read_in_one_batch_and_loads_the_newest_page():
     clock, model, client, ctl = controller()
     model.signed_in("alice")

@@ -761,3 +761,47 @@ def test_a_failed_send_keeps_its_banner_until_dismissed():
         yield with_fake_app(test)
     finally:
         gui.ERROR_SECONDS = seconds
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_refused_name_keeps_the_password_and_a_fitting_message_clears_too_long():
+    from paxchat.client.errors import ServerError
+
+    def test(root, app, client):
+        user, password = app.user_entry, app.password_entry
+        user.insert(0, "al ice")
+        password.insert(0, "alice-password")
+        client.auto["create_account"] = ServerError("invalid_username", "no")
+        app.create_button.invoke()
+        yield wait_for(lambda: root.update() or app.login_error.cget("text"), 5)
+        assert app.login_error.cget("text").startswith("That username is not allowed")
+        yield wait_for(lambda: root.update() or root.focus_get() is user, 5)
+        assert password.get() == "alice-password" and user.selection_present()
+        # A wrong pair empties the password, to type again there.
+        user.delete(0, "end")
+        user.insert(0, "alice")
+        client.auto["login"] = ServerError("bad_credentials", "no")
+        app.login_button.invoke()
+        yield wait_for(lambda: root.update() or root.focus_get() is password, 5)
+        assert password.get() == "" and user.get() == "alice"
+        # Logged in, the password field is emptied.
+        password.insert(0, "alice-password")
+        client.auto.update({"login": {"session": "t", "unread": 0}, "history": {"messages": [], "more": False},
+                            "get_settings": {"read_receipts": True}})
+        app.login_button.invoke()
+        yield wait_for(lambda: root.update() or app.main.winfo_ismapped(), 5)
+        assert password.get() == ""
+
+        # Too long: the banner goes once the text is cut down to fit.
+        from paxchat.client.gui_controller import MAX_BODY
+        app.open_conversation("bob")
+        app.compose.insert("1.0", "x" * (MAX_BODY + 5))
+        app.send_button.invoke()
+        yield wait_for(lambda: root.update() or app.error_row.winfo_ismapped(), 5)
+        app.compose.delete("1.0", "1.3")
+        root.update()
+        assert app.error_row.winfo_ismapped()       # still 2 too many
+        app.compose.delete("1.0", "1.2")
+        yield wait_for(lambda: root.update() or not app.error_row.winfo_ismapped(), 5)
+        assert len(app.compose.get("1.0", "end-1c")) == MAX_BODY
+    yield with_fake_app(test)

@@ -65,6 +65,7 @@ class ChatApp:
         self._at_bottom = True               # the conversation is scrolled to its newest message
         self._session = None                 # the model's session the boxes were last emptied for
         self._view_check = None              # a pending look at whether the newest messages are seen
+        self._login_error_shown = None       # (error, what about) the login fields were last set for
         self._build()
         root.protocol("WM_DELETE_WINDOW", self.close)
         self.controller = ChatController(reactor, self.model, make_client)
@@ -244,6 +245,7 @@ class ChatApp:
         self.compose.bind("<Return>", self._compose_return)
         self.compose.bind("<KP_Enter>", self._compose_return)
         self.compose.bind("<Shift-Return>", self._compose_newline)
+        self.compose.bind("<<Modified>>", self._compose_modified)
 
         # Asking for the password before deleting the account, over the chat.
         self.danger = ttk.Frame(chat, style="Panel.TFrame", padding=(28, 24))
@@ -358,13 +360,13 @@ class ChatApp:
 
     # -- actions ----------------------------------------------------------------------
 
+    # The password stays in its field until the answer: a refused name keeps
+    # it (``_draw_error``), and a session begun empties it (``_forget_typed``).
     def _log_in(self):
         self.controller.log_in(self.user_entry.get(), self.password_entry.get())
-        self.password_entry.delete(0, "end")
 
     def _create_account(self):
         self.controller.create_account(self.user_entry.get(), self.password_entry.get())
-        self.password_entry.delete(0, "end")
 
     def _log_out(self):
         self.controller.log_out()
@@ -410,6 +412,12 @@ class ChatApp:
     def _compose_return(self, event):
         self._send()
         return "break"
+
+    def _compose_modified(self, event):
+        """Text typed, pasted or cut: a "too long" error goes once it fits."""
+        if self.compose.edit_modified():
+            self.compose.edit_modified(False)   # so the next change says so again
+            self.controller.compose_changed(self._compose_text())
 
     def _compose_newline(self, event):
         self.compose.insert("insert", "\n")
@@ -548,6 +556,7 @@ class ChatApp:
         self.compose.configure(state=state)
         self.search_entry.delete(0, "end")
         self._placeholder_restore()
+        self.password_entry.delete(0, "end")
 
     def _draw_screen(self):
         m = self.model
@@ -581,6 +590,9 @@ class ChatApp:
         if self.model.screen == "login":
             self.login_error.configure(text=error)
             self.error_row.grid_forget()
+            if error and self._login_error_shown != (error, self.model.error_about):
+                self._point_at_login_error()
+            self._login_error_shown = (error, self.model.error_about) if error else None
         elif error:
             self.error_banner.configure(text=error)
             self.error_row.grid(row=1, column=0, sticky="ew")
@@ -588,6 +600,18 @@ class ChatApp:
                 self.reactor.callLater(ERROR_SECONDS, self._expire_error, error)
         else:
             self.error_row.grid_forget()
+
+    def _point_at_login_error(self):
+        """The cursor goes where the error is: a refused name keeps the password
+        typed; a refused password (or a wrong pair) is emptied, to type again."""
+        about = self.model.error_about
+        if about == "username":
+            self.user_entry.focus_set()
+            self.user_entry.select_range(0, "end")
+            self.user_entry.icursor("end")
+        elif about == "password":
+            self.password_entry.delete(0, "end")
+            self.password_entry.focus_set()
 
     def _expire_error(self, error):
         if self.model.error == error and not self.model.error_sticky and not self._closing:

@@ -22,6 +22,9 @@ from .gui_model import PAGE_SIZE, ChatModel, search_pattern
 
 __all__ = ["ChatController", "MAX_BODY"]
 
+# Login and account creation errors about the name: the username field gets
+# the cursor and the password is kept. Any other is taken to be about the password.
+USERNAME_ERRORS = ("invalid_username", "username_taken", "no_such_user")
 RECENT = 200            # messages per history page fetched at login to build the conversation list
 RECENT_PAGES = 20       # at most this many such pages, even if unread messages remain older
 RETRY_OFFLINE = 5.0     # seconds between reconnection campaigns when every node is down
@@ -174,10 +177,19 @@ class ChatController:
             return result
         return self._guard(d).addBoth(done)
 
+    def _refused(self, failure):
+        """A login or account creation refused: say which field is wrong (``ChatModel.error_about``)."""
+        if isinstance(failure.value, ServerError):
+            about = "username" if failure.value.code in USERNAME_ERRORS else "password"
+        else:
+            about = None   # the network: both fields are right as far as anyone knows
+        self.model.show_error(failure, about=about)
+        return None
+
     def log_in(self, username: str, password: str) -> defer.Deferred:
         username = username.strip()
         if not username or not password:
-            self.model.show_error("Enter your username and password.")
+            self.model.show_error("Enter your username and password.", about="password" if username else "username")
             return defer.succeed(None)
         if self.client is None:
             return defer.succeed(None)
@@ -189,12 +201,13 @@ class ChatController:
             self.load_settings()
             yield self.load_recent(result.get("unread", 0) if isinstance(result, dict) else 0)
             return result
-        return self._busy(go)
+        return self._busy(lambda: go().addErrback(self._refused))
 
     def create_account(self, username: str, password: str) -> defer.Deferred:
         username = username.strip()
         if not username or not password:
-            self.model.show_error("Choose a username and a password (at least 8 characters).")
+            self.model.show_error("Choose a username and a password (at least 8 characters).",
+                                  about="password" if username else "username")
             return defer.succeed(None)
         if self.client is None:
             return defer.succeed(None)
@@ -206,7 +219,7 @@ class ChatController:
             self.model.signed_in(username)
             self.load_settings()
             return result
-        return self._busy(go)
+        return self._busy(lambda: go().addErrback(self._refused))
 
     def load_recent(self, unread: int = 0) -> defer.Deferred:
         """Fill the conversation list from recent history (newest first on the server).
@@ -353,7 +366,8 @@ class ChatController:
         if peer is None or not body.strip():
             return defer.succeed(None)
         if len(body) > MAX_BODY:
-            self.model.show_error(f"That message is too long ({len(body):,} characters; at most {MAX_BODY:,}).")
+            self.model.show_error(f"That message is too long ({len(body):,} characters; at most {MAX_BODY:,}).",
+                                  about="compose")
             return defer.succeed(body)
         if self.model.error_sticky:
             self.model.clear_error()   # the last send's failure: this one is tried now
@@ -381,6 +395,11 @@ class ChatController:
             self.log.failure("showing a sent message failed", failure)
             return None
         return d.addCallbacks(sent, failed).addErrback(bug)
+
+    def compose_changed(self, text: str):
+        """The compose box changed: a "too long" error goes once its text fits (or is gone)."""
+        if self.model.error_about == "compose" and len(text.strip("\n")) <= MAX_BODY:
+            self.model.clear_error()
 
     def search(self, text: str) -> defer.Deferred:
         """Find accounts; a pattern the server would refuse is explained here, not sent.

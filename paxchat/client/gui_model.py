@@ -114,6 +114,10 @@ class ChatModel:
         # A send that failed: its error stays until dismissed or replaced (the
         # next send, another error), where others go by themselves.
         self.error_sticky = False
+        # What the error is about, where the view can tell: "username" or
+        # "password" on the login screen (that field gets the cursor), or
+        # "compose" (a message too long, gone once it fits).
+        self.error_about: str | None = None
         self.notice = ""
         self.conversations: dict[str, Conversation] = {}
         self.open_peer: str | None = None
@@ -152,15 +156,15 @@ class ChatModel:
         self.status = status_text(status)
         self._changed("status")
 
-    def show_error(self, reason, sticky: bool = False):
+    def show_error(self, reason, sticky: bool = False, about: str | None = None):
         """Show a failure (Failure, exception or sentence) as one readable sentence;
-        ``sticky``: until dismissed, not for a few seconds."""
+        ``sticky``: until dismissed, not for a few seconds; ``about``: see ``error_about``."""
         self.error = reason if isinstance(reason, str) else explain(reason)
-        self.error_sticky = sticky
+        self.error_sticky, self.error_about = sticky, about
         self._changed("error")
 
     def clear_error(self):
-        self.error_sticky = False
+        self.error_sticky, self.error_about = False, None
         if self.error:
             self.error = ""
             self._changed("error")
@@ -183,7 +187,7 @@ class ChatModel:
     def _forget_account(self):
         """What was shown and typed for the account before: gone, on either screen change."""
         self.session += 1
-        self.error, self.error_sticky = "", False
+        self.error, self.error_sticky, self.error_about = "", False, None
         self.conversations.clear()
         self.open_peer = None
         self.selected.clear()
