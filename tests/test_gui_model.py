@@ -600,6 +600,19 @@ def test_deleting_selected_messages_is_asked_first():
     assert not model.confirming_delete and [b["id"] for b in model.bubbles()] == [3]
 
 
+def test_the_selected_messages_text_is_their_bodies_oldest_first():
+    model, _ = model_for()
+    model.add_messages([msg(1, "bob", "alice", "first"), msg(2, "alice", "bob", "second\nline"),
+                        msg(3, "bob", "alice", "third")])
+    assert model.selected_text() == ""
+    model.open("bob")
+    model.toggle_selected(3)
+    model.toggle_selected(1)
+    assert model.selected_text() == "first\nthird"
+    assert model.selected_text(3) == "first\nthird"     # right-clicked one of them: all of them
+    assert model.selected_text(2) == "second\nline"     # another one: that one alone
+
+
 def test_search_delete_logout_and_session_end():
     clock, model, client, ctl = controller()
     model.signed_in("alice")

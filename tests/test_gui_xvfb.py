@@ -805,3 +805,40 @@ def test_a_refused_name_keeps_the_password_and_a_fitting_message_clears_too_long
         yield wait_for(lambda: root.update() or not app.error_row.winfo_ismapped(), 5)
         assert len(app.compose.get("1.0", "end-1c")) == MAX_BODY
     yield with_fake_app(test)
+
+
+@pytest_twisted.inlineCallbacks
+def test_ctrl_c_and_the_bubble_menu_copy_the_selected_messages():
+    def test(root, app, client):
+        yield open_long_conversation(app, client)
+        canvas = app.canvas
+        root.clipboard_clear()
+        app.model.toggle_selected(50)
+        app.model.toggle_selected(48)
+        # Typing, Ctrl+C copies the compose box's own selection.
+        app.compose.insert("1.0", "typed text")
+        app.compose.tag_add("sel", "1.0", "1.5")
+        app.compose.focus_force()
+        root.update()
+        app.compose.event_generate("<Control-c>")
+        assert root.clipboard_get() == "typed"
+        # Elsewhere (the conversation clicked), the selected messages, oldest first.
+        canvas.event_generate("<Button-1>", x=5, y=5)
+        root.update()
+        assert root.focus_get() is canvas
+        canvas.event_generate("<Control-c>")
+        assert root.clipboard_get() == "message 48\nmessage 50"
+        # Right-click on a message: Copy.
+        root.clipboard_clear()
+        yield wait_for(lambda: root.update() or not app.coalescer.pending, 5)
+        x0, y0, x1, y1 = canvas.bbox("msg49")
+        top = canvas.canvasy(0)
+        canvas.event_generate("<Motion>", x=(x0 + x1) // 2, y=int((y0 + y1) / 2 - top))
+        canvas.event_generate("<Button-3>", x=(x0 + x1) // 2, y=int((y0 + y1) / 2 - top))
+        root.update()
+        assert app._menu_message == 49
+        app.bubble_menu.unpost()
+        app.bubble_menu.invoke(0)
+        assert root.clipboard_get() == "message 49"
+        assert "Ctrl+C: copy" in app.compose_hint.cget("text")
+    yield with_fake_app(test)

@@ -224,6 +224,14 @@ class ChatApp:
         self.root.bind("<Alt-Down>", lambda e: self._key_conversation(1))
         self.root.bind("<Delete>", lambda e: self._key_delete(e, self.model.ask_delete))
         self.root.bind("<Escape>", lambda e: self._key_delete(e, self.model.cancel_delete))
+        # Ctrl+C (and the platform's other copy keys): the selected messages' text.
+        self.root.bind("<<Copy>>", self._key_copy)
+        self.bubble_menu = tk.Menu(self.canvas, tearoff=False, font=self.fonts.body, background=c["panel"],
+                                   activebackground=c["accent_soft"], activeforeground=c["text"], relief="flat")
+        self.bubble_menu.add_command(label="Copy", command=lambda: self._copy(self._menu_message))
+        self._menu_message = None
+        right = "<Button-2>" if self.root.tk.call("tk", "windowingsystem") == "aqua" else "<Button-3>"
+        self.canvas.tag_bind("bubble", right, self._bubble_menu)
 
         compose = ttk.Frame(chat, style="Panel.TFrame", padding=(16, 10, 16, 8))
         compose.grid(row=3, column=0, sticky="ew")
@@ -237,7 +245,8 @@ class ChatApp:
         self.send_button = ttk.Button(compose, text="Send", style="Accent.TButton", command=self._send)
         self.send_button.grid(row=0, column=1, sticky="s", padx=(10, 0))
         self.compose_hint = ttk.Label(
-            compose, text="Enter to send · Shift+Enter: new line · Alt+↑/↓: switch chat · click to select",
+            compose, text="Enter to send · Shift+Enter: new line · Alt+↑/↓: switch chat · click to select · "
+                          "Ctrl+C: copy",
             style="Hint.TLabel")
         self.compose_hint.grid(row=1, column=0, columnspan=2, sticky="w", pady=(6, 0))
         # On a narrow window the hint wraps instead of being cut off at the right.
@@ -350,6 +359,32 @@ class ChatApp:
         self._scroll_chat(*args)
         self._scrolled(*self.canvas.yview())
         return "break"
+
+    def _key_copy(self, event):
+        """Ctrl+C outside a text box copies the selected messages (a text box copies its own selection)."""
+        if self._typing(event) or self.model.screen != "chats" or not self.model.selected:
+            return None
+        self._copy()
+        return "break"
+
+    def _copy(self, message_id=None):
+        text = self.model.selected_text(message_id)
+        if text:
+            self.root.clipboard_clear()
+            self.root.clipboard_append(text)
+
+    def _bubble_menu(self, event):
+        """Right-click on a message: Copy (the selected messages, if it is one of them)."""
+        self._menu_message = self._message_at_pointer()
+        if self._menu_message is not None:
+            self.bubble_menu.tk_popup(event.x_root, event.y_root)
+
+    def _message_at_pointer(self):
+        item = self.canvas.find_withtag("current")
+        for tag in self.canvas.gettags(item[0]) if item else ():
+            if tag.startswith("msg") and tag[3:].isdigit():
+                return int(tag[3:])
+        return None
 
     def _key_delete(self, event, action):
         """Delete asks to delete the selected messages, Escape takes the question back, when not typing."""
@@ -494,11 +529,9 @@ class ChatApp:
                 return
 
     def _bubble_clicked(self, event):
-        item = self.canvas.find_withtag("current")
-        for tag in self.canvas.gettags(item[0]) if item else ():
-            if tag.startswith("msg") and tag[3:].isdigit():
-                self.model.toggle_selected(int(tag[3:]))
-                return
+        message_id = self._message_at_pointer()
+        if message_id is not None:
+            self.model.toggle_selected(message_id)
 
     def _scrolled(self, first, last):
         if float(first) <= 0.0 and float(last) < 1.0:

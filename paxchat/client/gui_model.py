@@ -400,6 +400,16 @@ class ChatModel:
         self.confirming_delete = False  # asked about other messages
         self._changed("conversation")
 
+    def selected_text(self, message_id: int | None = None) -> str:
+        """The bodies of the selected messages, oldest first, one after another on
+        lines of their own: what Copy puts on the clipboard. With ``message_id``
+        not among them (a right-click elsewhere), that message's alone."""
+        if self.open_peer is None:
+            return ""
+        conv = self.conversation(self.open_peer)
+        ids = self.selected if message_id is None or message_id in self.selected else {message_id}
+        return "\n".join(str(conv.messages[i].get("body", "")) for i in sorted(ids) if i in conv.messages)
+
     def ask_delete(self):
         """Deleting cannot be undone: ask first (``delete_question``) when messages are selected."""
         if self.selected and not self.confirming_delete:
