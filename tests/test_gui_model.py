@@ -147,6 +147,48 @@ def test_history_pages_tell_whether_older_messages_remain():
     assert not conv.more_before and conv.oldest_id == 10
 
 
+def test_where_a_reused_names_new_account_begins_is_noted():
+    model, _ = model_for()
+    model.open("bob")
+    old = [msg(i, "bob", "alice", ts=100.0 + i, read=True) for i in (1, 2)]
+    model.add_history_page("bob", old[::-1], PAGE_SIZE, older=False)
+    assert model.account_notes() == (None, None)            # the server has not said
+    model.set_peer_created("bob", None)
+    assert model.account_notes() == (None, "bob's account was deleted.")
+    # A new account of the name writes: it existed by then, its messages come after the note.
+    model.add_messages([msg(3, "bob", "alice", ts=500.0)], live=True)
+    above, text = model.account_notes()
+    assert above == 3 and text.startswith("bob is a new account since ")
+    assert text.endswith("the messages above were with an earlier account of that name.")
+    # The server's word, when it comes, places it; nothing before it: no note.
+    model.set_peer_created("bob", 101.5)
+    assert model.account_notes()[0] == 2
+    model.set_peer_created("bob", 50.0)
+    assert model.account_notes() == (None, None)
+    # Every loaded message older: the note comes last.
+    model.set_peer_created("bob", 900.0)
+    above, text = model.account_notes()
+    assert above is None and text.startswith("bob is a new account since ")
+
+
+def test_the_controller_passes_on_peer_created_from_every_history_answer():
+    clock, model, client, ctl = controller()
+    client.auto = {"login": {"session": "t", "unread": 0}, "history": {"messages": []}}
+    ctl.log_in("alice", "pw-123456")
+    client.auto = {}
+    ctl.open("bob")
+    client.last("history")[3].callback({"messages": [msg(1, "bob", "alice", ts=10.0, read=True)],
+                                        "more": False, "peer_created": 20.0})
+    assert model.conversation("bob").peer_created == 20.0
+    assert model.account_notes()[0] is None and "new account" in model.account_notes()[1]
+    ctl.open("bob")                            # caught up: the name was freed since
+    client.last("history")[3].callback({"messages": [], "more": False, "peer_created": None})
+    assert model.account_notes()[1] == "bob's account was deleted."
+    ctl.open("bob")                            # an earlier build: unchanged
+    client.last("history")[3].callback({"messages": [], "more": False})
+    assert model.conversation("bob").peer_created is None
+
+
 def test_a_short_page_the_server_says_is_not_the_last_keeps_older_loadable():
     # A page cut short by the answer size limit: fewer than asked, more left.
     model, _ = model_for()

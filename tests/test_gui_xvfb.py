@@ -842,3 +842,24 @@ def test_ctrl_c_and_the_bubble_menu_copy_the_selected_messages():
         assert root.clipboard_get() == "message 49"
         assert "Ctrl+C: copy" in app.compose_hint.cget("text")
     yield with_fake_app(test)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_reused_names_new_account_is_marked_in_the_conversation():
+    import time
+
+    def test(root, app, client):
+        now = time.time()
+        old = [msg(i, "bob", "alice", f"old bob {i}", ts=now - 3600 + i, read=True) for i in (1, 2)]
+        new = msg(3, "bob", "alice", "new bob here", ts=now - 60, read=True)
+        client.auto["history"] = {"messages": [new, *old[::-1]], "more": False,
+                                  "peer_created": now - 120}
+        app.model.signed_in("alice")
+        app.open_conversation("bob")
+        yield wait_for(settled(app, lambda: app.canvas.find_withtag("msg3")), 5)
+        [note] = [i for i in app.canvas.find_all() if app.canvas.type(i) == "text"
+                  and app.canvas.itemcget(i, "text").startswith("bob is a new account since")]
+        top = app.canvas.bbox(note)[1]
+        assert app.canvas.bbox("msg2")[3] <= top and app.canvas.bbox(note)[3] <= app.canvas.bbox("msg3")[1]
+
+    yield with_fake_app(test)

@@ -815,10 +815,21 @@ class ChatApp:
         else:
             canvas.create_text(width / 2, y + 20, anchor="n", font=f.body, fill=c["muted"],
                                text=f"No messages with {peer} yet. Say hello!")
+        note_above, note = m.account_notes()
+
+        def draw_note(y):
+            # Where a reused name's new account begins: one muted line, or two.
+            text_id = canvas.create_text(width / 2, y + 14, anchor="n", font=f.small, fill=c["muted"],
+                                         text=note, justify="center", width=width - 2 * margin)
+            return canvas.bbox(text_id)[3] + 4
+
         for b in m.bubbles():
             mine = b["mine"]
             tag = f"msg{b['id']}" if b["id"] is not None else "pending"
             tags = ("bubble", tag)
+            if note is not None and note_above is not None and b["id"] == note_above:
+                y = draw_note(y)
+                b["first_in_run"] = True
             y += 14 if b["first_in_run"] else 4
             if b["first_in_run"] and not mine:
                 canvas.create_text(margin + 4, y, anchor="nw", text=b["sender"], font=f.name, fill=c["text"])
@@ -856,6 +867,8 @@ class ChatApp:
                 canvas.create_text(x0 + bw - 6, y + 3, anchor="ne", text=b["receipt"], font=f.small,
                                    fill=c["muted"], tags=("receipt",))
                 y += f.small.metrics("linespace") + 3
+        if note is not None and note_above is None:
+            y = draw_note(y)
         y += 20
         total = max(y, height)
         canvas.configure(scrollregion=(0, 0, width, total))

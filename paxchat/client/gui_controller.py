@@ -312,6 +312,7 @@ class ChatController:
         d = self.client.history(peer=peer, limit=PAGE_SIZE)
 
         def merge(result):
+            self._note_created(peer, result)
             messages = [m for m in result.get("messages", []) if isinstance(m, dict) and "id" in m]
             conv = self.model.conversation(peer)
             if result.get("more") and messages and not any(m["id"] in conv.messages for m in messages):
@@ -341,10 +342,17 @@ class ChatController:
         conv.loading_older = True
         return self._load(peer, before=conv.oldest_id)
 
+    def _note_created(self, peer, result):
+        """A history answer's ``peer_created`` (servers of earlier builds leave it out)."""
+        created = result.get("peer_created", False)
+        if created is None or (isinstance(created, (int, float)) and not isinstance(created, bool)):
+            self.model.set_peer_created(peer, created)
+
     def _load(self, peer, before):
         d = self.client.history(peer=peer, before=before, limit=PAGE_SIZE)
 
         def loaded(result):
+            self._note_created(peer, result)
             self._mark(self.model.add_history_page(peer, result.get("messages", []), PAGE_SIZE,
                                                    older=before is not None, more=result.get("more")))
 

@@ -18,6 +18,7 @@ __all__ = ["ChatModel", "Conversation", "Coalescer", "status_text", "PAGE_SIZE"]
 
 PAGE_SIZE = 50  # messages per history page when scrolling back
 RUN_GAP = 300.0  # seconds: closer messages from one sender are drawn as one run
+UNTOLD = object()  # a Conversation's peer_created before any history answer said it
 
 
 def _float(value) -> float:
@@ -74,6 +75,10 @@ class Conversation:
     loading_older: bool = False
     loaded_once: bool = False       # the newest page was fetched
     pending: dict = field(default_factory=dict)    # local key -> message being sent
+    # When the account now named ``peer`` was created (history's ``peer_created``):
+    # older messages were with an earlier account of the name. None: no account
+    # has the name; UNTOLD: the server has not said (an earlier build).
+    peer_created: float | None | object = UNTOLD
 
     @property
     def unread(self) -> int:
@@ -228,6 +233,10 @@ class ChatModel:
             conv = self.conversation(peer)
             new = message["id"] not in conv.messages
             conv.messages[message["id"]] = message
+            if live and new and conv.peer_created is None:
+                # Only an account that exists sends or is sent to: the name was
+                # taken again, no later than this message.
+                conv.peer_created = _float(message.get("ts"))
             touched.add(peer)
             incoming = message.get("to") == self.me and message.get("from") != self.me
             if incoming and not message.get("read", False):
@@ -263,6 +272,30 @@ class ChatModel:
                 conv.more_before = len(messages) >= limit
             self._changed("conversation", "list")
         return ids
+
+    def set_peer_created(self, peer: str, created):
+        """History's ``peer_created`` for ``peer``: a time, or None (no such account now)."""
+        conv = self.conversation(peer)
+        conv.peer_created = None if created is None else _float(created)
+        if peer == self.open_peer:
+            self._changed("conversation")
+
+    def account_notes(self) -> tuple[int | None, str | None]:
+        """Where the open conversation changes accounts: ``(id, text)`` to draw the text
+        above the message ``id`` (None: below the last one), or ``(None, None)``."""
+        conv = self.conversation(self.open_peer) if self.open_peer is not None else None
+        if conv is None or not conv.messages or conv.peer_created is UNTOLD:
+            return None, None
+        created = conv.peer_created
+        if created is None:
+            return None, f"{conv.peer}'s account was deleted."
+        ordered = conv.ordered()
+        if _float(ordered[0].get("ts")) >= created:
+            return None, None
+        later = [m["id"] for m in ordered if _float(m.get("ts")) >= created]
+        text = (f"{conv.peer} is a new account since {time_label(created)}: "
+                "the messages above were with an earlier account of that name.")
+        return (later[0] if later else None), text
 
     def set_older_unread(self, count: int, older_than: int | None):
         """``count`` unread messages, all with ids below ``older_than``, are not loaded yet."""
