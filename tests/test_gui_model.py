@@ -356,13 +356,13 @@ def test_a_refused_login_says_which_field_is_wrong():
     ctl.log_in("alice", "wrong-pass")
     assert model.error_about == "password"
     client.auto = {"create_account": ServerError("invalid_username", "no")}
-    ctl.create_account("al ice", "good-password")
+    ctl.create_account("al ice", "good-password", "good-password")
     assert model.error.startswith("That username is not allowed") and model.error_about == "username"
     client.auto = {"create_account": ServerError("username_taken", "no")}
-    ctl.create_account("alice", "good-password")
+    ctl.create_account("alice", "good-password", "good-password")
     assert model.error_about == "username"
     client.auto = {"create_account": ServerError("invalid_password", "no")}
-    ctl.create_account("alice", "short")
+    ctl.create_account("alice", "short", "short")
     assert model.error_about == "password"
     client.auto = {"login": Unreachable("no paxchat node could be reached")}
     ctl.log_in("alice", "good-password")
@@ -371,6 +371,29 @@ def test_a_refused_login_says_which_field_is_wrong():
     assert model.error_about == "username"
     ctl.log_in("alice", "")
     assert model.error_about == "password"
+
+
+def test_creating_an_account_asks_for_the_password_twice_and_refuses_two_that_differ():
+    clock, model, client, ctl = controller()
+    model.set_creating(True)
+    assert model.creating_account
+    client.auto = {"create_account": {}, "login": {"session": "t", "unread": 0}, "get_settings": {}}
+    ctl.create_account("alice", "good-password", "")
+    assert model.error == "Type the password again under Repeat password." and model.error_about == "repeat"
+    ctl.create_account("alice", "good-password", "good-passwrod")
+    assert model.error == "The two passwords differ. Type the password again in both fields."
+    assert model.error_about == "password"     # both are typed again: which one is wrong is not known
+    assert not [c for c in client.calls if c[0] in ("create_account", "login")]
+    assert model.screen == "login" and model.creating_account and not model.busy
+    ctl.create_account("alice", "good-password", "good-password")
+    assert client.last("create_account")[1] == ("alice", "good-password")
+    assert model.screen == "chats" and model.error == ""
+    # Back on the login screen, it logs in again.
+    model.signed_out()
+    assert not model.creating_account
+    model.set_creating(True)
+    model.signed_in("alice")
+    assert not model.creating_account
 
 
 def test_a_too_long_error_goes_once_the_text_fits():

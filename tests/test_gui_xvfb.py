@@ -59,12 +59,16 @@ def test_chat_in_the_window(node, tmp_path):
             # Create an account from the login screen.
             app.user_entry.insert(0, "alice")
             app.password_entry.insert(0, "short")
+            app.create_button.invoke()             # shows the field to type the password again
+            app.repeat_entry.insert(0, "short")
             app.create_button.invoke()
-            yield wait_for(lambda: model.error, 10)
+            yield wait_for(lambda: app.login_error.cget("text"), 10)     # drawn, not just in the model
             assert app.login_error.cget("text") == "That password is not allowed: use 8 to 1,024 bytes."
+            yield wait_for(lambda: app.repeat_entry.get() == "", 5)
             app.password_entry.insert(0, "alice-password")
+            app.repeat_entry.insert(0, "alice-password")
             app.create_button.invoke()
-            yield wait_for(lambda: model.screen == "chats", 10)
+            yield wait_for(lambda: model.screen == "chats" and app.me_label.cget("text"), 10)
             assert app.me_label.cget("text") == "alice"
 
             # Find bob by wildcard and open the conversation by clicking his row.
@@ -773,6 +777,8 @@ def test_a_refused_name_keeps_the_password_and_a_fitting_message_clears_too_long
         password.insert(0, "alice-password")
         client.auto["create_account"] = ServerError("invalid_username", "no")
         app.create_button.invoke()
+        app.repeat_entry.insert(0, "alice-password")
+        app.create_button.invoke()
         yield wait_for(lambda: root.update() or app.login_error.cget("text"), 5)
         assert app.login_error.cget("text").startswith("That username is not allowed")
         yield wait_for(lambda: root.update() or root.focus_get() is user, 5)
@@ -862,4 +868,63 @@ def test_a_reused_names_new_account_is_marked_in_the_conversation():
         top = app.canvas.bbox(note)[1]
         assert app.canvas.bbox("msg2")[3] <= top and app.canvas.bbox(note)[3] <= app.canvas.bbox("msg3")[1]
 
+    yield with_fake_app(test)
+
+
+@pytest_twisted.inlineCallbacks
+def test_creating_an_account_asks_for_the_password_twice():
+    def test(root, app, client):
+        user, password, repeat = app.user_entry, app.password_entry, app.repeat_entry
+        root.update()
+        assert not repeat.winfo_ismapped()
+        # Enter in the password field logs in while logging in...
+        user.insert(0, "alice")
+        password.focus_force()
+        password.insert(0, "good-password")
+        yield wait_for(lambda: root.update() or root.focus_get() is password, 5)   # keys go to the focus
+        password.event_generate("<Return>")
+        assert client.last("login")[1] == ("alice", "good-password")
+        # ...Create account shows a second field, under the first, and asks nothing yet.
+        app.create_button.invoke()
+        yield wait_for(lambda: root.update() or repeat.winfo_ismapped(), 5)
+        assert repeat.winfo_rooty() > password.winfo_rooty()
+        assert root.focus_get() is repeat and not [c for c in client.calls if c[0] == "create_account"]
+        # Tab goes from the password to it, then to the buttons.
+        assert password.tk_focusNext() is repeat and repeat.tk_focusNext() is app.login_button
+        # Two passwords that differ are refused here, both emptied to type again.
+        repeat.insert(0, "good-passwrod")
+        repeat.event_generate("<Return>")
+        yield wait_for(lambda: root.update() or app.login_error.cget("text"), 5)
+        assert app.login_error.cget("text") == "The two passwords differ. Type the password again in both fields."
+        assert not [c for c in client.calls if c[0] == "create_account"]
+        yield wait_for(lambda: root.update() or root.focus_get() is password, 5)
+        assert password.get() == "" and repeat.get() == "" and user.get() == "alice"
+        # Refused again alike: emptied again.
+        password.insert(0, "good-password")
+        password.event_generate("<Return>")         # creating: Enter goes on to the repeat field
+        yield wait_for(lambda: root.update() or root.focus_get() is repeat, 5)
+        repeat.insert(0, "other-password")
+        repeat.event_generate("<Return>")
+        yield wait_for(lambda: root.update() or (password.get() == "" and root.focus_get() is password), 5)
+        # Alike: Enter in the repeat field creates the account and logs in.
+        client.auto.update({"create_account": {}, "login": {"session": "t", "unread": 0},
+                            "history": {"messages": [], "more": False}, "get_settings": {"read_receipts": True}})
+        password.insert(0, "good-password")
+        password.event_generate("<Return>")
+        yield wait_for(lambda: root.update() or root.focus_get() is repeat, 5)
+        repeat.insert(0, "good-password")
+        repeat.event_generate("<Return>")
+        yield wait_for(lambda: root.update() or app.main.winfo_ismapped(), 5)
+        assert client.last("create_account")[1] == ("alice", "good-password")
+        assert password.get() == "" and repeat.get() == ""
+        # Logged out, the login screen logs in again; Esc also leaves creating.
+        app.model.signed_out("You are logged out.")
+        yield wait_for(lambda: root.update() or app.login.winfo_ismapped(), 5)
+        assert not repeat.winfo_ismapped()
+        app.create_button.invoke()
+        yield wait_for(lambda: root.update() or repeat.winfo_ismapped(), 5)
+        repeat.insert(0, "half-typed")
+        repeat.event_generate("<Escape>")
+        yield wait_for(lambda: root.update() or not repeat.winfo_ismapped(), 5)
+        assert repeat.get() == "" and root.focus_get() is password
     yield with_fake_app(test)

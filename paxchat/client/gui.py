@@ -102,6 +102,12 @@ class ChatApp:
         ttk.Label(card, text="Password", style="Field.TLabel").pack(anchor="w")
         self.password_entry = ttk.Entry(card, width=32, show="•", font=self.fonts.body)
         self.password_entry.pack(fill="x", pady=(4, 8))
+        # Creating an account, the password is typed twice: there is no reset.
+        # Shown only then, under the first; made here so Tab reaches it before the buttons.
+        self.repeat_row = ttk.Frame(card, style="Panel.TFrame")
+        ttk.Label(self.repeat_row, text="Repeat password", style="Field.TLabel").pack(anchor="w", pady=(4, 0))
+        self.repeat_entry = ttk.Entry(self.repeat_row, width=32, show="•", font=self.fonts.body)
+        self.repeat_entry.pack(fill="x", pady=(4, 8))
         self.login_error = ttk.Label(card, text="", style="CardError.TLabel", wraplength=300, justify="left")
         self.login_error.pack(anchor="w", fill="x", pady=(0, 8))
         buttons = ttk.Frame(card, style="Panel.TFrame")
@@ -113,7 +119,10 @@ class ChatApp:
         self.login_notice = ttk.Label(card, text="", style="Muted.TLabel", wraplength=300)
         self.login_notice.pack(anchor="w", pady=(14, 0))
         self.user_entry.bind("<Return>", lambda e: self.password_entry.focus_set())
-        self.password_entry.bind("<Return>", lambda e: self._log_in())
+        self.password_entry.bind("<Return>", lambda e: self._password_return())
+        self.repeat_entry.bind("<Return>", lambda e: self._create_account())
+        for entry in (self.user_entry, self.password_entry, self.repeat_entry):
+            entry.bind("<Escape>", lambda e: self.model.set_creating(False))
 
     def _build_main(self):
         c = COLORS
@@ -398,10 +407,28 @@ class ChatApp:
     # The password stays in its field until the answer: a refused name keeps
     # it (``_draw_error``), and a session begun empties it (``_forget_typed``).
     def _log_in(self):
+        self._login_error_shown = None      # its answer points at its field, even if it is the last one's
+        self.model.set_creating(False)
         self.controller.log_in(self.user_entry.get(), self.password_entry.get())
 
+    def _password_return(self):
+        """Enter in the password field: logs in, or, creating an account, goes to the repeat field."""
+        if self.model.creating_account:
+            self.repeat_entry.focus_set()
+        else:
+            self._log_in()
+
     def _create_account(self):
-        self.controller.create_account(self.user_entry.get(), self.password_entry.get())
+        """The first click shows the repeat field (and puts the cursor in the first
+        empty field); the next creates the account."""
+        if not self.model.creating_account:
+            self.model.set_creating(True)
+            self._draw_login_mode()     # now: the cursor goes to the field shown
+            empty = [e for e in (self.user_entry, self.password_entry, self.repeat_entry) if not e.get()]
+            (empty[0] if empty else self.repeat_entry).focus_set()
+            return
+        self._login_error_shown = None
+        self.controller.create_account(self.user_entry.get(), self.password_entry.get(), self.repeat_entry.get())
 
     def _log_out(self):
         self.controller.log_out()
@@ -590,6 +617,21 @@ class ChatApp:
         self.search_entry.delete(0, "end")
         self._placeholder_restore()
         self.password_entry.delete(0, "end")
+        self.repeat_entry.delete(0, "end")
+
+    def _draw_login_mode(self):
+        """Logging in, or creating an account: then the repeat field shows and
+        Create account is the main button."""
+        creating = self.model.creating_account
+        if creating and not self.repeat_row.winfo_manager():
+            self.repeat_row.pack(fill="x", after=self.password_entry)
+        elif not creating and self.repeat_row.winfo_manager():
+            self.repeat_row.pack_forget()
+            self.repeat_entry.delete(0, "end")
+            if self.root.focus_get() is self.repeat_entry:
+                self.password_entry.focus_set()
+        self.create_button.configure(style="Accent.TButton" if creating else "TButton")
+        self.login_button.configure(style="TButton" if creating else "Accent.TButton")
 
     def _draw_screen(self):
         m = self.model
@@ -599,8 +641,10 @@ class ChatApp:
             self.main.pack_forget()
             self.login.pack(fill="both", expand=True)
             self.login_notice.configure(text=m.notice)
+            self._draw_login_mode()
             self._hide_danger()
-            if self.root.focus_get() is None or self.root.focus_get() not in (self.user_entry, self.password_entry):
+            if self.root.focus_get() is None or self.root.focus_get() not in (
+                    self.user_entry, self.password_entry, self.repeat_entry):
                 (self.password_entry if self.user_entry.get() else self.user_entry).focus_set()
         else:
             self.login.pack_forget()
@@ -643,8 +687,12 @@ class ChatApp:
             self.user_entry.select_range(0, "end")
             self.user_entry.icursor("end")
         elif about == "password":
+            # Creating an account, the repeat too: which of the two was mistyped is not known.
             self.password_entry.delete(0, "end")
+            self.repeat_entry.delete(0, "end")
             self.password_entry.focus_set()
+        elif about == "repeat":
+            self.repeat_entry.focus_set()
 
     def _expire_error(self, error):
         if self.model.error == error and not self.model.error_sticky and not self._closing:

@@ -203,11 +203,20 @@ class ChatController:
             return result
         return self._busy(lambda: go().addErrback(self._refused))
 
-    def create_account(self, username: str, password: str) -> defer.Deferred:
+    def create_account(self, username: str, password: str, repeat: str) -> defer.Deferred:
+        """Create the account and log in; the password must be typed twice
+        (``repeat``), alike: there is no reset, so a typo would lock one out."""
         username = username.strip()
         if not username or not password:
             self.model.show_error("Choose a username and a password (at least 8 characters).",
                                   about="password" if username else "username")
+            return defer.succeed(None)
+        if not repeat:
+            self.model.show_error("Type the password again under Repeat password.", about="repeat")
+            return defer.succeed(None)
+        if repeat != password:
+            self.model.show_error("The two passwords differ. Type the password again in both fields.",
+                                  about="password")
             return defer.succeed(None)
         if self.client is None:
             return defer.succeed(None)

@@ -119,11 +119,15 @@ class ChatModel:
         # A send that failed: its error stays until dismissed or replaced (the
         # next send, another error), where others go by themselves.
         self.error_sticky = False
-        # What the error is about, where the view can tell: "username" or
-        # "password" on the login screen (that field gets the cursor), or
+        # What the error is about, where the view can tell: "username",
+        # "password" or "repeat" (the password typed again, creating an
+        # account) on the login screen (that field gets the cursor), or
         # "compose" (a message too long, gone once it fits).
         self.error_about: str | None = None
         self.notice = ""
+        # The login screen creates an account: a second password field shows,
+        # to type it again (there is no reset, so a typo would lock one out).
+        self.creating_account = False
         self.conversations: dict[str, Conversation] = {}
         self.open_peer: str | None = None
         self.selected: set[int] = set()
@@ -174,6 +178,12 @@ class ChatModel:
             self.error = ""
             self._changed("error")
 
+    def set_creating(self, creating: bool):
+        """Switch the login screen between logging in and creating an account."""
+        if creating != self.creating_account:
+            self.creating_account = creating
+            self._changed("screen")
+
     def set_busy(self, busy: bool):
         self.busy = busy
         self._changed("screen")
@@ -193,6 +203,7 @@ class ChatModel:
         """What was shown and typed for the account before: gone, on either screen change."""
         self.session += 1
         self.error, self.error_sticky, self.error_about = "", False, None
+        self.creating_account = False   # the login screen comes back to logging in
         self.conversations.clear()
         self.open_peer = None
         self.selected.clear()
