@@ -723,9 +723,15 @@ def test_delete_account_needs_the_password():
     model.signed_in("alice")
     ctl.delete_account("")
     assert "password" in model.error and not [c for c in client.calls if c[0] == "delete_account"]
+    assert model.error_about == "delete_account"
     client.auto = {"delete_account": ServerError("bad_credentials", "no")}
     ctl.delete_account("not-my-password")
     assert model.screen == "chats" and model.error == "That password is wrong." and not model.busy
+    # Shown in the dialog that asked, not in the banner behind it; so is any other failure.
+    assert model.error_about == "delete_account"
+    client.auto = {"delete_account": Unreachable("no paxchat node could be reached")}
+    ctl.delete_account("pw-123456")
+    assert model.error.startswith("Cannot reach") and model.error_about == "delete_account"
     client.auto = {"delete_account": {}}
     ctl.delete_account("pw-123456")
     assert model.screen == "login" and "alice was deleted" in model.notice

@@ -510,11 +510,35 @@ def test_deleting_the_account_asks_in_a_panel_that_holds_the_window():
         root.update()
         assert not app.danger.winfo_ismapped() and root.grab_current() is None
         assert not [c for c in client.calls if c[0] == "delete_account"]
+        # A wrong password is said in the panel, which stays, its field emptied to type again.
+        from paxchat.client.errors import ServerError
+        client.auto["delete_account"] = ServerError("bad_credentials", "no")
+        app.account_menu.invoke(app.account_menu.index("Delete account…"))
+        yield wait_for(lambda: root.grab_current() is app.danger, 5)
+        app.danger_password.insert(0, "wrong-password")
+        app.danger_button.invoke()
+        yield wait_for(lambda: root.update() or app.danger_error.winfo_ismapped(), 5)
+        assert app.danger_error.cget("text") == "That password is wrong."
+        assert app.danger_error.master is app.danger
+        assert not app.error_row.winfo_ismapped() and app.danger.winfo_ismapped()
+        assert root.grab_current() is app.danger
+        yield wait_for(lambda: root.update() or root.focus_get() is app.danger_password, 5)
+        assert app.danger_password.get() == ""
+        # Wrong again: said again, and emptied again.
+        app.danger_password.insert(0, "wrong-again")
+        app.danger_password.event_generate("<Return>")
+        yield wait_for(lambda: root.update() or app.danger_password.get() == "", 5)
+        assert app.danger_error.cget("text") == "That password is wrong."
+        assert len([c for c in client.calls if c[0] == "delete_account"]) == 2
+        # Cancelled, the error goes with the panel; asked again, it starts clean.
+        app.danger_password.event_generate("<Escape>")
+        yield wait_for(lambda: root.update() or not app.danger.winfo_ismapped(), 5)
+        assert app.model.error == "" and not app.error_row.winfo_ismapped()
         # Asked again and answered: the account goes, and so do the panel and its hold.
         client.auto["delete_account"] = {}
         app.account_menu.invoke(app.account_menu.index("Delete account…"))
         yield wait_for(lambda: root.grab_current() is app.danger, 5)
-        assert app.danger_password.get() == ""
+        assert app.danger_password.get() == "" and not app.danger_error.winfo_ismapped()
         app.danger_password.insert(0, "secret-password")
         app.danger_password.event_generate("<Return>")
         yield wait_for(lambda: app.model.screen == "login" and not app.danger.winfo_ismapped(), 5)

@@ -66,6 +66,7 @@ class ChatApp:
         self._session = None                 # the model's session the boxes were last emptied for
         self._view_check = None              # a pending look at whether the newest messages are seen
         self._login_error_shown = None       # (error, what about) the login fields were last set for
+        self._danger_error_shown = None      # the error the Delete account dialog last showed
         self._build()
         root.protocol("WM_DELETE_WINDOW", self.close)
         self.controller = ChatController(reactor, self.model, make_client)
@@ -273,6 +274,9 @@ class ChatApp:
         ttk.Label(self.danger, text="Password", style="Field.TLabel").pack(anchor="w")
         self.danger_password = ttk.Entry(self.danger, show="•", width=34, font=self.fonts.body)
         self.danger_password.pack(fill="x", pady=(4, 16))
+        # Why the last try failed ("That password is wrong."): here, not in the banner behind.
+        self.danger_error = ttk.Label(self.danger, text="", style="CardError.TLabel", wraplength=360,
+                                      justify="left")
         row = ttk.Frame(self.danger, style="Panel.TFrame")
         row.pack(fill="x")
         ttk.Button(row, text="Cancel", command=self._hide_danger).pack(side="right")
@@ -441,6 +445,7 @@ class ChatApp:
             text=f"This removes {self.model.me} and every message sent to it, on every server. "
                  "It cannot be undone. Enter your password to confirm.")
         self.danger_password.delete(0, "end")
+        self._clear_danger_error()
         self.danger.place(relx=0.5, rely=0.4, anchor="center")
         self.danger.lift()
         self.danger_password.focus_set()
@@ -454,12 +459,20 @@ class ChatApp:
 
     def _hide_danger(self):
         self.danger_password.delete(0, "end")
+        self._clear_danger_error()
         self.danger.grab_release()
         self.danger.place_forget()
+
+    def _clear_danger_error(self):
+        """The dialog's error goes with the question it answered."""
+        if self.model.error_about == "delete_account":
+            self.model.clear_error()
+        self._draw_danger_error("")
 
     def _delete_account(self):
         password = self.danger_password.get()
         self.danger_password.delete(0, "end")
+        self._danger_error_shown = None    # its answer empties the field again, even if it is the last one's
         d = self.controller.delete_account(password)
         d.addCallback(lambda _: self.model.screen == "login" and self._hide_danger())
 
@@ -670,13 +683,34 @@ class ChatApp:
             if error and self._login_error_shown != (error, self.model.error_about):
                 self._point_at_login_error()
             self._login_error_shown = (error, self.model.error_about) if error else None
+        elif self.model.error_about == "delete_account":
+            # In the dialog that asked for the password; kept till the next try or Cancel.
+            self.error_row.grid_forget()
+            self._draw_danger_error(error)
         elif error:
+            self._draw_danger_error("")
             self.error_banner.configure(text=error)
             self.error_row.grid(row=1, column=0, sticky="ew")
             if not self.model.error_sticky:
                 self.reactor.callLater(ERROR_SECONDS, self._expire_error, error)
         else:
+            self._draw_danger_error("")
             self.error_row.grid_forget()
+
+    def _draw_danger_error(self, error):
+        """The Delete account dialog's error, under its password field, which is
+        emptied and gets the cursor to type the password again."""
+        self.danger_error.configure(text=error)
+        if not error:
+            self.danger_error.pack_forget()
+            self._danger_error_shown = None
+            return
+        if not self.danger_error.winfo_manager():
+            self.danger_error.pack(anchor="w", fill="x", pady=(0, 12), after=self.danger_password)
+        if self._danger_error_shown != error and self.danger.winfo_manager():
+            self.danger_password.delete(0, "end")
+            self.danger_password.focus_set()
+        self._danger_error_shown = error
 
     def _point_at_login_error(self):
         """The cursor goes where the error is: a refused name keeps the password

@@ -284,17 +284,20 @@ class ChatController:
         return self._guard(d)
 
     def delete_account(self, password: str) -> defer.Deferred:
+        """Every refusal is shown in the dialog that asked for the password
+        (``error_about`` "delete_account"), where the user is looking."""
         if not password:
-            self.model.show_error("Enter your password to delete the account.")
+            self.model.show_error("Enter your password to delete the account.", about="delete_account")
             return defer.succeed(None)
         name = self.model.me
 
         def refused(failure):
             # The dialog asks only for the password: "username or password" would mislead.
             if isinstance(failure.value, ServerError) and failure.value.code == "bad_credentials":
-                self.model.show_error("That password is wrong.")
-                return None
-            return failure
+                self.model.show_error("That password is wrong.", about="delete_account")
+            else:
+                self.model.show_error(failure, about="delete_account")
+            return None
 
         def start():
             d = self.client.delete_account(password)

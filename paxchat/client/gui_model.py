@@ -121,8 +121,9 @@ class ChatModel:
         self.error_sticky = False
         # What the error is about, where the view can tell: "username",
         # "password" or "repeat" (the password typed again, creating an
-        # account) on the login screen (that field gets the cursor), or
-        # "compose" (a message too long, gone once it fits).
+        # account) on the login screen (that field gets the cursor),
+        # "compose" (a message too long, gone once it fits), or
+        # "delete_account" (shown in the dialog asking for the password).
         self.error_about: str | None = None
         self.notice = ""
         # The login screen creates an account: a second password field shows,
