@@ -711,11 +711,45 @@ def test_a_search_the_server_would_refuse_is_explained_and_clears_old_results():
     ctl.search("bo b")
     assert len([c for c in client.calls if c[0] == "list_accounts"]) == 1
     assert model.error.startswith("Cannot search for “bo b”: use up to 64 letters, digits")
+    assert model.error_about == "search"      # shown under the search box, not over the conversation
     assert model.search_pattern is None and model.search_results == []
     ctl.search("b")
+    assert model.error == "" and model.search_results == ["bob"]
     client.auto = {"list_accounts": Unreachable("no paxchat node could be reached")}
     ctl.search("c")
     assert model.error.startswith("Cannot reach") and model.search_results == []
+    assert model.error_about == "search"
+
+
+def test_editing_the_search_text_takes_back_the_results_of_what_it_held_before():
+    clock, model, client, ctl = controller()
+    model.signed_in("alice")
+    client.auto = {"list_accounts": {"accounts": ["bob"], "more": True}}
+    ctl.search("?ob")
+    assert model.search_pattern == "?ob" and model.search_results == ["bob"]
+    ctl.search_edited()
+    assert model.search_pattern is None and model.search_results == [] and not model.search_more
+    # So does an error about it...
+    ctl.search("bo b")
+    ctl.search_edited()
+    assert model.error == ""
+    # ...but not another one.
+    model.show_error("Not sent: no majority.", sticky=True)
+    ctl.search_edited()
+    assert model.error == "Not sent: no majority."
+    # A search answered after the text changed is not shown: it answers other text.
+    client.auto = {}
+    ctl.search("b")
+    ctl.search_edited()
+    client.last("list_accounts")[3].callback({"accounts": ["bob"], "more": False})
+    assert model.search_pattern is None and model.search_results == []
+    # Nor is one overtaken by a later search.
+    ctl.search("b")
+    first = client.last("list_accounts")[3]
+    ctl.search("c")
+    client.last("list_accounts")[3].callback({"accounts": ["carol"], "more": False})
+    first.callback({"accounts": ["bob"], "more": False})
+    assert model.search_pattern == "c*" and model.search_results == ["carol"]
 
 
 def test_delete_account_needs_the_password():

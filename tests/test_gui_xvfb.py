@@ -952,3 +952,49 @@ def test_creating_an_account_asks_for_the_password_twice():
         yield wait_for(lambda: root.update() or not repeat.winfo_ismapped(), 5)
         assert repeat.get() == "" and root.focus_get() is password
     yield with_fake_app(test)
+
+
+@pytest_twisted.inlineCallbacks
+def test_find_people_says_what_is_wrong_under_the_box_and_drops_results_once_the_text_changes():
+    def test(root, app, client):
+        app.model.signed_in("alice")
+        entry = app.search_entry
+        entry.focus_force()
+        yield wait_for(lambda: root.update() or root.focus_get() is entry, 5)
+        # A pattern that cannot be searched: said under the box, not over the conversation.
+        entry.insert(0, "bo b")
+        entry.event_generate("<Return>")
+        yield wait_for(lambda: root.update() or app.search_error.winfo_ismapped(), 5)
+        assert app.search_error.cget("text").startswith("Cannot search for “bo b”")
+        assert app.search_error.winfo_rooty() > entry.winfo_rooty()
+        assert app.search_error.winfo_rootx() < app.canvas.winfo_rootx()     # in the sidebar
+        assert not app.error_row.winfo_ismapped()
+        assert not [c for c in client.calls if c[0] == "list_accounts"]
+        # Mended: the error goes at once.
+        entry.delete(2, 3)
+        yield wait_for(lambda: root.update() or not app.search_error.winfo_ismapped(), 5)
+        # Results, with a long name clipped with "…" inside the sidebar.
+        long_name = "bartholomew.the.very.long.named." + "x" * 30
+        client.auto["list_accounts"] = {"accounts": ["bob", long_name], "more": False}
+        entry.delete(0, "end")
+        entry.insert(0, "?ob")
+        entry.event_generate("<Return>")
+        yield wait_for(lambda: any(t.startswith("PEOPLE MATCHING ?ob") for t in canvas_texts(app.list_canvas)), 5)
+        [clipped] = [i for i in app.list_canvas.find_all() if app.list_canvas.type(i) == "text"
+                     and app.list_canvas.itemcget(i, "text").startswith("bartholomew")]
+        assert app.list_canvas.itemcget(clipped, "text").endswith("…")
+        assert app.list_canvas.bbox(clipped)[2] <= app.list_canvas.winfo_width()
+        # Editing the text before Enter: no heading claims results for text not searched.
+        entry.insert("end", "b")
+        yield wait_for(lambda: not any("PEOPLE MATCHING" in t for t in canvas_texts(app.list_canvas)), 5)
+        assert app.model.search_pattern is None and app._entry_text(entry) == "?obb"
+        # Leaving the box (the grey hint coming back) is no edit: results stay.
+        entry.delete(0, "end")
+        entry.event_generate("<Return>")
+        yield wait_for(lambda: any("PEOPLE MATCHING *" in t for t in canvas_texts(app.list_canvas)), 5)
+        app.list_canvas.focus_force()
+        yield wait_for(lambda: root.update() or entry._showing_placeholder, 5)
+        yield wait_for(lambda: root.update() or not app.coalescer.pending, 5)
+        assert app.model.search_pattern == "*"
+        assert any("PEOPLE MATCHING *" in t for t in canvas_texts(app.list_canvas))
+    yield with_fake_app(test)

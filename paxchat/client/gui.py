@@ -160,9 +160,15 @@ class ChatApp:
         self.menu_button.pack(side="right")
         search = ttk.Frame(side, style="Panel.TFrame", padding=(12, 0, 12, 10))
         search.grid(row=1, column=0, sticky="ew")
-        self.search_entry = ttk.Entry(search, font=self.fonts.body)
+        self.search_text = tk.StringVar(self.root)
+        self.search_entry = ttk.Entry(search, font=self.fonts.body, textvariable=self.search_text)
         self.search_entry.pack(fill="x")
         self._placeholder(self.search_entry, "Find people  (al, a*, b?b)")
+        # Edited: the results (or error) of what it held before no longer answer it.
+        self.search_text.trace_add("write", lambda *_: self._search_edited())
+        # Why a search was refused or failed: under the box, where the user typed.
+        self.search_error = ttk.Label(search, text="", style="CardError.TLabel", wraplength=SIDEBAR_WIDTH - 28,
+                                      justify="left")
         self.search_entry.bind("<Return>", lambda e: self._search())
         self.search_entry.bind("<Escape>", lambda e: self._clear_search())
         lists = ttk.Frame(side, style="Panel.TFrame")
@@ -293,9 +299,9 @@ class ChatApp:
 
         def show(_=None):
             if not entry.get():
+                entry._showing_placeholder = True     # first: putting the hint in is no edit
                 entry.insert(0, text)
                 entry.configure(foreground=COLORS["muted"])
-                entry._showing_placeholder = True
 
         def hide(_=None):
             if entry._showing_placeholder:
@@ -479,6 +485,11 @@ class ChatApp:
     def _search(self):
         self.controller.search(self._entry_text(self.search_entry))
 
+    def _search_edited(self):
+        """Typed, pasted or cut in the search box (the grey hint coming or going is not)."""
+        if not self.search_entry._showing_placeholder:
+            self.controller.search_edited()
+
     def _clear_search(self):
         self.search_entry.delete(0, "end")
         self.model.clear_search()
@@ -534,8 +545,7 @@ class ChatApp:
     def open_conversation(self, peer: str):
         """Open ``peer``'s conversation; what was typed in the one open before stays its draft."""
         self._forget_typed()   # a session that began this very turn: not redrawn yet
-        self.search_entry.delete(0, "end")
-        self._placeholder_restore()
+        self._empty_search_box()
         before = self.model.open_peer
         switching = before != peer
         if switching and before is not None:
@@ -555,11 +565,18 @@ class ChatApp:
                 self.open_conversation(peer)
         return "break"
 
+    def _empty_search_box(self):
+        """No text in the search box: its grey hint, unless the user is in it."""
+        self.search_entry._showing_placeholder = False
+        self.search_entry.configure(foreground=COLORS["text"])
+        self.search_entry.delete(0, "end")
+        self._placeholder_restore()
+
     def _placeholder_restore(self):
         if not self.search_entry.get() and self.root.focus_get() is not self.search_entry:
+            self.search_entry._showing_placeholder = True
             self.search_entry.insert(0, self.search_entry._placeholder)
             self.search_entry.configure(foreground=COLORS["muted"])
-            self.search_entry._showing_placeholder = True
 
     def _list_clicked(self, event):
         y = self.list_canvas.canvasy(event.y)
@@ -627,8 +644,7 @@ class ChatApp:
         self.compose.delete("1.0", "end")
         self.compose.edit_reset()        # nor can Ctrl+Z bring it back
         self.compose.configure(state=state)
-        self.search_entry.delete(0, "end")
-        self._placeholder_restore()
+        self._empty_search_box()
         self.password_entry.delete(0, "end")
         self.repeat_entry.delete(0, "end")
 
@@ -677,6 +693,8 @@ class ChatApp:
 
     def _draw_error(self):
         error = self.model.error
+        if self.model.error_about != "search":
+            self.search_error.pack_forget()
         if self.model.screen == "login":
             self.login_error.configure(text=error)
             self.error_row.grid_forget()
@@ -687,6 +705,11 @@ class ChatApp:
             # In the dialog that asked for the password; kept till the next try or Cancel.
             self.error_row.grid_forget()
             self._draw_danger_error(error)
+        elif self.model.error_about == "search":
+            # Under the search box; kept till its text changes or the next search.
+            self.error_row.grid_forget()
+            self.search_error.configure(text=error)
+            self.search_error.pack(anchor="w", fill="x", pady=(6, 0))
         elif error:
             self._draw_danger_error("")
             self.error_banner.configure(text=error)
@@ -751,7 +774,8 @@ class ChatApp:
                 self._list_rows.append((y, y + 44, name))
                 canvas.create_oval(16, y + 8, 44, y + 36, fill=c["accent_soft"], outline="")
                 canvas.create_text(30, y + 22, text=name[:1].upper(), font=f.name, fill=c["accent"])
-                canvas.create_text(56, y + 22, anchor="w", text=name, font=f.name, fill=c["text"])
+                canvas.create_text(56, y + 22, anchor="w", text=self._clip(name, f.name, width - 56 - 14),
+                                   font=f.name, fill=c["text"])
                 y += 44
             if m.search_more:
                 canvas.create_text(16, y + 6, anchor="nw", font=f.small, fill=c["muted"],

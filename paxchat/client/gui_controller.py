@@ -53,6 +53,7 @@ class ChatController:
         self._soon_call = None
         self._failing_over = False
         self._stopped = False
+        self._search_seq = 0   # the latest search: answers to earlier ones are dropped
         try:
             self.client = make_client(self.on_event, self.on_status)
         except Exception as e:  # a broken config or missing certificates
@@ -424,22 +425,40 @@ class ChatController:
     def search(self, text: str) -> defer.Deferred:
         """Find accounts; a pattern the server would refuse is explained here, not sent.
 
-        Results of an earlier search go away when this one fails."""
+        Errors are about the search box (``error_about`` "search"): shown
+        under it. Results of an earlier search go away when this one fails."""
+        self._search_seq += 1
+        seq = self._search_seq
+        if self.model.error_about == "search":
+            self.model.clear_error()
         try:
             pattern = check_pattern(search_pattern(text))
         except ValueError:
             self.model.clear_search()
             self.model.show_error(f"Cannot search for “{text.strip()}”: use up to 64 letters, digits, "
-                                  "_ . - and the wildcards * (any characters) and ? (one character).")
+                                  "_ . - and the wildcards * (any characters) and ? (one character).",
+                                  about="search")
             return defer.succeed(None)
         d = self.client.list_accounts(pattern, limit=50)
 
+        def found(result):
+            if seq == self._search_seq:
+                self.model.set_search(pattern, result.get("accounts", []), result.get("more", False))
+
         def failed(failure):
+            if seq == self._search_seq:
+                self.model.clear_search()
+                self.model.show_error(failure, about="search")
+        return self._guard(d.addCallbacks(found, failed))
+
+    def search_edited(self):
+        """The search box's text changed: results (and an error) of what it held
+        before no longer answer it, nor does a search still on its way."""
+        self._search_seq += 1
+        if self.model.search_pattern is not None:
             self.model.clear_search()
-            return failure
-        d.addCallbacks(lambda r: self.model.set_search(pattern, r.get("accounts", []), r.get("more", False)),
-                       failed)
-        return self._guard(d)
+        if self.model.error_about == "search":
+            self.model.clear_error()
 
     def delete_selected(self) -> defer.Deferred:
         """Delete the selected messages: the answer to ``ChatModel.ask_delete``'s question."""

@@ -122,8 +122,9 @@ class ChatModel:
         # What the error is about, where the view can tell: "username",
         # "password" or "repeat" (the password typed again, creating an
         # account) on the login screen (that field gets the cursor),
-        # "compose" (a message too long, gone once it fits), or
-        # "delete_account" (shown in the dialog asking for the password).
+        # "compose" (a message too long, gone once it fits),
+        # "delete_account" (shown in the dialog asking for the password), or
+        # "search" (shown under the search box, gone once its text changes).
         self.error_about: str | None = None
         self.notice = ""
         # The login screen creates an account: a second password field shows,
@@ -566,6 +567,7 @@ class ChatModel:
     def clear_search(self):
         self.search_pattern = None
         self.search_results = []
+        self.search_more = False
         self._changed("search")
 
     @property
