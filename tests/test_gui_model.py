@@ -8,7 +8,8 @@ from twisted.internet.task import Clock
 from paxchat.client.api import Status
 from paxchat.client.errors import ServerError, Unreachable
 from paxchat.client.gui_controller import ChatController
-from paxchat.client.gui_model import PAGE_SIZE, ChatModel, Coalescer, search_pattern, status_text, time_label
+from paxchat.client.gui_model import (PAGE_SIZE, ChatModel, Coalescer, search_pattern, status_level, status_text,
+                                      time_label)
 
 from .test_client_failover import logged_in, until_answered, without_majority
 
@@ -35,6 +36,20 @@ def test_status_bar_sentences():
     assert status_text(Status("failed")).startswith("Offline")
     assert status_text(Status("connecting", detail="node 3 could not reach a majority")) == \
         "Connecting (node 3 could not reach a majority)…"
+
+
+def test_the_status_dot_is_green_only_while_a_leader_can_take_writes():
+    assert status_level(Status("connected", 2, 1)) == "ok"
+    # A majority down: the node answers, but nothing can be written.
+    assert status_level(Status("connected", 5, None)) == "warn"
+    assert status_level(Status("reconnecting")) == status_level(Status("connecting")) == "warn"
+    assert status_level(Status("failed")) == "danger"
+    model = ChatModel()
+    assert model.status_level == "warn"
+    model.set_status(Status("connected", 5, None))
+    assert model.status == "Connected to node 5 · no leader yet" and model.status_level == "warn"
+    model.set_status(Status("connected", 5, 3))
+    assert model.status_level == "ok"
 
 
 def test_a_cluster_without_a_majority_is_not_called_unreachable():

@@ -998,3 +998,27 @@ def test_find_people_says_what_is_wrong_under_the_box_and_drops_results_once_the
         assert app.model.search_pattern == "*"
         assert any("PEOPLE MATCHING *" in t for t in canvas_texts(app.list_canvas))
     yield with_fake_app(test)
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_status_dot_is_amber_while_connected_without_a_leader():
+    from paxchat.client.api import Status
+    from paxchat.client.gui_theme import COLORS
+
+    def test(root, app, client):
+        def dot():
+            return [app.status_dot.itemcget(i, "fill") for i in app.status_dot.find_all()]
+
+        def shows(status, text):
+            app.model.set_status(status)
+            return wait_for(lambda: app.status_label.cget("text") == text, 5)
+        yield shows(Status("connected", 5, 1), "Connected to node 5 · leader 1")
+        assert dot() == [COLORS["ok"]]
+        # A majority down: the node answers but nothing can be written, so not green.
+        yield shows(Status("connected", 5, None), "Connected to node 5 · no leader yet")
+        assert dot() == [COLORS["warn"]]
+        yield shows(Status("reconnecting"), "Reconnecting…")
+        assert dot() == [COLORS["warn"]]
+        yield shows(Status("connected", 5, 2), "Connected to node 5 · leader 2")
+        assert dot() == [COLORS["ok"]]
+    yield with_fake_app(test)

@@ -684,10 +684,9 @@ class ChatApp:
             button.state(state)
 
     def _draw_status(self):
-        text = self.model.status
-        self.status_label.configure(text=text)
-        color = COLORS["ok"] if text.startswith("Connected") else (
-            COLORS["danger"] if text.startswith("Offline") else COLORS["warn"])
+        self.status_label.configure(text=self.model.status)
+        # Green only while writes can succeed: connected with no leader is amber, as reconnecting is.
+        color = COLORS[self.model.status_level]
         self.status_dot.delete("all")
         self.status_dot.create_oval(1, 1, 9, 9, fill=color, outline=color)
 

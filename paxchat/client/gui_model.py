@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 from .explain import explain
 
-__all__ = ["ChatModel", "Conversation", "Coalescer", "status_text", "PAGE_SIZE"]
+__all__ = ["ChatModel", "Conversation", "Coalescer", "status_text", "status_level", "PAGE_SIZE"]
 
 PAGE_SIZE = 50  # messages per history page when scrolling back
 RUN_GAP = 300.0  # seconds: closer messages from one sender are drawn as one run
@@ -47,6 +47,17 @@ def status_text(status) -> str:
     if status.state == "closed":
         return "Disconnected"
     return ""
+
+
+def status_level(status) -> str:
+    """The status bar dot's colour, a ``COLORS`` key: "ok" only while writes can
+    succeed (connected, with a leader); "danger" offline; else "warn"
+    (connecting, reconnecting, or connected while no leader is elected)."""
+    if status is None:
+        return "warn"
+    if status.state == "connected":
+        return "ok" if status.leader is not None else "warn"
+    return "danger" if status.state == "failed" else "warn"
 
 
 def time_label(ts, now: float | None = None, localtime=time.localtime) -> str:
@@ -115,6 +126,7 @@ class ChatModel:
         self.screen = "login"
         self.me: str | None = None
         self.status = ""
+        self.status_level = status_level(None)   # the status bar dot's colour: see status_level
         self.error = ""
         # A send that failed: its error stays until dismissed or replaced (the
         # next send, another error), where others go by themselves.
@@ -165,6 +177,7 @@ class ChatModel:
 
     def set_status(self, status):
         self.status = status_text(status)
+        self.status_level = status_level(status)
         self._changed("status")
 
     def show_error(self, reason, sticky: bool = False, about: str | None = None):
