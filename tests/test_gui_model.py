@@ -202,6 +202,11 @@ def test_the_controller_passes_on_peer_created_from_every_history_answer():
     ctl.open("bob")                            # an earlier build: unchanged
     client.last("history")[3].callback({"messages": [], "more": False})
     assert model.conversation("bob").peer_created is None
+    # A send refused for want of the account says so in the conversation too.
+    model.set_peer_created("bob", 20.0)
+    ctl.send("still there?")
+    client.last("send_message")[3].errback(ServerError("no_such_user", "no such user"))
+    assert model.account_notes()[1] == "bob's account was deleted."
 
 
 def test_a_short_page_the_server_says_is_not_the_last_keeps_older_loadable():

@@ -408,6 +408,8 @@ class ChatController:
             # Kept until dismissed: the text back in the compose box alone would
             # not tell someone who looked away that it did not go.
             self.model.show_error("Not sent: " + _sentence(failure), sticky=True)
+            if isinstance(failure.value, ServerError) and failure.value.code == "no_such_user":
+                self.model.set_peer_created(peer, None)     # the conversation says so too
             return self.model.not_sent(peer, key)
 
         def bug(failure):
