@@ -272,12 +272,18 @@ def test_a_damaged_log_stops_the_node_before_it_serves_or_says_ready(tmp_path, m
         ' "A node whose disk was lost")')
 
 
-def test_a_state_of_a_newer_apply_version_stops_the_node_in_one_line(tmp_path):
-    from paxchat.state.chat import APPLY_VERSION, ChatState
+def node_1_state(tmp_path):
+    """A one-node cluster.ini, and node 1's data directory and state database (open)."""
+    from paxchat.state.chat import ChatState
     (tmp_path / "cluster.ini").write_text(INI)
     data = tmp_path / "data" / "node-1"
     data.mkdir(parents=True, mode=0o700)
-    state = ChatState.open(str(data / "state.sqlite3"))
+    return data, ChatState.open(str(data / "state.sqlite3"))
+
+
+def test_a_state_of_a_newer_apply_version_stops_the_node_in_one_line(tmp_path):
+    from paxchat.state.chat import APPLY_VERSION
+    data, state = node_1_state(tmp_path)
     with state.kv.transaction():
         state.kv.put("#version", str(APPLY_VERSION + 1).encode())
     state.close()
@@ -290,12 +296,8 @@ def test_a_state_of_a_newer_apply_version_stops_the_node_in_one_line(tmp_path):
 
 
 def test_a_damaged_state_database_stops_the_node_in_one_line_saying_what_to_do(tmp_path):
-    from paxchat.state.chat import ChatState
     from .test_chat_state import damage_the_second_half
-    (tmp_path / "cluster.ini").write_text(INI)
-    data = tmp_path / "data" / "node-1"
-    data.mkdir(parents=True, mode=0o700)
-    state = ChatState.open(str(data / "state.sqlite3"))
+    data, state = node_1_state(tmp_path)
     with state.kv.transaction():
         for i in range(2000):
             state.kv.put(f"k{i:05d}", b"v" * 200)
