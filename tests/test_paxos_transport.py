@@ -344,8 +344,9 @@ def test_reconnects_after_the_peer_restarts(cluster):
 def test_a_node_that_stops_closes_its_links_cleanly(cluster, captured_log):
     c = cluster([1, 2])
     a, b = c.start(1), c.start(2)
+    # Both links of each side up: a peer's state says connected once either is.
     yield poll_until(lambda: a.peer_state(2) == "connected" and b.peer_state(1) == "connected"
-                     and 2 in a._inbound)
+                     and 2 in a._inbound and 1 in b._inbound)
     yield c.stop(2)
     # The stopped node's own links were all down, and said so, when its stop fired.
     own = [t for t in texts(captured_log) if "with node 1 down" in t]
