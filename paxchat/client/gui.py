@@ -934,7 +934,6 @@ class ChatApp:
             tags = ("bubble", tag)
             if note is not None and note_above is not None and b["id"] == note_above:
                 y = draw_note(y)
-                b["first_in_run"] = True
             y += 14 if b["first_in_run"] else 4
             if b["first_in_run"] and not mine:
                 canvas.create_text(margin + 4, y, anchor="nw", text=b["sender"], font=f.name, fill=c["text"])

@@ -528,11 +528,14 @@ class ChatModel:
         out = []
         previous = None
         newest_mine = None
+        new_account_at, _ = self.account_notes()
         for m in conv.ordered():
             mine = m.get("from") == self.me
             ts = _float(m.get("ts"))
-            # Messages from one sender within a few minutes form a run: one name on top.
-            first = previous is None or previous[0] != mine or ts - previous[1] > RUN_GAP
+            # Messages from one sender within a few minutes form a run: one name on
+            # top. A new account of the peer's name starts one too, under its note.
+            first = (previous is None or previous[0] != mine or ts - previous[1] > RUN_GAP
+                     or m["id"] == new_account_at)
             out.append({"id": m["id"], "mine": mine, "sender": "You" if mine else m.get("from", "?"),
                         "body": str(m.get("body", "")), "time": time_label(ts),
                         "selected": m["id"] in self.selected, "first_in_run": first, "receipt": None})
