@@ -225,15 +225,14 @@ class ReplicatedLog:
         self._size_due = 0.0               # when to ask again
 
     @classmethod
-    def from_config(cls, reactor, config, node_id, worker, on_fatal=None, peer_options=None,
-                    rebuilding=False, on_rebuilt=None, recovered=None):
+    def from_config(cls, reactor, config, node_id, worker, *, recovered, on_fatal=None,
+                    peer_options=None, rebuilding=False, on_rebuilt=None):
         """The log of node ``node_id`` of a ClusterConfig (peer links only if it has peers;
         ``peer_options`` go to the PeerTransport: the lineage and identities of the node's
-        data, paxchat/lineage.py; ``recovered``: its durable log, already open)."""
-        from paxchat.paxos.store import DurableLog
+        data, paxchat/lineage.py; ``recovered``: its durable log, already open,
+        ``DurableLog.open_now``)."""
         from paxchat.paxos.transport import PeerTransport
 
-        directory = config.node_data_dir(node_id) / "paxos"
         make_transport = None
         if config.peers_of(node_id):
             def make_transport(on_message):
@@ -241,7 +240,6 @@ class ReplicatedLog:
                                                  **(peer_options or {}))
         return cls(reactor, node_id, list(config.nodes), worker,
                    ReplicationSettings.from_config(config),
-                   open_store=lambda: DurableLog.open(reactor, directory),
                    make_transport=make_transport, on_fatal=on_fatal,
                    rebuilding=rebuilding, on_rebuilt=on_rebuilt, recovered=recovered)
 
