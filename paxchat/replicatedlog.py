@@ -56,7 +56,7 @@ from paxchat.interfaces import ICommandLog, Unavailable
 from paxchat.logs import OccasionalByKind
 from paxchat.paxos import messages as M
 from paxchat.paxos.core import Config as CoreConfig
-from paxchat.paxos.core import CannotTransfer, DurableState, NotLeader, Replica
+from paxchat.paxos.core import CANDIDATE, PRECANDIDATE, CannotTransfer, DurableState, NotLeader, Replica
 from paxchat.paxos.transport import MAX_FRAME_BYTES
 from paxchat.state.worker import StateWorkerStopped
 
@@ -397,7 +397,18 @@ class ReplicatedLog:
         self._observers.append(observer)
 
     def leader_id(self):
-        return self.replica.leader_id if self.replica is not None else None
+        """The leader, or None while this node is trying to elect one.
+
+        A node that has gone a whole election timeout without hearing from its
+        leader runs for election (pre-candidate, then candidate); the core keeps
+        the last leader's id as a hint for forwarding, but it is no longer
+        believed to lead: ``hello`` and ``status`` say there is none rather
+        than name a node that may be dead.
+        """
+        r = self.replica
+        if r is None or r.role in (PRECANDIDATE, CANDIDATE):
+            return None
+        return r.leader_id
 
     # -- operations -----------------------------------------------------------
 

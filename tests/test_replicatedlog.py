@@ -622,3 +622,20 @@ def test_settings_carry_the_election_timeout_range_of_cluster_ini(tmp_path):
                                             election_timeout_max=1.5))
     core = ReplicationSettings.from_config(cfg).core_config()
     assert (core.election_timeout, core.election_timeout_max) == (0.4, 1.5)
+
+
+def test_a_node_that_stops_hearing_its_leader_names_none_until_one_is_elected(cluster):
+    """``hello`` must not name a leader that may be dead: a node running for
+    election (the leader and the other node gone) says there is none."""
+    leader = cluster.wait_leader()
+    alone = next(n for n in cluster.members if n != leader)
+    assert cluster.logs[alone].leader_id() == leader
+    cluster.network.cut = {n for n in cluster.members if n != alone}
+    cluster.until(lambda: cluster.logs[alone].replica.role != "follower",
+                  what="an election started by the node left alone")
+    assert cluster.logs[alone].replica.leader_id == leader   # the core keeps it as a hint
+    assert cluster.logs[alone].leader_id() is None
+    assert cluster.logs[alone].status()["leader"] is None
+    cluster.network.cut = set()
+    assert cluster.wait_leader() is not None
+    assert cluster.logs[alone].leader_id() == cluster.leader()
