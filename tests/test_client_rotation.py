@@ -21,6 +21,17 @@ def test_the_clients_of_a_lost_node_spread_over_the_others():
     assert 3 not in firsts and all(60 < c < 140 for c in counts.values()), counts
 
 
+def test_with_no_node_chosen_the_first_is_random_so_clients_spread_over_all():
+    import random
+    rng = random.Random(11)
+    firsts = [Rotation([1, 2, 3], POLICY, now=0, random=rng.random).next_attempt(0)[0]
+              for _ in range(300)]
+    counts = {n: firsts.count(n) for n in (1, 2, 3)}
+    assert all(70 < c < 130 for c in counts.values()), counts
+    r = Rotation([1, 2, 3], POLICY, now=0, random=lambda: 0.99)
+    assert [r.next_attempt(0)[0] for _ in range(4)] == [3, 1, 2, 3]
+
+
 def test_prefers_a_chosen_first_node():
     r = Rotation([1, 2, 3], POLICY, now=0, first=2)
     assert r.next_attempt(0) == (2, 0.0)

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                " else it is asked for without echo.")
     parser.add_argument("--config", default=os.environ.get("PAXCHAT_CONFIG", "cluster.ini"),
                         help="the cluster.ini naming the nodes (default: ./cluster.ini or $PAXCHAT_CONFIG)")
-    parser.add_argument("--node", type=int, help="try this node first (default: node order from the config)")
+    parser.add_argument("--node", type=int, help="try this node first (default: a random node of the config)")
     parser.add_argument("--user", default=os.environ.get(USER_ENV),
                         help="your username (default: $PAXCHAT_USER)")
     parser.add_argument("--no-session-cache", action="store_true",

@@ -51,7 +51,11 @@ class Rotation:
             others = [i for i in ids if i != after]
             start = ids.index(others[min(int(random() * len(others)), len(others) - 1)])
         else:
-            start = 0
+            # No node chosen: start at a random one, so that the users of a
+            # cluster (who share one cluster.ini) spread their connections,
+            # and their logins' bcrypt work, over every node instead of all
+            # landing on the first one listed.
+            start = min(int(random() * len(ids)), len(ids) - 1)
         order = ids[start:] + ids[:start]
         if after is not None and after in order and first is None:
             order.remove(after)

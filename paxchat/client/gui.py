@@ -991,7 +991,7 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="paxchat-gui", description="The paxchat desktop app.")
     parser.add_argument("--config", default=os.environ.get("PAXCHAT_CONFIG", "cluster.ini"),
                         help="the cluster.ini naming the nodes (default: ./cluster.ini or $PAXCHAT_CONFIG)")
-    parser.add_argument("--node", type=int, help="try this node first")
+    parser.add_argument("--node", type=int, help="try this node first (default: a random node of the config)")
     return parser
 
 
