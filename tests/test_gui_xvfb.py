@@ -954,6 +954,31 @@ def test_creating_an_account_asks_for_the_password_twice():
     yield with_fake_app(test)
 
 
+def logs_in(root, app, client):
+    """Log in as alice from the login screen (Enter in the password field); wait for the chats."""
+    client.auto.update({"login": {"session": "t", "unread": 0}, "history": {"messages": [], "more": False},
+                        "get_settings": {"read_receipts": True}})
+    app.user_entry.delete(0, "end")
+    app.user_entry.insert(0, "alice")
+    app.password_entry.insert(0, "good-password")
+    app.password_entry.focus_force()
+    yield wait_for(lambda: root.update() or root.focus_get() is app.password_entry, 5)
+    app.password_entry.event_generate("<Return>")
+    yield wait_for(lambda: root.update() or app.main.winfo_ismapped(), 5)
+
+
+@pytest_twisted.inlineCallbacks
+def test_once_logged_in_the_keys_go_to_find_people_then_to_the_open_conversation():
+    def test(root, app, client):
+        yield from logs_in(root, app, client)
+        # No conversation is open yet: typing finds people (the grey hint makes way).
+        yield wait_for(lambda: root.update() or root.focus_get() is app.search_entry, 5)
+        assert app._entry_text(app.search_entry) == ""
+        app.open_conversation("bob")
+        yield wait_for(lambda: root.update() or root.focus_get() is app.compose, 5)
+    yield with_fake_app(test)
+
+
 @pytest_twisted.inlineCallbacks
 def test_find_people_says_what_is_wrong_under_the_box_and_drops_results_once_the_text_changes():
     def test(root, app, client):

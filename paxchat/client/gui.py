@@ -676,9 +676,14 @@ class ChatApp:
                     self.user_entry, self.password_entry, self.repeat_entry):
                 (self.password_entry if self.user_entry.get() else self.user_entry).focus_set()
         else:
+            arriving = bool(self.login.winfo_manager())
             self.login.pack_forget()
             self.main.pack(fill="both", expand=True)
             self.me_label.configure(text=m.me or "")
+            if arriving:
+                # Not left in the hidden login fields: where one types next.
+                # Just logged in, no conversation is open, so a name to find.
+                (self.compose if m.open_peer is not None else self.search_entry).focus_set()
         state = ["disabled"] if m.busy else ["!disabled"]
         for button in (self.login_button, self.create_button, self.danger_button):
             button.state(state)
