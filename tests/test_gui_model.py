@@ -722,6 +722,25 @@ def test_search_delete_logout_and_session_end():
     assert model.notice == "The account alice was deleted elsewhere, so you were logged out."
 
 
+def test_a_new_error_or_attempt_replaces_the_notice_of_why_the_login_screen_is_back():
+    clock, model, client, ctl = controller()
+    model.signed_in("alice")
+    client.auto = {"logout": {}, "login": ServerError("bad_credentials", "no")}
+    ctl.log_out()
+    assert model.notice == "You are logged out."
+    ctl.log_in("alice", "wrong-pass")
+    assert model.error == "The username or password is wrong." and model.notice == ""
+    # An error found before asking the server, too.
+    model.signed_out("Your session ended. Please log in again.")
+    ctl.create_account("alice", "good-password", "good-passwrod")
+    assert model.error.startswith("The two passwords differ") and model.notice == ""
+    # An attempt, from its start.
+    model.signed_out("You are logged out.")
+    client.auto = {}
+    ctl.log_in("alice", "good-password")
+    assert model.busy and model.notice == "" and model.error == ""
+
+
 def test_a_search_the_server_would_refuse_is_explained_and_clears_old_results():
     clock, model, client, ctl = controller()
     model.signed_in("alice")

@@ -980,6 +980,20 @@ def test_once_logged_in_the_keys_go_to_find_people_then_to_the_open_conversation
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_login_error_replaces_the_notice_of_why_the_login_screen_is_back():
+    def test(root, app, client):
+        app.model.signed_in("alice")
+        app.model.signed_out("You are logged out.")
+        yield wait_for(lambda: root.update() or app.login_notice.cget("text") == "You are logged out.", 5)
+        app.user_entry.insert(0, "alice")
+        app.login_button.invoke()           # no password: refused here, the server not asked
+        yield wait_for(lambda: root.update() or app.login_error.cget("text"), 5)
+        assert app.login_error.cget("text") == "Enter your username and password."
+        assert app.login_notice.cget("text") == ""
+    yield with_fake_app(test)
+
+
+@pytest_twisted.inlineCallbacks
 def test_find_people_says_what_is_wrong_under_the_box_and_drops_results_once_the_text_changes():
     def test(root, app, client):
         app.model.signed_in("alice")

@@ -669,7 +669,6 @@ class ChatApp:
         if m.screen == "login":
             self.main.pack_forget()
             self.login.pack(fill="both", expand=True)
-            self.login_notice.configure(text=m.notice)
             self._draw_login_mode()
             self._hide_danger()
             if self.root.focus_get() is None or self.root.focus_get() not in (
@@ -701,6 +700,7 @@ class ChatApp:
             self.search_error.pack_forget()
         if self.model.screen == "login":
             self.login_error.configure(text=error)
+            self.login_notice.configure(text=self.model.notice)    # an error replaces it
             self.error_row.grid_forget()
             if error and self._login_error_shown != (error, self.model.error_about):
                 self._point_at_login_error()

@@ -138,6 +138,8 @@ class ChatModel:
         # "delete_account" (shown in the dialog asking for the password), or
         # "search" (shown under the search box, gone once its text changes).
         self.error_about: str | None = None
+        # Why the login screen is back ("You are logged out."): until an error
+        # or a new attempt to log in replaces it.
         self.notice = ""
         # The login screen creates an account: a second password field shows,
         # to type it again (there is no reset, so a typo would lock one out).
@@ -185,6 +187,7 @@ class ChatModel:
         ``sticky``: until dismissed, not for a few seconds; ``about``: see ``error_about``."""
         self.error = reason if isinstance(reason, str) else explain(reason)
         self.error_sticky, self.error_about = sticky, about
+        self.notice = ""    # old news: under the error, "You are logged out." would read as its cause
         self._changed("error")
 
     def clear_error(self):
@@ -200,7 +203,10 @@ class ChatModel:
             self._changed("screen")
 
     def set_busy(self, busy: bool):
+        """A request is on its way (log in, create or delete the account): its buttons wait."""
         self.busy = busy
+        if busy:
+            self.notice = ""    # a new attempt: what the login screen said before is old news
         self._changed("screen")
 
     def signed_in(self, username: str):
