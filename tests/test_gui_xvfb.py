@@ -994,6 +994,26 @@ def test_a_login_error_replaces_the_notice_of_why_the_login_screen_is_back():
 
 
 @pytest_twisted.inlineCallbacks
+def test_the_login_card_stays_put_when_the_repeat_field_shows():
+    def test(root, app, client):
+        card, login = app.login_card, app.login
+
+        def centred():
+            """Logging in, the card is where it always was (once the window is laid out)."""
+            middle = card.winfo_rooty() + card.winfo_height() / 2
+            return login.winfo_height() > 100 and abs(middle - login.winfo_rooty() - 0.45 * login.winfo_height()) <= 1
+        yield wait_for(lambda: root.update() or centred(), 5)
+        top = card.winfo_rooty()
+        app.create_button.invoke()
+        yield wait_for(lambda: root.update() or app.repeat_entry.winfo_ismapped(), 5)
+        assert card.winfo_rooty() == top
+        app.repeat_entry.event_generate("<Escape>")
+        yield wait_for(lambda: root.update() or not app.repeat_entry.winfo_ismapped(), 5)
+        assert card.winfo_rooty() == top
+    yield with_fake_app(test)
+
+
+@pytest_twisted.inlineCallbacks
 def test_find_people_says_what_is_wrong_under_the_box_and_drops_results_once_the_text_changes():
     def test(root, app, client):
         app.model.signed_in("alice")

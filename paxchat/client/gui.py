@@ -92,7 +92,6 @@ class ChatApp:
     def _build_login(self):
         self.login = ttk.Frame(self.outer)
         card = ttk.Frame(self.login, style="Panel.TFrame", padding=(36, 32))
-        card.place(relx=0.5, rely=0.45, anchor="center")
         self.login_card = card
         ttk.Label(card, text="paxchat", style="Title.TLabel").pack(anchor="w")
         ttk.Label(card, text="Chat that keeps going when servers fail.", style="Muted.TLabel").pack(
@@ -119,6 +118,11 @@ class ChatApp:
         self.create_button.pack(side="left", padx=(10, 0))
         self.login_notice = ttk.Label(card, text="", style="Muted.TLabel", wraplength=300)
         self.login_notice.pack(anchor="w", pady=(14, 0))
+        # Hung by its top where, logging in, it is centred: the repeat field
+        # (or a longer error) then grows it downward, and nothing moves up
+        # from under the pointer between two clicks on Create account.
+        card.update_idletasks()
+        card.place(relx=0.5, rely=0.45, y=-(card.winfo_reqheight() // 2), anchor="n")
         self.user_entry.bind("<Return>", lambda e: self.password_entry.focus_set())
         self.password_entry.bind("<Return>", lambda e: self._password_return())
         self.repeat_entry.bind("<Return>", lambda e: self._create_account())
