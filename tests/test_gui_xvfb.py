@@ -647,6 +647,21 @@ def test_every_scrollbar_handle_stands_out_from_its_trough():
 
 
 @pytest_twisted.inlineCallbacks
+def test_every_scrollbar_trough_stands_out_from_what_it_scrolls():
+    from tkinter import ttk
+
+    def test(root, app, client):
+        style = ttk.Style(root)
+        for canvas in (app.list_canvas, app.canvas):
+            [bar] = [w for w in canvas.master.winfo_children() if w.winfo_class() == "TScrollbar"]
+            trough = style.lookup(bar.cget("style") or "Vertical.TScrollbar", "troughcolor")
+            # Else the bar's length does not show, only its handle.
+            assert root.winfo_rgb(trough) != root.winfo_rgb(canvas.cget("background")), canvas
+        yield None
+    yield with_fake_app(test)
+
+
+@pytest_twisted.inlineCallbacks
 def test_what_was_typed_goes_when_the_session_ends():
     def test(root, app, client):
         client.auto.update({"logout": {}, "delete_account": {}, "login": {"session": "t", "unread": 0},

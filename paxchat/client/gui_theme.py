@@ -29,7 +29,8 @@ COLORS = {
     "error_bg": "#FDECEC",
     "ok": "#2E9E5B",
     "warn": "#D49A1E",
-    "scroll_thumb": "#C3C8D2",        # a scrollbar's handle, on its "bg" trough
+    "scroll_trough": "#E8EAEE",       # a scrollbar's length: a shade apart from the "bg" it runs beside
+    "scroll_thumb": "#C3C8D2",        # its handle
     "scroll_thumb_hover": "#A4ABB9",
     "scroll_thumb_pressed": "#8A93A3",
 }
@@ -93,16 +94,18 @@ def apply_styles(root: tk.Misc, fonts: Fonts):
                     lightcolor=c["panel"], darkcolor=c["panel"], padding=(6, 4))
     style.map("Link.TButton", background=[("active", c["accent_soft"])])
     # Scrollbars: a grey handle (its border the trough's, so it sits inset) on
-    # a light trough, darker under the pointer and while dragged. No arrows:
-    # clam draws them in the handle's colour, where they would read as more
-    # handle. With nothing to scroll, ttk disables the bar and its
-    # full-length handle takes the trough's colour: nothing shows.
+    # a light trough, darker under the pointer and while dragged. The trough
+    # is a shade apart from the conversation's "bg" too, or the bar's length
+    # would not show beside it. No arrows: clam draws them in the handle's
+    # colour, where they would read as more handle. With nothing to scroll,
+    # ttk disables the bar and its full-length handle takes the trough's
+    # colour: only the trough shows.
     style.layout("Vertical.TScrollbar", [("Vertical.Scrollbar.trough", {"sticky": "ns", "children": [
         ("Vertical.Scrollbar.thumb", {"sticky": "nswe", "expand": "1"})]})])
-    thumb = c["scroll_thumb"]
-    style.configure("Vertical.TScrollbar", background=thumb, troughcolor=c["bg"], bordercolor=c["bg"],
+    thumb, trough = c["scroll_thumb"], c["scroll_trough"]
+    style.configure("Vertical.TScrollbar", background=thumb, troughcolor=trough, bordercolor=trough,
                     lightcolor=thumb, darkcolor=thumb, arrowcolor=c["muted"], gripcount=0)
-    shades = [("disabled", c["bg"]), ("pressed", c["scroll_thumb_pressed"]), ("active", c["scroll_thumb_hover"])]
+    shades = [("disabled", trough), ("pressed", c["scroll_thumb_pressed"]), ("active", c["scroll_thumb_hover"])]
     style.map("Vertical.TScrollbar", background=shades, lightcolor=shades, darkcolor=shades)
     style.configure("Panel.TMenubutton", background=c["panel"], foreground=c["text"], padding=(8, 4),
                     bordercolor=c["panel"], lightcolor=c["panel"], darkcolor=c["panel"], arrowcolor=c["muted"])
