@@ -890,6 +890,33 @@ def test_ctrl_c_and_the_bubble_menu_copy_the_selected_messages():
 
 
 @pytest_twisted.inlineCallbacks
+def test_ctrl_a_selects_all_the_text_of_a_box():
+    import tkinter as tk
+
+    def test(root, app, client):
+        def selects_all(box, text):
+            box.focus_force()
+            yield wait_for(lambda: root.update() or root.focus_get() is box, 5)
+            box.insert("end", text)
+            box.event_generate("<Control-a>")
+            if isinstance(box, tk.Text):
+                assert box.get("sel.first", "sel.last") == text + "\n"
+            else:
+                assert box.selection_present() and (box.index("sel.first"), box.index("sel.last")) == (0, len(text))
+            # What is typed next replaces it all.
+            box.event_generate("<Key-z>")
+            assert (box.get("1.0", "end-1c") if isinstance(box, tk.Text) else box.get()) == "z"
+        yield from selects_all(app.user_entry, "alice")
+        yield from selects_all(app.password_entry, "secret-password")
+        app.model.signed_in("alice")
+        yield wait_for(lambda: root.update() or app.main.winfo_ismapped(), 5)
+        yield from selects_all(app.search_entry, "bob")
+        app.open_conversation("bob")
+        yield from selects_all(app.compose, "two\nlines")
+    yield with_fake_app(test)
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_reused_names_new_account_is_marked_in_the_conversation():
     import time
 

@@ -88,6 +88,7 @@ class ChatApp:
         self.status_label.pack(side="left")
         self._build_login()
         self._build_main()
+        self._select_all_keys()
 
     def _build_login(self):
         self.login = ttk.Frame(self.outer)
@@ -295,6 +296,15 @@ class ChatApp:
         self.danger_button.pack(side="right", padx=(0, 10))
         self.danger_password.bind("<Return>", lambda e: self._delete_account())
         self.danger_password.bind("<Escape>", lambda e: self._hide_danger())
+
+    def _select_all_keys(self):
+        """Ctrl+A selects all the text of a box, as desktop apps do (and Tk on
+        Windows). Tk on X11 keeps the Emacs meaning, the start of the line;
+        Home still goes there. On macOS Cmd+A selects all already."""
+        if self.root.tk.call("tk", "windowingsystem") == "x11":
+            keys = ("<Control-Key-a>", "<Control-Lock-Key-A>")
+            self.root.event_delete("<<LineStart>>", *keys)
+            self.root.event_add("<<SelectAll>>", *keys)
 
     def _placeholder(self, entry, text):
         """Grey hint text in an empty entry, gone on focus."""
