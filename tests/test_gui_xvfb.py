@@ -662,6 +662,23 @@ def test_every_scrollbar_trough_stands_out_from_what_it_scrolls():
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_greyed_out_button_has_no_coloured_outline_that_reads_as_the_keyboard_focus():
+    from tkinter import ttk
+    from paxchat.client.gui_theme import COLORS
+
+    def test(root, app, client):
+        style = ttk.Style(root)
+        app.model.signed_in("alice")     # no conversation open: Send is greyed out
+        yield wait_for(lambda: root.update() or app.send_button.instate(["disabled"]), 5)
+        for button in (app.send_button, app.danger_button):
+            name = button.cget("style")
+            colours = {root.winfo_rgb(COLORS[c]) for c in ("accent", "accent_dark", "danger", "danger_dark")}
+            for option in ("bordercolor", "lightcolor", "darkcolor"):
+                assert root.winfo_rgb(style.lookup(name, option, ["disabled"])) not in colours, (name, option)
+    yield with_fake_app(test)
+
+
+@pytest_twisted.inlineCallbacks
 def test_what_was_typed_goes_when_the_session_ends():
     def test(root, app, client):
         client.auto.update({"logout": {}, "delete_account": {}, "login": {"session": "t", "unread": 0},

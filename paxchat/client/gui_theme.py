@@ -81,15 +81,18 @@ def apply_styles(root: tk.Misc, fonts: Fonts):
     style.configure("TEntry", padding=(8, 6), fieldbackground=c["panel"], bordercolor=c["line"],
                     lightcolor=c["line"], darkcolor=c["line"])
     style.map("TEntry", bordercolor=[("focus", c["accent"])], lightcolor=[("focus", c["accent"])])
+    button_line = "#C9CED8"     # a plain button's outline
     style.configure("TButton", padding=(12, 6), background=c["panel"], foreground=c["text"],
-                    bordercolor="#C9CED8", lightcolor=c["panel"], darkcolor=c["panel"], relief="solid")
+                    bordercolor=button_line, lightcolor=c["panel"], darkcolor=c["panel"], relief="solid")
     style.map("TButton", background=[("active", c["bg"]), ("disabled", c["panel"])],
               foreground=[("disabled", c["muted"])])
     for name, base, dark in (("Accent", c["accent"], c["accent_dark"]), ("Danger", c["danger"], c["danger_dark"])):
         style.configure(f"{name}.TButton", background=base, foreground="#FFFFFF", bordercolor=base,
                         lightcolor=base, darkcolor=base, font=fonts.name)
+        # Greyed out, its outline greys too: a coloured ring round a grey button reads as the keyboard focus.
+        edge = [("disabled", c["line"]), ("active", dark)]
         style.map(f"{name}.TButton", background=[("active", dark), ("disabled", c["line"])],
-                  bordercolor=[("active", dark)], lightcolor=[("active", dark)], darkcolor=[("active", dark)])
+                  bordercolor=[("disabled", button_line), ("active", dark)], lightcolor=edge, darkcolor=edge)
     style.configure("Link.TButton", background=c["panel"], foreground=c["accent"], bordercolor=c["panel"],
                     lightcolor=c["panel"], darkcolor=c["panel"], padding=(6, 4))
     style.map("Link.TButton", background=[("active", c["accent_soft"])])
