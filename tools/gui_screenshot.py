@@ -74,7 +74,7 @@ def make(reactor, out, workdir):
             app.user_entry.insert(0, "alice")
             app.password_entry.insert(0, "alice-password")
             yield app.controller.log_in("alice", "alice-password")
-            yield app.controller.open("bob")
+            app.open_conversation("bob")     # as a click does: the cursor goes to the compose box
             yield sleep(reactor, 0.3)
             yield bob.send_message("alice", "Ship it?")
             app.compose.insert("1.0", "Ship it! 🙂".replace("🙂", ""))
