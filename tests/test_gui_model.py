@@ -600,6 +600,26 @@ def test_a_malformed_send_answer_is_logged_and_the_send_still_ends():
     assert any(e.get("log_format") == "showing a sent message failed" for e in events)
 
 
+def test_a_pending_message_says_waiting_while_no_node_with_a_leader_can_take_it():
+    model, changes = model_for()
+    model.open("bob")
+    model.set_status(Status("connected", 1, 1))
+    model.sending("bob", "k1", "hi")
+    assert model.bubbles()[-1]["time"] == "sending…"
+    changes.clear()
+    model.set_status(Status("connected", 1, None))       # the leader died: no majority to commit
+    assert model.bubbles()[-1]["time"] == "waiting…"
+    assert changes[-1] == {"status", "conversation"}      # the bubble is redrawn with its new word
+    model.set_status(Status("reconnecting"))
+    assert model.bubbles()[-1]["time"] == "waiting…" and changes[-1] == {"status"}
+    model.set_status(Status("connected", 2, 3))
+    assert model.bubbles()[-1]["time"] == "sending…" and changes[-1] == {"status", "conversation"}
+    model.sent("bob", "k1", 9, 2000.0)
+    changes.clear()
+    model.set_status(Status("failed"))
+    assert changes == [{"status"}]                         # nothing pending: no redraw of the conversation
+
+
 def test_send_shows_pending_then_the_stored_message_or_an_error():
     clock, model, client, ctl = controller()
     model.signed_in("alice")

@@ -127,6 +127,9 @@ class ChatModel:
         self.me: str | None = None
         self.status = ""
         self.status_level = status_level(None)   # the status bar dot's colour: see status_level
+        # The client holds sends for want of a node with a leader (reconnecting,
+        # offline, no leader elected): pending messages say "waiting…", not "sending…".
+        self.sends_wait = False
         self.error = ""
         # A send that failed: its error stays until dismissed or replaced (the
         # next send, another error), where others go by themselves.
@@ -180,7 +183,9 @@ class ChatModel:
     def set_status(self, status):
         self.status = status_text(status)
         self.status_level = status_level(status)
-        self._changed("status")
+        was, self.sends_wait = self.sends_wait, status is not None and self.status_level != "ok"
+        pending = self.open_peer is not None and self.conversation(self.open_peer).pending
+        self._changed(*(("status", "conversation") if pending and was != self.sends_wait else ("status",)))
 
     def show_error(self, reason, sticky: bool = False, about: str | None = None):
         """Show a failure (Failure, exception or sentence) as one readable sentence;
@@ -555,7 +560,7 @@ class ChatModel:
             bubble["receipt"] = "Read" if read else "Sent"
         for key, m in conv.pending.items():
             out.append({"id": None, "key": key, "mine": True, "sender": "You", "body": m["body"],
-                        "time": "sending…", "selected": False,
+                        "time": "waiting…" if self.sends_wait else "sending…", "selected": False,
                         "first_in_run": previous is None or not previous[0], "receipt": None})
             previous = (True, m["ts"])
         return out
