@@ -837,6 +837,23 @@ def _add_global_options(parser, after_command=False):
                              f"itself {BACKUP_TIMEOUT:g}, as the node reads the whole state first)")
 
 
+def _node_either_way(command, dest):
+    """N or --node N: backup, restore and rebuild name their node with --node."""
+    command.add_argument(dest, type=int, nargs="?", metavar="N")
+    command.add_argument("--node", type=int, dest=f"{dest}_option", metavar="N",
+                         help="the same, named as backup, restore and rebuild name theirs")
+
+
+def _one_node(command, args, dest):
+    """The node of ``_node_either_way``'s two spellings, or a usage error (exit 2)."""
+    given, option = getattr(args, dest), getattr(args, f"{dest}_option")
+    if given is None and option is None:
+        command.error("which node? give N or --node N")
+    if None not in (given, option) and given != option:
+        command.error(f"two nodes named ({given} and --node {option}); give one")
+    setattr(args, dest, option if given is None else given)
+
+
 def main(argv=None, out=None, err=None):
     """``paxchat-admin --config cluster.ini status|snapshot N|transfer-leadership N|backup|restore|rebuild``."""
     out = closedpipe.ReaderMayLeave(out or sys.stdout)
@@ -855,12 +872,10 @@ def main(argv=None, out=None, err=None):
     status.add_argument("--json", action="store_true", help="the raw statuses as JSON")
     status.set_defaults(run=_status)
     snapshot = add_command("snapshot", help="have node N snapshot its state now")
-    snapshot.add_argument("node", type=int, nargs="?", metavar="N")
-    snapshot.add_argument("--node", type=int, dest="node_option", metavar="N",
-                          help="the same, named as backup, restore and rebuild name theirs")
+    _node_either_way(snapshot, "node")
     snapshot.set_defaults(run=_snapshot)
     transfer = add_command("transfer-leadership", help="have the leader hand over to N")
-    transfer.add_argument("target", type=int)
+    _node_either_way(transfer, "target")
     transfer.add_argument("--wait", type=_seconds, default=10.0,
                           help="seconds to wait for N to lead (default 10)")
     transfer.set_defaults(run=_transfer)
@@ -883,11 +898,9 @@ def main(argv=None, out=None, err=None):
     rebuild.set_defaults(run=_rebuild, offline=True)
     args = parser.parse_args(argv)
     if args.command == "snapshot":
-        if args.node is None and args.node_option is None:
-            snapshot.error("which node? give N or --node N")
-        if None not in (args.node, args.node_option) and args.node != args.node_option:
-            snapshot.error(f"two nodes named ({args.node} and --node {args.node_option}); give one")
-        args.node = args.node_option if args.node is None else args.node
+        _one_node(snapshot, args, "node")
+    elif args.command == "transfer-leadership":
+        _one_node(transfer, args, "target")
     try:
         config = configmod.load(args.config)
         if getattr(args, "offline", False):

@@ -246,8 +246,10 @@ def test_snapshot(node_1):
 @pytest.mark.parametrize("argv, why", [
     (["snapshot"], "which node? give N or --node N"),
     (["snapshot", "1", "--node", "2"], "two nodes named (1 and --node 2); give one"),
+    (["transfer-leadership"], "which node? give N or --node N"),
+    (["transfer-leadership", "1", "--node", "2"], "two nodes named (1 and --node 2); give one"),
 ])
-def test_snapshot_names_one_node(argv, why, capsys):
+def test_snapshot_and_transfer_name_one_node(argv, why, capsys):
     with pytest.raises(SystemExit) as exited:
         admin.main(argv)
     assert exited.value.code == 2 and why in capsys.readouterr().err
@@ -624,6 +626,8 @@ def test_transfer_leadership(node_1):
     # Node 2 is down: it cannot; the status says node 1 still leads.
     assert err == "paxchat-admin: node 2 did not take over within 0.3 s; node 1 still leads\n"
     code, out, err = yield run_admin(cfg, "transfer-leadership", "1")
+    assert (code, out) == (0, "node 1 already leads\n")
+    code, out, err = yield run_admin(cfg, "transfer-leadership", "--node", "1")
     assert (code, out) == (0, "node 1 already leads\n")
     code, out, err = yield run_admin(cfg, "transfer-leadership", "9")
     assert code == 2 and "no [node.9] section for transfer-leadership 9 (nodes are 1, 2)" in err
