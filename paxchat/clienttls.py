@@ -32,6 +32,7 @@ Renegotiation is refused, so a write never has to wait for a read.
 from __future__ import annotations
 
 import errno
+import socket
 import ssl
 
 from twisted.internet import defer, error, main, tcp
@@ -40,13 +41,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["HANDSHAKE_TIMEOUT_SECONDS", "TLSError", "TLSServer", "TLSServerEndpoint",
-           "TLSServerPort", "server_context"]
+__all__ = ["HANDSHAKE_TIMEOUT_SECONDS", "LINGER_SECONDS", "TLSError", "TLSServer",
+           "TLSServerEndpoint", "TLSServerPort", "server_context"]
 
 log = Logger()
 
 # A client that connects and never finishes its handshake is dropped after this long.
 HANDSHAKE_TIMEOUT_SECONDS = 10.0
+# A connection closed by the server waits this long at most for its client to close too.
+LINGER_SECONDS = 10.0
 _WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS)
 
 
@@ -82,6 +85,7 @@ class TLSServer(tcp.Server):
     _wants_write = False           # a handshake or read step is owed a turn (room, or resumed reading)
     _reading_paused = False        # the protocol paused reading (pauseProducing)
     _reason = None                 # why the TLS layer dropped the connection
+    _linger_timer = None           # set while closed for writing, waiting for the client to close
 
     def __init__(self, sock, protocol, client, server, sessionno, reactor):
         # Non-blocking once tcp.Connection sets it below; the SSLSocket reads
@@ -94,6 +98,8 @@ class TLSServer(tcp.Server):
     # -- from the socket ----------------------------------------------------------
 
     def doRead(self):
+        if self._linger_timer is not None:
+            return self._drop_input()
         if not self._handshaken:
             return self._handshake()
         try:
@@ -149,14 +155,46 @@ class TLSServer(tcp.Server):
             return 0 if e.errno in _WOULD_BLOCK else main.CONNECTION_LOST
 
     def _postLoseConnection(self):
-        """All that was written has gone out: close_notify, then close."""
+        """All that was written has gone out: close_notify, TCP's FIN, then
+        wait for the client to close (L{_linger})."""
         if not self._say_close_notify():
             self.startWriting()
             return None
-        return super()._postLoseConnection()
+        return self._linger()
+
+    def _linger(self):
+        """Read and drop what the client still sends until it closes, for
+        L{LINGER_SECONDS} at most, then close.
+
+        The kernel resets a socket closed with data unread in it, throwing
+        away what it had not sent yet: the last answers and events of a
+        client that had sent more than was read (a stopping node reads no
+        more requests). Shut for writing only, the socket sends all of it,
+        then the FIN, and the client closes once it has read them.
+        """
+        if not self._handshaken or self._reason is not None:
+            return super()._postLoseConnection()
+        try:
+            socket.socket.shutdown(self.socket, socket.SHUT_WR)   # TLS has said close_notify
+        except OSError:
+            return super()._postLoseConnection()
+        self._linger_timer = self.server.clock.callLater(LINGER_SECONDS, self.abortConnection)
+        self.startReading()
+        return None
+
+    def _drop_input(self):
+        """While lingering: read the raw socket, drop what comes; the client closing ends it."""
+        try:
+            data = socket.socket.recv(self.socket, self.bufferSize)
+        except OSError as e:
+            return None if e.errno in _WOULD_BLOCK else main.CONNECTION_LOST
+        return None if data else main.CONNECTION_DONE
 
     def connectionLost(self, reason):
         self._cancel_handshake_timer()
+        timer, self._linger_timer = self._linger_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         if self._reason is not None:
             reason = Failure(self._reason)
         self._early = ()

@@ -277,3 +277,42 @@ def test_a_connection_over_the_rate_of_its_address_is_closed_before_tls(server):
     asked.cancel()
     assert server.factory.refused_total == 1 and server.factory.turned_away_total == 0
     assert (yield held.ok("hello"))["protocol"] == 1   # the one it holds goes on
+
+
+@pytest.mark.parametrize("server_overrides", [dict(
+    writes_per_connection=RateLimit(rate=1000.0, burst=10**6),
+    writes_per_account=RateLimit(rate=1000.0, burst=10**6))])
+@pytest_twisted.inlineCallbacks
+def test_a_stopping_node_gets_its_last_answers_to_a_client_it_left_requests_unread(server):
+    """Closing a socket with unread requests in it makes the kernel reset the
+    connection and throw away what it still had to send: the last answers and
+    node_stopping. The node must read (and drop) them until the client closes."""
+    from twisted.internet import reactor
+
+    from tests.cluster_support import wait_until
+    client = yield server()
+    yield client.ok("create_account", username="erin", password="erin-password")
+    yield client.ok("login", username="erin", password="erin-password")
+    body = "é" * 10_000    # 60,002 bytes escaped: a page of 17 weighs about 1 MiB
+    yield defer.gatherResults([client.ok("send_message", to="erin", body=body) for _ in range(17)])
+    client.transport.pauseProducing()    # reads nothing for now
+    lines = []
+    pages = []
+    for n in range(24):                  # some 24 MiB of answers: more than the sockets hold
+        pages.append(client.answers.setdefault(f"page{n}", defer.Deferred()))
+        lines.append(json.dumps({"id": f"page{n}", "op": "history", "limit": 1000}).encode())
+    for n in range(50_000):              # and more requests than the node will read
+        client.answers[f"hello{n}"] = defer.Deferred()
+        lines.append(json.dumps({"id": f"hello{n}", "op": "hello"}).encode())
+    client.transport.write(b"\n".join(lines) + b"\n")
+    conn = next(iter(server.factory.connections))
+    yield wait_until(reactor, lambda: conn.reading_paused and conn.in_flight == 0, TIMEOUT,
+                     "the node to stop reading for want of room to write")
+    closed = server.factory.close_all("shutdown", grace=TIMEOUT)
+    client.transport.resumeProducing()
+    yield client.lost.addTimeout(TIMEOUT, reactor)
+    yield closed
+    # The event comes last: every answer the node wrote came before it.
+    stopping = [e for e in client.events if e["event"] != "message"]
+    assert stopping == [{"event": "node_stopping", "reason": "shutdown"}]
+    assert pages[0].called

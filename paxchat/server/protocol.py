@@ -69,7 +69,8 @@ from .validation import MAX_USERNAME_CHARS
 
 log = Logger()
 
-# After frame_too_large, a client that does not read its error is cut off after this long.
+# A connection the server closes (frame_too_large, node_stopping) that its client
+# has not closed too after this long is cut off.
 CLOSE_GRACE_SECONDS = 10.0
 
 
@@ -275,7 +276,7 @@ class ChatProtocol(Protocol):
         self._closing = True
         self.factory.turned_away()
         self.send_event({"event": "node_stopping", "reason": "full"})
-        self.transport.loseConnection()
+        self._close(producer=False)
 
     def connectionLost(self, reason):
         self.connected = False
@@ -310,7 +311,7 @@ class ChatProtocol(Protocol):
         Requests still unread are never started, so the client can safely
         send them again to another node. ``close_now`` ends the wait early.
         """
-        if self._stopping_event is not None or not self.connected:
+        if self._stopping_event is not None or not self.connected or self._close_timer is not None:
             return
         self._stopping_event = {"event": "node_stopping", "reason": reason}
         self._closing = True
@@ -331,9 +332,33 @@ class ChatProtocol(Protocol):
         if event is None or self.transport is None:
             return
         self.send_event(event)
-        # A streaming producer that is paused would keep the transport open.
-        self.transport.unregisterProducer()
-        self.transport.loseConnection()
+        self._close()
+
+    def _close(self, producer=True):
+        """Close once all that was written has gone out, reading and dropping
+        what the client still sends until it closes too (or
+        ``CLOSE_GRACE_SECONDS`` pass).
+
+        The kernel resets a socket closed with data unread in it, and throws
+        away what it had not sent yet: a client that had sent more than the
+        server read (pipelined requests, a line over the limit) lost the last
+        answers and the event that says why. So the server shuts only its
+        side: the client reads everything, then the end, and closes. The TLS
+        port does this itself (``paxchat.clienttls``), on ``loseConnection``.
+        """
+        transport = self.transport
+        if producer:
+            # A streaming producer that is paused would keep the transport open,
+            # and a full output would stop the reading that drops the client's data.
+            transport.unregisterProducer()
+        try:
+            transport.loseWriteConnection()
+        except (AttributeError, NotImplementedError):
+            transport.loseConnection()
+        else:
+            transport.resumeProducing()     # what comes now is dropped (dataReceived)
+        if self._close_timer is None:
+            self._close_timer = self._reactor.callLater(CLOSE_GRACE_SECONDS, transport.abortConnection)
 
     @property
     def in_flight(self):
@@ -380,8 +405,7 @@ class ChatProtocol(Protocol):
         self._pos = 0
         self._write({"id": None, "ok": False, "error": {
             "code": FRAME_TOO_LARGE, "message": f"a line may hold at most {MAX_LINE_BYTES} bytes"}})
-        self.transport.loseConnection()
-        self._close_timer = self._reactor.callLater(CLOSE_GRACE_SECONDS, self.transport.abortConnection)
+        self._close()
 
     def _pause(self, reason):
         if not self._pauses:
