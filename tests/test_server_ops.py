@@ -566,6 +566,15 @@ def test_login_on_a_logged_in_connection_switches_sessions(server):
     assert bob_token
 
 
+def test_a_failed_login_or_resume_leaves_the_connection_in_its_session(server):
+    alice = logged_in(server, "alice")
+    logged_in(server, "bob")
+    assert alice.error("login", username="bob", password="wrong-password") == "bad_credentials"
+    assert alice.error("resume", session="no-such-token") == "bad_session"
+    assert alice.proto.session.username == "alice"
+    assert alice.ok("list_accounts", pattern="alice") == {"accounts": ["alice"], "more": False}
+
+
 def test_hello_while_there_is_no_leader(server):
     server.log.leader_id = lambda: None
     assert server.connect().ok("hello")["leader"] is None
