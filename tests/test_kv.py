@@ -296,6 +296,33 @@ def test_damaged_pages_are_found_by_check(tmp_path):
         kv.dump()
 
 
+def read_only(path):
+    """A connection SQLite opens read-only, as it would a file on a read-only disk or
+    one the node's user may not write (tests run as root, whom permissions do not stop)."""
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                           check_same_thread=False)
+
+
+def test_a_database_sqlite_cannot_write_is_not_called_damaged(tmp_path, monkeypatch):
+    path = tmp_path / "s.db"
+    kv = KVStore.open(path)
+    fill(kv, [("k", b"v")], index=3)
+    kv.close()
+    monkeypatch.setattr(kvmodule, "_connect", read_only)
+    with pytest.raises(StoreError) as info:
+        KVStore.open(path, check=True)
+    # Whole data: moving it aside to rebuild would be wrong; the disk or its rights are.
+    assert not isinstance(info.value, CorruptStore)
+    assert str(info.value) == (
+        f"cannot use state database {path}: attempt to write a readonly database (the node's"
+        " user must be able to write it and its directory, on a disk mounted read-write with"
+        " space free)")
+    monkeypatch.undo()
+    kv = KVStore.open(path, check=True)
+    assert kv.dump() == (3, [("k", b"v")])
+    kv.close()
+
+
 def test_unopenable_path_names_the_file(tmp_path):
     with pytest.raises(StoreError, match="nodir"):
         KVStore.open(tmp_path / "nodir" / "s.db")

@@ -136,6 +136,29 @@ def test_a_damaged_log_stops_the_start_before_any_port_is_bound(tmp_path):
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_state_the_node_cannot_write_stops_the_start_without_rebuild_advice(
+        tmp_path, monkeypatch):
+    from paxchat.state import kv
+    from paxchat.state.kv import CorruptStore, StoreError
+    from .test_kv import read_only
+    cfg = make_cluster(tmp_path, client_tls=False)
+    cfg.node_data_dir(1).mkdir(parents=True)
+    ChatState.open(str(cfg.node_data_dir(1) / STATE_FILE)).close()
+    monkeypatch.setattr(kv, "_connect", read_only)       # a read-only disk, or another owner
+    node = NodeService(cfg, 1, reactor_())
+    with pytest.raises(StoreError) as info:
+        node.startService()
+    yield node.closing
+    assert not node.running and node.port is None
+    # Its data is whole: fix the disk or the rights, do not move it aside and rebuild.
+    assert not isinstance(info.value, CorruptStore)
+    assert str(info.value).startswith(
+        f"cannot use state database {cfg.node_data_dir(1) / STATE_FILE}: attempt to write a"
+        " readonly database (the node's user must be able to write it")
+    assert "rebuild" not in str(info.value)
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_taken_peer_port_fails_the_start_and_closes_the_log_it_recovered(tmp_path):
     from paxchat.paxos.store import locked
     cfg = make_cluster(tmp_path, client_tls=False)

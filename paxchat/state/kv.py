@@ -50,6 +50,14 @@ GROUP_SLOTS = 256
 GROUP_SECONDS = 1.0     # under steady load the slot count ends a group first
 CACHE_KEYS = 16384      # values kept in memory at most (see KVStore.cache_keys)
 
+# What SQLite says when the file cannot be used here and now, not that it is
+# damaged: no permission, a read-only or full disk, a lock, an I/O error. The
+# node's data may be whole; moving it aside to rebuild would be wrong advice.
+_CANNOT_USE = frozenset({sqlite3.SQLITE_PERM, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_READONLY,
+                         sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN})
+CANNOT_USE_HINT = ("the node's user must be able to write it and its directory, on a disk"
+                   " mounted read-write with space free")
+
 _RECORD = b"R"
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -97,6 +105,14 @@ def _quick_check(conn, path):
         raise CorruptStore(f"state database {path} is damaged: {problems[0] if problems else result}{more}")
 
 
+def _unusable(exc, path):
+    """A L{StoreError} for a SQLite error that says the file cannot be used (see
+    L{_CANNOT_USE}), else None: the error is the file's own."""
+    if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in _CANNOT_USE:
+        return None
+    return StoreError(f"cannot use state database {path}: {exc} ({CANNOT_USE_HINT})")
+
+
 def _connect(path):
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout = 5000")
@@ -123,7 +139,9 @@ class KVStore:
         """Open or create the store at ``path``.
 
         A file that is not a SQLite database, is damaged, or holds another
-        schema raises L{CorruptStore}; it is never reset. ``check=True``
+        schema raises L{CorruptStore}; it is never reset. One SQLite cannot
+        use (no permission, a read-only or full disk, an I/O error) raises a
+        plain L{StoreError} saying so. ``check=True``
         also runs SQLite's quick_check (reads the whole file). ``durable``:
         fsync each commit (see the module docstring).
         """
@@ -135,7 +153,7 @@ class KVStore:
         try:
             conn = _connect(path)
         except sqlite3.Error as e:
-            raise StoreError(f"cannot open state database {path}: {e}") from e
+            raise (_unusable(e, path) or StoreError(f"cannot open state database {path}: {e}")) from e
         try:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
@@ -167,7 +185,8 @@ class KVStore:
             raise
         except sqlite3.DatabaseError as e:
             conn.close()
-            raise CorruptStore(f"state database {path} is unreadable or damaged: {e}") from e
+            raise (_unusable(e, path) or CorruptStore(
+                f"state database {path} is unreadable or damaged: {e}")) from e
         return cls(path, conn, durable)
 
     def check(self):
@@ -175,7 +194,8 @@ class KVStore:
         try:
             _quick_check(self._conn, self.path)
         except sqlite3.DatabaseError as e:
-            raise CorruptStore(f"state database {self.path} is unreadable or damaged: {e}") from e
+            raise (_unusable(e, self.path) or CorruptStore(
+                f"state database {self.path} is unreadable or damaged: {e}")) from e
 
     def sync(self):
         """Commit an open group, and make every commit so far durable (an fsync of the WAL)."""
