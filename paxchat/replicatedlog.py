@@ -221,6 +221,7 @@ class ReplicatedLog:
         self._compaction_waiters = []      # snapshot_now() callers
         self._offering = False             # serializing the state for a peer behind the log
         self._background_failures = OccasionalByKind(reactor, BACKGROUND_LOG_SECONDS)
+        self._forward_drops = OccasionalByKind(reactor, BACKGROUND_LOG_SECONDS)   # by peer
         self._sizing = False               # asking the state for its size
         self._size_due = 0.0               # when to ask again
 
@@ -532,9 +533,14 @@ class ReplicatedLog:
             for command in msg.commands:
                 if len(self._held) < self.settings.max_held:
                     self._held.append((deadline, command, guard))
-                else:
-                    log.warn("dropped a command forwarded by node {peer}: too many held",
-                             peer=from_node_id)
+                    continue
+                # A frame holds up to FORWARD_BATCH_COMMANDS: a line for each would
+                # flood the journal while no leader takes them.
+                count = self._forward_drops.happened(from_node_id)
+                if count:
+                    log.warn("dropped commands forwarded by node {peer}: {held} wait for a leader"
+                             " already ({count} dropped since the last report); their clients"
+                             " retry", peer=from_node_id, held=len(self._held), count=count)
         elif kind is M.ReadIndexRequest:
             self._remote_read(msg)
         elif kind is M.ReadIndexReply:

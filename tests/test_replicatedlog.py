@@ -572,6 +572,41 @@ def test_commands_forwarded_by_the_leader_we_follow_are_not_sent_back(cluster):
     assert rl.status()["held_commands"] == 0
 
 
+def test_forwarded_commands_dropped_for_want_of_room_are_logged_once_a_minute(tmp_path):
+    from twisted.logger import formatEvent, globalLogPublisher
+    from paxchat.replicatedlog import BACKGROUND_LOG_SECONDS
+    c = Cluster(tmp_path, settings=dataclasses.replace(SETTINGS, max_held=3))
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        leader = c.wait_leader()
+        follower = next(n for n in c.members if n != leader)
+        rl = c.logs[follower]
+
+        def forward(first, count=50):
+            # From the leader it follows: the follower holds them (they are not sent back).
+            commands = tuple(json.dumps(dict(create(f"f{i}"), rid=f"x:y:{i}")).encode()
+                             for i in range(first, first + count))
+            rl._on_frame(leader, M.encode(M.ForwardProposals(leader, commands)))
+
+        dropped = lambda: [formatEvent(e) for e in events  # noqa: E731
+                           if "forwarded by node" in formatEvent(e)]
+        forward(0)
+        forward(50)
+        assert rl.status()["held_commands"] == 3
+        # One line, not one per command dropped.
+        assert dropped() == [f"dropped commands forwarded by node {leader}: 3 wait for a leader"
+                             " already (1 dropped since the last report); their clients retry"]
+        c.clock.advance(BACKGROUND_LOG_SECONDS)     # those held expire meanwhile
+        forward(100)
+        assert rl.status()["held_commands"] == 3
+        # A minute on, the next line counts every drop since the first: 46 + 50, and this one.
+        assert len(dropped()) == 2 and "(97 dropped since the last report)" in dropped()[1]
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        c.close()
+
+
 def test_no_transfer_to_a_node_that_is_not_linked_and_the_leader_keeps_leading(cluster):
     leader = cluster.wait_leader()
     down = next(n for n in cluster.members if n != leader)
