@@ -19,7 +19,7 @@ from paxchat.lineage import (check_members, clear_rebuilding, describe, is_rebui
                              read_lineage, read_or_make_identity, read_peer_identities,
                              write_lineage, write_peer_identities)
 from paxchat.metrics import MetricsService, find_service
-from paxchat.paxos.store import CorruptLogError, DurableLog, locked
+from paxchat.paxos.store import CorruptLogError, DurableLog, StorageError, locked
 from paxchat.replicatedlog import ReplicatedLog
 from paxchat.server.factory import ChatServerFactory
 from paxchat.server.settings import ServerSettings
@@ -39,6 +39,11 @@ STOPPING_REASON = "shutdown"
 # those clients waited 1-3 s for their SYN to be sent again. (Linux caps it
 # at net.core.somaxconn, 4096 by default.)
 CLIENT_BACKLOG = 1024
+# Free space a node needs on its data directory's disk to start. A node whose
+# disk filled stops (its log cannot be written); started again on a disk still
+# as full, it would join the cluster, be sent what it missed, and stop again
+# within a second, as often as its supervisor restarts it.
+MIN_FREE_BYTES = 1 << 20
 
 
 class NodeService(service.MultiService):
@@ -95,6 +100,7 @@ class NodeService(service.MultiService):
             # its port is taken. (The log takes the lock for good when it opens.)
             with locked(self.data_dir / "paxos"):
                 pass
+            self.check_free_space()
             self.lineage = read_lineage(self.data_dir)
             if self.lineage:
                 log.info("node {node_id}'s data was {lineage}", node_id=self.node_id,
@@ -130,6 +136,17 @@ class NodeService(service.MultiService):
                  node_id=self.node_id, address=str(self.node.client),
                  tls="TLS" if self.client_tls_context else "plain TCP")
         self.announce_ready()
+
+    def check_free_space(self):
+        """Refuse to start, in one line, on a disk with less than MIN_FREE_BYTES free
+        (to the node's user: blocks kept for root do not count)."""
+        disk = os.statvfs(self.data_dir)
+        free = disk.f_bavail * disk.f_frsize
+        if free < MIN_FREE_BYTES:
+            raise StorageError(
+                f"the disk of {self.data_dir} is full ({free // 1024} KiB free; a node needs"
+                f" {MIN_FREE_BYTES // 1024} KiB at least): free some space or grow the disk, then"
+                " start the node; it catches up from the others")
 
     def add_operations(self):
         """Metrics, the admin API (when ``metrics``/``admin`` are set), systemd's watchdog: children.

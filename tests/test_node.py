@@ -159,6 +159,40 @@ def test_a_state_the_node_cannot_write_stops_the_start_without_rebuild_advice(
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_node_on_a_full_disk_does_not_start(tmp_path, monkeypatch):
+    import os
+    from paxchat.paxos.store import StorageError
+    cfg = make_cluster(tmp_path, client_tls=False)
+    node = NodeService(cfg, 1, reactor_())
+    node.startService()                   # made its data directory
+    yield node.stopService()
+    real = os.statvfs
+
+    def disk_with(free):
+        def statvfs(path):
+            found = real(path)
+            return os.statvfs_result((found.f_bsize, 4096, found.f_blocks, found.f_bfree,
+                                      free // 4096, *found[5:]))
+        return statvfs
+
+    # Its last start filled it: started again as it is, it would join, be sent
+    # what it missed and stop again at once, as often as systemd restarts it.
+    monkeypatch.setattr(os, "statvfs", disk_with(64 << 10))
+    node = NodeService(cfg, 1, reactor_())
+    with pytest.raises(StorageError) as info:
+        node.startService()
+    yield node.closing
+    assert not node.running and node.port is None and node.log is None
+    assert str(info.value) == (
+        f"the disk of {cfg.node_data_dir(1)} is full (64 KiB free; a node needs 1024 KiB at"
+        " least): free some space or grow the disk, then start the node; it catches up from"
+        " the others")
+    monkeypatch.setattr(os, "statvfs", disk_with(1 << 20))      # space freed: it starts
+    node.startService()
+    yield node.stopService()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_taken_peer_port_fails_the_start_and_closes_the_log_it_recovered(tmp_path):
     from paxchat.paxos.store import locked
     cfg = make_cluster(tmp_path, client_tls=False)
