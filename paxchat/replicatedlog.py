@@ -44,6 +44,7 @@ import itertools
 import json
 import os
 import random
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -83,6 +84,24 @@ STATE_SIZE_SECONDS = 1.0
 # peer asks for again every two heartbeats) is retried; its failure is
 # logged at most this often per kind, with a count.
 BACKGROUND_LOG_SECONDS = 60.0
+
+
+class _MonotonicClock:
+    """Real time that no one steps: what a node counts leases and timeouts in.
+
+    Twisted's ``reactor.seconds()`` is the wall clock, which NTP or an operator
+    may step back. The replica only ever moves its time forward, so on such a
+    step its time would stand still until the wall clock caught up: a leader's
+    read lease would outlive the real time it stands for, and a leader cut off
+    from the others would answer reads from its own state while they elect
+    another and commit. (Timers still run on the reactor: they fire late after
+    a step back, early after a step forward, which is safe.)
+    """
+
+    seconds = staticmethod(time.monotonic)
+
+
+MONOTONIC = _MonotonicClock()
 
 
 @dataclass(frozen=True)
@@ -157,12 +176,16 @@ class ReplicatedLog:
     @param recovered: ``(DurableLog, [record bytes])`` the caller already
         recovered (``DurableLog.open_now``), used instead of ``open_store``;
         the log owns it from here and closes it at ``stop``, started or not.
+    @param clock: what time is read from (``seconds()``), for the replica's
+        leases and timeouts and our deadlines; by default the reactor. A node
+        passes ``MONOTONIC`` (``from_config``): the reactor's is the wall clock.
     """
 
     def __init__(self, reactor, node_id, members, worker, settings, *, open_store=None,
                  make_transport=None, on_fatal=None, jitter=random.random,
-                 rebuilding=False, on_rebuilt=None, recovered=None):
+                 rebuilding=False, on_rebuilt=None, recovered=None, clock=None):
         self._reactor = reactor
+        self._clock = reactor if clock is None else clock
         self.node_id = node_id
         self.members = tuple(sorted(set(members)))
         self._worker = worker
@@ -242,7 +265,8 @@ class ReplicatedLog:
         return cls(reactor, node_id, list(config.nodes), worker,
                    ReplicationSettings.from_config(config),
                    make_transport=make_transport, on_fatal=on_fatal,
-                   rebuilding=rebuilding, on_rebuilt=on_rebuilt, recovered=recovered)
+                   rebuilding=rebuilding, on_rebuilt=on_rebuilt, recovered=recovered,
+                   clock=MONOTONIC)
 
     def services(self):
         """The running parts the node must start (before clients) and stop (before ``stop``)."""
@@ -293,7 +317,7 @@ class ReplicatedLog:
         self.applied_index = applied
         self._queued_upto = applied
         self._decided_upto = self._compacted = durable.snapshot_index
-        now = self._reactor.seconds()
+        now = self._clock.seconds()
         if len(self.members) == 1:
             # Nobody else can hold a lease: elect ourselves at the first tick.
             now -= 2 * self.settings.election_timeout
@@ -379,7 +403,7 @@ class ReplicatedLog:
         timeout = self.settings.request_timeout
         timer = self._reactor.callLater(timeout, self._submit_timed_out, rid)
         self._pending[rid] = _Request(d, timer)
-        self._held.append((self._reactor.seconds() + timeout, data, None))
+        self._held.append((self._clock.seconds() + timeout, data, None))
         self._drive_soon()
         return d
 
@@ -481,14 +505,14 @@ class ReplicatedLog:
             self.transfer_leadership(candidates[0])
         except (NotLeader, ValueError, CannotTransfer):
             return defer.succeed(not r.is_leader)
-        deadline = self._reactor.seconds() + (timeout or 2 * self.settings.election_timeout)
+        deadline = self._clock.seconds() + (timeout or 2 * self.settings.election_timeout)
         done = defer.Deferred()
 
         def check():
             leader = self.leader_id()
             if not self._live or (not self.replica.is_leader and leader not in (None, self.node_id)):
                 done.callback(True)
-            elif self._reactor.seconds() >= deadline:
+            elif self._clock.seconds() >= deadline:
                 done.callback(False)
             else:
                 self._reactor.callLater(self.settings.heartbeat_interval, check)
@@ -501,7 +525,7 @@ class ReplicatedLog:
     def _tick(self):
         if not self._live:
             return
-        self.replica.tick(self._reactor.seconds())
+        self.replica.tick(self._clock.seconds())
         self._retry_reads()
         self._drive()
 
@@ -526,9 +550,9 @@ class ReplicatedLog:
             return
         kind = type(msg)
         if kind in _CORE_MESSAGES:
-            self.replica.receive(msg, self._reactor.seconds())
+            self.replica.receive(msg, self._clock.seconds())
         elif kind is M.ForwardProposals:
-            deadline = self._reactor.seconds() + self.settings.request_timeout
+            deadline = self._clock.seconds() + self.settings.request_timeout
             guard = (from_node_id, self.replica.ballot)
             for command in msg.commands:
                 if len(self._held) < self.settings.max_held:
@@ -597,7 +621,7 @@ class ReplicatedLog:
         for read_id in ready.failed_reads:
             self._core_read_failed(read_id)
         if ready.dropped:
-            deadline = self._reactor.seconds() + self.settings.request_timeout
+            deadline = self._clock.seconds() + self.settings.request_timeout
             self._held.extendleft((deadline, c, None) for c in reversed(ready.dropped))
         if ready.leader is not None or ready.dropped:
             self._route_held()
@@ -656,7 +680,7 @@ class ReplicatedLog:
         held = self._held
         if not held or not self._live:
             return
-        now = self._reactor.seconds()
+        now = self._clock.seconds()
         while held and held[0][0] < now:
             held.popleft()               # its submitter (if here) has timed out
         replica = self.replica
@@ -706,7 +730,7 @@ class ReplicatedLog:
         replica = self.replica
         if replica.is_leader:
             try:
-                replica.read(("local", read_id), lease=True, now=self._reactor.seconds())
+                replica.read(("local", read_id), lease=True, now=self._clock.seconds())
             except NotLeader:
                 return
             request.asked = self.node_id
@@ -717,13 +741,13 @@ class ReplicatedLog:
                 return
         else:
             return
-        request.asked_at = self._reactor.seconds()
+        request.asked_at = self._clock.seconds()
 
     def _retry_reads(self):
         """Ask again for reads nobody was asked for, or whose answer is overdue."""
         if not self._reads:
             return
-        overdue = self._reactor.seconds() - self.settings.election_timeout
+        overdue = self._clock.seconds() - self.settings.election_timeout
         for read_id, request in list(self._reads.items()):
             if request.index is None and (request.asked is None or request.asked_at < overdue):
                 request.asked = None
@@ -732,7 +756,7 @@ class ReplicatedLog:
     def _remote_read(self, msg):
         try:
             self.replica.read(("peer", msg.sender, msg.read_id), lease=True,
-                              now=self._reactor.seconds())
+                              now=self._clock.seconds())
         except NotLeader:
             self._send(msg.sender, M.ReadIndexReply(self.node_id, msg.read_id, 0, False))
 
@@ -968,7 +992,7 @@ class ReplicatedLog:
         """Keep the replica told what a snapshot would weigh (at most every
         ``STATE_SIZE_SECONDS``): it sends one to a peer that misses a log
         of a good part of that size, as installing it costs less."""
-        now = self._reactor.seconds()
+        now = self._clock.seconds()
         if self._sizing or not self._live or now < self._size_due:
             return
         self._sizing = True

@@ -112,11 +112,30 @@ class MemoryTransport(service.Service):
         return {n for n in self.network.nodes if n != self.node_id and self.network.up(self.node_id, n)}
 
 
+class RealTime:
+    """A monotonic clock beside a Cluster's Clock, which stands for the wall clock:
+    both advance together, but stepping the wall clock back leaves this one be."""
+
+    def __init__(self, wall):
+        self.wall = wall
+        self.stepped_back = 0.0
+
+    def seconds(self):
+        return self.wall.seconds() + self.stepped_back
+
+    def step_wall_clock_back(self, seconds):
+        self.wall.rightNow -= seconds
+        self.stepped_back += seconds
+
+
 class Cluster:
-    def __init__(self, tmp_path, size=3, settings=SETTINGS, make_worker=SyncWorker):
+    def __init__(self, tmp_path, size=3, settings=SETTINGS, make_worker=SyncWorker,
+                 real_time=False):
         self.make_worker = make_worker
         self.clock = task.Clock()
         self.clock.advance(1000)
+        # The logs read time from the Clock itself, unless given a RealTime beside it.
+        self.real_time = RealTime(self.clock) if real_time else None
         self.network = Network(self.clock)
         self.tmp_path = tmp_path
         self.settings = settings
@@ -138,7 +157,8 @@ class Cluster:
             self.clock, n, self.members, worker, self.settings,
             open_store=lambda: defer.succeed((store, list(store.records))),
             make_transport=self.network.transport(n) if len(self.members) > 1 else None,
-            on_fatal=self.fatal.append, jitter=lambda: (n * 0.37) % 1)
+            on_fatal=self.fatal.append, jitter=lambda: (n * 0.37) % 1,
+            **({"clock": self.real_time} if self.real_time else {}))
         rl.worker = worker
         rl.add_observer(lambda c, r, n=n: self.applied[n].append((c["op"], c.get("username"))))
         for part in rl.services():
@@ -266,6 +286,38 @@ def test_read_barrier_on_a_follower_waits_for_the_leaders_read_index(cluster):
     cluster.result(d)
     assert cluster.states[follower].account("bob") is not None
     assert any(isinstance(m, M.ReadIndexRequest) for _, m in cluster.logs[follower].transport.sent)
+
+
+def test_a_wall_clock_stepped_back_does_not_stretch_the_leaders_read_lease(tmp_path):
+    # The reactor's clock is the wall clock (Twisted's seconds() is time.time):
+    # NTP or an operator may step it back. The lease must still end after its
+    # length of real time, or a leader cut off from the others would go on
+    # answering reads from its own state while they elect another and commit.
+    cluster = Cluster(tmp_path, real_time=True)
+    try:
+        leader = cluster.wait_leader()
+        rl = cluster.logs[leader]
+        assert cluster.result(rl.read_barrier()) is None         # served, from the lease
+        cluster.run(SETTINGS.heartbeat_interval)                  # a heartbeat acked: a fresh lease
+        assert rl.replica._lease_valid(rl.replica._now)
+        cluster.network.cut = {leader}
+        cluster.real_time.step_wall_clock_back(60.0)
+        cluster.run(SETTINGS.election_timeout)                    # longer than any lease
+        outcome = cluster.result(rl.read_barrier(), seconds=2 * SETTINGS.request_timeout)
+        assert isinstance(outcome.value, Unavailable), "a read served from an expired lease"
+    finally:
+        cluster.close()
+
+
+def test_a_node_counts_time_on_a_clock_no_one_steps(tmp_path):
+    import time
+    from paxchat import config as configmod
+    from paxchat.devcluster import write_local_config
+    from paxchat.replicatedlog import MONOTONIC
+    cfg = configmod.load(write_local_config(tmp_path, nodes=1))
+    rl = ReplicatedLog.from_config(task.Clock(), cfg, 1, SyncWorker(None),
+                                   recovered=(MemoryStore([]), []))
+    assert rl._clock is MONOTONIC and MONOTONIC.seconds is time.monotonic
 
 
 def test_a_cut_off_minority_answers_unavailable_in_time(cluster):
