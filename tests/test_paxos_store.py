@@ -255,7 +255,9 @@ def test_full_disk_fails_appends_and_refuses_further_writes(tmp_path, captured_l
         yield store.append(b"later")
     with pytest.raises(StorageError):
         yield store.rewrite([b"x"])
-    assert any("refuses further writes" in m for m in messages(captured_log))
+    [said] = [e for e in captured_log if "refuses further writes" in e.get("log_format", "")]
+    assert "log_failure" not in said      # one line for the journal: the disk's answer, no traceback
+    assert messages([said]) == ["log append failed (the disk is full); the store refuses further writes"]
     yield store.close()
     assert recover_log(tmp_path) == [b"kept"]
 

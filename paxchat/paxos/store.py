@@ -653,7 +653,13 @@ class DurableLog:
             f"writing the log in {self._files.directory} failed ({reason});"
             " refusing further writes")
         self._error.__cause__ = error
-        log.failure("log {op} failed; the store refuses further writes", failure, op=op)
+        if isinstance(error, OSError):
+            # The disk's answer (full, read-only, an I/O error) says it all: one
+            # line, not a traceback of our own frames around it.
+            log.error("log {op} failed ({reason}); the store refuses further writes",
+                      op=op, reason=reason)
+        else:
+            log.failure("log {op} failed; the store refuses further writes", failure, op=op)
         closing = [item for item in self._queue if item[0] == "close"]
         waiting = batch + [item for item in self._queue if item[0] != "close"]
         self._queue = collections.deque(closing)
