@@ -134,13 +134,24 @@ class ReplicationSettings:
                           max_clock_drift=self.max_clock_drift, window=32)
 
 
+def _resendable(command):
+    """Whether a command may be forwarded to a new leader while a copy sent to
+    the old one might still commit: a ``send_message`` with a
+    ``client_msg_id`` is stored once whatever the number of copies (the
+    state's dedup table answers the others with the first one's message).
+    Other writes are not sent again: a ``delete_account`` committed twice
+    could delete an account of the same name made in between."""
+    return command.get("op") == "send_message" and command.get("client_msg_id") is not None
+
+
 class _Request:
     """A local submit or read barrier waiting for its answer."""
-    __slots__ = ("deferred", "timer", "index", "asked", "asked_at")
+    __slots__ = ("deferred", "timer", "index", "asked", "asked_at", "resend")
 
-    def __init__(self, deferred, timer):
+    def __init__(self, deferred, timer, resend=None):
         self.deferred = deferred
         self.timer = timer
+        self.resend = resend   # submits: the command's bytes, if safe to forward again (see _resendable)
         self.index = None      # reads: the read index once known
         self.asked = None      # reads: who was asked (node id), or None
         self.asked_at = 0.0
@@ -221,6 +232,11 @@ class ReplicatedLog:
         # back to that node while we still follow the same ballot, so two
         # nodes that each think the other leads do not bounce them.
         self._held = deque()
+        # Our own commands the state answers once however often they commit
+        # (_resendable): bytes -> rid while pending; and those of them forwarded
+        # to the leader, rid -> deadline, sent again to whoever leads next.
+        self._resendable = {}
+        self._forwarded = {}
         self._reads = {}                   # read id -> _Request
         self._read_ids = itertools.count(1)
         self._read_waiting = []            # heap of (index, read id) waiting for apply
@@ -378,6 +394,8 @@ class ReplicatedLog:
         pending, self._pending = self._pending, {}
         reads, self._reads = self._reads, {}
         self._held.clear()
+        self._resendable.clear()
+        self._forwarded.clear()
         self._read_waiting = []
         for request in list(pending.values()) + list(reads.values()):
             if request.timer.active():
@@ -402,7 +420,10 @@ class ReplicatedLog:
         d = defer.Deferred()
         timeout = self.settings.request_timeout
         timer = self._reactor.callLater(timeout, self._submit_timed_out, rid)
-        self._pending[rid] = _Request(d, timer)
+        resend = data if _resendable(command) else None
+        self._pending[rid] = _Request(d, timer, resend)
+        if resend is not None:
+            self._resendable[data] = rid
         self._held.append((self._clock.seconds() + timeout, data, None))
         self._drive_soon()
         return d
@@ -530,9 +551,13 @@ class ReplicatedLog:
         self._drive()
 
     def _link_changed(self, peer, direction, up):
-        """The transport opened a link: a leader tells that peer the commit index now."""
+        """The transport opened a link: a leader tells that peer the commit index now;
+        a follower forwards again to its leader what a link that dropped may have lost."""
         if up and self._live:
             self.replica.peer_connected(peer)
+            if peer == self.replica.leader_id and self._forwarded:
+                self._forward_again()
+                self._route_held()
             self._drive()
 
     def _on_frame(self, from_node_id, frame):
@@ -613,6 +638,7 @@ class ReplicatedLog:
         if ready.leader is not None:
             log.info("node {node}: leader is now {leader} (ballot {ballot})", node=self.node_id,
                      leader=ready.leader.leader, ballot=ready.leader.ballot)
+            self._forward_again()
             for request in self._reads.values():
                 if request.index is None:
                     request.asked = None
@@ -713,10 +739,37 @@ class ReplicatedLog:
             if not self._send(leader, M.ForwardProposals(self.node_id, tuple(e[1] for e in batch))):
                 held.extendleft(reversed(batch))   # not connected: keep them for later
                 break
+            if self._resendable:
+                for deadline, data, _ in batch:
+                    rid = self._resendable.get(data)
+                    if rid is not None:
+                        self._forwarded[rid] = deadline
         held.extendleft(reversed(kept))
 
-    def _submit_timed_out(self, rid):
+    def _submit_done(self, rid):
+        """The pending submit ``rid`` (or None), no longer pending."""
         request = self._pending.pop(rid, None)
+        if request is not None and request.resend is not None:
+            del self._resendable[request.resend]
+            self._forwarded.pop(rid, None)
+        return request
+
+    def _forward_again(self):
+        """The leader changed: what we forwarded to the last one and it did not
+        commit (it died, or lost its lease, with our commands unaccepted) goes
+        to the next one now, instead of waiting out ``request_timeout``. Only
+        commands the state answers once however often they commit are sent
+        again; a copy the old leader did commit is then answered from the
+        state's dedup table, and pushed to no one twice."""
+        if not self._forwarded:
+            return
+        again = [(deadline, self._pending[rid].resend, None)
+                 for rid, deadline in self._forwarded.items()]
+        self._forwarded.clear()
+        self._held.extendleft(reversed(again))      # before later commands, in their order
+
+    def _submit_timed_out(self, rid):
+        request = self._submit_done(rid)
         if request is not None:
             request.deferred.errback(Unavailable(
                 f"not committed within {self.settings.request_timeout:g} s"))
@@ -862,7 +915,7 @@ class ReplicatedLog:
                 if isinstance(command, dict):
                     self._notify(command, response)
                 if rid is not None:
-                    request = self._pending.pop(rid, None)
+                    request = self._submit_done(rid)
                     if request is not None:
                         request.timer.cancel()
                         request.deferred.callback(response)

@@ -726,3 +726,109 @@ def test_a_node_that_stops_hearing_its_leader_names_none_until_one_is_elected(cl
     cluster.network.cut = set()
     assert cluster.wait_leader() is not None
     assert cluster.logs[alone].leader_id() == cluster.leader()
+
+
+def _logged_in_sender(cluster, node):
+    """Account ``amy`` logged in with session ``s-amy``, through ``node``."""
+    rl = cluster.logs[node]
+    assert cluster.result(rl.submit(create("amy")))["ok"]
+    login = {"op": "login", "username": "amy", "pw_hash": "h", "session": "s-amy",
+             "ts": 1.0, "expires": 10.0 ** 12}
+    assert cluster.result(rl.submit(login))["ok"]
+
+
+def _send(body, client_msg_id):
+    return {"op": "send_message", "session": "s-amy", "from": "amy", "to": "amy", "body": body,
+            "ts": 2.0, "client_msg_id": client_msg_id}
+
+
+def _forward_then_lose_the_leader(cluster, command):
+    """Submit ``command`` on a follower, let its forward reach the leader, and cut
+    the leader off at once (before its Accept reaches anyone). The follower's id
+    and the answer, with the time it took."""
+    leader = cluster.wait_leader()
+    follower = next(n for n in cluster.members if n != leader)
+    _logged_in_sender(cluster, follower)
+    rl = cluster.logs[follower]
+    sent = len(rl.transport.sent)
+    started = cluster.clock.seconds()
+    d = rl.submit(command)
+    forwarded = lambda: any(isinstance(m, M.ForwardProposals) for _, m in rl.transport.sent[sent:])
+    while not forwarded():
+        cluster.clock.advance(0.0005)
+    cluster.clock.advance(LATENCY)                 # delivered to the leader, which proposes it
+    cluster.network.cut = {leader}
+    answer = cluster.result(d, seconds=2 * SETTINGS.request_timeout)
+    return follower, answer, cluster.clock.seconds() - started
+
+
+def test_a_send_forwarded_to_a_leader_that_dies_goes_to_the_next_one_at_once(cluster):
+    follower, answer, took = _forward_then_lose_the_leader(cluster, _send("hi", "c-1"))
+    assert answer["ok"], answer
+    # Elected and committed well before the request timeout (which it waited before).
+    assert took < SETTINGS.request_timeout * 0.75, took
+    cluster.run(0.2)                               # the other live node applies it too
+    sends = [n for n in cluster.members if n not in cluster.network.cut
+             and cluster.applied[n].count(("send_message", None)) == 1]
+    assert len(sends) == 2, cluster.applied
+
+
+def test_a_write_the_state_could_apply_twice_is_not_forwarded_again(cluster):
+    """A send with no client_msg_id would be stored twice if both copies
+    committed: it waits for its own fate, and fails after request_timeout."""
+    command = dict(_send("no id", None))
+    del command["client_msg_id"]
+    follower, answer, took = _forward_then_lose_the_leader(cluster, command)
+    assert isinstance(answer.value, Unavailable)
+    assert took >= SETTINGS.request_timeout
+
+
+def test_a_send_committed_by_the_old_leader_and_forwarded_again_is_stored_once(cluster):
+    """The old leader's copy reached a majority before it was cut off; the new
+    leader commits it and the copy forwarded again: the state answers the
+    second from its dedup table, with the same message."""
+    leader = cluster.wait_leader()
+    follower = next(n for n in cluster.members if n != leader)
+    third = next(n for n in cluster.members if n not in (leader, follower))
+    _logged_in_sender(cluster, follower)
+    rl = cluster.logs[follower]
+    d = rl.submit(_send("once", "c-2"))
+    # Until the third node accepted it: chosen, but no Commit has gone out yet.
+    accepted = lambda: any(isinstance(m, M.Accepted) and m.count
+                           for _, m in cluster.logs[third].transport.sent)
+    before = len(cluster.logs[third].transport.sent)
+    while not any(isinstance(m, M.Accepted) for _, m in cluster.logs[third].transport.sent[before:]):
+        cluster.clock.advance(0.0005)
+    assert accepted()
+    cluster.network.cut = {leader}
+    answer = cluster.result(d, seconds=2 * SETTINGS.request_timeout)
+    assert answer["ok"], answer
+    cluster.network.cut = set()
+    cluster.wait_leader()
+    cluster.run(0.5)
+    for n in cluster.members:
+        history = cluster.states[n].history_page("amy", None, None, 10)
+        bodies = [m["body"] for m in history["messages"]]
+        assert bodies == ["once"], (n, history)
+    # Both copies committed: the path this test is about was taken.
+    assert cluster.applied[follower].count(("send_message", None)) == 2, cluster.applied
+
+
+def test_a_send_lost_with_the_link_to_the_leader_goes_again_once_the_link_is_back(cluster):
+    leader = cluster.wait_leader()
+    follower = next(n for n in cluster.members if n != leader)
+    _logged_in_sender(cluster, follower)
+    rl = cluster.logs[follower]
+    sent = len(rl.transport.sent)
+    started = cluster.clock.seconds()
+    d = rl.submit(_send("lost once", "c-3"))
+    while not any(isinstance(m, M.ForwardProposals) for _, m in rl.transport.sent[sent:]):
+        cluster.clock.advance(0.0005)
+    cluster.network.cut = {follower}               # the link drops with the forward on it
+    cluster.clock.advance(LATENCY)
+    cluster.network.cut = set()
+    cluster.run(SETTINGS.request_timeout / 4)
+    assert not d.called                            # lost: nothing would send it again
+    rl._link_changed(leader, "outbound", True)     # the transport says the link is back
+    answer = cluster.result(d)
+    assert answer["ok"] and cluster.clock.seconds() - started < SETTINGS.request_timeout / 2
