@@ -973,3 +973,90 @@ def test_a_peer_answers_a_rebuild_query_with_its_promise_and_accepted_values():
     (to, rep), = [(to, m) for to, m in peer.ready().messages if type(m) is M.RebuildReport]
     assert to == leader.peers[1]
     assert rep == M.RebuildReport(peer.node_id, peer.promised, peer.commit_index, (), False)
+
+
+def _restarted_after_a_leader_change(applied, missed=0, compact=False):
+    """(net, heir, node): 20 slots of 50-byte commands decided at one ballot,
+    2 more after a leadership transfer to ``heir``, then ``node`` (the third
+    node) restarted from its records with its state at ``applied``, after
+    ``missed`` more slots decided while it was down (and, if ``compact``, the
+    others compacted there). Peers send a snapshot to one missing more than 4
+    slots that weigh at least half the state."""
+    cfg = Config(heartbeat_interval=0.05, election_timeout=0.3, catchup_slots=4,
+                 snapshot_chunk_bytes=400, snapshot_catchup_fraction=0.5)
+    net = Net(3, cfg)
+    leader = net.elect()
+    for k in range(20):
+        leader.propose(b"%02d" % k + b"x" * 48)
+        net.step()
+    node, heir = leader.peers
+    first = leader.promised
+    leader.transfer_leadership(heir)
+    net.run_until(lambda: net.reps[heir].is_leader and net.reps[node].leader_id == heir)
+    heir = net.reps[heir]
+    for k in range(2 + missed):
+        if k == 2:
+            net.cut = {node}
+        heir.propose(b"after %d" % k)
+        net.step()
+    net.run_until(lambda: all(r.commit_index == 22 + missed for i, r in net.reps.items()
+                              if i not in net.cut))
+    for i in net.ids:
+        if i != node:
+            net.reps[i].note_state_bytes(880)
+            if compact:
+                net.reps[i].compact(net.reps[i].commit_index)
+    durable = DurableState.from_records(net.disk[node])
+    assert durable.snapshot_index == 0 and {e[0] for e in durable.accepted.values()} == {
+        first, heir.promised}
+    net.reps[node] = Replica(node, net.ids, config=cfg, durable=durable, now=net.now,
+                             applied=applied)
+    net.decided[node] = []
+    net.cut = set()
+    net.sent = []
+    return net, heir, node
+
+
+def test_a_restarted_follower_asks_for_nothing_its_state_holds():
+    # Its log accepted slots 1-20 at the old leader's ballot, which the new
+    # leader's commit index does not confirm. Its state applied all 22.
+    net, heir, node = _restarted_after_a_leader_change(applied=22)
+    r = net.reps[node]
+    for _ in range(10):
+        net.step()
+    assert r.commit_index == 22 and r.snapshot_index == 22
+    assert not [m for s, to, m in net.sent if s == node and isinstance(m, M.CatchupRequest)]
+    assert not [m for _, to, m in net.sent if to == node and isinstance(m, (M.Learn, M.SnapshotChunk))]
+    assert sum(net.wants.values()) == 0 and net.decided[node] == []
+    # Its log starts after what its state holds, as after a snapshot.
+    assert M.CompactRecord(22) in net.disk[node]
+    heir.propose(b"next")
+    net.run_until(lambda: net.decided[node])
+    assert net.decided[node] == [(23, (b"next",))]
+    # A peer behind that point is sent a snapshot by it, as by a node that compacted there.
+    r.receive(M.CatchupRequest(heir.node_id, 1, 0, 0), net.now)
+    rd = r.ready()
+    assert rd.want_snapshot and _kinds([m for to, m in rd.messages if to == heir.node_id]) == ["wait"]
+
+
+def test_a_restarted_follower_is_sent_the_few_slots_its_state_lacks_from_the_log():
+    net, heir, node = _restarted_after_a_leader_change(applied=22, missed=3)
+    net.run_until(lambda: net.reps[node].commit_index == 25)
+    assert [(m.first_slot, len(m.values)) for m in _learns_to(net, node)] == [(23, 3)]
+    assert net.snapshots[node] == [] and sum(net.wants.values()) == 0
+    assert [s for s, _ in net.decided[node]] == [23, 24, 25]
+
+
+@pytest.mark.parametrize("applied, compact", [(5, False), (5, True)])
+def test_a_restarted_follower_whose_state_is_far_behind_still_gets_a_snapshot(applied, compact):
+    # 17 missing slots of 50 bytes weigh more than half the state; once the
+    # others compacted, the log does not hold them at all.
+    net, heir, node = _restarted_after_a_leader_change(applied=applied, compact=compact)
+    data = b"an image of the state " * 40
+    for i in net.ids:
+        if i != node:
+            assert net.reps[i].offer_snapshot(net.reps[i].commit_index, data)
+    net.run_until(lambda: net.reps[node].commit_index == 22)
+    assert net.snapshots[node] == [(22, data)]
+    assert not [m for s, to, m in net.sent if s == node and isinstance(m, M.CatchupRequest)
+                and m.from_slot <= applied]

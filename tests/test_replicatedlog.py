@@ -832,3 +832,95 @@ def test_a_send_lost_with_the_link_to_the_leader_goes_again_once_the_link_is_bac
     rl._link_changed(leader, "outbound", True)     # the transport says the link is back
     answer = cluster.result(d)
     assert answer["ok"] and cluster.clock.seconds() - started < SETTINGS.request_timeout / 2
+
+
+def _sent_to(c, node, kind):
+    return [m for n, rl in c.logs.items() if n != node
+            for to, m in rl.transport.sent if to == node and isinstance(m, kind)]
+
+
+def test_a_node_restarted_after_a_leader_change_is_sent_only_what_its_state_lacks(tmp_path):
+    # Its log holds what it accepted under the old leader's ballot, which the
+    # new leader's commit index cannot confirm; its state has applied all of
+    # it. It must not be sent those slots again, nor an image of a state it
+    # holds (the log it misses weighs far more than an eighth of the state).
+    c = Cluster(tmp_path)
+    try:
+        leader = c.wait_leader()
+        for i in range(300):
+            assert c.result(c.logs[leader].submit(create(f"u{i}")))["ok"]
+        victim, heir = [n for n in c.members if n != leader]
+        c.logs[leader].transfer_leadership(heir)
+        c.until(lambda: c.leader() == heir and c.logs[victim].leader_id() == heir, what="new leader")
+        for i in range(3):
+            assert c.result(c.logs[heir].submit(create(f"v{i}")))["ok"]
+        c.until(lambda: c.logs[victim].applied_index == c.logs[heir].applied_index, what="applied")
+        applied = c.logs[victim].applied_index
+        assert applied > 300 and c.logs[victim].replica.snapshot_index == 0
+        c.stop(victim)
+        for rl in c.logs.values():
+            rl.transport.sent.clear()
+        rl = c.start(victim)
+        c.until(lambda: rl.replica.commit_index >= c.logs[heir].replica.commit_index, what="caught up")
+        assert rl.replica.commit_index == applied and rl.applied_index == applied
+        # Its log now starts there, as after a compaction: the state was made
+        # durable there first.
+        assert rl.worker.calls[:2] == ["applied_index", "sync"]
+        assert M.CompactRecord(applied) in [M.decode(r) for r in c.records[victim]]
+        c.run(20 * SETTINGS.heartbeat_interval)
+        assert not _sent_to(c, victim, M.SnapshotChunk)
+        assert not [m for m in _sent_to(c, victim, M.Learn) if m.values]
+        assert not any("snapshot" in c.logs[n].worker.calls for n in c.members)
+        # It goes on with the others, and serves what it held all along.
+        assert c.result(rl.submit(create("back")))["ok"]
+        c.until(lambda: len({c.states[n].digest() for n in c.members}) == 1, what="equal states")
+        assert not c.fatal
+    finally:
+        c.close()
+
+
+def test_a_restarted_node_whose_state_misses_a_few_slots_is_sent_those_as_entries(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        leader = c.wait_leader()
+        for i in range(300):
+            assert c.result(c.logs[leader].submit(create(f"u{i}")))["ok"]
+        victim, heir = [n for n in c.members if n != leader]
+        c.logs[leader].transfer_leadership(heir)
+        c.until(lambda: c.leader() == heir and c.logs[victim].leader_id() == heir, what="new leader")
+        c.until(lambda: c.logs[victim].applied_index == c.logs[heir].applied_index, what="applied")
+        c.stop(victim)
+        for i in range(5):
+            assert c.result(c.logs[heir].submit(create(f"w{i}")))["ok"]
+        for rl in c.logs.values():
+            rl.transport.sent.clear()
+        rl = c.start(victim)
+        c.until(lambda: rl.applied_index == c.logs[heir].applied_index, what="caught up")
+        assert not _sent_to(c, victim, M.SnapshotChunk)
+        learnt = [m for m in _sent_to(c, victim, M.Learn) if m.values]
+        assert sum(len(m.values) for m in learnt) <= 5
+        assert c.states[victim].digest() == c.states[heir].digest()
+        assert not c.fatal
+    finally:
+        c.close()
+
+
+def test_a_restarted_node_whose_state_is_behind_the_compacted_log_still_gets_a_snapshot(tmp_path):
+    c = Cluster(tmp_path, settings=COMPACTING)
+    try:
+        leader = c.wait_leader()
+        for i in range(3):
+            assert c.result(c.logs[leader].submit(create(f"u{i}")))["ok"]
+        victim = next(n for n in c.members if n != leader)
+        c.until(lambda: c.logs[victim].applied_index == c.logs[leader].applied_index, what="applied")
+        c.stop(victim)
+        for i in range(40):
+            assert c.result(c.logs[leader].submit(create(f"s{i}")))["ok"]
+        c.until(lambda: all(c.logs[n].replica.snapshot_index >= 30 for n in c.logs), what="compaction")
+        rl = c.start(victim)
+        c.until(lambda: rl.applied_index == c.logs[leader].applied_index, what="caught up")
+        assert "restore_received" in rl.worker.calls
+        assert c.states[victim].digest() == c.states[leader].digest()
+        assert not c.fatal
+    finally:
+        c.close()
