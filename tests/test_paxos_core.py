@@ -1060,3 +1060,41 @@ def test_a_restarted_follower_whose_state_is_far_behind_still_gets_a_snapshot(ap
     assert net.snapshots[node] == [(22, data)]
     assert not [m for s, to, m in net.sent if s == node and isinstance(m, M.CatchupRequest)
                 and m.from_slot <= applied]
+
+
+def test_a_restarted_node_elected_before_it_caught_up_takes_what_its_state_holds_from_it():
+    # Its log starts after slot 10, its state holds 20; a promise says slots
+    # up to 15 are chosen. The peer that says so has compacted there, so
+    # its log could not serve them; its state is past its log too, so it
+    # could not offer a snapshot either: nobody could have served them.
+    old = M.Ballot(1, 2)
+    values = {s: (b"v%d" % s,) for s in range(11, 21)}
+    durable = DurableState(old, {s: (old, v) for s, v in values.items()}, 10)
+    r = Replica(1, [1, 2, 3], config=CFG, durable=durable, now=0.0, applied=20)
+
+    def out():
+        rd = r.ready()
+        if rd.records:
+            r.persisted(rd.token)
+        return rd
+
+    r.tick(5.0)
+    prevote = [m for _, m in out().messages if isinstance(m, M.PreVote)][0]
+    r.receive(M.PreVoteReply(3, prevote.ballot, True), 5.0)
+    out()
+    prepare = [m for _, m in out().messages if isinstance(m, M.Prepare)][0]
+    assert prepare.from_slot == 11
+    r.receive(M.Promise(2, prepare.ballot, 15, tuple(
+        M.AcceptedEntry(s, old, values[s]) for s in range(16, 21))), 5.0)
+    assert r.is_leader
+    rd = out()
+    assert r.commit_index == 15 and r.snapshot_index == 15 and M.CompactRecord(15) in rd.records
+    assert not [m for _, m in rd.messages if isinstance(m, M.CatchupRequest)]
+    # Above the reported chosen prefix it proposes again what the promises
+    # reported, so that peers learn those slots from its Accepts.
+    accepts = [m for to, m in rd.messages if isinstance(m, M.Accept) and to == 2]
+    assert [(m.first_slot, m.values) for m in accepts] == [(16, tuple(values[s] for s in range(16, 21)))]
+    for p in (2, 3):
+        r.receive(M.Accepted(p, prepare.ballot, 16, 5), 5.0)
+    rd = out()
+    assert r.commit_index == 20 and [s for s, _ in rd.decided] == [16, 17, 18, 19, 20]

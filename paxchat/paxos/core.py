@@ -42,10 +42,12 @@ Protocol outline
   it stores each (``snapshot_part_stored``); the receiver asks for the next
   chunk only while fewer than ``SNAPSHOT_UNSTORED_PARTS`` wait to be stored.
 - A restarted replica is told how far the application's state is durable
-  (``applied``). As a follower that must catch up, it starts after that
-  point, as if it had installed a snapshot of its own state there, rather
-  than ask peers again for slots its state holds (which a peer would answer
-  with an image of the whole state when they weigh a good part of it).
+  (``applied``). When it must catch up (a follower told a commit index, a
+  new leader told a chosen prefix by its promises), it first starts after
+  what its state holds, as if it had installed a snapshot of its own state
+  there, rather than ask peers again for slots its state holds (which a
+  peer would answer with an image of the whole state when they weigh a
+  good part of it, or not at all when its own log no longer holds them).
 - Reads: ``read(id)`` takes the read index (the end of everything this
   leader recovered or chose) and confirms leadership with a heartbeat quorum
   sent after the request, then releases the read once the prefix reaches the
@@ -348,8 +350,8 @@ class Replica:
     ``durable``: what its records held (``DurableState.from_records``), after
     a restart. ``applied``: the index up to which the application's state is
     durable (as for ``compact``), which after a restart is usually past the
-    log's compaction point; a follower then asks peers only for what comes
-    after it (see ``_skip_held``).
+    log's compaction point; it then asks peers only for what comes after it
+    (see ``_skip_held``).
     """
 
     def __init__(self, node_id, members, *, now=0.0, config=Config(), jitter=None, seed=0,
@@ -880,6 +882,7 @@ class Replica:
         # Not an advance: a leader that re-runs phase 1 because nothing moves
         # must not reset how long a peer has kept it waiting for a snapshot.
         self._led_since = self._now
+        self._skip_held(known)
         if known > self.commit_index:
             peer = next(p.sender for p in promises if p.chosen_upto == known)
             self._want_catchup(known, peer)
@@ -1053,7 +1056,7 @@ class Replica:
     # ---- learning ----------------------------------------------------------
     def _learn_commit(self, commit, b, peer):
         self._confirm_accepted(commit, b)
-        if commit > self.commit_index and self._skip_held():
+        if commit > self.commit_index and self._skip_held(commit):
             self._confirm_accepted(commit, b)
         if commit > self.commit_index:
             self._want_catchup(commit, peer)
@@ -1072,28 +1075,30 @@ class Replica:
             s += 1
         self._advance_commit()
 
-    def _skip_held(self):
-        """A follower that must catch up starts after what its application's
-        state already holds, as if it had installed a snapshot there. True if
-        it moved.
+    def _skip_held(self, upto):
+        """A replica that must catch up to ``upto`` starts after what its
+        application's state already holds (up to ``upto``), as if it had
+        installed a snapshot there. True if it moved.
 
-        A restarted node's log holds the values it accepted, but the current
-        leader's commit index confirms only those accepted at its own ballot:
-        after a leader change, or for slots that the node learnt from a peer
-        (which it does not record), the node would ask for every slot from its
+        A restarted node's log holds the values it accepted, but a leader's
+        commit index confirms only those accepted at its own ballot: after a
+        leader change, or for slots that the node learnt from a peer (which
+        it does not record), the node would ask for every slot from its
         compaction point on, though its state applied them. Peers would send
         them again, or, as they then seem to miss much of the state, an image
-        of it. Slots the state holds are chosen, and the node only ever needs
-        their values to serve a peer behind them: such a peer is sent a
-        snapshot instead, as by a node that compacted there. The state is
-        durable there (``applied``), so the log may forget it, as at a
-        compaction.
+        of it; a peer whose own log no longer holds them, and whose state is
+        past its log too, could not serve them at all. Slots the state holds
+        are chosen, and the node only ever needs their values to serve a peer
+        behind them: such a peer is sent a snapshot instead, as by a node
+        that compacted there. The state is durable there (``applied``), so
+        the log may forget it, as at a compaction.
 
-        A leader does not skip: a new leader proposes again what it does not
-        know chosen, and peers behind its commit index catch up from its log.
+        Not past ``upto``: a new leader proposes again what lies above the
+        chosen prefix its promises report, so that peers learn it from its
+        Accepts rather than from a snapshot.
         """
-        upto = self._state_holds
-        if upto <= self.commit_index or self._role != FOLLOWER or self._rebuilding:
+        upto = min(upto, self._state_holds)
+        if upto <= self.commit_index or self._rebuilding:
             return False
         if self._snap_rx is not None and self._snap_rx.index <= upto:
             self._snap_rx = None
@@ -1101,6 +1106,10 @@ class Replica:
         self.commit_index = upto
         self._decided_upto = upto          # applied already: not handed out again
         self._records.append(CompactRecord(upto))
+        for s in [s for s in self._inflight if s <= upto]:
+            del self._inflight[s]
+        if self._role == LEADER and self._next_slot <= upto:
+            self._next_slot = upto + 1
         self._advance_commit()
         self._last_advance = self._now
         self._catchup_progress = True
