@@ -234,7 +234,8 @@ class ReplicatedLog:
         self._held = deque()
         # Our own commands the state answers once however often they commit
         # (_resendable): bytes -> rid while pending; and those of them forwarded
-        # to the leader, rid -> deadline, sent again to whoever leads next.
+        # to the leader or proposed while we led, rid -> (deadline, leader state
+        # then), sent again to whoever leads next.
         self._resendable = {}
         self._forwarded = {}
         self._reads = {}                   # read id -> _Request
@@ -561,7 +562,7 @@ class ReplicatedLog:
         if up and self._live:
             self.replica.peer_connected(peer)
             if peer == self.replica.leader_id and self._forwarded:
-                self._forward_again()
+                self._forward_again(link_lost=True)
                 self._route_held()
             self._drive()
 
@@ -643,7 +644,6 @@ class ReplicatedLog:
         if ready.leader is not None:
             log.info("node {node}: leader is now {leader} (ballot {ballot})", node=self.node_id,
                      leader=ready.leader.leader, ballot=ready.leader.ballot)
-            self._forward_again()
             for request in self._reads.values():
                 if request.index is None:
                     request.asked = None
@@ -653,7 +653,14 @@ class ReplicatedLog:
             self._core_read_failed(read_id)
         if ready.dropped:
             deadline = self._clock.seconds() + self.settings.request_timeout
+            if self._forwarded:
+                for c in ready.dropped:          # held again here: not twice by _forward_again
+                    rid = self._resendable.get(c)
+                    if rid is not None:
+                        self._forwarded.pop(rid, None)
             self._held.extendleft((deadline, c, None) for c in reversed(ready.dropped))
+        if ready.leader is not None:
+            self._forward_again()                # older than what was dropped: goes first
         if ready.leader is not None or ready.dropped:
             self._route_held()
             self._retry_reads()
@@ -721,7 +728,9 @@ class ReplicatedLog:
                     replica.propose(held[0][1])
                 except NotLeader:
                     return               # transferring: wait for the new leader
-                held.popleft()
+                deadline, data, _ = held.popleft()
+                if self._resendable:
+                    self._mark_sent(data, deadline)
             return
         leader = replica.leader_id
         if leader is None or leader == self.node_id:
@@ -746,10 +755,15 @@ class ReplicatedLog:
                 break
             if self._resendable:
                 for deadline, data, _ in batch:
-                    rid = self._resendable.get(data)
-                    if rid is not None:
-                        self._forwarded[rid] = deadline
+                    self._mark_sent(data, deadline)
         held.extendleft(reversed(kept))
+
+    def _mark_sent(self, data, deadline):
+        """Our own resendable command went to a leader (forwarded, or proposed by us):
+        sent again if the leader changes before it is applied (``_forward_again``)."""
+        rid = self._resendable.get(data)
+        if rid is not None:
+            self._forwarded[rid] = (deadline, self.replica.leader_state())
 
     def _submit_done(self, rid):
         """The pending submit ``rid`` (or None), no longer pending."""
@@ -759,19 +773,24 @@ class ReplicatedLog:
             self._forwarded.pop(rid, None)
         return request
 
-    def _forward_again(self):
-        """The leader changed: what we forwarded to the last one and it did not
-        commit (it died, or lost its lease, with our commands unaccepted) goes
-        to the next one now, instead of waiting out ``request_timeout``. Only
+    def _forward_again(self, link_lost=False):
+        """The leader changed: what we forwarded to the last one (or proposed
+        while we led) and it did not commit (it died, paused or lost its lease
+        with our commands unaccepted) goes to the next one now, instead of
+        waiting out ``request_timeout``; and, with ``link_lost``, what a link
+        to the leader that dropped may have lost on its way. Only
         commands the state answers once however often they commit are sent
         again; a copy the old leader did commit is then answered from the
         state's dedup table, and pushed to no one twice."""
         if not self._forwarded:
             return
-        again = [(deadline, self._pending[rid].resend, None)
-                 for rid, deadline in self._forwarded.items()]
-        self._forwarded.clear()
-        self._held.extendleft(reversed(again))      # before later commands, in their order
+        now = self.replica.leader_state()
+        again = [(rid, deadline) for rid, (deadline, sent_to) in self._forwarded.items()
+                 if link_lost or sent_to != now]
+        for rid, _ in again:
+            del self._forwarded[rid]
+        self._held.extendleft((deadline, self._pending[rid].resend, None)
+                              for rid, deadline in reversed(again))   # before later ones, in order
 
     def _submit_timed_out(self, rid):
         request = self._submit_done(rid)

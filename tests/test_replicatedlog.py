@@ -924,3 +924,25 @@ def test_a_restarted_node_whose_state_is_behind_the_compacted_log_still_gets_a_s
         assert not c.fatal
     finally:
         c.close()
+
+
+def test_a_send_proposed_by_a_leader_cut_off_before_anyone_accepted_it_goes_to_the_next_leader(cluster):
+    """The leader's own client: proposed, its Accepts lost as the leader is cut
+    off (or paused). Once back, it hears of the new leader and sends it there
+    instead of leaving it to time out."""
+    leader = cluster.wait_leader()
+    _logged_in_sender(cluster, leader)
+    rl = cluster.logs[leader]
+    sent = len(rl.transport.sent)
+    started = cluster.clock.seconds()
+    d = rl.submit(_send("from the leader", "c-4"))
+    while not any(isinstance(m, M.Accept) and m.values for _, m in rl.transport.sent[sent:]):
+        cluster.clock.advance(0.0005)
+    cluster.network.cut = {leader}                 # its Accepts are lost on the way
+    others = [n for n in cluster.members if n != leader]
+    cluster.until(lambda: any(cluster.logs[n].replica.is_leader for n in others),
+                  what="a new leader among the others")
+    cluster.network.cut = set()
+    answer = cluster.result(d)
+    assert answer["ok"], answer
+    assert cluster.clock.seconds() - started < SETTINGS.request_timeout, cluster.clock.seconds() - started

@@ -746,6 +746,12 @@ class Replica:
     def _leader_state(self):
         return (self.leader_id, self._block_ballot if self.leader_id is not None else None)
 
+    def leader_state(self):
+        """``(leader id, its ballot)``, or ``(None, None)``: the leadership a
+        command sent now goes to (the glue sends again, on a change, what it
+        sent to an earlier one)."""
+        return self._leader_state()
+
     def _leader_changed(self):
         return self._reported_leader != self._leader_state()
 
