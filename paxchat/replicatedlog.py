@@ -330,11 +330,17 @@ class ReplicatedLog:
             return
         if applied < durable.snapshot_index:
             # Crashed after persisting a received snapshot's CompactRecord but
-            # before the state restored it: claim only what the state holds,
-            # so the replica fetches the rest again.
-            log.warn("state applied index {applied} is below the log's snapshot index {index};"
-                     " catching up from peers", applied=applied, index=durable.snapshot_index)
+            # before the state stored it: the log forgot this node's votes for
+            # the slots up to there, and the state does not hold their values.
+            # Claim only what the state holds, and vote for nothing until every
+            # peer has said what it holds (the rebuild of a node whose disk was
+            # lost): a value chosen with a quorum that counted on a forgotten
+            # vote must not be chosen again differently with this node's help.
+            log.warn("state applied index {applied} is below the log's snapshot index {index}:"
+                     " the node rebuilds from its peers (every one must answer) before it"
+                     " votes again", applied=applied, index=durable.snapshot_index)
             durable = DurableState(durable.promised, durable.accepted, applied)
+            self._rebuilding = True
         self._durable = durable
         self.applied_index = applied
         self._queued_upto = applied

@@ -946,3 +946,30 @@ def test_a_send_proposed_by_a_leader_cut_off_before_anyone_accepted_it_goes_to_t
     answer = cluster.result(d)
     assert answer["ok"], answer
     assert cluster.clock.seconds() - started < SETTINGS.request_timeout, cluster.clock.seconds() - started
+
+
+def test_a_node_whose_votes_went_with_a_snapshot_its_state_never_stored_rebuilds_before_it_votes(cluster):
+    """A received snapshot's CompactRecord is on the disk, the state's restore is
+    not (a crash in between): the node's votes for those slots are gone. It must
+    not vote until every peer has said what it holds, or a value chosen with a
+    quorum counting on its vote could be chosen again differently."""
+    leader = cluster.wait_leader()
+    for i in range(4):
+        assert cluster.result(cluster.logs[leader].submit(create(f"a{i}")))["ok"]
+    victim = next(n for n in cluster.members if n != leader)
+    other = next(n for n in cluster.members if n not in (leader, victim))
+    cluster.until(lambda: cluster.logs[victim].applied_index == cluster.logs[leader].applied_index,
+                  what="the victim applying everything")
+    cluster.stop(victim)
+    applied = cluster.states[victim].applied_index()
+    cluster.records[victim].append(M.encode(M.CompactRecord(applied + 3)))   # votes up to there dropped
+    cluster.stop(other)                      # one peer down: the victim cannot hear from every one
+    rl = cluster.start(victim)
+    cluster.run(SETTINGS.election_timeout * 4)
+    assert rl.replica.rebuilding and rl.status()["rebuilding"] is not None
+    assert rl.replica.role != "leader"
+    cluster.start(other)
+    cluster.until(lambda: not rl.replica.rebuilding, what="the rebuild once every peer answered")
+    assert cluster.result(rl.submit(create("back")))["ok"]
+    cluster.until(lambda: len({cluster.states[n].digest() for n in cluster.members}) == 1,
+                  what="equal states")
