@@ -839,6 +839,18 @@ def _sent_to(c, node, kind):
             for to, m in rl.transport.sent if to == node and isinstance(m, kind)]
 
 
+def _300_writes_then_a_new_leader(c):
+    """300 accounts made, then leadership handed to another node: ``(victim, heir)``,
+    the two that did not lead at first (``heir`` leads now)."""
+    leader = c.wait_leader()
+    for i in range(300):
+        assert c.result(c.logs[leader].submit(create(f"u{i}")))["ok"]
+    victim, heir = [n for n in c.members if n != leader]
+    c.logs[leader].transfer_leadership(heir)
+    c.until(lambda: c.leader() == heir and c.logs[victim].leader_id() == heir, what="new leader")
+    return victim, heir
+
+
 def test_a_node_restarted_after_a_leader_change_is_sent_only_what_its_state_lacks(tmp_path):
     # Its log holds what it accepted under the old leader's ballot, which the
     # new leader's commit index cannot confirm; its state has applied all of
@@ -846,12 +858,7 @@ def test_a_node_restarted_after_a_leader_change_is_sent_only_what_its_state_lack
     # holds (the log it misses weighs far more than an eighth of the state).
     c = Cluster(tmp_path)
     try:
-        leader = c.wait_leader()
-        for i in range(300):
-            assert c.result(c.logs[leader].submit(create(f"u{i}")))["ok"]
-        victim, heir = [n for n in c.members if n != leader]
-        c.logs[leader].transfer_leadership(heir)
-        c.until(lambda: c.leader() == heir and c.logs[victim].leader_id() == heir, what="new leader")
+        victim, heir = _300_writes_then_a_new_leader(c)
         for i in range(3):
             assert c.result(c.logs[heir].submit(create(f"v{i}")))["ok"]
         c.until(lambda: c.logs[victim].applied_index == c.logs[heir].applied_index, what="applied")
@@ -882,12 +889,7 @@ def test_a_node_restarted_after_a_leader_change_is_sent_only_what_its_state_lack
 def test_a_restarted_node_whose_state_misses_a_few_slots_is_sent_those_as_entries(tmp_path):
     c = Cluster(tmp_path)
     try:
-        leader = c.wait_leader()
-        for i in range(300):
-            assert c.result(c.logs[leader].submit(create(f"u{i}")))["ok"]
-        victim, heir = [n for n in c.members if n != leader]
-        c.logs[leader].transfer_leadership(heir)
-        c.until(lambda: c.leader() == heir and c.logs[victim].leader_id() == heir, what="new leader")
+        victim, heir = _300_writes_then_a_new_leader(c)
         c.until(lambda: c.logs[victim].applied_index == c.logs[heir].applied_index, what="applied")
         c.stop(victim)
         for i in range(5):

@@ -1108,18 +1108,23 @@ class Replica:
             return False
         if self._snap_rx is not None and self._snap_rx.index <= upto:
             self._snap_rx = None
-        self._drop_log_upto(upto)
-        self.commit_index = upto
-        self._decided_upto = upto          # applied already: not handed out again
-        self._records.append(CompactRecord(upto))
-        for s in [s for s in self._inflight if s <= upto]:
-            del self._inflight[s]
-        if self._role == LEADER and self._next_slot <= upto:
-            self._next_slot = upto + 1
-        self._advance_commit()
+        self._start_log_after(upto)        # applied already: not handed out again
         self._last_advance = self._now
-        self._catchup_progress = True
         return True
+
+    def _start_log_after(self, index):
+        """Everything up to ``index`` is chosen and in the application's state (a
+        snapshot installed, or the state's own): the log starts after it."""
+        self._drop_log_upto(index)
+        self.commit_index = index
+        self._decided_upto = index
+        self._records.append(CompactRecord(index))
+        for s in [s for s in self._inflight if s <= index]:
+            del self._inflight[s]
+        if self._role == LEADER and self._next_slot <= index:
+            self._next_slot = index + 1
+        self._advance_commit()
+        self._catchup_progress = True
 
     def _advance_commit(self):
         s = self.commit_index
@@ -1342,17 +1347,8 @@ class Replica:
                 self._request_catchup()
 
     def _install_snapshot(self, index):
-        self._drop_log_upto(index)
-        self.commit_index = index
-        self._decided_upto = index
         self._pending_snapshot = index
-        self._records.append(CompactRecord(index))
-        for s in [s for s in self._inflight if s <= index]:
-            del self._inflight[s]
-        if self._role == LEADER and self._next_slot <= index:
-            self._next_slot = index + 1
-        self._advance_commit()
-        self._catchup_progress = True
+        self._start_log_after(index)
         if self._fence_stage == "fenced":
             self._finish_rebuild()
 
