@@ -315,11 +315,6 @@ class ReplicatedLog:
             store.fsync_observer = self._observe_fsync
             applied = yield self._worker.call("applied_index")
             durable = DurableState.from_records([M.decode(r) for r in records])
-            if applied > durable.snapshot_index:
-                # The replica may start its log after what the state holds
-                # rather than fetch it again (Replica's ``applied``): the state
-                # must be durable there first, as before any compaction.
-                applied = yield self._worker.call("sync")
         except Exception as e:
             if self._stopped or isinstance(e, StateWorkerStopped):
                 log.info("node {node} stopped while its replicated log started", node=self.node_id)
@@ -350,7 +345,7 @@ class ReplicatedLog:
             # Nobody else can hold a lease: elect ourselves at the first tick.
             now -= 2 * self.settings.election_timeout
         self.replica = Replica(self.node_id, self.members, now=now, config=self._core_config,
-                               jitter=self._jitter, durable=durable, applied=applied,
+                               jitter=self._jitter, durable=durable,
                                rebuilding=self._rebuilding and len(self.members) > 1)
         if self.replica.rebuilding:
             log.warn("node {node} rebuilds on new data: it votes once every other node has told"

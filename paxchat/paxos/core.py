@@ -41,13 +41,6 @@ Protocol outline
   and ``Ready.snapshot`` then names the one to restore. The glue says as
   it stores each (``snapshot_part_stored``); the receiver asks for the next
   chunk only while fewer than ``SNAPSHOT_UNSTORED_PARTS`` wait to be stored.
-- A restarted replica is told how far the application's state is durable
-  (``applied``). When it must catch up (a follower told a commit index, a
-  new leader told a chosen prefix by its promises), it first starts after
-  what its state holds, as if it had installed a snapshot of its own state
-  there, rather than ask peers again for slots its state holds (which a
-  peer would answer with an image of the whole state when they weigh a
-  good part of it, or not at all when its own log no longer holds them).
 - Reads: ``read(id)`` takes the read index (the end of everything this
   leader recovered or chose) and confirms leadership with a heartbeat quorum
   sent after the request, then releases the read once the prefix reaches the
@@ -345,17 +338,10 @@ class _Slot:
 
 
 class Replica:
-    """One Multi-Paxos node: proposer, acceptor and learner (see module doc).
-
-    ``durable``: what its records held (``DurableState.from_records``), after
-    a restart. ``applied``: the index up to which the application's state is
-    durable (as for ``compact``), which after a restart is usually past the
-    log's compaction point; it then asks peers only for what comes after it
-    (see ``_skip_held``).
-    """
+    """One Multi-Paxos node: proposer, acceptor and learner (see module doc)."""
 
     def __init__(self, node_id, members, *, now=0.0, config=Config(), jitter=None, seed=0,
-                 durable=None, rebuilding=False, applied=0):
+                 durable=None, rebuilding=False):
         members = tuple(sorted(set(members)))
         if node_id not in members:
             raise ValueError(f"node {node_id} is not among the members {members}")
@@ -379,9 +365,6 @@ class Replica:
         self.commit_index = d.snapshot_index
         self._decided_upto = d.snapshot_index
         self._pending_snapshot = None  # index of a received snapshot to restore
-        # The application's state holds every slot up to here, durably (a restarted
-        # node's state is usually past its log's compaction point): see _skip_held.
-        self._state_holds = max(applied, d.snapshot_index)
         self._snap_rx = None           # _Receiving: the snapshot being received, if any
         self._snap_parts = []          # (index, offset, data) received, for the glue to store
         self._parts_unstored = 0       # parts handed to the glue that it has not yet stored
@@ -888,7 +871,6 @@ class Replica:
         # Not an advance: a leader that re-runs phase 1 because nothing moves
         # must not reset how long a peer has kept it waiting for a snapshot.
         self._led_since = self._now
-        self._skip_held(known)
         if known > self.commit_index:
             peer = next(p.sender for p in promises if p.chosen_upto == known)
             self._want_catchup(known, peer)
@@ -1061,15 +1043,6 @@ class Replica:
 
     # ---- learning ----------------------------------------------------------
     def _learn_commit(self, commit, b, peer):
-        self._confirm_accepted(commit, b)
-        if commit > self.commit_index and self._skip_held(commit):
-            self._confirm_accepted(commit, b)
-        if commit > self.commit_index:
-            self._want_catchup(commit, peer)
-
-    def _confirm_accepted(self, commit, b):
-        """Slots up to ``commit`` that we accepted at ``b``, the ballot of the
-        leader that says they are chosen, are chosen with that value."""
         s = self.commit_index + 1
         chosen, acc = self._chosen, self._accepted
         while s <= commit:
@@ -1080,51 +1053,8 @@ class Replica:
                 chosen[s] = e[1]
             s += 1
         self._advance_commit()
-
-    def _skip_held(self, upto):
-        """A replica that must catch up to ``upto`` starts after what its
-        application's state already holds (up to ``upto``), as if it had
-        installed a snapshot there. True if it moved.
-
-        A restarted node's log holds the values it accepted, but a leader's
-        commit index confirms only those accepted at its own ballot: after a
-        leader change, or for slots that the node learnt from a peer (which
-        it does not record), the node would ask for every slot from its
-        compaction point on, though its state applied them. Peers would send
-        them again, or, as they then seem to miss much of the state, an image
-        of it; a peer whose own log no longer holds them, and whose state is
-        past its log too, could not serve them at all. Slots the state holds
-        are chosen, and the node only ever needs their values to serve a peer
-        behind them: such a peer is sent a snapshot instead, as by a node
-        that compacted there. The state is durable there (``applied``), so
-        the log may forget it, as at a compaction.
-
-        Not past ``upto``: a new leader proposes again what lies above the
-        chosen prefix its promises report, so that peers learn it from its
-        Accepts rather than from a snapshot.
-        """
-        upto = min(upto, self._state_holds)
-        if upto <= self.commit_index or self._rebuilding:
-            return False
-        if self._snap_rx is not None and self._snap_rx.index <= upto:
-            self._snap_rx = None
-        self._start_log_after(upto)        # applied already: not handed out again
-        self._last_advance = self._now
-        return True
-
-    def _start_log_after(self, index):
-        """Everything up to ``index`` is chosen and in the application's state (a
-        snapshot installed, or the state's own): the log starts after it."""
-        self._drop_log_upto(index)
-        self.commit_index = index
-        self._decided_upto = index
-        self._records.append(CompactRecord(index))
-        for s in [s for s in self._inflight if s <= index]:
-            del self._inflight[s]
-        if self._role == LEADER and self._next_slot <= index:
-            self._next_slot = index + 1
-        self._advance_commit()
-        self._catchup_progress = True
+        if commit > self.commit_index:
+            self._want_catchup(commit, peer)
 
     def _advance_commit(self):
         s = self.commit_index
@@ -1347,8 +1277,17 @@ class Replica:
                 self._request_catchup()
 
     def _install_snapshot(self, index):
+        self._drop_log_upto(index)
+        self.commit_index = index
+        self._decided_upto = index
         self._pending_snapshot = index
-        self._start_log_after(index)
+        self._records.append(CompactRecord(index))
+        for s in [s for s in self._inflight if s <= index]:
+            del self._inflight[s]
+        if self._role == LEADER and self._next_slot <= index:
+            self._next_slot = index + 1
+        self._advance_commit()
+        self._catchup_progress = True
         if self._fence_stage == "fenced":
             self._finish_rebuild()
 

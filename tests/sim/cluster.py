@@ -12,9 +12,8 @@ operator would: two rebuilding at once wait for each other).
 
 A run has two phases. During the *fault* phase clients write and read while
 the network misbehaves and nodes crash (losing whatever their disk had not
-fsynced) and restart from their durable records and the application's last
-durable state (which may be past the log's compaction point), or from
-nothing as a rebuilding node. A node that lost its disk is a new life of it: messages
+fsynced) and restart from their durable records, or from nothing as a
+rebuilding node. A node that lost its disk is a new life of it: messages
 addressed to the old life are lost with its links, and once a peer hears
 from the new life it hears nothing more from the old (the transport cuts
 the old links at the new one's hello). Then faults stop: the
@@ -203,12 +202,6 @@ class Simulation:
         self.disk_loss = self.loss_rng.choice((0.0, 0.3, 0.6))
         if disk_loss is not None:
             self.disk_loss = disk_loss      # a test pinning a world from before disks were lost
-        # How often the application makes its state durable besides compacting:
-        # never (a restart finds it at its last compaction or snapshot), or
-        # every 1 or 8 applied slots, as paxchat's state commits as it applies
-        # (a restart finds it past its log's compaction point, and the replica
-        # is told so). Its own generator too.
-        self.state_saved_every = random.Random(seed ^ 0x5A7E).choice((None, 1, 8))
         self.fault_time = fault_time
         self.end_time = fault_time + LIVENESS_BOUND
         self.now = 0.0
@@ -380,8 +373,7 @@ class Simulation:
         node.incarnation += 1
         node.replica = self.replica_cls(
             node.id, self.members, now=self.local(node), config=self.config,
-            seed=self.seed * 7919 + node.incarnation, durable=durable, rebuilding=node.rebuilding,
-            applied=node.app.applied)
+            seed=self.seed * 7919 + node.incarnation, durable=durable, rebuilding=node.rebuilding)
         node.offering = False
         self.note_state_bytes(node)
         if node.revealed > node.replica.promised:
@@ -594,8 +586,6 @@ class Simulation:
                 self.client_write_done(c, cid)
         app.applied = slot
         self.check_digest(node)
-        if self.state_saved_every and slot % self.state_saved_every == 0:
-            node.app_snapshot = (slot, app.snapshot())
         if slot % 8 == 0:
             self.note_state_bytes(node)
 
