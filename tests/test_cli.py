@@ -834,3 +834,23 @@ def test_no_terminal_and_no_password_env_is_one_clean_error(monkeypatch):
             cli._password(con)
     assert caught == []
     assert str(failed.value) == "no password given (set PAXCHAT_PASSWORD or run in a terminal)"
+
+
+def test_at_a_terminal_the_banner_does_not_hide_the_password_prompt_of_user():
+    """The banner's carriage return would start over a password prompt already written."""
+    from twisted.internet.testing import StringTransport
+    from paxchat.client.shell import ShellProtocol
+    leader, follower = os.openpty()
+    try:
+        def make_shell(proto):
+            shell = Shell(StubClient(), proto.write, proto.ask_secret, lambda: None)
+            proto.run_first(lambda: shell.ask_password("Password for alice: "))   # as --user does
+            return shell
+        proto = ShellProtocol(make_shell, defer.Deferred(), stdin_fd=follower)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    shown = transport.value().decode()
+    assert shown == "\rType 'help' for commands." + os.linesep + "Password for alice: "

@@ -299,9 +299,11 @@ class ShellProtocol(LineReceiver):
         d.addBoth(self._finished)
 
     def connectionMade(self):
-        self.shell = self.make_shell(self)
+        # The banner first: making the shell may ask for a password (``--user``),
+        # and the banner's carriage return would start over that prompt's line.
         if self.interactive:
             self.write("Type 'help' for commands.")
+        self.shell = self.make_shell(self)
         self._prompt()
 
     def write(self, text: str):
