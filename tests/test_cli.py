@@ -854,3 +854,44 @@ def test_at_a_terminal_the_banner_does_not_hide_the_password_prompt_of_user():
         os.close(follower)
     shown = transport.value().decode()
     assert shown == "\rType 'help' for commands." + os.linesep + "Password for alice: "
+
+
+def test_ctrl_c_at_the_prompt_ends_it_without_saying_the_connection_is_being_remade(monkeypatch):
+    """Ctrl-C stops the reactor, which drops every connection; the prompt
+    must not then say it lost its server and is looking for another."""
+    import argparse
+    import io
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+    from paxchat.client import interactive
+    from paxchat.client.api import PaxchatClient
+    from paxchat.client.targets import targets_from_addresses
+    from .client_fakes import FakeNodes
+    reactor = MemoryReactorClock()
+    nodes = FakeNodes(reactor)
+
+    def make_client(reactor, config, args, **kwargs):
+        targets = targets_from_addresses(reactor, {1: ("127.0.0.1", 7101), 2: ("127.0.0.1", 7102)})
+        return PaxchatClient(reactor, targets, **kwargs)
+
+    class FakeStdio:
+        @staticmethod
+        def StandardIO(proto, reactor=None):
+            proto.makeConnection(StringTransport())
+    errors = io.StringIO()
+    monkeypatch.setattr(cli, "make_client", make_client)
+    monkeypatch.setattr(interactive, "stdio", FakeStdio)
+    monkeypatch.setattr("sys.stderr", errors)
+    args = argparse.Namespace(user=None, no_session_cache=True)
+    with open(os.devnull) as stdin:                                  # not a terminal: notes on stderr
+        monkeypatch.setattr("sys.stdin", stdin)
+        interactive.run_interactive(reactor, None, args, cli.Console(env={}))
+    reactor.advance(0)
+    conn = nodes.accept()
+    conn.handshake(node=1)
+    assert "Connected to node 1." in errors.getvalue()
+    for trigger, a, kw in reactor.triggers.get("before", {}).get("shutdown", []):   # Ctrl-C
+        trigger(*a, **kw)
+    conn.drop()                                                      # the reactor drops what is open
+    reactor.advance(1)
+    assert "reconnecting" not in errors.getvalue() and "Connection lost" not in errors.getvalue()
+    assert len(reactor.tcpClients) == 1                              # no other node was tried

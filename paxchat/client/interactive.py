@@ -59,6 +59,9 @@ def run_interactive(reactor, config, args, console) -> defer.Deferred:
             holder["proto"].offline(status.state == "failed")
 
     client = make_client(reactor, config, args, on_event=on_event, on_status=on_status)
+    # Ctrl-C stops the reactor, which drops the connection: closed first, the
+    # client does not say it lost it and is reconnecting as the program ends.
+    reactor.addSystemEventTrigger("before", "shutdown", client.close)
     cache = None if args.no_session_cache else SessionCache()
 
     def make_shell(proto):
