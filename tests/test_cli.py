@@ -895,3 +895,29 @@ def test_ctrl_c_at_the_prompt_ends_it_without_saying_the_connection_is_being_rem
     reactor.advance(1)
     assert "reconnecting" not in errors.getvalue() and "Connection lost" not in errors.getvalue()
     assert len(reactor.tcpClients) == 1                              # no other node was tried
+
+
+def test_ctrl_c_during_a_one_shot_command_gives_it_up_with_status_130(monkeypatch):
+    """Not status 0 as if it were done: the send may or may not have been made."""
+    from twisted.internet.testing import MemoryReactorClock
+    pending = defer.Deferred()
+
+    class Client(StubClient):
+        def send_message(self, to, body):
+            return pending                                  # the cluster does not answer
+
+        def close(self):
+            return defer.succeed(None)
+    monkeypatch.setattr(cli, "_load_config", lambda path: None)
+    monkeypatch.setattr(cli, "make_client", lambda reactor, config, args: Client({"login": {"session": "t"}}))
+    reactor = MemoryReactorClock()
+    con, out, err, _ = console(env={"PAXCHAT_PASSWORD": "pw-123456"})
+    status = []
+    cli.start(reactor, parse("--user", "alice", "--no-session-cache", "send", "bob", "hi"), con
+              ).addBoth(status.append)
+    assert status == []
+    for trigger, a, kw in reactor.triggers.get("before", {}).get("shutdown", []):   # Ctrl-C
+        trigger(*a, **kw)
+    assert status == [130] and out == []
+    assert err == ["paxchat: interrupted before the cluster answered;"
+                   " a change asked for may or may not have been made."]

@@ -8,7 +8,7 @@
     paxchat --config cluster.ini --user alice settings [--read-receipts on|off]
 
 Every failure is one line on stderr (exit status 1; 2 for usage and config
-mistakes), never a traceback.
+mistakes; 130 for a command interrupted by Ctrl-C), never a traceback.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .explain import explain
 __all__ = ["build_parser", "main", "run_command"]
 
 USER_ENV = "PAXCHAT_USER"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,6 +312,11 @@ def run(reactor, args, console: Console | None = None):
     except CommandFailed as e:
         console.err(f"paxchat: {e}")
         return e.status
+    except defer.CancelledError:
+        # Ctrl-C (see ``start``): a write may have reached the cluster, only its answer not us.
+        console.err("paxchat: interrupted before the cluster answered;"
+                    " a change asked for may or may not have been made.")
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # What the reader wanted, it has: no word about it. A command prints
         # once it is done, so it did what it was asked (paxchat/closedpipe.py).
@@ -325,19 +330,41 @@ def run(reactor, args, console: Console | None = None):
             yield client.close()
 
 
+def start(reactor, args, console: Console | None = None):
+    """``run``, and a one-shot command given up on Ctrl-C (the reactor stopping) with status 130.
+
+    Else the reactor would stop with the command unanswered and the
+    program end with status 0, as if it had been done. The prompt ends
+    on Ctrl-C as on ``quit``.
+    """
+    d = run(reactor, args, console)
+    if args.command is None:
+        return d
+
+    def interrupted():
+        if d.called:
+            return None
+        stopped = defer.Deferred()       # the reactor stops once the command is given up
+        d.addBoth(lambda result: (stopped.callback(None), result)[1])
+        d.cancel()
+        return stopped
+    reactor.addSystemEventTrigger("before", "shutdown", interrupted)
+    return d
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from twisted.internet import task
 
-    def start(reactor):
-        d = run(reactor, args)
+    def begin(reactor):
+        d = start(reactor, args)
 
         def finish(status):
             if status:
                 raise SystemExit(status)
         return d.addCallback(finish)
 
-    task.react(start)
+    task.react(begin)
 
 
 if __name__ == "__main__":
