@@ -77,6 +77,12 @@ def test_parses_global_options_and_subcommands():
     assert parse().command is None
 
 
+def test_send_takes_the_words_of_an_unquoted_message_as_the_prompt_does():
+    assert parse("send", "bob", "hello", "world").body == "hello world"
+    assert parse("send", "bob", "kept  as\ntyped").body == "kept  as\ntyped"
+    assert parse("send", "bob", "  ", "hi").body == "   hi"
+
+
 @pytest.mark.parametrize("argv", [["delete"], ["delete", "x"], ["read", "--limit", "0"], ["send", "bob"]])
 def test_bad_arguments_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:

@@ -2,7 +2,7 @@
 
     paxchat --config cluster.ini [--node N] [--user U]          interactive prompt
     paxchat --config cluster.ini create-account alice
-    paxchat --config cluster.ini --user alice send bob "hi"
+    paxchat --config cluster.ini --user alice send bob "hi there"    (or: send bob hi there)
     paxchat --config cluster.ini --user alice read | history [--peer bob] | list 'a*'
     paxchat --config cluster.ini --user alice delete 12 13 | delete-account | logout
     paxchat --config cluster.ini --user alice settings [--read-receipts on|off]
@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("username", type=_arg(check_username), help="1 to 32 of A-Z a-z 0-9 _ . -")
     p = sub.add_parser("send", help="send a message")
     p.add_argument("to", help="the recipient's username")
-    p.add_argument("body", type=_arg(check_body), help="the message (quote it when it has spaces)")
+    p.add_argument("body", nargs="+", action=_JoinWords, metavar="MESSAGE",
+                   help="the message: its words, joined with one space as at the prompt"
+                        " (quote it to keep its spacing or line breaks)")
     p = sub.add_parser("read", help="show unread messages (oldest first) and mark them read")
     p.add_argument("--limit", type=_arg(check_limit), default=READ_LIMIT,
                    help="at most this many messages (default: %(default)s)")
@@ -92,6 +94,16 @@ def _arg(check):
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     return convert
+
+
+class _JoinWords(argparse.Action):
+    """``send bob hello world`` sends "hello world", as ``send bob hello world`` at the prompt does."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            setattr(namespace, self.dest, check_body(" ".join(values)))
+        except ValueError as e:
+            raise argparse.ArgumentError(self, str(e)) from None
 
 
 def _seconds(text):
