@@ -927,3 +927,31 @@ def test_ctrl_c_during_a_one_shot_command_gives_it_up_with_status_130(monkeypatc
     assert status == [130] and out == []
     assert err == ["paxchat: interrupted before the cluster answered;"
                    " a change asked for may or may not have been made."]
+
+
+def test_at_a_terminal_a_message_that_arrives_while_the_prompt_waits_is_followed_by_the_prompt():
+    """The message starts over the prompt's line; without a new prompt the user
+    would type on a bare line, not knowing the prompt still waits."""
+    from twisted.internet.testing import StringTransport
+    from paxchat.client.api import Status
+    from paxchat.client.shell import ShellProtocol
+    client = StubClient({"list_accounts": {"accounts": ["bob"]}})
+    client.username = "alice"
+    leader, follower = os.openpty()
+    try:
+        proto = ShellProtocol(lambda p: Shell(client, p.write, p.ask_secret, lambda: None, note=p.note),
+                              defer.Deferred(), stdin_fd=follower)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        transport.clear()
+        proto.shell.on_event({"event": "message", "message": dict(MSG, to="alice")})
+        assert transport.value().decode().endswith("    there" + os.linesep + "alice> ")
+        transport.clear()
+        proto.shell.on_status(Status("connected", node=2))
+        assert transport.value().decode() == "\rConnected to node 2." + os.linesep + "alice> "
+        transport.clear()
+        proto.dataReceived(b"list\n")               # a command's answer: one prompt, after it
+        assert transport.value().decode() == "\rbob" + os.linesep + "alice> "
+    finally:
+        os.close(leader)
+        os.close(follower)

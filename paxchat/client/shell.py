@@ -312,6 +312,8 @@ class ShellProtocol(LineReceiver):
         # Start on a clean line so pushed messages do not land after the prompt.
         start = "\r" if self.interactive else ""
         self.transport.write((start + text.replace("\n", os.linesep) + os.linesep).encode("utf-8", "replace"))
+        if self.shell is not None and not self._busy and not self._lines and not self._input_ended:
+            self._prompt()                # written over by what came while the prompt waited
 
     def note(self, text: str):
         """What is not an answer: with the answers at a terminal, on standard error from a pipe."""
