@@ -370,6 +370,15 @@ def test_expired_session_on_resume_clears_it_and_tells_the_caller():
     assert events[-1]["event"] == "session_ended"
 
 
+def test_a_session_ended_elsewhere_leaves_the_client_logged_out():
+    """The server logs the connection out; the prompt then says ``paxchat>``, not ``alice>``."""
+    reactor, client, nodes, conn, _, events = logged_in()
+    assert client.username == "alice"
+    conn.push({"event": "session_ended", "reason": "logged_out"})
+    assert events[-1]["event"] == "session_ended"
+    assert (client.session, client.username) == (None, None)
+
+
 def test_requests_made_before_connecting_wait_for_the_handshake():
     reactor, client, nodes, _, _ = make_client(prefer_node=3)
     a = results(client.hello())

@@ -533,8 +533,9 @@ class PaxchatClient:
         self._event({"event": "session_ended", "reason": "the session is no longer valid"})
 
     def _event(self, event, proto=None):
-        if event.get("event") == "session_ended":
+        if event.get("event") == "session_ended":   # the connection is logged out
             self.session = None
+            self.username = None
         if self.on_event is not None:
             try:
                 self.on_event(event)
