@@ -8,7 +8,8 @@ enforce them from here too.
 
 import re
 
-__all__ = ["MAX_ANSWER_MESSAGE_BYTES", "MAX_BODY_CHARS", "MAX_LIMIT", "MAX_LINE_BYTES", "PATTERN", "USERNAME"]
+__all__ = ["MAX_ANSWER_MESSAGE_BYTES", "MAX_BODY_CHARS", "MAX_LIMIT", "MAX_LINE_BYTES", "MAX_PASSWORD_BYTES",
+           "MIN_PASSWORD_BYTES", "PATTERN", "USERNAME"]
 
 # A request line (UTF-8, without its "\n") longer than this gets
 # `frame_too_large` and the connection is closed.
@@ -27,6 +28,11 @@ MAX_LIMIT = 1000
 
 # A username: what the server accepts, and what the clients check before asking for a password.
 USERNAME = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
+
+# A password: this many bytes of UTF-8, what the server accepts and what the
+# clients check before asking for it again.
+MIN_PASSWORD_BYTES = 8
+MAX_PASSWORD_BYTES = 1024
 
 # A `list_accounts` pattern: 1 to 64 username characters and the wildcards.
 PATTERN = re.compile(r"[A-Za-z0-9_.\-*?]{1,64}")

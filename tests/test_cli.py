@@ -237,9 +237,30 @@ def test_password_from_env_else_asked_and_confirmed():
     assert failed.value.no_terminal
 
 
+def test_a_new_password_too_short_is_asked_again_before_it_is_repeated():
+    """Not typed twice and only then refused by the server."""
+    client = StubClient()
+    con, out, err, asked = console(answers=["short", "long-enough", "long-enough"])
+    run(client, parse("create-account", "frank"), con)
+    assert asked == ["Choose a password for frank: ",
+                     "That password is 5 bytes long; use 8 to 1,024 bytes; try again.\n"
+                     "Choose a password for frank: ", "Repeat the password: "]
+    assert client.calls == [("create_account", ("frank", "long-enough"), {})]
+    con, out, err, asked = console(answers=["short"] * 3)
+    failure = run(StubClient(), parse("create-account", "frank"), con)
+    assert str(failure.value) == "That password is 5 bytes long; use 8 to 1,024 bytes (asked 3 times)"
+    assert "Repeat the password: " not in asked
+    # At the prompt: said before the repeat, and nothing is created.
+    client = StubClient()
+    shell, lines = shell_with(client, secrets=["short"])
+    shell.handle("register frank")
+    assert lines == ["Error: That password is 5 bytes long; use 8 to 1,024 bytes; nothing was created."]
+    assert client.calls == [] and shell.failed
+
+
 def test_a_password_given_up_at_a_terminal_is_not_told_to_use_a_terminal():
     client = StubClient()
-    con, out, err, asked = console(answers=["a-pass", "b-pass"] * 3)
+    con, out, err, asked = console(answers=["a-passwd", "b-passwd"] * 3)
     failure = run(client, parse("create-account", "frank"), con)
     assert failure.check(cli.CommandFailed) and failure.value.status == cli.EXIT_USAGE
     assert str(failure.value) == "the two passwords differed 3 times"

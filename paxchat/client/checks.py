@@ -8,9 +8,9 @@ raises ``ValueError`` with that sentence.
 
 from __future__ import annotations
 
-from paxchat.limits import MAX_LIMIT, PATTERN, USERNAME
+from paxchat.limits import MAX_LIMIT, MAX_PASSWORD_BYTES, MIN_PASSWORD_BYTES, PATTERN, USERNAME
 
-__all__ = ["check_body", "check_limit", "check_pattern", "check_username"]
+__all__ = ["check_body", "check_limit", "check_password", "check_pattern", "check_username"]
 
 
 def check_limit(text) -> int:
@@ -42,4 +42,13 @@ def check_body(text: str) -> str:
     """A message with something to read: whitespace alone is refused, as the prompt and app do."""
     if not text.strip():
         raise ValueError("the message is empty")
+    return text
+
+
+def check_password(text: str) -> str:
+    """A new password, checked before it is asked for again."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if not MIN_PASSWORD_BYTES <= size <= MAX_PASSWORD_BYTES:
+        raise ValueError(f"That password is {size:,} bytes long;"
+                         f" use {MIN_PASSWORD_BYTES} to {MAX_PASSWORD_BYTES:,} bytes")
     return text

@@ -23,7 +23,7 @@ from twisted.internet import defer
 
 from paxchat import closedpipe
 
-from .checks import check_body, check_limit, check_pattern, check_username
+from .checks import check_body, check_limit, check_password, check_pattern, check_username
 from .cli_format import (
     HISTORY_LIMIT, READ_LIMIT, format_accounts, format_history, format_read, format_settings, older_hint, sent,
 )
@@ -186,7 +186,9 @@ def _username(args, console) -> str:
 
 def _password(console, prompt="Password: ", confirm=False) -> str:
     try:
-        return get_password(prompt, confirm=confirm, env=console.env, ask=console.ask)
+        # A new one (confirm) is checked before it is typed again, not after.
+        return get_password(prompt, confirm=confirm, env=console.env, ask=console.ask,
+                            check=check_password if confirm else None)
     except NoPassword as e:
         hint = " (set PAXCHAT_PASSWORD or run in a terminal)" if e.no_terminal else ""
         raise CommandFailed(f"{e}{hint}", EXIT_USAGE) from None

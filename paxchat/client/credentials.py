@@ -60,22 +60,35 @@ def ask_without_echo(prompt: str) -> str:
 
 def get_password(prompt: str = "Password: ", confirm: bool = False,
                  env: Mapping[str, str] = os.environ,
-                 ask: Callable[[str], str] = ask_without_echo) -> str:
+                 ask: Callable[[str], str] = ask_without_echo,
+                 check: Callable[[str], object] | None = None) -> str:
     """The password from PAXCHAT_PASSWORD, else asked for (twice if ``confirm``,
-    and again, up to CONFIRM_TRIES times, while the two differ)."""
+    and again, up to CONFIRM_TRIES times, while the two differ). A typed
+    password that ``check`` refuses (ValueError) is asked for again at once,
+    saying why, rather than repeated and then refused by the server."""
     if env.get(PASSWORD_ENV):
         return env[PASSWORD_ENV]
+    why, differ = "", "The two passwords differ"
     try:
         for attempt in range(CONFIRM_TRIES if confirm else 1):
-            password = ask(prompt if attempt == 0 else f"The two passwords differ; try again.\n{prompt}")
+            password = ask(f"{why}; try again.\n{prompt}" if why else prompt)
             if not password:
                 raise NoPassword("no password given")
+            try:
+                if check is not None:
+                    check(password)
+            except ValueError as e:
+                why = str(e)
+                continue
             if not confirm or ask("Repeat the password: ") == password:
                 return password
+            why = differ
     except EOFError:
         raise NoPassword("no password given", no_terminal=True) from None
     except KeyboardInterrupt:
         raise NoPassword("no password given") from None
+    if why != differ:
+        raise NoPassword(f"{why} (asked {CONFIRM_TRIES} times)")
     raise NoPassword(f"the two passwords differed {CONFIRM_TRIES} times")
 
 

@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from paxchat.limits import MAX_BODY_CHARS
 
-from .checks import check_limit, check_pattern, check_username
+from .checks import check_limit, check_password, check_pattern, check_username
 from .cli_format import (HELP, HISTORY_LIMIT, READ_LIMIT, format_accounts, format_history, format_message,
                          format_read, format_settings, sent, visible)
 from .errors import ClientError
@@ -145,6 +145,12 @@ class Shell:
         if self._checked(check_username, rest, "register USER") is None:
             return                      # said why, before a password was asked for
         password = yield self.ask_password("Choose a password: ")
+        if self.password is None:         # a typed one is checked before it is typed again
+            try:
+                check_password(password)
+            except ValueError as e:
+                self.fail(f"Error: {e}; nothing was created.")
+                return
         # A typed password is typed twice; PAXCHAT_PASSWORD needs no check.
         again = password if self.password is not None else (yield self.ask_secret("Repeat the password: "))
         if password != again:

@@ -8,13 +8,11 @@ never accepted where an int is expected, and ints stay within SQLite's
 64-bit range. An optional argument given as JSON ``null`` takes its default.
 """
 
-from paxchat.limits import MAX_BODY_CHARS, MAX_LIMIT, PATTERN, USERNAME
+from paxchat.limits import MAX_BODY_CHARS, MAX_LIMIT, MAX_PASSWORD_BYTES, MIN_PASSWORD_BYTES, PATTERN, USERNAME
 
 from .errors import INVALID_REQUEST, ProtocolError
 
 MAX_USERNAME_CHARS = 32
-MIN_PASSWORD_BYTES = 8
-MAX_PASSWORD_BYTES = 1024
 MAX_IDS = 1000
 MAX_MESSAGE_ID = 2**63 - 1
 MAX_CLIENT_MSG_ID_CHARS = 128
