@@ -105,13 +105,13 @@ class Node:
     __slots__ = ("id", "replica", "disk", "unsynced", "syncing", "app", "app_snapshot",
                  "incoming", "rate", "offset", "flush_at", "incarnation", "waiting", "reads", "offering",
                  "revealed", "revealed_acc", "paused_until", "resume_order", "storing_until",
-                 "life", "heard_life", "rebuilding", "lose_disk")
+                 "life", "heard_life", "rebuilding", "lose_disk", "log_snapshot")
 
     def __init__(self, nid, rate, offset):
         self.id = nid
         self.replica = None
         self.disk = []              # durable records (encoded)
-        self.unsynced = []          # (token, [encoded records]) written, not fsynced
+        self.unsynced = []          # (token, [encoded records], CompactRecord index) written, not fsynced
         self.syncing = None         # (token, count of unsynced entries covered) of the fsync in flight
         self.app = App()
         self.app_snapshot = None    # (index, data): the application's own durable snapshot
@@ -132,6 +132,7 @@ class Node:
         self.heard_life = {}            # peer -> the latest life of it heard from
         self.rebuilding = False         # on disk: it rebuilds at every start until told it is done
         self.lose_disk = False          # it comes back from this crash on an empty disk
+        self.log_snapshot = 0           # the highest CompactRecord index on disk (fsynced)
 
 
 class Client:
@@ -202,6 +203,14 @@ class Simulation:
         self.disk_loss = self.loss_rng.choice((0.0, 0.3, 0.6))
         if disk_loss is not None:
             self.disk_loss = disk_loss      # a test pinning a world from before disks were lost
+        # Whether a snapshot received from a peer is durable in the application
+        # as soon as it is restored, or only at the application's next sync,
+        # here its next compaction (paxchat's state commits the restore without
+        # an fsync). The log's CompactRecord for it is fsynced at once, so a
+        # crash in between leaves a log that forgot its votes up to an index
+        # its state is below: the node glue then rebuilds (see ``recover``).
+        # Its own generator too.
+        self.install_saved_at_once = random.Random(seed ^ 0x1A57).choice((True, False))
         self.fault_time = fault_time
         self.end_time = fault_time + LIVENESS_BOUND
         self.now = 0.0
@@ -223,7 +232,7 @@ class Simulation:
             self.clients.append(Client(len(self.clients), rng.choice(self.members), sticky=True))
         self.read_seq = 0
         self.stats = {"msgs": 0, "crashes": 0, "elections": 0, "decided": 0, "snapshots": 0,
-                      "offers": 0, "disks_lost": 0, "rebuilt": 0}
+                      "offers": 0, "disks_lost": 0, "rebuilt": 0, "behind_log": 0}
 
     # ---- event queue -------------------------------------------------------
     def at(self, t, fn, *args):
@@ -332,7 +341,7 @@ class Simulation:
         self.cut.clear()
         down = self.rng.randrange(0, (self.n - 1) // 2 + 1)
         keep_down = set(self.rng.sample(self.members, down))
-        if any(n.rebuilding or n.lose_disk for n in self.nodes.values()):
+        if any(self.rebuild_pending(n) for n in self.nodes.values()):
             keep_down = set()   # a rebuild needs every other node: an operator brings them back
         for nid, node in self.nodes.items():
             if node.replica is None and nid not in keep_down:
@@ -369,28 +378,29 @@ class Simulation:
                    for n in self.nodes.values())
 
     # ---- nodes ---------------------------------------------------------------
-    def start(self, node, durable=None):
+    def start(self, node, durable=None, rebuilding=False):
         node.incarnation += 1
         node.replica = self.replica_cls(
             node.id, self.members, now=self.local(node), config=self.config,
-            seed=self.seed * 7919 + node.incarnation, durable=durable, rebuilding=node.rebuilding)
+            seed=self.seed * 7919 + node.incarnation, durable=durable, rebuilding=rebuilding)
         node.offering = False
         self.note_state_bytes(node)
         if node.revealed > node.replica.promised:
             self.fail(f"node {node.id} restarted with promise {node.replica.promised} "
                       f"below the {node.revealed} it revealed")
-        if durable is not None:
-            for slot, b in node.revealed_acc.items():
-                if slot > durable.snapshot_index:
-                    e = durable.accepted.get(slot)
-                    if e is None or e[0] < b:
-                        self.fail(f"node {node.id} restarted without the acceptance of slot {slot} "
-                                  f"at {b} that it had acknowledged")
         self.at(self.now + self.rng.uniform(0, self.tick_every), self.tick, node, node.incarnation)
 
     def crash(self, nid, downtime):
         node = self.nodes[nid]
         if node.replica is None:
+            return
+        others_rebuild = any(self.rebuild_pending(n) for n in self.nodes.values() if n is not node)
+        if downtime is not None and others_rebuild and self.behind_log(node):
+            # It would come back rebuilding while another node rebuilds: the
+            # two would wait for each other until an operator restored the
+            # cluster. The nemesis spares it, as it loses no second disk.
+            self.log("SPARED", nid, "state", node.app_snapshot and node.app_snapshot[0],
+                     "log", node.log_snapshot)
             return
         self.log("CRASH", nid)
         self.stats["crashes"] += 1
@@ -401,7 +411,6 @@ class Simulation:
         node.waiting.clear()
         node.reads.clear()
         node.incoming = None        # the node removes it when it starts again
-        others_rebuild = any(n.rebuilding or n.lose_disk for n in self.nodes.values() if n is not node)
         if (downtime is not None and self.disk_loss and not others_rebuild
                 and self.loss_rng.random() < self.disk_loss):
             node.lose_disk = True
@@ -424,14 +433,61 @@ class Simulation:
             node.app_snapshot = None
             node.revealed = M.ZERO_BALLOT
             node.revealed_acc = {}
+            node.log_snapshot = 0
         records = [M.decode(r) for r in node.disk]
         durable = DurableState.from_records(records)
         node.disk = [M.encode(r) for r in durable.to_records()]
         node.app = App.restore(node.app_snapshot[1]) if node.app_snapshot else App()
+        if durable.snapshot_index != node.log_snapshot:
+            self.fail(f"node {node.id}'s log is compacted to {durable.snapshot_index}, "
+                      f"not {node.log_snapshot}")
+        for slot, b in node.revealed_acc.items():
+            if slot > durable.snapshot_index:
+                e = durable.accepted.get(slot)
+                if e is None or e[0] < b:
+                    self.fail(f"node {node.id} restarted without the acceptance of slot {slot} "
+                              f"at {b} that it had acknowledged")
         self.log("RESTART", node.id, "promised", durable.promised, "snap", durable.snapshot_index,
                  "app", node.app.applied)
-        self.start(node, durable)
+        durable, rebuilding = self.recover(node, durable)
+        self.start(node, durable, rebuilding)
         self.links_up((p, node.id) for p in self.members if p != node.id)
+
+    def recover(self, node, durable):
+        """What the node glue starts the replica with, from its log and its state.
+
+        A state below the log's snapshot index means a crash after the
+        CompactRecord of a received snapshot was fsynced but before the state
+        stored the snapshot: the log forgot the node's votes up to there.
+        The node claims only what its state holds and rebuilds (votes for
+        nothing until every peer has reported), as paxchat/replicatedlog.py
+        does. It says nothing of it to its peers: its links and life stay.
+        Returns ``(durable, rebuilding)``.
+        """
+        applied = node.app.applied
+        if applied < durable.snapshot_index:
+            self.log("BEHIND LOG", node.id, "state", applied, "log", durable.snapshot_index,
+                     "rebuilds")
+            self.stats["behind_log"] += 1
+            return DurableState(durable.promised, durable.accepted, applied), True
+        return durable, node.rebuilding
+
+    def behind_log(self, node):
+        """True if the node's durable state is below its durable log's snapshot index."""
+        return node.log_snapshot > (node.app_snapshot[0] if node.app_snapshot else 0)
+
+    def rebuild_pending(self, node):
+        """True if the node rebuilds, or will when it starts again.
+
+        Two nodes rebuilding at once wait for each other (core.py), so the
+        nemesis loses no disk while another node rebuilds, and never crashes
+        a node whose state is behind its log while another does (see ``crash``).
+        """
+        if node.rebuilding or node.lose_disk:
+            return True
+        if node.replica is not None:
+            return node.replica.rebuilding
+        return self.behind_log(node)
 
     def tick(self, node, inc):
         if node.replica is None or node.incarnation != inc:
@@ -462,7 +518,8 @@ class Simulation:
         if not rd:
             return
         if rd.records:
-            node.unsynced.append((rd.token, [M.encode(x) for x in rd.records]))
+            compacted = max((x.index for x in rd.records if type(x) is M.CompactRecord), default=0)
+            node.unsynced.append((rd.token, [M.encode(x) for x in rd.records], compacted))
             if node.syncing is None:
                 self.begin_fsync(node)
         if rd.rebuilt:
@@ -513,7 +570,8 @@ class Simulation:
                 self.fail(f"node {node.id} got a snapshot for {index} holding {app.applied}")
             if index > node.app.applied:
                 node.app = app
-                node.app_snapshot = (index, data)
+                if self.install_saved_at_once:
+                    node.app_snapshot = (index, data)
                 self.check_digest(node)
                 self.note_state_bytes(node)
         for slot, value in rd.decided:
@@ -556,8 +614,10 @@ class Simulation:
         if self.deferred(node, "disk", self.end_fsync, node, inc):
             return
         token, count = node.syncing
-        for _, recs in node.unsynced[:count]:
+        for _, recs, compacted in node.unsynced[:count]:
             node.disk.extend(recs)
+            if compacted > node.log_snapshot:
+                node.log_snapshot = compacted
         del node.unsynced[:count]
         node.syncing = None
         node.replica.persisted(token)
