@@ -6,7 +6,7 @@
 import pytest
 
 from paxchat.paxos import messages as M
-from paxchat.paxos.core import Replica
+from paxchat.paxos.core import DurableState, Replica
 from tests.sim import __main__ as sim_cli
 from tests.sim.cluster import FAULT_TIME, LIVENESS_BOUND, SimFailure, Simulation, run_seed
 
@@ -173,11 +173,23 @@ class KeepsWhatItLearntInMemory(Replica):
             self._after_durable(self._rebuild_done)
 
 
+class ForgetsItsVotesBehindItsLog(Simulation):
+    """The node glue before: a node whose state is below its log's snapshot
+    index (it crashed while storing a received snapshot) claims only what its
+    state holds, and votes at once, its votes up to that index forgotten."""
+
+    def recover(self, node, durable):
+        if node.app.applied < durable.snapshot_index:
+            return DurableState(durable.promised, durable.accepted, node.app.applied), node.rebuilding
+        return durable, node.rebuilding
+
+
 @pytest.mark.parametrize("mutant,symptom", [
     (RepliesBeforePersist, ""),
     (VotesAtOnceOnANewDisk, "decided two ways"),
     (AdoptsNoReportedValue, "decided two ways"),
     (KeepsWhatItLearntInMemory, "decided two ways"),
+    (ForgetsItsVotesBehindItsLog, "decided two ways"),     # a planted bug in the simulated glue
     (IgnoresAcceptedValues, ""),
     (MinorityQuorum, ""),
     (StaleLease, "not linearizable"),     # caught by the linearizability check itself
@@ -188,7 +200,10 @@ class KeepsWhatItLearntInMemory(Replica):
 def test_planted_bug_is_found(mutant, symptom):
     for seed in range(CI_SEEDS):
         try:
-            run_seed(seed, replica_cls=mutant)
+            if issubclass(mutant, Simulation):
+                mutant(seed).run()
+            else:
+                run_seed(seed, replica_cls=mutant)
         except SimFailure as e:
             assert e.seed == seed
             assert symptom in e.what, e.what
