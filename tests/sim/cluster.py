@@ -56,9 +56,10 @@ LIVENESS_BOUND = 8.0        # after faults stop, everything pending completes wi
 TRANSFERS_ALLOWED = 3
 # In one world of three, the share of the windows (a received snapshot's
 # CompactRecord durable, its state not yet) in which the nemesis crashes
-# the node within 5 ms, before its state may store the snapshot: left to
-# the random crashes, a vote that only the forgetting node held in a
-# chosen quorum and a later quorum without its other holders is rare.
+# the node, and the peer that sent it the snapshot, within 5 ms, before its
+# state may store the snapshot: left to the random crashes, a forgotten
+# vote that a chosen quorum needed, then a quorum without its other
+# holders, is rare.
 WINDOW_CRASH = 1.0
 KEYS = ("a", "b", "c")
 
@@ -111,7 +112,7 @@ class Node:
     __slots__ = ("id", "replica", "disk", "unsynced", "syncing", "app", "app_snapshot",
                  "incoming", "rate", "offset", "flush_at", "incarnation", "waiting", "reads", "offering",
                  "revealed", "revealed_acc", "paused_until", "resume_order", "storing_until",
-                 "life", "heard_life", "rebuilding", "lose_disk", "log_snapshot")
+                 "life", "heard_life", "rebuilding", "lose_disk", "log_snapshot", "snapshot_from")
 
     def __init__(self, nid, rate, offset):
         self.id = nid
@@ -139,6 +140,7 @@ class Node:
         self.rebuilding = False         # on disk: it rebuilds at every start until told it is done
         self.lose_disk = False          # it comes back from this crash on an empty disk
         self.log_snapshot = 0           # the highest CompactRecord index on disk (fsynced)
+        self.snapshot_from = None       # the peer that sent it the last snapshot chunk it received
 
 
 class Client:
@@ -631,9 +633,14 @@ class Simulation:
                 node.log_snapshot = compacted
         if (self.window_crash and self.faults and self.crash_rate and not behind
                 and self.behind_log(node) and self.install_rng.random() < self.window_crash):
-            # The nemesis aims a crash at the window before the state stores it.
+            # The nemesis aims a crash at the window before the state stores
+            # it, and at the peer that sent the snapshot: a value chosen with
+            # a vote this node forgot may be held by that peer alone.
             irng = self.install_rng
             self.at(self.now + irng.uniform(0, 0.005), self.crash, node.id, irng.uniform(0.01, 1.0))
+            if node.snapshot_from is not None:
+                self.at(self.now + irng.uniform(0, 0.005), self.crash, node.snapshot_from,
+                        irng.uniform(0.01, 1.0))
         del node.unsynced[:count]
         node.syncing = None
         node.replica.persisted(token)
@@ -729,6 +736,8 @@ class Simulation:
             return      # its link went with the disk: to the old life, or from it after the new one spoke
         node.heard_life[src] = src_life
         msg = M.decode(data)
+        if type(msg) is M.SnapshotChunk:
+            node.snapshot_from = src
         if self.trace:
             self.log(f"{src}->{dst}", _short(msg))
         node.replica.receive(msg, self.local(node))
