@@ -6,9 +6,12 @@ driven by one ``random.Random(seed)`` and one event queue, so a seed always
 replays the same run. Each seed draws its own knobs: drop, duplicate and
 long-delay (reorder) rates, partitions, crash and restart rates, fsync
 latency, clock drift, pipeline window, batch size, compaction period,
-snapshot chunk size, and how often a crashed node comes back on an empty
+snapshot chunk size, how often a crashed node comes back on an empty
 disk and rebuilds (core.py, "Rebuilding a node"; one node at a time, as an
-operator would: two rebuilding at once wait for each other).
+operator would: two rebuilding at once wait for each other), and whether a
+snapshot received from a peer is durable in the application at once or
+only at its next sync (a crash in between leaves the state below the log's
+compaction point: the node rebuilds, as the node glue does).
 
 A run has two phases. During the *fault* phase clients write and read while
 the network misbehaves and nodes crash (losing whatever their disk had not
