@@ -17,6 +17,14 @@ def reactor_():
     return reactor
 
 
+def ports_unused_by(text, count):
+    """``count`` ports free now and named nowhere in the cluster.ini ``text``: a
+    port of the file whose node is stopped, or not started yet, is free too."""
+    import re
+    taken = {int(p) for p in re.findall(r"^\w+ = [^\n]*:(\d+)$", text, flags=re.M)}
+    return [p for p in free_ports(count + len(taken)) if p not in taken][:count]
+
+
 def write_ops_config(directory, nodes=1, keys=("metrics",), **cluster):
     """write_local_config, plus ``metrics`` (and ``admin``...) = 127.0.0.1:<free port> per node."""
     return configmod.load(write_local_config(directory, nodes=nodes, node_keys=keys, **cluster))

@@ -16,7 +16,7 @@ from paxchat import config as configmod
 from paxchat.node import NodeService
 from tests.cluster_support import (cluster_factory, requires_replicated_log,  # noqa: F401
                                    wait_until, within)
-from tests.ops_support import free_ports, http_get, reactor_, write_ops_config
+from tests.ops_support import http_get, ports_unused_by, reactor_, write_ops_config
 
 
 def make_cluster(tmp_path, nodes=2):
@@ -820,9 +820,10 @@ def add_ops_addresses(cluster):
     path = cluster.config.path
     missing = [key for key in ("admin", "metrics")
                if any(getattr(n, key) is None for n in cluster.config.nodes.values())]
-    ports = iter(free_ports(len(missing) * len(cluster.node_ids)))
+    text = path.read_text()
+    ports = iter(ports_unused_by(text, len(missing) * len(cluster.node_ids)))
     text = re.sub(r"^peer = .*$", lambda m: m.group(0) + "".join(
-        f"\n{key} = 127.0.0.1:{next(ports)}" for key in missing), path.read_text(), flags=re.M)
+        f"\n{key} = 127.0.0.1:{next(ports)}" for key in missing), text, flags=re.M)
     path.write_text(text)
     cluster.config = configmod.load(path)
     tls.make_admin_certificate(cluster.config)

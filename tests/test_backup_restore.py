@@ -338,9 +338,9 @@ def move_node(cluster, node):
     import re
 
     from paxchat import tls
-    from tests.ops_support import free_ports
+    from tests.ops_support import ports_unused_by
     path = cluster.config.path
-    ports = iter(free_ports(4))
+    ports = iter(ports_unused_by(path.read_text(), 4))
     section = re.compile(rf"^\[node\.{node}\]\n(?:(?!\[).*\n?)*", re.M)
 
     def readdress(match):
