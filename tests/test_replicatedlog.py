@@ -742,10 +742,9 @@ def _send(body, client_msg_id):
             "ts": 2.0, "client_msg_id": client_msg_id}
 
 
-def _forward_then_lose_the_leader(cluster, command):
-    """Submit ``command`` on a follower, let its forward reach the leader, and cut
-    the leader off at once (before its Accept reaches anyone). The follower's id
-    and the answer, with the time it took."""
+def _forwarded(cluster, command):
+    """``command`` submitted on a follower of ``amy``'s, until its forward to the
+    leader is on its way: ``(leader, follower, answer Deferred, when submitted)``."""
     leader = cluster.wait_leader()
     follower = next(n for n in cluster.members if n != leader)
     _logged_in_sender(cluster, follower)
@@ -753,9 +752,16 @@ def _forward_then_lose_the_leader(cluster, command):
     sent = len(rl.transport.sent)
     started = cluster.clock.seconds()
     d = rl.submit(command)
-    forwarded = lambda: any(isinstance(m, M.ForwardProposals) for _, m in rl.transport.sent[sent:])
-    while not forwarded():
+    while not any(isinstance(m, M.ForwardProposals) for _, m in rl.transport.sent[sent:]):
         cluster.clock.advance(0.0005)
+    return leader, follower, d, started
+
+
+def _forward_then_lose_the_leader(cluster, command):
+    """Submit ``command`` on a follower, let its forward reach the leader, and cut
+    the leader off at once (before its Accept reaches anyone). The follower's id
+    and the answer, with the time it took."""
+    leader, follower, d, started = _forwarded(cluster, command)
     cluster.clock.advance(LATENCY)                 # delivered to the leader, which proposes it
     cluster.network.cut = {leader}
     answer = cluster.result(d, seconds=2 * SETTINGS.request_timeout)
@@ -815,15 +821,8 @@ def test_a_send_committed_by_the_old_leader_and_forwarded_again_is_stored_once(c
 
 
 def test_a_send_lost_with_the_link_to_the_leader_goes_again_once_the_link_is_back(cluster):
-    leader = cluster.wait_leader()
-    follower = next(n for n in cluster.members if n != leader)
-    _logged_in_sender(cluster, follower)
+    leader, follower, d, started = _forwarded(cluster, _send("lost once", "c-3"))
     rl = cluster.logs[follower]
-    sent = len(rl.transport.sent)
-    started = cluster.clock.seconds()
-    d = rl.submit(_send("lost once", "c-3"))
-    while not any(isinstance(m, M.ForwardProposals) for _, m in rl.transport.sent[sent:]):
-        cluster.clock.advance(0.0005)
     cluster.network.cut = {follower}               # the link drops with the forward on it
     cluster.clock.advance(LATENCY)
     cluster.network.cut = set()
