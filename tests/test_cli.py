@@ -976,3 +976,20 @@ def test_at_a_terminal_a_message_that_arrives_while_the_prompt_waits_is_followed
     finally:
         os.close(leader)
         os.close(follower)
+
+
+@pytest.mark.parametrize("name", ["create-account", "send", "read", "history", "list", "delete",
+                                  "delete-account", "logout", "settings"])
+def test_each_command_help_says_what_the_command_does(name, capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([name, "--help"])
+    shown = capsys.readouterr().out
+    listed = next(line.split(None, 1)[1] for line in cli.build_parser().format_help().splitlines()
+                  if line.strip().startswith(name + " "))
+    assert f"{listed[0].upper()}{listed[1:].strip()}." in shown
+
+
+def test_delete_help_says_what_an_id_is(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["delete", "--help"])
+    assert "as read and history show it" in capsys.readouterr().out

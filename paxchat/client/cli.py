@@ -54,32 +54,37 @@ def build_parser() -> argparse.ArgumentParser:
                              " has not answered this many seconds after it was made (default: %(default)g)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("create-account", help="create an account (password asked twice)")
+    def command(name, text):
+        """A subcommand whose --help says what it does, as the list of commands does."""
+        return sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}.")
+
+    p = command("create-account", "create an account (password asked twice)")
     p.add_argument("username", type=_arg(check_username), help="1 to 32 of A-Z a-z 0-9 _ . -")
-    p = sub.add_parser("send", help="send a message")
+    p = command("send", "send a message")
     p.add_argument("to", help="the recipient's username")
     p.add_argument("body", nargs="+", action=_JoinWords, metavar="MESSAGE",
                    help="the message: its words, joined with one space as at the prompt"
                         " (quote it to keep its spacing or line breaks)")
-    p = sub.add_parser("read", help="show unread messages (oldest first) and mark them read")
+    p = command("read", "show unread messages (oldest first) and mark them read")
     p.add_argument("--limit", type=_arg(check_limit), default=READ_LIMIT,
                    help="at most this many messages (default: %(default)s)")
-    p = sub.add_parser("history", help="recent messages, sent and received (oldest first)")
+    p = command("history", "recent messages, sent and received (oldest first)")
     p.add_argument("--peer", help="only the conversation with this user")
     p.add_argument("--before", type=_positive, help="only messages older than this message id")
     p.add_argument("--limit", type=_arg(check_limit), default=HISTORY_LIMIT,
                    help="at most this many messages (default: %(default)s)")
-    p = sub.add_parser("list", help="accounts matching a pattern with * and ?")
+    p = command("list", "accounts matching a pattern with * and ?")
     p.add_argument("pattern", nargs="?", default="*", type=_arg(check_pattern),
                    help="1 to 64 of A-Z a-z 0-9 _ . - * ? (default: %(default)s)")
     p.add_argument("--limit", type=_arg(check_limit), default=100,
                    help="at most this many names (default: %(default)s)")
     p.add_argument("--after", default="", help="continue after this name")
-    p = sub.add_parser("delete", help="delete messages by id, for both parties")
-    p.add_argument("ids", nargs="+", type=_positive, metavar="ID")
-    sub.add_parser("delete-account", help="delete your account (asks for the password)")
-    sub.add_parser("logout", help="end the session kept on this machine")
-    p = sub.add_parser("settings", help="show your settings, or change one")
+    p = command("delete", "delete messages by id, for both parties")
+    p.add_argument("ids", nargs="+", type=_positive, metavar="ID",
+                   help="a message's id, as read and history show it (#12 is 12)")
+    command("delete-account", "delete your account (asks for the password)")
+    command("logout", "end the session kept on this machine")
+    p = command("settings", "show your settings, or change one")
     p.add_argument("--read-receipts", type=_on_off, metavar="on|off",
                    help="tell senders when you read their messages, and be told when yours are"
                         " read (off: neither)")
