@@ -37,7 +37,8 @@ from twisted.internet import defer, task  # noqa: E402
 
 from paxchat.client import ServerError  # noqa: E402
 from tests.cluster_support import (  # noqa: E402
-    _LIVE, Cluster, WaitTimeout, all_history, fast_policy, password, sleep, wait_until)
+    _LIVE, Cluster, WaitTimeout, all_history, create_accounts, fast_policy, logged_in, password,
+    sleep, wait_until)
 
 
 def log(*args):
@@ -260,25 +261,17 @@ class Run:
         yield c.start_and_wait()
         leader = yield c.wait_leader()
         log(f"cluster of {self.n} up in {c.directory}, leader {leader}")
-        names = self.writers + self.recipients
-        while names:
-            batch, names = names[:8], names[8:]
-            admin = c.client()
-            for name in batch:
-                yield admin.create_account(name, password(name))
-            yield admin.close()
+        yield create_accounts(c, *self.writers, *self.recipients)
         policy = fast_policy(deadline=self.args.client_deadline, call_timeout=self.args.call_timeout)
         self.writer_clients = []
         for i, name in enumerate(self.writers):
-            client = c.client(prefer=c.node_ids[i % self.n], policy=policy)
-            yield client.login(name, password(name))
+            client = yield logged_in(c, name, prefer=c.node_ids[i % self.n], policy=policy)
             self.writer_clients.append(client)
         self.reader_clients = []
         for i, node in enumerate(c.node_ids):
             recipient = self.recipients[i % len(self.recipients)]
-            client = c.client(only=node, policy=fast_policy(deadline=5, unavailable_window=2,
-                                                            answer_timeout=3))
-            yield client.login(recipient, password(recipient))
+            client = yield logged_in(c, recipient, only=node,
+                                     policy=fast_policy(deadline=5, unavailable_window=2, answer_timeout=3))
             self.reader_clients.append((node, client, recipient))
 
     @defer.inlineCallbacks
