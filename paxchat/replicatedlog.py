@@ -44,7 +44,6 @@ import itertools
 import json
 import os
 import random
-import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -53,6 +52,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from paxchat.clocks import MONOTONIC
 from paxchat.interfaces import ICommandLog, Unavailable
 from paxchat.logs import OccasionalByKind
 from paxchat.paxos import messages as M
@@ -84,24 +84,6 @@ STATE_SIZE_SECONDS = 1.0
 # peer asks for again every two heartbeats) is retried; its failure is
 # logged at most this often per kind, with a count.
 BACKGROUND_LOG_SECONDS = 60.0
-
-
-class _MonotonicClock:
-    """Real time that no one steps: what a node counts leases and timeouts in.
-
-    Twisted's ``reactor.seconds()`` is the wall clock, which NTP or an operator
-    may step back. The replica only ever moves its time forward, so on such a
-    step its time would stand still until the wall clock caught up: a leader's
-    read lease would outlive the real time it stands for, and a leader cut off
-    from the others would answer reads from its own state while they elect
-    another and commit. (Timers still run on the reactor: they fire late after
-    a step back, early after a step forward, which is safe.)
-    """
-
-    seconds = staticmethod(time.monotonic)
-
-
-MONOTONIC = _MonotonicClock()
 
 
 @dataclass(frozen=True)
@@ -189,7 +171,9 @@ class ReplicatedLog:
         the log owns it from here and closes it at ``stop``, started or not.
     @param clock: what time is read from (``seconds()``), for the replica's
         leases and timeouts and our deadlines; by default the reactor. A node
-        passes ``MONOTONIC`` (``from_config``): the reactor's is the wall clock.
+        passes ``MONOTONIC`` (``from_config``) whatever its reactor counts: the
+        replica never lets its time go back, so on a wall clock stepped back a
+        leader's read lease would outlive the real time it stands for.
     """
 
     def __init__(self, reactor, node_id, members, worker, settings, *, open_store=None,

@@ -182,8 +182,12 @@ def makeService(options):
     """The node service for ``options`` (config errors raise UsageError)."""
     from twisted.internet import reactor
 
+    from paxchat.clocks import run_timers_on_monotonic_time
     from paxchat.node import NodeService
 
+    # Before the node schedules anything: a stepped wall clock must not stall
+    # or rush its heartbeats, elections and timeouts (paxchat/clocks.py).
+    run_timers_on_monotonic_time(reactor)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
 
     cluster = options.get("cluster") or _load(options["config"], options["node"])

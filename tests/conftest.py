@@ -20,3 +20,11 @@ def _unfreeze_the_collector():
     test process must keep collecting it."""
     yield
     gc.unfreeze()
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_reactor_on_its_clock(monkeypatch):
+    """``tap.makeService`` moves the reactor's timers to monotonic time (right
+    for a node process); the tests share one reactor and keep it as it is."""
+    import paxchat.clocks
+    monkeypatch.setattr(paxchat.clocks, "run_timers_on_monotonic_time", lambda reactor: None)

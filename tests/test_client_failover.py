@@ -296,7 +296,7 @@ def test_unavailable_is_retried_on_another_node_for_every_kind_of_op(op, args, a
 def test_every_op_the_server_knows_is_a_write_or_asks_only():
     # Each op is then retried on `unavailable`, and a write resent keeps its key.
     from paxchat.server.handlers import Handlers
-    server_ops = set(Handlers(*[None] * 8)._ops)
+    server_ops = set(Handlers(MemoryReactorClock(), *[None] * 7)._ops)
     assert server_ops == WRITE_OPS | ASKS_ONLY and not WRITE_OPS & ASKS_ONLY
     assert RETRY_ON_UNAVAILABLE == server_ops
 

@@ -10,6 +10,7 @@ Timings worth knowing (failover, push latency) are printed (``pytest -s``).
 
 import itertools
 import random
+import time
 
 import pytest
 import pytest_twisted
@@ -53,6 +54,8 @@ def test_a_message_sent_through_node_1_is_pushed_on_node_3(cluster_factory):
     message = pushed[0]["message"]
     assert (message["id"], message["from"], message["to"], message["body"]) == (
         sent["message_id"], "alice", "bob", "hi bob, from node 1")
+    # Stamped with the time of day, though the node's timers run on monotonic time.
+    assert abs(message["ts"] - time.time()) < 60
     # Alice's other session, on node 2, is told what she sent.
     told = yield wait_until(reactor, lambda: [e for e in elsewhere_events if e.get("event") == "sent"],
                             5, "the sent event on node 2")

@@ -354,14 +354,20 @@ def test_options_missing_certificates_with_client_tls(tmp_path):
     assert "\n" not in message
 
 
-def test_make_service_is_a_service(tmp_path):
+def test_make_service_is_a_service(tmp_path, monkeypatch):
     pytest.importorskip("paxchat.node", exc_type=ImportError)
+    from twisted.internet import reactor
+    import paxchat.clocks
     options = tap.Options()
     options.parseOptions(["--config", str(write_ini(tmp_path)), "--node", "1"])
     before = sys.getswitchinterval()
+    moved = []
+    monkeypatch.setattr(paxchat.clocks, "run_timers_on_monotonic_time", moved.append)
     gc.unfreeze()
     try:
         svc = tap.makeService(options)
+        # The node's timers run on monotonic time (paxchat/clocks.py).
+        assert moved == [reactor]
         # The reactor thread gets the GIL back quickly from the apply and disk threads.
         assert sys.getswitchinterval() == pytest.approx(tap.GIL_SWITCH_INTERVAL)
         # Start-up's objects are out of the collector's way.

@@ -27,6 +27,7 @@ from dataclasses import replace
 
 from twisted.internet import defer
 
+from paxchat.clocks import wall_clock
 from paxchat.interfaces import Unavailable
 
 from . import validation as V
@@ -47,7 +48,7 @@ SESSION_OPS = frozenset({"login", "resume", "logout", "delete_account"})
 class Handlers:
     def __init__(self, reactor, log, worker, settings, hasher, registry,
                  login_per_account, writes_per_account):
-        self._reactor = reactor
+        self._wall = wall_clock(reactor)
         self._log = log
         self._worker = worker
         self._settings = settings
@@ -90,7 +91,9 @@ class Handlers:
     # Helpers
 
     def _now(self):
-        return self._reactor.seconds()
+        """The time of day, stored with messages and accounts and compared
+        with sessions' expiry by every node."""
+        return self._wall.seconds()
 
     def _session(self, conn):
         session = conn.session
