@@ -700,7 +700,7 @@ def test_what_was_typed_goes_when_the_session_ends():
             type_drafts()
             end()
             yield wait_for(lambda: root.update() or app.login.winfo_ismapped(), 5)
-            assert typed() == "" and app.model.drafts == {} and app._entry_text(app.search_entry) == ""
+            assert typed() == "" and app.model.drafts == {} and app.search_entry.get() == ""
             # The next user, in the same window, starts with an empty box.
             app.controller.log_in("dave", "dave-password")
             yield wait_for(lambda: root.update() or app.main.winfo_ismapped(), 5)
@@ -1030,9 +1030,31 @@ def logs_in(root, app, client):
 def test_once_logged_in_the_keys_go_to_find_people_then_to_the_open_conversation():
     def test(root, app, client):
         yield from logs_in(root, app, client)
-        # No conversation is open yet: typing finds people (the grey hint makes way).
-        yield wait_for(lambda: root.update() or root.focus_get() is app.search_entry, 5)
-        assert app._entry_text(app.search_entry) == ""
+        # No conversation is open yet: typing finds people.
+        entry, hint = app.search_entry, app.search_hint
+        yield wait_for(lambda: root.update() or root.focus_get() is entry, 5)
+        # The box is empty, and says what it is for, with the cursor in it.
+        assert entry.get() == "" and hint.winfo_viewable() and hint.cget("text").startswith("Find people")
+        assert hint.winfo_rootx() >= entry.winfo_rootx() and hint.winfo_rooty() >= entry.winfo_rooty()
+        assert hint.winfo_rootx() + hint.winfo_width() <= entry.winfo_rootx() + entry.winfo_width()
+        # The first key takes the hint away; it is not part of the text.
+        entry.event_generate("<Key-b>")
+        root.update()
+        assert entry.get() == "b" and not hint.winfo_ismapped()
+        # Emptied, it is back, the cursor still in the box.
+        entry.event_generate("<BackSpace>")
+        root.update()
+        assert entry.get() == "" and hint.winfo_ismapped() and root.focus_get() is entry
+        # Enter with only the hint shown searches for everyone, not for the hint.
+        client.auto["list_accounts"] = {"accounts": ["bob"], "more": False}
+        entry.event_generate("<Return>")
+        assert client.last("list_accounts")[1][0] == "*"
+        # A click on the hint is a click in the box.
+        app.list_canvas.focus_force()
+        yield wait_for(lambda: root.update() or root.focus_get() is app.list_canvas, 5)
+        hint.event_generate("<Button-1>", x=2, y=2)
+        root.update()
+        assert root.focus_get() is entry and hint.winfo_ismapped()
         app.open_conversation("bob")
         yield wait_for(lambda: root.update() or root.focus_get() is app.compose, 5)
     yield with_fake_app(test)
@@ -1105,13 +1127,13 @@ def test_find_people_says_what_is_wrong_under_the_box_and_drops_results_once_the
         # Editing the text before Enter: no heading claims results for text not searched.
         entry.insert("end", "b")
         yield wait_for(lambda: not any("PEOPLE MATCHING" in t for t in canvas_texts(app.list_canvas)), 5)
-        assert app.model.search_pattern is None and app._entry_text(entry) == "?obb"
-        # Leaving the box (the grey hint coming back) is no edit: results stay.
+        assert app.model.search_pattern is None and entry.get() == "?obb"
+        # Leaving the box is no edit: results stay.
         entry.delete(0, "end")
         entry.event_generate("<Return>")
         yield wait_for(lambda: any("PEOPLE MATCHING *" in t for t in canvas_texts(app.list_canvas)), 5)
         app.list_canvas.focus_force()
-        yield wait_for(lambda: root.update() or entry._showing_placeholder, 5)
+        yield wait_for(lambda: root.update() or root.focus_get() is app.list_canvas, 5)
         yield wait_for(lambda: root.update() or not app.coalescer.pending, 5)
         assert app.model.search_pattern == "*"
         assert any("PEOPLE MATCHING *" in t for t in canvas_texts(app.list_canvas))

@@ -168,9 +168,9 @@ class ChatApp:
         self.search_text = tk.StringVar(self.root)
         self.search_entry = ttk.Entry(search, font=self.fonts.body, textvariable=self.search_text)
         self.search_entry.pack(fill="x")
-        self._placeholder(self.search_entry, "Find people  (al, a*, b?b)")
+        self.search_hint = self._hint(self.search_entry, self.search_text, "Find people  (al, a*, b?b)")
         # Edited: the results (or error) of what it held before no longer answer it.
-        self.search_text.trace_add("write", lambda *_: self._search_edited())
+        self.search_text.trace_add("write", lambda *_: self.controller.search_edited())
         # Why a search was refused or failed: under the box, where the user typed.
         self.search_error = ttk.Label(search, text="", style="CardError.TLabel", wraplength=SIDEBAR_WIDTH - 28,
                                       justify="left")
@@ -306,28 +306,26 @@ class ChatApp:
             self.root.event_delete("<<LineStart>>", *keys)
             self.root.event_add("<<SelectAll>>", *keys)
 
-    def _placeholder(self, entry, text):
-        """Grey hint text in an empty entry, gone on focus."""
-        entry._placeholder = text
-        entry._showing_placeholder = False
+    def _hint(self, entry, variable, text):
+        """Grey hint text over ``entry`` while it is empty, with the cursor in it
+        or not (as modern apps show one): gone at the first key, back once
+        emptied. A label laid over the box, never the box's text, so the
+        hint is never searched for, selected or edited."""
+        hint = tk.Label(entry, text=text, font=self.fonts.body, foreground=COLORS["muted"],
+                        background=COLORS["panel"], borderwidth=0, padx=0, pady=0, cursor="xterm")
+        # A click on it is a click in the box (the hint lies where the text would).
+        hint.bind("<Button-1>", lambda e: (entry.focus_set(), entry.icursor("end")))
 
-        def show(_=None):
-            if not entry.get():
-                entry._showing_placeholder = True     # first: putting the hint in is no edit
-                entry.insert(0, text)
-                entry.configure(foreground=COLORS["muted"])
-
-        def hide(_=None):
-            if entry._showing_placeholder:
-                entry.delete(0, "end")
-                entry.configure(foreground=COLORS["text"])
-                entry._showing_placeholder = False
-        entry.bind("<FocusIn>", hide, add=True)
-        entry.bind("<FocusOut>", show, add=True)
+        def show(*_):
+            if variable.get():
+                hint.place_forget()
+            elif not hint.winfo_manager():
+                # Where typed text begins, and a little after, not to hide the blinking cursor.
+                left = int(str(ttk.Style(entry).lookup("TEntry", "padding")[0])) + 3
+                hint.place(x=left, rely=0.5, anchor="w")
+        variable.trace_add("write", show)
         show()
-
-    def _entry_text(self, entry) -> str:
-        return "" if getattr(entry, "_showing_placeholder", False) else entry.get()
+        return hint
 
     def _wheel(self, widget, yview):
         widget.bind("<MouseWheel>", lambda e: yview("scroll", -1 if e.delta > 0 else 1, "units"))
@@ -497,12 +495,7 @@ class ChatApp:
         d.addCallback(lambda _: self.model.screen == "login" and self._hide_danger())
 
     def _search(self):
-        self.controller.search(self._entry_text(self.search_entry))
-
-    def _search_edited(self):
-        """Typed, pasted or cut in the search box (the grey hint coming or going is not)."""
-        if not self.search_entry._showing_placeholder:
-            self.controller.search_edited()
+        self.controller.search(self.search_entry.get())
 
     def _clear_search(self):
         self.search_entry.delete(0, "end")
@@ -580,17 +573,8 @@ class ChatApp:
         return "break"
 
     def _empty_search_box(self):
-        """No text in the search box: its grey hint, unless the user is in it."""
-        self.search_entry._showing_placeholder = False
-        self.search_entry.configure(foreground=COLORS["text"])
+        """No text in the search box (its grey hint shows)."""
         self.search_entry.delete(0, "end")
-        self._placeholder_restore()
-
-    def _placeholder_restore(self):
-        if not self.search_entry.get() and self.root.focus_get() is not self.search_entry:
-            self.search_entry._showing_placeholder = True
-            self.search_entry.insert(0, self.search_entry._placeholder)
-            self.search_entry.configure(foreground=COLORS["muted"])
 
     def _list_clicked(self, event):
         y = self.list_canvas.canvasy(event.y)
