@@ -759,6 +759,10 @@ def test_a_new_error_or_attempt_replaces_the_notice_of_why_the_login_screen_is_b
     client.auto = {}
     ctl.log_in("alice", "good-password")
     assert model.busy and model.notice == "" and model.error == ""
+    # Going on to create an account: the card makes room for the repeat field.
+    model.signed_out("You are logged out.")
+    model.set_creating(True)
+    assert model.creating_account and model.notice == ""
 
 
 def test_a_search_the_server_would_refuse_is_explained_and_clears_old_results():

@@ -585,7 +585,8 @@ def test_on_a_narrow_window_the_delete_question_leaves_the_peer_name_visible():
         name = yield from shows(1000, (full, short))
         assert name == peer
         # Its narrowest: a shorter question, never none, and as much of the name as is left.
-        name = yield from shows(720, (short, shortest))
+        from paxchat.client.gui import MIN_WIDTH
+        name = yield from shows(MIN_WIDTH, (short, shortest))
         assert name == peer or (name.endswith("…") and peer.startswith(name[:-1]) and len(name) > 4)
         if app.confirm_label.cget("text") == short:
             assert name == peer            # the question goes before the name is cut
@@ -629,7 +630,7 @@ def test_every_scrollbar_handle_stands_out_from_its_trough():
                     yield child
                 yield from bars(child)
         found = list(bars(root))
-        assert app.list_scroll in found and len(found) >= 2
+        assert app.list_scroll in found and app.login_scroll in found and len(found) >= 3
         for bar in found:
             name = bar.cget("style") or "Vertical.TScrollbar"
             trough = root.winfo_rgb(style.lookup(name, "troughcolor"))
@@ -641,7 +642,7 @@ def test_every_scrollbar_handle_stands_out_from_its_trough():
             assert root.winfo_rgb(style.lookup(name, "background", ["disabled"])) == trough
             assert "arrow" not in str(style.layout(name))
         yield open_long_conversation(app, client)
-        chat = next(bar for bar in found if bar is not app.list_scroll)
+        [chat] = [bar for bar in found if bar.master is app.canvas.master]
         assert not chat.instate(["disabled"]) and app.list_scroll.instate(["disabled"])
     yield with_fake_app(test)
 
@@ -652,7 +653,7 @@ def test_every_scrollbar_trough_stands_out_from_what_it_scrolls():
 
     def test(root, app, client):
         style = ttk.Style(root)
-        for canvas in (app.list_canvas, app.canvas):
+        for canvas in (app.list_canvas, app.canvas, app.login_canvas):
             [bar] = [w for w in canvas.master.winfo_children() if w.winfo_class() == "TScrollbar"]
             trough = style.lookup(bar.cget("style") or "Vertical.TScrollbar", "troughcolor")
             # Else the bar's length does not show, only its handle.
@@ -1066,11 +1067,12 @@ def test_a_login_error_replaces_the_notice_of_why_the_login_screen_is_back():
         app.model.signed_in("alice")
         app.model.signed_out("You are logged out.")
         yield wait_for(lambda: root.update() or app.login_notice.cget("text") == "You are logged out.", 5)
+        assert app.login_notice.winfo_ismapped()
         app.user_entry.insert(0, "alice")
         app.login_button.invoke()           # no password: refused here, the server not asked
         yield wait_for(lambda: root.update() or app.login_error.cget("text"), 5)
         assert app.login_error.cget("text") == "Enter your username and password."
-        assert app.login_notice.cget("text") == ""
+        assert app.login_notice.cget("text") == "" and not app.login_notice.winfo_ismapped()
     yield with_fake_app(test)
 
 
@@ -1091,6 +1093,54 @@ def test_the_login_card_stays_put_when_the_repeat_field_shows():
         app.repeat_entry.event_generate("<Escape>")
         yield wait_for(lambda: root.update() or not app.repeat_entry.winfo_ismapped(), 5)
         assert card.winfo_rooty() == top
+    yield with_fake_app(test)
+
+
+@pytest_twisted.inlineCallbacks
+def test_at_the_smallest_window_creating_an_account_fits_and_a_long_error_scrolls():
+    from paxchat.client.gui import MIN_HEIGHT, MIN_WIDTH
+
+    def test(root, app, client):
+        card, canvas = app.login_card, app.login_canvas
+        assert root.minsize() == (MIN_WIDTH, MIN_HEIGHT)
+        root.geometry(f"{MIN_WIDTH}x{MIN_HEIGHT}")
+        yield wait_for(lambda: root.update() or (root.winfo_width(), root.winfo_height()) == (MIN_WIDTH, MIN_HEIGHT), 5)
+
+        def inside():
+            """The whole card is in view, above the status bar, and nothing scrolls."""
+            root.update()
+            return (canvas.winfo_rooty() <= card.winfo_rooty()
+                    and card.winfo_rooty() + card.winfo_height() <= app.status_bar.winfo_rooty() - 1
+                    and card.winfo_height() == card.winfo_reqheight()
+                    and not app.login_scroll.winfo_ismapped())
+        yield wait_for(inside, 5)
+        top = card.winfo_rooty()
+        # Creating an account: the repeat field, then a two-line error under it.
+        app.create_button.invoke()
+        yield wait_for(lambda: root.update() or app.repeat_entry.winfo_ismapped(), 5)
+        assert inside() and card.winfo_rooty() == top
+        app.user_entry.insert(0, "alice")
+        app.password_entry.insert(0, "good-password")
+        app.repeat_entry.insert(0, "other-password")
+        app.create_button.invoke()
+        yield wait_for(lambda: root.update() or app.login_error.cget("text"), 5)
+        lines = app.login_error.winfo_reqheight() // app.fonts.small.metrics("linespace")
+        assert lines == 2, app.login_error.cget("text")
+        assert inside() and card.winfo_rooty() == top
+        # A much longer error makes the card taller than the window: it scrolls,
+        # and the buttons come into view when the cursor goes to them.
+        app.model.show_error("Cannot reach any paxchat server. " * 8)
+        yield wait_for(lambda: root.update() or app.login_scroll.winfo_ismapped(), 5)
+        button = app.create_button
+        assert button.winfo_rooty() + button.winfo_height() > canvas.winfo_rooty() + canvas.winfo_height()
+        button.focus_force()
+        yield wait_for(lambda: root.update() or (
+            canvas.winfo_rooty() <= button.winfo_rooty()
+            and button.winfo_rooty() + button.winfo_height() <= canvas.winfo_rooty() + canvas.winfo_height()), 5)
+        # Once it fits again, nothing scrolls and the card is back where it was.
+        app.model.clear_error()
+        yield wait_for(lambda: root.update() or not app.login_scroll.winfo_ismapped(), 5)
+        assert inside() and card.winfo_rooty() == top
     yield with_fake_app(test)
 
 

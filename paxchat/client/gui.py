@@ -23,6 +23,11 @@ from .gui_theme import COLORS, Fonts, apply_styles
 
 __all__ = ["ChatApp", "main"]
 
+# The smallest window the app allows (``minsize``): the login card, creating
+# an account with a two-line error under it, fits in it without scrolling,
+# and so does the narrowest delete question beside a peer's name.
+MIN_WIDTH, MIN_HEIGHT = 720, 480
+CARD_MARGIN = 12         # at least this much room above and below the login card
 ROW_HEIGHT = 66
 SIDEBAR_WIDTH = 290
 HEADER_PAD_X = 20        # the conversation header's padding, left and right
@@ -56,7 +61,7 @@ class ChatApp:
         apply_styles(root, self.fonts)
         root.title("paxchat")
         root.geometry("1000x680")
-        root.minsize(720, 480)
+        root.minsize(MIN_WIDTH, MIN_HEIGHT)
         self.coalescer = Coalescer(reactor.callLater, self.redraw)
         self.model = ChatModel(on_change=self.coalescer.notify)
         self._closing = False
@@ -92,11 +97,17 @@ class ChatApp:
 
     def _build_login(self):
         self.login = ttk.Frame(self.outer)
-        card = ttk.Frame(self.login, style="Panel.TFrame", padding=(36, 32))
+        # The card lies on a canvas, which scrolls should a long error make it
+        # taller than a short window (its scrollbar shows only then).
+        self.login_canvas = tk.Canvas(self.login, background=COLORS["bg"], highlightthickness=0, borderwidth=0)
+        self.login_scroll = ttk.Scrollbar(self.login, orient="vertical", command=self.login_canvas.yview)
+        self.login_canvas.configure(yscrollcommand=self.login_scroll.set)
+        self.login_canvas.pack(side="left", fill="both", expand=True)
+        card = ttk.Frame(self.login_canvas, style="Panel.TFrame", padding=(36, 24))
         self.login_card = card
         ttk.Label(card, text="paxchat", style="Title.TLabel").pack(anchor="w")
         ttk.Label(card, text="Chat that keeps going when servers fail.", style="Muted.TLabel").pack(
-            anchor="w", pady=(2, 22))
+            anchor="w", pady=(2, 16))
         ttk.Label(card, text="Username", style="Field.TLabel").pack(anchor="w")
         self.user_entry = ttk.Entry(card, width=32, font=self.fonts.body)
         self.user_entry.pack(fill="x", pady=(4, 12))
@@ -117,18 +128,67 @@ class ChatApp:
         self.login_button.pack(side="left", fill="x", expand=True)
         self.create_button = ttk.Button(buttons, text="Create account", command=self._create_account)
         self.create_button.pack(side="left", padx=(10, 0))
+        # Why the login screen is back ("You are logged out."): under the buttons, and only then.
         self.login_notice = ttk.Label(card, text="", style="Muted.TLabel", wraplength=300)
-        self.login_notice.pack(anchor="w", pady=(14, 0))
-        # Hung by its top where, logging in, it is centred: the repeat field
-        # (or a longer error) then grows it downward, and nothing moves up
-        # from under the pointer between two clicks on Create account.
+        # Its heights logging in, and creating an account with a two-line
+        # error (the tallest it is but for a long network error): see _place_card.
         card.update_idletasks()
-        card.place(relx=0.5, rely=0.45, y=-(card.winfo_reqheight() // 2), anchor="n")
+        self._card_height = card.winfo_reqheight()
+        self.repeat_row.pack(fill="x", after=self.password_entry)
+        self.login_error.configure(text="\n")
+        card.update_idletasks()
+        self._card_room = card.winfo_reqheight()
+        self.login_error.configure(text="")
+        self.repeat_row.pack_forget()
+        self._card_item = self.login_canvas.create_window(0, 0, window=card, anchor="n")
+        self.login_canvas.bind("<Configure>", self._place_card)
+        card.bind("<Configure>", self._place_card)
+        self._wheel(self.login_canvas, self.login_canvas.yview)
+        widgets = [card]
+        while widgets:
+            widget = widgets.pop()
+            widgets.extend(widget.winfo_children())
+            self._wheel(widget, self.login_canvas.yview)
+            if isinstance(widget, (ttk.Entry, ttk.Button)):
+                widget.bind("<FocusIn>", lambda e: self._login_see(e.widget), add=True)
         self.user_entry.bind("<Return>", lambda e: self.password_entry.focus_set())
         self.password_entry.bind("<Return>", lambda e: self._password_return())
         self.repeat_entry.bind("<Return>", lambda e: self._create_account())
         for entry in (self.user_entry, self.password_entry, self.repeat_entry):
             entry.bind("<Escape>", lambda e: self.model.set_creating(False))
+
+    def _place_card(self, event=None):
+        """Hang the login card by its top where, logging in, it is centred (a
+        little above the middle): the repeat field (or a longer error) then
+        grows it downward, and nothing moves up from under the pointer
+        between two clicks on Create account. On a short window it hangs
+        higher, so that creating an account with an error still fits; taller
+        than the window (a long error), it scrolls."""
+        canvas, card = self.login_canvas, self.login_card
+        width, height = canvas.winfo_width(), canvas.winfo_height()
+        top = max(CARD_MARGIN, min(round(0.45 * height - self._card_height / 2),
+                                   height - self._card_room - CARD_MARGIN))
+        canvas.coords(self._card_item, width // 2, top)
+        bottom = top + card.winfo_reqheight() + CARD_MARGIN
+        canvas.configure(scrollregion=(0, 0, width, max(bottom, height)))
+        if bottom > height and not self.login_scroll.winfo_manager():
+            self.login_scroll.pack(side="right", fill="y", before=canvas)
+        elif bottom <= height and self.login_scroll.winfo_manager():
+            self.login_scroll.pack_forget()
+            canvas.yview_moveto(0.0)
+
+    def _login_see(self, widget):
+        """Scrolled, the login card brings the field or button with the cursor into view."""
+        canvas = self.login_canvas
+        if not self.login_scroll.winfo_manager():
+            return
+        top = widget.winfo_rooty() - canvas.winfo_rooty()
+        bottom = top + widget.winfo_height()
+        if top >= 0 and bottom <= canvas.winfo_height():
+            return
+        total = float(canvas.cget("scrollregion").split()[3])
+        y = canvas.canvasy(top if top < 0 else bottom - canvas.winfo_height())
+        canvas.yview_moveto(max(0.0, y + (-CARD_MARGIN if top < 0 else CARD_MARGIN)) / total)
 
     def _build_main(self):
         c = COLORS
@@ -699,6 +759,10 @@ class ChatApp:
         if self.model.screen == "login":
             self.login_error.configure(text=error)
             self.login_notice.configure(text=self.model.notice)    # an error replaces it
+            if self.model.notice and not self.login_notice.winfo_manager():
+                self.login_notice.pack(anchor="w", pady=(14, 0))
+            elif not self.model.notice:
+                self.login_notice.pack_forget()
             self.error_row.grid_forget()
             if error and self._login_error_shown != (error, self.model.error_about):
                 self._point_at_login_error()

@@ -205,6 +205,10 @@ class ChatModel:
         """Switch the login screen between logging in and creating an account."""
         if creating != self.creating_account:
             self.creating_account = creating
+            if creating and self.notice:
+                # On to something else: what the login screen said is old news.
+                self.notice = ""
+                self._changed("error")
             self._changed("screen")
 
     def set_busy(self, busy: bool):
