@@ -954,6 +954,42 @@ def test_after_a_failover_the_leader_is_asked_again_soon_a_few_times():
     assert not clock.getDelayedCalls()
 
 
+def test_a_commit_while_the_bar_says_no_leader_asks_for_the_leader_at_once():
+    clock, model, client, ctl = controller()
+    hellos = lambda: len([c for c in client.calls if c[0] == "hello"])  # noqa: E731
+    ctl.start()
+    model.signed_in("alice")
+    model.open("bob")
+    ctl.on_status(Status("connected", 2, None))
+    clock.advance(0.5)
+    # A message pushed: something committed, so there is a leader again. Asked now, not at 3 s.
+    ctl.on_event({"event": "message", "message": msg(1, "bob", "alice")})
+    assert hellos() == 1
+    # A burst of them asks once a second at most.
+    for i in range(2, 20):
+        ctl.on_event({"event": "message", "message": msg(i, "bob", "alice")})
+    assert hellos() == 1
+    clock.advance(1)
+    ctl.on_event({"event": "read", "ids": [1]})
+    assert hellos() == 2
+    # A send answered is a commit too: the bubbles said "waiting…", the bar catches up at once.
+    clock.advance(1)
+    ctl.send("are you there?")
+    assert model.sends_wait and model.bubbles()[-1]["time"] == "waiting…"
+    client.last("send_message")[3].callback({"message_id": 50, "ts": 1.0})
+    assert hellos() == 3
+    client.last("hello")[3].callback({})
+    ctl.on_status(Status("connected", 2, 3))     # what the client reports once hello names one
+    assert model.status == "Connected to node 2 · leader 3" and not model.sends_wait
+    # With a leader known, pushes ask nothing: the refresh alone keeps the bar.
+    clock.advance(3)                             # t = 5.5: the refresh asked at 3 s
+    assert hellos() == 4
+    for i in range(20, 30):
+        ctl.on_event({"event": "message", "message": msg(i, "bob", "alice")})
+    assert hellos() == 4
+    ctl.stop()
+
+
 def test_drafts_are_kept_per_conversation_until_signed_out():
     model, _ = model_for()
     model.keep_draft("bob", "half a thought")

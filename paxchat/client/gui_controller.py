@@ -34,6 +34,9 @@ RETRY_OFFLINE = 5.0     # seconds between reconnection campaigns when every node
 LEADER_REFRESH = 3.0
 FAILOVER_REFRESH = 1.0  # after a failover the leader is often being elected: ask again this often...
 FAILOVER_REFRESHES = 5  # ...this many times
+# What only a commit brings: pushed to this connection once a write commits,
+# so proof that the cluster has a leader again (see ChatController._committed).
+COMMIT_EVENTS = ("message", "sent", "read", "seen", "deleted", "settings")
 
 
 class ChatController:
@@ -52,6 +55,8 @@ class ChatController:
         self._refresh = None
         self._soon_call = None
         self._failing_over = False
+        self._no_leader = False    # the last status: connected, but the node named no leader
+        self._asked_at = None      # when the leader was last asked for
         self._stopped = False
         self._search_seq = 0   # the latest search: answers to earlier ones are dropped
         try:
@@ -72,7 +77,21 @@ class ChatController:
 
     def _refresh_leader(self):
         if self.client is not None and self.client.connected:
+            self._asked_at = self.reactor.seconds()
             self.client.hello().addErrback(self._quiet)
+
+    def _committed(self):
+        """A write just committed (a push that only a commit sends, or a send
+        answered), so the cluster has a leader: if the status bar still says
+        there is none, ask now rather than at the next refresh, so the dot
+        turns green and "waiting…" turns "sending…" with the message that
+        proved it. At most once a second, whatever a burst of pushes.
+
+        Nothing of the kind tells of a leader that died: no node pushes a
+        leader change (docs/protocol.md), so that waits for the refresh."""
+        if (self._no_leader and not self._stopped
+                and (self._asked_at is None or self.reactor.seconds() - self._asked_at >= FAILOVER_REFRESH)):
+            self._refresh_leader()
 
     def _quiet(self, failure):
         """Connection-level failures show in the status bar already."""
@@ -80,6 +99,7 @@ class ChatController:
 
     def on_status(self, status):
         self.model.set_status(status)
+        self._no_leader = status.state == "connected" and status.leader is None
         if status.state in ("reconnecting", "failed"):
             self._failing_over = True
         elif status.state == "connected" and self._failing_over:
@@ -122,6 +142,8 @@ class ChatController:
 
     def on_event(self, event: dict):
         kind = event.get("event")
+        if kind in COMMIT_EVENTS:
+            self._committed()
         if kind == "message" and isinstance(event.get("message"), dict):
             self._mark(self.model.add_messages([event["message"]], live=True))
         elif kind == "sent" and isinstance(event.get("message"), dict):
@@ -397,6 +419,7 @@ class ChatController:
         d = self.client.send_message(peer, body)
 
         def sent(result):
+            self._committed()
             if self.model.session == session:
                 self.model.sent(peer, key, result["message_id"], result.get("ts", 0.0))
 
