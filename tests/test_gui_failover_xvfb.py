@@ -44,7 +44,7 @@ def test_the_window_fails_over_when_its_node_is_killed(cluster_factory, tmp_path
     tk = pytest.importorskip("tkinter")
     from twisted.internet import reactor, tksupport
     from paxchat.client.gui import ChatApp, client_maker
-    from .xvfb import can_screenshot, shared_xvfb
+    from .xvfb import can_screenshot, on_screen, shared_xvfb
 
     cluster, leader = yield started(cluster_factory)
     yield create_accounts(cluster, "alice", "bob")
@@ -165,7 +165,8 @@ def test_the_window_fails_over_when_its_node_is_killed(cluster_factory, tmp_path
             assert not [t for t in shown_texts(app) if "Traceback" in t or "Error" in t], shown_texts(app)
 
             if can_screenshot():
-                root.update()
+                yield wait_until(reactor, lambda: not app.coalescer.pending, 5, "the window redrawn")
+                on_screen(root)
                 shot = tmp_path / "failover.png"
                 x.screenshot(shot)
                 assert shot.stat().st_size > 5000

@@ -39,7 +39,8 @@ def test_chat_in_the_window(node, tmp_path):
     import tkinter as tk
     from twisted.internet import reactor, task, tksupport
     from paxchat.client.gui import ChatApp, client_maker
-    from .xvfb import can_screenshot, shared_xvfb
+    from paxchat.client.gui_theme import COLORS
+    from .xvfb import can_screenshot, on_screen, pixel, shared_xvfb
 
     with shared_xvfb(1000, 680) as x:
         root = tk.Tk(screenName=x.display, className="paxchat")
@@ -150,10 +151,22 @@ def test_chat_in_the_window(node, tmp_path):
             yield bob.mark_read(shipping())
             yield wait_for(lambda: receipt() == ["Read"], 10)
             if can_screenshot():
-                yield wait_for(lambda: True, 0.3)
+                # Every change drawn into the window, and the drawing on the screen.
+                yield wait_for(lambda: not app.coalescer.pending, 5)
+                on_screen(root)
                 shot = tmp_path / "screenshot.png"
-                x.screenshot(shot)
+                image = x.screenshot(shot)
                 assert shot.stat().st_size > 5000
+                # It shows the window as it stands: alice's newest message is a blue bubble
+                # where the conversation has it.
+                [text] = [i for i in app.canvas.find_all() if app.canvas.type(i) == "text"
+                          and app.canvas.itemcget(i, "text").startswith("Shipping")]
+                bubble = [i for i in app.canvas.find_withtag(app.canvas.gettags(text)[1])
+                          if app.canvas.type(i) == "polygon"][0]
+                left, top, _, bottom = app.canvas.bbox(bubble)
+                at = (app.canvas.winfo_rootx() + left - int(app.canvas.canvasx(0)) + 6,
+                      app.canvas.winfo_rooty() + (top + bottom) // 2 - int(app.canvas.canvasy(0)))
+                assert "#%02X%02X%02X" % pixel(image, *at) == COLORS["accent"]
                 target = os.environ.get("PAXCHAT_SCREENSHOT")
                 if target:
                     shutil.copy(shot, target)

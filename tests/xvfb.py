@@ -72,11 +72,14 @@ class Xvfb:
             self.proc.wait(timeout=10)
 
     def screenshot(self, path, window=None):
-        """Save the screen (or one window id) as PNG; needs ``xwd`` (x11-apps)."""
+        """Save the screen (or one window id) as PNG; needs ``xwd`` (x11-apps).
+        Returns the image as ``xwd_to_rgb`` does, to look at its pixels."""
         target = ["-id", str(window)] if window else ["-root"]
         data = subprocess.run(["xwd", "-silent", "-display", self.display] + target,
                               capture_output=True, check=True, timeout=30).stdout
-        write_png(path, *xwd_to_rgb(data))
+        image = xwd_to_rgb(data)
+        write_png(path, *image)
+        return image
 
 
 _shared: Xvfb | None = None
@@ -105,6 +108,21 @@ class shared_xvfb:
 
     def __exit__(self, *exc):
         return None
+
+
+def on_screen(root):
+    """Make what Tk has to draw reach the screen, for a screenshot: the idle
+    redraws run, then a request the X server answers (``winfo pointerxy``).
+    It answers only once it has done every earlier request of Tk's
+    connection, the drawing among them, so ``xwd`` run after sees it all."""
+    root.update_idletasks()
+    root.winfo_pointerxy()
+
+
+def pixel(image, x, y):
+    """The ``(r, g, b)`` at screen ``x, y`` of an image from ``Xvfb.screenshot``."""
+    row = image[2][y]
+    return tuple(row[3 * x: 3 * x + 3])
 
 
 def can_screenshot() -> bool:

@@ -24,7 +24,7 @@ from paxchat.client.failover import FailoverPolicy  # noqa: E402
 from paxchat.client.gui import ChatApp, client_maker  # noqa: E402
 from paxchat.config import load  # noqa: E402
 from paxchat.node import NodeService  # noqa: E402
-from tests.xvfb import Xvfb  # noqa: E402
+from tests.xvfb import Xvfb, on_screen  # noqa: E402
 
 
 def free_port():
@@ -33,8 +33,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def sleep(reactor, seconds):
-    return task.deferLater(reactor, seconds, lambda: None)
+@defer.inlineCallbacks
+def until(reactor, condition, what, timeout=10.0):
+    """Poll ``condition()`` on the reactor until it holds; give up after ``timeout`` seconds."""
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise RuntimeError(f"gave up waiting for {what}")
+        yield task.deferLater(reactor, 0.02, lambda: None)
 
 
 @defer.inlineCallbacks
@@ -70,15 +76,21 @@ def make(reactor, out, workdir):
             root = tk.Tk(screenName=x.display, className="paxchat")
             tksupport.install(root)
             app = ChatApp(root, reactor, client_maker(reactor, str(ini)))
-            yield sleep(reactor, 0.5)
+            model = app.model
+            yield until(reactor, lambda: model.status_level == "ok", "the window to connect")
             app.user_entry.insert(0, "alice")
             app.password_entry.insert(0, "alice-password")
             yield app.controller.log_in("alice", "alice-password")
             app.open_conversation("bob")     # as a click does: the cursor goes to the compose box
-            yield sleep(reactor, 0.3)
+            yield until(reactor, lambda: model.conversation("bob").loaded_once, "the conversation with bob")
             yield bob.send_message("alice", "Ship it?")
+            yield until(reactor, lambda: any(m.get("body") == "Ship it?"
+                                             for m in model.conversation("bob").messages.values()), "bob's message")
             app.compose.insert("1.0", "Ship it! 🙂".replace("🙂", ""))
-            yield sleep(reactor, 0.5)
+            app.compose.configure(insertofftime=0)     # the cursor shows, not blinked off
+            yield until(reactor, lambda: not app.coalescer.pending and root.focus_get() is app.compose,
+                        "the window drawn")
+            on_screen(root)
             x.screenshot(out)
             print(f"wrote {out}")
             yield app.close()
