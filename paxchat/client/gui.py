@@ -555,6 +555,13 @@ class ChatApp:
         d.addCallback(lambda _: self.model.screen == "login" and self._hide_danger())
 
     def _search(self):
+        """Enter in the search box: search for its text; with the results for
+        that text shown already, open the first of them, so a person is found
+        and written to without reaching for the mouse."""
+        m = self.model
+        if m.search_pattern is not None and m.search_results:   # any edit since takes them away
+            self.open_conversation(m.search_results[0])
+            return
         self.controller.search(self.search_entry.get())
 
     def _clear_search(self):
@@ -830,9 +837,12 @@ class ChatApp:
         self._list_rows = []
         y = 0
         if m.search_pattern is not None:
+            line = f.small.metrics("linespace") + 2
             canvas.create_text(16, y + 12, anchor="nw", font=f.small, fill=c["muted"],
-                               text=f"PEOPLE MATCHING {m.search_pattern}   ·   Esc to close")
-            y += 36
+                               text=self._clip(f"PEOPLE MATCHING {m.search_pattern}", f.small, width - 32))
+            canvas.create_text(16, y + 12 + line, anchor="nw", font=f.small, fill=c["muted"],
+                               text="Enter: open the first   ·   Esc: close" if m.search_results else "Esc to close")
+            y += 36 + line
             if not m.search_results:
                 canvas.create_text(16, y, anchor="nw", font=f.body, fill=c["muted"], text="No one found.")
                 y += 30
@@ -851,7 +861,7 @@ class ChatApp:
             rows = m.conversation_rows()
             if not rows:
                 canvas.create_text(width / 2, 40, anchor="n", width=width - 40, justify="center", font=f.body,
-                                   fill=c["muted"], text="No conversations yet.\nFind someone above to start one.")
+                                   fill=c["muted"], text="No conversations yet.\nFind someone above\nto start one.")
             for row in rows:
                 top = y
                 if row["open"]:
