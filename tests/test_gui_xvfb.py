@@ -969,6 +969,28 @@ def test_a_reused_names_new_account_is_marked_in_the_conversation():
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_message_with_tabs_keeps_its_time_clear_of_its_text():
+    def test(root, app, client):
+        bodies = {1: "name\tpassword\tnode", 2: "first line\nkey\tvalue", 3: "x\ty"}
+        client.auto["history"] = {"messages": [msg(i, "alice" if i != 2 else "bob", "bob" if i != 2 else "alice",
+                                                   body, read=True) for i, body in sorted(bodies.items())][::-1],
+                                  "more": False}
+        app.model.signed_in("alice")
+        app.open_conversation("bob")
+        canvas = app.canvas
+        yield wait_for(settled(app, lambda: canvas.find_withtag("msg3")), 5)
+        for i, body in bodies.items():
+            texts = [t for t in canvas.find_withtag(f"msg{i}") if canvas.type(t) == "text"]
+            [text] = [t for t in texts if canvas.itemcget(t, "text") == body]
+            [time] = [t for t in texts if t != text]
+            tx0, ty0, tx1, ty1 = canvas.bbox(text)
+            mx0, my0, mx1, my1 = canvas.bbox(time)
+            # Beside the last line, or under the text: never over it.
+            assert mx0 >= tx1 or my0 >= ty1 - 2, (body, canvas.bbox(text), canvas.bbox(time))
+    yield with_fake_app(test)
+
+
+@pytest_twisted.inlineCallbacks
 def test_creating_an_account_asks_for_the_password_twice():
     def test(root, app, client):
         user, password, repeat = app.user_entry, app.password_entry, app.repeat_entry

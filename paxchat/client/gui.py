@@ -892,6 +892,17 @@ class ChatApp:
                 y += ROW_HEIGHT
         canvas.configure(scrollregion=(0, 0, width, max(y, 1)))
 
+    def _line_width(self, text, font):
+        """How wide the conversation draws one line: Font.measure counts a tab
+        as one narrow character, where the canvas moves on to the next tab
+        stop (a pasted line of code), so such a line is measured as drawn."""
+        if "\t" not in text:
+            return font.measure(text)
+        probe = self.canvas.create_text(0, 0, anchor="nw", text=text, font=font)
+        left, _, right, _ = self.canvas.bbox(probe)
+        self.canvas.delete(probe)
+        return right - left
+
     def _clip(self, text, font, width):
         if font.measure(text) <= width:
             return text
@@ -1025,7 +1036,7 @@ class ChatApp:
             mx0, my0, mx1, my1 = canvas.bbox(meta_id)
             body_w, meta_w, meta_h = bx1 - bx0, mx1 - mx0, my1 - my0
             # The time sits after the last line when it fits there, else under the text.
-            last_line_w = f.body.measure(b["body"].split("\n")[-1]) if by1 - by0 < 2.2 * f.body.metrics(
+            last_line_w = self._line_width(b["body"].split("\n")[-1], f.body) if by1 - by0 < 2.2 * f.body.metrics(
                 "linespace") else max_w
             inline = last_line_w + 12 + meta_w <= max_w - 2 * pad_x
             if inline:
