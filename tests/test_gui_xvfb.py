@@ -1096,6 +1096,13 @@ def test_once_logged_in_the_keys_go_to_find_people_then_to_the_open_conversation
         entry.event_generate("<Return>")
         assert app.model.open_peer == "bob" and len([c for c in client.calls if c[0] == "list_accounts"]) == 1
         yield wait_for(lambda: root.update() or root.focus_get() is app.compose, 5)
+        # A middle click on the hint pastes the X selection into the box, as on the box itself.
+        assert entry.get() == "" and hint.winfo_ismapped()
+        app.user_entry.delete(0, "end")
+        app.user_entry.insert(0, "carol")
+        app.user_entry.selection_range(0, "end")
+        hint.event_generate("<ButtonRelease-2>", x=2, y=2)
+        assert entry.get() == "carol" and not hint.winfo_ismapped() and root.focus_get() is entry
     yield with_fake_app(test)
 
 

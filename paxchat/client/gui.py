@@ -373,8 +373,18 @@ class ChatApp:
         hint is never searched for, selected or edited."""
         hint = tk.Label(entry, text=text, font=self.fonts.body, foreground=COLORS["muted"],
                         background=COLORS["panel"], borderwidth=0, padx=0, pady=0, cursor="xterm")
-        # A click on it is a click in the box (the hint lies where the text would).
+        # A click on it is a click in the box (the hint lies where the text would),
+        # and so is a middle click, which pastes the X selection there.
         hint.bind("<Button-1>", lambda e: (entry.focus_set(), entry.icursor("end")))
+
+        def paste(_):
+            try:
+                text = entry.selection_get()          # PRIMARY: what is selected anywhere
+            except tk.TclError:
+                return
+            entry.focus_set()
+            entry.insert("end", text)
+        hint.bind("<ButtonRelease-2>", paste)
 
         def show(*_):
             if variable.get():
