@@ -80,7 +80,9 @@ def test_the_window_fails_over_when_its_node_is_killed(cluster_factory, tmp_path
             app.login_button.invoke()
             yield wait_until(reactor, lambda: model.screen == "chats", 10, "the chats screen")
             app.search_entry.focus_force()
-            root.update()
+            # A generated key goes where the keyboard focus is, once the X server has moved it.
+            yield wait_until(reactor, lambda: root.update() or root.focus_get() is app.search_entry, 5,
+                             "the keyboard focus in Find people")
             app.search_entry.insert(0, "bob")
             app.search_entry.event_generate("<Return>")
             yield wait_until(reactor, lambda: model.search_results == ["bob"] and app._list_rows, 10,
