@@ -832,6 +832,86 @@ def test_startup_login_uses_the_same_password_as_the_prompt():
     assert lines == ["Logged in as alice; 1 unread message(s)."]
 
 
+def prompt_with_user(monkeypatch, client, env):
+    """``paxchat --user alice`` as ``interactive`` wires it, fed from a pipe (notes on standard
+    error), with ``client``; (protocol, its standard output, the exit status when it ends, stderr)."""
+    import argparse
+    import io
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+    from paxchat.client import interactive
+    held = {}
+
+    class FakeStdio:
+        @staticmethod
+        def StandardIO(proto, reactor=None):
+            held["proto"], held["transport"] = proto, StringTransport()
+            proto.makeConnection(held["transport"])
+    errors = io.StringIO()
+
+    def make_client(reactor, config, args, on_status=None, **kw):
+        client.on_status = on_status
+        return client
+    monkeypatch.setattr(cli, "make_client", make_client)
+    monkeypatch.setattr(interactive, "stdio", FakeStdio)
+    monkeypatch.setattr("sys.stderr", errors)
+    status = []
+    with open(os.devnull) as stdin:
+        monkeypatch.setattr("sys.stdin", stdin)
+        interactive.run_interactive(MemoryReactorClock(), None, argparse.Namespace(
+            user="alice", no_session_cache=True), cli.Console(env=env)).addBoth(status.append)
+    return held["proto"], held["transport"], status, errors
+
+
+@pytest.mark.parametrize("refusal", [ServerError("bad_credentials", "wrong username or password"),
+                                     Unreachable("no paxchat node could be reached: 127.0.0.1:7101")])
+def test_a_prompt_that_cannot_log_in_as_user_says_why_and_ends_with_status_1(monkeypatch, refusal):
+    """Not a prompt left logged out, where each line typed ahead (or piped in) would fail
+    with "log in first": the user asked for alice's, as a one-shot command does. Once,
+    not also that commands will try again, nor that the rest of the input is not run."""
+    from paxchat.client.api import Status
+    logging_in = defer.Deferred()
+
+    class Client(StubClient):
+        def login(self, username, password):
+            self.calls.append(("login", (username, password), {}))
+            return logging_in
+    client = Client({"send_message": {"message_id": 1}})
+    proto, transport, status, errors = prompt_with_user(monkeypatch, client, {"PAXCHAT_PASSWORD": "pw-123456"})
+    proto.dataReceived(b"send bob hi\nread\n")
+    proto.readConnectionLost()                                # the end of what was piped in
+    if isinstance(refusal, Unreachable):
+        client.on_status(Status("failed", detail=str(refusal)))
+    logging_in.errback(refusal)
+    assert [c[0] for c in client.calls] == ["login"]          # no line ran
+    assert errors.getvalue() == f"Error: {explain(refusal)}\n"
+    assert transport.disconnecting and transport.value() == b""
+    proto.connectionLost()
+    assert status == [1]
+
+
+def test_a_prompt_whose_user_gives_no_password_says_how_to_give_one(monkeypatch):
+    client = StubClient({"login": {"session": "t", "unread": 0}})
+    proto, transport, status, errors = prompt_with_user(monkeypatch, client, {})
+    assert errors.getvalue() == "Password for alice:\n"     # the next line of the pipe is the password
+    proto.readConnectionLost()
+    assert client.calls == []
+    assert errors.getvalue().splitlines()[-1] == ("Error: no password for alice: the input ended"
+                                                  " (set PAXCHAT_PASSWORD, or give it as the first line)")
+    proto.connectionLost()
+    assert status == [1]
+
+
+def test_a_prompt_logged_in_as_user_runs_the_lines_typed_ahead(monkeypatch):
+    client = StubClient({"login": {"session": "t", "unread": 3}, "send_message": {"message_id": 9}})
+    proto, transport, status, errors = prompt_with_user(monkeypatch, client, {"PAXCHAT_PASSWORD": "pw-123456"})
+    proto.dataReceived(b"send bob hi\n")
+    proto.readConnectionLost()
+    assert [c[0] for c in client.calls] == ["login", "send_message"]
+    assert "Logged in as alice; 3 unread message(s)." in errors.getvalue()
+    proto.connectionLost()
+    assert status == [0]
+
+
 def test_no_terminal_at_all_is_one_clean_error_and_nothing_else(monkeypatch, tmp_path, capfd):
     import getpass
     from paxchat.client import credentials

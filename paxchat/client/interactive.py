@@ -19,15 +19,22 @@ __all__ = ["run_interactive"]
 
 @defer.inlineCallbacks
 def startup_login(shell: Shell, username: str, cache: SessionCache | None):
-    """--user given: resume the cached session, or log in with the password."""
+    """--user given: resume the cached session, or log in with the password.
+
+    Fires True once logged in; else False, having said why (the shell's
+    status becomes 1). The caller then ends the program: a prompt left
+    logged out, not as the user asked for, would fail each command with
+    "log in first" (fed from a pipe, every line).
+    """
     client = shell.client
     token = cache.load(username) if cache is not None else None
+    shell.starting = True
     try:
         if token:
             try:
                 result = yield client.resume(token)
                 shell.note(f"Logged in as {username}; {result.get('unread', 0)} unread message(s).")
-                return
+                return True
             except ServerError as e:
                 if e.code != "bad_session":
                     raise
@@ -37,8 +44,15 @@ def startup_login(shell: Shell, username: str, cache: SessionCache | None):
         if cache is not None:
             cache.save(username, result["session"])
         shell.note(f"Logged in as {username}; {result.get('unread', 0)} unread message(s).")
+        return True
+    except EOFError:
+        shell.fail(f"Error: no password for {username}: the input ended"
+                   f" (set {PASSWORD_ENV}, or give it as the first line)")
     except Exception as e:
-        shell.fail("Error: " + explain(e))
+        shell.fail(f"Error: {explain(e)}")
+    finally:
+        shell.starting = False
+    return False
 
 
 def run_interactive(reactor, config, args, console) -> defer.Deferred:
@@ -56,7 +70,8 @@ def run_interactive(reactor, config, args, console) -> defer.Deferred:
         if "shell" in holder:
             holder["shell"].on_status(status)
         if "proto" in holder:
-            holder["proto"].offline(status.state == "failed")
+            # A start-up login that fails this way says so itself, and ends the program.
+            holder["proto"].offline(status.state == "failed" and not holder["shell"].starting)
 
     client = make_client(reactor, config, args, on_event=on_event, on_status=on_status)
     # Ctrl-C stops the reactor, which drops the connection: closed first, the
@@ -70,7 +85,9 @@ def run_interactive(reactor, config, args, console) -> defer.Deferred:
         holder["shell"] = shell
         holder["proto"] = proto
         if args.user:
-            proto.run_first(lambda: startup_login(shell, args.user, cache))
+            # Not logged in as asked: said why, and ends with status 1 before any command runs.
+            proto.run_first(lambda: startup_login(shell, args.user, cache).addCallback(
+                lambda ok: None if ok else proto.end()))
         else:
             proto.run_first(lambda: client.connect().addErrback(
                 lambda f: shell.fail("Error: " + explain(f))))

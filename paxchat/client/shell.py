@@ -54,6 +54,7 @@ class Shell:
         self.quit = quit
         self.password = password or None
         self.failed = False
+        self.starting = False   # logging in as --user said, before the first command
         self.commands = {
             "register": self.do_register, "login": self.do_login, "send": self.do_send,
             "read": self.do_read, "history": self.do_history, "list": self.do_list,
@@ -106,7 +107,9 @@ class Shell:
             self.note(f"Your session ended ({reason}); log in again.")
 
     def on_status(self, status):
-        if status.state == "reconnecting" and status.no_majority:
+        if status.state == "failed" and self.starting:
+            pass                           # the start-up login says why, and the program ends
+        elif status.state == "reconnecting" and status.no_majority:
             self.note(f"Servers answer, but too few are up to agree ({status.detail});"
                       " trying the others...")
         elif status.state == "reconnecting":
@@ -297,12 +300,22 @@ class ShellProtocol(LineReceiver):
         self._offline = False         # the client tried every server in vain
         self._skipping = False        # inside a line too long to run, until its end
         self._after_long = None       # input that followed a too-long line
+        self._ended = False           # ``end``: no more lines run
 
     def run_first(self, work: Callable[[], defer.Deferred]):
         """Run start-up work (logging in) before the first typed command."""
         self._busy = True
         d = defer.maybeDeferred(work)
         d.addBoth(self._finished)
+
+    def end(self):
+        """End the program now, running none of the lines typed ahead (the start-up login failed)."""
+        self._ended = True
+        self._lines.clear()
+        if self._output_closed:
+            self.connectionLost()
+        elif self.transport is not None and not self.transport.disconnecting:
+            self.transport.loseConnection()
 
     def connectionMade(self):
         # The banner first: making the shell may ask for a password (``--user``),
@@ -400,6 +413,9 @@ class ShellProtocol(LineReceiver):
 
     def _pump(self):
         """Hand typed-ahead lines out in order: to a password prompt first, else as the next command."""
+        if self._ended:
+            self._lines.clear()
+            return
         while self._lines:
             if self._secret is not None:
                 line = self._lines.pop(0)
