@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -27,8 +28,8 @@ from paxchat import config as configmod
 
 __all__ = [
     "CertificateFilesError", "CertificatesExist", "admin_name_of", "admin_server_options",
-    "admin_cert_path", "admin_key_path", "make_admin_certificate", "client_connection_options",
-    "client_options_for_ca", "client_server_context", "ensure_cluster_certs",
+    "ClientCA", "admin_cert_path", "admin_key_path", "make_admin_certificate", "client_connection_options",
+    "client_options_for_ca", "read_client_ca", "client_server_context", "ensure_cluster_certs",
     "load_ca", "load_node_certificate", "make_cluster_certs", "main", "node_id_of",
     "node_name", "peer_client_options", "peer_server_options",
 ]
@@ -443,15 +444,94 @@ def client_server_context(config, node_id):
     return clienttls.server_context(config.node_cert_path(node_id), config.node_key_path(node_id))
 
 
-def client_options_for_ca(ca_path, host):
-    """Client side of the client port, trusting the CA at ``ca_path`` and checking ``host``.
+class ClientCA:
+    """The CA a client trusts on the client port, and the file it came from.
+
+    Kept whole, not only as a trust root, so that a node certificate TLS
+    refused can be explained against it (``refusal``) without reading the
+    file again.
+    """
+
+    def __init__(self, path, certificate: x509.Certificate):
+        self.path = Path(path)
+        self.certificate = certificate
+        self._root = ssl.Certificate.loadPEM(_cert_pem(certificate))
+
+    def options(self, host):
+        """Client TLS options trusting this CA alone and checking that the node is ``host``."""
+        return ssl.optionsForClientTLS(
+            host, trustRoot=self._root, extraCertificateOptions={"raiseMinimumTo": MINIMUM_TLS})
+
+    def refusal(self, chain, host: str, hostname: bool = False, detail: str = "") -> tuple[str, str, str]:
+        """(problem, detail, advice): why TLS refused the certificate ``chain`` (leaf first) a node presented.
+
+        Told apart because each has its own remedy: a certificate another CA
+        signed (the client's ca.pem is not the cluster's, or the cluster's
+        certificates were remade); one out of its dates; one made for
+        another address than ``host`` (cluster.ini's).
+        """
+        renew = ("the cluster's operator has to give that node a new certificate from the cluster CA"
+                 " (docs/operations.md)")
+        leaf = chain[0] if chain else None
+        if hostname:
+            names = _alt_names(leaf) if leaf is not None else []
+            return (f"certificate not made for {host}", f"it is for {', '.join(names)}" if names else detail,
+                    f"either the node's address in cluster.ini is not the one its certificate was made"
+                    f" for, or {renew}")
+        wrong_ca = (f"if {self.path} is not this cluster's CA (copied from the wrong place, or the"
+                    f" cluster's certificates were remade since), copy the cluster's own {self.path.name}"
+                    f" there from one of its nodes or its operator (docs/deploy.md step 3)")
+        if leaf is None:
+            return f"certificate not accepted by the CA in {self.path}", detail, wrong_ca
+        try:
+            leaf.verify_directly_issued_by(self.certificate)
+        except (ValueError, TypeError, InvalidSignature):
+            return (f"certificate not signed by the CA in {self.path}",
+                    f"it was issued by \"{_common_name(leaf.issuer)}\";"
+                    f" {self.path.name} holds \"{_common_name(self.certificate.subject)}\"", wrong_ca)
+        now, (before, after) = _now(), _validity(leaf)
+        if after < now:
+            return f"certificate expired on {after:%Y-%m-%d}", "", renew
+        if before > now:
+            return (f"certificate not valid before {before:%Y-%m-%d %H:%M} UTC", "",
+                    "check this machine's clock")
+        return f"certificate not accepted by the CA in {self.path}", detail, renew
+
+
+def _validity(certificate):
+    """(not before, not after) as aware UTC datetimes (cryptography 41 has only naive ones)."""
+    if hasattr(certificate, "not_valid_after_utc"):
+        return certificate.not_valid_before_utc, certificate.not_valid_after_utc
+    utc = datetime.timezone.utc
+    return certificate.not_valid_before.replace(tzinfo=utc), certificate.not_valid_after.replace(tzinfo=utc)
+
+
+def _alt_names(certificate) -> list[str]:
+    """The hosts and names a certificate is for (its subjectAltName)."""
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(name.value) for name in names]
+
+
+def _common_name(name: x509.Name) -> str:
+    names = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else name.rfc4514_string()
+
+
+def read_client_ca(ca_path) -> ClientCA:
+    """The CA at ``ca_path``, for a client.
 
     A missing CA file is a client's: its error says to copy the cluster's,
     not to make one (`paxchat-certs` would make a CA the nodes know nothing of).
     """
-    ca = ssl.Certificate.loadPEM(_cert_pem(_load_x509(ca_path, None)))
-    return ssl.optionsForClientTLS(
-        host, trustRoot=ca, extraCertificateOptions={"raiseMinimumTo": MINIMUM_TLS})
+    return ClientCA(ca_path, _load_x509(ca_path, None))
+
+
+def client_options_for_ca(ca_path, host):
+    """Client side of the client port, trusting the CA at ``ca_path`` and checking ``host``."""
+    return read_client_ca(ca_path).options(host)
 
 
 def client_connection_options(config, host):

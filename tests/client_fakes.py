@@ -15,6 +15,8 @@ from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from paxchat.client.errors import CertificateRefused
+
 
 class FakeConnection:
     """One accepted client connection: read its requests, answer them, drop it."""
@@ -48,6 +50,10 @@ class FakeConnection:
 
     def drop(self):
         self.protocol.connectionLost(Failure(ConnectionLost("gone")))
+
+    def refuse_certificate(self, chain=()):
+        """End the connection as client TLS does when the node's certificate fails verification."""
+        self.protocol.connectionLost(Failure(CertificateRefused("certificate verify failed", chain)))
 
     def handshake(self, node=1, leader=1, resume_user=None):
         """Answer the client's hello (and resume) the way a healthy node would."""

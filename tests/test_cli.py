@@ -752,6 +752,16 @@ def test_shell_says_why_it_reconnects():
                      "Connection lost; reconnecting to another server..."]
 
 
+def test_the_prompt_says_when_tls_refused_the_servers_certificates_not_that_none_is_reachable():
+    from paxchat.client.api import Status
+    from paxchat.client.errors import UntrustedNodes
+    error = UntrustedNodes([("node 1 (127.0.0.1:7101)", "certificate not signed by the CA in certs/ca.pem", "")])
+    shell, lines = shell_with(StubClient({}))
+    shell.on_status(Status("failed", detail=str(error), error=error))
+    assert lines == ["TLS refused the servers' certificates (certificate not signed by the CA in"
+                     " certs/ca.pem); commands will try again."]
+
+
 def test_shell_says_when_servers_answer_but_too_few_to_agree():
     from paxchat.client.api import Status
     shell, lines = shell_with(StubClient({}))

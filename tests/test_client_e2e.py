@@ -31,8 +31,8 @@ peer = 127.0.0.1:{free_port()}
 
 
 @pytest.fixture
-def node(tmp_path):
-    """One real node (LocalLog or whatever node.py wires) on a free port, with TLS."""
+def node_service(tmp_path):
+    """One real node (LocalLog or whatever node.py wires) on a free port, with TLS: (config, service)."""
     try:
         from twisted.internet import reactor
         from paxchat import tls
@@ -44,9 +44,15 @@ def node(tmp_path):
     service = NodeService(config, 1, reactor)
     service.startService()
     try:
-        yield config
+        yield config, service
     finally:
         pytest_twisted.blockon(defer.maybeDeferred(service.stopService))
+
+
+@pytest.fixture
+def node(node_service):
+    """The config of one real node (``node_service``)."""
+    return node_service[0]
 
 
 def client_for(config, **kwargs):
@@ -170,6 +176,46 @@ def test_cli_without_the_clusters_ca_is_told_to_copy_it_not_to_make_one(tmp_path
                    " directory); copy the cluster's own ca.pem here from one of its nodes or its"
                    " operator (docs/deploy.md step 3): a client trusts only the CA that signed the"
                    " nodes' certificates"]
+
+
+def wrong_ca_config(node, tmp_path):
+    """A client's cluster.ini for ``node`` whose ca.pem is a valid CA, but another cluster's."""
+    from paxchat import tls
+    from paxchat.config import load
+    client_dir = tmp_path / "client"
+    client_dir.mkdir()
+    ini = client_dir / "cluster.ini"
+    ini.write_text(node.path.read_text())
+    config = load(ini)
+    tls.make_cluster_certs(config)                     # a CA (and node files) of its own
+    return config
+
+
+@pytest_twisted.inlineCallbacks
+def test_cli_with_another_clusters_ca_says_so_at_once_not_that_nodes_answer_nothing(node_service, tmp_path):
+    """The nodes answer over TLS with certificates the given ca.pem did not sign: one
+    line naming the file and the node, status 1, and no wait for the whole --timeout."""
+    from twisted.internet import reactor
+    node, service = node_service
+    config = wrong_ca_config(node, tmp_path)
+    out, err = [], []
+    con = cli.Console(out=out.append, err=err.append, ask=None, env={"PAXCHAT_PASSWORD": "x" * 8})
+    args = cli.build_parser().parse_args(
+        ["--config", str(config.path), "--no-session-cache", "--timeout", "30", "--user", "a", "read"])
+    started = reactor.seconds()
+    status = yield cli.run(reactor, args, con)
+    assert reactor.seconds() - started < 10            # one round over the nodes, not 30 s
+    assert status == 1 and out == []
+    address = node.nodes[1].client
+    [line] = err
+    assert line.startswith(f"paxchat: TLS refused the paxchat servers' certificates: node 1"
+                           f" ({address.host}:{address.port}): certificate not signed by the CA in"
+                           f" {config.ca_path} (it was issued by \"paxchat CA ")
+    assert f"copy the cluster's own ca.pem there" in line
+    assert "answer nothing" not in line and "client_tls" not in line
+    # The node has seen the client go: a node stopping under a handshake it never
+    # finished waits out its handshake timeout (10 s) for it.
+    yield wait_for(lambda: not service.factory.connections)
 
 
 @pytest_twisted.inlineCallbacks

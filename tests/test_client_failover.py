@@ -503,3 +503,57 @@ def test_a_call_timeout_with_no_node_reachable_says_so():
     reactor.advance(2)
     [failure] = got
     assert failure.check(Unreachable)
+
+
+# -- what a round over the nodes says ----------------------------------------------------
+
+def dial_each(reactor, nodes, *how):
+    """Take the client's next dials in turn, ``how[i](nodes)`` for the i-th (within one round)."""
+    for each in how:
+        reactor.advance(0)
+        each(nodes)
+
+
+def refused(nodes):
+    nodes.refuse()
+
+
+def untrusted(nodes):
+    nodes.accept().refuse_certificate()
+
+
+def test_certificates_refused_by_every_node_fail_the_call_at_once_naming_the_nodes():
+    """A wrong ca.pem refuses every node's certificate; waiting cannot mend that, so the
+    call fails after one round, not at the deadline, and does not say the nodes answer nothing."""
+    from paxchat.client.errors import UntrustedNodes
+    reactor, client, nodes, statuses, _ = make_client()
+    got = results(client.login("alice", "secret-pw"))
+    dial_each(reactor, nodes, untrusted, untrusted, untrusted)
+    [failure] = got
+    assert failure.check(UntrustedNodes) and not failure.check(ClosedUnanswered)
+    assert reactor.seconds() < POLICY.deadline
+    assert explain(failure.value) == (
+        "TLS refused the paxchat servers' certificates: node 1 (127.0.0.1:7101), node 2 (127.0.0.1:7102)"
+        " and node 3 (127.0.0.1:7103): certificate refused (certificate verify failed).")
+    assert statuses[-1].state == "failed" and isinstance(statuses[-1].error, UntrustedNodes)
+    assert len(reactor.tcpClients) == 3                    # one round, no more dials
+
+
+def test_a_node_whose_certificate_is_refused_is_passed_over_for_one_that_is_trusted():
+    reactor, client, nodes, statuses, _ = make_client()
+    got = results(client.connect())
+    dial_each(reactor, nodes, untrusted)
+    reactor.advance(0)
+    nodes.accept().handshake(node=2)
+    assert got and got[0]["node"] == 2
+    assert statuses[-1].state == "connected"
+
+
+def test_refused_certificates_with_the_other_nodes_down_give_up_at_the_round_end_too():
+    from paxchat.client.errors import UntrustedNodes
+    reactor, client, nodes, statuses, _ = make_client()
+    got = results(client.hello())
+    dial_each(reactor, nodes, refused, untrusted, refused)
+    [failure] = got
+    assert failure.check(UntrustedNodes)
+    assert [r[0] for r in failure.value.refusals] == ["node 2 (127.0.0.1:7102)"]

@@ -56,3 +56,17 @@ def test_jitter_stays_within_bounds():
         r = Rotation([1], policy, now=0, random=lambda: value)
         r.next_attempt(0)
         assert r.next_attempt(0)[1] in (1.0, 3.0)
+
+
+def test_a_round_is_over_once_every_node_had_its_attempt_and_the_next_starts_afresh():
+    from paxchat.client.failover import NOT_ACCEPTED, UNTRUSTED, Attempt
+    r = Rotation([1, 2, 3], POLICY, now=0, random=lambda: 0.0)
+    for node in (1, 2):
+        assert r.next_attempt(0)[0] == node
+        r.failed(Attempt(node, NOT_ACCEPTED, "connection refused"))
+        assert r.round_over() is None
+    assert r.next_attempt(0)[0] == 3
+    r.failed(Attempt(3, UNTRUSTED, "certificate refused"))
+    assert [(a.node_id, a.kind) for a in r.round_over()] == [(1, NOT_ACCEPTED), (2, NOT_ACCEPTED), (3, UNTRUSTED)]
+    assert r.next_attempt(0)[0] == 1
+    assert r.round_over() is None and r.outcomes == {}

@@ -1033,3 +1033,46 @@ def test_neighbour_walks_the_sidebar_and_stops_at_its_ends():
     assert model.neighbour(1) == "carol"
     model.open("bob")
     assert model.neighbour(-1) == "bob"
+
+
+def test_a_ca_pem_that_is_not_the_clusters_is_said_in_the_status_bar_and_at_login(tmp_path):
+    """Not "cannot reach any server": the servers answer, with certificates the app's
+    ca.pem did not sign; the bar names the file, a login the nodes and what to do."""
+    from paxchat import tls
+    from paxchat.client.api import PaxchatClient
+    from paxchat.client.targets import NodeTarget, targets_from_addresses
+    from twisted.internet.testing import MemoryReactorClock
+    from cryptography import x509
+    from .client_fakes import FakeNodes
+    from .test_client_failover import POLICY, PORTS
+    from .test_tls import make_config
+    ours, theirs = make_config(tmp_path / "ours"), make_config(tmp_path / "theirs")
+    tls.make_cluster_certs(ours)
+    tls.make_cluster_certs(theirs)
+    ca = tls.read_client_ca(ours.ca_path)
+    node_cert = x509.load_pem_x509_certificate(theirs.node_cert_path(1).read_bytes())
+    reactor = MemoryReactorClock()
+    plain = targets_from_addresses(reactor, {i: ("127.0.0.1", p) for i, p in PORTS.items()})
+    targets = [NodeTarget(t.node_id, t.endpoint, t.label, ca) for t in plain]
+    nodes = FakeNodes(reactor)
+    model = ChatModel()
+    ctl = ChatController(reactor, model, lambda on_event, on_status: PaxchatClient(
+        reactor, targets, on_event=on_event, on_status=on_status, policy=POLICY, random=lambda: 0.0))
+
+    def dial_round():
+        for _ in PORTS:
+            reactor.advance(0)
+            nodes.accept().refuse_certificate([node_cert])
+    ctl.start()
+    dial_round()
+    assert model.status == (f"Offline: TLS refused the servers' certificates (certificate not signed by"
+                            f" the CA in {ours.ca_path}). Retrying…")
+    assert model.status_level == "danger"
+    ctl.log_in("alice", "pw-123456")
+    dial_round()
+    assert model.error.startswith(
+        "TLS refused the paxchat servers' certificates: node 1 (127.0.0.1:7101), node 2 (127.0.0.1:7102)"
+        f" and node 3 (127.0.0.1:7103): certificate not signed by the CA in {ours.ca_path} (it was issued by")
+    assert f"copy the cluster's own ca.pem there" in model.error
+    assert model.screen == "login" and not model.busy
+    ctl.stop()

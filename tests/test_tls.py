@@ -374,3 +374,78 @@ def test_client_refuses_a_server_from_another_ca(cluster, other_cluster):
         assert not client.handshake.called and client.received == b""
     finally:
         yield port.stopListening()
+
+
+def chat_client_over(reactor, port, creator):
+    """A paxchat ChatClient over client TLS to ``port``; fires with (client, Deferred of its on_lost reason)."""
+    from paxchat.client.connection import ChatClient
+    lost = defer.Deferred()
+    client = ChatClient(on_lost=lambda reason: lost.callback([reason]))
+    endpoint = endpoints.wrapClientTLS(
+        creator, endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port, timeout=5))
+    return endpoints.connectProtocol(endpoint, client).addCallback(lambda _: (client, lost))
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_node_certificate_from_another_ca_is_told_apart_and_named(cluster, other_cluster):
+    """Twisted says only "certificate verify failed": the client keeps what the node
+    presented, and the CA it trusts says which CA signed it instead."""
+    from paxchat.client.errors import CertificateRefused, ConnectionDropped
+    reactor = reactor_()
+    port = yield serve(reactor, tls.client_server_context(other_cluster, 1), [])
+    try:
+        ca = tls.read_client_ca(cluster.ca_path)
+        client, lost = yield chat_client_over(reactor, port, ca.options("127.0.0.1"))
+        hello = client.request("hello")                 # held until the handshake, as the client does
+        [reason] = yield bounded(lost, reactor)
+        assert reason.check(CertificateRefused) and not reason.value.hostname
+        assert (yield hello.addErrback(lambda f: f.type)) is ConnectionDropped
+        [leaf] = reason.value.chain
+        assert leaf == x509.load_pem_x509_certificate(other_cluster.node_cert_path(1).read_bytes())
+        problem, detail, advice = ca.refusal(reason.value.chain, "127.0.0.1")
+        def ca_name(cfg):
+            ca = x509.load_pem_x509_certificate(cfg.ca_path.read_bytes())
+            return ca.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)[0].value
+        ours, theirs = ca_name(cluster), ca_name(other_cluster)
+        assert problem == f"certificate not signed by the CA in {cluster.ca_path}"
+        assert detail == f'it was issued by "{theirs}"; ca.pem holds "{ours}"'
+        assert advice.startswith(f"if {cluster.ca_path} is not this cluster's CA (copied from the wrong"
+                                 " place, or the cluster's certificates were remade since), copy")
+    finally:
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_node_certificate_for_another_address_is_told_apart(cluster):
+    from paxchat.client.errors import CertificateRefused
+    reactor = reactor_()
+    port = yield serve(reactor, tls.client_server_context(cluster, 1), [])
+    try:
+        ca = tls.read_client_ca(cluster.ca_path)
+        client, lost = yield chat_client_over(reactor, port, ca.options("pax9.example"))  # not its name
+        [reason] = yield bounded(lost, reactor)
+        assert reason.check(CertificateRefused) and reason.value.hostname
+        problem, detail, advice = ca.refusal(reason.value.chain, "pax9.example", hostname=True)
+        assert problem == "certificate not made for pax9.example"
+        assert detail == "it is for 127.0.0.1, paxchat-node-1"
+        assert "address in cluster.ini" in advice
+    finally:
+        yield port.stopListening()
+
+
+def test_an_expired_node_certificate_is_not_called_another_cas(tmp_path):
+    import datetime
+    from cryptography.hazmat.primitives import hashes, serialization
+    cfg = make_config(tmp_path)
+    tls.make_cluster_certs(cfg)
+    ca = tls.read_client_ca(cfg.ca_path)
+    ca_key = serialization.load_pem_private_key(cfg.ca_key_path.read_bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    long_ago = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+    expired = (x509.CertificateBuilder().subject_name(ca.certificate.subject)
+               .issuer_name(ca.certificate.subject).public_key(key.public_key()).serial_number(7)
+               .not_valid_before(long_ago).not_valid_after(long_ago + datetime.timedelta(days=365))
+               .sign(ca_key, hashes.SHA256()))
+    problem, _, advice = ca.refusal([expired], "127.0.0.1")
+    assert problem == "certificate expired on 2020-12-31"
+    assert "new certificate" in advice and "ca.pem" not in advice

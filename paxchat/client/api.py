@@ -16,7 +16,11 @@ when nodes answered but none could confirm with a majority: a node
 answering ``unavailable`` to ``resume`` is passed over like one that is
 down, and the status says why). A node that is
 stopping says so (``node_stopping``): the client leaves it at once, trying
-it last, as it would after a drop. A request too large for the server's
+it last, as it would after a drop. A node whose certificate TLS refuses
+is passed over like one that is down; when a whole round over the nodes
+finds only such nodes (and ones not accepting a connection), calls fail
+at once with ``UntrustedNodes``, naming them and the CA file, since a
+wrong ca.pem does not mend by waiting. A request too large for the server's
 line limit fails at once with ``RequestTooLarge`` and is never sent (the
 server would close the connection, and a resend would fail the same way).
 With a ``call_timeout`` in the policy, a call that has no final answer that
@@ -29,18 +33,19 @@ from __future__ import annotations
 
 import random as _random
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .connection import ChatClientFactory, check_size, encode_request
 from .errors import (
-    ClientError, ClosedUnanswered, ConnectionDropped, NoMajority, RequestTooLarge, ServerError,
-    TimedOut, Unreachable,
+    CertificateRefused, ClientError, ClosedUnanswered, ConnectionDropped, NoMajority, RequestTooLarge,
+    ServerError, TimedOut, Unreachable, UntrustedNodes,
 )
-from .failover import FailoverPolicy, Rotation
+from .failover import ANSWERED, NOT_ACCEPTED, UNTRUSTED, Attempt, FailoverPolicy, Rotation
 from .targets import NodeTarget, targets_from_addresses, targets_from_config
 
 __all__ = ["PaxchatClient", "Status", "RETRY_ON_UNAVAILABLE", "WRITE_OPS"]
@@ -69,6 +74,8 @@ class Status:
 
     ``no_majority``: nodes answer, but none could confirm anything with a
     majority (while reconnecting, and when it fails so).
+    ``error``: with ``failed``, what the calls waiting on a node fail
+    with (an ``Unreachable``), for a sentence that says why.
     """
 
     state: str
@@ -76,6 +83,7 @@ class Status:
     leader: int | None = None
     detail: str = ""
     no_majority: bool = False
+    error: Exception | None = field(default=None, compare=False)
 
 
 class _Request:
@@ -148,6 +156,7 @@ class PaxchatClient:
         self._leaving = ""  # why the client left its node on purpose, for the next status
         self._no_majority = False  # a node of the current rotation answered, without a majority
         self._closed_unanswered = False  # a node of the current rotation closed without a word
+        self._untrusted: dict[int, tuple] = {}  # nodes whose certificates TLS refused, this rotation
 
     # -- construction helpers -------------------------------------------------
 
@@ -165,13 +174,8 @@ class PaxchatClient:
         TLS: ``ca_path`` (the cluster CA; node certificates are checked against
         each host) or ``tls(host)`` returning a client connection creator.
         """
-        if ca_path is not None and tls is None:
-            from paxchat import tls as cluster_tls
-
-            def tls(host):
-                return cluster_tls.client_options_for_ca(ca_path, host)
         policy = kwargs.get("policy") or FailoverPolicy()
-        return cls(reactor, targets_from_addresses(reactor, addresses, tls=tls,
+        return cls(reactor, targets_from_addresses(reactor, addresses, tls=tls, ca_path=ca_path,
                                                    timeout=policy.connect_timeout), **kwargs)
 
     # -- the protocol's operations ---------------------------------------------
@@ -417,6 +421,7 @@ class PaxchatClient:
         now = self.reactor.seconds()
         self._no_majority = False
         self._closed_unanswered = False
+        self._untrusted = {}
         first = self.prefer_node if after is None else None
         self._rotation = Rotation(list(self.targets), self.policy, now, first=first, after=after,
                                   random=self._random)
@@ -447,7 +452,40 @@ class PaxchatClient:
 
     def _attempt_failed(self, failure, node_id):
         self.log.info("node {node} unreachable: {why}", node=node_id, why=failure.getErrorMessage())
+        self._attempt_ended(Attempt(node_id, NOT_ACCEPTED, failure.getErrorMessage()))
+
+    def _attempt_ended(self, attempt: Attempt):
+        """An attempt of the rotation found no usable node: judge the round if it is over, go on.
+
+        A round in which nodes were reached only to have TLS refuse their
+        certificates (the rest not accepting a connection) gives up at
+        once: a wrong ca.pem does not mend by waiting, and the user is
+        better told so now than after the whole deadline.
+        """
+        rotation = self._rotation
+        if rotation is None or self._closed:
+            return
+        rotation.failed(attempt)
+        outcomes = rotation.round_over()
+        if outcomes is not None:
+            kinds = {a.kind for a in outcomes}
+            if UNTRUSTED in kinds and kinds <= {UNTRUSTED, NOT_ACCEPTED}:
+                self._give_up()
+                return
         self._next_attempt()
+
+    def _certificate_refused(self, node_id, refused: CertificateRefused) -> Attempt:
+        """Keep why node ``node_id``'s certificate was refused, for the error that names it."""
+        target = self.targets[node_id]
+        if target.ca is not None:
+            host = target.label.rpartition(":")[0].strip("[]")
+            problem, detail, advice = target.ca.refusal(refused.chain, host, refused.hostname, refused.detail)
+        else:
+            problem, detail, advice = "certificate refused", refused.detail, ""
+        self.log.warn("node {node} at {where}: TLS refused its certificate ({problem})", node=node_id,
+                      where=target.label, problem=problem)
+        self._untrusted[node_id] = (f"node {node_id} ({target.label})", problem, detail, advice)
+        return Attempt(node_id, UNTRUSTED, problem)
 
     def _connected(self, proto, node_id):
         if self._closed:
@@ -581,16 +619,23 @@ class PaxchatClient:
                 d.callback(None)
             return
         self.log.info("connection to node {node} lost", node=lost_node)
-        if not proto.heard:
+        refused = reason.value if isinstance(reason, Failure) and reason.check(CertificateRefused) else None
+        if not proto.heard and refused is None:
             self._closed_unanswered = True
         if was_ready or self._rotation is None:
             # Starts with the node after the lost one, so the lost one comes last.
             self._start_rotation(after=lost_node)
+        elif refused is not None:
+            self._attempt_ended(self._certificate_refused(lost_node, refused))
         else:
-            self._next_attempt()
+            self._attempt_ended(Attempt(lost_node, ANSWERED))
 
     def _unreachable(self):
         tried = ", ".join(t.label for t in self.targets.values())
+        if self._untrusted:
+            refusals = [entry[:3] for entry in self._untrusted.values()]
+            advice = "; ".join(dict.fromkeys(entry[3] for entry in self._untrusted.values() if entry[3]))
+            return UntrustedNodes(refusals, advice)
         if self._no_majority:
             return NoMajority(f"servers answered, but none could confirm with a majority in time (tried {tried})")
         if self._closed_unanswered:
@@ -601,14 +646,15 @@ class PaxchatClient:
         self._rotation = None
         error = self._unreachable()
         self._set_status(Status("failed", None, self.leader, str(error),
-                                no_majority=isinstance(error, NoMajority)))
+                                no_majority=isinstance(error, NoMajority), error=error))
         outstanding, self._outstanding = self._outstanding, []
         for req in outstanding:
             self._stop_timers(req)
-            req.deferred.errback(type(error)(str(error)))
+            req.deferred.errback(self._unreachable())
         self._fail_connect_waiters(error)
 
     def _fail_connect_waiters(self, error):
         waiters, self._connect_waiters = self._connect_waiters, []
         for d in waiters:
             d.errback(error)
+

@@ -15,12 +15,13 @@ from typing import Callable
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.protocols.basic import LineOnlyReceiver
 
 from paxchat.limits import MAX_LINE_BYTES
 from paxchat.tcp import CLIENT_KEEPALIVE, keep_alive, no_delay
 
-from .errors import ConnectionDropped, RequestTooLarge, ServerError
+from .errors import CertificateRefused, ConnectionDropped, RequestTooLarge, ServerError
 
 __all__ = ["ChatClient", "ChatClientFactory", "check_size", "encode_request"]
 
@@ -170,8 +171,46 @@ class ChatClient(LineOnlyReceiver):
         self._sizes = {}
         for d in pending.values():
             d.errback(ConnectionDropped("the connection closed before the answer came"))
+        refused = certificate_refused(reason, self.transport)
+        if refused is not None:
+            reason = Failure(refused)
         if self.on_lost is not None:
             self.on_lost(reason)
+
+
+def certificate_refused(reason, transport) -> CertificateRefused | None:
+    """A CertificateRefused if TLS verification of the node's certificate ended the connection.
+
+    Twisted reports it as an OpenSSL "certificate verify failed" (or a
+    service_identity VerificationError for a certificate made for another
+    address), which says nothing of which certificate: the chain the node
+    presented is taken from the TLS connection, still there while the
+    protocol hears of the loss, so the failover can say what is wrong with it.
+    """
+    if reason is None or not isinstance(reason, Failure):
+        return None
+    error = reason.value
+    kind = f"{type(error).__module__}.{type(error).__name__}"
+    if kind.startswith("service_identity.") and kind.endswith("VerificationError"):
+        hostname = True
+    elif kind.startswith("OpenSSL.") and "certificate verify failed" in str(error):
+        hostname = False
+    else:
+        return None
+    detail = "the certificate is not for this address" if hostname else "certificate verify failed"
+    return CertificateRefused(detail, _peer_chain(transport), hostname=hostname)
+
+
+def _peer_chain(transport) -> list:
+    """The certificates the node presented, as ``cryptography`` objects; [] where they cannot be had."""
+    try:
+        handle = transport.getHandle()
+        try:
+            return list(handle.get_peer_cert_chain(as_cryptography=True) or [])
+        except TypeError:               # pyOpenSSL before 24.3
+            return [c.to_cryptography() for c in handle.get_peer_cert_chain() or []]
+    except Exception:
+        return []
 
 
 def _error_code(message):

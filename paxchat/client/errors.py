@@ -8,8 +8,8 @@ look like one.
 
 from __future__ import annotations
 
-__all__ = ["ClientError", "ClosedUnanswered", "ConnectionDropped", "NoMajority", "RequestTooLarge",
-           "ServerError", "TimedOut", "Unreachable"]
+__all__ = ["CertificateRefused", "ClientError", "ClosedUnanswered", "ConnectionDropped", "NoMajority",
+           "RequestTooLarge", "ServerError", "TimedOut", "Unreachable", "UntrustedNodes"]
 
 
 class ClientError(Exception):
@@ -55,6 +55,56 @@ class ClosedUnanswered(Unreachable):
     so the message names them all instead of sending the user to check
     that a cluster is running that evidently is.
     """
+
+
+class CertificateRefused(ClientError):
+    """TLS verification refused one node's certificate (why one connection ended).
+
+    ``chain``: the certificates the node presented (``cryptography``
+    objects, leaf first), so the refusal can be explained against the CA
+    the client trusts; ``hostname``: the certificate was signed by that CA
+    but is not made for the address connected to. ``detail`` is what TLS said.
+    """
+
+    def __init__(self, detail: str, chain=(), hostname: bool = False):
+        super().__init__(detail)
+        self.detail = detail
+        self.chain = tuple(chain)
+        self.hostname = hostname
+
+
+class UntrustedNodes(Unreachable):
+    """Nodes were reached, but TLS refused their certificates, and no node could be used.
+
+    A wrong ``ca.pem`` on the client (copied from elsewhere, or left over
+    from before the cluster's certificates were remade) looks so to every
+    node at once; retrying cannot mend it, so the client gives up on it
+    after one round over the nodes instead of waiting out its deadline.
+    ``refusals``: (where, problem, detail) per node, e.g. ("node 1
+    (127.0.0.1:7101)", "certificate not signed by the CA in certs/ca.pem",
+    "issued by ...").
+    """
+
+    def __init__(self, refusals, advice: str = ""):
+        self.refusals = tuple(refusals)
+        self.advice = advice
+        super().__init__(self.summary())
+
+    def summary(self) -> str:
+        """Which nodes, and what is wrong with their certificates, nodes with the same fault together."""
+        groups: dict = {}
+        for where, problem, detail in self.refusals:
+            groups.setdefault((problem, detail), []).append(where)
+        parts = []
+        for (problem, detail), places in groups.items():
+            names = places[0] if len(places) == 1 else ", ".join(places[:-1]) + " and " + places[-1]
+            parts.append(f"{names}: {problem}" + (f" ({detail})" if detail else ""))
+        return "; ".join(parts)
+
+    @property
+    def problem(self) -> str:
+        """The first node's fault alone, short enough for a status bar."""
+        return self.refusals[0][1] if self.refusals else "certificate refused"
 
 
 class RequestTooLarge(ClientError):

@@ -12,7 +12,9 @@ from twisted.python.failure import Failure
 
 from paxchat.limits import MAX_BODY_CHARS, MAX_LINE_BYTES
 
-from .errors import ClientError, ClosedUnanswered, ConnectionDropped, NoMajority, ServerError, Unreachable
+from .errors import (
+    ClientError, ClosedUnanswered, ConnectionDropped, NoMajority, ServerError, Unreachable, UntrustedNodes,
+)
 
 __all__ = ["ERROR_SENTENCES", "explain"]
 
@@ -46,6 +48,9 @@ def explain(reason) -> str:
         if exc.code in ("invalid_request", "internal") and exc.message not in ("", exc.code):
             return f"{sentence} ({exc.message})"
         return sentence
+    if isinstance(exc, UntrustedNodes):
+        advice = f" To fix it: {exc.advice}." if exc.advice else ""
+        return f"TLS refused the paxchat servers' certificates: {exc.summary()}.{advice}"
     if isinstance(exc, NoMajority):
         return ("Some servers answer, but too few of them are up to agree on anything (no majority)."
                 " Try again once more of them are back.")

@@ -6,6 +6,12 @@ Each full round that fails waits a little longer (exponential backoff with a
 cap and some jitter, so many clients do not stampede a recovering cluster),
 and after ``deadline`` seconds without a node the client gives up. Kept apart
 from the sockets so the policy is tested by itself.
+
+A rotation also keeps how each attempt of the current round ended
+(``failed``), so that once a round is over (``round_over``) the client can
+tell "every node refused the connection" (a stopped cluster: say so, and go
+on waiting) from "every node presented a certificate TLS refused" (a wrong
+ca.pem: waiting cannot mend it).
 """
 
 from __future__ import annotations
@@ -14,7 +20,12 @@ import random as _random
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-__all__ = ["FailoverPolicy", "Rotation"]
+__all__ = ["Attempt", "FailoverPolicy", "Rotation"]
+
+# How an attempt on a node ended, for the round's verdict.
+NOT_ACCEPTED = "not_accepted"   # no connection: refused, no route, no answer to connect
+UNTRUSTED = "untrusted"         # connected, but TLS refused the node's certificate
+ANSWERED = "answered"           # connected; lost, left or unusable after that
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,16 @@ class FailoverPolicy:
     unavailable_window: float = 30.0  # keep retrying `unavailable` answers this long
     unavailable_delay: float = 0.5    # pause before retrying an `unavailable` answer
     call_timeout: float | None = None  # a call with no final answer this long after it was made fails
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """How one attempt of a round ended: ``kind`` (NOT_ACCEPTED, UNTRUSTED,
+    ANSWERED) and ``why``, a few words for the user."""
+
+    node_id: int
+    kind: str
+    why: str = ""
 
 
 class Rotation:
@@ -66,6 +87,19 @@ class Rotation:
         self._random = random
         self._attempts = 0
         self._delay = policy.initial_delay
+        self.outcomes: dict[int, Attempt] = {}   # this round's, by node
+
+    def failed(self, attempt: Attempt):
+        """The attempt just made ended so (the round's verdicts read these)."""
+        self.outcomes[attempt.node_id] = attempt
+
+    def round_over(self) -> list[Attempt] | None:
+        """Every node's attempt in the round just ended, in order; None in mid-round."""
+        if self._attempts == 0 or self._attempts % len(self.order):
+            return None
+        if any(node not in self.outcomes for node in self.order):
+            return None
+        return [self.outcomes[node] for node in self.order]
 
     def expired(self, now: float) -> bool:
         """True once the deadline for finding a node has passed."""
@@ -77,6 +111,8 @@ class Rotation:
             return None
         index = self._attempts % len(self.order)
         delay = 0.0
+        if index == 0:
+            self.outcomes = {}                   # a new round
         if self._attempts and index == 0:
             delay = self._delay
             self._delay = min(self._delay * self.policy.factor, self.policy.max_delay)

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from .errors import UntrustedNodes
 from .explain import explain
 
 __all__ = ["ChatModel", "Conversation", "Coalescer", "status_text", "status_level", "PAGE_SIZE"]
@@ -41,6 +42,9 @@ def status_text(status) -> str:
     if status.state == "connecting":
         return f"Connecting ({status.detail})…" if status.detail else "Connecting…"
     if status.state == "failed":
+        if isinstance(status.error, UntrustedNodes):
+            # Not "cannot reach": the servers answer, with certificates the app's ca.pem does not sign.
+            return f"Offline: TLS refused the servers' certificates ({status.error.problem}). Retrying…"
         if status.no_majority:
             return "Offline: servers answer, but too few are up to agree. Retrying…"
         return "Offline: cannot reach any server. Retrying…"

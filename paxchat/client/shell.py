@@ -22,7 +22,7 @@ from paxchat.limits import MAX_BODY_CHARS
 from .checks import check_limit, check_password, check_pattern, check_username
 from .cli_format import (HELP, HISTORY_LIMIT, READ_LIMIT, format_accounts, format_history, format_message,
                          format_read, format_settings, sent, visible)
-from .errors import ClientError
+from .errors import ClientError, UntrustedNodes
 from .explain import explain
 
 __all__ = ["MAX_INPUT_LINE", "Shell", "ShellProtocol"]
@@ -119,6 +119,9 @@ class Shell:
             self.note(f"Connected to node {status.node}.")
         elif status.state == "failed" and status.no_majority:
             self.note("Too few servers are up to agree on anything; commands will try again.")
+        elif status.state == "failed" and isinstance(status.error, UntrustedNodes):
+            self.note(f"TLS refused the servers' certificates ({status.error.problem});"
+                      " commands will try again.")
         elif status.state == "failed":
             self.note("Cannot reach any server; commands will try again.")
 
