@@ -401,7 +401,7 @@ def test_a_message_too_large_once_encoded_is_one_clear_line_and_status_1(monkeyp
             return defer.succeed(None)
     client = Client({"login": {"session": "t"}})
     monkeypatch.setattr(cli, "_load_config", lambda path: None)
-    monkeypatch.setattr(cli, "make_client", lambda reactor, config, args: client)
+    monkeypatch.setattr(cli, "make_client", lambda reactor, config, args, **kw: client)
     con, out, err, _ = console(env={"PAXCHAT_PASSWORD": "pw-123456"})
     status = []
     cli.run(None, parse("--user", "alice", "--no-session-cache", "send", "bob", "🎉" * 16384),
@@ -415,7 +415,7 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(monkeypatch):
     """``paxchat ... history | head``: no word on stderr once head has what it wants."""
     client = StubClient({"history": {"messages": [MSG], "more": False}})
     monkeypatch.setattr(cli, "_load_config", lambda path: None)
-    monkeypatch.setattr(cli, "make_client", lambda reactor, config, args: client)
+    monkeypatch.setattr(cli, "make_client", lambda reactor, config, args, **kw: client)
 
     def closed_pipe(text):
         raise BrokenPipeError(32, "Broken pipe")
@@ -752,6 +752,26 @@ def test_shell_says_why_it_reconnects():
                      "Connection lost; reconnecting to another server..."]
 
 
+def test_when_no_node_accepts_a_connection_the_prompt_and_a_one_shot_command_say_so_once():
+    """Else a command sits silent for its whole --timeout while the client waits on."""
+    from paxchat.client.api import Status
+    status = Status("connecting", detail="no server is accepting connections",
+                    not_accepted=(("127.0.0.1:7101", "connection refused"), ("127.0.0.1:7102", "no answer"),
+                                  ("127.0.0.1:7103", "connection refused")), retry_for=14.98)
+    shell, lines = shell_with(StubClient({}))
+    shell.on_status(status)
+    assert lines == ["No server is accepting connections (127.0.0.1:7101, 127.0.0.1:7103: connection refused;"
+                     " 127.0.0.1:7102: no answer); still trying for up to 15 s."]
+    con, out, err, _ = console()
+    notice = cli._waiting_notice(con)
+    notice(Status("connecting"))
+    notice(status)
+    notice(Status("reconnecting"))
+    notice(status)                                  # a later campaign: said once per command
+    assert out == [] and err == ["paxchat: no server is accepting connections (127.0.0.1:7101, 127.0.0.1:7103:"
+                                 " connection refused; 127.0.0.1:7102: no answer); still trying for up to 15 s."]
+
+
 def test_the_prompt_says_when_tls_refused_the_servers_certificates_not_that_none_is_reachable():
     from paxchat.client.api import Status
     from paxchat.client.errors import UntrustedNodes
@@ -1026,7 +1046,7 @@ def test_ctrl_c_during_a_one_shot_command_gives_it_up_with_status_130(monkeypatc
         def close(self):
             return defer.succeed(None)
     monkeypatch.setattr(cli, "_load_config", lambda path: None)
-    monkeypatch.setattr(cli, "make_client", lambda reactor, config, args: Client({"login": {"session": "t"}}))
+    monkeypatch.setattr(cli, "make_client", lambda reactor, config, args, **kw: Client({"login": {"session": "t"}}))
     reactor = MemoryReactorClock()
     con, out, err, _ = console(env={"PAXCHAT_PASSWORD": "pw-123456"})
     status = []

@@ -142,7 +142,12 @@ def test_cli_reports_a_refused_connection(tmp_path):
         ["--config", str(config.path), "--no-session-cache", "--timeout", "0.5", "--user", "a", "read"])
     status = yield cli.run(reactor, args, con)
     assert status == 1
-    assert err[0].startswith("paxchat: Cannot reach any paxchat server (tried 127.0.0.1:")
+    # Once the first round found every node refusing: it says so, then waits on until --timeout.
+    address = config.nodes[1].client
+    assert err[0] == (f"paxchat: no server is accepting connections ({address.host}:{address.port}:"
+                      " connection refused); still trying for up to 0.5 s.")
+    assert err[1].startswith("paxchat: Cannot reach any paxchat server (tried 127.0.0.1:")
+    assert len(err) == 2
 
 
 @pytest_twisted.inlineCallbacks

@@ -557,3 +557,37 @@ def test_refused_certificates_with_the_other_nodes_down_give_up_at_the_round_end
     [failure] = got
     assert failure.check(UntrustedNodes)
     assert [r[0] for r in failure.value.refusals] == ["node 2 (127.0.0.1:7102)"]
+
+
+def test_every_node_refusing_is_said_once_after_the_first_round_and_the_client_waits_on():
+    """A stopped cluster: the client says so once (a command would sit silent for its
+    whole timeout), and keeps trying until the deadline (nodes restart)."""
+    reactor, client, nodes, statuses, _ = make_client()
+    got = results(client.hello())
+    dial_each(reactor, nodes, refused, refused)
+    assert not [s for s in statuses if s.not_accepted]     # not in mid-round
+    dial_each(reactor, nodes, refused)
+    said = [s for s in statuses if s.not_accepted]
+    assert said == [statuses[-1]] and said[0].state == "connecting"
+    assert said[0].not_accepted == (("127.0.0.1:7101", "connection refused"),
+                                    ("127.0.0.1:7102", "connection refused"),
+                                    ("127.0.0.1:7103", "connection refused"))
+    assert said[0].retry_for == POLICY.deadline
+    assert got == []
+    until_answered(reactor, nodes, got, nodes.refuse)
+    assert [s for s in statuses if s.not_accepted] == said  # once, not once per round
+    assert got[0].check(Unreachable) and reactor.seconds() >= POLICY.deadline
+
+
+def test_no_node_accepting_is_not_said_when_a_node_answers():
+    reactor, client, nodes, statuses, _ = make_client()
+    got = results(client.hello())
+
+    def some_answer():
+        if nodes.pending_ports()[0] == 7103:
+            nodes.accept().drop()                              # it took the connection
+        else:
+            nodes.refuse()
+    until_answered(reactor, nodes, got, some_answer)
+    assert got[0].check(ClosedUnanswered)
+    assert not [s for s in statuses if s.not_accepted]

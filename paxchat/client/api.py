@@ -20,7 +20,9 @@ it last, as it would after a drop. A node whose certificate TLS refuses
 is passed over like one that is down; when a whole round over the nodes
 finds only such nodes (and ones not accepting a connection), calls fail
 at once with ``UntrustedNodes``, naming them and the CA file, since a
-wrong ca.pem does not mend by waiting. A request too large for the server's
+wrong ca.pem does not mend by waiting. A round in which no node accepts
+a connection at all is said once (``Status.not_accepted``) while the
+client waits on. A request too large for the server's
 line limit fails at once with ``RequestTooLarge`` and is never sent (the
 server would close the connection, and a resend would fail the same way).
 With a ``call_timeout`` in the policy, a call that has no final answer that
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from twisted.internet import defer
+from twisted.internet import error as net_error
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -74,6 +77,10 @@ class Status:
 
     ``no_majority``: nodes answer, but none could confirm anything with a
     majority (while reconnecting, and when it fails so).
+    ``not_accepted``: a whole round over the nodes found none accepting a
+    connection (a stopped cluster, or one restarting); (address, why) for
+    each node, said once per campaign, with ``retry_for``, the seconds
+    the client goes on trying before it gives up.
     ``error``: with ``failed``, what the calls waiting on a node fail
     with (an ``Unreachable``), for a sentence that says why.
     """
@@ -83,6 +90,8 @@ class Status:
     leader: int | None = None
     detail: str = ""
     no_majority: bool = False
+    not_accepted: tuple = ()
+    retry_for: float | None = None
     error: Exception | None = field(default=None, compare=False)
 
 
@@ -157,6 +166,7 @@ class PaxchatClient:
         self._no_majority = False  # a node of the current rotation answered, without a majority
         self._closed_unanswered = False  # a node of the current rotation closed without a word
         self._untrusted: dict[int, tuple] = {}  # nodes whose certificates TLS refused, this rotation
+        self._said_not_accepted = False  # this rotation said that no node accepts connections
 
     # -- construction helpers -------------------------------------------------
 
@@ -422,6 +432,7 @@ class PaxchatClient:
         self._no_majority = False
         self._closed_unanswered = False
         self._untrusted = {}
+        self._said_not_accepted = False
         first = self.prefer_node if after is None else None
         self._rotation = Rotation(list(self.targets), self.policy, now, first=first, after=after,
                                   random=self._random)
@@ -452,7 +463,7 @@ class PaxchatClient:
 
     def _attempt_failed(self, failure, node_id):
         self.log.info("node {node} unreachable: {why}", node=node_id, why=failure.getErrorMessage())
-        self._attempt_ended(Attempt(node_id, NOT_ACCEPTED, failure.getErrorMessage()))
+        self._attempt_ended(Attempt(node_id, NOT_ACCEPTED, _not_accepted(failure)))
 
     def _attempt_ended(self, attempt: Attempt):
         """An attempt of the rotation found no usable node: judge the round if it is over, go on.
@@ -460,7 +471,9 @@ class PaxchatClient:
         A round in which nodes were reached only to have TLS refuse their
         certificates (the rest not accepting a connection) gives up at
         once: a wrong ca.pem does not mend by waiting, and the user is
-        better told so now than after the whole deadline.
+        better told so now than after the whole deadline. A round in which
+        no node accepted a connection says so once (``Status.not_accepted``)
+        and waits on, since nodes restart.
         """
         rotation = self._rotation
         if rotation is None or self._closed:
@@ -472,6 +485,14 @@ class PaxchatClient:
             if UNTRUSTED in kinds and kinds <= {UNTRUSTED, NOT_ACCEPTED}:
                 self._give_up()
                 return
+            if kinds == {NOT_ACCEPTED} and not self._said_not_accepted:
+                self._said_not_accepted = True
+                left = rotation.started + self.policy.deadline - self.reactor.seconds()
+                self._set_status(Status(
+                    "reconnecting" if self._ever_connected else "connecting", None, self.leader,
+                    "no server is accepting connections",
+                    not_accepted=tuple((self.targets[a.node_id].label, a.why) for a in outcomes),
+                    retry_for=max(0.0, left)))
         self._next_attempt()
 
     def _certificate_refused(self, node_id, refused: CertificateRefused) -> Attempt:
@@ -658,3 +679,15 @@ class PaxchatClient:
         for d in waiters:
             d.errback(error)
 
+
+def _not_accepted(failure) -> str:
+    """A few words for why a connection attempt failed, for the line that says no node accepts one."""
+    if failure.check(net_error.ConnectionRefusedError):
+        return "connection refused"
+    if failure.check(net_error.TimeoutError, net_error.ConnectingCancelledError, defer.TimeoutError):
+        return "no answer"
+    if failure.check(net_error.NoRouteError):
+        return "no route to host"
+    if failure.check(net_error.DNSLookupError):
+        return "host name not found"
+    return failure.getErrorMessage() or failure.type.__name__

@@ -8,7 +8,9 @@
     paxchat --config cluster.ini --user alice settings [--read-receipts on|off]
 
 Every failure is one line on stderr (exit status 1; 2 for usage and config
-mistakes; 130 for a command interrupted by Ctrl-C), never a traceback.
+mistakes; 130 for a command interrupted by Ctrl-C), never a traceback. A
+command that finds no node accepting connections says so on stderr once,
+and waits on until its --timeout (nodes restart).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from paxchat import closedpipe
 
 from .checks import check_body, check_limit, check_password, check_pattern, check_username
 from .cli_format import (
-    HISTORY_LIMIT, READ_LIMIT, format_accounts, format_history, format_read, format_settings, older_hint, sent,
+    HISTORY_LIMIT, READ_LIMIT, format_accounts, format_history, format_read, format_settings, not_accepting,
+    older_hint, sent,
 )
 from .credentials import NoPassword, SessionCache, ask_without_echo, get_password
 from .errors import ServerError
@@ -313,6 +316,18 @@ def make_client(reactor, config, args, **kwargs):
         raise CommandFailed(f"cannot set up TLS: {e}", EXIT_USAGE) from None
 
 
+def _waiting_notice(console):
+    """An ``on_status`` that says once, on stderr, that no node accepts connections and the
+    command waits on: else it would sit silent for its whole --timeout."""
+    said = []
+
+    def on_status(status):
+        if status.not_accepted and not said:
+            said.append(status)
+            console.err(f"paxchat: {not_accepting(status)}.")
+    return on_status
+
+
 @defer.inlineCallbacks
 def run(reactor, args, console: Console | None = None):
     """Everything main() does once arguments are parsed; fires with the exit status."""
@@ -325,7 +340,7 @@ def run(reactor, args, console: Console | None = None):
             from .interactive import run_interactive
             status = yield run_interactive(reactor, config, args, console)
             return status
-        client = make_client(reactor, config, args)
+        client = make_client(reactor, config, args, on_status=_waiting_notice(console))
         yield run_command(client, args, console, cache)
         return EXIT_OK
     except CommandFailed as e:

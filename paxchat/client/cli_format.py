@@ -13,7 +13,7 @@ import time
 from typing import Callable, Iterable
 
 __all__ = ["format_message", "format_messages", "format_accounts", "format_time", "visible", "HELP",
-           "HISTORY_LIMIT", "READ_LIMIT", "older_hint", "sent"]
+           "HISTORY_LIMIT", "READ_LIMIT", "not_accepting", "older_hint", "sent"]
 
 # How many messages `read` and `history` show by default, one-shot and at the prompt.
 READ_LIMIT = 10
@@ -139,6 +139,25 @@ def format_settings(result: dict) -> str:
 def sent(result: dict, to: str) -> str:
     """What a send says, one-shot and at the prompt."""
     return f"Sent #{result.get('message_id')} to {to}."
+
+
+def not_accepting(status) -> str:
+    """The line for a ``Status`` whose round found no node accepting a connection.
+
+    Said once, while the client waits on (the nodes of a cluster restarting
+    under systemd come back), so that a command does not sit silent for its
+    whole --timeout: the addresses grouped by what each said, and how long
+    it keeps trying.
+    """
+    groups: dict[str, list[str]] = {}
+    for label, why in status.not_accepted:
+        groups.setdefault(why, []).append(label)
+    listed = "; ".join(f"{', '.join(labels)}: {why}" for why, labels in groups.items())
+    wait = ""
+    if status.retry_for is not None:
+        left = round(status.retry_for) if status.retry_for >= 1 else round(status.retry_for, 1)
+        wait = f" for up to {left:g} s"
+    return f"no server is accepting connections ({listed}); still trying{wait}"
 
 
 HELP = f"""\

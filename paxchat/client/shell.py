@@ -21,7 +21,7 @@ from paxchat.limits import MAX_BODY_CHARS
 
 from .checks import check_limit, check_password, check_pattern, check_username
 from .cli_format import (HELP, HISTORY_LIMIT, READ_LIMIT, format_accounts, format_history, format_message,
-                         format_read, format_settings, sent, visible)
+                         format_read, format_settings, not_accepting, sent, visible)
 from .errors import ClientError, UntrustedNodes
 from .explain import explain
 
@@ -107,7 +107,10 @@ class Shell:
             self.note(f"Your session ended ({reason}); log in again.")
 
     def on_status(self, status):
-        if status.state == "failed" and self.starting:
+        if status.not_accepted:
+            text = not_accepting(status)
+            self.note(f"{text[0].upper()}{text[1:]}.")
+        elif status.state == "failed" and self.starting:
             pass                           # the start-up login says why, and the program ends
         elif status.state == "reconnecting" and status.no_majority:
             self.note(f"Servers answer, but too few are up to agree ({status.detail});"
