@@ -7,7 +7,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from .test_client_e2e import client_for, node, wait_for  # noqa: F401  (node is a fixture)
+from .test_client_e2e import client_for, node, node_service, wait_for  # noqa: F401  (node and node_service are fixtures)
 from .test_gui_model import msg
 
 pytestmark = pytest.mark.skipif(shutil.which("Xvfb") is None, reason="Xvfb is not installed (apt-get install xvfb)")
