@@ -299,6 +299,12 @@ class TLSServer(tcp.Server):
     def loseConnection(self):
         if not self._handshaken and self._early and self.connected:
             self._lose_after_handshake = True
+            # What was written waits for the handshake, which goes on though
+            # the protocol paused reading (a stopping node pauses every
+            # connection before it says so): else the close would wait for
+            # the handshake timeout. No data reaches the protocol: closing,
+            # the connection stops reading once the handshake is done.
+            self.startReading()
             return
         super().loseConnection()
 
