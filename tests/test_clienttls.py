@@ -220,29 +220,18 @@ def test_server_close_sends_close_notify_after_what_was_written(cluster, serve):
     assert isinstance(client.lost.value, ConnectionDone)   # a clean TLS close, not a truncation
 
 
+@pytest.mark.parametrize("paused", [False, True], ids=["reading", "paused"])
 @pytest_twisted.inlineCallbacks
-def test_close_before_the_handshake_still_sends_early_writes(cluster, serve):
+def test_close_before_the_handshake_still_sends_early_writes(cluster, serve, paused):
+    # A stopping node pauses every connection, then writes node_stopping and
+    # closes: one still in its handshake must finish it all the same (the
+    # handshake timeout's clock never moves here) and get what was written.
     def greet_and_go(app):
+        if paused:
+            app.transport.pauseProducing()
         app.transport.write(b"node is stopping\n")
         app.transport.loseConnection()
     served = serve(lambda: App(on_connect=greet_and_go))
-    client = App()
-    yield dial(cluster, served, client)
-    yield client.until(lambda app: app.lost is not None)
-    assert client.received == b"node is stopping\n"
-    yield served.apps[-1].until(lambda app: app.lost is not None)
-
-
-@pytest_twisted.inlineCallbacks
-def test_close_before_the_handshake_of_a_paused_connection_still_finishes_it(cluster, serve):
-    # A stopping node pauses every connection, then writes node_stopping and
-    # closes: one still in its handshake must finish it (the handshake
-    # timeout's clock never moves here) and get what was written.
-    def pause_greet_and_go(app):
-        app.transport.pauseProducing()
-        app.transport.write(b"node is stopping\n")
-        app.transport.loseConnection()
-    served = serve(lambda: App(on_connect=pause_greet_and_go))
     client = App()
     yield dial(cluster, served, client)
     yield client.until(lambda app: app.lost is not None)
