@@ -76,6 +76,7 @@ class NodeService(service.MultiService):
         self._lineage_kept = defer.succeed(True)   # the lineage a rebuilding node took is on disk
         self._peers_to_write = None        # peer identities waiting to go to disk
         self._writing_peers = False
+        self._stopping_for_fatal = False   # fatal() has said why the node stops
         # Fires once what a failed start opened is closed (the close is not
         # instant: the log's files close on their own thread).
         self.closing = defer.succeed(None)
@@ -93,6 +94,7 @@ class NodeService(service.MultiService):
             # Two logs on one directory would write over each other.
             raise RuntimeError(f"node {self.node_id} is still closing what its last start opened")
         service.Service.startService(self)
+        self._stopping_for_fatal = False
         try:
             self.config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.data_dir.mkdir(mode=0o700, exist_ok=True)
@@ -347,12 +349,17 @@ class NodeService(service.MultiService):
         """The node cannot go on (its storage failed): end the process with status 1.
 
         Services stop first (the state is closed cleanly); then the process
-        exits non-zero so a supervisor notices and an operator looks.
+        exits non-zero so a supervisor notices and an operator looks. This is
+        the one line that says why (the replicated log and its store leave
+        it to the node); what fails after it comes of it and is not said.
+        A failure during a planned stop is said too; that stop goes on.
         """
-        if not self.running or getattr(self, "_stopping_for_fatal", False):
-            return  # already stopping (or stopped): nothing more to end
-        log.critical("paxchat node {node_id} is stopping: {why}", node_id=self.node_id, why=why)
+        if self._stopping_for_fatal:
+            return  # said already
         self._stopping_for_fatal = True
+        log.critical("paxchat node {node_id} is stopping: {why}", node_id=self.node_id, why=why)
+        if not self.running:
+            return  # a planned stop is under way: it ends the process
 
         def exit_failed():
             sys.stdout.flush()

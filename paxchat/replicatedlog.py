@@ -370,11 +370,16 @@ class ReplicatedLog:
             yield self.store.close()
 
     def _fatal(self, why, error=None):
-        """Storage (or state) failed us: stop answering, stop the node."""
+        """Storage (or state) failed us: stop answering, stop the node.
+
+        An ``on_fatal`` owner (the node) says why as it stops; said here too,
+        it would be the same words twice in the journal.
+        """
         if self.failed is not None:
             return
         self.failed = why
-        log.critical("node {node} stops: {why}", node=self.node_id, why=why)
+        if self._on_fatal is None:
+            log.critical("node {node} stops: {why}", node=self.node_id, why=why)
         if self.ticker.running:
             self.ticker.stopService()
         self._fail_waiting(why)

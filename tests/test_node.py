@@ -1,11 +1,15 @@
 """NodeService: one node's state, worker, log and client listener, on the real reactor."""
 
+import errno
+import os
+import sqlite3
 import stat
 
 import pytest
 import pytest_twisted
 from twisted.application.service import IService, Service
 from twisted.internet import defer, error, protocol
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from paxchat import config as configmod
 from paxchat import tls
@@ -190,6 +194,73 @@ def test_a_node_on_a_full_disk_does_not_start(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "statvfs", disk_with(1 << 20))      # space freed: it starts
     node.startService()
     yield node.stopService()
+
+
+class _ReactorKeptRunning:
+    """The real reactor, except that a node's fatal stop is noted instead of done:
+    it would stop the tests' reactor and end the process (``NodeService.fatal``)."""
+
+    running = True
+
+    def __init__(self, reactor):
+        self._reactor = reactor
+        self.stopped = defer.Deferred()
+
+    def __getattr__(self, name):
+        return getattr(self._reactor, name)
+
+    def addSystemEventTrigger(self, phase, event, fn, *args, **kwargs):
+        if (phase, event) == ("after", "shutdown"):
+            return None           # the node's exit with status 1: not in the tests' process
+        return self._reactor.addSystemEventTrigger(phase, event, fn, *args, **kwargs)
+
+    def stop(self):
+        self.stopped.callback(None)
+
+
+def _disk_full_in_the_log(node):
+    def write(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    node.log.store._files._write = write
+
+
+def _disk_full_in_the_state(node):
+    def create_account(command):
+        raise sqlite3.OperationalError("database or disk is full")
+    node.state._handlers["create_account"] = create_account
+
+
+@pytest.mark.parametrize("fill, said", [
+    (_disk_full_in_the_log, "paxchat node 1 is stopping: the Paxos log cannot be written:"
+                            " {data}/paxos: the disk is full"),
+    (_disk_full_in_the_state, "paxchat node 1 is stopping: the state could not apply the log:"
+                              " state database {data}/state.sqlite3: database or disk is full"),
+], ids=["paxos-log", "state"])
+@pytest_twisted.inlineCallbacks
+def test_a_node_whose_disk_fills_says_so_once_and_stops(tmp_path, fill, said):
+    """One line in the journal, with the disk's answer (docs/operations.md, A full
+    disk), not the store's, the replicated log's and the node's in turn."""
+    path = write_local_config(tmp_path, nodes=1, client_tls="off", bcrypt_cost=4)
+    cfg = configmod.load(path)
+    reactor = _ReactorKeptRunning(reactor_())
+    node = NodeService(cfg, 1, reactor)
+    node.startService()
+    client = None
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        client = yield connect(cfg, 1)
+        fill(node)
+        answer = yield client.request("create_account", username="alice", password="password1")
+        yield reactor.stopped                    # the node asked for its process to end
+        assert answer["error"]["code"] in ("unavailable", "internal"), answer
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        if client is not None:
+            client.transport.loseConnection()
+        yield node.stopService()
+    loud = [formatEvent(e) for e in events if e.get("log_level") >= LogLevel.warn]
+    assert loud == [said.format(data=cfg.node_data_dir(1))]
 
 
 @pytest_twisted.inlineCallbacks

@@ -649,15 +649,16 @@ class DurableLog:
             reason = "the disk is full"
         else:
             reason = f"{type(error).__name__}: {error}"
-        self._error = StorageError(
-            f"writing the log in {self._files.directory} failed ({reason});"
-            " refusing further writes")
+        # Every later write fails with it too (StorageError: rather than lose any).
+        self._error = StorageError(f"{self._files.directory}: {reason}")
         self._error.__cause__ = error
         if isinstance(error, OSError):
-            # The disk's answer (full, read-only, an I/O error) says it all: one
-            # line, not a traceback of our own frames around it.
-            log.error("log {op} failed ({reason}); the store refuses further writes",
-                      op=op, reason=reason)
+            # The disk's answer (full, read-only, an I/O error) says it all, and
+            # every append and rewrite waiting is failed with it: the replicated
+            # log stops the node with it, and the node says so in one line. A
+            # close fails while the node stops, where no one says why: here.
+            if op == "close":
+                log.error("log close failed ({reason})", reason=reason)
         else:
             log.failure("log {op} failed; the store refuses further writes", failure, op=op)
         closing = [item for item in self._queue if item[0] == "close"]
