@@ -1,10 +1,12 @@
 """Bad input of every kind gets the contract's errors and never hurts the server."""
 
 import json
+import sys
 
 from hypothesis import given, settings, strategies as st
 
-from paxchat.server.protocol import MAX_LINE_BYTES
+from paxchat.server.errors import ProtocolError
+from paxchat.server.protocol import MAX_LINE_BYTES, decode_request
 
 from .server_support import Server
 
@@ -179,3 +181,128 @@ def test_lines_split_across_reads_and_crlf():
         alice.send_line(data[byte:byte + 1])
     alice.send_line(b'lo"}\n')
     assert alice.answer(1)["ok"] and alice.answer(2)["ok"]
+
+
+REPEATED_OP = ("the key 'op' appears more than once in one object: which value is meant is unclear")
+
+
+def test_a_key_given_twice_is_refused_naming_it_and_nothing_runs():
+    server, alice = fresh()
+    applied = len(server.state.applied)
+    alice.send_line(b'{"id": 7, "op": "login", "op": "send_message", "to": "bob", "body": "hi"}\n')
+    assert alice.answer(7) == {"id": 7, "ok": False, "error": {
+        "code": "invalid_request", "message": REPEATED_OP}}
+    # The id given twice: the answer cannot say which request it is.
+    alice.send_line(b'{"id": 8, "id": 9, "op": "hello"}\n')
+    assert alice.received()[-1] == {"id": None, "ok": False, "error": {
+        "code": "invalid_request",
+        "message": "the key 'id' appears more than once in one object: which value is meant is unclear"}}
+    for request_id, line in [
+            # spelled differently, the same key
+            (10, b'{"id": 10, "op": "send_message", "o\\u0070": "hello", "to": "bob", "body": "hi"}'),
+            # a ":" spelled \u003a in the body stands for the ":" of the second "to"
+            (11, b'{"id": 11, "op": "send_message", "to": "bob", "to": "alice", "body": "\\u003a"}'),
+            # a long line (parsed another way), the repeat at its end
+            (12, b'{"id": 12, "op": "send_message", "to": "bob", "body": "' + b"x" * 2000
+             + b'", "op": "hello"}'),
+            (13, b'{"id": 13, "op": "send_message", "to": "bob", "body": "a: b", "body": "c"}')]:
+        alice.send_line(line + b"\n")
+        assert alice.answer(request_id)["error"] == {"code": "invalid_request", "message": (
+            REPEATED_OP if request_id in (10, 12)
+            else REPEATED_OP.replace("'op'", "'to'" if request_id == 11 else "'body'"))}, line[:60]
+    # In an argument's object too (no op takes one: it is ignored otherwise).
+    alice.send_line(b'{"id": 14, "op": "hello", "x": [{"a": 1, "a": 2}]}\n')
+    assert "the key 'a' appears" in alice.answer(14)["error"]["message"]
+    assert server.state.applied[applied:] == []                       # nothing was proposed
+    assert alice.ok("history", peer="bob")["messages"] == []
+    assert not alice.transport.disconnecting
+
+
+def test_keys_given_once_pass_whatever_colons_the_strings_hold():
+    server, alice = fresh()
+    bodies = ["at 10:30: see https://example.com/a:b", ":" * 40, "x" * 3000 + ":", "\u00e9:\U0001F600"]
+    for body in bodies:
+        alice.ok("send_message", to="bob", body=body)
+    # ":" escaped, and whitespace around a key's ":"
+    alice.send_line(b'{"id": 50, "op" :"send_message", "to"\t:  "bob", "body": "\\u003a\\u003A:"}\n')
+    assert alice.answer(50)["ok"] is True
+    alice.send_line(b'{"id": 51, "op": "hello", "x": {"a": {"b": ":"}, "c": [{"a": 1}]}}\n')
+    assert alice.answer(51)["ok"] is True
+    sent = [m["body"] for m in alice.ok("history", peer="bob")["messages"]]
+    assert sent == [":::"] + bodies[::-1]
+
+
+def _key_text(text, escape_colons):
+    encoded = json.dumps(text)
+    return encoded.replace(":", "\\u003a") if escape_colons else encoded
+
+
+def _object_text(pairs, draw):
+    items = []
+    for key, value in pairs:
+        if isinstance(value, tuple):          # a nested object, as its pairs
+            value_text = _object_text(value, draw)
+        elif isinstance(value, str):
+            value_text = _key_text(value, draw(st.booleans()))
+        else:
+            value_text = json.dumps(value)
+        items.append(_key_text(key, draw(st.booleans())) + draw(st.sampled_from([":", " : ", ":\t"]))
+                     + value_text)
+    return "{" + ",".join(items) + "}"
+
+
+def _repeats(pairs):
+    keys = [key for key, _ in pairs]
+    return len(set(keys)) != len(keys) or any(
+        _repeats(value) for _, value in pairs if isinstance(value, tuple))
+
+
+KEYS = st.sampled_from(["id", "op", "to", "body", "a:", ":", "a"])
+STRINGS = st.text(alphabet="a:\u00e9", max_size=6) | st.sampled_from(["", "x" * 1100, ":" * 3])
+PAIRS = st.recursive(
+    st.lists(st.tuples(KEYS, st.integers(-5, 5) | STRINGS), max_size=5),
+    lambda inner: st.lists(st.tuples(KEYS, st.integers(-5, 5) | STRINGS | inner.map(tuple)), max_size=5),
+    max_leaves=10).map(tuple)
+
+
+@settings(max_examples=400)
+@given(pairs=PAIRS, data=st.data())
+def test_a_line_is_refused_exactly_when_some_object_repeats_a_key(pairs, data):
+    """The cheap look that spares most lines the check never lets a repeat through."""
+    line = _object_text(pairs, data.draw).encode()
+    try:
+        decode_request(line)
+    except ProtocolError as e:
+        assert _repeats(pairs) and "appears more than once" in e.message, (line, e.message)
+    else:
+        assert not _repeats(pairs), line
+
+
+def test_a_number_too_long_for_an_int_is_named_and_nothing_runs():
+    server, alice = fresh()
+    applied = len(server.state.applied)
+    limit = sys.get_int_max_str_digits()
+    digits = b"9" * (limit + 1)
+    too_long = f"more than {limit} digits"
+    pad = b', "pad": "' + b"x" * 2000 + b'"'                  # a long line is parsed another way
+    for line, request_id, message in [
+            (b'{"id": ' + digits + b', "op": "hello"}', None, f'the "id" is a number of {too_long}'),
+            (b'{"id": 5, "op": "history", "limit": ' + digits + b'}', 5,
+             f"'limit' is a number of {too_long}"),
+            (b'{"id": 6, "op": "mark_read", "ids": [1, -' + digits + b']}', 6,
+             f"'ids' holds a number of {too_long}"),
+            (b'{"id": 7, "op": "send_message", "to": "bob", "body": "hi", "x": {"y": [' + digits
+             + b']}' + pad + b'}', 7, f"'x' holds a number of {too_long}"),
+            (b'{"id": "eight", "op": "send_message", "to": "bob", "body": "hi", "before": ' + digits
+             + pad + b'}', "eight", f"'before' is a number of {too_long}"),
+            (b"[" + digits + b"]", None, "a request must be a JSON object"),
+            (b'{"id": 9, "op": "hello", "n": ' + digits + b', ', None, "a line must be one JSON object")]:
+        alice.send_line(line + b"\n")
+        assert alice.received()[-1] == {"id": request_id, "ok": False, "error": {
+            "code": "invalid_request", "message": message}}, line[:60]
+    assert server.state.applied[applied:] == []
+    # An integer id Python can read is echoed as it came, however long.
+    longest = int("9" * limit)
+    alice.send_line(b'{"id": ' + b"9" * limit + b', "op": "hello"}\n')
+    assert alice.answer(longest)["ok"] is True
+
