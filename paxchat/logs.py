@@ -170,7 +170,13 @@ def make_observer(fmt="text", stream=None, level="info", node=None, journal=None
         except Exception as e:  # a broken event must not take the logging down
             line = f"<3>error [paxchat.logs] could not format a log event: {e!r}" if journal else \
                 f"- error [paxchat.logs] could not format a log event: {e!r}"
-        out.write(line + "\n")
+        try:
+            out.write(line + "\n")
+        except UnicodeEncodeError:
+            # A lone surrogate (JSON lets a client spell one) or a character
+            # the stream's encoding lacks: written as its escape, not lost.
+            encoding = getattr(out, "encoding", None) or "utf-8"
+            out.write(line.encode(encoding, "backslashreplace").decode(encoding) + "\n")
         out.flush()
 
     return filtered(write, level)

@@ -45,6 +45,22 @@ def test_a_traceback_stays_on_one_line():
     assert "RuntimeError: disk on fire" in lines[0]
 
 
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_lone_surrogate_is_written_as_its_escape_not_lost(fmt):
+    """JSON lets a client spell a lone surrogate, which UTF-8 cannot carry: a line
+    with one would fail the write, and Twisted would log the observer's failure
+    instead of the line."""
+    data = io.BytesIO()
+    out = io.TextIOWrapper(data, encoding="utf-8", errors="strict", write_through=True)
+    observer = logs.make_observer(fmt, stream=out, level="info", journal=False)
+    Logger(namespace="paxchat.test", observer=observer).info("op {op} of caf\u00e9", op="x\ud800y")
+    [line] = data.getvalue().decode("utf-8").splitlines()
+    if fmt == "json":
+        assert json.loads(line)["message"] == "op x\ud800y of caf\u00e9"  # \ud800 is JSON's escape too
+    else:
+        assert line.endswith("info [paxchat.test] op x\\ud800y of caf\u00e9")
+
+
 def test_journal_lines_carry_the_priority_and_no_time():
     log, out = capture(journal=True)
     log.warn("slow fsync: {ms} ms", ms=250)
