@@ -2,6 +2,8 @@
 
 import json
 import sys
+import tempfile
+from pathlib import Path
 
 from hypothesis import given, settings, strategies as st
 
@@ -306,3 +308,93 @@ def test_a_number_too_long_for_an_int_is_named_and_nothing_runs():
     alice.send_line(b'{"id": ' + b"9" * limit + b', "op": "hello"}\n')
     assert alice.answer(longest)["ok"] is True
 
+
+# Each string argument of each op, what a lone surrogate in it is answered,
+# and the other arguments of a request that would otherwise run.
+SURROGATE_ARGUMENTS = [
+    ("create_account", "username", "invalid_username", {"password": "password-x"}),
+    ("create_account", "password", "invalid_password", {"username": "carol"}),
+    ("create_account", "client_msg_id", "invalid_request", {"username": "carol", "password": "password-x"}),
+    ("login", "username", "bad_credentials", {"password": "password-a"}),
+    ("login", "password", "bad_credentials", {"username": "alice"}),
+    ("resume", "session", "bad_session", {}),
+    ("logout", "client_msg_id", "invalid_request", {}),
+    ("list_accounts", "pattern", "invalid_request", {}),
+    ("list_accounts", "after", "invalid_request", {}),
+    ("send_message", "to", "no_such_user", {"body": "hi"}),
+    ("send_message", "body", "invalid_request", {"to": "bob"}),
+    ("send_message", "client_msg_id", "invalid_request", {"to": "bob", "body": "hi"}),
+    ("read_messages", "client_msg_id", "invalid_request", {}),
+    ("mark_read", "client_msg_id", "invalid_request", {"ids": [1]}),
+    ("history", "peer", "invalid_request", {}),
+    ("delete_messages", "client_msg_id", "invalid_request", {"ids": [1]}),
+    ("delete_account", "password", "bad_credentials", {}),
+    ("delete_account", "client_msg_id", "invalid_request", {"password": "password-a"}),
+    ("set_settings", "client_msg_id", "invalid_request", {"read_receipts": False}),
+]
+LONE_SURROGATES = ["\ud800", "a\udfffb", "\ude00\ud83d"]     # the last: a pair the wrong way round
+
+
+def _utf8(text):
+    text.encode("utf-8")          # raises on a lone surrogate
+    return text
+
+
+def test_a_lone_surrogate_in_any_string_is_stored_pushed_or_logged_nowhere():
+    """docs/protocol.md, "Strings that are not Unicode": against the real state."""
+    from paxchat.logs import format_json, format_text
+    from paxchat.state.chat import ChatState
+    from twisted.logger import globalLogPublisher
+
+    with tempfile.TemporaryDirectory() as directory:
+        state = ChatState.open(Path(directory) / "state.db")
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            server = Server(state=state)
+            server.log.submit({"op": "set_apply_version", "version": 1})   # settings apply
+            proposed = []
+            submit = server.log.submit
+            server.log.submit = lambda command: (proposed.append(command), submit(command))[1]
+            alice = server.connect()
+            alice.ok("create_account", username="alice", password="password-a")
+            alice.ok("login", username="alice", password="password-a")
+            bob = server.connect()
+            bob.ok("create_account", username="bob", password="password-b")
+            bob.ok("login", username="bob", password="password-b")
+            alice.ok("send_message", to="bob", body="before")
+            bob.received()
+            heard = len(bob.inbox)
+            dump = state.dump()
+            for lone in LONE_SURROGATES:
+                for op, name, code, others in SURROGATE_ARGUMENTS:
+                    client = server.connect() if op in ("create_account", "login", "resume") else alice
+                    answer = client.call(op, **others, **{name: lone})
+                    assert answer["ok"] is False and answer["error"]["code"] == code, (op, name, answer)
+                assert alice.error(lone) == "unknown_op"
+                # Echoed as it came (escaped: answers are ASCII), and the request runs.
+                alice.send_line(json.dumps({"id": lone, "op": "hello", lone: lone}).encode() + b"\n")
+                assert alice.answer(lone)["ok"] is True
+            assert state.dump() == dump                      # nothing changed
+            assert bob.received()[heard:] == []              # nor was anything pushed
+            # A pair spelled as two escapes is the character it spells, like any other.
+            alice.send_line(b'{"id": "\\udc00!", "op": "send_message", "to": "bob",'
+                            b' "body": "\\ud83d\\ude00"}\n')
+            assert alice.answer("\udc00!")["ok"] is True
+            assert bob.received()[-1]["message"]["body"] == "\U0001F600"
+            assert bob.ok("history", peer="alice")["messages"][0]["body"] == "\U0001F600"
+            for command in proposed:     # as the replicated log sends them to the others
+                json.dumps(command, ensure_ascii=False).encode("utf-8")
+            index, records = state.dump()
+            for key, value in records:
+                _utf8(key)
+                if isinstance(value, bytes):
+                    value.decode("utf-8")     # raises if it is not UTF-8
+                else:
+                    _utf8(value)
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+            state.close()
+    for event in events:
+        _utf8(format_text(event))
+        _utf8(format_json(event))
