@@ -8,7 +8,8 @@ from pathlib import Path
 from hypothesis import given, settings, strategies as st
 
 from paxchat.server.errors import ProtocolError
-from paxchat.server.protocol import MAX_LINE_BYTES, decode_request
+from paxchat.server.protocol import MAX_LINE_BYTES
+from paxchat.server.request_line import decode_request
 
 from .server_support import Server
 
