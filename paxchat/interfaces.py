@@ -29,5 +29,8 @@ class ICommandLog(Interface):
     def add_observer(observer):
         """Call ``observer(command, response)`` for each command applied here, in log order."""
 
+    def add_leader_observer(observer):
+        """Call ``observer(leader)`` on the reactor thread each time ``leader_id()`` changes."""
+
     def leader_id():
         """The id of the node believed to lead, or None."""

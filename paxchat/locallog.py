@@ -62,6 +62,9 @@ class LocalLog:
     def add_observer(self, observer):
         self._observers.append(observer)
 
+    def add_leader_observer(self, observer):
+        """A lone node always leads: ``observer`` is never called."""
+
     def leader_id(self):
         return self.node_id
 

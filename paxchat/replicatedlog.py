@@ -210,6 +210,8 @@ class ReplicatedLog:
         self._stopped = False
         self.failed = None                 # why the node had to stop, once it did
         self._observers = []
+        self._leader_observers = []
+        self._leader_seen = None           # leader_id() as leader observers were last told
         self._pending = {}                 # rid -> _Request (submits)
         # (deadline, command bytes, guard): waiting for a leader. ``guard`` is
         # (node, ballot) for commands a peer forwarded to us: they are not sent
@@ -438,6 +440,17 @@ class ReplicatedLog:
     def add_observer(self, observer):
         self._observers.append(observer)
 
+    def add_leader_observer(self, observer):
+        """Call ``observer(leader)`` each time ``leader_id()`` changes.
+
+        Told after the replica's input that changed it has been handled (the
+        Ready loop drained), on the reactor thread, with the new value: a
+        number, or None when this node starts an election. The core's
+        ``LeaderChange`` does not report the turn to pre-candidate, so the
+        value ``hello`` answers is what is watched.
+        """
+        self._leader_observers.append(observer)
+
     def leader_id(self):
         """The leader, or None while this node is trying to elect one.
 
@@ -610,6 +623,23 @@ class ReplicatedLog:
                 self._handle(replica.ready())
         finally:
             self._driving = False
+        self._note_leader()
+
+    def _note_leader(self):
+        """Tell the leader observers if ``leader_id()`` changed with the last input.
+
+        Every input (tick, frame, fsync, transfer) ends in ``_drive``, so no
+        change of role or leader goes unseen.
+        """
+        leader = self.leader_id()
+        if leader == self._leader_seen:
+            return
+        self._leader_seen = leader
+        for observer in self._leader_observers:
+            try:
+                observer(leader)
+            except Exception:
+                log.failure("leader observer failed")
 
     def _handle(self, ready):
         if ready.records:

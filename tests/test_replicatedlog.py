@@ -728,6 +728,45 @@ def test_a_node_that_stops_hearing_its_leader_names_none_until_one_is_elected(cl
     assert cluster.logs[alone].leader_id() == cluster.leader()
 
 
+def test_leader_observers_hear_each_change_of_leader_id_as_it_happens(cluster):
+    """What ``hello`` answers is told to leader observers whenever it changes:
+    to None as soon as a node runs for election (which the core's LeaderChange
+    does not report), then to the leader elected; never the same value twice."""
+    heard = {n: [] for n in cluster.members}
+    for n, rl in cluster.logs.items():
+        rl.add_leader_observer(heard[n].append)
+
+    def step_until(condition, what):
+        end = cluster.clock.seconds() + 10
+        while not condition():
+            assert cluster.clock.seconds() < end, f"no {what}"
+            cluster.clock.advance(0.001)
+            for n, rl in cluster.logs.items():   # told within the input that changed it
+                assert (heard[n] or [None])[-1] == rl.leader_id(), (n, heard[n])
+
+    step_until(lambda: cluster.leader() is not None and all(
+        rl.leader_id() == cluster.leader() for rl in cluster.logs.values()), "leader")
+    leader = cluster.leader()
+    assert all(h == [leader] for h in heard.values()), heard
+    alone = next(n for n in cluster.members if n != leader)
+    cluster.network.cut = {n for n in cluster.members if n != alone}
+    step_until(lambda: cluster.logs[alone].replica.role != "follower", "election")
+    assert heard[alone] == [leader, None]
+    cluster.network.cut = set()
+    step_until(lambda: cluster.leader() is not None and all(
+        rl.leader_id() == cluster.leader() for rl in cluster.logs.values()), "new leader")
+    assert heard[alone][:2] == [leader, None] and heard[alone][-1] == cluster.leader()
+    for h in heard.values():
+        assert all(a != b for a, b in zip(h, h[1:])), heard
+
+
+def test_a_lone_local_log_leads_for_ever_and_never_tells_a_change(tmp_path):
+    from paxchat.locallog import LocalLog
+    local = LocalLog(task.Clock(), SyncWorker(None), node_id=4)
+    local.add_leader_observer(lambda leader: pytest.fail("a LocalLog's leader never changes"))
+    assert local.leader_id() == 4
+
+
 def _logged_in_sender(cluster, node):
     """Account ``amy`` logged in with session ``s-amy``, through ``node``."""
     rl = cluster.logs[node]
