@@ -299,11 +299,12 @@ test_settings.__test__ = False
 class Server:
     """A ChatServerFactory over LocalLog and a fake state, on a Clock."""
 
-    def __init__(self, settings=None, worker_class=SyncWorker, state=None, bcrypt=None):
+    def __init__(self, settings=None, worker_class=SyncWorker, state=None, bcrypt=None,
+                 log_class=LocalLog):
         self.clock = Clock()
         self.state = state or FakeChatState()
         self.worker = worker_class(self.state)
-        self.log = LocalLog(self.clock, self.worker, node_id=1)
+        self.log = log_class(self.clock, self.worker, node_id=1)
         self.settings = settings or test_settings()
         self.factory = ChatServerFactory(self.clock, self.log, self.worker, self.settings,
                                          bcrypt=bcrypt or InlineBcrypt())

@@ -239,3 +239,9 @@ class _NoLog:
 
     def add_observer(self, observer):
         pass
+
+    def add_leader_observer(self, observer):
+        pass
+
+    def leader_id(self):
+        return None

@@ -1,8 +1,9 @@
 """The client-facing server of one node: builds a ChatProtocol per connection.
 
 It owns what the connections of a node share: the registry of logged-in
-connections, the per-account rate limits, the password hasher, and the
-observer on the command log that pushes events to connections.
+connections, the per-account rate limits, the password hasher, the
+observer on the command log that pushes events to connections, and the
+one on its leader that tells the connections following it.
 """
 
 import itertools
@@ -18,7 +19,7 @@ from .handlers import Handlers
 from .bcryptprocess import BcryptStopped, ProcessBcrypt
 from .passwords import PasswordHasher
 from .protocol import ChatProtocol, OutputDebt
-from .push import EventPusher
+from .push import EventPusher, LeaderEvents
 from .ratelimit import KeyedRateLimiter
 from .sessions import ConnectionRegistry
 
@@ -54,12 +55,16 @@ class ChatServerFactory(ServerFactory):
             bcrypt = ProcessBcrypt(reactor)
         self.hasher = PasswordHasher(settings.bcrypt_cost, bcrypt)
         self.registry = ConnectionRegistry()
+        # Connections that asked hello for leader events (logged in or not).
+        self.leader_events = LeaderEvents(reactor, log.leader_id)
         self.handlers = Handlers(
             reactor, log, worker, settings, self.hasher, self.registry,
             login_per_account=KeyedRateLimiter(reactor, settings.login_per_account),
             writes_per_account=KeyedRateLimiter(reactor, settings.writes_per_account),
+            leader_events=self.leader_events,
         )
         log.add_observer(EventPusher(self.registry))
+        log.add_leader_observer(self.leader_events.changed)
         self.connections = set()  # every open ChatProtocol, logged in or not
         self.output_debt = OutputDebt()  # events owed by connections whose output is full
         self.turned_away_total = 0  # connections turned away at max_clients
@@ -95,6 +100,7 @@ class ChatServerFactory(ServerFactory):
     def left(self, conn):
         """A connection closed: its reads and hashes not yet started are not worth running."""
         self._strangers.pop(conn, None)
+        self.leader_events.forget(conn)
         self.worker.drop_reads(conn)
         self.handlers.left(conn)
 

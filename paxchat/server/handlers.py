@@ -47,7 +47,7 @@ SESSION_OPS = frozenset({"login", "resume", "logout", "delete_account"})
 
 class Handlers:
     def __init__(self, reactor, log, worker, settings, hasher, registry,
-                 login_per_account, writes_per_account):
+                 login_per_account, writes_per_account, leader_events=None):
         self._wall = wall_clock(reactor)
         self._log = log
         self._worker = worker
@@ -56,6 +56,7 @@ class Handlers:
         self._registry = registry
         self._login_per_account = login_per_account
         self._writes_per_account = writes_per_account
+        self._leader_events = leader_events   # a push.LeaderEvents, or None (no such events)
         # conn -> its bcrypt work in progress. Kept here, not on the connection:
         # one more attribute there costs every connection ~1.5 KiB (its
         # __dict__ stops sharing its keys with the other connections').
@@ -192,12 +193,26 @@ class Handlers:
     # Ops without a session
 
     async def hello(self, conn, request):
-        return {
+        """Who this node is and who leads; ``leader_events`` true or false
+        starts or stops the ``leader`` events of this connection (absent or
+        null leaves them as they were), and the answer then says which."""
+        follow = V.optional_boolean(request, "leader_events")
+        leader = self._log.leader_id()
+        answer = {
             "node": self._settings.node_id,
-            "leader": self._log.leader_id(),
+            "leader": leader,
             "nodes": [dict(node) for node in self._settings.nodes],
             "protocol": PROTOCOL_VERSION,
         }
+        events = self._leader_events
+        if follow is not None and events is not None:
+            # Noted with the leader answered: an event comes only once it changes.
+            if follow and conn.connected:
+                events.follow(conn, leader)
+            else:
+                events.forget(conn)
+            answer["leader_events"] = conn in events
+        return answer
 
     async def create_account(self, conn, request):
         username = V.username(request, "username", INVALID_USERNAME)

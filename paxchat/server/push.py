@@ -9,9 +9,19 @@ to its sender, and a deleted message to its other party (a deleted
 account's messages to their senders).
 Pushing only queues bytes on a transport; a connection that does not read
 is dealt with by the protocol's output bound, never here.
+
+``LeaderEvents`` pushes something else: who this node believes leads, to
+the connections that asked for it in their ``hello``.
 """
 
 from paxchat.limits import MAX_LIMIT
+
+# A connection that follows the leader is told this long after the first
+# change it was not told of, the view at that time: an election (null, then
+# the new leader, within a few milliseconds when the network is good) comes
+# as one event, and a node whose elections flap tells each connection ten
+# times a second at most.
+LEADER_EVENT_DELAY = 0.1
 
 # Ops whose effect the account's other sessions hear, and the event they hear.
 _ELSEWHERE = {"mark_read": "read", "read_messages": "read", "delete_messages": "deleted"}
@@ -118,3 +128,57 @@ def _ids_event(kind, ids, unread):
     if unread is not None:
         event["unread"] = unread
     return event
+
+
+class LeaderEvents:
+    """``{"event": "leader", "leader": N or null}`` to each connection that asked
+    (``hello`` with ``leader_events``), whenever what ``hello`` would answer it changes.
+
+    A client that keeps its leader shown (the desktop app's status bar) no
+    longer asks ``hello`` every few seconds, and hears of a leader that died
+    as soon as its node does. The log's leader observer (``changed``) only
+    starts a timer; once ``delay`` is over, the leader is read again and told
+    to each connection that was last told (by ``hello``'s answer or an event)
+    something else. So flapping elections come as their latest value, and a
+    connection never hears the same leader twice in a row.
+
+    @param leader_id: what ``hello`` answers: the log's ``leader_id``.
+    """
+
+    def __init__(self, reactor, leader_id, delay=LEADER_EVENT_DELAY):
+        self._reactor = reactor
+        self._leader_id = leader_id
+        self._delay = delay
+        # conn -> the leader it was last told. Kept here, not on the connection:
+        # an attribute there costs every connection, and few follow the leader.
+        self._told = {}
+        self._call = None
+
+    def __contains__(self, conn):
+        return conn in self._told
+
+    def __len__(self):
+        return len(self._told)
+
+    def follow(self, conn, leader):
+        """``conn`` asked for leader events; its ``hello`` answered ``leader``."""
+        self._told[conn] = leader
+
+    def forget(self, conn):
+        """``conn`` asked for no more, or closed."""
+        self._told.pop(conn, None)
+
+    def changed(self, leader=None):
+        """The log's leader observer: tell the followers once the delay is over."""
+        if self._told and self._call is None:
+            self._call = self._reactor.callLater(self._delay, self._tell)
+
+    def _tell(self):
+        self._call = None
+        leader = self._leader_id()
+        event = {"event": "leader", "leader": leader}
+        told = self._told
+        for conn, before in list(told.items()):
+            if before != leader and conn.connected:
+                told[conn] = leader
+                conn.send_event(event)

@@ -93,6 +93,13 @@ def boolean(request, name):
     return value
 
 
+def optional_boolean(request, name):
+    """True, False, or None when absent or null (the caller keeps what it had)."""
+    if request.get(name) is None:
+        return None
+    return boolean(request, name)
+
+
 def optional_integer(request, name, low, high):
     if request.get(name) is None:
         return None
