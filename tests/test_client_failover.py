@@ -3,7 +3,7 @@
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from paxchat.client.api import ASKS_ONLY, RETRY_ON_UNAVAILABLE, WRITE_OPS, PaxchatClient
+from paxchat.client.api import ASKS_ONLY, RETRY_ON_UNAVAILABLE, WRITE_OPS, PaxchatClient, Status
 from paxchat.client.errors import ClosedUnanswered, NoMajority, ServerError, Unreachable
 from paxchat.client.explain import explain
 from paxchat.client.failover import FailoverPolicy
@@ -591,3 +591,72 @@ def test_no_node_accepting_is_not_said_when_a_node_answers():
     until_answered(reactor, nodes, got, some_answer)
     assert got[0].check(ClosedUnanswered)
     assert not [s for s in statuses if s.not_accepted]
+
+
+# -- leader events ---------------------------------------------------------------------
+
+def connected(leader_events=True, leader=1):
+    """A client connected to node 1, whose hello answered as a node of this build
+    (``leader_events``) or of an earlier one (None: the argument ignored)."""
+    reactor, client, nodes, statuses, events = make_client(prefer_node=1)
+    client.connect()
+    reactor.advance(0)
+    conn = nodes.accept()
+    [hello] = conn.requests()
+    assert hello["op"] == "hello" and hello["leader_events"] is True
+    answer = {"node": 1, "leader": leader, "nodes": [], "protocol": 1}
+    if leader_events is not None:
+        answer["leader_events"] = leader_events
+    conn.answer(hello, answer)
+    return reactor, client, conn, statuses, events
+
+
+def test_each_connection_asks_for_leader_events_and_follows_them_in_its_status():
+    reactor, client, conn, statuses, events = connected()
+    assert client.leader_pushed and client.leader == 1
+    conn.push({"event": "leader", "leader": None})         # node 1 runs for election
+    assert client.leader is None
+    assert statuses[-1] == Status("connected", 1, None)
+    conn.push({"event": "leader", "leader": 3})
+    assert client.leader == 3 and statuses[-1] == Status("connected", 1, 3)
+    assert [e["leader"] for e in events if e["event"] == "leader"] == [None, 3]
+    seen = len(statuses)
+    conn.push({"event": "leader", "leader": 3})            # nothing new: no status
+    conn.push({"event": "leader", "leader": "node 2"})     # not a node id: ignored
+    conn.push({"event": "leader", "leader": True})
+    assert len(statuses) == seen and client.leader == 3
+    assert results(client.connect())[0]["leader"] == 3     # what connect() says too
+    assert conn.requests() == []                           # nothing asked for it
+
+
+def test_a_node_of_an_earlier_build_ignores_the_ask_and_the_client_works_as_before():
+    # Such a node answers hello as always, without "leader_events" (checked on the
+    # build before this one: arguments an op does not know are ignored).
+    reactor, client, conn, statuses, events = connected(leader_events=None, leader=2)
+    assert client.connected and not client.leader_pushed
+    assert client.leader == 2 and statuses[-1] == Status("connected", 1, 2)
+    got = results(client.hello())
+    [hello] = conn.requests()
+    assert "leader_events" not in hello                  # a refresh changes nothing
+    conn.answer(hello, {"node": 1, "leader": 3, "nodes": [], "protocol": 1})
+    assert got[0]["leader"] == 3 and client.leader == 3 and statuses[-1] == Status("connected", 1, 3)
+
+
+def test_a_leader_event_during_the_resume_is_not_undone_by_the_hello_before_it():
+    reactor, client, nodes, conn, statuses, _ = logged_in()
+    conn.drop()
+    reactor.advance(POLICY.initial_delay)
+    second = nodes.accept()
+    [hello] = second.requests()
+    second.answer(hello, {"node": 2, "leader": 1, "nodes": [], "protocol": 1, "leader_events": True})
+    [resume] = second.requests()
+    second.push({"event": "leader", "leader": None})       # the old leader is gone
+    second.answer(resume, {"username": "alice", "unread": 0})
+    assert client.leader is None and statuses[-1] == Status("connected", 2, None)
+    assert client.leader_pushed
+
+
+def test_leader_pushed_ends_with_the_connection():
+    reactor, client, conn, statuses, events = connected()
+    conn.drop()
+    assert not client.leader_pushed

@@ -121,9 +121,14 @@ class PaxchatClient:
     or plain client endpoints, numbered from 1.
 
     ``on_event(event)`` gets pushed events (``message``, ``sent``, ``read``,
-    ``deleted``, ``session_ended``, ``node_stopping``); ``on_status(Status)`` hears about
+    ``deleted``, ``session_ended``, ``node_stopping``, ``leader``); ``on_status(Status)`` hears about
     connecting/connected/reconnecting/failed (a ``reconnecting`` whose
-    ``detail`` names the node when it left one that is stopping).
+    ``detail`` names the node when it left one that is stopping), and a
+    ``connected`` one again whenever its node names another leader.
+
+    Every connection's ``hello`` asks for ``leader`` events; a node that
+    pushes them says so (``leader_pushed``), and needs no more ``hello``
+    to keep ``leader`` right. A node of an earlier build ignores the ask.
     """
 
     log = Logger()
@@ -161,6 +166,7 @@ class PaxchatClient:
         self._closed = False
         self._close_waiters: list[defer.Deferred] = []
         self._hello: dict | None = None
+        self._leader_pushed = False  # the node we are connected to pushes leader changes
         self._ever_connected = False
         self._leaving = ""  # why the client left its node on purpose, for the next status
         self._no_majority = False  # a node of the current rotation answered, without a majority
@@ -244,6 +250,13 @@ class PaxchatClient:
     @property
     def connected(self) -> bool:
         return self._ready
+
+    @property
+    def leader_pushed(self) -> bool:
+        """Whether the node connected to tells this client each change of its leader
+        (``leader`` events): then ``leader`` and the status stay right without asking
+        ``hello``. False while not connected, and with nodes of earlier builds."""
+        return self._ready and self._leader_pushed
 
     def connect(self) -> defer.Deferred:
         """Fires with the ``hello`` result once connected (and resumed), or fails with Unreachable."""
@@ -518,13 +531,14 @@ class PaxchatClient:
         self._proto_node = node_id
         self._handshake_watchdog = self.reactor.callLater(
             self.policy.answer_timeout, self._silent, proto, "hello")
-        d = proto.request("hello")
+        # Asks for leader events: a node of an earlier build ignores the argument.
+        d = proto.request("hello", leader_events=True)
         d.addCallback(self._hello_answered, proto, node_id)
         d.addErrback(self._handshake_failed, proto)
 
     @defer.inlineCallbacks
     def _hello_answered(self, hello, proto, node_id):
-        self._hello = dict(hello)
+        self._hello = dict(hello)   # a leader event during the resume below updates it
         if self.session is not None:
             try:
                 resumed = yield proto.request("resume", session=self.session)
@@ -543,7 +557,8 @@ class PaxchatClient:
             self._handshake_watchdog.cancel()
         self._handshake_watchdog = None
         self.node = hello.get("node", node_id)
-        self.leader = hello.get("leader")
+        self.leader = self._hello.get("leader")
+        self._leader_pushed = hello.get("leader_events") is True
         self._ready = True
         self._ever_connected = True
         self._rotation = None
@@ -551,7 +566,7 @@ class PaxchatClient:
         self._set_status(Status("connected", self.node, self.leader))
         waiters, self._connect_waiters = self._connect_waiters, []
         for d in waiters:
-            d.callback(dict(hello))
+            d.callback(dict(self._hello))
         self._flush()
 
     def _without_majority(self, proto, node_id):
@@ -595,6 +610,8 @@ class PaxchatClient:
         if event.get("event") == "session_ended":   # the connection is logged out
             self.session = None
             self.username = None
+        elif event.get("event") == "leader" and proto is not None and proto is self._proto:
+            self._leader_changed(event.get("leader"))
         if self.on_event is not None:
             try:
                 self.on_event(event)
@@ -605,6 +622,17 @@ class PaxchatClient:
                 self._leave_node(proto, "is full", "node {node} is full")
             else:
                 self._leave_node(proto, f"is stopping ({event.get('reason')})", "node {node} is stopping")
+
+    def _leader_changed(self, leader):
+        """The node says it now believes ``leader`` leads (None: it is electing one),
+        as a ``hello`` answer would: the status says so at once."""
+        if leader is not None and type(leader) is not int:
+            return
+        if self._hello is not None:
+            self._hello["leader"] = leader
+        if self._ready and leader != self.leader:
+            self.leader = leader
+            self._set_status(Status("connected", self.node, self.leader))
 
     def _leave_node(self, proto, why, detail):
         """Close ``proto`` on purpose; ``_lost`` moves on to another node, this one tried last.
@@ -630,6 +658,7 @@ class PaxchatClient:
         was_ready = self._ready
         self._proto = None
         self._ready = False
+        self._leader_pushed = False
         lost_node = self._proto_node
         if self._handshake_watchdog is not None and self._handshake_watchdog.active():
             self._handshake_watchdog.cancel()
