@@ -274,6 +274,7 @@ class FakeClient:
     def __init__(self):
         self.calls = []
         self.connected = True
+        self.leader_pushed = False   # a node of an earlier build, unless a test says so
         self.auto = {}
 
     def __getattr__(self, op):
@@ -988,6 +989,31 @@ def test_a_commit_while_the_bar_says_no_leader_asks_for_the_leader_at_once():
         ctl.on_event({"event": "message", "message": msg(i, "bob", "alice")})
     assert hellos() == 4
     ctl.stop()
+
+
+def test_a_node_that_pushes_leader_changes_is_never_asked_who_leads():
+    clock, model, client, ctl = controller()
+    hellos = lambda: len([c for c in client.calls if c[0] == "hello"])  # noqa: E731
+    client.leader_pushed = True
+    ctl.start()
+    model.signed_in("alice")
+    ctl.on_status(Status("connected", 2, 1))
+    clock.advance(60)
+    assert hellos() == 0
+    # The client reports what the node pushes: the bar follows without a question.
+    ctl.on_status(Status("connected", 2, None))
+    assert model.status == "Connected to node 2 · no leader yet" and model.status_level == "warn"
+    ctl.on_event({"event": "message", "message": msg(1, "bob", "alice")})    # a commit: not asked either
+    ctl.on_status(Status("reconnecting", None, None))
+    ctl.on_status(Status("connected", 3, 2))                                 # after a failover neither
+    clock.pump([1] * 10)
+    assert hellos() == 0 and model.status == "Connected to node 3 · leader 2"
+    # Moved to a node of an earlier build: asked every few seconds again.
+    client.leader_pushed = False
+    clock.advance(3)
+    assert hellos() == 1
+    ctl.stop()
+    assert not clock.getDelayedCalls()
 
 
 def test_drafts_are_kept_per_conversation_until_signed_out():

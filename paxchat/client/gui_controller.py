@@ -28,9 +28,14 @@ USERNAME_ERRORS = ("invalid_username", "username_taken", "no_such_user")
 RECENT = 200            # messages per history page fetched at login to build the conversation list
 RECENT_PAGES = 20       # at most this many such pages, even if unread messages remain older
 RETRY_OFFLINE = 5.0     # seconds between reconnection campaigns when every node is down
-# How often the status bar's leader is refreshed. A node learns a new leader
-# within an election timeout, but tells a client only when asked: at 15 s the
-# bar named a dead leader for that long. A hello is a few bytes.
+# How often the status bar's leader is refreshed from a node of an earlier
+# build, which tells a client only when asked: at 15 s the bar named a dead
+# leader for that long. A node that pushes leader changes (the client's
+# ``leader_pushed``) is not asked at all: its events say at once what a
+# hello would, and an event is never lost on a connection that stays open
+# (a client too slow for its events is dropped, and the next connection's
+# hello says who leads). So a safety re-ask could only repeat them, at a
+# cost of 5,000 apps / 30 s = ~170 hellos a second on the cluster.
 LEADER_REFRESH = 3.0
 FAILOVER_REFRESH = 1.0  # after a failover the leader is often being elected: ask again this often...
 FAILOVER_REFRESHES = 5  # ...this many times
@@ -76,7 +81,7 @@ class ChatController:
         self._refresh.start(LEADER_REFRESH, now=False)
 
     def _refresh_leader(self):
-        if self.client is not None and self.client.connected:
+        if self.client is not None and self.client.connected and not self.client.leader_pushed:
             self._asked_at = self.reactor.seconds()
             self.client.hello().addErrback(self._quiet)
 
@@ -87,8 +92,9 @@ class ChatController:
         turns green and "waiting…" turns "sending…" with the message that
         proved it. At most once a second, whatever a burst of pushes.
 
-        Nothing of the kind tells of a leader that died: no node pushes a
-        leader change (docs/protocol.md), so that waits for the refresh."""
+        Nothing of the kind tells of a leader that died: a node of an earlier
+        build does not push leader changes, so that waits for the refresh.
+        A node that does push them is asked nothing (``_refresh_leader``)."""
         if (self._no_leader and not self._stopped
                 and (self._asked_at is None or self.reactor.seconds() - self._asked_at >= FAILOVER_REFRESH)):
             self._refresh_leader()
