@@ -634,6 +634,11 @@ def test_fed_from_a_pipe_the_prompt_prints_answers_alone_and_at_a_terminal_a_pro
     # The answers alone on standard output; what is not one on standard error.
     assert transport.value().decode() == "bob" + os.linesep
     assert proto.errors.getvalue() == "Unknown command 'bogus'; type 'help' for the list.\nConnected to node 2.\n"
+    # A new leader, told by the node (leader events), is no news at the prompt; a reconnect is.
+    proto.shell.on_status(Status("connected", node=2, leader=3))
+    proto.shell.on_status(Status("reconnecting", leader=3))
+    proto.shell.on_status(Status("connected", node=2, leader=3))
+    assert proto.errors.getvalue().count("Connected to node 2.") == 2
     leader, follower = os.openpty()
     try:
         proto = ShellProtocol(lambda p: Shell(client, p.write, p.ask_secret, lambda: None), defer.Deferred(),

@@ -55,6 +55,7 @@ class Shell:
         self.password = password or None
         self.failed = False
         self.starting = False   # logging in as --user said, before the first command
+        self.connected_to = None  # the node the last status said we are connected to
         self.commands = {
             "register": self.do_register, "login": self.do_login, "send": self.do_send,
             "read": self.do_read, "history": self.do_history, "list": self.do_list,
@@ -119,7 +120,10 @@ class Shell:
             why = f" ({status.detail})" if status.detail else ""
             self.note(f"Connection lost{why}; reconnecting to another server...")
         elif status.state == "connected":
-            self.note(f"Connected to node {status.node}.")
+            # Said again only for another node: the client reports each change of
+            # leader as a "connected" status too, which the prompt does not show.
+            if status.node != self.connected_to:
+                self.note(f"Connected to node {status.node}.")
         elif status.state == "failed" and status.no_majority:
             self.note("Too few servers are up to agree on anything; commands will try again.")
         elif status.state == "failed" and isinstance(status.error, UntrustedNodes):
@@ -127,6 +131,7 @@ class Shell:
                       " commands will try again.")
         elif status.state == "failed":
             self.note("Cannot reach any server; commands will try again.")
+        self.connected_to = status.node if status.state == "connected" else None
 
     def ask_password(self, prompt: str) -> defer.Deferred:
         """The PAXCHAT_PASSWORD password if set, else one typed at ``prompt``."""
