@@ -16,11 +16,11 @@ the connections that asked for it in their ``hello``.
 
 from paxchat.limits import MAX_LIMIT
 
-# A connection that follows the leader is told this long after the first
-# change it was not told of, the view at that time: an election (null, then
-# the new leader, within a few milliseconds when the network is good) comes
-# as one event, and a node whose elections flap tells each connection ten
-# times a second at most.
+# The connections that follow the leader are told this long after the node's
+# view changes, the view at that time: an election (null, then the new
+# leader, within a few milliseconds when the network is good) comes as one
+# event, and a node whose elections flap tells each connection ten times a
+# second at most.
 LEADER_EVENT_DELAY = 0.1
 
 # Ops whose effect the account's other sessions hear, and the event they hear.
