@@ -1102,3 +1102,61 @@ def test_a_ca_pem_that_is_not_the_clusters_is_said_in_the_status_bar_and_at_logi
     assert f"copy the cluster's own ca.pem there" in model.error
     assert model.screen == "login" and not model.busy
     ctl.stop()
+
+
+def test_the_keys_walk_the_sidebar_from_find_people_and_back():
+    model, changes = model_for()
+    assert not model.enter_list() and model.list_cursor is None     # no row to go to
+    model.add_messages([msg(1, "carol", "alice", ts=10.0), msg(2, "bob", "alice", ts=30.0),
+                        msg(3, "dave", "alice", ts=20.0)])
+    assert model.list_peers() == ["bob", "dave", "carol"]
+    changes.clear()
+    # Down from Find people: the first row, which the drawing marks (and only it).
+    assert model.enter_list() and model.list_cursor == "bob" and {"list"} in changes
+    assert [r["peer"] for r in model.conversation_rows() if r["cursor"]] == ["bob"]
+    assert model.move_list_cursor(1) and model.list_cursor == "dave"
+    assert model.move_list_cursor(5) and model.list_cursor == "carol"      # stops at the last row
+    assert model.move_list_cursor(-5) and model.list_cursor == "bob"       # and, a page up, at the first
+    # The row stays on its person when a new message moves them up the list.
+    model.move_list_cursor(1)
+    model.add_messages([msg(4, "carol", "alice", ts=40.0)])
+    assert model.list_peers() == ["carol", "bob", "dave"] and model.list_cursor == "dave"
+    model.list_cursor_to_end(False)
+    assert model.list_cursor == "carol"
+    model.list_cursor_to_end(True)
+    assert model.list_cursor == "dave"
+    # Up on the first row leaves the list, for Find people.
+    model.list_cursor_to_end(False)
+    assert not model.move_list_cursor(-1) and model.list_cursor is None
+    assert not any(r["cursor"] for r in model.conversation_rows())
+    # Opening a conversation takes the keys to its compose box: no row is theirs.
+    model.enter_list()
+    model.open("bob")
+    assert model.list_cursor is None and model.open_peer == "bob"
+    # The open conversation's row and the keys' row are told apart.
+    model.enter_list()
+    model.move_list_cursor(1)
+    rows = {r["peer"]: (r["open"], r["cursor"]) for r in model.conversation_rows()}
+    assert rows == {"carol": (False, False), "bob": (True, True), "dave": (False, False)}
+    model.signed_out()
+    assert model.list_cursor is None
+
+
+def test_while_a_search_is_shown_the_keys_walk_its_results():
+    model, _ = model_for()
+    model.add_messages([msg(1, "bob", "alice")])
+    model.enter_list()
+    # Results replace the list: the keys start again from Find people.
+    model.set_search("c*", ["carl", "alice", "cora"], False)
+    assert model.list_cursor is None and model.list_peers() == ["carl", "cora"]    # not oneself
+    assert model.enter_list() and model.list_cursor == "carl"
+    assert model.move_list_cursor(1) and model.list_cursor == "cora"
+    model.clear_search()
+    assert model.list_cursor is None and model.list_peers() == ["bob"]
+    # No one found: nowhere to go.
+    model.set_search("z*", [], False)
+    assert not model.enter_list() and not model.move_list_cursor(1) and model.list_cursor is None
+    # A cursor left on a row the list no longer has starts again from the first.
+    model.set_search("c*", ["carl", "cora"], False)
+    model.list_cursor = "bob"
+    assert model.move_list_cursor(1) and model.list_cursor == "carl"

@@ -1106,6 +1106,142 @@ def test_once_logged_in_the_keys_go_to_find_people_then_to_the_open_conversation
     yield with_fake_app(test)
 
 
+def pressed(root, widget, name):
+    """``name`` pressed with the keyboard focus in ``widget``: a generated key goes
+    where the focus is, so first wait until the X server has put it there."""
+    yield wait_for(lambda: root.update() or root.focus_get() is widget, 5)
+    widget.event_generate(name)
+    root.update()
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_keys_walk_the_sidebar_list_from_find_people():
+    from paxchat.client.gui_theme import COLORS
+
+    def test(root, app, client):
+        client.auto["history"] = {"messages": [], "more": False}
+        app.model.signed_in("alice")
+        # More conversations than the list shows: peer00 is the newest, at the top.
+        app.model.add_messages([msg(i, f"peer{i:02}", "alice", ts=100.0 - i, read=True) for i in range(14)])
+        entry, canvas, m = app.search_entry, app.list_canvas, app.model
+        yield wait_for(lambda: root.update() or len(app._list_rows) == 14 and app.list_scroll.winfo_ismapped(), 5)
+        entry.focus_force()
+
+        def marked():
+            """The rows drawn as the keys' (their outline), by name, and whether each is in view."""
+            out = []
+            for item in canvas.find_withtag("list_cursor"):
+                top, bottom = canvas.coords(item)[1], canvas.coords(item)[3]
+                [peer] = [p for t, b, p in app._list_rows if t <= top and bottom <= b]
+                view = canvas.canvasy(0)
+                out.append((peer, view <= top and bottom <= view + canvas.winfo_height()))
+            return out
+
+        def settled():
+            return root.update() or not app.coalescer.pending
+
+        # Tab from Find people does not stop in the list: it goes where it went.
+        assert entry.tk_focusNext() is not canvas
+        # Down moves into the list, onto its first row, marked.
+        yield from pressed(root, entry, "<Down>")
+        yield wait_for(lambda: settled() and root.focus_get() is canvas, 5)
+        assert m.list_cursor == "peer00" and marked() == [("peer00", True)]
+        # Down to the last row: the list scrolls to keep it in view.
+        for _ in range(13):
+            yield from pressed(root, canvas, "<Down>")
+        yield wait_for(settled, 5)
+        assert m.list_cursor == "peer13" and marked() == [("peer13", True)] and canvas.yview()[1] == 1.0
+        yield from pressed(root, canvas, "<Down>")             # the last row: stays
+        yield from pressed(root, canvas, "<Home>")
+        yield wait_for(settled, 5)
+        assert marked() == [("peer00", True)] and canvas.yview()[0] == 0.0
+        yield from pressed(root, canvas, "<End>")
+        yield from pressed(root, canvas, "<Prior>")           # a page up: still in the list
+        yield wait_for(settled, 5)
+        [(peer, seen)] = marked()
+        assert seen and 0 < int(peer[4:]) < 13
+        # Enter opens it, and the keys go to its compose box: no row is marked theirs.
+        yield from pressed(root, canvas, "<Return>")
+        assert m.open_peer == peer
+        yield wait_for(lambda: settled() and root.focus_get() is app.compose, 5)
+        assert m.list_cursor is None and marked() == []
+        # The open row is filled, the keys' row outlined: told apart, on one row as on two.
+        entry.focus_force()
+        yield from pressed(root, entry, "<Down>")
+        yield from pressed(root, canvas, "<End>")
+        yield wait_for(settled, 5)
+        filled = [i for i in canvas.find_all() if canvas.type(i) == "rectangle"
+                  and canvas.itemcget(i, "fill") == COLORS["accent_soft"]]
+        [cursor] = canvas.find_withtag("list_cursor")
+        assert len(filled) == 1 and canvas.itemcget(filled[0], "outline") == ""
+        assert canvas.itemcget(cursor, "fill") == "" and canvas.itemcget(cursor, "outline") == COLORS["accent"]
+        assert canvas.coords(cursor)[1] > canvas.coords(filled[0])[3]
+        # Up from the first row goes back to Find people, its text kept.
+        yield from pressed(root, canvas, "<Home>")
+        yield from pressed(root, canvas, "<Up>")
+        yield wait_for(lambda: settled() and root.focus_get() is entry, 5)
+        assert m.list_cursor is None and marked() == []
+        # A search's results: Enter in the box still opens the first of them...
+        client.auto["list_accounts"] = {"accounts": ["carl", "cora", "cyd"], "more": False}
+        entry.insert(0, "c")
+        yield from pressed(root, entry, "<Return>")
+        assert m.search_results == ["carl", "cora", "cyd"]
+        yield from pressed(root, entry, "<Return>")
+        assert m.open_peer == "carl"
+        yield wait_for(lambda: settled() and root.focus_get() is app.compose, 5)
+        # ...and Down, Down, Enter opens the second.
+        entry.focus_force()
+        entry.insert(0, "c")
+        yield from pressed(root, entry, "<Return>")
+        yield from pressed(root, entry, "<Down>")
+        yield from pressed(root, canvas, "<Down>")
+        yield wait_for(settled, 5)
+        assert marked() == [("cora", True)]
+        assert "Enter: open   ·   Esc: close" in canvas_texts(canvas)          # no longer "the first"
+        yield from pressed(root, canvas, "<Return>")
+        assert m.open_peer == "cora" and m.search_pattern is None and entry.get() == ""
+        yield wait_for(lambda: settled() and root.focus_get() is app.compose, 5)
+        # Esc in the list closes the search, as Esc in the box does, and the keys are in Find people.
+        entry.focus_force()
+        entry.insert(0, "c")
+        yield from pressed(root, entry, "<Return>")
+        yield from pressed(root, entry, "<Down>")
+        yield from pressed(root, canvas, "<Escape>")
+        yield wait_for(lambda: settled() and root.focus_get() is entry, 5)
+        assert m.search_pattern is None and entry.get() == "" and m.list_cursor is None and m.open_peer == "cora"
+        assert not any("PEOPLE MATCHING" in t for t in canvas_texts(canvas))
+        # Esc in the box too: it stays there.
+        entry.insert(0, "c")
+        yield from pressed(root, entry, "<Return>")
+        yield from pressed(root, entry, "<Escape>")
+        assert m.search_pattern is None and entry.get() == ""
+        yield wait_for(lambda: settled() and root.focus_get() is entry, 5)
+        # A letter typed in the list goes on into Find people.
+        yield from pressed(root, entry, "<Down>")
+        yield from pressed(root, canvas, "<Key-d>")
+        assert entry.get() == "d" and m.list_cursor is None
+        yield wait_for(lambda: root.update() or root.focus_get() is entry, 5)
+        # Alt+Up/Down are still the window's, from the box and from the list: the conversation
+        # above or below (cora, never written to, is the last row).
+        entry.delete(0, "end")
+        order = m.list_peers()
+        assert order[-1] == "cora"
+        yield from pressed(root, entry, "<Alt-Up>")
+        assert m.open_peer == order[-2]
+        yield wait_for(lambda: root.update() or root.focus_get() is app.compose, 5)
+        entry.focus_force()
+        yield from pressed(root, entry, "<Down>")
+        yield from pressed(root, canvas, "<Alt-Down>")
+        assert m.open_peer == "cora" and m.list_cursor is None
+        # Leaving the list another way (a click elsewhere) takes the mark away too.
+        entry.focus_force()
+        yield from pressed(root, entry, "<Down>")
+        assert m.list_cursor == order[0]
+        app.compose.focus_force()
+        yield wait_for(lambda: settled() and m.list_cursor is None and marked() == [], 5)
+    yield with_fake_app(test)
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_login_error_replaces_the_notice_of_why_the_login_screen_is_back():
     def test(root, app, client):

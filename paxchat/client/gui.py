@@ -38,6 +38,9 @@ CONTROLS_INSET = 20      # the delete controls' distance from the header's right
 # is cut below this width: it asks about that peer's messages. Its shortest
 # form stays, though, and the name makes room for it.
 NAME_KEPT_WIDTH = 120
+# A key pressed with Control or Alt held is a shortcut, not a move in a list: Control,
+# Mod1 (Alt from an X11 keyboard) and Tk's own Alt bit (Windows, and generated events).
+MODIFIERS = 0x0004 | 0x0008 | 0x20000
 
 
 def rounded_rect(canvas, x0, y0, x1, y1, r, **kw):
@@ -66,6 +69,7 @@ class ChatApp:
         self.model = ChatModel(on_change=self.coalescer.notify)
         self._closing = False
         self._list_rows: list[tuple[int, int, str]] = []
+        self._list_cursor_seen = None        # the keys' row in the sidebar when it was last scrolled into view
         self._last_drawn = (None, None, 0)   # (peer, oldest id, height) of the last conversation drawing
         self._at_bottom = True               # the conversation is scrolled to its newest message
         self._session = None                 # the model's session the boxes were last emptied for
@@ -236,9 +240,12 @@ class ChatApp:
                                       justify="left")
         self.search_entry.bind("<Return>", lambda e: self._search())
         self.search_entry.bind("<Escape>", lambda e: self._clear_search())
+        self.search_entry.bind("<Down>", self._enter_list)
         lists = ttk.Frame(side, style="Panel.TFrame")
         lists.grid(row=2, column=0, sticky="nsew")
-        self.list_canvas = tk.Canvas(lists, background=c["panel"], highlightthickness=0, borderwidth=0)
+        # Reached with Down from Find people, not with Tab: Tab goes on as it did.
+        self.list_canvas = tk.Canvas(lists, background=c["panel"], highlightthickness=0, borderwidth=0,
+                                     takefocus=0)
         self.list_scroll = ttk.Scrollbar(lists, orient="vertical", command=self.list_canvas.yview)
         self.list_canvas.configure(yscrollcommand=self.list_scroll.set)
         # The scrollbar is packed first: in the fixed-width sidebar the canvas would squeeze it to nothing.
@@ -247,6 +254,7 @@ class ChatApp:
         self.list_canvas.bind("<Button-1>", self._list_clicked)
         self.list_canvas.bind("<Configure>", lambda e: self.coalescer.notify({"list", "search"}))
         self._wheel(self.list_canvas, self.list_canvas.yview)
+        self._list_keys()
 
         # Chat: header, error banner, messages, compose.
         chat = ttk.Frame(self.main)
@@ -356,6 +364,79 @@ class ChatApp:
         self.danger_button.pack(side="right", padx=(0, 10))
         self.danger_password.bind("<Return>", lambda e: self._delete_account())
         self.danger_password.bind("<Escape>", lambda e: self._hide_danger())
+
+    def _list_keys(self):
+        """The sidebar's list from the keyboard, as in desktop chat apps: Up and
+        Down (a page with Page Up/Down, the ends with Home/End) move a marked
+        row, Enter opens it, Esc goes back to Find people and closes the
+        search, and so does Up from the first row, without closing it. A
+        letter typed here goes on into Find people. Each returns "break",
+        so the window's own bindings (scrolling the conversation, Esc
+        taking back a delete question) do not act as well."""
+        canvas = self.list_canvas
+
+        def plain(handler):
+            # With Alt or Control held the key is the window's (Alt+Up/Down switch conversations).
+            return lambda e: None if e.state & MODIFIERS else handler()
+
+        def page():
+            return max(1, canvas.winfo_height() // ROW_HEIGHT)
+        for key, handler in (("<Up>", lambda: self._list_step(-1)), ("<Down>", lambda: self._list_step(1)),
+                             ("<Prior>", lambda: self._list_step(-page(), leave=False)),
+                             ("<Next>", lambda: self._list_step(page())),
+                             ("<Home>", lambda: self._list_end(False)), ("<End>", lambda: self._list_end(True))):
+            canvas.bind(key, plain(handler))
+        canvas.bind("<Return>", lambda e: self._list_open())
+        canvas.bind("<KP_Enter>", lambda e: self._list_open())
+        canvas.bind("<Escape>", lambda e: self._clear_search() or "break")
+        canvas.bind("<Key>", self._list_typed)
+        canvas.bind("<FocusOut>", self._list_focus_out)
+
+    def _enter_list(self, event):
+        """Down in Find people: the keys go to the sidebar's first row, if it has one."""
+        if event.state & MODIFIERS:
+            return None      # Alt+Down: the window's
+        if self.model.enter_list():
+            self.list_canvas.focus_set()
+        return "break"
+
+    def _list_step(self, step, leave=True):
+        """Up/Down in the sidebar's list; Up on its first row goes back to Find people."""
+        if not self.model.move_list_cursor(step, leave):
+            self.search_entry.focus_set()
+        return "break"
+
+    def _list_end(self, last):
+        self.model.list_cursor_to_end(last)
+        return "break"
+
+    def _list_open(self):
+        """Enter on the marked row: its conversation opens, and the keys go to its compose box."""
+        peer = self.model.list_cursor
+        if peer is not None and peer in self.model.list_peers():
+            self.open_conversation(peer)
+        return "break"
+
+    def _list_typed(self, event):
+        """A letter typed in the list is meant for Find people: it goes there, and so do the keys."""
+        if event.state & MODIFIERS or not event.char or not event.char.isprintable():
+            return None      # Tab, Alt+Up... : the window's, as elsewhere
+        self.model.leave_list()
+        self.search_entry.focus_set()
+        self.search_entry.insert("end", event.char)
+        self.search_entry.icursor("end")
+        return "break"
+
+    def _list_focus_out(self, event):
+        """The keys went to another part of the window (a click, Tab, a dialog):
+        no row is theirs any more. Not when the whole window lost the focus:
+        coming back, they are where they were."""
+        try:
+            focus = str(self.root.tk.call("focus"))
+        except tk.TclError:
+            return
+        if focus and focus != str(self.list_canvas):
+            self.model.leave_list()
 
     def _select_all_keys(self):
         """Ctrl+A selects all the text of a box, as desktop apps do (and Tk on
@@ -575,9 +656,11 @@ class ChatApp:
         self.controller.search(self.search_entry.get())
 
     def _clear_search(self):
+        """Esc in Find people, or in the list under it: the search closes, and
+        the keys are in Find people (its grey hint shows there), to type another name."""
         self.search_entry.delete(0, "end")
         self.model.clear_search()
-        self.list_canvas.focus_set()
+        self.search_entry.focus_set()
 
     def _compose_return(self, event):
         self._send()
@@ -851,13 +934,15 @@ class ChatApp:
             canvas.create_text(16, y + 12, anchor="nw", font=f.small, fill=c["muted"],
                                text=self._clip(f"PEOPLE MATCHING {m.search_pattern}", f.small, width - 32))
             canvas.create_text(16, y + 12 + line, anchor="nw", font=f.small, fill=c["muted"],
-                               text="Enter: open the first   ·   Esc: close" if m.search_results else "Esc to close")
+                               text=self._clip(self._results_hint(), f.small, width - 32))
             y += 36 + line
             if not m.search_results:
                 canvas.create_text(16, y, anchor="nw", font=f.body, fill=c["muted"], text="No one found.")
                 y += 30
             for name in m.search_results:
                 self._list_rows.append((y, y + 44, name))
+                if name == m.list_cursor:
+                    self._draw_list_cursor(y, y + 44, width)
                 canvas.create_oval(16, y + 8, 44, y + 36, fill=c["accent_soft"], outline="")
                 canvas.create_text(30, y + 22, text=name[:1].upper(), font=f.name, fill=c["accent"])
                 canvas.create_text(56, y + 22, anchor="w", text=self._clip(name, f.name, width - 56 - 14),
@@ -877,6 +962,8 @@ class ChatApp:
                 if row["open"]:
                     canvas.create_rectangle(6, top + 2, width - 6, top + ROW_HEIGHT - 2,
                                             fill=c["accent_soft"], outline="")
+                if row["cursor"]:
+                    self._draw_list_cursor(top, top + ROW_HEIGHT, width)
                 canvas.create_oval(16, top + 14, 54, top + 52, fill=c["accent"] if row["unread"] else c["line"],
                                    outline="")
                 canvas.create_text(35, top + 33, text=row["peer"][:1].upper(), font=f.heading,
@@ -901,6 +988,40 @@ class ChatApp:
                 self._list_rows.append((top, top + ROW_HEIGHT, row["peer"]))
                 y += ROW_HEIGHT
         canvas.configure(scrollregion=(0, 0, width, max(y, 1)))
+        if m.list_cursor != self._list_cursor_seen:
+            self._list_cursor_seen = m.list_cursor
+            self._see_list_cursor(max(y, 1))
+
+    def _results_hint(self):
+        """Under the search's heading: the keys for its results."""
+        if not self.model.search_results:
+            return "Esc to close"
+        if self.model.list_cursor is not None:
+            return "Enter: open   ·   Esc: close"      # the marked one, no longer the first
+        return "Enter: open the first   ·   Esc: close"
+
+    def _draw_list_cursor(self, top, bottom, width):
+        """The row the keys are on: a blue outline, where the open conversation's
+        row is filled, so the two are told apart (and both show on one row)."""
+        self.list_canvas.create_rectangle(7, top + 3, width - 7, bottom - 3, outline=COLORS["accent"], width=2,
+                                          tags=("list_cursor",))
+
+    def _see_list_cursor(self, total):
+        """Scroll the list so the keys' row is in view (the first row: the list's top, heading included)."""
+        canvas = self.list_canvas
+        rows = [(top, bottom) for top, bottom, peer in self._list_rows if peer == self.model.list_cursor]
+        if not rows:
+            return
+        top, bottom = rows[0]
+        view_top, height = canvas.canvasy(0), canvas.winfo_height()
+        if height <= 1:
+            return      # not laid out yet: the first rows show
+        if top == self._list_rows[0][0]:
+            canvas.yview_moveto(0.0)
+        elif top < view_top:
+            canvas.yview_moveto(top / total)
+        elif bottom > view_top + height:
+            canvas.yview_moveto((bottom - height) / total)
 
     def _line_width(self, text, font):
         """How wide the conversation draws one line: Font.measure counts a tab

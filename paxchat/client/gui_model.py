@@ -158,6 +158,10 @@ class ChatModel:
         self.search_pattern: str | None = None
         self.search_results: list[str] = []
         self.search_more = False
+        # The sidebar row the keyboard is on (Down from Find people), by name,
+        # so it stays on its person when a new message reorders the list; None
+        # while the keys are not in the list.
+        self.list_cursor: str | None = None
         self.busy = False
         # Unread messages older than the history loaded at login (more than it
         # could page through): counted in the title until they are loaded.
@@ -243,6 +247,7 @@ class ChatModel:
         self.selected.clear()
         self.confirming_delete = False
         self.search_pattern = None
+        self.list_cursor = None
         self.older_unread, self.older_than = 0, None
         self.read_receipts = None
         self.drafts.clear()
@@ -418,6 +423,7 @@ class ChatModel:
             conv.messages[i]["read"] = True
         conv.unread_ids.clear()
         self.search_pattern = None
+        self.list_cursor = None     # the keys go on to the compose box
         self._changed("list", "conversation", "search")
         return ids
 
@@ -469,6 +475,60 @@ class ChatModel:
             return peers[0] if step > 0 else peers[-1]
         at = peers.index(self.open_peer) + step
         return peers[min(max(at, 0), len(peers) - 1)]
+
+    # -- the sidebar from the keyboard ------------------------------------------------
+
+    def list_peers(self) -> list[str]:
+        """The sidebar's rows, top to bottom: the search results while they are
+        shown, else the conversations."""
+        if self.search_pattern is not None:
+            return list(self.search_results)
+        return [conv.peer for conv in self._in_sidebar_order()]
+
+    def enter_list(self) -> bool:
+        """Down from Find people: the keys go to the sidebar's first row.
+        False (and nothing changes) when the list has no row to go to."""
+        peers = self.list_peers()
+        if not peers:
+            return False
+        self._set_list_cursor(peers[0])
+        return True
+
+    def move_list_cursor(self, step: int, leave: bool = True) -> bool:
+        """Up or Down (``step`` rows; a page with Page Up/Down) in the sidebar.
+
+        Stops at the last row, and at the first, except that with ``leave``
+        (Up, not Page Up) a step up from the first row leaves the list, for
+        Find people just above it: False then, as when there is no row at
+        all. A cursor not (or no longer) in the list starts at the first row."""
+        peers = self.list_peers()
+        if not peers:
+            self.leave_list()
+            return False
+        if self.list_cursor not in peers:
+            self._set_list_cursor(peers[0])
+            return True
+        at = peers.index(self.list_cursor)
+        if at == 0 and step < 0 and leave:
+            self.leave_list()
+            return False
+        self._set_list_cursor(peers[min(max(at + step, 0), len(peers) - 1)])
+        return True
+
+    def list_cursor_to_end(self, last: bool):
+        """Home or End in the sidebar: its first or last row."""
+        peers = self.list_peers()
+        if peers:
+            self._set_list_cursor(peers[-1] if last else peers[0])
+
+    def leave_list(self):
+        """The keys left the sidebar: no row is marked as theirs."""
+        self._set_list_cursor(None)
+
+    def _set_list_cursor(self, peer: str | None):
+        if peer != self.list_cursor:
+            self.list_cursor = peer
+            self._changed("list")
 
     def toggle_selected(self, message_id: int):
         if message_id in self.selected:
@@ -529,7 +589,8 @@ class ChatModel:
                 if len(preview) > 60:
                     preview = preview[:59] + "…"
             rows.append({"peer": conv.peer, "preview": preview, "unread": conv.unread,
-                         "time": time_label(conv.last_ts) if last else "", "open": conv.peer == self.open_peer})
+                         "time": time_label(conv.last_ts) if last else "", "open": conv.peer == self.open_peer,
+                         "cursor": conv.peer == self.list_cursor})
         return rows
 
     def _in_sidebar_order(self) -> list[Conversation]:
@@ -597,12 +658,14 @@ class ChatModel:
         self.search_pattern = pattern
         self.search_results = [a for a in accounts if a != self.me]
         self.search_more = more
+        self.list_cursor = None     # another list: the keys start again from Find people
         self._changed("search")
 
     def clear_search(self):
         self.search_pattern = None
         self.search_results = []
         self.search_more = False
+        self.list_cursor = None
         self._changed("search")
 
     @property
