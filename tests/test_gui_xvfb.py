@@ -561,6 +561,74 @@ def test_deleting_the_account_asks_in_a_panel_that_holds_the_window():
 
 
 @pytest_twisted.inlineCallbacks
+def test_at_the_smallest_window_the_delete_account_dialog_is_outlined_and_clear_of_the_header():
+    from tkinter import ttk
+    from paxchat.client.gui import DIALOG_MARGIN, DIALOG_WIDTH, MIN_HEIGHT, MIN_WIDTH
+    from paxchat.client.gui_theme import COLORS
+    from .xvfb import can_screenshot, on_screen, pixel, shared_xvfb
+
+    def test(root, app, client):
+        yield open_long_conversation(app, client)
+        root.geometry(f"{MIN_WIDTH}x{MIN_HEIGHT}")
+        yield wait_for(lambda: root.update() or (root.winfo_width(), root.winfo_height()) == (MIN_WIDTH, MIN_HEIGHT), 5)
+        app.account_menu.invoke(app.account_menu.index("Delete account…"))
+        dialog, shadow, header = app.danger, app.danger_shadow, app.peer_label.master
+        yield wait_for(lambda: root.update() or dialog.winfo_ismapped(), 5)
+
+        def box(widget):
+            x, y = widget.winfo_rootx(), widget.winfo_rooty()
+            return x, y, x + widget.winfo_width(), y + widget.winfo_height()
+        left, top, right, bottom = box(dialog)
+        win_left, _, win_right, _ = box(root)
+        # What it asks is as it was.
+        assert app.danger_text.cget("text") == (
+            "This removes alice and every message sent to it, on every server. "
+            "It cannot be undone. Enter your password to confirm.")
+        # Narrower than the conversation was wide, centred on the window with room either side.
+        assert right - left <= DIALOG_WIDTH and abs((left - win_left) - (win_right - right)) <= 1
+        assert left - win_left >= 100 and right - left < app.chat.winfo_width()
+        for widget in (app.danger_password, app.danger_button, app.danger_text):
+            assert left < widget.winfo_rootx() and widget.winfo_rootx() + widget.winfo_width() < right
+        # Well under the conversation's header, and above the status bar.
+        assert top >= box(header)[3] + DIALOG_MARGIN and bottom <= app.status_bar.winfo_rooty() - DIALOG_MARGIN
+        # Outlined, in a grey that shows on the white sidebar and the grey conversation alike,
+        # with a shadow below and to the right.
+        style = ttk.Style(root)
+        line = root.winfo_rgb(style.lookup(dialog.cget("style"), "bordercolor"))
+        assert str(style.lookup(dialog.cget("style"), "relief")) == "solid"
+        assert line not in {root.winfo_rgb(COLORS[c]) for c in ("panel", "bg", "line")}
+        assert box(shadow)[:2] > box(dialog)[:2] and box(shadow)[2:] > box(dialog)[2:]
+        if can_screenshot():
+            with shared_xvfb() as x:
+                on_screen(root)
+                image = x.screenshot(os.devnull)           # its pixels only
+            middle = (top + bottom) // 2
+            assert "#%02X%02X%02X" % pixel(image, left, middle) == COLORS["dialog_line"]
+            assert "#%02X%02X%02X" % pixel(image, left + 3, middle) == COLORS["panel"]
+            assert "#%02X%02X%02X" % pixel(image, right + 1, middle) == COLORS["dialog_shadow"]
+        # A wrong password: said inside, which grows downward, and all of it still fits.
+        from paxchat.client.errors import ServerError
+        client.auto["delete_account"] = ServerError("bad_credentials", "no")
+        app.danger_password.insert(0, "wrong-password")
+        app.danger_button.invoke()
+        yield wait_for(lambda: root.update() or app.danger_error.winfo_ismapped(), 5)
+        yield wait_for(lambda: root.update() or box(shadow)[3] == box(dialog)[3] + 4, 5)
+        assert box(dialog)[:3] == (left, top, right) and box(dialog)[3] > bottom
+        assert box(dialog)[3] <= app.status_bar.winfo_rooty() - DIALOG_MARGIN
+        # On a wider window it is over the conversation, as before.
+        root.geometry("1000x680")
+        yield wait_for(lambda: root.update() or app.chat.winfo_width() > 600, 5)
+        yield wait_for(lambda: root.update() or box(dialog)[0] > app.chat.winfo_rootx() + DIALOG_MARGIN, 5)
+        assert box(dialog)[2] < app.chat.winfo_rootx() + app.chat.winfo_width() - DIALOG_MARGIN
+        assert box(shadow)[:2] == (box(dialog)[0] + 4, box(dialog)[1] + 4)
+        # Cancelled, it goes with its shadow.
+        app.danger_password.event_generate("<Escape>")
+        yield wait_for(lambda: root.update() or not dialog.winfo_ismapped(), 5)
+        assert not shadow.winfo_ismapped()
+    yield with_fake_app(test)
+
+
+@pytest_twisted.inlineCallbacks
 def test_on_a_narrow_window_the_delete_question_leaves_the_peer_name_visible():
     def test(root, app, client):
         peer = "bartholomew.the.third"

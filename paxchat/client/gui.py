@@ -41,6 +41,14 @@ NAME_KEPT_WIDTH = 120
 # A key pressed with Control or Alt held is a shortcut, not a move in a list: Control,
 # Mod1 (Alt from an X11 keyboard) and Tk's own Alt bit (Windows, and generated events).
 MODIFIERS = 0x0004 | 0x0008 | 0x20000
+# The Delete account dialog: this wide, or as the window allows less its
+# margins; over the conversation, or across the window where the
+# conversation is too narrow for it; it hangs a little above the middle,
+# never nearer the edges than the margin, and with room below for its error.
+DIALOG_WIDTH = 420
+DIALOG_MARGIN = 24
+DIALOG_PAD = (28, 24)
+DIALOG_SHADOW = 4
 
 
 def rounded_rect(canvas, x0, y0, x1, y1, r, **kw):
@@ -345,17 +353,18 @@ class ChatApp:
         self.compose.bind("<Shift-Return>", self._compose_newline)
         self.compose.bind("<<Modified>>", self._compose_modified)
 
-        # Asking for the password before deleting the account, over the chat.
-        self.danger = ttk.Frame(chat, style="Panel.TFrame", padding=(28, 24))
+        # Asking for the password before deleting the account: a dialog over
+        # the whole window (it holds all of it), outlined, with a shadow.
+        self.danger_shadow = tk.Frame(self.main, background=c["dialog_shadow"])
+        self.danger = ttk.Frame(self.main, style="Dialog.TFrame", padding=DIALOG_PAD)
         ttk.Label(self.danger, text="Delete your account?", style="Heading.TLabel").pack(anchor="w")
-        self.danger_text = ttk.Label(self.danger, text="", style="Muted.TLabel", wraplength=360, justify="left")
+        self.danger_text = ttk.Label(self.danger, text="", style="Muted.TLabel", justify="left")
         self.danger_text.pack(anchor="w", pady=(6, 14))
         ttk.Label(self.danger, text="Password", style="Field.TLabel").pack(anchor="w")
-        self.danger_password = ttk.Entry(self.danger, show="•", width=34, font=self.fonts.body)
+        self.danger_password = ttk.Entry(self.danger, show="•", width=20, font=self.fonts.body)
         self.danger_password.pack(fill="x", pady=(4, 16))
         # Why the last try failed ("That password is wrong."): here, not in the banner behind.
-        self.danger_error = ttk.Label(self.danger, text="", style="CardError.TLabel", wraplength=360,
-                                      justify="left")
+        self.danger_error = ttk.Label(self.danger, text="", style="CardError.TLabel", justify="left")
         row = ttk.Frame(self.danger, style="Panel.TFrame")
         row.pack(fill="x")
         ttk.Button(row, text="Cancel", command=self._hide_danger).pack(side="right")
@@ -364,6 +373,10 @@ class ChatApp:
         self.danger_button.pack(side="right", padx=(0, 10))
         self.danger_password.bind("<Return>", lambda e: self._delete_account())
         self.danger_password.bind("<Escape>", lambda e: self._hide_danger())
+        self.main.bind("<Configure>", lambda e: self.danger.winfo_manager() and self._place_danger())
+        # The shadow follows the dialog's size (an error under the password makes it taller).
+        self.danger.bind("<Configure>", lambda e: self.danger_shadow.winfo_manager() and
+                         self.danger_shadow.place_configure(width=e.width, height=e.height))
 
     def _list_keys(self):
         """The sidebar's list from the keyboard, as in desktop chat apps: Up and
@@ -615,8 +628,7 @@ class ChatApp:
                  "It cannot be undone. Enter your password to confirm.")
         self.danger_password.delete(0, "end")
         self._clear_danger_error()
-        self.danger.place(relx=0.5, rely=0.4, anchor="center")
-        self.danger.lift()
+        self._place_danger()
         self.danger_password.focus_set()
         # Modal: until it is answered, the rest of the window takes no clicks
         # or keys (a send or a chat switch behind it would be a surprise).
@@ -626,11 +638,43 @@ class ChatApp:
         except tk.TclError:
             pass  # not viewable (the window is withdrawn): nothing else to click either
 
+    def _place_danger(self):
+        """Lay the Delete account dialog over the window: as wide as
+        ``DIALOG_WIDTH`` (less on a window too narrow for it and its
+        margins), centred over the conversation, or across the window when
+        the conversation is too narrow to hold it with margins (a small
+        window), and hung by its top a little above the middle, where an
+        error under its password field grows it downward (nothing moves
+        under the pointer) and still fits above the bottom."""
+        width = min(DIALOG_WIDTH, self.main.winfo_width() - 2 * DIALOG_MARGIN)
+        if width < 200:
+            width = DIALOG_WIDTH          # not laid out yet: placed again once it is
+        wrap = width - 2 * DIALOG_PAD[0] - 2
+        self.danger_text.configure(wraplength=wrap)
+        self.danger_error.configure(wraplength=wrap)
+        self.danger.update_idletasks()
+        height = self.danger.winfo_reqheight() - (self.danger_error.winfo_reqheight() + 12
+                                                  if self.danger_error.winfo_manager() else 0)
+        room = height + 2 * self.fonts.small.metrics("linespace") + 12      # an error of two lines
+        area_width, area_height = self.main.winfo_width(), self.main.winfo_height()
+        top = max(DIALOG_MARGIN, min(round(0.45 * area_height - height / 2), area_height - room - DIALOG_MARGIN))
+        chat_left, chat_width = self.chat.winfo_x(), self.chat.winfo_width()
+        if chat_width >= width + 2 * DIALOG_MARGIN:
+            left = chat_left + (chat_width - width) // 2
+        else:
+            left = (area_width - width) // 2
+        self.danger.place(x=left, y=top, width=width)
+        self.danger_shadow.place(x=left + DIALOG_SHADOW, y=top + DIALOG_SHADOW, width=width,
+                                 height=self.danger.winfo_reqheight())
+        self.danger_shadow.lift()
+        self.danger.lift()
+
     def _hide_danger(self):
         self.danger_password.delete(0, "end")
         self._clear_danger_error()
         self.danger.grab_release()
         self.danger.place_forget()
+        self.danger_shadow.place_forget()
 
     def _clear_danger_error(self):
         """The dialog's error goes with the question it answered."""

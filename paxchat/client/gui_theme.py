@@ -33,6 +33,8 @@ COLORS = {
     "scroll_thumb": "#C3C8D2",        # its handle
     "scroll_thumb_hover": "#A4ABB9",
     "scroll_thumb_pressed": "#8A93A3",
+    "dialog_line": "#B4BBC7",         # a dialog's outline: it shows on the white sidebar and the grey chat alike
+    "dialog_shadow": "#D3D7DF",       # and its shadow, below and to the right
 }
 
 _FAMILIES = ("Inter", "Cantarell", "Noto Sans", "DejaVu Sans", "Helvetica", "Arial")
@@ -66,6 +68,8 @@ def apply_styles(root: tk.Misc, fonts: Fonts):
     style.configure("TFrame", background=c["bg"])
     style.configure("Panel.TFrame", background=c["panel"])
     style.configure("Card.TFrame", background=c["panel"], relief="solid", borderwidth=1)
+    style.configure("Dialog.TFrame", background=c["panel"], relief="solid", borderwidth=1,
+                    bordercolor=c["dialog_line"], lightcolor=c["dialog_line"], darkcolor=c["dialog_line"])
     style.configure("TLabel", background=c["bg"], foreground=c["text"])
     style.configure("Panel.TLabel", background=c["panel"])
     style.configure("Title.TLabel", background=c["panel"], foreground=c["accent"], font=fonts.title)
