@@ -150,7 +150,7 @@ class LeaderEvents:
         self._leader_id = leader_id
         self._delay = delay
         # conn -> the leader it was last told. Kept here, not on the connection:
-        # an attribute there costs every connection, and few follow the leader.
+        # one more attribute there costs every connection ~1.5 KiB (handlers.py).
         self._told = {}
         self._call = None
 
