@@ -1,7 +1,7 @@
 """Benchmark 4: many idle logged-in clients on one node; memory each, and push latency.
 
-N clients connect to one node (the leader) over TLS and log in, then stay
-idle. Memory per connection is the node process's RSS growth over that
+N clients connect to one node (the leader) over TLS, ask for leader
+events and log in (as the desktop app does), then stay idle. Memory per connection is the node process's RSS growth over that
 step divided by N (accounts are created beforehand, through another node
 when the cluster replicates, so the figure is the connections' and
 sessions' cost). Then one of the idle clients is sent a message every
@@ -61,7 +61,7 @@ async def run(reactor, ctx):
                 event.get("message", {}).get("body"), load.now())
 
         idle = await population.login_only(reactor, targets, [node] * count, names,
-                                           on_event=on_event_of, limit=64)
+                                           on_event=on_event_of, limit=64, leader_events=True)
         users += idle
         await load.sleep(reactor, 1.0)
         after = procs.rss_bytes(cluster.pid(node))

@@ -96,13 +96,16 @@ async def create_accounts(reactor, targets, node_id, names, per_connection=10, l
     await load.bounded_gather([create_group(g) for g in groups], limit=limit)
 
 
-async def login_only(reactor, targets, homes, names, on_event=None, limit=32):
-    """Users of existing accounts, each connected to its home node and logged in."""
+async def login_only(reactor, targets, homes, names, on_event=None, limit=32, leader_events=False):
+    """Users of existing accounts, each connected to its home node and logged in
+    (and following the leader, as the desktop app does, with ``leader_events``)."""
     users = [load.PaxchatUser(reactor, targets, name, PASSWORD, on_event=on_event(i) if on_event else None)
              for i, name in enumerate(names)]
 
     async def prepare(user, home):
         await user.connect(home)
+        if leader_events:
+            await load.request(reactor, user.proto, "hello", timeout=5, leader_events=True)
         result = await load.request(reactor, user.proto, "login", timeout=load.PASSWORD_TIMEOUT,
                                     username=user.username,
                                     password=user.password)
