@@ -176,6 +176,19 @@ def test_a_closed_connection_is_forgotten():
     assert not s.clock.getDelayedCalls()     # nobody to tell: no timer
 
 
+def test_no_timer_outlives_the_last_follower():
+    """A stopping node closes every connection (often within the delay, after its
+    hand-over changed the leader): nothing is left waiting to tell no one."""
+    s, log = server()
+    client, other = following(s), following(s)
+    log.elect(2)
+    assert len(s.clock.getDelayedCalls()) == 1
+    client.proto.connectionLost(None)
+    assert len(s.clock.getDelayedCalls()) == 1          # another still follows
+    other.proto.connectionLost(None)
+    assert not s.clock.getDelayedCalls()
+
+
 def test_a_follower_that_does_not_read_is_dropped_as_for_any_event_and_the_others_are_told():
     s, log = server(max_output_backlog=40, max_output_burst=80)
     stuck, reader = following(s), following(s)

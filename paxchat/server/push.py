@@ -165,8 +165,15 @@ class LeaderEvents:
         self._told[conn] = leader
 
     def forget(self, conn):
-        """``conn`` asked for no more, or closed."""
+        """``conn`` asked for no more, or closed. With no follower left, the
+        timer waiting to tell them goes too: a stopping node closes every
+        connection, often just after its hand-over changed the leader."""
         self._told.pop(conn, None)
+        call = self._call
+        if call is not None and not self._told:
+            self._call = None
+            if call.active():
+                call.cancel()
 
     def changed(self, leader=None):
         """The log's leader observer: tell the followers once the delay is over."""
