@@ -549,6 +549,23 @@ def test_a_node_whose_certificate_is_refused_is_passed_over_for_one_that_is_trus
     assert statuses[-1].state == "connected"
 
 
+def test_a_refused_certificate_that_cannot_be_explained_still_moves_on_to_the_next_node():
+    """Saying why TLS refused a certificate reads the one the node presented, which
+    may be anything: a certificate it cannot read must not keep the client on that node."""
+    import dataclasses
+
+    class UnreadableCA:
+        def refusal(self, chain, host, hostname=False, detail=""):
+            raise ValueError("error parsing asn1 value")
+    reactor, client, nodes, statuses, _ = make_client()
+    client.targets[1] = dataclasses.replace(client.targets[1], ca=UnreadableCA())
+    got = results(client.connect())
+    dial_each(reactor, nodes, untrusted)
+    reactor.advance(0)
+    nodes.accept().handshake(node=2)
+    assert got and got[0]["node"] == 2
+
+
 def test_refused_certificates_with_the_other_nodes_down_give_up_at_the_round_end_too():
     from paxchat.client.errors import UntrustedNodes
     reactor, client, nodes, statuses, _ = make_client()

@@ -511,11 +511,18 @@ class PaxchatClient:
     def _certificate_refused(self, node_id, refused: CertificateRefused) -> Attempt:
         """Keep why node ``node_id``'s certificate was refused, for the error that names it."""
         target = self.targets[node_id]
+        problem, detail, advice = "certificate refused", refused.detail, ""
         if target.ca is not None:
             host = target.label.rpartition(":")[0].strip("[]")
-            problem, detail, advice = target.ca.refusal(refused.chain, host, refused.hostname, refused.detail)
-        else:
-            problem, detail, advice = "certificate refused", refused.detail, ""
+            try:
+                problem, detail, advice = target.ca.refusal(refused.chain, host, refused.hostname,
+                                                            refused.detail)
+            except Exception:
+                # The chain is whatever the node presented. Raised from here, in
+                # the connection's loss, it would leave the rotation waiting for
+                # an attempt that never ends: no other node would be tried.
+                self.log.failure("explaining why node {node}'s certificate was refused failed",
+                                 node=node_id)
         self.log.warn("node {node} at {where}: TLS refused its certificate ({problem})", node=node_id,
                       where=target.label, problem=problem)
         self._untrusted[node_id] = (f"node {node_id} ({target.label})", problem, detail, advice)
