@@ -576,6 +576,19 @@ def test_refused_certificates_with_the_other_nodes_down_give_up_at_the_round_end
     assert [r[0] for r in failure.value.refusals] == ["node 2 (127.0.0.1:7102)"]
 
 
+def test_every_call_waiting_hears_why_though_a_caller_tries_again_at_once():
+    """A caller that calls again as its call fails starts the next campaign there and
+    then: the calls failed after it are still told why this one gave up."""
+    from paxchat.client.errors import UntrustedNodes
+    reactor, client, nodes, statuses, _ = make_client()
+    again = []
+    first = results(client.hello().addErrback(lambda f: again.append(client.hello()) or f))
+    second = results(client.list_accounts("a*"))
+    dial_each(reactor, nodes, untrusted, untrusted, untrusted)
+    assert again and first[0].check(UntrustedNodes)
+    assert second[0].check(UntrustedNodes), second[0]
+
+
 def test_every_node_refusing_is_said_once_after_the_first_round_and_the_client_waits_on():
     """A stopped cluster: the client says so once (a command would sit silent for its
     whole timeout), and keeps trying until the deadline (nodes restart)."""

@@ -702,12 +702,15 @@ class PaxchatClient:
     def _give_up(self):
         self._rotation = None
         error = self._unreachable()
+        outstanding, self._outstanding = self._outstanding, []
+        # Each call its own error, all made now: a callback below that calls
+        # again starts the next rotation, which forgets why this one failed.
+        errors = [self._unreachable() for _ in outstanding]
         self._set_status(Status("failed", None, self.leader, str(error),
                                 no_majority=isinstance(error, NoMajority), error=error))
-        outstanding, self._outstanding = self._outstanding, []
-        for req in outstanding:
+        for req, failed in zip(outstanding, errors):
             self._stop_timers(req)
-            req.deferred.errback(self._unreachable())
+            req.deferred.errback(failed)
         self._fail_connect_waiters(error)
 
     def _fail_connect_waiters(self, error):
