@@ -259,7 +259,8 @@ def test_a_node_whose_disk_fills_says_so_once_and_stops(tmp_path, fill, said):
         if client is not None:
             client.transport.loseConnection()
         yield node.stopService()
-    loud = [formatEvent(e) for e in events if e.get("log_level") >= LogLevel.warn]
+    # Errors and worse: a loaded machine may add a warning of a slow fsync.
+    loud = [formatEvent(e) for e in events if e.get("log_level") >= LogLevel.error]
     assert loud == [said.format(data=cfg.node_data_dir(1))]
 
 
