@@ -59,6 +59,15 @@ def rounded_rect(canvas, x0, y0, x1, y1, r, **kw):
     return canvas.create_polygon(points, smooth=True, **kw)
 
 
+def _hung_top(area, height, room, margin):
+    """Where a panel ``height`` pixels tall hangs by its top in an ``area``
+    pixels tall: centred a little above the middle, so that what grows it
+    (an error, a field) grows it downward and nothing moves under the
+    pointer; higher on a short area, to leave ``room`` for its tallest
+    self; never nearer the edges than ``margin``."""
+    return max(margin, min(round(0.45 * area - height / 2), area - room - margin))
+
+
 class ChatApp:
     """The window: a login screen, then conversations on the left and one open on the right."""
 
@@ -178,8 +187,7 @@ class ChatApp:
         than the window (a long error), it scrolls."""
         canvas, card = self.login_canvas, self.login_card
         width, height = canvas.winfo_width(), canvas.winfo_height()
-        top = max(CARD_MARGIN, min(round(0.45 * height - self._card_height / 2),
-                                   height - self._card_room - CARD_MARGIN))
+        top = _hung_top(height, self._card_height, self._card_room, CARD_MARGIN)
         canvas.coords(self._card_item, width // 2, top)
         bottom = top + card.winfo_reqheight() + CARD_MARGIN
         canvas.configure(scrollregion=(0, 0, width, max(bottom, height)))
@@ -657,7 +665,7 @@ class ChatApp:
                                                   if self.danger_error.winfo_manager() else 0)
         room = height + 2 * self.fonts.small.metrics("linespace") + 12      # an error of two lines
         area_width, area_height = self.main.winfo_width(), self.main.winfo_height()
-        top = max(DIALOG_MARGIN, min(round(0.45 * area_height - height / 2), area_height - room - DIALOG_MARGIN))
+        top = _hung_top(area_height, height, room, DIALOG_MARGIN)
         chat_left, chat_width = self.chat.winfo_x(), self.chat.winfo_width()
         if chat_width >= width + 2 * DIALOG_MARGIN:
             left = chat_left + (chat_width - width) // 2
