@@ -49,7 +49,7 @@ from paxchat.httpsite import listen_http
 from paxchat.lineage import IDENTITY_FILE, LINEAGE_FILE, MEMBERS_FILE, PEER_IDENTITIES_FILE
 from paxchat.metrics import node_status
 
-__all__ = ["AdminResource", "AdminService", "AdminError", "main"]
+__all__ = ["AdminResource", "AdminService", "AdminError", "CertificateProblem", "main"]
 
 log = Logger()
 
@@ -306,6 +306,57 @@ class AdminError(Exception):
         self.body = body or {}
 
 
+class CertificateRefusal:
+    """Why one node could not be asked: TLS refused its certificate against our ca.pem, or
+    it refused the admin certificate (``ours``). ``where``, ``problem``, ``detail`` and
+    ``advice`` are as the client's (paxchat.tls.ClientCA.refusal)."""
+
+    def __init__(self, node_id, where, problem, detail, advice, ours=False, cert=None):
+        self.node_id, self.where, self.problem = node_id, where, problem
+        self.detail, self.advice, self.ours, self.cert = detail, advice, ours, cert
+
+
+class CertificateProblem(AdminError):
+    """Nodes that are up could not be asked because of certificates: a wrong ca.pem or
+    admin certificate here, or a node's certificate that expired or is another's. No
+    retry mends it, and the node is not down: the message says which file and what to do."""
+
+    def __init__(self, refusals, code=None, body=None):
+        self.refusals = list(refusals)
+        super().__init__(describe_refusals(self.refusals), code, body)
+
+
+def describe_refusals(refusals) -> str:
+    """The sentences for certificate refusals, nodes with the same fault together, as
+    the paxchat CLI says them (paxchat.client.explain)."""
+    from paxchat.client.errors import UntrustedNodes
+    from paxchat.client.explain import explain
+    sentences = []
+    theirs = [r for r in refusals if not r.ours]
+    if theirs:
+        sentences.append(explain(UntrustedNodes(
+            [(r.where, r.problem, r.detail) for r in theirs],
+            "; ".join(dict.fromkeys(r.advice for r in theirs if r.advice)))))
+    ours = [r for r in refusals if r.ours]
+    for cert in dict.fromkeys(r.cert for r in ours):
+        same = [r for r in ours if r.cert == cert]
+        summary = UntrustedNodes([(r.where, r.problem, r.detail) for r in same]).summary()
+        advice = "; ".join(dict.fromkeys(r.advice for r in same if r.advice))
+        sentences.append(f"The admin certificate {cert} was refused: {summary}."
+                         + (f" To fix it: {advice}." if advice else ""))
+    return " ".join(sentences)
+
+
+# What OpenSSL reports when the node refused the certificate we presented.
+_REFUSED_OURS = frozenset({
+    "TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "SSLV3_ALERT_CERTIFICATE_REVOKED",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+})
+# X509_V_ERR_HOSTNAME_MISMATCH: signed by our CA, but not the node we asked for.
+_HOSTNAME_MISMATCH = 62
+
+
 def _load_admin_certificate(context, config, cert, key):
     """The operator's certificate and key into ``context``; a
     CertificateFilesError (exit 2) names the file that is wrong."""
@@ -333,6 +384,7 @@ class AdminClient:
         self.timeout = timeout
         cert = cert or tls.admin_cert_path(config)
         key = key or tls.admin_key_path(config)
+        self.cert, self.key = Path(cert), Path(key)
         try:
             context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
                                                  cafile=str(config.ca_path))
@@ -379,8 +431,13 @@ class AdminClient:
             raise AdminError(f"{where} is down: {e.strerror or e}") from None
         try:
             sock = self.context.wrap_socket(raw, server_hostname=tls.node_name(node_id))
+        except ssl.SSLCertVerificationError as e:
+            raw.close()
+            raise self._untrusted(node_id, host, port, where, e) from None
         except (OSError, ssl.SSLError) as e:
             raw.close()
+            if getattr(e, "reason", None) in _REFUSED_OURS:
+                raise self._refused(node_id, where, e.reason) from None
             raise AdminError(f"{where}: TLS failed: {e}") from None
         connection = http.client.HTTPConnection(host, port, timeout=timeout)
         connection.sock = sock
@@ -398,6 +455,10 @@ class AdminClient:
                 return written
             text = response.read(1 << 20)
         except (OSError, http.client.HTTPException) as e:
+            # Under TLS 1.3 the node judges the admin certificate after our side of the
+            # handshake is done: its refusal arrives as the first read.
+            if getattr(e, "reason", None) in _REFUSED_OURS:
+                raise self._refused(node_id, where, e.reason) from None
             raise AdminError(f"{where}: {e}") from None
         finally:
             connection.close()
@@ -405,9 +466,58 @@ class AdminClient:
             answer = json.loads(text)
         except ValueError:
             raise AdminError(f"{where} answered {status} with no JSON") from None
+        if status == 403:
+            raise self._refused(node_id, where, None, status, answer)
         if status != 200:
             raise AdminError(f"{where}: {answer.get('message', status)}", status, answer)
         return answer
+
+    def _untrusted(self, node_id, host, port, where, error):
+        """TLS refused the node's certificate: say why, against our ca.pem, as the paxchat
+        CLI does (paxchat.tls.ClientCA.refusal), from the certificate the node presents."""
+        ca = tls.read_client_ca(self.config.ca_path)
+        chain = self._presented(node_id, host, port)
+        problem, detail, advice = ca.refusal(
+            chain, tls.node_name(node_id), hostname=error.verify_code == _HOSTNAME_MISMATCH,
+            detail=error.verify_message or "", renew=tls.node_certificate_renewal(self.config, node_id))
+        return CertificateProblem([CertificateRefusal(node_id, where, problem, detail, advice)])
+
+    def _presented(self, node_id, host, port):
+        """The certificate node ``node_id`` presents, taken without checking it (only to say
+        why it was refused); [] if it cannot be had."""
+        from cryptography import x509
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        try:
+            context.load_cert_chain(str(self.cert), str(self.key))
+            with socket.create_connection((host, port), timeout=self.timeout) as raw:
+                with context.wrap_socket(raw, server_hostname=tls.node_name(node_id)) as sock:
+                    der = sock.getpeercert(binary_form=True)
+            return [x509.load_der_x509_certificate(der)] if der else []
+        except (OSError, ValueError):
+            return []
+
+    def _refused(self, node_id, where, alert, code=None, body=None):
+        """The node refused the admin certificate: a TLS alert, or 403 (a certificate of the
+        cluster CA that is not an admin's). Say what is wrong with it against our ca.pem."""
+        advice = tls.admin_certificate_renewal(self.config)
+        if code == 403:
+            problem, detail = "not an admin certificate (a node's own is refused there)", ""
+            advice = ("give paxchat-admin the admin certificate, not a node's: admin.pem and admin.key,"
+                      f" which `paxchat-certs --config {self.config.path} --admin` makes where the"
+                      f" cluster's {self.config.ca_key_path.name} is kept")
+        else:
+            from cryptography import x509
+            try:
+                leaf = [x509.load_pem_x509_certificate(self.cert.read_bytes())]
+            except (OSError, ValueError):
+                leaf = []
+            ca = tls.read_client_ca(self.config.ca_path)
+            problem, detail, _ = ca.refusal(leaf, "", detail=f"TLS alert: {alert}")
+        refusal = CertificateRefusal(node_id, where, problem, detail, advice, ours=True,
+                                     cert=self.cert)
+        return CertificateProblem([refusal], code, body)
 
     def statuses(self):
         """{node id: status dict | AdminError}, asking every node at once."""
@@ -443,13 +553,17 @@ def status_table(statuses):
               "CLIENTS", "PEERS"]
     rows = [header]
     notes = []
+    refusals = []
     for n, s in sorted(statuses.items()):
         if isinstance(s, Exception):
             # A node that answered with a refusal (a certificate that is no
-            # admin's) is up: saying "down" would send the operator the wrong way.
-            state = "refused" if _refused_us(s) else "down"
-            rows.append([str(n), state] + ["-"] * (len(header) - 2))
-            notes.append(f"node {n}: {s}")
+            # admin's), or whose own certificate TLS refused, is up: saying
+            # "down" would send the operator the wrong way.
+            rows.append([str(n), _error_state(s)] + ["-"] * (len(header) - 2))
+            if isinstance(s, CertificateProblem):
+                refusals += s.refusals
+            else:
+                notes.append(f"node {n}: {s}")
             continue
         ballot = _ballot(s.get("ballot"))
         applied = s.get("applied_index")
@@ -476,6 +590,8 @@ def status_table(statuses):
                      _show(s.get("leader")), _show(ballot),
                      _show(s.get("commit_index")), _show(applied), _show(lag),
                      _show(s.get("clients")), f"{connected}/{len(peers)}" if peers else "-"])
+    if refusals:
+        notes.append(describe_refusals(refusals))
     notes += _apply_version_notes(up)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -513,7 +629,29 @@ def _apply_version_notes(up):
 
 def _refused_us(error):
     """The node answered, refusing our certificate (not an admin's): it is up."""
+    if isinstance(error, CertificateProblem):
+        return all(r.ours for r in error.refusals)
     return getattr(error, "code", None) == 403
+
+
+def _error_state(error):
+    """The STATE of a node that could not be asked: ``refused`` (it refused the admin
+    certificate), ``untrusted`` (TLS refused its certificate) or ``down``."""
+    if _refused_us(error):
+        return "refused"
+    return "untrusted" if isinstance(error, CertificateProblem) else "down"
+
+
+def _answering(statuses):
+    """The statuses of the nodes that answered. When none did and certificates are why
+    (the nodes refused, or were refused, rather than down), that CertificateProblem (exit
+    2): a wrong ca.pem or admin certificate here is the usual cause, not nodes that are down."""
+    up = {n: s for n, s in statuses.items() if not isinstance(s, Exception)}
+    if not up:
+        refusals = [r for e in statuses.values() if isinstance(e, CertificateProblem) for r in e.refusals]
+        if refusals:
+            raise CertificateProblem(refusals)
+    return up
 
 
 def _leader(statuses):
@@ -529,10 +667,14 @@ def _status(client, args, out):
     statuses = client.statuses()
     if args.json:
         print(json.dumps({str(n): (s if not isinstance(s, Exception)
-                                   else {"refused" if _refused_us(s) else "down": str(s)})
+                                   else {_error_state(s): str(s)})
                           for n, s in statuses.items()}, indent=2, sort_keys=True), file=out)
     else:
         print(status_table(statuses), file=out)
+    try:
+        _answering(statuses)
+    except AdminError:
+        return 2          # no node could be asked, for certificates: the check itself is broken
     return 1 if _in_trouble(statuses) else 0
 
 
@@ -556,7 +698,7 @@ def _backup(client, args, out):
     from paxchat.state.kv import SnapshotError, check_snapshot, file_chunks
     node = args.node
     if node is None:
-        up = {n: s for n, s in client.statuses().items() if not isinstance(s, Exception)}
+        up = _answering(client.statuses())
         if not up:
             raise AdminError("no node answers; there is nothing to back up")
         node = max(sorted(up), key=lambda n: up[n].get("applied_index") or 0)
@@ -771,6 +913,7 @@ def _transfer(client, args, out):
     target = args.target
     client.config.node(target, asked_as=f"transfer-leadership {target}")
     statuses = client.statuses()
+    _answering(statuses)
     leader = _leader(statuses)
     if leader is None:
         raise AdminError("no node reports a leader; nothing to transfer")
@@ -911,8 +1054,9 @@ def main(argv=None, out=None, err=None):
             code = args.run(client, args, out)
         out.flush()
         return code
-    except (configmod.ConfigError, tls.CertificateFilesError) as e:
-        # 2, as for a mistake on the command line: 1 says a node is down or refused.
+    except (configmod.ConfigError, tls.CertificateFilesError, CertificateProblem) as e:
+        # 2, as for a mistake on the command line: 1 says a node is down or refused
+        # for its data. A certificate refused, ours or a node's, is a file to mend.
         print(f"paxchat-admin: {e}", file=err)
         return 2
     except AdminError as e:

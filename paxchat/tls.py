@@ -28,7 +28,8 @@ from paxchat import config as configmod
 
 __all__ = [
     "CertificateFilesError", "CertificatesExist", "admin_name_of", "admin_server_options",
-    "ClientCA", "admin_cert_path", "admin_key_path", "make_admin_certificate", "client_connection_options",
+    "ClientCA", "admin_cert_path", "admin_certificate_renewal", "admin_key_path", "make_admin_certificate",
+    "node_certificate_renewal", "client_connection_options",
     "client_options_for_ca", "read_client_ca", "client_server_context", "ensure_cluster_certs",
     "load_ca", "load_node_certificate", "make_cluster_certs", "main", "node_id_of",
     "node_name", "peer_client_options", "peer_server_options",
@@ -462,20 +463,31 @@ class ClientCA:
         return ssl.optionsForClientTLS(
             host, trustRoot=self._root, extraCertificateOptions={"raiseMinimumTo": MINIMUM_TLS})
 
-    def refusal(self, chain, host: str, hostname: bool = False, detail: str = "") -> tuple[str, str, str]:
+    def refusal(self, chain, host: str, hostname: bool = False, detail: str = "",
+                renew: str | None = None) -> tuple[str, str, str]:
         """(problem, detail, advice): why TLS refused the certificate ``chain`` (leaf first) a node presented.
 
         Told apart because each has its own remedy: a certificate another CA
         signed (the client's ca.pem is not the cluster's, or the cluster's
         certificates were remade); one out of its dates; one made for
-        another address than ``host`` (cluster.ini's).
+        another address than ``host`` (cluster.ini's), or for another node
+        than ``host`` when it is a node's name (``paxchat-admin`` checks
+        those). ``renew``: how that node gets a new certificate, for a
+        reader who can make one (the operator); by default, that the
+        operator has to.
         """
-        renew = ("the cluster's operator has to give that node a new certificate from the cluster CA"
-                 " (docs/operations.md)")
+        if renew is None:
+            renew = ("the cluster's operator has to give that node a new certificate from the cluster CA"
+                     " (docs/operations.md, Certificates)")
         leaf = chain[0] if chain else None
         if hostname:
             names = _alt_names(leaf) if leaf is not None else []
-            return (f"certificate not made for {host}", f"it is for {', '.join(names)}" if names else detail,
+            problem = f"certificate not made for {host}"
+            detail = f"it is for {', '.join(names)}" if names else detail
+            if _NODE_CN.match(host):
+                return (problem, detail, "the node presents another node's certificate (its files were"
+                        f" swapped, or copied from another machine): put its own back, or {renew}")
+            return (problem, detail,
                     f"either the node's address in cluster.ini is not the one its certificate was made"
                     f" for, or {renew}")
         wrong_ca = (f"if {self.path} is not this cluster's CA (copied from the wrong place, or the"
@@ -496,6 +508,24 @@ class ClientCA:
             return (f"certificate not valid before {before:%Y-%m-%d %H:%M} UTC", "",
                     "check this machine's clock")
         return f"certificate not accepted by the CA in {self.path}", detail, renew
+
+
+def node_certificate_renewal(config, node_id) -> str:
+    """How the operator gives node ``node_id`` a new certificate (one that expired, or that
+    the cluster's clients and paxchat-admin do not accept): only that node's, from the
+    cluster CA, so nothing else changes."""
+    cert, key = config.node_cert_path(node_id).name, config.node_key_path(node_id).name
+    return (f"make node {node_id} a new certificate where the cluster's {config.ca_key_path.name} is"
+            f" kept: remove {cert} and {key} there, run `paxchat-certs --config {config.path}"
+            f" --if-missing`, copy both to node {node_id}'s machine and restart the node"
+            " (docs/operations.md, Certificates)")
+
+
+def admin_certificate_renewal(config) -> str:
+    """How the operator gets a new admin certificate from the cluster CA."""
+    return (f"make a new admin certificate where the cluster's {config.ca_key_path.name} is kept:"
+            f" remove admin.pem and admin.key there, run `paxchat-certs --config {config.path}"
+            " --admin` and copy both here (docs/operations.md, Certificates)")
 
 
 def _validity(certificate):

@@ -210,8 +210,11 @@ def test_only_an_admin_certificate_is_let_in(node_1):
     cfg, node = node_1
     code, out, err = yield run_admin(cfg, "--cert", str(cfg.node_cert_path(1)),
                                      "--key", str(cfg.node_key_path(1)), "status")
-    assert code == 1
-    assert "an admin certificate of the cluster CA is needed" in out
+    assert code == 2      # no node could be asked, for the certificate: the check is broken
+    assert out.splitlines()[1].split()[:2] == ["1", "refused"]
+    assert (f"The admin certificate {cfg.node_cert_path(1)} was refused: node 1 (127.0.0.1:"
+            in out and "not an admin certificate (a node's own is refused there)" in out)
+    assert "give paxchat-admin the admin certificate, not a node's" in out
 
     def without_certificate():
         import socket
@@ -225,6 +228,150 @@ def test_only_an_admin_certificate_is_let_in(node_1):
 
     with pytest.raises(OSError):
         yield threads.deferToThread(without_certificate)
+
+
+def operator_config(cfg, directory, ca_from, admin_from):
+    """cfg's cluster.ini for an operator whose tls_dir holds ``ca_from``'s ca.pem and
+    ``admin_from``'s admin certificate."""
+    directory.mkdir(parents=True)
+    certs = directory / "certs"
+    certs.mkdir()
+    shutil.copy(ca_from.ca_path, certs / "ca.pem")
+    for path in (tls.admin_cert_path(admin_from), tls.admin_key_path(admin_from)):
+        shutil.copy(path, certs / path.name)
+    path = directory / "cluster.ini"
+    path.write_text(cfg.path.read_text().replace("[cluster]\n", f"[cluster]\ntls_dir = {certs}\n", 1))
+    return configmod.load(path)
+
+
+def another_cluster(directory):
+    other = write_ops_config(directory, nodes=1, keys=("admin",))
+    tls.make_cluster_certs(other)
+    tls.make_admin_certificate(other)
+    return other
+
+
+def ca_name(path):
+    from cryptography import x509
+    ca = x509.load_pem_x509_certificate(path.read_bytes())
+    return ca.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)[0].value
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_ca_pem_of_another_cluster_is_named_not_taken_for_nodes_down(node_1, tmp_path):
+    """As the paxchat CLI says it (paxchat.tls.ClientCA.refusal): the file, both CAs, the
+    fix; status shows the node up but untrusted, and every command exits 2 at once."""
+    cfg, node = node_1
+    other = another_cluster(tmp_path / "other")
+    operator = operator_config(cfg, tmp_path / "operator", ca_from=other, admin_from=cfg)
+    wrong = (f"node 1 (127.0.0.1:{cfg.node(1).admin.port}): certificate not signed by the CA in"
+             f" {operator.ca_path} (it was issued by \"{ca_name(cfg.ca_path)}\"; ca.pem holds"
+             f" \"{ca_name(other.ca_path)}\"). To fix it: if {operator.ca_path} is not this cluster's"
+             " CA (copied from the wrong place, or the cluster's certificates were remade since),"
+             " copy the cluster's own ca.pem there")
+    code, out, err = yield run_admin(operator, "status")
+    assert code == 2, (out, err)
+    rows = [line.split()[:2] for line in out.splitlines()[1:3]]
+    assert rows == [["1", "untrusted"], ["2", "down"]]
+    assert f"TLS refused the paxchat servers' certificates: {wrong}" in out
+    code, out, err = yield run_admin(operator, "status", "--json")
+    assert code == 2 and wrong in json.loads(out)["1"]["untrusted"]
+    for argv in (["snapshot", "1"], ["transfer-leadership", "2"],
+                 ["backup", str(tmp_path / "copy.backup")]):
+        code, out, err = yield run_admin(operator, *argv)
+        assert (code, out) == (2, ""), (argv, err)
+        assert err.startswith("paxchat-admin: TLS refused the paxchat servers' certificates: ")
+        assert wrong in err, argv
+    assert not (tmp_path / "copy.backup").exists()
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_admin_certificate_of_another_ca_is_named(node_1, tmp_path):
+    cfg, node = node_1
+    other = another_cluster(tmp_path / "other")
+    operator = operator_config(cfg, tmp_path / "operator", ca_from=cfg, admin_from=other)
+    code, out, err = yield run_admin(operator, "status")
+    assert code == 2, (out, err)
+    assert out.splitlines()[1].split()[:2] == ["1", "refused"]
+    admin_pem = tls.admin_cert_path(operator)
+    assert (f"The admin certificate {admin_pem} was refused: node 1 (127.0.0.1:"
+            f"{cfg.node(1).admin.port}): certificate not signed by the CA in {operator.ca_path}"
+            f" (it was issued by \"{ca_name(other.ca_path)}\"; ca.pem holds \"{ca_name(cfg.ca_path)}\")."
+            " To fix it: make a new admin certificate where the cluster's ca.key is kept: remove"
+            f" admin.pem and admin.key there, run `paxchat-certs --config {operator.path} --admin`"
+            " and copy both here") in out
+    code, out, err = yield run_admin(operator, "snapshot", "1")
+    assert code == 2 and f"The admin certificate {admin_pem} was refused" in err
+
+
+def node_certificate(cfg, node_id, *, expired=False, name_of=None):
+    """Node ``node_id``'s certificate and key from cfg's CA, expired or naming node ``name_of``."""
+    import datetime
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    ca = tls.read_client_ca(cfg.ca_path).certificate
+    ca_key = serialization.load_pem_private_key(cfg.ca_key_path.read_bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = ((now - datetime.timedelta(days=30), now - datetime.timedelta(days=1)) if expired
+                  else (now - datetime.timedelta(hours=1), now + datetime.timedelta(days=30)))
+    name = tls.node_name(name_of or node_id)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([
+                x509.NameAttribute(x509.oid.NameOID.ORGANIZATIONAL_UNIT_NAME, tls.NODE_UNIT),
+                x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(9)
+            .not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1")), x509.DNSName(name)]),
+                critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    cfg.node_cert_path(node_id).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    cfg.node_key_path(node_id).write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return end
+
+
+@pytest.mark.parametrize("fault", ["expired", "another node's"])
+@pytest_twisted.inlineCallbacks
+def test_a_node_certificate_that_expired_or_is_another_nodes_is_named_with_its_remedy(tmp_path, fault):
+    cfg = make_cluster(tmp_path)
+    end = node_certificate(cfg, 1, expired=fault == "expired", name_of=2 if fault != "expired" else None)
+    node = NodeService(cfg, 1, reactor_())
+    node.startService()
+    try:
+        code, out, err = yield run_admin(cfg, "status")
+        assert code == 2, (out, err)      # no node could be asked: node 2 is down
+        assert out.splitlines()[1].split()[:2] == ["1", "untrusted"]
+        where = f"node 1 (127.0.0.1:{cfg.node(1).admin.port})"
+        if fault == "expired":
+            assert f"{where}: certificate expired on {end:%Y-%m-%d}." in out
+        else:
+            assert (f"{where}: certificate not made for paxchat-node-1 (it is for 127.0.0.1,"
+                    " paxchat-node-2). To fix it: the node presents another node's certificate") in out
+        assert ("make node 1 a new certificate where the cluster's ca.key is kept: remove node-1.pem"
+                f" and node-1.key there, run `paxchat-certs --config {cfg.path} --if-missing`, copy"
+                " both to node 1's machine and restart the node") in out
+        code, out, err = yield run_admin(cfg, "snapshot", "1")
+        assert code == 2 and f"{where}: certificate" in err
+    finally:
+        yield defer.maybeDeferred(node.stopService)
+
+
+def test_status_exits_2_only_when_certificates_kept_every_node_from_answering():
+    import argparse
+    untrusted = admin.CertificateProblem([admin.CertificateRefusal(
+        1, "node 1 (10.0.0.1:7300)", "certificate expired on 2026-01-01", "", "renew it")])
+    down = admin.AdminError("node 2 (10.0.0.2:7300) is down: Connection refused")
+    up = {"role": "leader", "leader": 3, "peers": {}}
+
+    def exit_status(statuses):
+        client = type("Client", (), {"statuses": lambda self: statuses})()
+        return admin._status(client, argparse.Namespace(json=False), io.StringIO())
+    assert exit_status({1: untrusted, 2: down}) == 2
+    assert exit_status({1: untrusted, 2: down, 3: up}) == 1   # node 3 answered: node 1 is in trouble
+    assert exit_status({2: down}) == 1
 
 
 @pytest_twisted.inlineCallbacks
