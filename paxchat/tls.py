@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from zope.interface import implementer
 
 from paxchat import clienttls
 from paxchat import config as configmod
@@ -450,18 +452,47 @@ class ClientCA:
 
     Kept whole, not only as a trust root, so that a node certificate TLS
     refused can be explained against it (``refusal``) without reading the
-    file again.
+    file again. ``reload`` reads the file again if it changed: a client
+    that runs for long (the prompt, the desktop app) takes the cluster's
+    own ca.pem, copied in after a refusal, without a restart.
     """
 
-    def __init__(self, path, certificate: x509.Certificate):
+    def __init__(self, path, certificate: x509.Certificate, stamp=None):
         self.path = Path(path)
+        self._stamp = _file_stamp(self.path) if stamp is None else stamp
+        self._take(certificate)
+
+    def _take(self, certificate):
         self.certificate = certificate
         self._root = ssl.Certificate.loadPEM(_cert_pem(certificate))
+        self._options = {}                 # host -> options, made once per CA read
 
     def options(self, host):
-        """Client TLS options trusting this CA alone and checking that the node is ``host``."""
-        return ssl.optionsForClientTLS(
-            host, trustRoot=self._root, extraCertificateOptions={"raiseMinimumTo": MINIMUM_TLS})
+        """A TLS connection creator trusting this CA alone (as last read) and checking
+        that the node is ``host``."""
+        return _TrustingClientCA(self, host)
+
+    def options_now(self, host):
+        """Client TLS options trusting the CA as read now, checking that the node is ``host``."""
+        options = self._options.get(host)
+        if options is None:
+            options = self._options[host] = ssl.optionsForClientTLS(
+                host, trustRoot=self._root, extraCertificateOptions={"raiseMinimumTo": MINIMUM_TLS})
+        return options
+
+    def reload(self) -> bool:
+        """Read the file again if it changed since it was read (a stat; then one small
+        file read): True if another CA is trusted from now on. A file that cannot be
+        read or holds no certificate raises CertificateFilesError and changes nothing."""
+        stamp = _file_stamp(self.path)
+        if stamp == self._stamp:
+            return False
+        certificate = _load_x509(self.path, None)
+        self._stamp = stamp
+        if certificate == self.certificate:
+            return False
+        self._take(certificate)
+        return True
 
     def refusal(self, chain, host: str, hostname: bool = False, detail: str = "",
                 renew: str | None = None) -> tuple[str, str, str]:
@@ -528,6 +559,28 @@ def admin_certificate_renewal(config) -> str:
             " --admin` and copy both here (docs/operations.md, Certificates)")
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+class _TrustingClientCA:
+    """A connection creator for one host that trusts the ClientCA as it is when each
+    connection is made, so a CA read again (``ClientCA.reload``) holds from the next one."""
+
+    def __init__(self, ca: ClientCA, host: str):
+        self._ca = ca
+        self._host = host
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        return self._ca.options_now(self._host).clientConnectionForTLS(tlsProtocol)
+
+
+def _file_stamp(path):
+    """What changes when a file is replaced or rewritten; None for a file that is not there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _validity(certificate):
     """(not before, not after) as aware UTC datetimes (cryptography 41 has only naive ones)."""
     if hasattr(certificate, "not_valid_after_utc"):
@@ -556,12 +609,13 @@ def read_client_ca(ca_path) -> ClientCA:
     A missing CA file is a client's: its error says to copy the cluster's,
     not to make one (`paxchat-certs` would make a CA the nodes know nothing of).
     """
-    return ClientCA(ca_path, _load_x509(ca_path, None))
+    stamp = _file_stamp(ca_path)           # before the read: a change after it is seen next time
+    return ClientCA(ca_path, _load_x509(ca_path, None), stamp)
 
 
 def client_options_for_ca(ca_path, host):
     """Client side of the client port, trusting the CA at ``ca_path`` and checking ``host``."""
-    return read_client_ca(ca_path).options(host)
+    return read_client_ca(ca_path).options_now(host)
 
 
 def client_connection_options(config, host):

@@ -784,7 +784,7 @@ def test_the_prompt_says_when_tls_refused_the_servers_certificates_not_that_none
     shell, lines = shell_with(StubClient({}))
     shell.on_status(Status("failed", detail=str(error), error=error))
     assert lines == ["TLS refused the servers' certificates (certificate not signed by the CA in"
-                     " certs/ca.pem); commands will try again."]
+                     " certs/ca.pem); commands will try again, reading ca.pem again."]
 
 
 def test_shell_says_when_servers_answer_but_too_few_to_agree():

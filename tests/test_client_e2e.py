@@ -224,6 +224,27 @@ def test_cli_with_another_clusters_ca_says_so_at_once_not_that_nodes_answer_noth
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_long_running_client_takes_the_right_ca_pem_once_copied_in_without_a_restart(node, tmp_path):
+    """The prompt and the desktop app keep one client: told that their ca.pem is not the
+    cluster's, they take the cluster's own at their next campaign once it is copied in."""
+    import shutil
+    from paxchat.client.errors import UntrustedNodes
+    config = wrong_ca_config(node, tmp_path)
+    client = client_for(config)
+    try:
+        with pytest.raises(UntrustedNodes):
+            yield client.connect()
+        config.ca_path.write_text("not a certificate")       # half copied: the CA read before holds
+        with pytest.raises(UntrustedNodes):
+            yield client.connect()
+        shutil.copy(node.ca_path, config.ca_path)
+        hello = yield client.connect()
+        assert hello["node"] == 1
+    finally:
+        yield client.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_client_rides_out_a_node_restart(tmp_path):
     """The node dies mid-session and comes back: the client reconnects, resumes and sends once."""
     try:

@@ -433,6 +433,24 @@ def test_a_node_certificate_for_another_address_is_told_apart(cluster):
         yield port.stopListening()
 
 
+def test_a_client_ca_is_read_again_only_when_its_file_changed(tmp_path, other_cluster):
+    import shutil
+    cfg = make_config(tmp_path)
+    tls.make_cluster_certs(cfg)
+    ca = tls.read_client_ca(cfg.ca_path)
+    first = ca.certificate
+    before = ca.options_now("127.0.0.1")
+    assert ca.reload() is False and ca.options_now("127.0.0.1") is before
+    cfg.ca_path.write_text("not a certificate")
+    with pytest.raises(tls.CertificateFilesError):
+        ca.reload()
+    assert ca.certificate == first                    # a file that cannot be used changes nothing
+    shutil.copy(other_cluster.ca_path, cfg.ca_path)
+    assert ca.reload() is True
+    assert ca.certificate == load(other_cluster.ca_path) and ca.options_now("127.0.0.1") is not before
+    assert ca.reload() is False
+
+
 def test_an_expired_node_certificate_is_not_called_another_cas(tmp_path):
     import datetime
     from cryptography.hazmat.primitives import hashes, serialization

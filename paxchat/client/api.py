@@ -43,6 +43,8 @@ from twisted.internet import error as net_error
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from paxchat.tls import CertificateFilesError
+
 from .connection import ChatClientFactory, check_size, encode_request
 from .errors import (
     CertificateRefused, ClientError, ClosedUnanswered, ConnectionDropped, NoMajority, RequestTooLarge,
@@ -441,6 +443,7 @@ class PaxchatClient:
         self._start_rotation(after=None)
 
     def _start_rotation(self, after):
+        self._read_cas_again()
         now = self.reactor.seconds()
         self._no_majority = False
         self._closed_unanswered = False
@@ -453,6 +456,21 @@ class PaxchatClient:
         detail, self._leaving = self._leaving, ""
         self._set_status(Status(state, None, self.leader, detail))
         self._next_attempt()
+
+    def _read_cas_again(self):
+        """The CA files the nodes' certificates are checked against, read again if they
+        changed (a stat each; a file of a kilobyte then): a prompt or desktop app that was
+        told its ca.pem is not the cluster's takes the right one, once copied in, at its
+        next campaign instead of failing until restarted."""
+        cas = {id(t.ca): t.ca for t in self.targets.values() if hasattr(t.ca, "reload")}
+        for ca in cas.values():
+            try:
+                if ca.reload():
+                    self.log.info("{path} changed: node certificates are checked against it from now on",
+                                  path=str(ca.path))
+            except CertificateFilesError as e:
+                self.log.warn("{path} changed, but cannot be used ({why}); still trusting the CA read"
+                              " before", path=str(ca.path), why=str(e))
 
     def _next_attempt(self):
         if self._closed or self._rotation is None:

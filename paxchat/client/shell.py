@@ -128,7 +128,7 @@ class Shell:
             self.note("Too few servers are up to agree on anything; commands will try again.")
         elif status.state == "failed" and isinstance(status.error, UntrustedNodes):
             self.note(f"TLS refused the servers' certificates ({status.error.problem});"
-                      " commands will try again.")
+                      " commands will try again, reading ca.pem again.")
         elif status.state == "failed":
             self.note("Cannot reach any server; commands will try again.")
         self.connected_to = status.node if status.state == "connected" else None

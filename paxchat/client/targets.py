@@ -43,7 +43,8 @@ def targets_from_addresses(reactor, addresses: Mapping[int, tuple[str, int]] | I
     ``tls(host)``, when given, returns the client TLS connection creator for
     that host (e.g. ``lambda h: optionsForClientTLS(h, trustRoot=ca)``);
     else ``ca_path``, the cluster CA every node's certificate is checked
-    against (read once, here).
+    against (read here, and again by the client when it starts a campaign
+    and the file changed: ``ClientCA.reload``).
     """
     ca = None
     if tls is None and ca_path is not None:
