@@ -565,7 +565,10 @@ def status_table(statuses):
             else:
                 notes.append(f"node {n}: {s}")
             continue
-        ballot = _ballot(s.get("ballot"))
+        # The ballot of the leader in LEADER, as the node knows it from its
+        # heartbeats: the same on every node that follows it, at once after a
+        # restart. A node of an earlier build gives only its promise.
+        ballot = _ballot(s["leader_ballot"] if "leader_ballot" in s else s.get("ballot"))
         applied = s.get("applied_index")
         lag = reference - applied if isinstance(applied, int) else None
         peers = s.get("peers") or {}

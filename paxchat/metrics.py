@@ -57,7 +57,7 @@ _CLIENT_COUNTERS = {
                        " connections_per_address from one IP address.",
 }
 # Numeric fields of the log's status() become gauges paxchat_<key>; these have their own.
-_NOT_GAUGES = {"node", "leader", "ballot", "clients", "running", "role", "peers",
+_NOT_GAUGES = {"node", "leader", "ballot", "leader_ballot", "clients", "running", "role", "peers",
                "refused_peers", "refused_by_peers", "rebuilding",
                *_CLIENT_COUNTERS}
 _METRIC_NAME = re.compile(r"[a-z_][a-z0-9_]*\Z")

@@ -475,11 +475,17 @@ class ReplicatedLog:
             peers = {n: self.transport.peer_state(n) for n in self.members if n != self.node_id}
             refused = getattr(self.transport, "refusals", dict)()
             refused_by = getattr(self.transport, "refused_by", dict)()
+        leader = self.leader_id()
+        # The ballot of the leader it follows, as its heartbeats and writes
+        # say it: a follower back from a restart knows it at the first
+        # heartbeat, while its promise ("ballot") rises only with a write.
+        followed = r.leader_state()[1] if r is not None and leader is not None else None
         return {
             "node": self.node_id,
             "role": "failed" if self.failed else (r.role if r is not None else "starting"),
-            "leader": self.leader_id(),
+            "leader": leader,
             "ballot": [r.ballot.round, r.ballot.node] if r is not None else None,
+            "leader_ballot": [followed.round, followed.node] if followed is not None else None,
             "commit_index": r.commit_index if r is not None else None,
             "applied_index": self.applied_index,
             "snapshot_index": r.snapshot_index if r is not None else None,

@@ -104,6 +104,17 @@ def test_status_table():
         "node 4 turned away 7 client connections since it started: it held max_clients"]
 
 
+def test_the_ballot_column_is_the_followed_leaders_and_a_promise_only_from_an_earlier_build():
+    statuses = {
+        1: {"role": "leader", "leader": 1, "ballot": [5, 1], "leader_ballot": [5, 1]},
+        2: {"role": "follower", "leader": 1, "ballot": [4, 2], "leader_ballot": [5, 1]},  # back from a restart
+        3: {"role": "precandidate", "leader": None, "ballot": [9, 3], "leader_ballot": None},
+        4: {"role": "follower", "leader": 1, "ballot": [4, 2]},            # an earlier build
+    }
+    rows = [line.split() for line in admin.status_table(statuses).splitlines()[1:]]
+    assert [row[4] for row in rows] == ["5.1", "5.1", "-", "4.2"]
+
+
 def test_status_says_so_while_the_nodes_builds_and_the_clusters_apply_version_differ():
     def node(build, cluster):
         return {"role": "follower", "applied_index": 5, "commit_index": 5,

@@ -592,6 +592,25 @@ def test_step_down_gracefully_hands_leadership_over(cluster):
     assert set(status["peers"]) == set(cluster.members) - {new}
 
 
+def test_a_follower_back_from_a_restart_names_the_ballot_of_the_leader_it_follows(cluster):
+    """Its promise rises only when the leader's next write reaches it; the leader's
+    ballot, as its heartbeats say, is what status shows beside the leader (``leader_ballot``)."""
+    leader = cluster.wait_leader()
+    assert cluster.result(cluster.logs[leader].submit(create("x")))["ok"]
+    victim = next(n for n in cluster.members if n != leader)
+    cluster.stop(victim)
+    assert cluster.result(cluster.logs[leader].step_down_gracefully()) is True
+    new = cluster.wait_leader()
+    ballot = cluster.logs[new].replica.ballot
+    rl = cluster.start(victim)
+    cluster.until(lambda: rl.leader_id() == new, what="the restarted node to follow the new leader")
+    status = rl.status()
+    assert status["role"] == "follower" and status["leader"] == new
+    assert status["leader_ballot"] == [ballot.round, ballot.node]
+    assert status["ballot"] != status["leader_ballot"]     # its promise: still the earlier leader's
+    assert cluster.logs[new].status()["leader_ballot"] == cluster.logs[new].status()["ballot"]
+
+
 def test_stop_fails_pending_requests(cluster):
     cluster.wait_leader()
     cluster.network.cut = set(cluster.members)
