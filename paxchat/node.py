@@ -77,6 +77,8 @@ class NodeService(service.MultiService):
         self._peers_to_write = None        # peer identities waiting to go to disk
         self._writing_peers = False
         self._stopping_for_fatal = False   # fatal() has said why the node stops
+        self._process_ending = False       # the reactor shuts down (SIGTERM): the process ends
+        self._shutdown_trigger = None
         # Fires once what a failed start opened is closed (the close is not
         # instant: the log's files close on their own thread).
         self.closing = defer.succeed(None)
@@ -134,6 +136,11 @@ class NodeService(service.MultiService):
                     child.stopService()
             self.closing = self._close_started()
             raise
+        # Runs before the application's stopService when the process stops:
+        # fatal() then knows the stop under way ends the process.
+        self._process_ending = False
+        self._shutdown_trigger = self.reactor.addSystemEventTrigger(
+            "before", "shutdown", self._process_ends)
         log.info("paxchat node {node_id} serving clients on {address} ({tls})",
                  node_id=self.node_id, address=str(self.node.client),
                  tls="TLS" if self.client_tls_context else "plain TCP")
@@ -345,6 +352,10 @@ class NodeService(service.MultiService):
             lambda kept: kept and self._off_reactor("clear the rebuilding mark", clear_rebuilding,
                                                     self.data_dir))
 
+    def _process_ends(self):
+        self._process_ending = True
+        self._shutdown_trigger = None
+
     def fatal(self, why):
         """The node cannot go on (its storage failed): end the process with status 1.
 
@@ -352,22 +363,19 @@ class NodeService(service.MultiService):
         exits non-zero so a supervisor notices and an operator looks. This is
         the one line that says why (the replicated log and its store leave
         it to the node); what fails after it comes of it and is not said.
-        A failure during a planned stop is said too; that stop goes on.
+        A failure during a planned stop of the process (SIGTERM, ``systemctl
+        stop``) is said too; that stop goes on, and ends with status 1 as
+        well, so systemd shows the unit failed rather than stopped as asked.
+        A node stopped as a service by its owner (not the process) only says it.
         """
         if self._stopping_for_fatal:
             return  # said already
         self._stopping_for_fatal = True
         log.critical("paxchat node {node_id} is stopping: {why}", node_id=self.node_id, why=why)
-        if not self.running:
-            return  # a planned stop is under way: it ends the process
-
-        def exit_failed():
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
-
-        self.reactor.addSystemEventTrigger("after", "shutdown", exit_failed)
-        if self.reactor.running:
+        if not (self.running or self._process_ending):
+            return  # its owner stopped the service; the process is not ours to end
+        self.reactor.addSystemEventTrigger("after", "shutdown", _exit_failed)
+        if not self._process_ending and self.reactor.running:
             self.reactor.stop()
 
     def client_endpoint(self):
@@ -381,6 +389,9 @@ class NodeService(service.MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):
+        trigger, self._shutdown_trigger = self._shutdown_trigger, None
+        if trigger is not None:            # stopped by its owner, the process going on
+            self.reactor.removeSystemEventTrigger(trigger)
         notify.stopping(f"node {self.node_id} stopping")
         port, self.port = self.port, None
         if port is not None:
@@ -468,6 +479,13 @@ class NodeService(service.MultiService):
             yield worker.stop()
         elif state is not None:
             state.close()
+
+
+def _exit_failed():
+    """End the process with status 1 (after the reactor shut down: the services are stopped)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _listen_now(endpoint, factory):

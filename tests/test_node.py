@@ -218,6 +218,63 @@ class _ReactorKeptRunning:
         self.stopped.callback(None)
 
 
+class _ShutdownPlayed(_ReactorKeptRunning):
+    """As _ReactorKeptRunning, and the shutdown triggers the node adds are kept here,
+    not on the tests' reactor: a test plays the process's stop (SIGTERM) by calling
+    the ``before`` ones, as the reactor would before it stops the application."""
+
+    def __init__(self, reactor):
+        super().__init__(reactor)
+        self.triggers = {"before": [], "after": []}
+
+    def addSystemEventTrigger(self, phase, event, fn, *args, **kwargs):
+        if event == "shutdown" and phase in self.triggers:
+            self.triggers[phase].append(fn)
+            return ("played", phase, fn)
+        return self._reactor.addSystemEventTrigger(phase, event, fn, *args, **kwargs)
+
+    def removeSystemEventTrigger(self, handle):
+        if isinstance(handle, tuple) and handle[0] == "played":
+            self.triggers[handle[1]].remove(handle[2])
+        else:
+            self._reactor.removeSystemEventTrigger(handle)
+
+
+@pytest.mark.parametrize("when", ["as the stop begins", "as it closes"])
+@pytest_twisted.inlineCallbacks
+def test_a_disk_failure_while_the_process_stops_on_purpose_ends_it_with_status_1(tmp_path, when):
+    """systemctl stop of a node whose disk fails meanwhile: the stop goes on, and the
+    process ends with status 1, so systemd shows the unit failed, not stopped as asked."""
+    from paxchat import node as nodemod
+    cfg = configmod.load(write_local_config(tmp_path, nodes=1, client_tls="off", bcrypt_cost=4))
+    reactor = _ShutdownPlayed(reactor_())
+    node = NodeService(cfg, 1, reactor)
+    node.startService()
+    for trigger in list(reactor.triggers["before"]):
+        trigger()                                   # SIGTERM: the reactor shuts down
+    if when == "as the stop begins":
+        assert node.running
+        node.fatal("the Paxos log cannot be written: the disk is full")
+    yield node.stopService()
+    if when == "as it closes":
+        node.fatal("the Paxos log cannot be written: the disk is full")
+    assert reactor.triggers["after"] == [nodemod._exit_failed]
+    assert not reactor.stopped.called               # stopping already: not asked again
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_node_its_owner_stops_as_a_service_leaves_the_process_alone(tmp_path):
+    cfg = configmod.load(write_local_config(tmp_path, nodes=1, client_tls="off", bcrypt_cost=4))
+    reactor = _ShutdownPlayed(reactor_())
+    node = NodeService(cfg, 1, reactor)
+    node.startService()
+    assert len(reactor.triggers["before"]) == 1
+    yield node.stopService()
+    assert reactor.triggers["before"] == []         # nothing left behind on the reactor
+    node.fatal("the Paxos log cannot be written: the disk is full")
+    assert reactor.triggers["after"] == [] and not reactor.stopped.called
+
+
 def _disk_full_in_the_log(node):
     def write(fd, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
