@@ -516,8 +516,9 @@ class ClientCA:
             problem = f"certificate not made for {host}"
             detail = f"it is for {', '.join(names)}" if names else detail
             if _NODE_CN.match(host):
-                return (problem, detail, "the node presents another node's certificate (its files were"
-                        f" swapped, or copied from another machine): put its own back, or {renew}")
+                return (problem, detail, "another node answered there: either that address in"
+                        " cluster.ini is another node's, or the node has another node's certificate"
+                        f" (its files swapped, or copied from another machine): put its own back, or {renew}")
             return (problem, detail,
                     f"either the node's address in cluster.ini is not the one its certificate was made"
                     f" for, or {renew}")

@@ -360,7 +360,8 @@ def test_a_node_certificate_that_expired_or_is_another_nodes_is_named_with_its_r
             assert f"{where}: certificate expired on {end:%Y-%m-%d}." in out
         else:
             assert (f"{where}: certificate not made for paxchat-node-1 (it is for 127.0.0.1,"
-                    " paxchat-node-2). To fix it: the node presents another node's certificate") in out
+                    " paxchat-node-2). To fix it: another node answered there: either that address"
+                    " in cluster.ini is another node's, or the node has another node's certificate") in out
         assert ("make node 1 a new certificate where the cluster's ca.key is kept: remove node-1.pem"
                 f" and node-1.key there, run `paxchat-certs --config {cfg.path} --if-missing`, copy"
                 " both to node 1's machine and restart the node") in out
