@@ -917,6 +917,8 @@ def _transfer(client, args, out):
     client.config.node(target, asked_as=f"transfer-leadership {target}")
     statuses = client.statuses()
     _answering(statuses)
+    if isinstance(statuses.get(target), CertificateProblem):
+        raise statuses[target]       # it could not be watched taking over
     leader = _leader(statuses)
     if leader is None:
         raise AdminError("no node reports a leader; nothing to transfer")

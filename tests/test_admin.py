@@ -827,6 +827,26 @@ def test_no_transfer_to_a_node_that_rebuilds(tmp_path):
     assert "node 3 leads now" in out.getvalue()
 
 
+def test_no_transfer_to_a_node_whose_certificate_is_refused(tmp_path):
+    """It could not be watched taking over: said up front, nothing asked of the leader."""
+    import argparse
+    untrusted = admin.CertificateProblem([admin.CertificateRefusal(
+        2, "node 2 (10.0.0.12:7300)", "certificate expired on 2026-01-01", "", "renew it")])
+
+    class Client:
+        config = make_cluster(tmp_path, nodes=3)
+        calls = []
+
+        def statuses(self):
+            return {1: {"role": "leader", "leader": 1}, 2: untrusted, 3: {"role": "follower", "leader": 1}}
+
+        def call(self, *args):
+            self.calls.append(args)
+    with pytest.raises(admin.CertificateProblem) as info:
+        admin._transfer(Client(), argparse.Namespace(target=2, wait=1.0), io.StringIO())
+    assert info.value is untrusted and Client.calls == []
+
+
 @pytest.mark.parametrize("after, why", [
     ({1: "follower", 2: "follower", 3: "follower"},
      "node 2 did not take over within 0.2 s, and no node leads now: node 1 stepped down and the"
