@@ -353,6 +353,9 @@ _REFUSED_OURS = frozenset({
     "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "SSLV3_ALERT_CERTIFICATE_REVOKED",
     "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED",
 })
+# A connection ended under a request, before any answer: perhaps the node's
+# refusal of our certificate, its alert lost in a reset.
+_CUT_SHORT = (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected)
 # X509_V_ERR_HOSTNAME_MISMATCH: signed by our CA, but not the node we asked for.
 _HOSTNAME_MISMATCH = 62
 
@@ -456,9 +459,13 @@ class AdminClient:
             text = response.read(1 << 20)
         except (OSError, http.client.HTTPException) as e:
             # Under TLS 1.3 the node judges the admin certificate after our side of the
-            # handshake is done: its refusal arrives as the first read.
-            if getattr(e, "reason", None) in _REFUSED_OURS:
-                raise self._refused(node_id, where, e.reason) from None
+            # handshake is done: its refusal arrives as the first read, or is lost
+            # when the node closes on the request it did not read (a reset).
+            alert = getattr(e, "reason", None)
+            if alert not in _REFUSED_OURS and isinstance(e, _CUT_SHORT):
+                alert = self._refusal_alert(node_id, host, port)
+            if alert in _REFUSED_OURS:
+                raise self._refused(node_id, where, alert) from None
             raise AdminError(f"{where}: {e}") from None
         finally:
             connection.close()
@@ -482,15 +489,30 @@ class AdminClient:
             detail=error.verify_message or "", renew=tls.node_certificate_renewal(self.config, node_id))
         return CertificateProblem([CertificateRefusal(node_id, where, problem, detail, advice)])
 
+    def _refusal_alert(self, node_id, host, port):
+        """The alert the node sends about the admin certificate on a connection where we
+        send nothing (so nothing unread makes it reset the connection over its alert),
+        or None if it sends none within a second: it took the certificate."""
+        try:
+            with socket.create_connection((host, port), timeout=self.timeout) as raw:
+                with self.context.wrap_socket(raw, server_hostname=tls.node_name(node_id)) as sock:
+                    sock.settimeout(min(self.timeout, 1.0))
+                    sock.recv(1)
+        except ssl.SSLError as e:
+            return e.reason
+        except OSError:
+            return None
+        return None
+
     def _presented(self, node_id, host, port):
         """The certificate node ``node_id`` presents, taken without checking it (only to say
-        why it was refused); [] if it cannot be had."""
+        why it was refused); [] if it cannot be had. The admin certificate is not shown to
+        a node we do not trust: under TLS 1.3 its certificate comes before it asks for ours."""
         from cryptography import x509
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         try:
-            context.load_cert_chain(str(self.cert), str(self.key))
             with socket.create_connection((host, port), timeout=self.timeout) as raw:
                 with context.wrap_socket(raw, server_hostname=tls.node_name(node_id)) as sock:
                     der = sock.getpeercert(binary_form=True)
