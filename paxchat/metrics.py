@@ -211,6 +211,13 @@ class _StatusCollector:
         gauge = GaugeMetricFamily("paxchat_leader", "Node id of the known leader (0: none known).")
         gauge.add_metric([], leader or 0)
         yield gauge
+        expires = getattr(node, "certificate_expires", None)
+        if expires is not None:
+            gauge = GaugeMetricFamily(
+                "paxchat_certificate_expiry_timestamp_seconds", "When this node's certificate expires"
+                " (Unix time): past it, peers and clients refuse it, and it does not start.")
+            gauge.add_metric([], expires.timestamp())
+            yield gauge
         ballot = status.get("ballot")
         round_ = _number(ballot[0]) if isinstance(ballot, list) and ballot else _number(ballot)
         if round_ is not None:

@@ -6,6 +6,7 @@ started in that order and stopped in reverse, so no client request reaches
 a log or state that is already gone.
 """
 
+import datetime
 import os
 import sys
 
@@ -44,6 +45,8 @@ CLIENT_BACKLOG = 1024
 # as full, it would join the cluster, be sent what it missed, and stop again
 # within a second, as often as its supervisor restarts it.
 MIN_FREE_BYTES = 1 << 20
+# A node whose certificate expires within this long says so at each start.
+CERTIFICATE_WARNING = datetime.timedelta(days=30)
 
 
 class NodeService(service.MultiService):
@@ -64,10 +67,14 @@ class NodeService(service.MultiService):
         self.settings = ServerSettings.from_config(config, node_id)
         self.client_tls_context = (
             tls.client_server_context(config, node_id) if config.client_tls else None)
+        self.certificate_expires = None
         if config.peers_of(node_id):
             # Peer links are always mutual TLS: missing certificates stop us here.
             tls.load_ca(config)
             tls.load_node_certificate(config, node_id)
+        if config.client_tls or config.peers_of(node_id):
+            # And one the others would refuse (another node's, another CA's, expired).
+            self.certificate_expires = tls.check_node_certificate(config, node_id)
         self.state = self.worker = self.log = self.factory = self.port = None
         self.lineage = b""                 # paxchat.lineage, read at start
         self.identity = b""                # this node's data identity (paxchat.lineage)
@@ -144,7 +151,21 @@ class NodeService(service.MultiService):
         log.info("paxchat node {node_id} serving clients on {address} ({tls})",
                  node_id=self.node_id, address=str(self.node.client),
                  tls="TLS" if self.client_tls_context else "plain TCP")
+        self._warn_of_certificate_expiry()
         self.announce_ready()
+
+    def _warn_of_certificate_expiry(self):
+        """A certificate that expires soon is said at each start: once it has, its
+        peers and clients refuse it, and the node would not start again."""
+        expires = self.certificate_expires
+        if expires is None:
+            return
+        left = expires - datetime.datetime.now(datetime.timezone.utc)
+        if left < CERTIFICATE_WARNING:
+            log.warn("node {node_id}'s certificate {path} expires on {date} (in {days} days): make it a"
+                     " new one (docs/operations.md, Certificates)", node_id=self.node_id,
+                     path=str(self.config.node_cert_path(self.node_id)), date=f"{expires:%Y-%m-%d}",
+                     days=max(0, left.days))
 
     def check_free_space(self):
         """Refuse to start, in one line, on a disk with less than MIN_FREE_BYTES free

@@ -30,8 +30,8 @@ from paxchat import config as configmod
 
 __all__ = [
     "CertificateFilesError", "CertificatesExist", "admin_name_of", "admin_server_options",
-    "ClientCA", "admin_cert_path", "admin_certificate_renewal", "admin_key_path", "make_admin_certificate",
-    "node_certificate_renewal", "client_connection_options",
+    "ClientCA", "admin_cert_path", "admin_certificate_renewal", "admin_key_path", "check_node_certificate",
+    "make_admin_certificate", "node_certificate_renewal", "client_connection_options",
     "client_options_for_ca", "read_client_ca", "client_server_context", "ensure_cluster_certs",
     "load_ca", "load_node_certificate", "make_cluster_certs", "main", "node_id_of",
     "node_name", "peer_client_options", "peer_server_options",
@@ -420,6 +420,42 @@ def load_node_certificate(config, node_id) -> ssl.PrivateCertificate:
             f"{key_path} and {cert_path} do not belong together (the key is not the one the "
             f"certificate was made for); {_own_pair_back(config, node_id)}")
     return ssl.PrivateCertificate.loadPEM(_cert_pem(cert) + _key_pem(key))
+
+
+def check_node_certificate(config, node_id, now=None):
+    """Refuse to start node ``node_id`` on a certificate its peers and clients would
+    refuse: another node's, one the cluster CA in ca.pem did not sign, or one out of
+    its dates. Returns when it expires (an aware UTC datetime), for a warning ahead.
+
+    Without this the node would start, and only the others would say, in their
+    logs, that they refuse it.
+    """
+    cert_path = config.node_cert_path(node_id)
+    cert = _load_x509(cert_path, config)
+    named = node_id_of(cert)
+    if named != node_id:
+        whose = f"node {named}'s certificate" if named is not None else "no paxchat node's certificate"
+        raise CertificateFilesError(f"{cert_path} is {whose}, not node {node_id}'s;"
+                                    f" {_own_pair_back(config, node_id)}")
+    ca = _load_x509(config.ca_path, config)
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise CertificateFilesError(
+            f"{cert_path} was not made by the cluster CA in {config.ca_path} (it was issued by"
+            f" \"{_common_name(cert.issuer)}\"; ca.pem holds \"{_common_name(ca.subject)}\"): peers"
+            f" and clients would refuse it; {_own_pair_back(config, node_id)}") from None
+    before, after = _validity(cert)
+    now = _now() if now is None else now
+    if after < now:
+        raise CertificateFilesError(
+            f"{cert_path} expired on {after:%Y-%m-%d}: peers and clients would refuse it;"
+            f" {node_certificate_renewal(config, node_id)}")
+    if before > now:
+        raise CertificateFilesError(
+            f"{cert_path} is not valid before {before:%Y-%m-%d %H:%M} UTC: is this machine's"
+            " clock right?")
+    return after
 
 
 def node_id_of(certificate) -> int | None:

@@ -93,6 +93,16 @@ def test_collector_reads_a_replicated_log_status():
     assert value(found, "paxchat_log_fsync_seconds_total") == 0.5
 
 
+def test_the_certificates_expiry_is_a_gauge_where_the_node_has_one():
+    import datetime
+    node = FakeNode(StatusLog())
+    found = samples(NodeMetrics(node, task.Clock()).exposition())
+    assert not any(name == "paxchat_certificate_expiry_timestamp_seconds" for name, _ in found)
+    node.certificate_expires = datetime.datetime(2031, 11, 27, 12, tzinfo=datetime.timezone.utc)
+    found = samples(NodeMetrics(node, task.Clock()).exposition())
+    assert value(found, "paxchat_certificate_expiry_timestamp_seconds") == 1953547200
+
+
 def test_the_apply_versions_are_gauges_once_known():
     found = samples(NodeMetrics(FakeNode(StatusLog(), versions=Versions(2, 1)), task.Clock()).exposition())
     assert value(found, "paxchat_apply_version", of="build") == 2

@@ -495,6 +495,38 @@ def test_missing_certificates_stop_the_node_before_it_starts(tmp_path):
         NodeService(configmod.load(path), 1, reactor_())
 
 
+def test_a_node_does_not_start_on_another_nodes_certificate(tmp_path):
+    import shutil
+    cfg = make_cluster(tmp_path, client_tls=False)     # peer links alone need it
+    for suffix in ("pem", "key"):
+        shutil.copy(cfg.tls_dir / f"node-2.{suffix}", cfg.tls_dir / f"node-1.{suffix}")
+    with pytest.raises(tls.CertificateFilesError, match="is node 2's certificate, not node 1's"):
+        NodeService(cfg, 1, reactor_())
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_certificate_that_expires_within_a_month_is_said_at_start(tmp_path):
+    import datetime
+    cfg = make_cluster(tmp_path, client_tls=False)
+    node = NodeService(cfg, 1, reactor_())
+    assert node.certificate_expires > datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=365)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for days_left in (400, 12):
+            node.certificate_expires = (datetime.datetime.now(datetime.timezone.utc)
+                                        + datetime.timedelta(days=days_left, hours=1))
+            node.startService()
+            yield node.stopService()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    said = [formatEvent(e) for e in events if "certificate" in formatEvent(e)
+            and e.get("log_level") == LogLevel.warn]
+    assert said == [f"node 1's certificate {cfg.node_cert_path(1)} expires on"
+                    f" {node.certificate_expires:%Y-%m-%d} (in 12 days): make it a new one"
+                    " (docs/operations.md, Certificates)"]
+
+
 def test_unknown_node(tmp_path):
     cfg = make_cluster(tmp_path, client_tls=False)
     with pytest.raises(configmod.ConfigError, match="no \\[node.3\\]"):

@@ -467,3 +467,32 @@ def test_an_expired_node_certificate_is_not_called_another_cas(tmp_path):
     problem, _, advice = ca.refusal([expired], "127.0.0.1")
     assert problem == "certificate expired on 2020-12-31"
     assert "new certificate" in advice and "ca.pem" not in advice
+
+
+def test_a_node_does_not_start_on_a_certificate_the_others_would_refuse(tmp_path, other_cluster):
+    import datetime
+    import shutil
+    cfg = make_config(tmp_path)
+    tls.make_cluster_certs(cfg)
+    expires = tls.check_node_certificate(cfg, 1)
+    assert expires == load(cfg.node_cert_path(1)).not_valid_after_utc
+    # Out of its dates: expired, or not yet valid (this machine's clock is wrong).
+    day = datetime.timedelta(days=1)
+    with pytest.raises(tls.CertificateFilesError) as expired:
+        tls.check_node_certificate(cfg, 1, now=expires + day)
+    assert str(expired.value).startswith(f"{cfg.node_cert_path(1)} expired on {expires:%Y-%m-%d}:")
+    assert "--if-missing" in str(expired.value)
+    with pytest.raises(tls.CertificateFilesError, match="is this machine's clock right"):
+        tls.check_node_certificate(cfg, 1, now=expires - 3650 * day)
+    # Another node's pair (files swapped or copied from another machine).
+    for suffix in ("pem", "key"):
+        shutil.copy(cfg.tls_dir / f"node-2.{suffix}", cfg.tls_dir / f"node-1.{suffix}")
+    with pytest.raises(tls.CertificateFilesError) as another_node:
+        tls.check_node_certificate(cfg, 1)
+    assert str(another_node.value).startswith(f"{cfg.node_cert_path(1)} is node 2's certificate, not node 1's;")
+    # Node 1's pair from another cluster's CA (its certificates were remade elsewhere).
+    for suffix in ("pem", "key"):
+        shutil.copy(other_cluster.tls_dir / f"node-1.{suffix}", cfg.tls_dir / f"node-1.{suffix}")
+    with pytest.raises(tls.CertificateFilesError) as another_ca:
+        tls.check_node_certificate(cfg, 1)
+    assert f"was not made by the cluster CA in {cfg.ca_path}" in str(another_ca.value)
