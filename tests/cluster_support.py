@@ -501,7 +501,8 @@ class Cluster:
 
 @pytest.fixture
 def cluster_factory(tmp_path):
-    """``make(nodes=3, **cluster_keys) -> Cluster``; every process it started dies at teardown.
+    """``make(nodes=3, cluster_class=Cluster, **cluster_keys) -> Cluster``; every
+    process it started dies at teardown.
 
     The nodes' output is printed at teardown, which pytest shows for a failed test.
     """
@@ -509,8 +510,9 @@ def cluster_factory(tmp_path):
     made: list[Cluster] = []
     counter = itertools.count(1)
 
-    def make(nodes=3, **keys):
-        cluster = Cluster(reactor, tmp_path / f"cluster-{next(counter)}", nodes, **keys)
+    def make(nodes=3, cluster_class=None, **keys):
+        cluster = (cluster_class or Cluster)(reactor, tmp_path / f"cluster-{next(counter)}", nodes,
+                                             **keys)
         made.append(cluster)
         return cluster
 
