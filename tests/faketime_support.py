@@ -292,6 +292,7 @@ def ballot_rounds(cluster, timeout=20.0):
 
 
 TIMERS_WINDOW = 5.0   # seconds after the step in which the stepped node's timers are counted
+STAMP_TIMEOUT = 30.0  # for the message sent through the stepped node to be answered
 
 
 @defer.inlineCallbacks
@@ -326,14 +327,10 @@ def step_the_leaders_clock(cluster, step, observe, baseline=1.0, interval=0.05, 
     stepped_at = reactor.seconds()
     cluster.step_clock(leader, step)
     say(f"stepped node {leader}'s wall clock by {step:+d} s")
-    stamp = stamp_took = None
-    try:
-        result = yield stamp_client.send_message(SINK, "stamp", client_msg_id=uuid.uuid4().hex) \
-            .addTimeout(min(observe, 10.0), reactor)
-        stamp = result["ts"] - time.time()
-        stamp_took = reactor.seconds() - stepped_at
-    except Exception as e:
-        say(f"the leader stamped nothing: {e!r}")
+    # Sent now, awaited after the watch: a leader that steps down meanwhile
+    # answers it once another leads.
+    stamped = stamp_client.send_message(SINK, "stamp", client_msg_id=uuid.uuid4().hex)
+    stamped.addCallback(lambda result: (result["ts"] - time.time(), reactor.seconds() - stepped_at))
     timers_window = min(TIMERS_WINDOW, observe)
     left = stepped_at + timers_window - reactor.seconds()
     if left > 0:
@@ -345,6 +342,11 @@ def step_the_leaders_clock(cluster, step, observe, baseline=1.0, interval=0.05, 
     # A write issued after the step acknowledged, at the latest now (bounded).
     yield wait_until(reactor, lambda: any(a["issued_at"] > stepped_at for a in writer.acked.values()),
                      60, "a write issued after the step to be acknowledged")
+    stamp = stamp_took = None
+    try:
+        stamp, stamp_took = yield stamped.addTimeout(STAMP_TIMEOUT, reactor)
+    except Exception as e:
+        say(f"the leader stamped nothing: {e!r}")
     ended_at = reactor.seconds()
     writer.stop()
     watch.stop()

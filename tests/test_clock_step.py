@@ -47,17 +47,18 @@ def test_a_leader_whose_wall_clock_steps_runs_its_timers_on_time(cluster_factory
     yield cluster.require_replication()
     f = yield step_the_leaders_clock(cluster, step, OBSERVE)
     leader = f["leader"]
+    offset = f["leader_time_of_day_offset"]
     print(f"\nnode {leader}'s wall clock stepped {step:+d} s (its time of day now"
-          f" {f['leader_time_of_day_offset']:+.1f} s off): in {OBSERVE:g} s its timer ran"
+          f" {offset if offset is None else round(offset, 1)} s off): in {OBSERVE:g} s its timer ran"
           f" {f['timer_runs_after_step']:g} times, {f['timers_late_seconds_after_step']:.2f} s late"
           f" in all; longest silence logged {f['longest_silence_logged']:g} s; writes acknowledged"
           f" {f['acked_after_step']}, longest gap {f['longest_gap_after_step']:.2f} s (before the"
           f" step {f['longest_gap_before_step']:.2f} s), first write after the step in"
           f" {f['first_write_after_step_acked_in']:.2f} s; leader {leader} -> {f['leader_after']},"
           f" ballot rounds {f['ballot_rounds_before']} -> {f['ballot_rounds_after']}")
-    # The step took: the leader stamps a message with its own time of day.
-    offset = f["leader_time_of_day_offset"]
-    assert offset is not None and step - 10 < offset < step + 2, \
+    # The step took: the leader stamps a message with its own time of day
+    # (answered up to 30 s later if it stepped down meanwhile).
+    assert offset is not None and step - 40 < offset < step + 2, \
         f"node {leader}'s time of day is {offset} s off, not about {step:+d} s: the step did not take"
     # Its timers neither stood still nor fired all at once.
     assert f["timer_runs_after_step"] >= AT_LEAST_RUNS, (
